@@ -1,0 +1,164 @@
+"""The ``qarm`` command line: run flows, ingest data, generate synthetic logs, inspect snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qarm_core.config import dump_config, load_config
+from qarm_core.errors import QarmError
+
+app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking, as a Prefect DAG.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+ingest_app = typer.Typer(help="Ingest ML-100K or your own interactions/items files, gate and publish.")
+app.add_typer(ingest_app, name="ingest")
+console = Console(stderr=True)
+
+# Absolute, so the default works from any working directory (and in a Prefect deployment).
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set ingest.synth.users=100 (repeatable).")
+
+
+def _quiet_env() -> None:
+    for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(k, v)
+
+
+def _parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set wants KEY=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
+    _quiet_env()
+    load_config(config, overrides)  # fail fast on a bad config, before Prefect starts a server
+    from flows.codebook_refresh import codebook_refresh
+
+    summary = codebook_refresh(config_path=config, overrides=overrides or None)
+    table = Table(title="codebook-refresh: published")
+    table.add_column("dataset")
+    table.add_column("rows", justify="right")
+    for name, rows in summary["rows"].items():
+        table.add_row(name, f"{rows:,}")
+    Console().print(table)
+    Console().print(f"snapshot  {summary['snapshot_id']}\npath      {summary['snapshot_path']}\n"
+                    f"mlflow    run {summary['mlflow_run_id']}")
+
+
+def _guard(fn, *args) -> None:
+    try:
+        fn(*args)
+    except QarmError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run the codebook-refresh flow (on PREFECT_API_URL if set, else an ephemeral local API)."""
+    _guard(_run_refresh, config, _parse_sets(set_))
+
+
+@ingest_app.callback(invoke_without_command=True)
+def ingest_files(ctx: typer.Context,
+                 interactions: Optional[Path] = typer.Option(None, help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),
+                 items: Optional[Path] = typer.Option(None, help="Items: .parquet, .csv, .tsv or a folder of .parquet."),
+                 delimiter: str = typer.Option(",", help="CSV field separator."),
+                 config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Ingest your own files: qarm ingest --interactions FILE --items FILE."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not (interactions and items):
+        raise typer.BadParameter("give both --interactions and --items (or use: qarm ingest ml100k)")
+    overrides = {"ingest.source": "files", "ingest.files.interactions": str(interactions),
+                 "ingest.files.items": str(items), "ingest.files.csv_delimiter": delimiter,
+                 **_parse_sets(set_)}
+    _guard(_run_refresh, config, overrides)
+
+
+@ingest_app.command("ml100k")
+def ingest_ml100k(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Ingest ML-100K from the recbole wheel (downloaded once with pip, never installed)."""
+    _guard(_run_refresh, config, {"ingest.source": "ml100k", **_parse_sets(set_)})
+
+
+@app.command()
+def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ and items/ Parquet folders."),
+          users: int = typer.Option(100_000, min=1), items: int = typer.Option(1_000_000, min=1),
+          interactions: int = typer.Option(10_000_000, min=1), seed: int = typer.Option(0),
+          zipf_exponent: float = typer.Option(1.1, min=0.01)) -> None:
+    """Write a deterministic synthetic log (Zipf popularity, template item text), streamed to Parquet."""
+    from qarm_core.schemas import INTERACTIONS, ITEMS
+    from qarm_core.storage import write_parquet_dataset
+    from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
+
+    spec = SynthSpec(users=users, items=items, interactions=interactions, seed=seed, zipf_exponent=zipf_exponent)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("items", "interactions"):
+        if (out / name).exists():
+            console.print(f"[red]error:[/] {out / name} exists; choose an empty --out")
+            raise typer.Exit(2)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        for name, schema, gen, total in (("items", ITEMS, iter_synthetic_items, items),
+                                         ("interactions", INTERACTIONS, iter_synthetic_interactions, interactions)):
+            bar = progress.add_task(name, total=total)
+
+            def counted(it=gen(spec), bar=bar):
+                for b in it:
+                    yield b
+                    progress.advance(bar, b.num_rows)
+            rec = write_parquet_dataset(out / name, counted(), schema)
+            console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {rec.path}")
+
+
+@app.command()
+def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Show the published snapshot and the ones kept."""
+    from qarm_core.storage import Storage
+
+    def show() -> None:
+        cfg = load_config(config, _parse_sets(set_)).resolved()
+        st = Storage(cfg.home)
+        cur = st.current()
+        if cur is None:
+            Console().print(f"nothing published yet under {st.home}")
+            return
+        table = Table(title=f"current snapshot {cur.snapshot_id}")
+        for col in ("dataset", "rows", "schema", "fingerprint"):
+            table.add_column(col)
+        for name, meta in cur.manifest["datasets"].items():
+            table.add_row(name, f"{meta['rows']:,}", f"v{meta['schema_version']}", meta["fingerprint"])
+        Console().print(table)
+        Console().print("snapshots kept: " + ", ".join(st.list_snapshots()))
+    _guard(show)
+
+
+@app.command("config")
+def show_config(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the resolved config (environment overrides applied, paths absolute)."""
+    def show() -> None:
+        cfg = load_config(config, _parse_sets(set_)).resolved()
+        sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n" if as_json else dump_config(cfg))
+    _guard(show)
+
+
+if __name__ == "__main__":
+    app()

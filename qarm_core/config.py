@@ -1,0 +1,204 @@
+"""Typed pipeline config: one model per stage, composed into ``PipelineConfig`` and loaded from YAML.
+
+Unknown keys and wrong types fail loudly (pydantic ``extra="forbid"``, strict types), so a typo in
+a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qarm_core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ML100KSource(_Strict):
+    recbole_version: str = "1.2.1"
+    # Where the downloaded recbole wheel is kept; default: <home>/cache/recbole.
+    cache_dir: str | None = None
+
+
+class FilesSource(_Strict):
+    interactions: str | None = None
+    items: str | None = None
+    # CSV only: the field separator (Parquet files carry their own schema).
+    csv_delimiter: str = ","
+
+
+class SynthSource(_Strict):
+    users: int = Field(1_000, ge=1)
+    items: int = Field(5_000, ge=1)
+    interactions: int = Field(100_000, ge=1)
+    seed: int = 0
+    zipf_exponent: float = Field(1.1, gt=0.0)
+
+
+class IngestConfig(_Strict):
+    source: Literal["ml100k", "files", "synth"] = "ml100k"
+    ml100k: ML100KSource = ML100KSource()
+    files: FilesSource = FilesSource()
+    synth: SynthSource = SynthSource()
+
+    @model_validator(mode="after")
+    def _files_given(self) -> "IngestConfig":
+        if self.source == "files" and not (self.files.interactions and self.files.items):
+            raise ValueError("ingest.source is 'files' but ingest.files.interactions and "
+                             "ingest.files.items are not both set")
+        return self
+
+
+class StorageConfig(_Strict):
+    # Number of published snapshots kept, the current one included.
+    retention: int = Field(5, ge=1)
+    # Staged stage outputs (the rerun cache) older than this are deleted after a publish.
+    work_ttl_hours: float = Field(72.0, ge=0.0)
+
+
+class DuckDBConfig(_Strict):
+    memory_limit: str = "4GB"
+    max_temp_directory_size: str = "20GB"
+    threads: int = Field(2, ge=1)
+
+
+class RowBounds(_Strict):
+    min_rows: int = Field(1, ge=0)
+    max_rows: int = Field(1_000_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RowBounds":
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows ({self.min_rows}) > max_rows ({self.max_rows})")
+        return self
+
+
+class InteractionGate(RowBounds):
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    # Earliest and latest plausible event time (unix seconds); catches ms-vs-s unit mix-ups.
+    ts_min: int = 0
+    ts_max: int = 4_102_444_800  # 2100-01-01
+
+
+class ItemGate(RowBounds):
+    max_title_chars: int = Field(1_000, ge=1)
+
+
+class GatesConfig(_Strict):
+    interactions: InteractionGate = InteractionGate()
+    items: ItemGate = ItemGate()
+    # Rows per batch handed to Great Expectations; keyed and table-level checks run in DuckDB.
+    batch_rows: int = Field(2_000_000, ge=1)
+    sample_rows: int = Field(5, ge=1)
+
+
+class TrackingConfig(_Strict):
+    # Default: sqlite:///<home>/mlflow.db; MLFLOW_TRACKING_URI in the environment wins over both.
+    tracking_uri: str | None = None
+    experiment: str = "qarm-codebook-refresh"
+    # Default: <home>/mlartifacts.
+    artifact_location: str | None = None
+
+
+class FlowConfig(_Strict):
+    task_retries: int = Field(2, ge=0)
+    task_retry_delay_seconds: float = Field(2.0, ge=0.0)
+
+
+class PipelineConfig(_Strict):
+    name: str = "ml100k"
+    # QARM_HOME in the environment wins; relative paths resolve against the working directory.
+    home: str = "./qarm_home"
+    ingest: IngestConfig = IngestConfig()
+    storage: StorageConfig = StorageConfig()
+    duckdb: DuckDBConfig = DuckDBConfig()
+    gates: GatesConfig = GatesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    flow: FlowConfig = FlowConfig()
+
+    def resolved(self) -> "PipelineConfig":
+        """The config with environment overrides applied and every path made absolute."""
+        home = Path(os.environ.get("QARM_HOME") or self.home).expanduser().resolve()
+        tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+                        or f"sqlite:///{home / 'mlflow.db'}")
+        artifacts = self.tracking.artifact_location or (home / "mlartifacts").as_uri()
+        ml100k_cache = self.ingest.ml100k.cache_dir or str(home / "cache" / "recbole")
+        files = self.ingest.files.model_copy(update={
+            k: str(Path(v).expanduser().resolve()) for k, v in
+            (("interactions", self.ingest.files.interactions), ("items", self.ingest.files.items)) if v
+        })
+        ingest = self.ingest.model_copy(update={
+            "ml100k": self.ingest.ml100k.model_copy(update={"cache_dir": str(Path(ml100k_cache).resolve())}),
+            "files": files,
+        })
+        tracking = self.tracking.model_copy(update={"tracking_uri": tracking_uri,
+                                                   "artifact_location": artifacts})
+        return self.model_copy(update={"home": str(home), "ingest": ingest, "tracking": tracking})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(obj: Any) -> str:
+    """Short content hash of a JSON-serialisable object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(blob, digest_size=10).hexdigest()
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Apply dotted-key overrides, e.g. ``{"ingest.source": "synth"}``."""
+    out = json.loads(json.dumps(data))
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_config(data: dict | None, source: str = "<dict>",
+                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    data = _apply_overrides(data or {}, overrides or {})
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "<top>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"  - {where}: {msg}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a pipeline config from YAML; ``overrides`` are dotted keys applied before validation."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {p}: the top level must be a mapping, got {type(data).__name__}")
+    return parse_config(data, source=str(p), overrides=overrides)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

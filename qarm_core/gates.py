@@ -1,0 +1,229 @@
+"""Data gates: Great Expectations suites on each DAG edge, plus keyed checks in DuckDB.
+
+Row-level expectations (nulls, ranges, sets, lengths) run through Great Expectations on batches of
+``gates.batch_rows`` rows, so a 100M-row log never becomes one DataFrame. Checks that need the whole
+dataset (row count, key uniqueness, ids present in the catalog) run in DuckDB over the Parquet
+files. Both report in the same ``Check`` form, named like GX expectations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qarm_core.config import DuckDBConfig, GatesConfig
+from qarm_core.duck import connect, parquet_source
+from qarm_core.errors import GateError
+from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema, schema_for
+from qarm_core.storage import DatasetRecord
+
+
+@dataclass
+class Check:
+    expectation: str
+    kwargs: dict
+    success: bool
+    unexpected_count: int = 0
+    sample: list = field(default_factory=list)   # offending rows (dicts), at most gates.sample_rows
+    observed: object = None
+    engine: str = "great_expectations"
+
+
+@dataclass
+class GateResult:
+    stage: str
+    dataset: str
+    rows: int
+    checks: list[Check]
+
+    @property
+    def success(self) -> bool:
+        return all(c.success for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.success]
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "dataset": self.dataset, "rows": self.rows,
+                "success": self.success, "checks": [asdict(c) for c in self.checks]}
+
+    def raise_if_failed(self) -> "GateResult":
+        if not self.success:
+            raise GateError(self.stage, self.dataset, [asdict(c) for c in self.failures])
+        return self
+
+
+# ----------------------------------------------------------------------------- suites
+@dataclass(frozen=True)
+class Suite:
+    """What a gate checks on one dataset.
+
+    ``row_expectations``: (GX expectation class name, kwargs) run per batch.
+    ``sql_checks``: (name, kwargs, SQL selecting offending rows from ``data`` [and ``catalog``]).
+    """
+
+    schema: DatasetSchema
+    row_expectations: list[tuple[str, dict]]
+    sql_checks: list[tuple[str, dict, str]]
+    bounds: tuple[int, int]
+
+
+def _not_null(schema: DatasetSchema) -> list[tuple[str, dict]]:
+    return [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in schema.not_null]
+
+
+def _unique_key(schema: DatasetSchema) -> tuple[str, dict, str]:
+    cols = ", ".join(schema.key)
+    return ("expect_compound_columns_to_be_unique", {"column_list": list(schema.key)},
+            f"SELECT * FROM data WHERE ({cols}) IN "
+            f"(SELECT ({cols}) FROM data GROUP BY ALL HAVING count(*) > 1) ORDER BY {cols}")
+
+
+def interactions_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
+    g = cfg.interactions
+    sql = [
+        _unique_key(INTERACTIONS),
+        ("expect_rating_or_label_to_be_present", {"columns": ["rating", "label"]},
+         "SELECT * FROM data WHERE rating IS NULL AND label IS NULL"),
+    ]
+    if with_catalog:
+        sql.append(("expect_item_ids_to_be_in_catalog", {"catalog": "items"},
+                    "SELECT * FROM data WHERE item_id IS NOT NULL AND item_id NOT IN "
+                    "(SELECT item_id FROM catalog WHERE item_id IS NOT NULL)"))
+    rows = _not_null(INTERACTIONS) + [
+        ("ExpectColumnValuesToBeBetween", {"column": "rating", "min_value": g.rating_min,
+                                           "max_value": g.rating_max}),
+        ("ExpectColumnValuesToBeInSet", {"column": "label", "value_set": [0, 1]}),
+        ("ExpectColumnValuesToBeBetween", {"column": "ts", "min_value": g.ts_min, "max_value": g.ts_max}),
+    ]
+    return Suite(INTERACTIONS, rows, sql, (g.min_rows, g.max_rows))
+
+
+def items_suite(cfg: GatesConfig, with_catalog: bool = False) -> Suite:
+    g = cfg.items
+    rows = _not_null(ITEMS) + [
+        ("ExpectColumnValueLengthsToBeBetween", {"column": "title", "min_value": 1,
+                                                 "max_value": g.max_title_chars}),
+        ("ExpectColumnValuesToBeBetween", {"column": "year", "min_value": 1800, "max_value": 2100}),
+    ]
+    return Suite(ITEMS, rows, [_unique_key(ITEMS)], (g.min_rows, g.max_rows))
+
+
+SUITES: dict[str, Callable[[GatesConfig, bool], Suite]] = {
+    "interactions": interactions_suite,
+    "items": items_suite,
+}
+
+
+# ----------------------------------------------------------------------------- runner
+def _schema_check(record: DatasetRecord, schema: DatasetSchema) -> Check:
+    problems = []
+    for f in record.files:
+        found = pq.read_schema(Path(record.path) / f)
+        if [(x.name, x.type) for x in found] != [(x.name, x.type) for x in schema.schema]:
+            problems.append({"file": f, "found": [f"{x.name}:{x.type}" for x in found]})
+    return Check("expect_schema_to_match", {"columns": [f"{x.name}:{x.type}" for x in schema.schema]},
+                 success=not problems, unexpected_count=len(problems), sample=problems[:3], engine="arrow")
+
+
+@functools.lru_cache(maxsize=1)
+def _gx_validator():
+    """One ephemeral GX context per process (creating one costs a temp folder and ~50 ms)."""
+    import great_expectations as gx  # 3-4 s import: only when a gate runs
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_def = (ctx.data_sources.add_pandas("qarm").add_dataframe_asset(name="batch")
+                 .add_batch_definition_whole_dataframe("whole"))
+    return gx, batch_def
+
+
+def _jsonable_rows(table: pa.Table | pa.RecordBatch) -> list[dict]:
+    rows = table.to_pylist()
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                r[k] = str(v)
+    return rows
+
+
+def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
+                          sample_rows: int) -> list[Check]:
+    gx, batch_def = _gx_validator()
+    gx_suite = gx.ExpectationSuite(name=f"qarm-{suite.schema.name}")
+    # GX does not return results in suite order: each expectation carries its index in ``meta``.
+    for i, (cls_name, kwargs) in enumerate(suite.row_expectations):
+        gx_suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs, meta={"qarm_index": i}))
+    columns = sorted({kw["column"] for _, kw in suite.row_expectations})
+    checks = [Check(_snake(cls_name), kwargs, True) for cls_name, kwargs in suite.row_expectations]
+    for f in record.files:
+        pf = pq.ParquetFile(Path(record.path) / f)
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            df = batch.select(columns).to_pandas()
+            res = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(
+                gx_suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample_rows})
+            for r in res.results:
+                check = checks[r.expectation_config.meta["qarm_index"]]
+                if r.success:
+                    continue
+                if r.exception_info and r.exception_info.get("raised_exception"):
+                    raise RuntimeError(f"gate expectation {check.expectation} crashed: "
+                                       f"{r.exception_info.get('exception_message')}")
+                check.success = False
+                check.unexpected_count += int(r.result.get("unexpected_count") or 0)
+                room = sample_rows - len(check.sample)
+                idx = (r.result.get("partial_unexpected_index_list") or [])[:max(room, 0)]
+                if idx:
+                    check.sample.extend(_jsonable_rows(batch.take(pa.array(idx, pa.int64()))))
+    return checks
+
+
+def _run_sql_checks(suite: Suite, record: DatasetRecord, catalog: DatasetRecord | None,
+                    duck: DuckDBConfig, temp_dir: str | Path, sample_rows: int) -> tuple[int, list[Check]]:
+    con = connect(duck, temp_dir)
+    try:
+        con.execute(f"CREATE VIEW data AS SELECT * FROM {parquet_source([str(Path(record.path) / f) for f in record.files])}")
+        if catalog is not None:
+            con.execute(f"CREATE VIEW catalog AS SELECT * FROM "
+                        f"{parquet_source([str(Path(catalog.path) / f) for f in catalog.files])}")
+        n_rows = con.sql("SELECT count(*) FROM data").fetchall()[0][0]
+        lo, hi = suite.bounds
+        checks = [Check("expect_table_row_count_to_be_between", {"min_value": lo, "max_value": hi},
+                        success=lo <= n_rows <= hi, unexpected_count=0 if lo <= n_rows <= hi else 1,
+                        observed=n_rows, engine="duckdb")]
+        for name, kwargs, query in suite.sql_checks:
+            count = con.sql(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
+            sample = _jsonable_rows(con.sql(f"{query} LIMIT {sample_rows}").to_arrow_table()) if count else []
+            checks.append(Check(name, kwargs, success=count == 0, unexpected_count=int(count),
+                                sample=sample, engine="duckdb"))
+        return n_rows, checks
+    finally:
+        con.close()
+
+
+def run_gate(stage: str, record: DatasetRecord, cfg: GatesConfig, duck: DuckDBConfig,
+             temp_dir: str | Path, catalog: DatasetRecord | None = None) -> GateResult:
+    """Validate one dataset on a DAG edge; returns every check, failed or not (never raises on bad data).
+
+    ``catalog``: the items dataset, for checks that ids exist in the catalog.
+    """
+    suite = SUITES[record.dataset](cfg, catalog is not None)
+    schema_check = _schema_check(record, schema_for(record.dataset))
+    if not schema_check.success:  # the other checks would only fail confusingly
+        return GateResult(stage, record.dataset, record.rows, [schema_check])
+    n_rows, sql_checks = _run_sql_checks(suite, record, catalog, duck, temp_dir, cfg.sample_rows)
+    row_checks = _run_row_expectations(suite, record, cfg.batch_rows, cfg.sample_rows) if n_rows else []
+    return GateResult(stage, record.dataset, n_rows, [schema_check, *sql_checks, *row_checks])
+
+
+def _snake(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out

@@ -1,0 +1,68 @@
+"""Declared Arrow schemas of the datasets qarm stores, with their schema versions.
+
+A dataset's schema version changes whenever a column is added, removed or changes type; readers
+refuse a snapshot whose schema version they do not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    name: str
+    version: int
+    schema: pa.Schema
+    key: tuple[str, ...]
+    # Columns an input file must carry; the others are optional and filled with nulls.
+    required: tuple[str, ...]
+    # Columns that must hold no nulls. Parquet fields are all declared nullable so that bad input
+    # reaches the gate intact, and the gate (not the writer) enforces this.
+    not_null: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+
+INTERACTIONS = DatasetSchema(
+    name="interactions",
+    version=1,
+    schema=pa.schema([
+        pa.field("user_id", pa.int64(), nullable=True),
+        pa.field("item_id", pa.int64(), nullable=True),
+        pa.field("ts", pa.int64(), nullable=True),        # event time, unix seconds
+        pa.field("rating", pa.float32(), nullable=True),    # explicit feedback, if any
+        pa.field("label", pa.int8(), nullable=True),        # implicit feedback 0/1, if any
+    ]),
+    key=("user_id", "item_id", "ts"),
+    required=("user_id", "item_id", "ts"),
+    not_null=("user_id", "item_id", "ts"),
+)
+
+ITEMS = DatasetSchema(
+    name="items",
+    version=1,
+    schema=pa.schema([
+        pa.field("item_id", pa.int64(), nullable=True),
+        pa.field("title", pa.string(), nullable=True),
+        pa.field("year", pa.int32(), nullable=True),
+        pa.field("tags", pa.list_(pa.string()), nullable=True),  # genres / categories
+        pa.field("description", pa.string(), nullable=True),
+    ]),
+    key=("item_id",),
+    required=("item_id", "title"),
+    not_null=("item_id", "title"),
+)
+
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS)}
+
+
+def schema_for(dataset: str) -> DatasetSchema:
+    try:
+        return SCHEMAS[dataset]
+    except KeyError:
+        raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(SCHEMAS)}") from None

@@ -1,0 +1,399 @@
+"""QARM_HOME layout, Parquet dataset IO and atomic snapshot publishing.
+
+Layout (every path qarm uses is built here)::
+
+    <home>/
+      CURRENT                     pointer: JSON naming the published snapshot (replaced atomically)
+      snapshots/<snapshot_id>/    complete, immutable snapshots; manifest.json + one folder per dataset
+      staging/                    snapshots being assembled (invisible to readers)
+      work/<stage>/<key>/         staged stage outputs keyed by input fingerprints (the rerun cache)
+      cache/                      downloads (e.g. the recbole wheel)
+      tmp/duckdb/                 DuckDB spill directory (size-capped in config)
+
+Publishing writes the snapshot under ``staging/``, fsyncs it, renames it into ``snapshots/`` and
+only then replaces ``CURRENT`` (write a temp file, fsync, ``os.replace``). A reader that follows
+``CURRENT`` therefore never sees half a snapshot, and a crash at any point leaves the previously
+published snapshot and the pointer to it untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qarm_core import __version__
+from qarm_core.errors import StorageError
+from qarm_core.schemas import DatasetSchema, schema_for
+
+MANIFEST = "manifest.json"
+STAGE_DONE = "_SUCCESS.json"
+CURRENT = "CURRENT"
+ROWS_PER_FILE = 5_000_000
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What a stage wrote: the next stage takes this as its input contract."""
+
+    dataset: str
+    path: str                 # folder holding part-*.parquet
+    rows: int
+    schema_version: int
+    fingerprint: str          # content hash of the Parquet files
+    files: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["files"] = list(self.files)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetRecord":
+        return cls(**{**d, "files": tuple(d.get("files", ()))})
+
+    @property
+    def glob(self) -> str:
+        return str(Path(self.path) / "*.parquet")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    snapshot_id: str
+    path: str
+    manifest: dict = field(default_factory=dict)
+
+    def record(self, dataset: str) -> DatasetRecord:
+        try:
+            meta = self.manifest["datasets"][dataset]
+        except KeyError:
+            raise StorageError(f"snapshot {self.snapshot_id} has no dataset {dataset!r}; "
+                               f"it holds {sorted(self.manifest.get('datasets', {}))}") from None
+        return DatasetRecord(dataset=dataset, path=str(Path(self.path) / dataset), rows=meta["rows"],
+                             schema_version=meta["schema_version"], fingerprint=meta["fingerprint"],
+                             files=tuple(meta["files"]))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def hash_files(paths: Iterable[Path], chunk: int = 1 << 22) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_parquet_dataset(folder: Path, batches: Iterable[pa.RecordBatch | pa.Table],
+                          schema: DatasetSchema, rows_per_file: int = ROWS_PER_FILE) -> DatasetRecord:
+    """Write batches conforming to ``schema`` as ``folder/part-NNNNN.parquet`` files, fsynced.
+
+    The folder must not exist yet; callers write into a staging location and rename.
+    """
+    folder.mkdir(parents=True, exist_ok=False)
+    files: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    rows_in_file = 0
+    total = 0
+
+    def close() -> None:
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            fsync_file(files[-1])
+            writer = None
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if not batch.schema.equals(schema.schema):
+            raise StorageError(f"dataset {schema.name}: batch schema {batch.schema} does not match "
+                               f"the declared schema {schema.schema}")
+        offset = 0
+        while offset < batch.num_rows:
+            if writer is None:
+                files.append(folder / f"part-{len(files):05d}.parquet")
+                writer = pq.ParquetWriter(files[-1], schema.schema, compression="zstd")
+                rows_in_file = 0
+            take = min(batch.num_rows - offset, rows_per_file - rows_in_file)
+            writer.write(batch.slice(offset, take))
+            offset += take
+            rows_in_file += take
+            total += take
+            if rows_in_file >= rows_per_file:
+                close()
+    close()
+    if not files:  # an empty dataset still has a readable file with the schema
+        files.append(folder / "part-00000.parquet")
+        pq.write_table(schema.schema.empty_table(), files[0])
+        fsync_file(files[0])
+    fsync_dir(folder)
+    return DatasetRecord(dataset=schema.name, path=str(folder), rows=total, schema_version=schema.version,
+                         fingerprint=hash_files(files), files=tuple(f.name for f in files))
+
+
+def read_dataset(record: DatasetRecord, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole dataset into memory (small datasets; use DuckDB for big ones)."""
+    schema = schema_for(record.dataset)
+    if record.schema_version != schema.version:
+        raise StorageError(f"dataset {record.dataset} at {record.path} has schema version "
+                           f"{record.schema_version}; this qarm reads version {schema.version}")
+    tables = [pq.read_table(Path(record.path) / f, columns=columns) for f in record.files]
+    return pa.concat_tables(tables) if tables else schema.schema.empty_table()
+
+
+def new_snapshot_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class Storage:
+    """Paths and publishing under one QARM_HOME."""
+
+    def __init__(self, home: str | os.PathLike):
+        self.home = Path(home).resolve()
+
+    # ---- paths
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def current_file(self) -> Path:
+        return self.home / CURRENT
+
+    def cache_dir(self, name: str) -> Path:
+        return self.home / "cache" / name
+
+    @property
+    def duckdb_temp_dir(self) -> Path:
+        return self.home / "tmp" / "duckdb"
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.work_dir / stage / key
+
+    def ensure(self) -> "Storage":
+        for d in (self.snapshots_dir, self.staging_dir, self.work_dir, self.duckdb_temp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ---- staged stage outputs (the rerun cache)
+    def staged_records(self, stage: str, key: str) -> dict[str, DatasetRecord] | None:
+        """Records of a finished stage output, or None if that output is absent or incomplete."""
+        done = self.stage_dir(stage, key) / STAGE_DONE
+        if not done.is_file():
+            return None
+        meta = json.loads(done.read_text())
+        records = {name: DatasetRecord.from_dict(r) for name, r in meta["records"].items()}
+        if not all((Path(r.path) / f).is_file() for r in records.values() for f in r.files):
+            return None
+        return records
+
+    @contextlib.contextmanager
+    def staging_stage(self, stage: str, key: str) -> Iterator[Path]:
+        """Yield a private folder to write a stage output into; on success it becomes
+        ``work/<stage>/<key>`` in one rename, on failure it is removed."""
+        final = self.stage_dir(stage, key)
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            if final.exists():  # an earlier crashed attempt left an incomplete folder
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def finish_stage(self, folder: Path, records: dict[str, DatasetRecord]) -> None:
+        """Mark a staging folder complete (called inside ``staging_stage`` before the rename)."""
+        write_json_atomic(folder / STAGE_DONE, {"records": {k: v.to_dict() for k, v in records.items()},
+                                                "written_at": time.time()})
+
+    @staticmethod
+    def rebase(records: dict[str, DatasetRecord], old: Path, new: Path) -> dict[str, DatasetRecord]:
+        """Records written inside a staging folder, pointed at the folder's final place."""
+        out = {}
+        for name, r in records.items():
+            rel = Path(r.path).relative_to(old)
+            out[name] = DatasetRecord(**{**r.to_dict(), "path": str(new / rel), "files": r.files})
+        return out
+
+    # ---- snapshots
+    def current(self) -> Snapshot | None:
+        if not self.current_file.exists():
+            return None
+        try:
+            sid = json.loads(self.current_file.read_text())["snapshot_id"]
+        except (ValueError, KeyError) as exc:
+            raise StorageError(f"{self.current_file} is unreadable: {exc}") from None
+        return self.snapshot(sid)
+
+    def snapshot(self, snapshot_id: str) -> Snapshot:
+        path = self.snapshots_dir / snapshot_id
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise StorageError(f"snapshot {snapshot_id} not found under {self.snapshots_dir}")
+        return Snapshot(snapshot_id=snapshot_id, path=str(path), manifest=json.loads(mf.read_text()))
+
+    def list_snapshots(self) -> list[str]:
+        if not self.snapshots_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.snapshots_dir.iterdir() if (p / MANIFEST).is_file())
+
+    @contextlib.contextmanager
+    def _publish_lock(self) -> Iterator[None]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / ".publish.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def publish(self, records: dict[str, DatasetRecord], meta: dict | None = None,
+                retention: int | None = None) -> Snapshot:
+        """Publish ``records`` as a new snapshot and point CURRENT at it.
+
+        Dataset files are hard-linked (copied across filesystems) from where the stages wrote
+        them, so publishing costs no data copy and the staged files stay reusable.
+        """
+        self.ensure()
+        sid = new_snapshot_id()
+        tmp = self.staging_dir / f"{sid}.{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            datasets = {}
+            for name, rec in sorted(records.items()):
+                dst = tmp / name
+                dst.mkdir()
+                for f in rec.files:
+                    src = Path(rec.path) / f
+                    if not src.is_file():
+                        raise StorageError(f"cannot publish {name}: {src} is missing")
+                    _link_or_copy(src, dst / f)
+                fsync_dir(dst)
+                datasets[name] = {"rows": rec.rows, "schema_version": rec.schema_version,
+                                  "fingerprint": rec.fingerprint, "files": list(rec.files)}
+            manifest = {"snapshot_id": sid, "created_at": datetime.now(timezone.utc).isoformat(),
+                        "qarm_version": __version__, "datasets": datasets, "meta": meta or {}}
+            write_json_atomic(tmp / MANIFEST, manifest)
+            fsync_dir(tmp)
+            with self._publish_lock():
+                os.rename(tmp, self.snapshots_dir / sid)
+                fsync_dir(self.snapshots_dir)
+                self._set_current(sid)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if retention is not None:
+            self.prune(retention)
+        return self.snapshot(sid)
+
+    def _set_current(self, snapshot_id: str) -> None:
+        write_json_atomic(self.current_file, {"snapshot_id": snapshot_id,
+                                              "updated_at": datetime.now(timezone.utc).isoformat()})
+
+    def prune(self, retention: int) -> list[str]:
+        """Delete the oldest snapshots beyond ``retention``; never the current one."""
+        cur = self.current()
+        keep_current = cur.snapshot_id if cur else None
+        ids = self.list_snapshots()
+        removable = [s for s in ids if s != keep_current]
+        excess = len(ids) - retention
+        removed = []
+        for sid in removable[:max(excess, 0)]:
+            shutil.rmtree(self.snapshots_dir / sid)
+            removed.append(sid)
+        # Pointer temp files of a crashed publish are never read; they can go at once.
+        for p in self.home.glob(f".{CURRENT}.*.tmp"):
+            p.unlink(missing_ok=True)
+        # Leftovers of crashed publishes older than an hour can go too.
+        if self.staging_dir.is_dir():
+            for p in self.staging_dir.iterdir():
+                if time.time() - p.stat().st_mtime > 3600:
+                    shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+    def prune_work(self, ttl_hours: float, keep: Iterable[str] = ()) -> int:
+        """Delete staged stage outputs older than ``ttl_hours`` (not those in ``keep``)."""
+        keep_set = {str(Path(k).resolve()) for k in keep}
+        removed = 0
+        if not self.work_dir.is_dir():
+            return 0
+        cutoff = time.time() - ttl_hours * 3600
+        for stage in self.work_dir.iterdir():
+            for out in stage.iterdir() if stage.is_dir() else ():
+                if str(out.resolve()) in keep_set or out.stat().st_mtime > cutoff:
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        fsync_file(dst)
+
+
+def write_stage_outputs(storage: Storage, stage: str, key: str,
+                        outputs: dict[str, tuple[DatasetSchema, Callable[[], Iterable[pa.RecordBatch]]]],
+                        ) -> tuple[dict[str, DatasetRecord], bool]:
+    """Write a stage's datasets under ``work/<stage>/<key>``, or reuse them if already there.
+
+    ``outputs`` maps dataset name to (schema, zero-argument function yielding batches); the batches
+    are only produced when the output is not cached. Returns (records, reused).
+    """
+    cached = storage.staged_records(stage, key)
+    if cached is not None:
+        return cached, True
+    final = storage.stage_dir(stage, key)
+    with storage.staging_stage(stage, key) as tmp:
+        records = {name: write_parquet_dataset(tmp / name, make_batches(), schema)
+                   for name, (schema, make_batches) in outputs.items()}
+        records = Storage.rebase(records, tmp, final)
+        storage.finish_stage(tmp, records)
+    return records, False

@@ -1,0 +1,140 @@
+"""Every MLflow call qarm makes lives here.
+
+One parent run per flow run, one nested run per stage. Runs are created through ``MlflowClient``
+with explicit run ids (not MLflow's thread-local active run), because Prefect may run tasks on
+worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from qarm_core.config import PipelineConfig, dump_config
+from qarm_core.gates import GateResult
+
+_MAX_PARAM_CHARS = 6000
+
+
+def _client(cfg: PipelineConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+
+
+def experiment_id(cfg: PipelineConfig) -> str:
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(cfg.tracking.experiment,
+                                        artifact_location=cfg.tracking.artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@dataclass
+class StageRun:
+    """Handle passed to a task for logging into its nested MLflow run."""
+
+    client: MlflowClient
+    run_id: str
+
+    def params(self, params: dict[str, Any]) -> None:
+        for k, v in flatten(params).items():
+            self.client.log_param(self.run_id, k, str(v)[:_MAX_PARAM_CHARS])
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        for k, v in metrics.items():
+            self.client.log_metric(self.run_id, k, float(v), step=step)
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def json(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def gate(self, result: GateResult) -> None:
+        ds = result.dataset
+        self.metrics({f"gate.{ds}.success": float(result.success),
+                      f"gate.{ds}.failed_checks": float(len(result.failures)),
+                      f"gate.{ds}.rows": float(result.rows)})
+        for c in result.failures:
+            self.metrics({f"gate.{ds}.{c.expectation}.unexpected": float(c.unexpected_count)})
+        self.json(result.to_dict(), f"gates/{ds}.json")
+
+
+@contextlib.contextmanager
+def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
+    """Open the parent run of a flow run: logs the resolved config; marks FAILED on an exception."""
+    client = _client(cfg)
+    run = client.create_run(experiment_id(cfg), run_name=flow_name,
+                            tags={"qarm.flow": flow_name, **{k: str(v) for k, v in (tags or {}).items()}})
+    rid = run.info.run_id
+    handle = StageRun(client, rid)
+    handle.params({"config": cfg.to_dict()})
+    handle.text(dump_config(cfg), "config/resolved.yaml")
+    t0 = time.time()
+    try:
+        yield rid
+    except BaseException as exc:
+        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        handle.metrics({"duration_s": time.time() - t0})
+        client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    handle.metrics({"duration_s": time.time() - t0})
+    client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextlib.contextmanager
+def stage_run(cfg: PipelineConfig, parent_run_id: str, stage: str) -> Iterator[StageRun]:
+    """A nested run for one stage; records its duration and status."""
+    client = _client(cfg)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=stage,
+                            tags={"mlflow.parentRunId": parent_run_id, "qarm.stage": stage})
+    handle = StageRun(client, run.info.run_id)
+    t0 = time.time()
+    try:
+        yield handle
+    except BaseException as exc:
+        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        handle.metrics({"duration_s": time.time() - t0})
+        client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    handle.metrics({"duration_s": time.time() - t0})
+    client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def runs_of(cfg: PipelineConfig, filter_string: str = "") -> list[dict]:
+    """Runs of the configured experiment as plain dicts (for the CLI and tests)."""
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+    return [json.loads(json.dumps({"run_id": r.info.run_id, "name": r.info.run_name,
+                                   "status": r.info.status, "tags": r.data.tags,
+                                   "metrics": r.data.metrics, "params": r.data.params}))
+            for r in runs]

@@ -1,0 +1,54 @@
+"""The qarm command line, in-process, against the test harness's Prefect API."""
+
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from flows.cli import app
+from qarm_core.storage import Storage
+from tests.conftest import TINY
+
+runner = CliRunner()
+
+
+def test_synth_writes_parquet_and_refuses_to_overwrite(tmp_path):
+    args = ["synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "15",
+            "--interactions", "300", "--seed", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    t = pq.read_table(tmp_path / "s" / "interactions")
+    assert t.num_rows == 300 and pq.read_table(tmp_path / "s" / "items").num_rows == 15
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_ingest_own_files_then_status(prefect_harness, tmp_path):
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "15",
+                              "--interactions", "300"])
+    assert res.exit_code == 0, res.output
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["ingest", "--interactions", str(tmp_path / "s" / "interactions"),
+                              "--items", str(tmp_path / "s" / "items"), "--config", TINY,
+                              "--set", f"home={home}"])
+    assert res.exit_code == 0, res.output
+    cur = Storage(home).current()
+    assert cur.manifest["datasets"]["interactions"]["rows"] == 300
+    status = runner.invoke(app, ["status", "--config", TINY, "--set", f"home={home}"])
+    assert status.exit_code == 0 and cur.snapshot_id in status.output and "300" in status.output
+
+
+def test_bad_input_exits_2_with_clear_message(prefect_harness, tmp_path):
+    (tmp_path / "i.csv").write_text("")
+    (tmp_path / "t.csv").write_text("item_id,title\n1,x\n")
+    res = runner.invoke(app, ["ingest", "--interactions", str(tmp_path / "i.csv"), "--items",
+                              str(tmp_path / "t.csv"), "--config", TINY, "--set", f"home={tmp_path / 'h'}"])
+    assert res.exit_code == 2
+    assert "[stage=ingest, dataset=interactions] input file is empty" in " ".join(res.output.split())
+
+
+def test_config_errors_exit_2(tmp_path):
+    res = runner.invoke(app, ["config", "--config", TINY, "--set", "gates.items.min_rowz=3"])
+    assert res.exit_code == 2 and "gates.items.min_rowz: unknown key" in res.output
+    ok = runner.invoke(app, ["config", "--config", TINY, "--json"])
+    assert ok.exit_code == 0 and '"source": "synth"' in ok.output
+    missing = runner.invoke(app, ["ingest"])
+    assert missing.exit_code != 0

@@ -1,0 +1,88 @@
+"""The whole codebook-refresh DAG on the tiny config under prefect_test_harness."""
+
+import json
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pytest
+
+from flows.codebook_refresh import codebook_refresh
+from qarm_core.config import load_config
+from qarm_core.errors import ConfigError, GateError
+from qarm_core.storage import Storage, read_dataset
+from tasks import tracking
+from tests.conftest import TINY
+
+
+def _cfg(home):
+    return load_config(TINY, {"home": str(home)}).resolved()
+
+
+def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
+    home = tmp_path / "home"
+    out = codebook_refresh(TINY, {"home": str(home)})
+    cfg = _cfg(home)
+    st = Storage(home)
+    cur = st.current()
+    assert cur.snapshot_id == out["snapshot_id"] and out["rows"] == {"interactions": 800, "items": 40}
+    assert read_dataset(cur.record("interactions")).num_rows == 800
+
+    runs = tracking.runs_of(cfg)
+    parent = [r for r in runs if r["name"] == "codebook-refresh"]
+    assert len(parent) == 1 and parent[0]["status"] == "FINISHED"
+    assert parent[0]["run_id"] == out["mlflow_run_id"]
+    assert parent[0]["params"]["config.ingest.synth.users"] == "60"
+    children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
+    assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "publish"}
+    assert all(r["status"] == "FINISHED" for r in children.values())
+    assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
+    assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
+    # the resolved config is an artifact of the parent run
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    text = Path(client.download_artifacts(out["mlflow_run_id"], "config/resolved.yaml", str(tmp_path))).read_text()
+    assert f"home: {home}" in text
+    gate_json = json.loads(Path(client.download_artifacts(children["gate-ingest-items"]["run_id"],
+                                                          "gates/items.json", str(tmp_path))).read_text())
+    assert gate_json["success"] is True
+
+    # a rerun reuses the staged ingest and publishes a new snapshot
+    out2 = codebook_refresh(TINY, {"home": str(home)})
+    assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
+    reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == "ingest"]
+    assert sorted(reused) == [0.0, 1.0]
+
+
+def test_bad_input_fails_flow_and_keeps_published_snapshot(prefect_harness, tmp_path):
+    home = tmp_path / "home"
+    first = codebook_refresh(TINY, {"home": str(home)})
+    pointer = (home / "CURRENT").read_bytes()
+    # a user's items file with a duplicated id and interactions with a null user id
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"{i},t{i}\n" for i in range(20)) + "3,dup\n")
+    rows = "".join(f"{i % 7},{i % 20},{1000 + i},4\n" for i in range(200))
+    (tmp_path / "inter.csv").write_text("user_id,item_id,ts,rating\n" + rows + ",5,9999,3\n")
+    overrides = {"home": str(home), "ingest.source": "files",
+                 "ingest.files.interactions": str(tmp_path / "inter.csv"),
+                 "ingest.files.items": str(tmp_path / "items.csv")}
+    with pytest.raises(GateError) as ei:
+        codebook_refresh(TINY, overrides)
+    msg = str(ei.value)
+    assert "[stage=ingest, dataset=items]" in msg and "expect_compound_columns_to_be_unique" in msg
+    assert "'title': 'dup'" in msg
+    assert (home / "CURRENT").read_bytes() == pointer
+    assert Storage(home).current().snapshot_id == first["snapshot_id"]
+    runs = tracking.runs_of(_cfg(home))
+    failed = [r for r in runs if r["name"] == "codebook-refresh" and r["status"] == "FAILED"]
+    assert len(failed) == 1 and "GateError" in failed[0]["tags"]["qarm.error"]
+
+    # fix the items file: now the interactions gate catches the null user id
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"{i},t{i}\n" for i in range(20)))
+    with pytest.raises(GateError, match=r"dataset=interactions.*\n.*not_be_null\(column='user_id'\)"):
+        codebook_refresh(TINY, overrides)
+    assert (home / "CURRENT").read_bytes() == pointer
+
+
+def test_unknown_config_key_fails_before_any_work(prefect_harness, tmp_path):
+    with pytest.raises(ConfigError, match="ingest.synth.userz: unknown key"):
+        codebook_refresh(TINY, {"home": str(tmp_path / "h"), "ingest.synth.userz": 3})
+    assert not (tmp_path / "h").exists()

@@ -1,0 +1,67 @@
+"""Tasks on the real Prefect engine and a real MLflow sqlite store in tmp."""
+
+import pyarrow as pa
+import pytest
+
+from qarm_core.errors import DataError, GateError
+from qarm_core.storage import Storage, read_dataset
+from tasks import tracking
+from tasks.gate import gate
+from tasks.ingest import ingest
+from tasks.publish import publish
+
+
+@pytest.fixture
+def parent(tiny_cfg):
+    with tracking.flow_run(tiny_cfg, "test-flow") as run_id:
+        yield run_id
+
+
+def _stage_runs(cfg, name):
+    return [r for r in tracking.runs_of(cfg) if r["name"] == name]
+
+
+def test_ingest_writes_then_reuses(prefect_harness, tiny_cfg, parent):
+    recs = ingest(tiny_cfg, parent)
+    assert recs["interactions"].rows == 800 and recs["items"].rows == 40
+    again = ingest(tiny_cfg, parent)
+    assert again == recs
+    runs = _stage_runs(tiny_cfg, "ingest")
+    assert sorted(r["metrics"]["reused"] for r in runs) == [0.0, 1.0]
+    assert all(r["tags"]["mlflow.parentRunId"] == parent and r["status"] == "FINISHED" for r in runs)
+    assert read_dataset(recs["items"]).num_rows == 40
+
+
+def test_ingest_bad_file_is_not_retried_and_names_dataset(prefect_harness, tiny_cfg, parent, tmp_path):
+    (tmp_path / "i.csv").write_text("user_id,item_id\n1,2\n")
+    (tmp_path / "t.csv").write_text("item_id,title\n2,x\n")
+    cfg = tiny_cfg.model_copy(update={"ingest": tiny_cfg.ingest.model_copy(update={
+        "source": "files", "files": tiny_cfg.ingest.files.model_copy(update={
+            "interactions": str(tmp_path / "i.csv"), "items": str(tmp_path / "t.csv")})})})
+    with pytest.raises(DataError, match=r"\[stage=ingest, dataset=interactions\] missing required"):
+        ingest.with_options(retries=3, retry_delay_seconds=0)(cfg, parent)
+    [run] = _stage_runs(cfg, "ingest")  # one attempt: bad input is not retried
+    assert run["status"] == "FAILED" and "missing required" in run["tags"]["qarm.error"]
+
+
+def test_gate_logs_and_raises(prefect_harness, tiny_cfg, parent):
+    recs = ingest(tiny_cfg, parent)
+    ok = gate(tiny_cfg, parent, "ingest", recs["interactions"], catalog=recs["items"])
+    assert ok.success
+    strict = tiny_cfg.model_copy(update={"gates": tiny_cfg.gates.model_copy(update={
+        "items": tiny_cfg.gates.items.model_copy(update={"min_rows": 1000})})})
+    with pytest.raises(GateError, match="expect_table_row_count_to_be_between"):
+        gate(strict, parent, "ingest", recs["items"])
+    failed = [r for r in _stage_runs(tiny_cfg, "gate-ingest-items")]
+    assert failed[0]["status"] == "FAILED" and failed[0]["metrics"]["gate.items.success"] == 0.0
+
+
+def test_publish_task(prefect_harness, tiny_cfg, parent):
+    recs = ingest(tiny_cfg, parent)
+    snap = publish(tiny_cfg, parent, recs)
+    st = Storage(tiny_cfg.home)
+    assert st.current().snapshot_id == snap.snapshot_id
+    assert snap.manifest["meta"]["mlflow_run_id"] == parent
+    assert isinstance(read_dataset(st.current().record("interactions")), pa.Table)
+    [run] = _stage_runs(tiny_cfg, "publish")
+    assert run["params"]["snapshot_id"] == snap.snapshot_id

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from qarm_core.config import PipelineConfig, dump_config, load_config, parse_config
+from qarm_core.errors import ConfigError
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["ml100k.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert isinstance(cfg, PipelineConfig)
+    # round-trip: the dumped resolved config parses back to the same thing
+    resolved = cfg.resolved()
+    assert parse_config(__import__("yaml").safe_load(dump_config(resolved))) == resolved
+
+
+def test_unknown_key_fails_and_names_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("ingest:\n  sorce: synth\n")
+    with pytest.raises(ConfigError, match=r"ingest\.sorce: unknown key"):
+        load_config(p)
+
+
+def test_wrong_type_fails(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("duckdb:\n  threads: 'two'\n")
+    with pytest.raises(ConfigError, match=r"duckdb\.threads"):
+        load_config(p)
+
+
+def test_numeric_string_is_not_coerced():
+    with pytest.raises(ConfigError, match="storage.retention"):
+        parse_config({"storage": {"retention": "3"}})
+
+
+def test_bad_values_fail():
+    with pytest.raises(ConfigError, match="ingest.source"):
+        parse_config({"ingest": {"source": "kafka"}})
+    with pytest.raises(ConfigError, match="min_rows"):
+        parse_config({"gates": {"items": {"min_rows": 10, "max_rows": 5}}})
+    with pytest.raises(ConfigError, match="ingest.files.interactions"):
+        parse_config({"ingest": {"source": "files"}})
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p.write_text("ingest: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_overrides_and_env(monkeypatch, tmp_path):
+    cfg = parse_config({}, overrides={"ingest.source": "synth", "ingest.synth.users": 5})
+    assert cfg.ingest.source == "synth" and cfg.ingest.synth.users == 5
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({}, overrides={"ingest.synth.userz": 5})
+    monkeypatch.setenv("QARM_HOME", str(tmp_path / "h"))
+    r = PipelineConfig().resolved()
+    assert r.home == str(tmp_path / "h")
+    assert r.tracking.tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
+    assert r.ingest.ml100k.cache_dir == str(tmp_path / "h" / "cache" / "recbole")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert PipelineConfig().resolved().tracking.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_fingerprint_tracks_content():
+    a = parse_config({"ingest": {"synth": {"seed": 1}}})
+    b = parse_config({"ingest": {"synth": {"seed": 2}}})
+    assert a.fingerprint() == parse_config({"ingest": {"synth": {"seed": 1}}}).fingerprint()
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        PipelineConfig().home = "x"  # type: ignore[misc]

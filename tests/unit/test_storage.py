@@ -1,0 +1,173 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from qarm_core.errors import StorageError
+from qarm_core.schemas import INTERACTIONS, ITEMS
+from qarm_core.storage import (Storage, read_dataset, write_parquet_dataset, write_stage_outputs)
+from tests.conftest import REPO
+
+
+def _items(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"item_id": pa.array(range(start, start + n), pa.int64()),
+                     "title": [f"t{i}" for i in range(start, start + n)],
+                     "year": pa.array([2000] * n, pa.int32()),
+                     "tags": pa.array([["a"]] * n, pa.list_(pa.string())),
+                     "description": pa.array([None] * n, pa.string())}, schema=ITEMS.schema)
+
+
+def _stage(storage: Storage, key: str, table: pa.Table):
+    return write_stage_outputs(storage, "ingest", key, {"items": (ITEMS, lambda: iter(table.to_batches()))})
+
+
+def test_write_and_read_roundtrip(tmp_path):
+    t = _items(25)
+    rec = write_parquet_dataset(tmp_path / "items", iter(t.to_batches(max_chunksize=7)), ITEMS, rows_per_file=10)
+    assert rec.rows == 25 and rec.files == ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet")
+    assert read_dataset(rec).equals(t)
+    again = write_parquet_dataset(tmp_path / "items2", iter(t.to_batches(max_chunksize=7)), ITEMS, rows_per_file=10)
+    assert again.fingerprint == rec.fingerprint  # same bytes, same fingerprint
+    other = write_parquet_dataset(tmp_path / "items3", iter(_items(25, start=1).to_batches()), ITEMS)
+    assert other.fingerprint != rec.fingerprint
+
+
+def test_write_rejects_wrong_schema(tmp_path):
+    bad = pa.table({"item_id": pa.array([1], pa.int32()), "title": ["x"]})
+    with pytest.raises(StorageError, match="does not match the declared schema"):
+        write_parquet_dataset(tmp_path / "items", iter(bad.to_batches()), ITEMS)
+
+
+def test_publish_moves_current_and_keeps_old(tmp_path):
+    st = Storage(tmp_path).ensure()
+    assert st.current() is None
+    r1, reused = _stage(st, "k1", _items(3))
+    assert not reused
+    s1 = st.publish(r1)
+    assert st.current().snapshot_id == s1.snapshot_id
+    r2, _ = _stage(st, "k2", _items(5))
+    s2 = st.publish(r2)
+    assert st.current().snapshot_id == s2.snapshot_id
+    assert st.list_snapshots() == sorted([s1.snapshot_id, s2.snapshot_id])
+    assert read_dataset(st.snapshot(s1.snapshot_id).record("items")).num_rows == 3
+    assert read_dataset(st.current().record("items")).num_rows == 5
+
+
+def test_staged_output_is_reused_and_invalidated_when_files_vanish(tmp_path):
+    st = Storage(tmp_path).ensure()
+    r1, reused1 = _stage(st, "k", _items(3))
+    r2, reused2 = _stage(st, "k", _items(99))  # same key: the batches are not even produced
+    assert (reused1, reused2) == (False, True) and r2 == r1
+    os.remove(Path(r1["items"].path) / r1["items"].files[0])
+    r3, reused3 = _stage(st, "k", _items(4))
+    assert not reused3 and r3["items"].rows == 4
+
+
+def test_failure_while_writing_stage_leaves_nothing(tmp_path):
+    st = Storage(tmp_path).ensure()
+
+    def broken():
+        yield _items(2).to_batches()[0]
+        raise OSError("disk went away")
+    with pytest.raises(OSError):
+        write_stage_outputs(st, "ingest", "k", {"items": (ITEMS, broken)})
+    assert st.staged_records("ingest", "k") is None
+    assert list((st.work_dir / "ingest").iterdir()) == []
+
+
+def test_failure_between_write_and_publish_keeps_current(tmp_path, monkeypatch):
+    st = Storage(tmp_path).ensure()
+    good = st.publish(_stage(st, "k1", _items(3))[0])
+    pointer_before = st.current_file.read_bytes()
+
+    def crash(self, sid):
+        raise OSError("crash before the pointer moved")
+    monkeypatch.setattr(Storage, "_set_current", crash)
+    with pytest.raises(OSError):
+        st.publish(_stage(st, "k2", _items(5))[0])
+    assert st.current_file.read_bytes() == pointer_before
+    assert st.current().snapshot_id == good.snapshot_id
+    assert read_dataset(st.current().record("items")).num_rows == 3
+
+
+def test_hard_crash_during_publish_keeps_current(tmp_path):
+    """A process killed (os._exit) while replacing CURRENT: the old pointer and snapshot survive."""
+    st = Storage(tmp_path).ensure()
+    good = st.publish(_stage(st, "k1", _items(3))[0])
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import pyarrow as pa
+        from qarm_core import storage as s
+        from tests.unit.test_storage import _items, _stage
+        st = s.Storage({str(tmp_path)!r})
+        recs = _stage(st, "k2", _items(5))[0]
+        real_replace = os.replace
+        def dying_replace(src, dst):
+            if str(dst).endswith("CURRENT"):
+                os._exit(9)   # killed after the new pointer's temp file is written, before the rename
+            return real_replace(src, dst)
+        s.os.replace = dying_replace
+        st.publish(recs)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO)
+    assert proc.returncode == 9
+    cur = Storage(tmp_path).current()
+    assert cur.snapshot_id == good.snapshot_id
+    assert read_dataset(cur.record("items")).num_rows == 3
+    # the next publish works and cleans up
+    assert list(tmp_path.glob(".CURRENT.*.tmp"))  # the dead process's pointer draft
+    st.publish(_stage(st, "k3", _items(7))[0], retention=5)
+    assert read_dataset(st.current().record("items")).num_rows == 7
+    assert not list(tmp_path.glob(".CURRENT.*.tmp"))
+
+
+def test_retention_never_removes_current(tmp_path):
+    st = Storage(tmp_path).ensure()
+    ids = [st.publish(_stage(st, f"k{i}", _items(i + 1))[0], retention=2).snapshot_id for i in range(4)]
+    assert st.list_snapshots() == ids[-2:]
+    # point CURRENT back at an older snapshot (a manual rollback), then prune hard
+    st._set_current(ids[2])
+    assert st.prune(1) == [ids[3]]
+    assert st.list_snapshots() == [ids[2]]
+
+
+def test_missing_dataset_and_snapshot_errors(tmp_path):
+    st = Storage(tmp_path).ensure()
+    snap = st.publish(_stage(st, "k", _items(1))[0])
+    with pytest.raises(StorageError, match="has no dataset 'pairs'"):
+        snap.record("pairs")
+    with pytest.raises(StorageError, match="not found"):
+        st.snapshot("nope")
+    st.current_file.write_text("{not json")
+    with pytest.raises(StorageError, match="unreadable"):
+        st.current()
+
+
+def test_publish_refuses_missing_files(tmp_path):
+    st = Storage(tmp_path).ensure()
+    recs = _stage(st, "k", _items(2))[0]
+    os.remove(Path(recs["items"].path) / recs["items"].files[0])
+    with pytest.raises(StorageError, match="is missing"):
+        st.publish(recs)
+    assert st.current() is None and st.list_snapshots() == []
+
+
+def test_schema_version_mismatch_is_refused(tmp_path):
+    st = Storage(tmp_path).ensure()
+    rec = _stage(st, "k", _items(2))[0]["items"]
+    from dataclasses import replace
+    with pytest.raises(StorageError, match="schema version 99"):
+        read_dataset(replace(rec, schema_version=99))
+
+
+def test_manifest_records_rows_and_meta(tmp_path):
+    st = Storage(tmp_path).ensure()
+    snap = st.publish(_stage(st, "k", _items(4))[0], meta={"mlflow_run_id": "abc"})
+    mf = json.loads((Path(snap.path) / "manifest.json").read_text())
+    assert mf["datasets"]["items"]["rows"] == 4 and mf["meta"]["mlflow_run_id"] == "abc"
