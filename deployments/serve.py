@@ -9,12 +9,9 @@ Runs scheduled by the cron, and reruns started from the Prefect UI, execute in t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows.codebook_refresh import DEFAULT_CONFIG, codebook_refresh  # noqa: E402
+from flows.codebook_refresh import DEFAULT_CONFIG, codebook_refresh
 
 DEPLOYMENT = "daily-ml100k"
 CRON = "0 3 * * *"

@@ -120,13 +120,15 @@ def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ 
         for name, schema, gen, total in (("items", ITEMS, iter_synthetic_items, items),
                                          ("interactions", INTERACTIONS, iter_synthetic_interactions, interactions)):
             bar = progress.add_task(name, total=total)
-
-            def counted(it=gen(spec), bar=bar):
-                for b in it:
-                    yield b
-                    progress.advance(bar, b.num_rows)
-            rec = write_parquet_dataset(out / name, counted(), schema)
+            rec = write_parquet_dataset(out / name, _advancing(gen(spec), progress, bar), schema)
             console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {rec.path}")
+
+
+def _advancing(batches, progress: Progress, bar) -> Any:
+    """Pass batches through, advancing a progress bar by their row counts."""
+    for b in batches:
+        yield b
+        progress.advance(bar, b.num_rows)
 
 
 @app.command()

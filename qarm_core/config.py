@@ -64,9 +64,12 @@ class StorageConfig(_Strict):
     work_ttl_hours: float = Field(72.0, ge=0.0)
 
 
+_SIZE = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$"
+
+
 class DuckDBConfig(_Strict):
-    memory_limit: str = "4GB"
-    max_temp_directory_size: str = "20GB"
+    memory_limit: str = Field("4GB", pattern=_SIZE)
+    max_temp_directory_size: str = Field("20GB", pattern=_SIZE)
     threads: int = Field(2, ge=1)
 
 

@@ -141,38 +141,71 @@ def _open_batches(path: Path, dataset: str, delimiter: str) -> Iterator[pa.Recor
                                     convert_options=pacsv.ConvertOptions(
                                         column_types=_all_text_types(path, delim)))
             yield from reader
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(STAGE, dataset, f"unreadable CSV file {path}: {exc}") from None
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+            raise DataError(STAGE, dataset, f"unreadable CSV file {path} (CSV must be UTF-8): "
+                                            f"{exc}") from None
     else:
         raise DataError(STAGE, dataset, f"unsupported file type {suffix!r} for {path}; "
                                         f"use .parquet, .csv or .tsv")
 
 
 def _all_text_types(path: Path, delim: str) -> dict[str, pa.DataType]:
-    with open(path, newline="") as fh:
-        header = fh.readline().rstrip("\r\n")
+    with open(path, "rb") as fh:
+        header = fh.readline().rstrip(b"\r\n").decode("utf-8-sig")
     return {name.strip('"'): pa.string() for name in header.split(delim)}
+
+
+_INT_TEXT = r"^\s*[-+]?\d+\s*$"
+_NUMBER_TEXT = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+def _blank_to_null(col: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(pc.utf8_trim_whitespace(col), ""), None, col)
+
+
+def _text_to_int(col: pa.Array, target: pa.DataType) -> pa.Array:
+    """Integers written as text: exact for any int64 (never via float64, which rounds above
+    2**53); whole-valued decimals such as '12.0' are accepted if they round-trip exactly."""
+    col = _blank_to_null(col)
+    if pc.all(pc.or_kleene(pc.is_null(col), pc.match_substring_regex(col, _INT_TEXT))).as_py():
+        return pc.cast(pc.utf8_trim_whitespace(col), target, safe=True)
+    as_float = pc.cast(col, pa.float64())
+    out = pc.cast(as_float, target, safe=True)  # refuses 1.5 -> 1
+    if not pc.all(pc.or_kleene(pc.is_null(out), pc.less_equal(pc.abs(as_float), 2.0 ** 53))).as_py():
+        raise pa.ArrowInvalid("integer written in decimal notation beyond 2**53 cannot be read exactly")
+    return out
+
+
+def _bad_values(col: pa.Array, target: pa.DataType, n: int = 5) -> list:
+    """The first few values that cannot be read as ``target`` (for the error message)."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        pattern = _INT_TEXT if pa.types.is_integer(target) else _NUMBER_TEXT
+        bad = pc.invert(pc.or_kleene(pc.is_null(_blank_to_null(col)), pc.match_substring_regex(col, pattern)))
+        found = pc.filter(col, bad).slice(0, n).to_pylist()
+        if found:
+            return found
+    return col.slice(0, n).to_pylist()
 
 
 def _cast_column(col: pa.Array, target: pa.DataType, dataset: str, name: str) -> pa.Array:
     if col.type == target:
         return col
     try:
+        if pa.types.is_timestamp(col.type) and pa.types.is_integer(target):
+            # A typed timestamp says its unit: store unix seconds whatever the unit was.
+            return pc.cast(pc.cast(col, pa.timestamp("s", tz=col.type.tz), safe=False), target)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             if pa.types.is_list(target):  # tags as "a|b|c" in text files
                 return pc.split_pattern(col, "|")
-            if pa.types.is_integer(target) and not pa.types.is_integer(col.type):
-                col = pc.if_else(pc.equal(pc.utf8_trim_whitespace(col), ""), None, col)
-                return pc.cast(pc.cast(col, pa.float64()), target, safe=True)
+            if pa.types.is_integer(target):
+                return _text_to_int(col, target)
             if pa.types.is_floating(target):
-                col = pc.if_else(pc.equal(pc.utf8_trim_whitespace(col), ""), None, col)
-        elif pa.types.is_floating(col.type) and pa.types.is_integer(target):
-            return pc.cast(col, target, safe=True)  # refuses 1.5 -> 1
-        return pc.cast(col, target, safe=True)
+                col = _blank_to_null(col)
+        return pc.cast(col, target, safe=True)   # refuses 1.5 -> 1 and out-of-range values
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        sample = col.slice(0, 5).to_pylist()
         raise DataError(STAGE, dataset, f"column {name!r} has type {col.type} and cannot be read "
-                                        f"as {target} ({exc}); first values: {sample}") from None
+                                        f"as {target} ({exc}); offending values: "
+                                        f"{_bad_values(col, target)}") from None
 
 
 def conform_batch(batch: pa.RecordBatch | pa.Table, schema: DatasetSchema) -> pa.RecordBatch:
@@ -182,6 +215,9 @@ def conform_batch(batch: pa.RecordBatch | pa.Table, schema: DatasetSchema) -> pa
     columns are kept (as a nullable array) for the gate to report with the offending rows.
     """
     names = batch.schema.names
+    dup = sorted({n for n in names if names.count(n) > 1 and n in schema.columns})
+    if dup:
+        raise DataError(STAGE, schema.name, f"column(s) {dup} appear more than once")
     missing = [c for c in schema.required if c not in names]
     if missing:
         raise DataError(STAGE, schema.name, f"missing required column(s) {missing}; "

@@ -239,8 +239,14 @@ class Storage:
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            if final.exists():  # an earlier crashed attempt left an incomplete folder
-                shutil.rmtree(final)
+            if (final / STAGE_DONE).is_file():
+                return  # a concurrent run finished the same output first: keep theirs, drop ours
+            if final.exists():
+                # An incomplete folder from a crashed attempt (complete ones carry STAGE_DONE):
+                # move it aside first so that the rename below is the only visible change.
+                stale = final.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
             os.rename(tmp, final)
             fsync_dir(final.parent)
         finally:
@@ -293,13 +299,21 @@ class Storage:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def publish(self, records: dict[str, DatasetRecord], meta: dict | None = None,
-                retention: int | None = None) -> Snapshot:
+                retention: int | None = None, publish_key: str | None = None) -> Snapshot:
         """Publish ``records`` as a new snapshot and point CURRENT at it.
 
         Dataset files are hard-linked (copied across filesystems) from where the stages wrote
         them, so publishing costs no data copy and the staged files stay reusable.
+        ``publish_key`` (e.g. the flow run's id) makes a retry idempotent: if CURRENT was already
+        published under that key with the same dataset fingerprints, it is returned as it is.
         """
         self.ensure()
+        cur = self.current()
+        if publish_key is not None and cur is not None \
+                and cur.manifest.get("publish_key") == publish_key \
+                and {n: d["fingerprint"] for n, d in cur.manifest["datasets"].items()} \
+                == {n: r.fingerprint for n, r in records.items()}:
+            return cur
         sid = new_snapshot_id()
         tmp = self.staging_dir / f"{sid}.{uuid.uuid4().hex[:6]}"
         tmp.mkdir(parents=True)
@@ -317,7 +331,8 @@ class Storage:
                 datasets[name] = {"rows": rec.rows, "schema_version": rec.schema_version,
                                   "fingerprint": rec.fingerprint, "files": list(rec.files)}
             manifest = {"snapshot_id": sid, "created_at": datetime.now(timezone.utc).isoformat(),
-                        "qarm_version": __version__, "datasets": datasets, "meta": meta or {}}
+                        "qarm_version": __version__, "datasets": datasets, "meta": meta or {},
+                        "publish_key": publish_key}
             write_json_atomic(tmp / MANIFEST, manifest)
             fsync_dir(tmp)
             with self._publish_lock():
@@ -326,16 +341,26 @@ class Storage:
                 self._set_current(sid)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        published = Snapshot(snapshot_id=sid, path=str(self.snapshots_dir / sid), manifest=manifest)
         if retention is not None:
+            # A concurrent publisher may already have superseded (and so may prune) this snapshot.
             self.prune(retention)
-        return self.snapshot(sid)
+        return published
 
     def _set_current(self, snapshot_id: str) -> None:
         write_json_atomic(self.current_file, {"snapshot_id": snapshot_id,
                                               "updated_at": datetime.now(timezone.utc).isoformat()})
 
     def prune(self, retention: int) -> list[str]:
-        """Delete the oldest snapshots beyond ``retention``; never the current one."""
+        """Delete the oldest snapshots beyond ``retention``; never the current one.
+
+        Runs under the publish lock, so a concurrent publish cannot move CURRENT to a snapshot
+        this call is about to delete.
+        """
+        with self._publish_lock():
+            return self._prune_locked(retention)
+
+    def _prune_locked(self, retention: int) -> list[str]:
         cur = self.current()
         keep_current = cur.snapshot_id if cur else None
         ids = self.list_snapshots()
@@ -345,10 +370,11 @@ class Storage:
         for sid in removable[:max(excess, 0)]:
             shutil.rmtree(self.snapshots_dir / sid)
             removed.append(sid)
-        # Pointer temp files of a crashed publish are never read; they can go at once.
+        # Pointer drafts of crashed publishes are never read; under the lock no live publisher
+        # owns one, since drafts are only written while holding it.
         for p in self.home.glob(f".{CURRENT}.*.tmp"):
             p.unlink(missing_ok=True)
-        # Leftovers of crashed publishes older than an hour can go too.
+        # Snapshots being assembled are written outside the lock: only old leftovers go.
         if self.staging_dir.is_dir():
             for p in self.staging_dir.iterdir():
                 if time.time() - p.stat().st_mtime > 3600:

@@ -16,7 +16,7 @@ def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetR
     with tracking.stage_run(cfg, parent_run_id, "publish") as run:
         snap = storage.publish(records, meta={"mlflow_run_id": parent_run_id, "config": cfg.to_dict(),
                                               "config_fingerprint": cfg.fingerprint()},
-                               retention=cfg.storage.retention)
+                               retention=cfg.storage.retention, publish_key=parent_run_id)
         kept = {str(r.path) for r in records.values()}
         pruned_work = storage.prune_work(cfg.storage.work_ttl_hours,
                                          keep={str(p) for p in _stage_roots(kept)})

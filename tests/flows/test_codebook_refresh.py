@@ -86,3 +86,34 @@ def test_unknown_config_key_fails_before_any_work(prefect_harness, tmp_path):
     with pytest.raises(ConfigError, match="ingest.synth.userz: unknown key"):
         codebook_refresh(TINY, {"home": str(tmp_path / "h"), "ingest.synth.userz": 3})
     assert not (tmp_path / "h").exists()
+
+
+BAD_INPUTS = {
+    "missing column": ("user_id,item_id,rating\n1,2,3\n", "missing required column"),
+    "wrong type": ("user_id,item_id,ts,rating\n1,abc,3,4\n", "column 'item_id' has type string"),
+    "empty file": ("", "input file is empty"),
+    "unreadable parquet": (b"PAR1 this is not parquet", "unreadable Parquet"),
+    "non-utf8": (b"user_id,item_id,ts,rating\n1,2,3,\xff\n", "must be UTF-8"),
+    "nan rating": ("user_id,item_id,ts,rating\n1,1,3,nan\n" + "".join(f"{u},2,{u},4\n" for u in range(200)),
+                   "expect_column_values_to_be_finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_names_stage_and_dataset_and_publishes_nothing(prefect_harness, tmp_path, case):
+    from qarm_core.errors import DataError
+
+    home = tmp_path / "home"
+    first = codebook_refresh(TINY, {"home": str(home)})
+    pointer = (home / "CURRENT").read_bytes()
+    content, expected = BAD_INPUTS[case]
+    name = "inter.parquet" if case == "unreadable parquet" else "inter.csv"
+    (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "items.csv").write_text("item_id,title\n1,a\n2,b\n" + "".join(f"{i},t{i}\n" for i in range(3, 20)))
+    with pytest.raises(DataError) as ei:
+        codebook_refresh(TINY, {"home": str(home), "ingest.source": "files",
+                                "ingest.files.interactions": str(tmp_path / name),
+                                "ingest.files.items": str(tmp_path / "items.csv")})
+    assert "stage=ingest, dataset=interactions" in str(ei.value) and expected in str(ei.value)
+    assert (home / "CURRENT").read_bytes() == pointer
+    assert Storage(home).list_snapshots() == [first["snapshot_id"]]

@@ -123,3 +123,28 @@ def test_batches_accumulate(tmp_path):
     r = _gate(_inter(tmp_path, user_id=[None, 1, None, None]), cfg=cfg)
     f = _failed(r, "expect_column_values_to_not_be_null")
     assert f.unexpected_count == 3 and [row["ts"] for row in f.sample] == [10, 12, 13]
+
+
+def test_nan_ratings_fail(tmp_path):
+    r = _gate(_inter(tmp_path, rating=[4.0, float("nan"), 3.0, 2.0]))
+    f = _failed(r, "expect_column_values_to_be_finite")
+    assert f.unexpected_count == 1 and f.sample[0]["rating"] == "nan"
+
+
+def test_blank_titles_and_years(tmp_path):
+    r = _gate(_items(tmp_path, title=["ok", "   ", "fine"], year=[1999, 3000, None]))
+    assert _failed(r, "expect_column_values_to_match_regex").unexpected_count == 1
+    yr = [c for c in r.failures if c.expectation == "expect_column_values_to_be_between"]
+    assert yr[0].kwargs["column"] == "year" and yr[0].unexpected_count == 1
+
+
+def test_long_values_are_cut_in_samples(tmp_path):
+    r = _gate(_items(tmp_path, title=["ok", "y" * 5000, "fine"]))
+    f = _failed(r, "expect_column_value_lengths_to_be_between")
+    assert len(f.sample[0]["title"]) < 300 and "more chars" in f.sample[0]["title"]
+
+
+def test_nan_in_a_row_group_whose_statistics_omit_it(tmp_path):
+    """DuckDB prunes row groups by min/max stats that leave NaN out; the gate must still see it."""
+    r = _gate(_inter(tmp_path, rating=[float("nan"), 4.0, 4.0, 4.0]))
+    assert _failed(r, "expect_column_values_to_be_finite").unexpected_count == 1

@@ -62,7 +62,7 @@ def test_parquet_folder_input(tmp_path):
 @pytest.mark.parametrize("content,match", [
     ("user_id,ts,rating\n1,2,3\n", r"missing required column\(s\) \['item_id'\]"),
     ("user_id,item_id,ts\n1,2,3\n", "needs a 'rating' or a 'label' column"),
-    ("user_id,item_id,ts,rating\nabc,2,3,4\n", r"column 'user_id' has type string.*first values: \['abc'\]"),
+    ("user_id,item_id,ts,rating\nabc,2,3,4\n", r"column 'user_id' has type string.*offending values: \['abc'\]"),
     ("user_id,item_id,ts,rating\n1.5,2,3,4\n", "column 'user_id'"),
     ("user_id,item_id,ts,rating\n", "holds no rows"),
     ("", "is empty"),
@@ -115,3 +115,40 @@ def test_resolve_source_fingerprints(tmp_path):
     with pytest.raises(DataError, match="not found"):
         resolve_source(IngestConfig(source="files", files={"interactions": str(tmp_path / "no.csv"),
                                                            "items": str(q)}))
+
+
+def test_non_utf8_csv_is_a_data_error(tmp_path):
+    p = tmp_path / "items.csv"
+    p.write_bytes(b"item_id,title\n1,caf\xe9\n")
+    with pytest.raises(DataError, match=r"dataset=items.*must be UTF-8"):
+        _collect(p, ITEMS)
+
+
+def test_big_text_ids_are_exact(tmp_path):
+    p = tmp_path / "i.csv"
+    p.write_text("user_id,item_id,ts,rating\n9007199254740993,2,3,4\n7,12.0,5,4\n")
+    t = _collect(p)
+    assert t.column("user_id").to_pylist() == [9007199254740993, 7]
+    assert t.column("item_id").to_pylist() == [2, 12]
+
+
+def test_bad_value_sample_shows_the_offending_rows(tmp_path):
+    p = tmp_path / "i.csv"
+    rows = "".join(f"{i},2,3,4\n" for i in range(50))
+    p.write_text("user_id,item_id,ts,rating\n" + rows + "x17,2,3,4\n")
+    with pytest.raises(DataError, match=r"offending values: \['x17'\]"):
+        _collect(p)
+
+
+def test_typed_timestamps_become_unix_seconds(tmp_path):
+    ts = pa.array([1_600_000_000_123, 1_600_000_100_999], pa.timestamp("ms"))
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "ts": ts, "rating": [1.0, 2.0]}),
+                   tmp_path / "i.parquet")
+    assert _collect(tmp_path / "i.parquet").column("ts").to_pylist() == [1_600_000_000, 1_600_000_100]
+
+
+def test_duplicate_columns_rejected(tmp_path):
+    p = tmp_path / "i.csv"
+    p.write_text("user_id,item_id,ts,rating,user_id\n1,2,3,4,5\n")
+    with pytest.raises(DataError, match=r"\['user_id'\] appear more than once"):
+        _collect(p)

@@ -171,3 +171,38 @@ def test_manifest_records_rows_and_meta(tmp_path):
     snap = st.publish(_stage(st, "k", _items(4))[0], meta={"mlflow_run_id": "abc"})
     mf = json.loads((Path(snap.path) / "manifest.json").read_text())
     assert mf["datasets"]["items"]["rows"] == 4 and mf["meta"]["mlflow_run_id"] == "abc"
+
+
+def test_publish_with_same_key_is_idempotent(tmp_path):
+    st = Storage(tmp_path).ensure()
+    recs = _stage(st, "k", _items(3))[0]
+    a = st.publish(recs, publish_key="run-1")
+    b = st.publish(recs, publish_key="run-1")       # a retried publish task
+    c = st.publish(recs, publish_key="run-2")       # a new flow run publishes anew
+    assert a.snapshot_id == b.snapshot_id != c.snapshot_id
+    assert len(st.list_snapshots()) == 2
+
+
+def test_concurrent_publishers_with_tight_retention_never_lose_current(tmp_path):
+    """Publish + prune from several threads (retention 1): CURRENT always names a live snapshot."""
+    import threading
+
+    st = Storage(tmp_path).ensure()
+    recs = [_stage(st, f"k{i}", _items(i + 1))[0] for i in range(4)]
+    errors = []
+
+    def worker(r):
+        try:
+            for _ in range(8):
+                Storage(tmp_path).publish(r, retention=1)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(r,)) for r in recs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    cur = st.current()
+    assert read_dataset(cur.record("items")).num_rows in {1, 2, 3, 4}
+    assert cur.snapshot_id in st.list_snapshots()
