@@ -58,7 +58,55 @@ ITEMS = DatasetSchema(
     not_null=("item_id", "title"),
 )
 
-SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS)}
+PAIRS = DatasetSchema(
+    name="pairs",
+    version=1,
+    schema=pa.schema([
+        pa.field("src_item", pa.int64(), nullable=True),
+        pa.field("dst_item", pa.int64(), nullable=True),
+        pa.field("score", pa.float64(), nullable=True),     # the miner's score (Swing score, cosine, ...)
+        pa.field("source", pa.string(), nullable=True),     # 'swing' | 'u2i'
+    ]),
+    key=("src_item", "dst_item", "source"),
+    required=("src_item", "dst_item", "score", "source"),
+    not_null=("src_item", "dst_item", "score", "source"),
+)
+
+JUDGMENTS = DatasetSchema(
+    name="judgments",
+    version=1,
+    schema=pa.schema([
+        pa.field("src_item", pa.int64(), nullable=True),
+        pa.field("dst_item", pa.int64(), nullable=True),
+        pa.field("source", pa.string(), nullable=True),
+        pa.field("model_id", pa.string(), nullable=True),       # which judge (backend + model)
+        pa.field("prompt_version", pa.string(), nullable=True),
+        pa.field("score", pa.float64(), nullable=True),         # judge score, higher = more related
+        pa.field("keep", pa.bool_(), nullable=True),            # the per-source keep rule's verdict
+        pa.field("reasoning", pa.string(), nullable=True),      # generated only where configured
+    ]),
+    key=("src_item", "dst_item", "source", "model_id", "prompt_version"),
+    required=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep"),
+    not_null=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep"),
+)
+
+QA = DatasetSchema(
+    name="qa",
+    version=1,
+    schema=pa.schema([
+        pa.field("item_id", pa.int64(), nullable=True),
+        pa.field("qa_index", pa.int32(), nullable=True),
+        pa.field("question", pa.string(), nullable=True),
+        pa.field("answer", pa.string(), nullable=True),
+        pa.field("model_id", pa.string(), nullable=True),
+        pa.field("prompt_version", pa.string(), nullable=True),
+    ]),
+    key=("item_id", "qa_index", "model_id", "prompt_version"),
+    required=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version"),
+    not_null=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version"),
+)
+
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, QA)}
 
 
 def schema_for(dataset: str) -> DatasetSchema:
