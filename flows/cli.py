@@ -22,6 +22,8 @@ app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking,
                   no_args_is_help=True, pretty_exceptions_enable=False)
 ingest_app = typer.Typer(help="Ingest ML-100K or your own interactions/items files, gate and publish.")
 app.add_typer(ingest_app, name="ingest")
+pairs_app = typer.Typer(help="Mine item pairs outside the flow (writes a Parquet file).", no_args_is_help=True)
+app.add_typer(pairs_app, name="pairs")
 console = Console(stderr=True)
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
@@ -122,6 +124,54 @@ def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ 
             bar = progress.add_task(name, total=total)
             rec = write_parquet_dataset(out / name, _advancing(gen(spec), progress, bar), schema)
             console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {rec.path}")
+
+
+@pairs_app.command("swing")
+def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),
+                out: Path = typer.Option(..., help="Output Parquet file (src_item, dst_item, score, source)."),
+                alpha1: float = typer.Option(15.0, min=0.0), alpha2: float = typer.Option(0.0, min=0.0),
+                beta: float = typer.Option(0.3, min=0.0),
+                max_users_per_item: int = typer.Option(1000, min=2),
+                min_user_items: int = typer.Option(2, min=1), max_user_items: int = typer.Option(1000, min=1),
+                top_k: int = typer.Option(100, min=1), seed: int = typer.Option(0),
+                min_rating: Optional[float] = typer.Option(None, help="Only events rated >= this (or label 1)."),
+                delimiter: str = typer.Option(",", help="CSV field separator.")) -> None:
+    """Swing item-to-item pairs, one row per directed top-k neighbour."""
+    def run() -> None:
+        import time
+
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from qarm_core.ingest import iter_conformed
+        from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+        from qarm_core.schemas import INTERACTIONS
+
+        try:
+            params = SwingParams(alpha1=alpha1, alpha2=alpha2, beta=beta, max_users_per_item=max_users_per_item,
+                                 min_user_items=min_user_items, max_user_items=max_user_items, top_k=top_k, seed=seed)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        t0 = time.perf_counter()
+        with console.status("reading interactions"):
+            users, items = [], []
+            for b in iter_conformed(interactions, INTERACTIONS, delimiter):
+                keep = np.ones(b.num_rows, bool)
+                if min_rating is not None:
+                    r = b.column("rating").to_numpy(zero_copy_only=False)
+                    lab = b.column("label").to_numpy(zero_copy_only=False)
+                    keep = np.where(np.isnan(r.astype(float)), lab == 1, r >= min_rating)
+                users.append(b.column("user_id").to_numpy()[keep])
+                items.append(b.column("item_id").to_numpy()[keep])
+        with console.status(f"mining Swing pairs over {sum(map(len, users)):,} events"):
+            table = mine_swing_pairs(np.concatenate(users), np.concatenate(items), params)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(out)  # never a half-written file at --out
+        console.print(f"{table.num_rows:,} pairs for {len(set(table['src_item'].to_pylist())):,} items "
+                      f"in {time.perf_counter() - t0:.1f}s -> {out}")
+    _guard(run)
 
 
 def _advancing(batches, progress: Progress, bar) -> Any:

@@ -1,4 +1,4 @@
-"""The ``codebook-refresh`` flow: ingest -> gate -> publish (later stages join here)."""
+"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> publish (later stages join here)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from qarm_core.config import load_config
 from tasks import tracking
 from tasks.gate import gate
 from tasks.ingest import ingest
+from tasks.mine import mine
 from tasks.publish import publish
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
@@ -33,6 +34,8 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         records = ingest.with_options(**retry)(cfg, run_id)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
+        records |= mine(cfg, run_id, records["interactions"], records["items"])
+        gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
         snapshot = publish.with_options(**retry)(cfg, run_id, records)
     return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
             "rows": {n: r.rows for n, r in records.items()}}

@@ -99,9 +99,43 @@ class ItemGate(RowBounds):
 class GatesConfig(_Strict):
     interactions: InteractionGate = InteractionGate()
     items: ItemGate = ItemGate()
+    pairs: RowBounds = RowBounds()
     # Rows per batch handed to Great Expectations; keyed and table-level checks run in DuckDB.
     batch_rows: int = Field(2_000_000, ge=1)
     sample_rows: int = Field(5, ge=1)
+
+
+class SwingConfig(_Strict):
+    """Swing item-to-item mining (see qarm_core.pairs.swing for the formula)."""
+
+    alpha1: float = Field(15.0, ge=0.0)
+    alpha2: float = Field(0.0, ge=0.0)
+    beta: float = Field(0.3, ge=0.0)
+    max_users_per_item: int = Field(1000, ge=2)
+    min_user_items: int = Field(2, ge=1)
+    max_user_items: int = Field(1000, ge=1)
+    top_k: int = Field(100, ge=1)
+    seed: int = 0
+
+    def params(self):
+        from qarm_core.pairs.swing import SwingParams
+        return SwingParams(**self.model_dump())
+
+
+class MineConfig(_Strict):
+    """Stage 1: which miners run and on which events."""
+
+    sources: list[Literal["swing", "u2i"]] = Field(default_factory=lambda: ["swing"])
+    # Events that count as a positive interaction: rating >= min_rating where a rating is given,
+    # else label == 1. None: every event counts.
+    min_rating: float | None = None
+    swing: SwingConfig = SwingConfig()
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "MineConfig":
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ValueError("mine.sources must name each miner at most once, and at least one")
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -124,6 +158,7 @@ class PipelineConfig(_Strict):
     ingest: IngestConfig = IngestConfig()
     storage: StorageConfig = StorageConfig()
     duckdb: DuckDBConfig = DuckDBConfig()
+    mine: MineConfig = MineConfig()
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from qarm_core.config import DuckDBConfig, GatesConfig
 from qarm_core.duck import connect, parquet_source
 from qarm_core.errors import GateError
-from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema, schema_for
+from qarm_core.schemas import INTERACTIONS, ITEMS, PAIRS, DatasetSchema, schema_for
 from qarm_core.storage import DatasetRecord
 
 
@@ -91,6 +91,12 @@ def _unique_key(schema: DatasetSchema) -> tuple[str, dict, str]:
             f"(SELECT ({cols}) FROM data GROUP BY ALL HAVING count(*) > 1) ORDER BY {cols}")
 
 
+def _in_catalog(column: str) -> tuple[str, dict, str]:
+    return ("expect_item_ids_to_be_in_catalog", {"column": column, "catalog": "items"},
+            f"SELECT * FROM data WHERE {column} IS NOT NULL AND {column} NOT IN "
+            f"(SELECT item_id FROM catalog WHERE item_id IS NOT NULL)")
+
+
 def interactions_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
     g = cfg.interactions
     sql = [
@@ -99,9 +105,7 @@ def interactions_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
          "SELECT * FROM data WHERE rating IS NULL AND label IS NULL"),
     ]
     if with_catalog:
-        sql.append(("expect_item_ids_to_be_in_catalog", {"catalog": "items"},
-                    "SELECT * FROM data WHERE item_id IS NOT NULL AND item_id NOT IN "
-                    "(SELECT item_id FROM catalog WHERE item_id IS NOT NULL)"))
+        sql.append(_in_catalog("item_id"))
     rows = _not_null(INTERACTIONS) + [
         ("ExpectColumnValuesToBeBetween", {"column": "rating", "min_value": g.rating_min,
                                            "max_value": g.rating_max}),
@@ -122,9 +126,20 @@ def items_suite(cfg: GatesConfig, with_catalog: bool = False) -> Suite:
     return Suite(ITEMS, rows, [_unique_key(ITEMS)], (g.min_rows, g.max_rows))
 
 
+def pairs_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
+    sql = [_unique_key(PAIRS),
+           ("expect_no_self_pairs", {"column_A": "src_item", "column_B": "dst_item"},
+            "SELECT * FROM data WHERE src_item = dst_item")]
+    if with_catalog:
+        sql += [_in_catalog("src_item"), _in_catalog("dst_item")]
+    rows = _not_null(PAIRS) + [("ExpectColumnValuesToBeInSet", {"column": "source", "value_set": ["swing", "u2i"]})]
+    return Suite(PAIRS, rows, sql, (cfg.pairs.min_rows, cfg.pairs.max_rows), finite_columns=("score",))
+
+
 SUITES: dict[str, Callable[[GatesConfig, bool], Suite]] = {
     "interactions": interactions_suite,
     "items": items_suite,
+    "pairs": pairs_suite,
 }
 
 

@@ -252,10 +252,10 @@ class Storage:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def finish_stage(self, folder: Path, records: dict[str, DatasetRecord]) -> None:
+    def finish_stage(self, folder: Path, records: dict[str, DatasetRecord], report: dict | None = None) -> None:
         """Mark a staging folder complete (called inside ``staging_stage`` before the rename)."""
         write_json_atomic(folder / STAGE_DONE, {"records": {k: v.to_dict() for k, v in records.items()},
-                                                "written_at": time.time()})
+                                                "report": report or {}, "written_at": time.time()})
 
     @staticmethod
     def rebase(records: dict[str, DatasetRecord], old: Path, new: Path) -> dict[str, DatasetRecord]:
@@ -407,19 +407,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_stage_outputs(storage: Storage, stage: str, key: str,
                         outputs: dict[str, tuple[DatasetSchema, Callable[[], Iterable[pa.RecordBatch]]]],
-                        ) -> tuple[dict[str, DatasetRecord], bool]:
+                        report: dict | None = None) -> tuple[dict[str, DatasetRecord], bool, dict]:
     """Write a stage's datasets under ``work/<stage>/<key>``, or reuse them if already there.
 
     ``outputs`` maps dataset name to (schema, zero-argument function yielding batches); the batches
-    are only produced when the output is not cached. Returns (records, reused).
+    are only produced when the output is not cached. ``report`` is a dict the producers may fill
+    (counts, timings); it is stored with the output. Returns (records, reused, report), the report
+    being the stored one when the output is reused.
     """
     cached = storage.staged_records(stage, key)
     if cached is not None:
-        return cached, True
+        done = json.loads((storage.stage_dir(stage, key) / STAGE_DONE).read_text())
+        return cached, True, done.get("report", {})
+    report = {} if report is None else report
     final = storage.stage_dir(stage, key)
     with storage.staging_stage(stage, key) as tmp:
         records = {name: write_parquet_dataset(tmp / name, make_batches(), schema)
                    for name, (schema, make_batches) in outputs.items()}
         records = Storage.rebase(records, tmp, final)
-        storage.finish_stage(tmp, records)
-    return records, False
+        storage.finish_stage(tmp, records, report)
+    return records, False, report

@@ -22,7 +22,7 @@ def ingest(cfg: PipelineConfig, parent_run_id: str) -> dict[str, DatasetRecord]:
         source_fp, batches = resolve_source(cfg.ingest)
         key = stable_hash({"source": source_fp, "ingest": cfg.ingest.source, "qarm": __version__,
                            "schemas": {n: SCHEMAS[n].version for n in batches}})
-        records, reused = write_stage_outputs(
+        records, reused, _ = write_stage_outputs(
             storage, "ingest", key, {name: (SCHEMAS[name], fn) for name, fn in batches.items()})
         run.params({"source": cfg.ingest.source, "source_fingerprint": source_fp, "key": key})
         run.metrics({f"rows.{n}": r.rows for n, r in records.items()} | {"reused": float(reused)})

@@ -1,5 +1,6 @@
 """The qarm command line, in-process, against the test harness's Prefect API."""
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
@@ -52,3 +53,25 @@ def test_config_errors_exit_2(tmp_path):
     assert ok.exit_code == 0 and '"source": "synth"' in ok.output
     missing = runner.invoke(app, ["ingest"])
     assert missing.exit_code != 0
+
+
+def test_pairs_swing_cli(tmp_path):
+    import numpy as np
+
+    from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--users", "30", "--items", "20",
+                              "--interactions", "600", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "pairs.parquet"
+    res = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "s" / "interactions"),
+                              "--out", str(out), "--top-k", "5", "--seed", "2", "--min-rating", "4"])
+    assert res.exit_code == 0, res.output
+    got = pq.read_table(out)
+    inter = pq.read_table(tmp_path / "s" / "interactions")
+    pos = inter.filter(pc.greater_equal(inter["rating"], 4.0))
+    want = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingParams(top_k=5, seed=2))
+    assert got.equals(want) and got.num_rows > 0
+    bad = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "nope.csv"), "--out", str(out)])
+    assert bad.exit_code == 2 and "input file not found" in bad.output
+    assert np.all(pq.read_table(out)["src_item"].to_numpy() == got["src_item"].to_numpy())  # untouched

@@ -24,7 +24,8 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     cfg = _cfg(home)
     st = Storage(home)
     cur = st.current()
-    assert cur.snapshot_id == out["snapshot_id"] and out["rows"] == {"interactions": 800, "items": 40}
+    assert cur.snapshot_id == out["snapshot_id"]
+    assert out["rows"]["interactions"] == 800 and out["rows"]["items"] == 40 and out["rows"]["pairs"] > 10
     assert read_dataset(cur.record("interactions")).num_rows == 800
 
     runs = tracking.runs_of(cfg)
@@ -33,10 +34,13 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert parent[0]["run_id"] == out["mlflow_run_id"]
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
-    assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "publish"}
+    assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
+                             "gate-mine-pairs", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
     assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
+    assert children["mine"]["metrics"]["swing.pairs"] == out["rows"]["pairs"]
+    assert read_dataset(cur.record("pairs")).num_rows == out["rows"]["pairs"]
     # the resolved config is an artifact of the parent run
     from mlflow.tracking import MlflowClient
     client = MlflowClient(cfg.tracking.tracking_uri)
@@ -49,8 +53,9 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     # a rerun reuses the staged ingest and publishes a new snapshot
     out2 = codebook_refresh(TINY, {"home": str(home)})
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
-    reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == "ingest"]
-    assert sorted(reused) == [0.0, 1.0]
+    for stage in ("ingest", "mine"):
+        reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == stage]
+        assert sorted(reused) == [0.0, 1.0]
 
 
 def test_bad_input_fails_flow_and_keeps_published_snapshot(prefect_harness, tmp_path):

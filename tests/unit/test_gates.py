@@ -148,3 +148,23 @@ def test_nan_in_a_row_group_whose_statistics_omit_it(tmp_path):
     """DuckDB prunes row groups by min/max stats that leave NaN out; the gate must still see it."""
     r = _gate(_inter(tmp_path, rating=[float("nan"), 4.0, 4.0, 4.0]))
     assert _failed(r, "expect_column_values_to_be_finite").unexpected_count == 1
+
+
+def _pairs(tmp_path, **over):
+    from qarm_core.schemas import PAIRS
+    cols = {"src_item": [1, 1, 2], "dst_item": [2, 3, 1], "score": [0.5, 0.25, 0.5],
+            "source": ["swing", "swing", "u2i"]}
+    return _write(tmp_path, "pairs", PAIRS, {**cols, **over})
+
+
+def test_pairs_gate(tmp_path):
+    items = _items(tmp_path)
+    assert _gate(_pairs(tmp_path / "ok"), catalog=items).success
+    r = _gate(_pairs(tmp_path / "bad", src_item=[1, 2, 9], dst_item=[1, 3, 1],
+                     score=[0.5, float("inf"), 0.1], source=["swing", "swing", "llm"]), catalog=items)
+    failed = {(c.expectation, c.kwargs.get("column")): c.unexpected_count for c in r.failures}
+    assert failed == {("expect_no_self_pairs", None): 1, ("expect_item_ids_to_be_in_catalog", "src_item"): 1,
+                      ("expect_column_values_to_be_finite", "score"): 1,
+                      ("expect_column_values_to_be_in_set", "source"): 1}
+    dup = _gate(_pairs(tmp_path / "dup", src_item=[1, 1, 2], dst_item=[2, 2, 1]), catalog=items)
+    assert _failed(dup, "expect_compound_columns_to_be_unique").unexpected_count == 2

@@ -23,7 +23,9 @@ def _items(n: int, start: int = 0) -> pa.Table:
 
 
 def _stage(storage: Storage, key: str, table: pa.Table):
-    return write_stage_outputs(storage, "ingest", key, {"items": (ITEMS, lambda: iter(table.to_batches()))})
+    records, reused, _ = write_stage_outputs(storage, "ingest", key,
+                                             {"items": (ITEMS, lambda: iter(table.to_batches()))})
+    return records, reused
 
 
 def test_write_and_read_roundtrip(tmp_path):
@@ -66,6 +68,21 @@ def test_staged_output_is_reused_and_invalidated_when_files_vanish(tmp_path):
     os.remove(Path(r1["items"].path) / r1["items"].files[0])
     r3, reused3 = _stage(st, "k", _items(4))
     assert not reused3 and r3["items"].rows == 4
+
+
+def test_stage_report_is_stored_and_returned_on_reuse(tmp_path):
+    st = Storage(tmp_path).ensure()
+
+    def produce(report):
+        def gen():
+            report["rows_seen"] = 3
+            yield _items(3).to_batches()[0]
+        return gen
+    first: dict = {}
+    _, reused, rep = write_stage_outputs(st, "mine", "k", {"items": (ITEMS, produce(first))}, first)
+    assert not reused and rep == {"rows_seen": 3}
+    _, reused, rep2 = write_stage_outputs(st, "mine", "k", {"items": (ITEMS, produce({}))})
+    assert reused and rep2 == {"rows_seen": 3}
 
 
 def test_failure_while_writing_stage_leaves_nothing(tmp_path):
