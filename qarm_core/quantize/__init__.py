@@ -1,0 +1,1 @@
+"""Stage 5: Semantic IDs from item embeddings (residual k-means + FSQ), with collision metrics."""

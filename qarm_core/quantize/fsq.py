@@ -1,0 +1,142 @@
+"""The final FSQ level: a fitted projection of the level-2 residual to ``dims`` coordinates, each
+rounded to one of ``levels`` values.
+
+The paper's form is Z = round(L * sigmoid(residual @ W)) with W unstated. Here W is the top ``dims``
+principal directions of the residual, and each coordinate's L bins are cut at its empirical
+quantiles ("levels chosen so items spread evenly"): every digit value holds ~1/L of the items.
+The third SID code packs the digits: c3 = sum_d digit_d * L**d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FSQCodebook:
+    mean: np.ndarray         # (dim,) float32, residual mean
+    components: np.ndarray   # (dims, dim) float32, projection rows (orthonormal)
+    boundaries: np.ndarray   # (dims, levels - 1) float32, cut points per coordinate
+    centers: np.ndarray      # (dims, levels) float32, a representative value per bin (for decoding)
+
+    @property
+    def dims(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def levels(self) -> int:
+        return self.centers.shape[1]
+
+    @property
+    def code_space(self) -> int:
+        return self.levels ** self.dims
+
+
+def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 2_000_000, seed: int = 0) -> FSQCodebook:
+    """Fit the projection and the per-coordinate quantile bins on ``residual`` ``(n, dim)``.
+
+    The projection and quantiles are estimated on at most ``sample`` rows (a seeded sample): both
+    are stable statistics, and this keeps the fit O(sample) on 10M-row snapshots.
+    """
+    n, d = residual.shape
+    if not 1 <= dims <= d:
+        raise ValueError(f"fsq dims must be in 1..{d}, got {dims}")
+    if levels < 2:
+        raise ValueError(f"fsq levels must be >= 2, got {levels}")
+    if dims * np.log2(levels) > 40:
+        raise ValueError(f"fsq code space {levels}**{dims} is too large (> 2**40)")
+    rows = residual if n <= sample else residual[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
+    rows = rows.astype(np.float64)
+    mean = rows.mean(0)
+    # Principal directions via the covariance (dim x dim): cheap for dim <= a few thousand.
+    cov = np.cov(rows - mean, rowvar=False).reshape(d, d)
+    w, v = np.linalg.eigh(cov)
+    comps = v[:, np.argsort(w)[::-1][:dims]].T
+    comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
+    z = (rows - mean) @ comps.T
+    qs = np.arange(1, levels) / levels
+    boundaries = np.quantile(z, qs, axis=0).T                       # (dims, levels-1)
+    centers = np.quantile(z, (np.arange(levels) + 0.5) / levels, axis=0).T
+    return FSQCodebook(mean.astype(np.float32), comps.astype(np.float32), boundaries.astype(np.float32),
+                       centers.astype(np.float32))
+
+
+def project(fsq: FSQCodebook, residual: np.ndarray) -> np.ndarray:
+    """``(n, dims)`` coordinates of ``residual`` ``(n, dim)``."""
+    return (residual - fsq.mean) @ fsq.components.T
+
+
+def digits_of(fsq: FSQCodebook, z: np.ndarray) -> np.ndarray:
+    """``(n, dims)`` int32 bin index of each coordinate, in 0..levels-1."""
+    out = np.empty(z.shape, np.int32)
+    for j in range(fsq.dims):
+        out[:, j] = np.searchsorted(fsq.boundaries[j], z[:, j], side="right")
+    return out
+
+
+def pack(digits: np.ndarray, levels: int) -> np.ndarray:
+    """``(n,)`` int64 code: sum_d digit_d * levels**d."""
+    weights = levels ** np.arange(digits.shape[1], dtype=np.int64)
+    return digits.astype(np.int64) @ weights
+
+
+def unpack(codes: np.ndarray, levels: int, dims: int) -> np.ndarray:
+    return ((codes[:, None] // levels ** np.arange(dims, dtype=np.int64)) % levels).astype(np.int32)
+
+
+def decode(fsq: FSQCodebook, digits: np.ndarray) -> np.ndarray:
+    """``(n, dim)`` reconstruction of the residual from its digits."""
+    z = fsq.centers[np.arange(fsq.dims)[None, :], digits]
+    return z @ fsq.components + fsq.mean
+
+
+def within_margin(fsq: FSQCodebook, z: np.ndarray, digits: np.ndarray, margin: float) -> np.ndarray:
+    """``(n,)`` bool: every coordinate of ``z`` lies within ``margin`` bin widths of the cell
+    ``digits`` (0 inside it). A bin's width is the median width of the inner bins of that coordinate."""
+    if len(z) == 0:
+        return np.zeros(0, bool)
+    f = fsq.dims
+    widths = np.median(np.diff(fsq.boundaries, axis=1), axis=1) if fsq.levels > 2 else \
+        np.abs(fsq.centers[:, 1] - fsq.centers[:, 0])
+    lo_b = np.concatenate([np.full((f, 1), -np.inf, np.float32), fsq.boundaries], 1)
+    hi_b = np.concatenate([fsq.boundaries, np.full((f, 1), np.inf, np.float32)], 1)
+    idx = np.arange(f)[None, :]
+    out = np.maximum(lo_b[idx, digits] - z, 0) + np.maximum(z - hi_b[idx, digits], 0)
+    return (out <= margin * widths[None, :]).all(1)
+
+
+def alternatives(fsq: FSQCodebook, z: np.ndarray, digits: np.ndarray, n_alt: int) -> np.ndarray:
+    """``(n, n_alt)`` packed codes of each row's next-best cells, cheapest first.
+
+    Candidates move one coordinate, or two, by one bin; a move costs how far the coordinate is from
+    the boundary it crosses (summed over the moved coordinates), so a row near a boundary moves
+    cheaply. -1 pads rows with fewer valid moves than ``n_alt``.
+    """
+    n, f = digits.shape
+    L = fsq.levels
+    lo_b = np.concatenate([np.full((f, 1), -np.inf, np.float32), fsq.boundaries], 1)
+    hi_b = np.concatenate([fsq.boundaries, np.full((f, 1), np.inf, np.float32)], 1)
+    idx = np.arange(f)[None, :]
+    cost_down = np.where(digits > 0, z - lo_b[idx, digits], np.inf)
+    cost_up = np.where(digits < L - 1, hi_b[idx, digits] - z, np.inf)
+    # One move per coordinate and direction: (n, 2f); then every pair of distinct coordinates.
+    single_cost = np.concatenate([cost_down, cost_up], 1)
+    single_delta = np.concatenate([-(L ** np.arange(f, dtype=np.int64)), L ** np.arange(f, dtype=np.int64)])
+    moves_cost, moves_delta = [single_cost], [np.broadcast_to(single_delta, (n, 2 * f))]
+    a, b = np.triu_indices(2 * f, k=1)
+    distinct = (a % f) != (b % f)
+    a, b = a[distinct], b[distinct]
+    if len(a):
+        moves_cost.append(single_cost[:, a] + single_cost[:, b])
+        moves_delta.append(np.broadcast_to(single_delta[a] + single_delta[b], (n, len(a))))
+    cost = np.concatenate(moves_cost, 1)
+    delta = np.concatenate(moves_delta, 1)
+    order = np.argsort(cost, axis=1, kind="stable")[:, :n_alt]
+    code = pack(digits, L)[:, None] + np.take_along_axis(delta, order, 1)
+    valid = np.isfinite(np.take_along_axis(cost, order, 1))
+    out = np.where(valid, code, -1)
+    if out.shape[1] < n_alt:
+        out = np.concatenate([out, np.full((n, n_alt - out.shape[1]), -1, np.int64)], 1)
+    return out

@@ -1,0 +1,239 @@
+"""Residual k-means + FSQ Semantic IDs: fit, encode, resolve collisions, measure.
+
+Entry points: ``fit_codebook`` (full fit, optionally warm-started), ``assign_semantic_ids`` (encode
+with a given codebook, resolve collisions, metrics), and ``save_codebook``/``load_codebook``
+(.npy + JSON, never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from qarm_core.errors import DataError
+from qarm_core.quantize import fsq as F
+from qarm_core.quantize.kmeans import encode_residual_kmeans, fit_residual_kmeans
+from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
+from qarm_core.quantize.sid import resolve_collisions, sid_keys, sid_strings
+
+STAGE = "quantize"
+CODEBOOK_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class QuantizerParams:
+    levels: tuple[int, ...] = (256, 256)     # K per residual k-means level
+    fsq_dims: int = 4
+    fsq_levels: int = 4
+    niter: int = 20
+    polish_iter: int = 10
+    seed: int = 0
+    resolve: bool = True                      # move colliding items to free FSQ codes
+    max_alternatives: int = 32                # candidate FSQ cells tried per colliding item
+    stickiness: float = 0.01                  # warm start: keep an old code within 1% of the best
+    fsq_margin: float = 0.5                   # warm start: keep an old FSQ cell if within this many bin widths
+    hr_sample: int = 200_000                  # query items for HR@k
+
+    def __post_init__(self) -> None:
+        if not self.levels or any(k < 2 for k in self.levels):
+            raise ValueError(f"quantize: every k-means level needs K >= 2, got {self.levels}")
+        if self.fsq_dims < 1 or self.fsq_levels < 2:
+            raise ValueError("quantize: fsq_dims >= 1 and fsq_levels >= 2 required")
+        space = float(np.prod([float(k) for k in self.levels])) * float(self.fsq_levels) ** self.fsq_dims
+        if space >= 2.0 ** 62:
+            raise ValueError(f"quantize: total code space {space:.3g} does not fit in int64")
+        if len(self.levels) != 2:
+            raise ValueError("quantize: SIDs are (c1, c2, c3): exactly two k-means levels")
+
+
+@dataclass(frozen=True)
+class Codebook:
+    centroids: list[np.ndarray]               # per level (k, dim) float32
+    fsq: F.FSQCodebook
+    params: QuantizerParams
+    fit_report: list[dict] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        return self.centroids[0].shape[1]
+
+
+def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "embeddings",
+                        dim: int | None = None, min_items: int = 1) -> np.ndarray:
+    """Refuse what would silently produce garbage codes; returns x as contiguous float32."""
+    if x.ndim != 2:
+        raise DataError(STAGE, dataset, f"embeddings must be 2-D (n_items, dim), got shape {x.shape}")
+    if len(x) == 0:
+        raise DataError(STAGE, dataset, "no embeddings")
+    if len(item_ids) != len(x):
+        raise DataError(STAGE, dataset, f"{len(item_ids)} item ids for {len(x)} embeddings")
+    if dim is not None and x.shape[1] != dim:
+        raise DataError(STAGE, dataset, f"embedding dim {x.shape[1]} != codebook dim {dim}")
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise DataError(STAGE, dataset, "duplicate item ids")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise DataError(STAGE, dataset, f"{int(bad.sum())} embeddings hold NaN/inf, e.g. item ids "
+                                        f"{item_ids[bad][:5].tolist()}")
+    if len(x) < min_items:
+        raise DataError(STAGE, dataset, f"{len(x)} items is fewer than K={min_items} of the first level")
+    return x
+
+
+def fit_codebook(x: np.ndarray, params: QuantizerParams, previous: Codebook | None = None) -> Codebook:
+    """Fit residual k-means (full batch) and the FSQ level on ``x`` ``(n, dim)``.
+
+    With ``previous``: k-means is warm-started from its centroids (matched back to their indices)
+    and its FSQ projection and bins are kept, so unchanged items keep their SIDs.
+    """
+    prev_books = None
+    if previous is not None:
+        if tuple(previous.params.levels) != tuple(params.levels) or previous.dim != x.shape[1]:
+            raise DataError(STAGE, "codebook", f"previous codebook (levels {previous.params.levels}, "
+                                               f"dim {previous.dim}) does not fit levels {params.levels}, "
+                                               f"dim {x.shape[1]}")
+        prev_books = previous.centroids
+    books, report = fit_residual_kmeans(x, list(params.levels), seed=params.seed, niter=params.niter,
+                                        polish_iter=params.polish_iter, previous=prev_books)
+    if previous is not None:
+        fsq = previous.fsq
+    else:
+        _, residual, _ = encode_residual_kmeans(x, books)
+        fsq = F.fit_fsq(residual, params.fsq_dims, params.fsq_levels, seed=params.seed)
+    return Codebook(books, fsq, params, report)
+
+
+def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
+                        previous_codes: pa.Table | None = None) -> tuple[pa.Table, dict[str, float]]:
+    """Encode ``x`` ``(n, dim)`` with ``codebook``; returns (codes table, metrics).
+
+    Codes table: item_id, c1, c2, c3, sid, resolved. ``previous_codes`` (the last published codes)
+    makes assignment sticky for items already coded and yields the churn metric.
+    """
+    p = codebook.params
+    t0 = time.perf_counter()
+    n = len(item_ids)
+    prev = None
+    if previous_codes is not None:
+        prev = _align_previous(previous_codes, item_ids)
+    codes, residual, mse = encode_residual_kmeans(x, codebook.centroids,
+                                                  None if prev is None else prev["c12"],
+                                                  p.stickiness if prev is not None else 0.0)
+    fsq = codebook.fsq
+    z = F.project(fsq, residual)
+    digits = F.digits_of(fsq, z)
+    c1, c2 = codes[:, 0], codes[:, 1]
+    c3 = F.pack(digits, fsq.levels)
+    mse.append(float(((residual - F.decode(fsq, digits)) ** 2).sum(1).mean()))
+    k1, k2 = p.levels
+    raw_keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
+    rk_keys = sid_keys(c1, c2, np.zeros_like(c3), k2, fsq.code_space)
+
+    new_c3, suffix, resolved = c3.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
+    kept = np.zeros(n, bool)
+    if prev is not None:
+        # An item whose k-means codes did not change keeps its whole previous SID (resolved c3
+        # and suffix) while it lies within fsq_margin bin widths of that FSQ cell: FSQ bins are
+        # narrow where items are dense, and without this a refresh would reshuffle SIDs for
+        # noise-level moves.
+        same = (prev["c3"] >= 0) & (c1 == prev["c12"][:, 0]) & (c2 == prev["c12"][:, 1])
+        near = F.within_margin(fsq, z[same], F.unpack(prev["c3"][same], fsq.levels, fsq.dims), p.fsq_margin)
+        kept[np.flatnonzero(same)[near]] = True
+        new_c3[kept], suffix[kept], resolved[kept] = prev["c3"][kept], prev["suffix"][kept], prev["resolved"][kept]
+    if p.resolve:
+        rest = np.flatnonzero(~kept)
+        kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
+        priority = ((z[rest] - fsq.centers[np.arange(fsq.dims)[None, :], digits[rest]]) ** 2).sum(1)
+        alt = F.alternatives(fsq, z[rest], digits[rest], p.max_alternatives)
+        r_c3, r_suffix, r_resolved = resolve_collisions(raw_keys[rest], priority, alt, c3[rest],
+                                                        fsq.code_space, occupied=kept_keys[suffix[kept] == 0])
+        if kept.any() and (r_suffix > 0).any():
+            # Suffixes continue after those that carried-over SIDs already use on the same code.
+            k_keys, k_suf = kept_keys, suffix[kept]
+            top: dict[int, int] = {}
+            for k, v in zip(k_keys[k_suf > 0].tolist(), k_suf[k_suf > 0].tolist()):
+                top[k] = max(top.get(k, 0), v)
+            r_keys = sid_keys(c1[rest], c2[rest], r_c3, k2, fsq.code_space)
+            base = np.array([top.get(int(k), 0) for k in r_keys[r_suffix > 0]], np.int64)
+            r_suffix[r_suffix > 0] += base
+        new_c3[rest], suffix[rest], resolved[rest] = r_c3, r_suffix, r_resolved
+    final_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)
+    sids = sid_strings(c1, c2, new_c3, suffix)
+    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "c1": pa.array(c1, pa.int32()),
+                      "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
+                      "sid": pa.array(sids, pa.string()), "resolved": pa.array(resolved, pa.bool_())})
+
+    metrics: dict[str, float] = {"items": float(len(x)), "code_space": float(k1 * k2 * fsq.code_space)}
+    # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;
+    # the sid strings, suffix included, are unique); rkmeans: (c1, c2) alone.
+    for name, keys in (("raw", raw_keys), ("resolved", final_keys), ("rkmeans", rk_keys)):
+        metrics |= {f"{name}.{k}": v for k, v in collision_metrics(keys).items()}
+    # Final SIDs are unique per item when every collision was resolved, so HR@k is measured on the
+    # raw codes (what decoding a SID would face) and on the k-means-only codes for comparison.
+    metrics |= {f"raw.{k}": v for k, v in hit_rates(x, raw_keys, sample=p.hr_sample, seed=p.seed).items()}
+    metrics |= {f"rkmeans.{k}": v for k, v in hit_rates(x, rk_keys, sample=p.hr_sample, seed=p.seed).items()}
+    for level, (codes_l, space) in enumerate(((c1, k1), (c2, k2), (c3, fsq.code_space)), start=1):
+        metrics |= {f"level{level}.{k}": v for k, v in level_usage(codes_l, space).items()}
+        metrics[f"level{level}.mse"] = mse[level - 1]
+    metrics["resolved_share"] = float(resolved.mean())
+    metrics["suffixed_share"] = float((suffix > 0).mean())
+    if previous_codes is not None:
+        metrics |= churn(previous_codes["item_id"].to_numpy(), np.asarray(previous_codes["sid"].to_pylist()),
+                         item_ids, np.asarray(sids))
+    metrics["assign_seconds"] = time.perf_counter() - t0
+    return table, metrics
+
+
+def _align_previous(previous_codes: pa.Table, item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The previous snapshot's codes, row-aligned to ``item_ids`` (-1 where an item is new)."""
+    pid = previous_codes["item_id"].to_numpy()
+    srt = np.argsort(pid, kind="stable")
+    j = np.minimum(np.searchsorted(pid[srt], item_ids), max(len(pid) - 1, 0))
+    rows = np.where((len(pid) > 0) & (pid[srt][j] == item_ids), srt[j], -1) if len(pid) else np.full(len(item_ids), -1)
+    have = rows >= 0
+    c12 = np.full((len(item_ids), 2), -1, np.int32)
+    c3 = np.full(len(item_ids), -1, np.int64)
+    suffix = np.zeros(len(item_ids), np.int64)
+    resolved = np.zeros(len(item_ids), bool)
+    r = rows[have]
+    c12[have, 0] = previous_codes["c1"].to_numpy()[r]
+    c12[have, 1] = previous_codes["c2"].to_numpy()[r]
+    c3[have] = previous_codes["c3"].to_numpy()[r]
+    sid_parts = [s.split("-") for s in np.asarray(previous_codes["sid"].to_pylist(), dtype=object)[r]]
+    suffix[have] = [int(sp[3]) if len(sp) > 3 else 0 for sp in sid_parts]
+    resolved[have] = previous_codes["resolved"].to_numpy(zero_copy_only=False)[r]
+    return {"c12": c12, "c3": c3, "suffix": suffix, "resolved": resolved}
+
+
+def save_codebook(codebook: Codebook, folder: str | Path) -> None:
+    """Write centroids and FSQ arrays as .npy plus a JSON manifest (no pickle anywhere)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for level, c in enumerate(codebook.centroids, start=1):
+        np.save(folder / f"centroids_level{level}.npy", c, allow_pickle=False)
+    for name in ("mean", "components", "boundaries", "centers"):
+        np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
+    meta = {"format": CODEBOOK_FORMAT, "params": {**asdict(codebook.params), "levels": list(codebook.params.levels)},
+            "dim": codebook.dim, "fit_report": codebook.fit_report}
+    (folder / "codebook.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_codebook(folder: str | Path) -> Codebook:
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "codebook.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(STAGE, "codebook", f"unreadable codebook at {folder}: {exc}") from None
+    if meta.get("format") != CODEBOOK_FORMAT:
+        raise DataError(STAGE, "codebook", f"codebook format {meta.get('format')} is not {CODEBOOK_FORMAT}")
+    params = QuantizerParams(**{**meta["params"], "levels": tuple(meta["params"]["levels"])})
+    books = [np.load(folder / f"centroids_level{i}.npy", allow_pickle=False) for i in range(1, len(params.levels) + 1)]
+    fsq = F.FSQCodebook(*(np.load(folder / f"fsq_{n}.npy", allow_pickle=False)
+                          for n in ("mean", "components", "boundaries", "centers")))
+    return Codebook(books, fsq, params, meta.get("fit_report", []))

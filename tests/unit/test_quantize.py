@@ -1,0 +1,146 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qarm_core.errors import DataError
+from qarm_core.quantize import fsq as F
+from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
+from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, fit_codebook, load_codebook,
+                                          save_codebook, validate_embeddings)
+from qarm_core.quantize.sid import resolve_collisions
+
+P = QuantizerParams(levels=(16, 8), fsq_dims=3, fsq_levels=4, niter=10, hr_sample=10_000)
+
+
+def _emb(n=3000, dim=24, seed=0, clusters=40):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((clusters, dim))
+    x = c[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.arange(n, dtype=np.int64) * 7 + 1
+
+
+def test_same_seed_bitwise_identical():
+    x, ids = _emb()
+    t1, m1 = assign_semantic_ids(x, ids, fit_codebook(x, P))
+    t2, m2 = assign_semantic_ids(x, ids, fit_codebook(x, P))
+    assert t1.equals(t2)
+    other, _ = assign_semantic_ids(x, ids, fit_codebook(x, QuantizerParams(**{**P.__dict__, "seed": 1})))
+    assert not other.equals(t1)
+
+
+def test_codes_in_range_sids_unique_and_full_batch():
+    x, ids = _emb()
+    cb = fit_codebook(x, P)
+    t, m = assign_semantic_ids(x, ids, cb)
+    assert t.column_names == ["item_id", "c1", "c2", "c3", "sid", "resolved"]
+    c1, c2, c3 = (t[c].to_numpy() for c in ("c1", "c2", "c3"))
+    assert c1.max() < 16 and c2.max() < 8 and c3.min() >= 0 and c3.max() < 4 ** 3
+    assert len(set(t["sid"].to_pylist())) == len(x)            # resolution + suffix make SIDs unique
+    assert m["resolved.collision_rate"] <= m["raw.collision_rate"]
+    assert m["raw.collision_rate"] < m["rkmeans.collision_rate"]  # the FSQ level splits k-means cells
+    assert m["level1.utilisation"] == 1.0 and 0 < m["level1.entropy"] <= 1
+    assert m["level3.mse"] <= m["level2.mse"] <= m["level1.mse"]
+
+
+def test_warm_start_churn_zero_on_identical_and_small_on_perturbed():
+    x, ids = _emb()
+    cb = fit_codebook(x, P)
+    codes, _ = assign_semantic_ids(x, ids, cb)
+    warm = fit_codebook(x, P, previous=cb)
+    assert all(np.array_equal(a, b) for a, b in zip(warm.centroids, cb.centroids))
+    again, m = assign_semantic_ids(x, ids, warm, previous_codes=codes)
+    assert m["churn"] == 0.0 and again.equals(codes)
+    rng = np.random.default_rng(5)
+    xp = x + 0.01 * rng.standard_normal(x.shape).astype(np.float32)
+    xp /= np.linalg.norm(xp, axis=1, keepdims=True)
+    _, mp = assign_semantic_ids(xp, ids, fit_codebook(xp, P, previous=cb), previous_codes=codes)
+    cold, _ = assign_semantic_ids(xp, ids, fit_codebook(xp, QuantizerParams(**{**P.__dict__, "seed": 3})))
+    cold_churn = churn(ids, np.asarray(codes["sid"].to_pylist()), ids, np.asarray(cold["sid"].to_pylist()))
+    assert 0 < mp["churn"] < 0.25 and mp["churn"] < cold_churn["churn"]
+    warm_codes, _ = assign_semantic_ids(xp, ids, fit_codebook(xp, P, previous=cb), previous_codes=codes)
+    assert len(set(warm_codes["sid"].to_pylist())) == len(xp)   # carried-over SIDs stay unique
+
+
+def test_frozen_codebook_encodes_new_items():
+    x, ids = _emb(n=2000)
+    cb = fit_codebook(x[:1500], P)
+    t, _ = assign_semantic_ids(x, ids, cb)
+    old, _ = assign_semantic_ids(x[:1500], ids[:1500], cb)
+    assert np.array_equal(t["c1"].to_numpy()[:1500], old["c1"].to_numpy())
+
+
+def test_save_load_roundtrip(tmp_path):
+    x, ids = _emb(n=1000)
+    cb = fit_codebook(x, P)
+    save_codebook(cb, tmp_path / "cb")
+    assert not list((tmp_path / "cb").glob("*.pkl"))
+    back = load_codebook(tmp_path / "cb")
+    assert assign_semantic_ids(x, ids, back)[0].equals(assign_semantic_ids(x, ids, cb)[0])
+    (tmp_path / "cb" / "codebook.json").write_text("{}")
+    with pytest.raises(DataError, match="format"):
+        load_codebook(tmp_path / "cb")
+
+
+def test_collision_metrics_known_answers():
+    m = collision_metrics(np.array([5, 5, 6, 7]))
+    assert m == {"collision_rate": 0.5, "one_minus_unique": 0.25, "edge_num": 4 / 3, "max_items_per_sid": 2.0}
+    assert collision_metrics(np.arange(10))["collision_rate"] == 0.0
+
+
+def test_hit_rates_known_answers():
+    # group A: item 0 is beaten by item 1 (longer vector along the same axis); group B: duplicates
+    x = np.array([[1, 0], [2, 0], [0, 1], [0, 1], [1, 1]], np.float32)
+    keys = np.array([0, 0, 1, 1, 2])
+    hr = hit_rates(x, keys, ks=(1, 2))
+    # ranks: item0 -> 2, item1 -> 1, items 2/3 -> 2 (ties count against), item4 -> 1
+    assert hr == {"hr@1": 2 / 5, "hr@2": 1.0}
+
+
+def test_level_usage_and_churn():
+    u = level_usage(np.array([0, 0, 1, 1]), 4)
+    assert u["utilisation"] == 0.5 and u["entropy"] == pytest.approx(np.log(2) / np.log(4))
+    c = churn(np.array([1, 2, 3]), np.array(["a", "b", "c"]), np.array([2, 3, 4]), np.array(["b", "x", "y"]))
+    assert c == {"churn": 0.5, "churn_items": 2.0}
+
+
+def test_resolve_moves_then_suffixes():
+    keys = np.array([10, 10, 10, 20])
+    c3 = np.array([0, 0, 0, 0])
+    alt = np.array([[1, 2], [1, 2], [1, -1], [9, 9]])
+    # 11 (c3=1) free: item 1 takes it; item 2's options 11 (now taken), none -> suffix
+    new_c3, suffix, resolved = resolve_collisions(keys, np.array([0.0, 1.0, 2.0, 0.0]), alt, c3, 100)
+    assert new_c3.tolist() == [0, 1, 0, 0] and suffix.tolist() == [0, 0, 1, 0]
+    assert resolved.tolist() == [False, True, True, False]
+
+
+def test_fsq_bins_are_equal_frequency_and_pack_roundtrips():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((8000, 10)).astype(np.float32) * np.arange(1, 11)
+    f = F.fit_fsq(r, 3, 4)
+    d = F.digits_of(f, F.project(f, r))
+    for j in range(3):
+        assert np.allclose(np.bincount(d[:, j], minlength=4), 2000, atol=2)
+    assert np.array_equal(F.unpack(F.pack(d, 4), 4, 3), d)
+    assert np.abs(f.components @ f.components.T - np.eye(3)).max() < 1e-5
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), "NaN/inf"),
+    (lambda x: x[:0], "no embeddings"),
+    (lambda x: x[:, :5], "dim 5 != codebook dim 24"),
+    (lambda x: x[:10], "fewer than K=16"),
+])
+def test_bad_embeddings_rejected(mutate, match):
+    x, ids = _emb(n=100)
+    bad = mutate(x)
+    with pytest.raises(DataError, match=r"\[stage=quantize, dataset=embeddings\].*" + match.replace("(", r"\(")):
+        validate_embeddings(bad, ids[:len(bad)], dim=24, min_items=16)
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="K >= 2"):
+        QuantizerParams(levels=(1, 4))
+    with pytest.raises(ValueError, match="int64"):
+        QuantizerParams(levels=(8192, 8192), fsq_dims=13, fsq_levels=8)
+    with pytest.raises(ValueError, match="exactly two"):
+        QuantizerParams(levels=(4, 4, 4))
