@@ -174,6 +174,67 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
     _guard(run)
 
 
+@app.command()
+def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item_id, vector) file or folder."),
+             out: Path = typer.Option(..., help="Output folder: codes.parquet, codebook/, metrics.json."),
+             levels: str = typer.Option("256,256", help="K of the two residual k-means levels."),
+             fsq_dims: int = typer.Option(4, min=1), fsq_levels: int = typer.Option(4, min=2),
+             seed: int = typer.Option(0), niter: int = typer.Option(20, min=1),
+             previous: Optional[Path] = typer.Option(None, help="A previous output folder: warm start, "
+                                                                 "sticky SIDs and churn."),
+             frozen: bool = typer.Option(False, help="Encode with --previous's codebook without refitting.")) -> None:
+    """Semantic IDs: two residual k-means levels (full batch) + an FSQ level; collision metrics."""
+    def run() -> None:
+        import pyarrow.parquet as pq
+
+        from qarm_core.quantize.io import read_embeddings
+        from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, fit_codebook,
+                                                  load_codebook, save_codebook, validate_embeddings)
+        from qarm_core.storage import write_json_atomic
+
+        try:
+            ks = tuple(int(k) for k in levels.split(","))
+            params = QuantizerParams(levels=ks, fsq_dims=fsq_dims, fsq_levels=fsq_levels, seed=seed, niter=niter)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--levels/--fsq-*: {exc}") from None
+        if frozen and previous is None:
+            raise typer.BadParameter("--frozen needs --previous")
+        with console.status("reading embeddings"):
+            ids, x = read_embeddings(embeddings)
+        prev_cb = load_codebook(previous / "codebook") if previous else None
+        prev_codes = pq.read_table(previous / "codes.parquet") if previous else None
+        x = validate_embeddings(x, ids, dim=prev_cb.dim if prev_cb else None,
+                                min_items=1 if frozen else max(params.levels))
+        if frozen:
+            cb = prev_cb
+        else:
+            with console.status(f"fitting {'x'.join(map(str, ks))} residual k-means + FSQ on {len(x):,} items"):
+                cb = fit_codebook(x, params, previous=prev_cb)
+        with console.status("assigning Semantic IDs"):
+            codes, metrics = assign_semantic_ids(x, ids, cb, previous_codes=prev_codes)
+        # Write beside, then rename: a failed run never leaves a half-written output folder.
+        tmp = out.with_name(f".{out.name}.tmp")
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(codes, tmp / "codes.parquet", compression="zstd")
+        save_codebook(cb, tmp / "codebook")
+        write_json_atomic(tmp / "metrics.json", metrics)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        table = Table(title=f"Semantic IDs for {len(x):,} items -> {out}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k in ("raw.collision_rate", "raw.edge_num", "raw.hr@1", "raw.hr@10", "resolved.collision_rate",
+                  "rkmeans.collision_rate", "level1.utilisation", "level2.utilisation", "level3.utilisation",
+                  "level3.mse", "churn"):
+            if k in metrics:
+                table.add_row(k, f"{metrics[k]:.4f}")
+        Console().print(table)
+    _guard(run)
+
+
 def _advancing(batches, progress: Progress, bar) -> Any:
     """Pass batches through, advancing a progress bar by their row counts."""
     for b in batches:

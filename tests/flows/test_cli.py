@@ -1,5 +1,6 @@
 """The qarm command line, in-process, against the test harness's Prefect API."""
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
@@ -75,3 +76,26 @@ def test_pairs_swing_cli(tmp_path):
     bad = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "nope.csv"), "--out", str(out)])
     assert bad.exit_code == 2 and "input file not found" in bad.output
     assert np.all(pq.read_table(out)["src_item"].to_numpy() == got["src_item"].to_numpy())  # untouched
+
+
+def test_quantize_cli_fit_warm_and_frozen(tmp_path):
+    import json
+
+    from qarm_core.quantize.io import embeddings_batch, synthetic_embeddings
+
+    ids, x = next(synthetic_embeddings(3000, 16, clusters=50, seed=1))
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, "test")]), tmp_path / "emb.parquet")
+    args = ["quantize", "--embeddings", str(tmp_path / "emb.parquet"), "--levels", "16,8", "--fsq-dims", "3"]
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "q1")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "q1" / "metrics.json").read_text())
+    codes = pq.read_table(tmp_path / "q1" / "codes.parquet")
+    assert codes.num_rows == 3000 and m["items"] == 3000 and "raw.collision_rate" in m
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "q2"), "--previous", str(tmp_path / "q1")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q2" / "metrics.json").read_text())["churn"] == 0.0
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "q3"), "--previous", str(tmp_path / "q1"), "--frozen"])
+    assert res.exit_code == 0 and pq.read_table(tmp_path / "q3" / "codes.parquet").equals(codes)
+    bad = runner.invoke(app, ["quantize", "--embeddings", str(tmp_path / "emb.parquet"), "--levels", "4096,8",
+                              "--out", str(tmp_path / "q4")])
+    assert bad.exit_code == 2 and "fewer than K=4096" in bad.output and not (tmp_path / "q4").exists()

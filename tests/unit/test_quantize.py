@@ -144,3 +144,25 @@ def test_bad_params():
         QuantizerParams(levels=(8192, 8192), fsq_dims=13, fsq_levels=8)
     with pytest.raises(ValueError, match="exactly two"):
         QuantizerParams(levels=(4, 4, 4))
+
+
+def test_embeddings_io(tmp_path):
+    import pyarrow.parquet as pq
+
+    from qarm_core.quantize.io import embeddings_batch, read_embeddings, synthetic_embeddings
+
+    ids, x = next(synthetic_embeddings(100, 8, clusters=5))
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, "v1")]), tmp_path / "e.parquet")
+    got_ids, got = read_embeddings(tmp_path / "e.parquet")
+    assert np.array_equal(got_ids, ids) and np.array_equal(got, x)
+    pq.write_table(pa.table({"item_id": [1, 2], "vector": [[1.0, 2.0], [3.0, 4.0]]}), tmp_path / "l.parquet")
+    assert read_embeddings(tmp_path / "l.parquet")[1].shape == (2, 2)
+    pq.write_table(pa.table({"item_id": [1, 2], "vector": [[1.0, 2.0], [3.0]]}), tmp_path / "ragged.parquet")
+    with pytest.raises(DataError, match="different lengths"):
+        read_embeddings(tmp_path / "ragged.parquet")
+    pq.write_table(pa.table({"item_id": [1], "emb": [[1.0]]}), tmp_path / "nocol.parquet")
+    with pytest.raises(DataError, match="needs columns item_id, vector"):
+        read_embeddings(tmp_path / "nocol.parquet")
+    with pytest.raises(DataError, match="not found"):
+        read_embeddings(tmp_path / "missing.parquet")

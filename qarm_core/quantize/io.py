@@ -1,0 +1,83 @@
+"""Embeddings and codes on disk (Parquet), and a synthetic embedding generator for benchmarks/tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qarm_core.errors import DataError
+
+STAGE = "quantize"
+CODES_SCHEMA = pa.schema([
+    pa.field("item_id", pa.int64()), pa.field("c1", pa.int32()), pa.field("c2", pa.int32()),
+    pa.field("c3", pa.int64()), pa.field("sid", pa.string()), pa.field("resolved", pa.bool_()),
+])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """item_id, vector (fixed-size list of ``dim`` float32), model_version."""
+    return pa.schema([pa.field("item_id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), dim)),
+                      pa.field("model_version", pa.string())])
+
+
+def embeddings_batch(item_ids: np.ndarray, x: np.ndarray, model_version: str) -> pa.RecordBatch:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    return pa.RecordBatch.from_arrays([pa.array(item_ids, pa.int64()), vec,
+                                       pa.array([model_version] * len(x), pa.string())],
+                                      schema=embeddings_schema(x.shape[1]))
+
+
+def read_embeddings(path: str | Path, dataset: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
+    """(item_ids ``(n,)`` int64, vectors ``(n, dim)`` float32) from a Parquet file or folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(STAGE, dataset, f"embeddings not found: {p}")
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files:
+        raise DataError(STAGE, dataset, f"no *.parquet files in {p}")
+    ids, vecs = [], []
+    for f in files:
+        try:
+            t = pq.read_table(f, columns=["item_id", "vector"])
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise DataError(STAGE, dataset, f"unreadable embeddings file {f} (needs columns item_id, "
+                                            f"vector): {exc}") from None
+        col = t["vector"].combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            dim = col.type.list_size
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            vecs.append(flat.astype(np.float32, copy=False).reshape(-1, dim))
+        elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lens = np.diff(col.offsets.to_numpy())
+            if len(lens) and (lens != lens[0]).any():
+                raise DataError(STAGE, dataset, f"{f}: vectors have different lengths {sorted(set(lens.tolist()))[:5]}")
+            vecs.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1))
+        else:
+            raise DataError(STAGE, dataset, f"{f}: column 'vector' has type {col.type}, expected a list of floats")
+        if t["item_id"].null_count:
+            raise DataError(STAGE, dataset, f"{f}: null item ids")
+        ids.append(t["item_id"].to_numpy().astype(np.int64))
+    dims = {v.shape[1] for v in vecs if len(v)}
+    if len(dims) > 1:
+        raise DataError(STAGE, dataset, f"files disagree on the embedding dim: {sorted(dims)}")
+    return np.concatenate(ids), np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
+
+
+def synthetic_embeddings(n: int, dim: int, *, clusters: int = 4096, seed: int = 0,
+                         block: int = 1_000_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Seeded mixture of Gaussians on the unit sphere, ``(ids, x)`` blocks of ``(block, dim)``."""
+    rng = np.random.default_rng([seed, 0])
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    scales = rng.uniform(0.3, 0.8, clusters).astype(np.float32)
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        r = np.random.default_rng([seed, 1, start])
+        c = r.integers(0, clusters, m)
+        x = centers[c] + scales[c, None] * r.standard_normal((m, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield np.arange(start, start + m, dtype=np.int64), x
