@@ -188,8 +188,8 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         import pyarrow.parquet as pq
 
         from qarm_core.quantize.io import read_embeddings
-        from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, fit_codebook,
-                                                  load_codebook, save_codebook, validate_embeddings)
+        from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, load_codebook,
+                                                  quantize_embeddings, save_codebook, validate_embeddings)
         from qarm_core.storage import write_json_atomic
 
         try:
@@ -206,12 +206,13 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         x = validate_embeddings(x, ids, dim=prev_cb.dim if prev_cb else None,
                                 min_items=1 if frozen else max(params.levels))
         if frozen:
-            cb = prev_cb
+            with console.status("assigning Semantic IDs with the frozen codebook"):
+                cb = prev_cb
+                codes, metrics = assign_semantic_ids(x, ids, cb, previous_codes=prev_codes, inplace=True)
         else:
             with console.status(f"fitting {'x'.join(map(str, ks))} residual k-means + FSQ on {len(x):,} items"):
-                cb = fit_codebook(x, params, previous=prev_cb)
-        with console.status("assigning Semantic IDs"):
-            codes, metrics = assign_semantic_ids(x, ids, cb, previous_codes=prev_codes)
+                cb, codes, metrics = quantize_embeddings(x, ids, params, previous=prev_cb,
+                                                         previous_codes=prev_codes, inplace=True)
         # Write beside, then rename: a failed run never leaves a half-written output folder.
         tmp = out.with_name(f".{out.name}.tmp")
         import shutil

@@ -79,9 +79,12 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10,
     labels, dist = assign(x, c)
     err = float(dist.astype(np.float64).mean())
     for it in range(max_iter):
-        onehot = csr_matrix((np.ones(len(x)), (labels, np.arange(len(x)))), shape=(k, len(x)))
         counts = np.bincount(labels, minlength=k)
-        sums = onehot @ x.astype(np.float64, copy=False)
+        sums = np.zeros((k, x.shape[1]), np.float64)
+        for lo in range(0, len(x), ASSIGN_CHUNK):  # chunked: no float64 copy of all of x
+            part = labels[lo:lo + ASSIGN_CHUNK]
+            onehot = csr_matrix((np.ones(len(part)), (part, np.arange(len(part)))), shape=(k, len(part)))
+            sums += onehot @ x[lo:lo + ASSIGN_CHUNK].astype(np.float64)
         nonempty = counts > 0
         new = c.copy()
         new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
@@ -107,64 +110,47 @@ def match_to_previous(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     return perm
 
 
-def fit_residual_kmeans(x: np.ndarray, ks: list[int], *, seed: int = 0, niter: int = 20,
-                        polish_iter: int = 10, previous: list[np.ndarray] | None = None,
-                        max_points_per_centroid: int | None = None) -> tuple[list[np.ndarray], list[dict]]:
-    """Codebooks ``[(k_1, dim), (k_2, dim), ...]``: level l is fitted on the residual of levels < l.
+def fit_level(residual: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, polish_iter: int = 10,
+              previous: np.ndarray | None = None, max_points_per_centroid: int | None = None,
+              ) -> tuple[np.ndarray, dict]:
+    """Centroids ``(k, dim)`` of one residual level, and a fit report.
 
-    A cold fit runs faiss k-means (``niter`` iterations, full batch), then Lloyd polishing towards a
-    fixed point. ``previous`` (the last published codebooks) warm-starts each level from them
-    instead: Lloyd from the old centroids, then a Hungarian match back to the old indices, so
-    unchanged clusters keep their codes. Returns (codebooks, per-level fit report).
+    Cold: faiss k-means (``niter`` iterations, full batch) then Lloyd polishing to a fixed point.
+    Warm (``previous`` given): Lloyd from the previous centroids, then a Hungarian match back to
+    their indices, so unchanged clusters keep their codes.
     """
-    residual = np.array(x, dtype=np.float32, copy=True)
-    books, report = [], []
-    for level, k in enumerate(ks):
-        if previous is not None:
-            init = np.asarray(previous[level], dtype=np.float32)
-            if init.shape != (k, x.shape[1]):
-                raise ValueError(f"previous codebook level {level + 1} has shape {init.shape}, "
-                                 f"expected {(k, x.shape[1])}")
-        else:
-            init = fit_kmeans(residual, k, seed=seed + level, niter=niter,
-                              max_points_per_centroid=max_points_per_centroid)
-        c, iters, converged = lloyd(residual, init, max_iter=polish_iter)
-        if previous is not None:
-            c = c[match_to_previous(c, init)]
-        labels, _ = assign(residual, c)
-        residual -= c[labels]
-        books.append(c)
-        report.append({"level": level + 1, "k": k, "lloyd_iterations": iters, "converged": converged,
-                       "warm_start": previous is not None})
-    return books, report
+    if previous is not None:
+        init = np.asarray(previous, dtype=np.float32)
+        if init.shape != (k, residual.shape[1]):
+            raise ValueError(f"previous codebook level has shape {init.shape}, expected {(k, residual.shape[1])}")
+    else:
+        init = fit_kmeans(residual, k, seed=seed, niter=niter, max_points_per_centroid=max_points_per_centroid)
+    c, iters, converged = lloyd(residual, init, max_iter=polish_iter)
+    if previous is not None:
+        c = c[match_to_previous(c, init)]
+    return c, {"k": k, "lloyd_iterations": iters, "converged": converged, "warm_start": previous is not None}
 
 
-def encode_residual_kmeans(x: np.ndarray, books: list[np.ndarray], previous_codes: np.ndarray | None = None,
-                           stickiness: float = 0.0, chunk: int = ASSIGN_CHUNK,
-                           ) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """(codes ``(n, levels)`` int32, final residual ``(n, dim)``, MSE after each level).
+def assign_sticky(residual: np.ndarray, centroids: np.ndarray, previous: np.ndarray | None = None,
+                  stickiness: float = 0.0, chunk: int = ASSIGN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid per row (labels ``(n,)``, squared distances ``(n,)``); with ``previous``
+    labels ``(n,)`` (-1 = none) and ``stickiness`` > 0 a row keeps its previous label while that
+    centroid is within a factor (1 + stickiness) of the nearest one's squared distance, so that a
+    refit that barely moved the centroids does not flip rows on cluster borders (SID churn)."""
+    labels, dist = assign(residual, centroids, chunk=chunk)
+    if previous is not None and stickiness > 0:
+        idx = np.flatnonzero((previous >= 0) & (previous < len(centroids)) & (previous != labels))
+        for lo in range(0, len(idx), chunk):
+            part = idx[lo:lo + chunk]
+            d_prev = ((residual[part] - centroids[previous[part]]) ** 2).sum(1)
+            keep = d_prev <= dist[part] * (1.0 + stickiness)
+            labels[part[keep]] = previous[part[keep]]
+            dist[part[keep]] = d_prev[keep]
+    return labels, dist
 
-    ``previous_codes`` ``(n, levels)`` (-1 for new items) with ``stickiness`` > 0: an item keeps its
-    previous code at a level when that centroid is within a factor (1 + stickiness) of the nearest
-    one's squared distance, so that a refit that barely moved the centroids does not flip items on
-    cluster borders (daily SID churn).
-    """
-    residual = np.array(x, dtype=np.float32, copy=True)
-    codes = np.empty((len(x), len(books)), np.int32)
-    mse = []
-    for level, c in enumerate(books):
-        labels, dist = assign(residual, c, chunk=chunk)
-        if previous_codes is not None and stickiness > 0:
-            prev = previous_codes[:, level]
-            has = (prev >= 0) & (prev < len(c)) & (prev != labels)
-            idx = np.flatnonzero(has)
-            for lo in range(0, len(idx), chunk):
-                part = idx[lo:lo + chunk]
-                d_prev = ((residual[part] - c[prev[part]]) ** 2).sum(1)
-                keep = d_prev <= dist[part] * (1.0 + stickiness)
-                labels[part[keep]] = prev[part[keep]]
-                dist[part[keep]] = d_prev[keep]
-        codes[:, level] = labels
-        residual -= c[labels]
-        mse.append(float(dist.mean()))
-    return codes, residual, mse
+
+def subtract_centroids(residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
+                       chunk: int = ASSIGN_CHUNK) -> None:
+    """``residual -= centroids[labels]`` in place, in chunks (no (n, dim) temporary)."""
+    for lo in range(0, len(residual), chunk):
+        residual[lo:lo + chunk] -= centroids[labels[lo:lo + chunk]]

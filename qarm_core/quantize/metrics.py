@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 
@@ -16,13 +18,13 @@ def collision_metrics(keys: np.ndarray) -> dict[str, float]:
             "max_items_per_sid": float(counts.max()) if n else 0.0}
 
 
-def hit_rates(x: np.ndarray, keys: np.ndarray, ks: tuple[int, ...] = (1, 10), max_group: int = 2048,
-              sample: int | None = None, seed: int = 0) -> dict[str, float]:
+def hit_rates(x: "np.ndarray | Callable[[np.ndarray], np.ndarray]", keys: np.ndarray, ks: tuple[int, ...] = (1, 10),
+              max_group: int = 2048, sample: int | None = None, seed: int = 0) -> dict[str, float]:
     """HR@k: look up an item's SID, rank the items holding it by inner product with the item;
     a hit if the item is within the first k. Ties count against the item (rank = 1 + number of
     other holders scoring >= its own score), so exact duplicates are misses.
 
-    x ``(n, dim)``; keys ``(n,)``. Groups larger than ``max_group`` are scored on their first
+    x ``(n, dim)``, or a function returning the rows for an index array; keys ``(n,)``. Groups larger than ``max_group`` are scored on their first
     ``max_group`` members by a seeded shuffle (documented approximation for degenerate codes);
     ``sample`` bounds the number of query items.
     """
@@ -38,7 +40,7 @@ def hit_rates(x: np.ndarray, keys: np.ndarray, ks: tuple[int, ...] = (1, 10), ma
         g = starts[sizes == size]
         s = int(min(size, max_group))
         members = order[g[:, None] + np.arange(s)[None, :]]             # (groups, s)
-        v = x[members]                                                  # (groups, s, dim)
+        v = x(members) if callable(x) else x[members]                   # (groups, s, dim)
         sims = np.einsum("gsd,gtd->gst", v, v)
         own = np.diagonal(sims, axis1=1, axis2=2)[:, :, None]
         r = (sims >= own).sum(2)                                        # includes itself

@@ -1,8 +1,9 @@
 """Residual k-means + FSQ Semantic IDs: fit, encode, resolve collisions, measure.
 
-Entry points: ``fit_codebook`` (full fit, optionally warm-started), ``assign_semantic_ids`` (encode
-with a given codebook, resolve collisions, metrics), and ``save_codebook``/``load_codebook``
-(.npy + JSON, never pickle).
+Entry points: ``quantize_embeddings`` (fit, optionally warm-started, and encode in one pass),
+``assign_semantic_ids`` (encode with a frozen codebook), and ``save_codebook``/``load_codebook``
+(.npy + JSON, never pickle). Both entry points share one encoder; with ``inplace=True`` the input
+array becomes the residual buffer, so a 10M x 128 snapshot (5 GB) needs no second copy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
-from qarm_core.quantize.kmeans import encode_residual_kmeans, fit_residual_kmeans
+from qarm_core.quantize.kmeans import assign_sticky, fit_level, subtract_centroids
 from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
 from qarm_core.quantize.sid import resolve_collisions, sid_keys, sid_strings
 
@@ -86,46 +87,55 @@ def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "emb
     return x
 
 
-def fit_codebook(x: np.ndarray, params: QuantizerParams, previous: Codebook | None = None) -> Codebook:
-    """Fit residual k-means (full batch) and the FSQ level on ``x`` ``(n, dim)``.
+def quantize_embeddings(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
+                        previous: Codebook | None = None, previous_codes: pa.Table | None = None,
+                        inplace: bool = False) -> tuple[Codebook, pa.Table, dict[str, float]]:
+    """Fit residual k-means (full batch) and the FSQ level on ``x`` ``(n, dim)``, and encode it.
 
-    With ``previous``: k-means is warm-started from its centroids (matched back to their indices)
-    and its FSQ projection and bins are kept, so unchanged items keep their SIDs.
+    With ``previous`` (the last published codebook) k-means is warm-started from its centroids
+    (matched back to their indices) and its FSQ projection and bins are kept; with
+    ``previous_codes`` assignment is sticky and churn is reported. Returns (codebook, codes, metrics).
     """
-    prev_books = None
-    if previous is not None:
-        if tuple(previous.params.levels) != tuple(params.levels) or previous.dim != x.shape[1]:
-            raise DataError(STAGE, "codebook", f"previous codebook (levels {previous.params.levels}, "
-                                               f"dim {previous.dim}) does not fit levels {params.levels}, "
-                                               f"dim {x.shape[1]}")
-        prev_books = previous.centroids
-    books, report = fit_residual_kmeans(x, list(params.levels), seed=params.seed, niter=params.niter,
-                                        polish_iter=params.polish_iter, previous=prev_books)
-    if previous is not None:
-        fsq = previous.fsq
-    else:
-        _, residual, _ = encode_residual_kmeans(x, books)
-        fsq = F.fit_fsq(residual, params.fsq_dims, params.fsq_levels, seed=params.seed)
-    return Codebook(books, fsq, params, report)
+    if previous is not None and (tuple(previous.params.levels) != tuple(params.levels) or previous.dim != x.shape[1]):
+        raise DataError(STAGE, "codebook", f"previous codebook (levels {previous.params.levels}, dim "
+                                           f"{previous.dim}) does not fit levels {params.levels}, dim {x.shape[1]}")
+    return _encode(x, item_ids, params, previous, previous_codes, fit=True, inplace=inplace)
 
 
 def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
-                        previous_codes: pa.Table | None = None) -> tuple[pa.Table, dict[str, float]]:
-    """Encode ``x`` ``(n, dim)`` with ``codebook``; returns (codes table, metrics).
+                        previous_codes: pa.Table | None = None, inplace: bool = False) -> tuple[pa.Table, dict[str, float]]:
+    """Encode ``x`` ``(n, dim)`` with a frozen ``codebook`` (no refit); returns (codes, metrics)."""
+    _, codes, metrics = _encode(x, item_ids, codebook.params, codebook, previous_codes, fit=False, inplace=inplace)
+    return codes, metrics
 
-    Codes table: item_id, c1, c2, c3, sid, resolved. ``previous_codes`` (the last published codes)
-    makes assignment sticky for items already coded and yields the churn metric.
-    """
-    p = codebook.params
+
+def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codebook | None,
+            previous_codes: pa.Table | None, fit: bool, inplace: bool) -> tuple[Codebook, pa.Table, dict[str, float]]:
     t0 = time.perf_counter()
     n = len(item_ids)
-    prev = None
-    if previous_codes is not None:
-        prev = _align_previous(previous_codes, item_ids)
-    codes, residual, mse = encode_residual_kmeans(x, codebook.centroids,
-                                                  None if prev is None else prev["c12"],
-                                                  p.stickiness if prev is not None else 0.0)
-    fsq = codebook.fsq
+    prev = _align_previous(previous_codes, item_ids) if previous_codes is not None else None
+    residual = x if inplace else np.array(x, dtype=np.float32, copy=True)
+    centroids, codes, mse, report = [], np.empty((n, 2), np.int32), [], []
+    for level, k in enumerate(p.levels):
+        if fit:
+            c, rep = fit_level(residual, k, seed=p.seed + level, niter=p.niter, polish_iter=p.polish_iter,
+                               previous=None if book is None else book.centroids[level])
+            report.append({"level": level + 1, **rep})
+        else:
+            c = book.centroids[level]
+        labels, dist = assign_sticky(residual, c, None if prev is None else prev["c12"][:, level],
+                                     p.stickiness if prev is not None else 0.0)
+        subtract_centroids(residual, c, labels)
+        centroids.append(c)
+        codes[:, level] = labels
+        mse.append(float(dist.astype(np.float64).mean()))
+    fit_seconds = time.perf_counter() - t0
+    if fit and book is None:
+        fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
+    else:
+        fsq = book.fsq
+    codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
+
     z = F.project(fsq, residual)
     digits = F.digits_of(fsq, z)
     c1, c2 = codes[:, 0], codes[:, 1]
@@ -142,9 +152,15 @@ def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
         # and suffix) while it lies within fsq_margin bin widths of that FSQ cell: FSQ bins are
         # narrow where items are dense, and without this a refresh would reshuffle SIDs for
         # noise-level moves.
-        same = (prev["c3"] >= 0) & (c1 == prev["c12"][:, 0]) & (c2 == prev["c12"][:, 1])
+        # Items moved by an earlier resolution keep their cell while it is still one of their
+        # candidate moves.
+        same = np.flatnonzero((prev["c3"] >= 0) & (c1 == prev["c12"][:, 0]) & (c2 == prev["c12"][:, 1]))
         near = F.within_margin(fsq, z[same], F.unpack(prev["c3"][same], fsq.levels, fsq.dims), p.fsq_margin)
-        kept[np.flatnonzero(same)[near]] = True
+        moved_before = prev["resolved"][same] & ~near
+        if moved_before.any():
+            cand = F.alternatives(fsq, z[same[moved_before]], digits[same[moved_before]], p.max_alternatives)
+            near[np.flatnonzero(moved_before)] = (cand == prev["c3"][same[moved_before], None]).any(1)
+        kept[same[near]] = True
         new_c3[kept], suffix[kept], resolved[kept] = prev["c3"][kept], prev["suffix"][kept], prev["resolved"][kept]
     if p.resolve:
         rest = np.flatnonzero(~kept)
@@ -169,15 +185,18 @@ def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
                       "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
                       "sid": pa.array(sids, pa.string()), "resolved": pa.array(resolved, pa.bool_())})
 
-    metrics: dict[str, float] = {"items": float(len(x)), "code_space": float(k1 * k2 * fsq.code_space)}
+    metrics: dict[str, float] = {"items": float(n), "code_space": float(k1 * k2 * fsq.code_space)}
     # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;
     # the sid strings, suffix included, are unique); rkmeans: (c1, c2) alone.
     for name, keys in (("raw", raw_keys), ("resolved", final_keys), ("rkmeans", rk_keys)):
         metrics |= {f"{name}.{k}": v for k, v in collision_metrics(keys).items()}
     # Final SIDs are unique per item when every collision was resolved, so HR@k is measured on the
     # raw codes (what decoding a SID would face) and on the k-means-only codes for comparison.
-    metrics |= {f"raw.{k}": v for k, v in hit_rates(x, raw_keys, sample=p.hr_sample, seed=p.seed).items()}
-    metrics |= {f"rkmeans.{k}": v for k, v in hit_rates(x, rk_keys, sample=p.hr_sample, seed=p.seed).items()}
+    def original(rows: np.ndarray) -> np.ndarray:
+        # The input vectors, rebuilt from the residual buffer (x may have been consumed in place).
+        return residual[rows] + centroids[0][c1[rows]] + centroids[1][c2[rows]]
+    metrics |= {f"raw.{k}": v for k, v in hit_rates(original, raw_keys, sample=p.hr_sample, seed=p.seed).items()}
+    metrics |= {f"rkmeans.{k}": v for k, v in hit_rates(original, rk_keys, sample=p.hr_sample, seed=p.seed).items()}
     for level, (codes_l, space) in enumerate(((c1, k1), (c2, k2), (c3, fsq.code_space)), start=1):
         metrics |= {f"level{level}.{k}": v for k, v in level_usage(codes_l, space).items()}
         metrics[f"level{level}.mse"] = mse[level - 1]
@@ -186,8 +205,9 @@ def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
     if previous_codes is not None:
         metrics |= churn(previous_codes["item_id"].to_numpy(), np.asarray(previous_codes["sid"].to_pylist()),
                          item_ids, np.asarray(sids))
-    metrics["assign_seconds"] = time.perf_counter() - t0
-    return table, metrics
+    metrics["fit_seconds"] = fit_seconds
+    metrics["total_seconds"] = time.perf_counter() - t0
+    return codebook, table, metrics
 
 
 def _align_previous(previous_codes: pa.Table, item_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -23,6 +23,8 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray, alt_c3: np.ndarra
     priority fall back to row order.
     """
     n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     new_c3 = c3.astype(np.int64).copy()
     new_keys = keys.copy()
     order = np.lexsort((np.arange(n), priority, keys))

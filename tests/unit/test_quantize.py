@@ -5,8 +5,8 @@ import pytest
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
 from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
-from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, fit_codebook, load_codebook,
-                                          save_codebook, validate_embeddings)
+from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, load_codebook,
+                                          quantize_embeddings, save_codebook, validate_embeddings)
 from qarm_core.quantize.sid import resolve_collisions
 
 P = QuantizerParams(levels=(16, 8), fsq_dims=3, fsq_levels=4, niter=10, hr_sample=10_000)
@@ -19,19 +19,31 @@ def _emb(n=3000, dim=24, seed=0, clusters=40):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.arange(n, dtype=np.int64) * 7 + 1
 
 
+def _q(x, ids, params=P, **kw):
+    return quantize_embeddings(x, ids, params, **kw)
+
+
 def test_same_seed_bitwise_identical():
     x, ids = _emb()
-    t1, m1 = assign_semantic_ids(x, ids, fit_codebook(x, P))
-    t2, m2 = assign_semantic_ids(x, ids, fit_codebook(x, P))
+    _, t1, _ = _q(x, ids)
+    _, t2, _ = _q(x, ids)
     assert t1.equals(t2)
-    other, _ = assign_semantic_ids(x, ids, fit_codebook(x, QuantizerParams(**{**P.__dict__, "seed": 1})))
+    _, other, _ = _q(x, ids, QuantizerParams(**{**P.__dict__, "seed": 1}))
     assert not other.equals(t1)
 
 
-def test_codes_in_range_sids_unique_and_full_batch():
+def test_inplace_consumes_input_but_gives_the_same_codes():
     x, ids = _emb()
-    cb = fit_codebook(x, P)
-    t, m = assign_semantic_ids(x, ids, cb)
+    _, t1, m1 = _q(x, ids)
+    buf = x.copy()
+    _, t2, m2 = _q(buf, ids, inplace=True)
+    assert t1.equals(t2) and not np.array_equal(buf, x)      # buf now holds the level-2 residual
+    assert m1["raw.hr@1"] == m2["raw.hr@1"]
+
+
+def test_codes_in_range_sids_unique_and_metrics_consistent():
+    x, ids = _emb()
+    _, t, m = _q(x, ids)
     assert t.column_names == ["item_id", "c1", "c2", "c3", "sid", "resolved"]
     c1, c2, c3 = (t[c].to_numpy() for c in ("c1", "c2", "c3"))
     assert c1.max() < 16 and c2.max() < 8 and c3.min() >= 0 and c3.max() < 4 ** 3
@@ -44,34 +56,31 @@ def test_codes_in_range_sids_unique_and_full_batch():
 
 def test_warm_start_churn_zero_on_identical_and_small_on_perturbed():
     x, ids = _emb()
-    cb = fit_codebook(x, P)
-    codes, _ = assign_semantic_ids(x, ids, cb)
-    warm = fit_codebook(x, P, previous=cb)
+    cb, codes, _ = _q(x, ids)
+    warm, again, m = _q(x, ids, previous=cb, previous_codes=codes)
     assert all(np.array_equal(a, b) for a, b in zip(warm.centroids, cb.centroids))
-    again, m = assign_semantic_ids(x, ids, warm, previous_codes=codes)
     assert m["churn"] == 0.0 and again.equals(codes)
     rng = np.random.default_rng(5)
     xp = x + 0.01 * rng.standard_normal(x.shape).astype(np.float32)
     xp /= np.linalg.norm(xp, axis=1, keepdims=True)
-    _, mp = assign_semantic_ids(xp, ids, fit_codebook(xp, P, previous=cb), previous_codes=codes)
-    cold, _ = assign_semantic_ids(xp, ids, fit_codebook(xp, QuantizerParams(**{**P.__dict__, "seed": 3})))
+    _, warm_codes, mp = _q(xp, ids, previous=cb, previous_codes=codes)
+    _, cold, _ = _q(xp, ids, QuantizerParams(**{**P.__dict__, "seed": 3}))
     cold_churn = churn(ids, np.asarray(codes["sid"].to_pylist()), ids, np.asarray(cold["sid"].to_pylist()))
     assert 0 < mp["churn"] < 0.25 and mp["churn"] < cold_churn["churn"]
-    warm_codes, _ = assign_semantic_ids(xp, ids, fit_codebook(xp, P, previous=cb), previous_codes=codes)
     assert len(set(warm_codes["sid"].to_pylist())) == len(xp)   # carried-over SIDs stay unique
 
 
 def test_frozen_codebook_encodes_new_items():
     x, ids = _emb(n=2000)
-    cb = fit_codebook(x[:1500], P)
-    t, _ = assign_semantic_ids(x, ids, cb)
-    old, _ = assign_semantic_ids(x[:1500], ids[:1500], cb)
+    cb, old, _ = _q(x[:1500], ids[:1500])
+    t, _ = assign_semantic_ids(x, ids, cb, previous_codes=old)
     assert np.array_equal(t["c1"].to_numpy()[:1500], old["c1"].to_numpy())
+    assert t["sid"].to_pylist()[:1500] == old["sid"].to_pylist()
 
 
 def test_save_load_roundtrip(tmp_path):
     x, ids = _emb(n=1000)
-    cb = fit_codebook(x, P)
+    cb, codes, _ = _q(x, ids)
     save_codebook(cb, tmp_path / "cb")
     assert not list((tmp_path / "cb").glob("*.pkl"))
     back = load_codebook(tmp_path / "cb")
