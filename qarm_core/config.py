@@ -122,6 +122,33 @@ class SwingConfig(_Strict):
         return SwingParams(**self.model_dump())
 
 
+class TwoTowerConfig(_Strict):
+    """Two-tower user-to-item mining (see qarm_core.pairs.two_tower)."""
+
+    dim: int = Field(64, ge=1)
+    hidden: int = Field(128, ge=1)
+    history_len: int = Field(50, ge=1)
+    recency_half_life: float = Field(5.0, ge=0.0)
+    text_buckets: int = Field(1 << 15, ge=1)
+    max_tokens: int = Field(24, ge=1)
+    positive_min_rating: float = 4.0
+    temperature: float = Field(0.02, gt=0.0)
+    logq_correction: bool = True
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    window_events: int = Field(1, ge=1)
+    top_m: int = Field(5, ge=1)
+    seed: int = 0
+    num_threads: int = Field(1, ge=1)
+    recall_k: int = Field(50, ge=1)
+
+    def params(self):
+        from qarm_core.pairs.two_tower import TwoTowerParams
+        return TwoTowerParams(**self.model_dump(exclude={"recall_k"}))
+
+
 class MineConfig(_Strict):
     """Stage 1: which miners run and on which events."""
 
@@ -130,6 +157,7 @@ class MineConfig(_Strict):
     # else label == 1. None: every event counts.
     min_rating: float | None = None
     swing: SwingConfig = SwingConfig()
+    u2i: TwoTowerConfig = TwoTowerConfig()
 
     @model_validator(mode="after")
     def _some_source(self) -> "MineConfig":

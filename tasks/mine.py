@@ -7,9 +7,9 @@ from prefect import get_run_logger, task
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig, stable_hash
 from qarm_core.duck import connect
-from qarm_core.pairs.mine import load_events, mine_pairs
+from qarm_core.pairs.mine import load_interactions, mine_pairs
 from qarm_core.schemas import PAIRS
-from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
+from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS
 
@@ -27,10 +27,11 @@ def mine(cfg: PipelineConfig, parent_run_id: str, interactions: DatasetRecord,
     def produce():
         con = connect(cfg.duckdb, storage.duckdb_temp_dir)
         try:
-            events = load_events(con, interactions, cfg.mine.min_rating)
+            events = load_interactions(con, interactions)
         finally:
             con.close()
-        table, rep = mine_pairs(events, cfg.mine)
+        catalog = read_dataset(items) if "u2i" in cfg.mine.sources else None
+        table, rep = mine_pairs(events, catalog, cfg.mine)
         report.update(rep)
         return iter(table.to_batches(max_chunksize=1_000_000))
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from qarm_core.config import MineConfig
@@ -17,40 +18,49 @@ from qarm_core.storage import DatasetRecord
 STAGE = "mine"
 
 
-def positive_filter_sql(min_rating: float | None) -> str:
-    """SQL predicate for the events that count: rating >= min_rating where a rating is given,
-    else label = 1; every event when ``min_rating`` is None."""
-    if min_rating is None:
-        return "TRUE"
-    return f"CASE WHEN rating IS NOT NULL THEN rating >= {float(min_rating)!r} ELSE label = 1 END"
-
-
-def load_events(con: duckdb.DuckDBPyConnection, interactions: DatasetRecord,
-                min_rating: float | None, columns: tuple[str, ...] = ("user_id", "item_id", "ts")) -> pa.Table:
-    """The counting events of the interactions dataset, ``(n_events,)`` columns, ordered by ts."""
+def load_interactions(con: duckdb.DuckDBPyConnection, interactions: DatasetRecord) -> pa.Table:
+    """The whole interactions dataset ``(n_events,)`` ordered by (ts, user_id, item_id)."""
     files = [str(Path(interactions.path) / f) for f in interactions.files]
-    return con.sql(f"SELECT {', '.join(columns)} FROM {parquet_source(files)} "
-                   f"WHERE {positive_filter_sql(min_rating)} ORDER BY ts, user_id, item_id").to_arrow_table()
+    return con.sql(f"SELECT user_id, item_id, ts, rating, label FROM {parquet_source(files)} "
+                   "ORDER BY ts, user_id, item_id").to_arrow_table()
 
 
-def mine_pairs(events: pa.Table, cfg: MineConfig) -> tuple[pa.Table, dict[str, float]]:
-    """All configured miners' pairs in one PAIRS table, plus a report of counts and timings."""
-    if events.num_rows == 0:
-        raise DataError(STAGE, "interactions", "no events left to mine pairs from "
-                                               f"(min_rating={cfg.min_rating})")
+def positive_mask(interactions: pa.Table, min_rating: float | None) -> np.ndarray:
+    """``(n_events,)`` bool: rating >= min_rating where a rating is given, else label == 1;
+    every event when ``min_rating`` is None."""
+    if min_rating is None:
+        return np.ones(interactions.num_rows, bool)
+    rating = interactions["rating"].to_numpy(zero_copy_only=False).astype(np.float64)
+    label = interactions["label"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.where(np.isnan(rating), label == 1, rating >= min_rating)
+
+
+def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) -> tuple[pa.Table, dict[str, float]]:
+    """All configured miners' pairs in one PAIRS table, plus a report of counts, timings and the
+    two-tower's recall@k against popularity."""
     from qarm_core.pairs.swing import mine_swing_pairs
 
+    if interactions.num_rows == 0:
+        raise DataError(STAGE, "interactions", "no interactions to mine pairs from")
     tables: list[pa.Table] = []
-    report: dict[str, float] = {"events": float(events.num_rows)}
+    report: dict[str, float] = {"events": float(interactions.num_rows)}
     for source in cfg.sources:
         t0 = time.perf_counter()
         if source == "swing":
-            table = mine_swing_pairs(events["user_id"].to_numpy(), events["item_id"].to_numpy(),
-                                     cfg.swing.params())
+            keep = positive_mask(interactions, cfg.min_rating)
+            if not keep.any():
+                raise DataError(STAGE, "interactions", f"no events pass min_rating={cfg.min_rating}")
+            table = mine_swing_pairs(interactions["user_id"].to_numpy()[keep],
+                                     interactions["item_id"].to_numpy()[keep], cfg.swing.params())
+            report["swing.events"] = float(keep.sum())
         else:
-            raise DataError(STAGE, "pairs", f"miner {source!r} is not available in this build")
+            from qarm_core.pairs.two_tower import mine_u2i_pairs
+
+            if items is None:
+                raise DataError(STAGE, "items", "the u2i miner needs the items dataset")
+            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i.params(), k=cfg.u2i.recall_k)
+            report |= {f"u2i.{k}": float(v) for k, v in rep.items() if isinstance(v, (int, float))}
         report[f"{source}.seconds"] = time.perf_counter() - t0
         report[f"{source}.pairs"] = float(table.num_rows)
-        report[f"{source}.src_items"] = float(len(set(table["src_item"].to_numpy()))) if table.num_rows else 0.0
         tables.append(table)
     return pa.concat_tables(tables).cast(PAIRS.schema), report

@@ -39,7 +39,9 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert all(r["status"] == "FINISHED" for r in children.values())
     assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
-    assert children["mine"]["metrics"]["swing.pairs"] == out["rows"]["pairs"]
+    mined = children["mine"]["metrics"]
+    assert mined["swing.pairs"] + mined["u2i.pairs"] == out["rows"]["pairs"] and mined["u2i.pairs"] > 0
+    assert 0 <= mined["u2i.recall_two_tower"] <= 1 and 0 <= mined["u2i.recall_popularity"] <= 1
     assert read_dataset(cur.record("pairs")).num_rows == out["rows"]["pairs"]
     # the resolved config is an artifact of the parent run
     from mlflow.tracking import MlflowClient

@@ -1,51 +1,69 @@
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from qarm_core.config import DuckDBConfig, MineConfig, parse_config
 from qarm_core.duck import connect
 from qarm_core.errors import DataError
-from qarm_core.pairs.mine import load_events, mine_pairs
+from qarm_core.pairs.mine import load_interactions, mine_pairs, positive_mask
 from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+from qarm_core.pairs.two_tower import TwoTowerParams
 from qarm_core.schemas import INTERACTIONS, PAIRS
 from qarm_core.storage import write_parquet_dataset
+from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
+
+DUCK = DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1)
 
 
-def _interactions(tmp_path):
-    t = pa.table({"user_id": [1, 1, 2, 2, 3, 3, 4], "item_id": [10, 11, 10, 11, 10, 11, 12],
-                  "ts": [1, 2, 3, 4, 5, 6, 7], "rating": [5.0, 4.0, 5.0, 1.0, 4.0, 4.0, None],
-                  "label": [None, None, None, None, None, None, 1]}, schema=INTERACTIONS.schema)
-    return write_parquet_dataset(tmp_path / "interactions", iter(t.to_batches()), INTERACTIONS)
+def _interactions():
+    return pa.table({"user_id": [1, 1, 2, 2, 3, 3, 4], "item_id": [10, 11, 10, 11, 10, 11, 12],
+                     "ts": [1, 2, 3, 4, 5, 6, 7], "rating": [5.0, 4.0, 5.0, 1.0, 4.0, 4.0, None],
+                     "label": [None, None, None, None, None, None, 1]}, schema=INTERACTIONS.schema)
 
 
-def test_positive_events_filter(tmp_path):
-    rec = _interactions(tmp_path)
-    con = connect(DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1), tmp_path / "t")
-    assert load_events(con, rec, None).num_rows == 7
-    ev = load_events(con, rec, 4.0)
+def test_load_and_positive_mask(tmp_path):
+    rec = write_parquet_dataset(tmp_path / "interactions", iter(_interactions().to_batches()), INTERACTIONS)
+    t = load_interactions(connect(DUCK, tmp_path / "t"), rec)
+    assert t.num_rows == 7 and t["ts"].to_pylist() == sorted(t["ts"].to_pylist())
+    assert positive_mask(t, None).all()
     # (2, 11) rated 1 is dropped; (4, 12) has no rating but label 1 and is kept
-    assert sorted(zip(ev["user_id"].to_pylist(), ev["item_id"].to_pylist())) == [
-        (1, 10), (1, 11), (2, 10), (3, 10), (3, 11), (4, 12)]
+    assert positive_mask(t, 4.0).tolist() == [True, True, True, False, True, True, True]
 
 
-def test_mine_pairs_runs_configured_miners(tmp_path):
-    rec = _interactions(tmp_path)
-    con = connect(DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1), tmp_path / "t")
-    ev = load_events(con, rec, None)
-    cfg = parse_config({"mine": {"swing": {"min_user_items": 1}}}).mine
-    table, report = mine_pairs(ev, cfg)
-    assert table.schema.equals(PAIRS.schema)
-    ref = mine_swing_pairs(ev["user_id"].to_numpy(), ev["item_id"].to_numpy(), cfg.swing.params())
-    assert table.equals(ref) and report["swing.pairs"] == table.num_rows > 0
+def test_swing_source_equals_direct_call():
+    t = _interactions()
+    cfg = parse_config({"mine": {"min_rating": 4.0, "swing": {"min_user_items": 1}}}).mine
+    table, report = mine_pairs(t, None, cfg)
+    keep = positive_mask(t, 4.0)
+    ref = mine_swing_pairs(t["user_id"].to_numpy()[keep], t["item_id"].to_numpy()[keep], cfg.swing.params())
+    assert table.schema.equals(PAIRS.schema) and table.equals(ref) and report["swing.events"] == 6
 
 
-def test_mine_pairs_refuses_empty_and_unknown():
-    empty = pa.table({"user_id": pa.array([], pa.int64()), "item_id": pa.array([], pa.int64())})
-    with pytest.raises(DataError, match=r"\[stage=mine, dataset=interactions\] no events"):
-        mine_pairs(empty, MineConfig())
+def test_both_sources_on_a_synthetic_log():
+    spec = SynthSpec(users=80, items=40, interactions=2000, seed=2)
+    inter = pa.Table.from_batches(list(iter_synthetic_interactions(spec)))
+    items = pa.Table.from_batches(list(iter_synthetic_items(spec)))
+    cfg = parse_config({"mine": {"sources": ["swing", "u2i"], "u2i": {"epochs": 1, "dim": 8, "hidden": 16}}}).mine
+    table, report = mine_pairs(inter, items, cfg)
+    assert set(table["source"].to_pylist()) == {"swing", "u2i"}
+    assert report["u2i.pairs"] == (np.asarray(table["source"].to_pylist()) == "u2i").sum() > 0
+    assert 0 <= report["u2i.recall_two_tower"] <= 1 and 0 <= report["u2i.recall_popularity"] <= 1
+
+
+def test_mine_pairs_refuses_bad_input():
+    empty = _interactions().slice(0, 0)
+    with pytest.raises(DataError, match=r"\[stage=mine, dataset=interactions\] no interactions"):
+        mine_pairs(empty, None, MineConfig())
+    with pytest.raises(DataError, match="no events pass min_rating=9.0"):
+        mine_pairs(_interactions().slice(0, 6), None, parse_config({"mine": {"min_rating": 9.0}}).mine)
+    with pytest.raises(DataError, match="needs the items dataset"):
+        mine_pairs(_interactions(), None, parse_config({"mine": {"sources": ["u2i"]}}).mine)
     with pytest.raises(Exception, match="sources"):
         parse_config({"mine": {"sources": ["swing", "swing"]}})
 
 
-def test_swing_config_maps_to_params():
-    cfg = parse_config({"mine": {"swing": {"alpha1": 3.0, "top_k": 7, "seed": 4}}}).mine.swing
-    assert cfg.params() == SwingParams(alpha1=3.0, top_k=7, seed=4)
+def test_configs_map_to_params():
+    cfg = parse_config({"mine": {"swing": {"alpha1": 3.0, "top_k": 7, "seed": 4},
+                                 "u2i": {"epochs": 2, "top_m": 3}}}).mine
+    assert cfg.swing.params() == SwingParams(alpha1=3.0, top_k=7, seed=4)
+    assert cfg.u2i.params() == TwoTowerParams(epochs=2, top_m=3)
