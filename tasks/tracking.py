@@ -86,25 +86,32 @@ class StageRun:
 
 
 @contextlib.contextmanager
+def _timed(handle: StageRun) -> Iterator[StageRun]:
+    """Record the run's duration; end it FINISHED, or FAILED with the error in ``qarm.error``."""
+    t0 = time.time()
+    status = RunStatus.FINISHED
+    try:
+        yield handle
+    except BaseException as exc:
+        status = RunStatus.FAILED
+        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        raise
+    finally:
+        handle.metrics({"duration_s": time.time() - t0})
+        handle.client.set_terminated(handle.run_id, RunStatus.to_string(status))
+
+
+@contextlib.contextmanager
 def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
     """Open the parent run of a flow run: logs the resolved config; marks FAILED on an exception."""
     client = _client(cfg)
     run = client.create_run(experiment_id(cfg), run_name=flow_name,
                             tags={"qarm.flow": flow_name, **{k: str(v) for k, v in (tags or {}).items()}})
-    rid = run.info.run_id
-    handle = StageRun(client, rid)
+    handle = StageRun(client, run.info.run_id)
     handle.params({"config": cfg.to_dict()})
     handle.text(dump_config(cfg), "config/resolved.yaml")
-    t0 = time.time()
-    try:
-        yield rid
-    except BaseException as exc:
-        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        handle.metrics({"duration_s": time.time() - t0})
-        client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    handle.metrics({"duration_s": time.time() - t0})
-    client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
+    with _timed(handle):
+        yield handle.run_id
 
 
 @contextlib.contextmanager
@@ -114,17 +121,8 @@ def stage_run(cfg: PipelineConfig, parent_run_id: str, stage: str) -> Iterator[S
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=stage,
                             tags={"mlflow.parentRunId": parent_run_id, "qarm.stage": stage})
-    handle = StageRun(client, run.info.run_id)
-    t0 = time.time()
-    try:
+    with _timed(StageRun(client, run.info.run_id)) as handle:
         yield handle
-    except BaseException as exc:
-        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        handle.metrics({"duration_s": time.time() - t0})
-        client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    handle.metrics({"duration_s": time.time() - t0})
-    client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def runs_of(cfg: PipelineConfig, filter_string: str = "") -> list[dict]:
