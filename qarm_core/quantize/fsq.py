@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+CHUNK = 262_144  # rows per chunk for (rows, dim) temporaries
+
+
 @dataclass(frozen=True)
 class FSQCodebook:
     mean: np.ndarray         # (dim,) float32, residual mean
@@ -34,7 +37,7 @@ class FSQCodebook:
         return self.levels ** self.dims
 
 
-def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 2_000_000, seed: int = 0) -> FSQCodebook:
+def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_000, seed: int = 0) -> FSQCodebook:
     """Fit the projection and the per-coordinate quantile bins on ``residual`` ``(n, dim)``.
 
     The projection and quantiles are estimated on at most ``sample`` rows (a seeded sample): both
@@ -48,14 +51,21 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 2_000
     if dims * np.log2(levels) > 40:
         raise ValueError(f"fsq code space {levels}**{dims} is too large (> 2**40)")
     rows = residual if n <= sample else residual[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
-    rows = rows.astype(np.float64)
-    mean = rows.mean(0)
-    # Principal directions via the covariance (dim x dim): cheap for dim <= a few thousand.
-    cov = np.cov(rows - mean, rowvar=False).reshape(d, d)
+    # Mean and covariance (dim x dim) accumulated in float64 over chunks: no float64 copy of rows.
+    mean = np.zeros(d, np.float64)
+    for lo in range(0, len(rows), CHUNK):
+        mean += rows[lo:lo + CHUNK].sum(0, dtype=np.float64)
+    mean /= len(rows)
+    cov = np.zeros((d, d), np.float64)
+    for lo in range(0, len(rows), CHUNK):
+        part = rows[lo:lo + CHUNK].astype(np.float64) - mean
+        cov += part.T @ part
+    cov /= max(len(rows) - 1, 1)
     w, v = np.linalg.eigh(cov)
     comps = v[:, np.argsort(w)[::-1][:dims]].T
     comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
-    z = (rows - mean) @ comps.T
+    z = np.concatenate([(rows[lo:lo + CHUNK].astype(np.float64) - mean) @ comps.T
+                        for lo in range(0, len(rows), CHUNK)])
     qs = np.arange(1, levels) / levels
     boundaries = np.quantile(z, qs, axis=0).T                       # (dims, levels-1)
     centers = np.quantile(z, (np.arange(levels) + 0.5) / levels, axis=0).T
@@ -64,8 +74,19 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 2_000
 
 
 def project(fsq: FSQCodebook, residual: np.ndarray) -> np.ndarray:
-    """``(n, dims)`` coordinates of ``residual`` ``(n, dim)``."""
-    return (residual - fsq.mean) @ fsq.components.T
+    """``(n, dims)`` coordinates of ``residual`` ``(n, dim)`` (chunked: no (n, dim) temporary)."""
+    out = np.empty((len(residual), fsq.dims), np.float32)
+    for lo in range(0, len(residual), CHUNK):
+        out[lo:lo + CHUNK] = (residual[lo:lo + CHUNK] - fsq.mean) @ fsq.components.T
+    return out
+
+
+def reconstruction_mse(fsq: FSQCodebook, residual: np.ndarray, digits: np.ndarray) -> float:
+    """Mean squared error of decoding ``digits`` against ``residual`` (chunked)."""
+    total = 0.0
+    for lo in range(0, len(residual), CHUNK):
+        total += float(((residual[lo:lo + CHUNK] - decode(fsq, digits[lo:lo + CHUNK])) ** 2).sum(dtype=np.float64))
+    return total / max(len(residual), 1)
 
 
 def digits_of(fsq: FSQCodebook, z: np.ndarray) -> np.ndarray:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 ASSIGN_CHUNK = 1_000_000
+# Rows per chunk for (rows, dim) temporaries (centroid gathers, float64 sums): 256k x 128 x 8 B
+# = 256 MB at most, so a 10M-row snapshot never needs a second full-size array.
+TEMP_CHUNK = 262_144
 
 
 def _faiss():
@@ -81,10 +84,10 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10,
     for it in range(max_iter):
         counts = np.bincount(labels, minlength=k)
         sums = np.zeros((k, x.shape[1]), np.float64)
-        for lo in range(0, len(x), ASSIGN_CHUNK):  # chunked: no float64 copy of all of x
-            part = labels[lo:lo + ASSIGN_CHUNK]
+        for lo in range(0, len(x), TEMP_CHUNK):  # chunked: no float64 copy of all of x
+            part = labels[lo:lo + TEMP_CHUNK]
             onehot = csr_matrix((np.ones(len(part)), (part, np.arange(len(part)))), shape=(k, len(part)))
-            sums += onehot @ x[lo:lo + ASSIGN_CHUNK].astype(np.float64)
+            sums += onehot @ x[lo:lo + TEMP_CHUNK].astype(np.float64)
         nonempty = counts > 0
         new = c.copy()
         new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
@@ -132,12 +135,12 @@ def fit_level(residual: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, p
 
 
 def assign_sticky(residual: np.ndarray, centroids: np.ndarray, previous: np.ndarray | None = None,
-                  stickiness: float = 0.0, chunk: int = ASSIGN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                  stickiness: float = 0.0, chunk: int = TEMP_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid per row (labels ``(n,)``, squared distances ``(n,)``); with ``previous``
     labels ``(n,)`` (-1 = none) and ``stickiness`` > 0 a row keeps its previous label while that
     centroid is within a factor (1 + stickiness) of the nearest one's squared distance, so that a
     refit that barely moved the centroids does not flip rows on cluster borders (SID churn)."""
-    labels, dist = assign(residual, centroids, chunk=chunk)
+    labels, dist = assign(residual, centroids)
     if previous is not None and stickiness > 0:
         idx = np.flatnonzero((previous >= 0) & (previous < len(centroids)) & (previous != labels))
         for lo in range(0, len(idx), chunk):
@@ -150,7 +153,7 @@ def assign_sticky(residual: np.ndarray, centroids: np.ndarray, previous: np.ndar
 
 
 def subtract_centroids(residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
-                       chunk: int = ASSIGN_CHUNK) -> None:
+                       chunk: int = TEMP_CHUNK) -> None:
     """``residual -= centroids[labels]`` in place, in chunks (no (n, dim) temporary)."""
     for lo in range(0, len(residual), chunk):
         residual[lo:lo + chunk] -= centroids[labels[lo:lo + chunk]]

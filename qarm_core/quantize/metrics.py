@@ -37,16 +37,18 @@ def hit_rates(x: "np.ndarray | Callable[[np.ndarray], np.ndarray]", keys: np.nda
     ranks = np.ones(n, np.int64)                  # singleton groups: rank 1
     queries = np.ones(n, bool)
     for size in np.unique(sizes[sizes > 1]):
-        g = starts[sizes == size]
+        all_g = starts[sizes == size]
         s = int(min(size, max_group))
-        members = order[g[:, None] + np.arange(s)[None, :]]             # (groups, s)
-        v = x(members) if callable(x) else x[members]                   # (groups, s, dim)
-        sims = np.einsum("gsd,gtd->gst", v, v)
-        own = np.diagonal(sims, axis1=1, axis2=2)[:, :, None]
-        r = (sims >= own).sum(2)                                        # includes itself
-        ranks[members] = r
-        if size > max_group:
-            queries[order[g[:, None] + np.arange(s, size)[None, :]]] = False
+        step = max(1, 262_144 // s)           # groups per batch: bounded (rows, dim) temporaries
+        for lo in range(0, len(all_g), step):
+            g = all_g[lo:lo + step]
+            members = order[g[:, None] + np.arange(s)[None, :]]             # (groups, s)
+            v = x(members) if callable(x) else x[members]                   # (groups, s, dim)
+            sims = np.einsum("gsd,gtd->gst", v, v)
+            own = np.diagonal(sims, axis1=1, axis2=2)[:, :, None]
+            ranks[members] = (sims >= own).sum(2)                           # includes itself
+            if size > max_group:
+                queries[order[g[:, None] + np.arange(s, size)[None, :]]] = False
     q = np.flatnonzero(queries)
     if sample is not None and len(q) > sample:
         q = rng.choice(q, sample, replace=False)

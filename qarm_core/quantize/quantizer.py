@@ -140,7 +140,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     digits = F.digits_of(fsq, z)
     c1, c2 = codes[:, 0], codes[:, 1]
     c3 = F.pack(digits, fsq.levels)
-    mse.append(float(((residual - F.decode(fsq, digits)) ** 2).sum(1).mean()))
+    mse.append(F.reconstruction_mse(fsq, residual, digits))
     k1, k2 = p.levels
     raw_keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
     rk_keys = sid_keys(c1, c2, np.zeros_like(c3), k2, fsq.code_space)
@@ -166,7 +166,10 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
         rest = np.flatnonzero(~kept)
         kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
         priority = ((z[rest] - fsq.centers[np.arange(fsq.dims)[None, :], digits[rest]]) ** 2).sum(1)
-        alt = F.alternatives(fsq, z[rest], digits[rest], p.max_alternatives)
+        z_rest, digits_rest = z[rest], digits[rest]
+
+        def alt(rows: np.ndarray) -> np.ndarray:
+            return F.alternatives(fsq, z_rest[rows], digits_rest[rows], p.max_alternatives)
         r_c3, r_suffix, r_resolved = resolve_collisions(raw_keys[rest], priority, alt, c3[rest],
                                                         fsq.code_space, occupied=kept_keys[suffix[kept] == 0])
         if kept.any() and (r_suffix > 0).any():
@@ -183,7 +186,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     sids = sid_strings(c1, c2, new_c3, suffix)
     table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "c1": pa.array(c1, pa.int32()),
                       "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
-                      "sid": pa.array(sids, pa.string()), "resolved": pa.array(resolved, pa.bool_())})
+                      "sid": sids, "resolved": pa.array(resolved, pa.bool_())})
 
     metrics: dict[str, float] = {"items": float(n), "code_space": float(k1 * k2 * fsq.code_space)}
     # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;
@@ -203,8 +206,9 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     metrics["resolved_share"] = float(resolved.mean())
     metrics["suffixed_share"] = float((suffix > 0).mean())
     if previous_codes is not None:
-        metrics |= churn(previous_codes["item_id"].to_numpy(), np.asarray(previous_codes["sid"].to_pylist()),
-                         item_ids, np.asarray(sids))
+        metrics |= churn(previous_codes["item_id"].to_numpy(),
+                         previous_codes["sid"].to_numpy(zero_copy_only=False), item_ids,
+                         sids.to_numpy(zero_copy_only=False))
     metrics["fit_seconds"] = fit_seconds
     metrics["total_seconds"] = time.perf_counter() - t0
     return codebook, table, metrics

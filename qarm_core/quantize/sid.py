@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def sid_keys(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k2: int, c3_space: int) -> np.ndarray:
@@ -10,13 +14,16 @@ def sid_keys(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k2: int, c3_space: 
     return (c1.astype(np.int64) * k2 + c2.astype(np.int64)) * c3_space + c3.astype(np.int64)
 
 
-def resolve_collisions(keys: np.ndarray, priority: np.ndarray, alt_c3: np.ndarray, c3: np.ndarray,
+def resolve_collisions(keys: np.ndarray, priority: np.ndarray,
+                       alt_c3: "np.ndarray | Callable[[np.ndarray], np.ndarray]", c3: np.ndarray,
                        c3_space: int, occupied: np.ndarray | None = None,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Move colliding items to their next-best free FSQ code; suffix the rest.
 
     keys ``(n,)``: raw SID keys; priority ``(n,)``: lower keeps the raw code first (e.g. distance
-    to the cell centre); alt_c3 ``(n, m)``: alternative c3 codes, best first (-1 = none); c3 ``(n,)``.
+    to the cell centre); alt_c3 ``(n, m)``: alternative c3 codes, best first (-1 = none), or a
+    function giving them for an array of row indices (so they are only computed for the items that
+    must move); c3 ``(n,)``.
     Returns (new c3 ``(n,)``, dedup suffix ``(n,)`` (0 = none), resolved ``(n,)`` bool: the item
     was moved or suffixed). ``occupied``: keys already held by items outside this call (e.g.
     SIDs carried over from the last snapshot); nobody here keeps such a key. Deterministic: ties in
@@ -37,10 +44,17 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray, alt_c3: np.ndarra
     occupied = np.union1d(np.unique(keys), outside)
     moved = np.zeros(n, bool)
     pending = movers
-    for r in range(alt_c3.shape[1]):
+    n_alt = alt_c3(movers[:1]).shape[1] if callable(alt_c3) else alt_c3.shape[1]
+    for r in range(n_alt):
         if len(pending) == 0:
             break
-        cand_c3 = alt_c3[pending, r]
+        # Candidates of the still-pending rows only, computed per round in chunks: a (movers, m)
+        # table would cost m x 8 bytes per mover (GBs on a 10M snapshot).
+        if callable(alt_c3):
+            cand_c3 = np.concatenate([alt_c3(pending[lo:lo + 262_144])[:, r]
+                                      for lo in range(0, len(pending), 262_144)])
+        else:
+            cand_c3 = alt_c3[pending, r]
         cand = keys[pending] - c3[pending] + cand_c3
         ok = cand_c3 >= 0
         ok[ok] = ~np.isin(cand[ok], occupied)
@@ -68,6 +82,10 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray, alt_c3: np.ndarra
     return new_c3, suffix, moved | (suffix > 0)
 
 
-def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarray) -> list[str]:
-    return [f"{a}-{b}-{c}" + (f"-{s}" if s else "") for a, b, c, s in zip(c1.tolist(), c2.tolist(),
-                                                                         c3.tolist(), suffix.tolist())]
+def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarray) -> pa.Array:
+    """``"c1-c2-c3"``, with ``"-k"`` appended where a dedup suffix k > 0 was needed (Arrow-built:
+    no Python string per item)."""
+    parts = [pc.cast(pa.array(a), pa.string()) for a in (c1, c2, c3)]
+    base = pc.binary_join_element_wise(*parts, "-")
+    with_suffix = pc.binary_join_element_wise(base, pc.cast(pa.array(suffix), pa.string()), "-")
+    return pc.if_else(pa.array(suffix > 0), with_suffix, base)
