@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--qa-items", type=int, default=16)
     ap.add_argument("--throughput-pairs", type=int, default=512)
     ap.add_argument("--model-path", default=None, help="HF causal-LM folder (default: SmolLM2 from the GGUF)")
-    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "judge"))
+    ap.add_argument("--cache-dir", default=None, help="where the GGUF is converted once (default "
+                    "$QARM_CACHE/judge or ~/.cache/qarm/judge)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from qarm_core.judge.backends import LocalLM, SentenceEmbedder
     from qarm_core.judge.config import JudgeConfig, LocalModelConfig, QAConfig
     from qarm_core.judge.evaluate import EvalSetParams, auc, build_eval_sets, injection_flip_rate
-    from qarm_core.judge.judge import PairScorer, score_pairs
+    from qarm_core.judge.judge import PairScorer, make_scorer, pair_components, score_pairs
     from qarm_core.judge.prompts import judge_prompt
     from qarm_core.judge.qa import QAStats, generate_qa
     from qarm_core.judge.text import render_items
@@ -62,19 +63,18 @@ def main(argv: list[str] | None = None) -> dict:
     (lm, emb), load_s, _ = _timed(lambda: (LocalLM(local), SentenceEmbedder()))
     prompt = judge_prompt(cfg.prompt_version)
     res: dict = {"model_id": lm.model_id, "prompt_version": cfg.prompt_version, "dtype": local.dtype,
-                 "batch_size": local.batch_size, "embed_weight": cfg.embed_weight, "load_s": load_s}
+                 "batch_size": local.batch_size, "embed_weight": cfg.embed_weight,
+                 "tag_weight": cfg.tag_weight, "load_s": load_s}
 
-    # -- AUC: the default judge and its LLM part alone (same forward passes)
+    # -- AUC: the default judge and each of its terms alone (same forward passes)
     for name, tbl in sets.items():
-        src, dst = tbl["src_item"].to_pylist(), tbl["dst_item"].to_pylist()
-        texts = render_items(items, set(src) | set(dst), prompt.item_format)
-        sc = PairScorer(lm, prompt, emb, cfg.embed_weight)
-        a, b = [texts[i] for i in src], [texts[i] for i in dst]
-        pmi, cos = sc.llm_pmi(a, b), sc.cosine(a, b)
+        parts = pair_components(tbl, items, make_scorer(cfg, lm, emb))
         y = tbl["label"].to_numpy()
-        res[f"auc_{name}"] = auc(y, pmi + cfg.embed_weight * cos)
-        res[f"auc_{name}_llm_only"] = auc(y, pmi)
-        res[f"auc_{name}_embed_only"] = auc(y, cos)
+        res[f"auc_{name}"] = auc(y, make_scorer(cfg, lm, emb).combine(parts))
+        res[f"auc_{name}_llm_only"] = auc(y, parts["pmi"])
+        res[f"auc_{name}_text_cos_only"] = auc(y, parts["cos"])
+        res[f"auc_{name}_tag_cos_only"] = auc(y, parts["tag_cos"])
+        res[f"auc_{name}_llm_text_cos"] = auc(y, parts["pmi"] + cfg.embed_weight * parts["cos"])
 
     # -- throughput on distinct random pairs (every pair has its own src; worst case for caching)
     rng = np.random.default_rng(1)
@@ -84,15 +84,22 @@ def main(argv: list[str] | None = None) -> dict:
     d_ids = rng.choice(ids, n)
     d_ids = np.where(d_ids == s_ids, (d_ids % len(ids)) + 1, d_ids)
     pairs = pa.table({"src_item": pa.array(s_ids, pa.int64()), "dst_item": pa.array(d_ids, pa.int64())})
-    sc = PairScorer(lm, prompt, emb, cfg.embed_weight)
+    sc = make_scorer(cfg, lm, emb)
     load_before = os.getloadavg()[0]
     _, w1, c1 = _timed(lambda: score_pairs(pairs, items, sc))          # pairs + neutral + embeddings
     _, w2, c2 = _timed(lambda: score_pairs(pairs, items, PairScorer(lm, prompt)))  # LLM only, cold
     sc_warm = PairScorer(lm, prompt)
     sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(d_ids.tolist()), prompt.item_format).values()]))
     _, w3, c3 = _timed(lambda: score_pairs(pairs, items, sc_warm))      # neutral passes cached
+    # swing-like: 32 source items x 16 candidates each (each context runs once for its 16 pairs)
+    g_src = np.repeat(rng.choice(ids, 32, replace=False), 16)
+    g_dst = rng.choice(ids, len(g_src))
+    g_dst = np.where(g_dst == g_src, (g_dst % len(ids)) + 1, g_dst)
+    gpairs = pa.table({"src_item": pa.array(g_src, pa.int64()), "dst_item": pa.array(g_dst, pa.int64())})
+    sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(g_dst.tolist()), prompt.item_format).values()]))
+    _, w4, c4 = _timed(lambda: score_pairs(gpairs, items, sc_warm))
     res.update({"pairs_per_s_default_cold": n / w1, "pairs_per_s_llm_cold": n / w2,
-                "pairs_per_s_llm_neutral_cached": n / w3,
+                "pairs_per_s_llm_neutral_cached": n / w3, "pairs_per_s_llm_grouped_neutral_cached": len(g_src) / w4,
                 "pairs_per_2cpu_s_default_cold": 2 * n / c1, "pairs_per_2cpu_s_llm_neutral_cached": 2 * n / c3,
                 "loadavg_1m": (load_before + os.getloadavg()[0]) / 2})
 
@@ -100,8 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.flip_pairs:
         sub = {k: pa.concat_tables([t.slice(0, args.flip_pairs // 2),
                                     t.slice(t.num_rows // 2, args.flip_pairs // 2)]) for k, t in sets.items()}
-        fr, wf, _ = _timed(lambda: injection_flip_rate(sub, items, PairScorer(lm, prompt, emb, cfg.embed_weight)))
+        fr, wf, _ = _timed(lambda: injection_flip_rate(sub, items, make_scorer(cfg, lm, emb)))
         res.update({f"injection_{k}": v for k, v in fr.items()})
+        fr = injection_flip_rate(sub, items, PairScorer(lm, prompt))
+        res.update({f"injection_llm_only_{k}": v for k, v in fr.items()})
 
     # -- QA
     if args.qa_items:
@@ -115,22 +124,29 @@ def main(argv: list[str] | None = None) -> dict:
                     "qa_examples": [f"{r['question']} -> {r['answer']}" for r in qa.slice(0, 6).to_pylist()]})
 
     rows = [
-        ("model", f"{res['model_id']} ({res['dtype']}, batch {res['batch_size']}) + MiniLM x{res['embed_weight']:g}"),
-        ("AUC co-occurrence: default / LLM only / MiniLM only",
-         f"{res['auc_cooc']:.3f} / {res['auc_cooc_llm_only']:.3f} / {res['auc_cooc_embed_only']:.3f}"),
-        ("AUC genre: default / LLM only / MiniLM only",
-         f"{res['auc_genre']:.3f} / {res['auc_genre_llm_only']:.3f} / {res['auc_genre_embed_only']:.3f}"),
+        ("model", f"{res['model_id']} ({res['dtype']}, batch {res['batch_size']}), prompt {res['prompt_version']}; "
+                  f"+ MiniLM text x{res['embed_weight']:g} + tags x{res['tag_weight']:g}"),
+    ]
+    for name, label in (("cooc", "co-occurrence"), ("genre", "genre")):
+        rows.append((f"AUC {label}: default | LLM | text cos | tag cos | LLM+text cos",
+                     " | ".join(f"{res[f'auc_{name}{suf}']:.3f}" for suf in
+                                ("", "_llm_only", "_text_cos_only", "_tag_cos_only", "_llm_text_cos"))))
+    rows += [
         ("pairs/s default, cold (pair + neutral + embed)", f"{res['pairs_per_s_default_cold']:.1f}"
          f"  ({res['pairs_per_2cpu_s_default_cold']:.1f} per 2 CPU-s)"),
-        ("pairs/s LLM, cold", f"{res['pairs_per_s_llm_cold']:.1f}"),
+        ("pairs/s LLM, cold (pair + neutral)", f"{res['pairs_per_s_llm_cold']:.1f}"),
         ("pairs/s LLM, neutral cached (1 fwd/pair)", f"{res['pairs_per_s_llm_neutral_cached']:.1f}"
          f"  ({res['pairs_per_2cpu_s_llm_neutral_cached']:.1f} per 2 CPU-s)"),
+        ("pairs/s LLM, 32 src x 16 dst, neutral cached", f"{res['pairs_per_s_llm_grouped_neutral_cached']:.1f}"),
         ("load average during throughput", f"{res['loadavg_1m']:.1f}"),
     ]
     if args.flip_pairs:
-        rows += [("injection flip rate (benign edit)", f"{res['injection_flip_rate']:.3f} "
-                  f"({res['injection_benign_flip_rate']:.3f}); reject->keep {res['injection_reject_to_keep']:.3f}; "
-                  f"n={res['injection_n_decisions']}")]
+        for pre, label in (("injection_", "default"), ("injection_llm_only_", "LLM only")):
+            rows += [(f"injection flip rate {label} (benign title edit)",
+                      f"{res[pre + 'flip_rate']:.3f} ({res[pre + 'benign_flip_rate']:.3f}); reject->keep "
+                      f"{res[pre + 'reject_to_keep']:.3f} ({res[pre + 'benign_reject_to_keep']:.3f}); mean score "
+                      f"shift {res[pre + 'mean_score_shift']:+.2f} ({res[pre + 'benign_mean_score_shift']:+.2f}); "
+                      f"n={res[pre + 'n_decisions']}")]
     if args.qa_items:
         rows += [("QA items/s (k, max_new_tokens)", f"{res['qa_items_per_s']:.2f} ({res['qa_k']}, "
                   f"{res['qa_max_new_tokens']}); LLM answers kept {res['qa_llm_answer_kept_rate']:.2f}")]

@@ -286,6 +286,7 @@ class LocalLM:
                     enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True,
                               add_special_tokens=False)
                     gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                              repetition_penalty=self.cfg.repetition_penalty,
                                               pad_token_id=tok.pad_token_id)
                     new = gen[:, enc["input_ids"].shape[1]:]
                     for k, row in zip(idx, new):

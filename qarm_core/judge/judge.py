@@ -3,10 +3,11 @@ configured, a short reasoning text. Output rows follow ``schemas.JUDGMENTS``.
 
 Score of a pair (src A, dst B), higher = more related (see ``prompts``):
 
-    score = PMI_LLM(A -> B) + embed_weight * cosine(embed(A), embed(B))
+    score = PMI_LLM(A -> B) + embed_weight * cos(emb(text A), emb(text B))
+                            + tag_weight * cos(emb(tags A), emb(tags B))
 
-PMI_LLM needs one forward pass per pair plus one neutral pass per distinct B; the embeddings are
-one pass per item. Judgments are cached by (pair, model id, prompt version): a daily refresh
+PMI_LLM needs one forward pass per pair plus one neutral pass per distinct B; the sentence
+embeddings (all-MiniLM-L6-v2) are one pass per item. Judgments are cached by (pair, model id, prompt version): a daily refresh
 scores only the pairs ``pairs_to_score`` returns and takes the rest from the previous table. The
 keep verdict is recomputed over the whole current pair set of each source at every run (it is a
 rank rule), so cached and new pairs are ruled alike.
@@ -142,19 +143,21 @@ def apply_keep_rules(judgments: pa.Table, rules: KeepRules | None = None) -> pa.
 
 # ---------------------------------------------------------------- scoring
 class PairScorer:
-    """Scores (src, dst) item pairs: LLM PMI plus, if ``embed_weight`` > 0, the embedding cosine.
+    """Scores (src, dst) item pairs: the LLM's PMI, plus ``embed_weight`` x the cosine of the item
+    texts' sentence embeddings, plus ``tag_weight`` x the cosine of the embeddings of their tag lines
+    (where either item has no tags, the text cosine stands in for the tag cosine).
 
-    Neutral log-likelihoods and embeddings are computed once per distinct item text and kept in
-    this object, so repeated calls do not redo them.
+    Neutral log-likelihoods and embeddings are computed once per distinct text and kept in this
+    object, so repeated calls do not redo them.
     """
 
     def __init__(self, backend: "LMBackend", prompt: JudgePrompt, embedder: "SentenceEmbedder | None" = None,
-                 embed_weight: float = 0.0):
-        if embed_weight > 0 and embedder is None:
-            raise ValueError("embed_weight > 0 needs an embedder")
+                 embed_weight: float = 0.0, tag_weight: float = 0.0):
+        if (embed_weight > 0 or tag_weight > 0) and embedder is None:
+            raise ValueError("embed_weight or tag_weight > 0 needs an embedder")
         self.backend, self.prompt = backend, prompt
-        self.embedder = embedder if embed_weight > 0 else None
-        self.embed_weight = embed_weight
+        self.embedder = embedder if (embed_weight > 0 or tag_weight > 0) else None
+        self.embed_weight, self.tag_weight = embed_weight, tag_weight
         self._neutral: dict[str, float] = {}
         self._emb: dict[str, np.ndarray] = {}
 
@@ -163,6 +166,8 @@ class PairScorer:
         mid = self.backend.model_id
         if self.embedder is not None:
             mid += f"+{self.embedder.model_id}*{self.embed_weight:g}"
+            if self.tag_weight > 0:
+                mid += f"+tags*{self.tag_weight:g}"
         return mid
 
     def llm_pmi(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
@@ -182,24 +187,46 @@ class PairScorer:
         return np.array([float(np.sum(lp)) - self._neutral[c] for lp, c in zip(cond, conts)])
 
     def cosine(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
-        """(n,) cosine similarities of the item texts' sentence embeddings."""
-        assert self.embedder is not None
+        """(n,) cosine similarities of the texts' sentence embeddings."""
+        if self.embedder is None:
+            raise ValueError("this scorer has no embedder")
         new = sorted({t for t in (*src_texts, *dst_texts) if t not in self._emb})
         if new:
             for t, v in zip(new, self.embedder.embed(new)):
                 self._emb[t] = v
         return np.array([float(self._emb[a] @ self._emb[b]) for a, b in zip(src_texts, dst_texts)])
 
-    def score(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
-        """(n,) judge scores, higher = more related."""
+    def components(self, src_texts: Sequence[str], dst_texts: Sequence[str],
+                   src_tags: Sequence[str] | None = None, dst_tags: Sequence[str] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """The score's terms, each of shape (n,): ``pmi`` and, with an embedder, ``cos`` and
+        ``tag_cos`` (the text cosine where either item has no tags or no tags are given)."""
         if len(src_texts) != len(dst_texts):
             raise ValueError("src_texts and dst_texts differ in length")
         if not len(src_texts):
-            return np.zeros(0)
-        s = self.llm_pmi(src_texts, dst_texts)
+            return {"pmi": np.zeros(0), "cos": np.zeros(0), "tag_cos": np.zeros(0)}
+        out = {"pmi": self.llm_pmi(src_texts, dst_texts)}
         if self.embedder is not None:
-            s = s + self.embed_weight * self.cosine(src_texts, dst_texts)
+            cos = self.cosine(src_texts, dst_texts)
+            tcos = cos.copy()
+            if src_tags is not None and dst_tags is not None:
+                idx = np.flatnonzero([bool(a) and bool(b) for a, b in zip(src_tags, dst_tags)])
+                if len(idx):
+                    tcos[idx] = self.cosine([src_tags[i] for i in idx], [dst_tags[i] for i in idx])
+            out.update(cos=cos, tag_cos=tcos)
+        return out
+
+    def combine(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """(n,) judge score from ``components``."""
+        s = parts["pmi"].copy()
+        if self.embedder is not None:
+            s += self.embed_weight * parts["cos"] + self.tag_weight * parts["tag_cos"]
         return s
+
+    def score(self, src_texts: Sequence[str], dst_texts: Sequence[str],
+              src_tags: Sequence[str] | None = None, dst_tags: Sequence[str] | None = None) -> np.ndarray:
+        """(n,) judge scores, higher = more related. ``*_tags``: the items' tag lines ('' if none)."""
+        return self.combine(self.components(src_texts, dst_texts, src_tags, dst_tags))
 
 
 def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
@@ -208,17 +235,30 @@ def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
     from qarm_core.judge.backends import SentenceEmbedder, make_backend
 
     backend = backend or make_backend(cfg.backend, cfg.local, cfg.http)
-    if cfg.embed_weight > 0 and embedder is None:
+    if (cfg.embed_weight > 0 or cfg.tag_weight > 0) and embedder is None:
         embedder = SentenceEmbedder(cfg.embedder.model_path, cfg.embedder.batch_size)
-    return PairScorer(backend, judge_prompt(cfg.prompt_version), embedder, cfg.embed_weight)
+    return PairScorer(backend, judge_prompt(cfg.prompt_version), embedder, cfg.embed_weight, cfg.tag_weight)
+
+
+def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> dict[str, np.ndarray]:
+    """``scorer.components`` of the n rows (src_item, dst_item) of ``pairs``, texts from ``items``."""
+    src = pairs["src_item"].to_pylist()
+    dst = pairs["dst_item"].to_pylist()
+    ids = set(src) | set(dst)
+    fmt = scorer.prompt.item_format
+    texts = render_items(items, ids, fmt)
+    tags = render_items(items, ids, fmt, tags_only=True)
+    return scorer.components([texts[i] for i in src], [texts[i] for i in dst],
+                             [tags[i] for i in src], [tags[i] for i in dst])
 
 
 def score_pairs(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> np.ndarray:
     """(n,) scores of the n rows (src_item, dst_item) of ``pairs``, texts rendered from ``items``."""
-    src = pairs["src_item"].to_pylist()
-    dst = pairs["dst_item"].to_pylist()
-    texts = render_items(items, set(src) | set(dst), scorer.prompt.item_format)
-    return scorer.score([texts[i] for i in src], [texts[i] for i in dst])
+    if not isinstance(scorer, PairScorer):   # e.g. evaluate.YesNoScorer: texts only
+        src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
+        texts = render_items(items, set(src) | set(dst), scorer.prompt.item_format)
+        return scorer.score([texts[i] for i in src], [texts[i] for i in dst])
+    return scorer.combine(pair_components(pairs, items, scorer))
 
 
 # ---------------------------------------------------------------- reasoning
@@ -271,7 +311,7 @@ def add_reasoning(judgments: pa.Table, items: pa.Table, backend: "LMBackend", cf
         dst = judgments["dst_item"].to_pylist()
         texts = render_items(items, {src[i] for i in todo} | {dst[i] for i in todo}, prompt.item_format)
         prompts = [prompt.reasoning.format(A=quote(texts[src[i]]), B=quote(texts[dst[i]]),
-                                           verdict="a good item" if keep[i] else "not a good item")
+                                           verdict=prompt.verdict_keep if keep[i] else prompt.verdict_reject)
                    for i in todo]
         outs = backend.generate(prompts, cfg.reasoning_max_tokens, batch_size=cfg.reasoning_batch_size,
                                 system=prompt.reasoning_system)

@@ -52,7 +52,7 @@ def make_tiny_causal_lm(path: str | Path, seed: int = 0, vocab_size: int = 400, 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     path.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,9 @@ class ItemTextFormat:
     include_tags: bool = True
     tags_label: str = "genres"
     uninvert_articles: bool = True       # "Usual Suspects, The" -> "The Usual Suspects"
+    # Tags before the title: "Crime, Thriller film: The Usual Suspects (1995)" (kind_noun = "film").
+    tags_first: bool = False
+    kind_noun: str = "film"
 
 
 def sanitize(text: Any, max_chars: int) -> str:
@@ -78,7 +81,10 @@ def render_item(row: Mapping[str, Any], fmt: ItemTextFormat | None = None) -> st
     tags = [sanitize(t, 40) for t in (row.get("tags") or [])][: f.max_tags]
     tags = [t for t in tags if t]
     if f.include_tags and tags:
-        text += f", {f.tags_label}: " + ", ".join(tags)
+        if f.tags_first:
+            text = f"{', '.join(tags)} {f.kind_noun}: {text}"
+        else:
+            text += f", {f.tags_label}: " + ", ".join(tags)
     if f.max_description_chars > 0:
         desc = sanitize(row.get("description"), f.max_description_chars)
         if desc:
@@ -86,9 +92,17 @@ def render_item(row: Mapping[str, Any], fmt: ItemTextFormat | None = None) -> st
     return text
 
 
+def render_tags(row: Mapping[str, Any], fmt: ItemTextFormat | None = None) -> str:
+    """The item's sanitised tags as one line, e.g. ``Crime, Thriller``; empty if it has none."""
+    f = fmt or ItemTextFormat()
+    tags = [sanitize(t, 40) for t in (row.get("tags") or [])][: f.max_tags]
+    return ", ".join(t for t in tags if t)
+
+
 def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat | None = None,
-                 dataset: str = "items") -> dict[int, str]:
-    """``{item_id: text}`` for the wanted ids; a wanted id absent from ``items`` is a DataError."""
+                 dataset: str = "items", tags_only: bool = False) -> dict[int, str]:
+    """``{item_id: text}`` (or ``{item_id: tags line}`` with ``tags_only``) for the wanted ids;
+    a wanted id absent from ``items`` is a DataError."""
     if "item_id" not in items.column_names or "title" not in items.column_names:
         raise DataError(STAGE, dataset, "items table needs columns item_id and title, has "
                                         f"{items.column_names}")
@@ -98,7 +112,7 @@ def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat |
     for row in items.select(cols).to_pylist():
         iid = row["item_id"]
         if iid in wanted and iid not in out:
-            out[iid] = render_item(row, fmt)
+            out[iid] = render_tags(row, fmt) if tags_only else render_item(row, fmt)
     missing = wanted - out.keys()
     if missing:
         raise DataError(STAGE, dataset, f"{len(missing)} item(s) referenced by pairs are not in the "

@@ -53,9 +53,9 @@ class CountingBackend:
     def __init__(self, inner):
         self.inner, self.model_id, self.scored, self.generated = inner, inner.model_id, 0, 0
 
-    def continuation_logprobs(self, contexts, continuations):
+    def continuation_logprobs(self, contexts, continuations, prefix=""):
         self.scored += len(contexts)
-        return self.inner.continuation_logprobs(contexts, continuations)
+        return self.inner.continuation_logprobs(contexts, continuations, prefix=prefix)
 
     def generate(self, prompts, max_new_tokens, batch_size=None, system=None):
         self.generated += len(prompts)
@@ -224,12 +224,12 @@ def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):
     items = _items()
     pairs = _pairs([(1, 2, "swing"), (1, 3, "swing"), (4, 5, "swing"), (4, 6, "u2i"), (3, 1, "u2i")])
     cfg = JudgeConfig(embed_weight=0.0, reasoning="none")
-    a = judge_pairs(pairs, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt("pmi-v1")))
+    a = judge_pairs(pairs, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt(JudgeConfig().prompt_version)))
     one = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32", batch_size=1))
-    b = judge_pairs(pairs, items, cfg, scorer=PairScorer(one, judge_prompt("pmi-v1")))
+    b = judge_pairs(pairs, items, cfg, scorer=PairScorer(one, judge_prompt(JudgeConfig().prompt_version)))
     np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), atol=1e-3)
     bf = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="bfloat16", batch_size=4))
-    c = judge_pairs(pairs, items, cfg, scorer=PairScorer(bf, judge_prompt("pmi-v1")))
+    c = judge_pairs(pairs, items, cfg, scorer=PairScorer(bf, judge_prompt(JudgeConfig().prompt_version)))
     np.testing.assert_allclose(a["score"].to_numpy(), c["score"].to_numpy(), atol=0.5)
 
 
@@ -238,25 +238,30 @@ def test_hybrid_score_with_minilm(tiny_lm):
 
     emb = SentenceEmbedder()
     items = _items()
-    pairs = _pairs([(4, 5, "swing"), (4, 1, "swing")])
-    cfg = JudgeConfig(embed_weight=40.0, reasoning="none")
-    llm_only = PairScorer(tiny_lm, judge_prompt("pmi-v1"))
-    hybrid = PairScorer(tiny_lm, judge_prompt("pmi-v1"), emb, 40.0)
+    pairs = _pairs([(4, 5, "swing"), (4, 1, "swing"), (4, 6, "swing")])   # item 6 has no tags
+    cfg = JudgeConfig(reasoning="none")
+    prompt = judge_prompt(cfg.prompt_version)
+    llm_only = PairScorer(tiny_lm, prompt)
+    hybrid = PairScorer(tiny_lm, prompt, emb, cfg.embed_weight, cfg.tag_weight)
     j = judge_pairs(pairs, items, cfg, scorer=hybrid)
-    assert j["model_id"][0].as_py() == f"{tiny_lm.model_id}+minilm-l6-v2*40"
-    texts = render_items(items, [1, 4, 5])
-    cos = hybrid.cosine([texts[4], texts[4]], [texts[1], texts[5]])
-    assert cos[1] > cos[0]  # Star Wars is closer to Empire Strikes Back than to Toy Story
-    base = llm_only.llm_pmi([texts[4], texts[4]], [texts[1], texts[5]])
+    assert j["model_id"][0].as_py() == f"{tiny_lm.model_id}+minilm-l6-v2*40+tags*20"
+    texts = render_items(items, [1, 4, 5, 6])
+    tags = render_items(items, [1, 4, 5, 6], tags_only=True)
+    assert tags[4] == "Sci-Fi" and tags[6] == ""
+    cos = hybrid.cosine([texts[4]] * 3, [texts[1], texts[5], texts[6]])
+    tcos = hybrid.cosine([tags[4]] * 2, [tags[1], tags[5]])
+    assert cos[1] > cos[0] and tcos[1] > tcos[0]  # Star Wars is closer to Empire Strikes Back than to Toy Story
+    base = llm_only.llm_pmi([texts[4]] * 3, [texts[1], texts[5], texts[6]])
     got = {r["dst_item"]: r["score"] for r in j.to_pylist()}
-    assert got[1] == pytest.approx(base[0] + 40 * cos[0], abs=1e-6)
-    assert got[5] == pytest.approx(base[1] + 40 * cos[1], abs=1e-6)
+    assert got[1] == pytest.approx(base[0] + 40 * cos[0] + 20 * tcos[0], abs=1e-5)
+    assert got[5] == pytest.approx(base[1] + 40 * cos[1] + 20 * tcos[1], abs=1e-5)
+    assert got[6] == pytest.approx(base[2] + 60 * cos[2], abs=1e-5)      # no tags: text cosine stands in
 
 
 def test_empty_pairs_give_empty_judgments(tiny_lm):
     empty = _pairs([(1, 2, "swing")]).slice(0, 0)
     j = judge_pairs(empty, _items(), JudgeConfig(embed_weight=0.0),
-                    scorer=PairScorer(tiny_lm, judge_prompt("pmi-v1")))
+                    scorer=PairScorer(tiny_lm, judge_prompt(JudgeConfig().prompt_version)))
     assert j.num_rows == 0 and j.schema == JUDGMENTS.schema
 
 

@@ -109,10 +109,10 @@ def test_judge_over_http_matches_local(tiny_lm):
     pairs = pa.table({"src_item": pa.array([1, 1, 3, 2], pa.int64()), "dst_item": pa.array([2, 3, 4, 1], pa.int64()),
                       "source": ["swing", "swing", "u2i", "u2i"]})
     cfg = JudgeConfig(embed_weight=0.0, reasoning="sample", reasoning_sample=2, reasoning_max_tokens=4)
-    local = judge_pairs(pairs, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt("pmi-v1")))
+    local = judge_pairs(pairs, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt(JudgeConfig().prompt_version)))
     with OpenAICompatServer(tiny_lm) as srv:
         http = _http(srv.url)
-        remote = judge_pairs(pairs, items, cfg, scorer=PairScorer(http, judge_prompt("pmi-v1")))
+        remote = judge_pairs(pairs, items, cfg, scorer=PairScorer(http, judge_prompt(JudgeConfig().prompt_version)))
     assert remote.schema == JUDGMENTS.schema
     np.testing.assert_allclose(remote["score"].to_numpy(), local["score"].to_numpy(), atol=1e-3)
     assert remote["keep"].to_pylist() == local["keep"].to_pylist()
