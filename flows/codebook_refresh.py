@@ -1,4 +1,5 @@
-"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> publish (later stages join here)."""
+"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> judge -> gate -> QA -> gate -> publish
+(later stages join here)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from qarm_core.config import load_config
 from tasks import tracking
 from tasks.gate import gate
 from tasks.ingest import ingest
+from tasks.judge import judge, qa
 from tasks.mine import mine
 from tasks.publish import publish
 
@@ -36,6 +38,10 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
         records |= mine(cfg, run_id, records["interactions"], records["items"])
         gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
+        records |= judge(cfg, run_id, records["pairs"], records["items"], records["interactions"])
+        gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
+        records |= qa(cfg, run_id, records["judgments"], records["items"])
+        gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
         snapshot = publish.with_options(**retry)(cfg, run_id, records)
     return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
             "rows": {n: r.rows for n, r in records.items()}}

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qarm_core.errors import ConfigError
+from qarm_core.judge.config import JudgeConfig, QAConfig
 
 
 class _Strict(BaseModel):
@@ -96,10 +97,17 @@ class ItemGate(RowBounds):
     max_title_chars: int = Field(1_000, ge=1)
 
 
+class QAGate(RowBounds):
+    # A sanity bound, independent of the generator's own cut (qa.max_answer_chars).
+    max_text_chars: int = Field(1_000, ge=1)
+
+
 class GatesConfig(_Strict):
     interactions: InteractionGate = InteractionGate()
     items: ItemGate = ItemGate()
     pairs: RowBounds = RowBounds()
+    judgments: RowBounds = RowBounds()
+    qa: QAGate = QAGate()
     # Rows per batch handed to Great Expectations; keyed and table-level checks run in DuckDB.
     batch_rows: int = Field(2_000_000, ge=1)
     sample_rows: int = Field(5, ge=1)
@@ -187,6 +195,8 @@ class PipelineConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     duckdb: DuckDBConfig = DuckDBConfig()
     mine: MineConfig = MineConfig()
+    judge: JudgeConfig = JudgeConfig()
+    qa: QAConfig = QAConfig()
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()

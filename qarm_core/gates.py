@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from qarm_core.config import DuckDBConfig, GatesConfig
 from qarm_core.duck import connect, parquet_source
 from qarm_core.errors import GateError
-from qarm_core.schemas import INTERACTIONS, ITEMS, PAIRS, DatasetSchema, schema_for
+from qarm_core.schemas import INTERACTIONS, ITEMS, JUDGMENTS, PAIRS, QA, DatasetSchema, schema_for
 from qarm_core.storage import DatasetRecord
 
 
@@ -97,14 +97,14 @@ def _in_catalog(column: str) -> tuple[str, dict, str]:
             f"(SELECT item_id FROM catalog WHERE item_id IS NOT NULL)")
 
 
-def interactions_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
+def interactions_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
     g = cfg.interactions
     sql = [
         _unique_key(INTERACTIONS),
         ("expect_rating_or_label_to_be_present", {"columns": ["rating", "label"]},
          "SELECT * FROM data WHERE rating IS NULL AND label IS NULL"),
     ]
-    if with_catalog:
+    if "catalog" in refs:
         sql.append(_in_catalog("item_id"))
     rows = _not_null(INTERACTIONS) + [
         ("ExpectColumnValuesToBeBetween", {"column": "rating", "min_value": g.rating_min,
@@ -115,7 +115,7 @@ def interactions_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
     return Suite(INTERACTIONS, rows, sql, (g.min_rows, g.max_rows), finite_columns=("rating",))
 
 
-def items_suite(cfg: GatesConfig, with_catalog: bool = False) -> Suite:
+def items_suite(cfg: GatesConfig, refs: frozenset[str] = frozenset()) -> Suite:
     g = cfg.items
     rows = _not_null(ITEMS) + [
         ("ExpectColumnValueLengthsToBeBetween", {"column": "title", "min_value": 1,
@@ -126,20 +126,63 @@ def items_suite(cfg: GatesConfig, with_catalog: bool = False) -> Suite:
     return Suite(ITEMS, rows, [_unique_key(ITEMS)], (g.min_rows, g.max_rows))
 
 
-def pairs_suite(cfg: GatesConfig, with_catalog: bool) -> Suite:
+PAIR_SOURCES = ["swing", "u2i"]
+
+
+def pairs_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
     sql = [_unique_key(PAIRS),
            ("expect_no_self_pairs", {"column_A": "src_item", "column_B": "dst_item"},
             "SELECT * FROM data WHERE src_item = dst_item")]
-    if with_catalog:
+    if "catalog" in refs:
         sql += [_in_catalog("src_item"), _in_catalog("dst_item")]
-    rows = _not_null(PAIRS) + [("ExpectColumnValuesToBeInSet", {"column": "source", "value_set": ["swing", "u2i"]})]
+    rows = _not_null(PAIRS) + [("ExpectColumnValuesToBeInSet", {"column": "source", "value_set": PAIR_SOURCES})]
     return Suite(PAIRS, rows, sql, (cfg.pairs.min_rows, cfg.pairs.max_rows), finite_columns=("score",))
 
 
-SUITES: dict[str, Callable[[GatesConfig, bool], Suite]] = {
+_PAIR = "src_item, dst_item, source"
+
+
+def judgments_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+    """One judgment per mined pair (no more, no fewer), each with a finite score and a verdict."""
+    sql = [("expect_one_judgment_per_pair", {"column_list": _PAIR.split(", ")},
+            f"SELECT * FROM data WHERE ({_PAIR}) IN (SELECT ({_PAIR}) FROM data GROUP BY ALL "
+            f"HAVING count(*) > 1) ORDER BY {_PAIR}")]
+    if "pairs" in refs:
+        sql += [("expect_every_pair_to_be_judged", {"reference": "pairs"},
+                 f"SELECT {_PAIR} FROM pairs EXCEPT SELECT {_PAIR} FROM data ORDER BY {_PAIR}"),
+                ("expect_judgments_to_be_of_mined_pairs", {"reference": "pairs"},
+                 f"SELECT * FROM data WHERE ({_PAIR}) NOT IN (SELECT ({_PAIR}) FROM pairs) ORDER BY {_PAIR}")]
+    if "catalog" in refs:
+        sql += [_in_catalog("src_item"), _in_catalog("dst_item")]
+    rows = _not_null(JUDGMENTS) + [
+        ("ExpectColumnValuesToBeInSet", {"column": "source", "value_set": PAIR_SOURCES})]
+    return Suite(JUDGMENTS, rows, sql, (cfg.judgments.min_rows, cfg.judgments.max_rows),
+                 finite_columns=("score",))
+
+
+def qa_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+    """Non-empty, bounded questions and answers, one row per (item, question index)."""
+    g = cfg.qa
+    sql = [("expect_compound_columns_to_be_unique", {"column_list": ["item_id", "qa_index"]},
+            "SELECT * FROM data WHERE (item_id, qa_index) IN (SELECT (item_id, qa_index) FROM data "
+            "GROUP BY ALL HAVING count(*) > 1) ORDER BY item_id, qa_index")]
+    if "catalog" in refs:
+        sql.append(_in_catalog("item_id"))
+    rows = _not_null(QA) + [
+        ("ExpectColumnValuesToBeBetween", {"column": "qa_index", "min_value": 0}),
+        *[(cls, {"column": c, **kw}) for c in ("question", "answer") for cls, kw in (
+            ("ExpectColumnValueLengthsToBeBetween", {"min_value": 1, "max_value": g.max_text_chars}),
+            ("ExpectColumnValuesToMatchRegex", {"regex": r"\S"}))],
+    ]
+    return Suite(QA, rows, sql, (g.min_rows, g.max_rows))
+
+
+SUITES: dict[str, Callable[[GatesConfig, frozenset[str]], Suite]] = {
     "interactions": interactions_suite,
     "items": items_suite,
     "pairs": pairs_suite,
+    "judgments": judgments_suite,
+    "qa": qa_suite,
 }
 
 
@@ -224,14 +267,13 @@ def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
     return checks + finite
 
 
-def _run_sql_checks(suite: Suite, record: DatasetRecord, catalog: DatasetRecord | None,
+def _run_sql_checks(suite: Suite, record: DatasetRecord, refs: dict[str, DatasetRecord],
                     duck: DuckDBConfig, temp_dir: str | Path, sample_rows: int) -> tuple[int, list[Check]]:
     con = connect(duck, temp_dir)
     try:
-        con.execute(f"CREATE VIEW data AS SELECT * FROM {parquet_source([str(Path(record.path) / f) for f in record.files])}")
-        if catalog is not None:
-            con.execute(f"CREATE VIEW catalog AS SELECT * FROM "
-                        f"{parquet_source([str(Path(catalog.path) / f) for f in catalog.files])}")
+        for view, rec in {"data": record, **refs}.items():
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
+                        f"{parquet_source([str(Path(rec.path) / f) for f in rec.files])}")
         n_rows = con.sql("SELECT count(*) FROM data").fetchall()[0][0]
         lo, hi = suite.bounds
         checks = [Check("expect_table_row_count_to_be_between", {"min_value": lo, "max_value": hi},
@@ -248,16 +290,19 @@ def _run_sql_checks(suite: Suite, record: DatasetRecord, catalog: DatasetRecord 
 
 
 def run_gate(stage: str, record: DatasetRecord, cfg: GatesConfig, duck: DuckDBConfig,
-             temp_dir: str | Path, catalog: DatasetRecord | None = None) -> GateResult:
+             temp_dir: str | Path, catalog: DatasetRecord | None = None,
+             pairs: DatasetRecord | None = None) -> GateResult:
     """Validate one dataset on a DAG edge; returns every check, failed or not (never raises on bad data).
 
-    ``catalog``: the items dataset, for checks that ids exist in the catalog.
+    ``catalog``: the items dataset, for checks that ids exist in the catalog; ``pairs``: the mined
+    pairs, for checks that the judgments cover them exactly.
     """
-    suite = SUITES[record.dataset](cfg, catalog is not None)
+    refs = {name: rec for name, rec in (("catalog", catalog), ("pairs", pairs)) if rec is not None}
+    suite = SUITES[record.dataset](cfg, frozenset(refs))
     schema_check = _schema_check(record, schema_for(record.dataset))
     if not schema_check.success:  # the other checks would only fail confusingly
         return GateResult(stage, record.dataset, record.rows, [schema_check])
-    n_rows, sql_checks = _run_sql_checks(suite, record, catalog, duck, temp_dir, cfg.sample_rows)
+    n_rows, sql_checks = _run_sql_checks(suite, record, refs, duck, temp_dir, cfg.sample_rows)
     row_checks = _run_row_expectations(suite, record, cfg.batch_rows, cfg.sample_rows) if n_rows else []
     return GateResult(stage, record.dataset, n_rows, [schema_check, *sql_checks, *row_checks])
 
@@ -265,3 +310,25 @@ def run_gate(stage: str, record: DatasetRecord, cfg: GatesConfig, duck: DuckDBCo
 def _snake(name: str) -> str:
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out
+
+
+def judge_quality_gate(stage: str, aucs: dict[str, float], min_auc: float | None, note: str | None = None) -> GateResult:
+    """The judge's evaluation (dataset ``judge_eval``) as a gate: each ``auc.<set>`` of ``aucs``
+    (the judge stage's report) must reach ``min_auc``.
+
+    No bound (``min_auc`` None) passes; a bound with no evaluation (``note`` says why) fails, since
+    the run could not show that the judge still carries signal.
+    """
+    n = int(aucs.get("eval.pairs", 0))
+    if min_auc is None:
+        return GateResult(stage, "judge_eval", n, [])
+    sets = {k: v for k, v in aucs.items() if k.startswith("auc.")}
+    if not sets:
+        return GateResult(stage, "judge_eval", n, [Check(
+            "expect_judge_auc_to_be_measured", {"min_auc": min_auc}, False, 1,
+            sample=[{"reason": note or "no evaluation set"}], engine="qarm")])
+    return GateResult(stage, "judge_eval", n, [
+        Check("expect_judge_auc_to_be_at_least", {"eval_set": k.removeprefix("auc."), "min_auc": min_auc},
+              success=v >= min_auc, unexpected_count=int(v < min_auc), observed=v, engine="qarm",
+              sample=[] if v >= min_auc else [{"auc": round(v, 4)}])
+        for k, v in sorted(sets.items())])

@@ -276,6 +276,13 @@ class Storage:
             raise StorageError(f"{self.current_file} is unreadable: {exc}") from None
         return self.snapshot(sid)
 
+    def published(self, dataset: str) -> DatasetRecord | None:
+        """The current snapshot's ``dataset`` (a later stage's cache), or None if there is none yet."""
+        snap = self.current()
+        if snap is None or dataset not in snap.manifest.get("datasets", {}):
+            return None
+        return snap.record(dataset)
+
     def snapshot(self, snapshot_id: str) -> Snapshot:
         path = self.snapshots_dir / snapshot_id
         mf = path / MANIFEST

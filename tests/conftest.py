@@ -17,7 +17,41 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
+TEST_CACHE = REPO / ".cache" / "tests"
+# configs/tiny.yaml with the judge and QA generator on a tiny random LM (written once per session by
+# ``_tiny_test_config``), so a flow test runs the real judge code in seconds.
+TINY = str(TEST_CACHE / "tiny.yaml")
+
+
+def tiny_lm_path() -> Path:
+    """A tiny random causal LM + tokenizer (real transformers model, ~1 s to build), built once."""
+    from qarm_core.judge.testing import make_tiny_causal_lm
+
+    path = TEST_CACHE / "tiny_lm"
+    if not (path / "config.json").exists():
+        tmp = TEST_CACHE / f"tiny_lm.tmp{os.getpid()}"
+        make_tiny_causal_lm(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another session built it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_test_config() -> str:
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    lm = {"model_path": str(tiny_lm_path()), "dtype": "float32", "batch_size": 8}
+    data["judge"] = {**data.get("judge", {}), "local": lm}
+    data["qa"] = {**data.get("qa", {}), "local": lm}
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = TEST_CACHE / f"tiny.yaml.tmp{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(TINY)
+    return TINY
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class KeepRule(_Strict):
@@ -76,6 +76,19 @@ class EmbedderConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class JudgeEvalConfig(_Strict):
+    """The judge's AUC on evaluation sets drawn from the run's own interactions (see ``evaluate``):
+    held-out strong co-occurrence pairs vs random pairs, and same-genre vs unrelated pairs."""
+
+    enabled: bool = True
+    n_per_class: int = Field(150, ge=5)
+    seed: int = 0
+    min_item_ratings: int = Field(20, ge=1)
+    # The judge gate fails a run whose judge scores worse than this on any evaluation set
+    # (e.g. a swapped model or prompt that lost the signal). None: report only.
+    min_auc: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class JudgeConfig(_Strict):
     """The pair judge (stage 2)."""
 
@@ -98,6 +111,7 @@ class JudgeConfig(_Strict):
     reasoning_max_tokens: int = Field(48, ge=1)
     reasoning_batch_size: int = Field(8, ge=1)
     seed: int = 0
+    eval: JudgeEvalConfig = JudgeEvalConfig()
 
 
 class QAConfig(_Strict):
@@ -107,6 +121,8 @@ class QAConfig(_Strict):
     local: LocalModelConfig = LocalModelConfig()
     http: HttpConfig = HttpConfig()
     prompt_version: str = "qa-v1"
+    # Which items get QA: those of kept judged pairs (what the embedding model trains on), or all.
+    items: Literal["kept_pairs", "all"] = "kept_pairs"
     k: int = Field(4, ge=1, le=16)                # QA pairs per item
     max_new_tokens: int = Field(24, ge=1)
     max_answer_chars: int = Field(200, ge=1)

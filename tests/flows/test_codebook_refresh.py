@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
@@ -35,7 +36,7 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
-                             "gate-mine-pairs", "publish"}
+                             "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
     assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
@@ -43,6 +44,19 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert mined["swing.pairs"] + mined["u2i.pairs"] == out["rows"]["pairs"] and mined["u2i.pairs"] > 0
     assert 0 <= mined["u2i.recall_two_tower"] <= 1 and 0 <= mined["u2i.recall_popularity"] <= 1
     assert read_dataset(cur.record("pairs")).num_rows == out["rows"]["pairs"]
+    # every pair judged once; keep rates per source, throughput and the judge's AUC logged
+    judged = children["judge"]["metrics"]
+    assert out["rows"]["judgments"] == out["rows"]["pairs"] == judged["pairs.scored"]
+    assert judged["swing.keep_rate"] == pytest.approx(0.9, abs=0.01)
+    assert judged["u2i.keep_rate"] == pytest.approx(0.3, abs=0.01)
+    assert judged["pairs_per_s"] > 0 and 0 <= judged["auc.cooc"] <= 1 and 0 <= judged["auc.genre"] <= 1
+    assert children["judge"]["tags"]["qarm.prompt_version"] == "pmi-fs-v1"
+    assert children["gate-judge-judgments"]["metrics"]["gate.judgments.success"] == 1.0
+    kept = read_dataset(cur.record("judgments")).filter(pc.field("keep"))
+    kept_items = set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist())
+    qa = read_dataset(cur.record("qa"))
+    assert set(qa["item_id"].to_pylist()) == kept_items and qa.num_rows == 2 * len(kept_items)
+    assert children["qa"]["metrics"]["items.generated"] == len(kept_items)
     # the resolved config is an artifact of the parent run
     from mlflow.tracking import MlflowClient
     client = MlflowClient(cfg.tracking.tracking_uri)
@@ -55,9 +69,32 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     # a rerun reuses the staged ingest and publishes a new snapshot
     out2 = codebook_refresh(TINY, {"home": str(home)})
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
-    for stage in ("ingest", "mine"):
+    for stage in ("ingest", "mine", "judge", "qa"):
         reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == stage]
         assert sorted(reused) == [0.0, 1.0]
+
+
+def test_daily_refresh_judges_only_new_pairs(prefect_harness, tmp_path):
+    """More neighbours per item on the second day: only the pairs not judged yesterday are scored,
+    and only items without QA get new QA."""
+    home = tmp_path / "home"
+    first = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 5})
+    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10})
+    assert second["rows"]["pairs"] > first["rows"]["pairs"]
+    judge_runs = {r["tags"]["mlflow.parentRunId"]: r["metrics"] for r in tracking.runs_of(_cfg(home))
+                  if r["name"] == "judge"}
+    day1, day2 = judge_runs[first["mlflow_run_id"]], judge_runs[second["mlflow_run_id"]]
+    assert day1["pairs.cached"] == 0 and day1["pairs.scored"] == first["rows"]["pairs"]
+    assert day2["pairs.cached"] == first["rows"]["pairs"]
+    assert day2["pairs.scored"] == second["rows"]["pairs"] - first["rows"]["pairs"]
+    # yesterday's scores are reused as they were
+    st = Storage(home)
+    old = read_dataset(st.snapshot(first["snapshot_id"]).record("judgments"))
+    new = read_dataset(st.current().record("judgments"))
+    key = ["src_item", "dst_item", "source"]
+    joined = old.select(key + ["score"]).join(new.select(key + ["score"]), keys=key, right_suffix="_new")
+    assert joined.num_rows == old.num_rows
+    assert joined["score"].to_pylist() == joined["score_new"].to_pylist()
 
 
 def test_bad_input_fails_flow_and_keeps_published_snapshot(prefect_harness, tmp_path):

@@ -4,8 +4,8 @@ import pytest
 
 from qarm_core.config import DuckDBConfig, GatesConfig, parse_config
 from qarm_core.errors import GateError
-from qarm_core.gates import run_gate
-from qarm_core.schemas import INTERACTIONS, ITEMS
+from qarm_core.gates import judge_quality_gate, run_gate
+from qarm_core.schemas import INTERACTIONS, ITEMS, JUDGMENTS, QA
 from qarm_core.storage import DatasetRecord, write_parquet_dataset
 
 GATES = parse_config({"gates": {"interactions": {"min_rows": 1, "max_rows": 100, "rating_min": 1.0,
@@ -168,3 +168,57 @@ def test_pairs_gate(tmp_path):
                       ("expect_column_values_to_be_in_set", "source"): 1}
     dup = _gate(_pairs(tmp_path / "dup", src_item=[1, 1, 2], dst_item=[2, 2, 1]), catalog=items)
     assert _failed(dup, "expect_compound_columns_to_be_unique").unexpected_count == 2
+
+
+def _judgments(folder, **over):
+    cols = {"src_item": [1, 2, 1], "dst_item": [2, 3, 3], "source": ["swing", "swing", "u2i"],
+            "model_id": ["m"] * 3, "prompt_version": ["v"] * 3, "score": [1.0, -0.5, 0.2],
+            "keep": [True, False, True]}
+    return _write(folder, "judgments", JUDGMENTS, {**cols, **over})
+
+
+def test_judgments_gate_one_judgment_per_mined_pair(tmp_path):
+    items = _items(tmp_path)
+    pairs = _pairs(tmp_path / "p", src_item=[1, 2, 1], dst_item=[2, 3, 3], source=["swing", "swing", "u2i"])
+    ok = run_gate("judge", _judgments(tmp_path / "ok"), GATES, DUCK, str(tmp_path / "t"), catalog=items, pairs=pairs)
+    assert ok.success, ok.failures
+    # one pair judged twice (by two models), one not judged, one judged that was never mined, a NaN score
+    bad = _judgments(tmp_path / "bad", src_item=[1, 1, 3, 2], dst_item=[2, 2, 1, 3],
+                     source=["swing", "swing", "swing", "swing"], model_id=["m", "m2", "m", "m"],
+                     prompt_version=["v"] * 4, score=[1.0, 2.0, 0.1, float("nan")], keep=[True, True, False, None])
+    r = run_gate("judge", bad, GATES, DUCK, str(tmp_path / "t"), catalog=items, pairs=pairs)
+    failed = {(c.expectation, c.kwargs.get("column")): c.unexpected_count for c in r.failures}
+    assert failed == {("expect_one_judgment_per_pair", None): 2,
+                      ("expect_every_pair_to_be_judged", None): 1,      # (1, 3, u2i)
+                      ("expect_judgments_to_be_of_mined_pairs", None): 1,  # (3, 1, swing)
+                      ("expect_column_values_to_be_finite", "score"): 1,
+                      ("expect_column_values_to_not_be_null", "score"): 1,   # GX counts NaN as null
+                      ("expect_column_values_to_not_be_null", "keep"): 1}
+    with pytest.raises(GateError, match=r"(?s)\[stage=judge, dataset=judgments\].*expect_every_pair_to_be_judged"):
+        r.raise_if_failed()
+
+
+def test_qa_gate(tmp_path):
+    items = _items(tmp_path)
+    cols = {"item_id": [1, 1, 2], "qa_index": [0, 1, 0], "question": ["q?", "q2?", "q3?"],
+            "answer": ["a.", "b.", "c."], "model_id": ["m"] * 3, "prompt_version": ["v"] * 3}
+    assert run_gate("qa", _write(tmp_path, "qa_ok", QA, cols), GATES, DUCK, str(tmp_path / "t"), catalog=items).success
+    bad = _write(tmp_path, "qa_bad", QA, {**cols, "item_id": [1, 1, 9], "qa_index": [0, 0, 0],
+                                        "answer": ["a.", "   ", None]})
+    r = run_gate("qa", bad, GATES, DUCK, str(tmp_path / "t"), catalog=items)
+    failed = {(c.expectation, c.kwargs.get("column")): c.unexpected_count for c in r.failures}
+    assert failed == {("expect_compound_columns_to_be_unique", None): 2,
+                      ("expect_item_ids_to_be_in_catalog", "item_id"): 1,
+                      ("expect_column_values_to_not_be_null", "answer"): 1,
+                      ("expect_column_values_to_match_regex", "answer"): 1}
+
+
+def test_judge_quality_gate():
+    report = {"auc.cooc": 0.81, "auc.genre": 0.70, "eval.pairs": 600.0, "pairs": 10.0}
+    assert judge_quality_gate("judge", report, None).success
+    r = judge_quality_gate("judge", report, 0.75)
+    assert [(c.kwargs["eval_set"], c.observed) for c in r.failures] == [("genre", 0.70)]
+    with pytest.raises(GateError, match=r"(?s)\[stage=judge, dataset=judge_eval\].*expect_judge_auc_to_be_at_least"):
+        r.raise_if_failed()
+    unmeasured = judge_quality_gate("judge", {}, 0.75, note="the interactions carry no ratings")
+    assert not unmeasured.success and "no ratings" in str(unmeasured.failures[0].sample)

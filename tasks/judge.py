@@ -1,0 +1,99 @@
+"""Judge and QA tasks (stage 2): score every mined pair with the LLM judge, then write QA pairs."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from qarm_core import __version__
+from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.gates import judge_quality_gate
+from qarm_core.judge.stage import judge_stage, qa_item_ids, qa_stage
+from qarm_core.schemas import JUDGMENTS, QA
+from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from tasks import tracking
+from tasks.common import TASK_DEFAULTS
+
+
+def _previous(storage: Storage, dataset: str):
+    """The last published table of ``dataset``: the cache a daily refresh reuses."""
+    rec = storage.published(dataset)
+    return (read_dataset(rec) if rec is not None else None), rec
+
+
+def _log(run: tracking.StageRun, report: dict, records: dict[str, DatasetRecord], reused: bool) -> None:
+    run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}
+                | {f"rows.{n}": r.rows for n, r in records.items()} | {"reused": float(reused)})
+    run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
+
+
+@task(name="judge-pairs", **TASK_DEFAULTS)
+def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
+          interactions: DatasetRecord) -> dict[str, DatasetRecord]:
+    """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning.
+
+    Pairs judged in the published snapshot by the same model and prompt are not scored again. The
+    judge's AUC on evaluation sets drawn from ``interactions`` is logged and, when
+    ``judge.eval.min_auc`` is set, gates the run.
+    """
+    storage = Storage(cfg.home)
+    previous, prev_rec = _previous(storage, "judgments")
+    # The previous snapshot is only a cache (same inputs give the same judgments), so it is not
+    # part of the key; reasoning samples and scores are deterministic for a given model.
+    key = stable_hash({"pairs": pairs.fingerprint, "items": items.fingerprint,
+                       "interactions": interactions.fingerprint, "judge": cfg.judge.model_dump(mode="json"),
+                       "qarm": __version__, "schema": JUDGMENTS.version})
+    report: dict = {}
+
+    def produce():
+        table, rep = judge_stage(read_dataset(pairs), read_dataset(items),
+                                 read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
+                                 cfg.judge, previous=previous)
+        report.update(rep)
+        return iter(table.to_batches(max_chunksize=1_000_000))
+
+    with tracking.stage_run(cfg, parent_run_id, "judge") as run:
+        records, reused, report = write_stage_outputs(storage, "judge", key,
+                                                      {"judgments": (JUDGMENTS, produce)}, report)
+        run.params({"judge": cfg.judge.model_dump(mode="json"), "key": key,
+                    "previous": prev_rec.path if prev_rec else "none"})
+        _log(run, report, records, reused)
+        quality = judge_quality_gate("judge", report, cfg.judge.eval.min_auc, report.get("notes", {}).get("eval"))
+        run.gate(quality)
+        get_run_logger().info(
+            "judge: %s pairs (%s scored, %s/s), keep %s, AUC %s", f"{records['judgments'].rows:,}",
+            f"{report.get('pairs.scored', 0):,.0f}", f"{report.get('pairs_per_s', 0):.1f}",
+            ", ".join(f"{s}={report[f'{s}.keep_rate']:.2f}" for s in ("swing", "u2i") if f"{s}.keep_rate" in report),
+            ", ".join(f"{k[4:]}={v:.3f}" for k, v in report.items() if k.startswith("auc.")) or
+            report.get("notes", {}).get("eval", "n/a"))
+        quality.raise_if_failed()
+    return records
+
+
+@task(name="qa-pairs", **TASK_DEFAULTS)
+def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, items: DatasetRecord
+       ) -> dict[str, DatasetRecord]:
+    """Stage ``qa``: K question/answer pairs per item (of the kept pairs, or all, by ``qa.items``);
+    items answered in the published snapshot by the same model and prompt are copied."""
+    storage = Storage(cfg.home)
+    previous, prev_rec = _previous(storage, "qa")
+    key = stable_hash({"judgments": judgments.fingerprint, "items": items.fingerprint,
+                       "qa": cfg.qa.model_dump(mode="json"), "qarm": __version__, "schema": QA.version})
+    report: dict = {}
+
+    def produce():
+        catalog = read_dataset(items)
+        ids = qa_item_ids(read_dataset(judgments, columns=["src_item", "dst_item", "keep"]), catalog, cfg.qa.items)
+        table, rep = qa_stage(catalog, cfg.qa, ids, previous=previous)
+        report.update(rep)
+        return iter(table.to_batches(max_chunksize=1_000_000))
+
+    with tracking.stage_run(cfg, parent_run_id, "qa") as run:
+        records, reused, report = write_stage_outputs(storage, "qa", key, {"qa": (QA, produce)}, report)
+        run.params({"qa": cfg.qa.model_dump(mode="json"), "key": key,
+                    "previous": prev_rec.path if prev_rec else "none"})
+        _log(run, report, records, reused)
+        get_run_logger().info("qa: %s rows for %s items (%s generated, LLM answers kept %s)",
+                              f"{records['qa'].rows:,}", f"{report.get('items', 0):,.0f}",
+                              f"{report.get('items.generated', 0):,.0f}",
+                              f"{report.get('llm_answer_rate', float('nan')):.0%}")
+    return records

@@ -1,0 +1,99 @@
+"""The judge and QA stages as the flow calls them: reports, cache reuse, evaluation, item selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, LocalModelConfig, QAConfig
+from qarm_core.judge.judge import PairScorer
+from qarm_core.judge.prompts import judge_prompt
+from qarm_core.judge.stage import evaluate_judge, judge_stage, qa_item_ids, qa_stage
+from qarm_core.schemas import JUDGMENTS, QA
+from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
+from tests.conftest import tiny_lm_path
+
+CFG = JudgeConfig(embed_weight=0.0, tag_weight=0.0, reasoning="sample", reasoning_sample=3,
+                  reasoning_max_tokens=4, eval=JudgeEvalConfig(n_per_class=10, min_item_ratings=5))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from qarm_core.judge.backends import LocalLM
+
+    return LocalLM(LocalModelConfig(model_path=str(tiny_lm_path()), dtype="float32", batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def data():
+    spec = SynthSpec(users=60, items=30, interactions=900, seed=3)
+    items = pa.Table.from_batches(list(iter_synthetic_items(spec)))
+    inter = pa.Table.from_batches(list(iter_synthetic_interactions(spec)))
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 30, 60)
+    dst = (src + rng.integers(1, 30, 60)) % 30
+    pairs = pa.table({"src_item": pa.array(src, pa.int64()), "dst_item": pa.array(dst, pa.int64()),
+                      "score": pa.array(rng.random(60)), "source": ["swing"] * 40 + ["u2i"] * 20})
+    pairs = pairs.group_by(["src_item", "dst_item", "source"]).aggregate([("score", "max")])
+    return items, inter, pairs
+
+
+def test_judge_stage_report_and_cache(backend, data):
+    items, inter, pairs = data
+    scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
+    out, rep = judge_stage(pairs, items, inter, CFG, scorer=scorer)
+    assert out.schema == JUDGMENTS.schema and out.num_rows == pairs.num_rows
+    assert rep["pairs"] == rep["pairs.scored"] == pairs.num_rows and rep["pairs.cached"] == 0
+    assert rep["pairs_per_s"] > 0
+    assert rep["reasoning.rows"] == out.num_rows - out["reasoning"].null_count <= 3
+    n_swing = pc.sum(pc.equal(pairs["source"], "swing")).as_py()
+    assert rep["swing.pairs"] == n_swing and rep["swing.kept"] == np.ceil(0.9 * n_swing)
+    assert rep["u2i.keep_rate"] == pytest.approx(np.ceil(0.3 * rep["u2i.pairs"]) / rep["u2i.pairs"])
+    assert 0 <= rep["auc.cooc"] <= 1 and 0 <= rep["auc.genre"] <= 1 and rep["eval.pairs"] > 0
+    assert "eval" not in rep["notes"] and rep["notes"]["prompt_version"] == CFG.prompt_version
+
+    # next day: two new pairs; the old ones come from the cache with their scores and reasoning
+    extra = pa.table({"src_item": pa.array([0, 1], pa.int64()), "dst_item": pa.array([29, 28], pa.int64()),
+                      "source": ["swing", "swing"], "score_max": [1.0, 1.0]})
+    more = pa.concat_tables([pairs, extra.cast(pairs.schema)]).group_by(
+        ["src_item", "dst_item", "source"]).aggregate([("score_max", "max")])
+    new_pairs = more.num_rows - pairs.num_rows
+    out2, rep2 = judge_stage(more, items, None, CFG, previous=out, scorer=scorer)
+    assert rep2["pairs.scored"] == new_pairs and rep2["pairs.cached"] == pairs.num_rows
+    assert rep2["notes"]["eval"].startswith("skipped") and "auc.cooc" not in rep2
+    key = ["src_item", "dst_item", "source"]
+    j = out.select(key + ["score", "reasoning"]).join(out2.select(key + ["score", "reasoning"]),
+                                                       keys=key, right_suffix="_2")
+    assert j["score"].to_pylist() == j["score_2"].to_pylist()
+
+
+def test_evaluation_skipped_with_a_reason(backend, data):
+    items, inter, _ = data
+    scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
+    no_ratings = inter.set_column(inter.column_names.index("rating"), "rating",
+                                  pa.nulls(inter.num_rows, inter.schema.field("rating").type))
+    assert evaluate_judge(no_ratings, items, scorer, CFG.eval) == (
+        {}, "the interactions carry no ratings (the evaluation sets are drawn from ratings)")
+    aucs, why = evaluate_judge(inter, items, scorer, JudgeEvalConfig(min_item_ratings=10_000))
+    assert aucs == {} and "too few for evaluation" in why
+    assert evaluate_judge(inter, items, scorer, JudgeEvalConfig(enabled=False))[1] == "judge.eval.enabled is false"
+
+
+def test_qa_items_and_stage(backend, data):
+    items, _, _ = data
+    j = pa.table({"src_item": pa.array([1, 2, 3], pa.int64()), "dst_item": pa.array([4, 5, 6], pa.int64()),
+                  "keep": [True, False, None]})
+    assert qa_item_ids(j, items, "kept_pairs") == [1, 4]
+    assert qa_item_ids(j, items, "all") == list(range(30))
+    with pytest.raises(ValueError, match="unknown QA item selection"):
+        qa_item_ids(j, items, "some")
+    cfg = QAConfig(k=2, max_new_tokens=6)
+    qa, rep = qa_stage(items, cfg, [1, 4], backend=backend)
+    assert qa.schema == QA.schema and set(qa["item_id"].to_pylist()) == {1, 4} and qa.num_rows == 4
+    assert rep["items.generated"] == 2 and rep["questions"] == 4 and rep["items_per_s"] > 0
+    assert rep["llm_answers_kept"] + rep["fallbacks"] == 4
+    qa2, rep2 = qa_stage(items, cfg, [1, 4, 7], previous=qa, backend=backend)
+    assert rep2["items.generated"] == 1 and qa2.num_rows == 6
+    assert qa2.filter(pc.is_in(qa2["item_id"], pa.array([1, 4], pa.int64()))).to_pylist() == qa.to_pylist()
