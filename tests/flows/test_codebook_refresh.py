@@ -50,7 +50,7 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert judged["swing.keep_rate"] == pytest.approx(0.9, abs=0.01)
     assert judged["u2i.keep_rate"] == pytest.approx(0.3, abs=0.01)
     assert judged["pairs_per_s"] > 0 and 0 <= judged["auc.cooc"] <= 1 and 0 <= judged["auc.genre"] <= 1
-    assert children["judge"]["tags"]["qarm.prompt_version"] == "pmi-fs-v1"
+    assert children["judge"]["tags"]["qarm.prompt_version"] == "pmi-generic-v1"
     assert children["gate-judge-judgments"]["metrics"]["gate.judgments.success"] == 1.0
     kept = read_dataset(cur.record("judgments")).filter(pc.field("keep"))
     kept_items = set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist())
