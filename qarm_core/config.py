@@ -102,12 +102,23 @@ class QAGate(RowBounds):
     max_text_chars: int = Field(1_000, ge=1)
 
 
+class EmbeddingsGate(RowBounds):
+    norm_tolerance: float = Field(1e-3, gt=0.0)   # | ||v|| - 1 | allowed (vectors are L2-normalised)
+
+
+class CodesGate(RowBounds):
+    # Share of items whose (c1, c2, c3) is shared with another item, after collision resolution.
+    max_collision_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+
 class GatesConfig(_Strict):
     interactions: InteractionGate = InteractionGate()
     items: ItemGate = ItemGate()
     pairs: RowBounds = RowBounds()
     judgments: RowBounds = RowBounds()
     qa: QAGate = QAGate()
+    embeddings: EmbeddingsGate = EmbeddingsGate()
+    codes: CodesGate = CodesGate()
     # Rows per batch handed to Great Expectations; keyed and table-level checks run in DuckDB.
     batch_rows: int = Field(2_000_000, ge=1)
     sample_rows: int = Field(5, ge=1)

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 from qarm_core.config import DuckDBConfig, GatesConfig
 from qarm_core.duck import connect, parquet_source
 from qarm_core.errors import GateError
-from qarm_core.schemas import INTERACTIONS, ITEMS, JUDGMENTS, PAIRS, QA, DatasetSchema, schema_for
+from qarm_core.schemas import (
+    CODES, EMBEDDINGS, INTERACTIONS, ITEMS, JUDGMENTS, PAIRS, QA, DatasetSchema, embeddings_schema, schema_for,
+)
 from qarm_core.storage import DatasetRecord
 
 
@@ -68,6 +70,8 @@ class Suite:
 
     ``row_expectations``: (GX expectation class name, kwargs) run per batch.
     ``sql_checks``: (name, kwargs, SQL selecting offending rows from ``data`` [and ``catalog``]).
+    ``share_checks``: (name, kwargs, SQL selecting offending rows, max share of all rows): passes
+    while the offending rows are at most that share (e.g. the SID collision rate).
     """
 
     schema: DatasetSchema
@@ -78,6 +82,11 @@ class Suite:
     # it, and DuckDB 2.0 prunes Parquet row groups by min/max statistics that leave NaN out, so a
     # SQL filter for NaN can miss it.
     finite_columns: tuple[str, ...] = ()
+    # A fixed-size-list float column whose rows must be finite, non-null and of L2 norm within
+    # ``unit_norm_tol`` of 1 (None: norm not checked). Checked in Arrow/numpy, batch by batch.
+    vector_column: str | None = None
+    unit_norm_tol: float | None = None
+    share_checks: list[tuple[str, dict, str, float]] = field(default_factory=list)
 
 
 def _not_null(schema: DatasetSchema) -> list[tuple[str, dict]]:
@@ -97,7 +106,7 @@ def _in_catalog(column: str) -> tuple[str, dict, str]:
             f"(SELECT item_id FROM catalog WHERE item_id IS NOT NULL)")
 
 
-def interactions_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+def interactions_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
     g = cfg.interactions
     sql = [
         _unique_key(INTERACTIONS),
@@ -115,7 +124,7 @@ def interactions_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
     return Suite(INTERACTIONS, rows, sql, (g.min_rows, g.max_rows), finite_columns=("rating",))
 
 
-def items_suite(cfg: GatesConfig, refs: frozenset[str] = frozenset()) -> Suite:
+def items_suite(cfg: GatesConfig, refs: frozenset[str] = frozenset(), expect: dict | None = None) -> Suite:
     g = cfg.items
     rows = _not_null(ITEMS) + [
         ("ExpectColumnValueLengthsToBeBetween", {"column": "title", "min_value": 1,
@@ -129,7 +138,7 @@ def items_suite(cfg: GatesConfig, refs: frozenset[str] = frozenset()) -> Suite:
 PAIR_SOURCES = ["swing", "u2i"]
 
 
-def pairs_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+def pairs_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
     sql = [_unique_key(PAIRS),
            ("expect_no_self_pairs", {"column_A": "src_item", "column_B": "dst_item"},
             "SELECT * FROM data WHERE src_item = dst_item")]
@@ -142,7 +151,7 @@ def pairs_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
 _PAIR = "src_item, dst_item, source"
 
 
-def judgments_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+def judgments_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
     """One judgment per mined pair (no more, no fewer), each with a finite score and a verdict."""
     sql = [("expect_one_judgment_per_pair", {"column_list": _PAIR.split(", ")},
             f"SELECT * FROM data WHERE ({_PAIR}) IN (SELECT ({_PAIR}) FROM data GROUP BY ALL "
@@ -160,7 +169,7 @@ def judgments_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
                  finite_columns=("score",))
 
 
-def qa_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
+def qa_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
     """Non-empty, bounded questions and answers, one row per (item, question index)."""
     g = cfg.qa
     sql = [("expect_compound_columns_to_be_unique", {"column_list": ["item_id", "qa_index"]},
@@ -177,12 +186,49 @@ def qa_suite(cfg: GatesConfig, refs: frozenset[str]) -> Suite:
     return Suite(QA, rows, sql, (g.min_rows, g.max_rows))
 
 
-SUITES: dict[str, Callable[[GatesConfig, frozenset[str]], Suite]] = {
+def embeddings_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
+    """Exactly one finite, unit-norm vector per catalog item; the width (``expect["dim"]``) is
+    checked by the schema."""
+    sql = [_unique_key(EMBEDDINGS)]
+    if "catalog" in refs:
+        sql += [_in_catalog("item_id"),
+                ("expect_every_catalog_item_to_be_embedded", {"reference": "items"},
+                 "SELECT item_id FROM catalog EXCEPT SELECT item_id FROM data ORDER BY item_id")]
+    rows = [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in ("item_id", "model_version")]
+    return Suite(EMBEDDINGS, rows, sql, (cfg.embeddings.min_rows, cfg.embeddings.max_rows),
+                 vector_column="vector", unit_norm_tol=cfg.embeddings.norm_tolerance)
+
+
+def codes_suite(cfg: GatesConfig, refs: frozenset[str], expect: dict) -> Suite:
+    """One SID per catalog item, codes in range (``expect["code_sizes"]``: the (K1, K2, FSQ space)
+    of the quantizer), SIDs unique, raw (c1, c2, c3) collisions at most ``gates.codes.max_collision_rate``."""
+    g = cfg.codes
+    sizes = expect.get("code_sizes") or (None, None, None)
+    sql = [_unique_key(CODES),
+           ("expect_column_values_to_be_unique", {"column": "sid"},
+            "SELECT * FROM data WHERE sid IN (SELECT sid FROM data GROUP BY sid HAVING count(*) > 1) "
+            "ORDER BY sid, item_id")]
+    if "catalog" in refs:
+        sql += [_in_catalog("item_id"),
+                ("expect_every_catalog_item_to_have_a_sid", {"reference": "items"},
+                 "SELECT item_id FROM catalog EXCEPT SELECT item_id FROM data ORDER BY item_id")]
+    rows = _not_null(CODES) + [
+        ("ExpectColumnValuesToBeBetween", {"column": c, "min_value": 0, "max_value": hi - 1})
+        for c, hi in zip(("c1", "c2", "c3"), sizes) if hi is not None]
+    shares = [("expect_code_collision_rate_to_be_at_most", {"max_rate": g.max_collision_rate},
+               "SELECT * FROM data WHERE (c1, c2, c3) IN (SELECT (c1, c2, c3) FROM data GROUP BY ALL "
+               "HAVING count(*) > 1) ORDER BY c1, c2, c3, item_id", g.max_collision_rate)]
+    return Suite(CODES, rows, sql, (g.min_rows, g.max_rows), share_checks=shares)
+
+
+SUITES: dict[str, Callable[[GatesConfig, frozenset[str], dict], Suite]] = {
     "interactions": interactions_suite,
     "items": items_suite,
     "pairs": pairs_suite,
     "judgments": judgments_suite,
     "qa": qa_suite,
+    "embeddings": embeddings_suite,
+    "codes": codes_suite,
 }
 
 
@@ -236,9 +282,17 @@ def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
     checks = [Check(_snake(cls_name), kwargs, True) for cls_name, kwargs in suite.row_expectations]
     finite = [Check("expect_column_values_to_be_finite", {"column": c}, True, engine="arrow")
               for c in suite.finite_columns]
+    vec = []
+    if suite.vector_column:
+        vec.append(Check("expect_vectors_to_be_finite", {"column": suite.vector_column}, True, engine="arrow"))
+        if suite.unit_norm_tol is not None:
+            vec.append(Check("expect_vectors_to_have_unit_norm",
+                             {"column": suite.vector_column, "tolerance": suite.unit_norm_tol}, True, engine="arrow"))
     for f in record.files:
         pf = pq.ParquetFile(Path(record.path) / f)
         for batch in pf.iter_batches(batch_size=batch_rows):
+            if vec:
+                _check_vectors(batch, suite, vec, sample_rows)
             for check in finite:
                 col = batch.column(check.kwargs["column"])
                 bad = pc.fill_null(pc.invert(pc.is_finite(col)), False)
@@ -264,7 +318,37 @@ def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
                 idx = (r.result.get("partial_unexpected_index_list") or [])[:max(room, 0)]
                 if idx:
                     check.sample.extend(_jsonable_rows(batch.take(pa.array(idx, pa.int64()))))
-    return checks + finite
+    return checks + finite + vec
+
+
+def _check_vectors(batch: pa.RecordBatch, suite: Suite, checks: list[Check], sample_rows: int) -> None:
+    """Row-wise finiteness (a null vector counts as bad) and L2 norm of ``suite.vector_column``."""
+    import numpy as np
+
+    col = batch.column(suite.vector_column)
+    dim = col.type.list_size
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    # Null rows still occupy ``dim`` slots in the child array; flatten() would drop them.
+    x = col.values.slice(col.offset * dim, len(col) * dim).to_numpy(zero_copy_only=False)
+    x = x.astype(np.float64, copy=False).reshape(len(col), dim)
+    bad_finite = null | ~np.isfinite(x).all(axis=1)
+    masks = [bad_finite]
+    if len(checks) > 1:
+        norm = np.sqrt(np.einsum("ij,ij->i", np.where(np.isfinite(x), x, 0.0), np.where(np.isfinite(x), x, 0.0)))
+        masks.append(~bad_finite & (np.abs(norm - 1.0) > suite.unit_norm_tol))
+    id_cols = [c for c in suite.schema.key if c in batch.schema.names]
+    for check, bad in zip(checks, masks):
+        n_bad = int(bad.sum())
+        if n_bad:
+            check.success = False
+            check.unexpected_count += n_bad
+            room = max(sample_rows - len(check.sample), 0)
+            rows = batch.select(id_cols).filter(pa.array(bad)).slice(0, room).to_pylist()
+            if check.expectation.endswith("unit_norm"):
+                idx = np.flatnonzero(bad)[:room]
+                for r, i in zip(rows, idx):
+                    r["norm"] = round(float(norm[i]), 6)
+            check.sample.extend(rows)
 
 
 def _run_sql_checks(suite: Suite, record: DatasetRecord, refs: dict[str, DatasetRecord],
@@ -284,6 +368,12 @@ def _run_sql_checks(suite: Suite, record: DatasetRecord, refs: dict[str, Dataset
             sample = _jsonable_rows(con.sql(f"{query} LIMIT {sample_rows}").to_arrow_table()) if count else []
             checks.append(Check(name, kwargs, success=count == 0, unexpected_count=int(count),
                                 sample=sample, engine="duckdb"))
+        for name, kwargs, query, max_share in suite.share_checks:
+            count = con.sql(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
+            share = count / n_rows if n_rows else 0.0
+            sample = _jsonable_rows(con.sql(f"{query} LIMIT {sample_rows}").to_arrow_table()) if count else []
+            checks.append(Check(name, kwargs, success=share <= max_share, unexpected_count=int(count),
+                                sample=[] if share <= max_share else sample, observed=share, engine="duckdb"))
         return n_rows, checks
     finally:
         con.close()
@@ -291,15 +381,19 @@ def _run_sql_checks(suite: Suite, record: DatasetRecord, refs: dict[str, Dataset
 
 def run_gate(stage: str, record: DatasetRecord, cfg: GatesConfig, duck: DuckDBConfig,
              temp_dir: str | Path, catalog: DatasetRecord | None = None,
-             pairs: DatasetRecord | None = None) -> GateResult:
+             pairs: DatasetRecord | None = None, expect: dict | None = None) -> GateResult:
     """Validate one dataset on a DAG edge; returns every check, failed or not (never raises on bad data).
 
     ``catalog``: the items dataset, for checks that ids exist in the catalog; ``pairs``: the mined
-    pairs, for checks that the judgments cover them exactly.
+    pairs, for checks that the judgments cover them exactly; ``expect``: what other stages' configs
+    fix about this dataset (embeddings: ``dim``; codes: ``code_sizes``).
     """
+    expect = expect or {}
     refs = {name: rec for name, rec in (("catalog", catalog), ("pairs", pairs)) if rec is not None}
-    suite = SUITES[record.dataset](cfg, frozenset(refs))
-    schema_check = _schema_check(record, schema_for(record.dataset))
+    suite = SUITES[record.dataset](cfg, frozenset(refs), expect)
+    declared = embeddings_schema(expect["dim"]) if record.dataset == "embeddings" and "dim" in expect \
+        else schema_for(record.dataset)
+    schema_check = _schema_check(record, declared)
     if not schema_check.success:  # the other checks would only fail confusingly
         return GateResult(stage, record.dataset, record.rows, [schema_check])
     n_rows, sql_checks = _run_sql_checks(suite, record, refs, duck, temp_dir, cfg.sample_rows)

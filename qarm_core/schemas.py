@@ -106,7 +106,49 @@ QA = DatasetSchema(
     not_null=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version"),
 )
 
-SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, QA)}
+
+
+def embeddings_schema(dim: int) -> DatasetSchema:
+    """Item embeddings of width ``dim``: item_id, vector (fixed-size list of ``dim`` float32),
+    model_version. One row per catalog item."""
+    if dim < 1:
+        raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    return DatasetSchema(
+        name="embeddings",
+        version=1,
+        schema=pa.schema([
+            pa.field("item_id", pa.int64()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("model_version", pa.string()),
+        ]),
+        key=("item_id",),
+        required=("item_id", "vector", "model_version"),
+        not_null=("item_id", "vector", "model_version"),
+    )
+
+
+# The width is the embedding model's ``dim``; this instance (dim 128, the default) names the
+# dataset and its version for readers that do not care about the width.
+EMBEDDINGS = embeddings_schema(128)
+
+CODES = DatasetSchema(
+    name="codes",
+    version=1,
+    schema=pa.schema([
+        pa.field("item_id", pa.int64()),
+        pa.field("c1", pa.int32()),            # level-1 residual k-means code
+        pa.field("c2", pa.int32()),            # level-2 residual k-means code
+        pa.field("c3", pa.int64()),            # the FSQ digits packed
+        pa.field("sid", pa.string()),          # "c1-c2-c3", plus "-k" where a collision could not be moved
+        pa.field("resolved", pa.bool_()),      # c3 was moved off a colliding cell
+    ]),
+    key=("item_id",),
+    required=("item_id", "c1", "c2", "c3", "sid", "resolved"),
+    not_null=("item_id", "c1", "c2", "c3", "sid", "resolved"),
+)
+
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, QA, EMBEDDINGS,
+                                                         CODES)}
 
 
 def schema_for(dataset: str) -> DatasetSchema:

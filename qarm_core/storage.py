@@ -165,6 +165,18 @@ def write_parquet_dataset(folder: Path, batches: Iterable[pa.RecordBatch | pa.Ta
                          fingerprint=hash_files(files), files=tuple(f.name for f in files))
 
 
+def artifact_record(name: str, folder: Path, format_version: int) -> DatasetRecord:
+    """The record of a folder of non-tabular files (a model, a codebook): every file under it, by
+    relative path, fingerprinted like a dataset. ``rows`` is the number of files."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise StorageError(f"artifact {name}: {folder} holds no files")
+    for f in files:
+        fsync_file(folder / f)
+    return DatasetRecord(dataset=name, path=str(folder), rows=len(files), schema_version=format_version,
+                         fingerprint=hash_files(folder / f for f in files), files=tuple(files))
+
+
 def read_dataset(record: DatasetRecord, columns: list[str] | None = None) -> pa.Table:
     """Read a whole dataset into memory (small datasets; use DuckDB for big ones)."""
     schema = schema_for(record.dataset)
@@ -333,8 +345,10 @@ class Storage:
                     src = Path(rec.path) / f
                     if not src.is_file():
                         raise StorageError(f"cannot publish {name}: {src} is missing")
+                    (dst / f).parent.mkdir(parents=True, exist_ok=True)   # artifacts have subfolders
                     _link_or_copy(src, dst / f)
-                fsync_dir(dst)
+                for d in sorted({(dst / f).parent for f in rec.files}, key=lambda p: -len(p.parts)):
+                    fsync_dir(d)
                 datasets[name] = {"rows": rec.rows, "schema_version": rec.schema_version,
                                   "fingerprint": rec.fingerprint, "files": list(rec.files)}
             manifest = {"snapshot_id": sid, "created_at": datetime.now(timezone.utc).isoformat(),
@@ -414,11 +428,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_stage_outputs(storage: Storage, stage: str, key: str,
                         outputs: dict[str, tuple[DatasetSchema, Callable[[], Iterable[pa.RecordBatch]]]],
-                        report: dict | None = None) -> tuple[dict[str, DatasetRecord], bool, dict]:
+                        report: dict | None = None,
+                        artifacts: dict[str, tuple[int, Callable[[Path], None]]] | None = None,
+                        ) -> tuple[dict[str, DatasetRecord], bool, dict]:
     """Write a stage's datasets under ``work/<stage>/<key>``, or reuse them if already there.
 
     ``outputs`` maps dataset name to (schema, zero-argument function yielding batches); the batches
-    are only produced when the output is not cached. ``report`` is a dict the producers may fill
+    are only produced when the output is not cached. ``artifacts`` maps a name to (format version,
+    function writing files into the folder it is given), for outputs that are not tables (a model,
+    a codebook); they are produced after the datasets. ``report`` is a dict the producers may fill
     (counts, timings); it is stored with the output. Returns (records, reused, report), the report
     being the stored one when the output is reused.
     """
@@ -431,6 +449,11 @@ def write_stage_outputs(storage: Storage, stage: str, key: str,
     with storage.staging_stage(stage, key) as tmp:
         records = {name: write_parquet_dataset(tmp / name, make_batches(), schema)
                    for name, (schema, make_batches) in outputs.items()}
+        for name, (version, write) in (artifacts or {}).items():
+            (tmp / name).mkdir()
+            write(tmp / name)
+            records[name] = artifact_record(name, tmp / name, version)
+            fsync_dir(tmp / name)
         records = Storage.rebase(records, tmp, final)
         storage.finish_stage(tmp, records, report)
     return records, False, report

@@ -222,3 +222,57 @@ def test_judge_quality_gate():
         r.raise_if_failed()
     unmeasured = judge_quality_gate("judge", {}, 0.75, note="the interactions carry no ratings")
     assert not unmeasured.success and "no ratings" in str(unmeasured.failures[0].sample)
+
+
+def _embeddings(folder, vectors, ids=(1, 2, 3), dim=4):
+    import numpy as np
+    from qarm_core.schemas import embeddings_schema
+
+    es = embeddings_schema(dim)
+    x = np.asarray(vectors, dtype=np.float32)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
+    t = pa.table([pa.array(ids, pa.int64()), vec, pa.array(["m"] * len(ids))], schema=es.schema)
+    return write_parquet_dataset(folder, iter(t.to_batches()), es)
+
+
+def test_embeddings_gate(tmp_path):
+    items = _items(tmp_path)
+    unit = [[1, 0, 0, 0], [0, 0.6, 0.8, 0], [0, 0, 0, 1]]
+    ok = run_gate("embed", _embeddings(tmp_path / "ok", unit), GATES, DUCK, str(tmp_path / "t"),
+                  catalog=items, expect={"dim": 4})
+    assert ok.success, ok.failures
+    bad = _embeddings(tmp_path / "bad", [[1, 0, 0, 0], [float("nan"), 0, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0]],
+                      ids=(1, 2, 2, 9))
+    r = run_gate("embed", bad, GATES, DUCK, str(tmp_path / "t"), catalog=items, expect={"dim": 4})
+    failed = {c.expectation: (c.unexpected_count, c.sample) for c in r.failures}
+    assert failed["expect_vectors_to_be_finite"] == (1, [{"item_id": 2}])
+    assert failed["expect_vectors_to_have_unit_norm"] == (1, [{"item_id": 2, "norm": 2.0}])
+    assert failed["expect_compound_columns_to_be_unique"][0] == 2
+    assert failed["expect_item_ids_to_be_in_catalog"][0] == 1
+    assert failed["expect_every_catalog_item_to_be_embedded"] == (1, [{"item_id": 3}])
+    # another width than the model's is a schema failure, reported alone
+    wide = run_gate("embed", _embeddings(tmp_path / "w", unit), GATES, DUCK, str(tmp_path / "t"),
+                    catalog=items, expect={"dim": 8})
+    assert [c.expectation for c in wide.failures] == ["expect_schema_to_match"]
+
+
+def test_codes_gate(tmp_path):
+    from qarm_core.schemas import CODES
+
+    items = _items(tmp_path)
+    cols = {"item_id": [1, 2, 3], "c1": [0, 0, 1], "c2": [1, 1, 0], "c3": [5, 6, 5],
+            "sid": ["0-1-5", "0-1-6", "1-0-5"], "resolved": [False, True, False]}
+    sizes = {"code_sizes": (2, 2, 8)}
+    assert run_gate("quantize", _write(tmp_path, "codes_ok", CODES, cols), GATES, DUCK, str(tmp_path / "t"),
+                    catalog=items, expect=sizes).success
+    bad = _write(tmp_path, "codes_bad", CODES, {**cols, "c1": [0, 0, 2], "c3": [5, 5, 5], "sid": ["a", "a", "b"]})
+    r = run_gate("quantize", bad, GATES, DUCK, str(tmp_path / "t"), catalog=items, expect=sizes)
+    failed = {(c.expectation, c.kwargs.get("column")): c.unexpected_count for c in r.failures}
+    assert failed == {("expect_column_values_to_be_unique", "sid"): 2,
+                      ("expect_column_values_to_be_between", "c1"): 1,
+                      ("expect_code_collision_rate_to_be_at_most", None): 2}
+    [coll] = [c for c in r.failures if c.expectation.startswith("expect_code_collision")]
+    assert coll.observed == pytest.approx(2 / 3)
+    loose = parse_config({"gates": {"codes": {"max_collision_rate": 0.7}}}).gates
+    r2 = run_gate("quantize", bad, loose, DUCK, str(tmp_path / "t"), catalog=items, expect=sizes)
+    assert "expect_code_collision_rate_to_be_at_most" not in {c.expectation for c in r2.failures}

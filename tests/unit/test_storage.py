@@ -223,3 +223,27 @@ def test_concurrent_publishers_with_tight_retention_never_lose_current(tmp_path)
     cur = st.current()
     assert read_dataset(cur.record("items")).num_rows in {1, 2, 3, 4}
     assert cur.snapshot_id in st.list_snapshots()
+
+
+def test_artifacts_are_staged_reused_and_published(tmp_path):
+    """A model or codebook folder (nested, non-tabular files) travels like a dataset."""
+    from qarm_core.storage import write_stage_outputs
+
+    st = Storage(tmp_path / "home").ensure()
+    calls = []
+
+    def write(folder):
+        calls.append(folder)
+        (folder / "sub").mkdir()
+        (folder / "config.json").write_text('{"k": 1}')
+        (folder / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 10)
+
+    recs, reused, _ = write_stage_outputs(st, "train", "k1", {}, artifacts={"model": (3, write)})
+    assert not reused and recs["model"].files == ("config.json", "sub/weights.bin")
+    assert recs["model"].schema_version == 3 and recs["model"].rows == 2
+    again, reused2, _ = write_stage_outputs(st, "train", "k1", {}, artifacts={"model": (3, write)})
+    assert reused2 and again == recs and len(calls) == 1
+    snap = st.publish(recs)
+    assert (Path(snap.path) / "model" / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 10
+    assert st.published("model").fingerprint == recs["model"].fingerprint
+    assert st.published("codebook") is None
