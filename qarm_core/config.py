@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qarm_core.errors import ConfigError
+from qarm_core.embed.config import EmbedConfig, EmbedModelConfig, TrainConfig
 from qarm_core.judge.config import JudgeConfig, QAConfig
 
 
@@ -185,6 +186,46 @@ class MineConfig(_Strict):
         return self
 
 
+class EmbedStageConfig(_Strict):
+    """Stages 3-4: fine-tune the three-segment LLM on the kept pairs + QA, embed the catalog."""
+
+    model: EmbedModelConfig = EmbedModelConfig()
+    train: TrainConfig = TrainConfig()
+    infer: EmbedConfig = EmbedConfig()
+    # The daily schedule's mode: embed with the published model and train only if there is none.
+    reuse_model: bool = False
+    # Also embed the catalog with these and evaluate them on the held-out pairs (logged, not published).
+    baselines: list[Literal["base", "minilm"]] = Field(default_factory=lambda: ["base", "minilm"])
+    eval_k: int = Field(10, ge=1)
+
+
+class QuantizeConfig(_Strict):
+    """Stage 5: two residual k-means levels + an FSQ level -> SIDs (c1, c2, c3)."""
+
+    levels: list[int] = Field(default_factory=lambda: [256, 256])
+    fsq_dims: int = Field(4, ge=1)
+    fsq_levels: int = Field(4, ge=2)
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+    resolve: bool = True
+    # refit: fit from scratch; warm_start: refit starting from the published codebook, matched to
+    # its indices (SIDs stay stable; the default); frozen: encode with the published codebook only.
+    # Without a published codebook, warm_start and frozen fit from scratch.
+    mode: Literal["refit", "warm_start", "frozen"] = "warm_start"
+
+    @model_validator(mode="after")
+    def _valid(self) -> "QuantizeConfig":
+        self.params()
+        return self
+
+    def params(self):
+        """The quantizer's ``QuantizerParams`` (raises ValueError on an impossible code space)."""
+        from qarm_core.quantize.quantizer import QuantizerParams
+
+        return QuantizerParams(levels=tuple(self.levels), fsq_dims=self.fsq_dims, fsq_levels=self.fsq_levels,
+                               niter=self.niter, seed=self.seed, resolve=self.resolve)
+
+
 class TrackingConfig(_Strict):
     # Default: sqlite:///<home>/mlflow.db; MLFLOW_TRACKING_URI in the environment wins over both.
     tracking_uri: str | None = None
@@ -208,6 +249,8 @@ class PipelineConfig(_Strict):
     mine: MineConfig = MineConfig()
     judge: JudgeConfig = JudgeConfig()
     qa: QAConfig = QAConfig()
+    embed: EmbedStageConfig = EmbedStageConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()
