@@ -1,0 +1,50 @@
+"""Stage 5 as one call: Semantic IDs for an embeddings snapshot, refitted, warm-started from the
+published codebook, or encoded with it frozen (the daily refresh's choices)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from qarm_core.quantize.quantizer import (
+    Codebook, QuantizerParams, assign_semantic_ids, quantize_embeddings, validate_embeddings,
+)
+
+Mode = Literal["refit", "warm_start", "frozen"]
+
+
+def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, mode: Mode = "warm_start",
+                   previous: Codebook | None = None, previous_codes: pa.Table | None = None,
+                   dataset: str = "embeddings") -> tuple[Codebook, pa.Table, dict[str, float], str]:
+    """Codes for ``x`` ``(n_items, dim)``; returns (codebook, codes, metrics, how).
+
+    ``how`` says what was done: ``frozen`` (encoded with ``previous``), ``warm_start`` (refitted from
+    ``previous``, indices matched so unchanged items keep their SIDs; churn against
+    ``previous_codes`` in the metrics) or ``refit`` (from scratch: asked for, no previous codebook,
+    or a previous one that cannot apply, a new embedding width or other levels, said in ``how``).
+    ``x`` is used as the residual buffer (modified in place).
+    """
+    usable = previous is not None and previous.dim == x.shape[1] \
+        and tuple(previous.params.levels) == tuple(params.levels) \
+        and (mode == "frozen" or (previous.params.fsq_dims, previous.params.fsq_levels)
+             == (params.fsq_dims, params.fsq_levels))
+    if mode != "refit" and previous is not None and not usable:
+        why = (f"refit: the published codebook (dim {previous.dim}, levels {list(previous.params.levels)}, "
+               f"FSQ {previous.params.fsq_dims}x{previous.params.fsq_levels}) does not fit dim {x.shape[1]}, "
+               f"levels {list(params.levels)}, FSQ {params.fsq_dims}x{params.fsq_levels}")
+        mode = "refit"
+    else:
+        why = None
+    if mode == "frozen" and usable:
+        x = validate_embeddings(x, item_ids, dataset, dim=previous.dim)
+        codes, metrics = assign_semantic_ids(x, item_ids, previous, previous_codes=previous_codes, inplace=True,
+                                             dataset=dataset)
+        return previous, codes, metrics, "frozen"
+    if mode in ("warm_start", "frozen") and usable:
+        book, codes, metrics = quantize_embeddings(x, item_ids, params, previous=previous,
+                                                   previous_codes=previous_codes, inplace=True, dataset=dataset)
+        return book, codes, metrics, "warm_start"
+    book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
+    return book, codes, metrics, why or ("refit" if mode == "refit" else "refit: no published codebook")
