@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -50,6 +51,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def metric_name(key: str) -> str:
+    """``key`` as MLflow accepts it: ``hr@10`` -> ``hr_at_10``, other characters -> ``_``."""
+    return _METRIC_CHARS.sub("_", key.replace("@", "_at_"))
+
+
 @dataclass
 class StageRun:
     """Handle passed to a task for logging into its nested MLflow run."""
@@ -63,7 +72,7 @@ class StageRun:
 
     def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         for k, v in metrics.items():
-            self.client.log_metric(self.run_id, k, float(v), step=step)
+            self.client.log_metric(self.run_id, metric_name(k), float(v), step=step)
 
     def tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():

@@ -65,3 +65,39 @@ def test_publish_task(prefect_harness, tiny_cfg, parent):
     assert isinstance(read_dataset(st.current().record("interactions")), pa.Table)
     [run] = _stage_runs(tiny_cfg, "publish")
     assert run["params"]["snapshot_id"] == snap.snapshot_id
+
+
+def _embeddings_record(tmp_path, ids, dim=8, seed=0, noise=0.0):
+    import numpy as np
+
+    from qarm_core.schemas import embeddings_schema
+    from qarm_core.storage import write_parquet_dataset
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(6, dim))
+    x = centers[np.arange(len(ids)) % 6] + 0.3 * rng.normal(size=(len(ids), dim))
+    x = x + noise * np.random.default_rng(seed + 1).normal(size=x.shape)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    es = embeddings_schema(dim)
+    t = pa.table([pa.array(ids, pa.int64()), pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+                  pa.array(["test"] * len(ids))], schema=es.schema)
+    return write_parquet_dataset(tmp_path / f"emb{seed}_{noise}", iter(t.to_batches()), es)
+
+
+def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_harness, tiny_cfg, parent, tmp_path):
+    from tasks.quantize import quantize
+
+    ids = list(range(40))
+    emb = _embeddings_record(tmp_path, ids)
+    first = quantize(tiny_cfg, parent, emb)
+    assert first["codes"].rows == 40 and "codebook.json" in first["codebook"].files
+    gate(tiny_cfg, parent, "quantize", first["codes"], expect={"code_sizes": (4, 4, 9)})
+    Storage(tiny_cfg.home).publish(first)
+    # the next day, slightly moved embeddings: warm start from the published codebook, little churn
+    second = quantize(tiny_cfg, parent, _embeddings_record(tmp_path, ids, noise=0.01))
+    runs = {r["params"]["previous"]: r for r in _stage_runs(tiny_cfg, "quantize")}
+    assert runs["none"]["tags"]["qarm.quantize.how"] == "refit: no published codebook"
+    [warm] = [r for k, r in runs.items() if k != "none"]
+    assert warm["tags"]["qarm.quantize.how"] == "warm_start" and warm["metrics"]["churn"] <= 0.2
+    assert 0 <= warm["metrics"]["raw.collision_rate"] <= 1
+    assert read_dataset(second["codes"]).num_rows == 40
