@@ -1,5 +1,5 @@
-"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> judge -> gate -> QA -> gate -> publish
-(later stages join here)."""
+"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> judge -> gate -> QA -> gate ->
+train (or reuse the published model) -> embed -> gate -> quantize -> gate -> publish."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from prefect.runtime import flow_run as prefect_flow_run
 from qarm_core.config import load_config
 from tasks import tracking
 from tasks.gate import gate
+from tasks.embed import embed, train
 from tasks.ingest import ingest
 from tasks.judge import judge, qa
 from tasks.mine import mine
 from tasks.publish import publish
+from tasks.quantize import quantize
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
@@ -42,6 +44,14 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
         records |= qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
+        records |= train(cfg, run_id, records["judgments"], records["qa"], records["items"])
+        records |= embed(cfg, run_id, records["model"], records["items"], records["judgments"])
+        gate(cfg, run_id, "embed", records["embeddings"], catalog=records["items"],
+             expect={"dim": cfg.embed.model.dim})
+        records |= quantize(cfg, run_id, records["embeddings"])
+        q = cfg.quantize
+        gate(cfg, run_id, "quantize", records["codes"], catalog=records["items"],
+             expect={"code_sizes": (q.levels[0], q.levels[1], q.fsq_levels ** q.fsq_dims)})
         snapshot = publish.with_options(**retry)(cfg, run_id, records)
     return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
             "rows": {n: r.rows for n, r in records.items()}}

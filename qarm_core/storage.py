@@ -225,6 +225,11 @@ class Storage:
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.work_dir / stage / key
 
+    def run_dir(self, stage: str, key: str) -> Path:
+        """A stage's resumable scratch folder (checkpoints, embedding parts): unlike staging, it
+        survives a crash so that the rerun continues where the killed one stopped."""
+        return self.work_dir / stage / f"{key}.run"
+
     def ensure(self) -> "Storage":
         for d in (self.snapshots_dir, self.staging_dir, self.work_dir, self.duckdb_temp_dir):
             d.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ def _tiny_test_config() -> str:
     lm = {"model_path": str(tiny_lm_path()), "dtype": "float32", "batch_size": 8}
     data["judge"] = {**data.get("judge", {}), "local": lm}
     data["qa"] = {**data.get("qa", {}), "local": lm}
+    data.setdefault("embed", {}).setdefault("model", {})["model"] = str(tiny_lm_path())
     TEST_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = TEST_CACHE / f"tiny.yaml.tmp{os.getpid()}"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))

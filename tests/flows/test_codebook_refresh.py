@@ -36,7 +36,8 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
-                             "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "publish"}
+                             "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "train",
+                             "embed", "gate-embed-embeddings", "quantize", "gate-quantize-codes", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
     assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
@@ -57,6 +58,19 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     qa = read_dataset(cur.record("qa"))
     assert set(qa["item_id"].to_pylist()) == kept_items and qa.num_rows == 2 * len(kept_items)
     assert children["qa"]["metrics"]["items.generated"] == len(kept_items)
+    # the fine-tuned model, one unit vector and one SID per item, evaluation against the baselines
+    trained = children["train"]["metrics"]
+    assert trained["steps"] == 4 and trained["tokens_per_s"] > 0 and "loss" in trained
+    assert "config.json" in cur.record("model").files
+    embedded = children["embed"]["metrics"]
+    assert out["rows"]["embeddings"] == out["rows"]["codes"] == 40
+    assert all(0 <= embedded[f"{m}.recall_at_10"] <= 1 for m in ("finetuned", "base", "minilm"))
+    assert children["gate-embed-embeddings"]["metrics"]["gate.embeddings.success"] == 1.0
+    coded = children["quantize"]["metrics"]
+    assert 0 <= coded["raw.collision_rate"] <= 1 and coded["resolved.collision_rate"] <= 0.5
+    assert children["quantize"]["tags"]["qarm.quantize.how"] == "refit: no published codebook"
+    codes = read_dataset(cur.record("codes"))
+    assert len(set(codes["sid"].to_pylist())) == 40 and "codebook.json" in cur.record("codebook").files
     # the resolved config is an artifact of the parent run
     from mlflow.tracking import MlflowClient
     client = MlflowClient(cfg.tracking.tracking_uri)
@@ -69,9 +83,14 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     # a rerun reuses the staged ingest and publishes a new snapshot
     out2 = codebook_refresh(TINY, {"home": str(home)})
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
-    for stage in ("ingest", "mine", "judge", "qa"):
+    for stage in ("ingest", "mine", "judge", "qa", "train", "embed"):
         reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == stage]
         assert sorted(reused) == [0.0, 1.0]
+    # the rerun warm-starts the quantizer from the published codebook: same SIDs
+    hows = sorted(r["tags"]["qarm.quantize.how"] for r in tracking.runs_of(cfg) if r["name"] == "quantize")
+    assert hows == ["refit: no published codebook", "warm_start"]
+    assert read_dataset(st.current().record("codes")).sort_by("item_id")["sid"].to_pylist() == \
+        codes.sort_by("item_id")["sid"].to_pylist()
 
 
 def test_daily_refresh_judges_only_new_pairs(prefect_harness, tmp_path):

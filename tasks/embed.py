@@ -1,0 +1,114 @@
+"""Train and embed tasks (stages 3-4): fine-tune the three-segment LLM (or reuse the published
+model), then embed the whole catalog with it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from qarm_core import __version__
+from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
+from qarm_core.schemas import embeddings_schema
+from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from tasks import tracking
+from tasks.common import TASK_DEFAULTS
+
+MODEL_FORMAT = 1
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dst``: the staged model costs no copy."""
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            target = dst / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
+
+
+@task(name="train-embedding-model", **TASK_DEFAULTS)
+def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa: DatasetRecord,
+          items: DatasetRecord) -> dict[str, DatasetRecord]:
+    """Stage ``model``: the fine-tuned model folder (safetensors + tokenizer + projection).
+
+    With ``embed.reuse_model`` the published model is taken as it is (the daily schedule), unless
+    there is none yet. A run killed mid-training resumes from its last checkpoint on the rerun.
+    """
+    storage = Storage(cfg.home)
+    log = get_run_logger()
+    with tracking.stage_run(cfg, parent_run_id, "train") as run:
+        published = storage.published("model")
+        if cfg.embed.reuse_model and published is not None:
+            run.params({"reuse_model": True, "model": published.path})
+            run.metrics({"reused": 1.0, "reused_published": 1.0})
+            log.info("train: reusing the published model %s", published.path)
+            return {"model": published}
+        key = stable_hash({"judgments": judgments.fingerprint, "qa": qa.fingerprint, "items": items.fingerprint,
+                           "model": cfg.embed.model.model_dump(mode="json"),
+                           "train": cfg.embed.train.model_dump(mode="json"), "qarm": __version__})
+        run_dir = storage.run_dir("train", key)
+        report: dict = {}
+
+        def progress(p: dict) -> None:
+            step = int(p.get("step", 0))
+            run.metrics({k: v for k, v in p.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+        def write_model(folder: Path) -> None:
+            rec = train_stage(read_dataset(items), read_dataset(judgments), read_dataset(qa), cfg.embed,
+                              run_dir, progress)
+            report.update({k: float(v) for k, v in rec.to_dict().items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),
+                               "zero_stage": str(rec.zero_stage), "bf16": str(rec.bf16)}
+            _link_tree(Path(rec.model_dir), folder)
+
+        records, reused, report = write_stage_outputs(storage, "train", key, {}, report,
+                                                      artifacts={"model": (MODEL_FORMAT, write_model)})
+        shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints: the finished model is staged
+        run.params({"model": cfg.embed.model.model_dump(mode="json"), "train": cfg.embed.train.model_dump(mode="json"),
+                    "key": key})
+        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))} | {"reused": float(reused)})
+        run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
+        log.info("train: %s steps, %.0f tokens/s, loss %.3f -> %.3f%s", f"{report.get('steps', 0):.0f}",
+                 report.get("tokens_per_s", 0.0), report.get("loss_first", float("nan")),
+                 report.get("loss_last", float("nan")), " (reused)" if reused else "")
+    return records
+
+
+@task(name="embed-catalog", **TASK_DEFAULTS)
+def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: DatasetRecord,
+          judgments: DatasetRecord) -> dict[str, DatasetRecord]:
+    """Stage ``embeddings`` (item_id, vector, model_version), one row per catalog item, with the
+    fine-tuned model; the configured baselines are embedded too and all are evaluated on the
+    held-out judged pairs (recall@k, MRR to MLflow)."""
+    storage = Storage(cfg.home)
+    key = stable_hash({"model": model.fingerprint, "items": items.fingerprint, "judgments": judgments.fingerprint,
+                       "embed": cfg.embed.model_dump(mode="json"), "qarm": __version__})
+    run_dir = storage.run_dir("embed", key)
+    schema = embeddings_schema(cfg.embed.model.dim)
+    report: dict = {}
+
+    with tracking.stage_run(cfg, parent_run_id, "embed") as run:
+        def produce():
+            rec, rep = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir)
+            report.update(rep)
+            return iter_embedding_batches(rec.path, schema.schema)
+
+        records, reused, report = write_stage_outputs(storage, "embed", key,
+                                                      {"embeddings": (schema, produce)}, report)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run.params({"embed": cfg.embed.model_dump(mode="json"), "key": key, "model": model.path})
+        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}
+                    | {"rows.embeddings": records["embeddings"].rows, "reused": float(reused)})
+        run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
+        k = cfg.embed.eval_k
+        get_run_logger().info("embed: %s items; recall@%d %s", f"{records['embeddings'].rows:,}", k, ", ".join(
+            f"{m}={report[f'{m}.recall_at_{k}']:.3f}" for m in ("finetuned", "base", "minilm")
+            if f"{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a"))
+    return records
