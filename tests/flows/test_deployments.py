@@ -10,12 +10,19 @@ from tests.conftest import REPO
 def test_prefect_yaml_entrypoint_loads_the_flow():
     from prefect.flows import load_flow_from_entrypoint
 
+    from qarm_core.config import load_config
+
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    [dep] = spec["deployments"]
-    flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
-    assert flow.name == "codebook-refresh"
-    assert dep["schedules"][0]["cron"] == "0 3 * * *"
-    assert (REPO / dep["parameters"]["config_path"]).is_file()
+    daily, weekly = spec["deployments"]
+    for dep in (daily, weekly):
+        flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
+        assert flow.name == "codebook-refresh"
+        assert (REPO / dep["parameters"]["config_path"]).is_file()
+    assert daily["schedules"][0]["cron"] == "0 3 * * *" and weekly["schedules"][0]["cron"] == "0 4 * * 0"
+    # the daily run reuses the model and warm-starts the codebook; the overrides are valid config keys
+    cfg = load_config(REPO / daily["parameters"]["config_path"], daily["parameters"]["overrides"])
+    assert cfg.embed.reuse_model and cfg.quantize.mode == "warm_start"
+    assert not load_config(REPO / weekly["parameters"]["config_path"]).embed.reuse_model
 
 
 def test_serve_builds_a_cron_deployment():
@@ -28,3 +35,6 @@ def test_serve_builds_a_cron_deployment():
     assert dep.name == "daily-ml100k" and dep.flow_name == "codebook-refresh"
     assert dep.schedules[0].schedule.cron == "15 2 * * *"
     assert Path(dep.parameters["config_path"]).is_file()
+    assert dep.parameters["overrides"] == {"embed.reuse_model": True, "quantize.mode": "warm_start"}
+    retrain = mod.build_retrain()
+    assert retrain.name == "weekly-retrain-ml100k" and "overrides" not in retrain.parameters
