@@ -84,6 +84,9 @@ class JudgeEvalConfig(_Strict):
     n_per_class: int = Field(150, ge=5)
     seed: int = 0
     min_item_ratings: int = Field(20, ge=1)
+    # The sets are drawn from at most this many users (a seeded sample), so that drawing them stays
+    # seconds on a log of any size.
+    max_users: int = Field(20_000, ge=10)
     # The judge gate fails a run whose judge scores worse than this on any evaluation set
     # (e.g. a swapped model or prompt that lost the signal). None: report only.
     min_auc: float | None = Field(None, ge=0.0, le=1.0)

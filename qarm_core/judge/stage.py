@@ -38,6 +38,10 @@ def evaluate_judge(interactions: pa.Table, items: pa.Table, scorer: "PairScorer"
     if "tags" not in items.column_names:
         return {}, "the items carry no tags (the genre evaluation set needs them)"
     rated = interactions.filter(pc.is_valid(interactions["rating"]))
+    users = np.unique(rated["user_id"].to_numpy())
+    if len(users) > cfg.max_users:
+        pick = np.random.default_rng([cfg.seed, 11]).choice(users, cfg.max_users, replace=False)
+        rated = rated.filter(pc.is_in(rated["user_id"], pa.array(pick)))
     try:
         sets = build_eval_sets(rated, items, EvalSetParams(n_per_class=cfg.n_per_class, seed=cfg.seed,
                                                            min_item_ratings=cfg.min_item_ratings))

@@ -79,6 +79,10 @@ def test_evaluation_skipped_with_a_reason(backend, data):
     aucs, why = evaluate_judge(inter, items, scorer, JudgeEvalConfig(min_item_ratings=10_000))
     assert aucs == {} and "too few for evaluation" in why
     assert evaluate_judge(inter, items, scorer, JudgeEvalConfig(enabled=False))[1] == "judge.eval.enabled is false"
+    # a user sample bounds the cost on big logs; too few users then leaves too few rated items
+    few, why = evaluate_judge(inter, items, scorer, JudgeEvalConfig(max_users=10, min_item_ratings=5))
+    full, _ = evaluate_judge(inter, items, scorer, JudgeEvalConfig(min_item_ratings=5, n_per_class=10))
+    assert few != full
 
 
 def test_qa_items_and_stage(backend, data):
