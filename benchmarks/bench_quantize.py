@@ -1,35 +1,39 @@
 """Benchmark: Semantic-ID quantisation of 10M x 128 synthetic embeddings, end to end.
 
-qarm (2 x 256 full-batch residual k-means + FSQ, assign all, codes -> Parquet) against its FLOP
-floor (multiply-adds of fit and assignment / the sgemm rate measured in this run) and two baselines
-at the same code space 256^3: faiss ResidualQuantizer (3 x 8 bits, trained on a subsample, encodes
-all rows) and a mini-batch residual k-means in torch (3 x 256, Sculley-style per-centroid rates).
-Each phase runs in its own process so its peak RSS is its own; every figure printed is measured in
-this run. Goals checked (not asserted): qarm <= 10 minutes and <= 8 GiB peak RSS.
+qarm (2 x 256 full-batch residual k-means + FSQ, assign all, resolve, metrics, codes -> Parquet;
+``qarm_core.quantize.bench.run_quantize_bench``, the same function as ``qarm bench quantize``)
+against its FLOP floor (multiply-adds of the k-means passes qarm ran, warm-up sample included, and
+of FSQ / the sgemm rate measured in this run) and two baselines at the same code space 256^3:
+faiss ResidualQuantizer (3 x 8 bits, trained on a subsample whose k-means uses every training row,
+encodes all rows) and a mini-batch residual k-means in torch (3 x 256, Sculley-style per-centroid
+rates). Each phase runs in its own process (benchmarks/harness.py) so its peak RSS is its own;
+every figure printed is measured in this run. Goals checked (not asserted): qarm <= 10 minutes and
+<= 8 GiB peak RSS.
 
-    python benchmarks/bench_quantize.py [--n 10000000 --dim 128 --skip-baselines]
+    python benchmarks/bench_quantize.py [--n 10000000 --dim 128 --baseline-n 1000000 --skip-baselines]
+
+With --baseline-n below --n, the baselines run at that size and qarm runs a second time at it, so
+that every ratio compares runs on the same data.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import loadavg, run_phase, table  # noqa: E402
+
 GOAL_SECONDS = 600.0
 GOAL_RSS_GIB = 8.0
-GIB = 2.0 ** 30
 
 
 def _threads(threads: int) -> None:
-    """Pin numpy/OpenBLAS, faiss (OpenMP) and torch to ``threads`` (env vars are set by the parent)."""
     try:
         import faiss
         faiss.omp_set_num_threads(threads)
@@ -37,98 +41,35 @@ def _threads(threads: int) -> None:
         pass
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
-
-
-def generate(n: int, dim: int, seed: int):
-    """(ids, x): the seeded mixture of Gaussians written block by block into one preallocated
-    float32 array (no list of blocks + concatenate, which would hold two copies)."""
-    import numpy as np
-
-    from qarm_core.quantize.io import synthetic_embeddings
-
-    x = np.empty((n, dim), np.float32)
-    for ids, block in synthetic_embeddings(n, dim, seed=seed):
-        x[ids[0]:ids[0] + len(ids)] = block
-    return np.arange(n, dtype=np.int64), x
-
-
 # --------------------------------------------------------------------------------------------- phases
 
-def phase_sgemm(threads: int, seconds: float = 3.0) -> dict:
-    """float32 GEMM rate of numpy's BLAS: (8192 x 128) @ (128 x 4096), best of 5 timed windows."""
+def phase_sgemm(threads: int) -> dict:
+    """numpy sgemm rate (the floor's divisor) and, for reference, faiss IndexFlatL2 search on the
+    shape of one k-means pass (200k rows x K = 256, d = 128)."""
+    import faiss
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((8192, 128), dtype=np.float32)
-    b = rng.standard_normal((128, 4096), dtype=np.float32)
-    c = np.empty((8192, 4096), np.float32)
-    flop = 2.0 * 8192 * 128 * 4096
-    for _ in range(3):
-        np.matmul(a, b, out=c)                           # warm up (threads, pages)
-    rates = []
-    for _ in range(5):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 5:
-            np.matmul(a, b, out=c)
-            reps += 1
-        rates.append(reps * flop / (time.perf_counter() - t0) / 1e9)
-    # For reference (not the floor): what faiss's IndexFlatL2 search, qarm's assignment kernel,
-    # reaches on the same shapes as one k-means pass (200k rows x K=256, d=128).
-    import faiss
+    from qarm_core.quantize.bench import sgemm_gflops
 
+    r = sgemm_gflops()
     _threads(threads)
+    rng = np.random.default_rng(0)
     xq = rng.standard_normal((200_000, 128), dtype=np.float32)
     index = faiss.IndexFlatL2(128)
     index.add(rng.standard_normal((256, 128), dtype=np.float32))
     index.search(xq[:20_000], 1)
     t0 = time.perf_counter()
     index.search(xq, 1)
-    faiss_gflops = 2.0 * 200_000 * 256 * 128 / (time.perf_counter() - t0) / 1e9
-    return {"gflops": max(rates), "gflops_median": float(np.median(rates)), "threads": threads,
-            "shape": "(8192x128)@(128x4096) float32", "faiss_search_gflops": faiss_gflops}
+    r["faiss_search_gflops"] = 2.0 * 200_000 * 256 * 128 / (time.perf_counter() - t0) / 1e9
+    r["threads"] = threads
+    return r
 
 
 def phase_qarm(n: int, dim: int, levels: list[int], fsq_dims: int, fsq_levels: int, seed: int,
                threads: int) -> dict:
-    import pyarrow.parquet as pq
+    from qarm_core.quantize.bench import run_quantize_bench
 
-    from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
-
-    _threads(threads)
-    t0 = time.perf_counter()
-    ids, x = generate(n, dim, seed)
-    gen_seconds = time.perf_counter() - t0
-    gen_rss = _peak_rss_gib()
-    x_gib = x.nbytes / GIB
-    params = QuantizerParams(levels=tuple(levels), fsq_dims=fsq_dims, fsq_levels=fsq_levels, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="bench_quantize_") as tmp:
-        t0 = time.perf_counter()
-        codebook, table, m = quantize_embeddings(x, ids, params, inplace=True)
-        t_quant = time.perf_counter() - t0
-        path = Path(tmp) / "codes.parquet"
-        pq.write_table(table, path, compression="zstd")
-        seconds = time.perf_counter() - t0
-        parquet_bytes = path.stat().st_size
-    rows = table.num_rows
-    return {"seconds": seconds, "gen_seconds": gen_seconds, "gen_peak_rss_gib": gen_rss, "x_gib": x_gib,
-            "quantize_seconds": t_quant, "fit_seconds": m["fit_seconds"], "parquet_seconds": seconds - t_quant,
-            "parquet_mib": parquet_bytes / 2 ** 20, "rows": rows,
-            "mse": m["level3.mse"], "mse_levels": [m["level1.mse"], m["level2.mse"], m["level3.mse"]],
-            "collision": m["raw.collision_rate"], "edge_num": m["raw.edge_num"], "hr1": m["raw.hr@1"],
-            "resolved_collision": m["resolved.collision_rate"],
-            "fit_report": codebook.fit_report, "niter": params.niter, "polish_iter": params.polish_iter,
-            "fsq_sample": min(n, _fsq_sample_default())}
-
-
-def _fsq_sample_default() -> int:
-    """Rows fit_fsq estimates its projection on (its ``sample`` default, read, not copied)."""
-    import inspect
-
-    from qarm_core.quantize.fsq import fit_fsq
-
-    return int(inspect.signature(fit_fsq).parameters["sample"].default)
+    return run_quantize_bench(n, dim, tuple(levels), fsq_dims, fsq_levels, seed)
 
 
 def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: int,
@@ -136,6 +77,7 @@ def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: 
     import faiss
     import numpy as np
 
+    from qarm_core.quantize.bench import generate
     from qarm_core.quantize.metrics import collision_metrics
 
     _threads(threads)
@@ -147,6 +89,9 @@ def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: 
     rq = faiss.ResidualQuantizer(dim, 3, 8)                  # 3 levels x 256 = code space 2^24
     rq.max_beam_size = beam
     m = min(train, n)
+    # Its per-level k-means would subsample to 256 points per centroid (faiss default): told
+    # explicitly to use every training row.
+    rq.cp.max_points_per_centroid = -(-m // 256)
     rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False)) if m < n else slice(None)
     xt = np.ascontiguousarray(x[rows])
     rq.train(xt)
@@ -163,16 +108,18 @@ def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: 
     seconds = time.perf_counter() - t0
     col = collision_metrics(keys)
     return {"seconds": seconds, "gen_seconds": gen_seconds, "train_seconds": train_seconds, "train_rows": m,
-            "beam": beam, "mse": se / n, "collision": col["collision_rate"], "edge_num": col["edge_num"]}
+            "beam": beam, "max_points_per_centroid": int(rq.cp.max_points_per_centroid),
+            "kmeans_niter": int(rq.cp.niter),
+            "mse": se / n, "collision": col["collision_rate"], "edge_num": col["edge_num"]}
 
 
 def phase_torch_mb(n: int, dim: int, seed: int, threads: int, k: int = 256, n_levels: int = 3,
                    batch: int = 65536, steps: int = 200, chunk: int = 262_144) -> dict:
     """Residual mini-batch k-means (Sculley 2010): per level, init from random rows, ``steps``
     mini-batches with per-centroid learning rate 1/count, then assign all rows and subtract."""
-    import numpy as np
     import torch
 
+    from qarm_core.quantize.bench import generate
     from qarm_core.quantize.metrics import collision_metrics
 
     torch.set_num_threads(threads)
@@ -215,48 +162,8 @@ def phase_torch_mb(n: int, dim: int, seed: int, threads: int, k: int = 256, n_le
             "edge_num": col["edge_num"]}
 
 
-def run_phase(name: str, threads: int, **kwargs) -> dict:
-    """Run one phase in a child process (threads pinned); returns its result plus its own peak RSS."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(REPO)!r}); "
-            f"import benchmarks.bench_quantize as b; "
-            f"r = b.phase_{name}(**json.loads(sys.argv[1])); "
-            f"r['peak_rss_gib'] = b._peak_rss_gib(); print(json.dumps(r))")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps({**kwargs, "threads": threads})],
-                          capture_output=True, text=True, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"phase {name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# --------------------------------------------------------------------------------------------- FLOPs
-
-def qarm_macs(n: int, d: int, levels: list[int], fsq_dims: int, q: dict) -> dict[str, float]:
-    """Multiply-adds of qarm's fit and assignment (see the assumptions printed with the table).
-
-    Per k-means level of K centroids:
-      faiss fit:   niter assignment passes of n*K*d (faiss Clustering::train_encoded runs exactly
-                   niter index.search calls over all n rows: max_points_per_centroid = n, no subsample)
-                   + niter centroid updates of n*d;
-      Lloyd:       1 initial assign + one assign per loop iteration run; the loop runs
-                   `lloyd_iterations` accepted updates, plus one more (rejected) when it converged
-                   before polish_iter, so assigns = 1 + it + converged; each loop iteration also
-                   accumulates centroid sums (n*d);
-      final assign (assign_sticky): n*K*d.
-    FSQ: covariance of s = min(n, fit_fsq's sample) rows (s*d*d) + their projection (s*d*f) in the fit,
-         and projection of all rows n*d*f.
-    """
-    macs = {"faiss_fit": 0.0, "lloyd": 0.0, "assign": 0.0, "fsq": 0.0}
-    for k, rep in zip(levels, q["fit_report"]):
-        it, conv = int(rep["lloyd_iterations"]), bool(rep["converged"])
-        loops = it + int(conv)
-        macs["faiss_fit"] += q["niter"] * (n * k * d + n * d)
-        macs["lloyd"] += (1 + loops) * n * k * d + loops * n * d
-        macs["assign"] += n * k * d
-    s = q["fsq_sample"]
-    macs["fsq"] = s * d * d + s * d * fsq_dims + n * d * fsq_dims
-    return macs
+def _phase(name: str, threads: int, **kw) -> dict:
+    return run_phase(f"benchmarks.bench_quantize:phase_{name}", pin_threads=threads, threads=threads, **kw)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -270,8 +177,9 @@ def main() -> None:
     ap.add_argument("--fsq-levels", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline-n", type=int, default=None, help="rows for the baselines (default --n)")
     ap.add_argument("--baseline-train", type=int, default=1_000_000,
-                    help="rows the faiss ResidualQuantizer baseline is trained on (it encodes all n)")
+                    help="rows the faiss ResidualQuantizer baseline is trained on (it encodes all rows)")
     ap.add_argument("--rq-beam", type=int, default=5, help="ResidualQuantizer max_beam_size (faiss default 5)")
     ap.add_argument("--mb-steps", type=int, default=200, help="mini-batch steps per level (torch baseline)")
     ap.add_argument("--mb-batch", type=int, default=65536)
@@ -282,67 +190,93 @@ def main() -> None:
     space = fsq_cells
     for k in levels:
         space *= k
+    n, d, th = args.n, args.dim, args.threads
+    bn = args.baseline_n or n
+    loads = {"start": loadavg()}
 
-    g = run_phase("sgemm", args.threads)
-    q = run_phase("qarm", args.threads, n=args.n, dim=args.dim, levels=levels, fsq_dims=args.fsq_dims,
-                  fsq_levels=args.fsq_levels, seed=args.seed)
-    rows = [(f"qarm {'+'.join(map(str, levels))} full batch + FSQ {fsq_cells}", q)]
+    def qarm_at(rows: int) -> dict:
+        return _phase("qarm", th, n=rows, dim=d, levels=levels, fsq_dims=args.fsq_dims,
+                      fsq_levels=args.fsq_levels, seed=args.seed)
+
+    g = _phase("sgemm", th)
+    loads["after sgemm"] = loadavg()
+    q = qarm_at(n)
+    loads[f"after qarm n={n:,}"] = loadavg()
+    qname = f"qarm {'+'.join(map(str, levels))} full batch + FSQ {fsq_cells}"
+    rows = [(qname, n, q)]
+    qb = q
     if not args.skip_baselines:
         if fsq_cells != 256 or levels != [256, 256]:
             print("note: baselines are 3 x 256 (2^24); qarm's code space here is", space)
-        rq = run_phase("faiss_rq", args.threads, n=args.n, dim=args.dim, seed=args.seed,
-                       train=args.baseline_train, beam=args.rq_beam)
-        mb = run_phase("torch_mb", args.threads, n=args.n, dim=args.dim, seed=args.seed,
-                       steps=args.mb_steps, batch=args.mb_batch)
-        rows += [(f"faiss RQ 3x8 bits, beam {rq['beam']}", rq),
-                 (f"torch mini-batch 3x256, {mb['steps']}x{mb['batch']}", mb)]
+        if bn != n:
+            qb = qarm_at(bn)
+            loads[f"after qarm n={bn:,}"] = loadavg()
+            rows.append((qname, bn, qb))
+        rq = _phase("faiss_rq", th, n=bn, dim=d, seed=args.seed, train=args.baseline_train, beam=args.rq_beam)
+        loads["after faiss RQ"] = loadavg()
+        mb = _phase("torch_mb", th, n=bn, dim=d, seed=args.seed, steps=args.mb_steps, batch=args.mb_batch)
+        loads["after torch"] = loadavg()
+        rows += [(f"faiss RQ 3x8 bits, beam {rq['beam']}", bn, rq),
+                 (f"torch mini-batch 3x256, {mb['steps']}x{mb['batch']}", bn, mb)]
 
-    n, d = args.n, args.dim
-    macs = qarm_macs(n, d, levels, args.fsq_dims, q)
+    macs = q["macs"]
     total_macs = sum(macs.values())
     floor = 2.0 * total_macs / (g["gflops"] * 1e9)
 
     print(f"\nquantize {n:,} x {d} float32 synthetic embeddings (seeded mixture of Gaussians on the sphere, "
-          f"x = {q['x_gib']:.2f} GiB), code space {space:,}; {args.threads} threads\n")
-    w = 44
-    print(f"| {'method':<{w}} | {'seconds':>8} | {'peak RSS GiB':>12} | {'MSE':>8} | {'raw collision':>13} | "
-          f"{'EdgeNum':>7} |")
-    print(f"|{'-' * (w + 2)}|{'-' * 10}|{'-' * 14}|{'-' * 10}|{'-' * 15}|{'-' * 9}|")
-    for name, r in rows:
-        print(f"| {name:<{w}} | {r['seconds']:>8.1f} | {r['peak_rss_gib']:>12.2f} | {r['mse']:>8.5f} | "
-              f"{r['collision']:>13.4f} | {r['edge_num']:>7.3f} |")
+          f"x = {q['x_gib']:.2f} GiB), code space {space:,}; {th} threads\n")
+    print(table(["method", "rows", "seconds", "peak RSS GiB", "MSE", "raw collision", "EdgeNum"],
+                [(name, f"{rn:,}", f"{r['seconds']:.1f}", f"{r['peak_rss_gib']:.2f}", f"{r['mse']:.5f}",
+                  f"{r['collision']:.4f}", f"{r['edge_num']:.3f}") for name, rn, r in rows]))
+    print("\nseconds: the method's work (generation of the embeddings excluded); peak RSS: the whole "
+          "phase process, generation included")
 
-    its = ", ".join(f"L{r['level']}: {r['lloyd_iterations']}{'' if r['converged'] else ' (not converged)'}"
-                    for r in q["fit_report"])
-    print(f"\nqarm: seconds = quantize_embeddings {q['quantize_seconds']:.1f} s (k-means fit + assign "
-          f"{q['fit_seconds']:.1f} s) + Parquet zstd write {q['parquet_seconds']:.1f} s "
-          f"({q['parquet_mib']:.0f} MiB); generation {q['gen_seconds']:.1f} s excluded "
-          f"(its peak RSS {q['gen_peak_rss_gib']:.2f} GiB)")
-    print(f"qarm: HR@1 {q['hr1']:.4f}; MSE by level {' / '.join(f'{v:.5f}' for v in q['mse_levels'])}; "
-          f"Lloyd iterations accepted {its} (faiss niter {q['niter']}, polish_iter {q['polish_iter']}); "
-          f"collision after resolution {q['resolved_collision']:.4f}")
-    print(f"qarm: peak RSS {q['peak_rss_gib']:.2f} GiB = x {q['x_gib']:.2f} GiB + "
-          f"{q['peak_rss_gib'] - q['x_gib']:.2f} GiB ({q['peak_rss_gib'] / q['x_gib']:.2f}x x)")
+    for rn, qq in ((n, q),) + (((bn, qb),) if qb is not q else ()):
+        its = ", ".join(f"L{r['level']}: {r['lloyd_iterations']}{'' if r['converged'] else ' (not converged)'}"
+                        + (f" after {r['warmup_iterations']} on a {r['warmup_rows']:,}-row warm-up sample"
+                           if "warmup_rows" in r else "") for r in qq["fit_report"])
+        st = ", ".join(f"{k} {v:.1f}" for k, v in qq["stage_seconds"].items())
+        print(f"\nqarm n={rn:,}: seconds = quantize_embeddings {qq['quantize_seconds']:.1f} s ({st}) + Parquet zstd "
+              f"write {qq['parquet_seconds']:.1f} s ({qq['parquet_mib']:.0f} MiB); generation "
+              f"{qq['gen_seconds']:.1f} s excluded (peak RSS after generation {qq['gen_peak_rss_gib']:.2f} GiB)")
+        print(f"qarm n={rn:,}: HR@1 {qq['hr1']:.4f} (trivially ~1 on unit-norm data, see metrics.hit_rates); "
+              f"MSE by level {' / '.join(f'{v:.5f}' for v in qq['mse_levels'])}; Lloyd updates accepted {its} "
+              f"(at most niter + polish_iter = {qq['niter'] + qq['polish_iter']}); collision: k-means only "
+              f"{qq['rkmeans_collision']:.4f}, raw {qq['collision']:.4f}, after resolution "
+              f"{qq['resolved_collision']:.4f} (suffixed {qq['suffixed_share']:.4f})")
+        print(f"qarm n={rn:,}: peak RSS {qq['peak_rss_gib']:.2f} GiB = x {qq['x_gib']:.2f} GiB + "
+              f"{qq['peak_rss_gib'] - qq['x_gib']:.2f} GiB")
+        if "cpu_seconds" in qq:
+            print(f"qarm n={rn:,}: CPU time of the measured work {qq['cpu_seconds']:.1f} s over all threads = "
+                  f"{qq['cpu_seconds'] / qq['seconds']:.2f} CPUs busy on average while it ran ({th} threads)")
     print(f"\nsgemm {g['shape']}: {g['gflops']:.1f} GFLOP/s best of 5 (median {g['gflops_median']:.1f}), "
-          f"{g['threads']} threads, numpy BLAS, measured in this run; for reference faiss IndexFlatL2 "
-          f"search (200k x K=256) reaches {g['faiss_search_gflops']:.1f} GFLOP/s")
+          f"{g['threads']} threads, numpy BLAS, measured in this run; the k-means pass shape "
+          f"(256x128)@(128x16384) on 1 thread: {g['pass_shape_gflops_1thread']:.1f}; faiss IndexFlatL2 "
+          f"search (200k x K=256): {g['faiss_search_gflops']:.1f} GFLOP/s")
     parts = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in macs.items())
-    print(f"FLOP floor: {total_macs / 1e9:,.0f} G multiply-adds ({parts}) x 2 / sgemm rate = {floor:.1f} s")
+    print(f"FLOP floor (n={n:,}): {total_macs / 1e9:,.0f} G multiply-adds ({parts}) x 2 / sgemm rate = {floor:.1f} s")
     print(f"qarm measured / floor: {q['seconds'] / floor:.2f}x "
           f"(k-means fit + assign part alone: {q['fit_seconds'] / floor:.2f}x)")
     if not args.skip_baselines:
-        sub = (f"a seeded {rq['train_rows']:,}-row subsample" if rq["train_rows"] < n
-               else f"all {n:,} rows (--baseline-train >= n)")
-        print(f"faiss RQ: trained on {sub} ({rq['train_seconds']:.1f} s of its time, included), then encoded "
-              f"and decoded all {n:,} rows in chunks of 100k")
+        sub = (f"a seeded {rq['train_rows']:,}-row subsample" if rq["train_rows"] < bn
+               else f"all {bn:,} rows (--baseline-train >= n)")
+        print(f"faiss RQ: trained on {sub} (its k-means told max_points_per_centroid="
+              f"{rq['max_points_per_centroid']:,}, i.e. no further subsampling; {rq['kmeans_niter']} iterations; "
+              f"{rq['train_seconds']:.1f} s of its time, included), then encoded and decoded all {bn:,} rows")
         print(f"torch mini-batch: MSE by level {' / '.join(f'{v:.5f}' for v in mb['mse_levels'])}")
-        for name, r in rows[1:]:
-            print(f"vs qarm, {name}: time {r['seconds'] / q['seconds']:.2f}x, MSE {r['mse'] / q['mse']:.2f}x, "
-                  f"peak RSS {r['peak_rss_gib'] / q['peak_rss_gib']:.2f}x")
+        for name, rn, r in rows:
+            if r is q or r is qb:
+                continue
+            print(f"vs qarm at n={bn:,}, {name}: time {r['seconds'] / qb['seconds']:.2f}x, MSE "
+                  f"{r['mse'] / qb['mse']:.3f}x, collision {r['collision'] / qb['collision']:.3f}x, peak RSS "
+                  f"{r['peak_rss_gib'] / qb['peak_rss_gib']:.2f}x")
     ok_t, ok_m = q["seconds"] <= GOAL_SECONDS, q["peak_rss_gib"] <= GOAL_RSS_GIB
     print(f"\ngoals for qarm at n = {n:,}: <= {GOAL_SECONDS / 60:.0f} min: {'MET' if ok_t else 'NOT MET'} "
           f"({q['seconds']:.1f} s); <= {GOAL_RSS_GIB:.0f} GiB peak RSS: {'MET' if ok_m else 'NOT MET'} "
           f"({q['peak_rss_gib']:.2f} GiB)")
+    print("\nmachine load during the run (other work shares these CPUs):")
+    for k, v in loads.items():
+        print(f"  {k}: {v}")
 
 
 if __name__ == "__main__":

@@ -227,11 +227,73 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         table = Table(title=f"Semantic IDs for {len(x):,} items -> {out}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k in ("raw.collision_rate", "raw.edge_num", "raw.hr@1", "raw.hr@10", "resolved.collision_rate",
-                  "rkmeans.collision_rate", "level1.utilisation", "level2.utilisation", "level3.utilisation",
-                  "level3.mse", "churn"):
+        for k in ("raw.collision_rate", "raw.edge_num", "raw.hr@1", "raw.hr@10", "raw.decode_hr@1",
+                  "raw.decode_hr@10", "resolved.collision_rate", "rkmeans.collision_rate", "rkmeans.decode_hr@1",
+                  "level1.utilisation", "level2.utilisation", "level3.utilisation", "level3.mse", "churn"):
             if k in metrics:
                 table.add_row(k, f"{metrics[k]:.4f}")
+        Console().print(table)
+    _guard(run)
+
+
+bench_app = typer.Typer(help="Benchmarks on synthetic data.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("quantize")
+def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthetic items."),
+                   dim: int = typer.Option(128, min=1), levels: str = typer.Option("256,256", help="K of the two k-means levels."),
+                   fsq_dims: int = typer.Option(4, min=1), fsq_levels: int = typer.Option(4, min=2),
+                   seed: int = typer.Option(0), out: Optional[Path] = typer.Option(None, help="Keep codes.parquet here."),
+                   floor: bool = typer.Option(True, help="Measure the sgemm rate (~6 s) and print the FLOP floor."),
+                   as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
+    """Quantize N x DIM synthetic embeddings end to end (fit 2 x K full batch + FSQ, assign, resolve,
+    metrics, write Parquet) in this process; print time, peak RSS and quality."""
+    def run() -> None:
+        from qarm_core.quantize.bench import run_quantize_bench, sgemm_gflops
+        from qarm_core.quantize.quantizer import QuantizerParams
+
+        try:
+            ks = tuple(int(k) for k in levels.split(","))
+            QuantizerParams(levels=ks, fsq_dims=fsq_dims, fsq_levels=fsq_levels)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--levels/--fsq-*: {exc}") from None
+        if n < max(ks):
+            raise typer.BadParameter(f"--n {n} is fewer than K={max(ks)}")
+        with console.status(f"quantizing {n:,} x {dim} synthetic embeddings"):
+            r = run_quantize_bench(n, dim, ks, fsq_dims, fsq_levels, seed, out=out)
+        if floor:
+            with console.status("measuring the sgemm rate"):
+                g = sgemm_gflops()
+            r["sgemm_gflops"] = g["gflops"]
+            r["floor_seconds"] = 2.0 * sum(r["macs"].values()) / (g["gflops"] * 1e9)
+        r["load_average"] = list(os.getloadavg())
+        if as_json:
+            sys.stdout.write(json.dumps(r, indent=2) + "\n")
+            return
+        table = Table(title=f"qarm bench quantize: {n:,} x {dim}, levels {'+'.join(map(str, ks))} + FSQ "
+                            f"{fsq_levels}^{fsq_dims}")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        rows = [("seconds (quantize + Parquet)", f"{r['seconds']:.1f}"),
+                ("CPU seconds, all threads", f"{r['cpu_seconds']:.1f}"),
+                *[(f"  {k}", f"{v:.1f}") for k, v in r["stage_seconds"].items()],
+                ("  parquet write", f"{r['parquet_seconds']:.1f}"),
+                ("generation seconds (excluded)", f"{r['gen_seconds']:.1f}"),
+                ("peak RSS GiB (process)", f"{r['peak_rss_gib']:.2f}"), ("embeddings GiB", f"{r['x_gib']:.2f}")]
+        if floor:
+            rows += [("sgemm GFLOP/s (this run)", f"{r['sgemm_gflops']:.1f}"),
+                     ("FLOP floor seconds", f"{r['floor_seconds']:.1f}"),
+                     ("measured / floor", f"{r['seconds'] / r['floor_seconds']:.2f}x")]
+        rows += [("MSE by level", " / ".join(f"{v:.4f}" for v in r["mse_levels"])),
+                 ("collision: k-means only", f"{r['rkmeans_collision']:.4f}"),
+                 ("collision: raw (k-means + FSQ)", f"{r['collision']:.4f}"),
+                 ("collision: after resolution", f"{r['resolved_collision']:.4f}"),
+                 ("EdgeNum (raw)", f"{r['edge_num']:.3f}"),
+                 ("Lloyd updates per level", ", ".join(str(f["lloyd_iterations"]) for f in r["fit_report"])),
+                 ("load average 1/5/15 min", ", ".join(f"{v:.2f}" for v in r["load_average"]))]
+        for k, v in rows:
+            table.add_row(k, v)
         Console().print(table)
     _guard(run)
 

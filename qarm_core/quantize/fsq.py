@@ -5,6 +5,11 @@ The paper's form is Z = round(L * sigmoid(residual @ W)) with W unstated. Here W
 principal directions of the residual, and each coordinate's L bins are cut at its empirical
 quantiles ("levels chosen so items spread evenly"): every digit value holds ~1/L of the items.
 The third SID code packs the digits: c3 = sum_d digit_d * L**d.
+
+A random rotation of the top principal subspace and ITQ (Gong & Lazebnik 2011) were tried in place
+of the plain principal directions on ML-100K (MiniLM, 64x64 k-means + 6 binary digits, 5 seeds):
+FSQ/k-means collision ratio 0.35 and 0.36 against 0.37 for PCA, worst seed 0.52 and 0.67 against
+0.58; no consistent gain, so the projection stays PCA.
 """
 
 from __future__ import annotations
@@ -51,42 +56,61 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_0
     if dims * np.log2(levels) > 40:
         raise ValueError(f"fsq code space {levels}**{dims} is too large (> 2**40)")
     rows = residual if n <= sample else residual[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
-    # Mean and covariance (dim x dim) accumulated in float64 over chunks: no float64 copy of rows.
+    # Mean in float64; covariance (dim x dim) by float32 sgemm per chunk of centred rows, summed in
+    # float64: the principal directions need no more precision, and no float64 copy of rows is made.
     mean = np.zeros(d, np.float64)
     for lo in range(0, len(rows), CHUNK):
         mean += rows[lo:lo + CHUNK].sum(0, dtype=np.float64)
     mean /= len(rows)
+    mean32 = mean.astype(np.float32)
     cov = np.zeros((d, d), np.float64)
     for lo in range(0, len(rows), CHUNK):
-        part = rows[lo:lo + CHUNK].astype(np.float64) - mean
+        part = rows[lo:lo + CHUNK] - mean32
         cov += part.T @ part
     cov /= max(len(rows) - 1, 1)
     w, v = np.linalg.eigh(cov)
     comps = v[:, np.argsort(w)[::-1][:dims]].T
     comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
-    z = np.concatenate([(rows[lo:lo + CHUNK].astype(np.float64) - mean) @ comps.T
-                        for lo in range(0, len(rows), CHUNK)])
+    fitted = FSQCodebook(mean32, comps.astype(np.float32), np.zeros((dims, levels - 1), np.float32),
+                         np.zeros((dims, levels), np.float32))
+    z = project(fitted, rows).astype(np.float64)                    # the same projection as encoding
     qs = np.arange(1, levels) / levels
     boundaries = np.quantile(z, qs, axis=0).T                       # (dims, levels-1)
     centers = np.quantile(z, (np.arange(levels) + 0.5) / levels, axis=0).T
-    return FSQCodebook(mean.astype(np.float32), comps.astype(np.float32), boundaries.astype(np.float32),
-                       centers.astype(np.float32))
+    return FSQCodebook(mean32, comps.astype(np.float32), boundaries.astype(np.float32), centers.astype(np.float32))
 
 
 def project(fsq: FSQCodebook, residual: np.ndarray) -> np.ndarray:
-    """``(n, dims)`` coordinates of ``residual`` ``(n, dim)`` (chunked: no (n, dim) temporary)."""
+    """``(n, dims)`` coordinates (residual - mean) @ components^T of ``residual`` ``(n, dim)``,
+    computed as residual @ components^T - mean @ components^T (no (n, dim) temporary)."""
     out = np.empty((len(residual), fsq.dims), np.float32)
+    shift = fsq.mean @ fsq.components.T
+    ct = np.ascontiguousarray(fsq.components.T)
     for lo in range(0, len(residual), CHUNK):
-        out[lo:lo + CHUNK] = (residual[lo:lo + CHUNK] - fsq.mean) @ fsq.components.T
+        np.matmul(residual[lo:lo + CHUNK], ct, out=out[lo:lo + CHUNK])
+        out[lo:lo + CHUNK] -= shift
     return out
 
 
-def reconstruction_mse(fsq: FSQCodebook, residual: np.ndarray, digits: np.ndarray) -> float:
-    """Mean squared error of decoding ``digits`` against ``residual`` (chunked)."""
+def reconstruction_mse(fsq: FSQCodebook, residual: np.ndarray, digits: np.ndarray,
+                       z: np.ndarray | None = None) -> float:
+    """Mean squared error of decoding ``digits`` ``(n, dims)`` against ``residual`` ``(n, dim)``.
+
+    With orthonormal components P, r - decode = (r - mean - P^T z) + P^T (z - zhat), two orthogonal
+    parts, so ||r - decode||^2 = ||r - mean||^2 - ||z||^2 + ||z - zhat||^2: two O(n dim) passes, no
+    decoded (n, dim) rows. ``z`` ``(n, dims)``: the projection, if already computed.
+    """
     total = 0.0
+    idx = np.arange(fsq.dims)[None, :]
+    m = fsq.mean.astype(np.float64)
     for lo in range(0, len(residual), CHUNK):
-        total += float(((residual[lo:lo + CHUNK] - decode(fsq, digits[lo:lo + CHUNK])) ** 2).sum(dtype=np.float64))
-    return total / max(len(residual), 1)
+        r = residual[lo:lo + CHUNK]
+        zc = project(fsq, r) if z is None else z[lo:lo + CHUNK]
+        zhat = fsq.centers[idx, digits[lo:lo + CHUNK]]
+        rr = np.einsum("ij,ij->i", r, r).astype(np.float64) - 2.0 * (r @ fsq.mean).astype(np.float64) + m @ m
+        zz = (zc.astype(np.float64) ** 2).sum(1)
+        total += float((rr - zz + ((zc - zhat).astype(np.float64) ** 2).sum(1)).sum())
+    return max(total, 0.0) / max(len(residual), 1)
 
 
 def digits_of(fsq: FSQCodebook, z: np.ndarray) -> np.ndarray:

@@ -1,17 +1,35 @@
-"""Full-batch residual k-means on faiss (faiss-gpu when a GPU is present, else CPU).
+"""Full-batch residual k-means: Lloyd iterations over every row, built on numpy's sgemm.
 
-faiss's k-means silently subsamples to ``max_points_per_centroid`` (default 256) points per centroid;
-qarm fits on every point unless told otherwise, which is what "full batch" means here.
+One k-means pass over ``x`` ``(n, dim)`` with centroids ``C`` ``(K, dim)`` runs in row chunks:
+``G = -2 C x_chunk^T`` (BLAS sgemm, the only O(n K dim) step), then numba kernels take the argmin of
+``G + ||c||^2`` per row (``||x||^2`` is constant per row, so it is only added for the error) and add
+the rows to their centroid's float64 sum. Assignment, centroid sums and the error thus cost one pass,
+with no (n, K) or second (n, dim) array. faiss's IndexFlatL2 search reached only 8-16 GFLOP/s here
+against 70-99 for numpy's sgemm (same machine, same run), so faiss is used only on a GPU (to
+initialise; told explicitly not to subsample: its default trains on 256 points per centroid).
+
+Every pass is deterministic: fixed chunks, fixed reduction order (see ``_kernels``), ties to the
+lowest centroid index, for any number of threads.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-ASSIGN_CHUNK = 1_000_000
-# Rows per chunk for (rows, dim) temporaries (centroid gathers, float64 sums): 256k x 128 x 8 B
-# = 256 MB at most, so a 10M-row snapshot never needs a second full-size array.
+# Rows per GEMM block: each thread's (K, CHUNK) float32 block (16 MB at K = 256) is written by
+# the sgemm and read back by the argmin while still in the 32 MB L3 cache; smaller blocks lose
+# sgemm efficiency (measured: 4k rows ~30 GFLOP/s, 16k rows ~90-105 single-threaded).
+CHUNK = 16384
+# Rows per chunk for (rows, dim) temporaries elsewhere: 256k x 128 x 4 B = 128 MB at most.
 TEMP_CHUNK = 262_144
+
+
+def _k():
+    from qarm_core.quantize import _kernels  # lazily: numba's import costs ~0.5 s
+    return _kernels
 
 
 def _faiss():
@@ -24,79 +42,150 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def fit_kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 20,
-               init: np.ndarray | None = None, max_points_per_centroid: int | None = None) -> np.ndarray:
-    """Centroids ``(k, dim)`` float32 of ``x`` ``(n, dim)``.
+def fit_kmeans_faiss(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 20,
+                     max_points_per_centroid: int | None = None) -> np.ndarray:
+    """Centroids ``(k, dim)`` from faiss k-means on ``x`` ``(n, dim)`` (used on a GPU).
 
-    ``max_points_per_centroid=None`` fits on all n points (full batch). ``init`` warm-starts from
-    given centroids ``(k, dim)`` (e.g. the last published codebook).
+    ``max_points_per_centroid=None`` fits on all n points: faiss subsamples when n exceeds
+    k * max_points_per_centroid (default 256), so it is set to ceil(n / k) explicitly.
     """
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if n < k:
         raise ValueError(f"k-means with k={k} needs at least {k} points, got {n}")
+    mppc = max_points_per_centroid if max_points_per_centroid is not None else -(-n // k)
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, verbose=False, gpu=gpu_count() > 0,
-                      max_points_per_centroid=max_points_per_centroid or max(n // k + 1, 256) * 4,
-                      min_points_per_centroid=1)
-    if max_points_per_centroid is None:
-        km.cp.max_points_per_centroid = n  # never subsample
-    if init is not None:
-        km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
-    else:
-        km.train(x)
+                      max_points_per_centroid=mppc, min_points_per_centroid=1)
+    km.train(x)
     return np.asarray(km.centroids, dtype=np.float32).copy()
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = ASSIGN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row: (labels ``(n,)`` int32, squared distances ``(n,)`` float32),
-    computed in chunks so memory stays bounded for 10M+ rows."""
-    faiss = _faiss()
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    if gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    labels = np.empty(len(x), np.int32)
-    dist = np.empty(len(x), np.float32)
-    for lo in range(0, len(x), chunk):
-        d, i = index.search(np.ascontiguousarray(x[lo:lo + chunk], dtype=np.float32), 1)
-        labels[lo:lo + chunk], dist[lo:lo + chunk] = i[:, 0], d[:, 0]
-    return labels, dist
+def init_centroids(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` distinct rows of ``x`` ``(n, dim)`` chosen by a seeded generator (faiss's own init)."""
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means with k={k} needs at least {k} points, got {n}")
+    rows = np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    return np.array(x[rows], dtype=np.float32)
 
 
-def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10,
-          tol: float = 1e-4) -> tuple[np.ndarray, int, bool]:
-    """Lloyd iterations from ``centroids`` ``(k, dim)``, accepting an update only while it lowers
-    the mean squared error by more than ``tol`` (relative).
+def threads() -> int:
+    """Worker threads for k-means passes: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
-    Returns (centroids, updates accepted, converged). Because an update that gains too little is
-    rejected rather than applied, a codebook that came out of this function is returned unchanged
-    when refitted from itself on the same data: a warm-started daily refresh on unchanged
-    embeddings reproduces yesterday's codebook, and so its codes, exactly. Empty clusters keep their
-    centroid; sums are accumulated in float64 by a sparse product, so results are deterministic.
+
+def row_sqnorms(x: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32 squared norms of the rows of ``x`` ``(n, dim)``."""
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _pass(x: np.ndarray, c: np.ndarray, labels: np.ndarray, xn: np.ndarray | None = None,
+          n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """One k-means pass: writes each row's nearest centroid into ``labels`` ``(n,)`` int32 and returns
+    (float64 sums per centroid ``(K, dim)``, counts ``(K,)``, total squared error). ``xn`` ``(n,)``:
+    the rows' squared norms if already known (the error is ||x||^2 + min_j (||c_j||^2 - 2 x.c_j),
+    summed in float64).
+
+    Chunks of CHUNK rows are spread over ``n_threads`` Python threads, each running a
+    single-threaded sgemm and the numba kernels (all release the GIL): one BLAS thread per core
+    avoids OpenBLAS and numba thread pools spinning against each other, and the argmin and sums of
+    one chunk overlap the sgemm of another. Chunk i adds into part i % N_PARTS, and each part is
+    owned by one thread that takes its chunks in order, so sums are identical for any thread count.
+
+    Every row is searched against every centroid. Hamerly's bounds (skip rows whose label cannot
+    change) were tried and measured: at 128-d with K = 256 they skipped only ~40% of rows late in
+    the fit (the gap between nearest and second-nearest centroid is small next to the largest
+    centroid move), and the gathers cost more than the sgemm saved (200k rows: 14.0 s with, 13.9 s
+    without).
     """
-    from scipy.sparse import csr_matrix
+    from threadpoolctl import threadpool_limits
 
+    kk = _k()
+    k, d = c.shape
+    n = len(x)
+    w = np.ascontiguousarray(-2.0 * c, dtype=np.float32)                # (K, dim)
+    cn = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)          # (K,)
+    s = np.zeros((kk.N_PARTS, k, d), np.float64)
+    cnt = np.zeros((kk.N_PARTS, k), np.int64)
+    err = np.zeros(kk.N_PARTS, np.float64)
+    xn = row_sqnorms(x) if xn is None else xn
+    n_chunks = -(-n // CHUNK)
+    t = max(1, min(n_threads or threads(), kk.N_PARTS, n_chunks))
+
+    def work(owner: int) -> None:
+        gbuf = np.empty(k * CHUNK, np.float32)
+        best = np.empty(CHUNK, np.float32)
+        for i in range(n_chunks):
+            part = i % kk.N_PARTS
+            if part % t != owner:
+                continue
+            lo = i * CHUNK
+            xc = x[lo:lo + CHUNK]
+            m = len(xc)
+            g = gbuf[:k * m].reshape(k, m)
+            np.matmul(w, xc.T, out=g)                                   # (K, m) = -2 C x^T
+            err[part] += kk.argmin_cols(g, cn, xn[lo:lo + m], labels[lo:lo + m], best[:m])
+            kk.accumulate(xc, labels[lo:lo + m], s, cnt, part)
+
+    with threadpool_limits(1, user_api="blas"):
+        if t == 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(t) as pool:
+                for f in [pool.submit(work, o) for o in range(t)]:
+                    f.result()
+    return s.sum(0), cnt.sum(0), float(err.sum())
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, with_dist: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nearest centroid of each row of ``x`` ``(n, dim)``: (labels ``(n,)`` int32, exact squared
+    distances ``(n,)`` float32, or None without ``with_dist``)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    labels = np.empty(len(x), np.int32)
+    _pass(x, c, labels)
+    return labels, sq_dist(x, c, labels) if with_dist else None
+
+
+def sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32: ||x_i - centroids[labels_i]||^2, accumulated in float64."""
+    out = np.empty(len(x), np.float64)
+    _k().sq_dist_to(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int32),
+                    np.ascontiguousarray(centroids, dtype=np.float32), out)
+    return out.astype(np.float32)
+
+
+def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10, tol: float = 1e-4,
+          ) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
+    """Lloyd iterations from ``centroids`` ``(k, dim)`` over all rows of ``x`` ``(n, dim)``,
+    accepting an update only while it lowers the mean squared error by more than ``tol`` (relative).
+
+    Returns (centroids, labels ``(n,)`` int32 under them, their MSE, updates accepted, converged).
+    Because an update that gains too little is rejected rather than applied, a codebook that came
+    out of this function converged is returned unchanged when refitted from itself on the same data:
+    a warm-started daily refresh on unchanged embeddings reproduces yesterday's codebook, and so its
+    codes, exactly. Empty clusters keep their centroid. One pass (GEMM + argmin + sums) per iteration.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
     c = np.array(centroids, dtype=np.float32, copy=True)
-    k = len(c)
-    labels, dist = assign(x, c)
-    err = float(dist.astype(np.float64).mean())
+    n = len(x)
+    labels, spare = np.empty(n, np.int32), np.empty(n, np.int32)
+    xn = row_sqnorms(x)
+    sums, counts, err = _pass(x, c, labels, xn)
     for it in range(max_iter):
-        counts = np.bincount(labels, minlength=k)
-        sums = np.zeros((k, x.shape[1]), np.float64)
-        for lo in range(0, len(x), TEMP_CHUNK):  # chunked: no float64 copy of all of x
-            part = labels[lo:lo + TEMP_CHUNK]
-            onehot = csr_matrix((np.ones(len(part)), (part, np.arange(len(part)))), shape=(k, len(part)))
-            sums += onehot @ x[lo:lo + TEMP_CHUNK].astype(np.float64)
         nonempty = counts > 0
         new = c.copy()
         new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        new_labels, new_dist = assign(x, new)
-        new_err = float(new_dist.astype(np.float64).mean())
+        new_sums, new_counts, new_err = _pass(x, new, spare, xn)
         if err - new_err <= tol * err:
-            return c, it, True
-        c, labels, err = new, new_labels, new_err
-    return c, max_iter, False
+            return c, labels, err / max(n, 1), it, True
+        c, sums, counts, err = new, new_sums, new_counts, new_err
+        labels, spare = spare, labels
+    return c, labels, err / max(n, 1), max_iter, False
 
 
 def match_to_previous(new: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -106,7 +195,8 @@ def match_to_previous(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
     if new.shape != old.shape:
         raise ValueError(f"codebook shapes differ: new {new.shape} vs previous {old.shape}")
-    cost = (old ** 2).sum(1)[:, None] - 2.0 * old @ new.T + (new ** 2).sum(1)[None, :]
+    old64, new64 = old.astype(np.float64), new.astype(np.float64)
+    cost = (old64 ** 2).sum(1)[:, None] - 2.0 * old64 @ new64.T + (new64 ** 2).sum(1)[None, :]
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(len(old), np.int64)
     perm[rows] = cols
@@ -114,46 +204,67 @@ def match_to_previous(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
 
 def fit_level(residual: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, polish_iter: int = 10,
-              previous: np.ndarray | None = None, max_points_per_centroid: int | None = None,
-              ) -> tuple[np.ndarray, dict]:
-    """Centroids ``(k, dim)`` of one residual level, and a fit report.
+              previous: np.ndarray | None = None, tol: float = 1e-4, warmup_rows: int = 0,
+              ) -> tuple[np.ndarray, np.ndarray, float, dict]:
+    """Fit one residual level on every row of ``residual`` ``(n, dim)``.
 
-    Cold: faiss k-means (``niter`` iterations, full batch) then Lloyd polishing to a fixed point.
-    Warm (``previous`` given): Lloyd from the previous centroids, then a Hungarian match back to
-    their indices, so unchanged clusters keep their codes.
+    Cold: ``k`` seeded distinct rows (on a GPU: faiss k-means, full batch), then up to
+    ``niter + polish_iter`` Lloyd iterations over all rows, stopping once an update gains less than
+    ``tol``. With 0 < ``warmup_rows`` < n, the seeded rows are first refined by
+    Lloyd (same stopping rule, up to ``niter``) on a seeded sample of ``warmup_rows`` rows: only the
+    starting point changes, the fit itself still runs to its fixed point on all n rows, in about
+    half the full passes (1M x 128, K = 256: 12 full passes instead of 23, MSE 0.8624 vs 0.8632).
+    Warm (``previous`` ``(k, dim)`` given): up to ``polish_iter`` Lloyd iterations from it, then a
+    Hungarian match back to its indices, so unchanged clusters keep their codes.
+    Returns (centroids ``(k, dim)``, labels ``(n,)`` int32, MSE, fit report).
     """
+    report: dict = {"k": k, "warm_start": previous is not None}
     if previous is not None:
         init = np.asarray(previous, dtype=np.float32)
         if init.shape != (k, residual.shape[1]):
             raise ValueError(f"previous codebook level has shape {init.shape}, expected {(k, residual.shape[1])}")
+        max_iter = polish_iter
+    elif gpu_count() > 0:
+        init = fit_kmeans_faiss(residual, k, seed=seed, niter=niter)
+        max_iter = polish_iter
     else:
-        init = fit_kmeans(residual, k, seed=seed, niter=niter, max_points_per_centroid=max_points_per_centroid)
-    c, iters, converged = lloyd(residual, init, max_iter=polish_iter)
+        init = init_centroids(residual, k, seed)
+        max_iter = niter + polish_iter
+        if 0 < warmup_rows < len(residual):
+            rows = np.sort(np.random.default_rng([seed, 1]).choice(len(residual), warmup_rows, replace=False))
+            sample = residual[rows]
+            init, _, _, w_iters, w_conv = lloyd(sample, init, max_iter=niter, tol=tol)
+            del sample
+            report |= {"warmup_rows": int(warmup_rows), "warmup_iterations": w_iters, "warmup_converged": w_conv}
+    c, labels, mse, iters, converged = lloyd(residual, init, max_iter=max_iter, tol=tol)
     if previous is not None:
-        c = c[match_to_previous(c, init)]
-    return c, {"k": k, "lloyd_iterations": iters, "converged": converged, "warm_start": previous is not None}
+        perm = match_to_previous(c, init)
+        c = c[perm]
+        inv = np.empty(k, np.int32)
+        inv[perm] = np.arange(k, dtype=np.int32)
+        labels = inv[labels]
+    return c, labels, mse, report | {"lloyd_iterations": iters, "converged": converged, "mse": mse}
 
 
-def assign_sticky(residual: np.ndarray, centroids: np.ndarray, previous: np.ndarray | None = None,
-                  stickiness: float = 0.0, chunk: int = TEMP_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid per row (labels ``(n,)``, squared distances ``(n,)``); with ``previous``
-    labels ``(n,)`` (-1 = none) and ``stickiness`` > 0 a row keeps its previous label while that
+def sticky(residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray, previous: np.ndarray,
+           stickiness: float, chunk: int = TEMP_CHUNK) -> np.ndarray:
+    """``labels`` ``(n,)`` with each row's ``previous`` label ``(n,)`` (-1 = none) kept while that
     centroid is within a factor (1 + stickiness) of the nearest one's squared distance, so that a
     refit that barely moved the centroids does not flip rows on cluster borders (SID churn)."""
-    labels, dist = assign(residual, centroids)
-    if previous is not None and stickiness > 0:
-        idx = np.flatnonzero((previous >= 0) & (previous < len(centroids)) & (previous != labels))
-        for lo in range(0, len(idx), chunk):
-            part = idx[lo:lo + chunk]
-            d_prev = ((residual[part] - centroids[previous[part]]) ** 2).sum(1)
-            keep = d_prev <= dist[part] * (1.0 + stickiness)
-            labels[part[keep]] = previous[part[keep]]
-            dist[part[keep]] = d_prev[keep]
-    return labels, dist
+    labels = labels.copy()
+    if stickiness <= 0:
+        return labels
+    idx = np.flatnonzero((previous >= 0) & (previous < len(centroids)) & (previous != labels))
+    for lo in range(0, len(idx), chunk):
+        part = idx[lo:lo + chunk]
+        d_new = sq_dist(residual[part], centroids, labels[part])
+        d_prev = sq_dist(residual[part], centroids, previous[part])
+        keep = d_prev <= d_new * (1.0 + stickiness)
+        labels[part[keep]] = previous[part[keep]]
+    return labels
 
 
-def subtract_centroids(residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
-                       chunk: int = TEMP_CHUNK) -> None:
-    """``residual -= centroids[labels]`` in place, in chunks (no (n, dim) temporary)."""
-    for lo in range(0, len(residual), chunk):
-        residual[lo:lo + chunk] -= centroids[labels[lo:lo + chunk]]
+def subtract_centroids(residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> None:
+    """``residual -= centroids[labels]`` in place (no (n, dim) temporary)."""
+    _k().subtract(residual, np.ascontiguousarray(labels, dtype=np.int32),
+                  np.ascontiguousarray(centroids, dtype=residual.dtype))

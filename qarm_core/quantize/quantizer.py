@@ -18,9 +18,9 @@ import pyarrow as pa
 
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
-from qarm_core.quantize.kmeans import assign_sticky, fit_level, subtract_centroids
-from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
-from qarm_core.quantize.sid import resolve_collisions, sid_keys, sid_strings
+from qarm_core.quantize.kmeans import assign, fit_level, row_sqnorms, sticky, subtract_centroids
+from qarm_core.quantize.metrics import churn, collision_metrics, decode_hit_rates, hit_rates, level_usage
+from qarm_core.quantize.sid import resolve_collisions_cells, sid_keys, sid_strings
 
 STAGE = "quantize"
 CODEBOOK_FORMAT = 1
@@ -38,7 +38,9 @@ class QuantizerParams:
     max_alternatives: int = 32                # candidate FSQ cells tried per colliding item
     stickiness: float = 0.01                  # warm start: keep an old code within 1% of the best
     fsq_margin: float = 0.5                   # warm start: keep an old FSQ cell if within this many bin widths
-    hr_sample: int = 200_000                  # query items for HR@k
+    warmup_sample: int = 500_000              # cold fit: Lloyd on min(this, n/4) sampled rows first (0: off)
+    hr_sample: int = 20_000                   # query items for HR@k
+    decode_hr_sample: int = 1000              # query items for decode HR@k (each scans the catalog)
 
     def __post_init__(self) -> None:
         if not self.levels or any(k < 2 for k in self.levels):
@@ -78,7 +80,9 @@ def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "emb
     if len(np.unique(item_ids)) != len(item_ids):
         raise DataError(STAGE, dataset, "duplicate item ids")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x).all(1)
+    bad = np.zeros(len(x), bool)
+    for lo in range(0, len(x), F.CHUNK):          # chunked: no (n, dim) bool temporary
+        bad[lo:lo + F.CHUNK] = ~np.isfinite(x[lo:lo + F.CHUNK]).all(1)
     if bad.any():
         raise DataError(STAGE, dataset, f"{int(bad.sum())} embeddings hold NaN/inf, e.g. item ids "
                                         f"{item_ids[bad][:5].tolist()}")
@@ -89,13 +93,18 @@ def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "emb
 
 def quantize_embeddings(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
                         previous: Codebook | None = None, previous_codes: pa.Table | None = None,
-                        inplace: bool = False) -> tuple[Codebook, pa.Table, dict[str, float]]:
+                        inplace: bool = False, dataset: str = "embeddings",
+                        ) -> tuple[Codebook, pa.Table, dict[str, float]]:
     """Fit residual k-means (full batch) and the FSQ level on ``x`` ``(n, dim)``, and encode it.
 
     With ``previous`` (the last published codebook) k-means is warm-started from its centroids
     (matched back to their indices) and its FSQ projection and bins are kept; with
     ``previous_codes`` assignment is sticky and churn is reported. Returns (codebook, codes, metrics).
+    Bad input (not 2-D, empty, NaN/inf, duplicate ids, fewer items than the largest K, a dim other
+    than the previous codebook's) raises DataError naming the stage and ``dataset``.
     """
+    x = validate_embeddings(x, np.asarray(item_ids), dataset, dim=None if previous is None else previous.dim,
+                            min_items=max(params.levels))
     if previous is not None and (tuple(previous.params.levels) != tuple(params.levels) or previous.dim != x.shape[1]):
         raise DataError(STAGE, "codebook", f"previous codebook (levels {previous.params.levels}, dim "
                                            f"{previous.dim}) does not fit levels {params.levels}, dim {x.shape[1]}")
@@ -103,14 +112,20 @@ def quantize_embeddings(x: np.ndarray, item_ids: np.ndarray, params: QuantizerPa
 
 
 def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
-                        previous_codes: pa.Table | None = None, inplace: bool = False) -> tuple[pa.Table, dict[str, float]]:
-    """Encode ``x`` ``(n, dim)`` with a frozen ``codebook`` (no refit); returns (codes, metrics)."""
+                        previous_codes: pa.Table | None = None, inplace: bool = False,
+                        dataset: str = "embeddings") -> tuple[pa.Table, dict[str, float]]:
+    """Encode ``x`` ``(n, dim)`` with a frozen ``codebook`` (no refit); returns (codes, metrics).
+    Bad input raises DataError naming the stage and ``dataset`` (see ``quantize_embeddings``)."""
+    x = validate_embeddings(x, np.asarray(item_ids), dataset, dim=codebook.dim)
     _, codes, metrics = _encode(x, item_ids, codebook.params, codebook, previous_codes, fit=False, inplace=inplace)
     return codes, metrics
 
 
 def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codebook | None,
             previous_codes: pa.Table | None, fit: bool, inplace: bool) -> tuple[Codebook, pa.Table, dict[str, float]]:
+    # Memory: besides x (which becomes the residual buffer when inplace), every per-item array here
+    # is a few bytes wide and freed once used: ~150 B/item at the peak, so a 10M x 128 snapshot
+    # (4.8 GiB of float32) stays within 8 GiB.
     t0 = time.perf_counter()
     n = len(item_ids)
     prev = _align_previous(previous_codes, item_ids) if previous_codes is not None else None
@@ -118,32 +133,38 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     centroids, codes, mse, report = [], np.empty((n, 2), np.int32), [], []
     for level, k in enumerate(p.levels):
         if fit:
-            c, rep = fit_level(residual, k, seed=p.seed + level, niter=p.niter, polish_iter=p.polish_iter,
-                               previous=None if book is None else book.centroids[level])
+            c, labels, _, rep = fit_level(residual, k, seed=p.seed + level, niter=p.niter,
+                                          polish_iter=p.polish_iter, warmup_rows=_warmup_rows(p, n, k),
+                                          previous=None if book is None else book.centroids[level])
             report.append({"level": level + 1, **rep})
         else:
             c = book.centroids[level]
-        labels, dist = assign_sticky(residual, c, None if prev is None else prev["c12"][:, level],
-                                     p.stickiness if prev is not None else 0.0)
+            labels, _ = assign(residual, c, with_dist=False)
+        if prev is not None and p.stickiness > 0:
+            labels = sticky(residual, c, labels, prev["c12"][:, level], p.stickiness)
         subtract_centroids(residual, c, labels)
         centroids.append(c)
         codes[:, level] = labels
-        mse.append(float(dist.astype(np.float64).mean()))
+        del labels
+        # The level's MSE, exactly: the mean squared norm of what is left after subtracting.
+        mse.append(float(row_sqnorms(residual).astype(np.float64).mean()))
     fit_seconds = time.perf_counter() - t0
+    stamps = {"kmeans": fit_seconds}
+    t1 = time.perf_counter()
     if fit and book is None:
         fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
     else:
         fsq = book.fsq
     codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
 
-    z = F.project(fsq, residual)
-    digits = F.digits_of(fsq, z)
+    z = F.project(fsq, residual)                                   # (n, f) float32
+    digits = F.digits_of(fsq, z)                                   # (n, f) int32
     c1, c2 = codes[:, 0], codes[:, 1]
     c3 = F.pack(digits, fsq.levels)
-    mse.append(F.reconstruction_mse(fsq, residual, digits))
+    mse.append(F.reconstruction_mse(fsq, residual, digits, z))
     k1, k2 = p.levels
     raw_keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
-    rk_keys = sid_keys(c1, c2, np.zeros_like(c3), k2, fsq.code_space)
+    stamps["fsq"], t1 = time.perf_counter() - t1, time.perf_counter()
 
     new_c3, suffix, resolved = c3.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
     kept = np.zeros(n, bool)
@@ -163,55 +184,90 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
         kept[same[near]] = True
         new_c3[kept], suffix[kept], resolved[kept] = prev["c3"][kept], prev["suffix"][kept], prev["resolved"][kept]
     if p.resolve:
-        rest = np.flatnonzero(~kept)
-        kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
-        priority = ((z[rest] - fsq.centers[np.arange(fsq.dims)[None, :], digits[rest]]) ** 2).sum(1)
-        z_rest, digits_rest = z[rest], digits[rest]
-
-        def alt(rows: np.ndarray) -> np.ndarray:
-            return F.alternatives(fsq, z_rest[rows], digits_rest[rows], p.max_alternatives)
-        r_c3, r_suffix, r_resolved = resolve_collisions(raw_keys[rest], priority, alt, c3[rest],
-                                                        fsq.code_space, occupied=kept_keys[suffix[kept] == 0])
-        if kept.any() and (r_suffix > 0).any():
+        # Priority: distance to the cell's centre (the item nearest the centre keeps the raw code).
+        priority = np.empty(n, np.float32)
+        for lo in range(0, n, F.CHUNK):
+            dz = z[lo:lo + F.CHUNK] - fsq.centers[np.arange(fsq.dims)[None, :], digits[lo:lo + F.CHUNK]]
+            priority[lo:lo + F.CHUNK] = (dz * dz).sum(1)
+        held_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)   # kept rows: their carried-over code
+        r_c3, r_suffix, r_resolved = resolve_collisions_cells(
+            held_keys, new_c3, fsq.code_space, priority, participate=~kept, outside=kept & (suffix == 0),
+            z=z, digits=digits, boundaries=fsq.boundaries, levels=fsq.levels, n_alt=p.max_alternatives)
+        del priority, held_keys
+        rest = ~kept
+        if kept.any() and (r_suffix[rest] > 0).any():
             # Suffixes continue after those that carried-over SIDs already use on the same code.
-            k_keys, k_suf = kept_keys, suffix[kept]
+            kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
+            k_suf = suffix[kept]
             top: dict[int, int] = {}
-            for k, v in zip(k_keys[k_suf > 0].tolist(), k_suf[k_suf > 0].tolist()):
+            for k, v in zip(kept_keys[k_suf > 0].tolist(), k_suf[k_suf > 0].tolist()):
                 top[k] = max(top.get(k, 0), v)
-            r_keys = sid_keys(c1[rest], c2[rest], r_c3, k2, fsq.code_space)
-            base = np.array([top.get(int(k), 0) for k in r_keys[r_suffix > 0]], np.int64)
-            r_suffix[r_suffix > 0] += base
-        new_c3[rest], suffix[rest], resolved[rest] = r_c3, r_suffix, r_resolved
-    final_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)
-    sids = sid_strings(c1, c2, new_c3, suffix)
-    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "c1": pa.array(c1, pa.int32()),
-                      "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
-                      "sid": sids, "resolved": pa.array(resolved, pa.bool_())})
+            sfx = np.flatnonzero(rest & (r_suffix > 0))
+            r_keys = sid_keys(c1[sfx], c2[sfx], r_c3[sfx], k2, fsq.code_space)
+            r_suffix[sfx] += np.array([top.get(int(k), 0) for k in r_keys], np.int64)
+        new_c3[rest], suffix[rest], resolved[rest] = r_c3[rest], r_suffix[rest], r_resolved[rest]
+        del r_c3, r_suffix, r_resolved, rest
+    del kept
+    stamps["resolve"], t1 = time.perf_counter() - t1, time.perf_counter()
 
     metrics: dict[str, float] = {"items": float(n), "code_space": float(k1 * k2 * fsq.code_space)}
     # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;
     # the sid strings, suffix included, are unique); rkmeans: (c1, c2) alone.
-    for name, keys in (("raw", raw_keys), ("resolved", final_keys), ("rkmeans", rk_keys)):
-        metrics |= {f"{name}.{k}": v for k, v in collision_metrics(keys).items()}
+    metrics |= {f"raw.{k}": v for k, v in collision_metrics(raw_keys).items()}
+    final_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)
+    metrics |= {f"resolved.{k}": v for k, v in collision_metrics(final_keys).items()}
+    del final_keys
+    rk_keys = c1.astype(np.int64) * k2 + c2
+    metrics |= {f"rkmeans.{k}": v for k, v in collision_metrics(rk_keys).items()}
+
+    def original(rows: "np.ndarray | slice") -> np.ndarray:
+        # The input vectors, rebuilt from the residual buffer (x may have been consumed in place).
+        out = residual[rows] + centroids[0][c1[rows]]
+        out += centroids[1][c2[rows]]
+        return out
+
+    def decoded(rows: np.ndarray) -> np.ndarray:
+        # What a SID decodes to: the sum of its codewords (raw codes, as quantised).
+        return centroids[0][c1[rows]] + centroids[1][c2[rows]] + F.decode(fsq, digits[rows])
+
+    def decoded_rk(rows: np.ndarray) -> np.ndarray:
+        return centroids[0][c1[rows]] + centroids[1][c2[rows]]
     # Final SIDs are unique per item when every collision was resolved, so HR@k is measured on the
     # raw codes (what decoding a SID would face) and on the k-means-only codes for comparison.
-    def original(rows: np.ndarray) -> np.ndarray:
-        # The input vectors, rebuilt from the residual buffer (x may have been consumed in place).
-        return residual[rows] + centroids[0][c1[rows]] + centroids[1][c2[rows]]
     metrics |= {f"raw.{k}": v for k, v in hit_rates(original, raw_keys, sample=p.hr_sample, seed=p.seed).items()}
     metrics |= {f"rkmeans.{k}": v for k, v in hit_rates(original, rk_keys, sample=p.hr_sample, seed=p.seed).items()}
+    if p.decode_hr_sample:
+        metrics |= decode_hit_rates(original, n, {"raw": decoded, "rkmeans": decoded_rk},
+                                    sample=p.decode_hr_sample, seed=p.seed)
+    del raw_keys, rk_keys, z, digits
     for level, (codes_l, space) in enumerate(((c1, k1), (c2, k2), (c3, fsq.code_space)), start=1):
         metrics |= {f"level{level}.{k}": v for k, v in level_usage(codes_l, space).items()}
         metrics[f"level{level}.mse"] = mse[level - 1]
+    del c3
+    stamps["metrics"], t1 = time.perf_counter() - t1, time.perf_counter()
     metrics["resolved_share"] = float(resolved.mean())
     metrics["suffixed_share"] = float((suffix > 0).mean())
+
+    sids = sid_strings(c1, c2, new_c3, suffix)
+    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "c1": pa.array(c1, pa.int32()),
+                      "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
+                      "sid": sids, "resolved": pa.array(resolved, pa.bool_())})
     if previous_codes is not None:
         metrics |= churn(previous_codes["item_id"].to_numpy(),
                          previous_codes["sid"].to_numpy(zero_copy_only=False), item_ids,
                          sids.to_numpy(zero_copy_only=False))
+    stamps["table"] = time.perf_counter() - t1
+    metrics |= {f"seconds.{k}": v for k, v in stamps.items()}
     metrics["fit_seconds"] = fit_seconds
     metrics["total_seconds"] = time.perf_counter() - t0
     return codebook, table, metrics
+
+
+def _warmup_rows(p: QuantizerParams, n: int, k: int) -> int:
+    """Rows of the cold fit's warm-up sample: min(warmup_sample, n / 4), and none unless that gives
+    at least 64 rows per centroid (a smaller sample would not be a better start than the seeds)."""
+    rows = min(p.warmup_sample, n // 4)
+    return rows if rows >= 64 * k else 0
 
 
 def _align_previous(previous_codes: pa.Table, item_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -89,3 +89,40 @@ def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarr
     base = pc.binary_join_element_wise(*parts, "-")
     with_suffix = pc.binary_join_element_wise(base, pc.cast(pa.array(suffix), pa.string()), "-")
     return pc.if_else(pa.array(suffix > 0), with_suffix, base)
+
+
+def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, priority: np.ndarray,
+                             participate: np.ndarray, outside: np.ndarray, z: np.ndarray,
+                             digits: np.ndarray, boundaries: np.ndarray, levels: int, n_alt: int,
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``resolve_collisions`` for a whole snapshot, compiled, one (c1, c2) cell at a time.
+
+    keys ``(n,)``: SID keys (c1, c2, c3) of every row, with c3 ``(n,)`` its current code (the held
+    code for ``outside`` rows); participate ``(n,)`` bool: rows to resolve; outside ``(n,)`` bool:
+    rows whose code is fixed and occupied (e.g. carried over from the last snapshot); rows in
+    neither take no part. priority ``(n,)``: lower keeps a shared raw code first; z ``(n, f)`` and
+    digits ``(n, f)``: FSQ coordinates and cells, from which each mover's candidate cells are
+    computed when needed (``fsq.alternatives``, ``n_alt`` of them). Memory: a few int64 per row,
+    no (movers, n_alt) table.
+    Returns (c3 ``(n,)``, dedup suffix ``(n,)``, resolved ``(n,)`` bool) over all rows; rows that
+    did not participate keep their c3.
+    """
+    from qarm_core.quantize import _kernels
+
+    n = len(keys)
+    rows = np.flatnonzero(participate | outside)
+    # Rows grouped by SID key (so by cell, then c3), then by priority, then by row (lexsort is stable).
+    order = rows[np.lexsort((priority[rows], keys[rows]))]
+    cell = keys[order] // c3_space
+    cell_ptr = np.r_[0, np.flatnonzero(cell[1:] != cell[:-1]) + 1, len(order)].astype(np.int64)
+    del cell
+    f = z.shape[1]
+    lo_b = np.concatenate([np.full((f, 1), -np.inf, np.float32), boundaries], 1).astype(np.float32)
+    hi_b = np.concatenate([boundaries, np.full((f, 1), np.inf, np.float32)], 1).astype(np.float32)
+    new_c3 = c3.astype(np.int64, copy=True)
+    suffix = np.zeros(n, np.int64)
+    moved = np.zeros(n, bool)
+    _kernels.resolve_cells(cell_ptr, order, new_c3, np.ascontiguousarray(outside), np.ascontiguousarray(z, np.float32),
+                           np.ascontiguousarray(digits, np.int32), lo_b, hi_b, int(levels), int(n_alt),
+                           new_c3, suffix, moved)
+    return new_c3, suffix, moved | (suffix > 0)

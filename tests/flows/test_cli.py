@@ -99,3 +99,19 @@ def test_quantize_cli_fit_warm_and_frozen(tmp_path):
     bad = runner.invoke(app, ["quantize", "--embeddings", str(tmp_path / "emb.parquet"), "--levels", "4096,8",
                               "--out", str(tmp_path / "q4")])
     assert bad.exit_code == 2 and "fewer than K=4096" in bad.output and not (tmp_path / "q4").exists()
+
+
+def test_bench_quantize_cli_tiny(tmp_path):
+    import json
+
+    res = runner.invoke(app, ["bench", "quantize", "--n", "2000", "--dim", "16", "--levels", "16,8",
+                              "--no-floor", "--json", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output[res.output.index("{"):])
+    assert r["rows"] == 2000 and r["seconds"] > 0 and r["peak_rss_gib"] > 0
+    assert 0 <= r["resolved_collision"] <= r["collision"] <= r["rkmeans_collision"] <= 1
+    assert pq.read_table(tmp_path / "b" / "codes.parquet").num_rows == 2000
+    table = runner.invoke(app, ["bench", "quantize", "--n", "500", "--dim", "8", "--levels", "8,4", "--no-floor"])
+    assert table.exit_code == 0 and "collision" in table.output, table.output
+    bad = runner.invoke(app, ["bench", "quantize", "--n", "10", "--levels", "16,8", "--no-floor"])
+    assert bad.exit_code == 2 and "fewer than K=16" in bad.output

@@ -1,0 +1,165 @@
+"""The quantizer's compiled kernels against plain references, determinism, warm start through the
+Hungarian match, metrics on hand-made cases, and bad input through the public entry points."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qarm_core.errors import DataError
+from qarm_core.quantize import fsq as F
+from qarm_core.quantize import kmeans as K
+from qarm_core.quantize.metrics import decode_hit_rates, hit_rates
+from qarm_core.quantize.quantizer import QuantizerParams, assign_semantic_ids, quantize_embeddings
+from qarm_core.quantize.sid import resolve_collisions, resolve_collisions_cells, sid_keys
+
+P = QuantizerParams(levels=(16, 8), fsq_dims=3, fsq_levels=4, niter=10, hr_sample=10_000, decode_hr_sample=200)
+
+
+def _emb(n=3000, dim=24, seed=0, clusters=40):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((clusters, dim))
+    x = c[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.arange(n, dtype=np.int64) * 7 + 1
+
+
+@pytest.mark.parametrize("seed,n_alt,kept_share", [(0, 32, 0.0), (1, 5, 0.3), (2, 3, 0.5)])
+def test_resolve_cells_equals_reference(seed, n_alt, kept_share):
+    rng = np.random.default_rng(seed)
+    n, f, L, k2 = 6000, 3, 4, 5
+    r = rng.standard_normal((n, 10)).astype(np.float32)
+    fsq = F.fit_fsq(r, f, L)
+    z = F.project(fsq, r)
+    d = F.digits_of(fsq, z)
+    c3 = F.pack(d, L)
+    c1, c2 = rng.integers(0, 6, n), rng.integers(0, k2, n)
+    keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
+    priority = ((z - fsq.centers[np.arange(f)[None, :], d]) ** 2).sum(1)
+    kept = rng.random(n) < kept_share
+    held_c3 = np.where(kept, rng.integers(0, fsq.code_space, n), c3)
+    held = sid_keys(c1, c2, held_c3, k2, fsq.code_space)
+    rest = np.flatnonzero(~kept)
+    ref = resolve_collisions(keys[rest], priority[rest],
+                             lambda rows: F.alternatives(fsq, z[rest][rows], d[rest][rows], n_alt),
+                             c3[rest], fsq.code_space, occupied=held[kept])
+    got = resolve_collisions_cells(held, held_c3, fsq.code_space, priority, ~kept, kept, z, d,
+                                   fsq.boundaries, L, n_alt)
+    for a, b in zip(ref, got):
+        assert np.array_equal(a, b[rest])
+    assert np.array_equal(got[0][kept], held_c3[kept]) and not got[2][kept].any()
+    assert ref[2].sum() > 100                                     # the case exercises moves and suffixes
+
+
+def test_gemm_assignment_matches_brute_force_and_ignores_thread_count():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50_000, 32)).astype(np.float32)
+    c = x[rng.choice(len(x), 64, replace=False)].copy()
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    d = (x64 ** 2).sum(1)[:, None] - 2.0 * x64 @ c64.T + (c64 ** 2).sum(1)[None, :]      # float64 reference
+    labels, dist = K.assign(x, c)
+    srt = np.sort(d, 1)
+    clear = srt[:, 1] - srt[:, 0] > 1e-4                         # rows without a near tie
+    assert clear.mean() > 0.99 and np.array_equal(labels[clear], d.argmin(1)[clear])
+    assert np.allclose(dist, d[np.arange(len(x)), labels], rtol=1e-5, atol=1e-6)
+    runs = []
+    for t in (1, 2, 3):
+        lab = np.empty(len(x), np.int32)
+        runs.append((K._pass(x, c, lab, n_threads=t), lab))
+    for (s, cnt, err), lab in runs[1:]:
+        (s0, cnt0, err0), lab0 = runs[0]
+        assert np.array_equal(lab, lab0) and np.array_equal(s, s0) and np.array_equal(cnt, cnt0) and err == err0
+    assert np.allclose(runs[0][0][0], np.stack([x[labels == j].sum(0, dtype=np.float64) for j in range(64)]))
+
+
+def test_lloyd_fixed_point_and_hungarian_match():
+    x, _ = _emb(n=4000)
+    c, labels, mse, it, converged = K.lloyd(x, K.init_centroids(x, 16, 0), max_iter=100)
+    assert converged
+    again, labels2, mse2, it2, conv2 = K.lloyd(x, c, max_iter=100)
+    assert it2 == 0 and conv2 and np.array_equal(again, c) and np.array_equal(labels2, labels) and mse2 == mse
+    perm = np.random.default_rng(1).permutation(16)
+    assert np.array_equal(K.match_to_previous(c[perm], c), np.argsort(perm))
+    # warm start from a permuted codebook: the refit keeps the previous indices
+    c_w, lab_w, _, rep = K.fit_level(x.copy(), 16, previous=c[perm], polish_iter=5)
+    assert rep["warm_start"] and np.array_equal(c_w, c[perm]) and np.array_equal(perm[lab_w], labels)
+
+
+def test_warm_start_keeps_permuted_codes():
+    """Hungarian matching: a previous codebook whose level-1 indices were permuted (another fit
+    that found the same clusters in another order) is kept index for index: churn 0."""
+    x, ids = _emb()
+    cb, codes, _ = quantize_embeddings(x, ids, P)
+    perm = np.random.default_rng(3).permutation(16)
+    inv = np.argsort(perm)
+    prev = type(cb)([cb.centroids[0][perm], cb.centroids[1]], cb.fsq, cb.params, cb.fit_report)
+    c1 = inv[codes["c1"].to_numpy()]
+    sids = [f"{a}-{s.split('-', 1)[1]}" for a, s in zip(c1.tolist(), codes["sid"].to_pylist())]
+    prev_codes = codes.set_column(1, "c1", pa.array(c1, pa.int32())).set_column(4, "sid", pa.array(sids))
+    _, again, m = quantize_embeddings(x, ids, P, previous=prev, previous_codes=prev_codes)
+    assert m["churn"] == 0.0 and np.array_equal(again["c1"].to_numpy(), c1)
+
+
+def test_same_seed_bitwise_identical_at_scale():
+    x, ids = _emb(n=40_000, dim=32, clusters=200)
+    p = QuantizerParams(levels=(64, 32), fsq_dims=4, fsq_levels=4, hr_sample=2000, decode_hr_sample=50)
+    cb1, t1, m1 = quantize_embeddings(x, ids, p)
+    cb2, t2, m2 = quantize_embeddings(x.copy(), ids, p, inplace=True)
+    assert t1.equals(t2)
+    assert all(np.array_equal(a, b) for a, b in zip(cb1.centroids, cb2.centroids))
+    assert {k: v for k, v in m1.items() if "seconds" not in k} == {k: v for k, v in m2.items() if "seconds" not in k}
+    # the cold fit started from a warm-up sample (n / 4 rows) and still ends at a fixed point on all
+    # rows: a warm restart on the same data changes nothing
+    assert all(r["warmup_rows"] == 10_000 and r["converged"] for r in cb1.fit_report)
+    cb3, t3, m3 = quantize_embeddings(x, ids, p, previous=cb1, previous_codes=t1)
+    assert m3["churn"] == 0.0 and t3.equals(t1)
+    assert all(np.array_equal(a, b) for a, b in zip(cb3.centroids, cb1.centroids))
+
+
+def test_hit_rates_sampled_equals_full_on_queries_and_decode_known_answers():
+    # HR: ranks do not depend on which other items are queried.
+    x, _ = _emb(n=2000)
+    keys = np.random.default_rng(0).integers(0, 50, 2000)
+    xs = x * np.random.default_rng(1).uniform(0.5, 1.5, (2000, 1)).astype(np.float32)  # not unit norm
+    full = hit_rates(xs, keys, ks=(1, 3))
+    assert 0 < full["hr@1"] < 1
+    assert hit_rates(xs, keys, ks=(1,), sample=2000)["hr@1"] == full["hr@1"]
+    # decode HR: items 0, 1 share a SID decoding to (1, 0): item 0 at distance 0 ranks first,
+    # item 1 (at (1, 0.5)) is beaten by item 0; item 2's decoding (0, 2) is nearer item 3 (0, 2.1)
+    # than item 2 itself (0, 3): miss at 1, hit at 2; item 3 decodes to itself.
+    pts = np.array([[1, 0], [1, 0.5], [0, 3], [0, 2.1]], np.float32)
+    dec = np.array([[1, 0], [1, 0], [0, 2], [0, 2.1]], np.float32)
+    r = decode_hit_rates(pts, 4, {"t": lambda rows: dec[rows]}, ks=(1, 2), sample=None)
+    assert r == {"t.decode_hr@1": 0.5, "t.decode_hr@2": 1.0}
+
+
+def test_reconstruction_mse_formula_equals_decoding():
+    r = np.random.default_rng(0).standard_normal((5000, 12)).astype(np.float32) * np.arange(1, 13)
+    f = F.fit_fsq(r, 3, 4)
+    d = F.digits_of(f, F.project(f, r))
+    direct = float(((r - F.decode(f, d)) ** 2).sum(1).mean())
+    assert F.reconstruction_mse(f, r, d) == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda x, i: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), i), "1 embeddings hold NaN/inf"),
+    (lambda x, i: (x[:0], i[:0]), "no embeddings"),
+    (lambda x, i: (x[:10], i[:10]), "10 items is fewer than K=16"),
+    (lambda x, i: (x[0], i), "must be 2-D"),
+    (lambda x, i: (x, np.zeros_like(i)), "duplicate item ids"),
+])
+def test_fit_rejects_bad_input_naming_stage_and_dataset(mutate, match):
+    x, ids = _emb(n=100)
+    bx, bi = mutate(x, ids)
+    with pytest.raises(DataError, match=r"^\[stage=quantize, dataset=items_v2\] .*" + match):
+        quantize_embeddings(bx, bi, P, dataset="items_v2")
+
+
+def test_frozen_encode_rejects_wrong_dim_and_nan():
+    x, ids = _emb(n=500)
+    cb, _, _ = quantize_embeddings(x, ids, P)
+    with pytest.raises(DataError, match=r"\[stage=quantize, dataset=embeddings\] embedding dim 20 != codebook dim 24"):
+        assign_semantic_ids(x[:, :20], ids, cb)
+    bad = x.copy()
+    bad[3, 0] = np.inf
+    with pytest.raises(DataError, match=r"NaN/inf, e.g. item ids \[22\]"):
+        assign_semantic_ids(bad, ids, cb)
+    assert assign_semantic_ids(x[:3], ids[:3], cb)[0].num_rows == 3     # fewer items than K is fine frozen

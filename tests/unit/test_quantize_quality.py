@@ -1,0 +1,24 @@
+"""Quality on real data (slow: embeds the 1,682 ML-100K items with MiniLM once, then caches them):
+at equal code space and the sizing for a catalog of that size, residual k-means + FSQ has at most
+half the raw collisions of residual k-means alone (mean over 5 seeds)."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_fsq_halves_collisions_on_ml100k(recbole_wheel):
+    from qarm_core.quantize.quality import catalog_sizing, compare_rk_fsq, ml100k_minilm_embeddings
+
+    _, x, _ = ml100k_minilm_embeddings(str(recbole_wheel), str(REPO / ".cache" / "quantize"))
+    assert x.shape == (1682, 384) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
+    levels, fsq_dims, fsq_levels = catalog_sizing(len(x))
+    assert levels == (64, 64, 64) and fsq_levels ** fsq_dims == 64
+    runs = [compare_rk_fsq(x, levels, fsq_dims, fsq_levels, seed) for seed in range(5)]
+    rk = np.mean([r["rkmeans"]["collision_rate"] for r in runs])
+    fsq = np.mean([r["rkmeans+fsq"]["collision_rate"] for r in runs])
+    assert rk > 0.1 and fsq <= 0.5 * rk, (rk, fsq)
+    # HR@1 as the issue defines it is ~1 on unit-norm data: below 1 only through duplicate texts
+    assert all(r[v]["hr@1"] > 0.95 for r in runs for v in ("rkmeans", "rkmeans+fsq"))
