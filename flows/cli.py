@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.rank_cli import app as rank_app
 from qarm_core.config import dump_config, load_config
 from qarm_core.errors import QarmError
 
@@ -24,6 +25,7 @@ ingest_app = typer.Typer(help="Ingest ML-100K or your own interactions/items fil
 app.add_typer(ingest_app, name="ingest")
 pairs_app = typer.Typer(help="Mine item pairs outside the flow (writes a Parquet file).", no_args_is_help=True)
 app.add_typer(pairs_app, name="pairs")
+app.add_typer(rank_app, name="rank")
 console = Console(stderr=True)
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from qarm_core.errors import ConfigError
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig, TrainConfig
 from qarm_core.judge.config import JudgeConfig, QAConfig
+from qarm_core.rank.config import RankConfig
 
 
 class _Strict(BaseModel):
@@ -254,6 +255,7 @@ class PipelineConfig(_Strict):
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()
+    rank: RankConfig = RankConfig()
 
     def resolved(self) -> "PipelineConfig":
         """The config with environment overrides applied and every path made absolute."""

@@ -145,3 +145,26 @@ def runs_of(cfg: PipelineConfig, filter_string: str = "") -> list[dict]:
                                    "status": r.info.status, "tags": r.data.tags,
                                    "metrics": r.data.metrics, "params": r.data.params}))
             for r in runs]
+
+
+def log_file(handle: StageRun, local_path, artifact_path: str | None = None) -> None:
+    """Upload a local file (e.g. a PNG of training curves) as an artifact of the run."""
+    handle.client.log_artifact(handle.run_id, str(local_path), artifact_path)
+
+
+def run_handle(cfg: PipelineConfig, run_id: str) -> StageRun:
+    """A logging handle on an existing run (e.g. the flow's parent run, from a task)."""
+    return StageRun(_client(cfg), run_id)
+
+
+def log_batch(handle: StageRun, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+              step: int = 0) -> None:
+    """Params (flattened) and metrics in one request per 100 values: many curves points or params
+    cost one round trip to the store instead of one each."""
+    from mlflow.entities import Metric, Param
+
+    ts = int(time.time() * 1000)
+    ps = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in flatten(params or {}).items()]
+    ms = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()]
+    for lo in range(0, max(len(ps), len(ms)), 100):
+        handle.client.log_batch(handle.run_id, metrics=ms[lo:lo + 100], params=ps[lo:lo + 100])

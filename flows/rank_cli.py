@@ -1,0 +1,94 @@
+"""``qarm rank``: train one ranking model, or compare them all, through the rank-train flow.
+
+A typer sub-app (mounted into ``flows/cli.py`` as ``qarm rank``); importing it starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from qarm_core.config import load_config
+from qarm_core.errors import QarmError
+from qarm_core.rank.config import ALL_MODELS
+
+app = typer.Typer(help="Ranking: GSU/ESU with Semantic IDs against DIN and SIM baselines (rank-train flow).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set rank.train.epochs=2 (repeatable).")
+EmbOpt = typer.Option(None, "--embeddings", help="Embeddings Parquet (default: the published snapshot's).")
+CodesOpt = typer.Option(None, "--codes", help="Codes Parquet (default: the published snapshot's).")
+
+
+def _parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set wants KEY=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def print_table(table: list[dict], title: str) -> None:
+    from qarm_core.rank.compare import TABLE_HEADERS, format_table
+
+    t = Table(title=title)
+    for i, h in enumerate(TABLE_HEADERS):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for row in format_table(table):
+        t.add_row(*row)
+    Console().print(t)
+
+
+def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embeddings: str | None,
+         codes: str | None, title: str) -> None:
+    for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(k, v)
+    overrides = _parse_sets(sets)
+    if models:
+        overrides["rank.models"] = models
+    try:
+        load_config(config, overrides)          # fail fast on a bad config, before Prefect starts
+        from flows.rank_train import rank_train
+
+        out = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
+                         codes_path=codes)
+    except QarmError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    print_table(out["table"], title)
+    Console().print(f"inputs    {out['inputs']}\nmlflow    run {out['mlflow_run_id']}")
+
+
+@app.command()
+def train(model: str = typer.Option(..., "--model", "-m", help=f"One of {', '.join(ALL_MODELS)}."),
+          config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddings: Optional[str] = EmbOpt,
+          codes: Optional[str] = CodesOpt) -> None:
+    """Train one model on every configured seed and print its AUC / GAUC / logloss."""
+    if model not in ALL_MODELS:
+        raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(ALL_MODELS)}")
+    _run(config, set_, [model], embeddings, codes, f"rank-train: {model}")
+
+
+@app.command()
+def compare(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddings: Optional[str] = EmbOpt,
+            codes: Optional[str] = CodesOpt,
+            models: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Models to compare "
+                                                       "(repeatable; default: rank.models).")) -> None:
+    """Train every model with the same data, budget and seeds; print the comparison table."""
+    bad = [m for m in models or [] if m not in ALL_MODELS]
+    if bad:
+        raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(ALL_MODELS)}")
+    _run(config, set_, models, embeddings, codes, "rank-train: comparison (mean ± std over seeds)")

@@ -1,0 +1,185 @@
+"""Item-side inputs of the ranking stage: embeddings and Semantic-ID codes, aligned to a dense index.
+
+Every item the samples reference gets a dense index ``1..n`` (0 is padding); embeddings ``(n + 1, d)``
+and codes ``(n + 1, 3)`` are rows of that index. Fallbacks, all documented and counted:
+
+* an item without a code gets the reserved code 0 at every level (``model.missing_codes: reserved``;
+  real codes are shifted by +1), or the run fails (``error``);
+* an item without an embedding fails the run (``gsu.missing_embedding: error``), or is searched with a
+  zero vector (``zero``), which scores 0 against every target.
+
+``minilm_inputs`` makes embeddings and codes when no embedding stage has run yet: MiniLM
+(all-MiniLM-L6-v2, 384-d, L2-normalised) over each item's text line (``title (year), genres: ...``),
+then residual k-means + FSQ Semantic IDs from ``qarm_core.quantize``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qarm_core.errors import DataError
+
+STAGE = "rank"
+
+
+@dataclass(frozen=True)
+class ItemIndex:
+    """Dense item index: ``item_ids[i - 1]`` is the item of index ``i``; 0 is padding."""
+
+    item_ids: np.ndarray                      # (n,) int64, sorted
+
+    @property
+    def n(self) -> int:
+        return len(self.item_ids)
+
+    def lookup(self, ids: np.ndarray, dataset: str) -> np.ndarray:
+        """Item ids ``(...)`` -> dense indices ``(...)`` int64 in 1..n; unknown ids are a DataError."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.item_ids, ids)
+        pos_c = np.minimum(pos, max(self.n - 1, 0))
+        ok = (pos < self.n) & (self.item_ids[pos_c] == ids) if self.n else np.zeros(ids.shape, bool)
+        if not ok.all():
+            bad = np.unique(ids[~ok])
+            raise DataError(STAGE, dataset, f"{int((~ok).sum())} reference(s) to {len(bad)} unknown item id(s), "
+                                            f"e.g. {bad[:5].tolist()}")
+        return pos + 1
+
+
+def read_table(path: str | Path, dataset: str, columns: list[str]) -> pa.Table:
+    """A Parquet file or a folder of ``*.parquet`` files, with the given columns, or a DataError."""
+    p = Path(path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not p.exists() or not files:
+        raise DataError(STAGE, dataset, f"no Parquet data at {p}")
+    try:
+        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise DataError(STAGE, dataset, f"unreadable {dataset} at {p} (needs columns {columns}): {exc}") from None
+
+
+def align_embeddings(index: ItemIndex, item_ids: np.ndarray, vectors: np.ndarray,
+                     missing: str = "error") -> tuple[np.ndarray, int]:
+    """Embedding rows for the index: ``(n + 1, d)`` float32 with row 0 zero, and the number of
+    indexed items that had no embedding (zero rows with ``missing="zero"``; else a DataError)."""
+    if vectors.ndim != 2 or len(vectors) != len(item_ids):
+        raise DataError(STAGE, "embeddings", f"{len(item_ids)} ids for vectors of shape {vectors.shape}")
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise DataError(STAGE, "embeddings", "duplicate item ids")
+    if not np.isfinite(vectors).all():
+        raise DataError(STAGE, "embeddings", "embeddings hold NaN/inf")
+    out = np.zeros((index.n + 1, vectors.shape[1]), np.float32)
+    pos = np.searchsorted(index.item_ids, item_ids)
+    pos_c = np.minimum(pos, max(index.n - 1, 0))
+    known = (pos < index.n) & (index.item_ids[pos_c] == item_ids)
+    out[pos[known] + 1] = vectors[known]
+    have = np.zeros(index.n + 1, bool)
+    have[pos[known] + 1] = True
+    n_missing = int(index.n - have[1:].sum())
+    if n_missing and missing == "error":
+        lacking = index.item_ids[~have[1:]]
+        raise DataError(STAGE, "embeddings", f"{n_missing} item(s) in the log have no embedding, e.g. "
+                                             f"{lacking[:5].tolist()} (gsu.missing_embedding: zero searches them "
+                                             f"with a zero vector)")
+    return out, n_missing
+
+
+def align_codes(index: ItemIndex, codes: pa.Table, missing: str = "reserved") -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes for the index: ``(n + 1, 3)`` int64 of (c1, c2, c3) shifted by +1 so that 0 means "no
+    code" (row 0, padding, and items without a code under ``missing="reserved"``), the vocabulary
+    size per level ``(3,)`` (reserved index included), and the number of indexed items without a code."""
+    for c in ("item_id", "c1", "c2", "c3"):
+        if c not in codes.column_names:
+            raise DataError(STAGE, "codes", f"codes need columns item_id, c1, c2, c3; missing {c!r}")
+    ids = codes["item_id"].to_numpy().astype(np.int64)
+    raw = np.stack([codes[c].to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(STAGE, "codes", "duplicate item ids")
+    if (raw < 0).any():
+        raise DataError(STAGE, "codes", f"negative codes for {int((raw < 0).any(1).sum())} item(s)")
+    # c3 packs the FSQ digits (up to levels ** dims values); renumber each level densely so that
+    # the embedding tables are only as large as the codes in use.
+    dense = np.zeros_like(raw)
+    vocab = np.zeros(3, np.int64)
+    for j in range(3):
+        uniq, inv = np.unique(raw[:, j], return_inverse=True)
+        dense[:, j] = inv + 1
+        vocab[j] = len(uniq) + 1
+    out = np.zeros((index.n + 1, 3), np.int64)
+    pos = np.searchsorted(index.item_ids, ids)
+    pos_c = np.minimum(pos, max(index.n - 1, 0))
+    known = (pos < index.n) & (index.item_ids[pos_c] == ids)
+    out[pos[known] + 1] = dense[known]
+    n_missing = int((out[1:, 0] == 0).sum())
+    if n_missing and missing == "error":
+        lacking = index.item_ids[out[1:, 0] == 0]
+        raise DataError(STAGE, "codes", f"{n_missing} item(s) in the log have no Semantic ID, e.g. "
+                                        f"{lacking[:5].tolist()} (model.missing_codes: reserved maps them to "
+                                        f"a reserved 'no code' index)")
+    return out, vocab, n_missing
+
+
+def pca(x: np.ndarray, dim: int | None) -> np.ndarray:
+    """Rows of ``x`` ``(n, d)`` projected on their top ``dim`` principal axes ``(n, dim)`` (centred;
+    all-zero rows, i.e. padding and missing items, stay zero). ``dim`` None or >= d: ``x`` unchanged."""
+    if dim is None or dim >= x.shape[1]:
+        return x.astype(np.float32, copy=False)
+    live = np.abs(x).sum(1) > 0
+    mu = x[live].mean(0)
+    # Covariance (d x d) rather than an SVD of x: bounded memory for any number of items.
+    xc = x[live] - mu
+    cov = (xc.T.astype(np.float64) @ xc) / max(len(xc) - 1, 1)
+    w, v = np.linalg.eigh(cov)
+    axes = v[:, np.argsort(w)[::-1][:dim]].astype(np.float32)
+    out = np.zeros((len(x), dim), np.float32)
+    out[live] = (x[live] - mu) @ axes
+    return out
+
+
+def item_text(items: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """(sorted item ids ``(n,)``, one text line per item: ``title (year), genres: ...``)."""
+    from qarm_core.judge.text import render_item
+
+    cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
+    rows = sorted(items.select(cols).to_pylist(), key=lambda r: r["item_id"])
+    return np.array([r["item_id"] for r in rows], np.int64), [render_item(r) for r in rows]
+
+
+def quantize_codes(item_ids: np.ndarray, x: np.ndarray, levels: tuple[int, int] = (32, 16), fsq_dims: int = 2,
+                   fsq_levels: int = 4, seed: int = 0) -> tuple[pa.Table, dict]:
+    """Semantic IDs of embeddings ``x`` ``(n, d)`` with qarm_core.quantize (residual k-means per level,
+    capped at n clusters, then FSQ): (codes table, quantizer metrics)."""
+    from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
+
+    levels = (min(levels[0], len(item_ids)), min(levels[1], len(item_ids)))
+    _, codes, metrics = quantize_embeddings(np.array(x, dtype=np.float32), np.asarray(item_ids, np.int64),
+                                            QuantizerParams(levels=levels, fsq_dims=fsq_dims,
+                                                            fsq_levels=fsq_levels, seed=seed))
+    return codes, metrics
+
+
+def minilm_inputs(items: pa.Table, out_dir: str | Path, levels: tuple[int, int] = (32, 16),
+                  fsq_dims: int = 2, fsq_levels: int = 4, seed: int = 0,
+                  embedder=None) -> tuple[Path, Path, dict]:
+    """Embed every catalog item's text with MiniLM and quantize it; writes
+    ``out_dir/embeddings.parquet`` (item_id, vector[384], model_version) and ``out_dir/codes.parquet``
+    (the quantizer's codes table). Returns (embeddings path, codes path, quantizer metrics)."""
+    from qarm_core.quantize.io import embeddings_batch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, texts = item_text(items)
+    if embedder is None:
+        from qarm_core.judge.backends import SentenceEmbedder
+        embedder = SentenceEmbedder()
+    x = embedder.embed(texts)
+    emb_path, codes_path = out / "embeddings.parquet", out / "codes.parquet"
+    version = f"minilm:{getattr(embedder, 'model_id', 'minilm')}"
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, version)]), emb_path)
+    codes, metrics = quantize_codes(ids, x, levels, fsq_dims, fsq_levels, seed)
+    pq.write_table(codes, codes_path)
+    return emb_path, codes_path, metrics

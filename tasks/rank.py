@@ -1,0 +1,223 @@
+"""Rank tasks: resolve inputs, build samples, gate them, prepare arrays, train each model, compare.
+
+One MLflow run per model (nested under the flow's run), each with AUC / GAUC / logloss (mean and
+std over seeds), per-epoch curves as step metrics and a PNG, and the model's params, so MLflow's
+compare view shows the models side by side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from qarm_core import __version__
+from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.errors import DataError
+from qarm_core.rank.compare import plot_curves, summarize
+from qarm_core.rank.data import RankData
+from qarm_core.quantize.io import read_embeddings
+from qarm_core.rank.inputs import ItemIndex, align_codes, minilm_inputs, quantize_codes
+from qarm_core.rank.models import resolve_spec
+from qarm_core.rank.pipeline import ItemInputs, build, load_item_inputs, needs, prepare_data
+from qarm_core.rank.samples import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, Samples, check_samples
+from qarm_core.rank.train import train_model
+from qarm_core.schemas import CODES, DatasetSchema, embeddings_schema
+from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from tasks import tracking
+from tasks.common import TASK_DEFAULTS
+
+STAGE = "rank"
+SAMPLES_DATASET = DatasetSchema("rank_samples", 1, SAMPLES_SCHEMA, key=("user_id", "pos", "item_id"),
+                                required=tuple(SAMPLES_SCHEMA.names))
+SEQUENCES_DATASET = DatasetSchema("rank_sequences", 1, SEQUENCES_SCHEMA, key=("user_id",),
+                                  required=tuple(SEQUENCES_SCHEMA.names))
+
+
+def _read(record: DatasetRecord) -> pa.Table:
+    return pa.concat_tables(pq.read_table(Path(record.path) / f) for f in record.files)
+
+
+@task(name="rank-inputs", **TASK_DEFAULTS)
+def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | None = None,
+                codes_path: str | None = None) -> dict:
+    """The log and catalog of the published snapshot, and item embeddings/codes from explicit paths,
+    else the published snapshot, else (``rank.inputs_fallback: minilm``) MiniLM + the quantizer
+    computed here and staged under ``work/rank-inputs``. Missing inputs are a DataError that says
+    which and how to provide them."""
+    storage = Storage(cfg.home).ensure()
+    inter, items = storage.published("interactions"), storage.published("items")
+    if inter is None or items is None:
+        raise DataError(STAGE, "interactions", f"no published snapshot with interactions and items under "
+                                               f"{cfg.home}: run the codebook-refresh flow (qarm refresh) first")
+    need_emb, need_codes = needs(list(cfg.rank.models), cfg.rank.gsu.hard_key, cfg.rank.model.frozen_embedding)
+    out = {"interactions": inter, "items": items, "embeddings": None, "codes": None, "source": {}}
+    for name, path, wanted in (("embeddings", embeddings_path, need_emb), ("codes", codes_path, need_codes)):
+        if path is not None:
+            if not Path(path).exists():
+                raise DataError(STAGE, name, f"{name} path {path} does not exist")
+            out[name], out["source"][name] = str(path), "path"
+        elif (rec := storage.published(name)) is not None:
+            out[name], out["source"][name] = rec.path, f"snapshot:{storage.current().snapshot_id}"
+    missing = [n for n, w in (("embeddings", need_emb), ("codes", need_codes)) if w and out[n] is None]
+    if missing and cfg.rank.inputs_fallback == "minilm":
+        # Only what is missing is made: codes alone are quantized from the embeddings at hand (so the
+        # two stay consistent); missing embeddings come from MiniLM over the item text.
+        from_existing = missing == ["codes"] and out["embeddings"] is not None
+        basis = {"embeddings": out["embeddings"]} if from_existing else {"items": items.fingerprint, "minilm": 1}
+        key = stable_hash({**basis, "qarm": __version__, "quantize": "(32,16;fsq 2x4)", "missing": missing})
+        made: dict = {}
+
+        def make() -> None:
+            if from_existing:
+                ids, x = read_embeddings(out["embeddings"])
+                made["codes"], _ = quantize_codes(ids, x)
+                return
+            with tempfile.TemporaryDirectory(dir=storage.work_dir) as tmp:
+                e, c, _ = minilm_inputs(read_dataset(items), tmp)
+                made["embeddings"], made["codes"] = pq.read_table(e), pq.read_table(c)
+
+        def produce(name):
+            def gen():
+                if not made:
+                    make()
+                return made[name].cast(schemas[name].schema).to_batches()
+            return gen
+        schemas = {"embeddings": embeddings_schema(384), "codes": CODES}   # 384: all-MiniLM-L6-v2
+        records, _, _ = write_stage_outputs(storage, "rank-inputs", key,
+                                            {n: (schemas[n], produce(n)) for n in missing})
+        for n in missing:
+            out[n] = records[n].path
+            out["source"][n] = "fallback:quantized" if from_existing else "fallback:minilm"
+    elif missing:
+        raise DataError(STAGE, missing[0], f"models {list(cfg.rank.models)} need {' and '.join(missing)}, and "
+                                           f"neither an explicit path nor the published snapshot has them: pass "
+                                           f"--embeddings/--codes, publish them (codebook refresh), or set "
+                                           f"rank.inputs_fallback: minilm")
+    get_run_logger().info("rank inputs: %s", out["source"])
+    return out
+
+
+@task(name="rank-samples", **TASK_DEFAULTS)
+def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
+    """Build (or reuse) the time-ordered samples; staged under ``work/rank-samples/<key>``."""
+    storage = Storage(cfg.home).ensure()
+    inter, items = inputs["interactions"], inputs["items"]
+    key = stable_hash({"interactions": inter.fingerprint, "items": items.fingerprint, "qarm": __version__,
+                       "samples": cfg.rank.samples.model_dump(mode="json"), "schema": SAMPLES_DATASET.version})
+    made: dict = {}
+    report: dict = {}
+
+    def produce(name):
+        def gen():
+            if not made:
+                _, s = build(read_dataset(inter), read_dataset(items), cfg.rank, cfg.duckdb, storage.duckdb_temp_dir)
+                made.update(samples=s.samples, sequences=s.sequences)
+                report.update(s.report)
+            return made[name].to_batches(max_chunksize=1_000_000)
+        return gen
+
+    with tracking.stage_run(cfg, parent_run_id, "rank-samples") as run:
+        records, reused, report = write_stage_outputs(storage, "rank-samples", key, {
+            "rank_samples": (SAMPLES_DATASET, produce("samples")),
+            "rank_sequences": (SEQUENCES_DATASET, produce("sequences"))}, report)
+        tracking.log_batch(run, params={"samples": cfg.rank.samples.model_dump(mode="json"), "key": key},
+                           metrics={**{k: float(v) for k, v in report.items()}, "reused": float(reused)})
+        get_run_logger().info("rank samples: %s", report)
+    return {"samples": records["rank_samples"], "sequences": records["rank_sequences"], "report": report}
+
+
+def load_samples(records: dict) -> Samples:
+    return Samples(_read(records["samples"]), _read(records["sequences"]), dict(records["report"]))
+
+
+@task(name="rank-gate", **TASK_DEFAULTS)
+def rank_gate(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs: dict):
+    """Gate the samples (both labels per split, split by time, test users for GAUC, items without
+    codes); raises GateError when a check fails. Results go to MLflow either way."""
+    s = load_samples(samples)
+    share = None
+    if inputs.get("codes"):
+        from qarm_core.rank.data import build_index
+        from qarm_core.rank.inputs import read_table
+
+        index: ItemIndex = build_index(read_dataset(inputs["interactions"]), read_dataset(inputs["items"]))
+        _, _, n_missing = align_codes(index, read_table(inputs["codes"], "codes", ["item_id", "c1", "c2", "c3"]))
+        share = n_missing / max(index.n, 1)
+    g = cfg.rank.gate
+    with tracking.stage_run(cfg, parent_run_id, "gate-rank-rank_samples") as run:
+        result = check_samples(s, g.min_train_samples, g.min_test_users, share, g.max_missing_code_share)
+        run.gate(result)
+        get_run_logger().info("gate rank/rank_samples: %s", "passed" if result.success else "FAILED")
+        result.raise_if_failed()
+    return result
+
+
+@task(name="rank-prepare", **TASK_DEFAULTS)
+def rank_prepare(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs: dict) -> RankData:
+    """Dense arrays and the frozen-embedding GSU results, shared by every model and seed."""
+    item_inputs: ItemInputs = load_item_inputs(inputs.get("embeddings"), inputs.get("codes"),
+                                               source=str(inputs.get("source")))
+    from qarm_core.rank.data import build_index
+
+    items = read_dataset(inputs["items"])
+    index = build_index(read_dataset(inputs["interactions"]), items)
+    data = prepare_data(load_samples(samples), index, item_inputs, items, cfg.rank)
+    get_run_logger().info("rank prepare: %s", data.report)
+    return data
+
+
+@task(name="rank-train-model", task_run_name="rank-train-{model}", **TASK_DEFAULTS)
+def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, model: str, inputs: dict) -> dict:
+    """Train ``model`` on every seed; one MLflow run ``rank-<model>`` with mean/std metrics, curves
+    (step = epoch) and a PNG of them. Returns the comparison-table row and the curves."""
+    log = get_run_logger()
+    with tracking.stage_run(cfg, parent_run_id, f"rank-{model}") as run:
+        tracking.log_batch(run, params={
+            "model": model, "spec": asdict(resolve_spec(model, cfg.rank.model.frozen_embedding)),
+            "rank": cfg.rank.model_dump(mode="json", exclude={"models"}),
+            "inputs": {k: str(v) for k, v in inputs.get("source", {}).items()},
+            "data": dict(data.report), "train_samples": len(data.train_rows), "test_samples": len(data.test_rows)})
+        run.tags({"qarm.rank_model": model})
+        runs = []
+        for seed in cfg.rank.train.seeds:
+            r = train_model(model, data, cfg.rank, seed)
+            runs.append(r)
+            for p in r.curves:
+                tracking.log_batch(run, metrics={f"seed{seed}.{k}": v for k, v in p.items() if k != "epoch"},
+                                   step=int(p["epoch"]))
+            log.info("rank %s seed %d: auc %.4f gauc %.4f (%.0f samples/s)", model, seed, r.metrics["auc"],
+                     r.metrics["gauc"], r.train_samples_per_s)
+        row = summarize(model, runs)
+        epochs = len(runs[0].curves)
+        for e in range(epochs):       # the seed-mean curve
+            tracking.log_batch(run, metrics={f"curve.{k}": float(np.mean([r.curves[e][k] for r in runs]))
+                                             for k in runs[0].curves[e] if k != "epoch"}, step=e + 1)
+        tracking.log_batch(run, metrics={
+            "auc": row["auc_mean"], "auc_std": row["auc_std"], "gauc": row["gauc_mean"], "gauc_std": row["gauc_std"],
+            "logloss": row["logloss_mean"], "logloss_std": row["logloss_std"],
+            "train_samples_per_s": row["train_samples_per_s"], "n_params": float(row["n_params"])})
+        curves = {model: [r.curves for r in runs]}
+        with tempfile.TemporaryDirectory() as tmp:
+            tracking.log_file(run, plot_curves(curves, Path(tmp) / f"curves_{model}.png"), "curves")
+        run.json({"row": row, "curves": curves[model]}, f"rank/{model}.json")
+    return {"row": row, "curves": curves[model]}
+
+
+@task(name="rank-compare", **TASK_DEFAULTS)
+def rank_compare(cfg: PipelineConfig, parent_run_id: str, results: list[dict]) -> list[dict]:
+    """The comparison table and every model's curves in one PNG, on the flow's run."""
+    table = [r["row"] for r in results]
+    curves = {r["row"]["model"]: r["curves"] for r in results}
+    handle = tracking.run_handle(cfg, parent_run_id)
+    handle.json({"table": table}, "rank/comparison.json")
+    tracking.log_batch(handle, metrics={f"{row['model']}.auc": row["auc_mean"] for row in table}
+                       | {f"{row['model']}.gauc": row["gauc_mean"] for row in table})
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
+    return table
