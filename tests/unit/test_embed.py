@@ -1,0 +1,420 @@
+"""The three-segment embedding model: mask, losses, data, catalog embedding, evaluation, bad input.
+
+Everything runs on a tiny random llama (``judge.testing.make_tiny_causal_lm``); seconds per test.
+Training tests are in test_embed_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qarm_core.embed.config import EmbedConfig, EmbedModelConfig, TrainConfig
+from qarm_core.errors import DataError
+
+GENRES = ["Action", "Comedy", "Drama", "Horror"]
+
+
+def tiny_catalog(n: int = 24) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(items, judgments, qa): items 1..n in 4 genres; kept pairs = same genre, one rejected pair."""
+    items = pa.table({"item_id": pa.array(range(1, n + 1), pa.int64()),
+                      "title": [f"Movie {i}" for i in range(1, n + 1)],
+                      "year": pa.array([1990 + i % 7 for i in range(n)], pa.int32()),
+                      "tags": [[GENRES[i % 4]] for i in range(n)]})
+    src, dst = [], []
+    for i in range(1, n + 1):
+        for j in range(1, n + 1):
+            if i != j and (i - 1) % 4 == (j - 1) % 4:
+                src.append(i)
+                dst.append(j)
+    src.append(1)
+    dst.append(2)              # different genres, rejected by the judge
+    judgments = pa.table({"src_item": pa.array(src, pa.int64()), "dst_item": pa.array(dst, pa.int64()),
+                          "keep": [True] * (len(src) - 1) + [False]})
+    qa = pa.table({"item_id": pa.array(list(range(1, n + 1)) * 2, pa.int64()),
+                   "qa_index": pa.array([0] * n + [1] * n, pa.int32()),
+                   "question": ["What genre is it?"] * n + ["When was it released?"] * n,
+                   "answer": [f"It is {GENRES[i % 4]}." for i in range(n)] + [f"In {1990 + i % 7}." for i in range(n)]})
+    return items, judgments, qa
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from qarm_core.judge.testing import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tinylm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return tiny_catalog()
+
+
+def _cfg(path, **kw) -> EmbedModelConfig:
+    return EmbedModelConfig(model=str(path), dim=16, **kw)
+
+
+# ---------------------------------------------------------------- mask
+def test_attention_bias_pattern():
+    import torch
+
+    from qarm_core.embed.model import build_attention_bias
+
+    # item item EMB EMB qa qa pad
+    seg = torch.tensor([[1, 1, 2, 2, 3, 3, 0]])
+    neg = torch.finfo(torch.float32).min
+    for scale, qa_item in ((1.0, 0.0), (0.25, float(np.log(0.25))), (0.0, neg)):
+        b = build_attention_bias(seg, scale, torch.float32)[0, 0]
+        allowed = b > neg
+        # item: causal among items only
+        assert allowed[0].tolist() == [True, False, False, False, False, False, False]
+        assert allowed[1].tolist() == [True, True, False, False, False, False, False]
+        # EMB: the item segment and earlier EMB tokens, never QA
+        assert allowed[2].tolist() == [True, True, True, False, False, False, False]
+        assert allowed[3].tolist() == [True, True, True, True, False, False, False]
+        # QA: EMB and earlier QA at 0, item at log(scale)
+        assert b[5, 2:6].tolist() == [0.0, 0.0, 0.0, 0.0]
+        assert b[5, :2].tolist() == pytest.approx([qa_item, qa_item])
+        assert not allowed[:6, 6].any()                    # nobody attends to padding
+    with pytest.raises(ValueError):
+        build_attention_bias(seg, 1.5, torch.float32)
+
+
+def test_anneal_schedule():
+    from qarm_core.embed.model import anneal_scale
+
+    assert [anneal_scale(s, 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert anneal_scale(0, 0) == 0.0
+
+
+def _batch(loaded, item, qa, answer_flags=None):
+    from qarm_core.embed.data import EncodedItem, collate
+
+    flags = tuple(answer_flags or [False] + [True] * (len(qa) - 1))
+    return collate([EncodedItem(tuple(item), tuple(qa), flags)], loaded.emb_token_ids,
+                   loaded.tokenizer.pad_token_id, with_qa=True)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_qa_tokens_do_not_change_the_embedding(tiny_lm, impl):
+    import torch
+
+    from qarm_core.embed.data import EncodedItem, collate
+    from qarm_core.embed.model import load_model
+
+    loaded = load_model(_cfg(tiny_lm, attn_implementation=impl))
+    assert loaded.model.lm.config._attn_implementation == impl
+    item = [11, 12, 13, 14, 15]
+    with torch.no_grad():
+        embs = [loaded.model(**_batch(loaded, item, qa), qa_item_scale=s)["emb"]
+                for qa in ([20, 21, 22], [40, 41, 42], [7, 8, 9]) for s in (1.0, 0.5, 0.0)]
+        no_qa = collate([EncodedItem(tuple(item))], loaded.emb_token_ids, loaded.tokenizer.pad_token_id, False)
+        alone = loaded.model(**no_qa)["emb"]
+        other = loaded.model(**_batch(loaded, [11, 12, 99, 14, 15], [20, 21, 22]))["emb"]
+    for e in embs[1:]:
+        torch.testing.assert_close(e, embs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(alone, embs[0], rtol=0, atol=1e-5)   # inference needs no QA segment
+    assert (other - embs[0]).abs().max() > 1e-3                       # ... but the item does matter
+    assert embs[0].shape == (1, 16)
+    assert float(embs[0].norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm, impl):
+    """Run item A, record every decoder layer's output at the EMB positions; run item B (same
+    length) with those EMB states patched in. With QA->item attention annealed to zero, B's QA
+    logits equal A's: the item reaches QA only through EMB. Before annealing they differ."""
+    import torch
+
+    from qarm_core.embed.model import load_model
+
+    loaded = load_model(_cfg(tiny_lm, attn_implementation=impl))
+    model = loaded.model
+    qa = [30, 31, 32, 33, 34]
+    ba, bb = _batch(loaded, [11, 12, 13, 14], qa), _batch(loaded, [50, 60, 70, 80], qa)
+    emb_pos = ba["emb_pos"][0]
+    qa_pos = (ba["segment"][0] == 3).nonzero()[:, 0]
+
+    def qa_logits(batch, scale, record=None, patch=None):
+        hooks = []
+        for li, layer in enumerate(model.lm.model.layers):
+            def hook(mod, args, out, li=li):
+                h = out[0] if isinstance(out, tuple) else out
+                if record is not None:
+                    record[li] = h[:, emb_pos].clone()
+                if patch is not None:
+                    h = h.clone()
+                    h[:, emb_pos] = patch[li]
+                    return (h, *out[1:]) if isinstance(out, tuple) else h
+                return None
+            hooks.append(layer.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                h = model.hidden(batch["input_ids"], batch["segment"], scale)
+                return model.lm.lm_head(h[0, qa_pos])
+        finally:
+            for hk in hooks:
+                hk.remove()
+
+    for scale, same in ((0.0, True), (1.0, False), (0.5, False)):
+        rec: dict = {}
+        la = qa_logits(ba, scale, record=rec)
+        lb_patched = qa_logits(bb, scale, patch=rec)
+        lb = qa_logits(bb, scale)
+        assert (lb - la).abs().max() > 1e-3               # the item does reach QA (through EMB)
+        diff = float((lb_patched - la).abs().max())
+        assert (diff < 1e-5) if same else (diff > 1e-3), (scale, diff)
+
+
+def test_new_tokens_and_reload(tiny_lm, tmp_path):
+    import torch
+
+    from qarm_core.embed.model import load_model, save_model
+
+    cfg = _cfg(tiny_lm, n_emb_tokens=3)
+    a = load_model(cfg)
+    assert a.tokenizer.convert_ids_to_tokens(list(a.emb_token_ids)) == ["<EMB_1>", "<EMB_2>", "<EMB_3>"]
+    rows = a.model.lm.get_input_embeddings().weight[list(a.emb_token_ids)]
+    assert torch.isfinite(rows).all() and (rows[0] - rows[1]).abs().max() > 0
+    # a projection seeded by the config: two loads agree
+    b = load_model(cfg)
+    torch.testing.assert_close(a.model.proj.weight, b.model.proj.weight)
+    # save -> load as fine-tuned, same outputs
+    out = save_model(a.model, a.tokenizer, tmp_path / "m", {"n_emb_tokens": 3, "dim": 16, "model_version": "v1"})
+    c = load_model(_cfg(out, n_emb_tokens=3))
+    assert c.fine_tuned and c.model_version == "v1" and c.emb_token_ids == a.emb_token_ids
+    batch = _batch(a, [11, 12, 13], [20, 21])
+    with torch.no_grad():
+        torch.testing.assert_close(c.model(**batch)["emb"], a.model(**batch)["emb"])
+    with pytest.raises(DataError, match="dim=16"):
+        load_model(EmbedModelConfig(model=str(out), n_emb_tokens=3, dim=32))
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))      # no pickles
+
+
+# ---------------------------------------------------------------- losses
+def test_info_nce_and_duplicate_masking():
+    import torch
+
+    from qarm_core.embed.losses import info_nce
+
+    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert float(info_nce(x, x, 0.01)) < 1e-3                 # aligned pairs, spread out
+    rand = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert float(info_nce(x, rand, 0.05)) > 1.0
+    # rows 0 and 1 are the same pair of items: without masking each is the other's "negative"
+    y = x.clone()
+    y[1] = y[0]
+    ids = torch.tensor([1, 1, 3, 4, 5, 6])
+    unmasked = float(info_nce(y, y, 0.01))
+    masked = float(info_nce(y, y, 0.01, ids, ids))
+    assert unmasked > 0.2 and masked < 1e-3
+
+
+def test_qa_loss_only_on_answer_tokens(tiny_lm):
+    import torch
+
+    from qarm_core.embed.model import load_model
+
+    loaded = load_model(_cfg(tiny_lm))
+    b = _batch(loaded, [11, 12, 13], [20, 21, 22, 23], [False, False, True, True])
+    assert b["labels"][0].tolist()[-4:] == [-100, -100, 22, 23]
+    with torch.no_grad():
+        out = loaded.model(**b, qa_item_scale=0.0)
+    assert float(out["qa_tokens"]) == 2.0
+    # reference: the same NLL from full logits under the three-segment mask
+    h = loaded.model.hidden(b["input_ids"], b["segment"], 0.0)
+    ref = torch.nn.functional.cross_entropy(loaded.model.lm.lm_head(h[0, -3:-1]), torch.tensor([22, 23]), reduction="sum")
+    torch.testing.assert_close(out["qa_loss_sum"], ref.float(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- data
+def test_pairs_split_and_batches(catalog):
+    from qarm_core.embed.data import batch_pair_indices, positive_pairs, split_pairs
+
+    items, judgments, _ = catalog
+    a, p = positive_pairs(judgments, items["item_id"].to_numpy(), "train")
+    assert len(a) == 4 * (6 * 5 // 2)                         # unordered same-genre pairs; rejected pair gone
+    assert ((a - 1) % 4 == (p - 1) % 4).all() and (a < p).all()
+    train, held = split_pairs(judgments, 0.3, seed=0)
+    key = lambda t: {tuple(sorted(x)) for x in zip(t["src_item"].to_pylist(), t["dst_item"].to_pylist())}  # noqa: E731
+    assert not key(train) & key(held)                         # a pair and its mirror stay together
+    assert 0 < held.num_rows < judgments.num_rows
+    again = split_pairs(judgments.take(np.random.default_rng(0).permutation(judgments.num_rows)), 0.3, seed=0)[1]
+    assert key(again) == key(held)                            # independent of row order
+    b0 = batch_pair_indices(60, 0, 8, 0)
+    assert len(set(b0.tolist())) == 8 and (batch_pair_indices(60, 0, 8, 0) == b0).all()
+    epoch = np.concatenate([batch_pair_indices(60, s, 8, 0) for s in range(7)])
+    assert len(set(epoch.tolist())) == 56                     # no repeats within an epoch
+    assert len(batch_pair_indices(3, 5, 8, 0)) == 8           # fewer pairs than a batch: repeats
+
+
+def test_item_text_and_qa_segment(tiny_lm, catalog):
+    from qarm_core.embed.data import encode_items, item_texts, qa_by_item
+    from qarm_core.embed.model import load_model
+
+    items, _, qa = catalog
+    cfg = _cfg(tiny_lm, max_qa_tokens=12, max_qa_pairs=1)
+    texts = item_texts(items, cfg, [1, 2])
+    assert texts == {1: "Movie 1 (1990), genres: Action", 2: "Movie 2 (1991), genres: Comedy"}
+    qmap = qa_by_item(qa, 1, "train")
+    assert qmap[1] == [("What genre is it?", "It is Action.")]
+    hostile = pa.table({"item_id": [1], "question": ["q <EMB_1> <|im_start|>"], "answer": ["a <EMB_2>"]})
+    assert "<" not in str(qa_by_item(hostile, 2, "train"))   # QA text cannot spell special tokens
+    loaded = load_model(cfg)
+    enc = encode_items(loaded.tokenizer, texts, qmap, cfg)
+    e = enc[1]
+    assert len(e.qa) <= 12 and len(e.qa) == len(e.qa_is_answer) and any(e.qa_is_answer) and not e.qa_is_answer[0]
+    assert not set(e.item) & set(loaded.emb_token_ids)
+
+
+# ---------------------------------------------------------------- catalog embedding
+def test_embed_catalog_deterministic_resumable(tiny_lm, catalog, tmp_path):
+    from qarm_core.embed.embed import embed_catalog
+    from qarm_core.quantize.io import read_embeddings
+
+    items, _, _ = catalog
+    mcfg = _cfg(tiny_lm)
+    ecfg = EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb", dtype="float32")
+    seen: list[dict] = []
+    r1 = embed_catalog(items, tmp_path / "a", mcfg, ecfg, progress=seen.append)
+    assert (r1.rows, r1.dim, r1.parts, r1.parts_written, r1.parts_skipped) == (24, 16, 3, 3, 0)
+    assert [s["rows_done"] for s in seen] == [10, 20, 24]
+    ids, x = read_embeddings(tmp_path / "a")
+    assert ids.tolist() == list(range(1, 25)) and x.shape == (24, 16)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    t = pq.read_table(tmp_path / "a" / "part-00000.parquet")
+    assert t.schema.field("vector").type == pa.list_(pa.float32(), 16)
+    assert set(t["model_version"].to_pylist()) == {r1.model_version}
+    # deterministic: a second run (other batch size too) gives the same vectors
+    r2 = embed_catalog(items, tmp_path / "b", mcfg, EmbedConfig(batch_size=7, chunk_rows=10, base_pooling="emb",
+                                                                 dtype="float32"))
+    np.testing.assert_allclose(read_embeddings(tmp_path / "b")[1], x, atol=1e-5)
+    assert r2.model_version == r1.model_version
+    # bf16 (the default): the same run twice is bit-identical, and close to fp32
+    bf = [read_embeddings(embed_catalog(items, tmp_path / f"bf{i}", mcfg,
+                                        EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb")).path)[1]
+          for i in range(2)]
+    np.testing.assert_array_equal(bf[0], bf[1])
+    assert np.abs(bf[0] - x).max() < 0.05
+    # resumable: a lost part is recomputed, the others skipped
+    (tmp_path / "a" / "part-00001.parquet").unlink()
+    r3 = embed_catalog(items, tmp_path / "a", mcfg, ecfg)
+    assert (r3.parts_written, r3.parts_skipped) == (1, 2)
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "a")[1], x)
+    # another chunking clears the folder instead of mixing parts
+    r4 = embed_catalog(items, tmp_path / "a", mcfg, EmbedConfig(batch_size=5, chunk_rows=100, base_pooling="emb",
+                                                                dtype="float32"))
+    assert (r4.parts, r4.parts_written) == (1, 1) and len(list((tmp_path / "a").glob("part-*"))) == 1
+    assert json.loads((tmp_path / "a" / "_embed_meta.json").read_text())["chunk_rows"] == 100
+
+
+def test_base_mean_pooling_and_minilm(tiny_lm, catalog, tmp_path):
+    from qarm_core.embed.embed import embed_catalog, embed_catalog_minilm
+    from qarm_core.quantize.io import read_embeddings
+
+    items, _, _ = catalog
+    r = embed_catalog(items, tmp_path / "mean", _cfg(tiny_lm), EmbedConfig(batch_size=8, base_pooling="mean"))
+    assert r.dim == 32 and r.model_version.endswith(":mean")       # hidden size of the tiny llama
+    m = embed_catalog_minilm(items, tmp_path / "minilm", EmbedConfig(batch_size=16))
+    ids, x = read_embeddings(tmp_path / "minilm")
+    assert m.dim == 384 and x.shape == (24, 384) and m.model_version.startswith("minilm:")
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4)
+    # MiniLM knows words: same-genre items are closer than different-genre ones on average
+    s = x @ x.T
+    g = (ids - 1) % 4
+    same = (g[:, None] == g[None, :]) & ~np.eye(24, dtype=bool)
+    assert s[same].mean() > s[~same & ~np.eye(24, dtype=bool)].mean()
+
+
+# ---------------------------------------------------------------- evaluation
+def test_retrieval_metrics_by_hand():
+    from qarm_core.embed.evaluate import ranks_of_positives, retrieval_metrics
+
+    ids = np.array([10, 20, 30, 40])
+    v = np.array([[1, 0], [0.9, 0.1], [0, 1], [-1, 0]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    # from 10: 20 is 1st, 30 is 2nd, 40 3rd
+    assert ranks_of_positives(ids, v, np.array([10, 10, 10]), np.array([20, 30, 40])).tolist() == [1, 2, 3]
+    m = retrieval_metrics(ids, v, pa.table({"src_item": [10, 10], "dst_item": [30, 20]}), k=1)
+    # queries 10->20 (1), 10->30 (2), 20->10 (1), 30->10 (20 scores 0.11 > 0, 40 ties at 0: 2.5)
+    assert m.queries == 4 and m.recall_at_k == 0.5 and m.mrr == pytest.approx((1 + 0.5 + 1 + 0.4) / 4)
+    # a collapsed embedding gets no credit from ties
+    flat = np.ones((4, 2), np.float32) / np.sqrt(2)
+    assert ranks_of_positives(ids, flat, np.array([10]), np.array([20])).tolist() == [2.0]
+    with pytest.raises(DataError, match="no embedding"):
+        ranks_of_positives(ids, v, np.array([10]), np.array([99]))
+
+
+def test_evaluate_embeddings_file(tiny_lm, catalog, tmp_path):
+    from qarm_core.embed.embed import embed_catalog
+    from qarm_core.embed.evaluate import evaluate_embeddings
+
+    items, judgments, _ = catalog
+    embed_catalog(items, tmp_path / "e", _cfg(tiny_lm), EmbedConfig(base_pooling="emb"))
+    m = evaluate_embeddings(tmp_path / "e", judgments, k=10)
+    assert m.queries == 120 and 0 <= m.recall_at_k <= 1 and 0 < m.mrr <= 1 and m.catalog == 24
+    assert m.model_version.startswith("base:")
+    with pytest.raises(DataError, match="stage=evaluate"):
+        evaluate_embeddings(tmp_path / "nope", judgments)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs(tiny_lm, catalog, tmp_path):
+    from qarm_core.embed.embed import embed_catalog
+    from qarm_core.embed.train import train_embedding_model
+
+    items, judgments, qa = catalog
+    tcfg = TrainConfig(use_deepspeed=False, max_steps=1, batch_size=4)
+    empty = judgments.slice(0, 0)
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*empty"):
+        train_embedding_model(items, empty, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+    none_kept = judgments.set_column(2, "keep", pa.array([False] * judgments.num_rows))
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*none kept"):
+        train_embedding_model(items, none_kept, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+    unknown = pa.table({"src_item": pa.array([1, 5000], pa.int64()), "dst_item": pa.array([2, 3], pa.int64()),
+                        "keep": [True, True]})
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*not in the items table.*5000"):
+        train_embedding_model(items, unknown, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=model\].*does not exist"):
+        train_embedding_model(items, judgments, qa, tmp_path / "r", EmbedModelConfig(model=str(tmp_path / "nope")), tcfg)
+    with pytest.raises(DataError, match=r"\[stage=embed, dataset=model\].*does not exist"):
+        embed_catalog(items, tmp_path / "e", EmbedModelConfig(model=str(tmp_path / "nope")))
+    (tmp_path / "notmodel").mkdir()
+    with pytest.raises(DataError, match=r"\[stage=embed, dataset=model\].*no config.json"):
+        embed_catalog(items, tmp_path / "e", EmbedModelConfig(model=str(tmp_path / "notmodel")))
+    dup = pa.concat_tables([items, items.slice(0, 1)])
+    with pytest.raises(DataError, match=r"\[stage=embed, dataset=items\].*not unique"):
+        embed_catalog(dup, tmp_path / "e", _cfg(tiny_lm))
+    with pytest.raises(DataError, match=r"\[stage=embed, dataset=items\].*empty"):
+        embed_catalog(items.slice(0, 0), tmp_path / "e", _cfg(tiny_lm))
+
+
+def test_configs_are_strict():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        TrainConfig(batch_sise=4)                           # typo
+    with pytest.raises(ValidationError):
+        TrainConfig(batch_size="4")                         # no coercion
+    with pytest.raises(ValidationError, match="nproc"):
+        TrainConfig(launcher="torchrun", nproc=1)
+    with pytest.raises(ValidationError, match="divisible"):
+        TrainConfig(batch_size=5, nproc=2)
+    with pytest.raises(ValidationError, match="grad_cache_chunk"):
+        TrainConfig(batch_size=8, grad_cache_chunk=3)
+    assert TrainConfig().zero_stage == 2 and EmbedModelConfig().dim == 128
+
+
+def test_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, qarm_core.embed, qarm_core.embed.config, qarm_core.embed.evaluate, qarm_core.embed.train, "
+            "qarm_core.embed.embed; bad = [m for m in ('torch', 'transformers', 'deepspeed', 'prefect', 'mlflow') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
