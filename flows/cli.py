@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
 from qarm_core.config import dump_config, load_config
 from qarm_core.errors import QarmError
@@ -38,16 +38,6 @@ def _quiet_env() -> None:
     for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                  "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         os.environ.setdefault(k, v)
-
-
-def _parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for s in sets or []:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set wants KEY=VALUE, got {s!r}")
-        k, v = s.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def _run_refresh(config: str, overrides: dict[str, Any]) -> None:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.options import parse_sets as _parse_sets
 from qarm_core.config import load_config
 from qarm_core.errors import QarmError
 from qarm_core.rank.config import ALL_MODELS
@@ -28,16 +28,6 @@ ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set rank.train.epochs=2 (repeatable).")
 EmbOpt = typer.Option(None, "--embeddings", help="Embeddings Parquet (default: the published snapshot's).")
 CodesOpt = typer.Option(None, "--codes", help="Codes Parquet (default: the published snapshot's).")
-
-
-def _parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for s in sets or []:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set wants KEY=VALUE, got {s!r}")
-        k, v = s.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def print_table(table: list[dict], title: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
+from tests.conftest import tiny_lm_path
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
 
@@ -43,10 +44,8 @@ def tiny_catalog(n: int = 24) -> tuple[pa.Table, pa.Table, pa.Table]:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from qarm_core.judge.testing import make_tiny_causal_lm
-
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("tinylm") / "tiny")
+def tiny_lm():
+    return tiny_lm_path()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
+from tests.conftest import tiny_lm_path
 from tests.unit.test_embed import tiny_catalog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,10 +23,8 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from qarm_core.judge.testing import make_tiny_causal_lm
-
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("tinylm") / "tiny")
+def tiny_lm():
+    return tiny_lm_path()
 
 
 @pytest.fixture(scope="module")

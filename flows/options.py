@@ -1,0 +1,20 @@
+"""Option parsing shared by the CLI apps."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+import yaml
+
+
+def parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as dotted config overrides; values are parsed as YAML
+    (``--set storage.retention=10`` gives the integer 10)."""
+    out: dict[str, Any] = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set wants KEY=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
