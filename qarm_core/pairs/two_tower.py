@@ -505,19 +505,25 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
     # after exclusion; users go in order of their seen counts, so each chunk's depth fits all.
     index = faiss.IndexFlatIP(model.params.dim)
     index.add(model.item_embeddings())
+    # faiss and torch share one OpenMP runtime here: omp_set_num_threads is process-wide, so the
+    # caller's thread count is restored, or every later torch stage would run on one thread.
+    prev_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(model.params.num_threads)
-    by_seen = np.argsort(pos - split.user_start[split.seq_user[pos]], kind="stable")
-    tt_hit = np.zeros(len(pos), bool)
-    for s in range(0, len(pos), chunk):
-        idx = by_seen[s:s + chunk]
-        hist, mask = histories(split, pos[idx], model.params.history_len)
-        c_row, c_seen = _excluded(split, pos[idx])
-        depth = int(min(n_items, k + np.bincount(c_row, minlength=len(idx)).max()))
-        _, got = index.search(model.user_embeddings(hist, mask), depth)        # (chunk, depth)
-        seen_key = np.unique(c_row * n_items + c_seen)
-        unseen = ~np.isin(np.arange(len(idx))[:, None] * n_items + got, seen_key) & (got >= 0)
-        top = unseen & (np.cumsum(unseen, axis=1) <= k)
-        tt_hit[idx] = (top & (got == target[idx, None])).any(axis=1)
+    try:
+        by_seen = np.argsort(pos - split.user_start[split.seq_user[pos]], kind="stable")
+        tt_hit = np.zeros(len(pos), bool)
+        for s in range(0, len(pos), chunk):
+            idx = by_seen[s:s + chunk]
+            hist, mask = histories(split, pos[idx], model.params.history_len)
+            c_row, c_seen = _excluded(split, pos[idx])
+            depth = int(min(n_items, k + np.bincount(c_row, minlength=len(idx)).max()))
+            _, got = index.search(model.user_embeddings(hist, mask), depth)        # (chunk, depth)
+            seen_key = np.unique(c_row * n_items + c_seen)
+            unseen = ~np.isin(np.arange(len(idx))[:, None] * n_items + got, seen_key) & (got >= 0)
+            top = unseen & (np.cumsum(unseen, axis=1) <= k)
+            tt_hit[idx] = (top & (got == target[idx, None])).any(axis=1)
+    finally:
+        faiss.omp_set_num_threads(prev_threads)
     return {"recall_two_tower": float(tt_hit.mean()), "recall_popularity": float(pop_hit.mean()),
             "n_users": int(len(pos)), "k": int(k)}
 

@@ -168,7 +168,14 @@ def test_u2i_pairs_keep_top_m_of_distinct_history_items(trained):
 
 
 def test_mine_end_to_end_and_recall_report(synth):
+    import faiss
+    import torch
+
+    # faiss and torch share one OpenMP runtime: a one-thread faiss search must not leave every later
+    # torch stage of the flow (judge, QA, training) on one thread
+    torch.set_num_threads(2)
     pairs, report = mine_u2i_pairs(*synth, TwoTowerParams(**{**SMALL.__dict__, "epochs": 1}), k=10)
+    assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
     assert report["n_pairs"] == pairs.num_rows > 0
     assert 0 <= report["recall_two_tower"] <= 1 and 0 <= report["recall_popularity"] <= 1
     assert report["n_users"] > 0 and report["k"] == 10
