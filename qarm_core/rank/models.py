@@ -110,35 +110,34 @@ class TargetAttention(nn.Module):
         return torch.bmm(wts.unsqueeze(1), keys).squeeze(1)
 
 
+def _table(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table whose row 0 (padding / no code) is zero and stays zero."""
+    e = nn.Embedding(rows, dim, padding_idx=0)
+    nn.init.normal_(e.weight, std=0.05)
+    with torch.no_grad():
+        e.weight[0].zero_()
+    return e
+
+
 class ItemEncoder(nn.Module):
     """Dense item indices ``(...)`` -> representations ``(..., dim)``."""
 
     def __init__(self, spec: ModelSpec, tables: ItemTables, dim: int):
         super().__init__()
-        self.id = nn.Embedding(tables.n_items + 1, dim, padding_idx=0)
-        nn.init.normal_(self.id.weight, std=0.05)
-        with torch.no_grad():
-            self.id.weight[0].zero_()
+        self.id = _table(tables.n_items + 1, dim)
         self.sids = spec.sids
         if spec.sids:
             if tables.codes is None:
                 raise ValueError(f"model {spec.name} needs Semantic-ID codes")
             self.register_buffer("codes", torch.as_tensor(tables.codes, dtype=torch.int64), persistent=False)
-            self.code_emb = nn.ModuleList(nn.Embedding(int(v), dim, padding_idx=0) for v in tables.code_vocab)
-            for e in self.code_emb:
-                nn.init.normal_(e.weight, std=0.05)
-                with torch.no_grad():
-                    e.weight[0].zero_()
+            self.code_emb = nn.ModuleList(_table(int(v), dim) for v in tables.code_vocab)
         self.vq = spec.vq
         if spec.vq:
             if tables.neighbours is None:
                 raise ValueError(f"model {spec.name} needs VQ neighbour codes")
             self.register_buffer("neighbours", torch.as_tensor(tables.neighbours, dtype=torch.int64),
                                  persistent=False)
-            self.vq_emb = nn.Embedding(tables.n_items + 1, dim, padding_idx=0)
-            nn.init.normal_(self.vq_emb.weight, std=0.05)
-            with torch.no_grad():
-                self.vq_emb.weight[0].zero_()
+            self.vq_emb = _table(tables.n_items + 1, dim)
         self.frozen = spec.frozen_embedding
         if spec.frozen_embedding:
             if tables.frozen is None:

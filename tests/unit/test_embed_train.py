@@ -13,8 +13,7 @@ import pytest
 
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
-from tests.conftest import tiny_lm_path
-from tests.unit.test_embed import tiny_catalog
+from tests.unit.test_embed import catalog, tiny_lm  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 # DeepSpeed JIT-compiles a small op on first use (~1 min); keep it in the repo cache between runs.
@@ -22,14 +21,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    return tiny_lm_path()
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return tiny_catalog()
 
 
 def _mcfg(path) -> EmbedModelConfig:
