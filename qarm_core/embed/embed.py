@@ -149,13 +149,15 @@ class LLMEmbedder:
     def __init__(self, items: pa.Table, model_cfg: EmbedModelConfig, cfg: EmbedConfig):
         import torch
 
+        from qarm_core.devices import resolve_device
         from qarm_core.embed.model import load_model
 
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device, STAGE, "embed.infer.device")
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.loaded = load_model(model_cfg, STAGE, dtype)
-        self.model = self.loaded.model.eval()
+        self.model = self.loaded.model.eval().to(self.device)
         self.texts, self.model_cfg, self.cfg = _TextLookup(items, model_cfg), model_cfg, cfg
         self.pooling = "emb" if self.loaded.fine_tuned else cfg.base_pooling
         self.dim = self.model.dim if self.pooling == "emb" else self.model.lm.config.hidden_size
@@ -177,14 +179,15 @@ class LLMEmbedder:
         with torch.inference_mode():
             for s in range(0, len(order), bs):
                 rows = order[s:s + bs]
-                b = D.collate([enc[ids[r]] for r in rows], self.loaded.emb_token_ids, pad, with_qa=False)
+                b = {k: v.to(self.device) for k, v in
+                     D.collate([enc[ids[r]] for r in rows], self.loaded.emb_token_ids, pad, with_qa=False).items()}
                 h = self.model.hidden(b["input_ids"], b["segment"], 0.0)
                 if self.pooling == "emb":
                     v = self.model.embed_from_hidden(h, b["emb_pos"])
                 else:
                     m = (b["segment"] == SEG_ITEM)[..., None].to(h.dtype)
                     v = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
-                out[rows] = v.float().numpy()
+                out[rows] = v.float().cpu().numpy()
         return out
 
 
@@ -214,7 +217,10 @@ def embed_catalog_minilm(items: pa.Table, out_dir: str | Path, cfg: EmbedConfig 
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    st = SentenceEmbedder(model_path, batch_size=cfg.batch_size)
+    from qarm_core.devices import resolve_device
+
+    st = SentenceEmbedder(model_path, batch_size=cfg.batch_size,
+                          device=resolve_device(cfg.device, STAGE, "embed.infer.device"))
     lookup = _TextLookup(items, EmbedModelConfig(include_tags=include_tags))
 
     def encode(part: list[int]) -> np.ndarray:

@@ -123,7 +123,7 @@ def run_fingerprint(model_cfg: EmbedModelConfig, cfg: TrainConfig, data_digest: 
     """Identity of a training run: everything that changes its result (not checkpoint cadence,
     time budget, thread count)."""
     t = cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "max_seconds", "num_threads",
-                                "launcher", "master_port"})
+                                "launcher", "launcher_args", "master_port"})
     return _digest({"model": model_cfg.model_dump(), "train": t, "data": data_digest, "world": world_size})[:20]
 
 
@@ -619,7 +619,7 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
     out = Path(job["out_dir"])
     log = out / "train_log.jsonl"
     seen = log.stat().st_size if log.exists() else 0
-    cmd = build_launch_command(job_file, cfg)
+    cmd = build_launch_command(job_file, cfg, extra_launcher_args=cfg.launcher_args)
     out_log = out / "launch.log"
     t0 = time.perf_counter()
     with open(out_log, "wb") as lf:

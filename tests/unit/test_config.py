@@ -7,7 +7,7 @@ from qarm_core.errors import ConfigError
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["ml100k.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["ml100k.yaml", "ml100k-gpu.yaml", "tiny.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg, PipelineConfig)
@@ -87,3 +87,39 @@ def test_duplicate_keys_are_refused(tmp_path):
     p.write_text("gates:\n  items:\n    min_rows: 10\nname: x\ngates:\n  codes:\n    max_collision_rate: 0.5\n")
     with pytest.raises(ConfigError, match=r"c.yaml: duplicate key 'gates' at line 5"):
         load_config(p)
+
+
+def test_extends_merges_sections_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nmine:\n  sources: [swing, u2i]\n  swing:\n    top_k: 5\n"
+                                        "    beta: 0.5\nstorage:\n  retention: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\nmine:\n  sources: [swing]\n"
+                                         "  swing:\n    top_k: 20\n")
+    cfg = load_config(tmp_path / "child.yaml", {"storage.retention": 4})
+    assert cfg.name == "child"
+    assert cfg.mine.sources == ["swing"]                               # a list replaces
+    assert (cfg.mine.swing.top_k, cfg.mine.swing.beta) == (20, 0.5)    # a mapping merges
+    assert cfg.storage.retention == 4                                  # --set still wins
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends forms a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="extends must be a file name"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("extends: base.yaml\nmine:\n  swing:\n    top_kk: 3\n")
+    (tmp_path / "base.yaml").write_text("name: base\n")
+    with pytest.raises(ConfigError, match=r"mine\.swing\.top_kk: unknown key"):
+        load_config(tmp_path / "e.yaml")
+
+
+def test_gpu_profile_differs_from_ml100k_only_where_it_says():
+    gpu, cpu = load_config(REPO / "configs" / "ml100k-gpu.yaml"), load_config(REPO / "configs" / "ml100k.yaml")
+    assert gpu.embed.train.launcher == "deepspeed" and gpu.embed.train.nproc == 8
+    assert gpu.embed.infer.device == "cuda" and cpu.embed.infer.device == "auto"
+    assert gpu.quantize == cpu.quantize and gpu.gates == cpu.gates and gpu.ingest == cpu.ingest

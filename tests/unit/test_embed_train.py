@@ -217,6 +217,19 @@ def test_launch_commands(tmp_path):
         assert json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())["zero_optimization"]["stage"] == stage
 
 
+def test_launcher_args_reach_the_launch_command(tmp_path):
+    """``embed.train.launcher_args`` (multi-node flags) go on the launcher's command line: an
+    unknown flag makes torchrun fail, and the error shows the command it was given."""
+    from qarm_core.embed.train import run_launched
+
+    job = tmp_path / "job" / "job.json"
+    job.parent.mkdir()
+    job.write_text(json.dumps({"out_dir": str(tmp_path)}))
+    cfg = TrainConfig(launcher="torchrun", nproc=2, batch_size=8, launcher_args=["--no-such-flag"])
+    with pytest.raises(RuntimeError, match=r"torch\.distributed\.run .*--no-such-flag.* failed with exit code"):
+        run_launched(job, cfg, timeout_s=120)
+
+
 def _two_process(tiny_lm, catalog, tmp_path, launcher: str, deepspeed: bool = True):
     from qarm_core.embed.train import train_embedding_model
 

@@ -266,22 +266,69 @@ def test_empty_pairs_give_empty_judgments(tiny_lm):
 
 
 def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm):
-    """Few-shot prefix cache and one-context-many-continuations reuse give the plain results."""
+    """Few-shot prefix cache and one-context-many-continuations reuse give the plain results,
+    also when contexts of different lengths share one forward pass (batch 8) or a context's
+    continuations span several batches (batch 3)."""
     from qarm_core.judge.backends import LocalLM
 
     path = str(tiny_lm.cfg.model_path)
-    share = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=2))
     plain = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=0))
-    ctxs = ['A movie fan loved "Heat".'] * 5 + ["Q", 'A movie fan loved "Babe".', "Q"]
+    ctxs = (['A movie fan loved "Heat".'] * 5 + ["Q", 'A movie fan loved "Babe".', "Q"]
+            + ['A movie fan loved "Babe (1995), genres: Children\'s, Comedy, Drama".'] * 2)
     conts = [' "Star Wars (1977)"', ' "x"', ' "Toy Story (1995), genres: Comedy"', " 1", " a b c", " yes",
-             ' "Heat"', " 19"]
+             ' "Heat"', " 19", ' "Fargo (1996)"', " z"]
     pre = "Star Wars (1977). Toy Story.\n"
-    for p in ("", pre):
-        a, b = share.continuation_logprobs(ctxs, conts, prefix=p), plain.continuation_logprobs(ctxs, conts, prefix=p)
-        for x, y in zip(a, b):
-            assert x.shape == y.shape
-            np.testing.assert_allclose(x, y, atol=1e-4)
+    for bs in (3, 8):
+        share = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=bs, share_context_min=2))
+        for p in ("", pre):
+            a, b = share.continuation_logprobs(ctxs, conts, prefix=p), plain.continuation_logprobs(ctxs, conts, prefix=p)
+            for x, y in zip(a, b):
+                assert x.shape == y.shape
+                np.testing.assert_allclose(x, y, atol=1e-4)
     # the prefix path equals scoring the concatenated text
     joined = plain.continuation_logprobs([pre + c for c in ctxs], conts)
     for x, y in zip(share.continuation_logprobs(ctxs, conts, prefix=pre), joined):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers_generate(tiny_lm):
+    """The shared-prefix, row-dropping greedy decoder gives transformers' greedy tokens, for rows
+    that stop early (a stop token), rows that run to the limit, and with a repetition penalty."""
+    import torch
+
+    from qarm_core.judge.backends import LocalLM
+
+    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
+    tok, model = lm.tokenizer, lm.model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # the tiny model's 0.02-std init emits one token forever: spread it out
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    prompts = ["Heat", "What genres does Toy Story belong to?", "In which year was Fargo released?", "Babe", "Q"]
+    ids = [tok(lm.chat_prompt(p, "You answer briefly."), add_special_tokens=False).input_ids for p in prompts]
+
+    def reference(stop: int, penalty: float = 1.0) -> list[list[int]]:
+        outs = []
+        for x in ids:       # one prompt at a time: no padding on the reference side
+            g = model.generate(torch.tensor([x]), attention_mask=torch.ones((1, len(x)), dtype=torch.long),
+                               max_new_tokens=9, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                               repetition_penalty=penalty)[0, len(x):].tolist()
+            outs.append(g[:g.index(stop)] if stop in g else g)
+        return outs
+
+    free = reference(model.generation_config.eos_token_id)
+    assert len({tuple(f) for f in free}) == len(free)           # the rows really differ
+    model.generation_config.eos_token_id = stop = free[2][2]     # row 2 stops at step 2
+    want = reference(stop)
+    assert len(want[2]) == 2 and any(len(w) == 9 for w in want)
+    with torch.inference_mode():
+        for bs in (2, 8):
+            assert lm._greedy(ids, 9, bs) == want
+    lm.cfg = lm.cfg.model_copy(update={"repetition_penalty": 1.3})
+    with_penalty = reference(stop, 1.3)
+    assert with_penalty != want
+    with torch.inference_mode():
+        assert lm._greedy(ids, 9, 3) == with_penalty
+    assert lm.generate(prompts, 9, system="You answer briefly.") == [
+        tok.decode(w, skip_special_tokens=True).strip() for w in with_penalty]

@@ -1,0 +1,155 @@
+"""Benchmark of the two LLM inner loops of stage 2 on ML-100K with the default model, on this CPU:
+each new path against the one it replaced, on the same inputs, in one run.
+
+* Judge scoring, the ``make run`` shape: Swing pairs (ratings >= 4, ``top_k`` neighbours per source
+  item, the ML-100K config's 5) of ``--judge-sources`` source items, neutral passes cached. One
+  sequence per pair (``share_context_min: 0``, the previous path) against each source item's
+  context run once and several contexts per forward pass (``share_context_min: 2``, the default).
+* QA generation: ``--qa-items`` items x the ML-100K config's 2 questions. transformers'
+  ``generate`` (greedy, left-padded batches: the previous path) against qarm's decoder (shared
+  chat-template prefix, right-padded rows on its cache, rows leave the batch at their stop token).
+
+Both paths run in the same process, one after the other, twice each in alternating order (the
+table shows the faster of the two runs of each); the load average is printed with the figures.
+
+    python benchmarks/bench_llm_paths.py [--judge-sources 120] [--qa-items 96] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _best_of_two(a, b):
+    """Run a, b, b, a; return ((result_a, seconds_a), (result_b, seconds_b)) with the faster times."""
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    out: dict[str, object] = {}
+    for name, fn in (("a", a), ("b", b), ("b", b), ("a", a)):
+        t0 = time.perf_counter()
+        out[name] = fn()
+        times[name].append(time.perf_counter() - t0)
+    return (out["a"], min(times["a"])), (out["b"], min(times["b"]))
+
+
+def hf_generate(lm, prompts: list[str], max_new_tokens: int, bs: int, system: str) -> list[str]:
+    """The previous QA path: transformers' greedy ``generate`` over left-padded batches."""
+    import torch
+
+    tok = lm.tokenizer
+    texts = [lm.chat_prompt(p, system) for p in prompts]
+    out = [""] * len(texts)
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+    tok.padding_side = "left"
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(order), bs):
+                idx = order[s:s + bs]
+                enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tok.pad_token_id)
+                for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+                    out[k] = tok.decode(row, skip_special_tokens=True).strip()
+    finally:
+        tok.padding_side = "right"
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--judge-sources", type=int, default=120, help="source items whose Swing pairs are scored")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--qa-items", type=int, default=96)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import torch
+
+    from qarm_core.ingest import fetch_recbole_wheel, read_ml100k
+    from qarm_core.judge.backends import LocalLM
+    from qarm_core.judge.config import JudgeConfig, LocalModelConfig, QAConfig
+    from qarm_core.judge.judge import PairScorer
+    from qarm_core.judge.prompts import judge_prompt, qa_prompt
+    from qarm_core.judge.qa import questions_for
+    from qarm_core.judge.text import quote, render_item, render_items
+    from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+
+    torch.set_num_threads(2)
+    inter, items = read_ml100k(fetch_recbole_wheel(REPO / ".cache" / "recbole"))
+    pos = inter.filter(pc.greater_equal(inter["rating"], 4))
+    pairs = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingParams(top_k=args.top_k))
+    srcs = np.unique(pairs["src_item"].to_numpy())
+    pick = np.random.default_rng(0).choice(srcs, min(args.judge_sources, len(srcs)), replace=False)
+    pairs = pairs.filter(pc.is_in(pairs["src_item"], pa.array(pick)))
+    cfg = JudgeConfig()
+    prompt = judge_prompt(cfg.prompt_version)
+    lms = {m: LocalLM(LocalModelConfig(share_context_min=m)) for m in (0, 2)}
+    texts = render_items(items, set(pairs["src_item"].to_pylist()) | set(pairs["dst_item"].to_pylist()),
+                         prompt.item_format)
+    src = [texts[i] for i in pairs["src_item"].to_pylist()]
+    dst = [texts[i] for i in pairs["dst_item"].to_pylist()]
+    scorers = {m: PairScorer(lm, prompt) for m, lm in lms.items()}
+    for sc in scorers.values():
+        sc.llm_pmi(src[:1] * len(set(dst)), sorted(set(dst)))    # neutral passes cached: pairs only below
+    load0 = os.getloadavg()[0]
+    (s_old, t_old), (s_new, t_new) = _best_of_two(lambda: scorers[0].llm_pmi(src, dst),
+                                                  lambda: scorers[2].llm_pmi(src, dst))
+    n = len(src)
+    res: dict = {"judge_pairs": n, "judge_sources": len(pick), "judge_pairs_per_s_one_sequence_per_pair": n / t_old,
+                 "judge_pairs_per_s_grouped": n / t_new, "judge_speedup": t_old / t_new,
+                 "judge_max_abs_score_diff": float(np.max(np.abs(np.asarray(s_old) - np.asarray(s_new)))),
+                 "judge_score_std": float(np.std(s_old))}
+
+    qcfg = QAConfig(k=2)
+    qp = qa_prompt(qcfg.prompt_version)
+    rows = {r["item_id"]: r for r in items.select(["item_id", "title", "year", "tags"]).to_pylist()}
+    ids = sorted(rows)[: args.qa_items]
+    prompts = [qp.answer.format(item=quote(render_item(rows[i], qp.item_format)), question=q)
+               for i in ids for _, _, q in questions_for(rows[i], qcfg.k)]
+    lm = lms[2]
+    bs = qcfg.local.batch_size
+    (a_old, q_old), (a_new, q_new) = _best_of_two(
+        lambda: hf_generate(lm, prompts, qcfg.max_new_tokens, bs, qp.system),
+        lambda: lm.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system))
+    res.update({"qa_prompts": len(prompts), "qa_items": len(ids), "qa_items_per_s_transformers_generate": len(ids) / q_old,
+                "qa_items_per_s_qarm": len(ids) / q_new, "qa_speedup": q_old / q_new,
+                "qa_same_answer_share": float(np.mean([a == b for a, b in zip(a_old, a_new)])),
+                "loadavg_1m": (load0 + os.getloadavg()[0]) / 2, "batch_size": bs, "dtype": lm.cfg.dtype,
+                "threads": torch.get_num_threads()})
+    table = [
+        ("judge: Swing pairs scored (source items x top_k)", f"{n:,} ({len(pick)} x <= {args.top_k})"),
+        ("judge pairs/s: one sequence per pair (previous)", f"{res['judge_pairs_per_s_one_sequence_per_pair']:.1f}"),
+        ("judge pairs/s: contexts shared and batched (default)", f"{res['judge_pairs_per_s_grouped']:.1f}"),
+        ("judge speed-up", f"{res['judge_speedup']:.2f}x"),
+        ("judge max |score difference| (score std)", f"{res['judge_max_abs_score_diff']:.3f} ({res['judge_score_std']:.2f})"),
+        ("QA: items x questions", f"{len(ids)} x {qcfg.k} = {len(prompts)} prompts, <= {qcfg.max_new_tokens} new tokens"),
+        ("QA items/s: transformers generate (previous)", f"{res['qa_items_per_s_transformers_generate']:.2f}"),
+        ("QA items/s: qarm greedy decoder (default)", f"{res['qa_items_per_s_qarm']:.2f}"),
+        ("QA speed-up", f"{res['qa_speedup']:.2f}x"),
+        ("QA answers identical to transformers'", f"{res['qa_same_answer_share']:.1%}"),
+        ("model, dtype, batch, torch threads", f"SmolLM2-135M-Instruct, {lm.cfg.dtype}, {bs}, {res['threads']}"),
+        ("load average (1 min) during the run", f"{res['loadavg_1m']:.2f}"),
+    ]
+    w = max(len(k) for k, _ in table)
+    print(f"| {'figure':<{w}} | value |\n|{'-' * (w + 2)}|---:|")
+    print("\n".join(f"| {k:<{w}} | {v} |" for k, v in table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
