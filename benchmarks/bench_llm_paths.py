@@ -50,7 +50,7 @@ def hf_generate(lm, prompts: list[str], max_new_tokens: int, bs: int, system: st
     texts = [lm.chat_prompt(p, system) for p in prompts]
     out = [""] * len(texts)
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
-    tok.padding_side = "left"
+    old_side, tok.padding_side = tok.padding_side, "left"
     try:
         with torch.inference_mode():
             for s in range(0, len(order), bs):
@@ -61,7 +61,7 @@ def hf_generate(lm, prompts: list[str], max_new_tokens: int, bs: int, system: st
                 for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
                     out[k] = tok.decode(row, skip_special_tokens=True).strip()
     finally:
-        tok.padding_side = "right"
+        tok.padding_side = old_side
     return out
 
 

@@ -191,6 +191,40 @@ class LocalLM:
 
         return self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).past_key_values
 
+    def _run_on_prefix(self, seqs: list[list[int]], cache: Any, n_pre: int) -> tuple[Any, Any, Any, Any]:
+        """One forward of ``seqs`` right-padded on the ``n_pre``-token prefix cache (None: no
+        prefix), positions continuing the prefix. Returns (hidden (n, width, H), the extended
+        cache, the attention mask (n, n_pre + width) over it, lengths (n,)), all on the device."""
+        import copy
+
+        import torch
+
+        dev = self.device
+        lens = torch.tensor([len(x) for x in seqs])
+        width = int(lens.max())
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), n_pre + width), dtype=torch.long)
+        att[:, :n_pre] = 1
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x)
+            att[r, n_pre:n_pre + len(x)] = 1
+        kw: dict[str, Any] = {"use_cache": True}
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(seqs))
+            kw["past_key_values"] = past
+        pos = (n_pre + torch.arange(width))[None].expand(len(seqs), -1)
+        res = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
+        return res.last_hidden_state, res.past_key_values, att.to(dev), lens.to(dev)
+
+    def _token_logprobs(self, hidden: Any, targets: list[int]) -> np.ndarray:
+        """log P(target_i | state_i) for hidden states (n, H) and n target ids -> (n,) float64;
+        the LM head runs on these rows only."""
+        import torch
+
+        logp = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+        return logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].cpu().numpy().astype(np.float64)
+
     def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]], cache: Any,
                       n_pre: int) -> dict[int, np.ndarray]:
         """Log-probs of continuations grouped by context: ``conts[g]`` = [(request index, token
@@ -203,50 +237,32 @@ class LocalLM:
 
         import torch
 
-        dev, pad = self.device, self.tokenizer.pad_token_id
-        n_ctx = len(ctxs)
-        lens = torch.tensor([len(c) for c in ctxs])
-        width = int(lens.max())
-        ids = torch.full((n_ctx, width), pad, dtype=torch.long)
-        ctx_att = torch.zeros((n_ctx, n_pre + width), dtype=torch.long)
-        ctx_att[:, :n_pre] = 1
-        for g, c in enumerate(ctxs):
-            ids[g, :len(c)] = torch.tensor(c)
-            ctx_att[g, n_pre:n_pre + len(c)] = 1
-        kw: dict[str, Any] = {"use_cache": True,
-                              "position_ids": (n_pre + torch.arange(width))[None].expand(n_ctx, -1).to(dev)}
-        if cache is not None:
-            past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(n_ctx)
-            kw["past_key_values"] = past
-        res = self.model.model(input_ids=ids.to(dev), attention_mask=ctx_att.to(dev), **kw)
-        ctx_cache = res.past_key_values
-        h_last = res.last_hidden_state[torch.arange(n_ctx, device=dev), (lens - 1).to(dev)]   # (G, H)
+        dev = self.device
+        hidden, ctx_cache, ctx_att, lens = self._run_on_prefix(ctxs, cache, n_pre)
+        h_last = hidden[torch.arange(len(ctxs), device=dev), lens - 1]       # (G, H)
         rows = [(g, k, x) for g, cs in enumerate(conts) for k, x in sorted(cs, key=lambda kx: len(kx[1]))]
         out: dict[int, np.ndarray] = {}
         bs = self.cfg.batch_size
         for s in range(0, len(rows), bs):
             batch = rows[s:s + bs]
-            gi = torch.tensor([g for g, _, _ in batch])
+            gi = torch.tensor([g for g, _, _ in batch], device=dev)
             w = max(len(x) for _, _, x in batch)
-            x_ids = torch.full((len(batch), w), pad, dtype=torch.long)
+            x_ids = torch.full((len(batch), w), self.tokenizer.pad_token_id, dtype=torch.long)
             x_att = torch.zeros((len(batch), w), dtype=torch.long)
             for r, (_, _, x) in enumerate(batch):
                 x_ids[r, :len(x)] = torch.tensor(x)
                 x_att[r, :len(x)] = 1
             past = copy.deepcopy(ctx_cache)
-            past.batch_select_indices(gi.to(dev))
-            pos = n_pre + lens[gi][:, None] + torch.arange(w)[None]
-            hidden = self.model.model(input_ids=x_ids.to(dev), attention_mask=torch.cat([ctx_att[gi], x_att], 1).to(dev),
-                                      position_ids=pos.to(dev), past_key_values=past, use_cache=True).last_hidden_state
+            past.batch_select_indices(gi)
+            pos = n_pre + lens[gi][:, None] + torch.arange(w, device=dev)[None]
+            hid = self.model.model(input_ids=x_ids.to(dev), attention_mask=torch.cat([ctx_att[gi], x_att.to(dev)], 1),
+                                   position_ids=pos, past_key_values=past, use_cache=True).last_hidden_state
             # token 0 of a continuation is predicted by its context's last state, token t by position t-1
             r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
             t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
-            picked = torch.cat([h_last[gi.to(dev)], hidden[torch.tensor(r_idx, dtype=torch.long, device=dev),
-                                                           torch.tensor(t_idx, dtype=torch.long, device=dev)]])
-            logp = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
-            targets = [x[0] for _, _, x in batch] + [t for _, _, x in batch for t in x[1:]]
-            tok_lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].cpu().numpy().astype(np.float64)
+            picked = torch.cat([h_last[gi], hid[torch.tensor(r_idx, dtype=torch.long, device=dev),
+                                                torch.tensor(t_idx, dtype=torch.long, device=dev)]])
+            tok_lp = self._token_logprobs(picked, [x[0] for _, _, x in batch] + [t for _, _, x in batch for t in x[1:]])
             first, rest, at = tok_lp[:len(batch)], tok_lp[len(batch):], 0
             for r, (_, k, x) in enumerate(batch):
                 out[k] = np.concatenate([first[r:r + 1], rest[at:at + len(x) - 1]])
@@ -280,8 +296,7 @@ class LocalLM:
         dev = self.device
         hidden = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw).last_hidden_state
         picked = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]   # (sum cont tokens, H)
-        logp = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
-        tok_lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].cpu().numpy()
+        tok_lp = self._token_logprobs(picked, targets)
         out, at = [], 0
         for _, b in batch:
             out.append(tok_lp[at:at + len(b)].astype(np.float64))
@@ -320,13 +335,11 @@ class LocalLM:
         * a row leaves the batch as soon as it emits a stop token, so short answers cost only the
           steps they need instead of the batch's longest.
         """
-        import copy
-
         import torch
 
         if not prompts:
             return []
-        dev, pad = self.device, self.tokenizer.pad_token_id
+        dev = self.device
         head = self.model.lm_head
         n_pre = min(len(x) for x in prompts) - 1          # every row keeps >= 1 token of its own
         for x in prompts[1:]:
@@ -340,36 +353,24 @@ class LocalLM:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for s in range(0, len(order), bs):
             rows = order[s:s + bs]
-            rest = [prompts[i][n_pre:] for i in rows]
-            lens = torch.tensor([len(r) for r in rest])
-            width = int(lens.max())
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            att = torch.zeros((len(rows), n_pre + width), dtype=torch.long)
-            att[:, :n_pre] = 1
-            for r, x in enumerate(rest):
-                ids[r, :len(x)] = torch.tensor(x)
-                att[r, n_pre:n_pre + len(x)] = 1
-            kw: dict[str, Any] = {"use_cache": True}
-            if cache is not None:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(len(rows))
-                kw["past_key_values"] = past
-            pos = (n_pre + torch.arange(width))[None].expand(len(rows), -1)
-            res = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
-            h = res.last_hidden_state[torch.arange(len(rows), device=dev), (lens - 1).to(dev)]   # (rows, H)
-            past, att, nxt_pos = res.past_key_values, att.to(dev), (n_pre + lens).to(dev)
+            hidden, past, att, lens = self._run_on_prefix([prompts[i][n_pre:] for i in rows], cache, n_pre)
+            h = hidden[torch.arange(len(rows), device=dev), lens - 1]      # (rows, H)
+            nxt_pos = n_pre + lens
+            seen = [set(prompts[i]) for i in rows] if penalty != 1.0 else []
             alive = list(range(len(rows)))             # batch slot -> row of this batch
             for step in range(max_new_tokens):
                 logits = head(h).float()
                 if penalty != 1.0:                      # as transformers' RepetitionPenaltyLogitsProcessor
                     for j, r in enumerate(alive):
-                        seen = torch.tensor(sorted(set(prompts[rows[r]]) | set(out[rows[r]])), device=dev)
-                        v = logits[j, seen]
-                        logits[j, seen] = torch.where(v < 0, v * penalty, v / penalty)
+                        idx = torch.tensor(sorted(seen[r]), device=dev)
+                        v = logits[j, idx]
+                        logits[j, idx] = torch.where(v < 0, v * penalty, v / penalty)
                 nxt = logits.argmax(-1).tolist()
                 keep = [j for j, t in enumerate(nxt) if t not in stop]
                 for j in keep:
                     out[rows[alive[j]]].append(nxt[j])
+                    if seen:
+                        seen[alive[j]].add(nxt[j])
                 if not keep or step == max_new_tokens - 1:
                     break
                 if len(keep) < len(alive):

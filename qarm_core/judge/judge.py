@@ -236,7 +236,10 @@ def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
 
     backend = backend or make_backend(cfg.backend, cfg.local, cfg.http)
     if (cfg.embed_weight > 0 or cfg.tag_weight > 0) and embedder is None:
-        embedder = SentenceEmbedder(cfg.embedder.model_path, cfg.embedder.batch_size)
+        from qarm_core.devices import resolve_device
+
+        embedder = SentenceEmbedder(cfg.embedder.model_path, cfg.embedder.batch_size,
+                                    device=resolve_device(cfg.local.device, "judge", "local.device"))
     return PairScorer(backend, judge_prompt(cfg.prompt_version), embedder, cfg.embed_weight, cfg.tag_weight)
 
 
