@@ -4,7 +4,11 @@ Phases, each in its own process so that each gets its own peak RSS:
 
 * ``train``: fine-tune SmolLM2-135M (DeepSpeed ZeRO-2, bf16 by default) for ``--steps`` steps on
   Swing pairs (ratings >= 4) with template QA; training tokens/s (wall, after the first step) and
-  tokens per 2 CPU-seconds (what the 2 cores would do uncontended), s/step, peak RSS.
+  tokens per 2 CPU-seconds (what the 2 cores would do uncontended), s/step, peak RSS, system CPU
+  time. Run twice: as qarm runs it, and with ``QARM_KEEP_FREED_MEMORY=0`` (glibc's default
+  allocator behaviour; see ``qarm_core/allocator.py``), unless ``--no-allocator-compare``.
+* ``adamw``: one AdamW step over a flat fp32 buffer of the model's size, torch's default against
+  the fused kernel the trainer uses.
 * ``embed``: embed the catalog with the model just trained (fp32 and bf16); items/s, peak RSS.
 * ``eval`` (``--eval``): hold out 10% of the unordered Swing pairs, train with the given budget
   on the rest, embed the catalog with the fine-tuned model, the base model (mean-pooled item
@@ -107,7 +111,8 @@ def phase_train(args) -> dict:
             "s_per_step": wall / max(1, len(steps) - 1), "first_step_s": steps[0]["seconds"],
             "all_tokens_per_s": rec.tokens_per_s, "peak_rss_mb": _rss_mb(), "loadavg_1m": (load0 + load1) / 2,
             "model_dir": rec.model_dir, "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
-            "setup_cpu_s": cpu[0] - c0 if cpu else 0.0}
+            "setup_cpu_s": cpu[0] - c0 if cpu else 0.0,
+            "sys_cpu_s": resource.getrusage(resource.RUSAGE_SELF).ru_stime}
 
 
 def phase_embed(args) -> dict:
@@ -173,9 +178,28 @@ def phase_eval(args) -> dict:
     return res
 
 
-def _run_phase(phase: str, argv: list[str], extra: list[str] | None = None) -> dict:
+def phase_adamw(args) -> dict:
+    """One AdamW step over a flat fp32 buffer of the default model's size (what ZeRO hands the
+    optimizer): torch's default (foreach) implementation against the fused kernel qarm uses."""
+    import torch
+
+    n = args.adamw_numel
+    res = {"phase": "adamw", "numel": n}
+    for name, kw in (("foreach", {}), ("fused", {"fused": True})):
+        p = torch.nn.Parameter(torch.zeros(n))
+        p.grad = torch.randn(n)
+        opt = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.01, **kw)
+        opt.step()
+        t = time.perf_counter()
+        for _ in range(3):
+            opt.step()
+        res[name] = (time.perf_counter() - t) / 3
+    return res
+
+
+def _run_phase(phase: str, argv: list[str], extra: list[str] | None = None, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--phase", phase, *argv, *(extra or [])],
-                         capture_output=True, text=True, cwd=str(REPO))
+                         capture_output=True, text=True, cwd=str(REPO), env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -183,7 +207,7 @@ def _run_phase(phase: str, argv: list[str], extra: list[str] | None = None) -> d
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--phase", choices=["train", "embed", "eval"], default=None)
+    ap.add_argument("--phase", choices=["train", "embed", "eval", "adamw"], default=None)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--freeze-layers", type=int, default=0)
@@ -205,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench_embed"))
+    ap.add_argument("--adamw-numel", type=int, default=134_591_168,
+                    help="(adamw) parameters of the default model (SmolLM2-135M + EMB rows + projection)")
+    ap.add_argument("--no-allocator-compare", action="store_true",
+                    help="skip the second training run with glibc's default allocator behaviour")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -213,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(2)
-        fn = {"train": phase_train, "embed": phase_embed, "eval": phase_eval}[args.phase]
+        fn = {"train": phase_train, "embed": phase_embed, "eval": phase_eval, "adamw": phase_adamw}[args.phase]
         print(json.dumps(fn(args)))
         return {}
 
@@ -223,16 +251,31 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {}
     rows: list[tuple[str, str]] = []
     if not args.eval_only:
+        def train_row(tr: dict, note: str) -> tuple[str, str]:
+            return (f"train: {'DeepSpeed ZeRO-' + str(tr['zero_stage']) if tr['deepspeed'] else 'torch'}"
+                    f"{', bf16' if tr['bf16'] else ', fp32'}, {tr['attn']}, batch {tr['batch_size']} pairs, "
+                    f"freeze {tr['freeze_layers']} layers{note}",
+                    f"{tr['tokens_per_s']:.1f} tok/s wall ({tr['tokens_per_2cpu_s']:.1f} per 2 CPU-s), "
+                    f"{tr['s_per_step']:.1f} s/step, {tr['tokens_per_step']:.0f} tok/step, first step "
+                    f"{tr['first_step_s']:.1f} s, peak RSS {tr['peak_rss_mb']:.0f} MB, sys CPU "
+                    f"{tr['sys_cpu_s']:.0f} s, load {tr['loadavg_1m']:.1f}")
+
         tr = _run_phase("train", passthrough)
         res["train"] = tr
-        rows += [
-            (f"train: {'DeepSpeed ZeRO-' + str(tr['zero_stage']) if tr['deepspeed'] else 'torch'}"
-             f"{', bf16' if tr['bf16'] else ', fp32'}, {tr['attn']}, batch {tr['batch_size']} pairs, "
-             f"freeze {tr['freeze_layers']} layers",
-             f"{tr['tokens_per_s']:.1f} tok/s wall ({tr['tokens_per_2cpu_s']:.1f} per 2 CPU-s), "
-             f"{tr['s_per_step']:.1f} s/step, {tr['tokens_per_step']:.0f} tok/step, first step "
-             f"{tr['first_step_s']:.1f} s, peak RSS {tr['peak_rss_mb']:.0f} MB, load {tr['loadavg_1m']:.1f}"),
-        ]
+        rows.append(train_row(tr, ""))
+        if not args.no_allocator_compare:
+            # same run with glibc's default: every large freed block unmapped, fresh pages next step
+            tg = _run_phase("train", passthrough, env={"QARM_KEEP_FREED_MEMORY": "0"})
+            res["train_glibc_default"] = tg
+            rows.append(train_row(tg, " (QARM_KEEP_FREED_MEMORY=0)"))
+            rows.append(("  freed memory kept vs glibc default",
+                         f"{tr['tokens_per_s'] / tg['tokens_per_s']:.2f}x tok/s, "
+                         f"{tr['peak_rss_mb'] / tg['peak_rss_mb']:.2f}x peak RSS"))
+        aw = _run_phase("adamw", passthrough)
+        res["adamw"] = aw
+        rows.append((f"AdamW step, {aw['numel'] / 1e6:.0f}M fp32 parameters in one buffer",
+                     f"foreach {aw['foreach']:.3f} s, fused {aw['fused']:.3f} s "
+                     f"({aw['foreach'] / aw['fused']:.1f}x)"))
         em = _run_phase("embed", passthrough, ["--model-dir", tr["model_dir"]])
         res["embed"] = em
         for dt in ("bfloat16", "float32"):

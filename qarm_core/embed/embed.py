@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
 from qarm_core.errors import DataError
 
@@ -191,6 +192,7 @@ class LLMEmbedder:
         return out
 
 
+@keep_freed_memory()
 def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelConfig | None = None,
                   cfg: EmbedConfig | None = None, progress: ProgressFn | None = None) -> EmbedRecord:
     """Embed every item with the model of ``model_cfg.model`` (a trained folder, or a base model:
@@ -202,6 +204,7 @@ def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelCon
     return write_embeddings(ids, emb.embed_ids, out_dir, emb.model_version, emb.dim, cfg.chunk_rows, progress)
 
 
+@keep_freed_memory()
 def embed_catalog_minilm(items: pa.Table, out_dir: str | Path, cfg: EmbedConfig | None = None,
                          model_path: str | None = None, include_tags: bool = True,
                          progress: ProgressFn | None = None) -> EmbedRecord:

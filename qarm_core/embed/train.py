@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
 
@@ -299,6 +300,7 @@ def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | N
     return _train(items, judgments, qa, Path(out_dir), model_cfg, cfg, progress)
 
 
+@keep_freed_memory()
 def _train(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path, model_cfg: EmbedModelConfig,
            cfg: TrainConfig, progress: ProgressFn | None) -> TrainRecord:
     import torch
@@ -346,10 +348,9 @@ def _train(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("proj.")]
     groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr},
               {"params": list(model.proj.parameters()), "lr": cfg.proj_lr, "base_lr": cfg.proj_lr}]
-    # fused AdamW (one kernel over all tensors) when not under DeepSpeed: the per-tensor loop was
-    # ~2 s a step for SmolLM2's 135M parameters here. DeepSpeed runs its optimizer on flat buffers.
-    fused = {} if cfg.use_deepspeed else {"fused": True}
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    # fused AdamW: one kernel per tensor instead of ~10 elementwise passes. Measured here on one
+    # flat 135M-element fp32 buffer (what ZeRO hands the optimizer): 0.09 vs 0.65 s a step.
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
     engine = None
     if cfg.use_deepspeed:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from qarm_core.allocator import keep_freed_memory
 from qarm_core.errors import QarmError
 from qarm_core.judge.config import HttpConfig, LocalModelConfig
 
@@ -134,6 +135,7 @@ class LocalLM:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    @keep_freed_memory()
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
                               prefix: str = "") -> list[np.ndarray]:
         """Per-token log P(continuation | prefix + context); list of n arrays of shape
@@ -308,6 +310,7 @@ class LocalLM:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
+    @keep_freed_memory()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
                  system: str | None = None) -> list[str]:
         """Greedy completions of chat turns; ``prompts`` are user messages. n prompts -> n strings."""
@@ -558,6 +561,7 @@ class SentenceEmbedder:
         self.batch_size = batch_size
         self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
 
+    @keep_freed_memory()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """n texts -> float32 array of shape (n, dim), rows of unit norm."""
         import torch
