@@ -191,7 +191,7 @@ class LocalLM:
     def _prefix_cache(self, pre: list[int]) -> Any:
         import torch
 
-        return self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).past_key_values
+        return self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).cache
 
     def _run_on_prefix(self, seqs: list[list[int]], cache: Any, n_pre: int) -> tuple[Any, Any, Any, Any]:
         """One forward of ``seqs`` right-padded on the ``n_pre``-token prefix cache (None: no
@@ -214,10 +214,10 @@ class LocalLM:
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(seqs))
-            kw["past_key_values"] = past
+            kw["cache"] = past
         pos = (n_pre + torch.arange(width))[None].expand(len(seqs), -1)
         res = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
-        return res.last_hidden_state, res.past_key_values, att.to(dev), lens.to(dev)
+        return res.last_hidden_state, res.cache, att.to(dev), lens.to(dev)
 
     def _token_logprobs(self, hidden: Any, targets: list[int]) -> np.ndarray:
         """log P(target_i | state_i) for hidden states (n, H) and n target ids -> (n,) float64;
@@ -258,7 +258,7 @@ class LocalLM:
             past.batch_select_indices(gi)
             pos = n_pre + lens[gi][:, None] + torch.arange(w, device=dev)[None]
             hid = self.model.model(input_ids=x_ids.to(dev), attention_mask=torch.cat([ctx_att[gi], x_att.to(dev)], 1),
-                                   position_ids=pos, past_key_values=past, use_cache=True).last_hidden_state
+                                   position_ids=pos, cache=past, use_cache=True).last_hidden_state
             # token 0 of a continuation is predicted by its context's last state, token t by position t-1
             r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
             t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
@@ -294,7 +294,7 @@ class LocalLM:
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(batch))
-            kw = {"past_key_values": past, "use_cache": True}
+            kw = {"cache": past, "use_cache": True}
         dev = self.device
         hidden = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw).last_hidden_state
         picked = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]   # (sum cont tokens, H)
@@ -383,9 +383,9 @@ class LocalLM:
                     alive = [alive[j] for j in keep]
                 att = torch.cat([att, torch.ones((len(alive), 1), dtype=att.dtype, device=dev)], 1)
                 res = self.model.model(input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
-                                       attention_mask=att, position_ids=nxt_pos[:, None], past_key_values=past,
+                                       attention_mask=att, position_ids=nxt_pos[:, None], cache=past,
                                        use_cache=True)
-                h, past, nxt_pos = res.last_hidden_state[:, -1], res.past_key_values, nxt_pos + 1
+                h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
         return out
 
 
