@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -39,6 +40,7 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.lru_cache(maxsize=1)      # dlopen once, not on every decorated call
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -52,10 +54,6 @@ def _glibc() -> ctypes.CDLL | None:
         return libc
     except (OSError, AttributeError):
         return None
-
-
-def _set(libc: ctypes.CDLL, param: int, value: int) -> bool:
-    return bool(libc.mallopt(param, value))
 
 
 def is_supported() -> bool:
@@ -84,15 +82,15 @@ def keep_freed_memory() -> Iterator[bool]:
     with _lock:
         _depth += 1
         if _depth == 1:
-            _set(libc, _M_MMAP_MAX, 0)
-            _set(libc, _M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
     try:
         yield True
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _set(libc, _M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                _set(libc, _M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
-                _set(libc, _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
