@@ -2,7 +2,7 @@
 
 Phases, each in its own process so that each gets its own peak RSS:
 
-* ``train``: fine-tune SmolLM2-135M (DeepSpeed ZeRO-2, bf16 by default) for ``--steps`` steps on
+* ``train``: fine-tune SmolLM2-135M (DeepSpeed ZeRO-2, dtype auto, plus float32 where auto is bf16) for ``--steps`` steps on
   Swing pairs (ratings >= 4) with template QA; training tokens/s (wall, after the first step) and
   tokens per 2 CPU-seconds (what the 2 cores would do uncontended), s/step, peak RSS, system CPU
   time. Run twice: as qarm runs it, and with ``QARM_KEEP_FREED_MEMORY=0`` (glibc's default
@@ -68,7 +68,7 @@ def _train_cfg(args, **over):
     from qarm_core.embed.config import TrainConfig
 
     kw = dict(batch_size=args.batch_size, max_steps=args.steps, use_deepspeed=not args.no_deepspeed,
-              zero_stage=args.zero_stage, bf16=not args.fp32, freeze_layers=args.freeze_layers,
+              zero_stage=args.zero_stage, dtype=args.dtype, freeze_layers=args.freeze_layers,
               checkpoint_every=10**6, lr=args.lr, proj_lr=args.proj_lr, anneal_steps=args.anneal_steps,
               warmup_steps=min(5, args.steps), num_threads=2)
     kw.update(over)
@@ -104,7 +104,8 @@ def phase_train(args) -> dict:
     tok = steps[-1]["tokens"] - steps[0]["tokens"]
     wall = steps[-1]["seconds"] - steps[0]["seconds"]
     cpu_s = cpu[-1] - cpu[0]
-    return {"phase": "train", "deepspeed": rec.deepspeed, "zero_stage": rec.zero_stage, "bf16": rec.bf16,
+    return {"phase": "train", "deepspeed": rec.deepspeed, "zero_stage": rec.zero_stage, "dtype": rec.dtype,
+            "dtype_reason": rec.dtype_reason,
             "attn": args.attn, "freeze_layers": args.freeze_layers, "batch_size": args.batch_size,
             "steps": rec.steps, "tokens_per_step": tok / max(1, len(steps) - 1),
             "tokens_per_s": tok / wall if wall > 0 else 0.0, "tokens_per_2cpu_s": 2 * tok / cpu_s if cpu_s > 0 else 0.0,
@@ -121,8 +122,9 @@ def phase_embed(args) -> dict:
 
     all_items, _, _, _ = _ml100k(0.0)
     res = {"phase": "embed"}
-    # fp32 is ~20x slower on this CPU: measured on a slice only
-    for dtype, n in (("bfloat16", args.embed_items or all_items.num_rows), ("float32", args.fp32_items)):
+    # both types on this CPU (float32 stands in for a CPU without native bf16, where auto picks it)
+    for dtype, n in (("bfloat16", args.embed_items or all_items.num_rows),
+                     ("float32", args.fp32_items or args.embed_items or all_items.num_rows)):
         items = all_items.slice(0, n)
         out = Path(args.work) / f"emb-{dtype}"
         import shutil
@@ -214,13 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--fp32", action="store_true")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="training dtype; with auto resolving to bf16, a float32 run is added (the path a CPU "
+                         "without native bf16 takes)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--proj-lr", type=float, default=1e-3)
     ap.add_argument("--anneal-steps", type=int, default=20)
     ap.add_argument("--max-qa-tokens", type=int, default=64)
     ap.add_argument("--embed-items", type=int, default=0, help="embed only the first N items (0: all)")
-    ap.add_argument("--fp32-items", type=int, default=128, help="items embedded in fp32 (slow here)")
+    ap.add_argument("--fp32-items", type=int, default=0, help="items embedded in fp32 (0: as many as in bf16)")
     ap.add_argument("--model-dir", default=None, help="(embed phase) the trained model folder")
     ap.add_argument("--eval", action="store_true", help="also run the fine-tuned vs base vs MiniLM comparison")
     ap.add_argument("--eval-only", action="store_true")
@@ -231,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench_embed"))
     ap.add_argument("--adamw-numel", type=int, default=134_591_168,
                     help="(adamw) parameters of the default model (SmolLM2-135M + EMB rows + projection)")
-    ap.add_argument("--no-allocator-compare", action="store_true",
-                    help="skip the second training run with glibc's default allocator behaviour")
+    ap.add_argument("--allocator-compare", action="store_true",
+                    help="add a training run with glibc's default allocator behaviour (QARM_KEEP_FREED_MEMORY=0)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.eval_only:
         def train_row(tr: dict, note: str) -> tuple[str, str]:
             return (f"train: {'DeepSpeed ZeRO-' + str(tr['zero_stage']) if tr['deepspeed'] else 'torch'}"
-                    f"{', bf16' if tr['bf16'] else ', fp32'}, {tr['attn']}, batch {tr['batch_size']} pairs, "
+                    f", {tr['dtype']}, {tr['attn']}, batch {tr['batch_size']} pairs, "
                     f"freeze {tr['freeze_layers']} layers{note}",
                     f"{tr['tokens_per_s']:.1f} tok/s wall ({tr['tokens_per_2cpu_s']:.1f} per 2 CPU-s), "
                     f"{tr['s_per_step']:.1f} s/step, {tr['tokens_per_step']:.0f} tok/step, first step "
@@ -262,8 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         tr = _run_phase("train", passthrough)
         res["train"] = tr
-        rows.append(train_row(tr, ""))
-        if not args.no_allocator_compare:
+        rows.append(train_row(tr, f" ({args.dtype}: {tr['dtype_reason']})"))
+        if tr["dtype"] != "float32":
+            f32 = [a for i, a in enumerate(passthrough) if a != "--dtype" and (i == 0 or passthrough[i - 1] != "--dtype")]
+            t32 = _run_phase("train", f32 + ["--dtype", "float32"])
+            res["train_float32"] = t32
+            rows.append(train_row(t32, " (float32: the path a CPU without native bf16 takes)"))
+        if args.allocator_compare:
             # same run with glibc's default: every large freed block unmapped, fresh pages next step
             tg = _run_phase("train", passthrough, env={"QARM_KEEP_FREED_MEMORY": "0"})
             res["train_glibc_default"] = tg
@@ -295,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((f"  {name} (d={m['dim']})",
                          f"recall@10 {m['recall@10']:.4f}  MRR {m['mrr']:.4f}  ({m['queries']} queries, "
                          f"embed {m['embed_s']:.0f} s)"))
+    from benchmarks.harness import machine
+
+    rows.append(("machine", machine()))
     w = max(len(r[0]) for r in rows) if rows else 0
     print(f"{'what':<{w}}  result")
     for k, v in rows:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     sets = build_eval_sets(inter, items, EvalSetParams(n_per_class=args.n_per_class))
     (lm, emb), load_s, _ = _timed(lambda: (LocalLM(local), SentenceEmbedder()))
     prompt = judge_prompt(cfg.prompt_version)
-    res: dict = {"model_id": lm.model_id, "prompt_version": cfg.prompt_version, "dtype": local.dtype,
+    res: dict = {"model_id": lm.model_id, "prompt_version": cfg.prompt_version, "dtype": lm.dtype_choice.name,
                  "batch_size": local.batch_size, "embed_weight": cfg.embed_weight,
                  "tag_weight": cfg.tag_weight, "load_s": load_s}
 
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.qa_items:
         rows += [("QA items/s (k, max_new_tokens)", f"{res['qa_items_per_s']:.2f} ({res['qa_k']}, "
                   f"{res['qa_max_new_tokens']}); LLM answers kept {res['qa_llm_answer_kept_rate']:.2f}")]
+    from benchmarks.harness import machine
+
+    rows.append(("machine", machine()))
     w = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
     for ex in res.get("qa_examples", []):

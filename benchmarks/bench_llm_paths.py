@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     res.update({"qa_prompts": len(prompts), "qa_items": len(ids), "qa_items_per_s_transformers_generate": len(ids) / q_old,
                 "qa_items_per_s_qarm": len(ids) / q_new, "qa_speedup": q_old / q_new,
                 "qa_same_answer_share": float(np.mean([a == b for a, b in zip(a_old, a_new)])),
-                "loadavg_1m": (load0 + os.getloadavg()[0]) / 2, "batch_size": bs, "dtype": lm.cfg.dtype,
+                "loadavg_1m": (load0 + os.getloadavg()[0]) / 2, "batch_size": bs, "dtype": lm.dtype_choice.name,
                 "threads": torch.get_num_threads()})
+    from benchmarks.harness import machine
+
     table = [
         ("judge: Swing pairs scored (source items x top_k)", f"{n:,} ({len(pick)} x <= {args.top_k})"),
         ("judge pairs/s: one sequence per pair (previous)", f"{res['judge_pairs_per_s_one_sequence_per_pair']:.1f}"),
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("QA items/s: qarm greedy decoder (default)", f"{res['qa_items_per_s_qarm']:.2f}"),
         ("QA speed-up", f"{res['qa_speedup']:.2f}x"),
         ("QA answers identical to transformers'", f"{res['qa_same_answer_share']:.1%}"),
-        ("model, dtype, batch, torch threads", f"SmolLM2-135M-Instruct, {lm.cfg.dtype}, {bs}, {res['threads']}"),
+        ("model, dtype, batch, torch threads", f"SmolLM2-135M-Instruct, {res['dtype']}, {bs}, {res['threads']}"),
         ("load average (1 min) during the run", f"{res['loadavg_1m']:.2f}"),
+        ("machine", machine()),
     ]
     w = max(len(k) for k, _ in table)
     print(f"| {'figure':<{w}} | value |\n|{'-' * (w + 2)}|---:|")

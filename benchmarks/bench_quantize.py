@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--mb-batch", type=int, default=65536)
     ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args()
+    from benchmarks.harness import machine
+
+    print(f"# {machine()}", flush=True)
     levels = [int(v) for v in args.levels.split(",")]
     fsq_cells = args.fsq_levels ** args.fsq_dims
     space = fsq_cells

@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", type=str, default=None, help="Write the raw results as JSON here.")
     args = ap.parse_args()
+    from benchmarks.harness import machine
+
+    print(f"# {machine()}", flush=True)
     me = "benchmarks.bench_rank"
     results: dict = {}
     print(f"# bench_rank ({loadavg()} at start)\n")

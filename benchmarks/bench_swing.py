@@ -359,6 +359,9 @@ def main() -> None:
                     help="largest predicted seconds for the next (doubled) uncapped recfarm prefix")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp folder, removed)")
     args = ap.parse_args()
+    from qarm_core.devices import hardware_summary
+
+    print(f"# {hardware_summary()}; load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     if args.alpha < 1:
         raise SystemExit("--alpha must be >= 1: qarm matches recfarm's alpha + |common| - 1 with alpha2 = alpha - 1")
 

@@ -92,6 +92,11 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the scan")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp folder, removed)")
     args = ap.parse_args()
+    import os as _os
+
+    from qarm_core.devices import hardware_summary
+
+    print(f"# {hardware_summary()}; load average {', '.join(f'{v:.2f}' for v in _os.getloadavg())}", flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as out:
         s = run_phase("synth", out, str(args.users), str(args.items), str(args.interactions))

@@ -57,6 +57,14 @@ def run_phase(target: str, pin_threads: int | None = None, timeout: float | None
     return r
 
 
+def machine() -> str:
+    """The CPU (model, cores, the flags that set float32/bf16 speed, native bf16 or not), the GPU
+    if any, and the load: printed next to every benchmark's figures."""
+    from qarm_core.devices import hardware_summary
+
+    return f"{hardware_summary()}; {loadavg()}"
+
+
 def loadavg() -> str:
     """The 1/5/15-minute load averages, as `uptime` prints them."""
     try:

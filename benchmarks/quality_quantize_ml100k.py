@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--cache", default=str(REPO / ".cache"))
     args = ap.parse_args()
+    from benchmarks.harness import machine
+
+    print(f"# {machine()}", flush=True)
     t0 = time.perf_counter()
     wheel = fetch_recbole_wheel(Path(args.cache) / "recbole")
     _, x, model = ml100k_minilm_embeddings(str(wheel), str(Path(args.cache) / "quantize"))

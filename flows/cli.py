@@ -56,6 +56,20 @@ def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
                     f"mlflow    run {summary['mlflow_run_id']}")
 
 
+def _show_core_logs() -> None:
+    """Commands that run core code outside a flow print its progress lines (``qarm_core.progress``:
+    rows, rate, ETA) on the terminal; inside a flow Prefect's logging does it."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    core = logging.getLogger("qarm_core")
+    if not any(isinstance(h, RichHandler) for h in core.handlers):
+        core.addHandler(RichHandler(console=console, show_path=False, show_level=False))
+        core.setLevel(logging.INFO)
+        core.propagate = False
+
+
 def _guard(fn, *args) -> None:
     try:
         fn(*args)
@@ -130,6 +144,7 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
                 delimiter: str = typer.Option(",", help="CSV field separator.")) -> None:
     """Swing item-to-item pairs, one row per directed top-k neighbour."""
     def run() -> None:
+        _show_core_logs()
         import time
 
         import numpy as np
@@ -177,6 +192,7 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
              frozen: bool = typer.Option(False, help="Encode with --previous's codebook without refitting.")) -> None:
     """Semantic IDs: two residual k-means levels (full batch) + an FSQ level; collision metrics."""
     def run() -> None:
+        _show_core_logs()
         import pyarrow.parquet as pq
 
         from qarm_core.quantize.io import read_embeddings
@@ -242,6 +258,7 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
     """Quantize N x DIM synthetic embeddings end to end (fit 2 x K full batch + FSQ, assign, resolve,
     metrics, write Parquet) in this process; print time, peak RSS and quality."""
     def run() -> None:
+        _show_core_logs()
         from qarm_core.quantize.bench import run_quantize_bench, sgemm_gflops
         from qarm_core.quantize.quantizer import QuantizerParams
 

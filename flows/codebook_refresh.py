@@ -11,6 +11,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from qarm_core.config import load_config
 from tasks import tracking
+from tasks.common import route_core_logs
 from tasks.gate import gate
 from tasks.embed import embed, train
 from tasks.ingest import ingest
@@ -30,6 +31,7 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     ``overrides``: dotted config keys, e.g. ``{"ingest.source": "synth"}`` (the Prefect UI's way to
     rerun with a change). Returns a summary: snapshot id, row counts, MLflow parent run id.
     """
+    route_core_logs()
     cfg = load_config(config_path, overrides).resolved()
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
     with tracking.flow_run(cfg, "codebook-refresh",

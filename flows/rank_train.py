@@ -16,6 +16,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from qarm_core.config import load_config
 from tasks import tracking
+from tasks.common import route_core_logs
 from tasks.rank import rank_compare, rank_gate, rank_inputs, rank_prepare, rank_samples, rank_train_model
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
@@ -30,6 +31,7 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
     Returns the comparison table (one row per model: AUC/GAUC/logloss mean and std over the seeds),
     the samples report and the MLflow run id of the flow (each model has a nested run ``rank-<model>``).
     """
+    route_core_logs()
     overrides = dict(overrides or {})
     if models:
         overrides["rank.models"] = list(models)

@@ -161,6 +161,8 @@ class TwoTowerConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0.0)
     window_events: int = Field(1, ge=1)
     top_m: int = Field(5, ge=1)
+    # the most recent training samples only (None: all): bounds training on a large daily log
+    max_train_samples: int | None = Field(None, ge=2)
     seed: int = 0
     num_threads: int = Field(1, ge=1)
     recall_k: int = Field(50, ge=1)

@@ -107,19 +107,41 @@ QA = DatasetSchema(
 )
 
 
+JUDGE_EVAL = DatasetSchema(
+    name="judge_eval",
+    version=1,
+    schema=pa.schema([
+        pa.field("eval_set", pa.string(), nullable=True),       # 'cooc' | 'genre'
+        pa.field("src_item", pa.int64(), nullable=True),
+        pa.field("dst_item", pa.int64(), nullable=True),
+        pa.field("label", pa.int8(), nullable=True),            # 1 related, 0 not
+        pa.field("pmi", pa.float64(), nullable=True),           # the judge score's terms
+        pa.field("cos", pa.float64(), nullable=True),
+        pa.field("tag_cos", pa.float64(), nullable=True),
+        pa.field("components_id", pa.string(), nullable=True),  # the models behind the terms
+        pa.field("prompt_version", pa.string(), nullable=True),
+        pa.field("text_hash", pa.string(), nullable=True),      # hash of both items' rendered text
+    ]),
+    key=("eval_set", "src_item", "dst_item", "components_id", "prompt_version"),
+    required=("eval_set", "src_item", "dst_item", "label", "pmi", "components_id", "prompt_version", "text_hash"),
+    not_null=("eval_set", "src_item", "dst_item", "label", "pmi", "components_id", "prompt_version", "text_hash"),
+)
+
 
 def embeddings_schema(dim: int) -> DatasetSchema:
     """Item embeddings of width ``dim``: item_id, vector (fixed-size list of ``dim`` float32),
-    model_version. One row per catalog item."""
+    model_version, text_hash (a hash of the text the model read; a daily run reuses a vector
+    whose model version and text hash are unchanged). One row per catalog item."""
     if dim < 1:
         raise ValueError(f"embedding dim must be >= 1, got {dim}")
     return DatasetSchema(
         name="embeddings",
-        version=1,
+        version=2,
         schema=pa.schema([
             pa.field("item_id", pa.int64()),
             pa.field("vector", pa.list_(pa.float32(), dim)),
             pa.field("model_version", pa.string()),
+            pa.field("text_hash", pa.string()),        # null: not known (e.g. vectors from a file)
         ]),
         key=("item_id",),
         required=("item_id", "vector", "model_version"),
@@ -147,8 +169,8 @@ CODES = DatasetSchema(
     not_null=("item_id", "c1", "c2", "c3", "sid", "resolved"),
 )
 
-SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, QA, EMBEDDINGS,
-                                                         CODES)}
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL, QA,
+                                                         EMBEDDINGS, CODES)}
 
 
 def schema_for(dataset: str) -> DatasetSchema:

@@ -59,23 +59,27 @@ def _rank_to_id(n: int, seed: int, salt: int) -> np.ndarray:
     return np.random.default_rng([seed, salt]).permutation(n).astype(np.int64)
 
 
+def _item_batch(seed: int, ids: np.ndarray, rng: np.random.Generator) -> pa.RecordBatch:
+    n = len(ids)
+    cat = _CATEGORIES[rng.integers(0, len(_CATEGORIES), n)]
+    adj = _ADJECTIVES[rng.integers(0, len(_ADJECTIVES), n)]
+    noun = _NOUNS[rng.integers(0, len(_NOUNS), n)]
+    mat = _MATERIALS[rng.integers(0, len(_MATERIALS), n)]
+    year = rng.integers(1990, 2026, n).astype(np.int32)
+    title = np.char.add(np.char.add(np.char.add(adj, " "), noun), np.char.add(" #", ids.astype(str)))
+    desc = np.char.add(np.char.add(np.char.add(np.char.add("A ", np.char.lower(adj)), " "),
+                                   np.char.lower(noun)), np.char.add(" made of ", mat))
+    tags = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), _text(cat))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(ids), _text(title), pa.array(year), tags, _text(desc)], schema=ITEMS.schema)
+
+
 def iter_synthetic_items(spec: SynthSpec) -> Iterator[pa.RecordBatch]:
     """Item batches, ids ``0..items-1``, with a title, a category tag and a description."""
     for start in range(0, spec.items, BLOCK_ROWS):
         n = min(BLOCK_ROWS, spec.items - start)
-        rng = np.random.default_rng([spec.seed, 1, start])
-        ids = np.arange(start, start + n, dtype=np.int64)
-        cat = _CATEGORIES[rng.integers(0, len(_CATEGORIES), n)]
-        adj = _ADJECTIVES[rng.integers(0, len(_ADJECTIVES), n)]
-        noun = _NOUNS[rng.integers(0, len(_NOUNS), n)]
-        mat = _MATERIALS[rng.integers(0, len(_MATERIALS), n)]
-        year = rng.integers(1990, 2026, n).astype(np.int32)
-        title = np.char.add(np.char.add(np.char.add(adj, " "), noun), np.char.add(" #", ids.astype(str)))
-        desc = np.char.add(np.char.add(np.char.add(np.char.add("A ", np.char.lower(adj)), " "),
-                                       np.char.lower(noun)), np.char.add(" made of ", mat))
-        tags = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), _text(cat))
-        yield pa.RecordBatch.from_arrays(
-            [pa.array(ids), _text(title), pa.array(year), tags, _text(desc)], schema=ITEMS.schema)
+        yield _item_batch(spec.seed, np.arange(start, start + n, dtype=np.int64),
+                          np.random.default_rng([spec.seed, 1, start]))
 
 
 def _text(values: np.ndarray) -> pa.Array:
@@ -105,4 +109,59 @@ def iter_synthetic_interactions(spec: SynthSpec) -> Iterator[pa.RecordBatch]:
         label = (rating >= 4).astype(np.int8)
         yield pa.RecordBatch.from_arrays(
             [pa.array(users), pa.array(items), pa.array(ts), pa.array(rating), pa.array(label)],
+            schema=INTERACTIONS.schema)
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    """A later day of the log of ``base``: ``new_items`` items join the catalog (ids after the
+    last one) and ``new_interactions`` events follow the last event of day ``day - 1``."""
+
+    base: SynthSpec
+    day: int = 1
+    new_items: int = 0
+    new_interactions: int = 0
+    # How much more likely a new item is drawn than its share of the catalog: new items are what
+    # a day's traffic discovers.
+    new_item_boost: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.day < 1 or self.new_items < 0 or self.new_interactions < 0 or self.new_item_boost < 0:
+            raise ValueError("synth growth: day >= 1, new_items >= 0, new_interactions >= 0, boost >= 0")
+
+
+def iter_growth_items(g: GrowthSpec) -> Iterator[pa.RecordBatch]:
+    """The day's new items only (ids ``base.items ..``); the older ones are ``iter_synthetic_items(g.base)``."""
+    first = g.base.items
+    for start in range(0, g.new_items, BLOCK_ROWS):
+        n = min(BLOCK_ROWS, g.new_items - start)
+        yield _item_batch(g.base.seed, np.arange(first + start, first + start + n, dtype=np.int64),
+                          np.random.default_rng([g.base.seed, 5, g.day, start]))
+
+
+def iter_growth_interactions(g: GrowthSpec) -> Iterator[pa.RecordBatch]:
+    """The day's new events: the same users and item popularity as the base log (a popular item
+    stays popular), new items drawn ``new_item_boost`` times their catalog share, timestamps after
+    the base log's last event (day ``d`` starts ``d`` spans after the base log began)."""
+    b = g.base
+    item_cdf = _zipf_cdf(b.items, b.zipf_exponent)
+    user_cdf = _zipf_cdf(b.users, USER_ZIPF)
+    item_ids = _rank_to_id(b.items, b.seed, 2)
+    user_ids = _rank_to_id(b.users, b.seed, 3)
+    span = max(90 * 86_400, b.interactions)
+    p_new = min(1.0, g.new_item_boost * g.new_items / max(b.items + g.new_items, 1)) if g.new_items else 0.0
+    t_start = T0 + g.day * span
+    for start in range(0, g.new_interactions, BLOCK_ROWS):
+        n = min(BLOCK_ROWS, g.new_interactions - start)
+        rng = np.random.default_rng([b.seed, 6, g.day, start])
+        items = item_ids[np.minimum(np.searchsorted(item_cdf, rng.random(n)), b.items - 1)]
+        fresh = rng.random(n) < p_new
+        items[fresh] = b.items + rng.integers(0, max(g.new_items, 1), int(fresh.sum()))
+        users = user_ids[np.minimum(np.searchsorted(user_cdf, rng.random(n)), b.users - 1)]
+        rows = np.arange(start, start + n, dtype=np.int64)
+        ts = t_start + (rows * span) // max(g.new_interactions, 1)
+        rating = rng.choice(np.array([1, 2, 3, 4, 5], dtype=np.float32), size=n,
+                            p=[0.06, 0.11, 0.27, 0.34, 0.22])
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(users), pa.array(items), pa.array(ts), pa.array(rating), pa.array((rating >= 4).astype(np.int8))],
             schema=INTERACTIONS.schema)

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig, stable_hash
 from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
-from qarm_core.schemas import embeddings_schema
+from qarm_core.schemas import EMBEDDINGS, embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS
@@ -65,7 +65,8 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
             report.update({k: float(v) for k, v in rec.to_dict().items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),
-                               "zero_stage": str(rec.zero_stage), "bf16": str(rec.bf16)}
+                               "zero_stage": str(rec.zero_stage), "dtype": rec.dtype,
+                               "dtype_reason": rec.dtype_reason}
             _link_tree(Path(rec.model_dir), folder)
 
         records, reused, report = write_stage_outputs(storage, "train", key, {}, report,
@@ -88,15 +89,22 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     fine-tuned model; the configured baselines are embedded too and all are evaluated on the
     held-out judged pairs (recall@k, MRR to MLflow)."""
     storage = Storage(cfg.home)
+    # The published embeddings are a cache (an unchanged item keeps its vector), not an input:
+    # recomputing them gives the same vectors, so they are not part of the key.
     key = stable_hash({"model": model.fingerprint, "items": items.fingerprint, "judgments": judgments.fingerprint,
-                       "embed": cfg.embed.model_dump(mode="json"), "qarm": __version__})
+                       "embed": cfg.embed.model_dump(mode="json"), "qarm": __version__, "schema": EMBEDDINGS.version})
     run_dir = storage.run_dir("embed", key)
     schema = embeddings_schema(cfg.embed.model.dim)
+    previous = storage.published("embeddings")
+    published_model = storage.published("model")
+    model_is_published = published_model is not None and published_model.fingerprint == model.fingerprint
     report: dict = {}
 
     with tracking.stage_run(cfg, parent_run_id, "embed") as run:
         def produce():
-            rec, rep = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir)
+            rec, rep = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir,
+                                   previous=previous.path if previous is not None else None,
+                                   with_baselines=not model_is_published)
             report.update(rep)
             return iter_embedding_batches(rec.path, schema.schema)
 
@@ -108,7 +116,9 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
                     | {"rows.embeddings": records["embeddings"].rows, "reused": float(reused)})
         run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
         k = cfg.embed.eval_k
-        get_run_logger().info("embed: %s items; recall@%d %s", f"{records['embeddings'].rows:,}", k, ", ".join(
+        get_run_logger().info("embed: %s items (%s encoded, %s carried over); recall@%d %s",
+                              f"{records['embeddings'].rows:,}", f"{report.get('encoded', 0):,.0f}",
+                              f"{report.get('carried_over', 0):,.0f}", k, ", ".join(
             f"{m}={report[f'{m}.recall_at_{k}']:.3f}" for m in ("finetuned", "base", "minilm")
             if f"{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a"))
     return records

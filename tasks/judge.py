@@ -8,7 +8,7 @@ from qarm_core import __version__
 from qarm_core.config import PipelineConfig, stable_hash
 from qarm_core.gates import judge_quality_gate
 from qarm_core.judge.stage import judge_stage, qa_item_ids, qa_stage
-from qarm_core.schemas import JUDGMENTS, QA
+from qarm_core.schemas import JUDGE_EVAL, JUDGMENTS, QA
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS
@@ -29,39 +29,46 @@ def _log(run: tracking.StageRun, report: dict, records: dict[str, DatasetRecord]
 @task(name="judge-pairs", **TASK_DEFAULTS)
 def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
           interactions: DatasetRecord) -> dict[str, DatasetRecord]:
-    """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning.
+    """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning;
+    and ``judge_eval``: the scored evaluation pairs.
 
-    Pairs judged in the published snapshot by the same model and prompt are not scored again. The
-    judge's AUC on evaluation sets drawn from ``interactions`` is logged and, when
-    ``judge.eval.min_auc`` is set, gates the run.
+    Pairs judged (and evaluation pairs scored) in the published snapshot by the same model and
+    prompt are not scored again. The judge's AUC on evaluation sets drawn from ``interactions`` is
+    logged and, when ``judge.eval.min_auc`` is set, gates the run.
     """
     storage = Storage(cfg.home)
     previous, prev_rec = _previous(storage, "judgments")
+    previous_eval, _ = _previous(storage, "judge_eval")
     # The previous snapshot is only a cache (same inputs give the same judgments), so it is not
     # part of the key; reasoning samples and scores are deterministic for a given model.
     key = stable_hash({"pairs": pairs.fingerprint, "items": items.fingerprint,
                        "interactions": interactions.fingerprint, "judge": cfg.judge.model_dump(mode="json"),
                        "qarm": __version__, "schema": JUDGMENTS.version})
     report: dict = {}
+    tables: dict = {}
 
     def produce():
-        table, rep = judge_stage(read_dataset(pairs), read_dataset(items),
-                                 read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
-                                 cfg.judge, previous=previous)
+        tables["judgments"], tables["judge_eval"], rep = judge_stage(
+            read_dataset(pairs), read_dataset(items),
+            read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
+            cfg.judge, previous=previous, previous_eval=previous_eval)
         report.update(rep)
-        return iter(table.to_batches(max_chunksize=1_000_000))
+        return iter(tables["judgments"].to_batches(max_chunksize=1_000_000))
 
     with tracking.stage_run(cfg, parent_run_id, "judge") as run:
-        records, reused, report = write_stage_outputs(storage, "judge", key,
-                                                      {"judgments": (JUDGMENTS, produce)}, report)
+        records, reused, report = write_stage_outputs(
+            storage, "judge", key, {"judgments": (JUDGMENTS, produce),
+                                    "judge_eval": (JUDGE_EVAL, lambda: iter(tables["judge_eval"].to_batches()))},
+            report)
         run.params({"judge": cfg.judge.model_dump(mode="json"), "key": key,
                     "previous": prev_rec.path if prev_rec else "none"})
         _log(run, report, records, reused)
         quality = judge_quality_gate("judge", report, cfg.judge.eval.min_auc, report.get("notes", {}).get("eval"))
         run.gate(quality)
         get_run_logger().info(
-            "judge: %s pairs (%s scored, %s/s), keep %s, AUC %s", f"{records['judgments'].rows:,}",
-            f"{report.get('pairs.scored', 0):,.0f}", f"{report.get('pairs_per_s', 0):.1f}",
+            "judge: %s pairs (%s new, %s LLM passes with the evaluation, %s/s), keep %s, AUC %s",
+            f"{records['judgments'].rows:,}", f"{report.get('pairs.scored', 0):,.0f}",
+            f"{report.get('llm.pairs', 0):,.0f}", f"{report.get('pairs_per_s', 0):.1f}",
             ", ".join(f"{s}={report[f'{s}.keep_rate']:.2f}" for s in ("swing", "u2i") if f"{s}.keep_rate" in report),
             ", ".join(f"{k[4:]}={v:.3f}" for k, v in report.items() if k.startswith("auc.")) or
             report.get("notes", {}).get("eval", "n/a"))

@@ -72,7 +72,9 @@ class TrainConfig(_Strict):
     # configs/deepspeed/zero{stage}.json under the repo when None; batch size, lr, bf16 and the
     # optimizer are always filled in from this config.
     deepspeed_config: str | None = None
-    bf16: bool = True
+    # auto: bf16 mixed precision where the hardware has native bf16 (qarm_core.devices), float32
+    # elsewhere; DeepSpeed's bf16 section and the plain-torch autocast follow the choice.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     launcher: Literal["none", "torchrun", "deepspeed"] = "none"
@@ -102,9 +104,10 @@ class EmbedConfig(_Strict):
 
     batch_size: int = Field(64, ge=1)
     chunk_rows: int = Field(50_000, ge=1)    # items per Parquet part (the unit of resumption)
-    # bf16: this CPU has avx512_bf16; a SmolLM2 forward ran ~20x faster in bf16 than in fp32 here
-    # (benchmarks/bench_embed.py). Still deterministic for a fixed batch composition.
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: bf16 where the hardware has it natively, float32 elsewhere (qarm_core.devices): bf16 is
+    # ~3x faster than float32 on a CPU with AVX512_BF16, ~45x slower on one with AVX2 only.
+    # Deterministic for a fixed batch composition either way.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     num_threads: int | None = Field(None, ge=1)
     # auto: the GPU when torch sees one (a GPU host embeds there), else the CPU; cuda on a host
     # without CUDA is an error (qarm_core.devices).

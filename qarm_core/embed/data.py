@@ -191,11 +191,11 @@ def positive_pairs(judgments: pa.Table, catalog_ids: Iterable[int] | np.ndarray,
 
 
 def _pair_hash(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
-    from qarm_core.pairs.swing import _splitmix64
+    from qarm_core.hashing import splitmix64
 
     lo, hi = _unordered_key(a, b)
     with np.errstate(over="ignore"):
-        return _splitmix64(_splitmix64(lo.astype(np.uint64) ^ np.uint64(seed)) ^ hi.astype(np.uint64))
+        return splitmix64(splitmix64(lo.astype(np.uint64) ^ np.uint64(seed)) ^ hi.astype(np.uint64))
 
 
 def split_pairs(judgments: pa.Table, holdout_fraction: float, seed: int = 0) -> tuple[pa.Table, pa.Table]:

@@ -19,6 +19,7 @@ token length inside a part).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import resource
@@ -34,12 +35,13 @@ import pyarrow.parquet as pq
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
 from qarm_core.errors import DataError
+from qarm_core.progress import Progress
 
 STAGE = "embed"
 META = "_embed_meta.json"
 ProgressFn = Callable[[dict], None]
-# texts of one part -> (n, dim) float32 unit rows
-EncodeFn = Callable[[list[int]], np.ndarray]
+# ids of one part (and the progress to advance per batch) -> (n, dim) float32 unit rows
+EncodeFn = Callable[[list[int], "Progress | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,12 @@ class EmbedRecord:
     parts_written: int
     parts_skipped: int
     seconds: float
-    items_per_s: float            # items embedded in this run per second (skipped parts excluded)
+    items_per_s: float            # items encoded per second of model time in this run
     peak_rss_mb: float            # this process's peak RSS so far
+    dtype: str = "float32"        # the numeric type the model ran in
+    dtype_reason: str = ""
+    encoded: int = 0              # items run through the model in this run
+    carried_over: int = 0         # items whose unchanged vector came from the previous table
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,13 +93,77 @@ class _TextLookup:
         lo, hi = np.searchsorted(self.ids, [min(ids), max(ids)])
         return item_texts(self.items.slice(int(lo), int(hi - lo + 1)), self.cfg, ids)
 
+    def hashes(self, ids: np.ndarray, block: int = 100_000) -> np.ndarray:
+        """(n,) object array: a hash of each item's text exactly as the model reads it."""
+        out = np.empty(len(ids), dtype=object)
+        for s in range(0, len(ids), block):
+            part = [int(i) for i in ids[s:s + block]]
+            texts = self(part)
+            out[s:s + block] = [text_hash(texts[i]) for i in part]
+        return out
+
+
+def text_hash(text: str) -> str:
+    """The key of an item text in the embedding cache (16 hex characters of blake2b)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class PreviousEmbeddings:
+    """Published embeddings that a run may carry over instead of recomputing: the vector of an
+    item whose model version and text hash are both unchanged.
+
+    Only the small columns (item_id, model_version, text_hash) are read up front; vectors are read
+    part by part (``vectors``), so carrying over a 10M-item table never holds it in memory whole.
+    """
+
+    def __init__(self, path: str | Path):
+        import pyarrow.dataset as ds
+
+        self.dataset = ds.dataset(str(path), format="parquet")
+        names = self.dataset.schema.names
+        if "text_hash" not in names:       # written before text hashes existed: nothing to reuse
+            self.ids = np.zeros(0, np.int64)
+            self.keys = np.zeros(0, dtype=object)
+            return
+        t = self.dataset.to_table(columns=["item_id", "model_version", "text_hash"])
+        order = np.argsort(t["item_id"].to_numpy(), kind="stable")
+        self.ids = t["item_id"].to_numpy()[order]
+        mv = np.asarray(t["model_version"].to_pylist(), dtype=object)[order]
+        th = np.asarray(t["text_hash"].to_pylist(), dtype=object)[order]
+        self.keys = np.asarray([f"{a}|{b}" if b is not None else None for a, b in zip(mv, th)], dtype=object)
+
+    def reusable(self, ids: np.ndarray, model_version: str, hashes: np.ndarray) -> np.ndarray:
+        """(n,) bool: the previous table holds ``ids[i]`` with this model version and text hash."""
+        if not len(self.ids):
+            return np.zeros(len(ids), bool)
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, len(self.ids) - 1)
+        found = self.ids[pos] == ids
+        want = np.asarray([f"{model_version}|{h}" for h in hashes], dtype=object)
+        return found & (self.keys[pos] == want)
+
+    def vectors(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """(n, dim) float32 vectors of ``ids`` (sorted, all present)."""
+        import pyarrow.dataset as ds
+
+        flt = (ds.field("item_id") >= int(ids.min())) & (ds.field("item_id") <= int(ids.max()))
+        t = self.dataset.to_table(columns=["item_id", "vector"], filter=flt)
+        got = t["item_id"].to_numpy()
+        order = np.argsort(got, kind="stable")
+        pos = order[np.searchsorted(got[order], ids)]
+        flat = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(-1, dim)[pos].astype(np.float32, copy=False)
+
 
 def write_embeddings(item_ids: np.ndarray, encode: EncodeFn, out_dir: str | Path, model_version: str,
-                     dim: int, chunk_rows: int, progress: ProgressFn | None = None) -> EmbedRecord:
+                     dim: int, chunk_rows: int, progress: ProgressFn | None = None,
+                     hashes: np.ndarray | None = None, previous: PreviousEmbeddings | None = None) -> EmbedRecord:
     """Embed ``item_ids`` (sorted, distinct) part by part with ``encode`` and write the parts.
 
-    ``encode(ids)`` returns a float32 array of shape (len(ids), dim). Parts already written by a
-    run with the same (model_version, dim, chunk_rows, ids) are skipped.
+    ``encode(ids, progress)`` returns a float32 array of shape (len(ids), dim) and advances
+    ``progress`` by the rows of each batch. ``hashes`` (n,): each item's text hash, stored with
+    its vector; with ``previous``, an item whose (model_version, text hash) is found there keeps
+    that vector and is not encoded (a daily run embeds only new and changed items). Parts already
+    written by a run with the same (model_version, dim, chunk_rows, ids) are skipped.
     """
     from qarm_core.quantize.io import embeddings_batch, embeddings_schema
 
@@ -109,35 +179,62 @@ def write_embeddings(item_ids: np.ndarray, encode: EncodeFn, out_dir: str | Path
             f.unlink()
         meta_f.write_text(json.dumps(meta, indent=2))
     t0 = time.perf_counter()
-    done_rows = written = skipped = 0
-    for k in range(n_parts):
-        ids = item_ids[k * chunk_rows:(k + 1) * chunk_rows]
+    written = skipped = encoded = carried = 0
+    encode_s = 0.0
+
+    def rows(k: int) -> slice:
+        return slice(k * chunk_rows, (k + 1) * chunk_rows)
+
+    def complete(k: int) -> bool:
         part = out / f"part-{k:05d}.parquet"
-        if part.exists():
-            try:
-                ok = pq.ParquetFile(part).metadata.num_rows == len(ids)
-            except (pa.ArrowException, OSError):
-                ok = False
-            if ok:
-                skipped += 1
-                continue
-        x = encode([int(i) for i in ids])
-        if x.shape != (len(ids), dim) or not np.isfinite(x).all():
-            raise DataError(STAGE, "embeddings", f"part {k}: embedder returned shape {x.shape} "
-                                                 f"(finite: {bool(np.isfinite(x).all())}), expected ({len(ids)}, {dim})")
+        try:
+            return part.exists() and pq.ParquetFile(part).metadata.num_rows == len(item_ids[rows(k)])
+        except (pa.ArrowException, OSError):
+            return False
+
+    todo = [k for k in range(n_parts) if not complete(k)]
+    reuse = np.zeros(n, bool)
+    if previous is not None and hashes is not None:
+        for k in todo:
+            reuse[rows(k)] = previous.reusable(item_ids[rows(k)], model_version, hashes[rows(k)])
+    to_encode = int(sum(int((~reuse[rows(k)]).sum()) for k in todo))
+    prog = Progress(STAGE, f"embedding items ({model_version}; {int(reuse.sum()):,} carried over)",
+                    to_encode, "items")
+    for k in range(n_parts):
+        if k not in todo:
+            skipped += 1
+            continue
+        ids, keep = item_ids[rows(k)], reuse[rows(k)]
+        x = np.empty((len(ids), dim), np.float32)
+        if keep.any():
+            x[keep] = previous.vectors(ids[keep], dim)
+        if not keep.all():
+            t1 = time.perf_counter()
+            new = encode([int(i) for i in ids[~keep]], prog)
+            encode_s += time.perf_counter() - t1
+            if new.shape != (int((~keep).sum()), dim):
+                raise DataError(STAGE, "embeddings", f"part {k}: embedder returned shape {new.shape}, "
+                                                     f"expected ({int((~keep).sum())}, {dim})")
+            x[~keep] = new
+        if not np.isfinite(x).all():
+            raise DataError(STAGE, "embeddings", f"part {k}: {int((~np.isfinite(x)).any(1).sum())} vector(s) "
+                                                 "are not finite")
         tmp = out / f".part-{k:05d}.parquet.tmp"
         with pq.ParquetWriter(tmp, embeddings_schema(dim)) as w:
-            w.write_batch(embeddings_batch(ids, x, model_version))
-        tmp.rename(part)
+            w.write_batch(embeddings_batch(ids, x, model_version,
+                                           None if hashes is None else list(hashes[rows(k)])))
+        tmp.rename(part := out / f"part-{k:05d}.parquet")
         written += 1
-        done_rows += len(ids)
+        encoded += int((~keep).sum())
+        carried += int(keep.sum())
         if progress:
-            dt = time.perf_counter() - t0
-            progress({"part": k + 1, "parts": n_parts, "rows_done": done_rows, "rows": n,
-                      "items_per_s": done_rows / dt if dt > 0 else 0.0})
+            progress({"part": k + 1, "parts": n_parts, "rows_done": encoded + carried, "rows": n,
+                      "items_per_s": encoded / encode_s if encode_s > 0 else 0.0})
+    prog.finish()
     dt = time.perf_counter() - t0
     return EmbedRecord(str(out), n, dim, model_version, n_parts, written, skipped, round(dt, 3),
-                       round(done_rows / dt, 2) if dt > 0 and done_rows else 0.0, round(_peak_rss_mb(), 1))
+                       round(encoded / encode_s, 2) if encode_s > 0 and encoded else 0.0, round(_peak_rss_mb(), 1),
+                       encoded=encoded, carried_over=carried)
 
 
 class LLMEmbedder:
@@ -150,14 +247,14 @@ class LLMEmbedder:
     def __init__(self, items: pa.Table, model_cfg: EmbedModelConfig, cfg: EmbedConfig):
         import torch
 
-        from qarm_core.devices import resolve_device
+        from qarm_core.devices import resolve_device, resolve_dtype
         from qarm_core.embed.model import load_model
 
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device, STAGE, "embed.infer.device")
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        self.loaded = load_model(model_cfg, STAGE, dtype)
+        self.dtype_choice = resolve_dtype(cfg.dtype, self.device, STAGE, "embed.infer.dtype")
+        self.loaded = load_model(model_cfg, STAGE, self.dtype_choice.torch)
         self.model = self.loaded.model.eval().to(self.device)
         self.texts, self.model_cfg, self.cfg = _TextLookup(items, model_cfg), model_cfg, cfg
         self.pooling = "emb" if self.loaded.fine_tuned else cfg.base_pooling
@@ -165,7 +262,7 @@ class LLMEmbedder:
         v = self.loaded.model_version
         self.model_version = v if self.pooling == "emb" else f"{v}:mean"
 
-    def embed_ids(self, ids: list[int]) -> np.ndarray:
+    def embed_ids(self, ids: list[int], progress: Progress | None = None) -> np.ndarray:
         import torch
 
         from qarm_core.embed import data as D
@@ -189,19 +286,25 @@ class LLMEmbedder:
                     m = (b["segment"] == SEG_ITEM)[..., None].to(h.dtype)
                     v = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
                 out[rows] = v.float().cpu().numpy()
+                if progress is not None:
+                    progress.advance(len(rows))
         return out
 
 
 @keep_freed_memory()
 def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelConfig | None = None,
-                  cfg: EmbedConfig | None = None, progress: ProgressFn | None = None) -> EmbedRecord:
+                  cfg: EmbedConfig | None = None, progress: ProgressFn | None = None,
+                  previous: PreviousEmbeddings | None = None) -> EmbedRecord:
     """Embed every item with the model of ``model_cfg.model`` (a trained folder, or a base model:
-    the baseline) into ``out_dir``; resumable. Returns an ``EmbedRecord``."""
+    the baseline) into ``out_dir``; resumable. Items of ``previous`` embedded by the same model
+    version from the same text keep their vector. Returns an ``EmbedRecord``."""
     model_cfg = model_cfg or EmbedModelConfig()
     cfg = cfg or EmbedConfig()
     ids = _sorted_ids(items)
     emb = LLMEmbedder(items, model_cfg, cfg)
-    return write_embeddings(ids, emb.embed_ids, out_dir, emb.model_version, emb.dim, cfg.chunk_rows, progress)
+    rec = write_embeddings(ids, emb.embed_ids, out_dir, emb.model_version, emb.dim, cfg.chunk_rows, progress,
+                           hashes=emb.texts.hashes(ids), previous=previous)
+    return dataclasses.replace(rec, dtype=emb.dtype_choice.name, dtype_reason=emb.dtype_choice.reason)
 
 
 @keep_freed_memory()
@@ -226,9 +329,9 @@ def embed_catalog_minilm(items: pa.Table, out_dir: str | Path, cfg: EmbedConfig 
                           device=resolve_device(cfg.device, STAGE, "embed.infer.device"))
     lookup = _TextLookup(items, EmbedModelConfig(include_tags=include_tags))
 
-    def encode(part: list[int]) -> np.ndarray:
+    def encode(part: list[int], prog: Progress | None) -> np.ndarray:
         texts = lookup(part)
-        return st.embed([texts[i] for i in part])
+        return st.embed([texts[i] for i in part], prog)
 
     return write_embeddings(ids, encode, out_dir, f"minilm:{st.model_id}", st.model.config.hidden_size,
-                            cfg.chunk_rows, progress)
+                            cfg.chunk_rows, progress, hashes=lookup.hashes(ids))

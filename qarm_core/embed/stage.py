@@ -38,26 +38,39 @@ def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: 
 
 
 def embed_stage(items: pa.Table, judgments: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
-                run_dir: str | Path, progress: ProgressFn | None = None) -> tuple[EmbedRecord, dict]:
+                run_dir: str | Path, progress: ProgressFn | None = None, previous: str | Path | None = None,
+                with_baselines: bool = True) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
-    parts), and with each of ``cfg.baselines`` into ``run_dir/<baseline>``; evaluate each on the
-    held-out judged pairs (``cfg.train.holdout_fraction`` of them, the split training left out).
+    parts), and with each of ``cfg.baselines`` into ``run_dir/<baseline>`` (``with_baselines``);
+    evaluate each on the held-out judged pairs (``cfg.train.holdout_fraction`` of them, the split
+    training left out).
 
-    Returns the fine-tuned model's ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``, and
-    per model (``finetuned``, ``base``, ``minilm``) ``<model>.recall_at_<k>`` and ``<model>.mrr``,
-    plus ``notes`` (text).
+    ``previous``: the published embeddings folder. An item embedded there by the same model
+    version from the same text keeps its vector, so a daily run with the published model encodes
+    only new and changed items. The baselines only matter when the model is new (a daily run that
+    reuses the published model passes ``with_baselines=False``).
+
+    Returns the fine-tuned model's ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``,
+    ``encoded``, ``carried_over``, and per model (``finetuned``, ``base``, ``minilm``)
+    ``<model>.recall_at_<k>`` and ``<model>.mrr``, plus ``notes`` (text).
     """
+    from qarm_core.embed.embed import PreviousEmbeddings
+
     run_dir = Path(run_dir)
     tuned = cfg.model.model_copy(update={"model": str(model_dir)})
-    rec = embed_catalog(items, run_dir / "finetuned", tuned, cfg.infer, progress)
-    report: dict = {"items_per_s": rec.items_per_s, "seconds": rec.seconds, "dim": float(rec.dim)}
-    notes = {"model_version": rec.model_version}
+    prev = PreviousEmbeddings(previous) if previous is not None else None
+    rec = embed_catalog(items, run_dir / "finetuned", tuned, cfg.infer, progress, previous=prev)
+    report: dict = {"items_per_s": rec.items_per_s, "seconds": rec.seconds, "dim": float(rec.dim),
+                    "encoded": float(rec.encoded), "carried_over": float(rec.carried_over)}
+    notes = {"model_version": rec.model_version, "dtype": rec.dtype, "dtype_reason": rec.dtype_reason}
     paths = {"finetuned": rec.path}
-    for b in cfg.baselines:
+    for b in cfg.baselines if with_baselines else ():
         if b == "base":
             paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer).path
         else:
             paths[b] = embed_catalog_minilm(items, run_dir / "minilm", cfg.infer).path
+    if cfg.baselines and not with_baselines:
+        notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
     held = split_pairs(judgments, cfg.train.holdout_fraction, cfg.train.seed)[1] \
         if cfg.train.holdout_fraction > 0 else judgments.slice(0, 0)
     if "keep" in held.column_names:

@@ -21,7 +21,7 @@ Output folder::
       train_record.json   the ``TrainRecord`` of the finished run
       job/                (multi-process runs) job.json + the input tables as Parquet
 
-GPU hosts: ``launcher="deepspeed"`` (or torchrun) with ``nproc`` = GPUs per node, ``bf16=True``,
+GPU hosts: ``launcher="deepspeed"`` (or torchrun) with ``nproc`` = GPUs per node, ``dtype=auto`` (bf16),
 ``zero_stage=2`` (3 for models that do not fit one GPU), ``attn_implementation="sdpa"``, a larger
 ``batch_size`` (e.g. 256+) with ``grad_cache_chunk`` sized to GPU memory, ``freeze_layers=0``;
 DeepSpeed moves the module to each rank's GPU and batches follow it. The plain-torch path
@@ -35,6 +35,7 @@ global batch; in-batch negatives are the process's own slice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,10 @@ import pyarrow as pa
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
+from qarm_core.progress import Progress
+
+if TYPE_CHECKING:
+    from qarm_core.devices import DTypeChoice
 
 STAGE = "train"
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +81,7 @@ class TrainRecord:
     world_size: int
     deepspeed: bool
     zero_stage: int
-    bf16: bool
+    dtype: str                    # bfloat16 (mixed precision) or float32, as chosen by ``training_dtype``
     seconds: float                # wall time of this process's run (excluding model loading)
     train_tokens: int             # real (non-pad) tokens processed by all processes in this run
     tokens_per_s: float
@@ -86,6 +91,7 @@ class TrainRecord:
     loss_first: float             # mean loss of the first up-to-5 steps of this run
     loss_last: float              # mean loss of the last up-to-5 steps of this run
     reused: bool = False          # True: the model was already complete; nothing was trained
+    dtype_reason: str = ""        # why that dtype (``devices.DTypeChoice.reason``)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -93,9 +99,20 @@ class TrainRecord:
 
 
 # ---------------------------------------------------------------- configs and fingerprints
+def training_dtype(cfg: TrainConfig) -> "DTypeChoice":
+    """The numeric type of a training run: ``cfg.dtype`` resolved on the device training runs on
+    (DeepSpeed takes the GPU when torch sees one; the plain-torch path stays on the CPU)."""
+    import torch
+
+    from qarm_core.devices import resolve_dtype
+
+    device = "cuda" if cfg.use_deepspeed and torch.cuda.is_available() else "cpu"
+    return resolve_dtype(cfg.dtype, device, STAGE, "embed.train.dtype")
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, unmanaged_accumulation: bool = False) -> dict:
     """The DeepSpeed config dict: ``configs/deepspeed/zero{stage}.json`` (or ``cfg.deepspeed_config``)
-    with the batch size, bf16 and accumulation filled in from ``cfg``."""
+    with the batch size, bf16 (``training_dtype``) and accumulation filled in from ``cfg``."""
     path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_CONFIG_DIR / f"zero{cfg.zero_stage}.json"
     if cfg.deepspeed_config and not path.exists():
         raise DataError(STAGE, "deepspeed_config", f"DeepSpeed config {path} does not exist")
@@ -107,7 +124,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, unmanaged_accumulation: 
     ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
     micro = cfg.batch_size // world_size
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
-              train_batch_size=micro * world_size, bf16={"enabled": bool(cfg.bf16)})
+              train_batch_size=micro * world_size, bf16={"enabled": training_dtype(cfg).bf16})
     ds.pop("fp16", None)
     ds.pop("optimizer", None)       # the optimizer is torch AdamW built here (no JIT-compiled op)
     ds.pop("scheduler", None)       # the LR is set per step here, so resumption needs no scheduler state
@@ -294,10 +311,25 @@ def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | N
     """
     model_cfg = model_cfg or EmbedModelConfig()
     cfg = train_cfg or TrainConfig()
+    # Resolved once, here: every process of a launched run trains in the same type, and the
+    # run's fingerprint (so its checkpoints) names the type, not "auto".
+    choice = training_dtype(cfg)
+    cfg = cfg.model_copy(update={"dtype": choice.name})
+    prog = Progress(STAGE, f"training steps ({choice.name})", cfg.max_steps, "steps")
+
+    def relay(info: dict) -> None:
+        prog.advance(int(info["step"]) - prog.done, loss=round(float(info["loss"]), 4),
+                     tokens_per_s=round(float(info["tokens_per_s"]), 1))
+        if progress is not None:
+            progress(info)
+
     if cfg.launcher != "none":
         job = write_job(items, judgments, qa, out_dir, model_cfg, cfg)
-        return run_launched(job, cfg, progress)
-    return _train(items, judgments, qa, Path(out_dir), model_cfg, cfg, progress)
+        rec = run_launched(job, cfg, relay)
+    else:
+        rec = _train(items, judgments, qa, Path(out_dir), model_cfg, cfg, relay)
+    prog.finish()
+    return dataclasses.replace(rec, dtype_reason=choice.reason)
 
 
 @keep_freed_memory()
@@ -373,7 +405,8 @@ def _train(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
         client = _load_plain(ckpt_root, model, opt)
         start = int(client["step"]) if client else 0
 
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 and not cfg.use_deepspeed
+    bf16 = training_dtype(cfg).bf16
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and not cfg.use_deepspeed
                 else torch.autocast("cpu", enabled=False))
     micro = cfg.batch_size // world
     with_qa_p = cfg.qa_on_positive and model_cfg.max_qa_tokens > 0
@@ -518,7 +551,8 @@ def _train(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
     record = TrainRecord(
         model_dir=str(model_dir), model_version=version, fingerprint=fp, steps=step, resumed_from_step=start,
         train_pairs=int(len(anchors)), world_size=world, deepspeed=cfg.use_deepspeed,
-        zero_stage=cfg.zero_stage if cfg.use_deepspeed else 0, bf16=cfg.bf16, seconds=round(seconds, 3),
+        zero_stage=cfg.zero_stage if cfg.use_deepspeed else 0, dtype="bfloat16" if bf16 else "float32",
+        seconds=round(seconds, 3),
         train_tokens=tokens, tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
         final_loss=losses[-1][0] if losses else float("nan"), final_nce=losses[-1][1] if losses else float("nan"),
         final_qa=losses[-1][2] if losses else float("nan"),

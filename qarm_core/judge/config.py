@@ -57,7 +57,9 @@ class LocalModelConfig(_Strict):
     model_path: str | None = None
     # Where converted models live. None: $QARM_CACHE or ~/.cache/qarm, then /judge.
     cache_dir: str | None = None
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: bf16 where the hardware has it natively (a recent GPU, a CPU with AVX512_BF16/AMX),
+    # float32 elsewhere (qarm_core.devices.choose_dtype); bfloat16/float32 force one.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     batch_size: int = Field(32, ge=1)
     num_threads: int | None = Field(None, ge=1)
     # auto: the GPU when torch sees one, else the CPU; cuda on a host without CUDA is an error.

@@ -5,7 +5,10 @@
 * ``genre``: pairs sharing at least one genre vs pairs sharing none, again with the same source
   item on both sides, so that a judge cannot win by scoring the source item.
 
-Both sets are deterministic for a given seed.
+Both sets are deterministic for a given seed, and every random choice in them is a hash of the
+seed and the ids involved (``qarm_core.hashing``), not a draw from a stream: a log that grows by a
+day keeps yesterday's held-out users, pair orientations and negatives wherever the data still
+allows them, so a daily run re-scores only the evaluation pairs that really changed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
+from qarm_core.hashing import keyed_hash, keyed_uniform
 
 STAGE = "judge"
 
@@ -63,7 +67,6 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
         missing = [c for c in cols if c not in tbl.column_names]
         if missing:
             raise DataError(STAGE, name, f"evaluation sets need columns {missing}")
-    rng = np.random.default_rng(p.seed)
     users = interactions["user_id"].to_numpy()
     item_col = interactions["item_id"].to_numpy()
     rating = interactions["rating"].to_numpy(zero_copy_only=False).astype(float)
@@ -84,8 +87,7 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
     pool_set = set(pool)
 
     uniq = np.unique(users)
-    rng.shuffle(uniq)
-    held = set(uniq[: max(1, int(len(uniq) * p.holdout_users))].tolist())
+    held = set(uniq[keyed_uniform(p.seed, 1, uniq) < p.holdout_users].tolist()) or {int(uniq[0])}
     baskets: dict[int, set[int]] = collections.defaultdict(set)
     for u, i, r in zip(users.tolist(), item_col.tolist(), rating.tolist()):
         if u in held and r >= p.positive_rating and i in pool_set:
@@ -114,7 +116,7 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
             break
         if used[a] >= p.max_pairs_per_item or used[b] >= p.max_pairs_per_item or same_title(a, b):
             continue
-        src, dst = (a, b) if rng.random() < 0.5 else (b, a)
+        src, dst = (a, b) if keyed_uniform(p.seed, 2, a, b) < 0.5 else (b, a)
         if src in srcs:
             src, dst = dst, src
             if src in srcs:
@@ -123,17 +125,22 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
         used[b] += 1
         srcs.add(src)
         pos.append((src, dst, 1))
+    pool_arr = np.asarray(pool, dtype=np.int64)
+
+    def by_hash(tag: int, src: int, cands: list[int] | np.ndarray) -> list[int]:
+        """``cands`` in the seeded hash order of (src, candidate): a stable random order."""
+        c = np.asarray(cands, dtype=np.int64)
+        return c[np.argsort(keyed_hash(p.seed, tag, src, c), kind="stable")].tolist()
+
     neg = []
     for src, _, _ in pos:
-        while True:
-            dst = pool[int(rng.integers(len(pool)))]
-            if dst != src and cosine(src, dst) <= p.negative_max_cosine and not same_title(src, dst):
-                break
-        neg.append((src, dst, 0))
+        dst = next((d for d in by_hash(3, src, pool_arr)
+                    if d != src and cosine(src, d) <= p.negative_max_cosine and not same_title(src, d)), None)
+        if dst is not None:
+            neg.append((src, dst, 0))
 
     # genre set: the same source item on both sides
-    src_order = pool.copy()
-    rng.shuffle(src_order)
+    src_order = pool_arr[np.argsort(keyed_hash(p.seed, 4, pool_arr), kind="stable")].tolist()
     gpos, gneg = [], []
     for src in src_order:
         if len(gpos) >= p.n_per_class:
@@ -145,8 +152,8 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
         other = [d for d in pool if tags[d] and not g & set(tags[d])]
         if not same or not other:
             continue
-        gpos.append((src, same[int(rng.integers(len(same)))], 1))
-        gneg.append((src, other[int(rng.integers(len(other)))], 0))
+        gpos.append((src, by_hash(5, src, same)[0], 1))
+        gneg.append((src, by_hash(6, src, other)[0], 0))
     return {"cooc": _table(pos + neg), "genre": _table(gpos + gneg)}
 
 

@@ -147,8 +147,11 @@ class PairScorer:
     texts' sentence embeddings, plus ``tag_weight`` x the cosine of the embeddings of their tag lines
     (where either item has no tags, the text cosine stands in for the tag cosine).
 
-    Neutral log-likelihoods and embeddings are computed once per distinct text and kept in this
-    object, so repeated calls do not redo them.
+    Everything this object computes is kept for its lifetime: neutral log-likelihoods and
+    embeddings once per distinct text, and each pair's score terms once per distinct (texts,
+    tags). A stage that scores the judged pairs and the evaluation pairs therefore runs the LLM once
+    per pair even when the two sets overlap, and can score both in one batched pass (``components``
+    on their union first; later calls on either are answered from memory).
     """
 
     def __init__(self, backend: "LMBackend", prompt: JudgePrompt, embedder: "SentenceEmbedder | None" = None,
@@ -160,9 +163,11 @@ class PairScorer:
         self.embed_weight, self.tag_weight = embed_weight, tag_weight
         self._neutral: dict[str, float] = {}
         self._emb: dict[str, np.ndarray] = {}
+        self._pmi: dict[tuple[str, str], float] = {}
 
     @property
     def model_id(self) -> str:
+        """The judge's identity, weights included (the judgment cache key)."""
         mid = self.backend.model_id
         if self.embedder is not None:
             mid += f"+{self.embedder.model_id}*{self.embed_weight:g}"
@@ -170,21 +175,34 @@ class PairScorer:
                 mid += f"+tags*{self.tag_weight:g}"
         return mid
 
-    def llm_pmi(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
-        """(n,) PMI scores: sum log P(B | context(A)) - sum log P(B | neutral)."""
-        conts = [" " + quote(b) for b in dst_texts]
-        ctxs = [self.prompt.context.format(A=quote(a)) for a in src_texts]
+    @property
+    def components_id(self) -> str:
+        """The identity of the score *terms* (models, not weights): cached terms stay valid when
+        only the weights change."""
+        return self.backend.model_id + (f"+{self.embedder.model_id}" if self.embedder is not None else "")
+
+    def llm_pmi(self, src_texts: Sequence[str], dst_texts: Sequence[str], what: str = "pairs") -> np.ndarray:
+        """(n,) PMI scores: sum log P(B | context(A)) - sum log P(B | neutral). Pairs already
+        scored by this object are not run again; progress is logged as ``judge: scoring <what>``."""
+        from qarm_core.progress import Progress
+
+        todo = sorted({(a, b) for a, b in zip(src_texts, dst_texts) if (a, b) not in self._pmi})
         pre = self.prompt.prefix
-        cond = (self.backend.continuation_logprobs(ctxs, conts, prefix=pre) if pre
-                else self.backend.continuation_logprobs(ctxs, conts))
-        new = sorted({c for c in conts if c not in self._neutral})
-        if new:
-            neutral = [self.prompt.neutral] * len(new)
-            lps = (self.backend.continuation_logprobs(neutral, new, prefix=pre) if pre
-                   else self.backend.continuation_logprobs(neutral, new))
-            for c, lp in zip(new, lps):
-                self._neutral[c] = float(np.sum(lp))
-        return np.array([float(np.sum(lp)) - self._neutral[c] for lp, c in zip(cond, conts)])
+        if todo:
+            conts = [" " + quote(b) for _, b in todo]
+            ctxs = [self.prompt.context.format(A=quote(a)) for a, _ in todo]
+            with Progress(STAGE, f"scoring {what}", len(todo), "pairs") as prog:
+                cond = self.backend.continuation_logprobs(ctxs, conts, prefix=pre, progress=prog)
+            new = sorted({c for c in conts if c not in self._neutral})
+            if new:
+                neutral = [self.prompt.neutral] * len(new)
+                with Progress(STAGE, "neutral passes (once per distinct item B)", len(new), "items") as prog:
+                    lps = self.backend.continuation_logprobs(neutral, new, prefix=pre, progress=prog)
+                for c, lp in zip(new, lps):
+                    self._neutral[c] = float(np.sum(lp))
+            for (a, b), c, lp in zip(todo, conts, cond):
+                self._pmi[(a, b)] = float(np.sum(lp)) - self._neutral[c]
+        return np.array([self._pmi[(a, b)] for a, b in zip(src_texts, dst_texts)], dtype=np.float64)
 
     def cosine(self, src_texts: Sequence[str], dst_texts: Sequence[str]) -> np.ndarray:
         """(n,) cosine similarities of the texts' sentence embeddings."""
@@ -197,15 +215,15 @@ class PairScorer:
         return np.array([float(self._emb[a] @ self._emb[b]) for a, b in zip(src_texts, dst_texts)])
 
     def components(self, src_texts: Sequence[str], dst_texts: Sequence[str],
-                   src_tags: Sequence[str] | None = None, dst_tags: Sequence[str] | None = None
-                   ) -> dict[str, np.ndarray]:
+                   src_tags: Sequence[str] | None = None, dst_tags: Sequence[str] | None = None,
+                   what: str = "pairs") -> dict[str, np.ndarray]:
         """The score's terms, each of shape (n,): ``pmi`` and, with an embedder, ``cos`` and
         ``tag_cos`` (the text cosine where either item has no tags or no tags are given)."""
         if len(src_texts) != len(dst_texts):
             raise ValueError("src_texts and dst_texts differ in length")
         if not len(src_texts):
             return {"pmi": np.zeros(0), "cos": np.zeros(0), "tag_cos": np.zeros(0)}
-        out = {"pmi": self.llm_pmi(src_texts, dst_texts)}
+        out = {"pmi": self.llm_pmi(src_texts, dst_texts, what)}
         if self.embedder is not None:
             cos = self.cosine(src_texts, dst_texts)
             tcos = cos.copy()
@@ -243,7 +261,7 @@ def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
     return PairScorer(backend, judge_prompt(cfg.prompt_version), embedder, cfg.embed_weight, cfg.tag_weight)
 
 
-def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> dict[str, np.ndarray]:
+def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer, what: str = "pairs") -> dict[str, np.ndarray]:
     """``scorer.components`` of the n rows (src_item, dst_item) of ``pairs``, texts from ``items``."""
     src = pairs["src_item"].to_pylist()
     dst = pairs["dst_item"].to_pylist()
@@ -252,7 +270,7 @@ def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> dic
     texts = render_items(items, ids, fmt)
     tags = render_items(items, ids, fmt, tags_only=True)
     return scorer.components([texts[i] for i in src], [texts[i] for i in dst],
-                             [tags[i] for i in src], [tags[i] for i in dst])
+                             [tags[i] for i in src], [tags[i] for i in dst], what)
 
 
 def score_pairs(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> np.ndarray:
@@ -316,8 +334,11 @@ def add_reasoning(judgments: pa.Table, items: pa.Table, backend: "LMBackend", cf
         prompts = [prompt.reasoning.format(A=quote(texts[src[i]]), B=quote(texts[dst[i]]),
                                            verdict=prompt.verdict_keep if keep[i] else prompt.verdict_reject)
                    for i in todo]
-        outs = backend.generate(prompts, cfg.reasoning_max_tokens, batch_size=cfg.reasoning_batch_size,
-                                system=prompt.reasoning_system)
+        from qarm_core.progress import Progress
+
+        with Progress(STAGE, "writing reasoning", len(prompts), "pairs") as prog:
+            outs = backend.generate(prompts, cfg.reasoning_max_tokens, batch_size=cfg.reasoning_batch_size,
+                                    system=prompt.reasoning_system, progress=prog)
         for i, o in zip(todo, outs):
             reasoning[i] = _clean_reasoning(o, KEEP_TAG if keep[i] else REJECT_TAG)
     col = judgments.column_names.index("reasoning")

@@ -25,6 +25,7 @@ from qarm_core.errors import DataError
 from qarm_core.judge.config import QAConfig
 from qarm_core.judge.prompts import QAPrompt, qa_prompt
 from qarm_core.judge.text import quote, render_item, sanitize, uninvert
+from qarm_core.progress import Progress
 from qarm_core.schemas import QA
 
 if TYPE_CHECKING:
@@ -155,8 +156,11 @@ def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = No
             asks.append((iid, q_index, t, q, rows[iid]))
     prompts = [prompt.answer.format(item=quote(render_item(r, prompt.item_format)), question=q)
                for _, _, _, q, r in asks]
-    answers = backend.generate(prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                               system=prompt.system) if prompts else []
+    answers: list[str] = []
+    if prompts:
+        with Progress("qa", f"answering questions about {len(todo):,} items", len(prompts), "questions") as prog:
+            answers = backend.generate(prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                       system=prompt.system, progress=prog)
     new: dict[str, list[Any]] = {c: [] for c in QA.columns}
     for (iid, q_index, t, q, r), raw in zip(asks, answers):
         a = validate_answer(raw, q, cfg.max_answer_chars)

@@ -9,6 +9,7 @@ for anything that is not a number, such as why the evaluation was skipped.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -18,88 +19,200 @@ import pyarrow.compute as pc
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
 from qarm_core.judge.judge import add_reasoning, judge_pairs, make_scorer, pairs_to_score
+from qarm_core.schemas import JUDGE_EVAL
 
 if TYPE_CHECKING:
     from qarm_core.judge.backends import LMBackend
     from qarm_core.judge.judge import PairScorer
 
 
-def evaluate_judge(interactions: pa.Table, items: pa.Table, scorer: "PairScorer",
-                   cfg: JudgeEvalConfig) -> tuple[dict[str, float], str | None]:
-    """``({"auc.cooc": .., "auc.genre": .., "eval.pairs": ..}, None)`` on evaluation sets drawn
-    from this run's interactions (user_id, item_id, rating) and items (item_id, title, tags), or
-    ``({}, reason)`` when the data cannot supply them (no ratings, too few rated items)."""
-    from qarm_core.judge.evaluate import EvalSetParams, build_eval_sets, scorer_auc
+def _dtype_notes(backend: object) -> dict[str, str]:
+    """The numeric type a local backend runs in, and why (an HTTP backend has none to report)."""
+    choice = getattr(backend, "dtype_choice", None)
+    return {} if choice is None else {"dtype": choice.name, "dtype_reason": choice.reason}
+
+
+def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfig) -> tuple[pa.Table | None, str | None]:
+    """``(table, None)``: the evaluation pairs (eval_set, src_item, dst_item, label) drawn from this
+    run's interactions (user_id, item_id, rating) and items (item_id, title, tags), or
+    ``(None, reason)`` when the data cannot supply them (no ratings, too few rated items)."""
+    from qarm_core.judge.evaluate import EvalSetParams, build_eval_sets
 
     if not cfg.enabled:
-        return {}, "judge.eval.enabled is false"
+        return None, "judge.eval.enabled is false"
     if "rating" not in interactions.column_names or interactions["rating"].null_count == interactions.num_rows:
-        return {}, "the interactions carry no ratings (the evaluation sets are drawn from ratings)"
+        return None, "the interactions carry no ratings (the evaluation sets are drawn from ratings)"
     if "tags" not in items.column_names:
-        return {}, "the items carry no tags (the genre evaluation set needs them)"
+        return None, "the items carry no tags (the genre evaluation set needs them)"
     rated = interactions.filter(pc.is_valid(interactions["rating"]))
     users = np.unique(rated["user_id"].to_numpy())
     if len(users) > cfg.max_users:
-        pick = np.random.default_rng([cfg.seed, 11]).choice(users, cfg.max_users, replace=False)
+        # a hash, not a draw: a growing log keeps the users it had sampled (stable eval pairs)
+        from qarm_core.hashing import keyed_hash
+
+        pick = users[np.argsort(keyed_hash(cfg.seed, 11, users), kind="stable")[: cfg.max_users]]
         rated = rated.filter(pc.is_in(rated["user_id"], pa.array(pick)))
     try:
         sets = build_eval_sets(rated, items, EvalSetParams(n_per_class=cfg.n_per_class, seed=cfg.seed,
                                                            min_item_ratings=cfg.min_item_ratings))
     except DataError as exc:
-        return {}, exc.problem
+        return None, exc.problem
     sets = {k: t for k, t in sets.items() if len(set(t["label"].to_pylist())) == 2}
     if not sets:
-        return {}, "the evaluation sets came out without both classes"
-    aucs = scorer_auc(sets, items, scorer)
-    out = {f"auc.{k}": v for k, v in aucs.items()}
-    out["eval.pairs"] = float(sum(t.num_rows for t in sets.values()))
-    return out, None
+        return None, "the evaluation sets came out without both classes"
+    return pa.concat_tables([pa.table({"eval_set": pa.array([k] * t.num_rows, pa.string()),
+                                       "src_item": t["src_item"], "dst_item": t["dst_item"], "label": t["label"]})
+                             for k, t in sets.items()]), None
+
+
+def _pair_text_hashes(pairs: pa.Table, items: pa.Table, scorer: "PairScorer") -> list[str]:
+    """Per row of (src_item, dst_item): a hash of exactly what the scorer reads (both items'
+    rendered texts and tag lines), so a cached score is reused only for unchanged text."""
+    from qarm_core.config import stable_hash
+    from qarm_core.judge.text import render_items
+
+    src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
+    fmt = scorer.prompt.item_format
+    texts = render_items(items, set(src) | set(dst), fmt)
+    tags = render_items(items, set(src) | set(dst), fmt, tags_only=True)
+    return [stable_hash([texts[a], texts[b], tags[a], tags[b]]) for a, b in zip(src, dst)]
+
+
+@dataclass(frozen=True)
+class _EvalPlan:
+    """Evaluation pairs with the hash of their texts, the rows the cache answers, and the rest."""
+
+    wanted: pa.Table                  # eval_set, src_item, dst_item, label, text_hash
+    keys: list[tuple]                 # (eval_set, src, dst, text_hash) per row
+    cached: dict[tuple, dict]         # key -> previous row
+    todo: list[int]                   # rows to score
+
+    def todo_pairs(self) -> pa.Table:
+        return self.wanted.select(["src_item", "dst_item"]).take(pa.array(self.todo, pa.int64()))
+
+
+def _plan_eval(eval_pairs: pa.Table, items: pa.Table, scorer: "PairScorer", previous: pa.Table | None) -> _EvalPlan:
+    wanted = eval_pairs.append_column("text_hash", pa.array(_pair_text_hashes(eval_pairs, items, scorer), pa.string()))
+    keys = list(zip(wanted["eval_set"].to_pylist(), wanted["src_item"].to_pylist(), wanted["dst_item"].to_pylist(),
+                    wanted["text_hash"].to_pylist()))
+    cached: dict[tuple, dict] = {}
+    if previous is not None and previous.num_rows:
+        missing = [c for c in JUDGE_EVAL.columns if c not in previous.column_names]
+        if missing:
+            raise DataError("judge", "judge_eval", f"previous evaluation table lacks columns {missing}")
+        prev = previous.filter(pc.and_(pc.equal(previous["components_id"], scorer.components_id),
+                                       pc.equal(previous["prompt_version"], scorer.prompt.version)))
+        want = set(keys)
+        for r in prev.to_pylist():
+            k = (r["eval_set"], r["src_item"], r["dst_item"], r["text_hash"])
+            if k in want:
+                cached[k] = r
+    return _EvalPlan(wanted, keys, cached, [i for i, k in enumerate(keys) if k not in cached])
+
+
+def _finish_eval(plan: _EvalPlan, items: pa.Table, scorer: "PairScorer") -> tuple[dict[str, float], pa.Table]:
+    from qarm_core.judge.evaluate import auc
+    from qarm_core.judge.judge import pair_components
+
+    parts = pair_components(plan.todo_pairs(), items, scorer, "evaluation pairs") if plan.todo else {}
+    at = {i: j for j, i in enumerate(plan.todo)}
+    cols: dict[str, list] = {c: [] for c in ("pmi", "cos", "tag_cos")}
+    for i, k in enumerate(plan.keys):
+        for c, vals in cols.items():
+            if k in plan.cached:
+                vals.append(plan.cached[k][c])
+            else:
+                v = parts.get(c)
+                vals.append(float(v[at[i]]) if v is not None and len(v) else None)
+    w, n = plan.wanted, plan.wanted.num_rows
+    table = pa.table({
+        **{c: w[c] for c in ("eval_set", "src_item", "dst_item", "label")},
+        **{c: pa.array(v, pa.float64()) for c, v in cols.items()},
+        "components_id": pa.array([scorer.components_id] * n, pa.string()),
+        "prompt_version": pa.array([scorer.prompt.version] * n, pa.string()),
+        "text_hash": w["text_hash"]}, schema=JUDGE_EVAL.schema)
+    score = scorer.combine({c: np.asarray([np.nan if x is None else x for x in v], np.float64)
+                            for c, v in cols.items()})
+    sets = np.asarray(w["eval_set"].to_pylist(), dtype=object)
+    labels = w["label"].to_numpy()
+    out = {f"auc.{k}": auc(labels[sets == k], score[sets == k]) for k in sorted(set(sets.tolist()))}
+    out["eval.pairs"] = float(n)
+    out["eval.pairs.cached"] = float(n - len(plan.todo))
+    return out, table
+
+
+def evaluate_judge(eval_pairs: pa.Table, items: pa.Table, scorer: "PairScorer",
+                   previous: pa.Table | None = None) -> tuple[dict[str, float], pa.Table]:
+    """The judge's AUC on each evaluation set, and the scored pairs (``schemas.JUDGE_EVAL``).
+
+    ``eval_pairs``: (eval_set, src_item, dst_item, label) from ``draw_eval_pairs``. The score terms
+    of a pair found in ``previous`` (same term models, prompt, set, items and item text) are
+    reused; the others are computed (or taken from what ``scorer`` already computed in this run).
+    Returns ``({"auc.<set>": .., "eval.pairs": .., "eval.pairs.cached": ..}, table)``.
+    """
+    return _finish_eval(_plan_eval(eval_pairs, items, scorer, previous), items, scorer)
 
 
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
-                previous: pa.Table | None = None, scorer: "PairScorer | None" = None) -> tuple[pa.Table, dict]:
-    """Judge every mined pair; returns the JUDGMENTS table (one row per distinct pair) and a report.
+                previous: pa.Table | None = None, scorer: "PairScorer | None" = None,
+                previous_eval: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """Judge every mined pair and measure the judge; returns (JUDGMENTS table, JUDGE_EVAL table,
+    report).
 
     ``pairs``: (n, src_item, dst_item, source, ...); ``items``: the catalog; ``interactions``: the
-    log the evaluation sets are drawn from (None skips the evaluation); ``previous``: the last
-    published judgments, whose scores are reused for pairs judged by the same model and prompt.
-    Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``score_s``,
-    ``pairs_per_s`` (scoring only), per source ``<source>.pairs/.kept/.keep_rate``,
-    ``reasoning.rows`` (rows carrying reasoning), ``reasoning_s``, the evaluation's ``auc.<set>`` and ``notes``.
+    log the evaluation sets are drawn from (None skips the evaluation); ``previous`` and
+    ``previous_eval``: the last published judgments and evaluation scores, reused for pairs scored
+    by the same model and prompt. The new judged pairs and the new evaluation pairs run through the
+    LLM together, in one batched pass (shared contexts, one neutral pass per distinct item).
+    Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``llm.pairs`` (pairs the
+    LLM ran this run: judged + evaluation, distinct), ``score_s``, ``pairs_per_s`` (llm.pairs per
+    second of that pass), per source ``<source>.pairs/.kept/.keep_rate``, ``reasoning.rows``,
+    ``reasoning_s``, the evaluation's ``auc.<set>``, ``eval.pairs(.cached)``, ``eval_s`` and ``notes``.
     """
+    from qarm_core.judge.judge import pair_components
+
     scorer = scorer or make_scorer(cfg)
-    n_new = pairs_to_score(previous, pairs, scorer.model_id, cfg.prompt_version).num_rows
+    todo = pairs_to_score(previous, pairs, scorer.model_id, cfg.prompt_version)
+    notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
+    eval_pairs, why = (None, "skipped: no interactions given") if interactions is None else \
+        draw_eval_pairs(interactions, items, cfg.eval)
+    if eval_pairs is None:
+        notes["eval"] = why if why.startswith("skipped") else f"skipped: {why}"
+    # One LLM pass over the new judged pairs and the evaluation pairs not in the cache.
     t0 = time.perf_counter()
-    # Reasoning (generation) is timed apart from scoring, so pairs/s measures the judge itself.
-    out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous, scorer)
+    union = todo.select(["src_item", "dst_item"])
+    plan = _plan_eval(eval_pairs, items, scorer, previous_eval) if eval_pairs is not None else None
+    if plan is not None:
+        union = pa.concat_tables([union, plan.todo_pairs()])
+    if union.num_rows:
+        union = union.group_by(["src_item", "dst_item"], use_threads=False).aggregate([])
+        pair_components(union, items, scorer, "pairs (new judged + evaluation)")
     score_s = time.perf_counter() - t0
+    # Everything below reads what that pass computed.
+    out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous, scorer)
     t1 = time.perf_counter()
     out = add_reasoning(out, items, scorer.backend, cfg)
     reasoning_s = time.perf_counter() - t1
-    report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(n_new),
-                    "pairs.cached": float(out.num_rows - n_new), "score_s": score_s,
-                    "reasoning_s": reasoning_s,
+    report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(todo.num_rows),
+                    "pairs.cached": float(out.num_rows - todo.num_rows), "llm.pairs": float(union.num_rows),
+                    "score_s": score_s, "reasoning_s": reasoning_s,
                     "reasoning.rows": float(out.num_rows - out["reasoning"].null_count)}
-    if n_new:
-        report["pairs_per_s"] = n_new / max(score_s, 1e-9)
+    if union.num_rows:
+        report["pairs_per_s"] = union.num_rows / max(score_s, 1e-9)
     source = np.asarray(out["source"].to_pylist(), dtype=object)
     keep = out["keep"].to_numpy(zero_copy_only=False)
     for s in sorted(set(source.tolist())):
         m = source == s
         report |= {f"{s}.pairs": float(m.sum()), f"{s}.kept": float(keep[m].sum()),
                    f"{s}.keep_rate": float(keep[m].mean())}
-    notes: dict[str, str] = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version}
-    if interactions is None:
-        notes["eval"] = "skipped: no interactions given"
-    else:
+    eval_table = JUDGE_EVAL.schema.empty_table()
+    if plan is not None:
         t2 = time.perf_counter()
-        aucs, why = evaluate_judge(interactions, items, scorer, cfg.eval)
+        aucs, eval_table = _finish_eval(plan, items, scorer)
         report |= aucs
         report["eval_s"] = time.perf_counter() - t2
-        if why:
-            notes["eval"] = f"skipped: {why}"
     report["notes"] = notes
-    return out, report
+    return out, eval_table, report
 
 
 def qa_item_ids(judgments: pa.Table, items: pa.Table, mode: str) -> list[int]:
@@ -132,7 +245,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     report = {"items": float(len(ids)), "items.generated": float(stats.items),
               "questions": float(stats.questions), "llm_answers_kept": float(stats.llm_answers_kept),
               "fallbacks": float(stats.fallbacks), "generate_s": seconds,
-              "notes": {"model_id": backend.model_id, "prompt_version": cfg.prompt_version}}
+              "notes": {"model_id": backend.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(backend)}
     if stats.questions:
         report["llm_answer_rate"] = stats.llm_answers_kept / stats.questions
     if stats.items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from qarm_core.schemas import PAIRS
 from qarm_core.storage import DatasetRecord
 
 STAGE = "mine"
+log = logging.getLogger(__name__)
 
 
 def load_interactions(con: duckdb.DuckDBPyConnection, interactions: DatasetRecord) -> pa.Table:
@@ -46,6 +48,8 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) 
     report: dict[str, float] = {"events": float(interactions.num_rows)}
     for source in cfg.sources:
         t0 = time.perf_counter()
+        log.info("mine: %s over %s events", "Swing item-to-item pairs" if source == "swing"
+                 else "two-tower user-to-item pairs", f"{interactions.num_rows:,}")
         if source == "swing":
             keep = positive_mask(interactions, cfg.min_rating)
             if not keep.any():
@@ -62,5 +66,6 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) 
             report |= {f"u2i.{k}": float(v) for k, v in rep.items() if isinstance(v, (int, float))}
         report[f"{source}.seconds"] = time.perf_counter() - t0
         report[f"{source}.pairs"] = float(table.num_rows)
+        log.info("mine: %s pairs from %s in %.1f s", f"{table.num_rows:,}", source, report[f"{source}.seconds"])
         tables.append(table)
     return pa.concat_tables(tables).cast(PAIRS.schema), report

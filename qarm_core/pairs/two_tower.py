@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
 from qarm_core.pairs.swing import pairs_table
+from qarm_core.progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +73,9 @@ class TwoTowerParams:
     weight_decay: float = 1e-4
     window_events: int = 1           # latest window for u2i mining: last N positive events per user
     top_m: int = 5                   # pairs per (user, target)
+    # Train on at most this many of the most recent training samples (None: all). Bounds a daily
+    # run's training cost on a large log: one epoch over 10M events takes minutes on 2 cores.
+    max_train_samples: int | None = None
     seed: int = 0
     # torch threads. 1 by default: the per-batch ops are too small to gain from a second thread,
     # and on a shared 2-core CPU OpenMP's spin-waiting made 2 threads 5-10x slower (measured).
@@ -92,6 +96,8 @@ class TwoTowerParams:
                              f"weight_decay={self.weight_decay}")
         if not (self.recency_half_life >= 0 and np.isfinite(self.recency_half_life)):
             raise ValueError(f"two_tower: recency_half_life must be >= 0, got {self.recency_half_life}")
+        if self.max_train_samples is not None and self.max_train_samples < 2:
+            raise ValueError(f"two_tower: max_train_samples must be >= 2, got {self.max_train_samples}")
         if not np.isfinite(self.positive_min_rating):
             raise ValueError(f"two_tower: positive_min_rating must be finite, got {self.positive_min_rating}")
 
@@ -252,6 +258,10 @@ def time_split(interactions: Any, items: Any, params: TwoTowerParams | None = No
     # A target needs at least one earlier event: the user tower has nothing to pool otherwise.
     has_history = pos_in_user[ppos] >= 1
     train_pos = ppos[~is_holdout & has_history]
+    if params.max_train_samples is not None and len(train_pos) > params.max_train_samples:
+        # the most recent samples (ties: the later position), kept in stream order
+        recent = np.lexsort((train_pos, ts[order][train_pos]))[-params.max_train_samples:]
+        train_pos = np.sort(train_pos[recent])
     # Only training targets are counted: the holdout must not leak into popularity or logQ.
     item_count = np.bincount(seq_item[train_pos], minlength=len(item_ids)).astype(np.int64)
     window_pos = ppos[(from_end < params.window_events) & has_history]
@@ -421,6 +431,8 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerParams | None = None,
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=n_steps,
                                                     pct_start=0.1)
         towers.train()
+        prog = Progress(STAGE, f"two-tower training steps ({params.epochs} epochs of "
+                               f"{len(split.train_pos):,} samples)", n_steps, "steps")
         for epoch in range(params.epochs):
             perm = rng.permutation(split.train_pos)
             total, t_ep = 0.0, time.perf_counter()
@@ -456,10 +468,12 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerParams | None = None,
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(pos)
+                prog.advance(1, epoch=epoch + 1)
             if log is not None:
                 log.append({"epoch": epoch, "loss": total / len(perm),
                             "seconds": time.perf_counter() - t_ep})
         towers.eval()
+        prog.finish()
     return TwoTowerModel(towers, split, params, train_seconds=time.perf_counter() - t0)
 
 

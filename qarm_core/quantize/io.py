@@ -19,16 +19,22 @@ CODES_SCHEMA = pa.schema([
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
-    """item_id, vector (fixed-size list of ``dim`` float32), model_version."""
-    return pa.schema([pa.field("item_id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), dim)),
-                      pa.field("model_version", pa.string())])
+    """item_id, vector (fixed-size list of ``dim`` float32), model_version, text_hash
+    (``qarm_core.schemas.embeddings_schema``)."""
+    from qarm_core.schemas import embeddings_schema as dataset_schema
+
+    return dataset_schema(dim).schema
 
 
-def embeddings_batch(item_ids: np.ndarray, x: np.ndarray, model_version: str) -> pa.RecordBatch:
+def embeddings_batch(item_ids: np.ndarray, x: np.ndarray, model_version: str | list[str],
+                     text_hash: list[str | None] | None = None) -> pa.RecordBatch:
+    """One record batch of ``embeddings_schema``: ids (n,), vectors (n, dim), the model version
+    (one for all rows, or one per row) and the text hashes (None: unknown)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-    return pa.RecordBatch.from_arrays([pa.array(item_ids, pa.int64()), vec,
-                                       pa.array([model_version] * len(x), pa.string())],
+    versions = [model_version] * len(x) if isinstance(model_version, str) else model_version
+    hashes = pa.array(text_hash, pa.string()) if text_hash is not None else pa.nulls(len(x), pa.string())
+    return pa.RecordBatch.from_arrays([pa.array(item_ids, pa.int64()), vec, pa.array(versions, pa.string()), hashes],
                                       schema=embeddings_schema(x.shape[1]))
 
 

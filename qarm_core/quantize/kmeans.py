@@ -19,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from qarm_core.progress import Progress, advance
+
+STAGE = "quantize"
 # Rows per GEMM block: each thread's (K, CHUNK) float32 block (16 MB at K = 256) is written by
 # the sgemm and read back by the argmin while still in the 32 MB L3 cache; smaller blocks lose
 # sgemm efficiency (measured: 4k rows ~30 GFLOP/s, 16k rows ~90-105 single-threaded).
@@ -160,7 +163,7 @@ def sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndar
 
 
 def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10, tol: float = 1e-4,
-          ) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
+          progress: "Progress | None" = None) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
     """Lloyd iterations from ``centroids`` ``(k, dim)`` over all rows of ``x`` ``(n, dim)``,
     accepting an update only while it lowers the mean squared error by more than ``tol`` (relative).
 
@@ -168,7 +171,8 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10, tol: float =
     Because an update that gains too little is rejected rather than applied, a codebook that came
     out of this function converged is returned unchanged when refitted from itself on the same data:
     a warm-started daily refresh on unchanged embeddings reproduces yesterday's codebook, and so its
-    codes, exactly. Empty clusters keep their centroid. One pass (GEMM + argmin + sums) per iteration.
+    codes, exactly. Empty clusters keep their centroid. One pass (GEMM + argmin + sums) per iteration;
+    ``progress`` advances by one per pass, with the MSE.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     c = np.array(centroids, dtype=np.float32, copy=True)
@@ -176,11 +180,13 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10, tol: float =
     labels, spare = np.empty(n, np.int32), np.empty(n, np.int32)
     xn = row_sqnorms(x)
     sums, counts, err = _pass(x, c, labels, xn)
+    advance(progress, 1, mse=err / max(n, 1))
     for it in range(max_iter):
         nonempty = counts > 0
         new = c.copy()
         new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
         new_sums, new_counts, new_err = _pass(x, new, spare, xn)
+        advance(progress, 1, mse=new_err / max(n, 1))
         if err - new_err <= tol * err:
             return c, labels, err / max(n, 1), it, True
         c, sums, counts, err = new, new_sums, new_counts, new_err
@@ -233,10 +239,14 @@ def fit_level(residual: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, p
         if 0 < warmup_rows < len(residual):
             rows = np.sort(np.random.default_rng([seed, 1]).choice(len(residual), warmup_rows, replace=False))
             sample = residual[rows]
-            init, _, _, w_iters, w_conv = lloyd(sample, init, max_iter=niter, tol=tol)
+            with Progress(STAGE, f"k={k} warm-up Lloyd passes over a sample of {warmup_rows:,} rows",
+                          niter + 1, "passes") as prog:
+                init, _, _, w_iters, w_conv = lloyd(sample, init, max_iter=niter, tol=tol, progress=prog)
             del sample
             report |= {"warmup_rows": int(warmup_rows), "warmup_iterations": w_iters, "warmup_converged": w_conv}
-    c, labels, mse, iters, converged = lloyd(residual, init, max_iter=max_iter, tol=tol)
+    with Progress(STAGE, f"k={k} full-batch Lloyd passes over {len(residual):,} rows (at most)",
+                  max_iter + 1, "passes") as prog:
+        c, labels, mse, iters, converged = lloyd(residual, init, max_iter=max_iter, tol=tol, progress=prog)
     if previous is not None:
         perm = match_to_previous(c, init)
         c = c[perm]

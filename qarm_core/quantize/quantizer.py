@@ -9,6 +9,7 @@ array becomes the residual buffer, so a 10M x 128 snapshot (5 GB) needs no secon
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from qarm_core.quantize.metrics import churn, collision_metrics, decode_hit_rate
 from qarm_core.quantize.sid import resolve_collisions_cells, sid_keys, sid_strings
 
 STAGE = "quantize"
+log = logging.getLogger(__name__)
 CODEBOOK_FORMAT = 1
 
 
@@ -150,6 +152,8 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
         mse.append(float(row_sqnorms(residual).astype(np.float64).mean()))
     fit_seconds = time.perf_counter() - t0
     stamps = {"kmeans": fit_seconds}
+    log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
+             "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
     t1 = time.perf_counter()
     if fit and book is None:
         fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
@@ -165,6 +169,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     k1, k2 = p.levels
     raw_keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
     stamps["fsq"], t1 = time.perf_counter() - t1, time.perf_counter()
+    log.info("quantize: FSQ level in %.1f s; resolving collisions", stamps["fsq"])
 
     new_c3, suffix, resolved = c3.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
     kept = np.zeros(n, bool)
@@ -209,6 +214,8 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
         del r_c3, r_suffix, r_resolved, rest
     del kept
     stamps["resolve"], t1 = time.perf_counter() - t1, time.perf_counter()
+    log.info("quantize: collisions resolved in %.1f s; metrics (collision, HR@k, decode HR@k on %s queries) next",
+             stamps["resolve"], f"{min(n, p.decode_hr_sample or 0):,}")
 
     metrics: dict[str, float] = {"items": float(n), "code_space": float(k1 * k2 * fsq.code_space)}
     # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;

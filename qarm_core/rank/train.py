@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from qarm_core.errors import DataError
+from qarm_core.progress import Progress
 from qarm_core.rank.config import RankConfig
 from qarm_core.rank.data import RankData
 from qarm_core.rank.metrics import evaluate
@@ -72,6 +73,9 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
     result = RunResult(name, seed, {}, n_params=sum(p.numel() for p in model.parameters()))
     t_start = time.perf_counter()
     train_time, train_seen = 0.0, 0
+    n_batches = -(-len(data.train_rows) // tc.batch_size)
+    prog = Progress("rank", f"{name} seed {seed}: training batches ({tc.epochs} epochs)", tc.epochs * n_batches,
+                    "batches")
     for epoch in range(1, tc.epochs + 1):
         model.train()
         order = data.train_rows[rng.permutation(len(data.train_rows))]
@@ -87,6 +91,7 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()) * len(rows))
+            prog.advance(1, epoch=epoch)
         dt = time.perf_counter() - t0
         train_time += dt
         train_seen += len(order)
@@ -94,8 +99,10 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
                  **{f"test_{k}": v for k, v in evaluate_rows(model, data, data.test_rows, tc.eval_batch_size).items()},
                  "epoch_seconds": dt}
         result.curves.append(point)
+        prog.fields["test_auc"] = round(point.get("test_auc", float("nan")), 4)
         if on_epoch:
             on_epoch(point)
+    prog.finish()
     result.metrics = {k.removeprefix("test_"): v for k, v in result.curves[-1].items() if k.startswith("test_")}
     result.train_samples_per_s = train_seen / max(train_time, 1e-9)
     result.seconds = time.perf_counter() - t_start

@@ -93,19 +93,31 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
         codes.sort_by("item_id")["sid"].to_pylist()
 
 
-def test_daily_refresh_judges_only_new_pairs(prefect_harness, tmp_path):
-    """More neighbours per item on the second day: only the pairs not judged yesterday are scored,
-    and only items without QA get new QA."""
+def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
+    """The daily deployment's mode on a second day with more neighbours per item: only the pairs
+    not judged yesterday are scored (the evaluation comes from yesterday's scores), only items
+    without QA get new QA, the published model is reused and no unchanged item is embedded again."""
     home = tmp_path / "home"
     first = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 5})
-    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10})
+    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10, "embed.reuse_model": True})
     assert second["rows"]["pairs"] > first["rows"]["pairs"]
-    judge_runs = {r["tags"]["mlflow.parentRunId"]: r["metrics"] for r in tracking.runs_of(_cfg(home))
-                  if r["name"] == "judge"}
-    day1, day2 = judge_runs[first["mlflow_run_id"]], judge_runs[second["mlflow_run_id"]]
+    runs = tracking.runs_of(_cfg(home))
+
+    def of(stage: str, flow: dict) -> dict:
+        return next(r["metrics"] for r in runs if r["name"] == stage
+                    and r["tags"]["mlflow.parentRunId"] == flow["mlflow_run_id"])
+
+    day1, day2 = of("judge", first), of("judge", second)
     assert day1["pairs.cached"] == 0 and day1["pairs.scored"] == first["rows"]["pairs"]
     assert day2["pairs.cached"] == first["rows"]["pairs"]
     assert day2["pairs.scored"] == second["rows"]["pairs"] - first["rows"]["pairs"]
+    # the evaluation set is the same on the same log: its scores come from the published snapshot
+    assert day2["eval.pairs.cached"] == day2["eval.pairs"] == day1["eval.pairs"] > 0
+    assert day2["llm.pairs"] == day2["pairs.scored"] and day2["auc.cooc"] == day1["auc.cooc"]
+    assert of("train", second)["reused_published"] == 1.0
+    e1, e2 = of("embed", first), of("embed", second)
+    assert (e1["encoded"], e1["carried_over"]) == (40, 0) and (e2["encoded"], e2["carried_over"]) == (0, 40)
+    assert "base.recall_at_10" in e1 and "base.recall_at_10" not in e2    # baselines: only for a new model
     # yesterday's scores are reused as they were
     st = Storage(home)
     old = read_dataset(st.snapshot(first["snapshot_id"]).record("judgments"))

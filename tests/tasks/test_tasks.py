@@ -70,6 +70,7 @@ def test_publish_task(prefect_harness, tiny_cfg, parent):
 def _embeddings_record(tmp_path, ids, dim=8, seed=0, noise=0.0):
     import numpy as np
 
+    from qarm_core.quantize.io import embeddings_batch
     from qarm_core.schemas import embeddings_schema
     from qarm_core.storage import write_parquet_dataset
 
@@ -78,10 +79,8 @@ def _embeddings_record(tmp_path, ids, dim=8, seed=0, noise=0.0):
     x = centers[np.arange(len(ids)) % 6] + 0.3 * rng.normal(size=(len(ids), dim))
     x = x + noise * np.random.default_rng(seed + 1).normal(size=x.shape)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    es = embeddings_schema(dim)
-    t = pa.table([pa.array(ids, pa.int64()), pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
-                  pa.array(["test"] * len(ids))], schema=es.schema)
-    return write_parquet_dataset(tmp_path / f"emb{seed}_{noise}", iter(t.to_batches()), es)
+    return write_parquet_dataset(tmp_path / f"emb{seed}_{noise}", iter([embeddings_batch(np.asarray(ids), x, "test")]),
+                                 embeddings_schema(dim))
 
 
 def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_harness, tiny_cfg, parent, tmp_path):

@@ -35,3 +35,80 @@ def test_catalog_embedding_refuses_a_missing_gpu_before_loading(tmp_path):
     with pytest.raises(DataError, match="stage=embed.*device='cuda'"):
         embed_catalog(items, tmp_path / "out", EmbedModelConfig(model=str(tmp_path / "no-model")),
                       EmbedConfig(device="cuda"))
+
+
+# ---------------------------------------------------------------- the dtype decision
+from qarm_core.devices import CpuInfo, DTypeChoice, choose_dtype, cpu_info, parse_cpuinfo  # noqa: E402
+
+AVX2_EPYC = CpuInfo("AMD EPYC 7B12", frozenset({"avx2", "fma", "f16c"}), 2)
+BF16_EPYC = CpuInfo("AMD EPYC 9B14", frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}), 2)
+AMX_XEON = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "avx512f", "amx_bf16", "amx_tile"}), 2)
+
+
+@pytest.mark.parametrize("name, device, cuda_bf16, cpu, expected", [
+    ("auto", "cpu", False, AVX2_EPYC, "float32"),          # bf16 would be emulated: 45x slower
+    ("auto", "cpu", False, BF16_EPYC, "bfloat16"),
+    ("auto", "cpu", False, AMX_XEON, "bfloat16"),
+    ("auto", "cuda", True, AVX2_EPYC, "bfloat16"),         # the GPU decides, not the host CPU
+    ("auto", "cuda:1", False, BF16_EPYC, "float32"),       # a GPU without bf16 (pre-Ampere)
+    ("float32", "cpu", False, BF16_EPYC, "float32"),       # an explicit type always wins
+    ("bfloat16", "cpu", False, AVX2_EPYC, "bfloat16"),
+    ("bfloat16", "cuda", False, AVX2_EPYC, "bfloat16"),
+])
+def test_dtype_decision_table(name, device, cuda_bf16, cpu, expected):
+    choice = choose_dtype(name, device, cuda_bf16=cuda_bf16, cpu=cpu, key="judge.local.dtype")
+    assert choice.name == expected
+    assert choice.reason.startswith("auto:" if name == "auto" else "set by judge.local.dtype")
+
+
+def test_dtype_unknown_name_names_the_key():
+    with pytest.raises(DataError, match=r"\[stage=embed, dataset=config\] embed.infer.dtype='fp8'"):
+        choose_dtype("fp8", "cpu", stage="embed", key="embed.infer.dtype")
+
+
+def test_cpuinfo_probe_reads_flags_and_honours_isa_caps():
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    assert parse_cpuinfo(text, 2, env={}).bf16_native
+    assert parse_cpuinfo(text, 2, env={}).model == "AMD EPYC 9B14"
+    # an instruction-set cap below bf16 (how a bf16 box stands in for an AVX2 one) means no native bf16
+    assert not parse_cpuinfo(text, 2, env={"ATEN_CPU_CAPABILITY": "avx2"}).bf16_native
+    assert not parse_cpuinfo(text, 2, env={"ONEDNN_MAX_CPU_ISA": "AVX2"}).bf16_native
+    assert parse_cpuinfo(text, 2, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).bf16_native
+    assert not parse_cpuinfo("model name : Old CPU\nflags : sse2 avx2\n", 1, env={}).bf16_native
+    assert "native bf16: no" in parse_cpuinfo("flags : avx2\n", 2, env={}).summary()
+
+
+def test_choice_converts_to_torch():
+    import torch
+
+    assert DTypeChoice("bfloat16", "x").torch is torch.bfloat16 and DTypeChoice("float32", "x").torch is torch.float32
+
+
+@pytest.mark.slow
+def test_auto_dtype_is_not_slower_than_the_other_on_this_machine():
+    """What ``auto`` picks here must not be the slow choice: time a SmolLM2-sized layer's matmuls
+    (512 tokens x 576 -> 1536, and back) in both types on this CPU, best of several rounds."""
+    import time
+
+    import torch
+
+    chosen = choose_dtype("auto", "cpu")
+    other = torch.float32 if chosen.bf16 else torch.bfloat16
+
+    def best(dtype) -> float:
+        x = torch.randn(512, 576).to(dtype)
+        w1, w2 = torch.randn(576, 1536).to(dtype), torch.randn(1536, 576).to(dtype)
+        (x @ w1) @ w2                                      # warm-up (kernel selection, page faults)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                (x @ w1) @ w2
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_chosen, t_other = best(chosen.torch), best(other)
+    # 1.3x slack: both types are within noise of each other on a few CPUs; the point is never to
+    # pick the one that is several times slower (bf16 without native support: ~45x)
+    assert t_chosen <= 1.3 * t_other, (f"{cpu_info().summary()}: auto chose {chosen.name} "
+                                       f"({t_chosen:.4f}s) but {other} took {t_other:.4f}s")

@@ -293,9 +293,11 @@ def test_embed_catalog_deterministic_resumable(tiny_lm, catalog, tmp_path):
                                                                  dtype="float32"))
     np.testing.assert_allclose(read_embeddings(tmp_path / "b")[1], x, atol=1e-5)
     assert r2.model_version == r1.model_version
-    # bf16 (the default): the same run twice is bit-identical, and close to fp32
+    # bf16 (what auto picks on a CPU with native bf16): the same run twice is bit-identical, and
+    # close to fp32
     bf = [read_embeddings(embed_catalog(items, tmp_path / f"bf{i}", mcfg,
-                                        EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb")).path)[1]
+                                        EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb",
+                                                    dtype="bfloat16")).path)[1]
           for i in range(2)]
     np.testing.assert_array_equal(bf[0], bf[1])
     assert np.abs(bf[0] - x).max() < 0.05
@@ -309,6 +311,47 @@ def test_embed_catalog_deterministic_resumable(tiny_lm, catalog, tmp_path):
                                                                 dtype="float32"))
     assert (r4.parts, r4.parts_written) == (1, 1) and len(list((tmp_path / "a").glob("part-*"))) == 1
     assert json.loads((tmp_path / "a" / "_embed_meta.json").read_text())["chunk_rows"] == 100
+
+
+def test_daily_run_encodes_only_new_and_changed_items(tiny_lm, catalog, tmp_path):
+    """Carry-over keyed by (model version, text hash): a renamed item and a new item are encoded,
+    every other vector is yesterday's, bit for bit; another model version reuses nothing."""
+    import pyarrow.compute as pc
+
+    from qarm_core.embed.embed import PreviousEmbeddings, embed_catalog
+    from qarm_core.quantize.io import read_embeddings
+
+    items, _, _ = catalog
+    mcfg, ecfg = _cfg(tiny_lm), EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb", dtype="float32")
+    day0 = embed_catalog(items, tmp_path / "d0", mcfg, ecfg)
+    assert (day0.encoded, day0.carried_over) == (24, 0)
+    t0 = pq.read_table(tmp_path / "d0")
+    assert t0["text_hash"].null_count == 0 and len(set(t0["text_hash"].to_pylist())) == 24
+    titles = ["Renamed movie" if i == 5 else t for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())]
+    day1_items = items.set_column(items.column_names.index("title"), "title", pa.array(titles, pa.string()))
+    new = day1_items.slice(0, 1)
+    new = new.set_column(0, "item_id", pa.array([100], pa.int64()))
+    day1_items = pa.concat_tables([day1_items, new])
+    day1 = embed_catalog(day1_items, tmp_path / "d1", mcfg, ecfg, previous=PreviousEmbeddings(tmp_path / "d0"))
+    assert (day1.rows, day1.encoded, day1.carried_over) == (25, 2, 23)
+    ids0, x0 = read_embeddings(tmp_path / "d0")
+    ids1, x1 = read_embeddings(tmp_path / "d1")
+    same = ~np.isin(ids1, [5, 100])
+    np.testing.assert_array_equal(x1[same], x0[np.searchsorted(ids0, ids1[same])])
+    assert not np.array_equal(x1[ids1 == 5], x0[ids0 == 5])
+    # a fresh run over day 1 gives the same vectors for the re-encoded items (to float tolerance)
+    fresh = embed_catalog(day1_items, tmp_path / "fresh", mcfg, ecfg)
+    np.testing.assert_allclose(read_embeddings(fresh.path)[1], x1, atol=1e-5)
+    # another model version: nothing is carried over
+    other = embed_catalog(day1_items, tmp_path / "other", EmbedModelConfig(model=str(tiny_lm), dim=8), ecfg,
+                          previous=PreviousEmbeddings(tmp_path / "d1"))
+    assert (other.encoded, other.carried_over) == (25, 0)
+    # a table written before text hashes existed: nothing is reused
+    old = pq.read_table(tmp_path / "d0").drop_columns(["text_hash"])
+    (tmp_path / "old").mkdir()
+    pq.write_table(old, tmp_path / "old" / "part-00000.parquet")
+    assert embed_catalog(items, tmp_path / "d2", mcfg, ecfg, previous=PreviousEmbeddings(tmp_path / "old")).encoded == 24
+    assert pc.sum(pc.is_null(pq.read_table(tmp_path / "d2")["text_hash"])).as_py() == 0
 
 
 def test_base_mean_pooling_and_minilm(tiny_lm, catalog, tmp_path):

@@ -50,7 +50,7 @@ def test_loss_falls_plain_torch(tiny_lm, catalog, tmp_path):
     from qarm_core.embed.train import train_embedding_model
 
     items, judgments, qa = catalog
-    cfg = TrainConfig(use_deepspeed=False, bf16=False, batch_size=8, max_steps=40, lr=3e-3, proj_lr=1e-2,
+    cfg = TrainConfig(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=40, lr=3e-3, proj_lr=1e-2,
                       anneal_steps=10, checkpoint_every=100, temperature=0.1, qa_weight=0.5)
     seen: list[dict] = []
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg, progress=seen.append)
@@ -78,10 +78,10 @@ def test_deepspeed_zero2_single_process(tiny_lm, catalog, tmp_path):
     from qarm_core.embed.train import train_embedding_model
 
     items, judgments, qa = catalog
-    cfg = TrainConfig(use_deepspeed=True, zero_stage=2, bf16=True, batch_size=8, max_steps=6, lr=3e-3,
+    cfg = TrainConfig(use_deepspeed=True, zero_stage=2, dtype="bfloat16", batch_size=8, max_steps=6, lr=3e-3,
                       anneal_steps=3, checkpoint_every=3)
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg)
-    assert rec.deepspeed and rec.zero_stage == 2 and rec.bf16 and rec.steps == 6 and rec.world_size == 1
+    assert rec.deepspeed and rec.zero_stage == 2 and rec.dtype == "bfloat16" and rec.steps == 6 and rec.world_size == 1
     assert np.isfinite(rec.final_loss) and rec.tokens_per_s > 0
     ck = tmp_path / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step-00000006"
@@ -101,7 +101,7 @@ def test_killed_run_resumes_to_the_same_state(tiny_lm, catalog, tmp_path, deepsp
     from qarm_core.embed.train import train_embedding_model
 
     items, judgments, qa = catalog
-    cfg = TrainConfig(use_deepspeed=deepspeed, bf16=deepspeed, batch_size=8, max_steps=6, lr=3e-3,
+    cfg = TrainConfig(use_deepspeed=deepspeed, dtype="bfloat16" if deepspeed else "float32", batch_size=8, max_steps=6, lr=3e-3,
                       anneal_steps=4, checkpoint_every=3, warmup_steps=2)
     full = train_embedding_model(items, judgments, qa, tmp_path / "full", _mcfg(tiny_lm), cfg)
     with pytest.raises(Killed):        # dies after step 5: the last checkpoint is step 3
@@ -127,7 +127,7 @@ def test_gradient_cache_equals_full_batch(tiny_lm, catalog, tmp_path):
     from qarm_core.embed.train import train_embedding_model
 
     items, judgments, qa = catalog
-    base = dict(use_deepspeed=False, bf16=False, batch_size=8, max_steps=1, lr=1e-3, anneal_steps=1, warmup_steps=0,
+    base = dict(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=1, lr=1e-3, anneal_steps=1, warmup_steps=0,
                 qa_on_positive=True)
     r0 = train_embedding_model(items, judgments, qa, tmp_path / "one", _mcfg(tiny_lm), TrainConfig(**base))
     r1 = train_embedding_model(items, judgments, qa, tmp_path / "gc", _mcfg(tiny_lm),
@@ -184,7 +184,7 @@ def test_lora_option(tiny_lm, catalog, tmp_path):
     from qarm_core.embed.model import load_model
 
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
-                                TrainConfig(use_deepspeed=False, bf16=False, batch_size=8, max_steps=3,
+                                TrainConfig(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=3,
                                             lora_rank=4, lr=1e-2, warmup_steps=0))
     # adapters merged into plain weights: the export is an ordinary model folder
     after = _weights(Path(rec.model_dir))
@@ -210,9 +210,14 @@ def test_launch_commands(tmp_path):
     assert ds[-3:] == ["--module", "qarm_core.embed.worker", str(job)] and "--hostfile" in ds
     with pytest.raises(ValueError):
         build_launch_command(job, TrainConfig())
-    c = deepspeed_config(TrainConfig(batch_size=8, nproc=2, launcher="torchrun"), world_size=2)
+    c = deepspeed_config(TrainConfig(batch_size=8, nproc=2, launcher="torchrun", dtype="bfloat16"), world_size=2)
     assert c["zero_optimization"]["stage"] == 2 and c["train_micro_batch_size_per_gpu"] == 4
     assert c["train_batch_size"] == 8 and c["bf16"] == {"enabled": True}
+    # DeepSpeed's bf16 section follows the dtype choice, including auto's
+    assert deepspeed_config(TrainConfig(dtype="float32"), world_size=1)["bf16"] == {"enabled": False}
+    from qarm_core.devices import cpu_info
+    if not torch_cuda():
+        assert deepspeed_config(TrainConfig(dtype="auto"), world_size=1)["bf16"]["enabled"] == cpu_info().bf16_native
     for stage in (0, 1, 2, 3):
         assert json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())["zero_optimization"]["stage"] == stage
 
@@ -235,7 +240,7 @@ def _two_process(tiny_lm, catalog, tmp_path, launcher: str, deepspeed: bool = Tr
 
     items, judgments, qa = catalog
     cfg = TrainConfig(launcher=launcher, nproc=2, batch_size=8, max_steps=4, checkpoint_every=2,
-                      use_deepspeed=deepspeed, bf16=deepspeed,
+                      use_deepspeed=deepspeed, dtype="bfloat16" if deepspeed else "float32",
                       master_port=29500 + (os.getpid() % 500) + (7 if launcher == "deepspeed" else 0)
                       + (0 if deepspeed else 13))
     seen: list[dict] = []
@@ -298,3 +303,9 @@ def test_sigkilled_process_resumes(tiny_lm, catalog, tmp_path):
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
                                 cfg)
     assert rec.resumed_from_step >= done and rec.steps == 60
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -228,11 +228,10 @@ def _embeddings(folder, vectors, ids=(1, 2, 3), dim=4):
     import numpy as np
     from qarm_core.schemas import embeddings_schema
 
-    es = embeddings_schema(dim)
+    from qarm_core.quantize.io import embeddings_batch
+
     x = np.asarray(vectors, dtype=np.float32)
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
-    t = pa.table([pa.array(ids, pa.int64()), vec, pa.array(["m"] * len(ids))], schema=es.schema)
-    return write_parquet_dataset(folder, iter(t.to_batches()), es)
+    return write_parquet_dataset(folder, iter([embeddings_batch(np.asarray(ids), x, "m")]), embeddings_schema(dim))
 
 
 def test_embeddings_gate(tmp_path):

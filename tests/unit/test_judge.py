@@ -53,11 +53,11 @@ class CountingBackend:
     def __init__(self, inner):
         self.inner, self.model_id, self.scored, self.generated = inner, inner.model_id, 0, 0
 
-    def continuation_logprobs(self, contexts, continuations, prefix=""):
+    def continuation_logprobs(self, contexts, continuations, prefix="", progress=None):
         self.scored += len(contexts)
-        return self.inner.continuation_logprobs(contexts, continuations, prefix=prefix)
+        return self.inner.continuation_logprobs(contexts, continuations, prefix=prefix, progress=progress)
 
-    def generate(self, prompts, max_new_tokens, batch_size=None, system=None):
+    def generate(self, prompts, max_new_tokens, batch_size=None, system=None, progress=None):
         self.generated += len(prompts)
         return [f"because {p[:10]}" for p in prompts]
 

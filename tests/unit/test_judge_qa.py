@@ -31,7 +31,7 @@ class ScriptedBackend:
     def __init__(self):
         self.prompts = []
 
-    def generate(self, prompts, max_new_tokens, batch_size=None, system=None):
+    def generate(self, prompts, max_new_tokens, batch_size=None, system=None, progress=None):
         self.prompts += prompts
         out = []
         for p in prompts:

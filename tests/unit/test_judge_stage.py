@@ -10,8 +10,8 @@ import pytest
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, LocalModelConfig, QAConfig
 from qarm_core.judge.judge import PairScorer
 from qarm_core.judge.prompts import judge_prompt
-from qarm_core.judge.stage import evaluate_judge, judge_stage, qa_item_ids, qa_stage
-from qarm_core.schemas import JUDGMENTS, QA
+from qarm_core.judge.stage import draw_eval_pairs, evaluate_judge, judge_stage, qa_item_ids, qa_stage
+from qarm_core.schemas import JUDGE_EVAL, JUDGMENTS, QA
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
 from tests.conftest import tiny_lm_path
 
@@ -43,16 +43,21 @@ def data():
 def test_judge_stage_report_and_cache(backend, data):
     items, inter, pairs = data
     scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
-    out, rep = judge_stage(pairs, items, inter, CFG, scorer=scorer)
+    out, ev, rep = judge_stage(pairs, items, inter, CFG, scorer=scorer)
     assert out.schema == JUDGMENTS.schema and out.num_rows == pairs.num_rows
+    assert ev.schema == JUDGE_EVAL.schema and ev.num_rows == rep["eval.pairs"] > 0
     assert rep["pairs"] == rep["pairs.scored"] == pairs.num_rows and rep["pairs.cached"] == 0
-    assert rep["pairs_per_s"] > 0
+    # one LLM pass over the judged and the evaluation pairs: each distinct pair once
+    distinct = set(zip(pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist())) | \
+        set(zip(ev["src_item"].to_pylist(), ev["dst_item"].to_pylist()))
+    assert rep["llm.pairs"] == len(distinct) and rep["pairs_per_s"] > 0
     assert rep["reasoning.rows"] == out.num_rows - out["reasoning"].null_count <= 3
     n_swing = pc.sum(pc.equal(pairs["source"], "swing")).as_py()
     assert rep["swing.pairs"] == n_swing and rep["swing.kept"] == np.ceil(0.9 * n_swing)
     assert rep["u2i.keep_rate"] == pytest.approx(np.ceil(0.3 * rep["u2i.pairs"]) / rep["u2i.pairs"])
-    assert 0 <= rep["auc.cooc"] <= 1 and 0 <= rep["auc.genre"] <= 1 and rep["eval.pairs"] > 0
+    assert {"auc.cooc", "auc.genre"} <= rep.keys() and rep["eval.pairs.cached"] == 0
     assert "eval" not in rep["notes"] and rep["notes"]["prompt_version"] == CFG.prompt_version
+    assert rep["notes"]["dtype"] == "float32" and rep["notes"]["dtype_reason"] == "set by local.dtype"
 
     # next day: two new pairs; the old ones come from the cache with their scores and reasoning
     extra = pa.table({"src_item": pa.array([0, 1], pa.int64()), "dst_item": pa.array([29, 28], pa.int64()),
@@ -60,29 +65,54 @@ def test_judge_stage_report_and_cache(backend, data):
     more = pa.concat_tables([pairs, extra.cast(pairs.schema)]).group_by(
         ["src_item", "dst_item", "source"]).aggregate([("score_max", "max")])
     new_pairs = more.num_rows - pairs.num_rows
-    out2, rep2 = judge_stage(more, items, None, CFG, previous=out, scorer=scorer)
+    fresh = PairScorer(backend, judge_prompt(CFG.prompt_version))    # a new process: nothing in memory
+    out2, ev2, rep2 = judge_stage(more, items, inter, CFG, previous=out, scorer=fresh, previous_eval=ev)
     assert rep2["pairs.scored"] == new_pairs and rep2["pairs.cached"] == pairs.num_rows
-    assert rep2["notes"]["eval"].startswith("skipped") and "auc.cooc" not in rep2
+    # the evaluation came from the published scores: the LLM ran on the new pairs only
+    assert rep2["eval.pairs.cached"] == rep2["eval.pairs"] and rep2["llm.pairs"] == new_pairs
+    assert {k: rep2[k] for k in ("auc.cooc", "auc.genre")} == {k: rep[k] for k in ("auc.cooc", "auc.genre")}
+    assert ev2.to_pylist() == ev.to_pylist()
     key = ["src_item", "dst_item", "source"]
     j = out.select(key + ["score", "reasoning"]).join(out2.select(key + ["score", "reasoning"]),
                                                        keys=key, right_suffix="_2")
     assert j["score"].to_pylist() == j["score_2"].to_pylist()
+    # no interactions: the evaluation is skipped, and says so
+    _, ev3, rep3 = judge_stage(more, items, None, CFG, previous=out2, scorer=fresh)
+    assert rep3["notes"]["eval"].startswith("skipped") and "auc.cooc" not in rep3 and ev3.num_rows == 0
 
 
-def test_evaluation_skipped_with_a_reason(backend, data):
+def test_evaluation_cache_follows_item_text(backend, data):
+    """An evaluation pair whose item text changed is scored again; the others are not."""
     items, inter, _ = data
+    eval_pairs, why = draw_eval_pairs(inter, items, CFG.eval)
+    assert why is None and eval_pairs.num_rows > 0
     scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
+    aucs, ev = evaluate_judge(eval_pairs, items, scorer)
+    assert aucs["eval.pairs.cached"] == 0
+    again, ev_again = evaluate_judge(eval_pairs, items, PairScorer(backend, judge_prompt(CFG.prompt_version)), ev)
+    assert again == {**aucs, "eval.pairs.cached": aucs["eval.pairs"]} and ev_again.to_pylist() == ev.to_pylist()
+    renamed = eval_pairs["src_item"][0].as_py()
+    titles = [f"{t} (director's cut)" if i == renamed else t
+              for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())]
+    items2 = items.set_column(items.column_names.index("title"), "title", pa.array(titles, pa.string()))
+    changed = sum(renamed in (s, d) for s, d in zip(eval_pairs["src_item"].to_pylist(), eval_pairs["dst_item"].to_pylist()))
+    after, _ = evaluate_judge(eval_pairs, items2, PairScorer(backend, judge_prompt(CFG.prompt_version)), ev)
+    assert after["eval.pairs.cached"] == aucs["eval.pairs"] - changed
+
+
+def test_evaluation_skipped_with_a_reason(data):
+    items, inter, _ = data
     no_ratings = inter.set_column(inter.column_names.index("rating"), "rating",
                                   pa.nulls(inter.num_rows, inter.schema.field("rating").type))
-    assert evaluate_judge(no_ratings, items, scorer, CFG.eval) == (
-        {}, "the interactions carry no ratings (the evaluation sets are drawn from ratings)")
-    aucs, why = evaluate_judge(inter, items, scorer, JudgeEvalConfig(min_item_ratings=10_000))
-    assert aucs == {} and "too few for evaluation" in why
-    assert evaluate_judge(inter, items, scorer, JudgeEvalConfig(enabled=False))[1] == "judge.eval.enabled is false"
+    assert draw_eval_pairs(no_ratings, items, CFG.eval) == (
+        None, "the interactions carry no ratings (the evaluation sets are drawn from ratings)")
+    pairs, why = draw_eval_pairs(inter, items, JudgeEvalConfig(min_item_ratings=10_000))
+    assert pairs is None and "too few for evaluation" in why
+    assert draw_eval_pairs(inter, items, JudgeEvalConfig(enabled=False))[1] == "judge.eval.enabled is false"
     # a user sample bounds the cost on big logs; too few users then leaves too few rated items
-    few, why = evaluate_judge(inter, items, scorer, JudgeEvalConfig(max_users=10, min_item_ratings=5))
-    full, _ = evaluate_judge(inter, items, scorer, JudgeEvalConfig(min_item_ratings=5, n_per_class=10))
-    assert few != full
+    few, _ = draw_eval_pairs(inter, items, JudgeEvalConfig(max_users=10, min_item_ratings=5))
+    full, _ = draw_eval_pairs(inter, items, JudgeEvalConfig(min_item_ratings=5, n_per_class=10))
+    assert few is None or few.to_pylist() != full.to_pylist()
 
 
 def test_qa_items_and_stage(backend, data):

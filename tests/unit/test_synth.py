@@ -55,3 +55,24 @@ def test_invalid_spec(kw):
     args = {"users": 1, "items": 1, "interactions": 1, **kw}
     with pytest.raises(ValueError, match="synth"):
         SynthSpec(**args)
+
+
+def test_growth_appends_a_day_without_touching_the_base():
+    from qarm_core.synth import GrowthSpec, iter_growth_interactions, iter_growth_items
+
+    base = SynthSpec(users=100, items=200, interactions=3_000, seed=5)
+    g = GrowthSpec(base, day=1, new_items=20, new_interactions=600)
+    items = _table(iter_growth_items(g))
+    assert items["item_id"].to_pylist() == list(range(200, 220))
+    assert _table(iter_synthetic_items(base)).num_rows == 200      # the base catalog is as it was
+    new = _table(iter_growth_interactions(g))
+    old = _table(iter_synthetic_interactions(base))
+    assert new.num_rows == 600 and pc.min(new["ts"]).as_py() > pc.max(old["ts"]).as_py()
+    ids = new["item_id"].to_numpy()
+    assert ids.max() < 220 and (ids >= 200).sum() > 0            # new items get traffic
+    assert new.equals(_table(iter_growth_interactions(g)))       # deterministic
+    # popular items stay popular: the day's top item is among the base log's top 5
+    top_old = np.argsort(np.bincount(old["item_id"].to_numpy(), minlength=220))[::-1][:5]
+    assert np.bincount(ids, minlength=220).argmax() in top_old
+    with pytest.raises(ValueError, match="synth growth"):
+        GrowthSpec(base, day=0)

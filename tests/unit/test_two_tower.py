@@ -57,6 +57,17 @@ def test_split_holdout_is_last_positive_per_user(hand_split):
     assert count == {10: 1, 11: 1, 12: 1, 13: 0, 14: 0, 15: 0, 20: 0}   # holdouts not counted
 
 
+def test_max_train_samples_keeps_the_most_recent():
+    log = _log(HAND)
+    capped = time_split(log, _items(log["item_id"].to_pylist()), TwoTowerParams(history_len=3, max_train_samples=2))
+    # training targets at ts 3 (user 1, item 12), 2 (user 2, item 10), 2 (user 4, item 11): the
+    # two most recent are ts 3 and the later-positioned of the two at ts 2
+    assert sorted(_rows(capped, capped.train_pos)) == [(1, 12), (4, 11)]
+    assert sorted(_rows(capped, capped.holdout_pos)) == [(1, 13), (3, 20), (4, 15)]   # holdout untouched
+    with pytest.raises(ValueError, match="max_train_samples"):
+        TwoTowerParams(max_train_samples=1)
+
+
 def test_training_histories_never_reach_the_holdout(hand_split):
     s = hand_split
     holdout_of = dict(zip(s.seq_user[s.holdout_pos].tolist(), s.holdout_pos.tolist()))

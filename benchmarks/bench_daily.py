@@ -1,0 +1,261 @@
+"""Benchmark: does the daily refresh's cost follow the day's change, not the catalog?
+
+Day 0 is a synthetic catalog and log (default 1M items, 10M interactions, 100k users) refreshed
+from scratch: mine, judge, QA, train, embed, quantize, publish. Day 1 adds 1% items and 10%
+interactions (``qarm_core.synth.GrowthSpec``: same users and item popularity, new items drawn
+more often than their share) and runs the daily deployment's mode: the published model is reused
+(``embed.reuse_model``), the published judgments, evaluation scores, QA and embeddings are the
+caches, the codebook is warm-started. Each day is one ``codebook-refresh`` flow run in its own
+process; stage times are the MLflow stage runs' ``duration_s`` (gates counted with their stage).
+
+The LLM stages run a tiny random llama (2 layers, width 32; ``judge/testing.make_tiny_causal_lm``):
+at 1M items SmolLM2-135M would take about a day on 2 CPU cores, so the measured times show the
+pipeline's own cost, and the LLM work is counted in units (pairs scored, questions answered, items
+encoded, training steps). A last phase measures SmolLM2's rate per unit on this machine (auto dtype)
+and prints each day's LLM time projected from the units: that is the part of the ratio the tiny
+model cannot show.
+
+    python benchmarks/bench_daily.py [--items 1000000 --interactions 10000000 --users 100000]
+                                     [--item-growth 0.01 --interaction-growth 0.10] [--out DIR] [--keep]
+
+Every figure printed comes from this run; the CPU model and flags are printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import loadavg, run_phase, table  # noqa: E402
+
+STAGES = ("ingest", "mine", "judge", "qa", "train", "embed", "quantize", "publish")
+# the units of LLM work each stage reports (MLflow metric of its stage run)
+UNITS = {"judge": ("llm.pairs", "pairs scored"), "qa": ("questions", "questions answered"),
+         "embed": ("encoded", "items encoded"), "train": ("steps", "training steps")}
+
+
+# --------------------------------------------------------------------------------------------- data
+def phase_data(out: str, users: int, items: int, interactions: int, item_growth: float,
+               interaction_growth: float, seed: int) -> dict:
+    """Write day 0 and day 1 as Parquet folders (day 1 hard-links day 0's files and adds a part)."""
+    from qarm_core.schemas import INTERACTIONS, ITEMS
+    from qarm_core.storage import write_parquet_dataset
+    from qarm_core.synth import (GrowthSpec, SynthSpec, iter_growth_interactions, iter_growth_items,
+                                 iter_synthetic_interactions, iter_synthetic_items)
+
+    root = Path(out)
+    spec = SynthSpec(users=users, items=items, interactions=interactions, seed=seed)
+    g = GrowthSpec(spec, day=1, new_items=int(round(items * item_growth)),
+                   new_interactions=int(round(interactions * interaction_growth)))
+    t0 = time.perf_counter()
+    for name, schema, base, grow in (("items", ITEMS, iter_synthetic_items, iter_growth_items),
+                                     ("interactions", INTERACTIONS, iter_synthetic_interactions,
+                                      iter_growth_interactions)):
+        d0 = write_parquet_dataset(root / "day0" / name, base(spec), schema)
+        extra = write_parquet_dataset(root / "growth" / name, grow(g), schema)
+        d1 = root / "day1" / name
+        d1.mkdir(parents=True)
+        for f in d0.files:
+            os.link(Path(d0.path) / f, d1 / f)
+        for i, f in enumerate(extra.files):
+            os.link(Path(extra.path) / f, d1 / f"part-day1-{i:05d}.parquet")
+    return {"seconds": time.perf_counter() - t0, "new_items": g.new_items, "new_interactions": g.new_interactions}
+
+
+def write_config(out: Path, day: int, tiny_lm: str) -> Path:
+    """The benchmark's pipeline config for ``day`` (YAML under ``out``)."""
+    import yaml
+
+    lm = {"model_path": tiny_lm, "batch_size": 256}
+    cfg = {
+        "name": "bench-daily", "home": str(out / "home"),
+        "ingest": {"source": "files", "files": {"interactions": str(out / f"day{day}" / "interactions"),
+                                                 "items": str(out / f"day{day}" / "items")}},
+        "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},
+        "mine": {"sources": ["swing", "u2i"], "min_rating": 4.0, "swing": {"top_k": 5},
+                 "u2i": {"epochs": 1, "top_m": 2, "max_train_samples": 1_000_000}},
+        "judge": {"local": lm, "prompt_version": "pmi-generic-v1", "embed_weight": 0.0, "tag_weight": 0.0},
+        "qa": {"local": lm, "k": 1, "batch_size": 256},
+        "embed": {"model": {"model": tiny_lm}, "reuse_model": day > 0, "baselines": [],
+                  "train": {"batch_size": 8, "max_steps": 10, "use_deepspeed": False, "holdout_fraction": 0.0},
+                  "infer": {"batch_size": 256}},
+        "quantize": {"levels": [256, 256], "fsq_dims": 4, "fsq_levels": 4},
+        "gates": {"interactions": {"max_rows": 100_000_000, "rating_min": 1.0, "rating_max": 5.0},
+                  "items": {"max_rows": 100_000_000}, "pairs": {"max_rows": 100_000_000},
+                  "judgments": {"max_rows": 100_000_000}, "qa": {"max_rows": 100_000_000},
+                  "embeddings": {"max_rows": 100_000_000}, "codes": {"max_rows": 100_000_000,
+                                                                     "max_collision_rate": 1.0}},
+        "tracking": {"experiment": "bench-daily"},
+    }
+    path = out / f"day{day}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- a day
+def phase_refresh(config: str) -> dict:
+    """One codebook-refresh flow run; per-stage seconds and LLM work units from its MLflow runs."""
+    for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(k, v)
+    from flows.codebook_refresh import codebook_refresh
+    from qarm_core.config import load_config
+    from tasks.tracking import runs_of
+
+    t0 = time.perf_counter()
+    summary = codebook_refresh(config_path=config)
+    wall = time.perf_counter() - t0
+    cfg = load_config(config).resolved()
+    runs = [r for r in runs_of(cfg) if r["tags"].get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    seconds = {s: 0.0 for s in STAGES}
+    units: dict[str, float] = {}
+    for r in runs:
+        name = r["name"]
+        stage = name.split("-")[1] if name.startswith("gate-") else name
+        seconds[stage] = seconds.get(stage, 0.0) + r["metrics"].get("duration_s", 0.0)
+        metric = UNITS.get(name, (None,))[0]
+        if metric is not None:
+            units[name] = r["metrics"].get(metric, 0.0)
+        if name == "judge":
+            units["judge.pairs.cached"] = r["metrics"].get("pairs.cached", 0.0)
+            units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
+        if name == "embed":
+            units["embed.carried_over"] = r["metrics"].get("carried_over", 0.0)
+        if name == "train" and r["metrics"].get("reused_published"):
+            units["train"] = 0.0
+    return {"wall_seconds_in_process": wall, "stage_seconds": seconds, "units": units, "rows": summary["rows"]}
+
+
+# --------------------------------------------------------------------------------------------- SmolLM2 rates
+def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, embed_items: int = 384) -> dict:
+    """Seconds per unit of LLM work with the default model (SmolLM2-135M, auto dtype) on this machine."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from qarm_core.devices import cpu_info
+    from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
+    from qarm_core.embed.embed import LLMEmbedder
+    from qarm_core.judge.backends import LocalLM
+    from qarm_core.judge.config import LocalModelConfig, QAConfig
+    from qarm_core.judge.judge import PairScorer, pair_components
+    from qarm_core.judge.prompts import judge_prompt
+    from qarm_core.judge.qa import generate_qa
+
+    items = ds.dataset(items_dir).head(5_000)
+    ids = items["item_id"].to_numpy()
+    rng = np.random.default_rng(0)
+    src = rng.choice(ids, pairs // 4)
+    p = pa.table({"src_item": pa.array(np.repeat(src, 4)), "dst_item": pa.array(rng.choice(ids, len(src) * 4))})
+    lm = LocalLM(LocalModelConfig())
+    t0 = time.perf_counter()
+    pair_components(p, items, PairScorer(lm, judge_prompt("pmi-generic-v1")))
+    judge_s = (time.perf_counter() - t0) / p.num_rows
+    t0 = time.perf_counter()
+    generate_qa(items, lm, QAConfig(k=1, batch_size=32), item_ids=ids[:questions].tolist())
+    qa_s = (time.perf_counter() - t0) / questions
+    emb = LLMEmbedder(items, EmbedModelConfig(), EmbedConfig())
+    t0 = time.perf_counter()
+    emb.embed_ids(ids[:embed_items].tolist())
+    embed_s = (time.perf_counter() - t0) / embed_items
+    return {"judge": judge_s, "qa": qa_s, "embed": embed_s, "dtype": lm.dtype_choice.name,
+            "cpu": cpu_info().summary()}
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--interactions", type=int, default=10_000_000)
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--item-growth", type=float, default=0.01)
+    ap.add_argument("--interaction-growth", type=float, default=0.10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-step-seconds", type=float, default=None,
+                    help="SmolLM2 training seconds per step for the projection (default: measured by "
+                         "benchmarks/bench_embed.py; pass its figure)")
+    ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed unless --keep)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from qarm_core.devices import hardware_summary
+    from qarm_core.judge.testing import make_tiny_causal_lm
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="qarm-bench-daily-"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# bench_daily: {args.items:,} items, {args.interactions:,} interactions, {args.users:,} users; "
+          f"day 1 +{args.item_growth:.0%} items, +{args.interaction_growth:.0%} interactions")
+    print(f"# {hardware_summary()}; {loadavg()}", flush=True)
+    res: dict = {"args": vars(args), "hardware": hardware_summary()}
+    try:
+        res["data"] = run_phase("benchmarks.bench_daily:phase_data", out=str(out), users=args.users,
+                                items=args.items, interactions=args.interactions, item_growth=args.item_growth,
+                                interaction_growth=args.interaction_growth, seed=args.seed)
+        tiny = str(make_tiny_causal_lm(out / "tiny_lm"))
+        for day in (0, 1):
+            res[f"day{day}"] = run_phase("benchmarks.bench_daily:phase_refresh",
+                                         config=str(write_config(out, day, tiny)))
+            print(f"# day {day}: {res[f'day{day}']['wall_seconds']:.0f} s wall; {loadavg()}", flush=True)
+        res["smollm2"] = run_phase("benchmarks.bench_daily:phase_smollm2_rates",
+                                   items_dir=str(out / "day0" / "items"))
+    finally:
+        if not args.keep and args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+    d0, d1 = res["day0"], res["day1"]
+    rows = []
+    for s in STAGES:
+        a, b = d0["stage_seconds"].get(s, 0.0), d1["stage_seconds"].get(s, 0.0)
+        rows.append([s, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}" if a > 0 else "-"])
+    t0s, t1s = sum(d0["stage_seconds"].values()), sum(d1["stage_seconds"].values())
+    rows.append(["all stages", f"{t0s:.1f}", f"{t1s:.1f}", f"{t1s / t0s:.2f}"])
+    rows.append(["flow run, wall (process start included)", f"{d0['wall_seconds']:.1f}", f"{d1['wall_seconds']:.1f}",
+                 f"{d1['wall_seconds'] / d0['wall_seconds']:.2f}"])
+    print("\nMeasured, LLM stages on the tiny random llama (seconds):\n")
+    print(table(["stage", "day 0", "day 1", "day 1 / day 0"], rows))
+
+    rates = res["smollm2"]
+    step_s = args.train_step_seconds
+    urows, proj = [], {0: 0.0, 1: 0.0}
+    for stage, (metric, label) in UNITS.items():
+        u0, u1 = d0["units"].get(stage, 0.0), d1["units"].get(stage, 0.0)
+        per = step_s if stage == "train" else rates.get(stage)
+        p0 = u0 * per if per is not None else None
+        p1 = u1 * per if per is not None else None
+        if p0 is not None:
+            proj[0] += p0
+            proj[1] += p1
+        urows.append([f"{stage}: {label}", f"{u0:,.0f}", f"{u1:,.0f}", f"{u1 / u0:.3f}" if u0 else "-",
+                      f"{per:.3f}" if per is not None else "not measured",
+                      f"{p0 / 3600:.2f}" if p0 is not None else "-", f"{p1 / 3600:.2f}" if p1 is not None else "-"])
+    print(f"\nLLM work per day and its time projected with SmolLM2-135M ({rates['dtype']}) at the rates "
+          f"measured here:\n")
+    print(table(["work", "day 0", "day 1", "ratio", "SmolLM2 s/unit", "day 0 h", "day 1 h"], urows))
+    print(f"\njudge pairs cached on day 1: {d1['units'].get('judge.pairs.cached', 0):,.0f} of "
+          f"{d1['units'].get('judge.pairs', 0):,.0f}; embeddings carried over: "
+          f"{d1['units'].get('embed.carried_over', 0):,.0f}")
+    other0 = t0s - sum(d0["stage_seconds"].get(s, 0.0) for s in UNITS)
+    other1 = t1s - sum(d1["stage_seconds"].get(s, 0.0) for s in UNITS)
+    day0_h, day1_h = (other0 + proj[0]) / 3600, (other1 + proj[1]) / 3600
+    print(f"projected end to end (non-LLM stages as measured + projected LLM time): day 0 {day0_h:.2f} h, "
+          f"day 1 {day1_h:.2f} h, day 1 / day 0 = {day1_h / day0_h:.3f}"
+          + ("" if step_s is not None else " (training steps not projected: pass --train-step-seconds)"))
+    print(f"# {rates['cpu']}; {loadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
