@@ -87,7 +87,7 @@ def write_config(out: Path, day: int, tiny_lm: str) -> Path:
         "judge": {"local": lm, "prompt_version": "pmi-generic-v1", "embed_weight": 0.0, "tag_weight": 0.0},
         "qa": {"local": lm, "k": 1, "batch_size": 256},
         "embed": {"model": {"model": tiny_lm}, "reuse_model": day > 0, "baselines": [],
-                  "train": {"batch_size": 8, "max_steps": 10, "use_deepspeed": False, "holdout_fraction": 0.0},
+                  "train": {"batch_size": 8, "max_steps": 40, "use_deepspeed": False, "holdout_fraction": 0.0},
                   "infer": {"batch_size": 256}},
         "quantize": {"levels": [256, 256], "fsq_dims": 4, "fsq_levels": 4},
         "gates": {"interactions": {"max_rows": 100_000_000, "rating_min": 1.0, "rating_max": 5.0},
@@ -137,7 +137,8 @@ def phase_refresh(config: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2 rates
-def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, embed_items: int = 384) -> dict:
+def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, embed_items: int = 384,
+                        train_steps: int = 4) -> dict:
     """Seconds per unit of LLM work with the default model (SmolLM2-135M, auto dtype) on this machine."""
     import numpy as np
     import pyarrow as pa
@@ -158,6 +159,7 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     src = rng.choice(ids, pairs // 4)
     p = pa.table({"src_item": pa.array(np.repeat(src, 4)), "dst_item": pa.array(rng.choice(ids, len(src) * 4))})
     lm = LocalLM(LocalModelConfig())
+    lm_dtype = lm.dtype_choice.name
     t0 = time.perf_counter()
     pair_components(p, items, PairScorer(lm, judge_prompt("pmi-generic-v1")))
     judge_s = (time.perf_counter() - t0) / p.num_rows
@@ -168,7 +170,19 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     t0 = time.perf_counter()
     emb.embed_ids(ids[:embed_items].tolist())
     embed_s = (time.perf_counter() - t0) / embed_items
-    return {"judge": judge_s, "qa": qa_s, "embed": embed_s, "dtype": lm.dtype_choice.name,
+    del emb, lm
+    # training: the benchmark config's step (8 pairs, DeepSpeed ZeRO-2), timed from step 2 on
+    from qarm_core.embed.config import TrainConfig
+    from qarm_core.embed.train import train_embedding_model
+
+    judged = pa.table({"src_item": p["src_item"], "dst_item": p["dst_item"], "keep": pa.array([True] * p.num_rows)})
+    seen: list[dict] = []
+    with tempfile.TemporaryDirectory() as d:
+        train_embedding_model(items, judged, None, d, EmbedModelConfig(),
+                              TrainConfig(batch_size=8, max_steps=train_steps, checkpoint_every=10**6),
+                              progress=seen.append)
+    train_s = (seen[-1]["seconds"] - seen[0]["seconds"]) / (len(seen) - 1)
+    return {"judge": judge_s, "qa": qa_s, "embed": embed_s, "train": train_s, "dtype": lm_dtype,
             "cpu": cpu_info().summary()}
 
 
@@ -181,9 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--item-growth", type=float, default=0.01)
     ap.add_argument("--interaction-growth", type=float, default=0.10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-step-seconds", type=float, default=None,
-                    help="SmolLM2 training seconds per step for the projection (default: measured by "
-                         "benchmarks/bench_embed.py; pass its figure)")
     ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", default=None)
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(["stage", "day 0", "day 1", "day 1 / day 0"], rows))
 
     rates = res["smollm2"]
-    step_s = args.train_step_seconds
+    step_s = rates["train"]
     urows, proj = [], {0: 0.0, 1: 0.0}
     for stage, (metric, label) in UNITS.items():
         u0, u1 = d0["units"].get(stage, 0.0), d1["units"].get(stage, 0.0)
@@ -249,8 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     other1 = t1s - sum(d1["stage_seconds"].get(s, 0.0) for s in UNITS)
     day0_h, day1_h = (other0 + proj[0]) / 3600, (other1 + proj[1]) / 3600
     print(f"projected end to end (non-LLM stages as measured + projected LLM time): day 0 {day0_h:.2f} h, "
-          f"day 1 {day1_h:.2f} h, day 1 / day 0 = {day1_h / day0_h:.3f}"
-          + ("" if step_s is not None else " (training steps not projected: pass --train-step-seconds)"))
+          f"day 1 {day1_h:.2f} h, day 1 / day 0 = {day1_h / day0_h:.3f}")
     print(f"# {rates['cpu']}; {loadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))

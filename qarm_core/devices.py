@@ -192,3 +192,26 @@ def resolve_dtype(name: str, device: str, stage: str, key: str = "dtype") -> DTy
 
         cuda_bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return choose_dtype(name, device, cuda_bf16=cuda_bf16, stage=stage, key=key)
+
+
+# ---------------------------------------------------------------- one OpenMP runtime per process
+def numba_without_openmp() -> None:
+    """Run numba's parallel kernels (Swing, k-means) on numba's own thread pool, not OpenMP.
+
+    numba's default OpenMP layer links the system ``libgomp``; once it is loaded, torch (imported
+    later in the same process, as in a refresh: Swing runs before the judge) binds its OpenMP calls
+    to that runtime instead of its own, and the LLM stages ran 2-6x slower (measured here:
+    SmolLM2-135M judge in float32 1.9 vs 12.6 pairs/s; a tiny model 55 vs 3,200 pairs/s).
+    numba's "workqueue" layer needs no OpenMP and ran the Swing and k-means kernels as fast (2M
+    events: 20.7 vs 21.8 s). Call before the first parallel kernel runs; an explicit
+    ``NUMBA_THREADING_LAYER`` is left alone. The workqueue layer must not be entered from two threads
+    at once: qarm calls its parallel kernels from one thread (k-means' worker threads only run
+    serial kernels).
+    """
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    import numba
+
+    if numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "workqueue"
+

@@ -117,6 +117,10 @@ def _kernel():
     """The numba kernel, compiled on first use (and cached on disk by numba)."""
     from numba import njit, prange
 
+    from qarm_core.devices import numba_without_openmp
+
+    numba_without_openmp()
+
     @njit(parallel=True, cache=True, nogil=True)
     def swing_kernel(item_ptr, item_users, user_ptr, user_items, w, alpha2, top_k, n_chunks):
         n_items = item_ptr.shape[0] - 1

@@ -31,6 +31,9 @@ TEMP_CHUNK = 262_144
 
 
 def _k():
+    from qarm_core.devices import numba_without_openmp
+
+    numba_without_openmp()
     from qarm_core.quantize import _kernels  # lazily: numba's import costs ~0.5 s
     return _kernels
 

@@ -107,8 +107,9 @@ def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, pr
     Returns (c3 ``(n,)``, dedup suffix ``(n,)``, resolved ``(n,)`` bool) over all rows; rows that
     did not participate keep their c3.
     """
-    from qarm_core.quantize import _kernels
+    from qarm_core.quantize.kmeans import _k
 
+    _kernels = _k()
     n = len(keys)
     rows = np.flatnonzero(participate | outside)
     # Rows grouped by SID key (so by cell, then c3), then by priority, then by row (lexsort is stable).
