@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from qarm_core.config import DuckDBConfig, GatesConfig
 from qarm_core.duck import connect, parquet_source
 from qarm_core.errors import GateError
+from qarm_core.progress import Progress
 from qarm_core.schemas import (
     CODES, EMBEDDINGS, INTERACTIONS, ITEMS, JUDGMENTS, PAIRS, QA, DatasetSchema, embeddings_schema, schema_for,
 )
@@ -288,9 +289,11 @@ def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
         if suite.unit_norm_tol is not None:
             vec.append(Check("expect_vectors_to_have_unit_norm",
                              {"column": suite.vector_column, "tolerance": suite.unit_norm_tol}, True, engine="arrow"))
+    prog = Progress(suite.schema.name, "gate: row checks", record.rows, "rows", quiet=True)
     for f in record.files:
         pf = pq.ParquetFile(Path(record.path) / f)
         for batch in pf.iter_batches(batch_size=batch_rows):
+            prog.advance(batch.num_rows)
             if vec:
                 _check_vectors(batch, suite, vec, sample_rows)
             for check in finite:
@@ -318,6 +321,7 @@ def _run_row_expectations(suite: Suite, record: DatasetRecord, batch_rows: int,
                 idx = (r.result.get("partial_unexpected_index_list") or [])[:max(room, 0)]
                 if idx:
                     check.sample.extend(_jsonable_rows(batch.take(pa.array(idx, pa.int64()))))
+    prog.finish()
     return checks + finite + vec
 
 

@@ -262,10 +262,22 @@ def _input_files(path: Path) -> list[Path]:
 
 
 def resolve_source(cfg: "IngestConfig") -> tuple[str, dict[str, BatchesFn]]:
-    """(fingerprint of the source content, {dataset: batches function}) for the configured source.
+    """(fingerprint of the source content, {dataset: batches function}) for the configured source;
+    reading a dataset logs its progress (rows read, rate).
 
     The fingerprint changes whenever the input data would: it keys the ingest stage's rerun cache.
     """
+    fp, fns = _resolve_source(cfg)
+    return fp, {name: _counting(name, fn) for name, fn in fns.items()}
+
+
+def _counting(name: str, fn: BatchesFn) -> BatchesFn:
+    from qarm_core.progress import counted
+
+    return lambda: counted(fn(), STAGE, f"reading {name}")
+
+
+def _resolve_source(cfg: "IngestConfig") -> tuple[str, dict[str, BatchesFn]]:
     from qarm_core.config import stable_hash
     from qarm_core.storage import hash_files
     from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items

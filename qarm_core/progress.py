@@ -15,7 +15,9 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("qarm_core.progress")
 
@@ -53,11 +55,13 @@ class Progress:
     ``advance(n, **fields)`` adds n units; ``fields`` (e.g. ``loss=2.03``) are shown on the next
     line. ``finish()`` logs the closing line (units, seconds, rate) once; using the object as a
     context manager calls it. ``emit`` replaces the logger (e.g. a test collecting lines).
+    ``quiet``: for work that is usually short (a gate, reading a file): no start line, and a
+    closing line only if the work lasted long enough to log progress.
     """
 
     def __init__(self, stage: str, what: str, total: int | None, unit: str = "items",
                  every_s: float | None = None, emit: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False):
         self.stage, self.what, self.total, self.unit = stage, what, total, unit
         self.every_s = _every_s() if every_s is None else every_s
         self._emit = emit or log.info
@@ -67,8 +71,10 @@ class Progress:
         self._t0 = self._last = clock()
         self._finished = False
         self._lock = threading.Lock()     # HTTP backends advance from several threads
-        size = f" {total:,} {unit}" if total is not None else ""
-        self._emit(f"{stage}: {what}:{size} to do")
+        self.quiet = quiet
+        if not quiet:
+            size = f" {total:,} {unit}" if total is not None else ""
+            self._emit(f"{stage}: {what}:{size} to do")
 
     @property
     def elapsed(self) -> float:
@@ -110,6 +116,8 @@ class Progress:
         if self._finished:
             return
         self._finished = True
+        if self.quiet and self.elapsed < self.every_s:
+            return
         self.fields.update(fields)
         extra = "".join(f", {k} {_fmt(v)}" for k, v in self.fields.items())
         self._emit(f"{self.stage}: {self.what} done: {self.done:,} {self.unit} in "
@@ -127,3 +135,12 @@ def advance(progress: Progress | None, n: int = 1, **fields: object) -> None:
     """``progress.advance(n)`` when there is a progress object (core loops take an optional one)."""
     if progress is not None:
         progress.advance(n, **fields)
+
+
+def counted(batches: Iterable[T], stage: str, what: str, total: int | None = None, unit: str = "rows") -> Iterator[T]:
+    """``batches`` passed through unchanged, their rows (``num_rows``) counted as progress."""
+    with Progress(stage, what, total, unit, quiet=True) as prog:
+        for b in batches:
+            yield b
+            prog.advance(getattr(b, "num_rows", 1))
+

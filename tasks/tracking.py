@@ -113,9 +113,12 @@ def _timed(handle: StageRun) -> Iterator[StageRun]:
 @contextlib.contextmanager
 def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
     """Open the parent run of a flow run: logs the resolved config; marks FAILED on an exception."""
+    from qarm_core.devices import hardware_summary
+
     client = _client(cfg)
     run = client.create_run(experiment_id(cfg), run_name=flow_name,
-                            tags={"qarm.flow": flow_name, **{k: str(v) for k, v in (tags or {}).items()}})
+                            tags={"qarm.flow": flow_name, "qarm.hardware": hardware_summary(),
+                                  **{k: str(v) for k, v in (tags or {}).items()}})
     handle = StageRun(client, run.info.run_id)
     handle.params({"config": cfg.to_dict()})
     handle.text(dump_config(cfg), "config/resolved.yaml")

@@ -34,6 +34,7 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert len(parent) == 1 and parent[0]["status"] == "FINISHED"
     assert parent[0]["run_id"] == out["mlflow_run_id"]
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
+    assert "native bf16: " in parent[0]["tags"]["qarm.hardware"]      # CPU model and flags beside every run
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
                              "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "train",
@@ -52,6 +53,12 @@ def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
     assert judged["u2i.keep_rate"] == pytest.approx(0.3, abs=0.01)
     assert judged["pairs_per_s"] > 0 and 0 <= judged["auc.cooc"] <= 1 and 0 <= judged["auc.genre"] <= 1
     assert children["judge"]["tags"]["qarm.prompt_version"] == "pmi-generic-v1"
+    # the numeric type each model ran in, and why: set by the test config, or chosen from the hardware
+    assert children["judge"]["tags"]["qarm.dtype"] == "float32"
+    from qarm_core.devices import choose_dtype
+    auto = choose_dtype("auto", "cpu").name
+    assert children["train"]["tags"]["qarm.dtype"] == children["embed"]["tags"]["qarm.dtype"] == auto
+    assert children["embed"]["tags"]["qarm.dtype_reason"].startswith("auto:")
     assert children["gate-judge-judgments"]["metrics"]["gate.judgments.success"] == 1.0
     kept = read_dataset(cur.record("judgments")).filter(pc.field("keep"))
     kept_items = set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist())

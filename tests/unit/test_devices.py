@@ -1,5 +1,7 @@
 """Device selection: auto follows what torch sees; asking for a GPU that is not there fails clearly."""
 
+import os
+
 import pytest
 import torch
 
@@ -112,3 +114,27 @@ def test_auto_dtype_is_not_slower_than_the_other_on_this_machine():
     # pick the one that is several times slower (bf16 without native support: ~45x)
     assert t_chosen <= 1.3 * t_other, (f"{cpu_info().summary()}: auto chose {chosen.name} "
                                        f"({t_chosen:.4f}s) but {other} took {t_other:.4f}s")
+
+
+def test_swing_then_torch_leaves_torch_on_its_own_openmp_runtime():
+    """Regression: numba's OpenMP layer loaded the system libgomp before torch's, and torch then ran
+    on it several times slower. After a Swing kernel, numba runs on its workqueue layer and the only
+    OpenMP runtime in the process is the one torch ships."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, numpy as np\n"
+        "from qarm_core.pairs.swing import mine_swing_pairs\n"
+        "mine_swing_pairs(np.random.randint(0, 50, 500), np.random.randint(0, 30, 500))\n"
+        "import numba, torch\n"
+        "maps = open(f'/proc/{os.getpid()}/maps').read().splitlines()\n"
+        "gomp = sorted({l.split()[-1] for l in maps if 'libgomp' in l})\n"
+        "print(json.dumps({'layer': numba.threading_layer(), 'gomp': gomp}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["layer"] == "workqueue"
+    assert all("/torch/" in g for g in got["gomp"]), got["gomp"]

@@ -53,3 +53,14 @@ def test_logs_to_the_qarm_core_logger_by_default(caplog):
 
 def test_format_duration():
     assert (format_duration(42), format_duration(75), format_duration(3725)) == ("42s", "1m15s", "1h02m")
+
+
+def test_quiet_work_logs_only_when_it_lasts():
+    clock, lines = Clock(), []
+    with Progress("gate", "row checks", 10, "rows", every_s=10, emit=lines.append, clock=clock, quiet=True) as p:
+        p.advance(10)
+    assert lines == []                  # short: silent
+    with Progress("gate", "row checks", 10, "rows", every_s=10, emit=lines.append, clock=clock, quiet=True) as p:
+        clock.t += 12
+        p.advance(10)
+    assert len(lines) == 2 and lines[-1].startswith("gate: row checks done: 10 rows in 12s")
