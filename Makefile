@@ -10,9 +10,6 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-# Idle OpenMP threads sleep instead of spinning: with another busy process on 2 cores, spinning
-# threads cut DeepSpeed training from ~210 to ~22 tokens/s here.
-export OMP_WAIT_POLICY ?= PASSIVE
 export QARM_HOME
 
 .PHONY: install run test test-fast bench mlflow-ui prefect-ui clean

@@ -15,7 +15,9 @@ Modules: ``config``, ``model`` (mask, ``ThreeSegmentLM``, load/save), ``data``, 
 Importing this package (or ``config``, ``train``, ``embed``, ``evaluate``) imports neither torch
 nor transformers; ``model`` and ``losses`` import torch.
 
-Environment: set ``OMP_WAIT_POLICY=PASSIVE`` for processes that train or embed on a shared CPU:
-with active spinning a 2-thread torch process ran ~10x slower whenever another busy process
-shared the 2 cores (launched workers get it from ``train.launch_env``).
+Environment: set ``OMP_WAIT_POLICY=PASSIVE`` for processes that train or embed on a CPU another busy
+process shares (launched workers, which share the cores with each other, get it from
+``train.launch_env``). Alone on the CPU, OpenMP's default wait is faster: training 246 vs 229
+tokens/s (bf16) and 136 vs 121 (float32), judge 14.9 vs 13.2 pairs/s (``benchmarks/bench_embed.py``
+and a judge probe, 2-core AMD EPYC with avx512_bf16).
 """

@@ -128,10 +128,13 @@ class QAConfig(_Strict):
     backend: Literal["local", "http"] = "local"
     local: LocalModelConfig = LocalModelConfig()
     http: HttpConfig = HttpConfig()
-    prompt_version: str = "qa-v1"
+    # qa-v2: the instruction in the shared system turn; 73% of SmolLM2's answers passed validation
+    # on 256 ML-100K items vs 60% with qa-v1 (float32).
+    prompt_version: str = "qa-v2"
     # Which items get QA: those of kept judged pairs (what the embedding model trains on), or all.
     items: Literal["kept_pairs", "all"] = "kept_pairs"
     k: int = Field(4, ge=1, le=16)                # QA pairs per item
     max_new_tokens: int = Field(24, ge=1)
     max_answer_chars: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
+    # 64 prompts decode together: on 2 CPU cores 1.2-1.45x the items/s of 32 (float32), and 128 gave no more.
+    batch_size: int = Field(64, ge=1)
