@@ -7,7 +7,15 @@ with yesterday (samples, evaluation pairs, held-out splits).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+
+def text_hash(text: str) -> str:
+    """The key of a text in qarm's per-item caches (embeddings, the judge's neutral pass): 16 hex
+    characters of blake2b."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:

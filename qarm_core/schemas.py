@@ -127,6 +127,21 @@ JUDGE_EVAL = DatasetSchema(
     not_null=("eval_set", "src_item", "dst_item", "label", "pmi", "components_id", "prompt_version", "text_hash"),
 )
 
+JUDGE_NEUTRAL = DatasetSchema(
+    name="judge_neutral",
+    version=1,
+    schema=pa.schema([
+        pa.field("item_id", pa.int64(), nullable=True),
+        pa.field("text_hash", pa.string(), nullable=True),      # hash of the item as the LLM reads it
+        pa.field("neutral", pa.float64(), nullable=True),       # log P(item | the prompt's neutral context)
+        pa.field("model_id", pa.string(), nullable=True),       # the LLM (backend model id)
+        pa.field("prompt_version", pa.string(), nullable=True),
+    ]),
+    key=("item_id", "model_id", "prompt_version"),
+    required=("item_id", "text_hash", "neutral", "model_id", "prompt_version"),
+    not_null=("item_id", "text_hash", "neutral", "model_id", "prompt_version"),
+)
+
 
 def embeddings_schema(dim: int) -> DatasetSchema:
     """Item embeddings of width ``dim``: item_id, vector (fixed-size list of ``dim`` float32),
@@ -169,8 +184,8 @@ CODES = DatasetSchema(
     not_null=("item_id", "c1", "c2", "c3", "sid", "resolved"),
 )
 
-SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL, QA,
-                                                         EMBEDDINGS, CODES)}
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL,
+                                                         JUDGE_NEUTRAL, QA, EMBEDDINGS, CODES)}
 
 
 def schema_for(dataset: str) -> DatasetSchema:

@@ -7,8 +7,8 @@ from prefect import get_run_logger, task
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig, stable_hash
 from qarm_core.gates import judge_quality_gate
-from qarm_core.judge.stage import judge_stage, qa_item_ids, qa_stage
-from qarm_core.schemas import JUDGE_EVAL, JUDGMENTS, QA
+from qarm_core.judge.stage import JudgeTables, judge_stage, qa_item_ids, qa_stage
+from qarm_core.schemas import JUDGMENTS, QA, SCHEMAS
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS
@@ -26,40 +26,54 @@ def _log(run: tracking.StageRun, report: dict, records: dict[str, DatasetRecord]
     run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
 
 
+# The judge stage's datasets, in ``JudgeTables`` field order; each is also the next run's cache.
+JUDGE_TABLES = ("judgments", "judge_eval", "judge_neutral")
+
+
+def _published_judge_tables(storage: Storage) -> JudgeTables:
+    """The judge tables of the published snapshot (empty where it has none): the caches."""
+    empty, got = JudgeTables.empty(), {}
+    for name in JUDGE_TABLES:
+        table, _ = _previous(storage, name)
+        got[name] = table if table is not None else getattr(empty, name)
+    return JudgeTables(**got)
+
+
 @task(name="judge-pairs", **TASK_DEFAULTS)
 def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
           interactions: DatasetRecord) -> dict[str, DatasetRecord]:
     """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning;
-    and ``judge_eval``: the scored evaluation pairs.
+    ``judge_eval``: the scored evaluation pairs; ``judge_neutral``: each item's neutral pass.
 
-    Pairs judged (and evaluation pairs scored) in the published snapshot by the same model and
-    prompt are not scored again. The judge's AUC on evaluation sets drawn from ``interactions`` is
-    logged and, when ``judge.eval.min_auc`` is set, gates the run.
+    Pairs judged, evaluation pairs scored and neutral passes run in the published snapshot by the
+    same model and prompt, on the same text, are not run again. The judge's AUC on evaluation sets
+    drawn from ``interactions`` is logged and, when ``judge.eval.min_auc`` is set, gates the run.
     """
     storage = Storage(cfg.home)
-    previous, prev_rec = _previous(storage, "judgments")
-    previous_eval, _ = _previous(storage, "judge_eval")
+    prev_rec = storage.published("judgments")
+    previous = _published_judge_tables(storage)
     # The previous snapshot is only a cache (same inputs give the same judgments), so it is not
     # part of the key; reasoning samples and scores are deterministic for a given model.
     key = stable_hash({"pairs": pairs.fingerprint, "items": items.fingerprint,
                        "interactions": interactions.fingerprint, "judge": cfg.judge.model_dump(mode="json"),
-                       "qarm": __version__, "schema": JUDGMENTS.version})
+                       "qarm": __version__, "schemas": [SCHEMAS[n].version for n in JUDGE_TABLES]})
     report: dict = {}
-    tables: dict = {}
+    out: dict = {}
 
     def produce():
-        tables["judgments"], tables["judge_eval"], rep = judge_stage(
-            read_dataset(pairs), read_dataset(items),
-            read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
-            cfg.judge, previous=previous, previous_eval=previous_eval)
+        tables, rep = judge_stage(read_dataset(pairs), read_dataset(items),
+                                  read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
+                                  cfg.judge, previous=previous)
+        out["tables"] = tables
         report.update(rep)
-        return iter(tables["judgments"].to_batches(max_chunksize=1_000_000))
+        return iter(tables.judgments.to_batches(max_chunksize=1_000_000))
+
+    def written(name: str):
+        return lambda: iter(getattr(out["tables"], name).to_batches(max_chunksize=1_000_000))
 
     with tracking.stage_run(cfg, parent_run_id, "judge") as run:
-        records, reused, report = write_stage_outputs(
-            storage, "judge", key, {"judgments": (JUDGMENTS, produce),
-                                    "judge_eval": (JUDGE_EVAL, lambda: iter(tables["judge_eval"].to_batches()))},
-            report)
+        outputs = {"judgments": (JUDGMENTS, produce)} | {n: (SCHEMAS[n], written(n)) for n in JUDGE_TABLES[1:]}
+        records, reused, report = write_stage_outputs(storage, "judge", key, outputs, report)
         run.params({"judge": cfg.judge.model_dump(mode="json"), "key": key,
                     "previous": prev_rec.path if prev_rec else "none"})
         _log(run, report, records, reused)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
 from qarm_core.errors import DataError
+from qarm_core.hashing import text_hash
 from qarm_core.progress import Progress
 
 STAGE = "embed"
@@ -101,11 +102,6 @@ class _TextLookup:
             texts = self(part)
             out[s:s + block] = [text_hash(texts[i]) for i in part]
         return out
-
-
-def text_hash(text: str) -> str:
-    """The key of an item text in the embedding cache (16 hex characters of blake2b)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
 class PreviousEmbeddings:

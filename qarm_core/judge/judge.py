@@ -175,6 +175,18 @@ class PairScorer:
                 mid += f"+tags*{self.tag_weight:g}"
         return mid
 
+    def continuation(self, text: str) -> str:
+        """Item B's text as the LLM scores it (after the context, or after the neutral context)."""
+        return " " + quote(text)
+
+    def preload_neutral(self, values: dict[str, float]) -> None:
+        """Neutral log-likelihoods known from an earlier run, by continuation text (``continuation``)."""
+        self._neutral.update(values)
+
+    def neutral_of(self, text: str) -> float | None:
+        """The neutral log-likelihood of item text ``text`` if this scorer has it."""
+        return self._neutral.get(self.continuation(text))
+
     @property
     def components_id(self) -> str:
         """The identity of the score *terms* (models, not weights): cached terms stay valid when
@@ -189,7 +201,7 @@ class PairScorer:
         todo = sorted({(a, b) for a, b in zip(src_texts, dst_texts) if (a, b) not in self._pmi})
         pre = self.prompt.prefix
         if todo:
-            conts = [" " + quote(b) for _, b in todo]
+            conts = [self.continuation(b) for _, b in todo]
             ctxs = [self.prompt.context.format(A=quote(a)) for a, _ in todo]
             with Progress(STAGE, f"scoring {what}", len(todo), "pairs") as prog:
                 cond = self.backend.continuation_logprobs(ctxs, conts, prefix=pre, progress=prog)

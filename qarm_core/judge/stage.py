@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
 from qarm_core.judge.judge import add_reasoning, judge_pairs, make_scorer, pairs_to_score
-from qarm_core.schemas import JUDGE_EVAL
+from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
     from qarm_core.judge.backends import LMBackend
@@ -153,35 +153,91 @@ def evaluate_judge(eval_pairs: pa.Table, items: pa.Table, scorer: "PairScorer",
     return _finish_eval(_plan_eval(eval_pairs, items, scorer, previous), items, scorer)
 
 
+@dataclass(frozen=True)
+class JudgeTables:
+    """What the judge stage writes, and what it reads back from the last published run as caches:
+    ``judgments`` (``schemas.JUDGMENTS``), ``judge_eval`` (the scored evaluation pairs) and
+    ``judge_neutral`` (each item's neutral-pass log-likelihood)."""
+
+    judgments: pa.Table
+    judge_eval: pa.Table
+    judge_neutral: pa.Table
+
+    @classmethod
+    def empty(cls) -> "JudgeTables":
+        return cls(JUDGMENTS.schema.empty_table(), JUDGE_EVAL.schema.empty_table(), JUDGE_NEUTRAL.schema.empty_table())
+
+
+def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer",
+                  previous: pa.Table | None) -> tuple[dict[int, str], dict[int, str], int]:
+    """({item: text}, {item: text hash}, how many were preloaded) for the items that may be scored
+    as B this run; neutral values of ``previous`` for the same LLM, prompt and text are handed to
+    ``scorer`` so their neutral pass is not run again."""
+    from qarm_core.hashing import text_hash
+    from qarm_core.judge.text import render_items
+
+    texts = render_items(items, set(item_ids), scorer.prompt.item_format)
+    hashes = {i: text_hash(scorer.continuation(t)) for i, t in texts.items()}
+    loaded = 0
+    if previous is not None and previous.num_rows:
+        missing = [c for c in JUDGE_NEUTRAL.columns if c not in previous.column_names]
+        if missing:
+            raise DataError("judge", "judge_neutral", f"previous neutral table lacks columns {missing}")
+        prev = previous.filter(pc.and_(pc.equal(previous["model_id"], scorer.backend.model_id),
+                                       pc.equal(previous["prompt_version"], scorer.prompt.version)))
+        known = dict(zip(prev["text_hash"].to_pylist(), prev["neutral"].to_pylist()))
+        hit = {scorer.continuation(texts[i]): known[h] for i, h in hashes.items() if h in known}
+        scorer.preload_neutral(hit)
+        loaded = len(hit)
+    return texts, hashes, loaded
+
+
+def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairScorer") -> pa.Table:
+    rows = sorted((i, hashes[i], v) for i, t in texts.items() if (v := scorer.neutral_of(t)) is not None)
+    n = len(rows)
+    return pa.table({"item_id": pa.array([r[0] for r in rows], pa.int64()),
+                     "text_hash": pa.array([r[1] for r in rows], pa.string()),
+                     "neutral": pa.array([r[2] for r in rows], pa.float64()),
+                     "model_id": pa.array([scorer.backend.model_id] * n, pa.string()),
+                     "prompt_version": pa.array([scorer.prompt.version] * n, pa.string())},
+                    schema=JUDGE_NEUTRAL.schema)
+
+
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
-                previous: pa.Table | None = None, scorer: "PairScorer | None" = None,
-                previous_eval: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """Judge every mined pair and measure the judge; returns (JUDGMENTS table, JUDGE_EVAL table,
-    report).
+                previous: JudgeTables | None = None, scorer: "PairScorer | None" = None
+                ) -> tuple[JudgeTables, dict]:
+    """Judge every mined pair and measure the judge; returns the stage's tables and a report.
 
     ``pairs``: (n, src_item, dst_item, source, ...); ``items``: the catalog; ``interactions``: the
-    log the evaluation sets are drawn from (None skips the evaluation); ``previous`` and
-    ``previous_eval``: the last published judgments and evaluation scores, reused for pairs scored
-    by the same model and prompt. The new judged pairs and the new evaluation pairs run through the
-    LLM together, in one batched pass (shared contexts, one neutral pass per distinct item).
+    log the evaluation sets are drawn from (None skips the evaluation); ``previous``: the last
+    published tables, whose judgments, evaluation scores and neutral passes are reused where the
+    LLM, prompt and item text are the same. The new judged pairs and the new evaluation pairs run
+    through the LLM together, in one batched pass (shared contexts, one neutral pass per distinct
+    item not already known).
     Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``llm.pairs`` (pairs the
-    LLM ran this run: judged + evaluation, distinct), ``score_s``, ``pairs_per_s`` (llm.pairs per
-    second of that pass), per source ``<source>.pairs/.kept/.keep_rate``, ``reasoning.rows``,
-    ``reasoning_s``, the evaluation's ``auc.<set>``, ``eval.pairs(.cached)``, ``eval_s`` and ``notes``.
+    LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` / ``neutral.computed``,
+    ``score_s``, ``pairs_per_s`` (llm.pairs per second of that pass), per source
+    ``<source>.pairs/.kept/.keep_rate``, ``reasoning.rows``, ``reasoning_s``, the evaluation's
+    ``auc.<set>``, ``eval.pairs(.cached)``, ``eval_s`` and ``notes``.
     """
     from qarm_core.judge.judge import pair_components
 
+    previous = previous or JudgeTables.empty()
     scorer = scorer or make_scorer(cfg)
-    todo = pairs_to_score(previous, pairs, scorer.model_id, cfg.prompt_version)
+    todo = pairs_to_score(previous.judgments, pairs, scorer.model_id, cfg.prompt_version)
     notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
     eval_pairs, why = (None, "skipped: no interactions given") if interactions is None else \
         draw_eval_pairs(interactions, items, cfg.eval)
     if eval_pairs is None:
         notes["eval"] = why if why.startswith("skipped") else f"skipped: {why}"
+    plan = _plan_eval(eval_pairs, items, scorer, previous.judge_eval) if eval_pairs is not None else None
+    # Every item that can be scored as B this run: its neutral pass is taken from the last run
+    # where the LLM, the prompt and the item's text are unchanged.
+    b_items = set(pairs["dst_item"].to_pylist()) | (set(eval_pairs["dst_item"].to_pylist()) if plan else set())
+    texts, hashes, neutral_cached = _neutral_plan(items, b_items, scorer, previous.judge_neutral)
     # One LLM pass over the new judged pairs and the evaluation pairs not in the cache.
     t0 = time.perf_counter()
     union = todo.select(["src_item", "dst_item"])
-    plan = _plan_eval(eval_pairs, items, scorer, previous_eval) if eval_pairs is not None else None
     if plan is not None:
         union = pa.concat_tables([union, plan.todo_pairs()])
     if union.num_rows:
@@ -189,12 +245,14 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
         pair_components(union, items, scorer, "pairs (new judged + evaluation)")
     score_s = time.perf_counter() - t0
     # Everything below reads what that pass computed.
-    out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous, scorer)
+    out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous.judgments, scorer)
     t1 = time.perf_counter()
     out = add_reasoning(out, items, scorer.backend, cfg)
     reasoning_s = time.perf_counter() - t1
+    neutral = _neutral_table(texts, hashes, scorer)
     report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(todo.num_rows),
                     "pairs.cached": float(out.num_rows - todo.num_rows), "llm.pairs": float(union.num_rows),
+                    "neutral.cached": float(neutral_cached), "neutral.computed": float(neutral.num_rows - neutral_cached),
                     "score_s": score_s, "reasoning_s": reasoning_s,
                     "reasoning.rows": float(out.num_rows - out["reasoning"].null_count)}
     if union.num_rows:
@@ -212,7 +270,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
         report |= aucs
         report["eval_s"] = time.perf_counter() - t2
     report["notes"] = notes
-    return out, eval_table, report
+    return JudgeTables(out, eval_table, neutral), report
 
 
 def qa_item_ids(judgments: pa.Table, items: pa.Table, mode: str) -> list[int]:

@@ -121,6 +121,8 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     # the evaluation set is the same on the same log: its scores come from the published snapshot
     assert day2["eval.pairs.cached"] == day2["eval.pairs"] == day1["eval.pairs"] > 0
     assert day2["llm.pairs"] == day2["pairs.scored"] and day2["auc.cooc"] == day1["auc.cooc"]
+    # yesterday's neutral passes are reused: only items first seen as B today get one
+    assert day1["neutral.cached"] == 0 and day2["neutral.cached"] == day1["neutral.computed"] > 0
     assert of("train", second)["reused_published"] == 1.0
     e1, e2 = of("embed", first), of("embed", second)
     assert (e1["encoded"], e1["carried_over"]) == (40, 0) and (e2["encoded"], e2["carried_over"]) == (0, 40)

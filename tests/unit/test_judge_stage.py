@@ -11,7 +11,7 @@ from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, LocalModelConfi
 from qarm_core.judge.judge import PairScorer
 from qarm_core.judge.prompts import judge_prompt
 from qarm_core.judge.stage import draw_eval_pairs, evaluate_judge, judge_stage, qa_item_ids, qa_stage
-from qarm_core.schemas import JUDGE_EVAL, JUDGMENTS, QA
+from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS, QA
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
 from tests.conftest import tiny_lm_path
 
@@ -43,7 +43,8 @@ def data():
 def test_judge_stage_report_and_cache(backend, data):
     items, inter, pairs = data
     scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
-    out, ev, rep = judge_stage(pairs, items, inter, CFG, scorer=scorer)
+    tables, rep = judge_stage(pairs, items, inter, CFG, scorer=scorer)
+    out, ev = tables.judgments, tables.judge_eval
     assert out.schema == JUDGMENTS.schema and out.num_rows == pairs.num_rows
     assert ev.schema == JUDGE_EVAL.schema and ev.num_rows == rep["eval.pairs"] > 0
     assert rep["pairs"] == rep["pairs.scored"] == pairs.num_rows and rep["pairs.cached"] == 0
@@ -66,7 +67,12 @@ def test_judge_stage_report_and_cache(backend, data):
         ["src_item", "dst_item", "source"]).aggregate([("score_max", "max")])
     new_pairs = more.num_rows - pairs.num_rows
     fresh = PairScorer(backend, judge_prompt(CFG.prompt_version))    # a new process: nothing in memory
-    out2, ev2, rep2 = judge_stage(more, items, inter, CFG, previous=out, scorer=fresh, previous_eval=ev)
+    tables2, rep2 = judge_stage(more, items, inter, CFG, previous=tables, scorer=fresh)
+    out2, ev2 = tables2.judgments, tables2.judge_eval
+    # the neutral passes of yesterday's items were not run again: only the new items' were
+    assert rep["neutral.cached"] == 0 and rep["neutral.computed"] == tables.judge_neutral.num_rows > 0
+    new_b = set(more["dst_item"].to_pylist()) - set(tables.judge_neutral["item_id"].to_pylist())
+    assert rep2["neutral.computed"] == len(new_b) and rep2["neutral.cached"] == tables.judge_neutral.num_rows
     assert rep2["pairs.scored"] == new_pairs and rep2["pairs.cached"] == pairs.num_rows
     # the evaluation came from the published scores: the LLM ran on the new pairs only
     assert rep2["eval.pairs.cached"] == rep2["eval.pairs"] and rep2["llm.pairs"] == new_pairs
@@ -77,8 +83,9 @@ def test_judge_stage_report_and_cache(backend, data):
                                                        keys=key, right_suffix="_2")
     assert j["score"].to_pylist() == j["score_2"].to_pylist()
     # no interactions: the evaluation is skipped, and says so
-    _, ev3, rep3 = judge_stage(more, items, None, CFG, previous=out2, scorer=fresh)
-    assert rep3["notes"]["eval"].startswith("skipped") and "auc.cooc" not in rep3 and ev3.num_rows == 0
+    tables3, rep3 = judge_stage(more, items, None, CFG, previous=tables2, scorer=fresh)
+    assert rep3["notes"]["eval"].startswith("skipped") and "auc.cooc" not in rep3
+    assert tables3.judge_eval.num_rows == 0 and tables3.judge_neutral.schema == JUDGE_NEUTRAL.schema
 
 
 def test_evaluation_cache_follows_item_text(backend, data):
