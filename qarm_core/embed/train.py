@@ -341,6 +341,8 @@ def _train(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
     from qarm_core.embed.losses import info_nce, qa_loss
     from qarm_core.embed.model import anneal_scale, load_model, save_model
 
+    if cfg.dtype == "auto":  # a job written by hand (or by an older version) for a launched worker
+        cfg = cfg.model_copy(update={"dtype": training_dtype(cfg).name})
     rank, world, _ = _dist_env()
     if world > 1 and world != cfg.nproc:
         raise DataError(STAGE, "config", f"launched with WORLD_SIZE={world} but train.nproc={cfg.nproc}")
