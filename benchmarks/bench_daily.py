@@ -8,7 +8,7 @@ more often than their share) and runs the daily deployment's mode: the published
 caches, the codebook is warm-started. Each day is one ``codebook-refresh`` flow run in its own
 process; stage times are the MLflow stage runs' ``duration_s`` (gates counted with their stage).
 
-The LLM stages run a tiny random llama (2 layers, width 32; ``judge/testing.make_tiny_causal_lm``):
+The LLM stages run a tiny random llama (2 layers, width 32; ``lm.tiny.make_tiny_causal_lm``):
 at 1M items SmolLM2-135M would take about a day on 2 CPU cores, so the measured times show the
 pipeline's own cost, and the LLM work is counted in units (pairs scored, questions answered, items
 encoded, training steps). A last phase measures SmolLM2's rate per unit on this machine (auto dtype)
@@ -147,8 +147,9 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     from qarm_core.devices import cpu_info
     from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
     from qarm_core.embed.embed import LLMEmbedder
-    from qarm_core.judge.backends import LocalLM
-    from qarm_core.judge.config import LocalModelConfig, QAConfig
+    from qarm_core.lm.local import LocalLM
+    from qarm_core.lm.config import LocalModelConfig
+    from qarm_core.judge.config import QAConfig
     from qarm_core.judge.judge import PairScorer, pair_components
     from qarm_core.judge.prompts import judge_prompt
     from qarm_core.judge.qa import generate_qa
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from qarm_core.devices import hardware_summary
-    from qarm_core.judge.testing import make_tiny_causal_lm
+    from qarm_core.lm.tiny import make_tiny_causal_lm
 
     out = Path(args.out or tempfile.mkdtemp(prefix="qarm-bench-daily-"))
     out.mkdir(parents=True, exist_ok=True)

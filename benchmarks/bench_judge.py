@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from qarm_core.ingest import fetch_recbole_wheel, read_ml100k
-    from qarm_core.judge.backends import LocalLM, SentenceEmbedder
-    from qarm_core.judge.config import JudgeConfig, LocalModelConfig, QAConfig
+    from qarm_core.lm.local import LocalLM
+    from qarm_core.lm.sentence import SentenceEmbedder
+    from qarm_core.judge.config import JudgeConfig, QAConfig
+    from qarm_core.lm.config import LocalModelConfig
     from qarm_core.judge.evaluate import EvalSetParams, auc, build_eval_sets, injection_flip_rate
     from qarm_core.judge.judge import PairScorer, make_scorer, pair_components, score_pairs
     from qarm_core.judge.prompts import judge_prompt
     from qarm_core.judge.qa import QAStats, generate_qa
-    from qarm_core.judge.text import render_items
+    from qarm_core.lm.text import render_items
 
     torch.set_num_threads(2)
     cfg = JudgeConfig()

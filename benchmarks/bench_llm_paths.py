@@ -79,18 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from qarm_core.ingest import fetch_recbole_wheel, read_ml100k
-    from qarm_core.judge.backends import LocalLM
-    from qarm_core.judge.config import JudgeConfig, LocalModelConfig, QAConfig
+    from qarm_core.lm.local import LocalLM
+    from qarm_core.judge.config import JudgeConfig, QAConfig
+    from qarm_core.lm.config import LocalModelConfig
     from qarm_core.judge.judge import PairScorer
     from qarm_core.judge.prompts import judge_prompt, qa_prompt
     from qarm_core.judge.qa import questions_for
-    from qarm_core.judge.text import quote, render_item, render_items
-    from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+    from qarm_core.lm.text import quote, render_item, render_items
+    from qarm_core.pairs.config import SwingConfig
+    from qarm_core.pairs.swing import mine_swing_pairs
 
     torch.set_num_threads(2)
     inter, items = read_ml100k(fetch_recbole_wheel(REPO / ".cache" / "recbole"))
     pos = inter.filter(pc.greater_equal(inter["rating"], 4))
-    pairs = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingParams(top_k=args.top_k))
+    pairs = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingConfig(top_k=args.top_k))
     srcs = np.unique(pairs["src_item"].to_numpy())
     pick = np.random.default_rng(0).choice(srcs, min(args.judge_sources, len(srcs)), replace=False)
     pairs = pairs.filter(pc.is_in(pairs["src_item"], pa.array(pick)))

@@ -34,7 +34,7 @@ INPUTS = REPO / ".cache" / "rank" / "ml100k_minilm"
 def _ml100k(cfg_over: dict | None = None, models: list[str] | None = None):
     import pyarrow.parquet as pq
 
-    from qarm_core.config import DuckDBConfig
+    from qarm_core.base import DuckDBConfig
     from qarm_core.ingest import fetch_recbole_wheel, read_ml100k
     from qarm_core.rank.config import RankConfig
     from qarm_core.rank.inputs import minilm_inputs

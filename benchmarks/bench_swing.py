@@ -77,21 +77,22 @@ def _load(cfg: dict):
 
 
 def _params(d: dict):
-    from qarm_core.pairs.swing import SwingParams
+    from qarm_core.pairs.config import SwingConfig
 
-    return SwingParams(**d)
+    return SwingConfig(**d)
 
 
 def phase_qarm(cfg: dict) -> dict:
     import numba
     import numpy as np
 
-    from qarm_core.pairs.swing import SwingParams, mine_swing_pairs, prepare_swing_inputs, swing_scores
+    from qarm_core.pairs.config import SwingConfig
+    from qarm_core.pairs.swing import mine_swing_pairs, prepare_swing_inputs, swing_scores
 
     numba.set_num_threads(cfg["threads"])
     params = _params(cfg["params"])
     t0 = time.perf_counter()  # compile (or load numba's cache) on a toy log, outside the timings
-    mine_swing_pairs(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), SwingParams(top_k=2))
+    mine_swing_pairs(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), SwingConfig(top_k=2))
     jit = time.perf_counter() - t0
 
     u, i, load = _load(cfg)

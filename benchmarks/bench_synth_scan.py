@@ -43,7 +43,7 @@ TOP_SQL = "SELECT item_id, count(*) c FROM read_parquet('{glob}') GROUP BY item_
 
 
 def phase_duckdb(out: str, memory_limit: str) -> dict:
-    from qarm_core.config import DuckDBConfig
+    from qarm_core.base import DuckDBConfig
     from qarm_core.duck import connect
 
     con = connect(DuckDBConfig(memory_limit=memory_limit, max_temp_directory_size="8GB", threads=2),

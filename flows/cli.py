@@ -150,12 +150,14 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
         import numpy as np
         import pyarrow.parquet as pq
 
+        from qarm_core.events import positive_mask
         from qarm_core.ingest import iter_conformed
-        from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+        from qarm_core.pairs.config import SwingConfig
+        from qarm_core.pairs.swing import mine_swing_pairs
         from qarm_core.schemas import INTERACTIONS
 
         try:
-            params = SwingParams(alpha1=alpha1, alpha2=alpha2, beta=beta, max_users_per_item=max_users_per_item,
+            params = SwingConfig(alpha1=alpha1, alpha2=alpha2, beta=beta, max_users_per_item=max_users_per_item,
                                  min_user_items=min_user_items, max_user_items=max_user_items, top_k=top_k, seed=seed)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
@@ -163,11 +165,7 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
         with console.status("reading interactions"):
             users, items = [], []
             for b in iter_conformed(interactions, INTERACTIONS, delimiter):
-                keep = np.ones(b.num_rows, bool)
-                if min_rating is not None:
-                    r = b.column("rating").to_numpy(zero_copy_only=False)
-                    lab = b.column("label").to_numpy(zero_copy_only=False)
-                    keep = np.where(np.isnan(r.astype(float)), lab == 1, r >= min_rating)
+                keep = positive_mask(b, min_rating, "mine")
                 users.append(b.column("user_id").to_numpy()[keep])
                 items.append(b.column("item_id").to_numpy()[keep])
         with console.status(f"mining Swing pairs over {sum(map(len, users)):,} events"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import duckdb
 
-from qarm_core.config import DuckDBConfig
+from qarm_core.base import DuckDBConfig
 
 
 def connect(cfg: DuckDBConfig, temp_dir: str | Path) -> duckdb.DuckDBPyConnection:

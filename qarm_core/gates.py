@@ -17,8 +17,9 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
-from qarm_core.config import DuckDBConfig, GatesConfig
+from qarm_core.base import DuckDBConfig, Strict
 from qarm_core.duck import connect, parquet_source
 from qarm_core.errors import GateError
 from qarm_core.progress import Progress
@@ -26,6 +27,56 @@ from qarm_core.schemas import (
     CODES, EMBEDDINGS, INTERACTIONS, ITEMS, JUDGMENTS, PAIRS, QA, DatasetSchema, embeddings_schema, schema_for,
 )
 from qarm_core.storage import DatasetRecord
+
+
+class RowBounds(Strict):
+    min_rows: int = Field(1, ge=0)
+    max_rows: int = Field(1_000_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RowBounds":
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows ({self.min_rows}) > max_rows ({self.max_rows})")
+        return self
+
+
+class InteractionGate(RowBounds):
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    # Earliest and latest plausible event time (unix seconds); catches ms-vs-s unit mix-ups.
+    ts_min: int = 0
+    ts_max: int = 4_102_444_800  # 2100-01-01
+
+
+class ItemGate(RowBounds):
+    max_title_chars: int = Field(1_000, ge=1)
+
+
+class QAGate(RowBounds):
+    # A sanity bound, independent of the generator's own cut (qa.max_answer_chars).
+    max_text_chars: int = Field(1_000, ge=1)
+
+
+class EmbeddingsGate(RowBounds):
+    norm_tolerance: float = Field(1e-3, gt=0.0)   # | ||v|| - 1 | allowed (vectors are L2-normalised)
+
+
+class CodesGate(RowBounds):
+    # Share of items whose (c1, c2, c3) is shared with another item, after collision resolution.
+    max_collision_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class GatesConfig(Strict):
+    interactions: InteractionGate = InteractionGate()
+    items: ItemGate = ItemGate()
+    pairs: RowBounds = RowBounds()
+    judgments: RowBounds = RowBounds()
+    qa: QAGate = QAGate()
+    embeddings: EmbeddingsGate = EmbeddingsGate()
+    codes: CodesGate = CodesGate()
+    # Rows per batch handed to Great Expectations; keyed and table-level checks run in DuckDB.
+    batch_rows: int = Field(2_000_000, ge=1)
+    sample_rows: int = Field(5, ge=1)
 
 
 @dataclass

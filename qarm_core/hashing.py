@@ -8,6 +8,8 @@ with yesterday (samples, evaluation pairs, held-out splits).
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import numpy as np
 
@@ -39,3 +41,9 @@ def keyed_hash(seed: int, *keys: np.ndarray | int) -> np.ndarray:
 def keyed_uniform(seed: int, *keys: np.ndarray | int) -> np.ndarray:
     """float64 in [0, 1) from ``keyed_hash``: the same keys always give the same number."""
     return (keyed_hash(seed, *keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def stable_hash(obj: Any) -> str:
+    """Short content hash of a JSON-serialisable object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(blob, digest_size=10).hexdigest()

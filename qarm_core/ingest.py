@@ -11,18 +11,53 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
+from qarm_core.base import Strict
 from qarm_core.errors import DataError
 from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema
 
-if TYPE_CHECKING:
-    from qarm_core.config import IngestConfig
+
+class ML100KSource(Strict):
+    recbole_version: str = "1.2.1"
+    # Where the downloaded recbole wheel is kept; default: <home>/cache/recbole.
+    cache_dir: str | None = None
+
+
+class FilesSource(Strict):
+    interactions: str | None = None
+    items: str | None = None
+    # CSV only: the field separator (Parquet files carry their own schema).
+    csv_delimiter: str = ","
+
+
+class SynthSource(Strict):
+    users: int = Field(1_000, ge=1)
+    items: int = Field(5_000, ge=1)
+    interactions: int = Field(100_000, ge=1)
+    seed: int = 0
+    zipf_exponent: float = Field(1.1, gt=0.0)
+
+
+class IngestConfig(Strict):
+    source: Literal["ml100k", "files", "synth"] = "ml100k"
+    ml100k: ML100KSource = ML100KSource()
+    files: FilesSource = FilesSource()
+    synth: SynthSource = SynthSource()
+
+    @model_validator(mode="after")
+    def _files_given(self) -> "IngestConfig":
+        if self.source == "files" and not (self.files.interactions and self.files.items):
+            raise ValueError("ingest.source is 'files' but ingest.files.interactions and "
+                             "ingest.files.items are not both set")
+        return self
+
 
 STAGE = "ingest"
 ML100K_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
@@ -261,7 +296,7 @@ def _input_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
-def resolve_source(cfg: "IngestConfig") -> tuple[str, dict[str, BatchesFn]]:
+def resolve_source(cfg: IngestConfig) -> tuple[str, dict[str, BatchesFn]]:
     """(fingerprint of the source content, {dataset: batches function}) for the configured source;
     reading a dataset logs its progress (rows read, rate).
 
@@ -277,8 +312,8 @@ def _counting(name: str, fn: BatchesFn) -> BatchesFn:
     return lambda: counted(fn(), STAGE, f"reading {name}")
 
 
-def _resolve_source(cfg: "IngestConfig") -> tuple[str, dict[str, BatchesFn]]:
-    from qarm_core.config import stable_hash
+def _resolve_source(cfg: IngestConfig) -> tuple[str, dict[str, BatchesFn]]:
+    from qarm_core.hashing import stable_hash
     from qarm_core.storage import hash_files
     from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
 

@@ -33,10 +33,20 @@ from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from qarm_core import __version__
+from qarm_core.base import Strict
 from qarm_core.errors import StorageError
 from qarm_core.schemas import DatasetSchema, schema_for
+
+
+class StorageConfig(Strict):
+    # Number of published snapshots kept, the current one included.
+    retention: int = Field(5, ge=1)
+    # Staged stage outputs (the rerun cache) older than this are deleted after a publish.
+    work_ttl_hours: float = Field(72.0, ge=0.0)
+
 
 MANIFEST = "manifest.json"
 STAGE_DONE = "_SUCCESS.json"

@@ -10,7 +10,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
 from qarm_core.schemas import EMBEDDINGS, embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.ingest import resolve_source
 from qarm_core.schemas import SCHEMAS
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.gates import judge_quality_gate
 from qarm_core.judge.stage import JudgeTables, judge_stage, qa_item_ids, qa_stage
 from qarm_core.schemas import JUDGMENTS, QA, SCHEMAS

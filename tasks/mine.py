@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.duck import connect
 from qarm_core.pairs.mine import load_interactions, mine_pairs
 from qarm_core.schemas import PAIRS

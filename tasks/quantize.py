@@ -7,7 +7,8 @@ import json
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.quantize.io import read_embeddings
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
 from qarm_core.quantize.stage import quantize_stage

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from qarm_core import __version__
-from qarm_core.config import PipelineConfig, stable_hash
+from qarm_core.config import PipelineConfig
+from qarm_core.hashing import stable_hash
 from qarm_core.errors import DataError
 from qarm_core.rank.compare import plot_curves, summarize
 from qarm_core.rank.data import RankData

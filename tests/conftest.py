@@ -16,27 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_CACHE = REPO / ".cache" / "tests"
-# configs/tiny.yaml with the judge and QA generator on a tiny random LM (written once per session by
-# ``_tiny_test_config``), so a flow test runs the real judge code in seconds.
-TINY = str(TEST_CACHE / "tiny.yaml")
-
-
-def tiny_lm_path() -> Path:
-    """A tiny random causal LM + tokenizer (real transformers model, ~1 s to build), built once."""
-    from qarm_core.judge.testing import make_tiny_causal_lm
-
-    path = TEST_CACHE / "tiny_lm"
-    if not (path / "config.json").exists():
-        tmp = TEST_CACHE / f"tiny_lm.tmp{os.getpid()}"
-        make_tiny_causal_lm(tmp)
-        try:
-            tmp.rename(path)
-        except OSError:  # another session built it first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+from tests.support.paths import REPO, TEST_CACHE, TINY, build_tiny_lm  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,10 +24,10 @@ def _tiny_test_config() -> str:
     import yaml
 
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    lm = {"model_path": str(tiny_lm_path()), "dtype": "float32", "batch_size": 8}
+    lm = {"model_path": str(build_tiny_lm()), "dtype": "float32", "batch_size": 8}
     data["judge"] = {**data.get("judge", {}), "local": lm}
     data["qa"] = {**data.get("qa", {}), "local": lm}
-    data.setdefault("embed", {}).setdefault("model", {})["model"] = str(tiny_lm_path())
+    data.setdefault("embed", {}).setdefault("model", {})["model"] = str(build_tiny_lm())
     TEST_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = TEST_CACHE / f"tiny.yaml.tmp{os.getpid()}"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -77,3 +57,26 @@ def tiny_cfg(tmp_path):
     from qarm_core.config import load_config
 
     return load_config(TINY, {"home": str(tmp_path / "home")}).resolved()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path() -> Path:
+    """The tiny random causal LM's folder (``lm.tiny.make_tiny_causal_lm``, seed 0), built once."""
+    return build_tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_lm_path):
+    """The tiny LM loaded as a ``LocalLM`` in float32, batches of 4."""
+    from qarm_core.lm.config import LocalModelConfig
+    from qarm_core.lm.local import LocalLM
+
+    return LocalLM(LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32", batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog():
+    """(items, judgments, qa) of 24 items in 4 genres (``support.data.tiny_catalog``)."""
+    from tests.support.data import tiny_catalog as build
+
+    return build()

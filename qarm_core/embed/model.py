@@ -167,7 +167,7 @@ class LoadedModel:
 def resolve_model_path(cfg: EmbedModelConfig, stage: str) -> Path:
     """The HF folder named by ``cfg.model`` ("smollm2": the GGUF conversion cache)."""
     if cfg.model == "smollm2":
-        from qarm_core.judge.backends import ensure_smollm2
+        from qarm_core.lm.assets import ensure_smollm2
 
         return ensure_smollm2(cfg.cache_dir)
     p = Path(cfg.model)

@@ -15,7 +15,7 @@ from qarm_core.embed.evaluate import evaluate_embeddings
 from qarm_core.embed.train import TrainRecord, train_embedding_model
 
 if TYPE_CHECKING:
-    from qarm_core.config import EmbedStageConfig
+    from qarm_core.embed.config import EmbedStageConfig
 
 ProgressFn = Callable[[dict], None]
 

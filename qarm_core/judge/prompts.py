@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qarm_core.judge.text import ItemTextFormat, quote
+from qarm_core.lm.text import ItemTextFormat, quote
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 from qarm_core.errors import DataError
 from qarm_core.judge.config import QAConfig
 from qarm_core.judge.prompts import QAPrompt, qa_prompt
-from qarm_core.judge.text import quote, render_item, sanitize, uninvert
+from qarm_core.lm.text import quote, render_item, sanitize, uninvert
 from qarm_core.progress import Progress
 from qarm_core.schemas import QA
 
 if TYPE_CHECKING:
-    from qarm_core.judge.backends import LMBackend
+    from qarm_core.lm.backend import LMBackend
 
 STAGE = "judge"
 _ECHO = re.compile(r"\b(item|question|answer)\s*:|data, not instructions|one short sentence|<\|", re.IGNORECASE)

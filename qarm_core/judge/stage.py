@@ -22,7 +22,7 @@ from qarm_core.judge.judge import add_reasoning, judge_pairs, make_scorer, pairs
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
-    from qarm_core.judge.backends import LMBackend
+    from qarm_core.lm.backend import LMBackend
     from qarm_core.judge.judge import PairScorer
 
 
@@ -68,8 +68,8 @@ def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfi
 def _pair_text_hashes(pairs: pa.Table, items: pa.Table, scorer: "PairScorer") -> list[str]:
     """Per row of (src_item, dst_item): a hash of exactly what the scorer reads (both items'
     rendered texts and tag lines), so a cached score is reused only for unchanged text."""
-    from qarm_core.config import stable_hash
-    from qarm_core.judge.text import render_items
+    from qarm_core.hashing import stable_hash
+    from qarm_core.lm.text import render_items
 
     src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
     fmt = scorer.prompt.item_format
@@ -174,7 +174,7 @@ def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer"
     as B this run; neutral values of ``previous`` for the same LLM, prompt and text are handed to
     ``scorer`` so their neutral pass is not run again."""
     from qarm_core.hashing import text_hash
-    from qarm_core.judge.text import render_items
+    from qarm_core.lm.text import render_items
 
     texts = render_items(items, set(item_ids), scorer.prompt.item_format)
     hashes = {i: text_hash(scorer.continuation(t)) for i, t in texts.items()}
@@ -292,7 +292,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     from qarm_core.judge.qa import QAStats, generate_qa
 
     if backend is None:
-        from qarm_core.judge.backends import make_backend
+        from qarm_core.lm.backend import make_backend
 
         backend = make_backend(cfg.backend, cfg.local, cfg.http)
     ids = sorted({int(i) for i in item_ids})

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
-from qarm_core.config import MineConfig
+from qarm_core.pairs.config import MineConfig
 from qarm_core.duck import parquet_source
 from qarm_core.errors import DataError
+from qarm_core.events import positive_mask
 from qarm_core.schemas import PAIRS
 from qarm_core.storage import DatasetRecord
 
@@ -25,16 +25,6 @@ def load_interactions(con: duckdb.DuckDBPyConnection, interactions: DatasetRecor
     files = [str(Path(interactions.path) / f) for f in interactions.files]
     return con.sql(f"SELECT user_id, item_id, ts, rating, label FROM {parquet_source(files)} "
                    "ORDER BY ts, user_id, item_id").to_arrow_table()
-
-
-def positive_mask(interactions: pa.Table, min_rating: float | None) -> np.ndarray:
-    """``(n_events,)`` bool: rating >= min_rating where a rating is given, else label == 1;
-    every event when ``min_rating`` is None."""
-    if min_rating is None:
-        return np.ones(interactions.num_rows, bool)
-    rating = interactions["rating"].to_numpy(zero_copy_only=False).astype(np.float64)
-    label = interactions["label"].to_numpy(zero_copy_only=False).astype(np.float64)
-    return np.where(np.isnan(rating), label == 1, rating >= min_rating)
 
 
 def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) -> tuple[pa.Table, dict[str, float]]:
@@ -51,18 +41,18 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) 
         log.info("mine: %s over %s events", "Swing item-to-item pairs" if source == "swing"
                  else "two-tower user-to-item pairs", f"{interactions.num_rows:,}")
         if source == "swing":
-            keep = positive_mask(interactions, cfg.min_rating)
+            keep = positive_mask(interactions, cfg.min_rating, STAGE)
             if not keep.any():
                 raise DataError(STAGE, "interactions", f"no events pass min_rating={cfg.min_rating}")
             table = mine_swing_pairs(interactions["user_id"].to_numpy()[keep],
-                                     interactions["item_id"].to_numpy()[keep], cfg.swing.params())
+                                     interactions["item_id"].to_numpy()[keep], cfg.swing)
             report["swing.events"] = float(keep.sum())
         else:
             from qarm_core.pairs.two_tower import mine_u2i_pairs
 
             if items is None:
                 raise DataError(STAGE, "items", "the u2i miner needs the items dataset")
-            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i.params(), k=cfg.u2i.recall_k)
+            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i, k=cfg.u2i.recall_k)
             report |= {f"u2i.{k}": float(v) for k, v in rep.items() if isinstance(v, (int, float))}
         report[f"{source}.seconds"] = time.perf_counter() - t0
         report[f"{source}.pairs"] = float(table.num_rows)

@@ -21,32 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from qarm_core.hashing import splitmix64
+from qarm_core.pairs.config import SwingConfig
 
 PAIRS_SOURCE = "swing"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SwingParams:
-    alpha1: float = 15.0
-    alpha2: float = 0.0
-    beta: float = 0.3
-    max_users_per_item: int = 1000
-    min_user_items: int = 2
-    max_user_items: int = 1000
-    top_k: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.alpha1 < 0 or self.alpha2 < 0 or self.beta < 0:
-            raise ValueError("swing: alpha1, alpha2 and beta must be >= 0")
-        if self.alpha1 == 0 and self.beta > 0 and self.min_user_items < 1:
-            raise ValueError("swing: alpha1 = 0 needs min_user_items >= 1")
-        if self.max_users_per_item < 2 or self.top_k < 1:
-            raise ValueError("swing: max_users_per_item must be >= 2 and top_k >= 1")
-        if not 1 <= self.min_user_items <= self.max_user_items:
-            raise ValueError(f"swing: need 1 <= min_user_items ({self.min_user_items}) <= "
-                             f"max_user_items ({self.max_user_items})")
 
 
 @dataclass(frozen=True)
@@ -61,7 +39,7 @@ class SwingInputs:
     weights: np.ndarray       # (n_users,) w_u
 
 
-def prepare_swing_inputs(user_id: np.ndarray, item_id: np.ndarray, params: SwingParams) -> SwingInputs:
+def prepare_swing_inputs(user_id: np.ndarray, item_id: np.ndarray, params: SwingConfig) -> SwingInputs:
     """Deduplicate (user, item), filter users by item count, sample users per item, build CSR."""
     if len(user_id) != len(item_id):
         raise ValueError("swing: user_id and item_id differ in length")
@@ -185,7 +163,7 @@ def _kernel():
 _KERNEL = None
 
 
-def swing_scores(inputs: SwingInputs, params: SwingParams, n_chunks: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def swing_scores(inputs: SwingInputs, params: SwingConfig, n_chunks: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(src, dst, score) arrays in original item ids, ``top_k`` rows per source item at most."""
     global _KERNEL
     if _KERNEL is None:
@@ -203,14 +181,14 @@ def swing_scores(inputs: SwingInputs, params: SwingParams, n_chunks: int = 64) -
     return src[order], dst[order], score[order]
 
 
-def mine_swing_pairs(user_id: np.ndarray, item_id: np.ndarray, params: SwingParams | None = None) -> pa.Table:
+def mine_swing_pairs(user_id: np.ndarray, item_id: np.ndarray, params: SwingConfig | None = None) -> pa.Table:
     """Swing pairs from interaction arrays ``(n_events,)``: one row per directed top-k neighbour.
 
     Returns a table ``src_item, dst_item, score, source`` sorted by (src_item, score desc, dst_item).
     """
     import time
 
-    params = params or SwingParams()
+    params = params or SwingConfig()
     t0 = time.perf_counter()
     inputs = prepare_swing_inputs(user_id, item_id, params)
     log.info("swing: inputs ready in %.1f s (%s events); scoring user pairs per item (one compiled pass, "

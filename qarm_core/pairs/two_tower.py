@@ -44,6 +44,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
+from qarm_core.events import positive_mask
+from qarm_core.pairs.config import TwoTowerConfig
 from qarm_core.pairs.swing import pairs_table
 from qarm_core.progress import Progress
 
@@ -52,54 +54,6 @@ if TYPE_CHECKING:
 
 STAGE = "mine"
 PAIRS_SOURCE = "u2i"
-
-
-@dataclass(frozen=True)
-class TwoTowerParams:
-    """Model, training and mining settings. The defaults train on ML-100K in about 20 s (1 thread)."""
-
-    dim: int = 64                    # output embedding size of both towers
-    hidden: int = 128                # id/text embedding and MLP width
-    history_len: int = 50            # most recent events the user tower sees
-    recency_half_life: float = 5.0   # history weight halves every this many events (0: plain mean)
-    text_buckets: int = 1 << 15      # hash buckets of the title/tag bag of words
-    max_tokens: int = 24             # tokens kept per item (title words first, then tags)
-    positive_min_rating: float = 4.0
-    temperature: float = 0.02
-    logq_correction: bool = True
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    window_events: int = 1           # latest window for u2i mining: last N positive events per user
-    top_m: int = 5                   # pairs per (user, target)
-    # Train on at most this many of the most recent training samples (None: all). Bounds a daily
-    # run's training cost on a large log: one epoch over 10M events takes minutes on 2 cores.
-    max_train_samples: int | None = None
-    seed: int = 0
-    # torch threads. 1 by default: the per-batch ops are too small to gain from a second thread,
-    # and on a shared 2-core CPU OpenMP's spin-waiting made 2 threads 5-10x slower (measured).
-    num_threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("dim", "hidden", "history_len", "text_buckets", "max_tokens", "epochs",
-                     "window_events", "top_m", "num_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"two_tower: {name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(f"two_tower: batch_size must be >= 2 (in-batch negatives), "
-                             f"got {self.batch_size}")
-        if not self.temperature > 0:
-            raise ValueError(f"two_tower: temperature must be > 0, got {self.temperature}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"two_tower: need lr > 0 and weight_decay >= 0, got lr={self.lr}, "
-                             f"weight_decay={self.weight_decay}")
-        if not (self.recency_half_life >= 0 and np.isfinite(self.recency_half_life)):
-            raise ValueError(f"two_tower: recency_half_life must be >= 0, got {self.recency_half_life}")
-        if self.max_train_samples is not None and self.max_train_samples < 2:
-            raise ValueError(f"two_tower: max_train_samples must be >= 2, got {self.max_train_samples}")
-        if not np.isfinite(self.positive_min_rating):
-            raise ValueError(f"two_tower: positive_min_rating must be finite, got {self.positive_min_rating}")
 
 
 # ---------------------------------------------------------------- data: ids, text, time-ordered split
@@ -121,7 +75,7 @@ class TwoTowerSplit:
     holdout_pos: np.ndarray   # (n_holdout,) int64 positions of holdout events, one per user
     window_pos: np.ndarray    # (n_window,) int64 positions of the latest-window positives
     item_count: np.ndarray    # (n_items,) int64 training-target count of each item
-    params: TwoTowerParams    # the params the split was built with (text hashing, positives, window)
+    params: TwoTowerConfig    # the params the split was built with (text hashing, positives, window)
 
     @property
     def n_items(self) -> int:
@@ -149,24 +103,6 @@ def _int_column(table: pa.Table, name: str, dataset: str) -> np.ndarray:
         return col.to_numpy().astype(np.int64, casting="same_kind")
     except TypeError:
         raise DataError(STAGE, dataset, f"column {name!r} must be integer, got {col.type}") from None
-
-
-def _positive_mask(table: pa.Table, min_rating: float) -> np.ndarray:
-    """Rating >= min_rating where a rating is present, else label == 1 (see the module doc)."""
-    n = table.num_rows
-    if "rating" not in table.column_names and "label" not in table.column_names:
-        raise DataError(STAGE, "interactions", "needs a 'rating' or a 'label' column to tell "
-                                               f"positives; found {table.column_names}")
-    has_rating = np.zeros(n, bool)
-    positive = np.zeros(n, bool)
-    if "rating" in table.column_names:
-        rating = pc.cast(table.column("rating"), pa.float64())
-        has_rating = pc.is_valid(rating).to_numpy(zero_copy_only=False)
-        positive = pc.fill_null(pc.greater_equal(rating, min_rating), False).to_numpy(zero_copy_only=False)
-    if "label" in table.column_names:
-        label = pc.fill_null(pc.equal(pc.cast(table.column("label"), pa.int64()), 1), False)
-        positive = np.where(has_rating, positive, label.to_numpy(zero_copy_only=False))
-    return positive
 
 
 def _hash_token(token: str, buckets: int) -> int:
@@ -204,14 +140,14 @@ def item_text_tokens(items: pa.Table, buckets: int, max_tokens: int) -> np.ndarr
     return out
 
 
-def time_split(interactions: Any, items: Any, params: TwoTowerParams | None = None) -> TwoTowerSplit:
+def time_split(interactions: Any, items: Any, params: TwoTowerConfig | None = None) -> TwoTowerSplit:
     """The time-ordered split of ``interactions`` (see the module doc), in dense indices.
 
     ``interactions``: a table (or anything ``pa.table`` reads) with ``user_id, item_id, ts`` and
     ``rating`` and/or ``label``; ``items``: ``item_id, title`` and optional ``tags``. Every item of
     ``interactions`` must be in ``items``; items without events stay in the catalogue.
     """
-    params = params or TwoTowerParams()
+    params = params or TwoTowerConfig()
     inter = _as_table(interactions, "interactions")
     items_t = _as_table(items, "items")
     if inter.num_rows == 0:
@@ -224,7 +160,7 @@ def time_split(interactions: Any, items: Any, params: TwoTowerParams | None = No
     user = _int_column(inter, "user_id", "interactions")
     item = _int_column(inter, "item_id", "interactions")
     ts = _int_column(inter, "ts", "interactions")
-    positive = _positive_mask(inter, params.positive_min_rating)
+    positive = positive_mask(inter, params.positive_min_rating, STAGE)
 
     raw_item_ids = _int_column(items_t, "item_id", "items")
     item_order = np.argsort(raw_item_ids, kind="stable")
@@ -299,7 +235,7 @@ def pool_weights(mask: np.ndarray, half_life: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- model
-def _build_towers(n_items: int, params: TwoTowerParams):
+def _build_towers(n_items: int, params: TwoTowerConfig):
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -331,7 +267,7 @@ def _build_towers(n_items: int, params: TwoTowerParams):
 
 
 @contextlib.contextmanager
-def _torch_env(params: TwoTowerParams) -> Iterator[None]:
+def _torch_env(params: TwoTowerConfig) -> Iterator[None]:
     """Seeded, fixed-thread torch; the caller's global RNG state and thread count are restored."""
     import torch
 
@@ -348,7 +284,7 @@ def _torch_env(params: TwoTowerParams) -> Iterator[None]:
 class TwoTowerModel:
     """Trained towers plus the id map and item text they were trained with (inference only)."""
 
-    def __init__(self, towers, split: TwoTowerSplit, params: TwoTowerParams, train_seconds: float = 0.0):
+    def __init__(self, towers, split: TwoTowerSplit, params: TwoTowerConfig, train_seconds: float = 0.0):
         self.towers = towers
         self.item_ids = split.item_ids            # (n_items,) original id of each embedding row
         self.item_tokens = split.item_tokens
@@ -396,7 +332,7 @@ class TwoTowerModel:
         return np.concatenate(out)
 
 
-def train_two_tower(split: TwoTowerSplit, params: TwoTowerParams | None = None,
+def train_two_tower(split: TwoTowerSplit, params: TwoTowerConfig | None = None,
                     log: list | None = None) -> TwoTowerModel:
     """Train both towers on ``split.train_pos`` with the in-batch sampled softmax (logQ-corrected).
 
@@ -581,14 +517,14 @@ def u2i_pairs(model: TwoTowerModel, split: TwoTowerSplit, chunk: int = 4096) -> 
     return pairs_table(split.item_ids[src[keep]], split.item_ids[dst[keep]], sc[keep], PAIRS_SOURCE)
 
 
-def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerParams | None = None,
+def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
                    k: int = 50) -> tuple[pa.Table, dict[str, Any]]:
     """Split, train, evaluate and mine: the 'u2i' pairs table and a report.
 
     The report holds recall@k of the two-tower model and of popularity on the holdout (``None``
     when no user has two positives), the training time and the sample/pair counts.
     """
-    params = params or TwoTowerParams()
+    params = params or TwoTowerConfig()
     split = time_split(interactions, items, params)
     model = train_two_tower(split, params)
     report: dict[str, Any] = {"n_items": split.n_items, "n_users_total": len(split.user_ids),

@@ -80,28 +80,19 @@ def catalog_sizing(n: int) -> tuple[tuple[int, int, int], int, int]:
     return (k, k, k), int(np.log2(k)), 2
 
 
-def ml100k_item_texts(wheel: str) -> tuple[np.ndarray, list[str]]:
-    """(item ids ``(1682,)``, texts "title (year), genres: a, b") of ML-100K from the recbole wheel."""
-    from qarm_core.ingest import read_ml100k
-
-    _, items = read_ml100k(wheel)
-    texts = []
-    for r in items.to_pylist():
-        head = f"{r['title']} ({r['year']})" if r["year"] else r["title"]
-        texts.append(f"{head}, genres: {', '.join(r['tags'])}" if r["tags"] else head)
-    return items["item_id"].to_numpy(), texts
-
-
 def ml100k_minilm_embeddings(wheel: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(item ids, embeddings ``(1682, 384)`` unit-norm float32, model id) of the ML-100K item texts
-    with all-MiniLM-L6-v2 (``judge.backends.SentenceEmbedder``); cached as .npy in ``cache_dir``
-    under a hash of the texts and the model id."""
+    with all-MiniLM-L6-v2 (``lm.sentence``; the titles as ML-100K writes them, "Usual Suspects, The");
+    cached as .npy in ``cache_dir`` under a hash of the texts and the model id."""
     import hashlib
     from pathlib import Path
 
-    from qarm_core.judge.backends import SentenceEmbedder
+    from qarm_core.ingest import read_ml100k
+    from qarm_core.lm.sentence import SentenceEmbedder
+    from qarm_core.lm.text import ItemTextFormat, item_text
 
-    ids, texts = ml100k_item_texts(wheel)
+    _, items = read_ml100k(wheel)
+    ids, texts = item_text(items, ItemTextFormat(uninvert_articles=False))
     model_id = "minilm-l6-v2"
     key = hashlib.sha256(("\n".join(texts) + "|" + model_id).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"ml100k_{model_id}_{key}.npy" if cache_dir else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
+from qarm_core.quantize.config import QuantizerParams
 from qarm_core.quantize.kmeans import assign, fit_level, row_sqnorms, sticky, subtract_centroids
 from qarm_core.quantize.metrics import churn, collision_metrics, decode_hit_rates, hit_rates, level_usage
 from qarm_core.quantize.sid import resolve_collisions_cells, sid_keys, sid_strings
@@ -26,34 +27,6 @@ from qarm_core.quantize.sid import resolve_collisions_cells, sid_keys, sid_strin
 STAGE = "quantize"
 log = logging.getLogger(__name__)
 CODEBOOK_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class QuantizerParams:
-    levels: tuple[int, ...] = (256, 256)     # K per residual k-means level
-    fsq_dims: int = 4
-    fsq_levels: int = 4
-    niter: int = 20
-    polish_iter: int = 10
-    seed: int = 0
-    resolve: bool = True                      # move colliding items to free FSQ codes
-    max_alternatives: int = 32                # candidate FSQ cells tried per colliding item
-    stickiness: float = 0.01                  # warm start: keep an old code within 1% of the best
-    fsq_margin: float = 0.5                   # warm start: keep an old FSQ cell if within this many bin widths
-    warmup_sample: int = 500_000              # cold fit: Lloyd on min(this, n/4) sampled rows first (0: off)
-    hr_sample: int = 20_000                   # query items for HR@k
-    decode_hr_sample: int = 1000              # query items for decode HR@k (each scans the catalog)
-
-    def __post_init__(self) -> None:
-        if not self.levels or any(k < 2 for k in self.levels):
-            raise ValueError(f"quantize: every k-means level needs K >= 2, got {self.levels}")
-        if self.fsq_dims < 1 or self.fsq_levels < 2:
-            raise ValueError("quantize: fsq_dims >= 1 and fsq_levels >= 2 required")
-        space = float(np.prod([float(k) for k in self.levels])) * float(self.fsq_levels) ** self.fsq_dims
-        if space >= 2.0 ** 62:
-            raise ValueError(f"quantize: total code space {space:.3g} does not fit in int64")
-        if len(self.levels) != 2:
-            raise ValueError("quantize: SIDs are (c1, c2, c3): exactly two k-means levels")
 
 
 @dataclass(frozen=True)
@@ -306,7 +279,7 @@ def save_codebook(codebook: Codebook, folder: str | Path) -> None:
         np.save(folder / f"centroids_level{level}.npy", c, allow_pickle=False)
     for name in ("mean", "components", "boundaries", "centers"):
         np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
-    meta = {"format": CODEBOOK_FORMAT, "params": {**asdict(codebook.params), "levels": list(codebook.params.levels)},
+    meta = {"format": CODEBOOK_FORMAT, "params": codebook.params.model_dump(mode="json"),
             "dim": codebook.dim, "fit_report": codebook.fit_report}
     (folder / "codebook.json").write_text(json.dumps(meta, indent=2))
 
@@ -319,7 +292,7 @@ def load_codebook(folder: str | Path) -> Codebook:
         raise DataError(STAGE, "codebook", f"unreadable codebook at {folder}: {exc}") from None
     if meta.get("format") != CODEBOOK_FORMAT:
         raise DataError(STAGE, "codebook", f"codebook format {meta.get('format')} is not {CODEBOOK_FORMAT}")
-    params = QuantizerParams(**{**meta["params"], "levels": tuple(meta["params"]["levels"])})
+    params = QuantizerParams(**meta["params"])
     books = [np.load(folder / f"centroids_level{i}.npy", allow_pickle=False) for i in range(1, len(params.levels) + 1)]
     fsq = F.FSQCodebook(*(np.load(folder / f"fsq_{n}.npy", allow_pickle=False)
                           for n in ("mean", "components", "boundaries", "centers")))

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from qarm_core.base import Strict
 
 # The model presets the harness knows (see qarm_core.rank.models.MODEL_SPECS).
 ModelName = Literal["din", "sim_hard", "sim_soft", "ours_nosid", "ours_sid", "ours_sid_vq"]
 ALL_MODELS: tuple[str, ...] = ("din", "sim_hard", "sim_soft", "ours_nosid", "ours_sid", "ours_sid_vq")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class SamplesConfig(_Strict):
+class SamplesConfig(Strict):
     """How time-ordered samples are cut from the log (see qarm_core.rank.samples)."""
 
     long_len: int = Field(500, ge=1)          # L_long: history events the GSU searches
@@ -33,7 +31,7 @@ class SamplesConfig(_Strict):
     seed: int = 0
 
 
-class GSUConfig(_Strict):
+class GSUConfig(Strict):
     """General Search Unit: which history items the ESU attends to (see qarm_core.rank.gsu)."""
 
     top_k: int = Field(50, ge=1)
@@ -46,7 +44,7 @@ class GSUConfig(_Strict):
     missing_embedding: Literal["error", "zero"] = "error"
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     dim: int = Field(32, ge=1)                 # width of every id / code embedding
     att_hidden: int = Field(32, ge=1)          # DIN attention MLP hidden width
     mlp_hidden: list[int] = Field(default_factory=lambda: [128, 64])
@@ -58,7 +56,7 @@ class ModelConfig(_Strict):
     frozen_embedding: bool = False
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(3e-3, gt=0.0)
@@ -70,13 +68,13 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(4096, ge=1)
 
 
-class RankGateConfig(_Strict):
+class RankGateConfig(Strict):
     min_train_samples: int = Field(1, ge=1)
     min_test_users: int = Field(1, ge=1)      # users in the test set with both labels (GAUC needs them)
     max_missing_code_share: float = Field(0.05, ge=0.0, le=1.0)
 
 
-class RankConfig(_Strict):
+class RankConfig(Strict):
     """Stage 6: ranking (GSU/ESU) against DIN and SIM baselines."""
 
     models: list[ModelName] = Field(default_factory=lambda: list(ALL_MODELS))

@@ -140,15 +140,6 @@ def pca(x: np.ndarray, dim: int | None) -> np.ndarray:
     return out
 
 
-def item_text(items: pa.Table) -> tuple[np.ndarray, list[str]]:
-    """(sorted item ids ``(n,)``, one text line per item: ``title (year), genres: ...``)."""
-    from qarm_core.judge.text import render_item
-
-    cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
-    rows = sorted(items.select(cols).to_pylist(), key=lambda r: r["item_id"])
-    return np.array([r["item_id"] for r in rows], np.int64), [render_item(r) for r in rows]
-
-
 def quantize_codes(item_ids: np.ndarray, x: np.ndarray, levels: tuple[int, int] = (32, 16), fsq_dims: int = 2,
                    fsq_levels: int = 4, seed: int = 0) -> tuple[pa.Table, dict]:
     """Semantic IDs of embeddings ``x`` ``(n, d)`` with qarm_core.quantize (residual k-means per level,
@@ -168,17 +159,14 @@ def minilm_inputs(items: pa.Table, out_dir: str | Path, levels: tuple[int, int] 
     """Embed every catalog item's text with MiniLM and quantize it; writes
     ``out_dir/embeddings.parquet`` (item_id, vector[384], model_version) and ``out_dir/codes.parquet``
     (the quantizer's codes table). Returns (embeddings path, codes path, quantizer metrics)."""
+    from qarm_core.lm.sentence import embed_item_texts
     from qarm_core.quantize.io import embeddings_batch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids, texts = item_text(items)
-    if embedder is None:
-        from qarm_core.judge.backends import SentenceEmbedder
-        embedder = SentenceEmbedder()
-    x = embedder.embed(texts)
+    ids, x, model_id = embed_item_texts(items, embedder)
     emb_path, codes_path = out / "embeddings.parquet", out / "codes.parquet"
-    version = f"minilm:{getattr(embedder, 'model_id', 'minilm')}"
+    version = f"minilm:{model_id}"
     pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, version)]), emb_path)
     codes, metrics = quantize_codes(ids, x, levels, fsq_dims, fsq_levels, seed)
     pq.write_table(codes, codes_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from qarm_core.config import DuckDBConfig
+from qarm_core.base import DuckDBConfig
 from qarm_core.errors import DataError
 from qarm_core.rank.config import RankConfig
 from qarm_core.rank.data import RankData, build_index, prepare

@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from qarm_core.config import DuckDBConfig
+from qarm_core.base import DuckDBConfig
 from qarm_core.duck import connect
 from qarm_core.errors import DataError
+from qarm_core.events import positive_sql
 from qarm_core.rank.config import SamplesConfig
 from qarm_core.rank.inputs import ItemIndex
 
@@ -113,8 +114,7 @@ def build_samples(interactions: pa.Table, index: ItemIndex, cfg: SamplesConfig, 
         con.execute(f"""
             CREATE TEMP TABLE ev AS
             SELECT user_id, item_id, ts,
-                   CASE WHEN {rating} IS NOT NULL THEN ({rating} >= {float(cfg.positive_min_rating)})::TINYINT
-                        WHEN {label} IS NOT NULL THEN ({label} > 0)::TINYINT END AS label,
+                   {positive_sql(rating, label, cfg.positive_min_rating)} AS label,
                    (row_number() OVER (PARTITION BY user_id ORDER BY ts, item_id) - 1)::INTEGER AS pos,
                    count(*) OVER (PARTITION BY user_id) AS n_user
             FROM inter""")

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from qarm_core.storage import Storage
-from tests.conftest import TINY
+from tests.support.paths import TINY
 
 runner = CliRunner()
 
@@ -59,7 +59,8 @@ def test_config_errors_exit_2(tmp_path):
 def test_pairs_swing_cli(tmp_path):
     import numpy as np
 
-    from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
+    from qarm_core.pairs.config import SwingConfig
+    from qarm_core.pairs.swing import mine_swing_pairs
 
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--users", "30", "--items", "20",
                               "--interactions", "600", "--seed", "3"])
@@ -71,7 +72,7 @@ def test_pairs_swing_cli(tmp_path):
     got = pq.read_table(out)
     inter = pq.read_table(tmp_path / "s" / "interactions")
     pos = inter.filter(pc.greater_equal(inter["rating"], 4.0))
-    want = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingParams(top_k=5, seed=2))
+    want = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingConfig(top_k=5, seed=2))
     assert got.equals(want) and got.num_rows > 0
     bad = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "nope.csv"), "--out", str(out)])
     assert bad.exit_code == 2 and "input file not found" in bad.output

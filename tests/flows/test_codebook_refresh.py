@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pytest
 
 from flows.codebook_refresh import codebook_refresh
@@ -12,7 +11,7 @@ from qarm_core.config import load_config
 from qarm_core.errors import ConfigError, GateError
 from qarm_core.storage import Storage, read_dataset
 from tasks import tracking
-from tests.conftest import TINY
+from tests.support.paths import TINY
 
 
 def _cfg(home):

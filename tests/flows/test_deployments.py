@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_prefect_yaml_entrypoint_loads_the_flow():

@@ -15,7 +15,7 @@ from qarm_core.quantize.io import embeddings_batch
 from qarm_core.schemas import CODES, SCHEMAS, embeddings_schema
 from qarm_core.storage import Storage, read_dataset, write_parquet_dataset, write_stage_outputs
 from tasks import tracking
-from tests.conftest import TINY
+from tests.support.paths import TINY
 
 # Small and fast: 2 epochs, 2 seeds, short histories.
 RANK = {"rank.samples.long_len": 30, "rank.samples.short_len": 5, "rank.samples.test_events": 3,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from qarm_core.storage import Storage
-from tests.conftest import REPO, TINY
+from tests.support.paths import REPO, TINY
 
 pytestmark = pytest.mark.slow
 

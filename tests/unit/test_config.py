@@ -1,10 +1,9 @@
-from pathlib import Path
 
 import pytest
 
 from qarm_core.config import PipelineConfig, dump_config, load_config, parse_config
 from qarm_core.errors import ConfigError
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.parametrize("name", ["ml100k.yaml", "ml100k-gpu.yaml", "tiny.yaml"])

@@ -1,6 +1,6 @@
-"""The three-segment embedding model: mask, losses, data, catalog embedding, evaluation, bad input.
+"""The three-segment embedding model: mask, losses, data, tiny_catalog embedding, evaluation, bad input.
 
-Everything runs on a tiny random llama (``judge.testing.make_tiny_causal_lm``); seconds per test.
+Everything runs on a tiny random llama (``lm.tiny.make_tiny_causal_lm``); seconds per test.
 Training tests are in test_embed_train.py.
 """
 
@@ -15,43 +15,6 @@ import pytest
 
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
-from tests.conftest import tiny_lm_path
-
-GENRES = ["Action", "Comedy", "Drama", "Horror"]
-
-
-def tiny_catalog(n: int = 24) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(items, judgments, qa): items 1..n in 4 genres; kept pairs = same genre, one rejected pair."""
-    items = pa.table({"item_id": pa.array(range(1, n + 1), pa.int64()),
-                      "title": [f"Movie {i}" for i in range(1, n + 1)],
-                      "year": pa.array([1990 + i % 7 for i in range(n)], pa.int32()),
-                      "tags": [[GENRES[i % 4]] for i in range(n)]})
-    src, dst = [], []
-    for i in range(1, n + 1):
-        for j in range(1, n + 1):
-            if i != j and (i - 1) % 4 == (j - 1) % 4:
-                src.append(i)
-                dst.append(j)
-    src.append(1)
-    dst.append(2)              # different genres, rejected by the judge
-    judgments = pa.table({"src_item": pa.array(src, pa.int64()), "dst_item": pa.array(dst, pa.int64()),
-                          "keep": [True] * (len(src) - 1) + [False]})
-    qa = pa.table({"item_id": pa.array(list(range(1, n + 1)) * 2, pa.int64()),
-                   "qa_index": pa.array([0] * n + [1] * n, pa.int32()),
-                   "question": ["What genre is it?"] * n + ["When was it released?"] * n,
-                   "answer": [f"It is {GENRES[i % 4]}." for i in range(n)] + [f"In {1990 + i % 7}." for i in range(n)]})
-    return items, judgments, qa
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    return tiny_lm_path()
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return tiny_catalog()
-
 
 def _cfg(path, **kw) -> EmbedModelConfig:
     return EmbedModelConfig(model=str(path), dim=16, **kw)
@@ -99,13 +62,13 @@ def _batch(loaded, item, qa, answer_flags=None):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_qa_tokens_do_not_change_the_embedding(tiny_lm, impl):
+def test_qa_tokens_do_not_change_the_embedding(tiny_lm_path, impl):
     import torch
 
     from qarm_core.embed.data import EncodedItem, collate
     from qarm_core.embed.model import load_model
 
-    loaded = load_model(_cfg(tiny_lm, attn_implementation=impl))
+    loaded = load_model(_cfg(tiny_lm_path, attn_implementation=impl))
     assert loaded.model.lm.config._attn_implementation == impl
     item = [11, 12, 13, 14, 15]
     with torch.no_grad():
@@ -123,7 +86,7 @@ def test_qa_tokens_do_not_change_the_embedding(tiny_lm, impl):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm, impl):
+def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm_path, impl):
     """Run item A, record every decoder layer's output at the EMB positions; run item B (same
     length) with those EMB states patched in. With QA->item attention annealed to zero, B's QA
     logits equal A's: the item reaches QA only through EMB. Before annealing they differ."""
@@ -131,7 +94,7 @@ def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm, impl):
 
     from qarm_core.embed.model import load_model
 
-    loaded = load_model(_cfg(tiny_lm, attn_implementation=impl))
+    loaded = load_model(_cfg(tiny_lm_path, attn_implementation=impl))
     model = loaded.model
     qa = [30, 31, 32, 33, 34]
     ba, bb = _batch(loaded, [11, 12, 13, 14], qa), _batch(loaded, [50, 60, 70, 80], qa)
@@ -169,12 +132,12 @@ def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm, impl):
         assert (diff < 1e-5) if same else (diff > 1e-3), (scale, diff)
 
 
-def test_new_tokens_and_reload(tiny_lm, tmp_path):
+def test_new_tokens_and_reload(tiny_lm_path, tmp_path):
     import torch
 
     from qarm_core.embed.model import load_model, save_model
 
-    cfg = _cfg(tiny_lm, n_emb_tokens=3)
+    cfg = _cfg(tiny_lm_path, n_emb_tokens=3)
     a = load_model(cfg)
     assert a.tokenizer.convert_ids_to_tokens(list(a.emb_token_ids)) == ["<EMB_1>", "<EMB_2>", "<EMB_3>"]
     rows = a.model.lm.get_input_embeddings().weight[list(a.emb_token_ids)]
@@ -213,12 +176,12 @@ def test_info_nce_and_duplicate_masking():
     assert unmasked > 0.2 and masked < 1e-3
 
 
-def test_qa_loss_only_on_answer_tokens(tiny_lm):
+def test_qa_loss_only_on_answer_tokens(tiny_lm_path):
     import torch
 
     from qarm_core.embed.model import load_model
 
-    loaded = load_model(_cfg(tiny_lm))
+    loaded = load_model(_cfg(tiny_lm_path))
     b = _batch(loaded, [11, 12, 13], [20, 21, 22, 23], [False, False, True, True])
     assert b["labels"][0].tolist()[-4:] == [-100, -100, 22, 23]
     with torch.no_grad():
@@ -231,10 +194,10 @@ def test_qa_loss_only_on_answer_tokens(tiny_lm):
 
 
 # ---------------------------------------------------------------- data
-def test_pairs_split_and_batches(catalog):
+def test_pairs_split_and_batches(tiny_catalog):
     from qarm_core.embed.data import batch_pair_indices, positive_pairs, split_pairs
 
-    items, judgments, _ = catalog
+    items, judgments, _ = tiny_catalog
     a, p = positive_pairs(judgments, items["item_id"].to_numpy(), "train")
     assert len(a) == 4 * (6 * 5 // 2)                         # unordered same-genre pairs; rejected pair gone
     assert ((a - 1) % 4 == (p - 1) % 4).all() and (a < p).all()
@@ -251,12 +214,12 @@ def test_pairs_split_and_batches(catalog):
     assert len(batch_pair_indices(3, 5, 8, 0)) == 8           # fewer pairs than a batch: repeats
 
 
-def test_item_text_and_qa_segment(tiny_lm, catalog):
+def test_item_text_and_qa_segment(tiny_lm_path, tiny_catalog):
     from qarm_core.embed.data import encode_items, item_texts, qa_by_item
     from qarm_core.embed.model import load_model
 
-    items, _, qa = catalog
-    cfg = _cfg(tiny_lm, max_qa_tokens=12, max_qa_pairs=1)
+    items, _, qa = tiny_catalog
+    cfg = _cfg(tiny_lm_path, max_qa_tokens=12, max_qa_pairs=1)
     texts = item_texts(items, cfg, [1, 2])
     assert texts == {1: "Movie 1 (1990), genres: Action", 2: "Movie 2 (1991), genres: Comedy"}
     qmap = qa_by_item(qa, 1, "train")
@@ -270,13 +233,13 @@ def test_item_text_and_qa_segment(tiny_lm, catalog):
     assert not set(e.item) & set(loaded.emb_token_ids)
 
 
-# ---------------------------------------------------------------- catalog embedding
-def test_embed_catalog_deterministic_resumable(tiny_lm, catalog, tmp_path):
+# ---------------------------------------------------------------- tiny_catalog embedding
+def test_embed_catalog_deterministic_resumable(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.quantize.io import read_embeddings
 
-    items, _, _ = catalog
-    mcfg = _cfg(tiny_lm)
+    items, _, _ = tiny_catalog
+    mcfg = _cfg(tiny_lm_path)
     ecfg = EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb", dtype="float32")
     seen: list[dict] = []
     r1 = embed_catalog(items, tmp_path / "a", mcfg, ecfg, progress=seen.append)
@@ -313,7 +276,7 @@ def test_embed_catalog_deterministic_resumable(tiny_lm, catalog, tmp_path):
     assert json.loads((tmp_path / "a" / "_embed_meta.json").read_text())["chunk_rows"] == 100
 
 
-def test_daily_run_encodes_only_new_and_changed_items(tiny_lm, catalog, tmp_path):
+def test_daily_run_encodes_only_new_and_changed_items(tiny_lm_path, tiny_catalog, tmp_path):
     """Carry-over keyed by (model version, text hash): a renamed item and a new item are encoded,
     every other vector is yesterday's, bit for bit; another model version reuses nothing."""
     import pyarrow.compute as pc
@@ -321,8 +284,8 @@ def test_daily_run_encodes_only_new_and_changed_items(tiny_lm, catalog, tmp_path
     from qarm_core.embed.embed import PreviousEmbeddings, embed_catalog
     from qarm_core.quantize.io import read_embeddings
 
-    items, _, _ = catalog
-    mcfg, ecfg = _cfg(tiny_lm), EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb", dtype="float32")
+    items, _, _ = tiny_catalog
+    mcfg, ecfg = _cfg(tiny_lm_path), EmbedConfig(batch_size=5, chunk_rows=10, base_pooling="emb", dtype="float32")
     day0 = embed_catalog(items, tmp_path / "d0", mcfg, ecfg)
     assert (day0.encoded, day0.carried_over) == (24, 0)
     t0 = pq.read_table(tmp_path / "d0")
@@ -343,7 +306,7 @@ def test_daily_run_encodes_only_new_and_changed_items(tiny_lm, catalog, tmp_path
     fresh = embed_catalog(day1_items, tmp_path / "fresh", mcfg, ecfg)
     np.testing.assert_allclose(read_embeddings(fresh.path)[1], x1, atol=1e-5)
     # another model version: nothing is carried over
-    other = embed_catalog(day1_items, tmp_path / "other", EmbedModelConfig(model=str(tiny_lm), dim=8), ecfg,
+    other = embed_catalog(day1_items, tmp_path / "other", EmbedModelConfig(model=str(tiny_lm_path), dim=8), ecfg,
                           previous=PreviousEmbeddings(tmp_path / "d1"))
     assert (other.encoded, other.carried_over) == (25, 0)
     # a table written before text hashes existed: nothing is reused
@@ -354,12 +317,12 @@ def test_daily_run_encodes_only_new_and_changed_items(tiny_lm, catalog, tmp_path
     assert pc.sum(pc.is_null(pq.read_table(tmp_path / "d2")["text_hash"])).as_py() == 0
 
 
-def test_base_mean_pooling_and_minilm(tiny_lm, catalog, tmp_path):
+def test_base_mean_pooling_and_minilm(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog, embed_catalog_minilm
     from qarm_core.quantize.io import read_embeddings
 
-    items, _, _ = catalog
-    r = embed_catalog(items, tmp_path / "mean", _cfg(tiny_lm), EmbedConfig(batch_size=8, base_pooling="mean"))
+    items, _, _ = tiny_catalog
+    r = embed_catalog(items, tmp_path / "mean", _cfg(tiny_lm_path), EmbedConfig(batch_size=8, base_pooling="mean"))
     assert r.dim == 32 and r.model_version.endswith(":mean")       # hidden size of the tiny llama
     m = embed_catalog_minilm(items, tmp_path / "minilm", EmbedConfig(batch_size=16))
     ids, x = read_embeddings(tmp_path / "minilm")
@@ -391,12 +354,12 @@ def test_retrieval_metrics_by_hand():
         ranks_of_positives(ids, v, np.array([10]), np.array([99]))
 
 
-def test_evaluate_embeddings_file(tiny_lm, catalog, tmp_path):
+def test_evaluate_embeddings_file(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.evaluate import evaluate_embeddings
 
-    items, judgments, _ = catalog
-    embed_catalog(items, tmp_path / "e", _cfg(tiny_lm), EmbedConfig(base_pooling="emb"))
+    items, judgments, _ = tiny_catalog
+    embed_catalog(items, tmp_path / "e", _cfg(tiny_lm_path), EmbedConfig(base_pooling="emb"))
     m = evaluate_embeddings(tmp_path / "e", judgments, k=10)
     assert m.queries == 120 and 0 <= m.recall_at_k <= 1 and 0 < m.mrr <= 1 and m.catalog == 24
     assert m.model_version.startswith("base:")
@@ -405,22 +368,22 @@ def test_evaluate_embeddings_file(tiny_lm, catalog, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
-def test_bad_inputs(tiny_lm, catalog, tmp_path):
+def test_bad_inputs(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     tcfg = TrainConfig(use_deepspeed=False, max_steps=1, batch_size=4)
     empty = judgments.slice(0, 0)
     with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*empty"):
-        train_embedding_model(items, empty, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+        train_embedding_model(items, empty, qa, tmp_path / "r", _cfg(tiny_lm_path), tcfg)
     none_kept = judgments.set_column(2, "keep", pa.array([False] * judgments.num_rows))
     with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*none kept"):
-        train_embedding_model(items, none_kept, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+        train_embedding_model(items, none_kept, qa, tmp_path / "r", _cfg(tiny_lm_path), tcfg)
     unknown = pa.table({"src_item": pa.array([1, 5000], pa.int64()), "dst_item": pa.array([2, 3], pa.int64()),
                         "keep": [True, True]})
     with pytest.raises(DataError, match=r"\[stage=train, dataset=judgments\].*not in the items table.*5000"):
-        train_embedding_model(items, unknown, qa, tmp_path / "r", _cfg(tiny_lm), tcfg)
+        train_embedding_model(items, unknown, qa, tmp_path / "r", _cfg(tiny_lm_path), tcfg)
     with pytest.raises(DataError, match=r"\[stage=train, dataset=model\].*does not exist"):
         train_embedding_model(items, judgments, qa, tmp_path / "r", EmbedModelConfig(model=str(tmp_path / "nope")), tcfg)
     with pytest.raises(DataError, match=r"\[stage=embed, dataset=model\].*does not exist"):
@@ -430,9 +393,9 @@ def test_bad_inputs(tiny_lm, catalog, tmp_path):
         embed_catalog(items, tmp_path / "e", EmbedModelConfig(model=str(tmp_path / "notmodel")))
     dup = pa.concat_tables([items, items.slice(0, 1)])
     with pytest.raises(DataError, match=r"\[stage=embed, dataset=items\].*not unique"):
-        embed_catalog(dup, tmp_path / "e", _cfg(tiny_lm))
+        embed_catalog(dup, tmp_path / "e", _cfg(tiny_lm_path))
     with pytest.raises(DataError, match=r"\[stage=embed, dataset=items\].*empty"):
-        embed_catalog(items.slice(0, 0), tmp_path / "e", _cfg(tiny_lm))
+        embed_catalog(items.slice(0, 0), tmp_path / "e", _cfg(tiny_lm_path))
 
 
 def test_configs_are_strict():

@@ -13,7 +13,6 @@ import pytest
 
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.errors import DataError
-from tests.unit.test_embed import catalog, tiny_lm  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 # DeepSpeed JIT-compiles a small op on first use (~1 min); keep it in the repo cache between runs.
@@ -46,14 +45,14 @@ def _kill_at(step: int):
     return progress
 
 
-def test_loss_falls_plain_torch(tiny_lm, catalog, tmp_path):
+def test_loss_falls_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     cfg = TrainConfig(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=40, lr=3e-3, proj_lr=1e-2,
                       anneal_steps=10, checkpoint_every=100, temperature=0.1, qa_weight=0.5)
     seen: list[dict] = []
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg, progress=seen.append)
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg, progress=seen.append)
     assert [s["step"] for s in seen] == list(range(1, 41))
     assert seen[0]["qa_item_scale"] == 1.0 and seen[-1]["qa_item_scale"] == 0.0
     assert rec.steps == 40 and not rec.deepspeed and rec.train_pairs == 60
@@ -65,22 +64,22 @@ def test_loss_falls_plain_torch(tiny_lm, catalog, tmp_path):
     lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert len(lines) == 40 and json.loads(lines[-1])["step"] == 40
     # a finished run is reused, not retrained
-    again = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg)
+    again = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg)
     assert again.reused and again.model_version == rec.model_version
     # another config into the same folder: its checkpoints are not mixed up with this run's
     with pytest.raises(DataError, match=r"stage=train, dataset=checkpoints"):
-        train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg.model_copy(update={"lr": 1e-3}))
+        train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg.model_copy(update={"lr": 1e-3}))
 
 
-def test_deepspeed_zero2_single_process(tiny_lm, catalog, tmp_path):
+def test_deepspeed_zero2_single_process(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.config import EmbedConfig
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     cfg = TrainConfig(use_deepspeed=True, zero_stage=2, dtype="bfloat16", batch_size=8, max_steps=6, lr=3e-3,
                       anneal_steps=3, checkpoint_every=3)
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg)
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg)
     assert rec.deepspeed and rec.zero_stage == 2 and rec.dtype == "bfloat16" and rec.steps == 6 and rec.world_size == 1
     assert np.isfinite(rec.final_loss) and rec.tokens_per_s > 0
     ck = tmp_path / "checkpoints"
@@ -95,19 +94,19 @@ def test_deepspeed_zero2_single_process(tiny_lm, catalog, tmp_path):
 
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "deepspeed"])
-def test_killed_run_resumes_to_the_same_state(tiny_lm, catalog, tmp_path, deepspeed):
+def test_killed_run_resumes_to_the_same_state(tiny_lm_path, tiny_catalog, tmp_path, deepspeed):
     import torch
 
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     cfg = TrainConfig(use_deepspeed=deepspeed, dtype="bfloat16" if deepspeed else "float32", batch_size=8, max_steps=6, lr=3e-3,
                       anneal_steps=4, checkpoint_every=3, warmup_steps=2)
-    full = train_embedding_model(items, judgments, qa, tmp_path / "full", _mcfg(tiny_lm), cfg)
+    full = train_embedding_model(items, judgments, qa, tmp_path / "full", _mcfg(tiny_lm_path), cfg)
     with pytest.raises(Killed):        # dies after step 5: the last checkpoint is step 3
-        train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm), cfg, progress=_kill_at(5))
+        train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm_path), cfg, progress=_kill_at(5))
     assert not (tmp_path / "cut" / "model").exists()
-    resumed = train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm), cfg)
+    resumed = train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm_path), cfg)
     assert resumed.resumed_from_step == 3 and resumed.steps == 6
     assert resumed.fingerprint == full.fingerprint
     a, b = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "cut" / "model")
@@ -117,7 +116,7 @@ def test_killed_run_resumes_to_the_same_state(tiny_lm, catalog, tmp_path, deepsp
     assert resumed.final_loss == pytest.approx(full.final_loss, abs=1e-6)
 
 
-def test_gradient_cache_equals_full_batch(tiny_lm, catalog, tmp_path):
+def test_gradient_cache_equals_full_batch(tiny_lm_path, tiny_catalog, tmp_path):
     """Gradient cache changes memory, not the update: one fp32 step (Adam moves weights by ~lr =
     1e-3) agrees with the one-pass step. Adam's first step is ~lr * sign(grad), so an element whose
     gradient is ~0 can flip on float rounding alone: the check is on the bulk, not the max."""
@@ -126,15 +125,15 @@ def test_gradient_cache_equals_full_batch(tiny_lm, catalog, tmp_path):
 
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     base = dict(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=1, lr=1e-3, anneal_steps=1, warmup_steps=0,
                 qa_on_positive=True)
-    r0 = train_embedding_model(items, judgments, qa, tmp_path / "one", _mcfg(tiny_lm), TrainConfig(**base))
-    r1 = train_embedding_model(items, judgments, qa, tmp_path / "gc", _mcfg(tiny_lm),
+    r0 = train_embedding_model(items, judgments, qa, tmp_path / "one", _mcfg(tiny_lm_path), TrainConfig(**base))
+    r1 = train_embedding_model(items, judgments, qa, tmp_path / "gc", _mcfg(tiny_lm_path),
                                TrainConfig(**base, grad_cache_chunk=2))
     assert r1.final_loss == pytest.approx(r0.final_loss, rel=1e-5)
     a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "gc" / "model")
-    start = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    start = load_file(str(Path(tiny_lm_path) / "model.safetensors"))
     k = "model.layers.1.mlp.down_proj.weight"
     assert (a[k] - start[k]).abs().max() > 5e-4                     # the step did move the weights
     for k in a:
@@ -147,25 +146,25 @@ def test_gradient_cache_equals_full_batch(tiny_lm, catalog, tmp_path):
         assert float((diff > 1e-5).float().mean()) < 0.01, k
 
 
-def test_gradient_cache_under_deepspeed(tiny_lm, catalog, tmp_path):
+def test_gradient_cache_under_deepspeed(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
+    items, judgments, qa = tiny_catalog
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path),
                                 TrainConfig(batch_size=8, max_steps=3, grad_cache_chunk=4, checkpoint_every=3))
     assert rec.steps == 3 and np.isfinite(rec.final_loss)
 
 
-def test_frozen_layers_stay_put(tiny_lm, catalog, tmp_path):
+def test_frozen_layers_stay_put(tiny_lm_path, tiny_catalog, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
+    items, judgments, qa = tiny_catalog
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path),
                                 TrainConfig(use_deepspeed=False, batch_size=8, max_steps=3, freeze_layers=1, lr=1e-2))
-    before = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    before = load_file(str(Path(tiny_lm_path) / "model.safetensors"))
     after = _weights(Path(rec.model_dir))
     k0 = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(after[k0], before[k0])
@@ -173,22 +172,22 @@ def test_frozen_layers_stay_put(tiny_lm, catalog, tmp_path):
     assert (after[k1] - before[k1]).abs().max() > 0
 
 
-def test_lora_option(tiny_lm, catalog, tmp_path):
+def test_lora_option(tiny_lm_path, tiny_catalog, tmp_path):
     pytest.importorskip("peft")
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     import torch
     from safetensors.torch import load_file
 
     from qarm_core.embed.model import load_model
 
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path),
                                 TrainConfig(use_deepspeed=False, dtype="float32", batch_size=8, max_steps=3,
                                             lora_rank=4, lr=1e-2, warmup_steps=0))
     # adapters merged into plain weights: the export is an ordinary model folder
     after = _weights(Path(rec.model_dir))
-    before = load_file(str(Path(tiny_lm) / "model.safetensors"))
+    before = load_file(str(Path(tiny_lm_path) / "model.safetensors"))
     k = "model.layers.1.self_attn.q_proj.weight"
     assert k in after and not any("lora" in n for n in after)
     assert (after[k] - before[k]).abs().max() > 0
@@ -235,16 +234,16 @@ def test_launcher_args_reach_the_launch_command(tmp_path):
         run_launched(job, cfg, timeout_s=120)
 
 
-def _two_process(tiny_lm, catalog, tmp_path, launcher: str, deepspeed: bool = True):
+def _two_process(tiny_lm_path, tiny_catalog, tmp_path, launcher: str, deepspeed: bool = True):
     from qarm_core.embed.train import train_embedding_model
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     cfg = TrainConfig(launcher=launcher, nproc=2, batch_size=8, max_steps=4, checkpoint_every=2,
                       use_deepspeed=deepspeed, dtype="bfloat16" if deepspeed else "float32",
                       master_port=29500 + (os.getpid() % 500) + (7 if launcher == "deepspeed" else 0)
                       + (0 if deepspeed else 13))
     seen: list[dict] = []
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg, progress=seen.append)
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg, progress=seen.append)
     assert rec.world_size == 2 and rec.steps == 4 and rec.deepspeed == deepspeed
     assert [s["step"] for s in seen] == [1, 2, 3, 4]
     if deepspeed:
@@ -256,27 +255,27 @@ def _two_process(tiny_lm, catalog, tmp_path, launcher: str, deepspeed: bool = Tr
 
 
 @pytest.mark.slow
-def test_two_processes_torchrun(tiny_lm, catalog, tmp_path):
-    _two_process(tiny_lm, catalog, tmp_path, "torchrun")
+def test_two_processes_torchrun(tiny_lm_path, tiny_catalog, tmp_path):
+    _two_process(tiny_lm_path, tiny_catalog, tmp_path, "torchrun")
 
 
 @pytest.mark.slow
-def test_two_processes_plain_torch(tiny_lm, catalog, tmp_path):
+def test_two_processes_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
     """Plain torch over gloo (gradients all-reduced by hand), 2 processes x 4 pairs."""
     import torch
 
-    rec = _two_process(tiny_lm, catalog, tmp_path, "torchrun", deepspeed=False)
+    rec = _two_process(tiny_lm_path, tiny_catalog, tmp_path, "torchrun", deepspeed=False)
     w = _weights(Path(rec.model_dir))
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
 @pytest.mark.slow
-def test_two_processes_deepspeed_launcher(tiny_lm, catalog, tmp_path):
-    _two_process(tiny_lm, catalog, tmp_path, "deepspeed")
+def test_two_processes_deepspeed_launcher(tiny_lm_path, tiny_catalog, tmp_path):
+    _two_process(tiny_lm_path, tiny_catalog, tmp_path, "deepspeed")
 
 
 @pytest.mark.slow
-def test_sigkilled_process_resumes(tiny_lm, catalog, tmp_path):
+def test_sigkilled_process_resumes(tiny_lm_path, tiny_catalog, tmp_path):
     """A real kill (SIGKILL of the training process after its first checkpoint), then a resume."""
     import signal
     import subprocess
@@ -284,9 +283,9 @@ def test_sigkilled_process_resumes(tiny_lm, catalog, tmp_path):
 
     from qarm_core.embed.train import train_embedding_model, write_job
 
-    items, judgments, qa = catalog
+    items, judgments, qa = tiny_catalog
     cfg = TrainConfig(use_deepspeed=True, batch_size=8, max_steps=60, checkpoint_every=5)
-    job = write_job(items, judgments, qa, tmp_path, _mcfg(tiny_lm), cfg)
+    job = write_job(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg)
     proc = subprocess.Popen([sys.executable, "-m", "qarm_core.embed.worker", str(job)], cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "checkpoints" / "latest"
@@ -300,7 +299,7 @@ def test_sigkilled_process_resumes(tiny_lm, catalog, tmp_path):
         proc.wait()
     assert not (tmp_path / "train_record.json").exists()
     done = int(latest.read_text().strip().split("-")[1])
-    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm),
+    rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path),
                                 cfg)
     assert rec.resumed_from_step >= done and rec.steps == 60
 

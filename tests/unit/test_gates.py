@@ -2,16 +2,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qarm_core.config import DuckDBConfig, GatesConfig, parse_config
+from qarm_core.gates import GatesConfig
+from qarm_core.config import parse_config
 from qarm_core.errors import GateError
 from qarm_core.gates import judge_quality_gate, run_gate
 from qarm_core.schemas import INTERACTIONS, ITEMS, JUDGMENTS, QA
 from qarm_core.storage import DatasetRecord, write_parquet_dataset
+from tests.support.data import DUCK
 
 GATES = parse_config({"gates": {"interactions": {"min_rows": 1, "max_rows": 100, "rating_min": 1.0,
                                                   "rating_max": 5.0},
                                 "items": {"min_rows": 1, "max_rows": 100, "max_title_chars": 20}}}).gates
-DUCK = DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1)
 
 
 def _write(tmp_path, name, schema, cols) -> DatasetRecord:

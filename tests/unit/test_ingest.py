@@ -3,7 +3,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from qarm_core.config import IngestConfig, parse_config
+from qarm_core.ingest import IngestConfig
+from qarm_core.config import parse_config
 from qarm_core.errors import DataError
 from qarm_core.ingest import iter_conformed, read_ml100k, resolve_source
 from qarm_core.schemas import INTERACTIONS, ITEMS

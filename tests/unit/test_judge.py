@@ -9,13 +9,14 @@ import pyarrow as pa
 import pytest
 
 from qarm_core.errors import DataError
-from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules, LocalModelConfig
+from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
+from qarm_core.lm.config import LocalModelConfig
 from qarm_core.judge.judge import (
-    KEEP_TAG, REJECT_TAG, PairScorer, apply_keep_rules, judge_pairs, pairs_to_score, reasoning_targets,
+    REJECT_TAG, PairScorer, apply_keep_rules, judge_pairs, pairs_to_score, reasoning_targets,
     validate_pairs,
 )
 from qarm_core.judge.prompts import judge_prompt
-from qarm_core.judge.text import quote, render_item, render_items, sanitize, uninvert
+from qarm_core.lm.text import quote, render_item, render_items, sanitize, uninvert
 from qarm_core.schemas import JUDGMENTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,13 +24,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from qarm_core.judge.backends import LocalLM
-    from qarm_core.judge.testing import make_tiny_causal_lm
-
-    path = make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"))
-    return LocalLM(LocalModelConfig(model_path=str(path), dtype="float32", batch_size=4))
 
 
 def _items() -> pa.Table:
@@ -219,7 +213,7 @@ def test_judge_pairs_schema_cache_and_reasoning(tiny_lm):
 
 
 def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):
-    from qarm_core.judge.backends import LocalLM
+    from qarm_core.lm.local import LocalLM
 
     items = _items()
     pairs = _pairs([(1, 2, "swing"), (1, 3, "swing"), (4, 5, "swing"), (4, 6, "u2i"), (3, 1, "u2i")])
@@ -234,7 +228,7 @@ def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):
 
 
 def test_hybrid_score_with_minilm(tiny_lm):
-    from qarm_core.judge.backends import SentenceEmbedder
+    from qarm_core.lm.sentence import SentenceEmbedder
 
     emb = SentenceEmbedder()
     items = _items()
@@ -269,7 +263,7 @@ def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm):
     """Few-shot prefix cache and one-context-many-continuations reuse give the plain results,
     also when contexts of different lengths share one forward pass (batch 8) or a context's
     continuations span several batches (batch 3)."""
-    from qarm_core.judge.backends import LocalLM
+    from qarm_core.lm.local import LocalLM
 
     path = str(tiny_lm.cfg.model_path)
     plain = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=0))
@@ -296,7 +290,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm):
     that stop early (a stop token), rows that run to the limit, and with a repetition penalty."""
     import torch
 
-    from qarm_core.judge.backends import LocalLM
+    from qarm_core.lm.local import LocalLM
 
     lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
     tok, model = lm.tokenizer, lm.model
@@ -324,11 +318,11 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm):
     assert len(want[2]) == 2 and any(len(w) == 9 for w in want)
     with torch.inference_mode():
         for bs in (2, 8):
-            assert lm._greedy(ids, 9, bs) == want
+            assert lm.greedy_token_ids(ids, 9, bs) == want
     lm.cfg = lm.cfg.model_copy(update={"repetition_penalty": 1.3})
     with_penalty = reference(stop, 1.3)
     assert with_penalty != want
     with torch.inference_mode():
-        assert lm._greedy(ids, 9, 3) == with_penalty
+        assert lm.greedy_token_ids(ids, 9, 3) == with_penalty
     assert lm.generate(prompts, 9, system="You answer briefly.") == [
         tok.decode(w, skip_special_tokens=True).strip() for w in with_penalty]

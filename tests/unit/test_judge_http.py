@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qarm_core.judge.backends import BackendError, HttpLM, LocalLM
-from qarm_core.judge.config import HttpConfig, JudgeConfig, LocalModelConfig
+from qarm_core.judge.config import JudgeConfig
 from qarm_core.judge.judge import PairScorer, judge_pairs
 from qarm_core.judge.prompts import judge_prompt
-from qarm_core.judge.testing import OpenAICompatServer, ServerFaults, make_tiny_causal_lm
+from qarm_core.lm.backend import BackendError
+from qarm_core.lm.config import HttpConfig
+from qarm_core.lm.http import HttpLM
 from qarm_core.schemas import JUDGMENTS
+from tests.support.openai_server import OpenAICompatServer, ServerFaults
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,10 +28,6 @@ CTXS = ['A movie fan loved "Heat (1995)". Another movie this fan loved:', "Quest
 CONTS = [' "Star Wars (1977), genres: Sci-Fi"', " It was 1995.", ' "Toy Story (1995)"']
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    path = make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_http"))
-    return LocalLM(LocalModelConfig(model_path=str(path), dtype="float32", batch_size=4))
 
 
 def _http(url: str, **kw) -> HttpLM:

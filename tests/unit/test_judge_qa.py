@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from qarm_core.errors import DataError
-from qarm_core.judge.config import LocalModelConfig, QAConfig
+from qarm_core.lm.config import LocalModelConfig
+from qarm_core.judge.config import QAConfig
 from qarm_core.judge.qa import QAStats, generate_qa, items_to_generate, questions_for, validate_answer
 from qarm_core.schemas import QA
 
@@ -100,11 +101,10 @@ def test_unknown_item_is_data_error():
         generate_qa(_items(), ScriptedBackend(), QAConfig(), item_ids=[7, 42])
 
 
-def test_generate_qa_with_a_real_tiny_model_is_deterministic(tmp_path):
-    from qarm_core.judge.backends import LocalLM
-    from qarm_core.judge.testing import make_tiny_causal_lm
+def test_generate_qa_with_a_real_tiny_model_is_deterministic(tiny_lm_path):
+    from qarm_core.lm.local import LocalLM
 
-    lm = LocalLM(LocalModelConfig(model_path=str(make_tiny_causal_lm(tmp_path / "m")), dtype="float32"))
+    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32"))
     cfg = QAConfig(k=2, max_new_tokens=6, batch_size=3)
     a = generate_qa(_items(), lm, cfg)
     b = generate_qa(_items(), lm, cfg)

@@ -7,23 +7,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, LocalModelConfig, QAConfig
+from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
+from qarm_core.lm.config import LocalModelConfig
 from qarm_core.judge.judge import PairScorer
 from qarm_core.judge.prompts import judge_prompt
 from qarm_core.judge.stage import draw_eval_pairs, evaluate_judge, judge_stage, qa_item_ids, qa_stage
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS, QA
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
-from tests.conftest import tiny_lm_path
 
 CFG = JudgeConfig(embed_weight=0.0, tag_weight=0.0, reasoning="sample", reasoning_sample=3,
                   reasoning_max_tokens=4, eval=JudgeEvalConfig(n_per_class=10, min_item_ratings=5))
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from qarm_core.judge.backends import LocalLM
+def backend(tiny_lm_path):
+    from qarm_core.lm.local import LocalLM
 
-    return LocalLM(LocalModelConfig(model_path=str(tiny_lm_path()), dtype="float32", batch_size=8))
+    return LocalLM(LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32", batch_size=8))
 
 
 @pytest.fixture(scope="module")

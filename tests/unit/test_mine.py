@@ -2,17 +2,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qarm_core.config import DuckDBConfig, MineConfig, parse_config
+from qarm_core.config import parse_config
 from qarm_core.duck import connect
-from qarm_core.errors import DataError
-from qarm_core.pairs.mine import load_interactions, mine_pairs, positive_mask
-from qarm_core.pairs.swing import SwingParams, mine_swing_pairs
-from qarm_core.pairs.two_tower import TwoTowerParams
+from qarm_core.errors import ConfigError, DataError
+from qarm_core.pairs.config import MineConfig, SwingConfig, TwoTowerConfig
+from qarm_core.events import positive_mask
+from qarm_core.pairs.mine import load_interactions, mine_pairs
+from qarm_core.pairs.swing import mine_swing_pairs
 from qarm_core.schemas import INTERACTIONS, PAIRS
 from qarm_core.storage import write_parquet_dataset
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
+from tests.support.data import DUCK
 
-DUCK = DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1)
 
 
 def _interactions():
@@ -25,17 +26,17 @@ def test_load_and_positive_mask(tmp_path):
     rec = write_parquet_dataset(tmp_path / "interactions", iter(_interactions().to_batches()), INTERACTIONS)
     t = load_interactions(connect(DUCK, tmp_path / "t"), rec)
     assert t.num_rows == 7 and t["ts"].to_pylist() == sorted(t["ts"].to_pylist())
-    assert positive_mask(t, None).all()
+    assert positive_mask(t, None, "mine").all()
     # (2, 11) rated 1 is dropped; (4, 12) has no rating but label 1 and is kept
-    assert positive_mask(t, 4.0).tolist() == [True, True, True, False, True, True, True]
+    assert positive_mask(t, 4.0, "mine").tolist() == [True, True, True, False, True, True, True]
 
 
 def test_swing_source_equals_direct_call():
     t = _interactions()
     cfg = parse_config({"mine": {"min_rating": 4.0, "swing": {"min_user_items": 1}}}).mine
     table, report = mine_pairs(t, None, cfg)
-    keep = positive_mask(t, 4.0)
-    ref = mine_swing_pairs(t["user_id"].to_numpy()[keep], t["item_id"].to_numpy()[keep], cfg.swing.params())
+    keep = positive_mask(t, 4.0, "mine")
+    ref = mine_swing_pairs(t["user_id"].to_numpy()[keep], t["item_id"].to_numpy()[keep], cfg.swing)
     assert table.schema.equals(PAIRS.schema) and table.equals(ref) and report["swing.events"] == 6
 
 
@@ -62,8 +63,12 @@ def test_mine_pairs_refuses_bad_input():
         parse_config({"mine": {"sources": ["swing", "swing"]}})
 
 
-def test_configs_map_to_params():
+def test_miner_settings_are_checked_when_the_config_loads():
     cfg = parse_config({"mine": {"swing": {"alpha1": 3.0, "top_k": 7, "seed": 4},
                                  "u2i": {"epochs": 2, "top_m": 3}}}).mine
-    assert cfg.swing.params() == SwingParams(alpha1=3.0, top_k=7, seed=4)
-    assert cfg.u2i.params() == TwoTowerParams(epochs=2, top_m=3)
+    assert (cfg.swing.alpha1, cfg.swing.top_k, cfg.swing.beta) == (3.0, 7, SwingConfig().beta)
+    assert (cfg.u2i.epochs, cfg.u2i.top_m, cfg.u2i.dim) == (2, 3, TwoTowerConfig().dim)
+    with pytest.raises(ConfigError, match="min_user_items"):
+        parse_config({"mine": {"swing": {"min_user_items": 5, "max_user_items": 2}}})
+    with pytest.raises(ConfigError, match="batch_size"):
+        parse_config({"mine": {"u2i": {"batch_size": 1}}})

@@ -5,7 +5,7 @@ half the raw collisions of residual k-means alone (mean over 5 seeds)."""
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.slow

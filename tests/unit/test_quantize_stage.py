@@ -1,7 +1,6 @@
 """quantize_stage: the refresh's choice between refit, warm start and frozen encoding."""
 
 import numpy as np
-import pytest
 
 from qarm_core.quantize.io import synthetic_embeddings
 from qarm_core.quantize.quantizer import QuantizerParams

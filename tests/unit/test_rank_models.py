@@ -13,7 +13,7 @@ from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
 from qarm_core.rank.models import MODEL_SPECS, ItemTables, RankModel, TargetAttention, masked_softmax
 from qarm_core.rank.samples import build_samples
 from qarm_core.rank.train import evaluate_rows, predict, train_model
-from tests.unit.test_rank_fixtures import DUCK, tiny_cfg, tiny_codes, tiny_embeddings, tiny_log
+from tests.support.data import DUCK, rank_config, tiny_codes, tiny_embeddings, tiny_log
 
 
 def _random_histories(rng, b, length, n_items):
@@ -104,7 +104,7 @@ def test_model_output_ignores_padded_positions(name):
 
 def _tiny_data(tmp_path, models=None, **cfg_over):
     inter, items = tiny_log()
-    cfg = tiny_cfg(**cfg_over)
+    cfg = rank_config(**cfg_over)
     index = build_index(inter, items)
     s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck")
     data = prepare(s, index, cfg, embeddings=tiny_embeddings(), codes=tiny_codes(), items=items, models=models)
@@ -161,7 +161,7 @@ def test_items_without_codes_or_embeddings(tmp_path):
     with pytest.raises(DataError, match="duplicate item ids"):
         align_codes(index, pa.concat_tables([tiny_codes(), tiny_codes()]))
     # a model run with items lacking codes still trains (reserved index), the report counts them
-    cfg = tiny_cfg(train={"epochs": 1, "seeds": [0]})
+    cfg = rank_config(train={"epochs": 1, "seeds": [0]})
     s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck")
     data = prepare(s, index, cfg, embeddings=(ids, vecs), codes=tiny_codes(skip=(3,)), items=items,
                    models=["ours_sid"])

@@ -9,11 +9,11 @@ from qarm_core.errors import DataError
 from qarm_core.rank.data import build_index
 from qarm_core.rank.inputs import ItemIndex
 from qarm_core.rank.samples import build_samples, check_samples, time_split_violations
-from tests.unit.test_rank_fixtures import DUCK, tiny_cfg, tiny_log
+from tests.support.data import DUCK, rank_config, tiny_log
 
 
 def _build(inter, items, tmp_path, **kw):
-    cfg = tiny_cfg(**kw)
+    cfg = rank_config(**kw)
     return build_samples(inter, build_index(inter, items), cfg.samples, DUCK, tmp_path / "duck")
 
 
@@ -76,7 +76,7 @@ def test_short_users_are_dropped_and_counted(tmp_path):
 def test_bad_logs_fail_clearly(tmp_path):
     inter, items = tiny_log()
     index = build_index(inter, items)
-    cfg = tiny_cfg()
+    cfg = rank_config()
     unknown = pa.concat_tables([inter, pa.table({"user_id": pa.array([1], pa.int64()), "item_id": pa.array([999], pa.int64()),
                                                  "ts": pa.array([5], pa.int64()), "rating": pa.array([5.0], pa.float32())})])
     with pytest.raises(DataError, match=r"\[stage=rank, dataset=interactions\].*unknown item id.*999"):

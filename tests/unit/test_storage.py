@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from qarm_core.errors import StorageError
-from qarm_core.schemas import INTERACTIONS, ITEMS
+from qarm_core.schemas import ITEMS
 from qarm_core.storage import (Storage, read_dataset, write_parquet_dataset, write_stage_outputs)
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def _items(n: int, start: int = 0) -> pa.Table:

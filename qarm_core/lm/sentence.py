@@ -1,0 +1,57 @@
+"""Sentence embeddings (all-MiniLM-L6-v2 by default) of texts and of a catalog's item texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from qarm_core.allocator import keep_freed_memory
+from qarm_core.lm.assets import minilm_path
+from qarm_core.progress import Progress, advance
+
+
+class SentenceEmbedder:
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), on CPU."""
+
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, model_id: str | None = None,
+                 device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(model_path) if model_path else minilm_path()
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval().to(device)
+        self.batch_size = batch_size
+        self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
+
+    @keep_freed_memory()
+    def embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        """n texts -> float32 array of shape (n, dim), rows of unit norm; ``progress`` advances
+        by each batch's rows."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
+                                     max_length=128, return_tensors="pt").to(self.device)
+                h = self.model(**enc).last_hidden_state
+                m = enc["attention_mask"][..., None].to(h.dtype)
+                v = (h * m).sum(1) / m.sum(1).clamp(min=1)
+                out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu().numpy())
+                advance(progress, len(out[-1]))
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+
+
+def embed_item_texts(items: pa.Table, embedder: "SentenceEmbedder | None" = None, fmt=None,
+                     progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(sorted item ids ``(n,)``, unit-norm embeddings ``(n, dim)`` float32, model id) of every
+    item's rendered text (``text.item_text``), with ``embedder`` (default: MiniLM on the CPU)."""
+    from qarm_core.lm.text import item_text
+
+    ids, texts = item_text(items, fmt)
+    embedder = embedder or SentenceEmbedder()
+    return ids, embedder.embed(texts, progress).astype(np.float32, copy=False), embedder.model_id

@@ -1,0 +1,76 @@
+"""Typed configs of stage 1: which miners run, on which events, and each miner's settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qarm_core.base import Strict
+
+
+class SwingConfig(Strict):
+    """Swing item-to-item mining (see ``pairs.swing`` for the formula); the one place its defaults live."""
+
+    alpha1: float = Field(15.0, ge=0.0)
+    alpha2: float = Field(0.0, ge=0.0)
+    beta: float = Field(0.3, ge=0.0)
+    max_users_per_item: int = Field(1000, ge=2)   # users sampled per item (seeded), bounds the pair loop
+    min_user_items: int = Field(2, ge=1)
+    max_user_items: int = Field(1000, ge=1)       # users with more events are dropped (crawlers, shared accounts)
+    top_k: int = Field(100, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SwingConfig":
+        if self.min_user_items > self.max_user_items:
+            raise ValueError(f"swing: need min_user_items ({self.min_user_items}) <= "
+                             f"max_user_items ({self.max_user_items})")
+        return self
+
+
+class TwoTowerConfig(Strict):
+    """Two-tower user-to-item mining (see ``pairs.two_tower``): model, training and mining settings.
+    The defaults train on ML-100K in about 20 s (1 thread)."""
+
+    dim: int = Field(64, ge=1)                    # output embedding size of both towers
+    hidden: int = Field(128, ge=1)                # id/text embedding and MLP width
+    history_len: int = Field(50, ge=1)            # most recent events the user tower sees
+    # history weight halves every this many events (0: plain mean)
+    recency_half_life: float = Field(5.0, ge=0.0, allow_inf_nan=False)
+    text_buckets: int = Field(1 << 15, ge=1)      # hash buckets of the title/tag bag of words
+    max_tokens: int = Field(24, ge=1)             # tokens kept per item (title words first, then tags)
+    positive_min_rating: float = Field(4.0, allow_inf_nan=False)
+    temperature: float = Field(0.02, gt=0.0)
+    logq_correction: bool = True
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=2)            # >= 2: the other rows are the in-batch negatives
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    window_events: int = Field(1, ge=1)           # latest window for u2i mining: last N positive events per user
+    top_m: int = Field(5, ge=1)                   # pairs per (user, target)
+    # Train on at most this many of the most recent training samples (None: all). Bounds a daily
+    # run's training cost on a large log: one epoch over 10M events takes minutes on 2 cores.
+    max_train_samples: int | None = Field(None, ge=2)
+    seed: int = 0
+    # torch threads. 1 by default: the per-batch ops are too small to gain from a second thread,
+    # and on a shared 2-core CPU OpenMP's spin-waiting made 2 threads 5-10x slower (measured).
+    num_threads: int = Field(1, ge=1)
+    recall_k: int = Field(50, ge=1)               # recall@k of the mined pairs, reported
+
+
+class MineConfig(Strict):
+    """Stage 1: which miners run and on which events."""
+
+    sources: list[Literal["swing", "u2i"]] = Field(default_factory=lambda: ["swing"])
+    # Events that count as a positive interaction: rating >= min_rating where a rating is given,
+    # else label == 1. None: every event counts.
+    min_rating: float | None = None
+    swing: SwingConfig = SwingConfig()
+    u2i: TwoTowerConfig = TwoTowerConfig()
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "MineConfig":
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ValueError("mine.sources must name each miner at most once, and at least one")
+        return self

@@ -1,0 +1,54 @@
+"""Typed settings of stage 5 (Semantic IDs): the quantizer's parameters, and the stage's config
+(the parameters plus how a refresh treats the published codebook). Each default is written here once."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qarm_core.base import Strict
+
+
+class QuantizerParams(Strict):
+    """Two residual k-means levels + an FSQ level -> SIDs (c1, c2, c3)."""
+
+    # K per residual k-means level; a YAML list is accepted
+    levels: tuple[int, ...] = Field((256, 256), strict=False)
+    fsq_dims: int = Field(4, ge=1)
+    fsq_levels: int = Field(4, ge=2)
+    niter: int = Field(20, ge=1)
+    polish_iter: int = Field(10, ge=0)
+    seed: int = 0
+    resolve: bool = True                            # move colliding items to free FSQ codes
+    max_alternatives: int = Field(32, ge=1)         # candidate FSQ cells tried per colliding item
+    stickiness: float = Field(0.01, ge=0.0)         # warm start: keep an old code within 1% of the best
+    fsq_margin: float = Field(0.5, ge=0.0)          # warm start: keep an old FSQ cell if within this many bin widths
+    warmup_sample: int = Field(500_000, ge=0)       # cold fit: Lloyd on min(this, n/4) sampled rows first (0: off)
+    hr_sample: int = Field(20_000, ge=0)            # query items for HR@k
+    decode_hr_sample: int = Field(1000, ge=0)       # query items for decode HR@k (each scans the catalog)
+
+    @model_validator(mode="after")
+    def _code_space(self) -> "QuantizerParams":
+        if len(self.levels) != 2:
+            raise ValueError("quantize: SIDs are (c1, c2, c3): exactly two k-means levels")
+        if any(k < 2 for k in self.levels):
+            raise ValueError(f"quantize: every k-means level needs K >= 2, got {self.levels}")
+        space = math.prod(float(k) for k in self.levels) * float(self.fsq_levels) ** self.fsq_dims
+        if space >= 2.0 ** 62:
+            raise ValueError(f"quantize: total code space {space:.3g} does not fit in int64")
+        return self
+
+
+class QuantizeConfig(QuantizerParams):
+    """Stage 5's config: the quantizer's parameters and the codebook mode of a refresh."""
+
+    # refit: fit from scratch; warm_start: refit starting from the published codebook, matched to
+    # its indices (SIDs stay stable; the default); frozen: encode with the published codebook only.
+    # Without a published codebook, warm_start and frozen fit from scratch.
+    mode: Literal["refit", "warm_start", "frozen"] = "warm_start"
+
+    def params(self) -> QuantizerParams:
+        """The quantizer's parameters (everything but ``mode``)."""
+        return QuantizerParams(**self.model_dump(exclude={"mode"}))
