@@ -282,6 +282,8 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
                             f"{fsq_levels}^{fsq_dims}")
         table.add_column("figure")
         table.add_column("value", justify="right")
+        from qarm_core.devices import hardware_summary
+
         rows = [("seconds (quantize + Parquet)", f"{r['seconds']:.1f}"),
                 ("CPU seconds, all threads", f"{r['cpu_seconds']:.1f}"),
                 *[(f"  {k}", f"{v:.1f}") for k, v in r["stage_seconds"].items()],
@@ -291,14 +293,17 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
         if floor:
             rows += [("sgemm GFLOP/s (this run)", f"{r['sgemm_gflops']:.1f}"),
                      ("FLOP floor seconds", f"{r['floor_seconds']:.1f}"),
-                     ("measured / floor", f"{r['seconds'] / r['floor_seconds']:.2f}x")]
+                     ("measured / floor", f"{r['seconds'] / r['floor_seconds']:.2f}x"),
+                     ("k-means + FSQ phases / floor",
+                      f"{(r['stage_seconds']['kmeans'] + r['stage_seconds']['fsq']) / r['floor_seconds']:.2f}x")]
         rows += [("MSE by level", " / ".join(f"{v:.4f}" for v in r["mse_levels"])),
                  ("collision: k-means only", f"{r['rkmeans_collision']:.4f}"),
                  ("collision: raw (k-means + FSQ)", f"{r['collision']:.4f}"),
                  ("collision: after resolution", f"{r['resolved_collision']:.4f}"),
                  ("EdgeNum (raw)", f"{r['edge_num']:.3f}"),
                  ("Lloyd updates per level", ", ".join(str(f["lloyd_iterations"]) for f in r["fit_report"])),
-                 ("load average 1/5/15 min", ", ".join(f"{v:.2f}" for v in r["load_average"]))]
+                 ("load average 1/5/15 min", ", ".join(f"{v:.2f}" for v in r["load_average"])),
+                 ("machine", hardware_summary())]
         for k, v in rows:
             table.add_row(k, v)
         Console().print(table)

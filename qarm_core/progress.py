@@ -94,7 +94,7 @@ class Progress:
         if r >= 1 or r == 0:
             parts.append(f"{r:,.1f} {self.unit}/s")
         else:
-            parts.append(f"{1 / r:.1f} s/{self.unit.rstrip('s')}")
+            parts.append(f"{1 / r:.1f} s/{singular(self.unit)}")
         if self.total and r > 0 and self.done < self.total:
             parts.append(f"ETA {format_duration((self.total - self.done) / r)}")
         parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items()]
@@ -144,3 +144,10 @@ def counted(batches: Iterable[T], stage: str, what: str, total: int | None = Non
             yield b
             prog.advance(getattr(b, "num_rows", 1))
 
+
+def singular(unit: str) -> str:
+    """``steps`` -> ``step``, ``passes`` -> ``pass``, ``items`` -> ``item``; other words unchanged."""
+    for plural, one in (("sses", "ss"), ("ches", "ch"), ("shes", "sh"), ("xes", "x"), ("s", "")):
+        if unit.endswith(plural) and len(unit) > len(plural):
+            return unit[: -len(plural)] + one
+    return unit

@@ -1,12 +1,23 @@
-"""Task options shared by every qarm task."""
+"""What every qarm task shares: task options, the stage skeleton (``run_stage``), core log routing."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
+import pyarrow as pa
+from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
+from qarm_core import __version__
+from qarm_core.config import PipelineConfig
 from qarm_core.errors import QarmError
+from qarm_core.hashing import stable_hash
+from qarm_core.schemas import DatasetSchema
+from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
+from tasks import tracking
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -36,3 +47,84 @@ def route_core_logs() -> None:
     core.setLevel(logging.INFO)
     if not any(isinstance(h, APILogHandler) for h in core.handlers):
         core.addHandler(APILogHandler())
+
+
+# Rows per record batch when a produced table is written.
+BATCH_ROWS = 1_000_000
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as a task runs it.
+
+    ``key_inputs``: everything the outputs depend on (input fingerprints, the stage's resolved config
+    section); the cache key is their hash with qarm's version and the outputs' schema versions.
+    ``produce``: runs the core stage once and returns ``(tables by output name, report)``.
+    ``artifacts``: outputs that are folders, not tables: name -> (format version, writer given the
+    folder and the produced tables). ``summary``: the one log line. ``after``: runs last inside the
+    stage's MLflow run, once the outputs are written (or reused), e.g. a quality gate that raises.
+    """
+
+    name: str
+    key_inputs: Mapping[str, Any]
+    outputs: Mapping[str, DatasetSchema]
+    produce: Callable[[], tuple[Mapping[str, Any], dict]]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    artifacts: Mapping[str, tuple[int, Callable[[Path, Mapping[str, Any]], None]]] = field(default_factory=dict)
+    after: Callable[[tracking.StageRun, dict[str, DatasetRecord], dict], None] | None = None
+    summary: Callable[[dict[str, DatasetRecord], dict], str] | None = None
+
+
+def stage_key(spec: StageSpec) -> str:
+    """The cache key of a stage's outputs: computed from what they depend on, never from literals."""
+    return stable_hash({**spec.key_inputs, "qarm": __version__,
+                        "schemas": {n: s.version for n, s in spec.outputs.items()}})
+
+
+def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple[dict[str, DatasetRecord], dict]:
+    """Write (or reuse) a stage's outputs under ``work/<stage>/<key>`` and log the stage run:
+    params (with the key), numeric report entries, row counts, whether it was reused, the report's
+    ``notes`` as ``qarm.*`` tags. Returns (records, report)."""
+    storage = Storage(cfg.home)
+    key = stage_key(spec)
+    made: dict[str, Any] = {}
+    report: dict = {}
+
+    def ensure_made() -> Mapping[str, Any]:
+        if not made:
+            tables, rep = spec.produce()
+            made.update(tables)
+            report.update(rep)
+        return made
+
+    def batches(name: str):
+        def gen():
+            table = ensure_made()[name]
+            return iter(table.to_batches(max_chunksize=BATCH_ROWS)) if isinstance(table, pa.Table) else table
+        return gen
+
+    artifacts = {n: (version, (lambda folder, w=write: w(folder, ensure_made())))
+                 for n, (version, write) in spec.artifacts.items()}
+    with tracking.stage_run(cfg, parent_run_id, spec.name) as run:
+        records, reused, report = write_stage_outputs(
+            storage, spec.name, key, {n: (schema, batches(n)) for n, schema in spec.outputs.items()}, report,
+            artifacts=artifacts)
+        run.params({**spec.params, "key": key})
+        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                    | {f"rows.{n}": r.rows for n, r in records.items() if n in spec.outputs}
+                    | {"reused": float(reused)})
+        run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
+        if spec.summary is not None:
+            get_run_logger().info(spec.summary(records, report))
+        if spec.after is not None:      # last: it may raise (a failed quality gate fails the stage run)
+            spec.after(run, records, report)
+    return records, report
+
+
+def published_table(storage: Storage, dataset: str) -> tuple[pa.Table | None, DatasetRecord | None]:
+    """The last published table of ``dataset`` and its record (None, None without one): the cache a
+    daily refresh reuses."""
+    from qarm_core.storage import read_dataset
+
+    rec = storage.published(dataset)
+    return (read_dataset(rec) if rec is not None else None), rec

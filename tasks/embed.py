@@ -13,10 +13,10 @@ from qarm_core import __version__
 from qarm_core.config import PipelineConfig
 from qarm_core.hashing import stable_hash
 from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
-from qarm_core.schemas import EMBEDDINGS, embeddings_schema
+from qarm_core.schemas import embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
-from tasks.common import TASK_DEFAULTS
+from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 MODEL_FORMAT = 1
 
@@ -83,6 +83,15 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
     return records
 
 
+def _embed_summary(k: int):
+    def summary(records: dict[str, DatasetRecord], report: dict) -> str:
+        recall = ", ".join(f"{m}={report[f'{m}.recall_at_{k}']:.3f}" for m in ("finetuned", "base", "minilm")
+                           if f"{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a")
+        return (f"embed: {records['embeddings'].rows:,} items ({report.get('encoded', 0):,.0f} encoded, "
+                f"{report.get('carried_over', 0):,.0f} carried over); recall@{k} {recall}")
+    return summary
+
+
 @task(name="embed-catalog", **TASK_DEFAULTS)
 def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: DatasetRecord,
           judgments: DatasetRecord) -> dict[str, DatasetRecord]:
@@ -90,36 +99,24 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     fine-tuned model; the configured baselines are embedded too and all are evaluated on the
     held-out judged pairs (recall@k, MRR to MLflow)."""
     storage = Storage(cfg.home)
+    schema = embeddings_schema(cfg.embed.model.dim)
     # The published embeddings are a cache (an unchanged item keeps its vector), not an input:
     # recomputing them gives the same vectors, so they are not part of the key.
-    key = stable_hash({"model": model.fingerprint, "items": items.fingerprint, "judgments": judgments.fingerprint,
-                       "embed": cfg.embed.model_dump(mode="json"), "qarm": __version__, "schema": EMBEDDINGS.version})
-    run_dir = storage.run_dir("embed", key)
-    schema = embeddings_schema(cfg.embed.model.dim)
-    previous = storage.published("embeddings")
-    published_model = storage.published("model")
+    spec_inputs = {"model": model.fingerprint, "items": items.fingerprint, "judgments": judgments.fingerprint,
+                   "embed": cfg.embed.model_dump(mode="json")}
+    run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
+    previous, published_model = storage.published("embeddings"), storage.published("model")
     model_is_published = published_model is not None and published_model.fingerprint == model.fingerprint
-    report: dict = {}
 
-    with tracking.stage_run(cfg, parent_run_id, "embed") as run:
-        def produce():
-            rec, rep = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir,
-                                   previous=previous.path if previous is not None else None,
-                                   with_baselines=not model_is_published)
-            report.update(rep)
-            return iter_embedding_batches(rec.path, schema.schema)
+    def produce():
+        rec, report = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir,
+                                  previous=previous.path if previous is not None else None,
+                                  with_baselines=not model_is_published)
+        return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 
-        records, reused, report = write_stage_outputs(storage, "embed", key,
-                                                      {"embeddings": (schema, produce)}, report)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run.params({"embed": cfg.embed.model_dump(mode="json"), "key": key, "model": model.path})
-        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}
-                    | {"rows.embeddings": records["embeddings"].rows, "reused": float(reused)})
-        run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
-        k = cfg.embed.eval_k
-        get_run_logger().info("embed: %s items (%s encoded, %s carried over); recall@%d %s",
-                              f"{records['embeddings'].rows:,}", f"{report.get('encoded', 0):,.0f}",
-                              f"{report.get('carried_over', 0):,.0f}", k, ", ".join(
-            f"{m}={report[f'{m}.recall_at_{k}']:.3f}" for m in ("finetuned", "base", "minilm")
-            if f"{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a"))
+    records, _ = run_stage(cfg, parent_run_id, StageSpec(
+        name="embed", outputs={"embeddings": schema}, produce=produce, key_inputs=spec_inputs,
+        params={"embed": cfg.embed.model_dump(mode="json"), "model": model.path},
+        summary=_embed_summary(cfg.embed.eval_k)))
+    shutil.rmtree(run_dir, ignore_errors=True)   # the embedding parts: the dataset is staged
     return records

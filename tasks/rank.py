@@ -23,7 +23,7 @@ from qarm_core.errors import DataError
 from qarm_core.rank.compare import plot_curves, summarize
 from qarm_core.rank.data import RankData
 from qarm_core.quantize.io import read_embeddings
-from qarm_core.rank.inputs import ItemIndex, align_codes, minilm_inputs, quantize_codes
+from qarm_core.rank.inputs import ItemIndex, align_codes, fallback_key, minilm_inputs, quantize_codes
 from qarm_core.rank.models import resolve_spec
 from qarm_core.rank.pipeline import ItemInputs, build, load_item_inputs, needs, prepare_data
 from qarm_core.rank.samples import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, Samples, check_samples
@@ -70,8 +70,8 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
         # Only what is missing is made: codes alone are quantized from the embeddings at hand (so the
         # two stay consistent); missing embeddings come from MiniLM over the item text.
         from_existing = missing == ["codes"] and out["embeddings"] is not None
-        basis = {"embeddings": out["embeddings"]} if from_existing else {"items": items.fingerprint, "minilm": 1}
-        key = stable_hash({**basis, "qarm": __version__, "quantize": "(32,16;fsq 2x4)", "missing": missing})
+        basis = fallback_key(items.fingerprint, out["embeddings"] if from_existing else None, missing)
+        key = stable_hash({**basis, "qarm": __version__})
         made: dict = {}
 
         def make() -> None:
@@ -89,7 +89,9 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
                     make()
                 return made[name].cast(schemas[name].schema).to_batches()
             return gen
-        schemas = {"embeddings": embeddings_schema(384), "codes": CODES}   # 384: all-MiniLM-L6-v2
+        schemas = {"codes": CODES}
+        if "embeddings" in missing:
+            schemas["embeddings"] = embeddings_schema(basis["minilm"]["dim"])
         records, _, _ = write_stage_outputs(storage, "rank-inputs", key,
                                             {n: (schemas[n], produce(n)) for n in missing})
         for n in missing:

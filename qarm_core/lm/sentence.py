@@ -46,6 +46,15 @@ class SentenceEmbedder:
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
 
 
+def minilm_signature(model_path: str | Path | None = None) -> dict:
+    """The default sentence embedder's identity without loading it: its folder's name and its
+    output width (``hidden_size`` of its config.json)."""
+    import json
+
+    path = Path(model_path) if model_path else minilm_path()
+    return {"model": path.name, "dim": int(json.loads((path / "config.json").read_text())["hidden_size"])}
+
+
 def embed_item_texts(items: pa.Table, embedder: "SentenceEmbedder | None" = None, fmt=None,
                      progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(sorted item ids ``(n,)``, unit-norm embeddings ``(n, dim)`` float32, model id) of every

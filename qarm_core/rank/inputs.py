@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qarm_core.errors import DataError
+from qarm_core.quantize.config import QuantizerParams
 
 STAGE = "rank"
 
@@ -140,24 +141,40 @@ def pca(x: np.ndarray, dim: int | None) -> np.ndarray:
     return out
 
 
-def quantize_codes(item_ids: np.ndarray, x: np.ndarray, levels: tuple[int, int] = (32, 16), fsq_dims: int = 2,
-                   fsq_levels: int = 4, seed: int = 0) -> tuple[pa.Table, dict]:
-    """Semantic IDs of embeddings ``x`` ``(n, d)`` with qarm_core.quantize (residual k-means per level,
-    capped at n clusters, then FSQ): (codes table, quantizer metrics)."""
-    from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
+def fallback_quantizer() -> QuantizerParams:
+    """The quantizer of the fallback inputs (a coarse code space for a catalog of thousands of items):
+    the one place its settings live; they are part of the fallback's cache key."""
+    return QuantizerParams(levels=(32, 16), fsq_dims=2, fsq_levels=4, seed=0)
 
-    levels = (min(levels[0], len(item_ids)), min(levels[1], len(item_ids)))
+
+def fallback_key(items_fingerprint: str | None, embeddings_path: str | None, missing: list[str]) -> dict:
+    """What the fallback inputs depend on (hashed into their cache key): the catalog or the
+    embeddings at hand, the quantizer's settings, the sentence embedder and what is missing."""
+    from qarm_core.lm.sentence import minilm_signature
+
+    basis = {"embeddings": embeddings_path} if embeddings_path else {"items": items_fingerprint,
+                                                                     "minilm": minilm_signature()}
+    return {**basis, "quantizer": fallback_quantizer().model_dump(mode="json"), "missing": sorted(missing)}
+
+
+def quantize_codes(item_ids: np.ndarray, x: np.ndarray, params: QuantizerParams | None = None
+                   ) -> tuple[pa.Table, dict]:
+    """Semantic IDs of embeddings ``x`` ``(n, d)`` with qarm_core.quantize (residual k-means per level,
+    capped at n clusters, then FSQ; ``params`` default: ``fallback_quantizer()``): (codes table,
+    quantizer metrics)."""
+    from qarm_core.quantize.quantizer import quantize_embeddings
+
+    params = params or fallback_quantizer()
+    levels = tuple(min(k, len(item_ids)) for k in params.levels)
     _, codes, metrics = quantize_embeddings(np.array(x, dtype=np.float32), np.asarray(item_ids, np.int64),
-                                            QuantizerParams(levels=levels, fsq_dims=fsq_dims,
-                                                            fsq_levels=fsq_levels, seed=seed))
+                                            params.model_copy(update={"levels": levels}))
     return codes, metrics
 
 
-def minilm_inputs(items: pa.Table, out_dir: str | Path, levels: tuple[int, int] = (32, 16),
-                  fsq_dims: int = 2, fsq_levels: int = 4, seed: int = 0,
+def minilm_inputs(items: pa.Table, out_dir: str | Path, params: QuantizerParams | None = None,
                   embedder=None) -> tuple[Path, Path, dict]:
-    """Embed every catalog item's text with MiniLM and quantize it; writes
-    ``out_dir/embeddings.parquet`` (item_id, vector[384], model_version) and ``out_dir/codes.parquet``
+    """Embed every catalog item's text with MiniLM and quantize it (``quantize_codes``); writes
+    ``out_dir/embeddings.parquet`` (item_id, vector, model_version) and ``out_dir/codes.parquet``
     (the quantizer's codes table). Returns (embeddings path, codes path, quantizer metrics)."""
     from qarm_core.lm.sentence import embed_item_texts
     from qarm_core.quantize.io import embeddings_batch
@@ -166,8 +183,7 @@ def minilm_inputs(items: pa.Table, out_dir: str | Path, levels: tuple[int, int] 
     out.mkdir(parents=True, exist_ok=True)
     ids, x, model_id = embed_item_texts(items, embedder)
     emb_path, codes_path = out / "embeddings.parquet", out / "codes.parquet"
-    version = f"minilm:{model_id}"
-    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, version)]), emb_path)
-    codes, metrics = quantize_codes(ids, x, levels, fsq_dims, fsq_levels, seed)
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, f"minilm:{model_id}")]), emb_path)
+    codes, metrics = quantize_codes(ids, x, params)
     pq.write_table(codes, codes_path)
     return emb_path, codes_path, metrics

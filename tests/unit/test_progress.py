@@ -64,3 +64,10 @@ def test_quiet_work_logs_only_when_it_lasts():
         clock.t += 12
         p.advance(10)
     assert len(lines) == 2 and lines[-1].startswith("gate: row checks done: 10 rows in 12s")
+
+
+def test_seconds_per_unit_name_a_single_unit():
+    from qarm_core.progress import singular
+
+    assert [singular(u) for u in ("steps", "passes", "items", "batches", "pairs", "s")] == \
+        ["step", "pass", "item", "batch", "pair", "s"]
