@@ -135,41 +135,39 @@ def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ 
 @pairs_app.command("swing")
 def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),
                 out: Path = typer.Option(..., help="Output Parquet file (src_item, dst_item, score, source)."),
-                alpha1: float = typer.Option(15.0, min=0.0), alpha2: float = typer.Option(0.0, min=0.0),
-                beta: float = typer.Option(0.3, min=0.0),
-                max_users_per_item: int = typer.Option(1000, min=2),
-                min_user_items: int = typer.Option(2, min=1), max_user_items: int = typer.Option(1000, min=1),
-                top_k: int = typer.Option(100, min=1), seed: int = typer.Option(0),
+                alpha1: Optional[float] = typer.Option(None, min=0.0), alpha2: Optional[float] = typer.Option(None, min=0.0),
+                beta: Optional[float] = typer.Option(None, min=0.0),
+                max_users_per_item: Optional[int] = typer.Option(None, min=2),
+                min_user_items: Optional[int] = typer.Option(None, min=1),
+                max_user_items: Optional[int] = typer.Option(None, min=1),
+                top_k: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
                 min_rating: Optional[float] = typer.Option(None, help="Only events rated >= this (or label 1)."),
                 delimiter: str = typer.Option(",", help="CSV field separator.")) -> None:
-    """Swing item-to-item pairs, one row per directed top-k neighbour."""
+    """Swing item-to-item pairs, one row per directed top-k neighbour. Unset options take
+    ``mine.swing``'s defaults (``SwingConfig``), as in a refresh."""
     def run() -> None:
         _show_core_logs()
         import time
 
-        import numpy as np
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from qarm_core.events import positive_mask
         from qarm_core.ingest import iter_conformed
-        from qarm_core.pairs.config import SwingConfig
-        from qarm_core.pairs.swing import mine_swing_pairs
+        from qarm_core.pairs.config import MineConfig, SwingConfig
+        from qarm_core.pairs.mine import mine_pairs
         from qarm_core.schemas import INTERACTIONS
 
+        given = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta, "max_users_per_item": max_users_per_item,
+                 "min_user_items": min_user_items, "max_user_items": max_user_items, "top_k": top_k, "seed": seed}
         try:
-            params = SwingConfig(alpha1=alpha1, alpha2=alpha2, beta=beta, max_users_per_item=max_users_per_item,
-                                 min_user_items=min_user_items, max_user_items=max_user_items, top_k=top_k, seed=seed)
+            swing = SwingConfig(**{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         t0 = time.perf_counter()
         with console.status("reading interactions"):
-            users, items = [], []
-            for b in iter_conformed(interactions, INTERACTIONS, delimiter):
-                keep = positive_mask(b, min_rating, "mine")
-                users.append(b.column("user_id").to_numpy()[keep])
-                items.append(b.column("item_id").to_numpy()[keep])
-        with console.status(f"mining Swing pairs over {sum(map(len, users)):,} events"):
-            table = mine_swing_pairs(np.concatenate(users), np.concatenate(items), params)
+            events = pa.Table.from_batches(list(iter_conformed(interactions, INTERACTIONS, delimiter)))
+        with console.status(f"mining Swing pairs over {events.num_rows:,} events"):
+            table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], min_rating=min_rating, swing=swing))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         pq.write_table(table, tmp, compression="zstd")
@@ -182,25 +180,30 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
 @app.command()
 def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item_id, vector) file or folder."),
              out: Path = typer.Option(..., help="Output folder: codes.parquet, codebook/, metrics.json."),
-             levels: str = typer.Option("256,256", help="K of the two residual k-means levels."),
-             fsq_dims: int = typer.Option(4, min=1), fsq_levels: int = typer.Option(4, min=2),
-             seed: int = typer.Option(0), niter: int = typer.Option(20, min=1),
+             levels: Optional[str] = typer.Option(None, help="K of the two residual k-means levels, e.g. 256,256 "
+                                                             "(default: quantize.levels)."),
+             fsq_dims: Optional[int] = typer.Option(None, min=1), fsq_levels: Optional[int] = typer.Option(None, min=2),
+             seed: Optional[int] = typer.Option(None), niter: Optional[int] = typer.Option(None, min=1),
              previous: Optional[Path] = typer.Option(None, help="A previous output folder: warm start, "
                                                                  "sticky SIDs and churn."),
              frozen: bool = typer.Option(False, help="Encode with --previous's codebook without refitting.")) -> None:
-    """Semantic IDs: two residual k-means levels (full batch) + an FSQ level; collision metrics."""
+    """Semantic IDs: two residual k-means levels (full batch) + an FSQ level; collision metrics.
+    Unset options take the quantizer's defaults (``QuantizerParams``), as in a refresh."""
     def run() -> None:
         _show_core_logs()
         import pyarrow.parquet as pq
 
+        from qarm_core.quantize.config import QuantizerParams
         from qarm_core.quantize.io import read_embeddings
-        from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, load_codebook,
-                                                  quantize_embeddings, save_codebook, validate_embeddings)
+        from qarm_core.quantize.quantizer import load_codebook, save_codebook
+        from qarm_core.quantize.stage import quantize_stage
         from qarm_core.storage import write_json_atomic
 
+        given = {"fsq_dims": fsq_dims, "fsq_levels": fsq_levels, "seed": seed, "niter": niter}
         try:
-            ks = tuple(int(k) for k in levels.split(","))
-            params = QuantizerParams(levels=ks, fsq_dims=fsq_dims, fsq_levels=fsq_levels, seed=seed, niter=niter)
+            if levels is not None:
+                given["levels"] = tuple(int(k) for k in levels.split(","))
+            params = QuantizerParams(**{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise typer.BadParameter(f"--levels/--fsq-*: {exc}") from None
         if frozen and previous is None:
@@ -209,16 +212,10 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
             ids, x = read_embeddings(embeddings)
         prev_cb = load_codebook(previous / "codebook") if previous else None
         prev_codes = pq.read_table(previous / "codes.parquet") if previous else None
-        x = validate_embeddings(x, ids, dim=prev_cb.dim if prev_cb else None,
-                                min_items=1 if frozen else max(params.levels))
-        if frozen:
-            with console.status("assigning Semantic IDs with the frozen codebook"):
-                cb = prev_cb
-                codes, metrics = assign_semantic_ids(x, ids, cb, previous_codes=prev_codes, inplace=True)
-        else:
-            with console.status(f"fitting {'x'.join(map(str, ks))} residual k-means + FSQ on {len(x):,} items"):
-                cb, codes, metrics = quantize_embeddings(x, ids, params, previous=prev_cb,
-                                                         previous_codes=prev_codes, inplace=True)
+        mode = "frozen" if frozen else ("warm_start" if previous else "refit")
+        with console.status(f"Semantic IDs ({mode}) for {len(x):,} items"):
+            cb, codes, metrics, how = quantize_stage(x, ids, params, mode, prev_cb, prev_codes)
+        console.print(f"quantize: {how}")
         # Write beside, then rename: a failed run never leaves a half-written output folder.
         tmp = out.with_name(f".{out.name}.tmp")
         import shutil
@@ -230,7 +227,7 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-        table = Table(title=f"Semantic IDs for {len(x):,} items -> {out}")
+        table = Table(title=f"Semantic IDs for {len(ids):,} items -> {out}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k in ("raw.collision_rate", "raw.edge_num", "raw.hr@1", "raw.hr@10", "raw.decode_hr@1",

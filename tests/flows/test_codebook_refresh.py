@@ -18,85 +18,124 @@ def _cfg(home):
     return load_config(TINY, {"home": str(home)}).resolved()
 
 
-def test_refresh_publishes_and_tracks(prefect_harness, tmp_path):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def refreshed(prefect_harness, tmp_path_factory):
+    """Two refreshes of the tiny config into one fresh home: the first publishes from scratch, the
+    second reruns over the same data. Shared by the per-stage tests below."""
+    home = tmp_path_factory.mktemp("refresh") / "home"
     out = codebook_refresh(TINY, {"home": str(home)})
-    cfg = _cfg(home)
     st = Storage(home)
-    cur = st.current()
-    assert cur.snapshot_id == out["snapshot_id"]
-    assert out["rows"]["interactions"] == 800 and out["rows"]["items"] == 40 and out["rows"]["pairs"] > 10
-    assert read_dataset(cur.record("interactions")).num_rows == 800
-
+    first = {"snapshot_id": st.current().snapshot_id, "codes": read_dataset(st.current().record("codes"))}
+    out2 = codebook_refresh(TINY, {"home": str(home)})
+    cfg = _cfg(home)
     runs = tracking.runs_of(cfg)
-    parent = [r for r in runs if r["name"] == "codebook-refresh"]
-    assert len(parent) == 1 and parent[0]["status"] == "FINISHED"
-    assert parent[0]["run_id"] == out["mlflow_run_id"]
+    children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
+    return {"home": home, "out": out, "out2": out2, "cfg": cfg, "storage": st, "runs": runs,
+            "children": children, "first": first}
+
+
+def _published(refreshed, dataset):
+    """The first refresh's published dataset (the second publishes the same data)."""
+    return read_dataset(refreshed["storage"].current().record(dataset))
+
+
+def test_refresh_publishes_a_snapshot_of_every_dataset(refreshed):
+    out, st = refreshed["out"], refreshed["storage"]
+    assert refreshed["first"]["snapshot_id"] == out["snapshot_id"]
+    assert out["rows"]["interactions"] == 800 and out["rows"]["items"] == 40 and out["rows"]["pairs"] > 10
+    assert _published(refreshed, "interactions").num_rows == 800
+    assert _published(refreshed, "pairs").num_rows == out["rows"]["pairs"]
+    assert out["rows"]["embeddings"] == out["rows"]["codes"] == 40
+    assert "config.json" in st.current().record("model").files
+    assert "codebook.json" in st.current().record("codebook").files
+
+
+def test_flow_run_tracks_config_hardware_and_one_run_per_stage(refreshed):
+    out, children = refreshed["out"], refreshed["children"]
+    parent = [r for r in refreshed["runs"] if r["run_id"] == out["mlflow_run_id"]]
+    assert len(parent) == 1 and parent[0]["name"] == "codebook-refresh" and parent[0]["status"] == "FINISHED"
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     assert "native bf16: " in parent[0]["tags"]["qarm.hardware"]      # CPU model and flags beside every run
-    children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
                              "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "train",
                              "embed", "gate-embed-embeddings", "quantize", "gate-quantize-codes", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
-    assert children["gate-ingest-interactions"]["metrics"]["gate.interactions.success"] == 1.0
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
-    mined = children["mine"]["metrics"]
-    assert mined["swing.pairs"] + mined["u2i.pairs"] == out["rows"]["pairs"] and mined["u2i.pairs"] > 0
+    for gate, dataset in (("gate-ingest-interactions", "interactions"), ("gate-judge-judgments", "judgments"),
+                          ("gate-embed-embeddings", "embeddings")):
+        assert children[gate]["metrics"][f"gate.{dataset}.success"] == 1.0
+
+
+def test_mine_logs_pairs_per_source_and_recall(refreshed):
+    mined = refreshed["children"]["mine"]["metrics"]
+    assert mined["swing.pairs"] + mined["u2i.pairs"] == refreshed["out"]["rows"]["pairs"] and mined["u2i.pairs"] > 0
     assert 0 <= mined["u2i.recall_two_tower"] <= 1 and 0 <= mined["u2i.recall_popularity"] <= 1
-    assert read_dataset(cur.record("pairs")).num_rows == out["rows"]["pairs"]
-    # every pair judged once; keep rates per source, throughput and the judge's AUC logged
-    judged = children["judge"]["metrics"]
+
+
+def test_judge_scores_every_pair_once_with_keep_rates_and_auc(refreshed):
+    out, judge = refreshed["out"], refreshed["children"]["judge"]
+    judged = judge["metrics"]
     assert out["rows"]["judgments"] == out["rows"]["pairs"] == judged["pairs.scored"]
     assert judged["swing.keep_rate"] == pytest.approx(0.9, abs=0.01)
     assert judged["u2i.keep_rate"] == pytest.approx(0.3, abs=0.01)
     assert judged["pairs_per_s"] > 0 and 0 <= judged["auc.cooc"] <= 1 and 0 <= judged["auc.genre"] <= 1
-    assert children["judge"]["tags"]["qarm.prompt_version"] == "pmi-generic-v1"
-    # the numeric type each model ran in, and why: set by the test config, or chosen from the hardware
-    assert children["judge"]["tags"]["qarm.dtype"] == "float32"
+    assert judge["tags"]["qarm.prompt_version"] == "pmi-generic-v1"
+
+
+def test_models_run_in_the_configured_or_hardware_chosen_type(refreshed):
     from qarm_core.devices import choose_dtype
+
+    children = refreshed["children"]
+    assert children["judge"]["tags"]["qarm.dtype"] == "float32"          # set by the test config
     auto = choose_dtype("auto", "cpu").name
     assert children["train"]["tags"]["qarm.dtype"] == children["embed"]["tags"]["qarm.dtype"] == auto
     assert children["embed"]["tags"]["qarm.dtype_reason"].startswith("auto:")
-    assert children["gate-judge-judgments"]["metrics"]["gate.judgments.success"] == 1.0
-    kept = read_dataset(cur.record("judgments")).filter(pc.field("keep"))
-    kept_items = set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist())
-    qa = read_dataset(cur.record("qa"))
-    assert set(qa["item_id"].to_pylist()) == kept_items and qa.num_rows == 2 * len(kept_items)
-    assert children["qa"]["metrics"]["items.generated"] == len(kept_items)
-    # the fine-tuned model, one unit vector and one SID per item, evaluation against the baselines
-    trained = children["train"]["metrics"]
-    assert trained["steps"] == 4 and trained["tokens_per_s"] > 0 and "loss" in trained
-    assert "config.json" in cur.record("model").files
-    embedded = children["embed"]["metrics"]
-    assert out["rows"]["embeddings"] == out["rows"]["codes"] == 40
-    assert all(0 <= embedded[f"{m}.recall_at_10"] <= 1 for m in ("finetuned", "base", "minilm"))
-    assert children["gate-embed-embeddings"]["metrics"]["gate.embeddings.success"] == 1.0
-    coded = children["quantize"]["metrics"]
-    assert 0 <= coded["raw.collision_rate"] <= 1 and coded["resolved.collision_rate"] <= 0.5
-    assert children["quantize"]["tags"]["qarm.quantize.how"] == "refit: no published codebook"
-    codes = read_dataset(cur.record("codes"))
-    assert len(set(codes["sid"].to_pylist())) == 40 and "codebook.json" in cur.record("codebook").files
-    # the resolved config is an artifact of the parent run
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(cfg.tracking.tracking_uri)
-    text = Path(client.download_artifacts(out["mlflow_run_id"], "config/resolved.yaml", str(tmp_path))).read_text()
-    assert f"home: {home}" in text
-    gate_json = json.loads(Path(client.download_artifacts(children["gate-ingest-items"]["run_id"],
-                                                          "gates/items.json", str(tmp_path))).read_text())
-    assert gate_json["success"] is True
 
-    # a rerun reuses the staged ingest and publishes a new snapshot
-    out2 = codebook_refresh(TINY, {"home": str(home)})
+
+def test_qa_covers_the_items_of_kept_pairs(refreshed):
+    kept = _published(refreshed, "judgments").filter(pc.field("keep"))
+    kept_items = set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist())
+    qa = _published(refreshed, "qa")
+    assert set(qa["item_id"].to_pylist()) == kept_items and qa.num_rows == 2 * len(kept_items)
+    assert refreshed["children"]["qa"]["metrics"]["items.generated"] == len(kept_items)
+
+
+def test_train_and_embed_log_steps_and_recall_against_baselines(refreshed):
+    trained = refreshed["children"]["train"]["metrics"]
+    assert trained["steps"] == 4 and trained["tokens_per_s"] > 0 and "loss" in trained
+    embedded = refreshed["children"]["embed"]["metrics"]
+    assert all(0 <= embedded[f"{m}.recall_at_10"] <= 1 for m in ("finetuned", "base", "minilm"))
+
+
+def test_quantize_gives_one_sid_per_item(refreshed):
+    coded = refreshed["children"]["quantize"]
+    assert 0 <= coded["metrics"]["raw.collision_rate"] <= 1 and coded["metrics"]["resolved.collision_rate"] <= 0.5
+    assert coded["tags"]["qarm.quantize.how"] == "refit: no published codebook"
+    assert len(set(refreshed["first"]["codes"]["sid"].to_pylist())) == 40
+
+
+def test_resolved_config_and_gate_reports_are_artifacts(refreshed, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(refreshed["cfg"].tracking.tracking_uri)
+    run_id = refreshed["out"]["mlflow_run_id"]
+    text = Path(client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path))).read_text()
+    assert f"home: {refreshed['home']}" in text
+    gate_run = refreshed["children"]["gate-ingest-items"]["run_id"]
+    assert json.loads(Path(client.download_artifacts(gate_run, "gates/items.json", str(tmp_path))).read_text())["success"]
+
+
+def test_rerun_reuses_staged_outputs_and_keeps_sids(refreshed):
+    out, out2, st = refreshed["out"], refreshed["out2"], refreshed["storage"]
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
+    runs = tracking.runs_of(refreshed["cfg"])
     for stage in ("ingest", "mine", "judge", "qa", "train", "embed"):
-        reused = [r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == stage]
-        assert sorted(reused) == [0.0, 1.0]
+        assert sorted(r["metrics"]["reused"] for r in runs if r["name"] == stage) == [0.0, 1.0]
     # the rerun warm-starts the quantizer from the published codebook: same SIDs
-    hows = sorted(r["tags"]["qarm.quantize.how"] for r in tracking.runs_of(cfg) if r["name"] == "quantize")
+    hows = sorted(r["tags"]["qarm.quantize.how"] for r in runs if r["name"] == "quantize")
     assert hows == ["refit: no published codebook", "warm_start"]
     assert read_dataset(st.current().record("codes")).sort_by("item_id")["sid"].to_pylist() == \
-        codes.sort_by("item_id")["sid"].to_pylist()
+        refreshed["first"]["codes"].sort_by("item_id")["sid"].to_pylist()
 
 
 def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):

@@ -1,0 +1,110 @@
+"""Checkpoint IO of a training run: its fingerprint (which checkpoints belong to it), plain-torch
+checkpoints (safetensors + JSON), DeepSpeed checkpoints through its engine, pruning, and the fp32
+weights reassembled from a ZeRO checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qarm_core.embed.config import EmbedModelConfig, TrainConfig
+from qarm_core.embed.train.distributed import barrier
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_fingerprint(model_cfg: EmbedModelConfig, cfg: TrainConfig, data_digest: str, world_size: int) -> str:
+    """Identity of a training run: everything that changes its result (not checkpoint cadence,
+    time budget, thread count)."""
+    t = cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "max_seconds", "num_threads",
+                                "launcher", "launcher_args", "master_port"})
+    return digest({"model": model_cfg.model_dump(), "train": t, "data": data_digest, "world": world_size})[:20]
+
+
+def save_plain(root: Path, tag: str, model: Any, opt: Any, client: dict) -> None:
+    from safetensors.torch import save_file, save_model
+
+    tmp = root / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))           # handles tied (shared) weights
+    sd = opt.state_dict()
+    tensors = {f"{i}/{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    if tensors:
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"]}))
+    (tmp / "client_state.json").write_text(json.dumps(client))
+    shutil.rmtree(root / tag, ignore_errors=True)
+    tmp.rename(root / tag)
+    (root / "latest.tmp").write_text(tag)
+    (root / "latest.tmp").rename(root / "latest")
+
+
+def load_plain(root: Path, model: Any, opt: Any) -> dict | None:
+    import torch
+    from safetensors.torch import load_file, load_model
+
+    latest = root / "latest"
+    if not latest.exists():
+        return None
+    d = root / latest.read_text().strip()
+    load_model(model, str(d / "model.safetensors"))
+    groups = json.loads((d / "optimizer.json").read_text())["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    if (d / "optimizer.safetensors").exists():
+        for key, v in load_file(str(d / "optimizer.safetensors")).items():
+            i, k = key.split("/", 1)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((d / "client_state.json").read_text())
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in tags[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(root: Path, step: int, fingerprint: str, model: Any, opt: Any, engine: Any,
+                    rank: int, world: int, keep: int) -> None:
+    """Checkpoint ``step`` under ``root`` (DeepSpeed's format through ``engine``, else plain torch
+    from rank 0), then keep the newest ``keep``."""
+    tag = f"step-{step:08d}"
+    client = {"step": step, "fingerprint": fingerprint}
+    if engine is not None:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client)
+    elif rank == 0:
+        save_plain(root, tag, model, opt, client)
+    barrier(world)
+    if rank == 0:
+        prune_checkpoints(root, keep)
+
+
+def fp32_state_from_checkpoint(ckpt_root: Path, model: Any) -> dict | None:
+    """Full-precision weights reassembled from the newest DeepSpeed checkpoint (every ZeRO stage),
+    or None when DeepSpeed cannot (then the module's own weights are exported)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root))
+    except Exception:  # noqa: BLE001 -- any failure: fall back to the module weights
+        return None
+    # zero_to_fp32 lists a tied (shared) parameter under one name only: find it by identity
+    alias: dict[int, list[str]] = {}
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        alias.setdefault(id(prm), []).append(name)
+    out = {}
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        hit = next((sd[a] for a in alias[id(prm)] if a in sd), None)
+        out[name] = (hit if hit is not None else prm.detach()).float()
+    for name, buf in model.named_buffers():
+        out[name] = buf
+    return out

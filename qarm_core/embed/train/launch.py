@@ -1,0 +1,134 @@
+"""Multi-process launch: a run's job (inputs as Parquet, configs as JSON), the torchrun / deepspeed
+launcher command, the workers' environment, and the launched run's progress relayed from its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from qarm_core.embed.config import EmbedModelConfig, TrainConfig
+from qarm_core.embed.train.distributed import REPO
+from qarm_core.embed.train.loop import train_in_process
+from qarm_core.embed.train.record import ProgressFn, TrainRecord
+
+
+def write_job(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir: str | Path,
+              model_cfg: EmbedModelConfig, cfg: TrainConfig) -> Path:
+    """Write the inputs (Parquet) and configs (JSON) of a run to ``out_dir/job``; returns job.json."""
+    import pyarrow.parquet as pq
+
+    job_dir = Path(out_dir) / "job"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(items, job_dir / "items.parquet")
+    pq.write_table(judgments, job_dir / "judgments.parquet")
+    if qa is not None:
+        pq.write_table(qa, job_dir / "qa.parquet")
+    job = {"out_dir": str(Path(out_dir).resolve()), "items": str(job_dir / "items.parquet"),
+           "judgments": str(job_dir / "judgments.parquet"),
+           "qa": str(job_dir / "qa.parquet") if qa is not None else None,
+           "model_config": model_cfg.model_dump(), "train_config": cfg.model_dump()}
+    f = job_dir / "job.json"
+    f.write_text(json.dumps(job, indent=2))
+    return f
+
+
+def run_job(job_file: str | Path) -> None:
+    """Train the run described by ``job_file`` (written by ``write_job``) in this process: the entry
+    point of each process a launcher starts (rank and world from its environment)."""
+    import pyarrow.parquet as pq
+
+    job = json.loads(Path(job_file).read_text())
+    model_cfg = EmbedModelConfig.model_validate(job["model_config"])
+    cfg = TrainConfig.model_validate(job["train_config"])
+    items = pq.read_table(job["items"])
+    judgments = pq.read_table(job["judgments"])
+    qa = pq.read_table(job["qa"]) if job.get("qa") else None
+    train_in_process(items, judgments, qa, Path(job["out_dir"]), model_cfg, cfg, None)
+
+
+def build_launch_command(job_file: str | Path, cfg: TrainConfig, python: str | None = None,
+                         extra_launcher_args: list[str] | None = None) -> list[str]:
+    """argv that runs ``qarm_core.embed.worker job_file`` in ``cfg.nproc`` processes on this node.
+
+    torchrun: ``python -m torch.distributed.run --nproc_per_node N --master_port P -m
+    qarm_core.embed.worker JOB``; deepspeed: ``python -m deepspeed.launcher.runner --num_gpus N
+    --master_port P --module qarm_core.embed.worker JOB`` (on CPU hosts the DeepSpeed launcher
+    treats --num_gpus as the process count; it passes ``--local_rank=i`` to each worker).
+    Multi-node: add e.g. ``--nnodes/--node_rank/--master_addr`` (torchrun) or ``--hostfile``
+    (deepspeed) through ``extra_launcher_args``.
+    """
+    py = python or sys.executable
+    extra = list(extra_launcher_args or [])
+    if cfg.launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(cfg.nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(cfg.master_port), *extra,
+                "-m", "qarm_core.embed.worker", str(job_file)]
+    if cfg.launcher == "deepspeed":
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(cfg.master_port), *extra,
+                "--module", "qarm_core.embed.worker", str(job_file)]
+    raise ValueError(f"launcher {cfg.launcher!r} starts no processes")
+
+
+def launch_env(cfg: TrainConfig) -> dict[str, str]:
+    """The environment of launched workers: this one, plus one BLAS/OpenMP thread pool per process
+    sized so the processes share the cores instead of oversubscribing them, with passive waits."""
+    env = dict(os.environ)
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // cfg.nproc)
+    env["OMP_NUM_THREADS"] = str(threads)
+    # passive OpenMP waits: spinning threads of co-located processes slowed training ~10x here
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("PYTHONPATH", str(REPO))
+    if str(REPO) not in env["PYTHONPATH"].split(os.pathsep):
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
+    return env
+
+
+def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None = None,
+                 timeout_s: float | None = None) -> TrainRecord:
+    """Start the multi-process run of ``job_file``, relay progress from its train_log.jsonl, wait,
+    and return the record rank 0 wrote. A failed launch raises RuntimeError with the output tail."""
+    job = json.loads(Path(job_file).read_text())
+    out = Path(job["out_dir"])
+    log = out / "train_log.jsonl"
+    seen = log.stat().st_size if log.exists() else 0
+    cmd = build_launch_command(job_file, cfg, extra_launcher_args=cfg.launcher_args)
+    out_log = out / "launch.log"
+    t0 = time.perf_counter()
+    with open(out_log, "wb") as lf:
+        proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO))
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                if progress and log.exists() and log.stat().st_size > seen:
+                    with open(log, "rb") as f:
+                        f.seek(seen)
+                        chunk = f.read()
+                    done = chunk.rfind(b"\n") + 1
+                    seen += done
+                    for line in chunk[:done].splitlines():
+                        progress(json.loads(line))
+                if rc is not None:
+                    break
+                if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError(f"training launch timed out after {timeout_s}s; see {out_log}")
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+    if rc != 0:
+        tail = out_log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"training launch {' '.join(cmd)} failed with exit code {rc}:\n{tail}")
+    return TrainRecord(**json.loads((out / "train_record.json").read_text()))

@@ -1,0 +1,40 @@
+"""What a training run reports, and the stage name its errors carry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+STAGE = "train"
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """What a training run wrote."""
+
+    model_dir: str
+    model_version: str
+    fingerprint: str
+    steps: int                    # optimizer steps done in total (including before a resume)
+    resumed_from_step: int        # 0: started from scratch
+    train_pairs: int
+    world_size: int
+    deepspeed: bool
+    zero_stage: int
+    dtype: str                    # bfloat16 (mixed precision) or float32, as chosen by ``training_dtype``
+    seconds: float                # wall time of this process's run (excluding model loading)
+    train_tokens: int             # real (non-pad) tokens processed by all processes in this run
+    tokens_per_s: float
+    final_loss: float
+    final_nce: float
+    final_qa: float
+    loss_first: float             # mean loss of the first up-to-5 steps of this run
+    loss_last: float              # mean loss of the last up-to-5 steps of this run
+    reused: bool = False          # True: the model was already complete; nothing was trained
+    dtype_reason: str = ""        # why that dtype (``devices.DTypeChoice.reason``)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
