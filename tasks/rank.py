@@ -25,8 +25,9 @@ from qarm_core.rank.data import RankData
 from qarm_core.quantize.io import read_embeddings
 from qarm_core.rank.inputs import ItemIndex, align_codes, fallback_key, minilm_inputs, quantize_codes
 from qarm_core.rank.models import resolve_spec
-from qarm_core.rank.pipeline import ItemInputs, build, load_item_inputs, needs, prepare_data
-from qarm_core.rank.samples import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, Samples, check_samples
+from qarm_core.rank.data import build_index
+from qarm_core.rank.pipeline import ItemInputs, load_item_inputs, needs, prepare_data
+from qarm_core.rank.samples import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, Samples, build_samples, check_samples
 from qarm_core.rank.train import train_model
 from qarm_core.schemas import CODES, DatasetSchema, embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
@@ -102,6 +103,8 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
                                            f"neither an explicit path nor the published snapshot has them: pass "
                                            f"--embeddings/--codes, publish them (codebook refresh), or set "
                                            f"rank.inputs_fallback: minilm")
+    # the dense item index of the catalog, built once here for samples, gate and prepare
+    out["index"] = build_index(None, read_dataset(items))
     get_run_logger().info("rank inputs: %s", out["source"])
     return out
 
@@ -119,7 +122,8 @@ def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
     def produce(name):
         def gen():
             if not made:
-                _, s = build(read_dataset(inter), read_dataset(items), cfg.rank, cfg.duckdb, storage.duckdb_temp_dir)
+                s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb,
+                                  storage.duckdb_temp_dir)
                 made.update(samples=s.samples, sequences=s.sequences)
                 report.update(s.report)
             return made[name].to_batches(max_chunksize=1_000_000)
@@ -146,10 +150,9 @@ def rank_gate(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs: di
     s = load_samples(samples)
     share = None
     if inputs.get("codes"):
-        from qarm_core.rank.data import build_index
         from qarm_core.rank.inputs import read_table
 
-        index: ItemIndex = build_index(read_dataset(inputs["interactions"]), read_dataset(inputs["items"]))
+        index: ItemIndex = inputs["index"]
         _, _, n_missing = align_codes(index, read_table(inputs["codes"], "codes", ["item_id", "c1", "c2", "c3"]))
         share = n_missing / max(index.n, 1)
     g = cfg.rank.gate
@@ -166,11 +169,8 @@ def rank_prepare(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs:
     """Dense arrays and the frozen-embedding GSU results, shared by every model and seed."""
     item_inputs: ItemInputs = load_item_inputs(inputs.get("embeddings"), inputs.get("codes"),
                                                source=str(inputs.get("source")))
-    from qarm_core.rank.data import build_index
-
     items = read_dataset(inputs["items"])
-    index = build_index(read_dataset(inputs["interactions"]), items)
-    data = prepare_data(load_samples(samples), index, item_inputs, items, cfg.rank)
+    data = prepare_data(load_samples(samples), inputs["index"], item_inputs, items, cfg.rank)
     get_run_logger().info("rank prepare: %s", data.report)
     return data
 

@@ -64,7 +64,7 @@ class RankData:
         return b
 
 
-def build_index(interactions: pa.Table, items: pa.Table | None) -> ItemIndex:
+def build_index(interactions: pa.Table | None, items: pa.Table | None) -> ItemIndex:
     """Dense index over the catalog (``items``) or, without one, the items of the log. With a catalog,
     every logged item must be in it (checked when samples are built)."""
     src = items if items is not None else interactions
