@@ -54,14 +54,34 @@ def _table(rows: list[tuple[int, int, int]]) -> pa.Table:
                      "label": pa.array(l, pa.int8())}, schema=EVAL_SCHEMA)
 
 
-def build_eval_sets(interactions: pa.Table, items: pa.Table,
-                    params: EvalSetParams | None = None) -> dict[str, pa.Table]:
-    """``{"cooc": table, "genre": table}``, each with columns src_item, dst_item, label (1/0).
+@dataclass
+class _EvalPool:
+    """What both evaluation sets are drawn from: the item pool, its tags and titles, and the
+    held-out users' co-loved counts."""
 
-    Shapes: each table has ``2 * n_per_class`` rows (fewer only if the data cannot supply them),
-    positives first. ``interactions`` needs user_id, item_id, rating; ``items`` item_id, tags.
-    """
-    p = params or EvalSetParams()
+    p: EvalSetParams
+    pool: list[int]                     # items with >= min_item_ratings ratings and known tags, sorted
+    tags: dict[int, list[str] | None]
+    titles: dict[int, str | None]
+    n_loved: collections.Counter        # item -> held-out users who loved it
+    cooc: collections.Counter           # (a, b), a < b -> held-out users who loved both
+
+    def same_title(self, a: int, b: int) -> bool:
+        # ML-100K lists a few films twice under two ids: such a pair would be a trivial positive.
+        ta, tb = self.titles.get(a), self.titles.get(b)
+        return ta is not None and tb is not None and ta.strip().lower() == tb.strip().lower()
+
+    def cosine(self, a: int, b: int) -> float:
+        c = self.cooc.get((a, b) if a < b else (b, a), 0)
+        return c / np.sqrt(self.n_loved[a] * self.n_loved[b]) if c else 0.0
+
+    def by_hash(self, tag: int, src: int, cands: list[int] | np.ndarray) -> list[int]:
+        """``cands`` in the seeded hash order of (src, candidate): a stable random order."""
+        c = np.asarray(cands, dtype=np.int64)
+        return c[np.argsort(keyed_hash(self.p.seed, tag, src, c), kind="stable")].tolist()
+
+
+def _eval_pool(interactions: pa.Table, items: pa.Table, p: EvalSetParams) -> _EvalPool:
     for name, tbl, cols in (("interactions", interactions, ("user_id", "item_id", "rating")),
                             ("items", items, ("item_id", "tags"))):
         missing = [c for c in cols if c not in tbl.column_names]
@@ -70,22 +90,15 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
     users = interactions["user_id"].to_numpy()
     item_col = interactions["item_id"].to_numpy()
     rating = interactions["rating"].to_numpy(zero_copy_only=False).astype(float)
-
     counts = collections.Counter(item_col.tolist())
     tags = dict(zip(items["item_id"].to_pylist(), items["tags"].to_pylist()))
-    # ML-100K lists a few films twice under two ids: such a pair would be a trivial positive.
     titles = (dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
               if "title" in items.column_names else {})
-
-    def same_title(a: int, b: int) -> bool:
-        ta, tb = titles.get(a), titles.get(b)
-        return ta is not None and tb is not None and ta.strip().lower() == tb.strip().lower()
     pool = sorted(i for i, c in counts.items() if c >= p.min_item_ratings and i in tags)
     if len(pool) < 10:
         raise DataError(STAGE, "interactions", f"only {len(pool)} items have >= "
                                                f"{p.min_item_ratings} ratings; too few for evaluation")
     pool_set = set(pool)
-
     uniq = np.unique(users)
     held = set(uniq[keyed_uniform(p.seed, 1, uniq) < p.holdout_users].tolist()) or {int(uniq[0])}
     baskets: dict[int, set[int]] = collections.defaultdict(set)
@@ -100,13 +113,14 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
         for x in range(len(bs)):
             for y in range(x + 1, len(bs)):
                 cooc[(bs[x], bs[y])] += 1
+    return _EvalPool(p, pool, tags, titles, n_loved, cooc)
 
-    def cosine(a: int, b: int) -> float:
-        key = (a, b) if a < b else (b, a)
-        c = cooc.get(key, 0)
-        return c / np.sqrt(n_loved[a] * n_loved[b]) if c else 0.0
 
-    strong = sorted(((c / np.sqrt(n_loved[a] * n_loved[b]), a, b) for (a, b), c in cooc.items()
+def _cooc_set(e: _EvalPool) -> list[tuple[int, int, int]]:
+    """Strong co-loved pairs (positives, each source once, no item in too many) and for each a
+    random pool item the source was (almost) never co-loved with (negative)."""
+    p = e.p
+    strong = sorted(((c / np.sqrt(e.n_loved[a] * e.n_loved[b]), a, b) for (a, b), c in e.cooc.items()
                      if c >= p.min_cooc), reverse=True)
     used: collections.Counter = collections.Counter()
     srcs: set[int] = set()
@@ -114,7 +128,7 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
     for _, a, b in strong:
         if len(pos) >= p.n_per_class:
             break
-        if used[a] >= p.max_pairs_per_item or used[b] >= p.max_pairs_per_item or same_title(a, b):
+        if used[a] >= p.max_pairs_per_item or used[b] >= p.max_pairs_per_item or e.same_title(a, b):
             continue
         src, dst = (a, b) if keyed_uniform(p.seed, 2, a, b) < 0.5 else (b, a)
         if src in srcs:
@@ -125,36 +139,47 @@ def build_eval_sets(interactions: pa.Table, items: pa.Table,
         used[b] += 1
         srcs.add(src)
         pos.append((src, dst, 1))
-    pool_arr = np.asarray(pool, dtype=np.int64)
-
-    def by_hash(tag: int, src: int, cands: list[int] | np.ndarray) -> list[int]:
-        """``cands`` in the seeded hash order of (src, candidate): a stable random order."""
-        c = np.asarray(cands, dtype=np.int64)
-        return c[np.argsort(keyed_hash(p.seed, tag, src, c), kind="stable")].tolist()
-
+    pool_arr = np.asarray(e.pool, dtype=np.int64)
     neg = []
     for src, _, _ in pos:
-        dst = next((d for d in by_hash(3, src, pool_arr)
-                    if d != src and cosine(src, d) <= p.negative_max_cosine and not same_title(src, d)), None)
+        dst = next((d for d in e.by_hash(3, src, pool_arr)
+                    if d != src and e.cosine(src, d) <= p.negative_max_cosine and not e.same_title(src, d)), None)
         if dst is not None:
             neg.append((src, dst, 0))
+    return pos + neg
 
-    # genre set: the same source item on both sides
-    src_order = pool_arr[np.argsort(keyed_hash(p.seed, 4, pool_arr), kind="stable")].tolist()
+
+def _genre_set(e: _EvalPool) -> list[tuple[int, int, int]]:
+    """For sources in a seeded order: a pool item sharing a genre (positive) and one sharing none
+    (negative), the same source on both sides."""
+    pool_arr = np.asarray(e.pool, dtype=np.int64)
+    src_order = pool_arr[np.argsort(keyed_hash(e.p.seed, 4, pool_arr), kind="stable")].tolist()
     gpos, gneg = [], []
     for src in src_order:
-        if len(gpos) >= p.n_per_class:
+        if len(gpos) >= e.p.n_per_class:
             break
-        g = set(tags[src] or [])
+        g = set(e.tags[src] or [])
         if not g:
             continue
-        same = [d for d in pool if d != src and g & set(tags[d] or []) and not same_title(src, d)]
-        other = [d for d in pool if tags[d] and not g & set(tags[d])]
+        same = [d for d in e.pool if d != src and g & set(e.tags[d] or []) and not e.same_title(src, d)]
+        other = [d for d in e.pool if e.tags[d] and not g & set(e.tags[d])]
         if not same or not other:
             continue
-        gpos.append((src, by_hash(5, src, same)[0], 1))
-        gneg.append((src, by_hash(6, src, other)[0], 0))
-    return {"cooc": _table(pos + neg), "genre": _table(gpos + gneg)}
+        gpos.append((src, e.by_hash(5, src, same)[0], 1))
+        gneg.append((src, e.by_hash(6, src, other)[0], 0))
+    return gpos + gneg
+
+
+def build_eval_sets(interactions: pa.Table, items: pa.Table,
+                    params: EvalSetParams | None = None) -> dict[str, pa.Table]:
+    """``{"cooc": table, "genre": table}``, each with columns src_item, dst_item, label (1/0).
+
+    Shapes: each table has ``2 * n_per_class`` rows (fewer only if the data cannot supply them),
+    positives first. ``interactions`` needs user_id, item_id, rating; ``items`` item_id, tags.
+    Every random choice is a hash of the seed and the ids (a grown log keeps yesterday's choices).
+    """
+    e = _eval_pool(interactions, items, params or EvalSetParams())
+    return {"cooc": _table(_cooc_set(e)), "genre": _table(_genre_set(e))}
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -96,15 +96,12 @@ def assign_semantic_ids(x: np.ndarray, item_ids: np.ndarray, codebook: Codebook,
     return codes, metrics
 
 
-def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codebook | None,
-            previous_codes: pa.Table | None, fit: bool, inplace: bool) -> tuple[Codebook, pa.Table, dict[str, float]]:
-    # Memory: besides x (which becomes the residual buffer when inplace), every per-item array here
-    # is a few bytes wide and freed once used: ~150 B/item at the peak, so a 10M x 128 snapshot
-    # (4.8 GiB of float32) stays within 8 GiB.
-    t0 = time.perf_counter()
-    n = len(item_ids)
-    prev = _align_previous(previous_codes, item_ids) if previous_codes is not None else None
-    residual = x if inplace else np.array(x, dtype=np.float32, copy=True)
+def _kmeans_levels(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, fit: bool,
+                   prev: dict | None) -> tuple[list[np.ndarray], np.ndarray, list[float], list[dict]]:
+    """The two residual k-means levels, fitted (warm-started from ``book`` when given) or assigned
+    with ``book``'s centroids; ``residual`` ``(n, dim)`` is reduced in place to what is left.
+    Returns (centroids per level, codes ``(n, 2)`` int32, MSE after each level, fit reports)."""
+    n = len(residual)
     centroids, codes, mse, report = [], np.empty((n, 2), np.int32), [], []
     for level, k in enumerate(p.levels):
         if fit:
@@ -123,80 +120,66 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
         del labels
         # The level's MSE, exactly: the mean squared norm of what is left after subtracting.
         mse.append(float(row_sqnorms(residual).astype(np.float64).mean()))
-    fit_seconds = time.perf_counter() - t0
-    stamps = {"kmeans": fit_seconds}
-    log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
-             "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
-    t1 = time.perf_counter()
-    if fit and book is None:
-        fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
-    else:
-        fsq = book.fsq
-    codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
+    return centroids, codes, mse, report
 
-    z = F.project(fsq, residual)                                   # (n, f) float32
-    digits = F.digits_of(fsq, z)                                   # (n, f) int32
-    c1, c2 = codes[:, 0], codes[:, 1]
-    c3 = F.pack(digits, fsq.levels)
-    mse.append(F.reconstruction_mse(fsq, residual, digits, z))
-    k1, k2 = p.levels
-    raw_keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
-    stamps["fsq"], t1 = time.perf_counter() - t1, time.perf_counter()
-    log.info("quantize: FSQ level in %.1f s; resolving collisions", stamps["fsq"])
 
-    new_c3, suffix, resolved = c3.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
-    kept = np.zeros(n, bool)
-    if prev is not None:
-        # An item whose k-means codes did not change keeps its whole previous SID (resolved c3
-        # and suffix) while it lies within fsq_margin bin widths of that FSQ cell: FSQ bins are
-        # narrow where items are dense, and without this a refresh would reshuffle SIDs for
-        # noise-level moves.
-        # Items moved by an earlier resolution keep their cell while it is still one of their
-        # candidate moves.
-        same = np.flatnonzero((prev["c3"] >= 0) & (c1 == prev["c12"][:, 0]) & (c2 == prev["c12"][:, 1]))
-        near = F.within_margin(fsq, z[same], F.unpack(prev["c3"][same], fsq.levels, fsq.dims), p.fsq_margin)
-        moved_before = prev["resolved"][same] & ~near
-        if moved_before.any():
-            cand = F.alternatives(fsq, z[same[moved_before]], digits[same[moved_before]], p.max_alternatives)
-            near[np.flatnonzero(moved_before)] = (cand == prev["c3"][same[moved_before], None]).any(1)
-        kept[same[near]] = True
-        new_c3[kept], suffix[kept], resolved[kept] = prev["c3"][kept], prev["suffix"][kept], prev["resolved"][kept]
-    if p.resolve:
-        # Priority: distance to the cell's centre (the item nearest the centre keeps the raw code).
-        priority = np.empty(n, np.float32)
-        for lo in range(0, n, F.CHUNK):
-            dz = z[lo:lo + F.CHUNK] - fsq.centers[np.arange(fsq.dims)[None, :], digits[lo:lo + F.CHUNK]]
-            priority[lo:lo + F.CHUNK] = (dz * dz).sum(1)
-        held_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)   # kept rows: their carried-over code
-        r_c3, r_suffix, r_resolved = resolve_collisions_cells(
-            held_keys, new_c3, fsq.code_space, priority, participate=~kept, outside=kept & (suffix == 0),
-            z=z, digits=digits, boundaries=fsq.boundaries, levels=fsq.levels, n_alt=p.max_alternatives)
-        del priority, held_keys
-        rest = ~kept
-        if kept.any() and (r_suffix[rest] > 0).any():
-            # Suffixes continue after those that carried-over SIDs already use on the same code.
-            kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
-            k_suf = suffix[kept]
-            top: dict[int, int] = {}
-            for k, v in zip(kept_keys[k_suf > 0].tolist(), k_suf[k_suf > 0].tolist()):
-                top[k] = max(top.get(k, 0), v)
-            sfx = np.flatnonzero(rest & (r_suffix > 0))
-            r_keys = sid_keys(c1[sfx], c2[sfx], r_c3[sfx], k2, fsq.code_space)
-            r_suffix[sfx] += np.array([top.get(int(k), 0) for k in r_keys], np.int64)
-        new_c3[rest], suffix[rest], resolved[rest] = r_c3[rest], r_suffix[rest], r_resolved[rest]
-        del r_c3, r_suffix, r_resolved, rest
-    del kept
-    stamps["resolve"], t1 = time.perf_counter() - t1, time.perf_counter()
-    log.info("quantize: collisions resolved in %.1f s; metrics (collision, HR@k, decode HR@k on %s queries) next",
-             stamps["resolve"], f"{min(n, p.decode_hr_sample or 0):,}")
+def _carried_over(prev: dict, fsq: F.FSQCodebook, z: np.ndarray, digits: np.ndarray, c1: np.ndarray,
+                  c2: np.ndarray, p: QuantizerParams) -> np.ndarray:
+    """``(n,)`` bool: items that keep their whole previous SID (resolved c3 and suffix). An item
+    whose k-means codes did not change keeps it while it lies within fsq_margin bin widths of that
+    FSQ cell: FSQ bins are narrow where items are dense, and without this a refresh would reshuffle
+    SIDs for noise-level moves. Items moved by an earlier resolution keep their cell while it is
+    still one of their candidate moves."""
+    kept = np.zeros(len(c1), bool)
+    same = np.flatnonzero((prev["c3"] >= 0) & (c1 == prev["c12"][:, 0]) & (c2 == prev["c12"][:, 1]))
+    near = F.within_margin(fsq, z[same], F.unpack(prev["c3"][same], fsq.levels, fsq.dims), p.fsq_margin)
+    moved_before = prev["resolved"][same] & ~near
+    if moved_before.any():
+        cand = F.alternatives(fsq, z[same[moved_before]], digits[same[moved_before]], p.max_alternatives)
+        near[np.flatnonzero(moved_before)] = (cand == prev["c3"][same[moved_before], None]).any(1)
+    kept[same[near]] = True
+    return kept
 
+
+def _resolve(c1: np.ndarray, c2: np.ndarray, new_c3: np.ndarray, suffix: np.ndarray, resolved: np.ndarray,
+             kept: np.ndarray, fsq: F.FSQCodebook, z: np.ndarray, digits: np.ndarray, p: QuantizerParams) -> None:
+    """Move colliding items (not ``kept``) to free FSQ cells, else give them a suffix; updates
+    ``new_c3``, ``suffix`` and ``resolved`` in place. Priority: distance to the cell's centre (the
+    item nearest the centre keeps the raw code)."""
+    n, k2 = len(c1), p.levels[1]
+    priority = np.empty(n, np.float32)
+    for lo in range(0, n, F.CHUNK):
+        dz = z[lo:lo + F.CHUNK] - fsq.centers[np.arange(fsq.dims)[None, :], digits[lo:lo + F.CHUNK]]
+        priority[lo:lo + F.CHUNK] = (dz * dz).sum(1)
+    held_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)   # kept rows: their carried-over code
+    r_c3, r_suffix, r_resolved = resolve_collisions_cells(
+        held_keys, new_c3, fsq.code_space, priority, participate=~kept, outside=kept & (suffix == 0),
+        z=z, digits=digits, boundaries=fsq.boundaries, levels=fsq.levels, n_alt=p.max_alternatives)
+    del priority, held_keys
+    rest = ~kept
+    if kept.any() and (r_suffix[rest] > 0).any():
+        # Suffixes continue after those that carried-over SIDs already use on the same code.
+        kept_keys = sid_keys(c1[kept], c2[kept], new_c3[kept], k2, fsq.code_space)
+        k_suf = suffix[kept]
+        top: dict[int, int] = {}
+        for k, v in zip(kept_keys[k_suf > 0].tolist(), k_suf[k_suf > 0].tolist()):
+            top[k] = max(top.get(k, 0), v)
+        sfx = np.flatnonzero(rest & (r_suffix > 0))
+        r_keys = sid_keys(c1[sfx], c2[sfx], r_c3[sfx], k2, fsq.code_space)
+        r_suffix[sfx] += np.array([top.get(int(k), 0) for k in r_keys], np.int64)
+    new_c3[rest], suffix[rest], resolved[rest] = r_c3[rest], r_suffix[rest], r_resolved[rest]
+
+
+def _code_metrics(residual: np.ndarray, centroids: list[np.ndarray], fsq: F.FSQCodebook, c1: np.ndarray,
+                  c2: np.ndarray, c3: np.ndarray, new_c3: np.ndarray, digits: np.ndarray, raw_keys: np.ndarray,
+                  mse: list[float], p: QuantizerParams) -> dict[str, float]:
+    """Collision, EdgeNum, HR@k, decode HR@k, utilisation and MSE per level. raw: codes as
+    quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside; the sid strings,
+    suffix included, are unique); rkmeans: (c1, c2) alone."""
+    n, (k1, k2) = len(c1), p.levels
     metrics: dict[str, float] = {"items": float(n), "code_space": float(k1 * k2 * fsq.code_space)}
-    # raw: codes as quantised; resolved: (c1, c2, c3) after moving colliding items (suffixes aside;
-    # the sid strings, suffix included, are unique); rkmeans: (c1, c2) alone.
     metrics |= {f"raw.{k}": v for k, v in collision_metrics(raw_keys).items()}
-    final_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)
-    metrics |= {f"resolved.{k}": v for k, v in collision_metrics(final_keys).items()}
-    del final_keys
+    metrics |= {f"resolved.{k}": v for k, v in collision_metrics(sid_keys(c1, c2, new_c3, k2, fsq.code_space)).items()}
     rk_keys = c1.astype(np.int64) * k2 + c2
     metrics |= {f"rkmeans.{k}": v for k, v in collision_metrics(rk_keys).items()}
 
@@ -219,11 +202,52 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     if p.decode_hr_sample:
         metrics |= decode_hit_rates(original, n, {"raw": decoded, "rkmeans": decoded_rk},
                                     sample=p.decode_hr_sample, seed=p.seed)
-    del raw_keys, rk_keys, z, digits
     for level, (codes_l, space) in enumerate(((c1, k1), (c2, k2), (c3, fsq.code_space)), start=1):
         metrics |= {f"level{level}.{k}": v for k, v in level_usage(codes_l, space).items()}
         metrics[f"level{level}.mse"] = mse[level - 1]
-    del c3
+    return metrics
+
+
+def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codebook | None,
+            previous_codes: pa.Table | None, fit: bool, inplace: bool) -> tuple[Codebook, pa.Table, dict[str, float]]:
+    # Memory: besides x (which becomes the residual buffer when inplace), every per-item array here
+    # is a few bytes wide and freed once used: ~150 B/item at the peak, so a 10M x 128 snapshot
+    # (4.8 GiB of float32) stays within 8 GiB.
+    t0 = time.perf_counter()
+    n = len(item_ids)
+    prev = _align_previous(previous_codes, item_ids) if previous_codes is not None else None
+    residual = x if inplace else np.array(x, dtype=np.float32, copy=True)
+    centroids, codes, mse, report = _kmeans_levels(residual, p, book, fit, prev)
+    fit_seconds = time.perf_counter() - t0
+    stamps = {"kmeans": fit_seconds}
+    log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
+             "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
+    t1 = time.perf_counter()
+    fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed) if fit and book is None else book.fsq
+    codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
+    z = F.project(fsq, residual)                                   # (n, f) float32
+    digits = F.digits_of(fsq, z)                                   # (n, f) int32
+    c1, c2 = codes[:, 0], codes[:, 1]
+    c3 = F.pack(digits, fsq.levels)
+    mse.append(F.reconstruction_mse(fsq, residual, digits, z))
+    raw_keys = sid_keys(c1, c2, c3, p.levels[1], fsq.code_space)
+    stamps["fsq"], t1 = time.perf_counter() - t1, time.perf_counter()
+    log.info("quantize: FSQ level in %.1f s; resolving collisions", stamps["fsq"])
+
+    new_c3, suffix, resolved = c3.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
+    kept = np.zeros(n, bool)
+    if prev is not None:
+        kept = _carried_over(prev, fsq, z, digits, c1, c2, p)
+        new_c3[kept], suffix[kept], resolved[kept] = prev["c3"][kept], prev["suffix"][kept], prev["resolved"][kept]
+    if p.resolve:
+        _resolve(c1, c2, new_c3, suffix, resolved, kept, fsq, z, digits, p)
+    del kept
+    stamps["resolve"], t1 = time.perf_counter() - t1, time.perf_counter()
+    log.info("quantize: collisions resolved in %.1f s; metrics (collision, HR@k, decode HR@k on %s queries) next",
+             stamps["resolve"], f"{min(n, p.decode_hr_sample or 0):,}")
+
+    metrics = _code_metrics(residual, centroids, fsq, c1, c2, c3, new_c3, digits, raw_keys, mse, p)
+    del raw_keys, z, digits, c3
     stamps["metrics"], t1 = time.perf_counter() - t1, time.perf_counter()
     metrics["resolved_share"] = float(resolved.mean())
     metrics["suffixed_share"] = float((suffix > 0).mean())
