@@ -1,7 +1,7 @@
 """Benchmark: Semantic-ID quantisation of 10M x 128 synthetic embeddings, end to end.
 
 qarm (2 x 256 full-batch residual k-means + FSQ, assign all, resolve, metrics, codes -> Parquet;
-``qarm_core.quantize.bench.run_quantize_bench``, the same function as ``qarm bench quantize``)
+``flows.bench_quantize.run_quantize_bench``, the same function as ``qarm bench quantize``)
 against its FLOP floor (multiply-adds of the k-means passes qarm ran, warm-up sample included, and
 of FSQ / the sgemm rate measured in this run) and two baselines at the same code space 256^3:
 faiss ResidualQuantizer (3 x 8 bits, trained on a subsample whose k-means uses every training row,
@@ -49,7 +49,7 @@ def phase_sgemm(threads: int) -> dict:
     import faiss
     import numpy as np
 
-    from qarm_core.quantize.bench import sgemm_gflops
+    from flows.bench_quantize import sgemm_gflops
 
     r = sgemm_gflops()
     _threads(threads)
@@ -67,7 +67,7 @@ def phase_sgemm(threads: int) -> dict:
 
 def phase_qarm(n: int, dim: int, levels: list[int], fsq_dims: int, fsq_levels: int, seed: int,
                threads: int) -> dict:
-    from qarm_core.quantize.bench import run_quantize_bench
+    from flows.bench_quantize import run_quantize_bench
 
     return run_quantize_bench(n, dim, tuple(levels), fsq_dims, fsq_levels, seed)
 
@@ -77,7 +77,7 @@ def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: 
     import faiss
     import numpy as np
 
-    from qarm_core.quantize.bench import generate
+    from flows.bench_quantize import generate
     from qarm_core.quantize.metrics import collision_metrics
 
     _threads(threads)
@@ -119,7 +119,7 @@ def phase_torch_mb(n: int, dim: int, seed: int, threads: int, k: int = 256, n_le
     mini-batches with per-centroid learning rate 1/count, then assign all rows and subtract."""
     import torch
 
-    from qarm_core.quantize.bench import generate
+    from flows.bench_quantize import generate
     from qarm_core.quantize.metrics import collision_metrics
 
     torch.set_num_threads(threads)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.codebook_refresh import DEFAULT_CONFIG, codebook_refresh
+from flows.codebook_refresh import codebook_refresh
+from flows.options import DEFAULT_CONFIG
 
 DEPLOYMENT = "daily-ml100k"
 CRON = "0 3 * * *"

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.options import ConfigOpt
 from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
 from qarm_core.config import dump_config, load_config
@@ -29,8 +30,6 @@ app.add_typer(rank_app, name="rank")
 console = Console(stderr=True)
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
-ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set ingest.synth.users=100 (repeatable).")
 
 
@@ -254,7 +253,7 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
     metrics, write Parquet) in this process; print time, peak RSS and quality."""
     def run() -> None:
         _show_core_logs()
-        from qarm_core.quantize.bench import run_quantize_bench, sgemm_gflops
+        from flows.bench_quantize import run_quantize_bench, sgemm_gflops
         from qarm_core.quantize.quantizer import QuantizerParams
 
         try:

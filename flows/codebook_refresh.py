@@ -3,12 +3,12 @@ train (or reuse the published model) -> embed -> gate -> quantize -> gate -> pub
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run as prefect_flow_run
 
+from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
 from tasks import tracking
 from tasks.common import route_core_logs
@@ -21,7 +21,6 @@ from tasks.publish import publish
 from tasks.quantize import quantize
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
 
 
 @flow(name="codebook-refresh")

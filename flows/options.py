@@ -1,11 +1,16 @@
-"""Option parsing shared by the CLI apps."""
+"""The default config and option parsing shared by the flows and the CLI apps."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
+
+# The config a flow or command runs when none is named: ML-100K, what `make run` runs.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
 
 
 def parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ A typer sub-app (mounted into ``flows/cli.py`` as ``qarm rank``); importing it s
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.options import ConfigOpt
 from flows.options import parse_sets as _parse_sets
 from qarm_core.config import load_config
 from qarm_core.errors import QarmError
@@ -23,8 +23,6 @@ app = typer.Typer(help="Ranking: GSU/ESU with Semantic IDs against DIN and SIM b
                   no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
-ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set rank.train.epochs=2 (repeatable).")
 EmbOpt = typer.Option(None, "--embeddings", help="Embeddings Parquet (default: the published snapshot's).")
 CodesOpt = typer.Option(None, "--codes", help="Codes Parquet (default: the published snapshot's).")

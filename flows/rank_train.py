@@ -8,18 +8,17 @@ embeds the catalog text with MiniLM and quantizes it inside the flow (staged, re
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run as prefect_flow_run
 
+from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
 from tasks import tracking
 from tasks.common import route_core_logs
 from tasks.rank import rank_compare, rank_gate, rank_inputs, rank_prepare, rank_samples, rank_train_model
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
 
 
 @flow(name="rank-train")
