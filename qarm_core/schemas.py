@@ -184,8 +184,28 @@ CODES = DatasetSchema(
     not_null=("item_id", "c1", "c2", "c3", "sid", "resolved"),
 )
 
+# Stage 6: the ranking samples (one row per target event or sampled negative) and each user's
+# time-ordered item sequence, built by ``rank.samples.build_samples``.
+_SAMPLES = pa.schema([
+    pa.field("user_id", pa.int64()),
+    pa.field("item_id", pa.int64()),      # the target item
+    pa.field("label", pa.int8()),         # 1 positive, 0 negative
+    pa.field("pos", pa.int32()),          # events of the user before this one (history length)
+    pa.field("ts", pa.int64()),
+    pa.field("split", pa.string()),       # 'train' | 'test'
+    pa.field("sampled", pa.bool_()),      # a sampled negative (not a rated event)
+])
+RANK_SAMPLES = DatasetSchema("rank_samples", 1, _SAMPLES, key=("user_id", "pos", "item_id"),
+                             required=tuple(_SAMPLES.names))
+_SEQUENCES = pa.schema([
+    pa.field("user_id", pa.int64()),
+    pa.field("items", pa.list_(pa.int64())),   # the user's items ordered by (ts, item_id)
+])
+RANK_SEQUENCES = DatasetSchema("rank_sequences", 1, _SEQUENCES, key=("user_id",), required=tuple(_SEQUENCES.names))
+
 SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL,
-                                                         JUDGE_NEUTRAL, QA, EMBEDDINGS, CODES)}
+                                                         JUDGE_NEUTRAL, QA, EMBEDDINGS, CODES, RANK_SAMPLES,
+                                                         RANK_SEQUENCES)}
 
 
 def schema_for(dataset: str) -> DatasetSchema:

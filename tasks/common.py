@@ -58,7 +58,9 @@ class StageSpec:
     """One stage as a task runs it.
 
     ``key_inputs``: everything the outputs depend on (input fingerprints, the stage's resolved config
-    section); the cache key is their hash with qarm's version and the outputs' schema versions.
+    section), or a function returning it (called inside the stage's run, so an error it raises, e.g.
+    an unreadable source, fails that run); the cache key is their hash with qarm's version and the
+    outputs' schema versions.
     ``produce``: runs the core stage once and returns ``(tables by output name, report)``.
     ``artifacts``: outputs that are folders, not tables: name -> (format version, writer given the
     folder and the produced tables). ``summary``: the one log line. ``after``: runs last inside the
@@ -66,7 +68,7 @@ class StageSpec:
     """
 
     name: str
-    key_inputs: Mapping[str, Any]
+    key_inputs: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
     outputs: Mapping[str, DatasetSchema]
     produce: Callable[[], tuple[Mapping[str, Any], dict]]
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -77,8 +79,8 @@ class StageSpec:
 
 def stage_key(spec: StageSpec) -> str:
     """The cache key of a stage's outputs: computed from what they depend on, never from literals."""
-    return stable_hash({**spec.key_inputs, "qarm": __version__,
-                        "schemas": {n: s.version for n, s in spec.outputs.items()}})
+    inputs = spec.key_inputs() if callable(spec.key_inputs) else spec.key_inputs
+    return stable_hash({**inputs, "qarm": __version__, "schemas": {n: s.version for n, s in spec.outputs.items()}})
 
 
 def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple[dict[str, DatasetRecord], dict]:
@@ -86,7 +88,6 @@ def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple
     params (with the key), numeric report entries, row counts, whether it was reused, the report's
     ``notes`` as ``qarm.*`` tags. Returns (records, report)."""
     storage = Storage(cfg.home)
-    key = stage_key(spec)
     made: dict[str, Any] = {}
     report: dict = {}
 
@@ -106,6 +107,7 @@ def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple
     artifacts = {n: (version, (lambda folder, w=write: w(folder, ensure_made())))
                  for n, (version, write) in spec.artifacts.items()}
     with tracking.stage_run(cfg, parent_run_id, spec.name) as run:
+        key = stage_key(spec)
         records, reused, report = write_stage_outputs(
             storage, spec.name, key, {n: (schema, batches(n)) for n, schema in spec.outputs.items()}, report,
             artifacts=artifacts)

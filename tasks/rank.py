@@ -16,29 +16,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from qarm_core import __version__
 from qarm_core.config import PipelineConfig
-from qarm_core.hashing import stable_hash
 from qarm_core.errors import DataError
 from qarm_core.rank.compare import plot_curves, summarize
-from qarm_core.rank.data import RankData
-from qarm_core.quantize.io import read_embeddings
-from qarm_core.rank.inputs import ItemIndex, align_codes, fallback_key, minilm_inputs, quantize_codes
+from qarm_core.rank.data import RankData, build_index
+from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
+                                   fallback_key)
 from qarm_core.rank.models import resolve_spec
-from qarm_core.rank.data import build_index
 from qarm_core.rank.pipeline import ItemInputs, load_item_inputs, needs, prepare_data
-from qarm_core.rank.samples import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, Samples, build_samples, check_samples
+from qarm_core.rank.samples import Samples, build_samples, check_samples
 from qarm_core.rank.train import train_model
-from qarm_core.schemas import CODES, DatasetSchema, embeddings_schema
-from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from qarm_core.schemas import CODES, RANK_SAMPLES, RANK_SEQUENCES, embeddings_schema
+from qarm_core.storage import DatasetRecord, Storage, read_dataset
 from tasks import tracking
-from tasks.common import TASK_DEFAULTS
+from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 STAGE = "rank"
-SAMPLES_DATASET = DatasetSchema("rank_samples", 1, SAMPLES_SCHEMA, key=("user_id", "pos", "item_id"),
-                                required=tuple(SAMPLES_SCHEMA.names))
-SEQUENCES_DATASET = DatasetSchema("rank_sequences", 1, SEQUENCES_SCHEMA, key=("user_id",),
-                                  required=tuple(SEQUENCES_SCHEMA.names))
 
 
 def _read(record: DatasetRecord) -> pa.Table:
@@ -57,44 +50,24 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
     if inter is None or items is None:
         raise DataError(STAGE, "interactions", f"no published snapshot with interactions and items under "
                                                f"{cfg.home}: run the codebook-refresh flow (qarm refresh) first")
-    need_emb, need_codes = needs(list(cfg.rank.models), cfg.rank.gsu.hard_key, cfg.rank.model.frozen_embedding)
-    out = {"interactions": inter, "items": items, "embeddings": None, "codes": None, "source": {}}
-    for name, path, wanted in (("embeddings", embeddings_path, need_emb), ("codes", codes_path, need_codes)):
-        if path is not None:
-            if not Path(path).exists():
-                raise DataError(STAGE, name, f"{name} path {path} does not exist")
-            out[name], out["source"][name] = str(path), "path"
-        elif (rec := storage.published(name)) is not None:
-            out[name], out["source"][name] = rec.path, f"snapshot:{storage.current().snapshot_id}"
-    missing = [n for n, w in (("embeddings", need_emb), ("codes", need_codes)) if w and out[n] is None]
+    need = dict(zip(ITEM_INPUTS, needs(list(cfg.rank.models), cfg.rank.gsu.hard_key,
+                                       cfg.rank.model.frozen_embedding)))
+    published = {n: (rec.path if (rec := storage.published(n)) is not None else None) for n in ITEM_INPUTS}
+    paths, sources, missing = choose_item_inputs(need, {"embeddings": embeddings_path, "codes": codes_path},
+                                                 published, storage.current().snapshot_id)
+    out = {"interactions": inter, "items": items, **paths, "source": sources}
     if missing and cfg.rank.inputs_fallback == "minilm":
-        # Only what is missing is made: codes alone are quantized from the embeddings at hand (so the
-        # two stay consistent); missing embeddings come from MiniLM over the item text.
-        from_existing = missing == ["codes"] and out["embeddings"] is not None
-        basis = fallback_key(items.fingerprint, out["embeddings"] if from_existing else None, missing)
-        key = stable_hash({**basis, "qarm": __version__})
-        made: dict = {}
-
-        def make() -> None:
-            if from_existing:
-                ids, x = read_embeddings(out["embeddings"])
-                made["codes"], _ = quantize_codes(ids, x)
-                return
-            with tempfile.TemporaryDirectory(dir=storage.work_dir) as tmp:
-                e, c, _ = minilm_inputs(read_dataset(items), tmp)
-                made["embeddings"], made["codes"] = pq.read_table(e), pq.read_table(c)
-
-        def produce(name):
-            def gen():
-                if not made:
-                    make()
-                return made[name].cast(schemas[name].schema).to_batches()
-            return gen
+        from_existing = missing == ["codes"] and paths["embeddings"] is not None
+        basis = fallback_key(items.fingerprint, paths["embeddings"] if from_existing else None, missing)
         schemas = {"codes": CODES}
         if "embeddings" in missing:
             schemas["embeddings"] = embeddings_schema(basis["minilm"]["dim"])
-        records, _, _ = write_stage_outputs(storage, "rank-inputs", key,
-                                            {n: (schemas[n], produce(n)) for n in missing})
+        records, _ = run_stage(cfg, parent_run_id, StageSpec(
+            name="rank-inputs", outputs={n: schemas[n] for n in missing}, key_inputs=basis,
+            produce=lambda: ({n: t.cast(schemas[n].schema) for n, t in fallback_inputs(
+                read_dataset(items), paths["embeddings"] if from_existing else None, missing,
+                storage.work_dir).items()}, {}),
+            params={"missing": missing}, summary=lambda recs, rep: f"rank inputs made: {sorted(recs)}"))
         for n in missing:
             out[n] = records[n].path
             out["source"][n] = "fallback:quantized" if from_existing else "fallback:minilm"
@@ -114,28 +87,17 @@ def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
     """Build (or reuse) the time-ordered samples; staged under ``work/rank-samples/<key>``."""
     storage = Storage(cfg.home).ensure()
     inter, items = inputs["interactions"], inputs["items"]
-    key = stable_hash({"interactions": inter.fingerprint, "items": items.fingerprint, "qarm": __version__,
-                       "samples": cfg.rank.samples.model_dump(mode="json"), "schema": SAMPLES_DATASET.version})
-    made: dict = {}
-    report: dict = {}
 
-    def produce(name):
-        def gen():
-            if not made:
-                s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb,
-                                  storage.duckdb_temp_dir)
-                made.update(samples=s.samples, sequences=s.sequences)
-                report.update(s.report)
-            return made[name].to_batches(max_chunksize=1_000_000)
-        return gen
+    def produce():
+        s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb, storage.duckdb_temp_dir)
+        return {"rank_samples": s.samples, "rank_sequences": s.sequences}, dict(s.report)
 
-    with tracking.stage_run(cfg, parent_run_id, "rank-samples") as run:
-        records, reused, report = write_stage_outputs(storage, "rank-samples", key, {
-            "rank_samples": (SAMPLES_DATASET, produce("samples")),
-            "rank_sequences": (SEQUENCES_DATASET, produce("sequences"))}, report)
-        tracking.log_batch(run, params={"samples": cfg.rank.samples.model_dump(mode="json"), "key": key},
-                           metrics={**{k: float(v) for k, v in report.items()}, "reused": float(reused)})
-        get_run_logger().info("rank samples: %s", report)
+    records, report = run_stage(cfg, parent_run_id, StageSpec(
+        name="rank-samples", outputs={"rank_samples": RANK_SAMPLES, "rank_sequences": RANK_SEQUENCES},
+        produce=produce, key_inputs={"interactions": inter.fingerprint, "items": items.fingerprint,
+                                     "samples": cfg.rank.samples.model_dump(mode="json")},
+        params={"samples": cfg.rank.samples.model_dump(mode="json")},
+        summary=lambda recs, rep: f"rank samples: {rep}"))
     return {"samples": records["rank_samples"], "sequences": records["rank_sequences"], "report": report}
 
 

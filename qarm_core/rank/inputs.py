@@ -187,3 +187,39 @@ def minilm_inputs(items: pa.Table, out_dir: str | Path, params: QuantizerParams 
     codes, metrics = quantize_codes(ids, x, params)
     pq.write_table(codes, codes_path)
     return emb_path, codes_path, metrics
+
+
+ITEM_INPUTS = ("embeddings", "codes")
+
+
+def choose_item_inputs(need: dict[str, bool], explicit: dict[str, str | None], published: dict[str, str | None],
+                       snapshot_id: str | None) -> tuple[dict[str, str | None], dict[str, str], list[str]]:
+    """Where each item input (embeddings, codes) comes from: an explicit path (which must exist), else
+    the published snapshot. Returns (paths, sources, the needed inputs that have neither)."""
+    paths: dict[str, str | None] = {n: None for n in ITEM_INPUTS}
+    sources: dict[str, str] = {}
+    for name in ITEM_INPUTS:
+        if explicit.get(name) is not None:
+            if not Path(explicit[name]).exists():
+                raise DataError(STAGE, name, f"{name} path {explicit[name]} does not exist")
+            paths[name], sources[name] = str(explicit[name]), "path"
+        elif published.get(name) is not None:
+            paths[name], sources[name] = published[name], f"snapshot:{snapshot_id}"
+    return paths, sources, [n for n in ITEM_INPUTS if need[n] and paths[n] is None]
+
+
+def fallback_inputs(items: pa.Table, embeddings_path: str | None, missing: list[str], work_dir: str | Path
+                    ) -> dict[str, pa.Table]:
+    """The missing item inputs, made here: codes alone are quantized from the embeddings at hand (so
+    the two stay consistent); missing embeddings (and their codes) come from MiniLM over the item text."""
+    import tempfile
+
+    from qarm_core.quantize.io import read_embeddings
+
+    if missing == ["codes"] and embeddings_path is not None:
+        ids, x = read_embeddings(embeddings_path)
+        return {"codes": quantize_codes(ids, x)[0]}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        e, c, _ = minilm_inputs(items, tmp)
+        made = {"embeddings": pq.read_table(e), "codes": pq.read_table(c)}
+    return {n: made[n] for n in missing}

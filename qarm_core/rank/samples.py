@@ -39,22 +39,13 @@ from qarm_core.errors import DataError
 from qarm_core.events import positive_sql
 from qarm_core.rank.config import SamplesConfig
 from qarm_core.rank.inputs import ItemIndex
+from qarm_core.schemas import RANK_SAMPLES, RANK_SEQUENCES
 
 STAGE = "rank"
 
-SAMPLES_SCHEMA = pa.schema([
-    pa.field("user_id", pa.int64()),
-    pa.field("item_id", pa.int64()),      # the target item
-    pa.field("label", pa.int8()),         # 1 positive, 0 negative
-    pa.field("pos", pa.int32()),          # events of the user before this one (history length)
-    pa.field("ts", pa.int64()),
-    pa.field("split", pa.string()),       # 'train' | 'test'
-    pa.field("sampled", pa.bool_()),      # a sampled negative (not a rated event)
-])
-SEQUENCES_SCHEMA = pa.schema([
-    pa.field("user_id", pa.int64()),
-    pa.field("items", pa.list_(pa.int64())),   # the user's items ordered by (ts, item_id)
-])
+# The ranking samples' schemas live with every other dataset's, in ``qarm_core.schemas``.
+SAMPLES_SCHEMA = RANK_SAMPLES.schema
+SEQUENCES_SCHEMA = RANK_SEQUENCES.schema
 
 
 @dataclass(frozen=True)
