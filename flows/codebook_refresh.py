@@ -1,4 +1,4 @@
-"""The ``codebook-refresh`` flow: ingest -> gate -> mine pairs -> gate -> judge -> gate -> QA -> gate ->
+"""The ``codebook-refresh`` flow: ingest -> gate -> split by time -> gate -> mine pairs (train period) -> gate -> judge -> gate -> QA -> gate ->
 train (or reuse the published model) -> embed -> gate -> quantize -> gate -> publish."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tasks.ingest import ingest
 from tasks.judge import judge, qa
 from tasks.mine import mine
 from tasks.publish import publish
+from tasks.split import split
 from tasks.quantize import quantize
 
 # Absolute, so the default works from any working directory (and in a Prefect deployment).
@@ -39,9 +40,11 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         records = ingest.with_options(**retry)(cfg, run_id)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
-        records |= mine(cfg, run_id, records["interactions"], records["items"])
+        # Every stage below learns from the training period only (qarm_core.split).
+        records |= split(cfg, run_id, records["interactions"])
+        records |= mine(cfg, run_id, records["train_events"], records["items"])
         gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
-        records |= judge(cfg, run_id, records["pairs"], records["items"], records["interactions"])
+        records |= judge(cfg, run_id, records["pairs"], records["items"], records["train_events"])
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
         records |= qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])

@@ -36,7 +36,8 @@ def print_table(table: list[dict], title: str) -> None:
         t.add_column(h, justify="left" if i == 0 else "right")
     for row in format_table(table):
         t.add_row(*row)
-    Console().print(t)
+    # wide enough for every column even where stdout is not a terminal (rich then assumes 80)
+    Console(width=max(Console().width, 170)).print(t)
 
 
 def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embeddings: str | None,
@@ -79,4 +80,4 @@ def compare(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddi
     bad = [m for m in models or [] if m not in ALL_MODELS]
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(ALL_MODELS)}")
-    _run(config, set_, models, embeddings, codes, "rank-train: comparison (mean ± std over seeds)")
+    _run(config, set_, models, embeddings, codes, "rank-train: lr and epoch chosen on validation; test mean ± std over seeds")

@@ -44,6 +44,6 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
         rank_gate(cfg, run_id, samples, inputs)
         data = rank_prepare(cfg, run_id, samples, inputs)
         results = [rank_train_model(cfg, run_id, data, m, inputs) for m in cfg.rank.models]
-        table = rank_compare(cfg, run_id, results)
+        table = rank_compare(cfg, run_id, data, results)
     return {"mlflow_run_id": run_id, "table": table, "samples": samples["report"],
             "inputs": {k: str(v) for k, v in inputs["source"].items()}}

@@ -25,6 +25,7 @@ from qarm_core.judge.config import JudgeConfig, QAConfig
 from qarm_core.pairs.config import MineConfig
 from qarm_core.quantize.config import QuantizeConfig
 from qarm_core.rank.config import RankConfig
+from qarm_core.split import SplitConfig
 from qarm_core.storage import StorageConfig
 
 
@@ -46,6 +47,7 @@ class PipelineConfig(Strict):
     # QARM_HOME in the environment wins; relative paths resolve against the working directory.
     home: str = "./qarm_home"
     ingest: IngestConfig = IngestConfig()
+    split: SplitConfig = SplitConfig()
     storage: StorageConfig = StorageConfig()
     duckdb: DuckDBConfig = DuckDBConfig()
     mine: MineConfig = MineConfig()

@@ -66,8 +66,15 @@ class CodesGate(RowBounds):
     max_collision_rate: float = Field(0.05, ge=0.0, le=1.0)
 
 
+class SplitGate(Strict):
+    # Events the training and validation periods must hold (qarm_core.split.split_gate).
+    min_train_events: int = Field(1, ge=1)
+    min_valid_events: int = Field(1, ge=1)
+
+
 class GatesConfig(Strict):
     interactions: InteractionGate = InteractionGate()
+    split: SplitGate = SplitGate()
     items: ItemGate = ItemGate()
     pairs: RowBounds = RowBounds()
     judgments: RowBounds = RowBounds()

@@ -43,6 +43,24 @@ INTERACTIONS = DatasetSchema(
     not_null=("user_id", "item_id", "ts"),
 )
 
+# The split stage's outputs (``qarm_core.split``): the events of the training and validation periods,
+# with the interactions' columns, and one row per period with its bounds and counts.
+TRAIN_EVENTS = DatasetSchema("train_events", 1, INTERACTIONS.schema, key=INTERACTIONS.key,
+                             required=INTERACTIONS.required, not_null=INTERACTIONS.not_null)
+VALID_EVENTS = DatasetSchema("valid_events", 1, INTERACTIONS.schema, key=INTERACTIONS.key,
+                             required=INTERACTIONS.required, not_null=INTERACTIONS.not_null)
+_PERIODS = pa.schema([
+    pa.field("period", pa.string()),      # 'train' | 'valid' | 'test'
+    pa.field("start_ts", pa.int64()),     # first second of the period (null: the log's start)
+    pa.field("end_ts", pa.int64()),       # first second after it (null: the log's end)
+    pa.field("events", pa.int64()),
+    pa.field("users", pa.int64()),
+    pa.field("items", pa.int64()),
+    pa.field("source", pa.string()),      # 'quantile' | 'fixed': how the cutoffs were chosen
+])
+PERIODS_SCHEMA = DatasetSchema("periods", 1, _PERIODS, key=("period",), required=("period", "start_ts", "end_ts"),
+                               not_null=("period", "events"))
+
 ITEMS = DatasetSchema(
     name="items",
     version=1,
@@ -192,10 +210,11 @@ _SAMPLES = pa.schema([
     pa.field("label", pa.int8()),         # 1 positive, 0 negative
     pa.field("pos", pa.int32()),          # events of the user before this one (history length)
     pa.field("ts", pa.int64()),
-    pa.field("split", pa.string()),       # 'train' | 'test'
+    pa.field("split", pa.string()),       # 'train' | 'valid' | 'test': the period of ts (qarm_core.split)
     pa.field("sampled", pa.bool_()),      # a sampled negative (not a rated event)
+    pa.field("neg_set", pa.int16()),      # the negative set of a sampled negative; -1: a real event
 ])
-RANK_SAMPLES = DatasetSchema("rank_samples", 1, _SAMPLES, key=("user_id", "pos", "item_id"),
+RANK_SAMPLES = DatasetSchema("rank_samples", 2, _SAMPLES, key=("user_id", "pos", "item_id"),
                              required=tuple(_SAMPLES.names))
 _SEQUENCES = pa.schema([
     pa.field("user_id", pa.int64()),
@@ -203,7 +222,8 @@ _SEQUENCES = pa.schema([
 ])
 RANK_SEQUENCES = DatasetSchema("rank_sequences", 1, _SEQUENCES, key=("user_id",), required=tuple(_SEQUENCES.names))
 
-SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL,
+SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, TRAIN_EVENTS, VALID_EVENTS,
+                                                         PERIODS_SCHEMA, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL,
                                                          JUDGE_NEUTRAL, QA, EMBEDDINGS, CODES, RANK_SAMPLES,
                                                          RANK_SEQUENCES)}
 

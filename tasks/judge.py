@@ -35,20 +35,20 @@ def _judge_summary(records: dict[str, DatasetRecord], report: dict) -> str:
 
 @task(name="judge-pairs", **TASK_DEFAULTS)
 def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
-          interactions: DatasetRecord) -> dict[str, DatasetRecord]:
+          events: DatasetRecord) -> dict[str, DatasetRecord]:
     """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning;
     ``judge_eval``: the scored evaluation pairs; ``judge_neutral``: each item's neutral pass.
 
     Pairs judged, evaluation pairs scored and neutral passes run in the published snapshot by the
     same model and prompt, on the same text, are not run again. The judge's AUC on evaluation sets
-    drawn from ``interactions`` is logged and, when ``judge.eval.min_auc`` is set, gates the run.
+    drawn from ``events`` (the training period's) is logged and, when ``judge.eval.min_auc`` is set, gates the run.
     """
     storage = Storage(cfg.home)
     prev_rec = storage.published("judgments")
 
     def produce():
         tables, report = judge_stage(read_dataset(pairs), read_dataset(items),
-                                     read_dataset(interactions, columns=["user_id", "item_id", "rating"]),
+                                     read_dataset(events, columns=["user_id", "item_id", "rating"]),
                                      cfg.judge, previous=_published_judge_tables(storage))
         return {name: getattr(tables, name) for name in JUDGE_TABLES}, report
 
@@ -62,7 +62,7 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="judge", outputs={n: SCHEMAS[n] for n in JUDGE_TABLES}, produce=produce,
         key_inputs={"pairs": pairs.fingerprint, "items": items.fingerprint,
-                    "interactions": interactions.fingerprint, "judge": cfg.judge.model_dump(mode="json")},
+                    "events": events.fingerprint, "judge": cfg.judge.model_dump(mode="json")},
         params={"judge": cfg.judge.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none"},
         after=gate, summary=_judge_summary))
     return records

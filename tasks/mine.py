@@ -1,4 +1,4 @@
-"""Mine task: Swing (and two-tower) pairs from the gated interactions."""
+"""Mine task: Swing (and two-tower) pairs from the training period's events."""
 
 from __future__ import annotations
 
@@ -13,22 +13,23 @@ from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 
 @task(name="mine-pairs", **TASK_DEFAULTS)
-def mine(cfg: PipelineConfig, parent_run_id: str, interactions: DatasetRecord,
+def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
          items: DatasetRecord) -> dict[str, DatasetRecord]:
-    """Stage ``pairs`` (src_item, dst_item, score, source); reused when inputs and config match."""
+    """Stage ``pairs`` (src_item, dst_item, score, source) from ``events`` (the split's
+    ``train_events``); reused when inputs and config match."""
     def produce():
         con = connect(cfg.duckdb, Storage(cfg.home).duckdb_temp_dir)
         try:
-            events = load_interactions(con, interactions)
+            log = load_interactions(con, events)
         finally:
             con.close()
         catalog = read_dataset(items) if "u2i" in cfg.mine.sources else None
-        table, report = mine_pairs(events, catalog, cfg.mine)
+        table, report = mine_pairs(log, catalog, cfg.mine)
         return {"pairs": table}, report
 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="mine", outputs={"pairs": PAIRS}, produce=produce,
-        key_inputs={"interactions": interactions.fingerprint, "items": items.fingerprint,
+        key_inputs={"events": events.fingerprint, "items": items.fingerprint,
                     "mine": cfg.mine.model_dump(mode="json")},
         params={"mine": cfg.mine.model_dump(mode="json")},
         summary=lambda recs, rep: "mine: {:,} pairs ({})".format(

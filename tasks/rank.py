@@ -11,21 +11,20 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
-from qarm_core.rank.compare import plot_curves, summarize
+from qarm_core.rank.compare import add_differences, plot_curves, summarize, tune_and_test
 from qarm_core.rank.data import RankData, build_index
 from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
                                    fallback_key)
 from qarm_core.rank.models import resolve_spec
 from qarm_core.rank.pipeline import ItemInputs, load_item_inputs, needs, prepare_data
 from qarm_core.rank.samples import Samples, build_samples, check_samples
-from qarm_core.rank.train import train_model
+from qarm_core.split import cutoffs_from_periods
 from qarm_core.schemas import CODES, RANK_SAMPLES, RANK_SEQUENCES, embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset
 from tasks import tracking
@@ -50,12 +49,17 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
     if inter is None or items is None:
         raise DataError(STAGE, "interactions", f"no published snapshot with interactions and items under "
                                                f"{cfg.home}: run the codebook-refresh flow (qarm refresh) first")
-    need = dict(zip(ITEM_INPUTS, needs(list(cfg.rank.models), cfg.rank.gsu.hard_key,
-                                       cfg.rank.model.frozen_embedding)))
+    periods = storage.published("periods")
+    if periods is None:
+        raise DataError(STAGE, "periods", f"the published snapshot under {cfg.home} has no time split (it was "
+                                          "published by an older qarm): run the codebook-refresh flow again")
+    need = dict(zip(ITEM_INPUTS, needs(list(cfg.rank.models), cfg.rank.model.frozen_embedding)))
     published = {n: (rec.path if (rec := storage.published(n)) is not None else None) for n in ITEM_INPUTS}
     paths, sources, missing = choose_item_inputs(need, {"embeddings": embeddings_path, "codes": codes_path},
                                                  published, storage.current().snapshot_id)
-    out = {"interactions": inter, "items": items, **paths, "source": sources}
+    out = {"interactions": inter, "items": items, "periods": periods, **paths, "source": sources,
+           # the pipeline's one split: the ranking trains, chooses and reports on the same periods
+           "cutoffs": cutoffs_from_periods(read_dataset(periods))}
     if missing and cfg.rank.inputs_fallback == "minilm":
         from_existing = missing == ["codes"] and paths["embeddings"] is not None
         basis = fallback_key(items.fingerprint, paths["embeddings"] if from_existing else None, missing)
@@ -89,12 +93,15 @@ def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
     inter, items = inputs["interactions"], inputs["items"]
 
     def produce():
-        s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb, storage.duckdb_temp_dir)
+        s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb, storage.duckdb_temp_dir,
+                          inputs["cutoffs"], negative_sets=len(cfg.rank.train.seeds))
         return {"rank_samples": s.samples, "rank_sequences": s.sequences}, dict(s.report)
 
     records, report = run_stage(cfg, parent_run_id, StageSpec(
         name="rank-samples", outputs={"rank_samples": RANK_SAMPLES, "rank_sequences": RANK_SEQUENCES},
         produce=produce, key_inputs={"interactions": inter.fingerprint, "items": items.fingerprint,
+                                     "periods": inputs["periods"].fingerprint,
+                                     "negative_sets": len(cfg.rank.train.seeds),
                                      "samples": cfg.rank.samples.model_dump(mode="json")},
         params={"samples": cfg.rank.samples.model_dump(mode="json")},
         summary=lambda recs, rep: f"rank samples: {rep}"))
@@ -119,7 +126,7 @@ def rank_gate(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs: di
         share = n_missing / max(index.n, 1)
     g = cfg.rank.gate
     with tracking.stage_run(cfg, parent_run_id, "gate-rank-rank_samples") as run:
-        result = check_samples(s, g.min_train_samples, g.min_test_users, share, g.max_missing_code_share)
+        result = check_samples(s, inputs["cutoffs"], g.min_train_samples, g.min_test_users, share, g.max_missing_code_share)
         run.gate(result)
         get_run_logger().info("gate rank/rank_samples: %s", "passed" if result.success else "FAILED")
         result.raise_if_failed()
@@ -139,50 +146,55 @@ def rank_prepare(cfg: PipelineConfig, parent_run_id: str, samples: dict, inputs:
 
 @task(name="rank-train-model", task_run_name="rank-train-{model}", **TASK_DEFAULTS)
 def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, model: str, inputs: dict) -> dict:
-    """Train ``model`` on every seed; one MLflow run ``rank-<model>`` with mean/std metrics, curves
-    (step = epoch) and a PNG of them. Returns the comparison-table row and the curves."""
+    """Tune ``model``'s learning rate on validation over every seed, then score the chosen runs on
+    test (``qarm_core.rank.compare.tune_and_test``); one MLflow run ``rank-<model>`` with the
+    validation AUC per learning rate, test mean/std metrics, the chosen runs' curves (step = epoch)
+    and a PNG of them. Returns the table row, the curves and the result (for the paired bootstrap)."""
     log = get_run_logger()
     with tracking.stage_run(cfg, parent_run_id, f"rank-{model}") as run:
         tracking.log_batch(run, params={
             "model": model, "spec": asdict(resolve_spec(model, cfg.rank.model.frozen_embedding)),
             "rank": cfg.rank.model_dump(mode="json", exclude={"models"}),
             "inputs": {k: str(v) for k, v in inputs.get("source", {}).items()},
-            "data": dict(data.report), "train_samples": len(data.train_rows), "test_samples": len(data.test_rows)})
+            "data": dict(data.report), "train_samples": len(data.train_rows),
+            "valid_samples": len(data.valid_rows), "test_samples": len(data.test_rows)})
         run.tags({"qarm.rank_model": model})
-        runs = []
-        for seed in cfg.rank.train.seeds:
-            r = train_model(model, data, cfg.rank, seed)
-            runs.append(r)
-            for p in r.curves:
-                tracking.log_batch(run, metrics={f"seed{seed}.{k}": v for k, v in p.items() if k != "epoch"},
-                                   step=int(p["epoch"]))
-            log.info("rank %s seed %d: auc %.4f gauc %.4f (%.0f samples/s)", model, seed, r.metrics["auc"],
-                     r.metrics["gauc"], r.train_samples_per_s)
-        row = summarize(model, runs)
-        epochs = len(runs[0].curves)
-        for e in range(epochs):       # the seed-mean curve
-            tracking.log_batch(run, metrics={f"curve.{k}": float(np.mean([r.curves[e][k] for r in runs]))
-                                             for k in runs[0].curves[e] if k != "epoch"}, step=e + 1)
-        tracking.log_batch(run, metrics={
+
+        def on_epoch(lr: float, seed: int, p: dict) -> None:
+            tracking.log_batch(run, metrics={f"lr{lr:g}.seed{seed}.{k}": v for k, v in p.items() if k != "epoch"},
+                               step=int(p["epoch"]))
+
+        res = tune_and_test(model, data, cfg.rank, on_epoch=on_epoch)
+        for r in res.runs:
+            log.info("rank %s seed %d lr %g: valid auc %.4f (epoch %d) -> test auc %.4f gauc %.4f", model, r.seed,
+                     r.lr, r.valid_metrics["auc"], r.best_epoch, r.metrics["auc"], r.metrics["gauc"])
+            r.trained = None          # the bootstrap needs the test scores, not the weights
+        row = summarize(res)
+        tracking.log_batch(run, params={"lr_chosen": res.lr}, metrics={
             "auc": row["auc_mean"], "auc_std": row["auc_std"], "gauc": row["gauc_mean"], "gauc_std": row["gauc_std"],
-            "logloss": row["logloss_mean"], "logloss_std": row["logloss_std"],
-            "train_samples_per_s": row["train_samples_per_s"], "n_params": float(row["n_params"])})
-        curves = {model: [r.curves for r in runs]}
+            "logloss": row["logloss_mean"], "logloss_std": row["logloss_std"], "valid_auc": row["valid_auc_mean"],
+            "train_samples_per_s": row["train_samples_per_s"], "n_params": float(row["n_params"])}
+            | {f"valid_auc.lr{k}": v for k, v in res.valid_auc_by_lr.items()})
+        curves = {model: [r.curves for r in res.runs]}
         with tempfile.TemporaryDirectory() as tmp:
             tracking.log_file(run, plot_curves(curves, Path(tmp) / f"curves_{model}.png"), "curves")
         run.json({"row": row, "curves": curves[model]}, f"rank/{model}.json")
-    return {"row": row, "curves": curves[model]}
+    return {"row": row, "curves": curves[model], "result": res}
 
 
 @task(name="rank-compare", **TASK_DEFAULTS)
-def rank_compare(cfg: PipelineConfig, parent_run_id: str, results: list[dict]) -> list[dict]:
-    """The comparison table and every model's curves in one PNG, on the flow's run."""
+def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, results: list[dict]) -> list[dict]:
+    """The comparison table with each model's test AUC difference to the best baseline on validation
+    (paired bootstrap CI), and every model's curves in one PNG, on the flow's run."""
     table = [r["row"] for r in results]
+    ref = add_differences(data, [r["result"] for r in results], table)
     curves = {r["row"]["model"]: r["curves"] for r in results}
     handle = tracking.run_handle(cfg, parent_run_id)
-    handle.json({"table": table}, "rank/comparison.json")
+    handle.json({"table": table, "reference": ref}, "rank/comparison.json")
     tracking.log_batch(handle, metrics={f"{row['model']}.auc": row["auc_mean"] for row in table}
-                       | {f"{row['model']}.gauc": row["gauc_mean"] for row in table})
+                       | {f"{row['model']}.gauc": row["gauc_mean"] for row in table}
+                       | {f"{row['model']}.auc_vs_ref.{k}": row["vs_ref"][k] for row in table if row.get("vs_ref")
+                          for k in ("diff", "lo", "hi")})
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
     return table

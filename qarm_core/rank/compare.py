@@ -1,7 +1,17 @@
-"""Train every model on the same data, budget and seeds; a comparison table and per-epoch curves.
+"""Train every model on the same data, budget, seeds and tuning procedure; a comparison table with
+confidence intervals, and per-epoch curves.
 
-The table reports, per model, the mean and the sample standard deviation (ddof=1; 0 for one seed) of
-test AUC, GAUC and logloss over the seeds, and the training throughput.
+Protocol (the same for every model):
+
+1. For each learning rate of ``rank.train.lr_grid`` and each seed ``i`` of ``rank.train.seeds``, train
+   on the training period's samples with negative set ``i`` for at most ``epochs`` epochs, keeping the
+   epoch with the best validation AUC (``train_model``).
+2. The model's learning rate is the one with the best mean validation AUC over the seeds.
+3. Only those runs are scored on the test period: AUC, GAUC, logloss as mean and sample standard
+   deviation (ddof=1) over the seeds, which vary initialisation, shuffling and the negatives.
+4. The reference is the best baseline by mean validation AUC (chosen without looking at test); every
+   other model's test AUC difference to it gets a 95% confidence interval from a paired bootstrap over
+   test users (``paired_bootstrap``).
 """
 
 from __future__ import annotations
@@ -14,22 +24,110 @@ import numpy as np
 
 from qarm_core.rank.config import RankConfig
 from qarm_core.rank.data import RankData
-from qarm_core.rank.train import RunResult, train_model
+from qarm_core.rank.metrics import evaluate
+from qarm_core.rank.models import resolve_spec
+from qarm_core.rank.train import RunResult, predict, train_model
 
 METRICS = ("auc", "gauc", "logloss")
 
 
 @dataclass
+class ModelResult:
+    name: str
+    lr: float                                       # chosen on validation
+    valid_auc_by_lr: dict[float, float]             # mean validation AUC over the seeds, per learning rate
+    runs: list[RunResult]                           # the chosen learning rate's runs, one per seed, test-scored
+    baseline: bool = True
+
+
+@dataclass
 class Comparison:
     table: list[dict]                                   # one row per model (see ``summarize``)
-    curves: dict[str, list[list[dict]]]                 # model -> per seed -> per epoch
-    runs: list[RunResult] = field(default_factory=list)
+    curves: dict[str, list[list[dict]]]                 # model -> per seed -> per epoch (chosen lr)
+    results: list[ModelResult] = field(default_factory=list)
+    reference: str | None = None                        # the best baseline on validation
 
 
-def summarize(name: str, runs: list[RunResult]) -> dict:
-    """One table row: model, seeds, ``<metric>_mean``/``<metric>_std`` for AUC, GAUC, logloss,
-    per-seed AUCs, training samples/s (mean), parameters."""
-    row: dict = {"model": name, "seeds": len(runs)}
+def tune_and_test(name: str, data: RankData, cfg: RankConfig,
+                  on_epoch: Callable[[float, int, dict], None] | None = None) -> ModelResult:
+    """Steps 1-3 of the protocol for one model; ``on_epoch(lr, seed, point)`` per epoch."""
+    seeds = cfg.train.seeds
+    best: tuple[float, list[RunResult]] | None = None
+    by_lr: dict[float, float] = {}
+    for lr in cfg.train.lr_grid:
+        runs = [train_model(name, data, cfg, seed, i, lr=lr, evaluate_test=False,
+                            on_epoch=(lambda p, lr=lr, s=seed: on_epoch(lr, s, p)) if on_epoch else None)
+                for i, seed in enumerate(seeds)]
+        by_lr[lr] = float(np.mean([r.valid_metrics["auc"] for r in runs]))
+        if best is None or by_lr[lr] > by_lr[best[0]]:
+            best = (lr, runs)
+    lr, runs = best
+    for i, r in enumerate(runs):
+        r.test_rows = data.rows("test", i)
+        r.test_logits = predict(r.trained, data, r.test_rows, cfg.train.eval_batch_size)
+        r.metrics = evaluate(data.user_id[r.test_rows], data.label[r.test_rows], r.test_logits)
+    return ModelResult(name, lr, by_lr, runs, resolve_spec(name).baseline)
+
+
+def weighted_auc_groups(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows' tie-group index in ascending score order ``(n,)`` and the number of groups."""
+    uniq, inv = np.unique(scores, return_inverse=True)
+    return inv, len(uniq)
+
+
+def weighted_auc(group: np.ndarray, n_groups: int, labels: np.ndarray, w: np.ndarray) -> float:
+    """AUC with row weights ``w`` (ties count 1/2), given each row's tie group in score order."""
+    wp = np.bincount(group, w * labels, n_groups)
+    wn = np.bincount(group, w * (1 - labels), n_groups)
+    below = np.cumsum(wn) - wn
+    den = wp.sum() * wn.sum()
+    return float((wp * (below + 0.5 * wn)).sum() / den) if den > 0 else float("nan")
+
+
+def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunResult], n_boot: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The test AUC difference ``a - b`` averaged over seeds, and its bootstrap confidence interval.
+
+    Paired: seed ``i`` of both models scored the same test rows (same negatives). Each replicate
+    resamples test users with replacement (a user's samples move together, as GAUC groups them) and
+    recomputes both AUCs on the same resample for every seed. Returns ``diff``, ``lo``, ``hi``, ``p_le_0``
+    (the share of replicates with a difference <= 0).
+    """
+    if len(runs_a) != len(runs_b):
+        raise ValueError("paired bootstrap needs the same seeds for both models")
+    rng = np.random.default_rng(seed)
+    per_seed = []
+    for ra, rb in zip(runs_a, runs_b):
+        if not np.array_equal(ra.test_rows, rb.test_rows):
+            raise ValueError(f"seed {ra.seed}: the two models were scored on different test rows")
+        rows = ra.test_rows
+        users, user_of_row = np.unique(data.user_id[rows], return_inverse=True)
+        y = data.label[rows].astype(np.float64)
+        ga, na = weighted_auc_groups(ra.test_logits)
+        gb, nb = weighted_auc_groups(rb.test_logits)
+        per_seed.append((user_of_row, len(users), y, ga, na, gb, nb))
+    point = float(np.mean([weighted_auc(ga, na, y, np.ones_like(y)) - weighted_auc(gb, nb, y, np.ones_like(y))
+                           for _, _, y, ga, na, gb, nb in per_seed]))
+    diffs = np.empty(n_boot)
+    for b in range(n_boot):
+        d = []
+        for user_of_row, n_users, y, ga, na, gb, nb in per_seed:
+            w = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users))[user_of_row].astype(np.float64)
+            d.append(weighted_auc(ga, na, y, w) - weighted_auc(gb, nb, y, w))
+        diffs[b] = np.mean(d)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
+    return {"diff": point, "lo": float(lo), "hi": float(hi), "p_le_0": float((diffs <= 0).mean())}
+
+
+def summarize(result: ModelResult) -> dict:
+    """One table row: model, kind, chosen lr, validation AUC per lr, seeds, best epochs,
+    ``<metric>_mean``/``<metric>_std`` on test, per-seed test AUCs, training samples/s, parameters."""
+    runs = result.runs
+    row: dict = {"model": result.name, "kind": "baseline" if result.baseline else "ours", "lr": result.lr,
+                 "valid_auc_by_lr": {str(k): round(v, 5) for k, v in result.valid_auc_by_lr.items()},
+                 "valid_auc_mean": result.valid_auc_by_lr[result.lr], "seeds": len(runs),
+                 "best_epochs": [r.best_epoch for r in runs]}
     for m in METRICS:
         v = np.array([r.metrics[m] for r in runs], dtype=np.float64)
         row[f"{m}_mean"] = float(v.mean())
@@ -40,42 +138,58 @@ def summarize(name: str, runs: list[RunResult]) -> dict:
     return row
 
 
+def add_differences(data: RankData, results: list[ModelResult], table: list[dict], n_boot: int = 1000
+                    ) -> str | None:
+    """Step 4: fill ``vs_ref`` (diff, lo, hi in AUC) of every row against the best baseline on
+    validation; returns that baseline's name (None without a baseline)."""
+    baselines = [r for r in results if r.baseline]
+    if not baselines:
+        return None
+    ref = max(baselines, key=lambda r: r.valid_auc_by_lr[r.lr])
+    for res, row in zip(results, table):
+        row["vs_ref"] = None if res is ref else paired_bootstrap(data, res.runs, ref.runs, n_boot=n_boot)
+        row["reference"] = ref.name
+    return ref.name
+
+
 def compare(data: RankData, cfg: RankConfig, models: list[str] | None = None,
-            on_model: Callable[[str, list[RunResult], dict], None] | None = None,
-            on_epoch: Callable[[str, int, dict], None] | None = None) -> Comparison:
-    """Train each model on each of ``cfg.train.seeds``; ``on_model(name, runs, row)`` is called as
-    each model finishes (the flow logs it to MLflow there), ``on_epoch(name, seed, point)`` per epoch."""
-    table, curves, all_runs = [], {}, []
+            on_model: Callable[[ModelResult, dict], None] | None = None,
+            on_epoch: Callable[[str, float, int, dict], None] | None = None, n_boot: int = 1000) -> Comparison:
+    """Run the protocol for each model; ``on_model(result, row)`` as each finishes (the flow logs it to
+    MLflow there), ``on_epoch(model, lr, seed, point)`` per epoch."""
+    results, table, curves = [], [], {}
     for name in models or cfg.models:
-        runs = []
-        for seed in cfg.train.seeds:
-            cb = (lambda p, n=name, s=seed: on_epoch(n, s, p)) if on_epoch else None
-            runs.append(train_model(name, data, cfg, seed, on_epoch=cb))
-        row = summarize(name, runs)
+        cb = (lambda lr, s, p, n=name: on_epoch(n, lr, s, p)) if on_epoch else None
+        res = tune_and_test(name, data, cfg, on_epoch=cb)
+        row = summarize(res)
+        results.append(res)
         table.append(row)
-        curves[name] = [r.curves for r in runs]
-        all_runs += runs
+        curves[name] = [r.curves for r in res.runs]
         if on_model:
-            on_model(name, runs, row)
-    return Comparison(table, curves, all_runs)
+            on_model(res, row)
+    ref = add_differences(data, results, table, n_boot)
+    return Comparison(table, curves, results, ref)
 
 
-def format_table(table: list[dict], baseline: str | None = "din") -> list[list[str]]:
-    """Rows of strings: model, AUC mean ± std, GAUC mean ± std, logloss, delta AUC vs ``baseline`` (points)."""
-    base = next((r for r in table if r["model"] == baseline), None)
+def format_table(table: list[dict]) -> list[list[str]]:
+    """Rows of strings (see ``TABLE_HEADERS``); AUC differences in points (x100) with their CI."""
     out = []
     for r in table:
-        delta = "" if base is None else f"{100 * (r['auc_mean'] - base['auc_mean']):+.2f}"
-        out.append([r["model"], f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f}",
-                    f"{r['logloss_mean']:.4f} ± {r['logloss_std']:.4f}", delta, f"{r['train_samples_per_s']:,.0f}"])
+        v = r.get("vs_ref")
+        delta = "reference" if v is None and r.get("reference") == r["model"] else (
+            "" if v is None else f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]")
+        out.append([r["model"], r["kind"], f"{r['lr']:g}", f"{r['valid_auc_mean']:.4f}",
+                    f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f}",
+                    f"{r['logloss_mean']:.4f} ± {r['logloss_std']:.4f}", delta])
     return out
 
 
-TABLE_HEADERS = ["model", "AUC", "GAUC", "logloss", "ΔAUC vs DIN (pts)", "train samples/s"]
+TABLE_HEADERS = ["model", "kind", "lr (valid)", "valid AUC", "test AUC", "test GAUC", "test logloss",
+                 "ΔAUC vs best baseline, pts [95% CI]"]
 
 
 def plot_curves(curves: dict[str, list[list[dict]]], path: str | Path,
-                metrics: tuple[str, ...] = ("train_loss", "test_auc", "test_gauc", "test_logloss")) -> Path:
+                metrics: tuple[str, ...] = ("train_loss", "valid_auc", "valid_gauc", "valid_logloss")) -> Path:
     """Per-epoch curves (one line per model and seed) as a PNG; needs matplotlib (imported lazily)."""
     import matplotlib
 

@@ -13,8 +13,10 @@ from pydantic import Field, model_validator
 from qarm_core.base import Strict
 
 # The model presets the harness knows (see qarm_core.rank.models.MODEL_SPECS).
-ModelName = Literal["din", "sim_hard", "sim_soft", "ours_nosid", "ours_sid", "ours_sid_vq"]
-ALL_MODELS: tuple[str, ...] = ("din", "sim_hard", "sim_soft", "ours_nosid", "ours_sid", "ours_sid_vq")
+ModelName = Literal["din", "din_tags", "din_text", "sim_hard", "sim_hard_c1", "sim_soft", "ours_nosid", "ours_sid",
+                    "ours_sid_vq"]
+ALL_MODELS: tuple[str, ...] = ("din", "din_tags", "din_text", "sim_hard", "sim_hard_c1", "sim_soft", "ours_nosid",
+                               "ours_sid", "ours_sid_vq")
 
 
 class SamplesConfig(Strict):
@@ -26,9 +28,7 @@ class SamplesConfig(Strict):
     # Sampled negatives per positive event: random catalog items the user never interacted with,
     # sharing the positive's history and time.
     neg_per_positive: int = Field(1, ge=0)
-    test_events: int = Field(10, ge=1)        # each user's last N events (by time) are the test set
-    min_train_events: int = Field(1, ge=0)    # users with fewer earlier events are left out entirely
-    seed: int = 0
+    seed: int = 0                             # of the negative draws (each set draws with its own index)
 
 
 class GSUConfig(Strict):
@@ -36,8 +36,6 @@ class GSUConfig(Strict):
 
     top_k: int = Field(50, ge=1)
     pca_dim: int | None = Field(64, ge=1)     # None: search with the full-width embeddings
-    # SIM-hard: history items whose category equals the target's, most recent first.
-    hard_key: Literal["c1", "tag"] = "c1"
     chunk_rows: int = Field(4096, ge=1)       # (user, target) rows per batched search
     # Items referenced by the log without an embedding: fail, or search with a zero vector
     # (such an item then ties with every other at score 0).
@@ -57,12 +55,15 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1)             # at most; the epoch kept is the best on validation AUC
     batch_size: int = Field(1024, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
+    # Learning rates tried for every model (the same grid for all); each model's is chosen on its
+    # mean validation AUC over the seeds, then only that one is reported on test.
+    lr_grid: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2], min_length=1)
     weight_decay: float = Field(0.0, ge=0.0)
     # Extra L2 on the id/code embedding rows a batch touches (DIN's mini-batch aware regulariser, simplified).
     embedding_l2: float = Field(1e-6, ge=0.0)
+    # Each seed varies initialisation, dropout, shuffling AND the negatives (seed i uses negative set i).
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     num_threads: int = Field(1, ge=1)          # 1: on a shared 2-core box, 2 BLAS threads ran 3-20x slower
     eval_batch_size: int = Field(4096, ge=1)
@@ -70,7 +71,7 @@ class TrainConfig(Strict):
 
 class RankGateConfig(Strict):
     min_train_samples: int = Field(1, ge=1)
-    min_test_users: int = Field(1, ge=1)      # users in the test set with both labels (GAUC needs them)
+    min_test_users: int = Field(1, ge=1)      # users with both labels in validation and in test (GAUC)
     max_missing_code_share: float = Field(0.05, ge=0.0, le=1.0)
 
 

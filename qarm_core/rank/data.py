@@ -40,14 +40,36 @@ class RankData:
     target: np.ndarray              # (n,) dense item index
     label: np.ndarray               # (n,) float32 0/1
     pos: np.ndarray                 # (n,) events before the target
-    train_rows: np.ndarray          # row numbers of the training samples, in time order per user
-    test_rows: np.ndarray
+    split: np.ndarray               # (n,) object: 'train' | 'valid' | 'test'
+    neg_set: np.ndarray             # (n,) int16: a sampled negative's set, -1 for real events
     short_len: int
     long_len: int
     top_k: int
     tables: ItemTables
     retrieved: dict[str, np.ndarray] = field(default_factory=dict)   # gsu kind -> (n, top_k) int32
     report: dict = field(default_factory=dict)
+
+    @property
+    def negative_sets(self) -> int:
+        return int(self.neg_set.max()) + 1 if len(self.neg_set) and self.neg_set.max() >= 0 else 1
+
+    def rows(self, split: str, seed_index: int = 0) -> np.ndarray:
+        """Row numbers of ``split`` ('train' | 'valid' | 'test') for the ``seed_index``-th seed: the
+        real events plus negative set ``seed_index mod negative_sets`` (in time order per user)."""
+        k = seed_index % self.negative_sets
+        return np.flatnonzero((self.split == split) & ((self.neg_set < 0) | (self.neg_set == k)))
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return self.rows("train")
+
+    @property
+    def valid_rows(self) -> np.ndarray:
+        return self.rows("valid")
+
+    @property
+    def test_rows(self) -> np.ndarray:
+        return self.rows("test")
 
     def history(self, rows: np.ndarray | slice, length: int) -> np.ndarray:
         """``(len(rows), length)`` dense indices of the events before each row's target, right-aligned."""
@@ -78,7 +100,7 @@ def categories(index: ItemIndex, items: pa.Table | None, codes: np.ndarray | Non
     """SIM-hard's category per dense index ``(N + 1,)``: the c1 code, or the item's first tag; 0 = none."""
     if key == "c1":
         if codes is None:
-            raise DataError(STAGE, "codes", "SIM-hard on c1 needs codes (or set rank.gsu.hard_key: tag)")
+            raise DataError(STAGE, "codes", "SIM-hard on c1 (sim_hard_c1) needs codes")
         return codes[:, 0].copy()
     if items is None or "tags" not in items.column_names:
         raise DataError(STAGE, "items", "SIM-hard on tags needs an items table with a 'tags' column")
@@ -94,6 +116,24 @@ def categories(index: ItemIndex, items: pa.Table | None, codes: np.ndarray | Non
     return out
 
 
+def item_tags(index: ItemIndex, items: pa.Table | None, max_tags: int = 6) -> tuple[np.ndarray, int]:
+    """``(N + 1, max_tags)`` tag indices per dense item (0 = none; an item's first ``max_tags`` tags)
+    and the tag table's size (distinct tags + 1)."""
+    if items is None or "tags" not in items.column_names:
+        raise DataError(STAGE, "items", "the tag models (din_tags) need an items table with a 'tags' column")
+    tags = pc.fill_null(items["tags"], pa.scalar([], pa.list_(pa.string()))).combine_chunks()
+    lens = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
+    flat = np.asarray(tags.flatten().to_numpy(zero_copy_only=False), dtype=object)
+    uniq, inv = np.unique(flat.astype(str), return_inverse=True) if len(flat) else (np.zeros(0, str), np.zeros(0, int))
+    out = np.zeros((index.n + 1, max_tags), np.int64)
+    rows = index.lookup(items["item_id"].to_numpy(), "items")
+    owner = np.repeat(rows, lens)
+    slot = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    keep = slot < max_tags
+    out[owner[keep], slot[keep]] = inv[keep] + 1
+    return out, len(uniq) + 1
+
+
 def prepare(samples: Samples, index: ItemIndex, cfg: RankConfig, *,
             embeddings: tuple[np.ndarray, np.ndarray] | None = None, codes: pa.Table | None = None,
             items: pa.Table | None = None, models: list[str] | None = None) -> RankData:
@@ -106,8 +146,7 @@ def prepare(samples: Samples, index: ItemIndex, cfg: RankConfig, *,
     specs = [resolve_spec(m, cfg.model.frozen_embedding) for m in models]
     s = samples.samples
     if s.num_rows == 0:
-        raise DataError(STAGE, "samples", "no samples (is the log empty, or every user shorter than "
-                                          f"rank.samples.test_events + min_train_events?)")
+        raise DataError(STAGE, "samples", "no samples (is the interaction log empty?)")
     seq_users = samples.sequences["user_id"].to_numpy()
     lens = np.array(pc.list_value_length(samples.sequences["items"]).to_numpy(zero_copy_only=False),
                     dtype=np.int64)
@@ -122,12 +161,11 @@ def prepare(samples: Samples, index: ItemIndex, cfg: RankConfig, *,
     report: dict = {}
 
     tables = ItemTables(n_items=index.n)
-    need_codes = any(sp.sids for sp in specs) or (any(sp.gsu == "hard" for sp in specs)
-                                                  and cfg.gsu.hard_key == "c1")
+    need_codes = any(sp.sids or sp.retrieval == "hard:c1" for sp in specs)
     need_emb = any(sp.gsu == "embedding" or sp.vq or sp.frozen_embedding for sp in specs)
     if need_codes:
         if codes is None:
-            raise DataError(STAGE, "codes", f"models {[sp.name for sp in specs if sp.sids or sp.gsu == 'hard']} "
+            raise DataError(STAGE, "codes", f"models {[sp.name for sp in specs if sp.sids or sp.retrieval == 'hard:c1']} "
                                             "need Semantic-ID codes and none were given")
         c, vocab, n_missing = align_codes(index, codes, cfg.model.missing_codes)
         tables.codes, tables.code_vocab = c, vocab
@@ -145,10 +183,12 @@ def prepare(samples: Samples, index: ItemIndex, cfg: RankConfig, *,
         if any(sp.vq for sp in specs):
             tables.neighbours = G.nearest_items(emb, cfg.model.vq_neighbours)
 
+    if any(sp.tags for sp in specs):
+        tables.tags, tables.tag_vocab = item_tags(index, items)
     data = RankData(index=index, seq_flat=seq_flat, user_start=starts[row], user_id=user_id,
                     target=index.lookup(s["item_id"].to_numpy(), "samples"),
                     label=s["label"].to_numpy().astype(np.float32), pos=s["pos"].to_numpy().astype(np.int64),
-                    train_rows=np.flatnonzero(split == "train"), test_rows=np.flatnonzero(split == "test"),
+                    split=split, neg_set=s["neg_set"].to_numpy().astype(np.int16),
                     short_len=cfg.samples.short_len, long_len=cfg.samples.long_len, top_k=cfg.gsu.top_k,
                     tables=tables, report=report)
     hist = lambda rows: data.history(rows, cfg.samples.long_len)          # noqa: E731
@@ -160,8 +200,8 @@ def prepare(samples: Samples, index: ItemIndex, cfg: RankConfig, *,
         dt = time.perf_counter() - t0
         report["gsu.embedding.seconds"] = dt
         report["gsu.embedding.retrievals_per_s"] = len(data.target) / max(dt, 1e-9)
-    if any(sp.gsu == "hard" for sp in specs):
-        cat = categories(index, items, tables.codes, cfg.gsu.hard_key)
-        data.retrieved["hard"] = G.search_samples(data.target, hist, cfg.gsu.top_k, cfg.gsu.chunk_rows,
-                                                  item_cat=cat)
+    for key in sorted({sp.hard_key for sp in specs if sp.gsu == "hard"}):
+        cat = categories(index, items, tables.codes, key)
+        data.retrieved[f"hard:{key}"] = G.search_samples(data.target, hist, cfg.gsu.top_k, cfg.gsu.chunk_rows,
+                                                         item_cat=cat)
     return data

@@ -6,7 +6,10 @@ baselines and our variants, trained in the same harness:
 | name          | item representation                     | long-history search (GSU)                   |
 |---------------|-----------------------------------------|---------------------------------------------|
 | din           | ItemID                                  | none (short history only)                   |
-| sim_hard      | ItemID                                  | same category (c1 code or first tag)        |
+| din_tags      | ItemID + mean of its tag embeddings     | none (content control: the item's tags)     |
+| din_text      | ItemID + frozen text embedding, projected | none (content control: the item's text)   |
+| sim_hard      | ItemID                                  | same category (the item's first tag, as SIM) |
+| sim_hard_c1   | ItemID                                  | same level-1 SID code (a variant)           |
 | sim_soft      | ItemID                                  | inner product of the learned ID embeddings  |
 | ours_nosid    | ItemID                                  | inner product of (PCA'd) LLM embeddings     |
 | ours_sid      | ItemID + c1 + c2 + c3 SID embeddings    | inner product of (PCA'd) LLM embeddings     |
@@ -37,15 +40,26 @@ class ModelSpec:
     sids: bool = False
     vq: bool = False
     frozen_embedding: bool = False
+    tags: bool = False       # add the mean of the item's tag embeddings
+    hard_key: str = "tag"    # SIM-hard's category: the item's first tag, or its c1 code
+    baseline: bool = True    # a baseline (the comparison's reference set) rather than one of ours
+
+    @property
+    def retrieval(self) -> str | None:
+        """The key of the precomputed GSU results this model reads (None: none or searched live)."""
+        return f"hard:{self.hard_key}" if self.gsu == "hard" else self.gsu
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "din": ModelSpec("din", None),
-    "sim_hard": ModelSpec("sim_hard", "hard"),
+    "din_tags": ModelSpec("din_tags", None, tags=True),
+    "din_text": ModelSpec("din_text", None, frozen_embedding=True),
+    "sim_hard": ModelSpec("sim_hard", "hard", hard_key="tag"),
+    "sim_hard_c1": ModelSpec("sim_hard_c1", "hard", hard_key="c1"),
     "sim_soft": ModelSpec("sim_soft", "soft_id"),
-    "ours_nosid": ModelSpec("ours_nosid", "embedding"),
-    "ours_sid": ModelSpec("ours_sid", "embedding", sids=True),
-    "ours_sid_vq": ModelSpec("ours_sid_vq", "embedding", sids=True, vq=True),
+    "ours_nosid": ModelSpec("ours_nosid", "embedding", baseline=False),
+    "ours_sid": ModelSpec("ours_sid", "embedding", sids=True, baseline=False),
+    "ours_sid_vq": ModelSpec("ours_sid_vq", "embedding", sids=True, vq=True, baseline=False),
 }
 
 
@@ -64,7 +78,8 @@ class ItemTables:
     """Item-side tensors the models read, rows indexed by dense item index (row 0 = padding).
 
     codes ``(N + 1, 3)`` (0 = no code), code_vocab ``(3,)``, neighbours ``(N + 1, K)`` (VQ codes),
-    frozen ``(N + 1, D)`` (the item embedding), n_items = N.
+    frozen ``(N + 1, D)`` (the item embedding), tags ``(N + 1, T)`` (tag indices, 0 = none) with
+    ``tag_vocab`` rows, n_items = N.
     """
 
     n_items: int
@@ -72,6 +87,8 @@ class ItemTables:
     code_vocab: np.ndarray | None = None
     neighbours: np.ndarray | None = None
     frozen: np.ndarray | None = None
+    tags: np.ndarray | None = None
+    tag_vocab: int = 0
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -146,8 +163,19 @@ class ItemEncoder(nn.Module):
                                  persistent=False)
             self.proj = nn.Linear(tables.frozen.shape[1], dim, bias=False)
 
+        self.tags = spec.tags
+        if spec.tags:
+            if tables.tags is None:
+                raise ValueError(f"model {spec.name} needs the items' tags")
+            self.register_buffer("tag_idx", torch.as_tensor(tables.tags, dtype=torch.int64), persistent=False)
+            self.tag_emb = _table(tables.tag_vocab, dim)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         e = self.id(idx)
+        if self.tags:
+            t = self.tag_idx[idx]                                        # (..., T)
+            m = (t > 0).unsqueeze(-1).float()
+            e = e + (self.tag_emb(t) * m).sum(-2) / m.sum(-2).clamp(min=1.0)
         if self.sids:
             c = self.codes[idx]                                          # (..., 3)
             for j, emb in enumerate(self.code_emb):

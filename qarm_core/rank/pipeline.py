@@ -16,6 +16,7 @@ from qarm_core.rank.data import RankData, build_index, prepare
 from qarm_core.rank.inputs import ItemIndex, read_table
 from qarm_core.rank.models import resolve_spec
 from qarm_core.rank.samples import Samples, build_samples
+from qarm_core.split import Cutoffs
 
 STAGE = "rank"
 
@@ -27,11 +28,11 @@ class ItemInputs:
     source: str                                          # where they came from (for the run's params)
 
 
-def needs(models: list[str], hard_key: str = "c1", frozen_embedding: bool = False) -> tuple[bool, bool]:
+def needs(models: list[str], frozen_embedding: bool = False) -> tuple[bool, bool]:
     """(needs embeddings, needs codes) for these models."""
     specs = [resolve_spec(m, frozen_embedding) for m in models]
     emb = any(s.gsu == "embedding" or s.vq or s.frozen_embedding for s in specs)
-    codes = any(s.sids for s in specs) or (hard_key == "c1" and any(s.gsu == "hard" for s in specs))
+    codes = any(s.sids or s.retrieval == "hard:c1" for s in specs)
     return emb, codes
 
 
@@ -50,9 +51,10 @@ def load_item_inputs(embeddings_path: str | Path | None, codes_path: str | Path 
 
 
 def build(interactions: pa.Table, items: pa.Table | None, cfg: RankConfig, duck: DuckDBConfig,
-          temp_dir: str | Path) -> tuple[ItemIndex, Samples]:
+          temp_dir: str | Path, cutoffs: Cutoffs) -> tuple[ItemIndex, Samples]:
     index = build_index(interactions, items)
-    return index, build_samples(interactions, index, cfg.samples, duck, temp_dir)
+    return index, build_samples(interactions, index, cfg.samples, duck, temp_dir, cutoffs,
+                                negative_sets=len(cfg.train.seeds))
 
 
 def prepare_data(samples: Samples, index: ItemIndex, inputs: ItemInputs, items: pa.Table | None,

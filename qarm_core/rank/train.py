@@ -22,12 +22,17 @@ from qarm_core.rank.models import MODEL_SPECS, RankModel, resolve_spec
 class RunResult:
     model: str
     seed: int
-    metrics: dict[str, float]                      # test metrics after the last epoch
-    curves: list[dict[str, float]] = field(default_factory=list)   # one entry per epoch
+    metrics: dict[str, float]                      # test metrics of the epoch chosen on validation
+    curves: list[dict[str, float]] = field(default_factory=list)   # one entry per epoch (train loss, valid metrics)
     train_samples_per_s: float = 0.0
     n_params: int = 0
     seconds: float = 0.0
-    trained: RankModel | None = field(default=None, repr=False)   # the trained model (eval mode)
+    trained: RankModel | None = field(default=None, repr=False)   # the chosen epoch's model (eval mode)
+    lr: float = 0.0
+    best_epoch: int = 0                            # the epoch with the best validation AUC
+    valid_metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of that epoch
+    test_rows: np.ndarray | None = field(default=None, repr=False)    # rows of data scored on test
+    test_logits: np.ndarray | None = field(default=None, repr=False)  # (len(test_rows),) at best_epoch
 
 
 def build_model(name: str, data: RankData, cfg: RankConfig) -> RankModel:
@@ -43,7 +48,7 @@ def build_model(name: str, data: RankData, cfg: RankConfig) -> RankModel:
 def predict(model: RankModel, data: RankData, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits ``(len(rows),)``."""
     model.eval()
-    out = [model(data.batch(rows[lo:lo + batch_size], model.spec.gsu)).numpy()
+    out = [model(data.batch(rows[lo:lo + batch_size], model.spec.retrieval)).numpy()
            for lo in range(0, len(rows), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -53,14 +58,21 @@ def evaluate_rows(model: RankModel, data: RankData, rows: np.ndarray, batch_size
     return evaluate(data.user_id[rows], data.label[rows], logits)
 
 
-def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
-                on_epoch: Callable[[dict[str, float]], None] | None = None) -> RunResult:
-    """Train ``name`` on ``data.train_rows`` for ``cfg.train.epochs`` epochs with ``seed`` (init,
-    dropout and shuffling), evaluating on ``data.test_rows`` after each epoch."""
+def train_model(name: str, data: RankData, cfg: RankConfig, seed: int, seed_index: int = 0,
+                lr: float | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
+                evaluate_test: bool = True) -> RunResult:
+    """Train ``name`` with ``seed`` (init, dropout, shuffling) on the training samples of negative
+    set ``seed_index`` for ``cfg.train.epochs`` epochs at learning rate ``lr`` (default: the first
+    of ``cfg.train.lr_grid``), scoring the validation samples after each epoch. The epoch with the
+    best validation AUC is kept; only that model is scored on test (``evaluate_test``), so nothing
+    about the test period chooses anything."""
     tc = cfg.train
-    if len(data.train_rows) == 0 or len(data.test_rows) == 0:
-        raise DataError("rank", "samples", f"{len(data.train_rows)} training and {len(data.test_rows)} test "
-                                           "samples: both splits must be non-empty")
+    lr = tc.lr_grid[0] if lr is None else lr
+    train_rows, valid_rows = data.rows("train", seed_index), data.rows("valid", seed_index)
+    test_rows = data.rows("test", seed_index)
+    if len(train_rows) == 0 or len(valid_rows) == 0 or (evaluate_test and len(test_rows) == 0):
+        raise DataError("rank", "samples", f"{len(train_rows)} training, {len(valid_rows)} validation and "
+                                           f"{len(test_rows)} test samples: each split must be non-empty")
     torch.set_num_threads(tc.num_threads)
     # Adam's second moments of rarely touched embedding rows decay into denormals, which the CPU
     # handles ~100x slower; flushing them to zero changes nothing measurable.
@@ -68,21 +80,22 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
     model = build_model(name, data, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    result = RunResult(name, seed, {}, n_params=sum(p.numel() for p in model.parameters()))
+    result = RunResult(name, seed, {}, n_params=sum(p.numel() for p in model.parameters()), lr=lr)
     t_start = time.perf_counter()
     train_time, train_seen = 0.0, 0
-    n_batches = -(-len(data.train_rows) // tc.batch_size)
-    prog = Progress("rank", f"{name} seed {seed}: training batches ({tc.epochs} epochs)", tc.epochs * n_batches,
-                    "batches")
+    n_batches = -(-len(train_rows) // tc.batch_size)
+    prog = Progress("rank", f"{name} seed {seed} lr {lr:g}: training batches ({tc.epochs} epochs)",
+                    tc.epochs * n_batches, "batches")
+    best_auc, best_state = -np.inf, None
     for epoch in range(1, tc.epochs + 1):
         model.train()
-        order = data.train_rows[rng.permutation(len(data.train_rows))]
+        order = train_rows[rng.permutation(len(train_rows))]
         losses, t0 = [], time.perf_counter()
         for lo in range(0, len(order), tc.batch_size):
             rows = order[lo:lo + tc.batch_size]
-            batch = data.batch(rows, model.spec.gsu)
+            batch = data.batch(rows, model.spec.retrieval)
             logits = model(batch)
             loss = loss_fn(logits, batch["label"])
             if tc.embedding_l2 > 0:
@@ -95,16 +108,24 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int,
         dt = time.perf_counter() - t0
         train_time += dt
         train_seen += len(order)
+        valid = evaluate_rows(model, data, valid_rows, tc.eval_batch_size)
         point = {"epoch": float(epoch), "train_loss": float(np.sum(losses) / len(order)),
-                 **{f"test_{k}": v for k, v in evaluate_rows(model, data, data.test_rows, tc.eval_batch_size).items()},
-                 "epoch_seconds": dt}
+                 **{f"valid_{k}": v for k, v in valid.items()}, "epoch_seconds": dt}
         result.curves.append(point)
-        prog.fields["test_auc"] = round(point.get("test_auc", float("nan")), 4)
+        prog.fields["valid_auc"] = round(valid["auc"], 4)
+        if valid["auc"] > best_auc:
+            best_auc, result.best_epoch, result.valid_metrics = valid["auc"], epoch, valid
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if on_epoch:
             on_epoch(point)
     prog.finish()
-    result.metrics = {k.removeprefix("test_"): v for k, v in result.curves[-1].items() if k.startswith("test_")}
+    model.load_state_dict(best_state)
+    model.eval()
+    if evaluate_test:
+        result.test_rows = test_rows
+        result.test_logits = predict(model, data, test_rows, tc.eval_batch_size)
+        result.metrics = evaluate(data.user_id[test_rows], data.label[test_rows], result.test_logits)
     result.train_samples_per_s = train_seen / max(train_time, 1e-9)
     result.seconds = time.perf_counter() - t_start
-    result.trained = model.eval()
+    result.trained = model
     return result

@@ -56,7 +56,7 @@ def test_flow_run_tracks_config_hardware_and_one_run_per_stage(refreshed):
     assert len(parent) == 1 and parent[0]["name"] == "codebook-refresh" and parent[0]["status"] == "FINISHED"
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     assert "native bf16: " in parent[0]["tags"]["qarm.hardware"]      # CPU model and flags beside every run
-    assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "mine",
+    assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "split", "mine",
                              "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "train",
                              "embed", "gate-embed-embeddings", "quantize", "gate-quantize-codes", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
@@ -129,7 +129,7 @@ def test_rerun_reuses_staged_outputs_and_keeps_sids(refreshed):
     out, out2, st = refreshed["out"], refreshed["out2"], refreshed["storage"]
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
     runs = tracking.runs_of(refreshed["cfg"])
-    for stage in ("ingest", "mine", "judge", "qa", "train", "embed"):
+    for stage in ("ingest", "split", "mine", "judge", "qa", "train", "embed"):
         assert sorted(r["metrics"]["reused"] for r in runs if r["name"] == stage) == [0.0, 1.0]
     # the rerun warm-starts the quantizer from the published codebook: same SIDs
     hows = sorted(r["tags"]["qarm.quantize.how"] for r in runs if r["name"] == "quantize")
@@ -239,3 +239,50 @@ def test_each_bad_input_names_stage_and_dataset_and_publishes_nothing(prefect_ha
     assert "stage=ingest, dataset=interactions" in str(ei.value) and expected in str(ei.value)
     assert (home / "CURRENT").read_bytes() == pointer
     assert Storage(home).list_snapshots() == [first["snapshot_id"]]
+
+
+def test_no_stage_of_the_refresh_reads_the_test_period(prefect_harness, tmp_path):
+    """Perturbing (other items, flipped ratings) or dropping every test-period event leaves every
+    dataset the refresh publishes, apart from the raw log and its period counts, bit-for-bit
+    unchanged: pairs, judgments, QA, the model, embeddings, codes and the codebook."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qarm_core.ingest import resolve_source
+    from qarm_core.split import resolve_cutoffs
+
+    cfg = _cfg(tmp_path / "src")
+    _, batches = resolve_source(cfg.ingest)
+    inter = pa.Table.from_batches(list(batches["interactions"]()))
+    items = pa.Table.from_batches(list(batches["items"]()))
+    cut = resolve_cutoffs(inter["ts"].to_numpy(), cfg.split)
+    test = cut.period_of(inter["ts"].to_numpy()) == 2
+    assert 0 < test.sum() < inter.num_rows
+    ids = np.sort(items["item_id"].to_numpy())
+    shift = dict(zip(ids, np.roll(ids, 7)))            # a bijection: (user, item, ts) stays unique
+    item = inter["item_id"].to_numpy().copy()
+    item[test] = [shift[i] for i in item[test]]
+    rating = inter["rating"].to_numpy().copy()
+    rating[test] = 6.0 - rating[test]
+    logs = {"original": inter,
+            "perturbed": inter.set_column(1, "item_id", pa.array(item)).set_column(
+                3, "rating", pa.array(rating, pa.float32())),
+            "dropped": inter.filter(pa.array(~test))}
+    pq.write_table(items, tmp_path / "items.parquet")
+    published = {}
+    for name, log in logs.items():
+        pq.write_table(log, tmp_path / f"{name}.parquet")
+        home = tmp_path / name
+        codebook_refresh(TINY, {"home": str(home), "ingest.source": "files",
+                                "ingest.files.interactions": str(tmp_path / f"{name}.parquet"),
+                                "ingest.files.items": str(tmp_path / "items.parquet"),
+                                "split.valid_start": cut.valid_start, "split.test_start": cut.test_start})
+        snap = Storage(home).current()
+        published[name] = {d: snap.record(d).fingerprint for d in snap.manifest["datasets"]}
+    learned = set(published["original"]) - {"interactions", "periods"}
+    assert {"train_events", "valid_events", "pairs", "judgments", "qa", "model", "embeddings", "codes"} <= learned
+    for name in ("perturbed", "dropped"):
+        assert published[name]["interactions"] != published["original"]["interactions"]
+        differ = sorted(d for d in learned if published[name][d] != published["original"][d])
+        assert differ == [], f"{name}: {differ} changed with the test period"

@@ -8,17 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.rank_train import rank_train
+from qarm_core.rank.config import ALL_MODELS
 from qarm_core.config import load_config
 from qarm_core.errors import DataError, GateError
 from qarm_core.ingest import resolve_source
 from qarm_core.quantize.io import embeddings_batch
 from qarm_core.schemas import CODES, SCHEMAS, embeddings_schema
+from qarm_core.split import split_events
 from qarm_core.storage import Storage, read_dataset, write_parquet_dataset, write_stage_outputs
 from tasks import tracking
 from tests.support.paths import TINY
 
 # Small and fast: 2 epochs, 2 seeds, short histories.
-RANK = {"rank.samples.long_len": 30, "rank.samples.short_len": 5, "rank.samples.test_events": 3,
+RANK = {"rank.samples.long_len": 30, "rank.samples.short_len": 5, "rank.train.lr_grid": [3e-3, 1e-2],
         "rank.gsu.top_k": 8, "rank.gsu.pca_dim": 8, "rank.model.dim": 8, "rank.model.att_hidden": 8,
         "rank.model.mlp_hidden": [16], "rank.model.vq_neighbours": 3, "rank.train.epochs": 2,
         "rank.train.seeds": [0, 1], "rank.train.batch_size": 128}
@@ -31,6 +33,9 @@ def _publish_log(home: Path, with_item_inputs: bool, with_codes: bool = True) ->
     st = Storage(home).ensure()
     _, batches = resolve_source(cfg.ingest)
     records, _, _ = write_stage_outputs(st, "ingest", "t", {n: (SCHEMAS[n], fn) for n, fn in batches.items()})
+    tables, _ = split_events(read_dataset(records["interactions"]), cfg.split)
+    records["periods"] = write_parquet_dataset(home / "in" / "periods", tables["periods"].to_batches(),
+                                               SCHEMAS["periods"])
     ids = np.sort(read_dataset(records["items"])["item_id"].to_numpy())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((len(ids), 16)).astype(np.float32)
@@ -39,7 +44,7 @@ def _publish_log(home: Path, with_item_inputs: bool, with_codes: bool = True) ->
 
     _, codes, _ = quantize_embeddings(x.copy(), ids, QuantizerParams(levels=(4, 4), fsq_dims=2, fsq_levels=2))
     emb_file, codes_file = home / "in" / "emb.parquet", home / "in" / "codes.parquet"
-    emb_file.parent.mkdir(parents=True)
+    emb_file.parent.mkdir(parents=True, exist_ok=True)
     emb = pa.Table.from_batches([embeddings_batch(ids, x, "test")])
     pq.write_table(emb, emb_file)
     pq.write_table(codes, codes_file)
@@ -57,10 +62,11 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     home = tmp_path / "home"
     _publish_log(home, with_item_inputs=True)
     out = rank_train(TINY, {"home": str(home), **RANK})
-    models = ["din", "sim_hard", "sim_soft", "ours_nosid", "ours_sid", "ours_sid_vq"]
+    models = list(ALL_MODELS)
     assert [r["model"] for r in out["table"]] == models
     for row in out["table"]:
-        assert 0.0 <= row["auc_mean"] <= 1.0 and row["seeds"] == 2 and row["auc_std"] >= 0
+        assert row["seeds"] == 2 and row["lr"] in (3e-3, 1e-2) and set(row["valid_auc_by_lr"]) == {"0.003", "0.01"}
+        assert (row["vs_ref"] is None) == (row["model"] == row["reference"])
     assert out["inputs"]["embeddings"].startswith("snapshot:") and out["samples"]["test.samples"] > 0
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     runs = tracking.runs_of(cfg)
@@ -74,8 +80,9 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
         assert r["status"] == "FINISHED"
         assert {"auc", "auc_std", "gauc", "gauc_std", "logloss"} <= set(r["metrics"])
         assert r["params"]["model"] == m and r["params"]["rank.train.epochs"] == "2"
-        hist = client.get_metric_history(r["run_id"], "curve.test_auc")
+        hist = client.get_metric_history(r["run_id"], "lr0.01.seed1.valid_auc")
         assert [h.step for h in hist] == [1, 2]
+        assert r["params"]["lr_chosen"] in ("0.003", "0.01") and "valid_auc" in r["metrics"]
         arts = [a.path for a in client.list_artifacts(r["run_id"], "curves")]
         assert arts == [f"curves/curves_{m}.png"]
     png = client.download_artifacts(out["mlflow_run_id"], "curves/curves_all.png", str(tmp_path))

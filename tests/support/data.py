@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from qarm_core.base import DuckDBConfig
 from qarm_core.rank.config import RankConfig
+from qarm_core.split import Cutoffs, SplitConfig, resolve_cutoffs
 
 DUCK = DuckDBConfig(memory_limit="256MB", max_temp_directory_size="256MB", threads=1)
 
@@ -55,13 +56,18 @@ def tiny_codes(n_items: int = 40, skip: tuple[int, ...] = ()) -> pa.Table:
 
 
 def rank_config(**overrides) -> RankConfig:
-    base = {"samples": {"long_len": 16, "short_len": 4, "test_events": 3},
+    base = {"samples": {"long_len": 16, "short_len": 4},
             "gsu": {"top_k": 5, "pca_dim": None, "chunk_rows": 7},
             "model": {"dim": 8, "att_hidden": 8, "mlp_hidden": [16], "vq_neighbours": 3, "dropout": 0.0},
             "train": {"epochs": 2, "batch_size": 64, "seeds": [0, 1], "num_threads": 1}}
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v}
     return RankConfig.model_validate(base)
+
+
+def tiny_cutoffs(inter: pa.Table, **split) -> Cutoffs:
+    """The pipeline's split (default fractions, or ``split`` overrides) of a log."""
+    return resolve_cutoffs(inter["ts"].to_numpy(), SplitConfig(**split))
 
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]

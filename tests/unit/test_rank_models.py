@@ -7,13 +7,14 @@ import torch
 
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
-from qarm_core.rank.compare import compare, plot_curves
+from qarm_core.rank.compare import compare, paired_bootstrap, plot_curves, weighted_auc, weighted_auc_groups
+from qarm_core.rank.metrics import auc as plain_auc
 from qarm_core.rank.data import build_index, categories, prepare
 from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
 from qarm_core.rank.models import MODEL_SPECS, ItemTables, RankModel, TargetAttention, masked_softmax
 from qarm_core.rank.samples import build_samples
 from qarm_core.rank.train import evaluate_rows, predict, train_model
-from tests.support.data import DUCK, rank_config, tiny_codes, tiny_embeddings, tiny_log
+from tests.support.data import DUCK, rank_config, tiny_codes, tiny_cutoffs, tiny_embeddings, tiny_log
 
 
 def _random_histories(rng, b, length, n_items):
@@ -84,7 +85,8 @@ def test_model_output_ignores_padded_positions(name):
     codes = np.concatenate([[[0, 0, 0]], rng.integers(1, 5, (n, 3))])
     tables = ItemTables(n, codes=codes, code_vocab=np.array([5, 5, 5]),
                         neighbours=np.concatenate([[[0, 0, 0]], rng.integers(1, n + 1, (n, 3))]),
-                        frozen=rng.standard_normal((n + 1, 6)).astype(np.float32))
+                        frozen=rng.standard_normal((n + 1, 6)).astype(np.float32),
+                        tags=np.concatenate([[[0, 0]], rng.integers(0, 4, (n, 2))]), tag_vocab=4)
     torch.manual_seed(0)
     m = RankModel(MODEL_SPECS[name], tables, dim=8, att_hidden=8, mlp_hidden=[16], top_k=4).eval()
     b = 6
@@ -106,38 +108,121 @@ def _tiny_data(tmp_path, models=None, **cfg_over):
     inter, items = tiny_log()
     cfg = rank_config(**cfg_over)
     index = build_index(inter, items)
-    s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck")
+    s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck", tiny_cutoffs(inter),
+                      negative_sets=len(cfg.train.seeds))
     data = prepare(s, index, cfg, embeddings=tiny_embeddings(), codes=tiny_codes(), items=items, models=models)
     return data, cfg, items
 
 
 def test_loss_falls_and_runs_are_seeded(tmp_path):
-    data, cfg, _ = _tiny_data(tmp_path, train={"epochs": 12, "lr": 0.01, "seeds": [0]})
+    data, cfg, _ = _tiny_data(tmp_path, train={"epochs": 12, "lr_grid": [0.01], "seeds": [0]})
     for name in ("din", "ours_sid"):
         r = train_model(name, data, cfg, seed=0)
         losses = [p["train_loss"] for p in r.curves]
         assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
-        assert evaluate_rows(r.trained, data, data.train_rows, 256)["auc"] > 0.7   # it fit the training set
+        # the kept model is the best validation epoch's, and it scores that epoch's validation AUC
+        assert evaluate_rows(r.trained, data, data.valid_rows, 256)["auc"] == pytest.approx(
+            max(p["valid_auc"] for p in r.curves)) == r.valid_metrics["auc"]
         again = train_model(name, data, cfg, seed=0)
         assert again.metrics == r.metrics
 
 
-def test_compare_table_and_curves(tmp_path):
-    data, cfg, _ = _tiny_data(tmp_path)
+def test_compare_tunes_on_validation_and_reports_test_against_the_best_baseline(tmp_path):
+    data, cfg, _ = _tiny_data(tmp_path, train={"epochs": 3, "lr_grid": [1e-3, 1e-2], "seeds": [0, 1]})
     seen = []
-    c = compare(data, cfg, on_model=lambda name, runs, row: seen.append(name))
+    c = compare(data, cfg, on_model=lambda res, row: seen.append(res.name), n_boot=50)
     assert seen == list(cfg.models) == [r["model"] for r in c.table]
+    for res, row in zip(c.results, c.table):
+        # the chosen lr is the best on mean validation AUC; each run kept its best validation epoch
+        assert res.lr == max(res.valid_auc_by_lr, key=res.valid_auc_by_lr.get)
+        for r in res.runs:
+            aucs = [p["valid_auc"] for p in r.curves]
+            assert r.best_epoch == 1 + int(np.argmax(aucs)) and r.valid_metrics["auc"] == max(aucs)
+            assert "test_auc" not in r.curves[0]          # test is scored once, after the choice
+        # seeds use different negatives: their test rows differ
+        assert not np.array_equal(res.runs[0].test_rows, res.runs[1].test_rows)
+        assert row["seeds"] == 2 and len(row["auc_per_seed"]) == 2
+    ref = c.reference
+    assert ref in {r.name for r in c.results if r.baseline}
+    assert ref == max((r for r in c.results if r.baseline), key=lambda r: r.valid_auc_by_lr[r.lr]).name
     for row in c.table:
-        assert 0 <= row["auc_mean"] <= 1 and row["auc_std"] >= 0 and row["seeds"] == 2
-        assert len(row["auc_per_seed"]) == 2
-    assert all(len(per_seed) == 2 and len(per_seed[0]) == cfg.train.epochs for per_seed in c.curves.values())
+        assert (row["vs_ref"] is None) == (row["model"] == ref)
+        if row["vs_ref"]:
+            v = row["vs_ref"]
+            assert v["lo"] <= v["diff"] <= v["hi"]
     png = plot_curves(c.curves, tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    # every retrieved item is in that sample's history window
+    # every retrieved item is in that sample's history window; SIM-hard by tag and by c1 differ
     hist = data.history(np.arange(len(data.target)), data.long_len)
-    for kind in ("embedding", "hard"):
+    for kind in ("embedding", "hard:tag", "hard:c1"):
         r = data.retrieved[kind]
         assert all(set(row[row > 0]) <= set(h[h > 0]) for row, h in zip(r, hist))
+    assert not np.array_equal(data.retrieved["hard:tag"], data.retrieved["hard:c1"])
+
+
+def _planted_log(n_users=60, n_items=40, seed=0):
+    """Users mostly pick items of their favourite group (rated 4-5) and sometimes others (rated 1-2):
+    the history shows the taste and the label follows it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    group = np.arange(n_items) % 4
+    for u in range(1, n_users + 1):
+        fav = u % 4
+        liked, other = np.flatnonzero(group == fav), np.flatnonzero(group != fav)
+        picks = np.concatenate([rng.choice(liked, 8, replace=False), rng.choice(other, 8, replace=False)])
+        rng.shuffle(picks)
+        t0 = 1_000_000 + int(rng.integers(0, 500))
+        rows += [(u, int(i) + 100, t0 + 10 * j, float(rng.choice([4, 5]) if group[i] == fav else rng.choice([1, 2])))
+                 for j, i in enumerate(picks)]
+    u, i, t, r = zip(*rows)
+    return pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()),
+                     "ts": pa.array(t, pa.int64()), "rating": pa.array(r, pa.float32())})
+
+
+def test_a_planted_signal_beats_shuffled_labels(tmp_path):
+    """A model trained on a planted taste ranks validation samples far better than the same model
+    trained on labels shuffled within the training period."""
+    inter, items = _planted_log(), tiny_log()[1]
+    cfg = rank_config(train={"epochs": 10, "lr_grid": [0.01], "seeds": [0], "batch_size": 32},
+                      samples={"neg_per_positive": 0})
+    index = build_index(inter, items)
+    s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck", tiny_cutoffs(inter))
+    data = prepare(s, index, cfg, embeddings=tiny_embeddings(), codes=tiny_codes(), items=items, models=["din_tags"])
+    real = train_model("din_tags", data, cfg, 0)
+    train = data.rows("train")
+    shuffled = data.label.copy()
+    shuffled[train] = shuffled[train][np.random.default_rng(0).permutation(len(train))]
+    noise = train_model("din_tags", type(data)(**{**data.__dict__, "label": shuffled}), cfg, 0)
+    assert real.valid_metrics["auc"] > noise.valid_metrics["auc"] + 0.1, (real.valid_metrics, noise.valid_metrics)
+
+
+def test_weighted_auc_and_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(float)
+    s = np.round(y + rng.standard_normal(400), 1)          # rounded: ties
+    g, n = weighted_auc_groups(s)
+    assert abs(weighted_auc(g, n, y, np.ones(400)) - plain_auc(y, s)) < 1e-12
+    w = rng.integers(0, 3, 400).astype(float)               # integer weights = repeated rows
+    rep = np.repeat(np.arange(400), w.astype(int))
+    assert abs(weighted_auc(g, n, y, w) - plain_auc(y[rep], s[rep])) < 1e-12
+
+    class Run:                                               # the fields the bootstrap reads
+        def __init__(self, seed, logits):
+            self.seed, self.test_rows, self.test_logits = seed, np.arange(400), logits
+
+    class Data:
+        user_id = np.repeat(np.arange(40), 10)
+        label = y
+
+    good, noise = Run(0, y + rng.standard_normal(400)), Run(0, rng.standard_normal(400))
+    better = paired_bootstrap(Data, [good], [noise], n_boot=200)
+    assert better["lo"] > 0.1 and better["p_le_0"] == 0.0
+    same = paired_bootstrap(Data, [good], [Run(0, good.test_logits.copy())], n_boot=200)
+    assert same["diff"] == 0.0 and same["lo"] == same["hi"] == 0.0
+    with pytest.raises(ValueError, match="different test rows"):
+        other = Run(0, noise.test_logits)
+        other.test_rows = np.arange(1, 401)
+        paired_bootstrap(Data, [good], [other], n_boot=5)
 
 
 def test_items_without_codes_or_embeddings(tmp_path):
@@ -162,12 +247,12 @@ def test_items_without_codes_or_embeddings(tmp_path):
         align_codes(index, pa.concat_tables([tiny_codes(), tiny_codes()]))
     # a model run with items lacking codes still trains (reserved index), the report counts them
     cfg = rank_config(train={"epochs": 1, "seeds": [0]})
-    s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck")
+    s = build_samples(inter, index, cfg.samples, DUCK, tmp_path / "duck", tiny_cutoffs(inter))
     data = prepare(s, index, cfg, embeddings=(ids, vecs), codes=tiny_codes(skip=(3,)), items=items,
                    models=["ours_sid"])
     assert data.report["items.missing_codes"] == 1
     r = train_model("ours_sid", data, cfg, 0)
-    assert np.isfinite(predict(r.trained, data, data.test_rows, 64)).all() and 0 <= r.metrics["auc"] <= 1
+    assert np.isfinite(predict(r.trained, data, data.test_rows, 64)).all() and np.isfinite(r.metrics["auc"])
     with pytest.raises(DataError, match="need Semantic-ID codes"):
         prepare(s, index, cfg, embeddings=(ids, vecs), codes=None, models=["ours_sid"])
     with pytest.raises(DataError, match="need embeddings"):
@@ -199,5 +284,6 @@ def test_frozen_embedding_option_adds_projected_vectors(tmp_path):
     r = train_model("ours_sid", data, cfg, 0)
     assert r.trained.items.frozen and r.trained.items.proj.weight.shape == (8, 8)
     with pytest.raises(DataError, match="need embeddings"):
-        prepare(build_samples(*tiny_log()[:1], build_index(*tiny_log()), cfg.samples, DUCK, tmp_path / "d"),
+        prepare(build_samples(*tiny_log()[:1], build_index(*tiny_log()), cfg.samples, DUCK, tmp_path / "d",
+                              tiny_cutoffs(tiny_log()[0])),
                 build_index(*tiny_log()), cfg, codes=tiny_codes(), models=["ours_sid"])
