@@ -49,7 +49,10 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         records |= qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
         records |= train(cfg, run_id, records["judgments"], records["qa"], records["items"])
-        records |= embed(cfg, run_id, records["model"], records["items"], records["judgments"])
+        # the train -> embed gate: the new model is published only if it beats the published one on
+        # validation recall; otherwise embed returns the published model and its embeddings
+        records |= embed(cfg, run_id, records["model"], records["items"], records["train_events"],
+                         records["valid_events"])
         gate(cfg, run_id, "embed", records["embeddings"], catalog=records["items"],
              expect={"dim": cfg.embed.model.dim})
         records |= quantize(cfg, run_id, records["embeddings"])

@@ -85,38 +85,59 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
 
 def _embed_summary(k: int):
     def summary(records: dict[str, DatasetRecord], report: dict) -> str:
-        recall = ", ".join(f"{m}={report[f'{m}.recall_at_{k}']:.3f}" for m in ("finetuned", "base", "minilm")
-                           if f"{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a")
+        recall = ", ".join(f"{m}={report[f'valid.{m}.recall_at_{k}']:.3f}"
+                           for m in ("finetuned", "published", "base", "minilm")
+                           if f"valid.{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a")
         return (f"embed: {records['embeddings'].rows:,} items ({report.get('encoded', 0):,.0f} encoded, "
-                f"{report.get('carried_over', 0):,.0f} carried over); recall@{k} {recall}")
+                f"{report.get('carried_over', 0):,.0f} carried over); validation recall@{k} {recall}; "
+                f"{report.get('notes', {}).get('gate', '')}")
     return summary
 
 
 @task(name="embed-catalog", **TASK_DEFAULTS)
 def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: DatasetRecord,
-          judgments: DatasetRecord) -> dict[str, DatasetRecord]:
-    """Stage ``embeddings`` (item_id, vector, model_version), one row per catalog item, with the
-    fine-tuned model; the configured baselines are embedded too and all are evaluated on the
-    held-out judged pairs (recall@k, MRR to MLflow)."""
+          train_events: DatasetRecord, valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
+    """Stage ``embeddings`` (item_id, vector, model_version), one row per catalog item.
+
+    The new model, the published one (when it differs) and the configured baselines are evaluated
+    on the validation period's co-occurrence (recall@10/50, MRR to MLflow). The gate on the train
+    -> embed edge (``qarm_core.embed.stage.choose_model``) publishes the new model only if it beats
+    the published one; otherwise the published model and its embeddings are kept, the reason is
+    logged, and the flow goes on. Returns ``embeddings`` and the ``model`` that made them.
+    """
     storage = Storage(cfg.home)
+    log = get_run_logger()
     schema = embeddings_schema(cfg.embed.model.dim)
-    # The published embeddings are a cache (an unchanged item keeps its vector), not an input:
-    # recomputing them gives the same vectors, so they are not part of the key.
-    spec_inputs = {"model": model.fingerprint, "items": items.fingerprint, "judgments": judgments.fingerprint,
-                   "embed": cfg.embed.model_dump(mode="json")}
-    run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
     previous, published_model = storage.published("embeddings"), storage.published("model")
     model_is_published = published_model is not None and published_model.fingerprint == model.fingerprint
+    rival = published_model if published_model is not None and not model_is_published else None
+    # The published embeddings are a cache (an unchanged item keeps its vector), not an input:
+    # recomputing them gives the same vectors, so they are not part of the key. The published
+    # model is: the gate compares against it.
+    spec_inputs = {"model": model.fingerprint, "items": items.fingerprint, "train_events": train_events.fingerprint,
+                   "valid_events": valid_events.fingerprint, "rival": rival.fingerprint if rival else None,
+                   "min_rating": cfg.mine.min_rating, "embed": cfg.embed.model_dump(mode="json")}
+    run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
 
     def produce():
-        rec, report = embed_stage(read_dataset(items), read_dataset(judgments), model.path, cfg.embed, run_dir,
+        rec, report = embed_stage(read_dataset(items), model.path, cfg.embed, run_dir,
                                   previous=previous.path if previous is not None else None,
-                                  with_baselines=not model_is_published)
+                                  model_is_published=model_is_published,
+                                  train_events=read_dataset(train_events, columns=["item_id"]),
+                                  valid_events=read_dataset(valid_events), min_rating=cfg.mine.min_rating,
+                                  published_model=rival.path if rival else None)
         return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 
-    records, _ = run_stage(cfg, parent_run_id, StageSpec(
+    def gate(run, records, report) -> None:
+        notes = report.get("notes", {})
+        log.info("embed gate: %s", notes.get("gate", "n/a"))
+        run.tags({"qarm.embed.gate": notes.get("gate", "n/a")})
+
+    records, report = run_stage(cfg, parent_run_id, StageSpec(
         name="embed", outputs={"embeddings": schema}, produce=produce, key_inputs=spec_inputs,
-        params={"embed": cfg.embed.model_dump(mode="json"), "model": model.path},
-        summary=_embed_summary(cfg.embed.eval_k)))
+        params={"embed": cfg.embed.model_dump(mode="json"), "model": model.path,
+                "rival": rival.path if rival else "none"},
+        after=gate, summary=_embed_summary(cfg.embed.eval_k)))
     shutil.rmtree(run_dir, ignore_errors=True)   # the embedding parts: the dataset is staged
-    return records
+    chosen = rival if report.get("notes", {}).get("model_choice") == "published" else model
+    return {**records, "model": chosen}

@@ -98,3 +98,43 @@ def evaluate_embeddings(embeddings: str | Path, pairs: pa.Table, k: int = 10) ->
         col = pq.read_table(files[0], columns=["model_version"])["model_version"]
         version = col[0].as_py() if len(col) else ""
     return retrieval_metrics(ids, x, pairs, k, version)
+
+
+def cooccurrence_pairs(events: pa.Table, seen_items: np.ndarray, min_rating: float | None) -> pa.Table:
+    """Held-out positives from a later period's ``events``: each user's consecutive positive events
+    (by time, then item id) form a pair ``{a, b}``; pairs whose items were both seen in training
+    (``seen_items``) are kept, self-pairs dropped, each unordered pair once. Returns
+    ``(src_item, dst_item)`` int64 with ``src_item < dst_item``, sorted.
+
+    Unlike judged pairs, these are not chosen by any model of the pipeline: an embedding scores well
+    only if items that users go on to like together lie close."""
+    from qarm_core.events import positive_mask
+
+    empty = pa.table({"src_item": pa.array([], pa.int64()), "dst_item": pa.array([], pa.int64())})
+    if events.num_rows == 0:
+        return empty
+    pos = events.filter(pa.array(positive_mask(events, min_rating, STAGE, "events")))
+    if pos.num_rows < 2:
+        return empty
+    pos = pos.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
+    u, it = pos["user_id"].to_numpy(), pos["item_id"].to_numpy().astype(np.int64)
+    same = u[1:] == u[:-1]
+    a, b = it[:-1][same], it[1:][same]
+    seen = np.asarray(seen_items, np.int64)
+    keep = (a != b) & np.isin(a, seen) & np.isin(b, seen)
+    lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+    if len(lo) == 0:
+        return empty
+    uniq = np.unique(np.stack([lo, hi], 1), axis=0)
+    return pa.table({"src_item": pa.array(uniq[:, 0]), "dst_item": pa.array(uniq[:, 1])})
+
+
+def recall_report(item_ids: np.ndarray, vectors: np.ndarray, pairs: pa.Table, ks: tuple[int, ...] = (10, 50)
+                  ) -> dict[str, float]:
+    """``recall_at_<k>`` for each k and ``mrr`` of ``pairs`` (both directions), plus ``queries``."""
+    from qarm_core.embed.data import positive_pairs
+
+    a, b = positive_pairs(pairs, item_ids, STAGE, dataset="heldout_pairs")
+    r = ranks_of_positives(item_ids, vectors, np.concatenate([a, b]), np.concatenate([b, a]))
+    return {**{f"recall_at_{k}": float((r <= k).mean()) for k in ks}, "mrr": float((1.0 / r).mean()),
+            "queries": float(len(r))}

@@ -1,6 +1,6 @@
 """Stages 3-4 as the flow calls them: ``train_stage`` (fine-tune, resumable) and ``embed_stage``
-(embed the catalog with the fine-tuned model, and the baselines for comparison, then evaluate all
-of them on the held-out judged pairs)."""
+(embed the catalog with the fine-tuned model, and the baselines for comparison, evaluate all of them
+on the validation period's co-occurrence, and keep the published model unless the new one beats it)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
-from qarm_core.embed.data import split_pairs
 from qarm_core.embed.embed import EmbedRecord, embed_catalog, embed_catalog_minilm
-from qarm_core.embed.evaluate import evaluate_embeddings
 from qarm_core.embed.train import TrainRecord, train_embedding_model
 
 if TYPE_CHECKING:
@@ -37,24 +35,62 @@ def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: 
     return train_embedding_model(items, judgments, qa, run_dir, cfg.model, cfg.train, progress)
 
 
-def embed_stage(items: pa.Table, judgments: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
-                run_dir: str | Path, progress: ProgressFn | None = None, previous: str | Path | None = None,
-                with_baselines: bool = True) -> tuple[EmbedRecord, dict]:
+EVAL_KS = (10, 50)
+
+
+def choose_model(recall: dict[str, float], model_is_published: bool, has_published: bool, k: int = 10
+                 ) -> tuple[str, bool, str]:
+    """The gate on the train -> embed edge: which model's embeddings to publish.
+
+    ``recall``: validation recall@k per evaluated model (``finetuned``, ``published``, ``base``,
+    ``minilm``). Returns ``(choice, passed, reason)``: ``choice`` is ``"finetuned"`` or
+    ``"published"``. A new model must beat the published one (first run: the base model) on
+    validation recall@k; otherwise the published model is kept. On a first run there is nothing to
+    keep: the new model is published with ``passed = False`` and the reason says so.
+    """
+    if model_is_published:
+        return "finetuned", True, "the model is the published one (reused): nothing to compare"
+    new = recall.get("finetuned")
+    ref_name = "published" if has_published else "base"
+    ref = recall.get(ref_name)
+    if new is None or ref is None:
+        return "finetuned", True, (f"not gated: no validation recall for the "
+                                   f"{'new model' if new is None else ref_name}")
+    if new > ref:
+        return "finetuned", True, f"new model's validation recall@{k} {new:.4f} > {ref_name} {ref:.4f}"
+    if has_published:
+        return "published", False, (f"kept the published model: the new one's validation recall@{k} {new:.4f} "
+                                    f"<= the published {ref:.4f}")
+    return "finetuned", False, (f"published the new model although its validation recall@{k} {new:.4f} <= base "
+                                f"{ref:.4f}: a first run has no earlier model to keep")
+
+
+def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig", run_dir: str | Path,
+                progress: ProgressFn | None = None, previous: str | Path | None = None,
+                model_is_published: bool = False, train_events: pa.Table | None = None,
+                valid_events: pa.Table | None = None, min_rating: float | None = 4.0,
+                published_model: str | Path | None = None) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
-    parts), and with each of ``cfg.baselines`` into ``run_dir/<baseline>`` (``with_baselines``);
-    evaluate each on the held-out judged pairs (``cfg.train.holdout_fraction`` of them, the split
-    training left out).
+    parts), and, unless the model is the published one (``model_is_published``: the baselines were
+    compared when it was trained), with each of ``cfg.baselines`` into ``run_dir/<baseline>``;
+    evaluate each on the validation period's co-occurrence (``cooccurrence_pairs`` of
+    ``valid_events`` among the items of ``train_events``: recall@10/50, MRR), and choose what to
+    publish (``choose_model``).
 
     ``previous``: the published embeddings folder. An item embedded there by the same model
     version from the same text keeps its vector, so a daily run with the published model encodes
-    only new and changed items. The baselines only matter when the model is new (a daily run that
-    reuses the published model passes ``with_baselines=False``).
+    only new and changed items. ``published_model``: the published model folder when it differs
+    from ``model_dir``; the catalog is then embedded with it too (carried over from ``previous``
+    except new items), so that the gate compares both on the same pairs, and its embeddings are
+    the ones returned if it wins.
 
-    Returns the fine-tuned model's ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``,
-    ``encoded``, ``carried_over``, and per model (``finetuned``, ``base``, ``minilm``)
-    ``<model>.recall_at_<k>`` and ``<model>.mrr``, plus ``notes`` (text).
+    Returns the chosen embeddings' ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``,
+    ``encoded``, ``carried_over``, per model ``valid.<model>.recall_at_<k>`` and ``valid.<model>.mrr``,
+    ``gate.passed``, and ``notes`` (``model_choice``, ``gate``, model version, dtype).
     """
     from qarm_core.embed.embed import PreviousEmbeddings
+    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
+    from qarm_core.quantize.io import read_embeddings
 
     run_dir = Path(run_dir)
     tuned = cfg.model.model_copy(update={"model": str(model_dir)})
@@ -63,25 +99,42 @@ def embed_stage(items: pa.Table, judgments: pa.Table, model_dir: str | Path, cfg
     report: dict = {"items_per_s": rec.items_per_s, "seconds": rec.seconds, "dim": float(rec.dim),
                     "encoded": float(rec.encoded), "carried_over": float(rec.carried_over)}
     notes = {"model_version": rec.model_version, "dtype": rec.dtype, "dtype_reason": rec.dtype_reason}
+    records = {"finetuned": rec}
     paths = {"finetuned": rec.path}
-    for b in cfg.baselines if with_baselines else ():
+    if published_model is not None:
+        old = cfg.model.model_copy(update={"model": str(published_model)})
+        records["published"] = embed_catalog(items, run_dir / "published", old, cfg.infer, progress,
+                                             previous=PreviousEmbeddings(previous) if previous is not None else None)
+        paths["published"] = records["published"].path
+    for b in cfg.baselines if not model_is_published else ():
         if b == "base":
             paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer).path
         else:
             paths[b] = embed_catalog_minilm(items, run_dir / "minilm", cfg.infer).path
-    if cfg.baselines and not with_baselines:
+    if cfg.baselines and model_is_published:
         notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
-    held = split_pairs(judgments, cfg.train.holdout_fraction, cfg.train.seed)[1] \
-        if cfg.train.holdout_fraction > 0 else judgments.slice(0, 0)
-    if "keep" in held.column_names:
-        held = held.filter(pa.compute.fill_null(held["keep"], False))
-    if held.num_rows == 0:
-        notes["eval"] = "skipped: no held-out kept pairs (embed.train.holdout_fraction is 0 or too small)"
+    pairs = None
+    if train_events is not None and valid_events is not None:
+        pairs = cooccurrence_pairs(valid_events, train_events["item_id"].to_numpy(), min_rating)
+        pairs = pairs.filter(pa.compute.is_in(pairs["src_item"], items["item_id"])) if pairs.num_rows else pairs
+        pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
+    recall: dict[str, float] = {}
+    if pairs is None or pairs.num_rows == 0:
+        notes["eval"] = ("skipped: no validation events given" if pairs is None else
+                         "skipped: no co-occurring positives in the validation period among training items")
     else:
+        ks = tuple(sorted(set(EVAL_KS) | {cfg.eval_k}))
         for name, path in paths.items():
-            m = evaluate_embeddings(path, held, k=cfg.eval_k)
-            report[f"{name}.recall_at_{m.k}"] = m.recall_at_k
-            report[f"{name}.mrr"] = m.mrr
-        report["eval.queries"] = float(m.queries)
+            ids, x = read_embeddings(path)
+            m = recall_report(ids, x, pairs, ks)
+            report |= {f"valid.{name}.{key}": v for key, v in m.items() if key != "queries"}
+            recall[name] = m[f"recall_at_{cfg.eval_k}"]
+        report["eval.pairs"] = float(pairs.num_rows)
+    choice, passed, reason = choose_model(recall, model_is_published=model_is_published,
+                                          has_published=published_model is not None, k=cfg.eval_k)
+    report["gate.passed"] = float(passed)
+    notes |= {"model_choice": choice, "gate": reason}
+    if choice == "published":
+        notes["model_version"] = records["published"].model_version
     report["notes"] = notes
-    return rec, report
+    return records[choice], report

@@ -100,11 +100,35 @@ def test_qa_covers_the_items_of_kept_pairs(refreshed):
     assert refreshed["children"]["qa"]["metrics"]["items.generated"] == len(kept_items)
 
 
-def test_train_and_embed_log_steps_and_recall_against_baselines(refreshed):
+def test_train_and_embed_log_steps_and_validation_recall_and_the_gate(refreshed):
     trained = refreshed["children"]["train"]["metrics"]
     assert trained["steps"] == 4 and trained["tokens_per_s"] > 0 and "loss" in trained
-    embedded = refreshed["children"]["embed"]["metrics"]
-    assert all(0 <= embedded[f"{m}.recall_at_10"] <= 1 for m in ("finetuned", "base", "minilm"))
+    embed = refreshed["children"]["embed"]
+    m = embed["metrics"]
+    assert m["eval.pairs"] > 0
+    assert {f"valid.{n}.recall_at_{k}" for n in ("finetuned", "base", "minilm") for k in (10, 50)} <= set(m)
+    # first run: the reference is the base model; the verdict follows the two measured recalls
+    assert m["gate.passed"] == float(m["valid.finetuned.recall_at_10"] > m["valid.base.recall_at_10"])
+    assert embed["tags"]["qarm.model_choice"] == "finetuned" and embed["tags"]["qarm.embed.gate"]
+
+
+def test_a_new_model_is_published_only_if_it_beats_the_published_one(prefect_harness, tmp_path):
+    """Second refresh with another training budget: the new model is compared with the published
+    one on the same validation pairs, and the snapshot holds whichever won."""
+    home = tmp_path / "home"
+    first = codebook_refresh(TINY, {"home": str(home)})
+    model0 = Storage(home).current().record("model").fingerprint
+    second = codebook_refresh(TINY, {"home": str(home), "embed.train.max_steps": 6})
+    runs = tracking.runs_of(_cfg(home))
+    embed = next(r for r in runs if r["name"] == "embed" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
+    m = embed["metrics"]
+    new_wins = m["valid.finetuned.recall_at_10"] > m["valid.published.recall_at_10"]
+    assert embed["tags"]["qarm.model_choice"] == ("finetuned" if new_wins else "published")
+    assert m["gate.passed"] == float(new_wins)
+    published = Storage(home).current()
+    assert (published.record("model").fingerprint == model0) == (not new_wins)
+    versions = set(read_dataset(published.record("embeddings"))["model_version"].to_pylist())
+    assert len(versions) == 1 and first["snapshot_id"] != second["snapshot_id"]
 
 
 def test_quantize_gives_one_sid_per_item(refreshed):
@@ -164,7 +188,7 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     assert of("train", second)["reused_published"] == 1.0
     e1, e2 = of("embed", first), of("embed", second)
     assert (e1["encoded"], e1["carried_over"]) == (40, 0) and (e2["encoded"], e2["carried_over"]) == (0, 40)
-    assert "base.recall_at_10" in e1 and "base.recall_at_10" not in e2    # baselines: only for a new model
+    assert "valid.base.recall_at_10" in e1 and "valid.base.recall_at_10" not in e2   # baselines: only for a new model
     # yesterday's scores are reused as they were
     st = Storage(home)
     old = read_dataset(st.snapshot(first["snapshot_id"]).record("judgments"))

@@ -354,6 +354,38 @@ def test_retrieval_metrics_by_hand():
         ranks_of_positives(ids, v, np.array([10]), np.array([99]))
 
 
+def test_cooccurrence_pairs_are_consecutive_positives_among_training_items():
+    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
+
+    ev = pa.table({"user_id": [1, 1, 1, 1, 2, 2, 2, 3, 3], "item_id": [10, 20, 30, 20, 30, 20, 99, 10, 30],
+                   "ts": [1, 2, 3, 4, 1, 2, 3, 1, 2], "rating": [5.0, 4.0, 2.0, 5.0, 4.0, 5.0, 5.0, 5.0, 1.0]})
+    # user 1 positives 10, 20, 20 (30 rated 2): {10,20}, (20,20) is a self pair; user 2: 30, 20, 99
+    # -> {20,30}, {20,99}; 99 never seen in training; user 3 has one positive (and 30 rated 1)
+    pairs = cooccurrence_pairs(ev, np.array([10, 20, 30]), 4.0)
+    assert pairs.to_pylist() == [{"src_item": 10, "dst_item": 20}, {"src_item": 20, "dst_item": 30}]
+    assert cooccurrence_pairs(ev, np.array([10, 20, 30]), None).num_rows == 3     # every event: + {10,30}
+    assert cooccurrence_pairs(ev.slice(0, 0), np.array([10]), 4.0).num_rows == 0
+    ids = np.array([10, 20, 30, 40])
+    v = np.array([[1, 0], [0.9, 0.1], [0, 1], [-1, 0]], np.float32)
+    r = recall_report(ids, v / np.linalg.norm(v, axis=1, keepdims=True), pairs, (1, 2))
+    # queries 10->20 (1), 20->10 (1), 20->30 (2: 10 first), 30->20 (1)
+    assert r == {"recall_at_1": 0.75, "recall_at_2": 1.0, "mrr": pytest.approx((1 + 1 + 0.5 + 1) / 4), "queries": 4.0}
+
+
+def test_the_embed_gate_keeps_the_published_model_unless_the_new_one_is_better():
+    from qarm_core.embed.stage import choose_model
+
+    assert choose_model({"finetuned": 0.2, "published": 0.1}, False, True)[:2] == ("finetuned", True)
+    choice, passed, why = choose_model({"finetuned": 0.1, "published": 0.1, "base": 0.0}, False, True)
+    assert (choice, passed) == ("published", False) and "kept the published model" in why
+    # first run: the reference is the base model, and there is nothing to keep
+    assert choose_model({"finetuned": 0.3, "base": 0.2}, False, False)[:2] == ("finetuned", True)
+    choice, passed, why = choose_model({"finetuned": 0.1, "base": 0.2}, False, False)
+    assert (choice, passed) == ("finetuned", False) and "no earlier model to keep" in why
+    assert choose_model({}, True, True)[:2] == ("finetuned", True)                 # the reused model
+    assert "not gated" in choose_model({}, False, True)[2]
+
+
 def test_evaluate_embeddings_file(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.evaluate import evaluate_embeddings
