@@ -94,7 +94,7 @@ def write_config(out: Path, day: int, tiny_lm: str) -> Path:
                   "items": {"max_rows": 100_000_000}, "pairs": {"max_rows": 100_000_000},
                   "judgments": {"max_rows": 100_000_000}, "qa": {"max_rows": 100_000_000},
                   "embeddings": {"max_rows": 100_000_000}, "codes": {"max_rows": 100_000_000,
-                                                                     "max_collision_rate": 1.0}},
+                                                                     "max_raw_collision_rate": 1.0, "max_resolved_collision_rate": 1.0}},
         "tracking": {"experiment": "bench-daily"},
     }
     path = out / f"day{day}.yaml"

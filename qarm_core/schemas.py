@@ -188,7 +188,7 @@ EMBEDDINGS = embeddings_schema(128)
 
 CODES = DatasetSchema(
     name="codes",
-    version=1,
+    version=2,
     schema=pa.schema([
         pa.field("item_id", pa.int64()),
         pa.field("c1", pa.int32()),            # level-1 residual k-means code
@@ -196,6 +196,7 @@ CODES = DatasetSchema(
         pa.field("c3", pa.int64()),            # the FSQ digits packed
         pa.field("sid", pa.string()),          # "c1-c2-c3", plus "-k" where a collision could not be moved
         pa.field("resolved", pa.bool_()),      # c3 was moved off a colliding cell
+        pa.field("c3_raw", pa.int64()),        # the FSQ code as quantised, before resolution (raw collision)
     ]),
     key=("item_id",),
     required=("item_id", "c1", "c2", "c3", "sid", "resolved"),

@@ -12,10 +12,6 @@ import pyarrow.parquet as pq
 from qarm_core.errors import DataError
 
 STAGE = "quantize"
-CODES_SCHEMA = pa.schema([
-    pa.field("item_id", pa.int64()), pa.field("c1", pa.int32()), pa.field("c2", pa.int32()),
-    pa.field("c3", pa.int64()), pa.field("sid", pa.string()), pa.field("resolved", pa.bool_()),
-])
 
 
 def embeddings_schema(dim: int) -> pa.Schema:

@@ -247,7 +247,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
              stamps["resolve"], f"{min(n, p.decode_hr_sample or 0):,}")
 
     metrics = _code_metrics(residual, centroids, fsq, c1, c2, c3, new_c3, digits, raw_keys, mse, p)
-    del raw_keys, z, digits, c3
+    del raw_keys, z, digits
     stamps["metrics"], t1 = time.perf_counter() - t1, time.perf_counter()
     metrics["resolved_share"] = float(resolved.mean())
     metrics["suffixed_share"] = float((suffix > 0).mean())
@@ -255,7 +255,8 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     sids = sid_strings(c1, c2, new_c3, suffix)
     table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "c1": pa.array(c1, pa.int32()),
                       "c2": pa.array(c2, pa.int32()), "c3": pa.array(new_c3, pa.int64()),
-                      "sid": sids, "resolved": pa.array(resolved, pa.bool_())})
+                      "sid": sids, "resolved": pa.array(resolved, pa.bool_()), "c3_raw": pa.array(c3, pa.int64())})
+    del c3
     if previous_codes is not None:
         metrics |= churn(previous_codes["item_id"].to_numpy(),
                          previous_codes["sid"].to_numpy(zero_copy_only=False), item_ids,

@@ -83,7 +83,7 @@ def test_frozen():
 
 def test_duplicate_keys_are_refused(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("gates:\n  items:\n    min_rows: 10\nname: x\ngates:\n  codes:\n    max_collision_rate: 0.5\n")
+    p.write_text("gates:\n  items:\n    min_rows: 10\nname: x\ngates:\n  codes:\n    max_raw_collision_rate: 0.5\n")
     with pytest.raises(ConfigError, match=r"c.yaml: duplicate key 'gates' at line 5"):
         load_config(p)
 

@@ -260,19 +260,27 @@ def test_codes_gate(tmp_path):
     from qarm_core.schemas import CODES
 
     items = _items(tmp_path)
+    # raw codes: items 1 and 2 collided (0-1-5) and resolution moved item 2 to c3 = 6
     cols = {"item_id": [1, 2, 3], "c1": [0, 0, 1], "c2": [1, 1, 0], "c3": [5, 6, 5],
-            "sid": ["0-1-5", "0-1-6", "1-0-5"], "resolved": [False, True, False]}
+            "sid": ["0-1-5", "0-1-6", "1-0-5"], "resolved": [False, True, False], "c3_raw": [5, 5, 5]}
     sizes = {"code_sizes": (2, 2, 8)}
-    assert run_gate("quantize", _write(tmp_path, "codes_ok", CODES, cols), GATES, DUCK, str(tmp_path / "t"),
+    gates = parse_config({"gates": {"codes": {"max_raw_collision_rate": 0.7}}}).gates
+    assert run_gate("quantize", _write(tmp_path, "codes_ok", CODES, cols), gates, DUCK, str(tmp_path / "t"),
                     catalog=items, expect=sizes).success
-    bad = _write(tmp_path, "codes_bad", CODES, {**cols, "c1": [0, 0, 2], "c3": [5, 5, 5], "sid": ["a", "a", "b"]})
+    # the same codes fail a tighter raw bound: the raw collision is measured on c3_raw, not on c3
+    r = run_gate("quantize", _write(tmp_path, "codes_raw", CODES, cols), GATES, DUCK, str(tmp_path / "t"),
+                 catalog=items, expect=sizes)
+    [raw] = r.failures
+    assert raw.expectation == "expect_raw_collision_rate_to_be_at_most" and raw.observed == pytest.approx(2 / 3)
+    bad = _write(tmp_path, "codes_bad", CODES, {**cols, "c1": [0, 0, 2], "c3": [5, 5, 5], "sid": ["a", "a", "b"],
+                                                "c3_raw": [5, 6, 7]})
     r = run_gate("quantize", bad, GATES, DUCK, str(tmp_path / "t"), catalog=items, expect=sizes)
     failed = {(c.expectation, c.kwargs.get("column")): c.unexpected_count for c in r.failures}
     assert failed == {("expect_column_values_to_be_unique", "sid"): 2,
                       ("expect_column_values_to_be_between", "c1"): 1,
-                      ("expect_code_collision_rate_to_be_at_most", None): 2}
-    [coll] = [c for c in r.failures if c.expectation.startswith("expect_code_collision")]
+                      ("expect_resolved_collision_rate_to_be_at_most", None): 2}
+    [coll] = [c for c in r.failures if c.expectation.startswith("expect_resolved_collision")]
     assert coll.observed == pytest.approx(2 / 3)
-    loose = parse_config({"gates": {"codes": {"max_collision_rate": 0.7}}}).gates
+    loose = parse_config({"gates": {"codes": {"max_resolved_collision_rate": 0.7}}}).gates
     r2 = run_gate("quantize", bad, loose, DUCK, str(tmp_path / "t"), catalog=items, expect=sizes)
-    assert "expect_code_collision_rate_to_be_at_most" not in {c.expectation for c in r2.failures}
+    assert "expect_resolved_collision_rate_to_be_at_most" not in {c.expectation for c in r2.failures}

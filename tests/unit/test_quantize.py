@@ -7,7 +7,7 @@ from qarm_core.quantize import fsq as F
 from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
 from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, load_codebook,
                                           quantize_embeddings, save_codebook, validate_embeddings)
-from qarm_core.quantize.sid import resolve_collisions
+from qarm_core.quantize.sid import resolve_collisions, sid_keys
 
 P = QuantizerParams(levels=(16, 8), fsq_dims=3, fsq_levels=4, niter=10, hr_sample=10_000)
 
@@ -44,7 +44,12 @@ def test_inplace_consumes_input_but_gives_the_same_codes():
 def test_codes_in_range_sids_unique_and_metrics_consistent():
     x, ids = _emb()
     _, t, m = _q(x, ids)
-    assert t.column_names == ["item_id", "c1", "c2", "c3", "sid", "resolved"]
+    assert t.column_names == ["item_id", "c1", "c2", "c3", "sid", "resolved", "c3_raw"]
+    # the stored raw code reproduces the raw collision rate; resolution only moves colliding items
+    raw = collision_metrics(sid_keys(t["c1"].to_numpy(), t["c2"].to_numpy(), t["c3_raw"].to_numpy(), 8, 4 ** 3))
+    assert raw["collision_rate"] == m["raw.collision_rate"] > 0
+    moved = t["c3"].to_numpy() != t["c3_raw"].to_numpy()
+    assert (moved <= t["resolved"].to_numpy()).all() and moved.any()
     c1, c2, c3 = (t[c].to_numpy() for c in ("c1", "c2", "c3"))
     assert c1.max() < 16 and c2.max() < 8 and c3.min() >= 0 and c3.max() < 4 ** 3
     assert len(set(t["sid"].to_pylist())) == len(x)            # resolution + suffix make SIDs unique

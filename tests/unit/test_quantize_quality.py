@@ -20,5 +20,3 @@ def test_fsq_halves_collisions_on_ml100k(recbole_wheel):
     rk = np.mean([r["rkmeans"]["collision_rate"] for r in runs])
     fsq = np.mean([r["rkmeans+fsq"]["collision_rate"] for r in runs])
     assert rk > 0.1 and fsq <= 0.5 * rk, (rk, fsq)
-    # HR@1 as the issue defines it is ~1 on unit-norm data: below 1 only through duplicate texts
-    assert all(r[v]["hr@1"] > 0.95 for r in runs for v in ("rkmeans", "rkmeans+fsq"))
