@@ -57,9 +57,9 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
         summary=lambda recs, rep: (
             f"quantize ({rep.get('notes', {}).get('quantize.how')}): {recs['codes'].rows:,} items, "
             f"decode HR@1 {rep.get('raw.decode_hr@1', float('nan')):.4f} / HR@10 "
-            f"{rep.get('raw.decode_hr@10', float('nan')):.4f} (k-means alone "
+            f"{rep.get('raw.decode_hr@10', float('nan')):.4f} ((c1, c2) alone "
             f"{rep.get('rkmeans.decode_hr@1', float('nan')):.4f}), raw collision "
-            f"{rep.get('raw.collision_rate', float('nan')):.4f} (k-means alone "
+            f"{rep.get('raw.collision_rate', float('nan')):.4f} ((c1, c2) alone "
             f"{rep.get('rkmeans.collision_rate', float('nan')):.4f}), after resolution "
             f"{rep.get('resolved.collision_rate', float('nan')):.4f}")))
     return records
