@@ -83,6 +83,27 @@ def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None
     _guard(_run_refresh, config, _parse_sets(set_))
 
 
+@app.command()
+def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             rank: bool = typer.Option(True, "--rank/--no-rank", help="Also train and compare the ranking models."),
+             out: Optional[Path] = typer.Option(None, help="Folder for report.md and the PNGs "
+                                                          "(default: <home>/reports/<snapshot>).")) -> None:
+    """Evaluate the published snapshot on its validation and test periods: embeddings, judge,
+    quantizer, ranking; writes report.md + PNGs and logs them to one MLflow run."""
+    def run() -> None:
+        _quiet_env()
+        overrides = _parse_sets(set_)
+        load_config(config, overrides)
+        from flows.evaluate import evaluate as evaluate_flow
+
+        command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
+        out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
+                                 out_dir=str(out) if out else None, command=command)
+        Console().print(Path(out_info["report"]).read_text())
+        Console().print(f"report    {out_info['report']}\nmlflow    run {out_info['mlflow_run_id']}")
+    _guard(run)
+
+
 @ingest_app.callback(invoke_without_command=True)
 def ingest_files(ctx: typer.Context,
                  interactions: Optional[Path] = typer.Option(None, help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),

@@ -44,7 +44,8 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         records |= split(cfg, run_id, records["interactions"])
         records |= mine(cfg, run_id, records["train_events"], records["items"])
         gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
-        records |= judge(cfg, run_id, records["pairs"], records["items"], records["train_events"])
+        records |= judge(cfg, run_id, records["pairs"], records["items"], records["train_events"],
+                         records["valid_events"])
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
         records |= qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])

@@ -39,11 +39,17 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": cfg.rank.experiment})})
     with tracking.flow_run(cfg, "rank-train", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
                                                      "qarm.config_path": config_path}) as run_id:
-        inputs = rank_inputs(cfg, run_id, embeddings_path, codes_path)
-        samples = rank_samples(cfg, run_id, inputs)
-        rank_gate(cfg, run_id, samples, inputs)
-        data = rank_prepare(cfg, run_id, samples, inputs)
-        results = [rank_train_model(cfg, run_id, data, m, inputs) for m in cfg.rank.models]
-        table = rank_compare(cfg, run_id, data, results)
-    return {"mlflow_run_id": run_id, "table": table, "samples": samples["report"],
-            "inputs": {k: str(v) for k, v in inputs["source"].items()}}
+        out = rank_comparison(cfg, run_id, embeddings_path, codes_path)
+    return {"mlflow_run_id": run_id, **out}
+
+
+def rank_comparison(cfg: Any, run_id: str, embeddings_path: str | None = None, codes_path: str | None = None) -> dict:
+    """The ranking tasks in order (also wired into the evaluate flow): the comparison table, the
+    samples report and where the item inputs came from."""
+    inputs = rank_inputs(cfg, run_id, embeddings_path, codes_path)
+    samples = rank_samples(cfg, run_id, inputs)
+    rank_gate(cfg, run_id, samples, inputs)
+    data = rank_prepare(cfg, run_id, samples, inputs)
+    results = [rank_train_model(cfg, run_id, data, m, inputs) for m in cfg.rank.models]
+    table = rank_compare(cfg, run_id, data, results)
+    return {"table": table, "samples": samples["report"], "inputs": {k: str(v) for k, v in inputs["source"].items()}}

@@ -232,6 +232,10 @@ class Storage:
     def duckdb_temp_dir(self) -> Path:
         return self.home / "tmp" / "duckdb"
 
+    def report_dir(self, snapshot_id: str) -> Path:
+        """Where ``qarm evaluate`` writes report.md and its plots for a snapshot."""
+        return self.home / "reports" / snapshot_id
+
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.work_dir / stage / key
 

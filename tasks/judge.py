@@ -25,7 +25,8 @@ def _published_judge_tables(storage: Storage) -> JudgeTables:
 
 
 def _judge_summary(records: dict[str, DatasetRecord], report: dict) -> str:
-    keep = ", ".join(f"{s}={report[f'{s}.keep_rate']:.2f}" for s in ("swing", "u2i") if f"{s}.keep_rate" in report)
+    keep = ", ".join(f"{s}={report[f'{s}.keep_rate']:.2f} ({report.get('notes', {}).get(f'{s}.keep_rule', '')})"
+                     for s in ("swing", "u2i") if f"{s}.keep_rate" in report)
     auc = (", ".join(f"{k[4:]}={v:.3f}" for k, v in report.items() if k.startswith("auc."))
            or report.get("notes", {}).get("eval", "n/a"))
     return (f"judge: {records['judgments'].rows:,} pairs ({report.get('pairs.scored', 0):,.0f} new, "
@@ -35,13 +36,15 @@ def _judge_summary(records: dict[str, DatasetRecord], report: dict) -> str:
 
 @task(name="judge-pairs", **TASK_DEFAULTS)
 def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
-          events: DatasetRecord) -> dict[str, DatasetRecord]:
+          events: DatasetRecord, valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
     """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning;
     ``judge_eval``: the scored evaluation pairs; ``judge_neutral``: each item's neutral pass.
 
     Pairs judged, evaluation pairs scored and neutral passes run in the published snapshot by the
     same model and prompt, on the same text, are not run again. The judge's AUC on evaluation sets
     drawn from ``events`` (the training period's) is logged and, when ``judge.eval.min_auc`` is set, gates the run.
+    Calibrated keep rules choose their thresholds on ``valid_events`` (the validation period's
+    co-occurrence), so each source's rejection rate is measured.
     """
     storage = Storage(cfg.home)
     prev_rec = storage.published("judgments")
@@ -49,7 +52,8 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
     def produce():
         tables, report = judge_stage(read_dataset(pairs), read_dataset(items),
                                      read_dataset(events, columns=["user_id", "item_id", "rating"]),
-                                     cfg.judge, previous=_published_judge_tables(storage))
+                                     cfg.judge, previous=_published_judge_tables(storage),
+                                     valid_events=read_dataset(valid_events), min_rating=cfg.mine.min_rating)
         return {name: getattr(tables, name) for name in JUDGE_TABLES}, report
 
     def gate(run, records, report) -> None:
@@ -62,7 +66,8 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="judge", outputs={n: SCHEMAS[n] for n in JUDGE_TABLES}, produce=produce,
         key_inputs={"pairs": pairs.fingerprint, "items": items.fingerprint,
-                    "events": events.fingerprint, "judge": cfg.judge.model_dump(mode="json")},
+                    "events": events.fingerprint, "valid_events": valid_events.fingerprint,
+                    "min_rating": cfg.mine.min_rating, "judge": cfg.judge.model_dump(mode="json")},
         params={"judge": cfg.judge.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none"},
         after=gate, summary=_judge_summary))
     return records

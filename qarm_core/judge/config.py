@@ -15,9 +15,11 @@ class KeepRule(Strict):
 
     ``fraction``: the top ``keep_fraction`` of that source's pairs by judge score (ties broken by
     item ids, so the verdict is deterministic). ``threshold``: pairs with ``score >= threshold``.
+    ``calibrated``: a threshold chosen on the validation period's labels (``judge.calibrate``), so the
+    rejection rate is measured; ``keep_fraction`` when the labels are too few (reported as imposed).
     """
 
-    mode: Literal["fraction", "threshold"] = "fraction"
+    mode: Literal["fraction", "threshold", "calibrated"] = "fraction"
     keep_fraction: float = Field(0.9, ge=0.0, le=1.0)
     threshold: float | None = None
 
@@ -29,10 +31,13 @@ class KeepRule(Strict):
 
 
 class KeepRules(Strict):
-    """Per-source keep rules. Defaults follow QARM V2: ~90% of I2I (Swing) and ~30% of U2I pairs kept."""
+    """Per-source keep rules. Default: thresholds calibrated on validation labels; the fallback
+    fractions follow QARM V2 (~90% of I2I (Swing) and ~30% of U2I pairs kept)."""
 
-    swing: KeepRule = KeepRule(keep_fraction=0.9)
-    u2i: KeepRule = KeepRule(keep_fraction=0.3)
+    swing: KeepRule = KeepRule(mode="calibrated", keep_fraction=0.9)
+    u2i: KeepRule = KeepRule(mode="calibrated", keep_fraction=0.3)
+    # 'calibrated': fewer labels than this in either class fall back to keep_fraction.
+    min_labels_per_class: int = Field(10, ge=1)
 
 
 class JudgeEvalConfig(Strict):

@@ -109,6 +109,7 @@ def _keep_mask(scores: np.ndarray, src: np.ndarray, dst: np.ndarray, rule: KeepR
     n = len(scores)
     if rule.mode == "threshold":
         return scores >= rule.threshold
+    # 'fraction', and 'calibrated' before it is calibrated (judge.calibrate resolves it to a threshold)
     k = int(np.ceil(rule.keep_fraction * n - 1e-9))
     order = np.lexsort((dst, src, -scores))          # best first; ties by item ids
     keep = np.zeros(n, dtype=bool)

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
-from qarm_core.judge.judge import add_reasoning, judge_pairs, make_scorer, pairs_to_score
+from qarm_core.judge.calibrate import calibrate_keep_rules, future_labels
+from qarm_core.judge.judge import add_reasoning, apply_keep_rules, judge_pairs, make_scorer, pairs_to_score
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
@@ -204,12 +205,15 @@ def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairS
 
 
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
-                previous: JudgeTables | None = None, scorer: "PairScorer | None" = None
+                previous: JudgeTables | None = None, scorer: "PairScorer | None" = None,
+                valid_events: pa.Table | None = None, min_rating: float | None = 4.0
                 ) -> tuple[JudgeTables, dict]:
     """Judge every mined pair and measure the judge; returns the stage's tables and a report.
 
     ``pairs``: (n, src_item, dst_item, source, ...); ``items``: the catalog; ``interactions``: the
-    log the evaluation sets are drawn from (None skips the evaluation); ``previous``: the last
+    log the evaluation sets are drawn from (None skips the evaluation); ``valid_events``: the
+    validation period's events, whose co-occurrence calibrates the ``calibrated`` keep rules
+    (``judge.calibrate``; positives by ``min_rating``); ``previous``: the last
     published tables, whose judgments, evaluation scores and neutral passes are reused where the
     LLM, prompt and item text are the same. The new judged pairs and the new evaluation pairs run
     through the LLM together, in one batched pass (shared contexts, one neutral pass per distinct
@@ -217,7 +221,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``llm.pairs`` (pairs the
     LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` / ``neutral.computed``,
     ``score_s``, ``pairs_per_s`` (llm.pairs per second of that pass), per source
-    ``<source>.pairs/.kept/.keep_rate``, ``reasoning.rows``, ``reasoning_s``, the evaluation's
+    ``<source>.pairs/.kept/.keep_rate/.rejection_rate`` and the calibration's
+    ``<source>.valid.labelled/.related/.auc``, ``<source>.threshold``, ``reasoning.rows``, ``reasoning_s``, the evaluation's
     ``auc.<set>``, ``eval.pairs(.cached)``, ``eval_s`` and ``notes``.
     """
     from qarm_core.judge.judge import pair_components
@@ -246,6 +251,13 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     score_s = time.perf_counter() - t0
     # Everything below reads what that pass computed.
     out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous.judgments, scorer)
+    calibration: dict = {}
+    if valid_events is not None:
+        rules, calibration = calibrate_keep_rules(out, future_labels(out, valid_events, min_rating), cfg.keep)
+        out = apply_keep_rules(out, rules)
+    else:
+        calibration = {"notes": {f"{s}.keep_rule": "imposed: keep_fraction (no validation events given)"
+                                 for s in ("swing", "u2i") if getattr(cfg.keep, s).mode == "calibrated"}}
     t1 = time.perf_counter()
     out = add_reasoning(out, items, scorer.backend, cfg)
     reasoning_s = time.perf_counter() - t1
@@ -262,7 +274,9 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     for s in sorted(set(source.tolist())):
         m = source == s
         report |= {f"{s}.pairs": float(m.sum()), f"{s}.kept": float(keep[m].sum()),
-                   f"{s}.keep_rate": float(keep[m].mean())}
+                   f"{s}.keep_rate": float(keep[m].mean()), f"{s}.rejection_rate": float(1 - keep[m].mean())}
+    notes |= calibration.pop("notes", {})
+    report |= calibration
     eval_table = JUDGE_EVAL.schema.empty_table()
     if plan is not None:
         t2 = time.perf_counter()

@@ -1,0 +1,35 @@
+"""The ``evaluate`` flow: the whole evaluation of the published snapshot in one MLflow run:
+inputs -> embeddings -> judge -> quantizer -> ranking (optional) -> report.md + PNGs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run as prefect_flow_run
+
+from flows.options import DEFAULT_CONFIG
+from flows.rank_train import rank_comparison
+from qarm_core.config import load_config
+from tasks import tracking
+from tasks.common import route_core_logs
+from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantizer, evaluation_inputs, write_report
+
+
+@flow(name="evaluate")
+def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None, rank: bool = True,
+             out_dir: str | None = None, command: str = "qarm evaluate") -> dict:
+    """Evaluate the published snapshot on its held-out periods; returns the sections, the report's
+    path and the MLflow run id. ``rank``: also train and compare the ranking models (the longest part)."""
+    route_core_logs()
+    cfg = load_config(config_path, overrides).resolved()
+    with tracking.flow_run(cfg, "evaluate", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
+                                                   "qarm.config_path": config_path}) as run_id:
+        inputs = evaluation_inputs(cfg)
+        sections: dict = {"embeddings": evaluate_embeddings(cfg, run_id, inputs)}
+        sections["judge"], sections["judge_ablation"] = evaluate_judge(cfg, run_id, inputs)
+        sections["quantizer"] = evaluate_quantizer(cfg, run_id, inputs)
+        if rank:
+            sections["ranking"] = rank_comparison(cfg, run_id)["table"]
+        report = write_report(cfg, run_id, inputs, sections, command, out_dir)
+    return {"mlflow_run_id": run_id, "report": report, "snapshot_id": inputs["snapshot_id"], "sections": sections}

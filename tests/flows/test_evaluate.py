@@ -1,0 +1,47 @@
+"""The evaluate flow on the tiny config: every section measured on the held-out periods, one MLflow
+run, report.md with its plots; a clear error without a snapshot."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.codebook_refresh import codebook_refresh
+from flows.evaluate import evaluate
+from qarm_core.config import load_config
+from qarm_core.errors import DataError
+from tasks import tracking
+from tests.support.paths import TINY
+
+RANK = {"rank.samples.long_len": 30, "rank.samples.short_len": 5, "rank.gsu.top_k": 8, "rank.gsu.pca_dim": 8,
+        "rank.model.dim": 8, "rank.model.att_hidden": 8, "rank.model.mlp_hidden": [16],
+        "rank.model.vq_neighbours": 3, "rank.train.epochs": 2, "rank.train.seeds": [0, 1],
+        "rank.train.batch_size": 128, "rank.train.lr_grid": [3e-3, 1e-2],
+        "rank.models": ["din", "din_tags", "sim_hard", "ours_sid"]}
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
+    home = tmp_path / "home"
+    with pytest.raises(DataError, match=r"\[stage=evaluate, dataset=snapshot\].*qarm refresh"):
+        evaluate(TINY, {"home": str(home)}, rank=False)
+    codebook_refresh(TINY, {"home": str(home)})
+    out = evaluate(TINY, {"home": str(home), **RANK}, out_dir=str(tmp_path / "report"))
+    s = out["sections"]
+    # embeddings: the published model and both baselines answer the same pairs in both periods
+    periods = {r["period"] for r in s["embeddings"]}
+    assert periods == {"valid", "test"}
+    for p in periods:
+        rows = [r for r in s["embeddings"] if r["period"] == p]
+        assert [r["model"] for r in rows] == ["published (fine-tuned)", "base", "minilm"]
+        assert len({r["pairs"] for r in rows}) == 1
+    assert {r["source"] for r in s["judge"]} == {"swing", "u2i"}
+    assert all(0 <= r["rejection_rate"] <= 1 for r in s["judge"])
+    assert [r["variant"] for r in s["quantizer"]][1].startswith("residual k-means x2 + FSQ")
+    assert [r["model"] for r in s["ranking"]] == RANK["rank.models"]
+    text = Path(out["report"]).read_text()
+    for heading in ("## Embeddings", "## Judge", "## Quantizer", "## Ranking"):
+        assert heading in text
+    assert (tmp_path / "report" / "ranking_auc.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = load_config(TINY, {"home": str(home)}).resolved()
+    children = {r["name"] for r in tracking.runs_of(cfg) if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
+    assert {"evaluate-embeddings", "evaluate-judge", "evaluate-quantizer", "rank-din", "rank-ours_sid"} <= children
