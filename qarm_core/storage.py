@@ -314,6 +314,19 @@ class Storage:
             return None
         return snap.record(dataset)
 
+    def published_cache(self, dataset: str) -> DatasetRecord | None:
+        """``published(dataset)`` when its schema version is the one this qarm reads, else None: a
+        snapshot published by an older qarm is then no cache (the stage recomputes) instead of an
+        error that would stop the first refresh after an upgrade."""
+        rec = self.published(dataset)
+        if rec is None:
+            return None
+        try:
+            version = schema_for(dataset).version
+        except KeyError:             # an artifact (model, codebook): versioned by its own format
+            return rec
+        return rec if rec.schema_version == version else None
+
     def snapshot(self, snapshot_id: str) -> Snapshot:
         path = self.snapshots_dir / snapshot_id
         mf = path / MANIFEST

@@ -128,5 +128,5 @@ def published_table(storage: Storage, dataset: str) -> tuple[pa.Table | None, Da
     daily refresh reuses."""
     from qarm_core.storage import read_dataset
 
-    rec = storage.published(dataset)
+    rec = storage.published_cache(dataset)
     return (read_dataset(rec) if rec is not None else None), rec

@@ -23,7 +23,7 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
     metrics (collision, EdgeNum, HR@k, utilisation, MSE, churn) go to MLflow and ``metrics.json``.
     """
     storage = Storage(cfg.home)
-    prev_book_rec, prev_codes_rec = storage.published("codebook"), storage.published("codes")
+    prev_book_rec, prev_codes_rec = storage.published("codebook"), storage.published_cache("codes")
     use_prev = cfg.quantize.mode != "refit" and prev_book_rec is not None
     report: dict = {}
 

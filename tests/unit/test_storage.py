@@ -247,3 +247,17 @@ def test_artifacts_are_staged_reused_and_published(tmp_path):
     assert (Path(snap.path) / "model" / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 10
     assert st.published("model").fingerprint == recs["model"].fingerprint
     assert st.published("codebook") is None
+
+
+def test_a_dataset_of_an_older_schema_is_no_cache(tmp_path):
+    """After an upgrade that bumps a schema version, the published table of the old version is not
+    offered as a cache (the stage recomputes) but stays readable as a record."""
+    from dataclasses import replace
+
+    st = Storage(tmp_path).ensure()
+    recs, _ = _stage(st, "k1", _items(3))
+    st.publish({"items": replace(recs["items"], schema_version=ITEMS.version - 1)})
+    assert st.published("items").schema_version == ITEMS.version - 1
+    assert st.published_cache("items") is None
+    st.publish(_stage(st, "k2", _items(4))[0])
+    assert st.published_cache("items").rows == 4
