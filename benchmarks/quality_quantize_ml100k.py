@@ -37,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--cache", default=str(REPO / ".cache"))
+    ap.add_argument("--forms", default="pca_quantile,sigmoid", help="FSQ forms to compare (quantize/fsq.py)")
+    ap.add_argument("--main-only", action="store_true", help="Only the sizing for this catalog.")
     args = ap.parse_args()
     from benchmarks.harness import machine
 
@@ -49,15 +51,17 @@ def main() -> None:
           f"(cached after the first run); {loadavg()}")
     rows = []
     main_cfg = catalog_sizing(n)
-    for i, (lv, fd, fl) in enumerate([main_cfg] + [g for g in GRID if g != main_cfg]):
-        rs = [compare_rk_fsq(x, lv, fd, fl, seed) for seed in range(args.seeds)]
+    grid = [main_cfg] + ([] if args.main_only else [g for g in GRID if g != main_cfg])
+    for i, ((lv, fd, fl), form) in enumerate((g, f) for g in grid for f in args.forms.split(",")):
+        rs = [compare_rk_fsq(x, lv, fd, fl, seed, fsq_form=form) for seed in range(args.seeds)]
         a = np.array([r["rkmeans"]["collision_rate"] for r in rs])
         b = np.array([r["rkmeans+fsq"]["collision_rate"] for r in rs])
 
         def mean(which: str, key: str) -> float:
             return float(np.mean([r[which][key] for r in rs]))
         ratio = b.mean() / a.mean()
-        rows.append((f"{'*' if i == 0 else ' '} {'x'.join(map(str, lv))} vs {lv[0]}x{lv[1]} + FSQ {fl}^{fd}",
+        rows.append((f"{'*' if (lv, fd, fl) == main_cfg else ' '} {'x'.join(map(str, lv))} vs {lv[0]}x{lv[1]} + "
+                     f"FSQ {fl}^{fd} ({form})",
                      f"{lv[0] * lv[1] * lv[2]:,}", f"{a.mean():.3f}", f"{b.mean():.3f}",
                      f"{ratio:.2f} ({(b / a).max():.2f})", "yes" if ratio <= 0.5 else "no",
                      f"{mean('rkmeans', 'hr@1'):.3f} / {mean('rkmeans+fsq', 'hr@1'):.3f}",

@@ -107,15 +107,20 @@ def judge_ablation(judge_eval: pa.Table, test_events: pa.Table, min_rating: floa
 def quantizer_table(x: np.ndarray, levels: tuple[int, int], fsq_dims: int, fsq_levels: int,
                     seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
     """Residual k-means (K1, K2, L**f) alone vs residual k-means (K1, K2) + FSQ (f digits of L
-    levels) at equal code space: raw collision, decode HR@1/HR@10 as mean and std over ``seeds``."""
+    levels) in both forms (PCA + quantile bins; the paper's learned sigmoid) at equal code space:
+    raw collision, decode HR@1/HR@10 as mean and std over ``seeds``."""
     from qarm_core.quantize.quality import compare_rk_fsq
 
-    runs = [compare_rk_fsq(x, (levels[0], levels[1], fsq_levels ** fsq_dims), fsq_dims, fsq_levels, s) for s in seeds]
+    space = (levels[0], levels[1], fsq_levels ** fsq_dims)
+    runs = {form: [compare_rk_fsq(x, space, fsq_dims, fsq_levels, s, fsq_form=form) for s in seeds]
+            for form in ("pca_quantile", "sigmoid")}
     rows = []
-    for variant, label in (("rkmeans", "residual k-means x3"), ("rkmeans+fsq", "residual k-means x2 + FSQ (PCA, quantile bins)")):
+    for form, variant, label in (("pca_quantile", "rkmeans", "residual k-means x3"),
+                                 ("pca_quantile", "rkmeans+fsq", "residual k-means x2 + FSQ (PCA, quantile bins)"),
+                                 ("sigmoid", "rkmeans+fsq", "residual k-means x2 + FSQ (learned sigmoid, the paper's)")):
         row = {"variant": label, "code_space": levels[0] * levels[1] * fsq_levels ** fsq_dims, "seeds": len(seeds)}
         for metric in ("collision_rate", "decode_hr@1", "decode_hr@10"):
-            v = np.array([r[variant][metric] for r in runs])
+            v = np.array([r[variant][metric] for r in runs[form]])
             row[f"{metric}_mean"], row[f"{metric}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
         rows.append(row)
     return rows
@@ -166,7 +171,7 @@ def plot_report(sections: dict, folder: str | Path) -> dict[str, Path]:
     if sections.get("quantizer"):
         rows = sections["quantizer"]
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        names = ["k-means x3" if "FSQ" not in r["variant"] else "k-means x2 + FSQ" for r in rows]
+        names = ["k-means x3", "+ FSQ (PCA)", "+ FSQ (sigmoid)"][:len(rows)]
         _bar(axes[0], names, [r["collision_rate_mean"] for r in rows], [r["collision_rate_std"] for r in rows],
              "raw collision rate")
         _bar(axes[1], names, [r["decode_hr@1_mean"] for r in rows], [r["decode_hr@1_std"] for r in rows], "decode HR@1")

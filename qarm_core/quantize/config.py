@@ -18,6 +18,9 @@ class QuantizerParams(Strict):
     levels: tuple[int, ...] = Field((256, 256), strict=False)
     fsq_dims: int = Field(4, ge=1)
     fsq_levels: int = Field(4, ge=2)
+    # pca_quantile: principal directions cut at quantiles; sigmoid: the paper's round(L sigmoid(r W))
+    # with W learned (quantize/fsq.py)
+    fsq_form: Literal["pca_quantile", "sigmoid"] = "pca_quantile"
     niter: int = Field(20, ge=1)
     polish_iter: int = Field(10, ge=0)
     seed: int = 0

@@ -1,10 +1,19 @@
 """The final FSQ level: a fitted projection of the level-2 residual to ``dims`` coordinates, each
-rounded to one of ``levels`` values.
+rounded to one of ``levels`` values. Two forms (``QuantizerParams.fsq_form``):
 
-The paper's form is Z = round(L * sigmoid(residual @ W)) with W unstated. Here W is the top ``dims``
-principal directions of the residual, and each coordinate's L bins are cut at its empirical
-quantiles ("levels chosen so items spread evenly"): every digit value holds ~1/L of the items.
-The third SID code packs the digits: c3 = sum_d digit_d * L**d.
+* ``pca_quantile`` (the default): W is the top ``dims`` principal directions of the residual, and
+  each coordinate's L bins are cut at its empirical quantiles ("levels chosen so items spread
+  evenly"): every digit value holds ~1/L of the items.
+* ``sigmoid``: the paper's form, Z = round((L - 1) * sigmoid((r - mean) @ W)), with W learned on the
+  level-2 residuals (``fit_fsq_sigmoid``): starting from the scaled principal directions, W and a
+  linear decoder minimise the reconstruction error through the rounding (straight-through) plus a
+  penalty that pulls each coordinate's sigmoid towards the uniform distribution on [0, 1], so codes
+  spread evenly AND keep what the residual holds. Rounding a sigmoid is a threshold on the
+  projection, so the form is stored like the other: projection rows and cut points.
+
+Both decode a code to ``cell_means[code]``, the mean residual of the fitting items in that cell
+(the MSE-optimal decoding of a given assignment, as a k-means centroid is); a cell no fitting item
+reached decodes to its bin centres. The third SID code packs the digits: c3 = sum_d digit_d * L**d.
 
 A random rotation of the top principal subspace and ITQ (Gong & Lazebnik 2011) were tried in place
 of the plain principal directions on ML-100K (MiniLM, 64x64 k-means + 6 binary digits, 5 seeds):
@@ -27,7 +36,9 @@ class FSQCodebook:
     mean: np.ndarray         # (dim,) float32, residual mean
     components: np.ndarray   # (dims, dim) float32, projection rows (orthonormal)
     boundaries: np.ndarray   # (dims, levels - 1) float32, cut points per coordinate
-    centers: np.ndarray      # (dims, levels) float32, a representative value per bin (for decoding)
+    centers: np.ndarray      # (dims, levels) float32, a representative value per bin
+    # (levels ** dims, dim) float32: what each cell decodes to (None: centres through the components)
+    cell_means: np.ndarray | None = None
 
     @property
     def dims(self) -> int:
@@ -77,7 +88,84 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_0
     qs = np.arange(1, levels) / levels
     boundaries = np.quantile(z, qs, axis=0).T                       # (dims, levels-1)
     centers = np.quantile(z, (np.arange(levels) + 0.5) / levels, axis=0).T
-    return FSQCodebook(mean32, comps.astype(np.float32), boundaries.astype(np.float32), centers.astype(np.float32))
+    book = FSQCodebook(mean32, comps.astype(np.float32), boundaries.astype(np.float32), centers.astype(np.float32))
+    return with_cell_means(book, rows)
+
+
+def with_cell_means(fsq: FSQCodebook, rows: np.ndarray) -> FSQCodebook:
+    """``fsq`` with its decoding table: the mean of ``rows`` ``(n, dim)`` per cell they fall in; a
+    cell no row reached decodes to its bin centres through the components."""
+    from dataclasses import replace
+
+    book = replace(fsq, cell_means=None)
+    codes = pack(digits_of(book, project(book, rows)), book.levels)
+    sums = np.zeros((book.code_space, rows.shape[1]), np.float64)
+    order = np.argsort(codes, kind="stable")
+    sc = codes[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if len(sc) else np.zeros(0, np.int64)
+    for lo in range(0, len(starts), 4096):
+        block = starts[lo:lo + 4096]
+        end = starts[lo + 4096] if lo + 4096 < len(starts) else len(sc)
+        seg = rows[order[block[0]:end]].astype(np.float64)
+        sums[sc[block]] = np.add.reduceat(seg, block - block[0], axis=0)
+    counts = np.bincount(codes, minlength=book.code_space)
+    table = decode(book, unpack(np.arange(book.code_space, dtype=np.int64), book.levels, book.dims))
+    hit = counts > 0
+    table[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
+    return replace(book, cell_means=table.astype(np.float32))
+
+
+def fit_fsq_sigmoid(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_000, seed: int = 0,
+                    steps: int = 300, batch: int = 8192, lr: float = 0.01, uniform_weight: float = 1.0
+                    ) -> FSQCodebook:
+    """The paper's form: digits = round((L - 1) * sigmoid((r - mean) @ W)), W ``(dim, dims)`` learned
+    on ``residual`` ``(n, dim)`` (at most ``sample`` seeded rows) with a linear decoder, minimising
+    ||r - mean - decoder(q)||^2 / total variance + ``uniform_weight`` x 12 x the squared 1-D
+    Wasserstein distance of each coordinate's sigmoid to U(0, 1) (0 when uniform; 1 = as far as a
+    constant), q the rounded sigmoid with a straight-through gradient. Starts from the principal
+    directions scaled so that sigmoid(z) is about uniform (logistic ~ 1.7 x standard normal)."""
+    import torch
+
+    base = fit_fsq(residual, dims, levels, sample=sample, seed=seed)
+    n = len(residual)
+    rows = residual if n <= sample else residual[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
+    x = torch.from_numpy(np.ascontiguousarray(rows - base.mean, dtype=np.float32))
+    z0 = x @ torch.from_numpy(base.components.T)
+    scale = 1.7 / z0.std(0).clamp_min(1e-6)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.from_numpy(base.components.T).clone() * scale)
+    dec = torch.nn.Linear(dims, x.shape[1])
+    with torch.no_grad():
+        dec.weight.copy_(torch.from_numpy(base.components.T) / scale * 4.0)   # q in [0, 1] -> about +-2 std
+        dec.bias.copy_(-dec.weight.sum(1) / 2)
+    opt = torch.optim.Adam([w, *dec.parameters()], lr=lr)
+    total_var = float((x ** 2).sum(1).mean())
+    L1 = float(levels - 1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=g)
+        xb = x[idx]
+        s = torch.sigmoid(xb @ w)
+        q = s + (torch.round(s * L1) / L1 - s).detach()
+        recon = ((xb - dec(q)) ** 2).sum(1).mean() / total_var
+        grid = (torch.arange(len(xb), dtype=torch.float32) + 0.5) / len(xb)
+        unif = 12.0 * ((torch.sort(s, 0).values - grid[:, None]) ** 2).mean()
+        loss = recon + uniform_weight * unif
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    comps = w.detach().numpy().T.astype(np.float32)                     # (dims, dim)
+    # round((L-1) sigmoid(u)) = k  <=>  u in [logit((k - 1/2)/(L-1)), logit((k + 1/2)/(L-1)))
+    p = (np.arange(levels - 1) + 0.5) / L1
+    cuts = np.log(p / (1 - p)).astype(np.float32)
+    book = FSQCodebook(base.mean, comps, np.tile(cuts, (dims, 1)), np.zeros((dims, levels), np.float32))
+    u = project(book, rows)
+    d = digits_of(book, u)
+    centers = np.array([[np.median(u[d[:, j] == k, j]) if (d[:, j] == k).any() else
+                         (cuts[min(k, levels - 2)] + (1.0 if k == levels - 1 else -1.0))
+                         for k in range(levels)] for j in range(dims)], np.float32)
+    from dataclasses import replace
+
+    return with_cell_means(replace(book, centers=centers), rows)
 
 
 def project(fsq: FSQCodebook, residual: np.ndarray) -> np.ndarray:
@@ -101,6 +189,11 @@ def reconstruction_mse(fsq: FSQCodebook, residual: np.ndarray, digits: np.ndarra
     decoded (n, dim) rows. ``z`` ``(n, dims)``: the projection, if already computed.
     """
     total = 0.0
+    if fsq.cell_means is not None:
+        for lo in range(0, len(residual), CHUNK):
+            diff = residual[lo:lo + CHUNK] - fsq.cell_means[pack(digits[lo:lo + CHUNK], fsq.levels)]
+            total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        return total / max(len(residual), 1)
     idx = np.arange(fsq.dims)[None, :]
     m = fsq.mean.astype(np.float64)
     for lo in range(0, len(residual), CHUNK):
@@ -133,6 +226,8 @@ def unpack(codes: np.ndarray, levels: int, dims: int) -> np.ndarray:
 
 def decode(fsq: FSQCodebook, digits: np.ndarray) -> np.ndarray:
     """``(n, dim)`` reconstruction of the residual from its digits."""
+    if fsq.cell_means is not None:
+        return fsq.cell_means[pack(digits, fsq.levels)]
     z = fsq.centers[np.arange(fsq.dims)[None, :], digits]
     return z @ fsq.components + fsq.mean
 

@@ -40,9 +40,9 @@ def _keys(codes: np.ndarray, levels: tuple[int, ...]) -> np.ndarray:
 
 
 def compare_rk_fsq(x: np.ndarray, rk_levels: tuple[int, int, int] = (16, 16, 16), fsq_dims: int = 2,
-                   fsq_levels: int = 4, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{"rkmeans": metrics, "rkmeans+fsq": metrics} for ``x`` ``(n, dim)``; raises ValueError when
-    fsq_levels**fsq_dims != rk_levels[2] (the code spaces would differ)."""
+                   fsq_levels: int = 4, seed: int = 0, fsq_form: str = "pca_quantile") -> dict[str, dict[str, float]]:
+    """{"rkmeans": metrics, "rkmeans+fsq": metrics} for ``x`` ``(n, dim)``, the FSQ level of form
+    ``fsq_form``; raises ValueError when fsq_levels**fsq_dims != rk_levels[2] (the code spaces would differ)."""
     from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
 
     if fsq_levels ** fsq_dims != rk_levels[2]:
@@ -61,7 +61,7 @@ def compare_rk_fsq(x: np.ndarray, rk_levels: tuple[int, int, int] = (16, 16, 16)
     rk["mse"] = float(((x - decode(np.arange(n))) ** 2).sum(1).mean())
 
     params = QuantizerParams(levels=rk_levels[:2], fsq_dims=fsq_dims, fsq_levels=fsq_levels, seed=seed,
-                             hr_sample=n, decode_hr_sample=n)
+                             hr_sample=n, decode_hr_sample=n, fsq_form=fsq_form)
     _, table, m = quantize_embeddings(x, np.arange(n, dtype=np.int64), params)
     fsq = {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("raw.")}
     fsq["mse"] = m["level3.mse"]

@@ -223,7 +223,8 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
              "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
     t1 = time.perf_counter()
-    fsq = F.fit_fsq(residual, p.fsq_dims, p.fsq_levels, seed=p.seed) if fit and book is None else book.fsq
+    fit_form = F.fit_fsq_sigmoid if p.fsq_form == "sigmoid" else F.fit_fsq
+    fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed) if fit and book is None else book.fsq
     codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
     z = F.project(fsq, residual)                                   # (n, f) float32
     digits = F.digits_of(fsq, z)                                   # (n, f) int32
@@ -302,8 +303,9 @@ def save_codebook(codebook: Codebook, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for level, c in enumerate(codebook.centroids, start=1):
         np.save(folder / f"centroids_level{level}.npy", c, allow_pickle=False)
-    for name in ("mean", "components", "boundaries", "centers"):
-        np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
+    for name in ("mean", "components", "boundaries", "centers", "cell_means"):
+        if getattr(codebook.fsq, name) is not None:
+            np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
     meta = {"format": CODEBOOK_FORMAT, "params": codebook.params.model_dump(mode="json"),
             "dim": codebook.dim, "fit_report": codebook.fit_report}
     (folder / "codebook.json").write_text(json.dumps(meta, indent=2))
@@ -320,5 +322,7 @@ def load_codebook(folder: str | Path) -> Codebook:
     params = QuantizerParams(**meta["params"])
     books = [np.load(folder / f"centroids_level{i}.npy", allow_pickle=False) for i in range(1, len(params.levels) + 1)]
     fsq = F.FSQCodebook(*(np.load(folder / f"fsq_{n}.npy", allow_pickle=False)
-                          for n in ("mean", "components", "boundaries", "centers")))
+                          for n in ("mean", "components", "boundaries", "centers")),
+                        cell_means=np.load(folder / "fsq_cell_means.npy", allow_pickle=False)
+                        if (folder / "fsq_cell_means.npy").is_file() else None)
     return Codebook(books, fsq, params, meta.get("fit_report", []))

@@ -138,6 +138,37 @@ def test_fsq_bins_are_equal_frequency_and_pack_roundtrips():
     assert np.abs(f.components @ f.components.T - np.eye(3)).max() < 1e-5
 
 
+def test_fsq_decodes_to_cell_means_and_the_sigmoid_form_is_its_rounding():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((12, 10)).astype(np.float32) * 2
+    r = centres[rng.integers(0, 12, 6000)] + 0.3 * rng.standard_normal((6000, 10)).astype(np.float32)
+    quantile = F.fit_fsq(r, 3, 2)
+    d = F.digits_of(quantile, F.project(quantile, r))
+    # the cell-mean table decodes better than the bin centres through the components
+    from dataclasses import replace
+    assert F.reconstruction_mse(quantile, r, d) < F.reconstruction_mse(replace(quantile, cell_means=None), r, d)
+    code = F.pack(d, 2)
+    assert np.allclose(F.decode(quantile, d)[code == code[0]][0], r[code == code[0]].mean(0), atol=1e-4)
+    # the paper's form: digits are round((L - 1) * sigmoid((r - mean) @ W)) for the learned W
+    sig = F.fit_fsq_sigmoid(r, 3, 3, steps=150)
+    u = (r - sig.mean) @ sig.components.T
+    assert np.array_equal(F.digits_of(sig, F.project(sig, r)), np.round(2 / (1 + np.exp(-u))).astype(np.int32))
+    # ... and its codes spread over the cells: no cell holds much more than its share
+    counts = np.bincount(F.pack(F.digits_of(sig, u.astype(np.float32)), 3), minlength=27)
+    assert (counts > 0).sum() >= 20 and counts.max() < 0.2 * len(r)
+
+
+def test_sigmoid_form_through_the_quantizer_and_codebook_files(tmp_path):
+    x, ids = _emb(n=1000)
+    params = QuantizerParams(**{**P.__dict__, "fsq_form": "sigmoid"})
+    cb, codes, m = _q(x, ids, params)
+    assert cb.fsq.cell_means.shape == (4 ** 3, 24) and m["raw.collision_rate"] < m["rkmeans.collision_rate"]
+    save_codebook(cb, tmp_path / "cb")
+    back = load_codebook(tmp_path / "cb")
+    assert np.array_equal(back.fsq.cell_means, cb.fsq.cell_means) and back.params.fsq_form == "sigmoid"
+    assert assign_semantic_ids(x, ids, back)[0].equals(assign_semantic_ids(x, ids, cb)[0])
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), "NaN/inf"),
     (lambda x: x[:0], "no embeddings"),
