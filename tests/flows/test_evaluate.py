@@ -9,6 +9,7 @@ from flows.codebook_refresh import codebook_refresh
 from flows.evaluate import evaluate
 from qarm_core.config import load_config
 from qarm_core.errors import DataError
+from qarm_core.storage import Storage, read_dataset
 from tasks import tracking
 from tests.support.paths import TINY
 
@@ -35,7 +36,10 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
         assert [r["model"] for r in rows] == ["published (fine-tuned)", "base", "minilm"]
         assert len({r["pairs"] for r in rows}) == 1
     assert {r["source"] for r in s["judge"]} == {"swing", "u2i"}
-    assert all(0 <= r["rejection_rate"] <= 1 for r in s["judge"])
+    # the rejection rates are the published verdicts', per source
+    j = read_dataset(Storage(home).current().record("judgments")).to_pandas()
+    for r in s["judge"]:
+        assert r["rejection_rate"] == pytest.approx(1 - j[j.source == r["source"]].keep.mean())
     assert [r["variant"] for r in s["quantizer"]][1].startswith("residual k-means x2 + FSQ")
     assert [r["model"] for r in s["ranking"]] == RANK["rank.models"]
     text = Path(out["report"]).read_text()
