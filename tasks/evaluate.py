@@ -17,7 +17,8 @@ from tasks import tracking
 from tasks.common import TASK_DEFAULTS
 
 STAGE = "evaluate"
-NEEDED = ("interactions", "items", "periods", "train_events", "embeddings", "codes", "judgments", "judge_eval")
+NEEDED = ("interactions", "items", "periods", "train_events", "valid_events", "embeddings", "codes", "judgments",
+          "judge_eval")
 
 
 def _flat(rows: list[dict], key: str) -> dict[str, float]:
@@ -38,15 +39,14 @@ def evaluation_inputs(cfg: PipelineConfig) -> dict:
         raise DataError(STAGE, missing[0], f"snapshot {snap.snapshot_id} lacks {missing}: it was published by an "
                                            "older qarm; run qarm refresh again")
     records = {n: snap.record(n) for n in NEEDED}
-    cut = cutoffs_from_periods(read_dataset(records["periods"]))
-    return {"snapshot_id": snap.snapshot_id, "records": records, "cutoffs": cut,
-            "periods": read_dataset(records["periods"]).to_pylist()}
-
-
-def _period_events(inputs: dict) -> dict:
-    inter = read_dataset(inputs["records"]["interactions"])
-    period = inputs["cutoffs"].period_of(inter["ts"].to_numpy())
-    return {"valid": inter.filter(pa.array(period == 1)), "test": inter.filter(pa.array(period == 2))}
+    periods = read_dataset(records["periods"])
+    cut = cutoffs_from_periods(periods)
+    # the held-out events, read once for every section: validation from the split's own dataset,
+    # test from the log (the refresh never wrote it apart)
+    inter = read_dataset(records["interactions"])
+    test = inter.filter(pa.array(cut.period_of(inter["ts"].to_numpy()) == 2))
+    return {"snapshot_id": snap.snapshot_id, "records": records, "cutoffs": cut, "periods": periods.to_pylist(),
+            "events": {"valid": read_dataset(records["valid_events"]), "test": test}}
 
 
 @task(name="evaluate-embeddings", **TASK_DEFAULTS)
@@ -67,7 +67,7 @@ def evaluate_embeddings(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -
     if "minilm" in cfg.embed.baselines:
         embeddings["minilm"] = read_embeddings(embed_catalog_minilm(items, work / "minilm", cfg.embed.infer).path)
     train_items = np.unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())
-    rows = embedding_table(embeddings, train_items, _period_events(inputs), cfg.mine.min_rating)
+    rows = embedding_table(embeddings, train_items, inputs["events"], cfg.mine.min_rating)
     with tracking.stage_run(cfg, parent_run_id, "evaluate-embeddings") as run:
         run.metrics(_flat([{**r, "key": f"{r['period']}.{r['model']}"} for r in rows], "key"))
         run.json(rows, "evaluation/embeddings.json")
@@ -80,7 +80,7 @@ def evaluate_embeddings(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -
 def evaluate_judge(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> tuple[list[dict], list[dict]]:
     """The judge's measured rejection rates, its test AUC on the mined pairs, and the ablation."""
     rec = inputs["records"]
-    test = _period_events(inputs)["test"]
+    test = inputs["events"]["test"]
     judgments = read_dataset(rec["judgments"])
     rows = judge_table(judgments, test, cfg.mine.min_rating)
     ev = read_dataset(rec["judge_eval"])

@@ -30,25 +30,34 @@ def future_labels(pairs: pa.Table, events: pa.Table, min_rating: float | None) -
     if n == 0 or events.num_rows == 0:
         return out
     pos = events.filter(pa.array(positive_mask(events, min_rating, STAGE, "valid_events")))
-    users = pos["user_id"].to_numpy()
-    items = pos["item_id"].to_numpy().astype(np.int64)
-    liked = np.unique(items)
+    liked, item_d = np.unique(pos["item_id"].to_numpy().astype(np.int64), return_inverse=True)
+    _, user_d = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
     a = pairs["src_item"].to_numpy().astype(np.int64)
     b = pairs["dst_item"].to_numpy().astype(np.int64)
-    both = np.isin(a, liked) & np.isin(b, liked)
-    if not both.any():
-        return out
-    # (user, item) of every positive, as sorted keys; a pair is related if a user has both items
-    ui = np.unique(np.stack([users, items], 1), axis=0)
-    by_item: dict[int, np.ndarray] = {}
-    order = np.argsort(ui[:, 1], kind="stable")
-    ui = ui[order]
-    starts = np.flatnonzero(np.r_[True, ui[1:, 1] != ui[:-1, 1]])
-    for s, e in zip(starts, np.r_[starts[1:], len(ui)]):
-        by_item[int(ui[s, 1])] = ui[s:e, 0]
+    ia, ib = np.searchsorted(liked, a), np.searchsorted(liked, b)
+    both = (ia < len(liked)) & (ib < len(liked))
+    both &= (liked[np.minimum(ia, len(liked) - 1)] == a) & (liked[np.minimum(ib, len(liked) - 1)] == b)
     rows = np.flatnonzero(both)
-    out[rows] = [int(len(np.intersect1d(by_item[int(a[i])], by_item[int(b[i])], assume_unique=True)) > 0)
-                 for i in rows]
+    if len(rows) == 0:
+        return out
+    n_items = len(liked)
+    keys = np.unique(user_d.astype(np.int64) * n_items + item_d)           # (user, item) likes, sorted
+    key_user, key_item = keys // n_items, keys % n_items
+    by_item = np.lexsort((key_user, key_item))
+    users_of = key_user[by_item]                                             # users grouped by item
+    count = np.bincount(key_item, minlength=n_items)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    # probe the users of the less-liked item of each pair against the other item's likes
+    pa_, pb_ = ia[rows], ib[rows]
+    small = np.where(count[pa_] <= count[pb_], pa_, pb_)
+    other = np.where(count[pa_] <= count[pb_], pb_, pa_)
+    n = count[small]
+    which = np.repeat(np.arange(len(rows)), n)
+    offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    probe = users_of[np.repeat(start[small], n) + offset] * n_items + np.repeat(other, n)
+    pos_in = np.searchsorted(keys, probe)
+    hit = (pos_in < len(keys)) & (keys[np.minimum(pos_in, len(keys) - 1)] == probe)
+    out[rows] = (np.bincount(which, weights=hit, minlength=len(rows)) > 0).astype(np.int8)
     return out
 
 

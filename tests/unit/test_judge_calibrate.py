@@ -24,6 +24,19 @@ def test_future_labels():
     # 40 was rated 2 (not liked) and 50 never seen: unlabelled
     assert future_labels(j, ev, 4.0).tolist() == [1, 0, 1, -1, -1]
     assert future_labels(j, ev.slice(0, 0), 4.0).tolist() == [-1] * 5
+    # against brute force on a random log
+    rng = np.random.default_rng(3)
+    n = 3000
+    log = pa.table({"user_id": rng.integers(0, 80, n), "item_id": rng.integers(0, 60, n), "ts": np.arange(n),
+                    "rating": rng.choice([1.0, 5.0], n)})
+    src, dst = rng.integers(0, 70, 500), rng.integers(0, 70, 500)
+    got = future_labels(_judgments(src, dst, [0.0] * 500, ["swing"] * 500), log, 4.0)
+    liked = {}
+    for u, i, r in zip(log["user_id"].to_pylist(), log["item_id"].to_pylist(), log["rating"].to_pylist()):
+        if r >= 4:
+            liked.setdefault(i, set()).add(u)
+    want = [-1 if a not in liked or b not in liked else int(bool(liked[a] & liked[b])) for a, b in zip(src, dst)]
+    assert got.tolist() == want and {-1, 0, 1} <= set(want)
 
 
 def test_youden_threshold_separates_and_prefers_the_higher_cut():
