@@ -24,9 +24,8 @@ import numpy as np
 
 from qarm_core.rank.config import RankConfig
 from qarm_core.rank.data import RankData
-from qarm_core.rank.metrics import evaluate
 from qarm_core.rank.models import resolve_spec
-from qarm_core.rank.train import RunResult, predict, train_model
+from qarm_core.rank.train import RunResult, score_on_test, train_model
 
 METRICS = ("auc", "gauc", "logloss")
 
@@ -63,9 +62,7 @@ def tune_and_test(name: str, data: RankData, cfg: RankConfig,
             best = (lr, runs)
     lr, runs = best
     for i, r in enumerate(runs):
-        r.test_rows = data.rows("test", i)
-        r.test_logits = predict(r.trained, data, r.test_rows, cfg.train.eval_batch_size)
-        r.metrics = evaluate(data.user_id[r.test_rows], data.label[r.test_rows], r.test_logits)
+        score_on_test(r, data, i, cfg.train.eval_batch_size)
     return ModelResult(name, lr, by_lr, runs, resolve_spec(name).baseline)
 
 

@@ -121,11 +121,18 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int, seed_inde
     prog.finish()
     model.load_state_dict(best_state)
     model.eval()
+    result.trained = model
     if evaluate_test:
-        result.test_rows = test_rows
-        result.test_logits = predict(model, data, test_rows, tc.eval_batch_size)
-        result.metrics = evaluate(data.user_id[test_rows], data.label[test_rows], result.test_logits)
+        score_on_test(result, data, seed_index, tc.eval_batch_size)
     result.train_samples_per_s = train_seen / max(train_time, 1e-9)
     result.seconds = time.perf_counter() - t_start
-    result.trained = model
+    return result
+
+
+def score_on_test(result: RunResult, data: RankData, seed_index: int, batch_size: int) -> RunResult:
+    """Score ``result.trained`` once on the test samples of negative set ``seed_index``: fills
+    ``test_rows``, ``test_logits`` and the test ``metrics``."""
+    result.test_rows = data.rows("test", seed_index)
+    result.test_logits = predict(result.trained, data, result.test_rows, batch_size)
+    result.metrics = evaluate(data.user_id[result.test_rows], data.label[result.test_rows], result.test_logits)
     return result
