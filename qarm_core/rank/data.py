@@ -102,25 +102,16 @@ def categories(index: ItemIndex, items: pa.Table | None, codes: np.ndarray | Non
         if codes is None:
             raise DataError(STAGE, "codes", "SIM-hard on c1 (sim_hard_c1) needs codes")
         return codes[:, 0].copy()
-    if items is None or "tags" not in items.column_names:
-        raise DataError(STAGE, "items", "SIM-hard on tags needs an items table with a 'tags' column")
-    tags = items["tags"].combine_chunks()
-    lens = pc.fill_null(pc.list_value_length(tags), 0).to_numpy()
-    values = np.asarray(tags.flatten().to_numpy(zero_copy_only=False), dtype=str)
-    offsets = tags.offsets.to_numpy()[:-1] - tags.offsets.to_numpy()[0]
-    first = np.where(lens > 0, values[np.minimum(offsets, max(len(values) - 1, 0))] if len(values) else "", "")
-    uniq, inv = np.unique(first, return_inverse=True)
-    cat_of = np.where(first == "", 0, inv + 1)
-    out = np.zeros(index.n + 1, np.int64)
-    out[index.lookup(items["item_id"].to_numpy(), "items")] = cat_of
-    return out
+    # the item's first tag, as the tag models index it (0 = no tag)
+    return item_tags(index, items, what="SIM-hard on tags")[0][:, 0].copy()
 
 
-def item_tags(index: ItemIndex, items: pa.Table | None, max_tags: int = 6) -> tuple[np.ndarray, int]:
-    """``(N + 1, max_tags)`` tag indices per dense item (0 = none; an item's first ``max_tags`` tags)
-    and the tag table's size (distinct tags + 1)."""
+def item_tags(index: ItemIndex, items: pa.Table | None, max_tags: int = 6,
+              what: str = "the tag models (din_tags)") -> tuple[np.ndarray, int]:
+    """``(N + 1, max_tags)`` tag indices per dense item (0 = none; an item's first ``max_tags`` tags,
+    in their order) and the tag table's size (distinct tags + 1)."""
     if items is None or "tags" not in items.column_names:
-        raise DataError(STAGE, "items", "the tag models (din_tags) need an items table with a 'tags' column")
+        raise DataError(STAGE, "items", f"{what} need(s) an items table with a 'tags' column")
     tags = pc.fill_null(items["tags"], pa.scalar([], pa.list_(pa.string()))).combine_chunks()
     lens = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
     flat = np.asarray(tags.flatten().to_numpy(zero_copy_only=False), dtype=object)
