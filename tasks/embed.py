@@ -90,7 +90,7 @@ def _embed_summary(k: int):
                            if f"valid.{m}.recall_at_{k}" in report) or report.get("notes", {}).get("eval", "n/a")
         return (f"embed: {records['embeddings'].rows:,} items ({report.get('encoded', 0):,.0f} encoded, "
                 f"{report.get('carried_over', 0):,.0f} carried over); validation recall@{k} {recall}; "
-                f"{report.get('notes', {}).get('gate', '')}")
+                f"{report.get('notes', {}).get('embed.gate', '')}")
     return summary
 
 
@@ -106,7 +106,6 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     logged, and the flow goes on. Returns ``embeddings`` and the ``model`` that made them.
     """
     storage = Storage(cfg.home)
-    log = get_run_logger()
     schema = embeddings_schema(cfg.embed.model.dim)
     previous, published_model = storage.published("embeddings"), storage.published("model")
     model_is_published = published_model is not None and published_model.fingerprint == model.fingerprint
@@ -128,16 +127,11 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
                                   published_model=rival.path if rival else None)
         return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 
-    def gate(run, records, report) -> None:
-        notes = report.get("notes", {})
-        log.info("embed gate: %s", notes.get("gate", "n/a"))
-        run.tags({"qarm.embed.gate": notes.get("gate", "n/a")})
-
     records, report = run_stage(cfg, parent_run_id, StageSpec(
         name="embed", outputs={"embeddings": schema}, produce=produce, key_inputs=spec_inputs,
         params={"embed": cfg.embed.model_dump(mode="json"), "model": model.path,
                 "rival": rival.path if rival else "none"},
-        after=gate, summary=_embed_summary(cfg.embed.eval_k)))
+        summary=_embed_summary(cfg.embed.eval_k)))   # the gate's verdict: the summary line and tag qarm.embed.gate
     shutil.rmtree(run_dir, ignore_errors=True)   # the embedding parts: the dataset is staged
     chosen = rival if report.get("notes", {}).get("model_choice") == "published" else model
     return {**records, "model": chosen}

@@ -86,7 +86,7 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
 
     Returns the chosen embeddings' ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``,
     ``encoded``, ``carried_over``, per model ``valid.<model>.recall_at_<k>`` and ``valid.<model>.mrr``,
-    ``gate.passed``, and ``notes`` (``model_choice``, ``gate``, model version, dtype).
+    ``gate.passed``, and ``notes`` (``model_choice``, ``embed.gate``, model version, dtype).
     """
     from qarm_core.embed.embed import PreviousEmbeddings
     from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
@@ -133,7 +133,7 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     choice, passed, reason = choose_model(recall, model_is_published=model_is_published,
                                           has_published=published_model is not None, k=cfg.eval_k)
     report["gate.passed"] = float(passed)
-    notes |= {"model_choice": choice, "gate": reason}
+    notes |= {"model_choice": choice, "embed.gate": reason}
     if choice == "published":
         notes["model_version"] = records["published"].model_version
     report["notes"] = notes

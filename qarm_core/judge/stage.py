@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
 from qarm_core.judge.calibrate import calibrate_keep_rules, future_labels
-from qarm_core.judge.judge import add_reasoning, apply_keep_rules, judge_pairs, make_scorer, pairs_to_score
+from qarm_core.judge.judge import SOURCES, add_reasoning, apply_keep_rules, judge_pairs, make_scorer, pairs_to_score
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
         out = apply_keep_rules(out, rules)
     else:
         calibration = {"notes": {f"{s}.keep_rule": "imposed: keep_fraction (no validation events given)"
-                                 for s in ("swing", "u2i") if getattr(cfg.keep, s).mode == "calibrated"}}
+                                 for s in SOURCES if getattr(cfg.keep, s).mode == "calibrated"}}
     t1 = time.perf_counter()
     out = add_reasoning(out, items, scorer.backend, cfg)
     reasoning_s = time.perf_counter() - t1
