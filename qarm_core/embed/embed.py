@@ -259,32 +259,43 @@ class LLMEmbedder:
         self.model_version = v if self.pooling == "emb" else f"{v}:mean"
 
     def embed_ids(self, ids: list[int], progress: Progress | None = None) -> np.ndarray:
-        import torch
+        return encode_with_model(self.loaded, self.model_cfg, self.texts(ids), ids, self.cfg.batch_size,
+                                 self.device, self.pooling, progress)
 
-        from qarm_core.embed import data as D
-        from qarm_core.embed.model import SEG_ITEM
 
-        texts = self.texts(ids)
-        enc = D.encode_items(self.loaded.tokenizer, texts, {}, self.model_cfg)
-        order = sorted(range(len(ids)), key=lambda r: (len(enc[ids[r]].item), r))
-        out = np.zeros((len(ids), self.dim), np.float32)
-        bs = self.cfg.batch_size
-        pad = self.loaded.tokenizer.pad_token_id
-        with torch.inference_mode():
-            for s in range(0, len(order), bs):
-                rows = order[s:s + bs]
-                b = {k: v.to(self.device) for k, v in
-                     D.collate([enc[ids[r]] for r in rows], self.loaded.emb_token_ids, pad, with_qa=False).items()}
-                h = self.model.hidden(b["input_ids"], b["segment"], 0.0)
-                if self.pooling == "emb":
-                    v = self.model.embed_from_hidden(h, b["emb_pos"])
-                else:
-                    m = (b["segment"] == SEG_ITEM)[..., None].to(h.dtype)
-                    v = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
-                out[rows] = v.float().cpu().numpy()
-                if progress is not None:
-                    progress.advance(len(rows))
-        return out
+def encode_with_model(loaded, model_cfg: EmbedModelConfig, texts: dict[int, str], ids: list[int],
+                      batch_size: int, device: str = "cpu", pooling: str = "emb",
+                      progress: Progress | None = None) -> np.ndarray:
+    """Embed ``ids`` (n,) with an in-memory ``LoadedModel`` -> (n, dim) float32 unit rows; dim is the
+    projection's for ``pooling="emb"``, the hidden size for ``"mean"`` (mean of the item tokens' last
+    hidden states). Batches hold items of similar token length (sorted), so the result depends only
+    on the ids and the batch size. The caller chooses the numeric type (the module's, or autocast)."""
+    import torch
+
+    from qarm_core.embed import data as D
+    from qarm_core.embed.model import SEG_ITEM
+
+    model = loaded.model
+    enc = D.encode_items(loaded.tokenizer, texts, {}, model_cfg)
+    order = sorted(range(len(ids)), key=lambda r: (len(enc[ids[r]].item), r))
+    dim = model.dim if pooling == "emb" else model.lm.config.hidden_size
+    out = np.zeros((len(ids), dim), np.float32)
+    pad = loaded.tokenizer.pad_token_id
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            b = {k: v.to(device) for k, v in
+                 D.collate([enc[ids[r]] for r in rows], loaded.emb_token_ids, pad, with_qa=False).items()}
+            h = model.hidden(b["input_ids"], b["segment"], 0.0)
+            if pooling == "emb":
+                v = model.embed_from_hidden(h, b["emb_pos"])
+            else:
+                m = (b["segment"] == SEG_ITEM)[..., None].to(h.dtype)
+                v = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
+            out[rows] = v.float().cpu().numpy()
+            if progress is not None:
+                progress.advance(len(rows))
+    return out
 
 
 @keep_freed_memory()

@@ -1,0 +1,150 @@
+"""What training budget makes the fine-tuned embeddings beat MiniLM? A learning curve on ML-100K.
+
+Trains the three-segment model on a published snapshot's training-period inputs (kept judged pairs,
+QA, items) exactly as the train stage does (``embed.train.loop``: same session, steps, optimizer and
+numeric type), and every ``--eval-every`` steps embeds the catalog with the model in memory and
+scores recall@10/50 + MRR of future co-occurrence (``qarm_core.evaluation.embedding_table``: the
+validation and test periods' consecutive positives among training items), next to the base model
+and MiniLM on the same pairs. One run per learning rate in ``--lrs``; the step and learning rate are
+chosen on VALIDATION recall@10 and the test figures of that choice are the result (the test columns
+of other rows are printed for the curve's shape only, not to choose).
+
+    python benchmarks/embed_budget_ml100k.py --home QARM_HOME [--max-steps 400] [--eval-every 50]
+        [--lrs 1e-4,3e-4] [--config configs/ml100k.yaml] [--out results.json]
+
+Needs a published snapshot of ``qarm refresh --config configs/ml100k.yaml`` under ``--home``.
+Training seconds exclude the evaluation passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import machine, table  # noqa: E402
+
+
+def _published_inputs(cfg) -> dict:
+    import numpy as np
+
+    from qarm_core.storage import Storage, read_dataset
+    from tasks.evaluate import evaluation_inputs
+
+    inputs = evaluation_inputs.fn(cfg)
+    rec = {n: Storage(cfg.home).current().record(n) for n in ("items", "judgments", "qa", "train_events")}
+    return {"items": read_dataset(rec["items"]), "judgments": read_dataset(rec["judgments"]),
+            "qa": read_dataset(rec["qa"]), "events": inputs["events"], "snapshot": inputs["snapshot_id"],
+            "train_items": np.unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())}
+
+
+def _scores(vectors: dict, data: dict, min_rating: float | None) -> dict:
+    """model -> {"valid"|"test": {recall@10, recall@50, mrr, pairs}}."""
+    from qarm_core.evaluation import embedding_table
+
+    out: dict = {}
+    for r in embedding_table(vectors, data["train_items"], data["events"], min_rating):
+        out.setdefault(r["model"], {})[r["period"]] = {k: r[k] for k in ("recall_at_10", "recall_at_50", "mrr", "pairs")}
+    return out
+
+
+def _baselines(cfg, data: dict, work: Path) -> dict:
+    from qarm_core.embed.embed import embed_catalog, embed_catalog_minilm
+    from qarm_core.quantize.io import read_embeddings
+
+    base = embed_catalog(data["items"], work / "base", cfg.embed.model, cfg.embed.infer)
+    minilm = embed_catalog_minilm(data["items"], work / "minilm", cfg.embed.infer)
+    return {"base": read_embeddings(base.path), "minilm": read_embeddings(minilm.path)}
+
+
+def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, work: Path) -> list[dict]:
+    """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at step 0) score the model in
+    memory. Returns one row per evaluation: step, training seconds so far, scores."""
+    import numpy as np
+    import torch
+
+    from qarm_core.embed.embed import encode_with_model
+    from qarm_core.embed.data import item_texts
+    from qarm_core.embed.train.distributed import training_dtype
+    from qarm_core.embed.train.loop import run_steps, start_session
+
+    tcfg = cfg.embed.train.model_copy(update={"lr": lr, "max_steps": max_steps, "max_seconds": None,
+                                              "checkpoint_every": max_steps})
+    tcfg = tcfg.model_copy(update={"dtype": training_dtype(tcfg).name})
+    run_dir = Path(tempfile.mkdtemp(prefix=f"lr{lr:g}-", dir=work))     # a fresh run: never resumed
+    session = start_session(data["items"], data["judgments"], data["qa"], run_dir, cfg.embed.model, tcfg)
+    ids = np.sort(data["items"]["item_id"].to_numpy().astype(np.int64))
+    texts = item_texts(data["items"], cfg.embed.model, ids.tolist())
+    rows, train_s, step = [], 0.0, 0
+    while True:
+        session.model.eval()
+        with session.autocast:
+            x = encode_with_model(session.loaded, cfg.embed.model, texts, ids.tolist(), cfg.embed.infer.batch_size,
+                                  str(session.device))
+        session.model.train()
+        sc = _scores({"fine-tuned": (ids, x)}, data, cfg.mine.min_rating)["fine-tuned"]
+        rows.append({"lr": lr, "step": step, "train_seconds": round(train_s, 1), **{
+            f"{p}.{k}": v for p, d in sc.items() for k, v in d.items()}})
+        print(f"lr {lr:g} step {step}: train {train_s:.0f} s, valid recall@10 {sc['valid']['recall_at_10']:.4f}, "
+              f"test recall@10 {sc['test']['recall_at_10']:.4f}", flush=True)
+        if step >= max_steps:
+            return rows
+        # the session's loop runs to its config's max_steps; raise it one segment at a time
+        session.cfg = tcfg.model_copy(update={"max_steps": min(step + eval_every, max_steps)})
+        session.start = step
+        t0 = time.perf_counter()
+        step, _, _, _ = run_steps(session, None)
+        train_s += time.perf_counter() - t0
+
+
+def main() -> None:
+    from qarm_core.config import load_config
+    from qarm_core.devices import hardware_summary
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", required=True, help="QARM_HOME with a published ML-100K snapshot")
+    ap.add_argument("--config", default=str(REPO / "configs" / "ml100k.yaml"))
+    ap.add_argument("--max-steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--lrs", default="1e-4,3e-4", help="learning rates of the body, comma-separated")
+    ap.add_argument("--out", help="write the rows as JSON here too")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "qarm_embed_budget"),
+                    help="scratch folder (the baselines' embeddings are reused from here)")
+    args = ap.parse_args()
+    cfg = load_config(args.config, {"home": args.home})
+    print(f"# {machine()}", flush=True)
+    data = _published_inputs(cfg)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = _scores(_baselines(cfg, data, work), data, cfg.mine.min_rating)
+    rows = []
+    for lr in (float(v) for v in args.lrs.split(",")):
+        rows += learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"rows": rows, "baselines": base, "hardware": hardware_summary()},
+                                                 indent=2))
+    best = max(rows, key=lambda r: (r["valid.recall_at_10"], -r["step"]))
+    print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; {hardware_summary()}")
+    print(table(["lr", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR"],
+                [[f"{r['lr']:g}", r["step"], r["train_seconds"], *(f"{r[f'{p}.{k}']:.4f}" for p in ("valid", "test")
+                                                                    for k in ("recall_at_10", "recall_at_50", "mrr"))]
+                 for r in rows]))
+    print(table(["baseline", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR"],
+                [[m, *(f"{d[p][k]:.4f}" for p in ("valid", "test") for k in ("recall_at_10", "recall_at_50", "mrr"))]
+                 for m, d in base.items()]))
+    m = base["minilm"]
+    print(f"\nchosen on validation: lr {best['lr']:g}, step {best['step']} ({best['train_seconds']} s of training): "
+          f"test recall@10 {best['test.recall_at_10']:.4f} vs MiniLM {m['test']['recall_at_10']:.4f} "
+          f"and base {base['base']['test']['recall_at_10']:.4f}; "
+          f"beats both: {best['test.recall_at_10'] > max(m['test']['recall_at_10'], base['base']['test']['recall_at_10'])}")
+
+
+if __name__ == "__main__":
+    main()
