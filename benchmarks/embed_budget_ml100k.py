@@ -68,7 +68,6 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at step 0) score the model in
     memory. Returns one row per evaluation: step, training seconds so far, scores."""
     import numpy as np
-    import torch
 
     from qarm_core.embed.embed import encode_with_model
     from qarm_core.embed.data import item_texts

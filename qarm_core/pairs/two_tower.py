@@ -442,10 +442,13 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
     target = split.seq_item[pos]
     row, seen = _excluded(split, pos)
 
-    # Popularity: the rank of the target among the items the user has not seen.
+    # Popularity: the rank of the target among the items the user has not seen. An item seen twice
+    # is one item ahead of the target, not two (hence the unique (row, item) keys).
     order = np.lexsort((np.arange(n_items), -split.item_count))
     rank = np.empty(n_items, np.int64)
     rank[order] = np.arange(n_items)
+    key = np.unique(row * n_items + seen)
+    row, seen = key // n_items, key % n_items
     ahead = np.bincount(row, weights=(rank[seen] < rank[target[row]]), minlength=len(pos))
     target_seen = np.zeros(len(pos), bool)
     target_seen[row[seen == target[row]]] = True

@@ -1,8 +1,10 @@
 """The qarm command line, in-process, against the test harness's Prefect API."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -57,8 +59,6 @@ def test_config_errors_exit_2(tmp_path):
 
 
 def test_pairs_swing_cli(tmp_path):
-    import numpy as np
-
     from qarm_core.pairs.config import SwingConfig
     from qarm_core.pairs.swing import mine_swing_pairs
 
@@ -110,8 +110,14 @@ def test_bench_quantize_cli_tiny(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(res.output[res.output.index("{"):])
     assert r["rows"] == 2000 and r["seconds"] > 0 and r["peak_rss_gib"] > 0
-    assert 0 <= r["resolved_collision"] <= r["collision"] <= r["rkmeans_collision"] <= 1
-    assert pq.read_table(tmp_path / "b" / "codes.parquet").num_rows == 2000
+    # 2,000 items in 16 x 8 k-means cells all collide; FSQ splits most apart; resolution leaves none
+    assert r["resolved_collision"] == 0.0 < r["collision"] < r["rkmeans_collision"] == 1.0
+    codes = pq.read_table(tmp_path / "b" / "codes.parquet")
+    assert codes.num_rows == 2000
+    raw = np.stack([codes[c].to_numpy() for c in ("c1", "c2", "c3_raw")], axis=1)
+    _, inv, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
+    assert r["collision"] == pytest.approx(float((counts[inv.ravel()] > 1).mean()))
+    assert len(np.unique(np.stack([codes[c].to_numpy() for c in ("c1", "c2", "c3")], axis=1), axis=0)) == 2000
     table = runner.invoke(app, ["bench", "quantize", "--n", "500", "--dim", "8", "--levels", "8,4", "--no-floor"])
     assert table.exit_code == 0 and "collision" in table.output, table.output
     bad = runner.invoke(app, ["bench", "quantize", "--n", "10", "--levels", "16,8", "--no-floor"])

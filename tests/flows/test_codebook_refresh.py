@@ -69,7 +69,7 @@ def test_flow_run_tracks_config_hardware_and_one_run_per_stage(refreshed):
 def test_mine_logs_pairs_per_source_and_recall(refreshed):
     mined = refreshed["children"]["mine"]["metrics"]
     assert mined["swing.pairs"] + mined["u2i.pairs"] == refreshed["out"]["rows"]["pairs"] and mined["u2i.pairs"] > 0
-    assert 0 <= mined["u2i.recall_two_tower"] <= 1 and 0 <= mined["u2i.recall_popularity"] <= 1
+    assert {"u2i.recall_two_tower", "u2i.recall_popularity"} <= mined.keys()   # values: test_two_tower.py
 
 
 def test_judge_scores_every_pair_once_with_keep_rates_and_auc(refreshed):

@@ -388,12 +388,16 @@ def test_the_embed_gate_keeps_the_published_model_unless_the_new_one_is_better()
 
 def test_evaluate_embeddings_file(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
-    from qarm_core.embed.evaluate import evaluate_embeddings
+    from qarm_core.embed.evaluate import evaluate_embeddings, retrieval_metrics
+    from qarm_core.quantize.io import read_embeddings
 
     items, judgments, _ = tiny_catalog
     embed_catalog(items, tmp_path / "e", _cfg(tiny_lm_path), EmbedConfig(base_pooling="emb"))
     m = evaluate_embeddings(tmp_path / "e", judgments, k=10)
-    assert m.queries == 120 and 0 <= m.recall_at_k <= 1 and 0 < m.mrr <= 1 and m.catalog == 24
+    ids, x = read_embeddings(tmp_path / "e")
+    assert m.queries == 120 and m.catalog == 24
+    assert (m.recall_at_k, m.mrr) == (retrieval_metrics(ids, x, judgments, 10).recall_at_k,
+                                      retrieval_metrics(ids, x, judgments, 10).mrr)
     assert m.model_version.startswith("base:")
     with pytest.raises(DataError, match="stage=evaluate"):
         evaluate_embeddings(tmp_path / "nope", judgments)

@@ -48,7 +48,7 @@ def test_both_sources_on_a_synthetic_log():
     table, report = mine_pairs(inter, items, cfg)
     assert set(table["source"].to_pylist()) == {"swing", "u2i"}
     assert report["u2i.pairs"] == (np.asarray(table["source"].to_pylist()) == "u2i").sum() > 0
-    assert 0 <= report["u2i.recall_two_tower"] <= 1 and 0 <= report["u2i.recall_popularity"] <= 1
+    assert {"u2i.recall_two_tower", "u2i.recall_popularity"} <= report.keys()   # values: test_two_tower.py
 
 
 def test_mine_pairs_refuses_bad_input():
