@@ -88,7 +88,7 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
             x = encode_with_model(session.loaded, cfg.embed.model, texts, ids.tolist(), cfg.embed.infer.batch_size,
                                   str(session.device))
         session.model.train()
-        sc = _scores({"fine-tuned": (ids, x)}, data, cfg.mine.min_rating)["fine-tuned"]
+        sc = _scores({"fine-tuned": (ids, x)}, data, cfg.events.positive_min_rating)["fine-tuned"]
         rows.append({"lr": lr, "step": step, "train_seconds": round(train_s, 1), **{
             f"{p}.{k}": v for p, d in sc.items() for k, v in d.items()}})
         print(f"lr {lr:g} step {step}: train {train_s:.0f} s, valid recall@10 {sc['valid']['recall_at_10']:.4f}, "
@@ -122,7 +122,7 @@ def main() -> None:
     data = _published_inputs(cfg)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = _scores(_baselines(cfg, data, work), data, cfg.mine.min_rating)
+    base = _scores(_baselines(cfg, data, work), data, cfg.events.positive_min_rating)
     rows = []
     for lr in (float(v) for v in args.lrs.split(",")):
         rows += learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work)

@@ -187,7 +187,7 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
         with console.status("reading interactions"):
             events = pa.Table.from_batches(list(iter_conformed(interactions, INTERACTIONS, delimiter)))
         with console.status(f"mining Swing pairs over {events.num_rows:,} events"):
-            table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], min_rating=min_rating, swing=swing))
+            table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], swing=swing), min_rating)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         pq.write_table(table, tmp, compression="zstd")

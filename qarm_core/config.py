@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from qarm_core.events import EventsConfig
 from qarm_core.base import DuckDBConfig, Strict
 from qarm_core.embed.config import EmbedStageConfig
 from qarm_core.errors import ConfigError
@@ -48,6 +49,7 @@ class PipelineConfig(Strict):
     home: str = "./qarm_home"
     ingest: IngestConfig = IngestConfig()
     split: SplitConfig = SplitConfig()
+    events: EventsConfig = EventsConfig()     # what counts as a positive event, for every stage
     storage: StorageConfig = StorageConfig()
     duckdb: DuckDBConfig = DuckDBConfig()
     mine: MineConfig = MineConfig()

@@ -1,5 +1,6 @@
 """What counts as a positive event: the one rule every stage applies (mining, the two-tower, the
-ranking labels, the CLI).
+judge's calibration, the embedding evaluation, the ranking labels, the CLI), and its one setting,
+``events.positive_min_rating`` of the pipeline config (``EventsConfig``).
 
 An event is positive when its ``rating`` is given and ``>= min_rating``; an event without a rating is
 positive when its ``label`` is 1; an event with neither is not positive (the ranking samples, which
@@ -11,8 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
+from qarm_core.base import Strict
 from qarm_core.errors import DataError
+
+# The default threshold (ratings on a 1-5 scale, as ML-100K's): 4 and 5 are positives.
+POSITIVE_MIN_RATING = 4.0
+
+
+class EventsConfig(Strict):
+    """The positive-event rule of every stage. A log without ratings uses ``label == 1`` whatever
+    the threshold."""
+
+    positive_min_rating: float = Field(POSITIVE_MIN_RATING, allow_inf_nan=False)
 
 
 def positive_mask(events: pa.Table | pa.RecordBatch, min_rating: float | None, stage: str,

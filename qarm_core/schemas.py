@@ -92,7 +92,7 @@ PAIRS = DatasetSchema(
 
 JUDGMENTS = DatasetSchema(
     name="judgments",
-    version=1,
+    version=2,
     schema=pa.schema([
         pa.field("src_item", pa.int64(), nullable=True),
         pa.field("dst_item", pa.int64(), nullable=True),
@@ -102,15 +102,17 @@ JUDGMENTS = DatasetSchema(
         pa.field("score", pa.float64(), nullable=True),         # judge score, higher = more related
         pa.field("keep", pa.bool_(), nullable=True),            # the per-source keep rule's verdict
         pa.field("reasoning", pa.string(), nullable=True),      # generated only where configured
+        # hash of both items' texts as the judge read them: a cached score is reused only for the same text
+        pa.field("text_hash", pa.string(), nullable=True),
     ]),
     key=("src_item", "dst_item", "source", "model_id", "prompt_version"),
-    required=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep"),
-    not_null=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep"),
+    required=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep", "text_hash"),
+    not_null=("src_item", "dst_item", "source", "model_id", "prompt_version", "score", "keep", "text_hash"),
 )
 
 QA = DatasetSchema(
     name="qa",
-    version=1,
+    version=2,
     schema=pa.schema([
         pa.field("item_id", pa.int64(), nullable=True),
         pa.field("qa_index", pa.int32(), nullable=True),
@@ -118,10 +120,12 @@ QA = DatasetSchema(
         pa.field("answer", pa.string(), nullable=True),
         pa.field("model_id", pa.string(), nullable=True),
         pa.field("prompt_version", pa.string(), nullable=True),
+        # hash of the item fields the questions and answers were made from: reused only for the same text
+        pa.field("text_hash", pa.string(), nullable=True),
     ]),
     key=("item_id", "qa_index", "model_id", "prompt_version"),
-    required=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version"),
-    not_null=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version"),
+    required=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version", "text_hash"),
+    not_null=("item_id", "qa_index", "question", "answer", "model_id", "prompt_version", "text_hash"),
 )
 
 

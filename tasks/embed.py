@@ -115,7 +115,7 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     # model is: the gate compares against it.
     spec_inputs = {"model": model.fingerprint, "items": items.fingerprint, "train_events": train_events.fingerprint,
                    "valid_events": valid_events.fingerprint, "rival": rival.fingerprint if rival else None,
-                   "min_rating": cfg.mine.min_rating, "embed": cfg.embed.model_dump(mode="json")}
+                   "positive_rule": cfg.events.model_dump(mode="json"), "embed": cfg.embed.model_dump(mode="json")}
     run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
 
     def produce():
@@ -123,7 +123,7 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
                                   previous=previous.path if previous is not None else None,
                                   model_is_published=model_is_published,
                                   train_events=read_dataset(train_events, columns=["item_id"]),
-                                  valid_events=read_dataset(valid_events), min_rating=cfg.mine.min_rating,
+                                  valid_events=read_dataset(valid_events), min_rating=cfg.events.positive_min_rating,
                                   published_model=rival.path if rival else None)
         return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 

@@ -67,7 +67,7 @@ def evaluate_embeddings(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -
     if "minilm" in cfg.embed.baselines:
         embeddings["minilm"] = read_embeddings(embed_catalog_minilm(items, work / "minilm", cfg.embed.infer).path)
     train_items = np.unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())
-    rows = embedding_table(embeddings, train_items, inputs["events"], cfg.mine.min_rating)
+    rows = embedding_table(embeddings, train_items, inputs["events"], cfg.events.positive_min_rating)
     with tracking.stage_run(cfg, parent_run_id, "evaluate-embeddings") as run:
         run.metrics(_flat([{**r, "key": f"{r['period']}.{r['model']}"} for r in rows], "key"))
         run.json(rows, "evaluation/embeddings.json")
@@ -82,10 +82,10 @@ def evaluate_judge(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> tup
     rec = inputs["records"]
     test = inputs["events"]["test"]
     judgments = read_dataset(rec["judgments"])
-    rows = judge_table(judgments, test, cfg.mine.min_rating)
+    rows = judge_table(judgments, test, cfg.events.positive_min_rating)
     ev = read_dataset(rec["judge_eval"])
     ev = ev.filter(pc.equal(ev["prompt_version"], cfg.judge.prompt_version)) if ev.num_rows else ev
-    ablation = judge_ablation(ev, test, cfg.mine.min_rating, cfg.judge.embed_weight, cfg.judge.tag_weight)
+    ablation = judge_ablation(ev, test, cfg.events.positive_min_rating, cfg.judge.embed_weight, cfg.judge.tag_weight)
     with tracking.stage_run(cfg, parent_run_id, "evaluate-judge") as run:
         run.metrics(_flat(rows, "source") | _flat(ablation, "term"))
         run.json({"sources": rows, "ablation": ablation}, "evaluation/judge.json")

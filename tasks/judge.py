@@ -53,7 +53,7 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
         tables, report = judge_stage(read_dataset(pairs), read_dataset(items),
                                      read_dataset(events, columns=["user_id", "item_id", "rating"]),
                                      cfg.judge, previous=_published_judge_tables(storage),
-                                     valid_events=read_dataset(valid_events), min_rating=cfg.mine.min_rating)
+                                     valid_events=read_dataset(valid_events), min_rating=cfg.events.positive_min_rating)
         return {name: getattr(tables, name) for name in JUDGE_TABLES}, report
 
     def gate(run, records, report) -> None:
@@ -67,7 +67,7 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
         name="judge", outputs={n: SCHEMAS[n] for n in JUDGE_TABLES}, produce=produce,
         key_inputs={"pairs": pairs.fingerprint, "items": items.fingerprint,
                     "events": events.fingerprint, "valid_events": valid_events.fingerprint,
-                    "min_rating": cfg.mine.min_rating, "judge": cfg.judge.model_dump(mode="json")},
+                    "positive_rule": cfg.events.model_dump(mode="json"), "judge": cfg.judge.model_dump(mode="json")},
         params={"judge": cfg.judge.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none"},
         after=gate, summary=_judge_summary))
     return records

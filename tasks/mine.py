@@ -24,14 +24,14 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
         finally:
             con.close()
         catalog = read_dataset(items) if "u2i" in cfg.mine.sources else None
-        table, report = mine_pairs(log, catalog, cfg.mine)
+        table, report = mine_pairs(log, catalog, cfg.mine, cfg.events.positive_min_rating)
         return {"pairs": table}, report
 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="mine", outputs={"pairs": PAIRS}, produce=produce,
         key_inputs={"events": events.fingerprint, "items": items.fingerprint,
-                    "mine": cfg.mine.model_dump(mode="json")},
-        params={"mine": cfg.mine.model_dump(mode="json")},
+                    "positive_rule": cfg.events.model_dump(mode="json"), "mine": cfg.mine.model_dump(mode="json")},
+        params={"mine": cfg.mine.model_dump(mode="json"), "positive_rule": cfg.events.model_dump(mode="json")},
         summary=lambda recs, rep: "mine: {:,} pairs ({})".format(
             recs["pairs"].rows, ", ".join(f"{k}={v:,.0f}" for k, v in rep.items() if k.endswith(".pairs")))))
     return records

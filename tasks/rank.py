@@ -94,7 +94,8 @@ def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
 
     def produce():
         s = build_samples(read_dataset(inter), inputs["index"], cfg.rank.samples, cfg.duckdb, storage.duckdb_temp_dir,
-                          inputs["cutoffs"], negative_sets=len(cfg.rank.train.seeds))
+                          inputs["cutoffs"], negative_sets=len(cfg.rank.train.seeds),
+                          min_rating=cfg.events.positive_min_rating)
         return {"rank_samples": s.samples, "rank_sequences": s.sequences}, dict(s.report)
 
     records, report = run_stage(cfg, parent_run_id, StageSpec(
@@ -102,8 +103,9 @@ def rank_samples(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -> dict:
         produce=produce, key_inputs={"interactions": inter.fingerprint, "items": items.fingerprint,
                                      "periods": inputs["periods"].fingerprint,
                                      "negative_sets": len(cfg.rank.train.seeds),
+                                     "positive_rule": cfg.events.model_dump(mode="json"),
                                      "samples": cfg.rank.samples.model_dump(mode="json")},
-        params={"samples": cfg.rank.samples.model_dump(mode="json")},
+        params={"samples": cfg.rank.samples.model_dump(mode="json"), "positive_rule": cfg.events.model_dump(mode="json")},
         summary=lambda recs, rep: f"rank samples: {rep}"))
     return {"samples": records["rank_samples"], "sequences": records["rank_sequences"], "report": report}
 

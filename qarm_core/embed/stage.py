@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from qarm_core.embed.embed import EmbedRecord, embed_catalog, embed_catalog_minilm
 from qarm_core.embed.train import TrainRecord, train_embedding_model
+from qarm_core.events import POSITIVE_MIN_RATING
 
 if TYPE_CHECKING:
     from qarm_core.embed.config import EmbedStageConfig
@@ -68,7 +69,7 @@ def choose_model(recall: dict[str, float], model_is_published: bool, has_publish
 def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig", run_dir: str | Path,
                 progress: ProgressFn | None = None, previous: str | Path | None = None,
                 model_is_published: bool = False, train_events: pa.Table | None = None,
-                valid_events: pa.Table | None = None, min_rating: float | None = 4.0,
+                valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING,
                 published_model: str | Path | None = None) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
     parts), and, unless the model is the published one (``model_is_published``: the baselines were

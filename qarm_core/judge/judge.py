@@ -7,8 +7,10 @@ Score of a pair (src A, dst B), higher = more related (see ``prompts``):
                             + tag_weight * cos(emb(tags A), emb(tags B))
 
 PMI_LLM needs one forward pass per pair plus one neutral pass per distinct B; the sentence
-embeddings (all-MiniLM-L6-v2) are one pass per item. Judgments are cached by (pair, model id, prompt version): a daily refresh
-scores only the pairs ``pairs_to_score`` returns and takes the rest from the previous table. The
+embeddings (all-MiniLM-L6-v2) are one pass per item. Judgments are cached by (pair, model id, prompt
+version, the hash of both items' texts as the judge reads them): a daily refresh scores only the pairs
+``pairs_to_score`` returns and takes the rest from the previous table, so an item whose title or tags
+changed under the same id is judged again. The
 keep verdict is recomputed over the whole current pair set of each source at every run (it is a
 rank rule), so cached and new pairs are ruled alike.
 """
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 STAGE = "judge"
 SOURCES = ("swing", "u2i")
 PAIR_KEY = ["src_item", "dst_item", "source"]
+CACHE_KEY = PAIR_KEY + ["text_hash"]          # what a cached judgment must match (with model and prompt)
 KEEP_TAG, REJECT_TAG = "[keep] ", "[reject] "
 MAX_REASONING_CHARS = 400
 
@@ -69,6 +72,23 @@ def validate_pairs(pairs: pa.Table, dataset: str = "pairs") -> pa.Table:
     return t.select(PAIR_KEY)
 
 
+def pair_text_hashes(pairs: pa.Table, items: pa.Table, item_format: str) -> list[str]:
+    """Per row of (src_item, dst_item): a hash of exactly what the scorer reads (both items'
+    rendered texts and tag lines), so a cached score is reused only for unchanged text."""
+    from qarm_core.hashing import stable_hash
+
+    src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
+    texts = render_items(items, set(src) | set(dst), item_format)
+    tags = render_items(items, set(src) | set(dst), item_format, tags_only=True)
+    return [stable_hash([texts[a], texts[b], tags[a], tags[b]]) for a, b in zip(src, dst)]
+
+
+def keyed_pairs(pairs: pa.Table, items: pa.Table, item_format: str, dataset: str = "pairs") -> pa.Table:
+    """``validate_pairs(pairs)`` plus ``text_hash`` (``pair_text_hashes``): the cache key of a judgment."""
+    t = validate_pairs(pairs, dataset)
+    return t.append_column("text_hash", pa.array(pair_text_hashes(t, items, item_format), pa.string()))
+
+
 def _empty_judgments() -> pa.Table:
     return JUDGMENTS.schema.empty_table()
 
@@ -87,19 +107,23 @@ def _conform_previous(previous: pa.Table | None) -> pa.Table:
 
 # ---------------------------------------------------------------- incremental refresh
 def pairs_to_score(previous: pa.Table | None, pairs: pa.Table, model_id: str, prompt_version: str) -> pa.Table:
-    """The pairs (src_item, dst_item, source) with no judgment in ``previous`` made by this
-    ``model_id`` and ``prompt_version``. Pure: neither input is modified.
+    """The pairs (src_item, dst_item, source, text_hash), as ``keyed_pairs`` returns them, with no
+    judgment in ``previous`` made by this ``model_id`` and ``prompt_version`` from the same item
+    texts. Pure: neither input is modified.
 
-    Shapes: ``pairs`` n rows (deduplicated here); result m <= n rows, in ``pairs`` order.
+    Shapes: ``pairs`` n rows (distinct by ``PAIR_KEY``); result m <= n rows, in ``pairs`` order.
     """
-    todo = validate_pairs(pairs)
+    missing = [c for c in CACHE_KEY if c not in pairs.column_names]
+    if missing:
+        raise ValueError(f"pairs_to_score needs keyed pairs (judge.keyed_pairs); missing {missing}")
+    todo = pairs.select(CACHE_KEY)
     prev = _conform_previous(previous)
     done = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id),
-                               pc.equal(prev["prompt_version"], prompt_version))).select(PAIR_KEY)
+                               pc.equal(prev["prompt_version"], prompt_version))).select(CACHE_KEY)
     if done.num_rows == 0 or todo.num_rows == 0:
         return todo
-    idx = pa.table({**{c: todo[c] for c in PAIR_KEY}, "_i": pa.array(np.arange(todo.num_rows))})
-    left = idx.join(done.group_by(PAIR_KEY, use_threads=False).aggregate([]), keys=PAIR_KEY,
+    idx = pa.table({**{c: todo[c] for c in CACHE_KEY}, "_i": pa.array(np.arange(todo.num_rows))})
+    left = idx.join(done.group_by(CACHE_KEY, use_threads=False).aggregate([]), keys=CACHE_KEY,
                     join_type="left anti", use_threads=False)
     return todo.take(pa.array(np.sort(left["_i"].to_numpy()))) if left.num_rows else todo.slice(0, 0)
 
@@ -365,20 +389,21 @@ def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None
                 previous: pa.Table | None = None, scorer: PairScorer | None = None) -> pa.Table:
     """The JUDGMENTS table of ``pairs`` (one row per distinct (src_item, dst_item, source)).
 
-    Pairs already judged in ``previous`` by the same model id and prompt version keep their score
-    (and reasoning); the others are scored now. Keep verdicts are recomputed over all current pairs.
-    ``scorer`` defaults to ``make_scorer(cfg)`` (which loads the models).
+    Pairs already judged in ``previous`` by the same model id and prompt version from the same item
+    texts keep their score (and reasoning); the others are scored now. Keep verdicts are recomputed
+    over all current pairs. ``scorer`` defaults to ``make_scorer(cfg)`` (which loads the models).
     """
     cfg = cfg or JudgeConfig()
-    pairs = validate_pairs(pairs)
+    validate_pairs(pairs)              # bad input fails before a model loads
     scorer = scorer or make_scorer(cfg)
     if scorer.prompt.version != cfg.prompt_version:
         raise ValueError(f"scorer prompt {scorer.prompt.version!r} != cfg.prompt_version {cfg.prompt_version!r}")
+    pairs = keyed_pairs(pairs, items, scorer.prompt.item_format)
     model_id, pv = scorer.model_id, cfg.prompt_version
     prev = _conform_previous(previous)
     prev = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id), pc.equal(prev["prompt_version"], pv)))
-    if prev.num_rows:  # cached judgments of pairs still present (first row per key)
-        prev = prev.join(pairs, keys=PAIR_KEY, join_type="left semi", use_threads=False)
+    if prev.num_rows:  # cached judgments of pairs still present with the same texts (first row per key)
+        prev = prev.join(pairs, keys=CACHE_KEY, join_type="left semi", use_threads=False)
         prev = prev.group_by(PAIR_KEY, use_threads=False).aggregate(
             [(c, "first") for c in JUDGMENTS.columns if c not in PAIR_KEY])
         prev = prev.rename_columns([c.removesuffix("_first") for c in prev.column_names])
@@ -395,6 +420,7 @@ def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None
         "score": pa.array(scores, pa.float64()),
         "keep": pa.array([False] * n, pa.bool_()),
         "reasoning": pa.nulls(n, pa.string()),
+        "text_hash": todo["text_hash"],
     }, schema=JUDGMENTS.schema)
     out = pa.concat_tables([prev, new]) if prev.num_rows else new
     out = out.sort_by([("source", "ascending"), ("src_item", "ascending"), ("dst_item", "ascending")])

@@ -7,8 +7,9 @@ factual questions consistent with the field (the year answer names the year, the
 names one of the genres). An answer that fails is replaced by the field-derived template answer,
 so every stored row is grounded; ``QAStats`` says how many LLM answers passed.
 
-QA rows are cached by (item, model id, prompt version): ``items_to_generate`` is the pure function
-that picks the items still lacking QA.
+QA rows are cached by (item, model id, prompt version, hash of the item's fields): ``items_to_generate``
+is the pure function that picks the items still lacking QA, so an item whose title, year, tags or
+description changed under the same id is asked again.
 """
 
 from __future__ import annotations
@@ -112,17 +113,35 @@ class QAStats:
     fallbacks: int = 0
 
 
-def items_to_generate(previous: pa.Table | None, item_ids: Iterable[int], model_id: str,
-                      prompt_version: str) -> list[int]:
-    """The ids (sorted, distinct) with no QA row in ``previous`` for this model id and prompt version."""
-    ids = sorted({int(i) for i in item_ids})
-    if previous is None or previous.num_rows == 0:
-        return ids
+QA_FIELDS = ("title", "year", "tags", "description")     # what questions and answers are made from
+
+
+def item_field_hash(row: dict) -> str:
+    """Hash of the item fields QA reads (``QA_FIELDS``; absent ones count as None)."""
+    from qarm_core.hashing import stable_hash
+
+    return stable_hash([row.get(c) for c in QA_FIELDS])
+
+
+def _reusable(previous: pa.Table, hashes: dict[int, str], model_id: str, prompt_version: str) -> pa.Table:
+    """Rows of ``previous`` made by this model and prompt from the item's current fields."""
     missing = [c for c in QA.columns if c not in previous.column_names]
     if missing:
         raise DataError(STAGE, "qa", f"previous QA table lacks columns {missing}")
     m = pc.and_(pc.equal(previous["model_id"], model_id), pc.equal(previous["prompt_version"], prompt_version))
-    done = set(previous.filter(m)["item_id"].to_pylist())
+    prev = previous.filter(m)
+    ok = [hashes.get(i) == h for i, h in zip(prev["item_id"].to_pylist(), prev["text_hash"].to_pylist())]
+    return prev.filter(pa.array(ok, pa.bool_()))
+
+
+def items_to_generate(previous: pa.Table | None, hashes: dict[int, str], model_id: str,
+                      prompt_version: str) -> list[int]:
+    """The ids of ``hashes`` (item id -> ``item_field_hash``; sorted) with no QA row in ``previous``
+    for this model id, prompt version and item text."""
+    ids = sorted(hashes)
+    if previous is None or previous.num_rows == 0:
+        return ids
+    done = set(_reusable(previous, hashes, model_id, prompt_version)["item_id"].to_pylist())
     return [i for i in ids if i not in done]
 
 
@@ -139,7 +158,7 @@ def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = No
     prompt: QAPrompt = qa_prompt(cfg.prompt_version)
     if "item_id" not in items.column_names or "title" not in items.column_names:
         raise DataError(STAGE, "items", f"items table needs item_id and title, has {items.column_names}")
-    cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
+    cols = ["item_id"] + [c for c in QA_FIELDS if c in items.column_names]
     rows = {r["item_id"]: r for r in items.select(cols).to_pylist()}
     wanted = sorted(rows) if item_ids is None else sorted({int(i) for i in item_ids})
     absent = [i for i in wanted if i not in rows]
@@ -147,7 +166,8 @@ def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = No
         raise DataError(STAGE, "items", f"{len(absent)} item(s) asked for QA are not in the items table, "
                                         f"e.g. {absent[:5]}")
     model_id, pv = backend.model_id, cfg.prompt_version
-    todo = items_to_generate(previous, wanted, model_id, pv)
+    hashes = {i: item_field_hash(rows[i]) for i in wanted}
+    todo = items_to_generate(previous, hashes, model_id, pv)
     st = stats if stats is not None else QAStats()
 
     asks: list[tuple[int, int, QuestionTemplate, str, dict]] = []
@@ -169,15 +189,13 @@ def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = No
         else:
             a = t.fallback(r)[: cfg.max_answer_chars]
             st.fallbacks += 1
-        for c, v in zip(QA.columns, (iid, q_index, q, a, model_id, pv)):
+        for c, v in zip(QA.columns, (iid, q_index, q, a, model_id, pv, hashes[iid])):
             new[c].append(v)
     st.items += len(todo)
     st.questions += len(asks)
     out = pa.table(new, schema=QA.schema)
     if previous is not None and previous.num_rows:
-        keep = pc.and_(pc.and_(pc.equal(previous["model_id"], model_id), pc.equal(previous["prompt_version"], pv)),
-                       pc.is_in(previous["item_id"], pa.array(wanted, pa.int64())))
-        out = pa.concat_tables([previous.filter(keep).select(QA.columns).cast(QA.schema), out])
+        out = pa.concat_tables([_reusable(previous, hashes, model_id, pv).select(QA.columns).cast(QA.schema), out])
     if out.num_rows:
         order = np.lexsort((out["qa_index"].to_numpy(), out["item_id"].to_numpy()))
         out = out.take(pa.array(order))

@@ -17,9 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
+from qarm_core.events import POSITIVE_MIN_RATING
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
 from qarm_core.judge.calibrate import calibrate_keep_rules, future_labels
-from qarm_core.judge.judge import SOURCES, add_reasoning, apply_keep_rules, judge_pairs, make_scorer, pairs_to_score
+from qarm_core.judge.judge import (SOURCES, add_reasoning, apply_keep_rules, judge_pairs, keyed_pairs, make_scorer,
+                                   pair_text_hashes, pairs_to_score)
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
@@ -66,19 +68,6 @@ def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfi
                              for k, t in sets.items()]), None
 
 
-def _pair_text_hashes(pairs: pa.Table, items: pa.Table, scorer: "PairScorer") -> list[str]:
-    """Per row of (src_item, dst_item): a hash of exactly what the scorer reads (both items'
-    rendered texts and tag lines), so a cached score is reused only for unchanged text."""
-    from qarm_core.hashing import stable_hash
-    from qarm_core.lm.text import render_items
-
-    src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
-    fmt = scorer.prompt.item_format
-    texts = render_items(items, set(src) | set(dst), fmt)
-    tags = render_items(items, set(src) | set(dst), fmt, tags_only=True)
-    return [stable_hash([texts[a], texts[b], tags[a], tags[b]]) for a, b in zip(src, dst)]
-
-
 @dataclass(frozen=True)
 class _EvalPlan:
     """Evaluation pairs with the hash of their texts, the rows the cache answers, and the rest."""
@@ -93,7 +82,8 @@ class _EvalPlan:
 
 
 def _plan_eval(eval_pairs: pa.Table, items: pa.Table, scorer: "PairScorer", previous: pa.Table | None) -> _EvalPlan:
-    wanted = eval_pairs.append_column("text_hash", pa.array(_pair_text_hashes(eval_pairs, items, scorer), pa.string()))
+    hashes = pair_text_hashes(eval_pairs, items, scorer.prompt.item_format)
+    wanted = eval_pairs.append_column("text_hash", pa.array(hashes, pa.string()))
     keys = list(zip(wanted["eval_set"].to_pylist(), wanted["src_item"].to_pylist(), wanted["dst_item"].to_pylist(),
                     wanted["text_hash"].to_pylist()))
     cached: dict[tuple, dict] = {}
@@ -206,7 +196,7 @@ def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairS
 
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
                 previous: JudgeTables | None = None, scorer: "PairScorer | None" = None,
-                valid_events: pa.Table | None = None, min_rating: float | None = 4.0
+                valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING
                 ) -> tuple[JudgeTables, dict]:
     """Judge every mined pair and measure the judge; returns the stage's tables and a report.
 
@@ -229,7 +219,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
 
     previous = previous or JudgeTables.empty()
     scorer = scorer or make_scorer(cfg)
-    todo = pairs_to_score(previous.judgments, pairs, scorer.model_id, cfg.prompt_version)
+    todo = pairs_to_score(previous.judgments, keyed_pairs(pairs, items, scorer.prompt.item_format),
+                          scorer.model_id, cfg.prompt_version)
     notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
     eval_pairs, why = (None, "skipped: no interactions given") if interactions is None else \
         draw_eval_pairs(interactions, items, cfg.eval)

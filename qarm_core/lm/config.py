@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from qarm_core.base import Strict
 
@@ -16,11 +16,30 @@ class HttpConfig(Strict):
     url: str = "http://127.0.0.1:8000"
     model: str | None = None              # the server's model name; None: the first of /v1/models
     api_key_env: str | None = None        # name of an environment variable holding a bearer token
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)  # total deadline of one request (connect to last byte)
     concurrency: int = Field(4, ge=1)
     max_retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
     prompts_per_request: int = Field(16, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str) -> str:
+        # the config is logged to MLflow and printed: a secret in it would be published
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            u.port
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if u.username is not None or u.password is not None:
+            raise ValueError("the URL carries credentials (user:password@); put the token in the environment "
+                             "variable named by api_key_env instead")
+        if u.query or u.fragment:
+            raise ValueError("the URL has a query or fragment; give the server's base URL only "
+                             "(tokens go in the environment variable named by api_key_env)")
+        return v
 
 
 class LocalModelConfig(Strict):

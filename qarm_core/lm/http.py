@@ -1,16 +1,23 @@
-"""An OpenAI-compatible server (vLLM, TGI) as a language-model backend: parallel requests, timeouts,
-retries with backoff."""
+"""An OpenAI-compatible server (vLLM, TGI) as a language-model backend: parallel requests, a total
+deadline per request, retries with backoff.
+
+Safety: the bearer token comes only from the environment (``api_key_env``) and goes only to the
+configured origin: redirects are not followed (a 3xx answer is an error naming where it pointed),
+so a token is never forwarded to another host; a URL carrying credentials is refused by the config
+(``HttpConfig``). ``timeout_s`` bounds the whole request (connect, send, headers and body): a server
+that trickles its answer a byte at a time is cut off at the deadline, not kept alive by each byte.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import http.client
 import json
 import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -21,6 +28,17 @@ from qarm_core.lm.config import HttpConfig
 from qarm_core.progress import Progress, advance
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query or fragment (what may be printed or logged)."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        host = u.hostname or ""
+        netloc = host + (f":{u.port}" if u.port else "")
+    except ValueError:
+        return "<unparseable URL>"
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
 
 
 class HttpLM:
@@ -38,6 +56,10 @@ class HttpLM:
         self.base = self.cfg.url.rstrip("/")
         if self.base.endswith("/v1"):
             self.base = self.base[:-3]
+        u = urllib.parse.urlsplit(self.base)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise BackendError(f"judge/QA server URL must be http(s)://host[:port][/path], got {redact_url(self.base)!r}")
+        self._https, self._host, self._port, self._path = u.scheme == "https", u.hostname, u.port, u.path
         self._model = self.cfg.model
         self.requests_sent = 0
         self._count_lock = threading.Lock()
@@ -67,8 +89,47 @@ class HttpLM:
             h["Authorization"] = f"Bearer {key}"
         return h
 
+    def _once(self, method: str, path: str, data: bytes | None) -> tuple[int, dict[str, str], bytes]:
+        """One request, within ``timeout_s`` in total: (status, headers, body). A watchdog shuts the
+        socket down at the deadline, which ends any blocked read; that is reported as a timeout."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.cfg.timeout_s)
+        expired = threading.Event()
+        opened: list = []                  # the socket: the connection lets go of it once the answer
+                                           # is to be read until the server closes
+
+        def cut() -> None:
+            expired.set()
+            for sock in opened:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.cfg.timeout_s, cut)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.connect()
+            opened.append(conn.sock)
+            if expired.is_set():
+                raise TimeoutError
+            conn.request(method, self._path + path, body=data, headers=self._headers())
+            resp = conn.getresponse()
+            body = resp.read()
+            if expired.is_set():
+                raise TimeoutError
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError from None
+            raise
+        finally:
+            watchdog.cancel()
+            conn.close()
+
     def _request(self, method: str, path: str, body: dict | None) -> Any:
-        url = self.base + path
+        url = redact_url(self.base) + path
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
@@ -76,23 +137,29 @@ class HttpLM:
                 time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
             with self._count_lock:
                 self.requests_sent += 1
-            req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
             try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return json.loads(resp.read().decode())
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")[:300]
-                if exc.code not in _RETRY_STATUS:
-                    raise BackendError(f"{method} {url} -> HTTP {exc.code}: {detail}") from None
-                last = f"HTTP {exc.code}: {detail}"
-            except (TimeoutError, socket.timeout):
-                last = f"timed out after {self.cfg.timeout_s}s"
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {self.cfg.timeout_s}s"
-                else:
-                    last = f"connection failed: {exc.reason}"
-            except (ConnectionError, json.JSONDecodeError) as exc:
+                status, headers, raw = self._once(method, path, data)
+            except TimeoutError:
+                last = f"timed out: no complete answer within the {self.cfg.timeout_s}s deadline"
+                continue
+            except (OSError, http.client.HTTPException) as exc:
+                last = f"connection failed: {type(exc).__name__}: {exc}"
+                continue
+            if 300 <= status < 400:
+                # never followed: the request carries the bearer token, which must not reach
+                # whatever origin the server points at
+                raise BackendError(f"{method} {url} -> HTTP {status} redirect to "
+                                   f"{redact_url(headers.get('location', '?'))!r}: redirects are not followed; "
+                                   "configure the final URL")
+            if status >= 400:
+                detail = raw.decode(errors="replace")[:300]
+                if status not in _RETRY_STATUS:
+                    raise BackendError(f"{method} {url} -> HTTP {status}: {detail}")
+                last = f"HTTP {status}: {detail}"
+                continue
+            try:
+                return json.loads(raw.decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
         raise BackendError(f"{method} {url} failed after {self.cfg.max_retries + 1} attempt(s); last: {last}")
 

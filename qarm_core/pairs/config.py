@@ -40,7 +40,6 @@ class TwoTowerConfig(Strict):
     recency_half_life: float = Field(5.0, ge=0.0, allow_inf_nan=False)
     text_buckets: int = Field(1 << 15, ge=1)      # hash buckets of the title/tag bag of words
     max_tokens: int = Field(24, ge=1)             # tokens kept per item (title words first, then tags)
-    positive_min_rating: float = Field(4.0, allow_inf_nan=False)
     temperature: float = Field(0.02, gt=0.0)
     logq_correction: bool = True
     epochs: int = Field(8, ge=1)
@@ -63,9 +62,7 @@ class MineConfig(Strict):
     """Stage 1: which miners run and on which events."""
 
     sources: list[Literal["swing", "u2i"]] = Field(default_factory=lambda: ["swing"])
-    # Events that count as a positive interaction: rating >= min_rating where a rating is given,
-    # else label == 1. None: every event counts.
-    min_rating: float | None = None
+    # Which events count as positives is the pipeline's one rule: ``events.positive_min_rating``.
     swing: SwingConfig = SwingConfig()
     u2i: TwoTowerConfig = TwoTowerConfig()
 

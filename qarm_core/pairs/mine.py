@@ -12,7 +12,7 @@ import pyarrow as pa
 from qarm_core.pairs.config import MineConfig
 from qarm_core.duck import parquet_source
 from qarm_core.errors import DataError
-from qarm_core.events import positive_mask
+from qarm_core.events import POSITIVE_MIN_RATING, positive_mask
 from qarm_core.schemas import PAIRS
 from qarm_core.storage import DatasetRecord
 
@@ -27,9 +27,11 @@ def load_interactions(con: duckdb.DuckDBPyConnection, interactions: DatasetRecor
                    "ORDER BY ts, user_id, item_id").to_arrow_table()
 
 
-def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) -> tuple[pa.Table, dict[str, float]]:
+def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
+               min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, float]]:
     """All configured miners' pairs in one PAIRS table, plus a report of counts, timings and the
-    two-tower's recall@k against popularity."""
+    two-tower's recall@k against popularity. Both miners learn from the positive events
+    (``qarm_core.events``: rating >= ``min_rating``, else label 1; None: every event)."""
     from qarm_core.pairs.swing import mine_swing_pairs
 
     if interactions.num_rows == 0:
@@ -41,9 +43,9 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) 
         log.info("mine: %s over %s events", "Swing item-to-item pairs" if source == "swing"
                  else "two-tower user-to-item pairs", f"{interactions.num_rows:,}")
         if source == "swing":
-            keep = positive_mask(interactions, cfg.min_rating, STAGE)
+            keep = positive_mask(interactions, min_rating, STAGE)
             if not keep.any():
-                raise DataError(STAGE, "interactions", f"no events pass min_rating={cfg.min_rating}")
+                raise DataError(STAGE, "interactions", f"no events pass min_rating={min_rating}")
             table = mine_swing_pairs(interactions["user_id"].to_numpy()[keep],
                                      interactions["item_id"].to_numpy()[keep], cfg.swing)
             report["swing.events"] = float(keep.sum())
@@ -52,7 +54,7 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig) 
 
             if items is None:
                 raise DataError(STAGE, "items", "the u2i miner needs the items dataset")
-            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i, k=cfg.u2i.recall_k)
+            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i, k=cfg.u2i.recall_k, min_rating=min_rating)
             report |= {f"u2i.{k}": float(v) for k, v in rep.items() if isinstance(v, (int, float))}
         report[f"{source}.seconds"] = time.perf_counter() - t0
         report[f"{source}.pairs"] = float(table.num_rows)

@@ -1,6 +1,6 @@
 """Two-tower user-to-item model and the 'u2i' item pairs it mines.
 
-Positives: an event is positive when its ``rating`` is present and ``>= positive_min_rating``;
+Positives: an event is positive when its ``rating`` is present and ``>= min_rating``;
 an event without a rating is positive when ``label == 1``; an event with neither is not positive
 (it still counts as history).
 
@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qarm_core.errors import DataError
-from qarm_core.events import positive_mask
+from qarm_core.events import POSITIVE_MIN_RATING, positive_mask
 from qarm_core.pairs.config import TwoTowerConfig
 from qarm_core.pairs.swing import pairs_table
 from qarm_core.progress import Progress
@@ -140,8 +140,10 @@ def item_text_tokens(items: pa.Table, buckets: int, max_tokens: int) -> np.ndarr
     return out
 
 
-def time_split(interactions: Any, items: Any, params: TwoTowerConfig | None = None) -> TwoTowerSplit:
-    """The time-ordered split of ``interactions`` (see the module doc), in dense indices.
+def time_split(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
+               min_rating: float | None = POSITIVE_MIN_RATING) -> TwoTowerSplit:
+    """The time-ordered split of ``interactions`` (see the module doc), in dense indices; positives
+    by ``qarm_core.events.positive_mask`` with ``min_rating``.
 
     ``interactions``: a table (or anything ``pa.table`` reads) with ``user_id, item_id, ts`` and
     ``rating`` and/or ``label``; ``items``: ``item_id, title`` and optional ``tags``. Every item of
@@ -160,7 +162,7 @@ def time_split(interactions: Any, items: Any, params: TwoTowerConfig | None = No
     user = _int_column(inter, "user_id", "interactions")
     item = _int_column(inter, "item_id", "interactions")
     ts = _int_column(inter, "ts", "interactions")
-    positive = positive_mask(inter, params.positive_min_rating, STAGE)
+    positive = positive_mask(inter, min_rating, STAGE)
 
     raw_item_ids = _int_column(items_t, "item_id", "items")
     item_order = np.argsort(raw_item_ids, kind="stable")
@@ -343,7 +345,7 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerConfig | None = None,
     from torch.nn import functional as F
 
     params = params or split.params
-    for name in ("text_buckets", "max_tokens", "positive_min_rating", "window_events"):
+    for name in ("text_buckets", "max_tokens", "window_events"):
         if getattr(params, name) != getattr(split.params, name):
             raise ValueError(f"two_tower: params.{name}={getattr(params, name)!r} differs from the "
                              f"split's {getattr(split.params, name)!r}; rebuild the split with "
@@ -521,14 +523,14 @@ def u2i_pairs(model: TwoTowerModel, split: TwoTowerSplit, chunk: int = 4096) -> 
 
 
 def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
-                   k: int = 50) -> tuple[pa.Table, dict[str, Any]]:
+                   k: int = 50, min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, Any]]:
     """Split, train, evaluate and mine: the 'u2i' pairs table and a report.
 
     The report holds recall@k of the two-tower model and of popularity on the holdout (``None``
     when no user has two positives), the training time and the sample/pair counts.
     """
     params = params or TwoTowerConfig()
-    split = time_split(interactions, items, params)
+    split = time_split(interactions, items, params, min_rating)
     model = train_two_tower(split, params)
     report: dict[str, Any] = {"n_items": split.n_items, "n_users_total": len(split.user_ids),
                               "n_train_samples": int(len(split.train_pos)),

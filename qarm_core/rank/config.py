@@ -24,7 +24,6 @@ class SamplesConfig(Strict):
 
     long_len: int = Field(500, ge=1)          # L_long: history events the GSU searches
     short_len: int = Field(20, ge=1)          # the most recent events, attended to directly
-    positive_min_rating: float = 4.0          # rating >= this is a positive; rated below is a negative
     # Sampled negatives per positive event: random catalog items the user never interacted with,
     # sharing the positive's history and time.
     neg_per_positive: int = Field(1, ge=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.events import POSITIVE_MIN_RATING
 from qarm_core.base import DuckDBConfig
 from qarm_core.errors import DataError
 from qarm_core.rank.config import RankConfig
@@ -51,10 +52,10 @@ def load_item_inputs(embeddings_path: str | Path | None, codes_path: str | Path 
 
 
 def build(interactions: pa.Table, items: pa.Table | None, cfg: RankConfig, duck: DuckDBConfig,
-          temp_dir: str | Path, cutoffs: Cutoffs) -> tuple[ItemIndex, Samples]:
+          temp_dir: str | Path, cutoffs: Cutoffs, min_rating: float = POSITIVE_MIN_RATING) -> tuple[ItemIndex, Samples]:
     index = build_index(interactions, items)
     return index, build_samples(interactions, index, cfg.samples, duck, temp_dir, cutoffs,
-                                negative_sets=len(cfg.train.seeds))
+                                negative_sets=len(cfg.train.seeds), min_rating=min_rating)
 
 
 def prepare_data(samples: Samples, index: ItemIndex, inputs: ItemInputs, items: pa.Table | None,

@@ -5,7 +5,7 @@ Protocol, deterministic for a given log, config and seed:
 1. **Order.** Each user's events are ordered by ``(ts, item_id)``; ``pos`` is an event's 0-based place in
    that order. ML-100K stamps many events with the same second; the item id breaks those ties, so the
    order (and everything below) never depends on row order in the input.
-2. **Labels.** Every event is a target: positive if ``rating >= positive_min_rating`` (4 on a 1-5 scale),
+2. **Labels.** Every event is a target: positive if ``rating >= min_rating`` (``events.positive_min_rating``),
    negative if rated lower. Logs without ratings use their 0/1 ``label``; an event with neither is a
    DataError.
 3. **Sampled negatives.** For each positive event and each of ``negative_sets`` independent sets,
@@ -42,7 +42,7 @@ import pyarrow as pa
 from qarm_core.base import DuckDBConfig
 from qarm_core.duck import connect
 from qarm_core.errors import DataError
-from qarm_core.events import positive_sql
+from qarm_core.events import POSITIVE_MIN_RATING, positive_sql
 from qarm_core.rank.config import SamplesConfig
 from qarm_core.rank.inputs import ItemIndex
 from qarm_core.schemas import RANK_SAMPLES, RANK_SEQUENCES
@@ -94,7 +94,8 @@ def check_interactions(interactions: pa.Table, dataset: str = "interactions") ->
 
 
 def build_samples(interactions: pa.Table, index: ItemIndex, cfg: SamplesConfig, duck: DuckDBConfig,
-                  temp_dir: str | Path, cutoffs: Cutoffs, negative_sets: int = 1) -> Samples:
+                  temp_dir: str | Path, cutoffs: Cutoffs, negative_sets: int = 1,
+                  min_rating: float = POSITIVE_MIN_RATING) -> Samples:
     """Samples and per-user sequences from ``interactions`` (user_id, item_id, ts, rating and/or label),
     split by ``cutoffs`` (the pipeline's periods), with ``negative_sets`` independent negative draws.
 
@@ -115,7 +116,7 @@ def build_samples(interactions: pa.Table, index: ItemIndex, cfg: SamplesConfig, 
         con.execute(f"""
             CREATE TEMP TABLE kept AS
             SELECT user_id, item_id, ts,
-                   {positive_sql(rating, label, cfg.positive_min_rating)} AS label,
+                   {positive_sql(rating, label, min_rating)} AS label,
                    (row_number() OVER (PARTITION BY user_id ORDER BY ts, item_id) - 1)::INTEGER AS pos,
                    {cutoffs.sql("ts")} AS split,
                    (ts >= {cutoffs.valid_start})::INTEGER + (ts >= {cutoffs.test_start})::INTEGER AS period

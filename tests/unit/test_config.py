@@ -122,3 +122,23 @@ def test_gpu_profile_differs_from_ml100k_only_where_it_says():
     assert gpu.embed.train.launcher == "deepspeed" and gpu.embed.train.nproc == 8
     assert gpu.embed.infer.device == "cuda" and cpu.embed.infer.device == "auto"
     assert gpu.quantize == cpu.quantize and gpu.gates == cpu.gates and gpu.ingest == cpu.ingest
+
+
+def test_the_positive_event_rule_is_configured_once():
+    """One threshold decides what a positive event is for mining, the judge's calibration, the
+    embedding gate, the evaluation and the ranking labels: no stage config carries its own."""
+    from pydantic import BaseModel
+
+    def fields(model: type[BaseModel], prefix: str = ""):
+        for name, f in model.model_fields.items():
+            yield prefix + name
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                yield from fields(f.annotation, f"{prefix}{name}.")
+
+    assert [f for f in fields(PipelineConfig) if f.endswith("min_rating")] == ["events.positive_min_rating"]
+    cfg = parse_config({"events": {"positive_min_rating": 3.0}})
+    assert cfg.events.positive_min_rating == 3.0
+    with pytest.raises(ConfigError, match="positive_min_rating"):
+        parse_config({"events": {"positive_min_rating": float("nan")}})
+    with pytest.raises(ConfigError, match="min_rating"):
+        parse_config({"mine": {"min_rating": 4.0}})      # the old per-stage key is refused, not ignored

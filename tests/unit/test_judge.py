@@ -104,21 +104,32 @@ def _judgments(rows) -> pa.Table:
     return pa.table({"src_item": pa.array(cols[0], pa.int64()), "dst_item": pa.array(cols[1], pa.int64()),
                      "source": list(cols[2]), "model_id": list(cols[3]), "prompt_version": list(cols[4]),
                      "score": pa.array(cols[5], pa.float64()), "keep": pa.array([True] * len(rows)),
-                     "reasoning": pa.nulls(len(rows), pa.string())}, schema=JUDGMENTS.schema)
+                     "reasoning": pa.nulls(len(rows), pa.string()),
+                     "text_hash": [r[6] if len(r) > 6 else "h" for r in rows]}, schema=JUDGMENTS.schema)
 
 
-def test_pairs_to_score_is_pure_and_keyed_by_model_and_prompt():
+def _keyed(rows) -> pa.Table:
+    """Pairs as ``keyed_pairs`` returns them, with the text hash given (default "h")."""
+    return _pairs([r[:3] for r in rows]).append_column("text_hash", pa.array([r[3] if len(r) > 3 else "h" for r in rows]))
+
+
+def test_pairs_to_score_is_pure_and_keyed_by_model_prompt_and_text():
     prev = _judgments([(1, 2, "swing", "m", "v1", 1.0), (1, 3, "swing", "m", "v0", 1.0),
-                       (1, 4, "swing", "other", "v1", 1.0), (1, 5, "u2i", "m", "v1", 1.0)])
-    pairs = _pairs([(1, 2, "swing"), (1, 3, "swing"), (1, 4, "swing"), (1, 5, "swing"), (1, 5, "u2i"),
-                    (2, 1, "swing")])
+                       (1, 4, "swing", "other", "v1", 1.0), (1, 5, "u2i", "m", "v1", 1.0),
+                       (3, 4, "swing", "m", "v1", 1.0, "old-text")])
+    pairs = _keyed([(1, 2, "swing"), (1, 3, "swing"), (1, 4, "swing"), (1, 5, "swing"), (1, 5, "u2i"),
+                    (2, 1, "swing"), (3, 4, "swing", "new-text")])
     prev_copy, pairs_copy = prev.to_pylist(), pairs.to_pylist()
     todo = pairs_to_score(prev, pairs, "m", "v1")
-    assert todo.to_pylist() == [{"src_item": a, "dst_item": b, "source": s} for a, b, s in
-                                [(1, 3, "swing"), (1, 4, "swing"), (1, 5, "swing"), (2, 1, "swing")]]
+    assert todo.select(["src_item", "dst_item", "source"]).to_pylist() == [
+        {"src_item": a, "dst_item": b, "source": s} for a, b, s in
+        [(1, 3, "swing"), (1, 4, "swing"), (1, 5, "swing"), (2, 1, "swing"), (3, 4, "swing")]]
+    assert todo["text_hash"].to_pylist()[-1] == "new-text"       # re-judged: its text changed
     assert prev.to_pylist() == prev_copy and pairs.to_pylist() == pairs_copy
-    assert pairs_to_score(None, pairs, "m", "v1").num_rows == 6
+    assert pairs_to_score(None, pairs, "m", "v1").num_rows == 7
     assert pairs_to_score(prev, pairs.slice(0, 1), "m", "v1").num_rows == 0
+    with pytest.raises(ValueError, match="keyed pairs"):
+        pairs_to_score(prev, _pairs([(1, 2, "swing")]), "m", "v1")
 
 
 def test_keep_fraction_defaults_follow_the_paper():
@@ -208,8 +219,22 @@ def test_judge_pairs_schema_cache_and_reasoning(tiny_lm):
         k = (r["src_item"], r["dst_item"], r["source"])
         if k in old:
             assert r["score"] == old[k]
-    # a new prompt version re-scores everything
     assert first_scored > 6
+    # day 3: item 5 keeps its id but gets another title: its pairs are judged again, the rest reused
+    renamed = items.set_column(items.column_names.index("title"), "title", pa.array(
+        ["Wireless Headphones #1" if i == 5 else t for i, t in zip(items["item_id"].to_pylist(),
+                                                                  items["title"].to_pylist())]))
+    backend.scored = 0
+    j3 = judge_pairs(day1, renamed, cfg, previous=j2, scorer=PairScorer(backend, judge_prompt(cfg.prompt_version)))
+    touched = {(a, b) for a, b in zip(day1["src_item"].to_pylist(), day1["dst_item"].to_pylist()) if 5 in (a, b)}
+    fresh = judge_pairs(day1, renamed, cfg, scorer=PairScorer(tiny_lm, judge_prompt(cfg.prompt_version)))
+    want = {(r["src_item"], r["dst_item"]): r["score"] for r in fresh.to_pylist()}
+    for r in j3.to_pylist():
+        k = (r["src_item"], r["dst_item"])
+        assert r["score"] == pytest.approx(want[k], abs=1e-6)     # nothing stale: as if judged from scratch
+        if k not in touched:
+            assert r["score"] == old[(*k, r["source"])]            # untouched pairs come from the cache
+    assert 0 < backend.scored <= 2 * len(touched)                 # the renamed item's pairs (+ neutral passes)
 
 
 def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):

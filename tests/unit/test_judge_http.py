@@ -116,3 +116,91 @@ def test_judge_over_http_matches_local(tiny_lm):
     assert remote["keep"].to_pylist() == local["keep"].to_pylist()
     assert set(remote["model_id"].to_pylist()) == {"http:tiny"}
     assert srv.stats.requests >= 3          # scoring + neutral + chat generations
+
+
+class _Recorder:
+    """A bare HTTP server on 127.0.0.1 whose GET handler is ``answer(handler)``; records each
+    request's path and headers."""
+
+    def __init__(self, answer):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                seen.append((self.path, dict(self.headers)))
+                answer(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_redirects_are_refused_and_the_token_stays_home(monkeypatch):
+    monkeypatch.setenv("QARM_TEST_KEY", "s3cret-token")
+    other = _Recorder(lambda h: (h.send_response(200), h.end_headers(), h.wfile.write(b'{"data": []}')))
+
+    def redirect(h):
+        h.send_response(302)
+        h.send_header("Location", other.url + "/v1/models?k=1")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    home = _Recorder(redirect)
+    try:
+        http = _http(home.url, api_key_env="QARM_TEST_KEY", max_retries=2)
+        with pytest.raises(BackendError, match="HTTP 302 redirect to .*redirects are not followed") as err:
+            http.model_name
+        assert "s3cret" not in str(err.value) and "k=1" not in str(err.value)
+        # the configured origin got the token once (a redirect is not retried); the other none at all
+        assert [h.get("Authorization") for _, h in home.seen] == ["Bearer s3cret-token"]
+        assert other.seen == []
+    finally:
+        home.close()
+        other.close()
+
+
+def test_the_deadline_bounds_a_trickling_answer():
+    def trickle(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        try:
+            for _ in range(1000):          # one byte every 50 ms: 50 s for the whole body
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass                            # the client hung up at its deadline
+
+    srv = _Recorder(trickle)
+    try:
+        http = _http(srv.url, timeout_s=1.0, max_retries=1)
+        t0 = time.perf_counter()
+        with pytest.raises(BackendError, match="timed out: no complete answer within the 1.0s deadline"):
+            http.model_name
+        assert time.perf_counter() - t0 < 3.5 and len(srv.seen) == 2     # two attempts of ~1 s each
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("url, why", [("http://user:pw-secret@127.0.0.1:8000", "credentials"),
+                                      ("http://127.0.0.1:8000/?api_key=pw-secret", "query"),
+                                      ("http://127.0.0.1:99999", "not a URL")])
+def test_urls_with_secrets_are_refused_without_echoing_them(url, why):
+    from qarm_core.config import parse_config
+    from qarm_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=why) as err:
+        parse_config({"judge": {"backend": "http", "http": {"url": url}}})
+    assert "pw-secret" not in str(err.value)

@@ -10,7 +10,7 @@ import pytest
 from qarm_core.errors import DataError
 from qarm_core.lm.config import LocalModelConfig
 from qarm_core.judge.config import QAConfig
-from qarm_core.judge.qa import QAStats, generate_qa, items_to_generate, questions_for, validate_answer
+from qarm_core.judge.qa import QAStats, generate_qa, item_field_hash, items_to_generate, questions_for, validate_answer
 from qarm_core.schemas import QA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,13 +87,23 @@ def test_generate_qa_schema_validation_fallback_and_cache():
     # cache: a rerun with a new item only generates for the new item
     items2 = pa.concat_tables([_items(), pa.table({"item_id": pa.array([9], pa.int64()), "title": ["Babe"],
                                                    "year": pa.array([1995], pa.int32()), "tags": [["Drama"]]})])
-    assert items_to_generate(qa, [3, 5, 7, 9], "scripted", cfg.prompt_version) == [9]
-    assert items_to_generate(qa, [3, 9], "other-model", cfg.prompt_version) == [3, 9]
+    hashes = {r["item_id"]: item_field_hash(r) for r in items2.to_pylist()}
+    assert items_to_generate(qa, hashes, "scripted", cfg.prompt_version) == [9]
+    assert items_to_generate(qa, {i: hashes[i] for i in (3, 9)}, "other-model", cfg.prompt_version) == [3, 9]
     n_before = len(be.prompts)
     qa2 = generate_qa(items2, be, cfg, previous=qa)
     assert len(be.prompts) - n_before == 4
     assert qa2.num_rows == qa.num_rows + 4
     assert qa2.filter(pa.compute.not_equal(qa2["item_id"], 9)).to_pylist() == rows
+    # an item that keeps its id but changes its title is asked again; nothing stale survives
+    renamed = items2.set_column(1, "title", pa.array(["Wireless Headphones #1" if i == 7 else t for i, t in
+                                                      zip(items2["item_id"].to_pylist(), items2["title"].to_pylist())]))
+    n_before = len(be.prompts)
+    qa3 = generate_qa(renamed, be, cfg, previous=qa2)
+    new_rows = [r for r in qa3.to_pylist() if r["item_id"] == 7]
+    assert len(be.prompts) - n_before == len(new_rows) > 0
+    assert all("Usual Suspects" not in r["question"] + r["answer"] for r in new_rows)
+    assert [r for r in qa3.to_pylist() if r["item_id"] != 7] == [r for r in qa2.to_pylist() if r["item_id"] != 7]
 
 
 def test_unknown_item_is_data_error():

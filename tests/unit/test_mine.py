@@ -33,8 +33,8 @@ def test_load_and_positive_mask(tmp_path):
 
 def test_swing_source_equals_direct_call():
     t = _interactions()
-    cfg = parse_config({"mine": {"min_rating": 4.0, "swing": {"min_user_items": 1}}}).mine
-    table, report = mine_pairs(t, None, cfg)
+    cfg = parse_config({"mine": {"swing": {"min_user_items": 1}}}).mine
+    table, report = mine_pairs(t, None, cfg, 4.0)
     keep = positive_mask(t, 4.0, "mine")
     ref = mine_swing_pairs(t["user_id"].to_numpy()[keep], t["item_id"].to_numpy()[keep], cfg.swing)
     assert table.schema.equals(PAIRS.schema) and table.equals(ref) and report["swing.events"] == 6
@@ -56,7 +56,7 @@ def test_mine_pairs_refuses_bad_input():
     with pytest.raises(DataError, match=r"\[stage=mine, dataset=interactions\] no interactions"):
         mine_pairs(empty, None, MineConfig())
     with pytest.raises(DataError, match="no events pass min_rating=9.0"):
-        mine_pairs(_interactions().slice(0, 6), None, parse_config({"mine": {"min_rating": 9.0}}).mine)
+        mine_pairs(_interactions().slice(0, 6), None, MineConfig(), 9.0)
     with pytest.raises(DataError, match="needs the items dataset"):
         mine_pairs(_interactions(), None, parse_config({"mine": {"sources": ["u2i"]}}).mine)
     with pytest.raises(Exception, match="sources"):

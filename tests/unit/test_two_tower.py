@@ -253,8 +253,7 @@ def test_other_bad_input_raises():
 
 @pytest.mark.parametrize("bad", [dict(dim=0), dict(history_len=0), dict(temperature=0.0),
                                  dict(batch_size=1), dict(lr=-1.0), dict(top_m=0),
-                                 dict(recency_half_life=-1.0), dict(window_events=0),
-                                 dict(positive_min_rating=float("nan"))])
+                                 dict(recency_half_life=-1.0), dict(window_events=0)])
 def test_params_out_of_range_raise(bad):
     with pytest.raises(ValueError, match=f"TwoTowerConfig\n{next(iter(bad))}"):
         TwoTowerConfig(**bad)
