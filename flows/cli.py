@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -87,7 +88,8 @@ def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None
 def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              rank: bool = typer.Option(True, "--rank/--no-rank", help="Also train and compare the ranking models."),
              out: Optional[Path] = typer.Option(None, help="Folder for report.md and the PNGs "
-                                                          "(default: <home>/reports/<snapshot>).")) -> None:
+                                                          "(default: <home>/reports/<snapshot>)."),
+             overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
     """Evaluate the published snapshot on its validation and test periods: embeddings, judge,
     quantizer, ranking; writes report.md + PNGs and logs them to one MLflow run."""
     def run() -> None:
@@ -97,8 +99,12 @@ def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         from flows.evaluate import evaluate as evaluate_flow
 
         command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
+        if out is not None:
+            from qarm_core.storage import check_output
+
+            check_output(out, "folder", overwrite, "evaluate")     # before minutes of work
         out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
-                                 out_dir=str(out) if out else None, command=command)
+                                 out_dir=str(out) if out else None, command=command, overwrite=overwrite)
         Console().print(Path(out_info["report"]).read_text())
         Console().print(f"report    {out_info['report']}\nmlflow    run {out_info['mlflow_run_id']}")
     _guard(run)
@@ -162,7 +168,8 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
                 max_user_items: Optional[int] = typer.Option(None, min=1),
                 top_k: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
                 min_rating: Optional[float] = typer.Option(None, help="Only events rated >= this (or label 1)."),
-                delimiter: str = typer.Option(",", help="CSV field separator.")) -> None:
+                delimiter: str = typer.Option(",", help="CSV field separator."),
+                overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
     """Swing item-to-item pairs, one row per directed top-k neighbour. Unset options take
     ``mine.swing``'s defaults (``SwingConfig``), as in a refresh."""
     def run() -> None:
@@ -176,6 +183,7 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
         from qarm_core.pairs.config import MineConfig, SwingConfig
         from qarm_core.pairs.mine import mine_pairs
         from qarm_core.schemas import INTERACTIONS
+        from qarm_core.storage import check_output, mark_output_table, staged_output
 
         given = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta, "max_users_per_item": max_users_per_item,
                  "min_user_items": min_user_items, "max_user_items": max_user_items, "top_k": top_k, "seed": seed}
@@ -183,15 +191,14 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
             swing = SwingConfig(**{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
+        check_output(out, "file", overwrite, "pairs-swing")    # before any work
         t0 = time.perf_counter()
         with console.status("reading interactions"):
             events = pa.Table.from_batches(list(iter_conformed(interactions, INTERACTIONS, delimiter)))
         with console.status(f"mining Swing pairs over {events.num_rows:,} events"):
             table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], swing=swing), min_rating)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(out)  # never a half-written file at --out
+        with staged_output(out, "file", overwrite, "pairs-swing") as tmp:
+            pq.write_table(mark_output_table(table, "pairs-swing"), tmp, compression="zstd")
         console.print(f"{table.num_rows:,} pairs for {len(set(table['src_item'].to_pylist())):,} items "
                       f"in {time.perf_counter() - t0:.1f}s -> {out}")
     _guard(run)
@@ -206,7 +213,8 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
              seed: Optional[int] = typer.Option(None), niter: Optional[int] = typer.Option(None, min=1),
              previous: Optional[Path] = typer.Option(None, help="A previous output folder: warm start, "
                                                                  "sticky SIDs and churn."),
-             frozen: bool = typer.Option(False, help="Encode with --previous's codebook without refitting.")) -> None:
+             frozen: bool = typer.Option(False, help="Encode with --previous's codebook without refitting."),
+             overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
     """Semantic IDs: two residual k-means levels (full batch) + an FSQ level; collision metrics.
     Unset options take the quantizer's defaults (``QuantizerParams``), as in a refresh."""
     def run() -> None:
@@ -217,7 +225,7 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         from qarm_core.quantize.io import read_embeddings
         from qarm_core.quantize.quantizer import load_codebook, save_codebook
         from qarm_core.quantize.stage import quantize_stage
-        from qarm_core.storage import write_json_atomic
+        from qarm_core.storage import check_output, staged_output, write_json_atomic
 
         given = {"fsq_dims": fsq_dims, "fsq_levels": fsq_levels, "seed": seed, "niter": niter}
         try:
@@ -228,6 +236,7 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
             raise typer.BadParameter(f"--levels/--fsq-*: {exc}") from None
         if frozen and previous is None:
             raise typer.BadParameter("--frozen needs --previous")
+        check_output(out, "folder", overwrite, "quantize")     # before any work
         with console.status("reading embeddings"):
             ids, x = read_embeddings(embeddings)
         prev_cb = load_codebook(previous / "codebook") if previous else None
@@ -236,17 +245,12 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         with console.status(f"Semantic IDs ({mode}) for {len(x):,} items"):
             cb, codes, metrics, how = quantize_stage(x, ids, params, mode, prev_cb, prev_codes)
         console.print(f"quantize: {how}")
-        # Write beside, then rename: a failed run never leaves a half-written output folder.
-        tmp = out.with_name(f".{out.name}.tmp")
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(codes, tmp / "codes.parquet", compression="zstd")
-        save_codebook(cb, tmp / "codebook")
-        write_json_atomic(tmp / "metrics.json", metrics)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        # a new temporary folder beside --out, renamed into place: a failed run never leaves a
+        # half-written output, and nothing but an earlier qarm output is ever replaced
+        with staged_output(out, "folder", overwrite, "quantize") as tmp:
+            pq.write_table(codes, tmp / "codes.parquet", compression="zstd")
+            save_codebook(cb, tmp / "codebook")
+            write_json_atomic(tmp / "metrics.json", metrics)
         table = Table(title=f"Semantic IDs for {len(ids):,} items -> {out}")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -268,6 +272,7 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
                    dim: int = typer.Option(128, min=1), levels: str = typer.Option("256,256", help="K of the two k-means levels."),
                    fsq_dims: int = typer.Option(4, min=1), fsq_levels: int = typer.Option(4, min=2),
                    seed: int = typer.Option(0), out: Optional[Path] = typer.Option(None, help="Keep codes.parquet here."),
+                   overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output."),
                    floor: bool = typer.Option(True, help="Measure the sgemm rate (~6 s) and print the FLOP floor."),
                    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
     """Quantize N x DIM synthetic embeddings end to end (fit 2 x K full batch + FSQ, assign, resolve,
@@ -284,8 +289,11 @@ def bench_quantize(n: int = typer.Option(10_000_000, "--n", min=1, help="Synthet
             raise typer.BadParameter(f"--levels/--fsq-*: {exc}") from None
         if n < max(ks):
             raise typer.BadParameter(f"--n {n} is fewer than K={max(ks)}")
-        with console.status(f"quantizing {n:,} x {dim} synthetic embeddings"):
-            r = run_quantize_bench(n, dim, ks, fsq_dims, fsq_levels, seed, out=out)
+        from qarm_core.storage import staged_output
+
+        keep = staged_output(out, "folder", overwrite, "bench-quantize") if out else contextlib.nullcontext(None)
+        with keep as folder, console.status(f"quantizing {n:,} x {dim} synthetic embeddings"):
+            r = run_quantize_bench(n, dim, ks, fsq_dims, fsq_levels, seed, out=folder)
         if floor:
             with console.status("measuring the sgemm rate"):
                 g = sgemm_gflops()

@@ -3,6 +3,7 @@ inputs -> embeddings -> judge -> quantizer -> ranking (optional) -> report.md + 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -11,6 +12,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 from flows.options import DEFAULT_CONFIG
 from flows.rank_train import rank_comparison
 from qarm_core.config import load_config
+from qarm_core.storage import check_output
 from tasks import tracking
 from tasks.common import route_core_logs
 from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantizer, evaluation_inputs, write_report
@@ -18,11 +20,15 @@ from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantiz
 
 @flow(name="evaluate")
 def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None, rank: bool = True,
-             out_dir: str | None = None, command: str = "qarm evaluate") -> dict:
+             out_dir: str | None = None, command: str = "qarm evaluate", overwrite: bool = False) -> dict:
     """Evaluate the published snapshot on its held-out periods; returns the sections, the report's
-    path and the MLflow run id. ``rank``: also train and compare the ranking models (the longest part)."""
+    path and the MLflow run id. ``rank``: also train and compare the ranking models (the longest part).
+    ``out_dir``: a folder for the report, refused before any work unless it is new, or an earlier
+    qarm output and ``overwrite``."""
     route_core_logs()
     cfg = load_config(config_path, overrides).resolved()
+    if out_dir:
+        check_output(Path(out_dir), "folder", overwrite, "evaluate")
     with tracking.flow_run(cfg, "evaluate", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
                                                    "qarm.config_path": config_path}) as run_id:
         inputs = evaluation_inputs(cfg)
@@ -31,5 +37,5 @@ def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None
         sections["quantizer"] = evaluate_quantizer(cfg, run_id, inputs)
         if rank:
             sections["ranking"] = rank_comparison(cfg, run_id)["table"]
-        report = write_report(cfg, run_id, inputs, sections, command, out_dir)
+        report = write_report(cfg, run_id, inputs, sections, command, out_dir, overwrite)
     return {"mlflow_run_id": run_id, "report": report, "snapshot_id": inputs["snapshot_id"], "sections": sections}

@@ -489,3 +489,83 @@ def write_stage_outputs(storage: Storage, stage: str, key: str,
         records = Storage.rebase(records, tmp, final)
         storage.finish_stage(tmp, records, report)
     return records, False, report
+
+
+# ---------------------------------------------------------------- CLI outputs (--out)
+OUTPUT_MARK = ".qarm-output.json"          # in every folder a qarm command published at --out
+PARQUET_MARK = b"qarm.output"              # Parquet metadata key of every file it published
+
+
+def is_qarm_output(path: Path) -> bool:
+    """Whether ``path`` is something a qarm command published (a folder with ``OUTPUT_MARK``, or a
+    Parquet file whose metadata holds ``PARQUET_MARK``): the only things ``--overwrite`` replaces."""
+    if path.is_dir():
+        return (path / OUTPUT_MARK).is_file()
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return PARQUET_MARK in meta
+
+
+def mark_output_table(table: pa.Table, command: str) -> pa.Table:
+    """``table`` with the metadata that lets ``--overwrite`` recognise the file later."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_MARK: command.encode()})
+
+
+def check_output(out: Path, kind: str, overwrite: bool, stage: str) -> None:
+    """Refuse an ``--out`` that cannot be written safely, before any work: the wrong kind of thing
+    (``kind`` is ``"folder"`` or ``"file"``), an existing path without ``overwrite``, or an existing
+    path that is not a qarm output (never replaced, even with ``overwrite``)."""
+    from qarm_core.errors import DataError
+
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(stage, "out", f"--out {out}: its parent {out.parent} is a file")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink():
+        raise DataError(stage, "out", f"--out {out} is a symbolic link; give a plain path")
+    if kind == "folder" and not out.is_dir():
+        raise DataError(stage, "out", f"--out {out} is a file; this command writes a folder")
+    if kind == "file" and out.is_dir():
+        raise DataError(stage, "out", f"--out {out} is a folder; this command writes one Parquet file")
+    if not is_qarm_output(out):
+        raise DataError(stage, "out", f"--out {out} exists and is not a qarm output: it is never replaced; "
+                                      "choose another path")
+    if not overwrite:
+        raise DataError(stage, "out", f"--out {out} exists (an earlier qarm output); pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, kind: str, overwrite: bool, stage: str) -> Iterator[Path]:
+    """Write ``out`` safely: checked first (``check_output``), written into a new temporary folder
+    beside it (the path yielded: that folder, or a file in it), then renamed into place; an earlier
+    qarm output there is moved aside first and removed after. Whatever fails, ``out`` is either the
+    earlier output or the new one, never half of one, and the temporary folder is removed."""
+    import tempfile
+
+    check_output(out, kind, overwrite, stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    target = tmp / "out" if kind == "folder" else tmp / out.name
+    old = tmp / "old"
+    try:
+        if kind == "folder":
+            target.mkdir()
+        yield target
+        if kind == "folder":
+            write_json_atomic(target / OUTPUT_MARK, {"command": stage, "qarm_version": __version__,
+                                                     "written_at": datetime.now(timezone.utc).isoformat()})
+        check_output(out, kind, overwrite, stage)          # again: something may have appeared meanwhile
+        moved = out.exists()
+        if moved:
+            os.rename(out, old)
+        try:
+            os.rename(target, out)
+        except BaseException:
+            if moved:
+                os.rename(old, out)                        # the earlier output stays as it was
+            raise
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -108,26 +108,40 @@ def evaluate_quantizer(cfg: PipelineConfig, parent_run_id: str, inputs: dict) ->
 
 @task(name="evaluate-report", **TASK_DEFAULTS)
 def write_report(cfg: PipelineConfig, parent_run_id: str, inputs: dict, sections: dict, command: str,
-                 out_dir: str | None = None) -> str:
+                 out_dir: str | None = None, overwrite: bool = False) -> str:
     """report.md and the PNGs into ``out_dir`` (default ``<home>/reports/<snapshot_id>``), and onto the
-    flow's MLflow run. Returns the report's path."""
+    flow's MLflow run. Returns the report's path. A user's ``out_dir`` is written like every CLI
+    ``--out`` (``storage.staged_output``: never a folder that is not an earlier qarm output, and an
+    earlier one only with ``overwrite``)."""
+    import contextlib
     from pathlib import Path
 
     from qarm_core.devices import hardware_summary
+    from qarm_core.storage import staged_output
 
-    folder = Path(out_dir) if out_dir else Storage(cfg.home).report_dir(inputs["snapshot_id"])
-    folder.mkdir(parents=True, exist_ok=True)
-    plots = plot_report(sections, folder)
-    cut = inputs["cutoffs"]
-    periods = "; ".join(f"{p['period']} {p['events']:,} events / {p['users']:,} users" for p in inputs["periods"])
-    text = render_report(sections, {"snapshot_id": inputs["snapshot_id"], "command": command,
-                                    "machine": hardware_summary(),
-                                    "periods": f"{periods} (valid from {cut.valid_start}, test from {cut.test_start})"},
-                         plots)
-    path = folder / "report.md"
-    path.write_text(text)
+    if out_dir:
+        target, staged = Path(out_dir), staged_output(Path(out_dir), "folder", overwrite, STAGE)
+    else:
+        target = Storage(cfg.home).report_dir(inputs["snapshot_id"])
+        target.mkdir(parents=True, exist_ok=True)
+        staged = contextlib.nullcontext(target)
+    with staged as folder:
+        path, plots = _write_report_files(Path(folder), inputs, sections, command, hardware_summary())
+    path, plots = target / path.name, {k: target / v.name for k, v in plots.items()}
     handle = tracking.run_handle(cfg, parent_run_id)
     for p in [path, *plots.values()]:
         tracking.log_file(handle, p, "evaluation")
     get_run_logger().info("evaluation report: %s", path)
     return str(path)
+
+
+def _write_report_files(folder, inputs: dict, sections: dict, command: str, machine: str):
+    plots = plot_report(sections, folder)
+    cut = inputs["cutoffs"]
+    periods = "; ".join(f"{p['period']} {p['events']:,} events / {p['users']:,} users" for p in inputs["periods"])
+    text = render_report(sections, {"snapshot_id": inputs["snapshot_id"], "command": command, "machine": machine,
+                                    "periods": f"{periods} (valid from {cut.valid_start}, test from {cut.test_start})"},
+                         plots)
+    path = folder / "report.md"
+    path.write_text(text)
+    return path, plots

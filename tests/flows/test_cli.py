@@ -74,7 +74,8 @@ def test_pairs_swing_cli(tmp_path):
     pos = inter.filter(pc.greater_equal(inter["rating"], 4.0))
     want = mine_swing_pairs(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), SwingConfig(top_k=5, seed=2))
     assert got.equals(want) and got.num_rows > 0
-    bad = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "nope.csv"), "--out", str(out)])
+    bad = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "nope.csv"), "--out", str(out),
+                              "--overwrite"])
     assert bad.exit_code == 2 and "input file not found" in bad.output
     assert np.all(pq.read_table(out)["src_item"].to_numpy() == got["src_item"].to_numpy())  # untouched
 
@@ -122,3 +123,45 @@ def test_bench_quantize_cli_tiny(tmp_path):
     assert table.exit_code == 0 and "collision" in table.output, table.output
     bad = runner.invoke(app, ["bench", "quantize", "--n", "10", "--levels", "16,8", "--no-floor"])
     assert bad.exit_code == 2 and "fewer than K=16" in bad.output
+
+
+def test_out_is_refused_unless_it_is_an_earlier_qarm_output_and_overwrite_is_given(tmp_path):
+    from qarm_core.quantize.io import embeddings_batch, synthetic_embeddings
+
+    ids, x = next(synthetic_embeddings(600, 8, clusters=20, seed=1))
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, "test")]), tmp_path / "emb.parquet")
+    args = ["quantize", "--embeddings", str(tmp_path / "emb.parquet"), "--levels", "8,4", "--fsq-dims", "2"]
+    users = tmp_path / "users_folder"
+    users.mkdir()
+    (users / "thesis.txt").write_text("years of work")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out, flags, why in ((users, [], "is not a qarm output"), (users, ["--overwrite"], "is not a qarm output"),
+                            (a_file, ["--overwrite"], "is a file")):
+        res = runner.invoke(app, args + ["--out", str(out), *flags])
+        assert res.exit_code == 2 and why in " ".join(res.output.split()), res.output
+    assert (users / "thesis.txt").read_text() == "years of work" and a_file.read_text() == "keep me"
+    assert sorted(p.name for p in users.iterdir()) == ["thesis.txt"]
+    out = tmp_path / "q"
+    assert runner.invoke(app, args + ["--out", str(out)]).exit_code == 0
+    first = (out / "codes.parquet").read_bytes()
+    again = runner.invoke(app, args + ["--out", str(out)])
+    assert again.exit_code == 2 and "pass --overwrite" in " ".join(again.output.split())
+    res = runner.invoke(app, args + ["--out", str(out), "--seed", "5", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (out / "codes.parquet").read_bytes() != first and (out / "metrics.json").is_file()
+    # pairs swing: one file, the same rules
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--users", "30", "--items", "20",
+                              "--interactions", "600", "--seed", "3"])
+    swing = ["pairs", "swing", "--interactions", str(tmp_path / "s" / "interactions"), "--min-rating", "4"]
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1]}), foreign)
+    res = runner.invoke(app, swing + ["--out", str(foreign), "--overwrite"])
+    assert res.exit_code == 2 and "is not a qarm output" in " ".join(res.output.split())
+    assert pq.read_table(foreign).num_rows == 1
+    mine = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, swing + ["--out", str(mine)]).exit_code == 0
+    assert runner.invoke(app, swing + ["--out", str(mine)]).exit_code == 2
+    assert runner.invoke(app, swing + ["--out", str(mine), "--top-k", "2", "--overwrite"]).exit_code == 0
+    assert pq.read_table(mine).num_rows > 0
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]      # no staging leftovers

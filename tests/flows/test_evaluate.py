@@ -49,3 +49,7 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     children = {r["name"] for r in tracking.runs_of(cfg) if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert {"evaluate-embeddings", "evaluate-judge", "evaluate-quantizer", "rank-din", "rank-ours_sid"} <= children
+    # the report folder is a qarm output now: another evaluate refuses it before any work unless told
+    assert (tmp_path / "report" / ".qarm-output.json").is_file()
+    with pytest.raises(DataError, match=r"\[stage=evaluate, dataset=out\].*pass --overwrite"):
+        evaluate(TINY, {"home": str(home)}, rank=False, out_dir=str(tmp_path / "report"))

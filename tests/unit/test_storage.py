@@ -261,3 +261,27 @@ def test_a_dataset_of_an_older_schema_is_no_cache(tmp_path):
     assert st.published_cache("items") is None
     st.publish(_stage(st, "k2", _items(4))[0])
     assert st.published_cache("items").rows == 4
+
+
+def test_a_failed_cli_write_leaves_the_earlier_output_and_no_leftovers(tmp_path):
+    from qarm_core.errors import DataError
+    from qarm_core.storage import OUTPUT_MARK, staged_output
+
+    out = tmp_path / "q"
+    with staged_output(out, "folder", False, "quantize") as d:
+        (d / "codes.txt").write_text("first")
+    assert (out / "codes.txt").read_text() == "first" and (out / OUTPUT_MARK).is_file()
+    with pytest.raises(RuntimeError, match="killed"):
+        with staged_output(out, "folder", True, "quantize") as d:
+            (d / "codes.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (out / "codes.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    # a path that appears while the command works is not clobbered
+    late = tmp_path / "late"
+    with pytest.raises(DataError, match="not a qarm output"):
+        with staged_output(late, "folder", True, "quantize") as d:
+            late.mkdir()
+            (late / "mine.txt").write_text("user data")
+    assert (late / "mine.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "q"]
