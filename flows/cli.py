@@ -20,6 +20,7 @@ from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
 from qarm_core.config import dump_config, load_config
 from qarm_core.errors import QarmError
+from qarm_core.gates import InteractionGate
 
 app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking, as a Prefect DAG.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -158,6 +159,9 @@ def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ 
             console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {rec.path}")
 
 
+STAGE_PAIRS_SWING = "pairs-swing"
+
+
 @pairs_app.command("swing")
 def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),
                 out: Path = typer.Option(..., help="Output Parquet file (src_item, dst_item, score, source)."),
@@ -169,21 +173,29 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
                 top_k: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
                 min_rating: Optional[float] = typer.Option(None, help="Only events rated >= this (or label 1)."),
                 delimiter: str = typer.Option(",", help="CSV field separator."),
+                rating_min: float = typer.Option(InteractionGate().rating_min, help="Gate: lowest valid rating."),
+                rating_max: float = typer.Option(InteractionGate().rating_max, help="Gate: highest valid rating."),
                 overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
     """Swing item-to-item pairs, one row per directed top-k neighbour. Unset options take
-    ``mine.swing``'s defaults (``SwingConfig``), as in a refresh."""
+    ``mine.swing``'s defaults (``SwingConfig``), as in a refresh. The interactions pass the refresh's
+    interactions gate first (ids and times present, ratings finite and in range, one event per
+    user, item and time)."""
     def run() -> None:
         _show_core_logs()
+        import tempfile
         import time
 
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from qarm_core.base import DuckDBConfig
+        from qarm_core.errors import DataError
+        from qarm_core.gates import GatesConfig, run_gate
         from qarm_core.ingest import iter_conformed
         from qarm_core.pairs.config import MineConfig, SwingConfig
         from qarm_core.pairs.mine import mine_pairs
         from qarm_core.schemas import INTERACTIONS
-        from qarm_core.storage import check_output, mark_output_table, staged_output
+        from qarm_core.storage import (check_output, mark_output_table, read_dataset, staged_output,
+                                       write_parquet_dataset)
 
         given = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta, "max_users_per_item": max_users_per_item,
                  "min_user_items": min_user_items, "max_user_items": max_user_items, "top_k": top_k, "seed": seed}
@@ -193,10 +205,27 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
             raise typer.BadParameter(str(exc)) from None
         check_output(out, "file", overwrite, "pairs-swing")    # before any work
         t0 = time.perf_counter()
-        with console.status("reading interactions"):
-            events = pa.Table.from_batches(list(iter_conformed(interactions, INTERACTIONS, delimiter)))
+        try:
+            gates = GatesConfig(interactions=InteractionGate(rating_min=rating_min, rating_max=rating_max))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        with tempfile.TemporaryDirectory(prefix="qarm_pairs_swing_") as tmp, \
+                console.status("reading and checking the interactions"):
+            try:
+                rec = write_parquet_dataset(Path(tmp) / "interactions",
+                                            iter_conformed(interactions, INTERACTIONS, delimiter), INTERACTIONS)
+            except DataError as exc:   # this command's input, not the refresh's ingest
+                raise DataError(STAGE_PAIRS_SWING, exc.dataset, exc.problem) from None
+            run_gate(STAGE_PAIRS_SWING, rec, gates, DuckDBConfig(), tmp).raise_if_failed()
+            events = read_dataset(rec)
         with console.status(f"mining Swing pairs over {events.num_rows:,} events"):
-            table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], swing=swing), min_rating)
+            try:
+                table, _ = mine_pairs(events, None, MineConfig(sources=["swing"], swing=swing), min_rating)
+            except DataError as exc:
+                raise DataError(STAGE_PAIRS_SWING, exc.dataset, exc.problem) from None
+        if table.num_rows == 0:
+            raise DataError(STAGE_PAIRS_SWING, "pairs", f"no pairs: no item of the {events.num_rows:,} events has a "
+                                                        "neighbour under these settings (min_user_items, min_rating?)")
         with staged_output(out, "file", overwrite, "pairs-swing") as tmp:
             pq.write_table(mark_output_table(table, "pairs-swing"), tmp, compression="zstd")
         console.print(f"{table.num_rows:,} pairs for {len(set(table['src_item'].to_pylist())):,} items "

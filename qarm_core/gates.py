@@ -50,6 +50,9 @@ class InteractionGate(RowBounds):
 
 class ItemGate(RowBounds):
     max_title_chars: int = Field(1_000, ge=1)
+    # A 10 MB description would reach every prompt and token budget of the item; longer ones fail
+    # the gate (or set ingest.truncate_description_chars to cut them while reading).
+    max_description_chars: int = Field(10_000, ge=1)
 
 
 class QAGate(RowBounds):
@@ -192,6 +195,8 @@ def items_suite(cfg: GatesConfig, refs: frozenset[str] = frozenset(), expect: di
         ("ExpectColumnValueLengthsToBeBetween", {"column": "title", "min_value": 1,
                                                  "max_value": g.max_title_chars}),
         ("ExpectColumnValuesToMatchRegex", {"column": "title", "regex": r"\S"}),
+        ("ExpectColumnValueLengthsToBeBetween", {"column": "description", "min_value": 0,
+                                                 "max_value": g.max_description_chars}),
         ("ExpectColumnValuesToBeBetween", {"column": "year", "min_value": 1800, "max_value": 2100}),
     ]
     return Suite(ITEMS, rows, [_unique_key(ITEMS)], (g.min_rows, g.max_rows))

@@ -50,6 +50,9 @@ class IngestConfig(Strict):
     ml100k: ML100KSource = ML100KSource()
     files: FilesSource = FilesSource()
     synth: SynthSource = SynthSource()
+    # Cut item descriptions to this many characters while reading (None: keep them whole; the items
+    # gate then rejects any longer than gates.items.max_description_chars).
+    truncate_description_chars: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _files_given(self) -> "IngestConfig":
@@ -303,7 +306,23 @@ def resolve_source(cfg: IngestConfig) -> tuple[str, dict[str, BatchesFn]]:
     The fingerprint changes whenever the input data would: it keys the ingest stage's rerun cache.
     """
     fp, fns = _resolve_source(cfg)
+    if cfg.truncate_description_chars is not None:
+        from qarm_core.hashing import stable_hash
+
+        fp = stable_hash([fp, "truncate_description_chars", cfg.truncate_description_chars])
+        fns = {**fns, "items": _truncating(fns["items"], cfg.truncate_description_chars)}
     return fp, {name: _counting(name, fn) for name, fn in fns.items()}
+
+
+def _truncating(fn: BatchesFn, n: int) -> BatchesFn:
+    """Item batches with ``description`` cut to ``n`` characters."""
+    def gen() -> Iterator[pa.RecordBatch]:
+        for b in fn():
+            i = b.schema.get_field_index("description")
+            if i >= 0:
+                b = b.set_column(i, "description", pc.utf8_slice_codeunits(b.column(i), 0, n))
+            yield b
+    return gen
 
 
 def _counting(name: str, fn: BatchesFn) -> BatchesFn:

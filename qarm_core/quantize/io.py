@@ -61,6 +61,8 @@ def read_embeddings(path: str | Path, dataset: str = "embeddings") -> tuple[np.n
             vecs.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1))
         else:
             raise DataError(STAGE, dataset, f"{f}: column 'vector' has type {col.type}, expected a list of floats")
+        if not pa.types.is_integer(t["item_id"].type):
+            raise DataError(STAGE, dataset, f"{f}: item_id has type {t['item_id'].type}; expected integers")
         if t["item_id"].null_count:
             raise DataError(STAGE, dataset, f"{f}: null item ids")
         ids.append(t["item_id"].to_numpy().astype(np.int64))

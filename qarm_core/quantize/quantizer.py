@@ -56,11 +56,17 @@ def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "emb
         raise DataError(STAGE, dataset, "duplicate item ids")
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = np.zeros(len(x), bool)
+    zero = np.zeros(len(x), bool)
     for lo in range(0, len(x), F.CHUNK):          # chunked: no (n, dim) bool temporary
-        bad[lo:lo + F.CHUNK] = ~np.isfinite(x[lo:lo + F.CHUNK]).all(1)
+        part = x[lo:lo + F.CHUNK]
+        bad[lo:lo + F.CHUNK] = ~np.isfinite(part).all(1)
+        zero[lo:lo + F.CHUNK] = ~part.any(1)
     if bad.any():
         raise DataError(STAGE, dataset, f"{int(bad.sum())} embeddings hold NaN/inf, e.g. item ids "
                                         f"{item_ids[bad][:5].tolist()}")
+    if zero.any():   # no direction: every code would be an accident of tie-breaking
+        raise DataError(STAGE, dataset, f"{int(zero.sum())} of {len(x)} embeddings are all zeros, e.g. item ids "
+                                        f"{item_ids[zero][:5].tolist()}")
     if len(x) < min_items:
         raise DataError(STAGE, dataset, f"{len(x)} items is fewer than K={min_items} of the first level")
     return x

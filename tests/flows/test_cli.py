@@ -165,3 +165,53 @@ def test_out_is_refused_unless_it_is_an_earlier_qarm_output_and_overwrite_is_giv
     assert runner.invoke(app, swing + ["--out", str(mine), "--top-k", "2", "--overwrite"]).exit_code == 0
     assert pq.read_table(mine).num_rows > 0
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]      # no staging leftovers
+
+
+def test_quantize_cli_refuses_zero_vectors_and_non_numeric_ids(tmp_path):
+    from qarm_core.quantize.io import embeddings_batch, synthetic_embeddings
+
+    ids, x = next(synthetic_embeddings(300, 8, clusters=10, seed=1))
+    x = x.copy()
+    x[7] = 0.0
+    pq.write_table(pa.Table.from_batches([embeddings_batch(ids, x, "test")]), tmp_path / "zero.parquet")
+    vec = pa.Table.from_batches([embeddings_batch(ids, x + 1, "test")])["vector"]
+    pq.write_table(pa.table({"item_id": [f"sku-{i}" for i in ids], "vector": vec}), tmp_path / "str.parquet")
+    for name, why in (("zero", "1 of 300 embeddings are all zeros"), ("str", "item_id has type string")):
+        res = runner.invoke(app, ["quantize", "--embeddings", str(tmp_path / f"{name}.parquet"), "--levels", "8,4",
+                                  "--out", str(tmp_path / name)])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "[stage=quantize, dataset=embeddings]" in text and why in text, res.output
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("rows, why", [
+    ([(1, 10, 100, float("nan")), (2, 10, 101, 5.0)], "rating"),
+    ([(1, 10, 100, float("inf")), (2, 10, 101, 5.0)], "rating"),
+    ([(1, 10, 100, 7.0), (2, 10, 101, 5.0)], "rating"),
+    ([(None, 10, 100, 4.0), (2, 10, 101, 5.0)], "user_id"),
+])
+def test_pairs_swing_runs_the_interactions_gate(tmp_path, rows, why):
+    u, i, t, r = zip(*rows)
+    pq.write_table(pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()),
+                             "ts": pa.array(t, pa.int64()), "rating": pa.array(r, pa.float32())}),
+                   tmp_path / "log.parquet")
+    res = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "log.parquet"),
+                              "--out", str(tmp_path / "p.parquet")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "[stage=pairs-swing, dataset=interactions]" in text and why in text, res.output
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_pairs_swing_names_its_own_stage_and_refuses_an_empty_result(tmp_path):
+    pq.write_table(pa.table({"user_id": pa.array([1, 1, 2, 2], pa.int64()), "item_id": pa.array([1, 2, 1, 2], pa.int64()),
+                             "ts": pa.array([1, 2, 3, 4], pa.int64()), "rating": pa.array([5.0] * 4, pa.float32())}),
+                   tmp_path / "log.parquet")
+    base = ["pairs", "swing", "--interactions", str(tmp_path / "log.parquet"), "--out", str(tmp_path / "p.parquet")]
+    for extra, why in ((["--min-rating", "10"], "[stage=pairs-swing, dataset=interactions] no events pass"),
+                       (["--min-user-items", "5"], "[stage=pairs-swing, dataset=pairs] no pairs")):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code == 2 and why in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["pairs", "swing", "--interactions", str(tmp_path / "missing.csv"),
+                              "--out", str(tmp_path / "p.parquet")])
+    assert res.exit_code == 2 and "[stage=pairs-swing, dataset=interactions]" in " ".join(res.output.split())
+    assert not (tmp_path / "p.parquet").exists()

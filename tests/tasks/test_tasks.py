@@ -57,6 +57,24 @@ def test_gate_logs_and_raises(prefect_harness, tiny_cfg, parent):
     assert failed[0]["status"] == "FAILED" and failed[0]["metrics"]["gate.items.success"] == 0.0
 
 
+def test_item_text_has_a_length_gate_and_can_be_truncated_while_reading(prefect_harness, tiny_cfg, parent, tmp_path):
+    (tmp_path / "i.csv").write_text("user_id,item_id,ts,rating\n" + "".join(f"{u},{u % 3},{u},4\n" for u in range(30)))
+    (tmp_path / "t.csv").write_text("item_id,title,description\n0,a,short\n1,b,\"" + "x" * 20_000 + "\"\n2,c,\n"
+                                    + "".join(f"{i},t{i},d\n" for i in range(3, 12)))
+    files = {"source": "files", "files": tiny_cfg.ingest.files.model_copy(update={
+        "interactions": str(tmp_path / "i.csv"), "items": str(tmp_path / "t.csv")})}
+    cfg = tiny_cfg.model_copy(update={"ingest": tiny_cfg.ingest.model_copy(update=files)})
+    recs = ingest(cfg, parent)
+    with pytest.raises(GateError, match=r"\[stage=ingest, dataset=items\][\s\S]*value_lengths_to_be_between\(column='description'"):
+        gate(cfg, parent, "ingest", recs["items"])
+    cut = tiny_cfg.model_copy(update={"ingest": tiny_cfg.ingest.model_copy(update={**files,
+                                                                                  "truncate_description_chars": 5_000})})
+    recs = ingest(cut, parent)
+    assert gate(cut, parent, "ingest", recs["items"]).success
+    desc = read_dataset(recs["items"])["description"].to_pylist()
+    assert [len(d or "") for d in desc[:3]] == [5, 5_000, 0]
+
+
 def test_publish_task(prefect_harness, tiny_cfg, parent):
     recs = ingest(tiny_cfg, parent)
     snap = publish(tiny_cfg, parent, recs)

@@ -174,6 +174,8 @@ def test_sigmoid_form_through_the_quantizer_and_codebook_files(tmp_path):
     (lambda x: x[:0], "no embeddings"),
     (lambda x: x[:, :5], "dim 5 != codebook dim 24"),
     (lambda x: x[:10], "fewer than K=16"),
+    (lambda x: np.where(np.arange(len(x))[:, None] % 10 == 3, 0.0, x), "10 of 100 embeddings are all zeros"),
+    (lambda x: np.zeros_like(x), "100 of 100 embeddings are all zeros"),
 ])
 def test_bad_embeddings_rejected(mutate, match):
     x, ids = _emb(n=100)
