@@ -11,7 +11,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
 from tasks import tracking
-from tasks.common import route_core_logs
+from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
 from tasks.embed import embed, train
 from tasks.ingest import ingest
@@ -34,9 +34,13 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     route_core_logs()
     cfg = load_config(config_path, overrides).resolved()
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
-    with tracking.flow_run(cfg, "codebook-refresh",
-                           tags={"prefect.flow_run_id": prefect_flow_run.id or "",
-                                 "qarm.config_path": config_path}) as run_id:
+    # One refresh at a time per home; every stage learns from the snapshot current now (the parent),
+    # and publish refuses if CURRENT moved meanwhile.
+    with exclusive_home(cfg, "codebook-refresh") as lease, \
+            tracking.flow_run(cfg, "codebook-refresh", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
+                                                             "qarm.config_path": config_path}) as run_id:
+        adopt_run(cfg, lease, run_id)
+        parent = current_snapshot_id(cfg)
         records = ingest.with_options(**retry)(cfg, run_id)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
@@ -60,6 +64,7 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         q = cfg.quantize
         gate(cfg, run_id, "quantize", records["codes"], catalog=records["items"],
              expect={"code_sizes": (q.levels[0], q.levels[1], q.fsq_levels ** q.fsq_dims)})
-        snapshot = publish.with_options(**retry)(cfg, run_id, records)
+        lease.check()
+        snapshot = publish.with_options(**retry)(cfg, run_id, records, parent)
     return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
             "rows": {n: r.rows for n, r in records.items()}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -41,6 +41,12 @@ class TrackingConfig(Strict):
 class FlowConfig(Strict):
     task_retries: int = Field(2, ge=0)
     task_retry_delay_seconds: float = Field(2.0, ge=0.0)
+    # One refresh at a time per home (qarm_core.lease): a second one exits 2 naming the holder
+    # ("fail") or waits for it up to busy_wait_s ("wait"). A holder whose heartbeat is older than
+    # lease_ttl_s, or whose process is gone, is taken over.
+    on_busy: Literal["fail", "wait"] = "fail"
+    busy_wait_s: float = Field(3600.0, ge=0.0)
+    lease_ttl_s: float = Field(120.0, ge=5.0)
 
 
 class PipelineConfig(Strict):

@@ -350,8 +350,13 @@ class Storage:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def publish(self, records: dict[str, DatasetRecord], meta: dict | None = None,
-                retention: int | None = None, publish_key: str | None = None) -> Snapshot:
+                retention: int | None = None, publish_key: str | None = None,
+                expect_parent: str | None | bool = False) -> Snapshot:
         """Publish ``records`` as a new snapshot and point CURRENT at it.
+
+        ``expect_parent``: the snapshot id (None: no snapshot) the run started from; when CURRENT
+        names another one at the moment of publishing, nothing is published (StorageError): a run
+        never replaces a snapshot it did not learn from. ``False`` skips the check.
 
         Dataset files are hard-linked (copied across filesystems) from where the stages wrote
         them, so publishing costs no data copy and the staged files stay reusable.
@@ -389,6 +394,12 @@ class Storage:
             write_json_atomic(tmp / MANIFEST, manifest)
             fsync_dir(tmp)
             with self._publish_lock():
+                if expect_parent is not False:
+                    now = self.current()
+                    now_id = now.snapshot_id if now is not None else None
+                    if now_id != expect_parent:
+                        raise StorageError(f"CURRENT moved from {expect_parent} to {now_id} while this run "
+                                           "worked; nothing is published (rerun to learn from the new snapshot)")
                 os.rename(tmp, self.snapshots_dir / sid)
                 fsync_dir(self.snapshots_dir)
                 self._set_current(sid)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 from prefect import get_run_logger
@@ -18,6 +19,9 @@ from qarm_core.hashing import stable_hash
 from qarm_core.schemas import DatasetSchema
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
 from tasks import tracking
+
+if TYPE_CHECKING:
+    from qarm_core.lease import Lease
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -130,3 +134,36 @@ def published_table(storage: Storage, dataset: str) -> tuple[pa.Table | None, Da
 
     rec = storage.published_cache(dataset)
     return (read_dataset(rec) if rec is not None else None), rec
+
+
+@contextlib.contextmanager
+def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
+    """Hold the home's refresh lease (``qarm_core.lease``) for the block: taken before any MLflow or
+    storage work, so two refreshes never race (not even to create the MLflow store); the second
+    one exits with BusyError naming the holder, or waits (``flow.on_busy``)."""
+    from qarm_core.lease import Lease
+
+    f = cfg.flow
+    lease = Lease(cfg.home, purpose, ttl_s=f.lease_ttl_s, heartbeat_s=f.lease_ttl_s / 6)
+    lease.acquire(wait_s=f.busy_wait_s if f.on_busy == "wait" else 0.0)
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def adopt_run(cfg: PipelineConfig, lease: "Lease", run_id: str) -> None:
+    """Record this run in the lease, and close the MLflow runs of a dead holder it took over."""
+    lease.annotate(run_id)
+    dead = lease.taken_over
+    if dead is not None and dead.run_id:
+        n = tracking.close_abandoned_run(cfg, dead.run_id, f"abandoned: its process died ({dead.purpose}, pid "
+                                                           f"{dead.pid} on {dead.host}); closed by run {run_id}")
+        if n:
+            get_run_logger().warning("closed %d MLflow run(s) left RUNNING by a dead refresh (pid %s)", n, dead.pid)
+
+
+def current_snapshot_id(cfg: PipelineConfig) -> str | None:
+    """The id of the snapshot CURRENT names (None before the first publish)."""
+    snap = Storage(cfg.home).current()
+    return snap.snapshot_id if snap is not None else None

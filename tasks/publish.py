@@ -11,12 +11,17 @@ from tasks.common import TASK_DEFAULTS
 
 
 @task(name="publish", **TASK_DEFAULTS)
-def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetRecord]) -> Snapshot:
+def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetRecord],
+            parent_snapshot: str | None | bool = False) -> Snapshot:
+    """Publish ``records``; ``parent_snapshot``: the snapshot id the run started from (None: none),
+    which CURRENT must still name (``Storage.publish``'s ``expect_parent``)."""
     storage = Storage(cfg.home)
     with tracking.stage_run(cfg, parent_run_id, "publish") as run:
         snap = storage.publish(records, meta={"mlflow_run_id": parent_run_id, "config": cfg.to_dict(),
-                                              "config_fingerprint": cfg.fingerprint()},
-                               retention=cfg.storage.retention, publish_key=parent_run_id)
+                                              "config_fingerprint": cfg.fingerprint(),
+                                              "parent_snapshot": parent_snapshot or None},
+                               retention=cfg.storage.retention, publish_key=parent_run_id,
+                               expect_parent=parent_snapshot)
         kept = {str(r.path) for r in records.values()}
         pruned_work = storage.prune_work(cfg.storage.work_ttl_hours,
                                          keep={str(p) for p in _stage_roots(kept)})

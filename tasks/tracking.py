@@ -171,3 +171,23 @@ def log_batch(handle: StageRun, params: dict[str, Any] | None = None, metrics: d
     ms = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()]
     for lo in range(0, max(len(ps), len(ms)), 100):
         handle.client.log_batch(handle.run_id, metrics=ms[lo:lo + 100], params=ps[lo:lo + 100])
+
+
+def close_abandoned_run(cfg: PipelineConfig, run_id: str, why: str) -> int:
+    """Mark ``run_id`` and its nested runs FAILED where they are still RUNNING (their process died:
+    a SIGKILL or a lost host never ends its runs); ``why`` goes into ``qarm.error``. Returns how
+    many runs were closed."""
+    client = _client(cfg)
+    closed = 0
+    try:
+        runs = [client.get_run(run_id)]
+    except mlflow.exceptions.MlflowException:     # the dead run never reached MLflow
+        return 0
+    runs += client.search_runs([runs[0].info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+    for r in runs:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "qarm.error", why[:5000])
+            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            closed += 1
+    return closed

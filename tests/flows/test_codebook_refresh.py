@@ -379,3 +379,41 @@ def test_items_renamed_under_stable_ids_are_judged_and_asked_again(prefect_harne
     renamed_qa = [r for r in qa.to_pylist() if r["item_id"] in renamed_ids]
     old_titles = {r["item_id"]: r["title"] for r in items.to_pylist()}
     assert renamed_qa and all(old_titles[r["item_id"]] not in r["question"] + r["answer"] for r in renamed_qa)
+
+
+def test_one_refresh_at_a_time_and_a_dead_runs_leftovers_are_closed(prefect_harness, tmp_path):
+    """A refresh on a home another live run holds stops before any work (not even the MLflow store
+    is created) and names the holder; a refresh after a SIGKILLed one takes its lease over, marks
+    the dead run's MLflow runs FAILED and publishes."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from qarm_core.lease import LEASE_FILE, BusyError, Lease
+
+    home = tmp_path / "home"
+    holder = Lease(home, "codebook-refresh").acquire()
+    try:
+        with pytest.raises(BusyError, match="in use by another codebook-refresh"):
+            codebook_refresh(TINY, {"home": str(home)})
+        assert sorted(p.name for p in home.iterdir()) == [LEASE_FILE, LEASE_FILE + ".lock"]
+    finally:
+        holder.release()
+    # a run killed mid-way: its MLflow runs stay RUNNING and its lease names a pid that is gone
+    cfg = _cfg(home)
+    client = tracking._client(cfg)
+    dead_run = client.create_run(tracking.experiment_id(cfg), run_name="codebook-refresh").info.run_id
+    client.create_run(tracking.experiment_id(cfg), run_name="judge", tags={"mlflow.parentRunId": dead_run})
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True).stdout)
+    (home / LEASE_FILE).write_text(json.dumps({"owner": "gone", "pid": pid, "host": socket.gethostname(),
+                                               "purpose": "codebook-refresh", "acquired_at": time.time(),
+                                               "heartbeat_at": time.time(), "run_id": dead_run}))
+    out = codebook_refresh(TINY, {"home": str(home)})
+    assert Storage(home).current().snapshot_id == out["snapshot_id"] and not (home / LEASE_FILE).exists()
+    runs = {r["run_id"]: r for r in tracking.runs_of(cfg)}
+    dead = [r for r in runs.values() if r["run_id"] == dead_run or r["tags"].get("mlflow.parentRunId") == dead_run]
+    assert len(dead) == 2 and all(r["status"] == "FAILED" and "abandoned" in r["tags"]["qarm.error"] for r in dead)
+    assert runs[out["mlflow_run_id"]]["status"] == "FINISHED"

@@ -58,6 +58,13 @@ def test_publish_moves_current_and_keeps_old(tmp_path):
     assert st.list_snapshots() == sorted([s1.snapshot_id, s2.snapshot_id])
     assert read_dataset(st.snapshot(s1.snapshot_id).record("items")).num_rows == 3
     assert read_dataset(st.current().record("items")).num_rows == 5
+    # a run that started from s1 (or from nothing) must not replace s2, which it never saw
+    r3, _ = _stage(st, "k3", _items(7))
+    for started_from in (s1.snapshot_id, None):
+        with pytest.raises(StorageError, match="CURRENT moved .* nothing is published"):
+            st.publish(r3, expect_parent=started_from)
+    assert st.current().snapshot_id == s2.snapshot_id and len(st.list_snapshots()) == 2
+    assert st.publish(r3, expect_parent=s2.snapshot_id).snapshot_id == st.current().snapshot_id
 
 
 def test_staged_output_is_reused_and_invalidated_when_files_vanish(tmp_path):
