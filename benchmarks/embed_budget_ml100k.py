@@ -64,9 +64,11 @@ def _baselines(cfg, data: dict, work: Path) -> dict:
     return {"base": read_embeddings(base.path), "minilm": read_embeddings(minilm.path)}
 
 
-def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, work: Path) -> list[dict]:
+def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, work: Path,
+                   on_row=lambda row: None) -> list[dict]:
     """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at step 0) score the model in
-    memory. Returns one row per evaluation: step, training seconds so far, scores."""
+    memory. Returns one row per evaluation: step, training seconds so far, scores (each also handed
+    to ``on_row`` as it is measured)."""
     import numpy as np
 
     from qarm_core.embed.embed import encode_with_model
@@ -91,6 +93,7 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
         sc = _scores({"fine-tuned": (ids, x)}, data, cfg.events.positive_min_rating)["fine-tuned"]
         rows.append({"lr": lr, "step": step, "train_seconds": round(train_s, 1), **{
             f"{p}.{k}": v for p, d in sc.items() for k, v in d.items()}})
+        on_row(rows[-1])
         print(f"lr {lr:g} step {step}: train {train_s:.0f} s, valid recall@10 {sc['valid']['recall_at_10']:.4f}, "
               f"test recall@10 {sc['test']['recall_at_10']:.4f}", flush=True)
         if step >= max_steps:
@@ -123,12 +126,16 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = _scores(_baselines(cfg, data, work), data, cfg.events.positive_min_rating)
-    rows = []
-    for lr in (float(v) for v in args.lrs.split(",")):
-        rows += learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work)
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:    # written as measured: a stopped run keeps its curve so far
+        rows.append(row)
         if args.out:
             Path(args.out).write_text(json.dumps({"rows": rows, "baselines": base, "hardware": hardware_summary()},
                                                  indent=2))
+
+    for lr in (float(v) for v in args.lrs.split(",")):
+        learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep)
     best = max(rows, key=lambda r: (r["valid.recall_at_10"], -r["step"]))
     print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; {hardware_summary()}")
     print(table(["lr", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR"],
