@@ -38,10 +38,19 @@ def _published_inputs(cfg) -> dict:
     from qarm_core.storage import Storage, read_dataset
     from tasks.evaluate import evaluation_inputs
 
+    import pyarrow.parquet as pq
+
     inputs = evaluation_inputs.fn(cfg)
     rec = {n: Storage(cfg.home).current().record(n) for n in ("items", "judgments", "qa", "train_events")}
-    return {"items": read_dataset(rec["items"]), "judgments": read_dataset(rec["judgments"]),
-            "qa": read_dataset(rec["qa"]), "events": inputs["events"], "snapshot": inputs["snapshot_id"],
+
+    def columns(name: str, cols: list[str]):
+        # only what training reads, straight from the files: runs on snapshots of older schema versions too
+        return pq.read_table(rec[name].path, columns=cols)
+
+    return {"items": read_dataset(rec["items"]),
+            "judgments": columns("judgments", ["src_item", "dst_item", "source", "keep"]),
+            "qa": columns("qa", ["item_id", "qa_index", "question", "answer"]),
+            "events": inputs["events"], "snapshot": inputs["snapshot_id"],
             "train_items": np.unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())}
 
 
