@@ -308,3 +308,49 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_no_pickle_code_forces_weights_only_loads(tmp_path):
+    import torch
+
+    from qarm_core.embed.train.checkpoint import no_pickle_code
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"step": 3, "evil": Evil()}, tmp_path / "ck.pt")
+    torch.save({"step": 3, "w": torch.ones(2)}, tmp_path / "ok.pt")
+    with no_pickle_code(tmp_path):
+        assert torch.load(tmp_path / "ok.pt", weights_only=False)["step"] == 3
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=checkpoints\] refused to load"):
+        with no_pickle_code(tmp_path):
+            torch.load(tmp_path / "ck.pt", weights_only=False)      # what DeepSpeed asks for
+    assert not marker.exists()
+    assert torch.load.__name__ == "load"                             # restored
+
+
+def test_a_planted_pickle_in_a_deepspeed_checkpoint_is_refused_not_run(tiny_lm_path, tiny_catalog, tmp_path):
+    import torch
+
+    from qarm_core.embed.train import train_embedding_model
+
+    items, judgments, qa = tiny_catalog
+    cfg = TrainConfig(use_deepspeed=True, dtype="bfloat16", batch_size=8, max_steps=6, lr=3e-3,
+                      anneal_steps=4, checkpoint_every=3, warmup_steps=2)
+    with pytest.raises(Killed):        # dies after step 5: the checkpoint of step 3 remains
+        train_embedding_model(items, judgments, qa, tmp_path / "run", _mcfg(tiny_lm_path), cfg, progress=_kill_at(5))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    step3 = tmp_path / "run" / "checkpoints" / "step-00000003"
+    state = torch.load(step3 / "mp_rank_00_model_states.pt", weights_only=False)
+    torch.save({**state, "client_note": Evil()}, step3 / "mp_rank_00_model_states.pt")
+    with pytest.raises(DataError, match=r"\[stage=train, dataset=checkpoints\] refused to load"):
+        train_embedding_model(items, judgments, qa, tmp_path / "run", _mcfg(tiny_lm_path), cfg)
+    assert not marker.exists() and not (tmp_path / "run" / "model").exists()

@@ -1,17 +1,68 @@
 """Checkpoint IO of a training run: its fingerprint (which checkpoints belong to it), plain-torch
 checkpoints (safetensors + JSON), DeepSpeed checkpoints through its engine, pruning, and the fp32
-weights reassembled from a ZeRO checkpoint."""
+weights reassembled from a ZeRO checkpoint.
+
+No pickle code runs on the resume path: DeepSpeed's checkpoints are torch.save files, which it loads
+with ``weights_only=False`` (a file planted under ``work/train/*/checkpoints`` would run its code on
+the next refresh). ``no_pickle_code`` makes every ``torch.load`` inside it (DeepSpeed's included)
+a ``weights_only`` load that allows tensors, plain containers and only the three DeepSpeed classes
+its checkpoints hold (``DEEPSPEED_SAFE_GLOBALS``); anything else is refused, not executed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.distributed import barrier
+from qarm_core.embed.train.record import STAGE
+from qarm_core.errors import DataError
+
+# The non-tensor objects DeepSpeed (ZeRO 1-3, bf16) writes into its checkpoints, found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on this version's files.
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+@contextlib.contextmanager
+def no_pickle_code(where: Path | str) -> Iterator[None]:
+    """Inside: ``torch.load`` runs with ``weights_only=True`` and ``DEEPSPEED_SAFE_GLOBALS`` allowed;
+    a checkpoint under ``where`` holding any other object raises DataError (refused, not run)."""
+    import importlib
+
+    import torch
+
+    allowed = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):   # another DeepSpeed layout: that class is simply not allowed
+            pass
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise DataError(STAGE, "checkpoints", f"refused to load a checkpoint under {where}: it holds objects other "
+                                              f"than tensors and DeepSpeed's own state, which loading would run "
+                                              f"as code ({str(exc).splitlines()[0][:300]}); remove the folder to "
+                                              "train from scratch") from None
+    finally:
+        torch.load = original
 
 
 def digest(obj: Any) -> str:
@@ -94,8 +145,11 @@ def fp32_state_from_checkpoint(ckpt_root: Path, model: Any) -> dict | None:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root))
-    except Exception:  # noqa: BLE001 -- any failure: fall back to the module weights
+        with no_pickle_code(ckpt_root):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root))
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 -- any other failure: fall back to the module weights
         return None
     # zero_to_fp32 lists a tied (shared) parameter under one name only: find it by identity
     alias: dict[int, list[str]] = {}

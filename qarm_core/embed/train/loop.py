@@ -16,8 +16,8 @@ import pyarrow as pa
 
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
-from qarm_core.embed.train.checkpoint import (digest, fp32_state_from_checkpoint, load_plain, run_fingerprint,
-                                             save_checkpoint)
+from qarm_core.embed.train.checkpoint import (digest, fp32_state_from_checkpoint, load_plain, no_pickle_code,
+                                             run_fingerprint, save_checkpoint)
 from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, init_process_group,
                                                training_dtype)
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
@@ -173,7 +173,8 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     start = 0
     if engine is not None:
         if (ckpt_root / "latest").exists():
-            _, client = engine.load_checkpoint(str(ckpt_root))
+            with no_pickle_code(ckpt_root):
+                _, client = engine.load_checkpoint(str(ckpt_root))
             start = int(client["step"])
     else:
         client = load_plain(ckpt_root, model, opt)
