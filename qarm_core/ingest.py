@@ -194,7 +194,6 @@ def _all_text_types(path: Path, delim: str) -> dict[str, pa.DataType]:
 
 
 _INT_TEXT = r"^\s*[-+]?\d+\s*$"
-_NUMBER_TEXT = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
 def _blank_to_null(col: pa.Array) -> pa.Array:
@@ -215,31 +214,49 @@ def _text_to_int(col: pa.Array, target: pa.DataType) -> pa.Array:
 
 
 def _bad_values(col: pa.Array, target: pa.DataType, n: int = 5) -> list:
-    """The first few values that cannot be read as ``target`` (for the error message)."""
+    """The first few values that cannot be read as ``target`` (for the error message): found by
+    bisection with the very cast that failed, so an int64 overflow or a NaN timestamp shows the
+    offending value, not the first values of the column."""
+    found: list = []
+
+    def scan(part: pa.Array) -> None:
+        if len(found) >= n or len(part) == 0:
+            return
+        try:
+            _cast(part, target)
+            return
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        if len(part) == 1:
+            found.append(part[0].as_py())
+            return
+        mid = len(part) // 2
+        scan(part.slice(0, mid))
+        scan(part.slice(mid))
+
+    scan(col)
+    return found
+
+
+def _cast(col: pa.Array, target: pa.DataType) -> pa.Array:
+    if pa.types.is_timestamp(col.type) and pa.types.is_integer(target):
+        # A typed timestamp says its unit: store unix seconds whatever the unit was.
+        return pc.cast(pc.cast(col, pa.timestamp("s", tz=col.type.tz), safe=False), target)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        pattern = _INT_TEXT if pa.types.is_integer(target) else _NUMBER_TEXT
-        bad = pc.invert(pc.or_kleene(pc.is_null(_blank_to_null(col)), pc.match_substring_regex(col, pattern)))
-        found = pc.filter(col, bad).slice(0, n).to_pylist()
-        if found:
-            return found
-    return col.slice(0, n).to_pylist()
+        if pa.types.is_list(target):  # tags as "a|b|c" in text files
+            return pc.split_pattern(col, "|")
+        if pa.types.is_integer(target):
+            return _text_to_int(col, target)
+        if pa.types.is_floating(target):
+            col = _blank_to_null(col)
+    return pc.cast(col, target, safe=True)   # refuses 1.5 -> 1 and out-of-range values
 
 
 def _cast_column(col: pa.Array, target: pa.DataType, dataset: str, name: str) -> pa.Array:
     if col.type == target:
         return col
     try:
-        if pa.types.is_timestamp(col.type) and pa.types.is_integer(target):
-            # A typed timestamp says its unit: store unix seconds whatever the unit was.
-            return pc.cast(pc.cast(col, pa.timestamp("s", tz=col.type.tz), safe=False), target)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            if pa.types.is_list(target):  # tags as "a|b|c" in text files
-                return pc.split_pattern(col, "|")
-            if pa.types.is_integer(target):
-                return _text_to_int(col, target)
-            if pa.types.is_floating(target):
-                col = _blank_to_null(col)
-        return pc.cast(col, target, safe=True)   # refuses 1.5 -> 1 and out-of-range values
+        return _cast(col, target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(STAGE, dataset, f"column {name!r} has type {col.type} and cannot be read "
                                         f"as {target} ({exc}); offending values: "

@@ -141,6 +141,21 @@ def test_bad_value_sample_shows_the_offending_rows(tmp_path):
         _collect(p)
 
 
+@pytest.mark.parametrize("column, values, bad", [
+    ("user_id", pa.array([1, 2, 2 ** 63 + 5, 3], pa.uint64()), [2 ** 63 + 5]),           # int64 overflow
+    ("ts", pa.array([10.0, float("nan"), 12.0, float("inf")]), [float("nan"), float("inf")]),
+    ("user_id", pa.array(["1", "99999999999999999999", "2", "3"]), ["99999999999999999999"]),
+])
+def test_the_error_shows_the_values_that_fail_not_the_first_ones(tmp_path, column, values, bad):
+    cols = {"user_id": pa.array([1, 2, 3, 4]), "item_id": pa.array([5, 6, 7, 8]), "ts": pa.array([1, 2, 3, 4]),
+            "rating": pa.array([4.0] * 4)}
+    cols[column] = values
+    pq.write_table(pa.table(cols), tmp_path / "i.parquet")
+    with pytest.raises(DataError, match=f"column '{column}'") as err:
+        _collect(tmp_path / "i.parquet")
+    assert str(err.value).endswith(f"offending values: {bad!r}")
+
+
 def test_typed_timestamps_become_unix_seconds(tmp_path):
     ts = pa.array([1_600_000_000_123, 1_600_000_100_999], pa.timestamp("ms"))
     pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "ts": ts, "rating": [1.0, 2.0]}),
