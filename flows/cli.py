@@ -71,12 +71,46 @@ def _show_core_logs() -> None:
         core.propagate = False
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, SIGINT or SIGHUP asked the command to stop (a BaseException: no handler swallows it)."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, so that the run unwinds within
+    seconds: MLflow runs end FAILED with the signal in ``qarm.error``, Prefect marks its run crashed,
+    the refresh lease is released and the ephemeral Prefect server stops (atexit). A second signal
+    exits at once."""
+    import signal
+
+    got: list[int] = []
+
+    def handler(signum, frame):
+        if got:
+            os._exit(128 + signum)
+        got.append(signum)
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _guard(fn, *args) -> None:
     try:
-        fn(*args)
+        with _stop_on_signals():
+            fn(*args)
     except QarmError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except Stopped as exc:
+        console.print(f"[bold red]{escape(str(exc))}[/]: the run was ended cleanly; rerun to resume from "
+                      "its completed stages", highlight=False)
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -56,7 +56,8 @@ class LeaseInfo:
                 f"{now - self.heartbeat_at:.0f} s ago{', MLflow run ' + self.run_id if self.run_id else ''})")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -110,7 +111,7 @@ class Lease:
     def _is_stale(self, info: LeaseInfo, now: float) -> bool:
         if now - info.heartbeat_at > self.ttl_s:
             return True
-        return info.host == socket.gethostname() and not _pid_alive(info.pid)
+        return info.host == socket.gethostname() and not pid_alive(info.pid)
 
     # ------------------------------------------------------------ public
     def holder(self) -> LeaseInfo | None:

@@ -38,6 +38,7 @@ from pydantic import Field
 from qarm_core import __version__
 from qarm_core.base import Strict
 from qarm_core.errors import StorageError
+from qarm_core.lease import pid_alive as _pid_alive
 from qarm_core.schemas import DatasetSchema, schema_for
 
 
@@ -94,6 +95,22 @@ class Snapshot:
         return DatasetRecord(dataset=dataset, path=str(Path(self.path) / dataset), rows=meta["rows"],
                              schema_version=meta["schema_version"], fingerprint=meta["fingerprint"],
                              files=tuple(meta["files"]))
+
+
+_HOST = "".join(c if c.isalnum() else "_" for c in __import__("socket").gethostname())[:40] or "host"
+
+
+def _owner_tag() -> str:
+    """``<host>_<pid>`` in the name of every temporary folder: whose it is, for ``remove_dead_leftovers``."""
+    return f"{_HOST}_{os.getpid()}"
+
+
+def _owner_of(name: str) -> tuple[str, int] | None:
+    """(host, pid) from a temporary folder's name, None for names without an owner tag."""
+    import re
+
+    m = re.search(r"[.-]([A-Za-z0-9_]+)_(\d+)[.-][0-9a-f]{6,8}$", name)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -266,7 +283,7 @@ class Storage:
         """Yield a private folder to write a stage output into; on success it becomes
         ``work/<stage>/<key>`` in one rename, on failure it is removed."""
         final = self.stage_dir(stage, key)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".tmp-{key}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             yield tmp
@@ -371,7 +388,7 @@ class Storage:
                 == {n: r.fingerprint for n, r in records.items()}:
             return cur
         sid = new_snapshot_id()
-        tmp = self.staging_dir / f"{sid}.{uuid.uuid4().hex[:6]}"
+        tmp = self.staging_dir / f"{sid}.{_owner_tag()}.{uuid.uuid4().hex[:6]}"
         tmp.mkdir(parents=True)
         try:
             datasets = {}
@@ -444,6 +461,24 @@ class Storage:
                 if time.time() - p.stat().st_mtime > 3600:
                     shutil.rmtree(p, ignore_errors=True)
         return removed
+
+    def remove_dead_leftovers(self) -> list[str]:
+        """Remove the temporary folders (snapshot staging, stage outputs being written) whose writing
+        process is gone from this host: what a killed run leaves. Folders of live processes, of other
+        hosts, and of older qarm versions (no owner in the name; they expire by age) stay. Returns
+        the names removed."""
+        found = []
+        if self.staging_dir.is_dir():
+            found += list(self.staging_dir.iterdir())
+        if self.work_dir.is_dir():
+            found += [p for stage in self.work_dir.iterdir() if stage.is_dir() for p in stage.glob(".tmp-*")]
+        removed = []
+        for p in found:
+            owner = _owner_of(p.name)
+            if owner is not None and owner[0] == _HOST and not _pid_alive(owner[1]):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return sorted(removed)
 
     def prune_work(self, ttl_hours: float, keep: Iterable[str] = ()) -> int:
         """Delete staged stage outputs older than ``ttl_hours`` (not those in ``keep``)."""

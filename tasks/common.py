@@ -153,8 +153,12 @@ def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
 
 
 def adopt_run(cfg: PipelineConfig, lease: "Lease", run_id: str) -> None:
-    """Record this run in the lease, and close the MLflow runs of a dead holder it took over."""
+    """Record this run in the lease; close the MLflow runs of a dead holder it took over and remove
+    the temporary folders dead runs left (safe: no other refresh runs while the lease is held)."""
     lease.annotate(run_id)
+    gone = Storage(cfg.home).remove_dead_leftovers()
+    if gone:
+        get_run_logger().warning("removed %d temporary folder(s) left by killed runs: %s", len(gone), gone[:5])
     dead = lease.taken_over
     if dead is not None and dead.run_id:
         n = tracking.close_abandoned_run(cfg, dead.run_id, f"abandoned: its process died ({dead.purpose}, pid "

@@ -94,6 +94,20 @@ class StageRun:
         self.json(result.to_dict(), f"gates/{ds}.json")
 
 
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``; a stop by signal (Prefect's TerminationSignal carries no message) names it."""
+    text = f"{type(exc).__name__}: {exc}"
+    sig = getattr(exc, "signal", None)
+    if isinstance(sig, int):
+        import signal
+
+        try:
+            text += f"stopped by {signal.Signals(sig).name}"
+        except ValueError:
+            text += f"stopped by signal {sig}"
+    return text
+
+
 @contextlib.contextmanager
 def _timed(handle: StageRun) -> Iterator[StageRun]:
     """Record the run's duration; end it FINISHED, or FAILED with the error in ``qarm.error``."""
@@ -103,7 +117,7 @@ def _timed(handle: StageRun) -> Iterator[StageRun]:
         yield handle
     except BaseException as exc:
         status = RunStatus.FAILED
-        handle.tags({"qarm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        handle.tags({"qarm.error": describe_error(exc)[:5000]})
         raise
     finally:
         handle.metrics({"duration_s": time.time() - t0})

@@ -215,3 +215,48 @@ def test_pairs_swing_names_its_own_stage_and_refuses_an_empty_result(tmp_path):
                               "--out", str(tmp_path / "p.parquet")])
     assert res.exit_code == 2 and "[stage=pairs-swing, dataset=interactions]" in " ".join(res.output.split())
     assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
+    """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
+    ephemeral Prefect API server included), the MLflow runs FAILED with the signal named, the lease
+    released; the next refresh then runs to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qarm_core.config import load_config
+    from qarm_core.embed.train.launch import live_group_members
+    from qarm_core.lease import LEASE_FILE
+    from tasks import tracking
+    from tests.support.paths import REPO
+
+    home = tmp_path / "home"
+    env = {**os.environ, "QARM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": ""}
+    cmd = [sys.executable, "-c", "from flows.cli import app; app()", "refresh", "--config", str(TINY)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
+        time.sleep(0.2)                                   # mid-run: ingest done, the split stage started
+    assert proc.poll() is None, proc.stdout.read()
+    t_stop = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in " ".join(out.split()), out[-3000:]
+    assert time.monotonic() - t_stop < 30
+    deadline = time.monotonic() + 10                      # the server's atexit stop may take a moment
+    while live_group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_group_members(proc.pid) == []
+    assert not (home / LEASE_FILE).exists() and not (home / "CURRENT").exists()
+    cfg = load_config(TINY, {"home": str(home)}).resolved()
+    runs = tracking.runs_of(cfg)
+    assert runs and all(r["status"] == "FAILED" for r in runs if r["name"] == "codebook-refresh")
+    assert any("SIGTERM" in r["tags"].get("qarm.error", "") for r in runs)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and (home / "CURRENT").exists(), again.stdout[-3000:]

@@ -354,3 +354,24 @@ def test_a_planted_pickle_in_a_deepspeed_checkpoint_is_refused_not_run(tiny_lm_p
     with pytest.raises(DataError, match=r"\[stage=train, dataset=checkpoints\] refused to load"):
         train_embedding_model(items, judgments, qa, tmp_path / "run", _mcfg(tiny_lm_path), cfg)
     assert not marker.exists() and not (tmp_path / "run" / "model").exists()
+
+
+def test_stopping_a_launch_stops_its_workers_too(tmp_path):
+    """The launcher runs in its own process group; stopping it (SIGTERM, then SIGKILL after the
+    grace) leaves no worker behind."""
+    import subprocess
+    import time
+
+    from qarm_core.embed.train.launch import _stop_group, live_group_members
+
+    worker = (f"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"open({str(tmp_path / 'started')!r}, 'w').close(); time.sleep(120)")
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+    t0 = time.monotonic()
+    while not (tmp_path / "started").exists() and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    _stop_group(proc, grace_s=1.0)                 # the worker ignores SIGTERM: SIGKILL ends it
+    assert 1.0 <= time.monotonic() - t0 < 10 and proc.returncode is not None
+    assert live_group_members(proc.pid) == []

@@ -292,3 +292,23 @@ def test_a_failed_cli_write_leaves_the_earlier_output_and_no_leftovers(tmp_path)
             (late / "mine.txt").write_text("user data")
     assert (late / "mine.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "q"]
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    from qarm_core.storage import _owner_tag
+
+    st = Storage(tmp_path).ensure()
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    host = _owner_tag().rsplit("_", 1)[0]
+    (st.work_dir / "judge").mkdir(parents=True)
+    made = {"dead_stage": st.work_dir / "judge" / f".tmp-abc123-{host}_{dead_pid}-0123abcd",
+            "live_stage": st.work_dir / "judge" / f".tmp-abc123-{_owner_tag()}-0123abce",
+            "dead_snapshot": st.staging_dir / f"20261203T000000Z-aaaaaa.{host}_{dead_pid}.a1b2c3",
+            "other_host": st.staging_dir / f"20261203T000000Z-aaaaaa.elsewhere_{dead_pid}.a1b2c4",
+            "old_format": st.work_dir / "judge" / ".tmp-abc123-0123abcf"}
+    for p in made.values():
+        p.mkdir(parents=True)
+    removed = st.remove_dead_leftovers()
+    assert removed == sorted([made["dead_stage"].name, made["dead_snapshot"].name])
+    assert {k for k, p in made.items() if p.exists()} == {"live_stage", "other_host", "old_format"}

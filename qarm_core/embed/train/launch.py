@@ -90,6 +90,55 @@ def launch_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` that still run (zombies excluded: a worker whose
+    launcher died waits for init to reap it). Without /proc: the group's existence, by signal 0."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    live = []
+    for d in proc_root.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()     # after "pid (comm) "
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(d.name))
+    return live
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the launcher's process group (launcher and workers); SIGKILL to whatever of the
+    group is left after ``grace_s``."""
+    import signal
+
+    def group_alive() -> bool:
+        proc.poll()                    # reap the launcher, or it stays in the group as a zombie
+        return bool(live_group_members(proc.pid))
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    if group_alive():
+        send(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if group_alive():
+            send(signal.SIGKILL)
+    proc.wait()
+
+
 def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None = None,
                  timeout_s: float | None = None) -> TrainRecord:
     """Start the multi-process run of ``job_file``, relay progress from its train_log.jsonl, wait,
@@ -102,7 +151,9 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
     out_log = out / "launch.log"
     t0 = time.perf_counter()
     with open(out_log, "wb") as lf:
-        proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO))
+        # its own process group: stopping the run stops the launcher's workers too, not just the launcher
+        proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO),
+                                start_new_session=True)
         try:
             while True:
                 try:
@@ -120,13 +171,10 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
                 if rc is not None:
                     break
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                    proc.kill()
-                    proc.wait()
+                    _stop_group(proc)
                     raise RuntimeError(f"training launch timed out after {timeout_s}s; see {out_log}")
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
             raise
     if rc != 0:
         tail = out_log.read_text(errors="replace")[-3000:]
