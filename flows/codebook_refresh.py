@@ -39,7 +39,7 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     with exclusive_home(cfg, "codebook-refresh") as lease, \
             tracking.flow_run(cfg, "codebook-refresh", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
                                                              "qarm.config_path": config_path}) as run_id:
-        adopt_run(cfg, lease, run_id)
+        adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
         parent = current_snapshot_id(cfg)
         records = ingest.with_options(**retry)(cfg, run_id)
         gate(cfg, run_id, "ingest", records["items"])

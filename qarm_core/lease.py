@@ -49,6 +49,7 @@ class LeaseInfo:
     acquired_at: float
     heartbeat_at: float
     run_id: str = ""
+    flow_run_id: str = ""
 
     def describe(self, now: float) -> str:
         return (f"{self.purpose} (pid {self.pid} on {self.host}, since "
@@ -142,11 +143,12 @@ class Lease:
         self._thread.start()
         return self
 
-    def annotate(self, run_id: str) -> None:
-        """Record the holder's MLflow run id in the lease (so a later run can mark it failed)."""
+    def annotate(self, run_id: str, flow_run_id: str = "") -> None:
+        """Record the holder's MLflow run id and Prefect flow run id in the lease (so that a later
+        run can close them if this one dies)."""
         with self._locked():
             if self._read_is_ours():
-                self._info = LeaseInfo(**{**asdict(self._info), "run_id": run_id})
+                self._info = LeaseInfo(**{**asdict(self._info), "run_id": run_id, "flow_run_id": flow_run_id})
                 self._write(self._info)
 
     def _read_is_ours(self) -> bool:

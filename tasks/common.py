@@ -152,10 +152,11 @@ def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
         lease.release()
 
 
-def adopt_run(cfg: PipelineConfig, lease: "Lease", run_id: str) -> None:
-    """Record this run in the lease; close the MLflow runs of a dead holder it took over and remove
-    the temporary folders dead runs left (safe: no other refresh runs while the lease is held)."""
-    lease.annotate(run_id)
+def adopt_run(cfg: PipelineConfig, lease: "Lease", run_id: str, flow_run_id: str = "") -> None:
+    """Record this run in the lease; close the MLflow runs and the Prefect flow run of a dead holder
+    it took over and remove the temporary folders dead runs left (safe: no other refresh runs while
+    the lease is held)."""
+    lease.annotate(run_id, flow_run_id)
     gone = Storage(cfg.home).remove_dead_leftovers()
     if gone:
         get_run_logger().warning("removed %d temporary folder(s) left by killed runs: %s", len(gone), gone[:5])
@@ -165,6 +166,23 @@ def adopt_run(cfg: PipelineConfig, lease: "Lease", run_id: str) -> None:
                                                            f"{dead.pid} on {dead.host}); closed by run {run_id}")
         if n:
             get_run_logger().warning("closed %d MLflow run(s) left RUNNING by a dead refresh (pid %s)", n, dead.pid)
+    if dead is not None and dead.flow_run_id:
+        _crash_flow_run(dead.flow_run_id, f"abandoned: its process died (pid {dead.pid} on {dead.host})")
+
+
+def _crash_flow_run(flow_run_id: str, why: str) -> None:
+    """Mark a Prefect flow run left RUNNING by a dead process as Crashed (no-op if it ended or is unknown)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)
+                get_run_logger().warning("marked Prefect flow run %s crashed: %s", flow_run_id, why)
+    except Exception as exc:  # noqa: BLE001 -- another API, a pruned run: closing it is best effort
+        get_run_logger().warning("could not close Prefect flow run %s: %s", flow_run_id, exc)
 
 
 def current_snapshot_id(cfg: PipelineConfig) -> str | None:

@@ -406,12 +406,20 @@ def test_one_refresh_at_a_time_and_a_dead_runs_leftovers_are_closed(prefect_harn
     client = tracking._client(cfg)
     dead_run = client.create_run(tracking.experiment_id(cfg), run_name="codebook-refresh").info.run_id
     client.create_run(tracking.experiment_id(cfg), run_name="judge", tags={"mlflow.parentRunId": dead_run})
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as prefect_client:
+        dead_flow_run = prefect_client.create_flow_run(codebook_refresh, state=Running()).id
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                              capture_output=True, text=True).stdout)
     (home / LEASE_FILE).write_text(json.dumps({"owner": "gone", "pid": pid, "host": socket.gethostname(),
                                                "purpose": "codebook-refresh", "acquired_at": time.time(),
-                                               "heartbeat_at": time.time(), "run_id": dead_run}))
+                                               "heartbeat_at": time.time(), "run_id": dead_run,
+                                               "flow_run_id": str(dead_flow_run)}))
     out = codebook_refresh(TINY, {"home": str(home)})
+    with get_client(sync_client=True) as prefect_client:
+        assert prefect_client.read_flow_run(dead_flow_run).state.is_crashed()
     assert Storage(home).current().snapshot_id == out["snapshot_id"] and not (home / LEASE_FILE).exists()
     runs = {r["run_id"]: r for r in tracking.runs_of(cfg)}
     dead = [r for r in runs.values() if r["run_id"] == dead_run or r["tags"].get("mlflow.parentRunId") == dead_run]
