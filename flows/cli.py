@@ -285,7 +285,7 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         import pyarrow.parquet as pq
 
         from qarm_core.quantize.config import QuantizerParams
-        from qarm_core.quantize.io import read_embeddings
+        from qarm_core.quantize.io import read_embeddings, read_model_version
         from qarm_core.quantize.quantizer import load_codebook, save_codebook
         from qarm_core.quantize.stage import quantize_stage
         from qarm_core.storage import check_output, staged_output, write_json_atomic
@@ -302,11 +302,12 @@ def quantize(embeddings: Path = typer.Option(..., help="Embeddings Parquet (item
         check_output(out, "folder", overwrite, "quantize")     # before any work
         with console.status("reading embeddings"):
             ids, x = read_embeddings(embeddings)
+            version = read_model_version(embeddings)
         prev_cb = load_codebook(previous / "codebook") if previous else None
         prev_codes = pq.read_table(previous / "codes.parquet") if previous else None
         mode = "frozen" if frozen else ("warm_start" if previous else "refit")
         with console.status(f"Semantic IDs ({mode}) for {len(x):,} items"):
-            cb, codes, metrics, how = quantize_stage(x, ids, params, mode, prev_cb, prev_codes)
+            cb, codes, metrics, how = quantize_stage(x, ids, params, mode, prev_cb, prev_codes, model_version=version)
         console.print(f"quantize: {how}")
         # a new temporary folder beside --out, renamed into place: a failed run never leaves a
         # half-written output, and nothing but an earlier qarm output is ever replaced

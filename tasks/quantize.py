@@ -7,7 +7,7 @@ import json
 from prefect import task
 
 from qarm_core.config import PipelineConfig
-from qarm_core.quantize.io import read_embeddings
+from qarm_core.quantize.io import read_embeddings, read_model_version
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
 from qarm_core.quantize.stage import quantize_stage
 from qarm_core.schemas import CODES
@@ -29,10 +29,14 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
 
     def produce():
         ids, x = read_embeddings(embeddings.path)
+        version = read_model_version(embeddings.path)
         prev = load_codebook(prev_book_rec.path) if use_prev else None
         prev_codes = read_dataset(prev_codes_rec) if use_prev and prev_codes_rec else None
-        book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes)
-        report.update({k: float(v) for k, v in metrics.items()}, notes={"quantize.how": how})
+        book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes,
+                                                   model_version=version)
+        lineage = (f"{prev.model_version or 'unknown'} -> {version}" if prev is not None else f"new: {version}")
+        report.update({k: float(v) for k, v in metrics.items()},
+                      notes={"quantize.how": how, "codebook.lineage": lineage})
         return {"codes": codes, "book": book}, report
 
     def write_codebook(folder, made) -> None:

@@ -72,6 +72,16 @@ def read_embeddings(path: str | Path, dataset: str = "embeddings") -> tuple[np.n
     return np.concatenate(ids), np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
 
 
+def read_model_version(path: str | Path) -> str:
+    """The ``model_version`` of an embeddings file or folder ("" when it has no such column or rows)."""
+    p = Path(path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files or "model_version" not in pq.read_schema(files[0]).names:
+        return ""
+    col = pq.read_table(files[0], columns=["model_version"])["model_version"]
+    return (col[0].as_py() or "") if len(col) else ""
+
+
 def synthetic_embeddings(n: int, dim: int, *, clusters: int = 4096, seed: int = 0,
                          block: int = 1_000_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Seeded mixture of Gaussians on the unit sphere, ``(ids, x)`` blocks of ``(block, dim)``."""

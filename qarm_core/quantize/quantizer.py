@@ -35,6 +35,8 @@ class Codebook:
     fsq: F.FSQCodebook
     params: QuantizerParams
     fit_report: list[dict] = field(default_factory=list)
+    # the embedding model whose space the centroids live in ("" for codebooks from before lineage)
+    model_version: str = ""
 
     @property
     def dim(self) -> int:
@@ -313,7 +315,7 @@ def save_codebook(codebook: Codebook, folder: str | Path) -> None:
         if getattr(codebook.fsq, name) is not None:
             np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
     meta = {"format": CODEBOOK_FORMAT, "params": codebook.params.model_dump(mode="json"),
-            "dim": codebook.dim, "fit_report": codebook.fit_report}
+            "dim": codebook.dim, "fit_report": codebook.fit_report, "model_version": codebook.model_version}
     (folder / "codebook.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -331,4 +333,4 @@ def load_codebook(folder: str | Path) -> Codebook:
                           for n in ("mean", "components", "boundaries", "centers")),
                         cell_means=np.load(folder / "fsq_cell_means.npy", allow_pickle=False)
                         if (folder / "fsq_cell_means.npy").is_file() else None)
-    return Codebook(books, fsq, params, meta.get("fit_report", []))
+    return Codebook(books, fsq, params, meta.get("fit_report", []), meta.get("model_version", ""))

@@ -3,10 +3,13 @@ published codebook, or encoded with it frozen (the daily refresh's choices)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+
+from qarm_core.quantize.lineage import align_to_previous
 
 from qarm_core.quantize.quantizer import (
     Codebook, QuantizerParams, assign_semantic_ids, quantize_embeddings, validate_embeddings,
@@ -17,7 +20,8 @@ Mode = Literal["refit", "warm_start", "frozen"]
 
 def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, mode: Mode = "warm_start",
                    previous: Codebook | None = None, previous_codes: pa.Table | None = None,
-                   dataset: str = "embeddings") -> tuple[Codebook, pa.Table, dict[str, float], str]:
+                   dataset: str = "embeddings", model_version: str = ""
+                   ) -> tuple[Codebook, pa.Table, dict[str, float], str]:
     """Codes for ``x`` ``(n_items, dim)``; returns (codebook, codes, metrics, how).
 
     ``how`` says what was done: ``frozen`` (encoded with ``previous``), ``warm_start`` (refitted from
@@ -25,7 +29,22 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
     ``previous_codes`` in the metrics) or ``refit`` (from scratch: asked for, no previous codebook,
     or a previous one that cannot apply, a new embedding width or other levels, said in ``how``).
     ``x`` is used as the residual buffer (modified in place).
+
+    ``model_version``: the embedding model of ``x``. A previous codebook fitted on another model's
+    embeddings lives in another space: it is never warm-started or used frozen; the fresh codebook's
+    cells are renumbered onto the previous codes instead (``lineage.align_to_previous``), with
+    ``lineage.*`` and churn in the metrics.
     """
+    if mode != "refit" and previous is not None and previous.model_version != model_version:
+        book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
+        book = dataclasses.replace(book, model_version=model_version)
+        how = (f"refit: the published codebook was fitted on embeddings of model {previous.model_version or 'unknown'}, "
+               f"these come from {model_version or 'an unnamed model'} (another embedding space)")
+        if previous_codes is not None and tuple(previous.params.levels) == tuple(params.levels):
+            book, codes, report = align_to_previous(book, codes, previous_codes)
+            metrics = {k: v for k, v in metrics.items() if k not in ("churn", "churn_items")} | report
+            how += "; cells renumbered onto the previous codes by item overlap"
+        return book, codes, metrics, how
     usable = previous is not None and previous.dim == x.shape[1] \
         and tuple(previous.params.levels) == tuple(params.levels) \
         and (mode == "frozen" or (previous.params.fsq_dims, previous.params.fsq_levels)
@@ -45,6 +64,7 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
     if mode in ("warm_start", "frozen") and usable:
         book, codes, metrics = quantize_embeddings(x, item_ids, params, previous=previous,
                                                    previous_codes=previous_codes, inplace=True, dataset=dataset)
-        return book, codes, metrics, "warm_start"
+        return dataclasses.replace(book, model_version=model_version), codes, metrics, "warm_start"
     book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
+    book = dataclasses.replace(book, model_version=model_version)
     return book, codes, metrics, why or ("refit" if mode == "refit" else "refit: no published codebook")
