@@ -22,6 +22,7 @@ CRON = "0 3 * * *"
 DAILY_OVERRIDES = {"embed.reuse_model": True, "quantize.mode": "warm_start"}
 RETRAIN = "weekly-retrain-ml100k"
 RETRAIN_CRON = "0 4 * * 0"
+RETRAIN_OVERRIDES = {"embed.train.init_from": "published"}   # continue from the published model
 
 
 def build(config: str = DEFAULT_CONFIG, cron: str = CRON):
@@ -35,7 +36,8 @@ def build(config: str = DEFAULT_CONFIG, cron: str = CRON):
 def build_retrain(config: str = DEFAULT_CONFIG, cron: str = RETRAIN_CRON):
     """The weekly deployment that fine-tunes the embedding model again."""
     return codebook_refresh.to_deployment(name=RETRAIN, cron=cron,
-                                          parameters={"config_path": str(Path(config).resolve())},
+                                          parameters={"config_path": str(Path(config).resolve()),
+                                                      "overrides": RETRAIN_OVERRIDES},
                                           tags=["qarm", "codebook-refresh", "retrain"])
 
 

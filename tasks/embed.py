@@ -50,8 +50,13 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
             run.metrics({"reused": 1.0, "reused_published": 1.0})
             log.info("train: reusing the published model %s", published.path)
             return {"model": published}
+        # the weekly retrain continues from the published model; its fingerprint is then an input
+        start = published if cfg.embed.train.init_from == "published" and published is not None else None
+        embed_cfg = cfg.embed if start is None else \
+            cfg.embed.model_copy(update={"model": cfg.embed.model.model_copy(update={"model": start.path})})
         key = stable_hash({"judgments": judgments.fingerprint, "qa": qa.fingerprint, "items": items.fingerprint,
                            "model": cfg.embed.model.model_dump(mode="json"),
+                           "start": start.fingerprint if start is not None else "base",
                            "train": cfg.embed.train.model_dump(mode="json"), "qarm": __version__})
         run_dir = storage.run_dir("train", key)
         report: dict = {}
@@ -61,7 +66,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
             run.metrics({k: v for k, v in p.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
         def write_model(folder: Path) -> None:
-            rec = train_stage(read_dataset(items), read_dataset(judgments), read_dataset(qa), cfg.embed,
+            rec = train_stage(read_dataset(items), read_dataset(judgments), read_dataset(qa), embed_cfg,
                               run_dir, progress)
             report.update({k: float(v) for k, v in rec.to_dict().items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -74,7 +79,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
                                                       artifacts={"model": (MODEL_FORMAT, write_model)})
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints: the finished model is staged
         run.params({"model": cfg.embed.model.model_dump(mode="json"), "train": cfg.embed.train.model_dump(mode="json"),
-                    "key": key})
+                    "key": key, "started_from": start.path if start is not None else "base"})
         run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))} | {"reused": float(reused)})
         run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
         log.info("train: %s steps, %.0f tokens/s, loss %.3f -> %.3f%s", f"{report.get('steps', 0):.0f}",

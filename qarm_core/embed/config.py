@@ -85,6 +85,9 @@ class TrainConfig(Strict):
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)
     max_train_pairs: int | None = Field(None, ge=1)       # sample of the kept pairs used (seeded)
     seed: int = 0
+    # Where a new fine-tune starts: "base" (embed.model.model) or "published" (the published fine-tuned
+    # model, continued for max_steps: the weekly retrain; the base model when none is published yet).
+    init_from: Literal["base", "published"] = "base"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

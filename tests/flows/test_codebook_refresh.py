@@ -129,18 +129,30 @@ def test_a_new_model_is_published_only_if_it_beats_the_published_one(prefect_har
     one on the same validation pairs, and the snapshot holds whichever won."""
     home = tmp_path / "home"
     first = codebook_refresh(TINY, {"home": str(home)})
-    model0 = Storage(home).current().record("model").fingerprint
-    second = codebook_refresh(TINY, {"home": str(home), "embed.train.max_steps": 6})
+    model0 = Storage(home).current().record("model")
+    # the weekly retrain: continue from the published model
+    second = codebook_refresh(TINY, {"home": str(home), "embed.train.max_steps": 6,
+                                     "embed.train.init_from": "published"})
     runs = tracking.runs_of(_cfg(home))
+    train = next(r for r in runs if r["name"] == "train" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
+    assert train["params"]["started_from"] == model0.path
     embed = next(r for r in runs if r["name"] == "embed" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
     m = embed["metrics"]
     new_wins = m["valid.finetuned.recall_at_10"] > m["valid.published.recall_at_10"]
     assert embed["tags"]["qarm.model_choice"] == ("finetuned" if new_wins else "published")
     assert m["gate.passed"] == float(new_wins)
     published = Storage(home).current()
-    assert (published.record("model").fingerprint == model0) == (not new_wins)
+    assert (published.record("model").fingerprint == model0.fingerprint) == (not new_wins)
     versions = set(read_dataset(published.record("embeddings"))["model_version"].to_pylist())
     assert len(versions) == 1 and first["snapshot_id"] != second["snapshot_id"]
+    # the codebook follows the model: a new model gets a fresh fit renumbered onto the old SIDs
+    quantize = next(r for r in runs if r["name"] == "quantize" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
+    old_version, new_version = quantize["tags"]["qarm.codebook.lineage"].split(" -> ")
+    assert new_version == versions.pop() and (old_version != new_version) == new_wins
+    if new_wins:
+        assert "renumbered" in quantize["tags"]["qarm.quantize.how"] and "lineage.c1_kept" in quantize["metrics"]
+    else:
+        assert quantize["tags"]["qarm.quantize.how"] == "warm_start"
 
 
 def test_quantize_gives_one_sid_per_item(refreshed):

@@ -22,7 +22,8 @@ def test_prefect_yaml_entrypoint_loads_the_flow():
     # the daily run reuses the model and warm-starts the codebook; the overrides are valid config keys
     cfg = load_config(REPO / daily["parameters"]["config_path"], daily["parameters"]["overrides"])
     assert cfg.embed.reuse_model and cfg.quantize.mode == "warm_start"
-    assert not load_config(REPO / weekly["parameters"]["config_path"]).embed.reuse_model
+    weekly_cfg = load_config(REPO / weekly["parameters"]["config_path"], weekly["parameters"]["overrides"])
+    assert not weekly_cfg.embed.reuse_model and weekly_cfg.embed.train.init_from == "published"
 
 
 def test_serve_builds_a_cron_deployment():
@@ -37,4 +38,5 @@ def test_serve_builds_a_cron_deployment():
     assert Path(dep.parameters["config_path"]).is_file()
     assert dep.parameters["overrides"] == {"embed.reuse_model": True, "quantize.mode": "warm_start"}
     retrain = mod.build_retrain()
-    assert retrain.name == "weekly-retrain-ml100k" and "overrides" not in retrain.parameters
+    assert retrain.name == "weekly-retrain-ml100k"
+    assert retrain.parameters["overrides"] == {"embed.train.init_from": "published"}
