@@ -221,7 +221,7 @@ def test_pairs_swing_names_its_own_stage_and_refuses_an_empty_result(tmp_path):
 def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
     """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
     ephemeral Prefect API server included), the MLflow runs FAILED with the signal named, the lease
-    released; the next refresh then runs to the end."""
+    released (so the next refresh can start: test_codebook_refresh covers a takeover)."""
     import os
     import signal
     import subprocess
@@ -258,5 +258,3 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     runs = tracking.runs_of(cfg)
     assert runs and all(r["status"] == "FAILED" for r in runs if r["name"] == "codebook-refresh")
     assert any("SIGTERM" in r["tags"].get("qarm.error", "") for r in runs)
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and (home / "CURRENT").exists(), again.stdout[-3000:]

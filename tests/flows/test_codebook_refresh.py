@@ -26,12 +26,46 @@ def refreshed(prefect_harness, tmp_path_factory):
     out = codebook_refresh(TINY, {"home": str(home)})
     st = Storage(home)
     first = {"snapshot_id": st.current().snapshot_id, "codes": read_dataset(st.current().record("codes"))}
+    dead = _plant_a_killed_refresh(home)          # the second refresh finds what a SIGKILL leaves
     out2 = codebook_refresh(TINY, {"home": str(home)})
     cfg = _cfg(home)
     runs = tracking.runs_of(cfg)
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     return {"home": home, "out": out, "out2": out2, "cfg": cfg, "storage": st, "runs": runs,
-            "children": children, "first": first}
+            "children": children, "first": first, "dead": dead}
+
+
+def _plant_a_killed_refresh(home) -> dict:
+    """What a refresh killed mid-run leaves: its MLflow runs RUNNING, its Prefect flow run Running, a
+    half-written stage folder, and a lease naming its (now gone) pid and runs."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from qarm_core.lease import LEASE_FILE
+    from qarm_core.storage import _owner_tag
+
+    cfg = _cfg(home)
+    client = tracking._client(cfg)
+    run = client.create_run(tracking.experiment_id(cfg), run_name="killed-refresh").info.run_id
+    child = client.create_run(tracking.experiment_id(cfg), run_name="killed-judge",
+                              tags={"mlflow.parentRunId": run}).info.run_id
+    with get_client(sync_client=True) as prefect_client:
+        flow_run = str(prefect_client.create_flow_run(codebook_refresh, state=Running()).id)
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True).stdout)
+    leftover = Storage(home).work_dir / "judge" / f".tmp-0123456789-{_owner_tag().rsplit('_', 1)[0]}_{pid}-abcdef01"
+    leftover.mkdir(parents=True)
+    (home / LEASE_FILE).write_text(json.dumps({"owner": "gone", "pid": pid, "host": socket.gethostname(),
+                                               "purpose": "codebook-refresh", "acquired_at": time.time(),
+                                               "heartbeat_at": time.time(), "run_id": run,
+                                               "flow_run_id": flow_run}))
+    return {"runs": [run, child], "flow_run": flow_run, "leftover": leftover}
 
 
 def _published(refreshed, dataset):
@@ -393,16 +427,9 @@ def test_items_renamed_under_stable_ids_are_judged_and_asked_again(prefect_harne
     assert renamed_qa and all(old_titles[r["item_id"]] not in r["question"] + r["answer"] for r in renamed_qa)
 
 
-def test_one_refresh_at_a_time_and_a_dead_runs_leftovers_are_closed(prefect_harness, tmp_path):
+def test_a_second_refresh_on_a_held_home_stops_before_any_work(prefect_harness, tmp_path):
     """A refresh on a home another live run holds stops before any work (not even the MLflow store
-    is created) and names the holder; a refresh after a SIGKILLed one takes its lease over, marks
-    the dead run's MLflow runs FAILED and publishes."""
-    import json
-    import socket
-    import subprocess
-    import sys
-    import time
-
+    is created) and names the holder."""
     from qarm_core.lease import LEASE_FILE, BusyError, Lease
 
     home = tmp_path / "home"
@@ -413,27 +440,20 @@ def test_one_refresh_at_a_time_and_a_dead_runs_leftovers_are_closed(prefect_harn
         assert sorted(p.name for p in home.iterdir()) == [LEASE_FILE, LEASE_FILE + ".lock"]
     finally:
         holder.release()
-    # a run killed mid-way: its MLflow runs stay RUNNING and its lease names a pid that is gone
-    cfg = _cfg(home)
-    client = tracking._client(cfg)
-    dead_run = client.create_run(tracking.experiment_id(cfg), run_name="codebook-refresh").info.run_id
-    client.create_run(tracking.experiment_id(cfg), run_name="judge", tags={"mlflow.parentRunId": dead_run})
-    from prefect.client.orchestration import get_client
-    from prefect.states import Running
 
+
+def test_a_refresh_after_a_killed_one_closes_what_it_left(refreshed):
+    """The second refresh of the fixture found a killed refresh's lease: it took it over, marked the
+    dead MLflow runs FAILED and its Prefect flow run Crashed, removed its half-written folder, and
+    published; its own lease is gone after."""
+    from prefect.client.orchestration import get_client
+
+    from qarm_core.lease import LEASE_FILE
+
+    dead = refreshed["dead"]
+    runs = {r["run_id"]: r for r in refreshed["runs"]}
+    assert all(runs[r]["status"] == "FAILED" and "abandoned" in runs[r]["tags"]["qarm.error"] for r in dead["runs"])
+    assert runs[refreshed["out2"]["mlflow_run_id"]]["status"] == "FINISHED"
     with get_client(sync_client=True) as prefect_client:
-        dead_flow_run = prefect_client.create_flow_run(codebook_refresh, state=Running()).id
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                             capture_output=True, text=True).stdout)
-    (home / LEASE_FILE).write_text(json.dumps({"owner": "gone", "pid": pid, "host": socket.gethostname(),
-                                               "purpose": "codebook-refresh", "acquired_at": time.time(),
-                                               "heartbeat_at": time.time(), "run_id": dead_run,
-                                               "flow_run_id": str(dead_flow_run)}))
-    out = codebook_refresh(TINY, {"home": str(home)})
-    with get_client(sync_client=True) as prefect_client:
-        assert prefect_client.read_flow_run(dead_flow_run).state.is_crashed()
-    assert Storage(home).current().snapshot_id == out["snapshot_id"] and not (home / LEASE_FILE).exists()
-    runs = {r["run_id"]: r for r in tracking.runs_of(cfg)}
-    dead = [r for r in runs.values() if r["run_id"] == dead_run or r["tags"].get("mlflow.parentRunId") == dead_run]
-    assert len(dead) == 2 and all(r["status"] == "FAILED" and "abandoned" in r["tags"]["qarm.error"] for r in dead)
-    assert runs[out["mlflow_run_id"]]["status"] == "FINISHED"
+        assert prefect_client.read_flow_run(dead["flow_run"]).state.is_crashed()
+    assert not dead["leftover"].exists() and not (refreshed["home"] / LEASE_FILE).exists()
