@@ -375,54 +375,47 @@ def test_no_stage_of_the_refresh_reads_the_test_period(prefect_harness, tmp_path
         assert differ == [], f"{name}: {differ} changed with the test period"
 
 
-def test_items_renamed_under_stable_ids_are_judged_and_asked_again(prefect_harness, tmp_path):
-    """The daily run after some items changed their titles (same ids): every pair touching a renamed
-    item is judged again from its new text and its QA is written again; nothing stale is published."""
+def test_items_renamed_under_stable_ids_are_judged_and_asked_again(refreshed, tmp_path):
+    """The judge and QA tasks of the next run after some items changed their titles (same ids), with
+    the published snapshot as their cache: every pair touching a renamed item is judged again from
+    its new text, exactly those, and its QA is written again; nothing stale comes out."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from qarm_core.ingest import resolve_source
     from qarm_core.judge.judge import pair_text_hashes
     from qarm_core.judge.prompts import judge_prompt
     from qarm_core.judge.qa import item_field_hash
+    from qarm_core.schemas import ITEMS
+    from qarm_core.storage import write_parquet_dataset
+    from tasks.judge import judge, qa
 
-    cfg = _cfg(tmp_path / "src")
-    _, batches = resolve_source(cfg.ingest)
-    inter = pa.Table.from_batches(list(batches["interactions"]()))
-    items = pa.Table.from_batches(list(batches["items"]()))
-    pq.write_table(inter, tmp_path / "log.parquet")
-    pq.write_table(items, tmp_path / "items0.parquet")
+    cfg, snap = refreshed["cfg"], refreshed["storage"].current()
+    items = read_dataset(snap.record("items"))
     renamed_ids = set(items["item_id"].to_pylist()[::5])
     titles = [f"Wireless Headphones #{i}" if i in renamed_ids else t
               for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())]
     items1 = items.set_column(items.column_names.index("title"), "title", pa.array(titles, pa.string()))
-    pq.write_table(items1, tmp_path / "items1.parquet")
-    home = tmp_path / "home"
-    common = {"home": str(home), "ingest.source": "files", "ingest.files.interactions": str(tmp_path / "log.parquet")}
-    first = codebook_refresh(TINY, {**common, "ingest.files.items": str(tmp_path / "items0.parquet")})
-    second = codebook_refresh(TINY, {**common, "ingest.files.items": str(tmp_path / "items1.parquet"),
-                                     "embed.reuse_model": True})
-    snap = Storage(home).current()
-    assert snap.snapshot_id == second["snapshot_id"] != first["snapshot_id"]
-    judgments = read_dataset(snap.record("judgments"))
+    items_rec = write_parquet_dataset(tmp_path / "items", [items1], ITEMS)
+    with tracking.flow_run(cfg, "test-renamed") as run_id:
+        out = judge(cfg, run_id, snap.record("pairs"), items_rec, snap.record("train_events"),
+                    snap.record("valid_events"))
+        out |= qa(cfg, run_id, out["judgments"], items_rec)
+    judgments = read_dataset(out["judgments"])
     touched = [a in renamed_ids or b in renamed_ids for a, b in zip(judgments["src_item"].to_pylist(),
                                                                      judgments["dst_item"].to_pylist())]
     assert 0 < sum(touched) < judgments.num_rows
-    fmt = judge_prompt(_cfg(home).judge.prompt_version).item_format
-    assert judgments["text_hash"].to_pylist() == pair_text_hashes(judgments, items1, fmt)
-    judge_run = next(r["metrics"] for r in tracking.runs_of(_cfg(home)) if r["name"] == "judge"
-                     and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
-    # judged this run: the pairs touching a renamed item, and pairs new today (the two-tower reads
-    # titles, so its pairs move); every other pair came from yesterday's table
-    key = ("src_item", "dst_item", "source")
-    before = {tuple(r[k] for k in key) for r in read_dataset(Storage(home).snapshot(first["snapshot_id"])
-                                                             .record("judgments")).to_pylist()}
-    rows = judgments.to_pylist()
-    assert judge_run["pairs.scored"] == sum(t or tuple(r[k] for k in key) not in before for r, t in zip(rows, touched))
-    qa = read_dataset(snap.record("qa"))
+    assert judgments["text_hash"].to_pylist() == pair_text_hashes(judgments, items1,
+                                                                  judge_prompt(cfg.judge.prompt_version).item_format)
+    old = {(r["src_item"], r["dst_item"], r["source"]): r["score"] for r in read_dataset(snap.record("judgments")).to_pylist()}
+    kept = [r["score"] == old[(r["src_item"], r["dst_item"], r["source"])]
+            for r, t in zip(judgments.to_pylist(), touched) if not t]
+    assert all(kept)                                                       # untouched pairs: from the cache
+    judge_run = next(r["metrics"] for r in tracking.runs_of(cfg) if r["name"] == "judge"
+                     and r["tags"]["mlflow.parentRunId"] == run_id)
+    assert judge_run["pairs.scored"] == sum(touched)                      # exactly the renamed items' pairs
+    table = read_dataset(out["qa"])
     by_id = {r["item_id"]: r for r in items1.to_pylist()}
-    assert qa["text_hash"].to_pylist() == [item_field_hash(by_id[i]) for i in qa["item_id"].to_pylist()]
-    renamed_qa = [r for r in qa.to_pylist() if r["item_id"] in renamed_ids]
+    assert table["text_hash"].to_pylist() == [item_field_hash(by_id[i]) for i in table["item_id"].to_pylist()]
+    renamed_qa = [r for r in table.to_pylist() if r["item_id"] in renamed_ids]
     old_titles = {r["item_id"]: r["title"] for r in items.to_pylist()}
     assert renamed_qa and all(old_titles[r["item_id"]] not in r["question"] + r["answer"] for r in renamed_qa)
 
