@@ -175,7 +175,9 @@ def _judgments(folder, **over):
     cols = {"src_item": [1, 2, 1], "dst_item": [2, 3, 3], "source": ["swing", "swing", "u2i"],
             "model_id": ["m"] * 3, "prompt_version": ["v"] * 3, "score": [1.0, -0.5, 0.2],
             "keep": [True, False, True]}
-    return _write(folder, "judgments", JUDGMENTS, {**cols, **over})
+    cols = {**cols, **over}
+    cols.setdefault("text_hash", ["h"] * len(cols["src_item"]))
+    return _write(folder, "judgments", JUDGMENTS, cols)
 
 
 def test_judgments_gate_one_judgment_per_mined_pair(tmp_path):
@@ -202,7 +204,7 @@ def test_judgments_gate_one_judgment_per_mined_pair(tmp_path):
 def test_qa_gate(tmp_path):
     items = _items(tmp_path)
     cols = {"item_id": [1, 1, 2], "qa_index": [0, 1, 0], "question": ["q?", "q2?", "q3?"],
-            "answer": ["a.", "b.", "c."], "model_id": ["m"] * 3, "prompt_version": ["v"] * 3}
+            "answer": ["a.", "b.", "c."], "model_id": ["m"] * 3, "prompt_version": ["v"] * 3, "text_hash": ["h"] * 3}
     assert run_gate("qa", _write(tmp_path, "qa_ok", QA, cols), GATES, DUCK, str(tmp_path / "t"), catalog=items).success
     bad = _write(tmp_path, "qa_bad", QA, {**cols, "item_id": [1, 1, 9], "qa_index": [0, 0, 0],
                                         "answer": ["a.", "   ", None]})
