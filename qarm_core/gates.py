@@ -47,6 +47,14 @@ class InteractionGate(RowBounds):
     ts_min: int = 0
     ts_max: int = 4_102_444_800  # 2100-01-01
 
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "InteractionGate":
+        if self.rating_min > self.rating_max:
+            raise ValueError(f"rating_min ({self.rating_min}) > rating_max ({self.rating_max})")
+        if self.ts_min > self.ts_max:
+            raise ValueError(f"ts_min ({self.ts_min}) > ts_max ({self.ts_max})")
+        return self
+
 
 class ItemGate(RowBounds):
     max_title_chars: int = Field(1_000, ge=1)

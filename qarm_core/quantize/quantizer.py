@@ -88,6 +88,8 @@ def quantize_embeddings(x: np.ndarray, item_ids: np.ndarray, params: QuantizerPa
     """
     x = validate_embeddings(x, np.asarray(item_ids), dataset, dim=None if previous is None else previous.dim,
                             min_items=max(params.levels))
+    if params.fsq_dims > x.shape[1]:   # FSQ projects the level-2 residual onto fsq_dims directions
+        raise DataError(STAGE, dataset, f"fsq_dims={params.fsq_dims} exceeds the embedding dim {x.shape[1]}")
     if previous is not None and (tuple(previous.params.levels) != tuple(params.levels) or previous.dim != x.shape[1]):
         raise DataError(STAGE, "codebook", f"previous codebook (levels {previous.params.levels}, dim "
                                            f"{previous.dim}) does not fit levels {params.levels}, dim {x.shape[1]}")
