@@ -134,10 +134,6 @@ def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         from flows.evaluate import evaluate as evaluate_flow
 
         command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
-        if out is not None:
-            from qarm_core.storage import check_output
-
-            check_output(out, "folder", overwrite, "evaluate")     # before minutes of work
         out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
                                  out_dir=str(out) if out else None, command=command, overwrite=overwrite)
         Console().print(Path(out_info["report"]).read_text())
@@ -237,7 +233,7 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
             swing = SwingConfig(**{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        check_output(out, "file", overwrite, "pairs-swing")    # before any work
+        check_output(out, "file", overwrite, STAGE_PAIRS_SWING)    # before any work
         t0 = time.perf_counter()
         try:
             gates = GatesConfig(interactions=InteractionGate(rating_min=rating_min, rating_max=rating_max))
@@ -260,8 +256,8 @@ def pairs_swing(interactions: Path = typer.Option(..., help="Interactions: .parq
         if table.num_rows == 0:
             raise DataError(STAGE_PAIRS_SWING, "pairs", f"no pairs: no item of the {events.num_rows:,} events has a "
                                                         "neighbour under these settings (min_user_items, min_rating?)")
-        with staged_output(out, "file", overwrite, "pairs-swing") as tmp:
-            pq.write_table(mark_output_table(table, "pairs-swing"), tmp, compression="zstd")
+        with staged_output(out, "file", overwrite, STAGE_PAIRS_SWING) as tmp:
+            pq.write_table(mark_output_table(table, STAGE_PAIRS_SWING), tmp, compression="zstd")
         console.print(f"{table.num_rows:,} pairs for {len(set(table['src_item'].to_pylist())):,} items "
                       f"in {time.perf_counter() - t0:.1f}s -> {out}")
     _guard(run)

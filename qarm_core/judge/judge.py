@@ -392,13 +392,17 @@ def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None
     Pairs already judged in ``previous`` by the same model id and prompt version from the same item
     texts keep their score (and reasoning); the others are scored now. Keep verdicts are recomputed
     over all current pairs. ``scorer`` defaults to ``make_scorer(cfg)`` (which loads the models).
+    ``pairs`` may come keyed (``keyed_pairs`` of these ``items``): their text hashes are then used as given.
     """
     cfg = cfg or JudgeConfig()
     validate_pairs(pairs)              # bad input fails before a model loads
     scorer = scorer or make_scorer(cfg)
     if scorer.prompt.version != cfg.prompt_version:
         raise ValueError(f"scorer prompt {scorer.prompt.version!r} != cfg.prompt_version {cfg.prompt_version!r}")
-    pairs = keyed_pairs(pairs, items, scorer.prompt.item_format)
+    if "text_hash" not in pairs.column_names:   # keyed already by the caller (judge_stage): hashed once
+        pairs = keyed_pairs(pairs, items, scorer.prompt.item_format)
+    else:
+        pairs = pairs.select(CACHE_KEY)
     model_id, pv = scorer.model_id, cfg.prompt_version
     prev = _conform_previous(previous)
     prev = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id), pc.equal(prev["prompt_version"], pv)))

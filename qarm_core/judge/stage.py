@@ -219,8 +219,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
 
     previous = previous or JudgeTables.empty()
     scorer = scorer or make_scorer(cfg)
-    todo = pairs_to_score(previous.judgments, keyed_pairs(pairs, items, scorer.prompt.item_format),
-                          scorer.model_id, cfg.prompt_version)
+    keyed = keyed_pairs(pairs, items, scorer.prompt.item_format)     # validated, hashed once for the run
+    todo = pairs_to_score(previous.judgments, keyed, scorer.model_id, cfg.prompt_version)
     notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
     eval_pairs, why = (None, "skipped: no interactions given") if interactions is None else \
         draw_eval_pairs(interactions, items, cfg.eval)
@@ -241,7 +241,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
         pair_components(union, items, scorer, "pairs (new judged + evaluation)")
     score_s = time.perf_counter() - t0
     # Everything below reads what that pass computed.
-    out = judge_pairs(pairs, items, cfg.model_copy(update={"reasoning": "none"}), previous.judgments, scorer)
+    out = judge_pairs(keyed, items, cfg.model_copy(update={"reasoning": "none"}), previous.judgments, scorer)
     calibration: dict = {}
     if valid_events is not None:
         rules, calibration = calibrate_keep_rules(out, future_labels(out, valid_events, min_rating), cfg.keep)
