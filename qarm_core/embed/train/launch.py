@@ -109,14 +109,16 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()     # after "pid (comm) "
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             live.append(int(d.name))
     return live
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: float = 5.0) -> None:
     """SIGTERM to the launcher's process group (launcher and workers); SIGKILL to whatever of the
-    group is left after ``grace_s``."""
+    group is left after ``grace_s``; then wait (up to ``kill_wait_s``) until the killed processes
+    are gone, since SIGKILL is delivered asynchronously and a process can still run its exit for
+    a moment after kill() returns."""
     import signal
 
     def group_alive() -> bool:
@@ -136,6 +138,9 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             time.sleep(0.1)
         if group_alive():
             send(signal.SIGKILL)
+            deadline = time.monotonic() + kill_wait_s
+            while group_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
     proc.wait()
 
 
