@@ -78,6 +78,14 @@ class CodesGate(RowBounds):
     max_raw_collision_rate: float = Field(0.25, ge=0.0, le=1.0)
     # Share of items still sharing (c1, c2, c3) after resolution (told apart only by a SID suffix).
     max_resolved_collision_rate: float = Field(0.05, ge=0.0, le=1.0)
+    # Share of the items already in the published codes whose SID changed, on a daily run: one that
+    # encodes with the published embedding model's codebook (warm start or frozen; not a new model's
+    # fresh fit, nor `quantize.mode: refit`). A daily run's goal is <= 1%; more means the codebook
+    # moved under the ranking model's feet. None: reported only.
+    max_daily_churn: float | None = Field(0.05, ge=0.0, le=1.0)
+    # The same bound for a daily run whose FSQ level was refitted (quantize.fsq_refit_drift): a refit
+    # moves items between FSQ cells by design, so it has its own bound. None: reported only.
+    max_fsq_refit_churn: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class SplitGate(Strict):
@@ -487,6 +495,27 @@ def run_gate(stage: str, record: DatasetRecord, cfg: GatesConfig, duck: DuckDBCo
 def _snake(name: str) -> str:
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out
+
+
+def churn_gate(stage: str, metrics: dict[str, float], how: str, g: "CodesGate") -> GateResult:
+    """The quantize stage's churn (dataset ``codes``) as a gate: on a daily run (``how`` is
+    ``warm_start`` or ``frozen``: the published model's codebook, see ``quantize_stage``), the share
+    of previously coded items whose SID changed must stay within ``g.max_daily_churn``, or within
+    ``g.max_fsq_refit_churn`` when the run refitted its FSQ level. Other runs (a first fit, a new
+    embedding model, an asked-for refit) pass with nothing to check: their churn is reported only."""
+    n = int(metrics.get("churn_items", 0))
+    if how not in ("warm_start", "frozen") or "churn" not in metrics:
+        return GateResult(stage, "codes", n, [])
+    fsq_refit = metrics.get("fsq.refit", 0.0) > 0
+    bound = g.max_fsq_refit_churn if fsq_refit else g.max_daily_churn
+    if bound is None:
+        return GateResult(stage, "codes", n, [])
+    value = float(metrics["churn"])
+    ok = value <= bound
+    return GateResult(stage, "codes", n, [Check(
+        "expect_sid_churn_to_be_at_most", {"max_churn": bound, "run": "fsq refit" if fsq_refit else "daily"},
+        success=ok, unexpected_count=0 if ok else int(round(value * n)), observed=value, engine="qarm",
+        sample=[] if ok else [{"churn": round(value, 4), "items_in_both": n}])])
 
 
 def judge_quality_gate(stage: str, aucs: dict[str, float], min_auc: float | None, note: str | None = None) -> GateResult:

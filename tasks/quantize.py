@@ -7,6 +7,7 @@ import json
 from prefect import task
 
 from qarm_core.config import PipelineConfig
+from qarm_core.gates import churn_gate
 from qarm_core.quantize.io import read_embeddings, read_model_version
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
 from qarm_core.quantize.stage import quantize_stage
@@ -45,8 +46,11 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
         quality = {k: v for k, v in report.items() if "seconds" not in k}
         (folder / "metrics.json").write_text(json.dumps(quality, indent=2, sort_keys=True))
 
-    def log_metrics(run, records, rep) -> None:
+    def log_metrics_and_gate_churn(run, records, rep) -> None:
         run.json({k: v for k, v in rep.items() if k != "notes"}, "metrics.json")
+        stable = churn_gate("quantize", rep, rep.get("notes", {}).get("quantize.how", ""), cfg.gates.codes)
+        run.gate(stable)
+        stable.raise_if_failed()
 
     # Warm start and frozen encoding depend on the published codebook: it is part of the key.
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
@@ -57,7 +61,7 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
                     "previous_codes": prev_codes_rec.fingerprint if use_prev and prev_codes_rec else None},
         params={"quantize": cfg.quantize.model_dump(mode="json"),
                 "previous": prev_book_rec.path if use_prev else "none"},
-        after=log_metrics,
+        after=log_metrics_and_gate_churn,
         summary=lambda recs, rep: (
             f"quantize ({rep.get('notes', {}).get('quantize.how')}): {recs['codes'].rows:,} items, "
             f"decode HR@1 {rep.get('raw.decode_hr@1', float('nan')):.4f} / HR@10 "

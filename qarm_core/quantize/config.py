@@ -28,6 +28,11 @@ class QuantizerParams(Strict):
     max_alternatives: int = Field(32, ge=1)         # candidate FSQ cells tried per colliding item
     stickiness: float = Field(0.01, ge=0.0)         # warm start: keep an old code within 1% of the best
     fsq_margin: float = Field(0.5, ge=0.0)          # warm start: keep an old FSQ cell if within this many bin widths
+    # FSQ refit policy (warm start): the published FSQ level is kept while its bins still fit, and
+    # refitted (directions aligned to the old ones) when some coordinate's fullest bin holds more
+    # than this many times the share it held when the bins were cut (quantile bins: ~1/levels):
+    # the residuals drifted and that bin lumps items together. None: never refit on warm start.
+    fsq_refit_drift: float | None = Field(1.5, gt=1.0)
     warmup_sample: int = Field(500_000, ge=0)       # cold fit: Lloyd on min(this, n/4) sampled rows first (0: off)
     hr_sample: int = Field(20_000, ge=0)            # query items for HR@k
     decode_hr_sample: int = Field(1000, ge=0)       # query items for decode HR@k (each scans the catalog)

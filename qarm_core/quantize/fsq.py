@@ -53,11 +53,15 @@ class FSQCodebook:
         return self.levels ** self.dims
 
 
-def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_000, seed: int = 0) -> FSQCodebook:
+def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_000, seed: int = 0,
+            reference: np.ndarray | None = None) -> FSQCodebook:
     """Fit the projection and the per-coordinate quantile bins on ``residual`` ``(n, dim)``.
 
     The projection and quantiles are estimated on at most ``sample`` rows (a seeded sample): both
     are stable statistics, and this keeps the fit O(sample) on 10M-row snapshots.
+    ``reference`` ``(dims, dim)``: the components of the FSQ level being replaced; the new principal
+    directions are put in its order and orientation (``align_components``), so that a refit keeps
+    each digit's meaning and items that did not move keep their digits.
     """
     n, d = residual.shape
     if not 1 <= dims <= d:
@@ -82,6 +86,8 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_0
     w, v = np.linalg.eigh(cov)
     comps = v[:, np.argsort(w)[::-1][:dims]].T
     comps *= np.sign(comps[np.arange(dims), np.abs(comps).argmax(1)])[:, None]  # deterministic signs
+    if reference is not None and reference.shape == comps.shape:
+        comps = align_components(comps, reference)
     fitted = FSQCodebook(mean32, comps.astype(np.float32), np.zeros((dims, levels - 1), np.float32),
                          np.zeros((dims, levels), np.float32))
     z = project(fitted, rows).astype(np.float64)                    # the same projection as encoding
@@ -90,6 +96,29 @@ def fit_fsq(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_0
     centers = np.quantile(z, (np.arange(levels) + 0.5) / levels, axis=0).T
     book = FSQCodebook(mean32, comps.astype(np.float32), boundaries.astype(np.float32), centers.astype(np.float32))
     return with_cell_means(book, rows)
+
+
+def align_components(comps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``comps`` ``(dims, dim)`` reordered and sign-flipped to match ``reference`` ``(dims, dim)``:
+    the one-to-one matching of rows that maximises the total |cosine| (Hungarian), each row then
+    turned to point the way of its match. Principal directions with close eigenvalues swap places
+    and flip signs between fits; without this, a refit would renumber every digit."""
+    from scipy.optimize import linear_sum_assignment
+
+    sim = comps.astype(np.float64) @ reference.astype(np.float64).T           # (dims new, dims ref)
+    new_of, ref_of = linear_sum_assignment(-np.abs(sim))
+    out = np.empty_like(comps)
+    out[ref_of] = comps[new_of] * np.where(sim[new_of, ref_of] < 0, -1.0, 1.0)[:, None]
+    return out
+
+
+def fullest_bin_share(fsq: FSQCodebook, digits: np.ndarray) -> float:
+    """The largest share of items that one bin of one coordinate holds, over ``digits`` ``(n, dims)``.
+    Quantile bins hold ~1/levels each when fitted; the share grows as the residuals drift away from
+    the distribution the bins were cut on (the FSQ refit policy's trigger)."""
+    if len(digits) == 0:
+        return 0.0
+    return max(float(np.bincount(digits[:, j], minlength=fsq.levels).max()) / len(digits) for j in range(fsq.dims))
 
 
 def with_cell_means(fsq: FSQCodebook, rows: np.ndarray) -> FSQCodebook:
@@ -116,8 +145,8 @@ def with_cell_means(fsq: FSQCodebook, rows: np.ndarray) -> FSQCodebook:
 
 
 def fit_fsq_sigmoid(residual: np.ndarray, dims: int, levels: int, *, sample: int = 500_000, seed: int = 0,
-                    steps: int = 300, batch: int = 8192, lr: float = 0.01, uniform_weight: float = 1.0
-                    ) -> FSQCodebook:
+                    steps: int = 300, batch: int = 8192, lr: float = 0.01, uniform_weight: float = 1.0,
+                    reference: np.ndarray | None = None) -> FSQCodebook:
     """The paper's form: digits = round((L - 1) * sigmoid((r - mean) @ W)), W ``(dim, dims)`` learned
     on ``residual`` ``(n, dim)`` (at most ``sample`` seeded rows) with a linear decoder, minimising
     ||r - mean - decoder(q)||^2 / total variance + ``uniform_weight`` x 12 x the squared 1-D
@@ -126,7 +155,7 @@ def fit_fsq_sigmoid(residual: np.ndarray, dims: int, levels: int, *, sample: int
     directions scaled so that sigmoid(z) is about uniform (logistic ~ 1.7 x standard normal)."""
     import torch
 
-    base = fit_fsq(residual, dims, levels, sample=sample, seed=seed)
+    base = fit_fsq(residual, dims, levels, sample=sample, seed=seed, reference=reference)
     n = len(residual)
     rows = residual if n <= sample else residual[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
     x = torch.from_numpy(np.ascontiguousarray(rows - base.mean, dtype=np.float32))

@@ -37,6 +37,9 @@ class Codebook:
     fit_report: list[dict] = field(default_factory=list)
     # the embedding model whose space the centroids live in ("" for codebooks from before lineage)
     model_version: str = ""
+    # the fullest FSQ bin's share of the items the bins were fitted on (0: not recorded, read as
+    # 1/levels): the baseline of the FSQ refit policy
+    fsq_fit_bin_share: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -233,11 +236,9 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
              "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
     t1 = time.perf_counter()
-    fit_form = F.fit_fsq_sigmoid if p.fsq_form == "sigmoid" else F.fit_fsq
-    fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed) if fit and book is None else book.fsq
-    codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report)
-    z = F.project(fsq, residual)                                   # (n, f) float32
-    digits = F.digits_of(fsq, z)                                   # (n, f) int32
+    fsq, z, digits, fsq_metrics = _fsq_level(residual, p, book, fit)
+    codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report,
+                        fsq_fit_bin_share=fsq_metrics["fsq.fit_bin_share"])
     c1, c2 = codes[:, 0], codes[:, 1]
     c3 = F.pack(digits, fsq.levels)
     mse.append(F.reconstruction_mse(fsq, residual, digits, z))
@@ -257,7 +258,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     log.info("quantize: collisions resolved in %.1f s; metrics (collision, HR@k, decode HR@k on %s queries) next",
              stamps["resolve"], f"{min(n, p.decode_hr_sample or 0):,}")
 
-    metrics = _code_metrics(residual, centroids, fsq, c1, c2, c3, new_c3, digits, raw_keys, mse, p)
+    metrics = _code_metrics(residual, centroids, fsq, c1, c2, c3, new_c3, digits, raw_keys, mse, p) | fsq_metrics
     del raw_keys, z, digits
     stamps["metrics"], t1 = time.perf_counter() - t1, time.perf_counter()
     metrics["resolved_share"] = float(resolved.mean())
@@ -277,6 +278,38 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     metrics["fit_seconds"] = fit_seconds
     metrics["total_seconds"] = time.perf_counter() - t0
     return codebook, table, metrics
+
+
+def _fsq_level(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, fit: bool
+               ) -> tuple[F.FSQCodebook, np.ndarray, np.ndarray, dict[str, float]]:
+    """The FSQ level for ``residual`` ``(n, dim)`` and its projection ``z`` ``(n, f)`` and digits
+    ``(n, f)``: fitted on a cold fit; on a warm start the published one, refitted (its directions as
+    the reference) when its fullest bin drifted past ``p.fsq_refit_drift`` times its fitted share;
+    frozen: the published one as is. Metrics: ``fsq.fullest_bin_share`` of the level used,
+    ``fsq.fit_bin_share`` (its baseline), ``fsq.refit`` (1: refitted on this warm start)."""
+    fit_form = F.fit_fsq_sigmoid if p.fsq_form == "sigmoid" else F.fit_fsq
+    refit, drifted = 0.0, None
+    if fit and book is None:
+        fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
+    else:
+        fsq = book.fsq
+    z = F.project(fsq, residual)                                   # (n, f) float32
+    digits = F.digits_of(fsq, z)                                   # (n, f) int32
+    share = F.fullest_bin_share(fsq, digits)
+    baseline = share if fit and book is None else (book.fsq_fit_bin_share or 1.0 / fsq.levels)
+    if fit and book is not None and p.fsq_refit_drift is not None and share > p.fsq_refit_drift * baseline:
+        drifted = share
+        fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed, reference=book.fsq.components)
+        z = F.project(fsq, residual)
+        digits = F.digits_of(fsq, z)
+        share = baseline = F.fullest_bin_share(fsq, digits)
+        refit = 1.0
+        log.info("quantize: the FSQ bins drifted (fullest bin %.3f of the items, %.2fx the fitted share): "
+                 "FSQ level refitted", drifted, drifted / (book.fsq_fit_bin_share or 1.0 / book.fsq.levels))
+    metrics = {"fsq.fullest_bin_share": share, "fsq.fit_bin_share": baseline, "fsq.refit": refit}
+    if drifted is not None:
+        metrics["fsq.drifted_bin_share"] = drifted
+    return fsq, z, digits, metrics
 
 
 def _warmup_rows(p: QuantizerParams, n: int, k: int) -> int:
@@ -317,7 +350,8 @@ def save_codebook(codebook: Codebook, folder: str | Path) -> None:
         if getattr(codebook.fsq, name) is not None:
             np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
     meta = {"format": CODEBOOK_FORMAT, "params": codebook.params.model_dump(mode="json"),
-            "dim": codebook.dim, "fit_report": codebook.fit_report, "model_version": codebook.model_version}
+            "dim": codebook.dim, "fit_report": codebook.fit_report, "model_version": codebook.model_version,
+            "fsq_fit_bin_share": codebook.fsq_fit_bin_share}
     (folder / "codebook.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -335,4 +369,5 @@ def load_codebook(folder: str | Path) -> Codebook:
                           for n in ("mean", "components", "boundaries", "centers")),
                         cell_means=np.load(folder / "fsq_cell_means.npy", allow_pickle=False)
                         if (folder / "fsq_cell_means.npy").is_file() else None)
-    return Codebook(books, fsq, params, meta.get("fit_report", []), meta.get("model_version", ""))
+    return Codebook(books, fsq, params, meta.get("fit_report", []), meta.get("model_version", ""),
+                    float(meta.get("fsq_fit_bin_share", 0.0)))

@@ -252,6 +252,10 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     e1, e2 = of("embed", first), of("embed", second)
     assert (e1["encoded"], e1["carried_over"]) == (40, 0) and (e2["encoded"], e2["carried_over"]) == (0, 40)
     assert "valid.base.recall_at_10" in e1 and "valid.base.recall_at_10" not in e2   # baselines: only for a new model
+    # the same model and embeddings: the warm-started codebook moves no SID, and the churn gate ran
+    q2 = of("quantize", second)
+    assert q2["churn"] == 0.0 and q2["churn_items"] == 40 and q2["fsq.refit"] == 0.0
+    assert q2["gate.codes.success"] == 1.0 and q2["gate.codes.failed_checks"] == 0
     # yesterday's scores are reused as they were
     st = Storage(home)
     old = read_dataset(st.snapshot(first["snapshot_id"]).record("judgments"))
@@ -297,12 +301,9 @@ def test_unknown_config_key_fails_before_any_work(prefect_harness, tmp_path):
     assert not (tmp_path / "h").exists()
 
 
+# The refresh flow's own ingest path with one bad file (tests/reliability/test_bad_inputs.py feeds 36
+# bad inputs through `qarm ingest`, which runs the same stage and gate).
 BAD_INPUTS = {
-    "missing column": ("user_id,item_id,rating\n1,2,3\n", "missing required column"),
-    "wrong type": ("user_id,item_id,ts,rating\n1,abc,3,4\n", "column 'item_id' has type string"),
-    "empty file": ("", "input file is empty"),
-    "unreadable parquet": (b"PAR1 this is not parquet", "unreadable Parquet"),
-    "non-utf8": (b"user_id,item_id,ts,rating\n1,2,3,\xff\n", "must be UTF-8"),
     "nan rating": ("user_id,item_id,ts,rating\n1,1,3,nan\n" + "".join(f"{u},2,{u},4\n" for u in range(200)),
                    "expect_column_values_to_be_finite"),
 }

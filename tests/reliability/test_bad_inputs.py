@@ -165,3 +165,113 @@ def test_pairs_swing_refuses(case, tmp_path):
     out = tmp_path / "pairs.parquet"
     res = runner.invoke(app, ["pairs", "swing", "--interactions", str(path), "--out", str(out), *extra])
     _check(res, fragment, "pairs-swing", None, out)
+
+
+# ---------------------------------------------------------------- qarm ingest (one published home)
+def _events(n: int = 150) -> list[str]:
+    """``n`` good interaction rows (the tiny config's gate wants >= 100) over items 1..12."""
+    return [f"{1 + i // 10},{1 + i % 12},{1000 + i},{1 + i % 5}" for i in range(n)]
+
+
+EVENTS_HEAD = "user_id,item_id,ts,rating"
+GOOD_EVENTS = "\n".join([EVENTS_HEAD, *_events()]) + "\n"
+ITEMS_HEAD = "item_id,title,year,description"
+GOOD_ITEMS = "\n".join([ITEMS_HEAD, *(f"{i},Movie {i},199{i % 10},a film" for i in range(1, 13))]) + "\n"
+
+
+def _events_with(*rows: str, head: str = EVENTS_HEAD) -> str:
+    return "\n".join([head, *_events(), *rows]) + "\n"
+
+
+def _items_with(*rows: str, head: str = ITEMS_HEAD) -> str:
+    return "\n".join([head, *GOOD_ITEMS.splitlines()[1:], *rows]) + "\n"
+
+
+# name -> (interactions content, items content, extra args, dataset named, fragment); None: a missing file
+INGEST = {
+    "events missing": (None, GOOD_ITEMS, [], "interactions", "not found"),
+    "items missing": (GOOD_EVENTS, None, [], "items", "not found"),
+    "events empty": ("", GOOD_ITEMS, [], "interactions", "input file is empty"),
+    "items empty": (GOOD_EVENTS, "", [], "items", "input file is empty"),
+    "events header only": (EVENTS_HEAD + "\n", GOOD_ITEMS, [], "interactions", "holds no rows"),
+    "events not parquet": (b"PAR1 not parquet", GOOD_ITEMS, [], "interactions", "unreadable Parquet"),
+    "events no ts": ("user_id,item_id,rating\n1,2,3\n", GOOD_ITEMS, [], "interactions", "missing required column(s) ['ts']"),
+    "events no rating or label": ("user_id,item_id,ts\n1,2,3\n", GOOD_ITEMS, [], "interactions",
+                                  "needs a 'rating' or a 'label' column"),
+    "events text item id": (_events_with("1,abc,5000,4"), GOOD_ITEMS, [], "interactions",
+                            "column 'item_id' has type string"),
+    "events text rating": (_events_with("1,2,5000,five"), GOOD_ITEMS, [], "interactions", "offending values: ['five']"),
+    "events fractional user": (_events_with("1.5,2,5000,4"), GOOD_ITEMS, [], "interactions", "offending values: ['1.5']"),
+    "events nan rating": (_events_with("1,2,5000,nan"), GOOD_ITEMS, [], "interactions", "to_be_finite(column='rating')"),
+    "events inf rating": (_events_with("1,2,5000,inf"), GOOD_ITEMS, [], "interactions", "column='rating'"),
+    "events rating above range": (_events_with("1,2,5000,9"), GOOD_ITEMS, [], "interactions", "between(column='rating'"),
+    "events negative rating": (_events_with("1,2,5000,-1"), GOOD_ITEMS, [], "interactions", "between(column='rating'"),
+    "events null user": (_events_with(",2,5000,4"), GOOD_ITEMS, [], "interactions", "not_be_null(column='user_id')"),
+    "events null ts": (_events_with("1,2,,4"), GOOD_ITEMS, [], "interactions", "not_be_null(column='ts')"),
+    "events millisecond ts": (_events_with("1,2,1600000000000,4"), GOOD_ITEMS, [], "interactions", "between(column='ts'"),
+    "events negative ts": (_events_with("1,2,-5,4"), GOOD_ITEMS, [], "interactions", "between(column='ts'"),
+    "events duplicate": (_events_with("1,1,1000,4"), GOOD_ITEMS, [], "interactions", "compound_columns_to_be_unique"),
+    "events unknown item": (_events_with("1,999,5000,4"), GOOD_ITEMS, [], "interactions", "in_catalog"),
+    "events user id overflow": (_events_with("9223372036854775809,2,5000,4"), GOOD_ITEMS, [], "interactions",
+                                "offending values: ['9223372036854775809']"),
+    "events label 2": ("user_id,item_id,ts,label\n" + "".join(f"{1 + i // 10},{1 + i % 12},{1000 + i},{i % 2}\n"
+                                                              for i in range(150)) + "1,2,5000,2\n",
+                       GOOD_ITEMS, [], "interactions", "be_in_set(column='label'"),
+    "events non-utf8": (GOOD_EVENTS.encode() + b"1,2,5000,\xff\n", GOOD_ITEMS, [], "interactions", "must be UTF-8"),
+    "events semicolons": (GOOD_EVENTS.replace(",", ";"), GOOD_ITEMS, [], "interactions", "missing required column(s)"),
+    "events too few": ("\n".join([EVENTS_HEAD, *_events(20)]) + "\n", GOOD_ITEMS, [], "interactions",
+                      "row_count_to_be_between(min_value=100"),
+    "items no title": (GOOD_EVENTS, "item_id,year\n1,1990\n", [], "items", "missing required column(s) ['title']"),
+    "items duplicate id": (GOOD_EVENTS, _items_with("3,Another,1995,x"), [], "items", "compound_columns_to_be_unique"),
+    "items null id": (GOOD_EVENTS, _items_with(",Nobody,1995,x"), [], "items", "not_be_null(column='item_id')"),
+    "items blank title": (GOOD_EVENTS, _items_with("13,   ,1995,x"), [], "items", "column='title'"),
+    "items text id": (GOOD_EVENTS, _items_with("x13,T,1995,x"), [], "items", "column 'item_id' has type string"),
+    "items year out of range": (GOOD_EVENTS, _items_with("13,T,3000,x"), [], "items", "between(column='year'"),
+    "items long description": (GOOD_EVENTS, _items_with("13,T,1995," + "d" * 10_001), [], "items",
+                                "lengths_to_be_between(column='description'"),
+    "items non-utf8": (GOOD_EVENTS, GOOD_ITEMS.encode() + b"13,\xff,1995,x\n", [], "items", "must be UTF-8"),
+    "tab delimiter on commas": (GOOD_EVENTS, GOOD_ITEMS, ["--delimiter", "\t"], "interactions",
+                                "missing required column(s)"),
+}
+
+
+@pytest.fixture(scope="module")
+def published_home(prefect_harness, tmp_path_factory):
+    """A home where `qarm ingest` published the good files once; every bad case runs against it."""
+    from tests.support.paths import TINY
+
+    d = tmp_path_factory.mktemp("ingest")
+    (d / "events.csv").write_text(GOOD_EVENTS)
+    (d / "items.csv").write_text(GOOD_ITEMS)
+    home = d / "home"
+    res = runner.invoke(app, ["ingest", "--interactions", str(d / "events.csv"), "--items", str(d / "items.csv"),
+                              "--config", TINY, "--set", f"home={home}"])
+    assert res.exit_code == 0, res.output
+    return home
+
+
+def test_ingest_table_holds_thirty_cases():
+    assert len(INGEST) >= 30
+
+
+@pytest.mark.parametrize("case", list(INGEST))
+def test_ingest_refuses(case, published_home, tmp_path):
+    """Each bad file: exit 2, one error naming stage=ingest, the dataset and the rule, no traceback, and
+    the published snapshot untouched (CURRENT byte for byte, no new snapshot)."""
+    from qarm_core.storage import Storage
+    from tests.support.paths import TINY
+
+    events, items, extra, dataset, fragment = INGEST[case]
+    suffix = ".parquet" if case == "events not parquet" else ".csv"
+    ev = _write(tmp_path / f"events{suffix}", events) if events is not None else tmp_path / "missing.csv"
+    it = _write(tmp_path / "items.csv", items) if items is not None else tmp_path / "missing_items.csv"
+    pointer, snaps = (published_home / "CURRENT").read_bytes(), Storage(published_home).list_snapshots()
+    res = runner.invoke(app, ["ingest", "--interactions", str(ev), "--items", str(it), "--config", TINY,
+                              "--set", f"home={published_home}", *extra])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert f"[stage=ingest, dataset={dataset}]" in text and fragment in text, res.output
+    assert f"error: [stage=ingest, dataset={dataset}]" in text      # the one-line error, after the logs
+    assert (published_home / "CURRENT").read_bytes() == pointer
+    assert Storage(published_home).list_snapshots() == snaps

@@ -286,3 +286,23 @@ def test_codes_gate(tmp_path):
     loose = parse_config({"gates": {"codes": {"max_resolved_collision_rate": 0.7}}}).gates
     r2 = run_gate("quantize", bad, loose, DUCK, str(tmp_path / "t"), catalog=items, expect=sizes)
     assert "expect_resolved_collision_rate_to_be_at_most" not in {c.expectation for c in r2.failures}
+
+
+def test_churn_gate_bounds_daily_runs_only():
+    from qarm_core.gates import CodesGate, churn_gate
+
+    g = CodesGate(max_daily_churn=0.05, max_fsq_refit_churn=0.3)
+    daily = {"churn": 0.02, "churn_items": 1000.0, "fsq.refit": 0.0}
+    assert churn_gate("quantize", daily, "warm_start", g).success
+    assert churn_gate("quantize", daily, "frozen", g).success
+    moved = churn_gate("quantize", daily | {"churn": 0.2}, "warm_start", g)
+    assert not moved.success and moved.failures[0].expectation == "expect_sid_churn_to_be_at_most"
+    assert moved.failures[0].unexpected_count == 200
+    # an FSQ refit has its own bound
+    assert churn_gate("quantize", daily | {"churn": 0.2, "fsq.refit": 1.0}, "warm_start", g).success
+    assert not churn_gate("quantize", daily | {"churn": 0.4, "fsq.refit": 1.0}, "warm_start", g).success
+    # a new model's fit, an asked-for refit, a first fit: reported, not gated
+    for how in ("refit", "refit: no published codebook", "refit: the published codebook was fitted on embeddings of model a"):
+        assert churn_gate("quantize", daily | {"churn": 0.9}, how, g).checks == []
+    assert churn_gate("quantize", {"fsq.refit": 0.0}, "warm_start", g).checks == []      # nothing published before
+    assert churn_gate("quantize", daily | {"churn": 0.9}, "warm_start", CodesGate(max_daily_churn=None)).checks == []
