@@ -32,7 +32,9 @@ CODEBOOK_FORMAT = 1
 @dataclass(frozen=True)
 class Codebook:
     centroids: list[np.ndarray]               # per level (k, dim) float32
-    fsq: F.FSQCodebook
+    # None only in a codebook carried into a new embedding space (``carry_into_new_space``): its
+    # FSQ level is fitted there, oriented by the previous digits
+    fsq: F.FSQCodebook | None
     params: QuantizerParams
     fit_report: list[dict] = field(default_factory=list)
     # the embedding model whose space the centroids live in ("" for codebooks from before lineage)
@@ -236,7 +238,7 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     log.info("quantize: %s residual k-means levels %s on %s items in %.1f s; FSQ next", "fitted" if fit else "assigned",
              "+".join(map(str, p.levels)), f"{n:,}", fit_seconds)
     t1 = time.perf_counter()
-    fsq, z, digits, fsq_metrics = _fsq_level(residual, p, book, fit)
+    fsq, z, digits, fsq_metrics = _fsq_level(residual, p, book, fit, prev)
     codebook = Codebook(centroids, fsq, p, report if fit else book.fit_report,
                         fsq_fit_bin_share=fsq_metrics["fsq.fit_bin_share"])
     c1, c2 = codes[:, 0], codes[:, 1]
@@ -280,17 +282,23 @@ def _encode(x: np.ndarray, item_ids: np.ndarray, p: QuantizerParams, book: Codeb
     return codebook, table, metrics
 
 
-def _fsq_level(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, fit: bool
+def _fsq_level(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, fit: bool, prev: dict | None
                ) -> tuple[F.FSQCodebook, np.ndarray, np.ndarray, dict[str, float]]:
     """The FSQ level for ``residual`` ``(n, dim)`` and its projection ``z`` ``(n, f)`` and digits
     ``(n, f)``: fitted on a cold fit; on a warm start the published one, refitted (its directions as
     the reference) when its fullest bin drifted past ``p.fsq_refit_drift`` times its fitted share;
-    frozen: the published one as is. Metrics: ``fsq.fullest_bin_share`` of the level used,
-    ``fsq.fit_bin_share`` (its baseline), ``fsq.refit`` (1: refitted on this warm start)."""
+    frozen: the published one as is. A codebook carried into a new space (no FSQ level) fits one,
+    its directions oriented by the previous digits of the items (``digit_directions``). Metrics:
+    ``fsq.fullest_bin_share`` of the level used, ``fsq.fit_bin_share`` (its baseline),
+    ``fsq.refit`` (1: refitted on this warm start)."""
     fit_form = F.fit_fsq_sigmoid if p.fsq_form == "sigmoid" else F.fit_fsq
     refit, drifted = 0.0, None
-    if fit and book is None:
-        fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed)
+    if fit and (book is None or book.fsq is None):
+        reference = None
+        if book is not None and prev is not None and book.params.fsq_dims == p.fsq_dims:
+            reference = digit_directions(residual, prev["c3"], p.fsq_levels, p.fsq_dims)
+        fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed, reference=reference)
+        book = None
     else:
         fsq = book.fsq
     z = F.project(fsq, residual)                                   # (n, f) float32
@@ -310,6 +318,52 @@ def _fsq_level(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, 
     if drifted is not None:
         metrics["fsq.drifted_bin_share"] = drifted
     return fsq, z, digits, metrics
+
+
+def digit_directions(residual: np.ndarray, prev_c3: np.ndarray, levels: int, dims: int) -> np.ndarray | None:
+    """``(dims, dim)``: per previous FSQ coordinate, the direction of ``residual`` ``(n, dim)`` that
+    goes with its digit: the covariance of the residual with the digit over the items that had a
+    code (``prev_c3`` ``(n,)``, -1 for new items), normalised. In a new embedding space these stand
+    in for the old principal directions, so that the new FSQ directions can take the old ones' order
+    and orientation by item overlap. None with fewer than 2 coded items."""
+    have = np.flatnonzero(prev_c3 >= 0)
+    if len(have) < 2:
+        return None
+    digits = F.unpack(prev_c3[have], levels, dims).astype(np.float64)            # (m, dims)
+    digits -= digits.mean(0)
+    cov = np.zeros((dims, residual.shape[1]), np.float64)
+    for lo in range(0, len(have), F.CHUNK):
+        cov += digits[lo:lo + F.CHUNK].T @ residual[have[lo:lo + F.CHUNK]].astype(np.float64)
+    norm = np.linalg.norm(cov, axis=1, keepdims=True)
+    return (cov / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+
+def carry_into_new_space(x: np.ndarray, item_ids: np.ndarray, previous: Codebook, previous_codes: pa.Table
+                         ) -> Codebook:
+    """The previous codebook's cells carried into the space of ``x`` ``(n, dim)`` (another embedding
+    model) by their items: each level-1 centroid is the mean of the new vectors of the items the
+    previous codes put in that cell, each level-2 centroid the mean of those items' residuals after
+    level 1; a cell none of today's items held starts at a seeded random item. The FSQ level is left
+    to fit (None). A warm start from this keeps the previous partition, and so the previous labels,
+    as far as the new space allows; k-means++ would find another partition and numbering."""
+    prev = _align_previous(previous_codes, item_ids)
+    rng = np.random.default_rng(previous.params.seed)
+    resid = np.array(x, dtype=np.float32, copy=True)
+    centroids = []
+    for level, k in enumerate(previous.params.levels):
+        labels = prev["c12"][:, level]
+        have = labels >= 0
+        sums = np.zeros((k, x.shape[1]), np.float64)
+        np.add.at(sums, labels[have], resid[have])
+        counts = np.bincount(labels[have], minlength=k)
+        c = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 0.0).astype(np.float32)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            c[empty] = resid[rng.choice(len(resid), len(empty), replace=len(empty) > len(resid))]
+        centroids.append(c)
+        assigned = np.where(have, labels, assign(resid, c, with_dist=False)[0])
+        subtract_centroids(resid, c, assigned)
+    return Codebook(centroids, None, previous.params, [], "")
 
 
 def _warmup_rows(p: QuantizerParams, n: int, k: int) -> int:

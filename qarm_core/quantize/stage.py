@@ -12,7 +12,7 @@ import pyarrow as pa
 from qarm_core.quantize.lineage import align_to_previous
 
 from qarm_core.quantize.quantizer import (
-    Codebook, QuantizerParams, assign_semantic_ids, quantize_embeddings, validate_embeddings,
+    Codebook, QuantizerParams, assign_semantic_ids, carry_into_new_space, quantize_embeddings, validate_embeddings,
 )
 
 Mode = Literal["refit", "warm_start", "frozen"]
@@ -31,20 +31,27 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
     ``x`` is used as the residual buffer (modified in place).
 
     ``model_version``: the embedding model of ``x``. A previous codebook fitted on another model's
-    embeddings lives in another space: it is never warm-started or used frozen; the fresh codebook's
-    cells are renumbered onto the previous codes instead (``lineage.align_to_previous``), with
-    ``lineage.*`` and churn in the metrics.
+    embeddings lives in another space: it is never warm-started or used frozen. With the previous
+    codes, its cells are carried into the new space by their items (``carry_into_new_space``: each
+    centroid starts at the mean of its items' new vectors; the FSQ directions are oriented by the
+    items' previous digits), refitted from there, and the labels are then matched to the previous
+    codes by item overlap (``lineage.align_to_previous``), with ``lineage.*`` and churn in the
+    metrics; without them it fits from scratch.
     """
     if mode != "refit" and previous is not None and previous.model_version != model_version:
-        book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
-        book = dataclasses.replace(book, model_version=model_version)
         how = (f"refit: the published codebook was fitted on embeddings of model {previous.model_version or 'unknown'}, "
                f"these come from {model_version or 'an unnamed model'} (another embedding space)")
         if previous_codes is not None and tuple(previous.params.levels) == tuple(params.levels):
-            book, codes, report = align_to_previous(book, codes, previous_codes)
+            x = validate_embeddings(x, item_ids, dataset, min_items=max(params.levels))
+            carried = carry_into_new_space(x, item_ids, previous, previous_codes)
+            book, codes, metrics = quantize_embeddings(x, item_ids, params, previous=carried,
+                                                       previous_codes=previous_codes, inplace=True, dataset=dataset)
+            book, codes, report = align_to_previous(dataclasses.replace(book, model_version=model_version), codes,
+                                                    previous_codes)
             metrics = {k: v for k, v in metrics.items() if k not in ("churn", "churn_items")} | report
-            how += "; cells renumbered onto the previous codes by item overlap"
-        return book, codes, metrics, how
+            return book, codes, metrics, how + "; cells carried over by their items and matched to the previous codes"
+        book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
+        return dataclasses.replace(book, model_version=model_version), codes, metrics, how
     usable = previous is not None and previous.dim == x.shape[1] \
         and tuple(previous.params.levels) == tuple(params.levels) \
         and (mode == "frozen" or (previous.params.fsq_dims, previous.params.fsq_levels)

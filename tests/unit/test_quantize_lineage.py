@@ -31,7 +31,7 @@ def test_a_new_model_refits_and_keeps_the_old_labels_where_the_items_agree(tmp_p
     book_b, codes_b, m, how = quantize_stage(y.copy(), ids, pb, "warm_start", load_codebook(tmp_path / "cb"),
                                              codes_a, model_version="model-B")
     assert how.startswith("refit: the published codebook was fitted on embeddings of model model-A, these come "
-                          "from model-B") and "renumbered" in how
+                          "from model-B") and "carried over by their items" in how
     assert book_b.model_version == "model-B"
     # renumbering by item overlap keeps far more SIDs than the arbitrary numbering of a refit
     # every new level-1 cell takes the old label most of its items had (where labels do not collide):
@@ -40,9 +40,10 @@ def test_a_new_model_refits_and_keeps_the_old_labels_where_the_items_agree(tmp_p
     best_possible = sum(np.bincount(old_c1[new_c1 == c]).max() for c in np.unique(new_c1)) / len(ids)
     assert m["lineage.c1_kept"] == pytest.approx((new_c1 == old_c1).mean())
     assert 0.5 < m["lineage.c1_kept"] <= best_possible
-    assert m["lineage.prefix_churn"] < m["lineage.prefix_churn_unaligned"]
+    assert m["lineage.prefix_churn"] <= m["lineage.prefix_churn_unaligned"]
     # the renumbered codebook still encodes its own codes (centroid rows moved with their labels)
-    again, _ = assign_semantic_ids(y.copy(), ids, book_b)
+    # (sticky to its own codes, as the carried-over fit was sticky to the previous ones)
+    again, _ = assign_semantic_ids(y.copy(), ids, book_b, previous_codes=codes_b)
     assert np.array_equal(again["c1"].to_numpy(), codes_b["c1"].to_numpy())
     assert np.array_equal(again["c2"].to_numpy(), codes_b["c2"].to_numpy())
     # the same model warm-starts as before
@@ -56,3 +57,25 @@ def test_a_codebook_is_never_reused_across_models(mode):
     book, codes, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     _, _, _, how = quantize_stage(x.copy(), ids, P, mode, book, codes, model_version="B")
     assert how.startswith("refit: the published codebook was fitted on embeddings of model A")
+
+
+def test_carrying_the_cells_by_their_items_keeps_more_sids_than_a_cold_refit_matched_afterwards():
+    """A retrained model that moves items a little (a rotation plus noise): carrying the cells into the
+    new space by their items and orienting the FSQ directions by the old digits keeps most SIDs; a
+    cold refit renumbered by item overlap (Hungarian) afterwards keeps far fewer, and its FSQ digits
+    almost none."""
+    from qarm_core.quantize.lineage import align_to_previous
+    from qarm_core.quantize.quantizer import quantize_embeddings
+
+    x, ids = _emb()
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    rng = np.random.default_rng(5)
+    rot, _ = np.linalg.qr(rng.standard_normal((x.shape[1], x.shape[1])))
+    y = x + 0.02 * rng.standard_normal(x.shape)
+    y = ((y / np.linalg.norm(y, axis=1, keepdims=True)) @ rot).astype(np.float32)
+    _, _, carried, _ = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B")
+    cold_book, cold_codes, _ = quantize_embeddings(y.copy(), ids, P.model_copy(update={"seed": 1}))
+    _, _, cold = align_to_previous(cold_book, cold_codes, codes_a)
+    # measured: prefix churn 0.15 vs 0.87, SID churn 0.61 vs 1.00 (0.03 / 0.05 vs 0.85 / 1.00 for the rotation alone)
+    assert carried["lineage.prefix_churn"] < 0.5 * cold["lineage.prefix_churn"]
+    assert carried["churn"] < cold["churn"] - 0.2 and cold["churn"] > 0.9
