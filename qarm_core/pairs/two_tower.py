@@ -427,11 +427,14 @@ def _excluded(split: TwoTowerSplit, pos: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
-                    chunk: int = 4096) -> dict[str, float | int]:
+                    chunk: int = 4096, max_users: int | None = None) -> dict[str, float | int]:
     """Recall@k on the holdout of the two-tower model (faiss exact inner-product search) and of
     the most-popular-training-items baseline; items a user has seen before are excluded for both.
 
     With one holdout item per user, recall@k is the share of users whose item is in their top k.
+    ``max_users``: measure on a seeded sample of at most this many held-out users (the model's
+    seed); ``n_users`` says how many were measured and ``recall_*_ci95`` the half-width of each
+    recall's 95% normal-approximation interval.
     """
     import faiss
 
@@ -440,6 +443,9 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
     pos = split.holdout_pos
     if len(pos) == 0:
         raise DataError(STAGE, "interactions", "no holdout: no user has two positive events")
+    if max_users is not None and len(pos) > max_users:
+        rng = np.random.default_rng([model.params.seed, 7])
+        pos = np.sort(rng.choice(pos, max_users, replace=False))
     n_items = split.n_items
     target = split.seq_item[pos]
     row, seen = _excluded(split, pos)
@@ -479,8 +485,14 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
             tt_hit[idx] = (top & (got == target[idx, None])).any(axis=1)
     finally:
         faiss.omp_set_num_threads(prev_threads)
+    n = len(pos)
+
+    def half(hits: np.ndarray) -> float:
+        return float(1.96 * np.sqrt(hits.mean() * (1 - hits.mean()) / n))
+
     return {"recall_two_tower": float(tt_hit.mean()), "recall_popularity": float(pop_hit.mean()),
-            "n_users": int(len(pos)), "k": int(k)}
+            "recall_two_tower_ci95": half(tt_hit), "recall_popularity_ci95": half(pop_hit),
+            "n_users": int(n), "n_users_held_out": int(len(split.holdout_pos)), "k": int(k)}
 
 
 # ---------------------------------------------------------------- u2i pairs
@@ -536,7 +548,7 @@ def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None 
                               "n_train_samples": int(len(split.train_pos)),
                               "train_seconds": round(model.train_seconds, 2)}
     if len(split.holdout_pos):
-        report.update(evaluate_recall(model, split, k=k))
+        report.update(evaluate_recall(model, split, k=k, max_users=params.recall_max_users))
     else:
         report.update({"recall_two_tower": None, "recall_popularity": None, "n_users": 0, "k": k})
     pairs = u2i_pairs(model, split)

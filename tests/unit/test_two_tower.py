@@ -280,3 +280,16 @@ def test_two_tower_beats_popularity_on_ml100k(recbole_wheel):
     assert r["recall_two_tower"] > 1.5 * r["recall_popularity"]       # measured 0.46 vs 0.19
     pairs = u2i_pairs(model, split)
     assert 0 < pairs.num_rows <= params.top_m * len(split.window_pos)
+
+
+def test_recall_on_a_sample_of_users(trained):
+    """recall_max_users: a seeded sample of the held-out users, its size and 95% interval reported;
+    a cap above the holdout changes nothing."""
+    split, model = trained
+    full = evaluate_recall(model, split, k=5)
+    assert evaluate_recall(model, split, k=5, max_users=len(split.holdout_pos)) == full
+    m = len(split.holdout_pos) // 2
+    a, b = evaluate_recall(model, split, k=5, max_users=m), evaluate_recall(model, split, k=5, max_users=m)
+    assert a == b and a["n_users"] == m and a["n_users_held_out"] == full["n_users"]
+    assert a["recall_two_tower_ci95"] > full["recall_two_tower_ci95"] > 0
+    assert abs(a["recall_two_tower"] - full["recall_two_tower"]) <= a["recall_two_tower_ci95"]
