@@ -87,12 +87,15 @@ class World:
 
 def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
     """One row per (day, sigma): what the quantize stage did and the churn it caused."""
+    import yaml
+
     from qarm_core.quantize.lineage import align_to_previous
     from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
     from qarm_core.quantize.stage import quantize_stage
 
     params = QuantizerParams(levels=tuple(args.levels), fsq_dims=args.fsq_dims, fsq_levels=args.fsq_levels,
-                             niter=args.niter, seed=args.seed, hr_sample=2000, decode_hr_sample=200)
+                             niter=args.niter, seed=args.seed, hr_sample=2000, decode_hr_sample=2000,
+                             **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.param or [])})
     world = World(args.clusters, args.dim, args.seed)
     world.add_items(args.items)
     rows: list[dict] = []
@@ -114,7 +117,8 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
                    "how": how.split(":")[0] if how.startswith("refit") else how,
                    "fsq_refit": m.get("fsq.refit", 0.0), "churn": m.get("churn"),
                    "prefix_churn": m.get("lineage.prefix_churn"),
-                   "raw_collision": m.get("raw.collision_rate"), "seconds": time.perf_counter() - t0}
+                   "raw_collision": m.get("raw.collision_rate"), "hr1": m.get("raw.decode_hr@1"),
+                   "seconds": time.perf_counter() - t0}
             if retrain:      # what the stage did before lineage carried cells over: a cold refit, matched after
                 cold_book, cold_codes, _ = quantize_embeddings(x.copy(), ids, params)
                 _, _, cold = align_to_previous(cold_book, cold_codes, codes)
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--growth", type=float, default=0.01)
     ap.add_argument("--drift", type=float, default=0.2)
     ap.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.3, 0.6])
+    ap.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="a quantizer setting other than its default, e.g. stickiness=0.05 (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--home", type=Path, default=REPO / "qarm_home", help="its MLflow store gets the run")
     ap.add_argument("--png", type=Path, default=None, help="default: <home>/reports/sid_stability.png")

@@ -23,10 +23,18 @@ class QuantizerParams(Strict):
     fsq_form: Literal["pca_quantile", "sigmoid"] = "pca_quantile"
     niter: int = Field(20, ge=1)
     polish_iter: int = Field(10, ge=0)
+    # Lloyd passes of a warm start (the daily run) from the published centroids. Each pass moves the
+    # cells towards the day's items, and items near a boundary change code with them: in
+    # benchmarks/bench_sid_stability.py (50k items, +1%/day) 10 passes moved up to 6% of the SIDs
+    # in a day; see the README for the measured choice.
+    warm_iter: int = Field(1, ge=1)
     seed: int = 0
     resolve: bool = True                            # move colliding items to free FSQ codes
     max_alternatives: int = Field(32, ge=1)         # candidate FSQ cells tried per colliding item
-    stickiness: float = Field(0.01, ge=0.0)         # warm start: keep an old code within 1% of the best
+    # warm start: keep an old code while within this share of the best distance (0.05 and one warm
+    # Lloyd pass: <= 0.5% daily churn in bench_sid_stability.py vs 6% at 0.01 and 10 passes, at the
+    # same collision and decode HR@1; README "Stable SIDs")
+    stickiness: float = Field(0.05, ge=0.0)
     fsq_margin: float = Field(0.5, ge=0.0)          # warm start: keep an old FSQ cell if within this many bin widths
     # FSQ refit policy (warm start): the published FSQ level is kept while its bins still fit, and
     # refitted (directions aligned to the old ones) when some coordinate's fullest bin holds more

@@ -122,6 +122,7 @@ def _kmeans_levels(residual: np.ndarray, p: QuantizerParams, book: Codebook | No
         if fit:
             c, labels, _, rep = fit_level(residual, k, seed=p.seed + level, niter=p.niter,
                                           polish_iter=p.polish_iter, warmup_rows=_warmup_rows(p, n, k),
+                                          warm_iter=p.warm_iter,
                                           previous=None if book is None else book.centroids[level])
             report.append({"level": level + 1, **rep})
         else:
