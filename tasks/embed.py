@@ -57,7 +57,10 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
         key = stable_hash({"judgments": judgments.fingerprint, "qa": qa.fingerprint, "items": items.fingerprint,
                            "model": cfg.embed.model.model_dump(mode="json"),
                            "start": start.fingerprint if start is not None else "base",
-                           "train": cfg.embed.train.model_dump(mode="json"), "qarm": __version__})
+                           # node_rank differs between the nodes of one multi-node run, which must
+                           # all train into the same (shared) run folder
+                           "train": cfg.embed.train.model_dump(mode="json", exclude={"node_rank"}),
+                           "qarm": __version__})
         run_dir = storage.run_dir("train", key)
         report: dict = {}
 
@@ -72,7 +75,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),
                                "zero_stage": str(rec.zero_stage), "dtype": rec.dtype,
-                               "dtype_reason": rec.dtype_reason}
+                               "dtype_reason": rec.dtype_reason, "backend": rec.backend or "none"}
             _link_tree(Path(rec.model_dir), folder)
 
         records, reused, report = write_stage_outputs(storage, "train", key, {}, report,

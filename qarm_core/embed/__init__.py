@@ -3,8 +3,9 @@
 Entry points (small typed configs in ``config``; every call returns a small record of what it wrote):
 
 * ``train.train_embedding_model(items, judgments, qa, out_dir, EmbedModelConfig, TrainConfig)``
-  -> ``TrainRecord`` (in-process, or ``nproc`` processes via torchrun / the deepspeed launcher);
-  ``train.write_job`` + ``train.build_launch_command`` for a scheduler that starts the processes.
+  -> ``TrainRecord`` (in-process, or ``nproc`` processes per node on ``nnodes`` nodes via torchrun /
+  the deepspeed launcher); ``train.write_job`` + ``train.build_launch_command`` for a scheduler
+  that starts the processes.
 * ``embed.embed_catalog(items, out_dir, EmbedModelConfig, EmbedConfig)`` -> ``EmbedRecord``
   (fine-tuned folder, or a base model as baseline); ``embed.embed_catalog_minilm`` (MiniLM baseline).
 * ``evaluate.evaluate_embeddings(path, heldout_pairs)`` -> ``RetrievalMetrics`` (recall@k, MRR).

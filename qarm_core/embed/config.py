@@ -50,7 +50,9 @@ class TrainConfig(Strict):
     proj_lr: float = Field(1e-3, gt=0)     # the fresh projection learns faster than the pretrained body
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)     # linear LR warm-up
-    batch_size: int = Field(32, ge=1)      # (anchor, positive) pairs per optimizer step, all processes together
+    # (anchor, positive) pairs per optimizer step, all processes of all nodes together; every pair's
+    # in-batch negatives are the whole global batch (gathered across processes)
+    batch_size: int = Field(32, ge=1)
     # Default budget, sized for the ML-100K refresh on a 2-core CPU: 31 steps of 32 pairs took 435 s
     # here (SmolLM2, ZeRO-2 bf16, ~200 tok/s at load 3.6), i.e. ~7.5 min of a 15-minute refresh.
     max_steps: int = Field(30, ge=1)
@@ -76,11 +78,17 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     launcher: Literal["none", "torchrun", "deepspeed"] = "none"
+    # Processes (GPUs) per node. The run's world is nnodes * nproc processes: every node runs its
+    # own launcher with the same settings except node_rank (``train.launch.build_launch_command``).
     nproc: int = Field(1, ge=1)
-    # extra launcher arguments, e.g. multi-node: ["--hostfile", "hosts"] (deepspeed) or
-    # ["--nnodes", "2", "--node_rank", "0", "--master_addr", "10.0.0.1"] (torchrun)
-    launcher_args: list[str] = Field(default_factory=list)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)        # this node's place, 0 <= node_rank < nnodes; node 0 hosts the rendezvous
+    # Address of node 0 that every node's processes connect to; None: $MASTER_ADDR of the launching
+    # process on several nodes, this host on one (``train.launch.resolve_master_addr``).
+    master_addr: str | None = None
     master_port: int = Field(29511, ge=1024, le=65535)
+    # extra launcher arguments, appended after the ones built from the settings above
+    launcher_args: list[str] = Field(default_factory=list)
     num_threads: int | None = Field(None, ge=1)   # torch threads per process
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)
     max_train_pairs: int | None = Field(None, ge=1)       # sample of the kept pairs used (seeded)
@@ -89,14 +97,29 @@ class TrainConfig(Strict):
     # model, continued for max_steps: the weekly retrain; the base model when none is published yet).
     init_from: Literal["base", "published"] = "base"
 
+    @property
+    def world_size(self) -> int:
+        """Processes of the whole run, all nodes together."""
+        return self.nnodes * self.nproc
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.launcher != "none" and self.nproc < 2:
-            raise ValueError(f"launcher {self.launcher!r} needs nproc >= 2")
-        if self.batch_size % self.nproc:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")
-        if self.grad_cache_chunk and (self.batch_size // self.nproc) % self.grad_cache_chunk:
-            raise ValueError("grad_cache_chunk must divide the per-process batch size")
+        world = self.world_size
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.launcher == "none":
+            raise ValueError(f"nnodes {self.nnodes} needs a launcher (torchrun or deepspeed)")
+        # one process per node is a valid multi-node layout, so the launcher needs a world of 2+
+        if self.launcher != "none" and world < 2:
+            raise ValueError(f"launcher {self.launcher!r} needs nnodes * nproc >= 2 (nproc >= 2 on one node)")
+        # every rank takes an equal slice of the global batch (all_gather of the in-batch
+        # negatives needs equal shapes on every rank)
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by the world size nnodes * nproc "
+                             f"= {self.nnodes} * {self.nproc} = {world}")
+        if self.grad_cache_chunk and (self.batch_size // world) % self.grad_cache_chunk:
+            raise ValueError(f"grad_cache_chunk {self.grad_cache_chunk} must divide the per-process batch size "
+                             f"batch_size / (nnodes * nproc) = {self.batch_size // world}")
         return self
 
 

@@ -1,4 +1,5 @@
-"""Losses of the three-segment model: symmetric in-batch InfoNCE and the QA next-token loss."""
+"""Losses of the three-segment model: symmetric in-batch InfoNCE (over one process's batch, or the
+global batch of a multi-process run) and the QA next-token loss."""
 
 from __future__ import annotations
 
@@ -32,6 +33,25 @@ def info_nce(a: torch.Tensor, p: torch.Tensor, temperature: float,
         l_ap = l_ap.masked_fill(same_item_mask(a_ids, p_ids), neg)
         l_pa = l_pa.masked_fill(same_item_mask(p_ids, a_ids), neg)
     return 0.5 * (nn.functional.cross_entropy(l_ap, target) + nn.functional.cross_entropy(l_pa, target))
+
+
+def global_info_nce(a: torch.Tensor, p: torch.Tensor, temperature: float, a_ids: torch.Tensor | None,
+                    p_ids: torch.Tensor | None, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE over the global batch of a ``world``-process run, and the term each rank backwards.
+
+    a, p: (world * local_batch, d) every rank's embeddings in rank order, as
+    ``train.distributed.gather_with_local_grad`` returns them: only this rank's rows carry a
+    gradient; a_ids, p_ids: (world * local_batch,) item ids gathered the same way (or None).
+    Returns (objective, nce): ``nce`` is the global loss, the same on every rank (report this);
+    ``objective = world * nce`` is what this rank backwards. Why the factor: this rank's backward
+    yields d nce/d theta through its own rows only, and the full gradient is the *sum* of those over
+    ranks; DeepSpeed (and the plain-torch path) *average* gradients over ranks, i.e. divide the sum
+    by ``world``, so each rank multiplies by ``world`` first. The averaged update then equals the
+    single-process gradient of ``nce`` over the concatenated batch (tests/unit/test_embed_train.py).
+    With ``world == 1`` both are the plain ``info_nce``.
+    """
+    nce = info_nce(a, p, temperature, a_ids, p_ids)
+    return (nce * world if world > 1 else nce), nce
 
 
 def qa_loss(qa_loss_sum: torch.Tensor, qa_tokens: torch.Tensor | float) -> torch.Tensor:

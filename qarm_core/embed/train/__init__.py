@@ -3,8 +3,9 @@
 Entry points:
 
 * ``train_embedding_model(items, judgments, qa, out_dir, model_cfg, train_cfg)``: trains in this
-  process (``launcher == "none"``) or starts ``nproc`` processes with torchrun / the deepspeed
-  launcher and waits for them; returns a ``TrainRecord``.
+  process (``launcher == "none"``) or starts ``nproc`` processes on this node with torchrun / the
+  deepspeed launcher and waits for them (node ``node_rank`` of ``nnodes``: every node calls it with
+  the same ``out_dir`` on a shared filesystem); returns a ``TrainRecord``.
 * ``build_launch_command(job_file, cfg)``: the argv that starts the multi-process run of a job
   written by ``write_job`` (for a scheduler that launches it itself).
 
@@ -17,22 +18,28 @@ Output folder::
                           ``keep_checkpoints`` kept). DeepSpeed runs use DeepSpeed's own checkpoint
                           format (the only one that holds partitioned ZeRO optimizer state; it is
                           torch.save-based); plain-torch runs use safetensors + JSON.
-      train_log.jsonl     one line per step (loss, nce, qa, scale, tokens/s)
+      train_log.jsonl     one line per step (loss, nce, qa, nce_spread, grad_norm, scale, tokens/s)
       train_record.json   the ``TrainRecord`` of the finished run
-      job/                (multi-process runs) job.json + the input tables as Parquet
+      job/                (multi-process runs) job.json + the input tables as Parquet (+ the
+                          DeepSpeed launcher's hostfile of a multi-node run)
 
 GPU hosts: ``launcher="deepspeed"`` (or torchrun) with ``nproc`` = GPUs per node, ``dtype=auto`` (bf16),
 ``zero_stage=2`` (3 for models that do not fit one GPU), ``attn_implementation="sdpa"``, a larger
 ``batch_size`` (e.g. 256+) with ``grad_cache_chunk`` sized to GPU memory, ``freeze_layers=0``;
-DeepSpeed moves the module to each rank's GPU and batches follow it. The plain-torch path
-(``use_deepspeed=False``) is the CPU fallback and keeps the model on the CPU.
+DeepSpeed moves the module to each rank's GPU and batches follow it; the process group is NCCL
+there, gloo on CPUs (``distributed.process_group_backend``, recorded in ``TrainRecord.backend``).
+The plain-torch path (``use_deepspeed=False``) is the CPU fallback and keeps the model on the CPU.
+Several nodes: ``nnodes``, ``node_rank`` and ``master_addr`` (default ``$MASTER_ADDR``), one launch
+per node (``launch.build_launch_command``); the world is ``nnodes * nproc`` processes.
 
 Every step's batch is a function of (seed, step) (``data.batch_pair_indices``) and nothing in the
 model is random (no dropout), so a run killed after checkpoint k and resumed reaches the same
-weights as an uninterrupted run. With ``nproc`` processes each takes a contiguous slice of the
-global batch; in-batch negatives are the process's own slice.
+weights as an uninterrupted run. With several processes each takes a contiguous slice of the
+global batch (rank order); the contrastive loss is over the whole global batch: every rank gathers
+all ranks' embeddings, keeps the gradient of its own rows and scales its loss by the world size, so
+that the averaged update equals the single-process one (``losses.global_info_nce``; tested).
 
-Modules: ``distributed`` (numeric type, DeepSpeed config, process group), ``checkpoint`` (run
+Modules: ``distributed`` (device, numeric type, DeepSpeed config, process group, gathers), ``checkpoint`` (run
 fingerprint, checkpoint IO), ``loop`` (session, step, loop, export), ``launch`` (jobs, launcher
 command, relayed progress), ``record`` (``TrainRecord``).
 """

@@ -71,10 +71,16 @@ def digest(obj: Any) -> str:
 
 def run_fingerprint(model_cfg: EmbedModelConfig, cfg: TrainConfig, data_digest: str, world_size: int) -> str:
     """Identity of a training run: everything that changes its result (not checkpoint cadence,
-    time budget, thread count)."""
+    time budget, thread count, nor where the processes run: the ranks of one run on different
+    nodes differ in node_rank and must agree on the fingerprint; the world size is in it)."""
     t = cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "max_seconds", "num_threads",
-                                "launcher", "launcher_args", "master_port"})
-    return digest({"model": model_cfg.model_dump(), "train": t, "data": data_digest, "world": world_size})[:20]
+                                "launcher", "launcher_args", "master_port", "master_addr", "nnodes", "node_rank"})
+    ident = {"model": model_cfg.model_dump(), "train": t, "data": data_digest, "world": world_size}
+    if world_size > 1:
+        # multi-process runs contrast against the global batch since in-batch negatives were
+        # gathered across ranks: checkpoints of the older per-rank objective are another run
+        ident["negatives"] = "global"
+    return digest(ident)[:20]
 
 
 def save_plain(root: Path, tag: str, model: Any, opt: Any, client: dict) -> None:

@@ -1,5 +1,6 @@
-"""DeepSpeed's config and the process group: the numeric type of a run, the DeepSpeed config dict,
-rank/world from the launcher's environment, gloo setup, barriers and sums across processes."""
+"""DeepSpeed's config and the process group: the device and numeric type of a run, the DeepSpeed
+config dict, rank/world from the launcher's environment, the process group (NCCL on GPUs, gloo on
+CPUs), barriers, sums and gathers across processes."""
 
 from __future__ import annotations
 
@@ -22,15 +23,26 @@ BUILTIN_ZERO = {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
                 "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
 
 
-def training_dtype(cfg: TrainConfig) -> "DTypeChoice":
-    """The numeric type of a training run: ``cfg.dtype`` resolved on the device training runs on
-    (DeepSpeed takes the GPU when torch sees one; the plain-torch path stays on the CPU)."""
+def training_device(cfg: TrainConfig) -> str:
+    """"cuda" or "cpu": where a training run computes. DeepSpeed takes the GPU when torch sees one
+    (it moves the module to the rank's GPU); the plain-torch path stays on the CPU."""
     import torch
 
+    return "cuda" if cfg.use_deepspeed and torch.cuda.is_available() else "cpu"
+
+
+def training_dtype(cfg: TrainConfig) -> "DTypeChoice":
+    """The numeric type of a training run: ``cfg.dtype`` resolved on ``training_device``."""
     from qarm_core.devices import resolve_dtype
 
-    device = "cuda" if cfg.use_deepspeed and torch.cuda.is_available() else "cpu"
-    return resolve_dtype(cfg.dtype, device, STAGE, "embed.train.dtype")
+    return resolve_dtype(cfg.dtype, training_device(cfg), STAGE, "embed.train.dtype")
+
+
+def process_group_backend(cfg: TrainConfig) -> str:
+    """The process group's backend: "nccl" when the run computes on CUDA (gradients and the
+    gathered embeddings are GPU tensors, which gloo reduces through host copies, if at all),
+    else "gloo" (CPU tensors; NCCL takes GPU tensors only)."""
+    return "nccl" if training_device(cfg) == "cuda" else "gloo"
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, unmanaged_accumulation: bool = False) -> dict:
@@ -48,6 +60,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, unmanaged_accumulation: 
     micro = cfg.batch_size // world_size
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
               train_batch_size=micro * world_size, bf16={"enabled": training_dtype(cfg).bf16})
+    # The loop scales the contrastive loss by the world size on the assumption that DeepSpeed
+    # averages gradients over ranks (its default, "mean"; ZeRO-2 divides each bucket by the world
+    # before the reduce-scatter); a summing config would make every update world times too large.
+    if ds.get("gradient_allreduce_op", "mean") != "mean":
+        raise DataError(STAGE, "deepspeed_config", f"gradient_allreduce_op={ds['gradient_allreduce_op']!r} in "
+                                                   f"{path}: training needs gradients averaged over ranks ('mean')")
     ds.pop("fp16", None)
     ds.pop("optimizer", None)       # the optimizer is torch AdamW built here (no JIT-compiled op)
     ds.pop("scheduler", None)       # the LR is set per step here, so resumption needs no scheduler state
@@ -70,24 +88,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(world: int, use_deepspeed: bool) -> None:
-    """gloo process group. DeepSpeed needs one even alone: a single-process run gets a group of
-    one on a free local port (DeepSpeed would otherwise try MPI discovery)."""
+def init_process_group(world: int, use_deepspeed: bool, backend: str) -> str:
+    """The process group over ``backend`` (``process_group_backend``); returns the backend of the
+    group in use (an existing group's own). DeepSpeed needs a group even alone: a single-process
+    run gets a group of one on a free local port (DeepSpeed would otherwise try MPI discovery)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return str(dist.get_backend())
     # alone: a group of one over a free local port, passed explicitly rather than through
     # os.environ (child processes started later must not inherit a port that is taken)
     kw = {} if world > 1 else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
     if world == 1:
         os.environ.setdefault("LOCAL_RANK", "0")     # DeepSpeed's engine asserts it is set
+    if backend == "nccl":
+        import torch
+
+        # NCCL collectives run on the current GPU: each rank on its own before the first barrier
+        torch.cuda.set_device(dist_env()[2])
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False, auto_mpi_discovery=world > 1, **kw)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=world > 1, **kw)
     else:
-        dist.init_process_group("gloo", **kw)
+        dist.init_process_group(backend, **kw)
+    return str(dist.get_backend())
+
+
+def _collective_device() -> str:
+    """Where small host values go for a collective: NCCL reduces GPU tensors only."""
+    import torch.distributed as dist
+
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def barrier(world: int) -> None:
@@ -103,6 +135,47 @@ def all_sum(x: float, world: int) -> float:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return float(t.item())
+
+
+def gather_floats(values: list[float], world: int) -> list[list[float]]:
+    """Every rank's ``values`` (same length on every rank), in rank order: (world, len(values))."""
+    if world == 1:
+        return [list(values)]
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]
+
+
+def splice_local(parts: list, local, rank: int):
+    """The global batch from every rank's slice, with this rank's own slice carrying its gradient.
+
+    parts: ``world`` tensors of shape (local_batch, ...) in rank order, as ``all_gather`` returns
+    them (no autograd history); local: this rank's (local_batch, ...) tensor, the one with a graph.
+    Returns (world * local_batch, ...): ``parts`` concatenated, slot ``rank`` replaced by ``local``,
+    so backward reaches this rank's rows only (the other ranks' rows are constants here; each
+    rank's own backward covers them). Pure: no process group needed (unit-tested alone).
+    """
+    import torch
+
+    return torch.cat([local if i == rank else p.detach() for i, p in enumerate(parts)])
+
+
+def gather_with_local_grad(x, world: int, rank: int):
+    """all_gather of ``x`` over the run: (local_batch, ...) -> (world * local_batch, ...), rank
+    order, gradient through this rank's own rows only (``splice_local``). ``x`` unchanged alone.
+    Every rank must call it, in the same order, with the same shape and dtype."""
+    if world == 1:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return splice_local(parts, x, rank)

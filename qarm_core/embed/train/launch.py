@@ -1,5 +1,10 @@
 """Multi-process launch: a run's job (inputs as Parquet, configs as JSON), the torchrun / deepspeed
-launcher command, the workers' environment, and the launched run's progress relayed from its log."""
+launcher command, the workers' environment, and the launched run's progress relayed from its log.
+
+Multi-node: every node runs the same launch (the same config but ``node_rank``) into the same run
+folder, which must be on a filesystem all nodes share: DeepSpeed writes each rank's ZeRO partition
+of a checkpoint there and reads them all back (resume, export), rank 0 writes the model, the log
+and the record that every node's launch returns."""
 
 from __future__ import annotations
 
@@ -7,34 +12,86 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Mapping
 
 import pyarrow as pa
 
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.distributed import REPO
 from qarm_core.embed.train.loop import train_in_process
-from qarm_core.embed.train.record import ProgressFn, TrainRecord
+from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
+from qarm_core.errors import DataError
+
+
+# Where node 0 is when neither the config nor the environment says: this host (one node).
+LOCAL_MASTER_ADDR = "127.0.0.1"
+HOSTFILE = "hostfile"       # the DeepSpeed launcher's hostfile of a multi-node job, next to job.json
+
+
+def resolve_master_addr(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> str:
+    """Node 0's address: ``cfg.master_addr``; else, on several nodes, ``MASTER_ADDR`` of ``env``
+    (default: this process's environment, e.g. set by a cluster scheduler); else, on one node,
+    ``LOCAL_MASTER_ADDR`` (a MASTER_ADDR left in the environment by another job must not send a
+    one-node run's processes to another host). Several nodes with no address given is a DataError:
+    the other nodes' processes would wait for a rendezvous on their own loopback until the
+    launcher's timeout."""
+    env = os.environ if env is None else env
+    if cfg.master_addr:
+        return cfg.master_addr
+    if cfg.nnodes == 1:
+        return LOCAL_MASTER_ADDR
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    raise DataError(STAGE, "config", f"embed.train.nnodes={cfg.nnodes} but no address of node 0: set "
+                                     "embed.train.master_addr or MASTER_ADDR (the same on every node)")
+
+
+def deepspeed_hostfile(cfg: TrainConfig) -> str:
+    """The hostfile the DeepSpeed launcher reads on every node of a multi-node run: ``nnodes``
+    lines of ``nproc`` slots. Without ssh (``--no_ssh``) the names are only labels: each node's
+    launcher starts its own ``nproc`` processes, ranks follow from the line order and
+    ``--node_rank``, and the processes meet at ``--master_addr``."""
+    return "".join(f"node{i} slots={cfg.nproc}\n" for i in range(cfg.nnodes))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a fresh temporary file next to ``path``, then rename it over ``path``: every
+    node of a run writes the same job into the shared run folder, and a reader (another node's
+    worker) must see a whole file, old or new, never one being written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)        # mkstemp's 0600 would hide the job from the other nodes' users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_job(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir: str | Path,
               model_cfg: EmbedModelConfig, cfg: TrainConfig) -> Path:
-    """Write the inputs (Parquet) and configs (JSON) of a run to ``out_dir/job``; returns job.json."""
+    """Write the inputs (Parquet) and configs (JSON) of a run to ``out_dir/job`` (and the DeepSpeed
+    hostfile of a multi-node run); returns job.json. Safe to run on every node at once."""
     import pyarrow.parquet as pq
 
     job_dir = Path(out_dir) / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(items, job_dir / "items.parquet")
-    pq.write_table(judgments, job_dir / "judgments.parquet")
-    if qa is not None:
-        pq.write_table(qa, job_dir / "qa.parquet")
+    tables = {"items": items, "judgments": judgments, "qa": qa}
+    for name, table in tables.items():
+        if table is not None:
+            _write_atomic(job_dir / f"{name}.parquet", lambda f, t=table: pq.write_table(t, f))
+    if cfg.launcher == "deepspeed" and cfg.nnodes > 1:
+        _write_atomic(job_dir / HOSTFILE, lambda f: f.write_text(deepspeed_hostfile(cfg)))
     job = {"out_dir": str(Path(out_dir).resolve()), "items": str(job_dir / "items.parquet"),
            "judgments": str(job_dir / "judgments.parquet"),
            "qa": str(job_dir / "qa.parquet") if qa is not None else None,
            "model_config": model_cfg.model_dump(), "train_config": cfg.model_dump()}
     f = job_dir / "job.json"
-    f.write_text(json.dumps(job, indent=2))
+    _write_atomic(f, lambda t: t.write_text(json.dumps(job, indent=2)))
     return f
 
 
@@ -54,24 +111,30 @@ def run_job(job_file: str | Path) -> None:
 
 def build_launch_command(job_file: str | Path, cfg: TrainConfig, python: str | None = None,
                          extra_launcher_args: list[str] | None = None) -> list[str]:
-    """argv that runs ``qarm_core.embed.worker job_file`` in ``cfg.nproc`` processes on this node.
+    """argv that runs ``qarm_core.embed.worker job_file`` in ``cfg.nproc`` processes on this node,
+    node ``cfg.node_rank`` of ``cfg.nnodes`` (every node runs its own; A = ``resolve_master_addr``).
 
-    torchrun: ``python -m torch.distributed.run --nproc_per_node N --master_port P -m
-    qarm_core.embed.worker JOB``; deepspeed: ``python -m deepspeed.launcher.runner --num_gpus N
-    --master_port P --module qarm_core.embed.worker JOB`` (on CPU hosts the DeepSpeed launcher
-    treats --num_gpus as the process count; it passes ``--local_rank=i`` to each worker).
-    Multi-node: add e.g. ``--nnodes/--node_rank/--master_addr`` (torchrun) or ``--hostfile``
-    (deepspeed) through ``extra_launcher_args``.
+    torchrun: ``python -m torch.distributed.run --nnodes N --node_rank R --master_addr A
+    --master_port P --nproc_per_node n -m qarm_core.embed.worker JOB`` (static rendezvous: node 0
+    hosts it at A:P). deepspeed: ``python -m deepspeed.launcher.runner --num_gpus n --num_nodes N
+    --node_rank R --master_addr A --master_port P --module qarm_core.embed.worker JOB`` (on CPU hosts
+    --num_gpus is the process count; it passes ``--local_rank=i`` to each worker). One node: the
+    DeepSpeed launcher uses this host's devices and 127.0.0.1. Several nodes: it needs a hostfile
+    (``write_job`` writes ``job/hostfile``), and with one it would start the other nodes itself over
+    pdsh/ssh, so the command adds ``--no_ssh --hostfile job/hostfile``: each node starts its own
+    processes, like torchrun. ``extra_launcher_args`` come last (argparse: a repeated flag wins).
     """
     py = python or sys.executable
     extra = list(extra_launcher_args or [])
+    addr, port = resolve_master_addr(cfg), str(cfg.master_port)
     if cfg.launcher == "torchrun":
-        return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(cfg.nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(cfg.master_port), *extra,
+        return [py, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes), "--node_rank", str(cfg.node_rank),
+                "--master_addr", addr, "--master_port", port, "--nproc_per_node", str(cfg.nproc), *extra,
                 "-m", "qarm_core.embed.worker", str(job_file)]
     if cfg.launcher == "deepspeed":
-        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(cfg.master_port), *extra,
+        multi = ["--no_ssh", "--hostfile", str(Path(job_file).parent / HOSTFILE)] if cfg.nnodes > 1 else []
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc), "--num_nodes", str(cfg.nnodes),
+                "--node_rank", str(cfg.node_rank), "--master_addr", addr, "--master_port", port, *multi, *extra,
                 "--module", "qarm_core.embed.worker", str(job_file)]
     raise ValueError(f"launcher {cfg.launcher!r} starts no processes")
 
@@ -153,7 +216,8 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
     log = out / "train_log.jsonl"
     seen = log.stat().st_size if log.exists() else 0
     cmd = build_launch_command(job_file, cfg, extra_launcher_args=cfg.launcher_args)
-    out_log = out / "launch.log"
+    # the launcher's and its workers' output; one file per node (the run folder is shared)
+    out_log = out / ("launch.log" if cfg.nnodes == 1 else f"launch.node{cfg.node_rank}.log")
     t0 = time.perf_counter()
     with open(out_log, "wb") as lf:
         # its own process group: stopping the run stops the launcher's workers too, not just the launcher

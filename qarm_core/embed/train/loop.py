@@ -18,7 +18,8 @@ from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.checkpoint import (digest, fp32_state_from_checkpoint, load_plain, no_pickle_code,
                                              run_fingerprint, save_checkpoint)
-from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, init_process_group,
+from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, gather_floats,
+                                               gather_with_local_grad, init_process_group, process_group_backend,
                                                training_dtype)
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
 from qarm_core.errors import DataError
@@ -95,6 +96,7 @@ class Session:
     fingerprint: str
     rank: int
     world: int
+    backend: str                  # the process group's backend (gloo / nccl); "" without a group
     out: Path
     start: int                    # the step this process starts from (> 0 after a resume)
 
@@ -136,12 +138,14 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     from qarm_core.embed.model import load_model
 
     rank, world, _ = dist_env()
-    if world > 1 and world != cfg.nproc:
-        raise DataError(STAGE, "config", f"launched with WORLD_SIZE={world} but train.nproc={cfg.nproc}")
+    if world > 1 and world != cfg.world_size:
+        raise DataError(STAGE, "config", f"launched with WORLD_SIZE={world} but embed.train.nnodes * nproc = "
+                                         f"{cfg.nnodes} * {cfg.nproc} = {cfg.world_size}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    backend = ""
     if world > 1 or cfg.use_deepspeed:
-        init_process_group(world, cfg.use_deepspeed)
+        backend = init_process_group(world, cfg.use_deepspeed, process_group_backend(cfg))
     loaded = load_model(model_cfg, STAGE, torch.float32)
     anchors, positives, enc, data_digest = encode_inputs(items, judgments, qa, model_cfg, cfg, loaded.tokenizer)
     fp = run_fingerprint(model_cfg, cfg, data_digest, world)
@@ -186,7 +190,7 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
                    device=engine.device if engine is not None else next(model.parameters()).device,
                    trainable=[p for p in model.parameters() if p.requires_grad], autocast=autocast, bf16=bf16,
                    anchors=anchors, positives=positives, enc=enc, fingerprint=fp, rank=rank, world=world,
-                   out=out, start=start)
+                   backend=backend, out=out, start=start)
 
 
 def _batch(s: Session, encs: list, with_qa: bool) -> dict:
@@ -202,16 +206,28 @@ def _backward(s: Session, loss: Any) -> None:
     (s.engine.backward(loss) if s.engine is not None else loss.backward())
 
 
+def contrastive(s: Session, ea: Any, ep: Any, a_ids: Any, p_ids: Any) -> tuple[Any, Any]:
+    """(objective, nce) of this rank's embeddings ea, ep (local_batch, dim) and item ids
+    (local_batch,): InfoNCE over the global batch, every rank's pairs gathered, negatives of every
+    pair drawn from all of them (``losses.global_info_nce``: objective = world * nce is what this
+    rank backwards, nce is reported). Alone: the plain in-batch loss."""
+    from qarm_core.embed.losses import global_info_nce
+
+    def gather(x: Any) -> Any:
+        return gather_with_local_grad(x, s.world, s.rank)
+
+    return global_info_nce(gather(ea), gather(ep), s.cfg.temperature, gather(a_ids), gather(p_ids), s.world)
+
+
 def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list, p_enc: list, a_ids: Any,
                         p_ids: Any, scale: float, n_ans: float) -> tuple[float, float, float]:
     """One step's backward with a gradient cache over chunks of ``grad_cache_chunk`` rows: (1) the
     embeddings of every chunk without activations (EMB never sees QA, so the QA segment is left out);
-    (2) the contrastive loss over the whole slice and its gradient w.r.t. the embeddings; (3) per
-    chunk, the forward again with activations and backward of emb . grad + the chunk's share of the
-    QA loss. Equal to the full-batch step (tested). Returns (loss, nce, qa)."""
+    (2) the contrastive loss over the global batch (other ranks' embeddings gathered as constants)
+    and its gradient w.r.t. this rank's embeddings; (3) per chunk, the forward again with
+    activations and backward of emb . grad + the chunk's share of the QA loss. Equal to the
+    full-batch step (tested). Returns (loss, nce, qa), unscaled."""
     import torch
-
-    from qarm_core.embed.losses import info_nce
 
     cfg, chunk = s.cfg, s.cfg.grad_cache_chunk
     with torch.no_grad(), s.autocast:
@@ -219,10 +235,10 @@ def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list,
                               qa_item_scale=scale)["emb"] for i in range(0, len(a_enc), chunk)])
         ep = torch.cat([s.fwd(**{**_batch(s, p_enc[i:i + chunk], False), "labels": None},
                               qa_item_scale=scale)["emb"] for i in range(0, len(p_enc), chunk)])
-    ea.requires_grad_(True)
+    ea.requires_grad_(True)          # leaves (local_batch, dim): the gradient wanted is w.r.t. these rows
     ep.requires_grad_(True)
-    nce = info_nce(ea, ep, cfg.temperature, a_ids, p_ids)
-    ga, gp = torch.autograd.grad(cfg.contrastive_weight * nce, [ea, ep])
+    objective, nce = contrastive(s, ea, ep, a_ids, p_ids)
+    ga, gp = torch.autograd.grad(cfg.contrastive_weight * objective, [ea, ep])
     qa_sum = 0.0
     for batches, grads in ((ba, ga), (bp, gp)):
         at = 0
@@ -241,9 +257,11 @@ def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list,
 def train_step(s: Session, a_enc: list, p_enc: list, a_ids: Any, p_ids: Any,
                scale: float) -> tuple[float, float, float, int]:
     """One optimizer step's forward/backward on this process's slice of the batch:
-    (loss, nce, qa, real tokens)."""
+    (loss, nce, qa, real tokens), unscaled. The contrastive loss is over the global batch
+    (``contrastive``); the QA loss is this slice's own (gradient averaging over ranks is right
+    for it: the objective is the mean of the ranks' QA losses)."""
     from qarm_core.embed import data as D
-    from qarm_core.embed.losses import info_nce, qa_loss
+    from qarm_core.embed.losses import qa_loss
 
     cfg, mcfg = s.cfg, s.model_cfg
     chunk = cfg.grad_cache_chunk or len(a_enc)
@@ -257,19 +275,24 @@ def train_step(s: Session, a_enc: list, p_enc: list, a_ids: Any, p_ids: Any,
         return (*gradient_cache_step(s, ba, bp, a_enc, p_enc, a_ids, p_ids, scale, n_ans), n_tok)
     with s.autocast:
         oa, op = s.fwd(**ba[0], qa_item_scale=scale), s.fwd(**bp[0], qa_item_scale=scale)
-        nce = info_nce(oa["emb"], op["emb"], cfg.temperature, a_ids, p_ids)
+        objective, nce = contrastive(s, oa["emb"], op["emb"], a_ids, p_ids)
         qa_l = qa_loss(oa["qa_loss_sum"] + op["qa_loss_sum"], n_ans)
-        loss = cfg.contrastive_weight * nce + cfg.qa_weight * qa_l
-    _backward(s, loss)
+        loss = cfg.contrastive_weight * nce + cfg.qa_weight * qa_l               # reported
+        objective = cfg.contrastive_weight * objective + cfg.qa_weight * qa_l    # backwarded (= loss alone)
+    _backward(s, objective)
     return loss.item(), nce.item(), qa_l.item(), n_tok
 
 
-def _optimizer_step(s: Session) -> None:
+def _optimizer_step(s: Session) -> float:
+    """The optimizer step over the gradients averaged across ranks; returns their global 2-norm
+    before clipping (the number that shows a multi-process run computes the single-process
+    gradient: the tests compare it)."""
     import torch
 
     if s.engine is not None:
         s.engine.step()
-        return
+        norm = s.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
     if s.world > 1:
         import torch.distributed as dist
 
@@ -277,8 +300,9 @@ def _optimizer_step(s: Session) -> None:
             if prm.grad is not None:
                 dist.all_reduce(prm.grad)
                 prm.grad /= s.world
-    torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
     s.opt.step()
+    return float(norm)
 
 
 def run_steps(s: Session, progress: ProgressFn | None) -> tuple[int, list[tuple[float, float, float]], int, float]:
@@ -309,13 +333,18 @@ def run_steps(s: Session, progress: ProgressFn | None) -> tuple[int, list[tuple[
                 s.opt.zero_grad(set_to_none=True)
             loss, nce, qa_l, n_tok = train_step(s, [s.enc[int(i)] for i in a], [s.enc[int(i)] for i in p],
                                                 torch.from_numpy(a), torch.from_numpy(p), scale)
-            _optimizer_step(s)
+            grad_norm = _optimizer_step(s)
             step += 1
-            loss, nce, qa_l = (all_sum(v, world) / world for v in (loss, nce, qa_l))
-            tokens += int(all_sum(n_tok, world))
+            # one collective for the step's numbers: (world, 4) rows of (loss, nce, qa, tokens)
+            per_rank = np.array(gather_floats([loss, nce, qa_l, float(n_tok)], world))
+            loss, nce, qa_l = (float(v) for v in per_rank[:, :3].mean(axis=0))
+            tokens += int(per_rank[:, 3].sum())
             losses.append((loss, nce, qa_l))
             dt = time.perf_counter() - t0
+            # nce_spread: max - min of the ranks' nce; every rank computes the same global loss, so
+            # anything but 0 means the gathered batches disagree
             info = {"step": step, "max_steps": cfg.max_steps, "loss": loss, "nce": nce, "qa": qa_l,
+                    "nce_spread": float(np.ptp(per_rank[:, 1])), "grad_norm": grad_norm,
                     "qa_item_scale": scale, "tokens": tokens, "seconds": round(dt, 3),
                     "tokens_per_s": tokens / dt if dt > 0 else 0.0}
             if rank == 0:
@@ -362,7 +391,6 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
         model.lm.to(torch.float32)      # save_pretrained writes the module's dtype into config.json
         save_model(model, s.loaded.tokenizer, model_dir, meta, state_dict=sd)
         model.lm.to(lm_dtype)
-    barrier(s.world)
     first, last = losses[:5], losses[-5:]
     nan = float("nan")
     record = TrainRecord(
@@ -374,11 +402,14 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
         final_loss=losses[-1][0] if losses else nan, final_nce=losses[-1][1] if losses else nan,
         final_qa=losses[-1][2] if losses else nan,
         loss_first=float(np.mean([x[0] for x in first])) if first else nan,
-        loss_last=float(np.mean([x[0] for x in last])) if last else nan)
+        loss_last=float(np.mean([x[0] for x in last])) if last else nan, backend=s.backend)
     if s.rank == 0:
         tmp = s.out / "train_record.json.tmp"
         tmp.write_text(json.dumps(record.to_dict(), indent=2))
         tmp.rename(s.out / "train_record.json")
+    # no rank exits before the model and the record are written: on another node, the launch that
+    # started a rank reads the record (from the shared run folder) as soon as its ranks are done
+    barrier(s.world)
     return record
 
 

@@ -34,6 +34,7 @@ class TrainRecord:
     loss_last: float              # mean loss of the last up-to-5 steps of this run
     reused: bool = False          # True: the model was already complete; nothing was trained
     dtype_reason: str = ""        # why that dtype (``devices.DTypeChoice.reason``)
+    backend: str = ""             # process-group backend (gloo on CPUs, nccl on GPUs); "" without a group
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
