@@ -219,7 +219,7 @@ def write_embeddings(item_ids: np.ndarray, encode: EncodeFn, out_dir: str | Path
         with pq.ParquetWriter(tmp, embeddings_schema(dim)) as w:
             w.write_batch(embeddings_batch(ids, x, model_version,
                                            None if hashes is None else list(hashes[rows(k)])))
-        tmp.rename(part := out / f"part-{k:05d}.parquet")
+        tmp.rename(out / f"part-{k:05d}.parquet")
         written += 1
         encoded += int((~keep).sum())
         carried += int(keep.sum())
