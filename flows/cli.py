@@ -43,10 +43,13 @@ def _quiet_env() -> None:
 
 def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
     _quiet_env()
-    load_config(config, overrides)  # fail fast on a bad config, before Prefect starts a server
+    cfg = load_config(config, overrides).resolved()  # fail fast on a bad config, before Prefect starts a server
     from flows.codebook_refresh import codebook_refresh
+    from tasks.common import exclusive_home
 
-    summary = codebook_refresh(config_path=config, overrides=overrides or None)
+    # the lease first: a busy home is refused here with one line (the flow takes the same lease)
+    with exclusive_home(cfg, "codebook-refresh"):
+        summary = codebook_refresh(config_path=config, overrides=overrides or None)
     table = Table(title="codebook-refresh: published")
     table.add_column("dataset")
     table.add_column("rows", justify="right")

@@ -136,19 +136,32 @@ def published_table(storage: Storage, dataset: str) -> tuple[pa.Table | None, Da
     return (read_dataset(rec) if rec is not None else None), rec
 
 
+# Leases this process holds, by (home, purpose): a block nested in another of the same home and
+# purpose (the CLI takes the lease before it starts the flow, which takes it again) shares it.
+_HELD: dict[tuple[str, str], "Lease"] = {}
+
+
 @contextlib.contextmanager
 def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
     """Hold the home's refresh lease (``qarm_core.lease``) for the block: taken before any MLflow or
     storage work, so two refreshes never race (not even to create the MLflow store); the second
-    one exits with BusyError naming the holder, or waits (``flow.on_busy``)."""
+    one exits with BusyError naming the holder, or waits (``flow.on_busy``). Re-entrant within a
+    process: `qarm refresh` takes it before starting the flow, so that a busy home is refused with
+    one line, before Prefect runs (and logs the refusal as a flow failure with its traceback)."""
     from qarm_core.lease import Lease
 
+    key = (str(Path(cfg.home).resolve()), purpose)
+    if key in _HELD:
+        yield _HELD[key]
+        return
     f = cfg.flow
     lease = Lease(cfg.home, purpose, ttl_s=f.lease_ttl_s, heartbeat_s=f.lease_ttl_s / 6)
     lease.acquire(wait_s=f.busy_wait_s if f.on_busy == "wait" else 0.0)
+    _HELD[key] = lease
     try:
         yield lease
     finally:
+        del _HELD[key]
         lease.release()
 
 
