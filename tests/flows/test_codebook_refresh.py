@@ -179,12 +179,12 @@ def test_a_new_model_is_published_only_if_it_beats_the_published_one(prefect_har
     assert (published.record("model").fingerprint == model0.fingerprint) == (not new_wins)
     versions = set(read_dataset(published.record("embeddings"))["model_version"].to_pylist())
     assert len(versions) == 1 and first["snapshot_id"] != second["snapshot_id"]
-    # the codebook follows the model: a new model gets a fresh fit renumbered onto the old SIDs
+    # the codebook follows the model: a new model's fit starts from the old cells' items, matched onto the old SIDs
     quantize = next(r for r in runs if r["name"] == "quantize" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
     old_version, new_version = quantize["tags"]["qarm.codebook.lineage"].split(" -> ")
     assert new_version == versions.pop() and (old_version != new_version) == new_wins
     if new_wins:
-        assert "renumbered" in quantize["tags"]["qarm.quantize.how"] and "lineage.c1_kept" in quantize["metrics"]
+        assert "carried over by their items" in quantize["tags"]["qarm.quantize.how"] and "lineage.c1_kept" in quantize["metrics"]
     else:
         assert quantize["tags"]["qarm.quantize.how"] == "warm_start"
 
@@ -301,7 +301,7 @@ def test_unknown_config_key_fails_before_any_work(prefect_harness, tmp_path):
     assert not (tmp_path / "h").exists()
 
 
-# The refresh flow's own ingest path with one bad file (tests/reliability/test_bad_inputs.py feeds 36
+# The refresh flow's own ingest path with one bad file (tests/reliability/test_bad_inputs.py feeds 35
 # bad inputs through `qarm ingest`, which runs the same stage and gate).
 BAD_INPUTS = {
     "nan rating": ("user_id,item_id,ts,rating\n1,1,3,nan\n" + "".join(f"{u},2,{u},4\n" for u in range(200)),
