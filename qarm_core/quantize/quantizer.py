@@ -294,27 +294,28 @@ def _fsq_level(residual: np.ndarray, p: QuantizerParams, book: Codebook | None, 
     ``fsq.refit`` (1: refitted on this warm start)."""
     fit_form = F.fit_fsq_sigmoid if p.fsq_form == "sigmoid" else F.fit_fsq
     refit, drifted = 0.0, None
-    if fit and (book is None or book.fsq is None):
+    fresh = fit and (book is None or book.fsq is None)
+    if fresh:
         reference = None
         if book is not None and prev is not None and book.params.fsq_dims == p.fsq_dims:
             reference = digit_directions(residual, prev["c3"], p.fsq_levels, p.fsq_dims)
         fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed, reference=reference)
-        book = None
     else:
         fsq = book.fsq
     z = F.project(fsq, residual)                                   # (n, f) float32
     digits = F.digits_of(fsq, z)                                   # (n, f) int32
     share = F.fullest_bin_share(fsq, digits)
-    baseline = share if fit and book is None else (book.fsq_fit_bin_share or 1.0 / fsq.levels)
-    if fit and book is not None and p.fsq_refit_drift is not None and share > p.fsq_refit_drift * baseline:
+    baseline = share if fresh else (book.fsq_fit_bin_share or 1.0 / fsq.levels)
+    if fit and not fresh and p.fsq_refit_drift is not None and share > p.fsq_refit_drift * baseline:
         drifted = share
         fsq = fit_form(residual, p.fsq_dims, p.fsq_levels, seed=p.seed, reference=book.fsq.components)
         z = F.project(fsq, residual)
         digits = F.digits_of(fsq, z)
-        share = baseline = F.fullest_bin_share(fsq, digits)
+        share = F.fullest_bin_share(fsq, digits)
         refit = 1.0
         log.info("quantize: the FSQ bins drifted (fullest bin %.3f of the items, %.2fx the fitted share): "
-                 "FSQ level refitted", drifted, drifted / (book.fsq_fit_bin_share or 1.0 / book.fsq.levels))
+                 "FSQ level refitted", drifted, drifted / baseline)
+        baseline = share
     metrics = {"fsq.fullest_bin_share": share, "fsq.fit_bin_share": baseline, "fsq.refit": refit}
     if drifted is not None:
         metrics["fsq.drifted_bin_share"] = drifted
