@@ -329,6 +329,7 @@ def test_each_bad_input_names_stage_and_dataset_and_publishes_nothing(prefect_ha
     assert Storage(home).list_snapshots() == [first["snapshot_id"]]
 
 
+@pytest.mark.slow                      # > 10 s: `make test` runs it, `make test-fast` does not
 def test_no_stage_of_the_refresh_reads_the_test_period(prefect_harness, tmp_path):
     """Perturbing (other items, flipped ratings) or dropping every test-period event leaves every
     dataset the refresh publishes, apart from the raw log and its period counts, bit-for-bit

@@ -72,6 +72,7 @@ def test_loss_falls_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
         train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg.model_copy(update={"lr": 1e-3}))
 
 
+@pytest.mark.slow                      # > 10 s: `make test` runs it, `make test-fast` does not
 def test_deepspeed_zero2_single_process(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.config import EmbedConfig
     from qarm_core.embed.embed import embed_catalog

@@ -27,6 +27,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow                      # > 10 s: `make test` runs it, `make test-fast` does not
 def test_smoke_size_prints_one_table_with_the_four_figures(tmp_path):
     out = tmp_path / "smoke.json"
     r = _run("--size", "smoke", "--device", "cpu", "--tiny-model", str(build_tiny_lm()), "--json", str(out))
