@@ -154,7 +154,7 @@ def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, mo
     and a PNG of them. Returns the table row, the curves and the result (for the paired bootstrap)."""
     log = get_run_logger()
     with tracking.stage_run(cfg, parent_run_id, f"rank-{model}") as run:
-        tracking.log_batch(run, params={
+        run.params({
             "model": model, "spec": asdict(resolve_spec(model, cfg.rank.model.frozen_embedding)),
             "rank": cfg.rank.model_dump(mode="json", exclude={"models"}),
             "inputs": {k: str(v) for k, v in inputs.get("source", {}).items()},
@@ -163,8 +163,7 @@ def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, mo
         run.tags({"qarm.rank_model": model})
 
         def on_epoch(lr: float, seed: int, p: dict) -> None:
-            tracking.log_batch(run, metrics={f"lr{lr:g}.seed{seed}.{k}": v for k, v in p.items() if k != "epoch"},
-                               step=int(p["epoch"]))
+            run.metrics({f"lr{lr:g}.seed{seed}.{k}": v for k, v in p.items() if k != "epoch"}, step=int(p["epoch"]))
 
         res = tune_and_test(model, data, cfg.rank, on_epoch=on_epoch)
         for r in res.runs:
@@ -172,7 +171,8 @@ def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, mo
                      r.lr, r.valid_metrics["auc"], r.best_epoch, r.metrics["auc"], r.metrics["gauc"])
             r.trained = None          # the bootstrap needs the test scores, not the weights
         row = summarize(res)
-        tracking.log_batch(run, params={"lr_chosen": res.lr}, metrics={
+        run.params({"lr_chosen": res.lr})
+        run.metrics({
             "auc": row["auc_mean"], "auc_std": row["auc_std"], "gauc": row["gauc_mean"], "gauc_std": row["gauc_std"],
             "logloss": row["logloss_mean"], "logloss_std": row["logloss_std"], "valid_auc": row["valid_auc_mean"],
             "train_samples_per_s": row["train_samples_per_s"], "n_params": float(row["n_params"])}
@@ -193,10 +193,10 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
     curves = {r["row"]["model"]: r["curves"] for r in results}
     handle = tracking.run_handle(cfg, parent_run_id)
     handle.json({"table": table, "reference": ref}, "rank/comparison.json")
-    tracking.log_batch(handle, metrics={f"{row['model']}.auc": row["auc_mean"] for row in table}
-                       | {f"{row['model']}.gauc": row["gauc_mean"] for row in table}
-                       | {f"{row['model']}.auc_vs_ref.{k}": row["vs_ref"][k] for row in table if row.get("vs_ref")
-                          for k in ("diff", "lo", "hi")})
+    handle.metrics({f"{row['model']}.auc": row["auc_mean"] for row in table}
+                   | {f"{row['model']}.gauc": row["gauc_mean"] for row in table}
+                   | {f"{row['model']}.auc_vs_ref.{k}": row["vs_ref"][k] for row in table if row.get("vs_ref")
+                      for k in ("diff", "lo", "hi")})
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
     return table

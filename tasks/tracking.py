@@ -187,19 +187,6 @@ def run_handle(cfg: PipelineConfig, run_id: str) -> StageRun:
     return StageRun(_client(cfg), run_id)
 
 
-def log_batch(handle: StageRun, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-              step: int = 0) -> None:
-    """Params (flattened) and metrics in one request per 100 values: many curves points or params
-    cost one round trip to the store instead of one each."""
-    from mlflow.entities import Metric, Param
-
-    ts = int(time.time() * 1000)
-    ps = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in flatten(params or {}).items()]
-    ms = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()]
-    for lo in range(0, max(len(ps), len(ms)), 100):
-        handle.client.log_batch(handle.run_id, metrics=ms[lo:lo + 100], params=ps[lo:lo + 100])
-
-
 def close_abandoned_run(cfg: PipelineConfig, run_id: str, why: str) -> int:
     """Mark ``run_id`` and its nested runs FAILED where they are still RUNNING (their process died:
     a SIGKILL or a lost host never ends its runs); ``why`` goes into ``qarm.error``. Returns how
