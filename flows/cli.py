@@ -19,7 +19,7 @@ from flows.options import ConfigOpt
 from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
 from qarm_core.config import dump_config, load_config
-from qarm_core.errors import QarmError
+from qarm_core.errors import STOPPED_BY, QarmError, Stopped, stop_signal_name
 from qarm_core.gates import InteractionGate
 
 app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking, as a Prefect DAG.",
@@ -74,10 +74,6 @@ def _show_core_logs() -> None:
         core.propagate = False
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, SIGINT or SIGHUP asked the command to stop (a BaseException: no handler swallows it)."""
-
-
 @contextlib.contextmanager
 def _stop_on_signals():
     """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, so that the run unwinds within
@@ -92,7 +88,7 @@ def _stop_on_signals():
         if got:
             os._exit(128 + signum)
         got.append(signum)
-        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+        raise Stopped(signum)
 
     sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     old = {s: signal.signal(s, handler) for s in sigs}
@@ -107,13 +103,18 @@ def _guard(fn, *args) -> None:
     try:
         with _stop_on_signals():
             fn(*args)
-    except QarmError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except Stopped as exc:
-        console.print(f"[bold red]{escape(str(exc))}[/]: the run was ended cleanly; rerun to resume from "
-                      "its completed stages", highlight=False)
-        raise typer.Exit(130) from None
+    except BaseException as exc:
+        # A stop may surface as another error raised while Prefect handled the signal (see
+        # stop_signal_name); it is still a stop: exit 130, no traceback.
+        sig = stop_signal_name(exc)
+        if sig is not None:
+            console.print(f"[bold red]{STOPPED_BY}{escape(sig)}[/]: the run was ended cleanly; rerun to resume "
+                          "from its completed stages", highlight=False)
+            raise typer.Exit(130) from None
+        if isinstance(exc, QarmError):
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+        raise
 
 
 @app.command()

@@ -48,3 +48,40 @@ def _kwargs_txt(kwargs: dict | None) -> str:
     if not kwargs:
         return ""
     return "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+
+
+
+STOPPED_BY = "stopped by "
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGINT, SIGHUP) asked a command to stop; a BaseException, so no handler
+    swallows it. ``signal`` is the signal's number, as on Prefect's ``TerminationSignal``."""
+
+    def __init__(self, signal: int):
+        import signal as signal_mod
+
+        self.signal = signal
+        super().__init__(f"{STOPPED_BY}{signal_mod.Signals(signal).name}")
+
+
+def stop_signal_name(exc: BaseException | None) -> str | None:
+    """The name of the signal that stopped a run, if ``exc`` or an exception it was raised from or
+    while handling carries an int ``signal`` (``Stopped``, Prefect's ``TerminationSignal``). Why the
+    whole chain: a signal that lands while Prefect creates a task run makes Prefect's crash handler
+    raise its own error ("Task run is not set") while handling the signal, and that error, not the
+    signal, unwinds the flow.
+    """
+    import signal as signal_mod
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        sig = getattr(exc, "signal", None)
+        if isinstance(sig, int) and not isinstance(sig, bool):
+            try:
+                return signal_mod.Signals(sig).name
+            except ValueError:
+                return f"signal {sig}"
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -19,6 +19,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from qarm_core.config import PipelineConfig, dump_config
+from qarm_core.errors import STOPPED_BY, stop_signal_name
 from qarm_core.gates import GateResult
 
 _MAX_PARAM_CHARS = 6000
@@ -108,16 +109,12 @@ class StageRun:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``Type: message``; a stop by signal (Prefect's TerminationSignal carries no message) names it."""
+    """``Type: message``, plus ``(stopped by SIGTERM)`` when a signal stopped the run (Prefect's
+    TerminationSignal carries no message; see ``stop_signal_name`` for why the chain is searched)."""
     text = f"{type(exc).__name__}: {exc}"
-    sig = getattr(exc, "signal", None)
-    if isinstance(sig, int):
-        import signal
-
-        try:
-            text += f"stopped by {signal.Signals(sig).name}"
-        except ValueError:
-            text += f"stopped by signal {sig}"
+    sig = stop_signal_name(exc)
+    if sig is not None and STOPPED_BY not in text:
+        text += f" ({STOPPED_BY}{sig})"
     return text
 
 

@@ -217,6 +217,41 @@ def test_pairs_swing_names_its_own_stage_and_refuses_an_empty_result(tmp_path):
     assert not (tmp_path / "p.parquet").exists()
 
 
+def test_a_stop_that_prefect_turns_into_another_error_still_exits_130():
+    """A SIGTERM landing while Prefect creates a task run makes Prefect's crash handler raise
+    "Task run is not set" while handling the signal (seen in CI): the CLI still reports a clean stop,
+    and the MLflow error names the signal. Errors without a stop in their chain are not stops."""
+    import typer
+    from prefect.exceptions import TerminationSignal
+
+    from flows.cli import _guard
+    from qarm_core.errors import DataError, stop_signal_name
+    from tasks.tracking import describe_error
+
+    def prefect_race():
+        try:
+            raise TerminationSignal(15)
+        except TerminationSignal:
+            raise ValueError("Task run is not set")
+
+    with pytest.raises(ValueError) as info:
+        prefect_race()
+    assert stop_signal_name(info.value) == "SIGTERM"
+    assert describe_error(info.value) == "ValueError: Task run is not set (stopped by SIGTERM)"
+    assert describe_error(TerminationSignal(1)).endswith("(stopped by SIGHUP)")
+    with pytest.raises(typer.Exit) as code:
+        _guard(prefect_race)
+    assert code.value.exit_code == 130
+
+    assert stop_signal_name(ValueError("stopped by SIGTERM")) is None      # a message alone is not a stop
+    assert describe_error(ValueError("x")) == "ValueError: x"
+    with pytest.raises(ValueError):
+        _guard(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(typer.Exit) as code:
+        _guard(lambda: (_ for _ in ()).throw(DataError("ingest", "items", "bad")))
+    assert code.value.exit_code == 2
+
+
 @pytest.mark.slow
 def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
     """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
