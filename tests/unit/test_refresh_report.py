@@ -1,0 +1,44 @@
+"""The refresh's pictures (qarm_core.plots) and one-page summary (qarm_core.summary)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qarm_core.plots import code_levels, collision_by_level, plot_codes, plot_judge_scores, plot_loss_curves
+from qarm_core.summary import refresh_summary_markdown
+
+
+def test_collision_by_level_counts_items_that_share_a_prefix():
+    c1 = np.array([0, 0, 0, 1, 2])
+    c2 = np.array([0, 0, 1, 0, 0])
+    c3 = np.array([5, 6, 7, 8, 9])
+    # level 1: items 0-2 share c1=0 (3 of 5); level 2: items 0,1 share (0, 0); level 3: all distinct
+    assert collision_by_level([c1, c2, c3]) == [0.6, 0.4, 0.0]
+    assert collision_by_level([np.zeros(4, int)] * 3) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="c3"):
+        code_levels(pa.table({"c1": [1], "c2": [1]}))
+
+
+def test_plots_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = pa.table({f"c{i}": rng.integers(0, k, 300) for i, k in ((1, 8), (2, 8), (3, 16))})
+    judgments = pa.table({"source": ["swing"] * 200 + ["u2i"] * 100, "score": rng.normal(size=300),
+                          "keep": rng.random(300) > 0.5})
+    paths = [plot_codes(codes, (8, 8, 16), tmp_path / "codes.png"),
+             plot_judge_scores(judgments, tmp_path / "judge.png", thresholds={"swing": 0.1}),
+             plot_loss_curves({"loss": [(1, 2.0), (2, 1.5)], "qa": []}, tmp_path / "loss.png")]
+    for p in paths:
+        assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
+
+
+def test_summary_lists_metrics_gates_decisions_and_rows():
+    text = refresh_summary_markdown("snap-1", {"items": 40, "codes": 40}, {"quantize.raw.collision_rate": 0.125},
+                                    {"ingest/items": True, "quantize/codes": False}, {"quantize: quantize.how": "a|b"},
+                                    "http://mlflow/#/experiments/1/runs/r1")
+    assert text.startswith("# codebook refresh: snapshot `snap-1`")
+    assert "MLflow run: http://mlflow/#/experiments/1/runs/r1" in text
+    assert "Gates: 1 of 2 passed (failed: quantize/codes)" in text and "| quantize/codes | **failed** |" in text
+    assert "| quantize.raw.collision_rate | 0.1250 |" in text and "| items | 40 |" in text
+    assert "| quantize: quantize.how | a/b |" in text           # a '|' would break the table
+    empty = refresh_summary_markdown("s", {}, {}, {}, {}, "-")
+    assert "(none logged)" in empty and "Gates: 0 of 0 passed" in empty
