@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -15,24 +17,39 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.options import ConfigOpt
+from flows.options import ConfigOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
-from qarm_core.config import dump_config, load_config
+from flows.runs_cli import app as runs_app
+from qarm_core.config import PipelineConfig, dump_config, load_config
 from qarm_core.errors import STOPPED_BY, QarmError, Stopped, stop_signal_name
 from qarm_core.gates import InteractionGate
 
 app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking, as a Prefect DAG.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-ingest_app = typer.Typer(help="Ingest ML-100K or your own interactions/items files, gate and publish.")
+ingest_app = typer.Typer()      # its help: the ingest_files callback's
 app.add_typer(ingest_app, name="ingest")
 pairs_app = typer.Typer(help="Mine item pairs outside the flow (writes a Parquet file).", no_args_is_help=True)
 app.add_typer(pairs_app, name="pairs")
 app.add_typer(rank_app, name="rank")
+app.add_typer(runs_app, name="runs")
 console = Console(stderr=True)
 
-# Absolute, so the default works from any working directory (and in a Prefect deployment).
-SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set ingest.synth.users=100 (repeatable).")
+
+_DEBUG: ContextVar[bool] = ContextVar("qarm_debug", default=False)
+
+
+@app.callback()
+def _options(ctx: typer.Context,
+             debug: bool = typer.Option(False, "--debug", help="Show tracebacks on the terminal too (a flow "
+                                                               "command always writes them to <home>/logs/).")) -> None:
+    token = _DEBUG.set(debug)
+    ctx.call_on_close(lambda: _DEBUG.reset(token))      # for this command only
+
+
+def _debug() -> bool:
+    """Whether the command runs under ``qarm --debug``."""
+    return _DEBUG.get()
 
 
 def _quiet_env() -> None:
@@ -41,30 +58,156 @@ def _quiet_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
+# ---------------------------------------------------------------- a flow command's log file
+# Prefect's console format with the date; a run's records name it (Prefect's PrefectFormatter)
+LOG_FORMATS = {"format": "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
+               "flow_run_fmt": "%(asctime)s | %(levelname)-7s | Flow run %(flow_run_name)r - %(message)s",
+               "task_run_fmt": "%(asctime)s | %(levelname)-7s | Task run %(task_run_name)r - %(message)s"}
+LOG_ATTR = "qarm_log_file"       # set on an error that left _run_log: the file holding its traceback
+
+
+class _RunLog(logging.FileHandler):
+    """A flow command's log file: what the terminal shows, with every traceback; notes which errors
+    it logged (Prefect logs a failed run's error with its traceback)."""
+
+    def __init__(self, path: Path):
+        from prefect.logging.formatters import PrefectFormatter
+
+        super().__init__(path, mode="x", encoding="utf-8")
+        self.setFormatter(PrefectFormatter(**LOG_FORMATS))
+        self.logged: set[int] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.logged.add(id(record.exc_info[1]))
+        super().emit(record)
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps a record that carries a traceback (Prefect's report of a failed task or flow run) off the
+    terminal: it goes to the log file, and the command ends with one ``error:`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ((record.exc_info and record.exc_info[0] is not None) or record.exc_text or record.stack_info)
+
+
+def _new_log_file(home: str, command: str) -> _RunLog:
+    """``<home>/logs/<command>-<UTC time>.log``, a new file for each run."""
+    from datetime import datetime, timezone
+
+    from qarm_core.storage import Storage
+
+    logs = Storage(home).logs_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        try:
+            return _RunLog(logs / (f"{command}-{stamp}.log" if n == 1 else f"{command}-{stamp}-{n}.log"))
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{logs}: 1000 {command} logs at {stamp}")
+
+
+def _terminal_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
+    """(logger, handler) of every handler that writes to the terminal (Prefect's console, MLflow's)."""
+    from rich.logging import RichHandler
+
+    loggers = [logging.getLogger(), *(lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(lg, logging.Logger))]
+    return [(lg, h) for lg in loggers for h in lg.handlers
+            if isinstance(h, (logging.StreamHandler, RichHandler)) and not isinstance(h, logging.FileHandler)]
+
+
+@contextlib.contextmanager
+def _run_log(home: str, command: str) -> Iterator[Path]:
+    """Log the block to ``<home>/logs/<command>-<time>.log``: every line the terminal shows, and the
+    tracebacks, which (unless ``--debug``) stay off the terminal. An error leaving the block has its
+    traceback in the file and the file's path in ``LOG_ATTR``, for ``_guard``'s one error line."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()              # Prefect's terminal handlers exist before they are filtered
+    handler = _new_log_file(home, command)
+    terminal = _terminal_handlers()
+    # the root logger, and the loggers that print without passing records on to it (MLflow's)
+    targets = [logging.getLogger(), *{id(lg): lg for lg, _ in terminal if not lg.propagate}.values()]
+    quiet = None if _debug() else _NoTraceback()
+    shown = list({id(h): h for _, h in terminal}.values()) if quiet is not None else []
+    for lg in targets:
+        lg.addHandler(handler)
+    for h in shown:
+        h.addFilter(quiet)
+    try:
+        yield Path(handler.baseFilename)
+    except BaseException as exc:
+        if id(exc) not in handler.logged:       # raised outside Prefect's logging (the lease, the CLI)
+            info = (type(exc), exc, exc.__traceback__)
+            if quiet is None:                   # --debug: on the terminal too, as Prefect's are
+                logging.getLogger("qarm.cli").error("%s failed", command, exc_info=info)
+            else:
+                handler.handle(logging.makeLogRecord({"name": "qarm.cli", "levelno": logging.ERROR,
+                                                      "levelname": "ERROR", "msg": f"{command} failed",
+                                                      "exc_info": info}))
+        with contextlib.suppress(AttributeError):
+            setattr(exc, LOG_ATTR, Path(handler.baseFilename))
+        raise
+    finally:
+        for h in shown:
+            h.removeFilter(quiet)
+        for lg in targets:
+            lg.removeHandler(handler)
+        handler.close()
+
+
+def _checked_config(config: str, overrides: dict[str, Any]) -> PipelineConfig:
+    """The resolved config, loaded before Prefect starts a server: a bad one fails in a second."""
     _quiet_env()
-    cfg = load_config(config, overrides).resolved()  # fail fast on a bad config, before Prefect starts a server
+    return load_config(config, overrides).resolved()
+
+
+# ---------------------------------------------------------------- the flows
+def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
+    cfg = _checked_config(config, overrides)
     from flows.codebook_refresh import codebook_refresh
     from tasks.common import exclusive_home
 
     # the lease first: a busy home is refused here with one line (the flow takes the same lease)
-    with exclusive_home(cfg, "codebook-refresh"):
+    with _run_log(cfg.home, "refresh"), exclusive_home(cfg, "codebook-refresh"):
         summary = codebook_refresh(config_path=config, overrides=overrides or None)
-    table = Table(title="codebook-refresh: published")
-    table.add_column("dataset")
-    table.add_column("rows", justify="right")
-    for name, rows in summary["rows"].items():
-        table.add_row(name, f"{rows:,}")
-    Console().print(table)
+    _print_published("codebook-refresh: published", summary["rows"], {})
     Console().print(f"snapshot  {summary['snapshot_id']}\npath      {summary['snapshot_path']}\n"
                     f"mlflow    run {summary['mlflow_run_id']}")
+
+
+def _run_ingest(config: str, overrides: dict[str, Any]) -> None:
+    cfg = _checked_config(config, overrides)
+    from flows.ingest import FLOW, ingest
+    from tasks.common import exclusive_home
+
+    with _run_log(cfg.home, "ingest"), exclusive_home(cfg, FLOW):
+        summary = ingest(config_path=config, overrides=overrides or None)
+    _print_published("ingest: published (inputs only)", summary["rows"], summary["carried"])
+    carried = f" (carried from {summary['carried_from']})" if summary["carried_from"] else ""
+    Console().print(f"snapshot  {summary['snapshot_id']}{carried}\npath      {summary['snapshot_path']}\n"
+                    f"mlflow    run {summary['mlflow_run_id']}\n"
+                    "next      qarm refresh --set ingest.source=published   (with the same --config and --set)")
+
+
+def _print_published(title: str, rows: dict[str, int], carried: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("dataset")
+    table.add_column("rows", justify="right")
+    if carried:
+        table.add_column("")
+    for name, n in rows.items():
+        table.add_row(name, f"{n:,}", *([""] if carried else []))
+    for name, n in carried.items():
+        table.add_row(name, f"{n:,}", "carried over")
+    Console().print(table)
 
 
 def _show_core_logs() -> None:
     """Commands that run core code outside a flow print its progress lines (``qarm_core.progress``:
     rows, rate, ETA) on the terminal; inside a flow Prefect's logging does it."""
-    import logging
-
     from rich.logging import RichHandler
 
     core = logging.getLogger("qarm_core")
@@ -100,6 +243,9 @@ def _stop_on_signals():
 
 
 def _guard(fn, *args) -> None:
+    """Run a command: a QarmError ends it with one ``error:`` line and exit status 2 (its traceback is
+    in the run's log file, which the line names, or with ``--debug`` on the terminal), a stop with
+    exit status 130; anything else is a bug and propagates with its traceback."""
     try:
         with _stop_on_signals():
             fn(*args)
@@ -111,15 +257,25 @@ def _guard(fn, *args) -> None:
             console.print(f"[bold red]{STOPPED_BY}{escape(sig)}[/]: the run was ended cleanly; rerun to resume "
                           "from its completed stages", highlight=False)
             raise typer.Exit(130) from None
+        log = getattr(exc, LOG_ATTR, None)
+        where = f"[dim](full log: {escape(str(log))})[/]" if log is not None else ""
         if isinstance(exc, QarmError):
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            if _debug() and log is None:        # not shown by the run's logging: show it here
+                import traceback
+
+                console.print(escape("".join(traceback.format_exception(exc))), highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))} {where}".rstrip(), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        if where:
+            console.print(where, highlight=False, soft_wrap=True)
         raise
 
 
 @app.command()
 def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Run the codebook-refresh flow (on PREFECT_API_URL if set, else an ephemeral local API)."""
+    """Run the codebook-refresh flow, the whole pipeline: ingest, split, mine, judge, train, embed,
+    quantize, each gated, then publish (on PREFECT_API_URL if set, else an ephemeral local API).
+    After qarm ingest: --set ingest.source=published refreshes from the published inputs."""
     _guard(_run_refresh, config, _parse_sets(set_))
 
 
@@ -132,26 +288,33 @@ def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """Evaluate the published snapshot on its validation and test periods: embeddings, judge,
     quantizer, ranking; writes report.md + PNGs and logs them to one MLflow run."""
     def run() -> None:
-        _quiet_env()
         overrides = _parse_sets(set_)
-        load_config(config, overrides)
+        cfg = _checked_config(config, overrides)
         from flows.evaluate import evaluate as evaluate_flow
 
         command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
-        out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
-                                 out_dir=str(out) if out else None, command=command, overwrite=overwrite)
+        with _run_log(cfg.home, "evaluate"):
+            out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
+                                     out_dir=str(out) if out else None, command=command, overwrite=overwrite)
         Console().print(Path(out_info["report"]).read_text())
         Console().print(f"report    {out_info['report']}\nmlflow    run {out_info['mlflow_run_id']}")
     _guard(run)
 
 
-@ingest_app.callback(invoke_without_command=True)
+INGEST_HELP = ("Runs the ingest flow: ingest, gate and publish only. The snapshot holds the new interactions "
+               "and items, and carries over the current snapshot's judge and QA caches, model, embeddings and "
+               "Semantic IDs unchanged; it has no time split, so rank and evaluate need a refresh first: "
+               "qarm refresh --set ingest.source=published.")
+
+
+@ingest_app.callback(invoke_without_command=True,
+                     short_help="Ingest, gate and publish new data as an inputs snapshot (all: qarm refresh).",
+                     help=f"Ingest your own files: qarm ingest --interactions FILE --items FILE. {INGEST_HELP}")
 def ingest_files(ctx: typer.Context,
                  interactions: Optional[Path] = typer.Option(None, help="Interactions: .parquet, .csv, .tsv or a folder of .parquet."),
                  items: Optional[Path] = typer.Option(None, help="Items: .parquet, .csv, .tsv or a folder of .parquet."),
                  delimiter: str = typer.Option(",", help="CSV field separator."),
                  config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Ingest your own files: qarm ingest --interactions FILE --items FILE."""
     if ctx.invoked_subcommand is not None:
         return
     if not (interactions and items):
@@ -159,13 +322,14 @@ def ingest_files(ctx: typer.Context,
     overrides = {"ingest.source": "files", "ingest.files.interactions": str(interactions),
                  "ingest.files.items": str(items), "ingest.files.csv_delimiter": delimiter,
                  **_parse_sets(set_)}
-    _guard(_run_refresh, config, overrides)
+    _guard(_run_ingest, config, overrides)
 
 
-@ingest_app.command("ml100k")
+@ingest_app.command("ml100k", short_help="Ingest ML-100K from the recbole wheel, gate it and publish it.",
+                    help="Ingest ML-100K from the recbole wheel (downloaded once with pip, never "
+                         f"installed). {INGEST_HELP}")
 def ingest_ml100k(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Ingest ML-100K from the recbole wheel (downloaded once with pip, never installed)."""
-    _guard(_run_refresh, config, {"ingest.source": "ml100k", **_parse_sets(set_)})
+    _guard(_run_ingest, config, {"ingest.source": "ml100k", **_parse_sets(set_)})
 
 
 @app.command()
@@ -408,7 +572,8 @@ def _advancing(batches, progress: Progress, bar) -> Any:
 
 @app.command()
 def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Show the published snapshot and the ones kept."""
+    """Show the published snapshot and the ones kept; an inputs snapshot (qarm ingest) is marked
+    "inputs only"."""
     from qarm_core.storage import Storage
 
     def show() -> None:
@@ -424,6 +589,11 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
         for name, meta in cur.manifest["datasets"].items():
             table.add_row(name, f"{meta['rows']:,}", f"v{meta['schema_version']}", meta["fingerprint"])
         Console().print(table)
+        if "periods" not in cur.manifest["datasets"]:     # no time split: `qarm ingest` (flows/ingest.py) published it
+            parent = cur.manifest.get("meta", {}).get("parent_snapshot")
+            carried = f"; the other datasets are carried over from {parent}" if parent else ""
+            Console().print(f"inputs only: new interactions and items, not refreshed yet (no time split){carried}. "
+                            "Run qarm refresh --set ingest.source=published before rank or evaluate.")
         Console().print("snapshots kept: " + ", ".join(st.list_snapshots()))
     _guard(show)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import deployment as prefect_deployment
 from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.options import DEFAULT_CONFIG
@@ -17,11 +18,12 @@ from tasks.embed import embed, train
 from tasks.ingest import ingest
 from tasks.judge import judge, qa
 from tasks.mine import mine
-from tasks.publish import publish
+from tasks.publish import publish, summarize
 from tasks.split import split
 from tasks.quantize import quantize
 
-# Absolute, so the default works from any working directory (and in a Prefect deployment).
+# MLflow's Source column for this flow's runs.
+ENTRYPOINT = "flows/codebook_refresh.py:codebook_refresh"
 
 
 @flow(name="codebook-refresh")
@@ -36,9 +38,10 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
     # One refresh at a time per home; every stage learns from the snapshot current now (the parent),
     # and publish refuses if CURRENT moved meanwhile.
+    name = tracking.run_name("codebook-refresh", cfg.name, overrides, prefect_deployment.name)
     with exclusive_home(cfg, "codebook-refresh") as lease, \
-            tracking.flow_run(cfg, "codebook-refresh", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
-                                                             "qarm.config_path": config_path}) as run_id:
+            tracking.flow_run(cfg, "codebook-refresh", name=name, source=ENTRYPOINT,
+                              tags=tracking.prefect_tags(config_path)) as run_id:
         adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
         parent = current_snapshot_id(cfg)
         records = ingest.with_options(**retry)(cfg, run_id)
@@ -61,10 +64,10 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         gate(cfg, run_id, "embed", records["embeddings"], catalog=records["items"],
              expect={"dim": cfg.embed.model.dim})
         records |= quantize(cfg, run_id, records["embeddings"])
-        q = cfg.quantize
         gate(cfg, run_id, "quantize", records["codes"], catalog=records["items"],
-             expect={"code_sizes": (q.levels[0], q.levels[1], q.fsq_levels ** q.fsq_dims)})
+             expect={"code_sizes": cfg.quantize.code_sizes})
         lease.check()
         snapshot = publish.with_options(**retry)(cfg, run_id, records, parent)
+        summarize(cfg, run_id, snapshot)
     return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
             "rows": {n: r.rows for n, r in records.items()}}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.runtime import flow_run as prefect_flow_run
+from prefect.runtime import deployment as prefect_deployment
 
 from flows.options import DEFAULT_CONFIG
 from flows.rank_train import rank_comparison
@@ -16,6 +16,9 @@ from qarm_core.storage import check_output
 from tasks import tracking
 from tasks.common import route_core_logs
 from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantizer, evaluation_inputs, write_report
+
+# MLflow's Source column for this flow's runs.
+ENTRYPOINT = "flows/evaluate.py:evaluate"
 
 
 @flow(name="evaluate")
@@ -29,8 +32,8 @@ def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None
     cfg = load_config(config_path, overrides).resolved()
     if out_dir:
         check_output(Path(out_dir), "folder", overwrite, "evaluate")
-    with tracking.flow_run(cfg, "evaluate", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
-                                                   "qarm.config_path": config_path}) as run_id:
+    with tracking.flow_run(cfg, "evaluate", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                           name=tracking.run_name("evaluate", cfg.name, overrides, prefect_deployment.name)) as run_id:
         inputs = evaluation_inputs(cfg)
         sections: dict = {"embeddings": evaluate_embeddings(cfg, run_id, inputs)}
         sections["judge"], sections["judge_ablation"] = evaluate_judge(cfg, run_id, inputs)

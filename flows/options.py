@@ -11,6 +11,7 @@ import yaml
 # The config a flow or command runs when none is named: ML-100K, what `make run` runs.
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set ingest.synth.users=100 (repeatable).")
 
 
 def parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.runtime import flow_run as prefect_flow_run
+from prefect.runtime import deployment as prefect_deployment
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
@@ -19,6 +19,9 @@ from tasks import tracking
 from tasks.common import route_core_logs
 from tasks.rank import rank_compare, rank_gate, rank_inputs, rank_prepare, rank_samples, rank_train_model
 
+
+# MLflow's Source column for this flow's runs.
+ENTRYPOINT = "flows/rank_train.py:rank_train"
 
 
 @flow(name="rank-train")
@@ -37,8 +40,8 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
     cfg = load_config(config_path, overrides).resolved()
     if cfg.rank.experiment:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": cfg.rank.experiment})})
-    with tracking.flow_run(cfg, "rank-train", tags={"prefect.flow_run_id": prefect_flow_run.id or "",
-                                                     "qarm.config_path": config_path}) as run_id:
+    with tracking.flow_run(cfg, "rank-train", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                           name=tracking.run_name("rank-train", cfg.name, overrides, prefect_deployment.name)) as run_id:
         out = rank_comparison(cfg, run_id, embeddings_path, codes_path)
     return {"mlflow_run_id": run_id, **out}
 
@@ -51,5 +54,5 @@ def rank_comparison(cfg: Any, run_id: str, embeddings_path: str | None = None, c
     rank_gate(cfg, run_id, samples, inputs)
     data = rank_prepare(cfg, run_id, samples, inputs)
     results = [rank_train_model(cfg, run_id, data, m, inputs) for m in cfg.rank.models]
-    table = rank_compare(cfg, run_id, data, results)
+    table = rank_compare(cfg, run_id, data, results, inputs.get("refresh_run_id"))
     return {"table": table, "samples": samples["report"], "inputs": {k: str(v) for k, v in inputs["source"].items()}}

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from qarm_core.events import EventsConfig
 from qarm_core.base import DuckDBConfig, Strict
@@ -36,6 +36,12 @@ class TrackingConfig(Strict):
     experiment: str = "qarm-codebook-refresh"
     # Default: <home>/mlartifacts.
     artifact_location: str | None = None
+    # Where the MLflow UI serves this store, for links from Prefect (default: the tracking URI when it
+    # is http(s), else http://127.0.0.1:5000, what `make mlflow-ui` serves).
+    ui_url: str | None = None
+    # Log the refresh's plots (codes per level, judge scores per source, training loss) on its
+    # parent run: 1-4 s a refresh on 2 cores, which the test suite's many tiny refreshes skip.
+    plots: bool = True
 
 
 class FlowConfig(Strict):
@@ -110,17 +116,91 @@ def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
 
 
 def parse_config(data: dict | None, source: str = "<dict>",
-                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
+                 overrides: dict[str, Any] | None = None,
+                 config_file: str | os.PathLike | None = None) -> PipelineConfig:
+    """Validate ``data`` with ``overrides`` (dotted keys) applied. ``source`` names the config in
+    errors; ``config_file``: the file ``data`` was read from, to say which file (of an ``extends:``
+    chain) holds an unknown key."""
     data = _apply_overrides(data or {}, overrides or {})
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "<top>"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"  - {where}: {msg}")
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+            loc = [str(p) for p in err["loc"]]
+            if err["type"] == "extra_forbidden":
+                problems.append(_unknown_key(loc, overrides or {}, config_file))
+            else:
+                problems.append(f"{'.'.join(loc) or '<top>'}: {err['msg']}")
+        head = f"[stage=config, dataset={source}]"
+        if len(problems) == 1:
+            raise ConfigError(f"{head} {problems[0]}") from None
+        raise ConfigError(f"{head} {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def _unknown_key(loc: list[str], overrides: dict[str, Any], config_file: str | os.PathLike | None) -> str:
+    """One unknown key, said where it came from (a ``--set`` override or the config file) with the
+    nearest valid key at its level, e.g. ``--set judge.bach_size: unknown key; did you mean
+    judge.batch_size?``."""
+    import difflib
+
+    key = ".".join(loc)
+    # an override replaces everything under its key, so the unknown key came from it when one of
+    # the two dotted keys contains the other
+    given = next((k for k in overrides if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+    close = difflib.get_close_matches(loc[-1], _valid_keys(loc[:-1]), n=1)
+    if close:        # the user's key with the bad part replaced
+        parts = given.split(".") if given is not None and given.count(".") >= len(loc) else list(loc)
+        parts[len(loc) - 1] = close[0]
+        hint = f"; did you mean {'.'.join(parts)}?"
+    else:
+        hint = ""
+    if given is not None:
+        what = f"--set {given}: unknown key" + ("" if given == key else f" {key!r}")
+    elif config_file is not None:
+        what = f"{key}: unknown key in {_file_holding(config_file, loc)}"
+    else:
+        what = f"{key}: unknown key"
+    return what + hint
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models a field's type holds (through ``X | None``, lists and dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _valid_keys(parent: list[str]) -> list[str]:
+    """The keys a config section (``parent``, dotted parts) accepts."""
+    models: list[type[BaseModel]] = [PipelineConfig]
+    for part in parent:
+        inner = [m for model in models if part in model.model_fields
+                 for m in _models_in(model.model_fields[part].annotation)]
+        models = inner or models            # a list index or dict key: the same models
+    return sorted({name for model in models for name in model.model_fields})
+
+
+_MISSING = object()
+
+
+def _file_holding(config_file: str | os.PathLike, loc: list[str]) -> str:
+    """The file of ``config_file``'s ``extends:`` chain that sets the dotted key ``loc`` (the
+    most derived one), as given when it is ``config_file`` itself."""
+    p, seen = Path(config_file).resolve(), set()
+    while p not in seen and p.is_file():
+        seen.add(p)
+        node: Any = _read_yaml(p)
+        data = node
+        for part in loc:
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is not _MISSING:
+            return str(config_file) if p == Path(config_file).resolve() else str(p)
+        parent = data.get(EXTENDS)
+        if not isinstance(parent, str):
+            break
+        p = (p.parent / parent).resolve()
+    return str(config_file)
 
 
 EXTENDS = "extends"
@@ -181,7 +261,7 @@ def read_config_data(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a pipeline config from YAML (following ``extends:``); ``overrides`` are dotted keys
     applied before validation."""
-    return parse_config(read_config_data(path), source=str(path), overrides=overrides)
+    return parse_config(read_config_data(path), source=str(path), overrides=overrides, config_file=path)
 
 
 def dump_config(cfg: PipelineConfig) -> str:

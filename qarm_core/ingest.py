@@ -1,5 +1,5 @@
-"""Ingestion: read ML-100K from the recbole wheel, or a user's own CSV/Parquet files, into the
-declared interactions/items schemas.
+"""Ingestion: read ML-100K from the recbole wheel, a user's own CSV/Parquet files, a synthetic log, or
+the interactions/items of the published snapshot, into the declared interactions/items schemas.
 
 Every problem is raised as ``DataError(stage="ingest", dataset=..., ...)``.
 """
@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from qarm_core.base import Strict
 from qarm_core.errors import DataError
-from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema
+from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema, schema_for
 
 
 class ML100KSource(Strict):
@@ -46,7 +46,9 @@ class SynthSource(Strict):
 
 
 class IngestConfig(Strict):
-    source: Literal["ml100k", "files", "synth"] = "ml100k"
+    # published: the interactions and items of the snapshot CURRENT names (what `qarm ingest`
+    # published), so that `qarm refresh --set ingest.source=published` refreshes from them.
+    source: Literal["ml100k", "files", "synth", "published"] = "ml100k"
     ml100k: ML100KSource = ML100KSource()
     files: FilesSource = FilesSource()
     synth: SynthSource = SynthSource()
@@ -316,13 +318,14 @@ def _input_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
-def resolve_source(cfg: IngestConfig) -> tuple[str, dict[str, BatchesFn]]:
+def resolve_source(cfg: IngestConfig, home: str | Path | None = None) -> tuple[str, dict[str, BatchesFn]]:
     """(fingerprint of the source content, {dataset: batches function}) for the configured source;
-    reading a dataset logs its progress (rows read, rate).
+    reading a dataset logs its progress (rows read, rate). ``home``: the QARM_HOME whose published
+    snapshot the ``published`` source reads.
 
     The fingerprint changes whenever the input data would: it keys the ingest stage's rerun cache.
     """
-    fp, fns = _resolve_source(cfg)
+    fp, fns = _published_source(home) if cfg.source == "published" else _resolve_source(cfg)
     if cfg.truncate_description_chars is not None:
         from qarm_core.hashing import stable_hash
 
@@ -346,6 +349,33 @@ def _counting(name: str, fn: BatchesFn) -> BatchesFn:
     from qarm_core.progress import counted
 
     return lambda: counted(fn(), STAGE, f"reading {name}")
+
+
+def _published_source(home: str | Path | None) -> tuple[str, dict[str, BatchesFn]]:
+    """The interactions and items of the snapshot CURRENT names under ``home``; their fingerprint is
+    the datasets' content hashes. A DataError names what is missing."""
+    from qarm_core.hashing import stable_hash
+    from qarm_core.storage import Storage
+
+    if home is None:
+        raise ValueError("ingest.source 'published' needs the home to read from")
+    snap = Storage(home).current()
+    if snap is None:
+        raise DataError(STAGE, "interactions", f"ingest.source is 'published' but nothing is published under "
+                                               f"{home}: run qarm ingest first")
+    records = {}
+    for schema in (INTERACTIONS, ITEMS):
+        if schema.name not in snap.manifest.get("datasets", {}):
+            raise DataError(STAGE, schema.name, f"ingest.source is 'published' but snapshot {snap.snapshot_id} "
+                                                f"has no {schema.name}: run qarm ingest first")
+        rec = snap.record(schema.name)
+        if rec.schema_version != schema.version:
+            raise DataError(STAGE, schema.name, f"snapshot {snap.snapshot_id} holds {schema.name} of schema "
+                                                f"version {rec.schema_version}; this qarm reads version "
+                                                f"{schema.version}: ingest the data again")
+        records[schema.name] = rec
+    fp = stable_hash({"source": "published", **{n: r.fingerprint for n, r in records.items()}})
+    return fp, {n: (lambda r=r, schema=schema_for(n): iter_conformed(r.path, schema)) for n, r in records.items()}
 
 
 def _resolve_source(cfg: IngestConfig) -> tuple[str, dict[str, BatchesFn]]:

@@ -9,6 +9,7 @@ Layout (every path qarm uses is built here)::
       work/<stage>/<key>/         staged stage outputs keyed by input fingerprints (the rerun cache)
       cache/                      downloads (e.g. the recbole wheel)
       tmp/duckdb/                 DuckDB spill directory (size-capped in config)
+      logs/<command>-<time>.log   each CLI flow command's full log, tracebacks included (never pruned)
 
 Publishing writes the snapshot under ``staging/``, fsyncs it, renames it into ``snapshots/`` and
 only then replaces ``CURRENT`` (write a temp file, fsync, ``os.replace``). A reader that follows
@@ -237,6 +238,10 @@ class Storage:
     @property
     def work_dir(self) -> Path:
         return self.home / "work"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
 
     @property
     def current_file(self) -> Path:

@@ -87,6 +87,12 @@ def stage_key(spec: StageSpec) -> str:
     return stable_hash({**inputs, "qarm": __version__, "schemas": {n: s.version for n, s in spec.outputs.items()}})
 
 
+def is_timing(key: str) -> bool:
+    """Whether a report entry is a timing or a rate (``seconds.fsq``, ``fit_seconds``, ``eval_s``,
+    ``pairs_per_s``): it describes the run that made an output, not a run that reuses it."""
+    return any(part == "seconds" or part.endswith(("_seconds", "_s")) for part in key.split("."))
+
+
 def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple[dict[str, DatasetRecord], dict]:
     """Write (or reuse) a stage's outputs under ``work/<stage>/<key>`` and log the stage run:
     params (with the key), numeric report entries, row counts, whether it was reused, the report's
@@ -116,12 +122,16 @@ def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple
             storage, spec.name, key, {n: (schema, batches(n)) for n, schema in spec.outputs.items()}, report,
             artifacts=artifacts)
         run.params({**spec.params, "key": key})
-        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # a reused output's report is the earlier run's: its quality figures hold, its timings don't
+        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and not (reused and is_timing(k))}
                     | {f"rows.{n}": r.rows for n, r in records.items() if n in spec.outputs}
                     | {"reused": float(reused)})
         run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
         if spec.summary is not None:
-            get_run_logger().info(spec.summary(records, report))
+            text = spec.summary(records, report)
+            get_run_logger().info(f"{spec.name}: reused the outputs of an earlier run with the same inputs; "
+                                  f"as that run reported: {text}" if reused else text)
         if spec.after is not None:      # last: it may raise (a failed quality gate fails the stage run)
             spec.after(run, records, report)
     return records, report

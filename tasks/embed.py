@@ -12,11 +12,12 @@ from prefect import get_run_logger, task
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig
 from qarm_core.hashing import stable_hash
+from qarm_core.plots import plot_loss_curves
 from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
 from qarm_core.schemas import embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
-from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
+from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, run_stage
 
 MODEL_FORMAT = 1
 
@@ -83,11 +84,17 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints: the finished model is staged
         run.params({"model": cfg.embed.model.model_dump(mode="json"), "train": cfg.embed.train.model_dump(mode="json"),
                     "key": key, "started_from": start.path if start is not None else "base"})
-        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))} | {"reused": float(reused)})
+        run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not (reused and is_timing(k))}
+                    | {"reused": float(reused)})
         run.tags({f"qarm.{k}": v for k, v in report.get("notes", {}).items()})
-        log.info("train: %s steps, %.0f tokens/s, loss %.3f -> %.3f%s", f"{report.get('steps', 0):.0f}",
-                 report.get("tokens_per_s", 0.0), report.get("loss_first", float("nan")),
-                 report.get("loss_last", float("nan")), " (reused)" if reused else "")
+        if not reused and cfg.tracking.plots:
+            tracking.log_plot(tracking.run_handle(cfg, parent_run_id), plot_loss_curves,
+                              tracking.metric_curves(run, ["loss", "nce", "qa"]), name="train_loss.png",
+                              title=f"training loss ({report.get('notes', {}).get('model_version', '')})")
+        log.info("train: %s%s steps, %.0f tokens/s, loss %.3f -> %.3f",
+                 "reused the model of an earlier run with the same inputs; as that run reported: " if reused else "",
+                 f"{report.get('steps', 0):.0f}", report.get("tokens_per_s", 0.0),
+                 report.get("loss_first", float("nan")), report.get("loss_last", float("nan")))
     return records
 
 

@@ -36,8 +36,9 @@ def evaluation_inputs(cfg: PipelineConfig) -> dict:
         raise DataError(STAGE, "snapshot", f"no published snapshot under {cfg.home}: run qarm refresh first")
     missing = [n for n in NEEDED if n not in snap.manifest.get("datasets", {})]
     if missing:
-        raise DataError(STAGE, missing[0], f"snapshot {snap.snapshot_id} lacks {missing}: it was published by an "
-                                           "older qarm; run qarm refresh again")
+        raise DataError(STAGE, missing[0], f"snapshot {snap.snapshot_id} lacks {missing}: it is an inputs snapshot "
+                                           "of `qarm ingest` (or from an older qarm); run qarm refresh "
+                                           "(--set ingest.source=published for the ingested data)")
     records = {n: snap.record(n) for n in NEEDED}
     periods = read_dataset(records["periods"])
     cut = cutoffs_from_periods(periods)

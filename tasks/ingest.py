@@ -28,7 +28,7 @@ def ingest(cfg: PipelineConfig, parent_run_id: str) -> dict[str, DatasetRecord]:
     source: dict = {}
 
     def key_inputs() -> dict:
-        source["fingerprint"], source["batches"] = resolve_source(cfg.ingest)
+        source["fingerprint"], source["batches"] = resolve_source(cfg.ingest, cfg.home)
         return {"source": source["fingerprint"], "ingest": cfg.ingest.source}
 
     def after(run, records, report) -> None:

@@ -7,8 +7,10 @@ from prefect import task
 from qarm_core.config import PipelineConfig
 from qarm_core.gates import judge_quality_gate
 from qarm_core.judge.stage import JudgeTables, judge_stage, qa_item_ids, qa_stage
+from qarm_core.plots import plot_judge_scores
 from qarm_core.schemas import SCHEMAS
 from qarm_core.storage import DatasetRecord, Storage, read_dataset
+from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, published_table, run_stage
 
 # The judge stage's datasets, in ``JudgeTables`` field order; each is also the next run's cache.
@@ -57,6 +59,11 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
         return {name: getattr(tables, name) for name in JUDGE_TABLES}, report
 
     def gate(run, records, report) -> None:
+        if cfg.tracking.plots:
+            thresholds = {s: report[f"{s}.threshold"] for s in ("swing", "u2i") if f"{s}.threshold" in report}
+            tracking.log_plot(tracking.run_handle(cfg, parent_run_id), plot_judge_scores,
+                              read_dataset(records["judgments"], columns=["source", "score", "keep"]),
+                              name="judge_scores.png", thresholds=thresholds)
         quality = judge_quality_gate("judge", report, cfg.judge.eval.min_auc, report.get("notes", {}).get("eval"))
         run.gate(quality)
         quality.raise_if_failed()

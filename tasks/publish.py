@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from qarm_core.config import PipelineConfig
 from qarm_core.storage import DatasetRecord, Snapshot, Storage
+from qarm_core.summary import refresh_summary_markdown
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS
 
@@ -31,6 +35,24 @@ def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetR
         run.json(snap.manifest, "manifest.json")
         get_run_logger().info("published snapshot %s at %s", snap.snapshot_id, snap.path)
     return snap
+
+
+@task(name="summarize", **TASK_DEFAULTS)
+def summarize(cfg: PipelineConfig, parent_run_id: str, snapshot: Snapshot, title: str = "codebook refresh") -> str:
+    """The run's one-page summary (snapshot, headline metrics, gates, decisions, rows, MLflow link)
+    as a Prefect markdown artifact of the flow run and ``summary.md`` on the MLflow run; returns it."""
+    rec = tracking.refresh_record(cfg, parent_run_id)
+    rows = {n: int(d.get("rows", 0)) for n, d in snapshot.manifest["datasets"].items()}
+    text = refresh_summary_markdown(snapshot.snapshot_id, rows, rec["headline"], rec["gates"], rec["notes"],
+                                    tracking.run_link(cfg, parent_run_id), title)
+    tracking.run_handle(cfg, parent_run_id).text(text, "summary.md")
+    # the artifact key allows lowercase letters, digits and dashes only
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{cfg.name}-{title}-summary".lower()).strip("-")
+    create_markdown_artifact(markdown=text, key=key, description=f"{title} {snapshot.snapshot_id}")
+    get_run_logger().info("summary: %d headline metrics, %d gates (%d failed); MLflow run %s",
+                          len(rec["headline"]), len(rec["gates"]), sum(not v for v in rec["gates"].values()),
+                          tracking.run_link(cfg, parent_run_id))
+    return text
 
 
 def _stage_roots(paths: set[str]) -> set[str]:

@@ -8,11 +8,13 @@ from prefect import task
 
 from qarm_core.config import PipelineConfig
 from qarm_core.gates import churn_gate
+from qarm_core.plots import plot_codes
 from qarm_core.quantize.io import read_embeddings, read_model_version
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
 from qarm_core.quantize.stage import quantize_stage
 from qarm_core.schemas import CODES
 from qarm_core.storage import DatasetRecord, Storage, read_dataset
+from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 
@@ -36,8 +38,12 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
         book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes,
                                                    model_version=version)
         lineage = (f"{prev.model_version or 'unknown'} -> {version}" if prev is not None else f"new: {version}")
+        # what the fit started from, after the stage decided (a published codebook may be set aside)
+        started = ("none" if prev is None else prev_book_rec.path if how in ("warm_start", "frozen")
+                   else f"{prev_book_rec.path} (its cells carried over, then refitted)" if "carried over" in how
+                   else "none")
         report.update({k: float(v) for k, v in metrics.items()},
-                      notes={"quantize.how": how, "codebook.lineage": lineage})
+                      notes={"quantize.how": how, "codebook.lineage": lineage, "quantize.previous": started})
         return {"codes": codes, "book": book}, report
 
     def write_codebook(folder, made) -> None:
@@ -48,6 +54,10 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
 
     def log_metrics_and_gate_churn(run, records, rep) -> None:
         run.json({k: v for k, v in rep.items() if k != "notes"}, "metrics.json")
+        if cfg.tracking.plots:
+            tracking.log_plot(tracking.run_handle(cfg, parent_run_id), plot_codes,
+                              read_dataset(records["codes"], columns=["c1", "c2", "c3"]), cfg.quantize.code_sizes,
+                              name="quantize_codes.png")
         stable = churn_gate("quantize", rep, rep.get("notes", {}).get("quantize.how", ""), cfg.gates.codes)
         run.gate(stable)
         stable.raise_if_failed()
@@ -59,8 +69,7 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
         key_inputs={"embeddings": embeddings.fingerprint, "quantize": cfg.quantize.model_dump(mode="json"),
                     "previous": prev_book_rec.fingerprint if use_prev else None,
                     "previous_codes": prev_codes_rec.fingerprint if use_prev and prev_codes_rec else None},
-        params={"quantize": cfg.quantize.model_dump(mode="json"),
-                "previous": prev_book_rec.path if use_prev else "none"},
+        params={"quantize": cfg.quantize.model_dump(mode="json")},
         after=log_metrics_and_gate_churn,
         summary=lambda recs, rep: (
             f"quantize ({rep.get('notes', {}).get('quantize.how')}): {recs['codes'].rows:,} items, "

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
+from qarm_core.evaluation import plot_report
 from qarm_core.rank.compare import add_differences, plot_curves, summarize, tune_and_test
 from qarm_core.rank.data import RankData, build_index
 from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
@@ -51,8 +52,9 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
                                                f"{cfg.home}: run the codebook-refresh flow (qarm refresh) first")
     periods = storage.published("periods")
     if periods is None:
-        raise DataError(STAGE, "periods", f"the published snapshot under {cfg.home} has no time split (it was "
-                                          "published by an older qarm): run the codebook-refresh flow again")
+        raise DataError(STAGE, "periods", f"the published snapshot under {cfg.home} has no time split (an inputs "
+                                          "snapshot of `qarm ingest`, or from an older qarm): run qarm refresh "
+                                          "(--set ingest.source=published for the ingested data)")
     need = dict(zip(ITEM_INPUTS, needs(list(cfg.rank.models), cfg.rank.model.frozen_embedding)))
     published = {n: (rec.path if (rec := storage.published(n)) is not None else None) for n in ITEM_INPUTS}
     paths, sources, missing = choose_item_inputs(need, {"embeddings": embeddings_path, "codes": codes_path},
@@ -82,6 +84,9 @@ def rank_inputs(cfg: PipelineConfig, parent_run_id: str, embeddings_path: str | 
                                            f"rank.inputs_fallback: minilm")
     # the dense item index of the catalog, built once here for samples, gate and prepare
     out["index"] = build_index(None, read_dataset(items))
+    # the refresh that published every item input used: its MLflow run gets the ranking's headline
+    from_snapshot = all(v.startswith("snapshot:") for v in out["source"].values())
+    out["refresh_run_id"] = storage.current().manifest.get("meta", {}).get("mlflow_run_id") if from_snapshot else None
     get_run_logger().info("rank inputs: %s", out["source"])
     return out
 
@@ -185,9 +190,12 @@ def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, mo
 
 
 @task(name="rank-compare", **TASK_DEFAULTS)
-def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, results: list[dict]) -> list[dict]:
+def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, results: list[dict],
+                 refresh_run_id: str | None = None) -> list[dict]:
     """The comparison table with each model's test AUC difference to the best baseline on validation
-    (paired bootstrap CI), and every model's curves in one PNG, on the flow's run."""
+    (paired bootstrap CI), and every model's curves in one PNG, on the flow's run. ``refresh_run_id``:
+    the MLflow run of the refresh that published the inputs, which gets ``rank.<model>.auc``/``.gauc``
+    and the AUC plot (so refreshes compare on ranking too)."""
     table = [r["row"] for r in results]
     ref = add_differences(data, [r["result"] for r in results], table)
     curves = {r["row"]["model"]: r["curves"] for r in results}
@@ -199,4 +207,13 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
                       for k in ("diff", "lo", "hi")})
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
+    if refresh_run_id:
+        try:
+            refresh = tracking.run_handle(cfg, refresh_run_id)
+            refresh.metrics({f"rank.{row['model']}.{m}": row[f"{m}_mean"] for row in table for m in ("auc", "gauc")})
+            if cfg.tracking.plots:
+                with tempfile.TemporaryDirectory() as tmp:
+                    tracking.log_file(refresh, plot_report({"ranking": table}, tmp)["ranking"], "plots")
+        except Exception as exc:        # e.g. the refresh's run lives in another tracking store
+            get_run_logger().warning("could not add the ranking metrics to refresh run %s: %s", refresh_run_id, exc)
     return table

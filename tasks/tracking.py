@@ -8,6 +8,7 @@ worker threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import time
@@ -29,16 +30,36 @@ def _client(cfg: PipelineConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); ours are model runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(cfg: PipelineConfig) -> str:
+    """The configured experiment's id, created (tagged ``EXPERIMENT_KIND``) on first use."""
     client = _client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(cfg.tracking.experiment,
-                                        artifact_location=cfg.tracking.artifact_location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another run
-        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location,
+                                            tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another run
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for k, v in EXPERIMENT_KIND.items():           # experiments made before the tag existed
+        if exp.tags.get(k) != v:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+# A refresh's headline: the stage metrics that are copied onto the flow's parent run as
+# ``<stage>.<metric>``, so that MLflow's runs table and compare view show refreshes side by side
+# (the rank-train flow adds ``rank.<model>.auc`` / ``.gauc`` to the refresh whose snapshot it read).
+HEADLINE = {
+    "mine": re.compile(r"u2i\.recall_two_tower"),
+    "judge": re.compile(r"auc\.\w+|\w+\.rejection_rate|\w+\.valid\.auc"),
+    "embed": re.compile(r"valid\.\w+\.recall_at_10"),
+    "quantize": re.compile(r"(raw|resolved)\.collision_rate|raw\.decode_hr_at_(1|10)|(raw|resolved)\.edge_num"
+                           r"|churn|lineage\.prefix_churn|fsq\.refit|level\d\.utilisation"),
+}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -66,6 +87,8 @@ class StageRun:
 
     client: MlflowClient
     run_id: str
+    stage: str = ""
+    headline_to: str | None = None      # the parent run that gets this stage's ``HEADLINE`` metrics
 
     # One request per batch of values, not one per value: a refresh logs ~250 config params per
     # stage run, and one log_param each took 1.4 s of a 3.2 s failed ingest (the sqlite store commits
@@ -84,6 +107,11 @@ class StageRun:
         ms = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
         for lo in range(0, len(ms), 1000):
             self.client.log_batch(self.run_id, metrics=ms[lo:lo + 1000])
+        pattern = HEADLINE.get(self.stage)
+        if self.headline_to and pattern is not None:
+            top = [Metric(f"{self.stage}.{m.key}", m.value, ts, step) for m in ms if pattern.fullmatch(m.key)]
+            if top:
+                self.client.log_batch(self.headline_to, metrics=top)
 
     def tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -134,15 +162,54 @@ def _timed(handle: StageRun) -> Iterator[StageRun]:
         handle.client.set_terminated(handle.run_id, RunStatus.to_string(status))
 
 
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for runs of this checkout: the git commit (``mlflow.source.git.commit``,
+    what the runs table's Source/Version columns show) and whether the tree had local changes;
+    empty outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "qarm.git.dirty": str(bool(dirty)).lower()}
+
+
+def run_name(flow_name: str, config_name: str, overrides: dict[str, Any] | None, trigger: str | None) -> str:
+    """What a flow run was, as its MLflow run name: flow, trigger (the Prefect deployment, else
+    ``manual``), config name, overrides; e.g. ``codebook-refresh daily-ml100k ml100k [quantize.mode=warm_start]``."""
+    sets = ", ".join(f"{k}={v}" for k, v in sorted((overrides or {}).items()))
+    name = f"{flow_name} {trigger or 'manual'} {config_name}" + (f" [{sets}]" if sets else "")
+    return name if len(name) <= 250 else name[:247] + "..."
+
+
+def prefect_tags(config_path: str) -> dict[str, str]:
+    """Tags linking an MLflow parent run to the Prefect flow run that made it (id, UI address,
+    deployment) and the config file it ran."""
+    from prefect.runtime import deployment, flow_run
+
+    return {"prefect.flow_run_id": flow_run.id or "", "prefect.flow_run_url": flow_run.ui_url or "",
+            "prefect.deployment": deployment.name or "", "qarm.config_path": config_path}
+
+
 @contextlib.contextmanager
-def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
-    """Open the parent run of a flow run: logs the resolved config; marks FAILED on an exception."""
+def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = None,
+             name: str | None = None, source: str | None = None) -> Iterator[str]:
+    """Open the parent run of a flow run (named ``name``, default the flow's name; ``source``: the
+    flow's entrypoint, MLflow's Source column): logs the resolved config; marks FAILED on an exception."""
     from qarm_core.devices import hardware_summary
 
     client = _client(cfg)
-    run = client.create_run(experiment_id(cfg), run_name=flow_name,
-                            tags={"qarm.flow": flow_name, "qarm.hardware": hardware_summary(),
-                                  **{k: str(v) for k, v in (tags or {}).items()}})
+    src = {"mlflow.source.name": source, "mlflow.source.type": "JOB"} if source else {}
+    run = client.create_run(experiment_id(cfg), run_name=name or flow_name,
+                            tags={"qarm.flow": flow_name, "qarm.hardware": hardware_summary(), **src,
+                                  **source_tags(), **{k: str(v) for k, v in (tags or {}).items()}})
     handle = StageRun(client, run.info.run_id)
     handle.params({"config": cfg.to_dict()})
     handle.text(dump_config(cfg), "config/resolved.yaml")
@@ -157,7 +224,7 @@ def stage_run(cfg: PipelineConfig, parent_run_id: str, stage: str) -> Iterator[S
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=stage,
                             tags={"mlflow.parentRunId": parent_run_id, "qarm.stage": stage})
-    with _timed(StageRun(client, run.info.run_id)) as handle:
+    with _timed(StageRun(client, run.info.run_id, stage=stage, headline_to=parent_run_id)) as handle:
         yield handle
 
 
@@ -174,9 +241,82 @@ def runs_of(cfg: PipelineConfig, filter_string: str = "") -> list[dict]:
             for r in runs]
 
 
+def run_link(cfg: PipelineConfig, run_id: str) -> str:
+    """The MLflow UI's address of a run (``tracking.ui_url``, else the tracking URI if it is a
+    server, else ``make mlflow-ui``'s http://127.0.0.1:5000)."""
+    client = _client(cfg)
+    base = cfg.tracking.ui_url or (cfg.tracking.tracking_uri if str(cfg.tracking.tracking_uri).startswith("http")
+                                   else "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+# The stage tags a summary shows: what a stage chose (how it quantized, what the embed gate kept,
+# the judge's keep rules, the numeric type, ...), not every identifier it logged.
+DECISION_TAGS = re.compile(r"how|gate|keep_rule|lineage|model_choice|previous|split\.source|^dtype$|error")
+
+
+def refresh_record(cfg: PipelineConfig, run_id: str) -> dict[str, dict]:
+    """What a flow run's MLflow runs hold for its summary: ``headline`` (the parent's
+    ``<stage>.<metric>`` metrics), ``gates`` (``<stage>/<dataset>`` -> passed, from every stage run's
+    ``gate.<dataset>.success``) and ``notes`` (the stages' ``qarm.*`` decision tags)."""
+    client = _client(cfg)
+    parent = client.get_run(run_id)
+    stages = {f"{p}." for p in HEADLINE} | {"rank."}
+    headline = {k: v for k, v in parent.data.metrics.items() if k.startswith(tuple(stages))}
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+                                  max_results=1000)
+    gates, notes = {}, {}
+    for r in children:
+        stage = r.data.tags.get("qarm.stage", r.info.run_name)
+        for k, v in r.data.metrics.items():
+            if k.startswith("gate.") and k.endswith(".success"):
+                dataset = k[len("gate."):-len(".success")]
+                # gate runs are named gate-<stage>-<dataset>; stage runs also run gates of their own
+                gates[f"{stage.removeprefix('gate-').removesuffix('-' + dataset)}/{dataset}"] = bool(v)
+        notes.update({f"{stage}: {k[5:]}": v for k, v in r.data.tags.items()
+                      if k.startswith("qarm.") and DECISION_TAGS.search(k[5:])})
+    return {"headline": headline, "gates": gates, "notes": notes}
+
+
+def headline_runs(cfg: PipelineConfig, run_ids: list[str] | None = None, last: int = 5,
+                  flow_name: str = "codebook-refresh") -> list[dict]:
+    """``run_ids``' parent runs, else the ``last`` runs of ``flow_name`` in the configured experiment
+    (newest first), each as ``{run_id, name, status, start, commit, snapshot, headline}``."""
+    client = _client(cfg)
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = [] if exp is None else client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`qarm.flow` = '{flow_name}'", max_results=last,
+            order_by=["attributes.start_time DESC"])
+    stages = tuple({f"{p}." for p in HEADLINE} | {"rank."})
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+             "start": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.info.start_time / 1000)),
+             "commit": r.data.tags.get("mlflow.source.git.commit", "")[:10],
+             "headline": {k: v for k, v in r.data.metrics.items() if k.startswith(stages)}
+             | ({"duration_s": r.data.metrics["duration_s"]} if "duration_s" in r.data.metrics else {})}
+            for r in runs]
+
+
 def log_file(handle: StageRun, local_path, artifact_path: str | None = None) -> None:
     """Upload a local file (e.g. a PNG of training curves) as an artifact of the run."""
     handle.client.log_artifact(handle.run_id, str(local_path), artifact_path)
+
+
+def log_plot(handle: StageRun, plot, *args, name: str, folder: str = "plots", **kwargs) -> None:
+    """Draw ``plot(*args, path, **kwargs)`` (a ``qarm_core.plots`` function) into a temporary PNG
+    called ``name`` and log it under ``folder`` of the run."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log_file(handle, plot(*args, Path(tmp) / name, **kwargs), folder)
+
+
+def metric_curves(handle: StageRun, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """The logged history of ``keys`` on the run as (step, value) points (empty where not logged)."""
+    return {k: [(m.step, m.value) for m in handle.client.get_metric_history(handle.run_id, k)] for k in keys}
 
 
 def run_handle(cfg: PipelineConfig, run_id: str) -> StageRun:

@@ -28,6 +28,8 @@ def _tiny_test_config() -> str:
     data["judge"] = {**data.get("judge", {}), "local": lm}
     data["qa"] = {**data.get("qa", {}), "local": lm}
     data.setdefault("embed", {}).setdefault("model", {})["model"] = str(build_tiny_lm())
+    # plots cost 1-4 s a refresh and the suite runs dozens; the tests of the plots turn them on
+    data.setdefault("tracking", {})["plots"] = False
     TEST_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = TEST_CACHE / f"tiny.yaml.tmp{os.getpid()}"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))

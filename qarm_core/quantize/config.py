@@ -56,6 +56,12 @@ class QuantizerParams(Strict):
             raise ValueError(f"quantize: total code space {space:.3g} does not fit in int64")
         return self
 
+    @property
+    def code_sizes(self) -> tuple[int, int, int]:
+        """How many values each code of a SID (c1, c2, c3) can take: the two k-means levels' K and
+        the FSQ level's ``fsq_levels ** fsq_dims``."""
+        return (int(self.levels[0]), int(self.levels[1]), int(self.fsq_levels) ** self.fsq_dims)
+
 
 class QuantizeConfig(QuantizerParams):
     """Stage 5's config: the quantizer's parameters and the codebook mode of a refresh."""

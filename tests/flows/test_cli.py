@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from qarm_core.storage import Storage
+from qarm_core.storage import Storage, read_dataset
 from tests.support.paths import TINY
 
 runner = CliRunner()
@@ -25,7 +25,9 @@ def test_synth_writes_parquet_and_refuses_to_overwrite(tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
 
 
-def test_ingest_own_files_then_status(prefect_harness, tmp_path):
+def test_ingest_own_files_then_status_then_refresh_from_them(prefect_harness, tmp_path):
+    """The workflow the ingest flow is for: `qarm ingest` your files (an inputs snapshot), then
+    `qarm refresh --set ingest.source=published` runs the whole pipeline on them."""
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "15",
                               "--interactions", "300"])
     assert res.exit_code == 0, res.output
@@ -34,10 +36,22 @@ def test_ingest_own_files_then_status(prefect_harness, tmp_path):
                               "--items", str(tmp_path / "s" / "items"), "--config", TINY,
                               "--set", f"home={home}"])
     assert res.exit_code == 0, res.output
+    assert "ingest.source=published" in res.output                     # what to run next
     cur = Storage(home).current()
     assert cur.manifest["datasets"]["interactions"]["rows"] == 300
     status = runner.invoke(app, ["status", "--config", TINY, "--set", f"home={home}"])
     assert status.exit_code == 0 and cur.snapshot_id in status.output and "300" in status.output
+    assert "inputs only" in status.output
+    res = runner.invoke(app, ["refresh", "--config", TINY, "--set", f"home={home}",
+                              "--set", "ingest.source=published"])
+    assert res.exit_code == 0, res.output
+    full = Storage(home).current()
+    assert full.manifest["meta"]["parent_snapshot"] == cur.snapshot_id
+    for name in ("interactions", "items"):                          # the refresh ran on the published inputs
+        assert read_dataset(full.record(name)).equals(read_dataset(cur.record(name)))
+    assert {"periods", "codes", "codebook", "model"} <= set(full.manifest["datasets"])
+    status = runner.invoke(app, ["status", "--config", TINY, "--set", f"home={home}"])
+    assert status.exit_code == 0 and "inputs only" not in status.output
 
 
 def test_bad_input_exits_2_with_clear_message(prefect_harness, tmp_path):
@@ -291,5 +305,117 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     assert not (home / LEASE_FILE).exists() and not (home / "CURRENT").exists()
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     runs = tracking.runs_of(cfg)
-    assert runs and all(r["status"] == "FAILED" for r in runs if r["name"] == "codebook-refresh")
+    parents = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh"]
+    assert parents and all(r["status"] == "FAILED" for r in parents)
     assert any("SIGTERM" in r["tags"].get("qarm.error", "") for r in runs)
+
+
+# ---------------------------------------------------------------- qarm ingest: the ingest flow only; errors in one line
+@pytest.fixture(scope="module")
+def ingested(prefect_harness, tmp_path_factory):
+    """A home where `qarm ingest` published a small synthetic log once: (home, the synth folder)."""
+    d = tmp_path_factory.mktemp("ingested")
+    res = runner.invoke(app, ["synth", "--out", str(d / "s"), "--users", "20", "--items", "15",
+                              "--interactions", "300", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ingest", "--interactions", str(d / "s" / "interactions"), "--items",
+                              str(d / "s" / "items"), "--config", TINY, "--set", f"home={d / 'home'}"])
+    assert res.exit_code == 0, res.output
+    return d / "home", d / "s"
+
+
+def test_ingest_publishes_the_inputs_and_runs_no_other_stage(ingested):
+    from qarm_core.config import load_config
+    from tasks import tracking
+
+    home, _ = ingested
+    cur = Storage(home).current()
+    assert sorted(cur.manifest["datasets"]) == ["interactions", "items"]       # nothing to carry over yet
+    assert sorted(p.name for p in (home / "work").iterdir()) == ["ingest"]
+    runs = tracking.runs_of(load_config(TINY, {"home": str(home)}).resolved())
+    parent = [r for r in runs if r["tags"].get("qarm.flow") == "ingest"]
+    assert len(parent) == 1 and parent[0]["status"] == "FINISHED"
+    assert cur.manifest["meta"]["mlflow_run_id"] == parent[0]["run_id"]
+    assert sorted(r["name"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent[0]["run_id"]) == \
+        ["gate-ingest-interactions", "gate-ingest-items", "ingest", "publish"]
+    assert not [r for r in runs if r["tags"].get("qarm.flow") not in (None, "ingest")]      # no refresh ran
+    assert len(list((home / "logs").glob("ingest-*.log"))) == 1
+
+
+def test_an_inputs_snapshot_is_refused_by_evaluate_with_the_missing_dataset(ingested, terminal):
+    home, _ = ingested
+    res = runner.invoke(app, ["evaluate", "--no-rank", "--config", TINY, "--set", f"home={home}"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "error: [stage=evaluate, dataset=periods]" in text, res.output
+    assert "Traceback" not in terminal.getvalue() + res.output
+
+
+@pytest.fixture
+def terminal():
+    """What the terminal shows of the log records: Prefect's console handler, pointed at a buffer for
+    the test (CliRunner does not capture it: it writes to the stream that was stderr at its setup)."""
+    import io
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    buf = io.StringIO()
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert consoles
+    saved = [(h, h.stream, h.console.file) for h in consoles]
+    for h in consoles:
+        h.stream = h.console.file = buf
+    yield buf
+    for h, stream, file in saved:
+        h.stream, h.console.file = stream, file
+
+
+def _bad_ingest(home, tmp_path, *debug):
+    (tmp_path / "i.csv").write_text("")
+    (tmp_path / "t.csv").write_text("item_id,title\n1,x\n")
+    return runner.invoke(app, [*debug, "ingest", "--interactions", str(tmp_path / "i.csv"), "--items",
+                               str(tmp_path / "t.csv"), "--config", TINY, "--set", f"home={home}"])
+
+
+def test_an_ingest_error_is_one_line_and_its_traceback_goes_to_the_log_file(ingested, tmp_path, terminal):
+    import re
+    from pathlib import Path
+
+    home, _ = ingested
+    pointer = (home / "CURRENT").read_bytes()
+    res = _bad_ingest(home, tmp_path)
+    shown = terminal.getvalue() + res.output
+    assert res.exit_code == 2 and (res.exception is None or isinstance(res.exception, SystemExit)), res.output
+    assert "Beginning flow run" in shown                                      # the progress lines stay
+    assert "Traceback" not in shown, shown
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[stage=ingest, dataset=interactions] input file is empty" in errors[0]
+    log = Path(re.search(r"\(full log: (\S+\.log)\)", errors[0]).group(1))
+    assert log.parent == home / "logs" and log.name.startswith("ingest-")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "input file is empty" in text
+    assert "Beginning flow run" in text
+    assert (home / "CURRENT").read_bytes() == pointer
+
+
+def test_debug_shows_the_traceback_on_the_terminal(ingested, tmp_path, terminal):
+    home, _ = ingested
+    res = _bad_ingest(home, tmp_path, "--debug")
+    shown = terminal.getvalue() + res.output
+    assert res.exit_code == 2 and "Traceback (most recent call last)" in shown
+    assert "error: [stage=ingest, dataset=interactions] input file is empty" in " ".join(res.output.split())
+
+
+def test_an_unknown_set_key_is_blamed_on_set_with_the_nearest_key(tmp_path):
+    res = runner.invoke(app, ["ingest", "ml100k", "--config", TINY, "--set", "ingest.synth.userz=3"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"error: [stage=config, dataset={TINY}] --set ingest.synth.userz: unknown key; " \
+           "did you mean ingest.synth.users?" in text
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"extends: {TINY}\ningest:\n  synth:\n    userz: 3\n")
+    res = runner.invoke(app, ["config", "--config", str(cfg)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"ingest.synth.userz: unknown key in {cfg}; did you mean ingest.synth.users?" in text

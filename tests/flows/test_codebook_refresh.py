@@ -23,11 +23,12 @@ def refreshed(prefect_harness, tmp_path_factory):
     """Two refreshes of the tiny config into one fresh home: the first publishes from scratch, the
     second reruns over the same data. Shared by the per-stage tests below."""
     home = tmp_path_factory.mktemp("refresh") / "home"
-    out = codebook_refresh(TINY, {"home": str(home)})
+    sets = {"home": str(home), "tracking.plots": True}    # the suite's tiny config turns plots off
+    out = codebook_refresh(TINY, sets)
     st = Storage(home)
     first = {"snapshot_id": st.current().snapshot_id, "codes": read_dataset(st.current().record("codes"))}
     dead = _plant_a_killed_refresh(home)          # the second refresh finds what a SIGKILL leaves
-    out2 = codebook_refresh(TINY, {"home": str(home)})
+    out2 = codebook_refresh(TINY, sets)
     cfg = _cfg(home)
     runs = tracking.runs_of(cfg)
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
@@ -87,7 +88,13 @@ def test_refresh_publishes_a_snapshot_of_every_dataset(refreshed):
 def test_flow_run_tracks_config_hardware_and_one_run_per_stage(refreshed):
     out, children = refreshed["out"], refreshed["children"]
     parent = [r for r in refreshed["runs"] if r["run_id"] == out["mlflow_run_id"]]
-    assert len(parent) == 1 and parent[0]["name"] == "codebook-refresh" and parent[0]["status"] == "FINISHED"
+    assert len(parent) == 1 and parent[0]["status"] == "FINISHED"
+    # the name says what ran (flow, trigger, config, overrides); the tags link the Prefect run and the commit
+    assert parent[0]["name"] == f"codebook-refresh manual tiny [home={refreshed['home']}, tracking.plots=True]"
+    tags = parent[0]["tags"]
+    assert tags["qarm.flow"] == "codebook-refresh" and tags["mlflow.source.name"] == "flows/codebook_refresh.py:codebook_refresh"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["qarm.git.dirty"] in ("true", "false")
+    assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_url"].endswith(tags["prefect.flow_run_id"])
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     assert "native bf16: " in parent[0]["tags"]["qarm.hardware"]      # CPU model and flags beside every run
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "split", "mine",
@@ -212,6 +219,57 @@ def test_resolved_config_and_gate_reports_are_artifacts(refreshed, tmp_path):
     assert json.loads(Path(client.download_artifacts(gate_run, "gates/items.json", str(tmp_path))).read_text())["success"]
 
 
+def test_the_parent_run_is_the_comparison_surface(refreshed, tmp_path):
+    """Each refresh's parent run holds its headline metrics (copied from the stage runs), the
+    plots and a summary page, also published as the Prefect flow run's markdown artifact; the
+    experiment opens in MLflow's runs table."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, out, children = refreshed["cfg"], refreshed["out"], refreshed["children"]
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    parent = client.get_run(out["mlflow_run_id"])
+    top = parent.data.metrics
+    for stage, metric in (("quantize", "raw.collision_rate"), ("quantize", "resolved.collision_rate"),
+                          ("quantize", "raw.decode_hr_at_1"), ("quantize", "raw.decode_hr_at_10"),
+                          ("quantize", "raw.edge_num"), ("embed", "valid.finetuned.recall_at_10"),
+                          ("judge", "swing.rejection_rate"), ("judge", "u2i.rejection_rate")):
+        assert top[f"{stage}.{metric}"] == children[stage]["metrics"][metric], (stage, metric)
+    assert not any(k.startswith("judge.") and k.endswith("_per_s") for k in top)      # only the headline
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/quantize_codes.png", "plots/judge_scores.png", "plots/train_loss.png"}
+    png = Path(client.download_artifacts(parent.info.run_id, "plots/quantize_codes.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = Path(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
+    assert out["snapshot_id"] in summary and f"runs/{parent.info.run_id}" in summary
+    assert f"| quantize.raw.collision_rate | {top['quantize.raw.collision_rate']:.4f} |" in summary
+    assert "| ingest/interactions | passed |" in summary and "**failed**" not in summary
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]])))
+    assert [a.key for a in arts] == ["tiny-codebook-refresh-summary"] and arts[0].data == summary
+
+
+def test_runs_compare_prints_the_headline_of_refreshes_side_by_side(refreshed):
+    from typer.testing import CliRunner
+
+    from flows.runs_cli import app
+
+    res = CliRunner().invoke(app, ["compare", "--last", "2", "--config", TINY, "--set", f"home={refreshed['home']}"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "quantize.raw.collision_rate" in res.output and "judge.swing.rejection_rate" in res.output
+    assert refreshed["out"]["mlflow_run_id"] in res.output and refreshed["out2"]["mlflow_run_id"] in res.output
+    bad = CliRunner().invoke(app, ["compare", "--config", TINY, "--set", f"home={refreshed['home']}/nothing-here"])
+    assert bad.exit_code == 1 and "no codebook-refresh runs" in bad.output
+    unknown = CliRunner().invoke(app, ["compare", "0123abc", "--config", TINY, "--set", f"home={refreshed['home']}"])
+    assert unknown.exit_code == 2 and "error:" in unknown.output and "0123abc" in unknown.output
+
+
 def test_rerun_reuses_staged_outputs_and_keeps_sids(refreshed):
     out, out2, st = refreshed["out"], refreshed["out2"], refreshed["storage"]
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
@@ -221,6 +279,12 @@ def test_rerun_reuses_staged_outputs_and_keeps_sids(refreshed):
     # the rerun warm-starts the quantizer from the published codebook: same SIDs
     hows = sorted(r["tags"]["qarm.quantize.how"] for r in runs if r["name"] == "quantize")
     assert hows == ["refit: no published codebook", "warm_start"]
+    started = {r["tags"]["qarm.quantize.how"]: r["tags"]["qarm.quantize.previous"] for r in runs if r["name"] == "quantize"}
+    assert started["refit: no published codebook"] == "none" and started["warm_start"].endswith("codebook")
+    # a reused output keeps the earlier run's quality figures, not its timings (nothing was scored now)
+    judged = {r["metrics"]["reused"]: r["metrics"] for r in runs if r["name"] == "judge"}
+    assert "pairs_per_s" in judged[0.0] and "pairs_per_s" not in judged[1.0]
+    assert judged[1.0]["auc.cooc"] == judged[0.0]["auc.cooc"]
     assert read_dataset(st.current().record("codes")).sort_by("item_id")["sid"].to_pylist() == \
         refreshed["first"]["codes"].sort_by("item_id")["sid"].to_pylist()
 
@@ -285,7 +349,7 @@ def test_bad_input_fails_flow_and_keeps_published_snapshot(prefect_harness, tmp_
     assert (home / "CURRENT").read_bytes() == pointer
     assert Storage(home).current().snapshot_id == first["snapshot_id"]
     runs = tracking.runs_of(_cfg(home))
-    failed = [r for r in runs if r["name"] == "codebook-refresh" and r["status"] == "FAILED"]
+    failed = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh" and r["status"] == "FAILED"]
     assert len(failed) == 1 and "GateError" in failed[0]["tags"]["qarm.error"]
 
     # fix the items file: now the interactions gate catches the null user id

@@ -26,9 +26,10 @@ RANK = {"rank.samples.long_len": 30, "rank.samples.short_len": 5, "rank.train.lr
         "rank.train.seeds": [0, 1], "rank.train.batch_size": 128}
 
 
-def _publish_log(home: Path, with_item_inputs: bool, with_codes: bool = True) -> tuple[Path, Path]:
-    """Publish the tiny synthetic log (and, optionally, embeddings [+ codes] for it) as a snapshot;
-    returns the embeddings and codes files too."""
+def _publish_log(home: Path, with_item_inputs: bool, with_codes: bool = True,
+                 meta: dict | None = None) -> tuple[Path, Path]:
+    """Publish the tiny synthetic log (and, optionally, embeddings [+ codes] for it) as a snapshot
+    (with ``meta``, as a refresh publishes it); returns the embeddings and codes files too."""
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     st = Storage(home).ensure()
     _, batches = resolve_source(cfg.ingest)
@@ -53,22 +54,24 @@ def _publish_log(home: Path, with_item_inputs: bool, with_codes: bool = True) ->
         if with_codes:
             records["codes"] = write_parquet_dataset(home / "in" / "codes", codes.cast(CODES.schema).to_batches(),
                                                      CODES)
-    st.publish(records)
+    st.publish(records, meta=meta)
     return emb_file, codes_file
 
 
 @pytest.mark.slow
 def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     home = tmp_path / "home"
-    _publish_log(home, with_item_inputs=True)
-    out = rank_train(TINY, {"home": str(home), **RANK})
+    cfg = load_config(TINY, {"home": str(home)}).resolved()
+    with tracking.flow_run(cfg, "codebook-refresh") as refresh_run:      # the run that "published" the snapshot
+        pass
+    _publish_log(home, with_item_inputs=True, meta={"mlflow_run_id": refresh_run})
+    out = rank_train(TINY, {"home": str(home), "tracking.plots": True, **RANK})
     models = list(ALL_MODELS)
     assert [r["model"] for r in out["table"]] == models
     for row in out["table"]:
         assert row["seeds"] == 2 and row["lr"] in (3e-3, 1e-2) and set(row["valid_auc_by_lr"]) == {"0.003", "0.01"}
         assert (row["vs_ref"] is None) == (row["model"] == row["reference"])
     assert out["inputs"]["embeddings"].startswith("snapshot:") and out["samples"]["test.samples"] > 0
-    cfg = load_config(TINY, {"home": str(home)}).resolved()
     runs = tracking.runs_of(cfg)
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
     assert {f"rank-{m}" for m in models} | {"rank-samples", "gate-rank-rank_samples"} <= set(children)
@@ -88,6 +91,11 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     png = client.download_artifacts(out["mlflow_run_id"], "curves/curves_all.png", str(tmp_path))
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
     assert children["gate-rank-rank_samples"]["metrics"]["gate.rank_samples.success"] == 1.0
+    # the refresh whose snapshot was ranked gets each model's test AUC/GAUC and the AUC plot
+    refresh = client.get_run(refresh_run).data.metrics
+    assert {r["model"]: (r["auc_mean"], r["gauc_mean"]) for r in out["table"]} == \
+        {m: (refresh[f"rank.{m}.auc"], refresh[f"rank.{m}.gauc"]) for m in models}
+    assert [a.path for a in client.list_artifacts(refresh_run, "plots")] == ["plots/ranking_auc.png"]
 
     # a rerun reuses the staged samples
     again = rank_train(TINY, {"home": str(home), **RANK}, models=["din"])

@@ -273,5 +273,7 @@ def test_ingest_refuses(case, published_home, tmp_path):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert f"[stage=ingest, dataset={dataset}]" in text and fragment in text, res.output
     assert f"error: [stage=ingest, dataset={dataset}]" in text      # the one-line error, after the logs
+    assert len([line for line in res.output.splitlines() if line.startswith("error:")]) == 1
+    assert f"(full log: {published_home / 'logs'}/ingest-" in text   # where the traceback went
     assert (published_home / "CURRENT").read_bytes() == pointer
     assert Storage(published_home).list_snapshots() == snaps

@@ -142,3 +142,54 @@ def test_the_positive_event_rule_is_configured_once():
         parse_config({"events": {"positive_min_rating": float("nan")}})
     with pytest.raises(ConfigError, match="min_rating"):
         parse_config({"mine": {"min_rating": 4.0}})      # the old per-stage key is refused, not ignored
+
+
+# ---------------------------------------------------------------- unknown keys: where from, nearest valid key
+def test_unknown_key_in_the_file_names_the_file_and_the_nearest_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("ingest:\n  synth:\n    userz: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value) == (f"[stage=config, dataset={p}] ingest.synth.userz: unknown key in {p}; "
+                              "did you mean ingest.synth.users?")
+    assert "--set" not in str(err.value)
+
+
+def test_unknown_key_from_set_says_so(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: c\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, {"mine.swing.top_kk": 3})
+    assert str(err.value) == (f"[stage=config, dataset={p}] --set mine.swing.top_kk: unknown key; "
+                              "did you mean mine.swing.top_k?")
+    assert f"in {p}" not in str(err.value)
+
+
+def test_unknown_key_nested_and_in_a_section_name(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: c\n")
+    # the bad part is the section: the suggestion keeps the rest of what was typed
+    with pytest.raises(ConfigError, match=r"--set ingst\.synth\.users: unknown key 'ingst'; "
+                                          r"did you mean ingest\.synth\.users\?$"):
+        load_config(p, {"ingst.synth.users": 3})
+    # a whole section given with --set: the key inside it is named
+    with pytest.raises(ConfigError, match=r"--set storage: unknown key 'storage\.retenton'; "
+                                          r"did you mean storage\.retention\?$"):
+        load_config(p, {"storage": {"retenton": 3}})
+    # deep in the file, and in the file an extends: chain took it from
+    (tmp_path / "base.yaml").write_text("embed:\n  model:\n    dimm: 8\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\n")
+    with pytest.raises(ConfigError, match=r"embed\.model\.dimm: unknown key in .*base\.yaml; "
+                                          r"did you mean embed\.model\.dim\?$"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_unknown_key_with_no_close_match_gets_no_suggestion(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("judge:\n  qwertyuiop: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, {"zzzzzz": 1})
+    text = str(err.value)
+    assert text.startswith(f"[stage=config, dataset={p}] 2 problems:")
+    assert f"  - judge.qwertyuiop: unknown key in {p}\n" in text + "\n"
+    assert "  - --set zzzzzz: unknown key" in text and "did you mean" not in text
