@@ -40,9 +40,12 @@ def collision_by_level(levels: Sequence[np.ndarray]) -> list[float]:
     return out
 
 
-def plot_codes(codes: pa.Table, code_sizes: Sequence[int], path: str | Path) -> Path:
+def plot_codes(codes: pa.Table, code_sizes: Sequence[int], path: str | Path,
+               raw_collision: float | None = None) -> Path:
     """One PNG, three panels: items per code of each level (sorted, with the share of codes used),
-    the distribution of items per raw SID (c1, c2, c3), and the collision share by level."""
+    items per (c1, c2) cell (the k-means leaves the FSQ level splits), and the collision share by
+    level. ``codes`` are the published codes, after collision resolution (its c3 is unique within a
+    cell), so the full SID's raw collision (before resolution) comes in as ``raw_collision``."""
     plt = _pyplot()
     levels = code_levels(codes)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -50,16 +53,18 @@ def plot_codes(codes: pa.Table, code_sizes: Sequence[int], path: str | Path) -> 
         counts = np.sort(np.bincount(lv, minlength=int(size)))[::-1]
         used = (counts > 0).mean()
         axes[0].plot(np.arange(1, len(counts) + 1), np.maximum(counts, 0.5), label=f"level {i + 1}: {used:.0%} of {size:,} used")
-    axes[0].set(xscale="log", yscale="log", xlabel="code rank", ylabel="items", title="items per code, by level")
+    axes[0].set(xscale="log", yscale="log", xlabel="code rank", ylabel="items (0 drawn at 0.5)",
+                title="items per code, by level")
     axes[0].legend(fontsize=8)
-    _, per_sid = np.unique(np.stack(levels, axis=1), axis=0, return_counts=True)
-    bins = np.arange(1, max(int(per_sid.max()), 1) + 2) - 0.5
-    axes[1].hist(per_sid, bins=bins)
-    axes[1].set(yscale="log", xlabel="items sharing a raw SID", ylabel="SIDs",
-                title=f"items per SID ({len(per_sid):,} SIDs, {len(levels[0]):,} items)")
+    _, per_cell = np.unique(np.stack(levels[:2], axis=1), axis=0, return_counts=True)
+    axes[1].hist(per_cell, bins=np.arange(1, int(per_cell.max()) + 2) - 0.5)
+    axes[1].set(xlabel="items in a (c1, c2) cell", ylabel="cells",
+                title=f"items per (c1, c2) cell ({len(per_cell):,} of {code_sizes[0] * code_sizes[1]:,} cells used)")
     coll = collision_by_level(levels)
-    axes[2].bar([f"c1..c{d}" for d in range(1, len(coll) + 1)], coll)
-    for x, v in enumerate(coll):
+    names = ["c1", "c1, c2"] + (["c1..c3 raw"] if raw_collision is not None else []) + ["c1..c3 published"]
+    values = coll[:2] + ([raw_collision] if raw_collision is not None else []) + coll[2:]
+    axes[2].bar(names, values)
+    for x, v in enumerate(values):
         axes[2].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     axes[2].set(ylim=(0, 1.05), ylabel="share of items", title="collision by level (prefix shared)")
     fig.tight_layout()

@@ -57,7 +57,7 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord)
         if cfg.tracking.plots:
             tracking.log_plot(tracking.run_handle(cfg, parent_run_id), plot_codes,
                               read_dataset(records["codes"], columns=["c1", "c2", "c3"]), cfg.quantize.code_sizes,
-                              name="quantize_codes.png")
+                              name="quantize_codes.png", raw_collision=rep.get("raw.collision_rate"))
         stable = churn_gate("quantize", rep, rep.get("notes", {}).get("quantize.how", ""), cfg.gates.codes)
         run.gate(stable)
         stable.raise_if_failed()

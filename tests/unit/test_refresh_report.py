@@ -24,7 +24,7 @@ def test_plots_write_pngs(tmp_path):
     codes = pa.table({f"c{i}": rng.integers(0, k, 300) for i, k in ((1, 8), (2, 8), (3, 16))})
     judgments = pa.table({"source": ["swing"] * 200 + ["u2i"] * 100, "score": rng.normal(size=300),
                           "keep": rng.random(300) > 0.5})
-    paths = [plot_codes(codes, (8, 8, 16), tmp_path / "codes.png"),
+    paths = [plot_codes(codes, (8, 8, 16), tmp_path / "codes.png", raw_collision=0.2),
              plot_judge_scores(judgments, tmp_path / "judge.png", thresholds={"swing": 0.1}),
              plot_loss_curves({"loss": [(1, 2.0), (2, 1.5)], "qa": []}, tmp_path / "loss.png")]
     for p in paths:
