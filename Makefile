@@ -12,7 +12,7 @@ export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export QARM_HOME
 
-.PHONY: install run test test-fast bench mlflow-ui prefect-ui clean
+.PHONY: install run test test-fast stack bench mlflow-ui prefect-ui clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ test: install                      ## the whole suite, slow tests included
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+stack: install                     ## Postgres + Prefect and MLflow servers on it + a worker + Chromium (tests/stack)
+	QARM_STACK_REQUIRED=1 $(PY) -m pytest tests/stack -s
 
 bench: install                     ## benchmarks/: synth 10M interactions + DuckDB scan
 	$(PY) benchmarks/bench_synth_scan.py

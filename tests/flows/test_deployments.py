@@ -13,10 +13,10 @@ def test_prefect_yaml_entrypoint_loads_the_flow():
     from qarm_core.config import load_config
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    daily, weekly = spec["deployments"]
-    for dep in (daily, weekly):
+    daily, weekly, rank = spec["deployments"]
+    for dep, flow_name in ((daily, "codebook-refresh"), (weekly, "codebook-refresh"), (rank, "rank-train")):
         flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
-        assert flow.name == "codebook-refresh"
+        assert flow.name == flow_name
         assert (REPO / dep["parameters"]["config_path"]).is_file()
     assert daily["schedules"][0]["cron"] == "0 3 * * *" and weekly["schedules"][0]["cron"] == "0 4 * * 0"
     # the daily run reuses the model and warm-starts the codebook; the overrides are valid config keys

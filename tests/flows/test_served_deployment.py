@@ -1,80 +1,59 @@
-"""The daily deployment on a real Prefect server: served, scheduled, and run on demand (a UI "Run")."""
+"""The daily deployment on a real Prefect server: served under the config's name, scheduled, one run at a
+time, rank-train's trigger registered, and run on demand (a UI "Run")."""
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from qarm_core.storage import Storage
 from tests.support.paths import REPO, TINY
+from tests.support.stack import VENV_BIN, Services, free_port, http_ok, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what, fn, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_served_deployment_runs_on_demand(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "QARM_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
-    procs = []
+    # Services.stop ends the processes' children too: the server's uvicorn, and flow runs that serve
+    # starts in sessions of their own (the rank-train the automation starts after the refresh)
+    services = Services(tmp_path / "logs")
     try:
-        procs.append(subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        services.start("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                          "--port", str(port)], env)
+        wait_for("the Prefect server", lambda: http_ok(f"{api}/health"), 120, every=1)
+        services.start("serve", [sys.executable, str(REPO / "deployments" / "serve.py"), "--config", TINY],
+                       env, cwd=REPO)
 
-        def healthy():
-            try:
-                return httpx.get(f"{api}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        _wait("the Prefect server", healthy, 120)
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "deployments" / "serve.py"), "--config", TINY],
-                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-        def deployment():
-            r = httpx.post(f"{api}/deployments/filter", json={}, timeout=5).json()
-            return next((d for d in r if d["name"] == "daily-ml100k"), None)
-        dep = _wait("the served deployment", deployment, 90)
+        def deployments():   # named after the config file; rank-train's trigger is the last thing made
+            r = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=5).json()}
+            a = httpx.post(f"{api}/automations/filter", json={}, timeout=5).json()
+            return r if a and {"daily-tiny", "weekly-retrain-tiny", "rank-train-tiny"} <= set(r) else None
+        dep = wait_for("the served deployments", deployments, 90, every=1)["daily-tiny"]
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+        assert dep["tags"] == ["qarm", "codebook-refresh", "daily", "config:tiny"]
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+        automations = httpx.post(f"{api}/automations/filter", json={}, timeout=5).json()
+        assert [a["name"] for a in automations] == ["rank-train-tiny after a refresh"]
 
         def created():
             # what the UI's "Run" button sends; the server may still be busy migrating/scheduling
             r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10)
             return r.json() if r.status_code == 201 else None
-        run = _wait("the flow run to be created", created, 60)
+        run = wait_for("the flow run to be created", created, 60, every=1)
 
         def finished():
             r = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5)
             state = ((r.json() if r.status_code == 200 else {}).get("state") or {}).get("type")
             return state if state in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
-        assert _wait("the flow run", finished, 240) == "COMPLETED"
+        assert wait_for("the flow run", finished, 240, every=1) == "COMPLETED"
         cur = Storage(tmp_path / "home").current()
         assert cur is not None and cur.manifest["datasets"]["interactions"]["rows"] == 800
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        services.stop()
