@@ -9,23 +9,23 @@ import pytest
 
 from qarm_core.storage import Storage
 from tests.support.paths import REPO, TINY
-from tests.support.stack import VENV_BIN, Services, free_port, http_ok, wait_for
+from tests.support.stack import Services, http_ok, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def test_served_deployment_runs_on_demand(tmp_path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+def test_served_deployment_runs_on_demand(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    # the session's test server (a real Prefect server in a subprocess; starting another costs ~15 s)
+    api = str(PREFECT_API_URL.value())
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "QARM_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    # Services.stop ends the processes' children too: the server's uvicorn, and flow runs that serve
-    # starts in sessions of their own (the rank-train the automation starts after the refresh)
+    # Services.stop ends the processes' children too: flow runs that serve starts in sessions of
+    # their own (the rank-train the automation starts after the refresh)
     services = Services(tmp_path / "logs")
     try:
-        services.start("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                          "--port", str(port)], env)
         wait_for("the Prefect server", lambda: http_ok(f"{api}/health"), 120, every=1)
         services.start("serve", [sys.executable, str(REPO / "deployments" / "serve.py"), "--config", TINY],
                        env, cwd=REPO)

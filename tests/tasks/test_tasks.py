@@ -111,7 +111,7 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
     Storage(tiny_cfg.home).publish(first)
     # the next day, slightly moved embeddings: warm start from the published codebook, little churn
     second = quantize(tiny_cfg, parent, _embeddings_record(tmp_path, ids, noise=0.01))
-    runs = {r["params"]["previous"]: r for r in _stage_runs(tiny_cfg, "quantize")}
+    runs = {r["tags"]["qarm.quantize.previous"]: r for r in _stage_runs(tiny_cfg, "quantize")}
     assert runs["none"]["tags"]["qarm.quantize.how"] == "refit: no published codebook"
     [warm] = [r for k, r in runs.items() if k != "none"]
     assert warm["tags"]["qarm.quantize.how"] == "warm_start" and warm["metrics"]["churn"] <= 0.2

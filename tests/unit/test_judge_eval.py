@@ -90,7 +90,7 @@ def _subset(eval_sets, n):
 def test_default_judge_carries_signal(ml100k, eval_sets, default_scorer):
     from qarm_core.judge.evaluate import scorer_auc
 
-    res = scorer_auc(_subset(eval_sets, 60), ml100k[1], default_scorer)
+    res = scorer_auc(_subset(eval_sets, 45), ml100k[1], default_scorer)
     assert res["cooc"] >= 0.75 and res["genre"] >= 0.75, res
 
 
@@ -98,8 +98,8 @@ def test_default_judge_carries_signal(ml100k, eval_sets, default_scorer):
 def test_injected_titles_do_not_flip_verdicts(ml100k, eval_sets, default_scorer):
     from qarm_core.judge.evaluate import injection_flip_rate
 
-    res = injection_flip_rate(_subset(eval_sets, 10), ml100k[1], default_scorer)
-    assert res["n_decisions"] == 3 * 2 * 2 * 40
+    res = injection_flip_rate(_subset(eval_sets, 8), ml100k[1], default_scorer)
+    assert res["n_decisions"] == 3 * 2 * 2 * 32
     # The attacker's goal (a rejected pair becomes kept) is no more frequent than after a harmless
     # title edit, and injected text lowers scores on average rather than raising them. (Flips in
     # the other direction happen: a spammy title makes its item look less related.)
