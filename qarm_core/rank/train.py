@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -73,11 +74,33 @@ def train_model(name: str, data: RankData, cfg: RankConfig, seed: int, seed_inde
     if len(train_rows) == 0 or len(valid_rows) == 0 or (evaluate_test and len(test_rows) == 0):
         raise DataError("rank", "samples", f"{len(train_rows)} training, {len(valid_rows)} validation and "
                                            f"{len(test_rows)} test samples: each split must be non-empty")
-    torch.set_num_threads(tc.num_threads)
+    with _torch_state(tc.num_threads, seed):
+        return _train(name, data, cfg, seed, seed_index, lr, on_epoch, evaluate_test, train_rows, valid_rows)
+
+
+@contextlib.contextmanager
+def _torch_state(threads: int, seed: int) -> Iterator[None]:
+    """``threads`` torch threads, denormals flushed and the global RNG seeded for the block; the
+    caller's thread count, RNG state and denormal mode come back after it (an unrestored
+    ``set_num_threads(1)`` made every later torch stage of the process run on one thread)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
     # Adam's second moments of rarely touched embedding rows decay into denormals, which the CPU
     # handles ~100x slower; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
-    torch.manual_seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(prev)
+
+
+def _train(name: str, data: RankData, cfg: RankConfig, seed: int, seed_index: int, lr: float,
+           on_epoch: Callable[[dict[str, float]], None] | None, evaluate_test: bool,
+           train_rows: np.ndarray, valid_rows: np.ndarray) -> RunResult:
+    tc = cfg.train
     rng = np.random.default_rng([seed, 1])
     model = build_model(name, data, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=tc.weight_decay)

@@ -115,9 +115,16 @@ def _tiny_data(tmp_path, models=None, **cfg_over):
 
 
 def test_loss_falls_and_runs_are_seeded(tmp_path):
+    import torch
+
     data, cfg, _ = _tiny_data(tmp_path, train={"epochs": 12, "lr_grid": [0.01], "seeds": [0]})
+    torch.set_num_threads(2)
     for name in ("din", "ours_sid"):
+        before = torch.random.get_rng_state()
         r = train_model(name, data, cfg, seed=0)
+        # training runs on rank.train.num_threads (1) and leaves the process as it was: a later
+        # stage (the judge, embedding) must not inherit one thread or a reseeded RNG
+        assert torch.get_num_threads() == 2 and torch.equal(torch.random.get_rng_state(), before)
         losses = [p["train_loss"] for p in r.curves]
         assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
         # the kept model is the best validation epoch's, and it scores that epoch's validation AUC
