@@ -589,7 +589,9 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
         for name, meta in cur.manifest["datasets"].items():
             table.add_row(name, f"{meta['rows']:,}", f"v{meta['schema_version']}", meta["fingerprint"])
         Console().print(table)
-        if "periods" not in cur.manifest["datasets"]:     # no time split: `qarm ingest` (flows/ingest.py) published it
+        from tasks.ingest import SPLIT_DATASET
+
+        if SPLIT_DATASET not in cur.manifest["datasets"]:   # no time split: `qarm ingest` (flows/ingest.py) published it
             parent = cur.manifest.get("meta", {}).get("parent_snapshot")
             carried = f"; the other datasets are carried over from {parent}" if parent else ""
             Console().print(f"inputs only: new interactions and items, not refreshed yet (no time split){carried}. "

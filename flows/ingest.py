@@ -1,7 +1,7 @@
 """The ``ingest`` flow: ingest -> gate items -> gate interactions (against the items) -> publish.
 
 What it publishes (an *inputs* snapshot): the new ``interactions`` and ``items``, and, carried over
-unchanged from the snapshot that was current (``CARRIED``), what the next refresh reuses: the judge
+unchanged from the snapshot that was current (``tasks.ingest.CARRIED``), what the next refresh reuses: the judge
 and QA caches, the embedding model, the embeddings and the Semantic IDs (codebook and codes), so
 that ingesting new data never resets the SIDs consumers hold nor the work a refresh can reuse. It
 holds no time split (``periods``, ``train_events``, ``valid_events``) nor mined ``pairs``: those
@@ -27,21 +27,15 @@ from prefect.runtime import flow_run as prefect_flow_run
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
 from qarm_core.errors import ConfigError
-from qarm_core.storage import Storage
 from tasks import tracking
 from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
-from tasks.ingest import DATASETS, ingest as ingest_task
+from tasks.ingest import DATASETS, carry_over, ingest as ingest_task
 from tasks.publish import publish, summarize
 
 FLOW = "ingest"
 # MLflow's Source column for this flow's runs.
 ENTRYPOINT = "flows/ingest.py:ingest"
-# What an inputs snapshot carries over from the current one: the refresh's caches, which stay
-# valid for new data (each is keyed by item, pair, model or codebook, not by the log).
-CARRIED = ("judgments", "judge_eval", "judge_neutral", "qa", "model", "embeddings", "codes", "codebook")
-# The dataset whose absence marks a snapshot that no refresh has split yet (what `qarm status` checks).
-SPLIT = "periods"
 
 
 @flow(name=FLOW)
@@ -67,10 +61,7 @@ def ingest(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None =
         records = ingest_task.with_options(**retry)(cfg, run_id)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
-        carried = {}
-        if parent is not None:
-            snap = Storage(cfg.home).snapshot(parent)
-            carried = {n: snap.record(n) for n in CARRIED if n in snap.manifest.get("datasets", {})}
+        carried = carry_over(cfg, parent)
         lease.check()
         snapshot = publish.with_options(**retry)(cfg, run_id, {**carried, **records}, parent)
         summarize(cfg, run_id, snapshot, title="ingest")

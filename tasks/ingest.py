@@ -42,3 +42,20 @@ def ingest(cfg: PipelineConfig, parent_run_id: str) -> dict[str, DatasetRecord]:
         summary=lambda recs, rep: f"ingest {cfg.ingest.source}: " + ", ".join(
             f"{n}={r.rows:,} rows" for n, r in recs.items())))
     return records
+
+
+# What an inputs snapshot (the ingest flow's) carries over from the current one: the refresh's caches,
+# which stay valid for new data (each is keyed by item, pair, model or codebook, not by the log).
+CARRIED = ("judgments", "judge_eval", "judge_neutral", "qa", "model", "embeddings", "codes", "codebook")
+# The dataset whose absence marks a snapshot no refresh has split yet (an inputs snapshot).
+SPLIT_DATASET = "periods"
+
+
+@task(name="carry-over", **TASK_DEFAULTS)
+def carry_over(cfg: PipelineConfig, snapshot_id: str | None) -> dict[str, DatasetRecord]:
+    """The ``CARRIED`` datasets of snapshot ``snapshot_id`` (none without one), to publish beside newly
+    ingested inputs."""
+    if snapshot_id is None:
+        return {}
+    snap = Storage(cfg.home).snapshot(snapshot_id)
+    return {n: snap.record(n) for n in CARRIED if n in snap.manifest.get("datasets", {})}
