@@ -8,12 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.options import ConfigOpt
+from flows.options import ConfigOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
 from qarm_core.config import load_config
+from qarm_core.summary import format_metric
 
 app = typer.Typer(help="Past runs, from MLflow.", no_args_is_help=True)
-SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set home=/data/qarm (repeatable).")
 
 
 @app.callback()
@@ -46,14 +46,9 @@ def compare(run_ids: Optional[list[str]] = typer.Argument(None, help="MLflow run
     for r in runs:
         table.add_column(f"{r['run_id'][:8]}\n{r['start']}\n{r['status'].lower()}", justify="right")
     for key in sorted({k for r in runs for k in r["headline"]}):
-        table.add_row(key, *[_fmt(r["headline"].get(key)) for r in runs])
+        table.add_row(key, *[format_metric(r["headline"].get(key)) for r in runs])
     table.add_row("commit", *[r["commit"] or "-" for r in runs])
     console.print(table)
     for r in runs:
         console.print(f"{r['run_id']}  {r['name']}", highlight=False)
 
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}"

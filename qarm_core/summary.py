@@ -7,7 +7,11 @@ from __future__ import annotations
 from typing import Mapping
 
 
-def _fmt(v: float) -> str:
+def format_metric(v: float | None) -> str:
+    """A metric as the summary and ``qarm runs compare`` print it: counts with separators, other
+    values to 4 decimals, ``n/a`` for NaN, ``-`` for absent."""
+    if v is None:
+        return "-"
     if v != v:                                   # NaN
         return "n/a"
     if float(v).is_integer() and abs(v) >= 1:
@@ -26,7 +30,7 @@ def refresh_summary_markdown(snapshot_id: str, rows: Mapping[str, int], headline
              f"MLflow run: {mlflow_link}", "",
              f"Gates: {len(gates) - len(failed)} of {len(gates)} passed" + (f" (failed: {', '.join(failed)})" if failed else ""),
              "", "## Headline metrics", "", "| metric | value |", "|---|--:|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(headline.items())] or ["| (none logged) | |"]
+    lines += [f"| {k} | {format_metric(v)} |" for k, v in sorted(headline.items())] or ["| (none logged) | |"]
     lines += ["", "## Gates", "", "| gate | verdict |", "|---|---|"]
     lines += [f"| {g} | {'passed' if ok else '**failed**'} |" for g, ok in sorted(gates.items())]
     if notes:

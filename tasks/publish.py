@@ -43,15 +43,15 @@ def summarize(cfg: PipelineConfig, parent_run_id: str, snapshot: Snapshot, title
     as a Prefect markdown artifact of the flow run and ``summary.md`` on the MLflow run; returns it."""
     rec = tracking.refresh_record(cfg, parent_run_id)
     rows = {n: int(d.get("rows", 0)) for n, d in snapshot.manifest["datasets"].items()}
+    link = tracking.run_link(cfg, parent_run_id)
     text = refresh_summary_markdown(snapshot.snapshot_id, rows, rec["headline"], rec["gates"], rec["notes"],
-                                    tracking.run_link(cfg, parent_run_id), title)
+                                    link, title)
     tracking.run_handle(cfg, parent_run_id).text(text, "summary.md")
     # the artifact key allows lowercase letters, digits and dashes only
     key = re.sub(r"[^a-z0-9-]+", "-", f"{cfg.name}-{title}-summary".lower()).strip("-")
     create_markdown_artifact(markdown=text, key=key, description=f"{title} {snapshot.snapshot_id}")
     get_run_logger().info("summary: %d headline metrics, %d gates (%d failed); MLflow run %s",
-                          len(rec["headline"]), len(rec["gates"]), sum(not v for v in rec["gates"].values()),
-                          tracking.run_link(cfg, parent_run_id))
+                          len(rec["headline"]), len(rec["gates"]), sum(not v for v in rec["gates"].values()), link)
     return text
 
 

@@ -210,7 +210,8 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
     if refresh_run_id:
         try:
             refresh = tracking.run_handle(cfg, refresh_run_id)
-            refresh.metrics({f"rank.{row['model']}.{m}": row[f"{m}_mean"] for row in table for m in ("auc", "gauc")})
+            refresh.metrics({f"{tracking.RANK_HEADLINE}{row['model']}.{m}": row[f"{m}_mean"]
+                             for row in table for m in ("auc", "gauc")})
             if cfg.tracking.plots:
                 with tempfile.TemporaryDirectory() as tmp:
                     tracking.log_file(refresh, plot_report({"ranking": table}, tmp)["ranking"], "plots")

@@ -60,6 +60,15 @@ HEADLINE = {
     "quantize": re.compile(r"(raw|resolved)\.collision_rate|raw\.decode_hr_at_(1|10)|(raw|resolved)\.edge_num"
                            r"|churn|lineage\.prefix_churn|fsq\.refit|level\d\.utilisation"),
 }
+# the prefix of what the rank-train flow adds to a refresh's run: rank.<model>.auc / .gauc
+RANK_HEADLINE = "rank."
+
+
+def headline_of(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline entries (``<stage>.<metric>`` of a ``HEADLINE`` stage, or ``rank.*``) of a parent
+    run's metrics."""
+    prefixes = tuple(f"{stage}." for stage in HEADLINE) + (RANK_HEADLINE,)
+    return {k: v for k, v in metrics.items() if k.startswith(prefixes)}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -261,8 +270,7 @@ def refresh_record(cfg: PipelineConfig, run_id: str) -> dict[str, dict]:
     ``gate.<dataset>.success``) and ``notes`` (the stages' ``qarm.*`` decision tags)."""
     client = _client(cfg)
     parent = client.get_run(run_id)
-    stages = {f"{p}." for p in HEADLINE} | {"rank."}
-    headline = {k: v for k, v in parent.data.metrics.items() if k.startswith(tuple(stages))}
+    headline = headline_of(parent.data.metrics)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                                   max_results=1000)
     gates, notes = {}, {}
@@ -281,7 +289,8 @@ def refresh_record(cfg: PipelineConfig, run_id: str) -> dict[str, dict]:
 def headline_runs(cfg: PipelineConfig, run_ids: list[str] | None = None, last: int = 5,
                   flow_name: str = "codebook-refresh") -> list[dict]:
     """``run_ids``' parent runs, else the ``last`` runs of ``flow_name`` in the configured experiment
-    (newest first), each as ``{run_id, name, status, start, commit, snapshot, headline}``."""
+    (newest first), each as ``{run_id, name, status, start, commit, headline}`` (headline with the
+    run's ``duration_s``)."""
     client = _client(cfg)
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
@@ -290,11 +299,10 @@ def headline_runs(cfg: PipelineConfig, run_ids: list[str] | None = None, last: i
         runs = [] if exp is None else client.search_runs(
             [exp.experiment_id], filter_string=f"tags.`qarm.flow` = '{flow_name}'", max_results=last,
             order_by=["attributes.start_time DESC"])
-    stages = tuple({f"{p}." for p in HEADLINE} | {"rank."})
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
              "start": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.info.start_time / 1000)),
              "commit": r.data.tags.get("mlflow.source.git.commit", "")[:10],
-             "headline": {k: v for k, v in r.data.metrics.items() if k.startswith(stages)}
+             "headline": headline_of(r.data.metrics)
              | ({"duration_s": r.data.metrics["duration_s"]} if "duration_s" in r.data.metrics else {})}
             for r in runs]
 
