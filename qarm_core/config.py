@@ -19,6 +19,7 @@ from qarm_core.events import EventsConfig
 from qarm_core.base import DuckDBConfig, Strict
 from qarm_core.embed.config import EmbedStageConfig
 from qarm_core.errors import ConfigError
+from qarm_core.executor import ExecutorConfig
 from qarm_core.gates import GatesConfig
 from qarm_core.hashing import stable_hash
 from qarm_core.ingest import IngestConfig
@@ -73,6 +74,7 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()
     rank: RankConfig = RankConfig()
+    executor: ExecutorConfig = ExecutorConfig()   # where the LLM stages' shards run (local | dask)
 
     def resolved(self) -> "PipelineConfig":
         """The config with environment overrides applied and every path made absolute."""

@@ -18,6 +18,7 @@ from qarm_core.schemas import embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, run_stage
+from tasks.executor import shard_runner
 
 MODEL_FORMAT = 1
 
@@ -134,12 +135,15 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
 
     def produce():
-        rec, report = embed_stage(read_dataset(items), model.path, cfg.embed, run_dir,
-                                  previous=previous.path if previous is not None else None,
-                                  model_is_published=model_is_published,
-                                  train_events=read_dataset(train_events, columns=["item_id"]),
-                                  valid_events=read_dataset(valid_events), min_rating=cfg.events.positive_min_rating,
-                                  published_model=rival.path if rival else None)
+        with shard_runner(cfg) as shards:
+            rec, report = embed_stage(read_dataset(items), model.path, cfg.embed, run_dir,
+                                      previous=previous.path if previous is not None else None,
+                                      model_is_published=model_is_published,
+                                      train_events=read_dataset(train_events, columns=["item_id"]),
+                                      valid_events=read_dataset(valid_events),
+                                      min_rating=cfg.events.positive_min_rating,
+                                      published_model=rival.path if rival else None, shards=shards)
+        report.setdefault("notes", {})["executor"] = cfg.executor.kind
         return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 
     records, report = run_stage(cfg, parent_run_id, StageSpec(

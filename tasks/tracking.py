@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -145,30 +146,51 @@ class StageRun:
         self.json(result.to_dict(), f"gates/{ds}.json")
 
 
-def describe_error(exc: BaseException) -> str:
-    """``Type: message``, plus ``(stopped by SIGTERM)`` when a signal stopped the run (Prefect's
-    TerminationSignal carries no message; see ``stop_signal_name`` for why the chain is searched)."""
+def describe_error(exc: BaseException, limit: int = 5000) -> str:
+    """``Type: message`` cut to ``limit`` characters, led by ``stopped by SIGTERM:`` when a signal
+    stopped the run (Prefect's TerminationSignal carries no message; see ``stop_signal_name`` for
+    why the chain is searched). The signal comes first so that cutting a long message never drops it."""
     text = f"{type(exc).__name__}: {exc}"
     sig = stop_signal_name(exc)
-    if sig is not None and STOPPED_BY not in text:
-        text += f" ({STOPPED_BY}{sig})"
-    return text
+    if sig is not None and STOPPED_BY not in text[:200]:
+        text = f"{STOPPED_BY}{sig}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _end_run(handle: StageRun, status: str, error: str | None) -> None:
+    """Tag the error and end the run, each write tried twice: a signal may have interrupted the
+    tracking store mid-write (its first call after that can fail), and a run left RUNNING or
+    FAILED without its reason is what an operator cannot explain later."""
+    writes = ([lambda: handle.tags({"qarm.error": error})] if error is not None else []) + \
+        [lambda: handle.client.set_terminated(handle.run_id, status)]
+    for write in writes:
+        for attempt in (1, 2):
+            try:
+                write()
+                break
+            except Exception:  # noqa: BLE001 -- the run's own error is what propagates
+                if attempt == 2:
+                    logging.getLogger(__name__).warning("could not record the end of MLflow run %s",
+                                                        handle.run_id, exc_info=True)
 
 
 @contextlib.contextmanager
 def _timed(handle: StageRun) -> Iterator[StageRun]:
     """Record the run's duration; end it FINISHED, or FAILED with the error in ``qarm.error``."""
     t0 = time.time()
-    status = RunStatus.FINISHED
+    error = None
     try:
         yield handle
     except BaseException as exc:
-        status = RunStatus.FAILED
-        handle.tags({"qarm.error": describe_error(exc)[:5000]})
+        error = describe_error(exc)
         raise
     finally:
-        handle.metrics({"duration_s": time.time() - t0})
-        handle.client.set_terminated(handle.run_id, RunStatus.to_string(status))
+        try:
+            handle.metrics({"duration_s": time.time() - t0})
+        except Exception:  # noqa: BLE001 -- see _end_run
+            logging.getLogger(__name__).warning("could not log the duration of MLflow run %s", handle.run_id,
+                                                exc_info=True)
+        _end_run(handle, RunStatus.to_string(RunStatus.FAILED if error is not None else RunStatus.FINISHED), error)
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,9 +20,12 @@ token length inside a part).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import resource
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ import pyarrow.parquet as pq
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
 from qarm_core.errors import DataError
+from qarm_core.executor import ShardRunner
 from qarm_core.hashing import text_hash
 from qarm_core.progress import Progress
 
@@ -63,6 +67,7 @@ class EmbedRecord:
     dtype_reason: str = ""
     encoded: int = 0              # items run through the model in this run
     carried_over: int = 0         # items whose unchanged vector came from the previous table
+    workers: int = 1              # processes that wrote this run's parts (> 1: sharded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +120,7 @@ class PreviousEmbeddings:
     def __init__(self, path: str | Path):
         import pyarrow.dataset as ds
 
+        self.path = str(path)
         self.dataset = ds.dataset(str(path), format="parquet")
         names = self.dataset.schema.names
         if "text_hash" not in names:       # written before text hashes existed: nothing to reuse
@@ -150,87 +156,161 @@ class PreviousEmbeddings:
         return flat.reshape(-1, dim)[pos].astype(np.float32, copy=False)
 
 
-def write_embeddings(item_ids: np.ndarray, encode: EncodeFn, out_dir: str | Path, model_version: str,
-                     dim: int, chunk_rows: int, progress: ProgressFn | None = None,
-                     hashes: np.ndarray | None = None, previous: PreviousEmbeddings | None = None) -> EmbedRecord:
-    """Embed ``item_ids`` (sorted, distinct) part by part with ``encode`` and write the parts.
+def _rows(k: int, chunk_rows: int) -> slice:
+    return slice(k * chunk_rows, (k + 1) * chunk_rows)
 
-    ``encode(ids, progress)`` returns a float32 array of shape (len(ids), dim) and advances
-    ``progress`` by the rows of each batch. ``hashes`` (n,): each item's text hash, stored with
-    its vector; with ``previous``, an item whose (model_version, text hash) is found there keeps
-    that vector and is not encoded (a daily run embeds only new and changed items). Parts already
-    written by a run with the same (model_version, dim, chunk_rows, ids) are skipped.
-    """
-    from qarm_core.quantize.io import embeddings_batch, embeddings_schema
 
+def _part_file(out: Path, k: int) -> Path:
+    return out / f"part-{k:05d}.parquet"
+
+
+def prepare_parts(item_ids: np.ndarray, out_dir: str | Path, model_version: str, dim: int,
+                  chunk_rows: int) -> list[int]:
+    """Make ``out_dir`` ready for the parts of this run and return the parts still to write.
+
+    Parts already written by a run with the same (model_version, dim, chunk_rows, ids) stay (a
+    killed run resumes); with anything different every part is cleared first, so a folder never
+    mixes models or chunkings."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(item_ids)
-    n_parts = max(1, -(-n // chunk_rows))
     meta = {"model_version": model_version, "dim": dim, "chunk_rows": chunk_rows, "rows": n,
             "ids_sha256": hashlib.sha256(np.ascontiguousarray(item_ids, dtype=np.int64).tobytes()).hexdigest()}
     meta_f = out / META
     if not meta_f.exists() or json.loads(meta_f.read_text()) != meta:
         for f in out.glob("part-*.parquet"):
             f.unlink()
-        meta_f.write_text(json.dumps(meta, indent=2))
-    t0 = time.perf_counter()
-    written = skipped = encoded = carried = 0
-    encode_s = 0.0
+        tmp = out / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.rename(meta_f)
+    n_parts = max(1, -(-n // chunk_rows))
+    return [k for k in range(n_parts) if not part_complete(out, k, len(item_ids[_rows(k, chunk_rows)]))]
 
-    def rows(k: int) -> slice:
-        return slice(k * chunk_rows, (k + 1) * chunk_rows)
 
-    def complete(k: int) -> bool:
-        part = out / f"part-{k:05d}.parquet"
-        try:
-            return part.exists() and pq.ParquetFile(part).metadata.num_rows == len(item_ids[rows(k)])
-        except (pa.ArrowException, OSError):
-            return False
+def part_complete(out: Path, k: int, rows: int) -> bool:
+    """Part ``k`` exists with ``rows`` rows (a part is renamed into place whole, so this suffices)."""
+    part = _part_file(out, k)
+    try:
+        return part.exists() and pq.ParquetFile(part).metadata.num_rows == rows
+    except (pa.ArrowException, OSError):
+        return False
 
-    todo = [k for k in range(n_parts) if not complete(k)]
-    reuse = np.zeros(n, bool)
+
+@dataclass(frozen=True)
+class PartResult:
+    """What writing one part did."""
+
+    part: int
+    encoded: int          # items run through the model
+    carried: int          # items whose vector came from the previous table
+    encode_s: float       # seconds in the model
+    worker: str = ""      # host:pid of the process that wrote it
+
+
+def write_part(out_dir: str | Path, k: int, ids: np.ndarray, encode: EncodeFn, model_version: str, dim: int,
+               hashes: np.ndarray | None = None, previous: PreviousEmbeddings | None = None,
+               progress: Progress | None = None) -> PartResult:
+    """Embed part ``k`` (``ids``: its sorted item ids, (n,)) and write it: to a temporary name, then
+    renamed, so the part's file is complete or absent and a part written twice is the same file.
+    Items found in ``previous`` with this model version and text hash keep their vector."""
+    from qarm_core.quantize.io import embeddings_batch, embeddings_schema
+
+    out = Path(out_dir)
+    keep = np.zeros(len(ids), bool)
     if previous is not None and hashes is not None:
-        for k in todo:
-            reuse[rows(k)] = previous.reusable(item_ids[rows(k)], model_version, hashes[rows(k)])
-    to_encode = int(sum(int((~reuse[rows(k)]).sum()) for k in todo))
-    prog = Progress(STAGE, f"embedding items ({model_version}; {int(reuse.sum()):,} carried over)",
-                    to_encode, "items")
-    for k in range(n_parts):
-        if k not in todo:
-            skipped += 1
-            continue
-        ids, keep = item_ids[rows(k)], reuse[rows(k)]
-        x = np.empty((len(ids), dim), np.float32)
-        if keep.any():
-            x[keep] = previous.vectors(ids[keep], dim)
-        if not keep.all():
-            t1 = time.perf_counter()
-            new = encode([int(i) for i in ids[~keep]], prog)
-            encode_s += time.perf_counter() - t1
-            if new.shape != (int((~keep).sum()), dim):
-                raise DataError(STAGE, "embeddings", f"part {k}: embedder returned shape {new.shape}, "
-                                                     f"expected ({int((~keep).sum())}, {dim})")
-            x[~keep] = new
-        if not np.isfinite(x).all():
-            raise DataError(STAGE, "embeddings", f"part {k}: {int((~np.isfinite(x)).any(1).sum())} vector(s) "
-                                                 "are not finite")
-        tmp = out / f".part-{k:05d}.parquet.tmp"
-        with pq.ParquetWriter(tmp, embeddings_schema(dim)) as w:
-            w.write_batch(embeddings_batch(ids, x, model_version,
-                                           None if hashes is None else list(hashes[rows(k)])))
-        tmp.rename(out / f"part-{k:05d}.parquet")
-        written += 1
-        encoded += int((~keep).sum())
-        carried += int(keep.sum())
-        if progress:
-            progress({"part": k + 1, "parts": n_parts, "rows_done": encoded + carried, "rows": n,
-                      "items_per_s": encoded / encode_s if encode_s > 0 else 0.0})
-    prog.finish()
-    dt = time.perf_counter() - t0
-    return EmbedRecord(str(out), n, dim, model_version, n_parts, written, skipped, round(dt, 3),
+        keep = previous.reusable(ids, model_version, hashes)
+    x = np.empty((len(ids), dim), np.float32)
+    encode_s = 0.0
+    if keep.any():
+        x[keep] = previous.vectors(ids[keep], dim)
+    if not keep.all():
+        t1 = time.perf_counter()
+        new = encode([int(i) for i in ids[~keep]], progress)
+        encode_s = time.perf_counter() - t1
+        if new.shape != (int((~keep).sum()), dim):
+            raise DataError(STAGE, "embeddings", f"part {k}: embedder returned shape {new.shape}, "
+                                                 f"expected ({int((~keep).sum())}, {dim})")
+        x[~keep] = new
+    if not np.isfinite(x).all():
+        raise DataError(STAGE, "embeddings", f"part {k}: {int((~np.isfinite(x)).any(1).sum())} vector(s) "
+                                             "are not finite")
+    tmp = out / f".part-{k:05d}.parquet.tmp{os.getpid()}"     # per process: a retried shard never shares it
+    with pq.ParquetWriter(tmp, embeddings_schema(dim)) as w:
+        w.write_batch(embeddings_batch(ids, x, model_version, None if hashes is None else list(hashes)))
+    tmp.rename(_part_file(out, k))
+    return PartResult(k, int((~keep).sum()), int(keep.sum()), encode_s, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _embed_record(out: Path, item_ids: np.ndarray, model_version: str, dim: int, chunk_rows: int,
+                  results: list[PartResult], t0: float) -> EmbedRecord:
+    """The record of a finished run; refuses (DataError) if any part is missing: the stage's
+    output is committed only once every shard wrote its part."""
+    n_parts = max(1, -(-len(item_ids) // chunk_rows))
+    missing = [k for k in range(n_parts) if not part_complete(out, k, len(item_ids[_rows(k, chunk_rows)]))]
+    if missing:
+        raise DataError(STAGE, "embeddings", f"{len(missing)} of {n_parts} part(s) missing after the run "
+                                             f"(first: part {missing[0]}); nothing was committed")
+    encoded = sum(r.encoded for r in results)
+    encode_s = sum(r.encode_s for r in results)
+    return EmbedRecord(str(out), len(item_ids), dim, model_version, n_parts, len(results), n_parts - len(results),
+                       round(time.perf_counter() - t0, 3),
                        round(encoded / encode_s, 2) if encode_s > 0 and encoded else 0.0, round(_peak_rss_mb(), 1),
-                       encoded=encoded, carried_over=carried)
+                       encoded=encoded, carried_over=sum(r.carried for r in results),
+                       workers=max(1, len({r.worker for r in results})))
+
+
+def write_embeddings(item_ids: np.ndarray, encode: EncodeFn, out_dir: str | Path, model_version: str,
+                     dim: int, chunk_rows: int, progress: ProgressFn | None = None,
+                     hashes: np.ndarray | None = None, previous: PreviousEmbeddings | None = None) -> EmbedRecord:
+    """Embed ``item_ids`` (sorted, distinct) part by part with ``encode`` in this process and write
+    the parts (``prepare_parts``, ``write_part``).
+
+    ``encode(ids, progress)`` returns a float32 array of shape (len(ids), dim) and advances
+    ``progress`` by the rows of each batch. ``hashes`` (n,): each item's text hash, stored with
+    its vector; with ``previous``, an item whose (model_version, text hash) is found there keeps
+    that vector and is not encoded (a daily run embeds only new and changed items).
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    todo = prepare_parts(item_ids, out, model_version, dim, chunk_rows)
+    n_parts = max(1, -(-len(item_ids) // chunk_rows))
+    to_encode = len(item_ids)
+    carried_txt = ""
+    if previous is not None and hashes is not None:
+        reuse = sum(int(previous.reusable(item_ids[_rows(k, chunk_rows)], model_version,
+                                          hashes[_rows(k, chunk_rows)]).sum()) for k in todo)
+        to_encode = sum(len(item_ids[_rows(k, chunk_rows)]) for k in todo) - reuse
+        carried_txt = f"; {reuse:,} carried over"
+    prog = Progress(STAGE, f"embedding items ({model_version}{carried_txt})", to_encode, "items")
+    results: list[PartResult] = []
+    for k in todo:
+        r = _rows(k, chunk_rows)
+        results.append(write_part(out, k, item_ids[r], encode, model_version, dim,
+                                  None if hashes is None else hashes[r], previous, prog))
+        if progress:
+            done = sum(x.encoded + x.carried for x in results)
+            encode_s = sum(x.encode_s for x in results)
+            progress({"part": k + 1, "parts": n_parts, "rows_done": done, "rows": len(item_ids),
+                      "items_per_s": sum(x.encoded for x in results) / encode_s if encode_s > 0 else 0.0})
+    prog.finish()
+    return _embed_record(out, item_ids, model_version, dim, chunk_rows, results, t0)
+
+
+def embedding_identity(model_cfg: EmbedModelConfig, base_pooling: str) -> tuple[str, int, str]:
+    """(model_version, dim, pooling) of what ``LLMEmbedder`` makes of ``model_cfg``, read from the
+    model folder without loading its weights (a sharding driver needs them before any worker runs).
+    A fine-tuned folder pools its EMB tokens; a base model pools as ``base_pooling``."""
+    from qarm_core.embed.model import base_version, read_meta, resolve_model_path
+
+    path = resolve_model_path(model_cfg, STAGE)
+    meta = read_meta(path)
+    if meta is not None:
+        return meta["model_version"], model_cfg.dim, "emb"
+    version = base_version(path, model_cfg)
+    if base_pooling == "emb":
+        return version, model_cfg.dim, "emb"
+    hidden = json.loads((path / "config.json").read_text())["hidden_size"]
+    return f"{version}:mean", int(hidden), "mean"
 
 
 class LLMEmbedder:
@@ -253,10 +333,7 @@ class LLMEmbedder:
         self.loaded = load_model(model_cfg, STAGE, self.dtype_choice.torch)
         self.model = self.loaded.model.eval().to(self.device)
         self.texts, self.model_cfg, self.cfg = _TextLookup(items, model_cfg), model_cfg, cfg
-        self.pooling = "emb" if self.loaded.fine_tuned else cfg.base_pooling
-        self.dim = self.model.dim if self.pooling == "emb" else self.model.lm.config.hidden_size
-        v = self.loaded.model_version
-        self.model_version = v if self.pooling == "emb" else f"{v}:mean"
+        self.model_version, self.dim, self.pooling = embedding_identity(model_cfg, cfg.base_pooling)
 
     def embed_ids(self, ids: list[int], progress: Progress | None = None) -> np.ndarray:
         return encode_with_model(self.loaded, self.model_cfg, self.texts(ids), ids, self.cfg.batch_size,
@@ -298,15 +375,93 @@ def encode_with_model(loaded, model_cfg: EmbedModelConfig, texts: dict[int, str]
     return out
 
 
+@dataclass(frozen=True)
+class EmbedPartJob:
+    """One shard of a catalog embedding run: part ``part`` of the id-sorted catalog, as a worker
+    needs it (paths and plain config, nothing in memory)."""
+
+    part: int
+    out_dir: str
+    items_path: str               # Parquet file of the catalog the driver embeds
+    model_cfg: dict               # EmbedModelConfig
+    cfg: dict                     # EmbedConfig
+    previous: str | None = None   # published embeddings folder (vectors to carry over)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_embedder(items_path: str, model_cfg_json: str, cfg_json: str) -> LLMEmbedder:
+    """This process's model replica for a catalog: loaded by a worker's first shard, reused by the rest."""
+    items = pq.read_table(items_path)
+    return LLMEmbedder(items, EmbedModelConfig.model_validate_json(model_cfg_json),
+                       EmbedConfig.model_validate_json(cfg_json))
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_previous(path: str) -> PreviousEmbeddings:
+    return PreviousEmbeddings(path)
+
+
+def embed_part(job: EmbedPartJob) -> PartResult:
+    """Run one shard (on whichever worker): embed and write its part. Deterministic: the part's
+    ids, the batch size and the model fix every batch, so any worker writes the same part."""
+    emb = _worker_embedder(job.items_path, json.dumps(job.model_cfg, sort_keys=True),
+                           json.dumps(job.cfg, sort_keys=True))
+    ids = emb.texts.ids[_rows(job.part, emb.cfg.chunk_rows)]
+    prog = Progress(STAGE, f"embedding part {job.part} ({emb.model_version})", len(ids), "items")
+    res = write_part(job.out_dir, job.part, ids, emb.embed_ids, emb.model_version, emb.dim,
+                     emb.texts.hashes(ids), _worker_previous(job.previous) if job.previous else None, prog)
+    prog.finish()
+    return res
+
+
+def _embed_sharded(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelConfig, cfg: EmbedConfig,
+                   shards: ShardRunner, progress: ProgressFn | None, previous: str | None) -> EmbedRecord:
+    """``embed_catalog`` with its parts run by ``shards`` (one job per part still to write)."""
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    ids = _sorted_ids(items)
+    version, dim, _ = embedding_identity(model_cfg, cfg.base_pooling)
+    todo = prepare_parts(ids, out, version, dim, cfg.chunk_rows)
+    items_path = out / "_items.parquet"        # what every worker reads (written once per catalog)
+    if todo:
+        tmp = out / f"._items.parquet.tmp{os.getpid()}"
+        pq.write_table(items.sort_by("item_id"), tmp)
+        tmp.rename(items_path)
+    jobs = [EmbedPartJob(k, str(out), str(items_path), model_cfg.model_dump(mode="json"),
+                         cfg.model_dump(mode="json"), previous)
+            for k in todo]
+    results = shards.run(embed_part, jobs, label=f"embed-{out.name}")
+    if progress and results:
+        encode_s = sum(r.encode_s for r in results)
+        progress({"part": len(results), "parts": len(results), "rows_done": len(ids), "rows": len(ids),
+                  "items_per_s": sum(r.encoded for r in results) / encode_s if encode_s > 0 else 0.0})
+    items_path.unlink(missing_ok=True)
+    return _embed_record(out, ids, version, dim, cfg.chunk_rows, results, t0)
+
+
 @keep_freed_memory()
 def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelConfig | None = None,
                   cfg: EmbedConfig | None = None, progress: ProgressFn | None = None,
-                  previous: PreviousEmbeddings | None = None) -> EmbedRecord:
+                  previous: "str | Path | PreviousEmbeddings | None" = None,
+                  shards: ShardRunner | None = None) -> EmbedRecord:
     """Embed every item with the model of ``model_cfg.model`` (a trained folder, or a base model:
-    the baseline) into ``out_dir``; resumable. Items of ``previous`` embedded by the same model
-    version from the same text keep their vector. Returns an ``EmbedRecord``."""
+    the baseline) into ``out_dir``; resumable. Items of ``previous`` (the published embeddings
+    folder) embedded by the same model version from the same text keep their vector. With
+    ``shards`` (a ``qarm_core.executor.ShardRunner`` of more than one worker), each part is a job
+    run on a worker's own model replica; the parts are the same files either way. Returns an
+    ``EmbedRecord``."""
+    from qarm_core.devices import resolve_device, resolve_dtype
+
     model_cfg = model_cfg or EmbedModelConfig()
     cfg = cfg or EmbedConfig()
+    if previous is not None and not isinstance(previous, PreviousEmbeddings):
+        previous = PreviousEmbeddings(previous)
+    if shards is not None and shards.workers > 1:
+        rec = _embed_sharded(items, out_dir, model_cfg, cfg, shards, progress,
+                             previous.path if previous is not None else None)
+        choice = resolve_dtype(cfg.dtype, resolve_device(cfg.device, STAGE, "embed.infer.device"), STAGE,
+                               "embed.infer.dtype")
+        return dataclasses.replace(rec, dtype=choice.name, dtype_reason=f"{choice.reason} (per worker)")
     ids = _sorted_ids(items)
     emb = LLMEmbedder(items, model_cfg, cfg)
     rec = write_embeddings(ids, emb.embed_ids, out_dir, emb.model_version, emb.dim, cfg.chunk_rows, progress,

@@ -15,6 +15,7 @@ from qarm_core.events import POSITIVE_MIN_RATING
 
 if TYPE_CHECKING:
     from qarm_core.embed.config import EmbedStageConfig
+    from qarm_core.executor import ShardRunner
 
 ProgressFn = Callable[[dict], None]
 
@@ -70,7 +71,8 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
                 progress: ProgressFn | None = None, previous: str | Path | None = None,
                 model_is_published: bool = False, train_events: pa.Table | None = None,
                 valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING,
-                published_model: str | Path | None = None) -> tuple[EmbedRecord, dict]:
+                published_model: str | Path | None = None,
+                shards: "ShardRunner | None" = None) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
     parts), and, unless the model is the published one (``model_is_published``: the baselines were
     compared when it was trained), with each of ``cfg.baselines`` into ``run_dir/<baseline>``;
@@ -83,21 +85,22 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     only new and changed items. ``published_model``: the published model folder when it differs
     from ``model_dir``; the catalog is then embedded with it too (carried over from ``previous``
     except new items), so that the gate compares both on the same pairs, and its embeddings are
-    the ones returned if it wins.
+    the ones returned if it wins. ``shards``: where the catalog's parts are embedded
+    (``qarm_core.executor``; None: here).
 
     Returns the chosen embeddings' ``EmbedRecord`` and a report: ``items_per_s``, ``seconds``,
     ``encoded``, ``carried_over``, per model ``valid.<model>.recall_at_<k>`` and ``valid.<model>.mrr``,
     ``gate.passed``, and ``notes`` (``model_choice``, ``embed.gate``, model version, dtype).
     """
-    from qarm_core.embed.embed import PreviousEmbeddings
     from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
     from qarm_core.quantize.io import read_embeddings
 
     run_dir = Path(run_dir)
     tuned = cfg.model.model_copy(update={"model": str(model_dir)})
-    prev = PreviousEmbeddings(previous) if previous is not None else None
-    rec = embed_catalog(items, run_dir / "finetuned", tuned, cfg.infer, progress, previous=prev)
+    rec = embed_catalog(items, run_dir / "finetuned", tuned, cfg.infer, progress, previous=previous, shards=shards)
+    # items_per_s: per second of one process's model time (with shards: per worker)
     report: dict = {"items_per_s": rec.items_per_s, "seconds": rec.seconds, "dim": float(rec.dim),
+                    "workers": float(rec.workers),
                     "encoded": float(rec.encoded), "carried_over": float(rec.carried_over)}
     notes = {"model_version": rec.model_version, "dtype": rec.dtype, "dtype_reason": rec.dtype_reason}
     records = {"finetuned": rec}
@@ -105,11 +108,11 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     if published_model is not None:
         old = cfg.model.model_copy(update={"model": str(published_model)})
         records["published"] = embed_catalog(items, run_dir / "published", old, cfg.infer, progress,
-                                             previous=PreviousEmbeddings(previous) if previous is not None else None)
+                                             previous=previous, shards=shards)
         paths["published"] = records["published"].path
     for b in cfg.baselines if not model_is_published else ():
         if b == "base":
-            paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer).path
+            paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer, shards=shards).path
         else:
             paths[b] = embed_catalog_minilm(items, run_dir / "minilm", cfg.infer).path
     if cfg.baselines and model_is_published:

@@ -251,8 +251,16 @@ def test_a_stop_that_prefect_turns_into_another_error_still_exits_130():
     with pytest.raises(ValueError) as info:
         prefect_race()
     assert stop_signal_name(info.value) == "SIGTERM"
-    assert describe_error(info.value) == "ValueError: Task run is not set (stopped by SIGTERM)"
-    assert describe_error(TerminationSignal(1)).endswith("(stopped by SIGHUP)")
+    assert describe_error(info.value) == "stopped by SIGTERM: ValueError: Task run is not set"
+    assert describe_error(TerminationSignal(1)).startswith("stopped by SIGHUP: TerminationSignal")
+    try:                                                      # a long message is cut, the signal kept
+        try:
+            raise TerminationSignal(15)
+        except TerminationSignal:
+            raise RuntimeError("x" * 9000)
+    except RuntimeError as exc:
+        long = describe_error(exc, limit=100)
+    assert len(long) == 100 and long.startswith("stopped by SIGTERM: RuntimeError: xxx")
     with pytest.raises(typer.Exit) as code:
         _guard(prefect_race)
     assert code.value.exit_code == 130
@@ -307,7 +315,8 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     runs = tracking.runs_of(cfg)
     parents = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh"]
     assert parents and all(r["status"] == "FAILED" for r in parents)
-    assert any("SIGTERM" in r["tags"].get("qarm.error", "") for r in runs)
+    errors = [(r["name"], r["status"], r["tags"].get("qarm.error")) for r in runs]
+    assert any("SIGTERM" in (e or "") for _, _, e in errors), errors
 
 
 # ---------------------------------------------------------------- qarm ingest: the ingest flow only; errors in one line

@@ -516,3 +516,30 @@ def test_a_refresh_after_a_killed_one_closes_what_it_left(refreshed):
     with get_client(sync_client=True) as prefect_client:
         assert prefect_client.read_flow_run(dead["flow_run"]).state.is_crashed()
     assert not dead["leftover"].exists() and not (refreshed["home"] / LEASE_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_refresh_on_two_dask_workers_publishes_what_the_local_refresh_published(refreshed, tmp_path):
+    """executor.kind=dask (a 2-worker local cluster started for the stage, each shard a Prefect task
+    run): every published dataset is bit for bit the single-process run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    home = tmp_path / "home"
+    out = codebook_refresh(TINY, {"home": str(home), "executor.kind": "dask", "executor.workers": 2})
+    got = Storage(home).current().manifest["datasets"]
+    local = refreshed["storage"].snapshot(refreshed["first"]["snapshot_id"]).manifest["datasets"]
+    assert {k: (d["fingerprint"], d["rows"]) for k, d in got.items()} == \
+        {k: (d["fingerprint"], d["rows"]) for k, d in local.items()}     # every dataset, bit for bit
+    runs = tracking.runs_of(_cfg(home))
+    parent = next(r for r in runs if r["run_id"] == out["mlflow_run_id"])
+    embed_run = next(r for r in runs if r["name"] == "embed" and r["tags"].get("mlflow.parentRunId") == parent["run_id"])
+    assert embed_run["tags"]["qarm.executor"] == "dask"
+    assert embed_run["metrics"]["workers"] == 2.0                        # both workers wrote parts
+    # each shard is a Prefect task run of this flow run: the 3 parts of the fine-tuned model's embedding
+    flow_run_id = parent["tags"]["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                          limit=200)
+    shards = sorted((t.name, t.state.type.value) for t in task_runs if t.name.startswith("embed-finetuned-"))
+    assert shards == [(f"embed-finetuned-{k:05d}", "COMPLETED") for k in range(3)]

@@ -1,0 +1,57 @@
+"""Where the LLM stages' shards run: in this process (``local``, the default) or on a Dask cluster.
+
+A sharded stage cuts its input into shards by a stable key (catalog embedding: parts of the
+id-sorted catalog, ``chunk_rows`` items each), describes each shard as a small picklable job and
+hands the jobs to a ``ShardRunner``. Each job writes its own output under a name fixed by its shard
+(temporary name, then rename), so a shard run twice (a lost worker's shard retried) overwrites
+itself with the same bytes instead of adding rows; the stage commits its output only once every
+shard's file is there. A shard's result depends only on its job, never on which worker ran it or
+alongside what, so a sharded run writes what the local run writes.
+
+The library defines the contract and the in-process runner; the Dask runner lives in the Prefect
+layer (``tasks/executor.py``: Prefect's DaskTaskRunner, one task run per shard, with retries).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Protocol, Sequence, TypeVar
+
+from pydantic import Field
+
+from qarm_core.base import Strict
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+class ExecutorConfig(Strict):
+    """``executor:`` in the pipeline config. Not part of any cache key: where a shard ran never
+    changes what it wrote."""
+
+    kind: Literal["local", "dask"] = "local"
+    # A running Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: start a local cluster of
+    # ``workers`` processes for the run (one model replica each) and stop it afterwards.
+    address: str = ""
+    workers: int = Field(2, ge=1)
+    # CPU threads of one worker (torch's intra-op threads in its model); 1 worker per core is the
+    # fastest layout for the small models on a CPU box (benchmarks/bench_executor.py).
+    threads_per_worker: int = Field(1, ge=1)
+    # Retries of one shard's task run (a lost worker's shards are also rescheduled by Dask itself).
+    shard_retries: int = Field(2, ge=0)
+
+
+class ShardRunner(Protocol):
+    """Runs ``fn`` on every job and returns the results in job order (or raises the first error)."""
+
+    workers: int
+
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]: ...
+
+
+class LocalShards:
+    """Every shard in this process, one after another (what ``executor.kind: local`` means)."""
+
+    workers = 1
+
+    def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
+        return [fn(job) for job in jobs]

@@ -1,0 +1,89 @@
+"""The shard contract of ``qarm_core.executor`` on catalog embedding: a sharded run writes the parts a
+local run writes, whatever order the shards run in and however often one runs; a missing shard
+fails the run instead of committing a partial table. (The Dask runner: tests/flows/test_executor.py.)"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
+from qarm_core.errors import DataError
+
+
+class ShuffledShards:
+    """A stand-in for a cluster: jobs cross a pickle boundary (as to a worker process) and run in
+    reverse order; ``repeat`` shards run twice (a lost worker's shard retried)."""
+
+    workers = 2
+
+    def __init__(self, repeat: tuple[int, ...] = (), drop: tuple[int, ...] = ()):
+        self.repeat, self.drop, self.labels = repeat, drop, []
+
+    def run(self, fn, jobs, label):
+        self.labels.append(label)
+        out = {}
+        for i in reversed(range(len(jobs))):
+            if i in self.drop:
+                continue
+            for _ in range(2 if i in self.repeat else 1):
+                out[i] = fn(pickle.loads(pickle.dumps(jobs[i])))
+        return [out[i] for i in sorted(out)]
+
+
+def _parts(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(("_", ".")))
+
+
+def test_sharded_embedding_writes_what_the_local_run_writes(tiny_lm_path, tiny_catalog, tmp_path):
+    from qarm_core.embed.embed import embed_catalog
+    from qarm_core.executor import LocalShards
+    from qarm_core.quantize.io import read_embeddings
+
+    items, _, _ = tiny_catalog
+    mcfg = EmbedModelConfig(model=str(tiny_lm_path), dim=16, max_item_tokens=24, max_qa_tokens=24)
+    ecfg = EmbedConfig(batch_size=4, chunk_rows=7, base_pooling="emb", dtype="float32")
+    local = embed_catalog(items, tmp_path / "local", mcfg, ecfg, shards=LocalShards())
+    shards = ShuffledShards(repeat=(1,))
+    sharded = embed_catalog(items, tmp_path / "sharded", mcfg, ecfg, shards=shards)
+    assert shards.labels == ["embed-sharded"]
+    assert (sharded.rows, sharded.parts, sharded.parts_written, sharded.model_version, sharded.dim) == \
+        (local.rows, local.parts, local.parts, local.model_version, local.dim)
+    assert sharded.encoded == local.encoded == 24
+    ids_l, x_l = read_embeddings(local.path)
+    ids_s, x_s = read_embeddings(sharded.path)
+    np.testing.assert_array_equal(ids_s, ids_l)                   # the rerun shard added no rows
+    np.testing.assert_array_equal(x_s, x_l)                       # bit for bit
+    assert _parts(tmp_path / "sharded") == _parts(tmp_path / "local") == [f"part-{k:05d}.parquet" for k in range(4)]
+    assert not list((tmp_path / "sharded").glob(".*tmp*")) and not (tmp_path / "sharded" / "_items.parquet").exists()
+
+    # resumable like the local run: only the missing part is a job
+    (tmp_path / "sharded" / "part-00002.parquet").unlink()
+    again = embed_catalog(items, tmp_path / "sharded", mcfg, ecfg, shards=ShuffledShards())
+    assert (again.parts_written, again.parts_skipped, again.encoded) == (1, 3, 7)
+    np.testing.assert_array_equal(read_embeddings(again.path)[1], x_l)
+
+
+def test_a_missing_shard_commits_nothing(tiny_lm_path, tiny_catalog, tmp_path):
+    """A runner that loses a shard without raising: the run fails naming the stage and the part."""
+    from qarm_core.embed.embed import embed_catalog
+
+    items, _, _ = tiny_catalog
+    mcfg = EmbedModelConfig(model=str(tiny_lm_path), dim=16, max_item_tokens=24, max_qa_tokens=24)
+    ecfg = EmbedConfig(batch_size=4, chunk_rows=10, base_pooling="emb", dtype="float32")
+    with pytest.raises(DataError, match=r"stage=embed.*1 of 3 part\(s\) missing.*part 1.*nothing was committed"):
+        embed_catalog(items, tmp_path / "e", mcfg, ecfg, shards=ShuffledShards(drop=(1,)))
+
+
+def test_executor_config_is_strict():
+    from pydantic import ValidationError
+
+    from qarm_core.config import PipelineConfig
+
+    assert PipelineConfig().executor.kind == "local"
+    assert PipelineConfig.model_validate({"executor": {"kind": "dask", "workers": 3}}).executor.workers == 3
+    for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}):
+        with pytest.raises(ValidationError):
+            PipelineConfig.model_validate({"executor": bad})
