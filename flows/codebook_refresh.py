@@ -15,6 +15,7 @@ from tasks import tracking
 from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
 from tasks.embed import embed, train
+from tasks.executor import flow_cluster
 from tasks.ingest import ingest
 from tasks.judge import judge, qa
 from tasks.mine import mine
@@ -41,7 +42,8 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     name = tracking.run_name("codebook-refresh", cfg.name, overrides, prefect_deployment.name)
     with exclusive_home(cfg, "codebook-refresh") as lease, \
             tracking.flow_run(cfg, "codebook-refresh", name=name, source=ENTRYPOINT,
-                              tags=tracking.prefect_tags(config_path)) as run_id:
+                              tags=tracking.prefect_tags(config_path)) as run_id, \
+            flow_cluster(cfg):      # executor.kind=dask: one local cluster for the run's sharded stages
         adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
         parent = current_snapshot_id(cfg)
         records = ingest.with_options(**retry)(cfg, run_id)

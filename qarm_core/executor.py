@@ -44,6 +44,7 @@ class ShardRunner(Protocol):
     """Runs ``fn`` on every job and returns the results in job order (or raises the first error)."""
 
     workers: int
+    threads: int | None           # CPU threads of one worker's model (None: the process's setting)
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]: ...
 
@@ -52,6 +53,7 @@ class LocalShards:
     """Every shard in this process, one after another (what ``executor.kind: local`` means)."""
 
     workers = 1
+    threads = None
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
         return [fn(job) for job in jobs]

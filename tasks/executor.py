@@ -46,6 +46,7 @@ class DaskShards:
 
     def __init__(self, runner: Any, cfg: ExecutorConfig, workers: int):
         self.runner, self.cfg, self.workers = runner, cfg, workers
+        self.threads = cfg.threads_per_worker
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
         from prefect.futures import as_completed
@@ -69,28 +70,59 @@ def _api_url() -> str | None:
         return str(client.api_url) if client.api_url else None
 
 
+def _local_cluster_kwargs(ex: ExecutorConfig) -> dict[str, Any]:
+    """A local cluster of ``ex.workers`` processes, one task at a time each, whose models use
+    ``ex.threads_per_worker`` threads and whose task runs report to this run's Prefect API."""
+    env = {"OMP_NUM_THREADS": str(ex.threads_per_worker), "MKL_NUM_THREADS": str(ex.threads_per_worker)}
+    url = os.environ.get("PREFECT_API_URL") or _api_url()
+    if url:
+        env["PREFECT_API_URL"] = url
+    return {"n_workers": ex.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "env": env}
+
+
+# The address of the local cluster the running flow started (``flow_cluster``), which its stages share.
+_FLOW_CLUSTER: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def flow_cluster(cfg: PipelineConfig) -> Iterator[None]:
+    """For a flow run with ``executor.kind: dask`` and no ``executor.address``: one local cluster
+    for the whole run, shared by its sharded stages (workers start and load their models once, not
+    once per stage), stopped when the run ends. Otherwise nothing."""
+    ex = cfg.executor
+    if ex.kind != "dask" or ex.address:
+        yield
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**_local_cluster_kwargs(ex)) as cluster:
+        get_run_logger().info("executor: started a local Dask cluster of %d worker(s) at %s for this run",
+                              ex.workers, cluster.scheduler_address)
+        _FLOW_CLUSTER["address"] = cluster.scheduler_address
+        try:
+            yield
+        finally:
+            _FLOW_CLUSTER.pop("address", None)
+
+
 @contextlib.contextmanager
 def shard_runner(cfg: PipelineConfig) -> Iterator[ShardRunner]:
-    """The runner ``cfg.executor`` asks for, started for the ``with`` block and stopped after it
-    (a local cluster's worker processes end with it)."""
+    """The runner ``cfg.executor`` asks for, for the ``with`` block: ``local``, or a Dask runner on
+    ``executor.address``, else on the flow's cluster (``flow_cluster``), else on a local cluster
+    started for this block alone."""
     ex = cfg.executor
     if ex.kind == "local":
         yield LocalShards()
         return
     from prefect_dask import DaskTaskRunner
 
-    log = get_run_logger()
-    if ex.address:
-        runner = DaskTaskRunner(address=ex.address)
+    address = ex.address or _FLOW_CLUSTER.get("address")
+    if address:
+        runner = DaskTaskRunner(address=address)
     else:
-        env = {"OMP_NUM_THREADS": str(ex.threads_per_worker), "MKL_NUM_THREADS": str(ex.threads_per_worker)}
-        url = os.environ.get("PREFECT_API_URL") or _api_url()
-        if url:
-            env["PREFECT_API_URL"] = url
-        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                                cluster_kwargs={"n_workers": ex.workers, "threads_per_worker": 1,
-                                                "processes": True, "dashboard_address": None, "env": env})
+        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(ex))
     with runner:
-        n = len(runner.client.scheduler_info()["workers"]) if ex.address else ex.workers
-        log.info("executor: dask, %d worker(s) at %s", n, ex.address or "a local cluster started for this stage")
+        n = len(runner.client.scheduler_info()["workers"]) if address else ex.workers
+        get_run_logger().info("executor: dask, %d worker(s) at %s", n, address or "a local cluster started for this stage")
         yield DaskShards(runner, ex, max(n, 1))

@@ -12,6 +12,7 @@ from qarm_core.schemas import SCHEMAS
 from qarm_core.storage import DatasetRecord, Storage, read_dataset
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, published_table, run_stage
+from tasks.executor import shard_runner
 
 # The judge stage's datasets, in ``JudgeTables`` field order; each is also the next run's cache.
 JUDGE_TABLES = ("judgments", "judge_eval", "judge_neutral")
@@ -52,10 +53,13 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
     prev_rec = storage.published("judgments")
 
     def produce():
-        tables, report = judge_stage(read_dataset(pairs), read_dataset(items),
-                                     read_dataset(events, columns=["user_id", "item_id", "rating"]),
-                                     cfg.judge, previous=_published_judge_tables(storage),
-                                     valid_events=read_dataset(valid_events), min_rating=cfg.events.positive_min_rating)
+        with shard_runner(cfg) as shards:
+            tables, report = judge_stage(read_dataset(pairs), read_dataset(items),
+                                         read_dataset(events, columns=["user_id", "item_id", "rating"]),
+                                         cfg.judge, previous=_published_judge_tables(storage),
+                                         valid_events=read_dataset(valid_events),
+                                         min_rating=cfg.events.positive_min_rating, shards=shards)
+        report.setdefault("notes", {})["executor"] = cfg.executor.kind
         return {name: getattr(tables, name) for name in JUDGE_TABLES}, report
 
     def gate(run, records, report) -> None:
@@ -91,7 +95,9 @@ def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, items:
     def produce():
         catalog = read_dataset(items)
         ids = qa_item_ids(read_dataset(judgments, columns=["src_item", "dst_item", "keep"]), catalog, cfg.qa.items)
-        table, report = qa_stage(catalog, cfg.qa, ids, previous=previous)
+        with shard_runner(cfg) as shards:
+            table, report = qa_stage(catalog, cfg.qa, ids, previous=previous, shards=shards)
+        report.setdefault("notes", {})["executor"] = cfg.executor.kind
         return {"qa": table}, report
 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(

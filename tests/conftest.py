@@ -24,7 +24,9 @@ def _tiny_test_config() -> str:
     import yaml
 
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    lm = {"model_path": str(build_tiny_lm()), "dtype": "float32", "batch_size": 8}
+    # 64 requests a shard: the judge's ~290 pairs and QA's ~80 questions are several shards, locally
+    # and on the Dask workers of tests/flows (executor.kind=dask)
+    lm = {"model_path": str(build_tiny_lm()), "dtype": "float32", "batch_size": 8, "shard_requests": 64}
     data["judge"] = {**data.get("judge", {}), "local": lm}
     data["qa"] = {**data.get("qa", {}), "local": lm}
     data.setdefault("embed", {}).setdefault("model", {})["model"] = str(build_tiny_lm())

@@ -31,6 +31,7 @@ from qarm_core.lm.text import quote, render_items
 from qarm_core.schemas import JUDGMENTS
 
 if TYPE_CHECKING:
+    from qarm_core.executor import ShardRunner
     from qarm_core.lm.backend import LMBackend
     from qarm_core.lm.sentence import SentenceEmbedder
 
@@ -286,12 +287,13 @@ class PairScorer:
 
 
 def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
-                embedder: "SentenceEmbedder | None" = None) -> PairScorer:
-    """The configured scorer; builds the backend / embedder when not given (loads models)."""
+                embedder: "SentenceEmbedder | None" = None, shards: "ShardRunner | None" = None) -> PairScorer:
+    """The configured scorer; builds the backend / embedder when not given (loads models). ``shards``:
+    where the backend's shards run (``qarm_core.executor``; None: here)."""
     from qarm_core.lm.sentence import SentenceEmbedder
     from qarm_core.lm.backend import make_backend
 
-    backend = backend or make_backend(cfg.backend, cfg.local, cfg.http)
+    backend = backend or make_backend(cfg.backend, cfg.local, cfg.http, shards)
     if (cfg.embed_weight > 0 or cfg.tag_weight > 0) and embedder is None:
         from qarm_core.devices import resolve_device
 

@@ -25,6 +25,7 @@ from qarm_core.judge.judge import (SOURCES, add_reasoning, apply_keep_rules, jud
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
+    from qarm_core.executor import ShardRunner
     from qarm_core.lm.backend import LMBackend
     from qarm_core.judge.judge import PairScorer
 
@@ -196,8 +197,8 @@ def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairS
 
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
                 previous: JudgeTables | None = None, scorer: "PairScorer | None" = None,
-                valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING
-                ) -> tuple[JudgeTables, dict]:
+                valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING,
+                shards: "ShardRunner | None" = None) -> tuple[JudgeTables, dict]:
     """Judge every mined pair and measure the judge; returns the stage's tables and a report.
 
     ``pairs``: (n, src_item, dst_item, source, ...); ``items``: the catalog; ``interactions``: the
@@ -207,7 +208,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     published tables, whose judgments, evaluation scores and neutral passes are reused where the
     LLM, prompt and item text are the same. The new judged pairs and the new evaluation pairs run
     through the LLM together, in one batched pass (shared contexts, one neutral pass per distinct
-    item not already known).
+    item not already known). ``shards``: where the LLM's shards run (``qarm_core.lm.sharded``;
+    None: here).
     Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``llm.pairs`` (pairs the
     LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` / ``neutral.computed``,
     ``score_s``, ``pairs_per_s`` (llm.pairs per second of that pass), per source
@@ -218,7 +220,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     from qarm_core.judge.judge import pair_components
 
     previous = previous or JudgeTables.empty()
-    scorer = scorer or make_scorer(cfg)
+    scorer = scorer or make_scorer(cfg, shards=shards)
     keyed = keyed_pairs(pairs, items, scorer.prompt.item_format)     # validated, hashed once for the run
     todo = pairs_to_score(previous.judgments, keyed, scorer.model_id, cfg.prompt_version)
     notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
@@ -290,7 +292,7 @@ def qa_item_ids(judgments: pa.Table, items: pa.Table, mode: str) -> list[int]:
 
 
 def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: pa.Table | None = None,
-             backend: "LMBackend | None" = None) -> tuple[pa.Table, dict]:
+             backend: "LMBackend | None" = None, shards: "ShardRunner | None" = None) -> tuple[pa.Table, dict]:
     """QA rows (``schemas.QA``) for ``item_ids``; items answered in ``previous`` by the same model
     and prompt are copied. Report: ``items``, ``items.generated``, ``questions``,
     ``llm_answers_kept``, ``llm_answer_rate``, ``generate_s``, ``items_per_s``."""
@@ -299,7 +301,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     if backend is None:
         from qarm_core.lm.backend import make_backend
 
-        backend = make_backend(cfg.backend, cfg.local, cfg.http)
+        backend = make_backend(cfg.backend, cfg.local, cfg.http, shards)
     ids = sorted({int(i) for i in item_ids})
     stats = QAStats()
     t0 = time.perf_counter()

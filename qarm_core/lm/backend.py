@@ -13,13 +13,16 @@ torch/transformers are imported inside functions only; building a backend object
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from qarm_core.errors import QarmError
 from qarm_core.lm.config import HttpConfig, LocalModelConfig
 from qarm_core.progress import Progress
+
+if TYPE_CHECKING:
+    from qarm_core.executor import ShardRunner
 
 
 class BackendError(QarmError):
@@ -36,12 +39,15 @@ class LMBackend(Protocol):
                  system: str | None = None, progress: Progress | None = None) -> list[str]: ...
 
 
-def make_backend(backend: str, local: LocalModelConfig, http: HttpConfig) -> LMBackend:
-    """The configured backend (``'local'`` loads a model now)."""
+def make_backend(backend: str, local: LocalModelConfig, http: HttpConfig,
+                 shards: "ShardRunner | None" = None) -> LMBackend:
+    """The configured backend. ``'local'`` loads a model now; its calls are cut into shards of
+    ``local.shard_requests`` run by ``shards`` (``qarm_core.lm.sharded``; None: here). ``'http'``
+    sends requests to a server (which does its own scaling)."""
     if backend == "local":
-        from qarm_core.lm.local import LocalLM
+        from qarm_core.lm.sharded import local_backend
 
-        return LocalLM(local)
+        return local_backend(local, shards)
     if backend == "http":
         from qarm_core.lm.http import HttpLM
 

@@ -65,6 +65,9 @@ class LocalModelConfig(Strict):
     # Greedy generation (reasoning, QA) with this repetition penalty; 1.0 (none) is the default: 1.2
     # made SmolLM2-135M's reasoning wander off topic.
     repetition_penalty: float = Field(1.0, ge=1.0)
+    # Requests (pairs scored, prompts answered) per shard: the unit an executor worker takes
+    # (qarm_core.lm.sharded). The local run cuts the same shards, so both compute the same numbers.
+    shard_requests: int = Field(1024, ge=1)
 
 
 class EmbedderConfig(Strict):

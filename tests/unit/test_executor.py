@@ -1,6 +1,7 @@
-"""The shard contract of ``qarm_core.executor`` on catalog embedding: a sharded run writes the parts a
-local run writes, whatever order the shards run in and however often one runs; a missing shard
-fails the run instead of committing a partial table. (The Dask runner: tests/flows/test_executor.py.)"""
+"""The shard contract of ``qarm_core.executor``: a sharded run (catalog embedding by part; the
+local LLM's scoring and generation by runs of requests) computes what the local run computes,
+whatever order the shards run in and however often one runs; a missing shard fails the run instead
+of committing a partial table. (The Dask runner: tests/flows/test_executor.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class ShuffledShards:
     reverse order; ``repeat`` shards run twice (a lost worker's shard retried)."""
 
     workers = 2
+    threads = None
 
     def __init__(self, repeat: tuple[int, ...] = (), drop: tuple[int, ...] = ()):
         self.repeat, self.drop, self.labels = repeat, drop, []
@@ -87,3 +89,38 @@ def test_executor_config_is_strict():
     for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}):
         with pytest.raises(ValidationError):
             PipelineConfig.model_validate({"executor": bad})
+
+
+def test_shard_bounds_keep_a_context_s_requests_together():
+    from qarm_core.lm.sharded import shard_bounds
+
+    ctx = ["a"] * 5 + ["b"] * 2 + ["c"] * 4
+    assert shard_bounds(ctx, 3) == [(0, 5), (5, 11)]          # cuts moved past equal contexts
+    assert shard_bounds(["a"] * 10, 3) == [(0, 6), (6, 10)]   # ... by at most another shard
+    assert shard_bounds(list("abcdefg"), 3) == [(0, 3), (3, 6), (6, 7)]
+    assert shard_bounds([], 3) == []
+
+
+def test_sharded_lm_on_workers_computes_what_it_computes_here(tiny_lm_path):
+    """Scoring and generation cut into shards of 3 requests: run on 'workers' (each job pickled and
+    run on a replica of the model built from the config) they give the local run's numbers bit for
+    bit, in the caller's order."""
+    from qarm_core.lm.config import LocalModelConfig
+    from qarm_core.lm.sharded import ShardedLM, local_backend
+
+    cfg = LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32", batch_size=2, shard_requests=3)
+    here = local_backend(cfg)
+    shards = ShuffledShards()
+    there = ShardedLM(here.inner, cfg, shards)
+    ctxs = ["The item: alpha."] * 4 + ["The item: beta."] + ["The item: gamma, a longer one."] * 3
+    conts = [" one", " two two", " three", " four", " five", " six six six", " seven", " eight"]
+    a = here.continuation_logprobs(ctxs, conts, prefix="Related items. ")
+    b = there.continuation_logprobs(ctxs, conts, prefix="Related items. ")
+    assert [x.shape for x in a] == [y.shape for y in b] and len(a) == 8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    prompts = [f"Name a colour number {i}." for i in range(5)]
+    assert there.generate(prompts, 4) == here.generate(prompts, 4)
+    assert shards.labels == ["llm-score", "llm-generate"]
+    assert there.model_id == here.model_id and there.dtype_choice == here.dtype_choice
+    with pytest.raises(ValueError, match="contexts but"):
+        there.continuation_logprobs(ctxs, conts[:-1])
