@@ -45,6 +45,7 @@ class ShardRunner(Protocol):
 
     workers: int
     threads: int | None           # CPU threads of one worker's model (None: the process's setting)
+    remote: bool                  # jobs run in other processes (so they carry paths and config, not objects)
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]: ...
 
@@ -54,6 +55,7 @@ class LocalShards:
 
     workers = 1
     threads = None
+    remote = False
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
         return [fn(job) for job in jobs]

@@ -42,6 +42,8 @@ are serialised and all but one get ``412 Precondition Failed``. This module buil
   the one ``CURRENT`` names: a publisher that can still win started from that ``CURRENT``, so its
   own id is newer and its snapshot is never pruned under it. It deletes a snapshot's manifest
   first, so an interrupted prune leaves an orphan, never a snapshot that looks complete but is not.
+  As in the local home, a reader still fetching a snapshot that prune removes (CURRENT moved on
+  past ``retention``) fails loudly (``fetch`` raises; no partial cached copy).
 * The lease is the object ``LEASE``, created with ``If-None-Match: *``, renewed by its holder with
   ``If-Match`` its own last ETag, taken over (heartbeat older than ``ttl_s``) with ``If-Match`` the
   expired version's ETag: at most one run holds it, and a holder that was taken over learns so at
@@ -51,10 +53,13 @@ are serialised and all but one get ``412 Precondition Failed``. This module buil
 Why conditional writes and not a lock object: the probe run before writing this module (moto 5.2.5
 in server mode, the test double) showed that it honours both ``If-Match`` and ``If-None-Match`` on
 ``PutObject`` (412 ``PreconditionFailed``; ``If-Match`` on a missing key: 404 ``NoSuchKey``, as on
-AWS), as do AWS S3, MinIO and Cloudflare R2. A lock object would need the same primitive to be
-taken safely and would add a lock that a killed publisher leaves behind. (moto checks a condition
-and stores the object in two steps, so truly simultaneous conditional PUTs can both pass there;
-the tests make that check atomic, as it is on S3, see ``tests/support/s3.py``.)
+AWS), as AWS S3 does (another S3-compatible store must too: check it before pointing a home at
+it). A lock object would need the same primitive to be taken safely, and would add a lock that a
+killed publisher leaves behind. ``ObjectLease.release`` also sends ``If-Match`` on its DELETE; a
+store that ignores it there could let a holder that stalled past ``ttl_s`` delete its successor's
+lease on release. (moto checks a condition and stores the object in two steps, so truly
+simultaneous conditional PUTs can both pass there; the tests make that step atomic, as it is on
+S3: see ``tests/support/s3.py``.)
 """
 
 from __future__ import annotations
@@ -156,9 +161,10 @@ def _fsync(path: Path) -> None:
 class ObjectHome:
     """A QARM_HOME at ``s3://bucket/prefix``: snapshots, CURRENT and the lease object.
 
-    ``storage_options`` go to ``s3fs.S3FileSystem`` (e.g. ``{"key": ..., "secret": ...}``, or
-    ``{"config_kwargs": {"read_timeout": 20}}``); ``max_concurrency`` bounds the files uploaded or
-    downloaded at once. Raises StorageError for a URL that is not ``s3://bucket[/prefix]``.
+    ``storage_options`` go to ``s3fs.S3FileSystem`` (e.g. ``{"key": ..., "secret": ...}``,
+    ``{"config_kwargs": {"read_timeout": 20}}``, or ``{"skip_instance_cache": True}`` for a client
+    of its own); ``max_concurrency`` bounds the files uploaded or downloaded at once. Raises
+    StorageError for a URL that is not ``s3://bucket[/prefix]``.
     """
 
     def __init__(self, url: str, endpoint_url: str | None = None, storage_options: dict[str, Any] | None = None,
@@ -183,10 +189,10 @@ class ObjectHome:
         opts = dict(storage_options or {})
         if self.endpoint_url:
             opts.setdefault("endpoint_url", self.endpoint_url)
-        # A private instance without listing cache: several writers share this store, and a cached
-        # listing could hide a snapshot or CURRENT written by another process.
+        # No listing cache: several writers share this store, and a cached listing could hide a
+        # snapshot written by another process. fsspec's instance cache stays on: homes with the same
+        # options share one client (making one costs ~0.2 s), so making an ObjectHome is cheap.
         opts.setdefault("use_listings_cache", False)
-        opts.setdefault("skip_instance_cache", True)
         self.fs: S3FileSystem = s3fs.S3FileSystem(**opts)
 
     def __repr__(self) -> str:
@@ -218,7 +224,10 @@ class ObjectHome:
 
         try:
             return self._sync(go)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if s3_error_code(exc) == "NoSuchBucket":
+                raise StorageError(f"[stage=home, dataset={rel}] bucket {self.bucket} does not exist at "
+                                   f"{self.endpoint_url or 'AWS S3'}; create it first") from None
             return None
 
     def put_object(self, rel: str, body: bytes, if_match: str | None = None, if_none_match: bool = False) -> str:
@@ -288,8 +297,9 @@ class ObjectHome:
             entry["keys"].append(rest)
             entry["complete"] |= rest == MANIFEST
             modified = info.get("LastModified")
-            if isinstance(modified, datetime):
-                entry["newest"] = max(entry["newest"], modified.timestamp())
+            # An object of unknown age counts as new: prune must never delete what it cannot date.
+            stamp = modified.timestamp() if isinstance(modified, datetime) else time.time()
+            entry["newest"] = max(entry["newest"], stamp)
         return found
 
     def list_snapshots(self) -> list[str]:
@@ -301,8 +311,9 @@ class ObjectHome:
         """Upload the complete local snapshot folder ``local_snapshot_dir`` (as ``Storage`` builds it:
         files in subfolders and ``manifest.json``) to ``snapshots/<snapshot_id>/``, manifest last,
         then point CURRENT at it, only if CURRENT still names ``expected_current`` (None: no
-        snapshot yet). ``on_uploaded(relative_path)`` is called after each data file is stored (on
-        fsspec's IO thread; keep it quick). Returns ``snapshot_id``.
+        snapshot yet). ``on_uploaded(relative_path)`` is called on this thread after each data file
+        is stored (progress; whatever it raises stops the upload before the manifest, like a kill).
+        Returns ``snapshot_id``.
 
         Raises PublishConflict when CURRENT names another snapshot, before the upload (nothing is
         uploaded) or at the switch (another publisher won the race); StorageError when the folder is
@@ -338,22 +349,57 @@ class ObjectHome:
                                "already a published snapshot; snapshots are immutable: publish under a new id")
 
         prefix = f"{SNAPSHOTS}/{snapshot_id}"
-        self._sync(self._upload, [(src / f, f"{prefix}/{f}", f) for f in files], on_uploaded)
+        self._transfer([(self.fs._put_file, str(src / f), self.path(f"{prefix}/{f}"), f) for f in files],
+                       on_uploaded)
         # The manifest only after every data file is acknowledged: it marks the snapshot complete.
         self.fs.put_file(str(manifest_file), self.path(f"{prefix}/{MANIFEST}"))
         self._switch_current(snapshot_id, expected_current)
         return snapshot_id
 
-    async def _upload(self, jobs: list[tuple[Path, str, str]], on_uploaded: Callable[[str], None] | None) -> None:
-        sem = asyncio.Semaphore(self.max_concurrency)
+    def _transfer(self, jobs: list[tuple[Callable[[str, str], Awaitable[Any]], str, str, str]],
+                  on_done: Callable[[str], None] | None = None) -> None:
+        """Run the copies ``(copy, source, destination, name)`` concurrently (``max_concurrency`` at a
+        time) on fsspec's IO loop and call ``on_done(name)`` after each, here, on the caller's
+        thread. Anything raised here (the hook, a signal such as KeyboardInterrupt) or by a copy
+        cancels the copies still running and waits for them to stop before it propagates: nothing
+        is written after this returns or raises, and fsspec's shared loop never sees the caller's
+        exceptions (a BaseException raised on it would stop it for every fsspec user in the process).
+        """
+        import queue
 
-        async def one(local: Path, rel: str, name: str) -> None:
-            async with sem:
-                await self.fs._put_file(str(local), self.path(rel))
-            if on_uploaded is not None:
-                on_uploaded(name)
+        finished: queue.SimpleQueue[str | None] = queue.SimpleQueue()   # finished names, then None
+        stopped = threading.Event()
 
-        await _gather_or_cancel([one(*job) for job in jobs])
+        async def run_all() -> None:
+            sem = asyncio.Semaphore(self.max_concurrency)
+
+            async def one(copy: Callable[[str, str], Awaitable[Any]], source: str, dest: str, name: str) -> None:
+                async with sem:
+                    await copy(source, dest)
+                finished.put(name)
+
+            try:
+                await _gather_or_cancel([one(*job) for job in jobs])
+            finally:
+                stopped.set()
+
+        future = asyncio.run_coroutine_threadsafe(run_all(), self.fs.loop)
+        future.add_done_callback(lambda _: finished.put(None))
+        try:
+            while True:
+                try:
+                    name = finished.get(timeout=1.0)   # a timeout so that signals are handled promptly
+                except queue.Empty:
+                    continue
+                if name is None:
+                    break
+                if on_done is not None:
+                    on_done(name)
+            future.result()
+        except BaseException:
+            future.cancel()
+            stopped.wait(30)
+            raise
 
     def _switch_current(self, snapshot_id: str, expected: str | None) -> None:
         body = json.dumps({"snapshot_id": snapshot_id,
@@ -398,11 +444,16 @@ class ObjectHome:
         base = self.path(f"{SNAPSHOTS}/{snapshot_id}") + "/"
         rels = sorted(p[len(base):] for p, info in self.fs.find(base, detail=True).items()
                       if info.get("type") != "directory" and p.startswith(base))
+        if MANIFEST not in rels:
+            raise StorageError(f"[stage=fetch, dataset={snapshot_id}] snapshot {snapshot_id} disappeared from "
+                               f"{self.url}/{SNAPSHOTS}/ while fetching it (pruned meanwhile?)")
         tmp = cache / f".{snapshot_id}.tmp-{_HOST}_{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             try:
-                self._sync(self._download, [(base + r, tmp / r) for r in rels])
+                for r in {(tmp / r).parent for r in rels}:
+                    r.mkdir(parents=True, exist_ok=True)
+                self._transfer([(self.fs._get_file, base + r, str(tmp / r), r) for r in rels])
             except FileNotFoundError as exc:
                 raise StorageError(f"[stage=fetch, dataset={snapshot_id}] a file of {base} disappeared while "
                                    f"downloading (pruned meanwhile?): {exc}") from None
@@ -420,16 +471,6 @@ class ObjectHome:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
-
-    async def _download(self, jobs: list[tuple[str, Path]]) -> None:
-        sem = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(remote: str, local: Path) -> None:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            async with sem:
-                await self.fs._get_file(remote, str(local))
-
-        await _gather_or_cancel([one(*job) for job in jobs])
 
     @staticmethod
     def _verify(snapshot_id: str, folder: Path, manifest: dict) -> None:
@@ -647,7 +688,8 @@ class ObjectLease:
             self._info, self._etag = None, None
 
     def __enter__(self) -> "ObjectLease":
-        return self.acquire()
+        # ``with lease.acquire(wait_s=...)`` as well as ``with lease``: a held lease is not taken twice.
+        return self if self._info is not None else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

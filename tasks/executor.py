@@ -47,6 +47,7 @@ class DaskShards:
     def __init__(self, runner: Any, cfg: ExecutorConfig, workers: int):
         self.runner, self.cfg, self.workers = runner, cfg, workers
         self.threads = cfg.threads_per_worker
+        self.remote = True
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
         from prefect.futures import as_completed

@@ -447,8 +447,8 @@ def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelCon
     """Embed every item with the model of ``model_cfg.model`` (a trained folder, or a base model:
     the baseline) into ``out_dir``; resumable. Items of ``previous`` (the published embeddings
     folder) embedded by the same model version from the same text keep their vector. With
-    ``shards`` (a ``qarm_core.executor.ShardRunner`` of more than one worker), each part is a job
-    run on a worker's own model replica; the parts are the same files either way. Returns an
+    ``shards`` (a remote ``qarm_core.executor.ShardRunner``), each part is a job run on a worker's
+    own model replica; the parts are the same files either way. Returns an
     ``EmbedRecord``."""
     from qarm_core.devices import resolve_device, resolve_dtype
 
@@ -456,7 +456,7 @@ def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelCon
     cfg = cfg or EmbedConfig()
     if previous is not None and not isinstance(previous, PreviousEmbeddings):
         previous = PreviousEmbeddings(previous)
-    if shards is not None and shards.workers > 1:
+    if shards is not None and shards.remote:
         rec = _embed_sharded(items, out_dir, model_cfg, cfg, shards, progress,
                              previous.path if previous is not None else None)
         choice = resolve_dtype(cfg.dtype, resolve_device(cfg.device, STAGE, "embed.infer.device"), STAGE,

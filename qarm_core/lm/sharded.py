@@ -81,9 +81,9 @@ def shard_bounds(contexts: Sequence[str], size: int) -> list[tuple[int, int]]:
 
 class ShardedLM:
     """``inner`` (a loaded ``LocalLM``) with ``continuation_logprobs`` and ``generate`` cut into
-    shards of ``cfg.shard_requests`` requests run by ``shards``. On a runner of one worker the
-    shards run on ``inner`` here; on more, each on a worker's own replica of the same model (built
-    from ``cfg``). Everything else (``model_id``, ``dtype_choice``, ``chat_prompt``...) is
+    shards of ``cfg.shard_requests`` requests run by ``shards``. On the local runner the shards run
+    on ``inner`` here; on a remote one (Dask), each on a worker's own replica of the same model
+    (built from ``cfg``). Everything else (``model_id``, ``dtype_choice``, ``chat_prompt``...) is
     ``inner``'s."""
 
     def __init__(self, inner: Any, cfg: LocalModelConfig, shards: ShardRunner | None = None):
@@ -101,7 +101,7 @@ class ShardedLM:
         return self.inner.model_id
 
     def _remote(self) -> bool:
-        return self.shards.workers > 1
+        return self.shards.remote
 
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
                               prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ class ShuffledShards:
 
     workers = 2
     threads = None
+    remote = True
 
     def __init__(self, repeat: tuple[int, ...] = (), drop: tuple[int, ...] = ()):
         self.repeat, self.drop, self.labels = repeat, drop, []

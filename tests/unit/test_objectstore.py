@@ -40,6 +40,22 @@ def home(home_url) -> ObjectHome:
     return ObjectHome(home_url)
 
 
+@pytest.fixture(scope="module")
+def botocore_session() -> Any:
+    from aiobotocore.session import get_session
+
+    return get_session()
+
+
+@pytest.fixture
+def separate_home(home_url, botocore_session):
+    """Homes with clients of their own, as separate publisher processes would have (one shared
+    botocore session only spares loading the S3 API model for each)."""
+    def make() -> ObjectHome:
+        return ObjectHome(home_url, storage_options={"skip_instance_cache": True, "session": botocore_session})
+    return make
+
+
 def sid(n: int) -> str:
     """Snapshot ids as qarm makes them, ordered by ``n``."""
     return new_snapshot_id(T0 + timedelta(minutes=n))
@@ -86,12 +102,15 @@ def test_importing_the_module_loads_no_s3_client_and_no_orchestration():
     assert out.strip() == "[]"
 
 
-def test_a_home_url_must_name_a_bucket(s3_server):
+def test_a_home_url_must_name_a_bucket(s3_server, home_url):
     for bad in ("/tmp/home", "s3://", "s3://Upper/x", "s3://ok-bucket/a/../b", "gs://bucket/x"):
         with pytest.raises(StorageError, match=r"\[stage=home, dataset=CURRENT\]"):
             ObjectHome(bad, endpoint_url=s3_server.endpoint)
     h = ObjectHome("s3://qarm-test//a/b/", endpoint_url=s3_server.endpoint)
     assert (h.bucket, h.prefix, h.url, h.key(CURRENT)) == ("qarm-test", "a/b", "s3://qarm-test/a/b", "a/b/CURRENT")
+    assert ObjectHome("s3://qarm-test/c", endpoint_url=s3_server.endpoint).fs is h.fs     # one client, made once
+    with pytest.raises(StorageError, match=r"\[stage=home, dataset=CURRENT\] bucket no-such-bucket does not exist"):
+        ObjectHome("s3://no-such-bucket/x", endpoint_url=s3_server.endpoint).current()
 
 
 def test_publish_then_read_fetch_byte_identical_and_cached(home, s3_server, tmp_path, monkeypatch):
@@ -115,7 +134,7 @@ def test_publish_then_read_fetch_byte_identical_and_cached(home, s3_server, tmp_
     def no_download(*args: Any) -> None:
         raise AssertionError("a cached snapshot was downloaded again")
 
-    monkeypatch.setattr(home, "_download", no_download)
+    monkeypatch.setattr(home, "_transfer", no_download)
     assert home.fetch(s1, tmp_path / "cache") == got
 
 
@@ -129,10 +148,10 @@ def test_publish_from_a_stale_current_is_refused_before_uploading(home, tmp_path
     assert home.current() == s1 and keys_under(home, f"snapshots/{s2}") == []
 
 
-def test_two_publishers_racing_from_the_same_current_one_wins(home_url, tmp_path, monkeypatch):
+def test_two_publishers_racing_from_the_same_current_one_wins(separate_home, tmp_path, monkeypatch):
     """Both read CURRENT (s1) at the switch, then A writes first: B's If-Match fails."""
     s1, sa, sb = sid(1), sid(2), sid(3)
-    a, b = ObjectHome(home_url), ObjectHome(home_url)
+    a, b = separate_home(), separate_home()
     a.publish(local_snapshot(tmp_path, s1, 1), s1, expected_current=None)
     both_read, a_done = threading.Barrier(2, timeout=20), threading.Event()
 
@@ -178,12 +197,12 @@ def test_two_publishers_racing_from_the_same_current_one_wins(home_url, tmp_path
     assert sb in b.list_snapshots()       # the loser's complete snapshot stays, unreferenced, until pruned
 
 
-def test_many_publishers_racing_freely_exactly_one_wins(home_url, tmp_path):
+def test_many_publishers_racing_freely_exactly_one_wins(separate_home, tmp_path):
     s0 = sid(0)
-    ObjectHome(home_url).publish(local_snapshot(tmp_path, s0, 0), s0, expected_current=None)
+    separate_home().publish(local_snapshot(tmp_path, s0, 0), s0, expected_current=None)
     ids = [sid(n) for n in range(1, 5)]
     folders = [local_snapshot(tmp_path / f"p{n}", s, n) for n, s in enumerate(ids)]
-    homes = [ObjectHome(home_url) for _ in ids]
+    homes = [separate_home() for _ in ids]
     start, results = threading.Barrier(len(ids), timeout=20), {}
 
     def run(n: int) -> None:
@@ -268,6 +287,33 @@ def test_fetch_refuses_files_that_do_not_match_the_manifest(home, tmp_path):
     with pytest.raises(StorageError, match=r"\[stage=fetch, dataset=items\].*fingerprint"):
         home.fetch(s1, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []                # no partial copy, no temp folder
+
+
+def test_a_download_cut_off_midway_leaves_no_partial_copy(home, tmp_path, monkeypatch):
+    from qarm_core.objectstore import _HOST
+
+    s1 = sid(1)
+    local = local_snapshot(tmp_path / "local", s1, 1)
+    home.publish(local, s1, expected_current=None)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    leftover = cache / f".{s1}.tmp-{_HOST}_{proc.pid}.0123abcd"       # what a killed fetch left
+    (leftover / "items").mkdir(parents=True)
+    real, calls = home.fs._get_file, []
+
+    async def flaky(rpath: str, lpath: str, **kw: Any) -> None:
+        calls.append(rpath)
+        if len(calls) == 3:
+            raise ConnectionResetError("connection reset by peer")
+        await real(rpath, lpath, **kw)
+
+    monkeypatch.setattr(home.fs, "_get_file", flaky)
+    with pytest.raises(ConnectionResetError):
+        home.fetch(s1, cache)
+    assert list(cache.iterdir()) == []                              # neither a partial copy nor temp folders
+    monkeypatch.setattr(home.fs, "_get_file", real)
+    assert tree(home.fetch(s1, cache)) == tree(local)
 
 
 def test_prune_keeps_current_and_retention_and_unreferenced_young_snapshots(home, tmp_path):
@@ -365,8 +411,8 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(home_url):
             dead.check()
 
 
-def test_concurrent_acquirers_of_a_free_lease_one_wins(home_url):
-    leases = [ObjectLease(ObjectHome(home_url), f"r{n}", ttl_s=60, heartbeat_s=10) for n in range(4)]
+def test_concurrent_acquirers_of_a_free_lease_one_wins(separate_home):
+    leases = [ObjectLease(separate_home(), f"r{n}", ttl_s=60, heartbeat_s=10) for n in range(4)]
     start, results = threading.Barrier(len(leases), timeout=20), {}
 
     def run(n: int) -> None:
