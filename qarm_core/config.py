@@ -28,7 +28,7 @@ from qarm_core.pairs.config import MineConfig
 from qarm_core.quantize.config import QuantizeConfig
 from qarm_core.rank.config import RankConfig
 from qarm_core.split import SplitConfig
-from qarm_core.storage import StorageConfig
+from qarm_core.storage import StorageConfig, is_remote_home, local_root
 
 
 class TrackingConfig(Strict):
@@ -78,11 +78,14 @@ class PipelineConfig(Strict):
 
     def resolved(self) -> "PipelineConfig":
         """The config with environment overrides applied and every path made absolute."""
-        home = Path(os.environ.get("QARM_HOME") or self.home).expanduser().resolve()
+        given = os.environ.get("QARM_HOME") or self.home
+        # an s3:// home stays a URL; its local state (MLflow's default store included) lives in local_root
+        home = given.rstrip("/") if is_remote_home(given) else local_root(given)
+        local = local_root(given)
         tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
-                        or f"sqlite:///{home / 'mlflow.db'}")
-        artifacts = self.tracking.artifact_location or (home / "mlartifacts").as_uri()
-        ml100k_cache = self.ingest.ml100k.cache_dir or str(home / "cache" / "recbole")
+                        or f"sqlite:///{local / 'mlflow.db'}")
+        artifacts = self.tracking.artifact_location or (local / "mlartifacts").as_uri()
+        ml100k_cache = self.ingest.ml100k.cache_dir or str(local / "cache" / "recbole")
         files = self.ingest.files.model_copy(update={
             k: str(Path(v).expanduser().resolve()) for k, v in
             (("interactions", self.ingest.files.interactions), ("items", self.ingest.files.items)) if v

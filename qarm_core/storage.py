@@ -215,16 +215,60 @@ def read_dataset(record: DatasetRecord, columns: list[str] | None = None) -> pa.
     return pa.concat_tables(tables) if tables else schema.schema.empty_table()
 
 
+REMOTE_SCHEMES = ("s3://",)
+# Where an object-store home keeps its local folders (staging, work, logs, caches, fetched snapshots).
+LOCAL_ROOT_ENV = "QARM_LOCAL_ROOT"
+
+
+def is_remote_home(home: str | os.PathLike) -> bool:
+    """Whether ``home`` is an object-store URL (``s3://bucket/prefix``) rather than a folder."""
+    return str(home).startswith(REMOTE_SCHEMES)
+
+
+def local_root(home: str | os.PathLike) -> Path:
+    """The folder holding a home's local state: the home itself, or for an ``s3://`` home
+    ``$QARM_LOCAL_ROOT/<bucket>-<prefix>-<digest>`` (default under ``~/.cache/qarm/homes``): staging,
+    work (the rerun cache), logs, DuckDB spill, the MLflow store by default, and the snapshots it
+    fetched (immutable, so a cached copy never goes stale)."""
+    if not is_remote_home(home):
+        return Path(home).expanduser().resolve()
+    import hashlib
+
+    url = str(home).rstrip("/")
+    base = Path(os.environ.get(LOCAL_ROOT_ENV) or Path.home() / ".cache" / "qarm" / "homes").expanduser()
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in url.split("://", 1)[1])[:60]
+    return (base / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}").resolve()
+
+
 def new_snapshot_id(now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
 
 
 class Storage:
-    """Paths and publishing under one QARM_HOME."""
+    """Paths and publishing under one QARM_HOME: a folder, or an ``s3://`` URL whose snapshots and
+    CURRENT live on the object store (``qarm_core.objectstore``: unique prefixes, CURRENT switched by a
+    conditional write) while its working folders stay local (``local_root``); ``home`` is then that
+    local folder and ``url`` the store's."""
 
     def __init__(self, home: str | os.PathLike):
-        self.home = Path(home).resolve()
+        self.url = str(home).rstrip("/") if is_remote_home(home) else None
+        self.home = local_root(home)
+        self._remote = None
+
+    @property
+    def remote(self):
+        """The ``ObjectHome`` of an ``s3://`` home (None for a folder)."""
+        if self.url is not None and self._remote is None:
+            from qarm_core.objectstore import ObjectHome
+
+            self._remote = ObjectHome(self.url)
+        return self._remote
+
+    @property
+    def where(self) -> str:
+        """The home as the user named it (the URL of an object-store home)."""
+        return self.url or str(self.home)
 
     # ---- paths
     @property
@@ -321,6 +365,9 @@ class Storage:
 
     # ---- snapshots
     def current(self) -> Snapshot | None:
+        if self.remote is not None:
+            sid = self.remote.current()
+            return None if sid is None else self.snapshot(sid)
         if not self.current_file.exists():
             return None
         try:
@@ -350,6 +397,10 @@ class Storage:
         return rec if rec.schema_version == version else None
 
     def snapshot(self, snapshot_id: str) -> Snapshot:
+        if self.remote is not None:          # a local copy, fetched once (snapshots are immutable)
+            path = self.remote.fetch(snapshot_id, self.snapshots_dir)
+            return Snapshot(snapshot_id=snapshot_id, path=str(path),
+                            manifest=json.loads((path / MANIFEST).read_text()))
         path = self.snapshots_dir / snapshot_id
         mf = path / MANIFEST
         if not mf.is_file():
@@ -357,6 +408,8 @@ class Storage:
         return Snapshot(snapshot_id=snapshot_id, path=str(path), manifest=json.loads(mf.read_text()))
 
     def list_snapshots(self) -> list[str]:
+        if self.remote is not None:
+            return self.remote.list_snapshots()
         if not self.snapshots_dir.is_dir():
             return []
         return sorted(p.name for p in self.snapshots_dir.iterdir() if (p / MANIFEST).is_file())
@@ -415,6 +468,12 @@ class Storage:
                         "publish_key": publish_key}
             write_json_atomic(tmp / MANIFEST, manifest)
             fsync_dir(tmp)
+            if self.remote is not None:
+                # the store's conditional switch of CURRENT is the lock; PublishConflict if it moved
+                expected = expect_parent if expect_parent is not False else self.remote.current()
+                self.remote.publish(tmp, sid, expected)
+                os.rename(tmp, self.snapshots_dir / sid)       # the local copy is the fetched one
+                return self._after_publish(sid, manifest, retention)
             with self._publish_lock():
                 if expect_parent is not False:
                     now = self.current()
@@ -427,6 +486,9 @@ class Storage:
                 self._set_current(sid)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return self._after_publish(sid, manifest, retention)
+
+    def _after_publish(self, sid: str, manifest: dict, retention: int | None) -> Snapshot:
         published = Snapshot(snapshot_id=sid, path=str(self.snapshots_dir / sid), manifest=manifest)
         if retention is not None:
             # A concurrent publisher may already have superseded (and so may prune) this snapshot.
@@ -443,6 +505,13 @@ class Storage:
         Runs under the publish lock, so a concurrent publish cannot move CURRENT to a snapshot
         this call is about to delete.
         """
+        if self.remote is not None:
+            removed = self.remote.prune(retention)
+            kept = set(self.remote.list_snapshots())
+            for p in self.snapshots_dir.glob("*") if self.snapshots_dir.is_dir() else ():
+                if p.is_dir() and not p.name.startswith(".") and p.name not in kept:
+                    shutil.rmtree(p, ignore_errors=True)     # a fetched copy of a pruned snapshot
+            return removed
         with self._publish_lock():
             return self._prune_locked(retention)
 

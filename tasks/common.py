@@ -160,12 +160,18 @@ def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
     one line, before Prefect runs (and logs the refusal as a flow failure with its traceback)."""
     from qarm_core.lease import Lease
 
-    key = (str(Path(cfg.home).resolve()), purpose)
+    key = (Storage(cfg.home).where, purpose)
     if key in _HELD:
         yield _HELD[key]
         return
     f = cfg.flow
-    lease = Lease(cfg.home, purpose, ttl_s=f.lease_ttl_s, heartbeat_s=f.lease_ttl_s / 6)
+    storage = Storage(cfg.home)
+    if storage.remote is not None:          # an s3:// home: the lease is an object beside CURRENT
+        from qarm_core.objectstore import ObjectLease
+
+        lease = ObjectLease(storage.remote, purpose, ttl_s=f.lease_ttl_s, heartbeat_s=f.lease_ttl_s / 6)
+    else:
+        lease = Lease(cfg.home, purpose, ttl_s=f.lease_ttl_s, heartbeat_s=f.lease_ttl_s / 6)
     lease.acquire(wait_s=f.busy_wait_s if f.on_busy == "wait" else 0.0)
     _HELD[key] = lease
     try:

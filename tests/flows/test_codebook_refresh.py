@@ -519,19 +519,33 @@ def test_a_refresh_after_a_killed_one_closes_what_it_left(refreshed):
 
 
 @pytest.mark.slow
-def test_a_refresh_on_two_dask_workers_publishes_what_the_local_refresh_published(refreshed, tmp_path):
-    """executor.kind=dask (a 2-worker local cluster started for each sharded stage, each shard a
-    Prefect task run): every published dataset is bit for bit the single-process run's, except the
-    judge's float scores, which may differ in the last bits: the workers' models run on 1 thread,
-    the local one on 2, and a matmul's sums are split differently (bit for bit with equal threads,
+def test_a_refresh_on_two_dask_workers_into_an_s3_home_publishes_what_the_local_refresh_published(
+        refreshed, tmp_path, tmp_path_factory, monkeypatch):
+    """executor.kind=dask (a 2-worker local cluster started for the run, each shard a Prefect task
+    run) and QARM_HOME on an S3 server (moto's, on 127.0.0.1; snapshots and CURRENT there, the
+    working folders in QARM_LOCAL_ROOT): every published dataset, downloaded again from the store,
+    is bit for bit the single-process run's, except the judge's float scores, which may differ in
+    the last bits: the workers' models run on 1 thread, the local one on 2, and a matmul's sums are split differently (bit for bit with equal threads,
     tests/unit/test_executor.py); its keep verdicts, and so all that is trained on them, are equal."""
     import numpy as np
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    home = tmp_path / "home"
-    out = codebook_refresh(TINY, {"home": str(home), "executor.kind": "dask", "executor.workers": 2})
-    got_snap = Storage(home).current()
+    from qarm_core.storage import LOCAL_ROOT_ENV
+    from tests.support.s3 import moto_s3_server, use_s3_server
+
+    with moto_s3_server() as server:
+        home = use_s3_server(monkeypatch, server, tmp_path_factory)          # s3://<bucket>/<prefix>
+        monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "local"))
+        out = codebook_refresh(TINY, {"home": home, "executor.kind": "dask", "executor.workers": 2})
+        st = Storage(home)
+        assert st.remote.current() == out["snapshot_id"] and st.list_snapshots() == [out["snapshot_id"]]
+        assert st.home.is_relative_to(tmp_path / "local") and not (st.home / "CURRENT").exists()
+        assert sorted(st.remote.manifest(out["snapshot_id"])["datasets"]) == sorted(out["rows"])
+        import shutil
+
+        shutil.rmtree(st.snapshots_dir / out["snapshot_id"])            # read it back from the store
+        got_snap = st.current()
     local_snap = refreshed["storage"].snapshot(refreshed["first"]["snapshot_id"])
     got, local = got_snap.manifest["datasets"], local_snap.manifest["datasets"]
     floats = {"judgments": ["score"], "judge_eval": ["pmi", "cos", "tag_cos"], "judge_neutral": ["neutral"]}

@@ -431,3 +431,38 @@ def test_concurrent_acquirers_of_a_free_lease_one_wins(separate_home):
     assert len(won) == 1 and sum(isinstance(r, BusyError) for r in results.values()) == len(leases) - 1
     assert won[0].holder().owner == won[0].owner
     won[0].release()
+
+
+# ---------------------------------------------------------------- Storage on an s3:// home
+def test_storage_on_an_s3_home_publishes_reads_and_prunes_through_the_store(home_url, tmp_path, monkeypatch):
+    """``Storage(s3://...)``: working folders under QARM_LOCAL_ROOT, snapshots and CURRENT in the
+    store; a publish from a snapshot other than CURRENT is refused (nothing moves); a second machine
+    (an empty local root) reads the published datasets back byte for byte; prune removes the pruned
+    snapshots' local copies too."""
+    import pyarrow as pa
+
+    from qarm_core.schemas import SCHEMAS
+    from qarm_core.storage import LOCAL_ROOT_ENV, Storage, read_dataset, write_parquet_dataset
+
+    monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "machine-a"))
+    st = Storage(home_url)
+    assert st.url == home_url.rstrip("/") and st.where == st.url
+    assert st.home.is_relative_to(tmp_path / "machine-a") and st.current() is None and st.list_snapshots() == []
+    items = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "title": ["a", "b", "c"]})
+    schema = SCHEMAS["items"]
+    table = pa.table({c: items[c] if c in items.column_names else pa.nulls(3, schema.schema.field(c).type)
+                      for c in schema.schema.names}, schema=schema.schema)
+    rec = write_parquet_dataset(st.ensure().staging_dir / "items", table.to_batches(), schema)
+    first = st.publish({"items": rec}, expect_parent=None)
+    assert st.current().snapshot_id == first.snapshot_id and not (st.home / "CURRENT").exists()
+    with pytest.raises(PublishConflict, match="CURRENT"):
+        st.publish({"items": rec}, expect_parent=None)            # this run did not start from CURRENT
+    assert st.list_snapshots() == [first.snapshot_id]
+    second = st.publish({"items": rec}, expect_parent=first.snapshot_id, retention=1)
+    assert st.list_snapshots() == [second.snapshot_id]
+    assert not (st.snapshots_dir / first.snapshot_id).exists()    # the pruned snapshot's local copy too
+
+    monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "machine-b"))
+    other = Storage(home_url)
+    assert other.home != st.home and other.current().snapshot_id == second.snapshot_id
+    assert read_dataset(other.published("items")).equals(table)
