@@ -293,7 +293,7 @@ def make_scorer(cfg: JudgeConfig, backend: "LMBackend | None" = None,
     from qarm_core.lm.sentence import SentenceEmbedder
     from qarm_core.lm.backend import make_backend
 
-    backend = backend or make_backend(cfg.backend, cfg.local, cfg.http, shards)
+    backend = backend or make_backend(cfg.backend, cfg.local, cfg.http, shards, name="judge")
     if (cfg.embed_weight > 0 or cfg.tag_weight > 0) and embedder is None:
         from qarm_core.devices import resolve_device
 

@@ -301,7 +301,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     if backend is None:
         from qarm_core.lm.backend import make_backend
 
-        backend = make_backend(cfg.backend, cfg.local, cfg.http, shards)
+        backend = make_backend(cfg.backend, cfg.local, cfg.http, shards, name="qa")
     ids = sorted({int(i) for i in item_ids})
     stats = QAStats()
     t0 = time.perf_counter()

@@ -40,14 +40,14 @@ class LMBackend(Protocol):
 
 
 def make_backend(backend: str, local: LocalModelConfig, http: HttpConfig,
-                 shards: "ShardRunner | None" = None) -> LMBackend:
+                 shards: "ShardRunner | None" = None, name: str = "llm") -> LMBackend:
     """The configured backend. ``'local'`` loads a model now; its calls are cut into shards of
     ``local.shard_requests`` run by ``shards`` (``qarm_core.lm.sharded``; None: here). ``'http'``
-    sends requests to a server (which does its own scaling)."""
+    sends requests to a server (which does its own scaling). ``name``: the stage, in shard names."""
     if backend == "local":
         from qarm_core.lm.sharded import local_backend
 
-        return local_backend(local, shards)
+        return local_backend(local, shards, name)
     if backend == "http":
         from qarm_core.lm.http import HttpLM
 

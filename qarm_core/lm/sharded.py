@@ -84,10 +84,10 @@ class ShardedLM:
     shards of ``cfg.shard_requests`` requests run by ``shards``. On the local runner the shards run
     on ``inner`` here; on a remote one (Dask), each on a worker's own replica of the same model
     (built from ``cfg``). Everything else (``model_id``, ``dtype_choice``, ``chat_prompt``...) is
-    ``inner``'s."""
+    ``inner``'s. ``name`` (the stage) prefixes the shards' task-run names: ``judge-score-00003``."""
 
-    def __init__(self, inner: Any, cfg: LocalModelConfig, shards: ShardRunner | None = None):
-        self.inner, self.cfg = inner, cfg
+    def __init__(self, inner: Any, cfg: LocalModelConfig, shards: ShardRunner | None = None, name: str = "llm"):
+        self.inner, self.cfg, self.name = inner, cfg, name
         self.shards = shards if shards is not None else LocalShards()
         threads = getattr(self.shards, "threads", None)
         worker_cfg = cfg.model_copy(update={"num_threads": threads}) if threads else cfg
@@ -111,7 +111,7 @@ class ShardedLM:
         jobs = [LogprobJob(self._model_json, self.model_id, tuple(contexts[lo:hi]), tuple(continuations[lo:hi]),
                            prefix) for lo, hi in bounds]
         if self._remote():
-            parts = self.shards.run(run_logprob_job, jobs, label="llm-score")
+            parts = self.shards.run(run_logprob_job, jobs, label=f"{self.name}-score")
             advance(progress, len(contexts))
         else:
             parts = [self.inner.continuation_logprobs(list(j.contexts), list(j.continuations), prefix=prefix,
@@ -125,7 +125,7 @@ class ShardedLM:
         jobs = [GenerateJob(self._model_json, self.model_id, tuple(prompts[lo:hi]), max_new_tokens, batch_size,
                             system) for lo, hi in bounds]
         if self._remote():
-            parts = self.shards.run(run_generate_job, jobs, label="llm-generate")
+            parts = self.shards.run(run_generate_job, jobs, label=f"{self.name}-generate")
             advance(progress, len(prompts))
         else:
             parts = [self.inner.generate(list(j.prompts), max_new_tokens, batch_size=batch_size, system=system,
@@ -133,8 +133,8 @@ class ShardedLM:
         return [text for part in parts for text in part]
 
 
-def local_backend(cfg: LocalModelConfig, shards: ShardRunner | None = None) -> ShardedLM:
+def local_backend(cfg: LocalModelConfig, shards: ShardRunner | None = None, name: str = "llm") -> ShardedLM:
     """The configured local model, loaded here, its calls sharded (``ShardedLM``)."""
     from qarm_core.lm.local import LocalLM
 
-    return ShardedLM(LocalLM(cfg), cfg, shards)
+    return ShardedLM(LocalLM(cfg), cfg, shards, name)

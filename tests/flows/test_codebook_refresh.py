@@ -569,6 +569,7 @@ def test_a_refresh_on_two_dask_workers_into_an_s3_home_publishes_what_the_local_
                                           limit=200)
     shards = sorted((t.name, t.state.type.value) for t in task_runs if t.name.startswith("embed-finetuned-"))
     assert shards == [(f"embed-finetuned-{k:05d}", "COMPLETED") for k in range(3)]
-    llm = [t for t in task_runs if t.name.startswith(("llm-score-", "llm-generate-"))]
-    assert len({t.name for t in llm if t.name.startswith("llm-score-")}) >= 4      # ~290 pairs / 64
+    llm = [t for t in task_runs if t.name.startswith(("judge-score-", "judge-generate-", "qa-generate-"))]
+    assert len({t.name for t in llm if t.name.startswith("judge-score-")}) >= 4    # ~290 pairs / 64
+    assert any(t.name.startswith("qa-generate-") for t in llm)
     assert all(t.state.type.value == "COMPLETED" for t in llm)

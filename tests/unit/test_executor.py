@@ -112,7 +112,7 @@ def test_sharded_lm_on_workers_computes_what_it_computes_here(tiny_lm_path):
     cfg = LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32", batch_size=2, shard_requests=3)
     here = local_backend(cfg)
     shards = ShuffledShards()
-    there = ShardedLM(here.inner, cfg, shards)
+    there = ShardedLM(here.inner, cfg, shards, name="judge")
     ctxs = ["The item: alpha."] * 4 + ["The item: beta."] + ["The item: gamma, a longer one."] * 3
     conts = [" one", " two two", " three", " four", " five", " six six six", " seven", " eight"]
     a = here.continuation_logprobs(ctxs, conts, prefix="Related items. ")
@@ -121,7 +121,7 @@ def test_sharded_lm_on_workers_computes_what_it_computes_here(tiny_lm_path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     prompts = [f"Name a colour number {i}." for i in range(5)]
     assert there.generate(prompts, 4) == here.generate(prompts, 4)
-    assert shards.labels == ["llm-score", "llm-generate"]
+    assert shards.labels == ["judge-score", "judge-generate"]
     assert there.model_id == here.model_id and there.dtype_choice == here.dtype_choice
     with pytest.raises(ValueError, match="contexts but"):
         there.continuation_logprobs(ctxs, conts[:-1])
