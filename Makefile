@@ -31,8 +31,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install                       ## codebook-refresh on ML-100K (downloads the recbole wheel once)
 	$(VENV)/bin/qarm refresh --config configs/ml100k.yaml
 
+# Two workers (pytest-xdist), a test file each at a time: the suite keeps ~1 core busy on its own
+# (subprocesses, servers, waits), so two fill a 2-core box. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install                      ## the whole suite, slow tests included
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

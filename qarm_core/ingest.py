@@ -7,6 +7,8 @@ Every problem is raised as ``DataError(stage="ingest", dataset=..., ...)``.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -81,7 +83,9 @@ def fetch_recbole_wheel(cache_dir: str | Path, version: str = "1.2.1", timeout_s
     if cached:
         return cached[0]
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / ".download"
+    # a folder of this process's own: two processes fetching at once (two refreshes, two test
+    # workers) never move each other's half-downloaded file
+    tmp = cache / f".download-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", f"recbole=={version}", "-d", str(tmp)]
@@ -96,6 +100,7 @@ def fetch_recbole_wheel(cache_dir: str | Path, version: str = "1.2.1", timeout_s
                                           f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     final = cache / wheels[0].name
     wheels[0].replace(final)  # same folder tree: an atomic rename, never a half-written wheel
+    shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
