@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from qarm_core.errors import StorageError
 from qarm_core.lease import BusyError, LeaseInfo, LeaseLost, pid_alive
+from qarm_core.storage import fsync_dir, fsync_file
 
 if TYPE_CHECKING:  # typing only: s3fs is imported when an ObjectHome is made
     from s3fs import S3FileSystem
@@ -148,14 +149,6 @@ def _check_id(snapshot_id: str, stage: str) -> None:
     if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.fullmatch(snapshot_id):
         raise StorageError(f"[stage={stage}, dataset={snapshot_id!r}] not a snapshot id: letters, digits, "
                            "'.', '_' and '-' only, starting with a letter or digit, at most 200 characters")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectHome:
@@ -460,14 +453,14 @@ class ObjectHome:
             if verify:
                 self._verify(snapshot_id, tmp, manifest)
             for r in rels:
-                _fsync(tmp / r)
+                fsync_file(tmp / r)
             try:
                 os.rename(tmp, target)
             except OSError:
                 if not target.is_dir():
                     raise
                 # a concurrent fetch of the same snapshot finished first: its copy is as good
-            _fsync(cache)
+            fsync_dir(cache)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

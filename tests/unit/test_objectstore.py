@@ -94,6 +94,15 @@ def keys_under(home: ObjectHome, rel: str) -> list[str]:
 # ---------------------------------------------------------------- the home
 
 
+def _all_at_once(run, n: int) -> None:
+    """``run(0) .. run(n - 1)`` on n threads started together; waits for all (30 s each at most)."""
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
 def test_importing_the_module_loads_no_s3_client_and_no_orchestration():
     code = ("import sys, qarm_core.objectstore; "
             "print(sorted(m for m in ('s3fs', 'botocore', 'aiobotocore', 'fsspec', 'prefect', 'mlflow') "
@@ -212,11 +221,7 @@ def test_many_publishers_racing_freely_exactly_one_wins(separate_home, tmp_path)
         except PublishConflict as exc:
             results[n] = exc
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(ids))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _all_at_once(run, len(ids))
     won = [r for r in results.values() if isinstance(r, str)]
     lost = [r for r in results.values() if isinstance(r, PublishConflict)]
     assert len(won) == 1 and len(lost) == len(ids) - 1
@@ -422,11 +427,7 @@ def test_concurrent_acquirers_of_a_free_lease_one_wins(separate_home):
         except BusyError as exc:
             results[n] = exc
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(leases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _all_at_once(run, len(leases))
     won = [r for r in results.values() if isinstance(r, ObjectLease)]
     assert len(won) == 1 and sum(isinstance(r, BusyError) for r in results.values()) == len(leases) - 1
     assert won[0].holder().owner == won[0].owner
