@@ -80,8 +80,8 @@ class PipelineConfig(Strict):
         """The config with environment overrides applied and every path made absolute."""
         given = os.environ.get("QARM_HOME") or self.home
         # an s3:// home stays a URL; its local state (MLflow's default store included) lives in local_root
-        home = given.rstrip("/") if is_remote_home(given) else local_root(given)
         local = local_root(given)
+        home = given.rstrip("/") if is_remote_home(given) else local
         tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
                         or f"sqlite:///{local / 'mlflow.db'}")
         artifacts = self.tracking.artifact_location or (local / "mlartifacts").as_uri()

@@ -160,12 +160,12 @@ def exclusive_home(cfg: PipelineConfig, purpose: str) -> Iterator["Lease"]:
     one line, before Prefect runs (and logs the refusal as a flow failure with its traceback)."""
     from qarm_core.lease import Lease
 
-    key = (Storage(cfg.home).where, purpose)
+    storage = Storage(cfg.home)
+    key = (storage.where, purpose)
     if key in _HELD:
         yield _HELD[key]
         return
     f = cfg.flow
-    storage = Storage(cfg.home)
     if storage.remote is not None:          # an s3:// home: the lease is an object beside CURRENT
         from qarm_core.objectstore import ObjectLease
 
