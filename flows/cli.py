@@ -242,6 +242,31 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+# Compiled extensions the refresh's stages import on first use. Imported before the stop handlers
+# are installed: a signal that lands while an extension module initialises is turned into an
+# ImportError by its C code ("numba._devicearray failed to import", seen once in 16 SIGTERMs at
+# random moments), which no longer says that a signal stopped the run.
+PRELOAD = ("numba", "torch", "transformers", "faiss", "duckdb", "great_expectations")
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def _name_the_stop(sig: str) -> None:
+    """Name the signal on the MLflow runs this process ended FAILED (``tracking.name_the_stop``): the
+    error a run saw may have been raised while the signal was being handled, without it."""
+    try:
+        from tasks import tracking
+
+        tracking.name_the_stop(sig)
+    except Exception:  # noqa: BLE001 -- a stop still exits 130 if the tracking store is unreachable
+        pass
+
+
 def _guard(fn, *args) -> None:
     """Run a command: a QarmError ends it with one ``error:`` line and exit status 2 (its traceback is
     in the run's log file, which the line names, or with ``--debug`` on the terminal), a stop with
@@ -254,6 +279,7 @@ def _guard(fn, *args) -> None:
         # stop_signal_name); it is still a stop: exit 130, no traceback.
         sig = stop_signal_name(exc)
         if sig is not None:
+            _name_the_stop(sig)
             console.print(f"[bold red]{STOPPED_BY}{escape(sig)}[/]: the run was ended cleanly; rerun to resume "
                           "from its completed stages", highlight=False)
             raise typer.Exit(130) from None
@@ -276,6 +302,7 @@ def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None
     """Run the codebook-refresh flow, the whole pipeline: ingest, split, mine, judge, train, embed,
     quantize, each gated, then publish (on PREFECT_API_URL if set, else an ephemeral local API).
     After qarm ingest: --set ingest.source=published refreshes from the published inputs."""
+    _preload()
     _guard(_run_refresh, config, _parse_sets(set_))
 
 

@@ -154,7 +154,7 @@ def describe_error(exc: BaseException, limit: int = 5000) -> str:
     sig = stop_signal_name(exc)
     if sig is not None and STOPPED_BY not in text[:200]:
         text = f"{STOPPED_BY}{sig}: {text}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return _cut(text, limit)
 
 
 def _end_run(handle: StageRun, status: str, error: str | None) -> None:
@@ -174,6 +174,28 @@ def _end_run(handle: StageRun, status: str, error: str | None) -> None:
                                                         handle.run_id, exc_info=True)
 
 
+# The runs this process ended FAILED, with the error each recorded (the last 100): when the command
+# then learns that a signal stopped it (flows/cli.py), ``name_the_stop`` names it on them.
+_FAILED_RUNS: list[tuple[StageRun, str]] = []
+
+
+def name_the_stop(signal_name: str) -> int:
+    """Lead ``qarm.error`` of every run this process ended FAILED with ``stopped by <signal>:``
+    where it does not say so yet (the error the run saw was raised while the signal was being
+    handled, e.g. by an extension's C code, without the signal in its chain). Returns how many."""
+    n = 0
+    for handle, error in _FAILED_RUNS:
+        if STOPPED_BY not in error[:200]:
+            handle.tags({"qarm.error": _cut(f"{STOPPED_BY}{signal_name}: {error}")})
+            n += 1
+    _FAILED_RUNS.clear()
+    return n
+
+
+def _cut(text: str, limit: int = 5000) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @contextlib.contextmanager
 def _timed(handle: StageRun) -> Iterator[StageRun]:
     """Record the run's duration; end it FINISHED, or FAILED with the error in ``qarm.error``."""
@@ -183,6 +205,8 @@ def _timed(handle: StageRun) -> Iterator[StageRun]:
         yield handle
     except BaseException as exc:
         error = describe_error(exc)
+        _FAILED_RUNS.append((handle, error))
+        del _FAILED_RUNS[:-100]
         raise
     finally:
         try:
@@ -236,6 +260,7 @@ def flow_run(cfg: PipelineConfig, flow_name: str, tags: dict[str, Any] | None = 
     flow's entrypoint, MLflow's Source column): logs the resolved config; marks FAILED on an exception."""
     from qarm_core.devices import hardware_summary
 
+    _FAILED_RUNS.clear()             # a new flow run: earlier failures in this process are not its own
     client = _client(cfg)
     src = {"mlflow.source.name": source, "mlflow.source.type": "JOB"} if source else {}
     run = client.create_run(experiment_id(cfg), run_name=name or flow_name,

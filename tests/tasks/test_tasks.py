@@ -120,3 +120,23 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
     raw = np.stack([codes[c].to_numpy() for c in ("c1", "c2", "c3_raw")], axis=1)
     _, inv, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     assert warm["metrics"]["raw.collision_rate"] == pytest.approx(float((counts[inv.ravel()] > 1).mean()))
+
+
+def test_a_stop_noticed_after_a_run_failed_is_named_on_it(tiny_cfg):
+    """A signal turned into another error by an extension's C code (an ImportError without the
+    signal in its chain): the run records that error; once the command learns it was stopped,
+    ``name_the_stop`` leads the run's error with the signal, once."""
+    import pytest
+
+    with pytest.raises(ImportError):
+        with tracking.flow_run(tiny_cfg, "stop-flow") as run_id:
+            with tracking.stage_run(tiny_cfg, run_id, "mine"):
+                raise ImportError("numba._devicearray failed to import")
+    runs = [r for r in tracking.runs_of(tiny_cfg) if r["name"] in ("stop-flow", "mine")]
+    assert {r["tags"]["qarm.error"] for r in runs} == {"ImportError: numba._devicearray failed to import"}
+    assert tracking.name_the_stop("SIGTERM") == 2
+    assert tracking.name_the_stop("SIGTERM") == 0                    # once
+    runs = [r for r in tracking.runs_of(tiny_cfg) if r["name"] in ("stop-flow", "mine")]
+    assert {r["tags"]["qarm.error"] for r in runs} == \
+        {"stopped by SIGTERM: ImportError: numba._devicearray failed to import"}
+    assert {r["status"] for r in runs} == {"FAILED"}
