@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import loadavg, run_phase, table  # noqa: E402
 
-STAGES = ("ingest", "mine", "judge", "qa", "train", "embed", "quantize", "publish")
+STAGES = ("ingest", "mine", "judge", "qa", "baselines", "train", "embed", "quantize", "publish")
 # the units of LLM work each stage reports (MLflow metric of its stage run)
 UNITS = {"judge": ("llm.pairs", "pairs scored"), "qa": ("questions", "questions answered"),
          "embed": ("encoded", "items encoded"), "train": ("steps", "training steps")}

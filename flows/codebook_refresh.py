@@ -1,5 +1,8 @@
 """The ``codebook-refresh`` flow: ingest -> gate -> split by time -> gate -> mine pairs (train period) -> gate -> judge -> gate -> QA -> gate ->
-train (or reuse the published model) -> embed -> gate -> quantize -> gate -> publish."""
+train (or reuse the published model) | score the baselines -> embed -> gate -> quantize -> gate -> publish.
+
+Stages joined by ``|`` do not depend on each other: with ``executor.stages_overlap`` they run at
+the same time (``tasks.executor.start``), otherwise one after the other."""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from qarm_core.config import load_config
 from tasks import tracking
 from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
-from tasks.embed import embed, train
-from tasks.executor import flow_cluster
+from tasks.embed import baselines, embed, train
+from tasks.executor import flow_cluster, start
 from tasks.ingest import ingest
 from tasks.judge import judge, qa
 from tasks.mine import mine
@@ -58,11 +61,15 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
         records |= qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
+        # the baselines of the train -> embed gate need no trained model: they may run beside training
+        scored = start(cfg, baselines, cfg, run_id, records["items"], records["train_events"],
+                       records["valid_events"])
         records |= train(cfg, run_id, records["judgments"], records["qa"], records["items"])
-        # the train -> embed gate: the new model is published only if it beats the published one on
-        # validation recall; otherwise embed returns the published model and its embeddings
+        baseline_scores = scored.result().get("baseline_scores")
+        # the gate: the new model is published only if it beats the published one on validation
+        # recall; otherwise embed returns the published model and its embeddings
         records |= embed(cfg, run_id, records["model"], records["items"], records["train_events"],
-                         records["valid_events"])
+                         records["valid_events"], baseline_scores)
         gate(cfg, run_id, "embed", records["embeddings"], catalog=records["items"],
              expect={"dim": cfg.embed.model.dim})
         records |= quantize(cfg, run_id, records["embeddings"])

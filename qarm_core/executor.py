@@ -38,6 +38,16 @@ class ExecutorConfig(Strict):
     threads_per_worker: int = Field(1, ge=1)
     # Retries of one shard's task run (a lost worker's shards are also rescheduled by Dask itself).
     shard_retries: int = Field(2, ge=0)
+    # With kind dask, stages that do not depend on each other run at the same time (the baselines'
+    # embeddings beside fine-tuning), their shards sharing the cluster. Never with kind local: there
+    # the stages would share this process's cores (no gain) and its torch state (thread count,
+    # global random generator) with an in-process training run.
+    overlap_stages: bool = True
+
+    @property
+    def stages_overlap(self) -> bool:
+        """Whether a flow run submits independent stages side by side (see ``overlap_stages``)."""
+        return self.kind == "dask" and self.overlap_stages
 
 
 class ShardRunner(Protocol):

@@ -165,6 +165,20 @@ JUDGE_NEUTRAL = DatasetSchema(
 )
 
 
+BASELINE_SCORES = DatasetSchema(
+    name="baseline_scores",
+    version=1,
+    schema=pa.schema([
+        pa.field("model", pa.string(), nullable=True),     # a baseline of embed.baselines: 'base' | 'minilm'
+        pa.field("metric", pa.string(), nullable=True),    # 'recall_at_10' | 'recall_at_50' | 'mrr'
+        pa.field("value", pa.float64(), nullable=True),    # on the validation period's co-occurrence
+    ]),
+    key=("model", "metric"),
+    required=("model", "metric", "value"),
+    not_null=("model", "metric", "value"),
+)
+
+
 def embeddings_schema(dim: int) -> DatasetSchema:
     """Item embeddings of width ``dim``: item_id, vector (fixed-size list of ``dim`` float32),
     model_version, text_hash (a hash of the text the model read; a daily run reuses a vector
@@ -229,7 +243,7 @@ RANK_SEQUENCES = DatasetSchema("rank_sequences", 1, _SEQUENCES, key=("user_id",)
 
 SCHEMAS: dict[str, DatasetSchema] = {s.name: s for s in (INTERACTIONS, TRAIN_EVENTS, VALID_EVENTS,
                                                          PERIODS_SCHEMA, ITEMS, PAIRS, JUDGMENTS, JUDGE_EVAL,
-                                                         JUDGE_NEUTRAL, QA, EMBEDDINGS, CODES, RANK_SAMPLES,
+                                                         JUDGE_NEUTRAL, QA, BASELINE_SCORES, EMBEDDINGS, CODES, RANK_SAMPLES,
                                                          RANK_SEQUENCES)}
 
 

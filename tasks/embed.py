@@ -1,5 +1,6 @@
 """Train and embed tasks (stages 3-4): fine-tune the three-segment LLM (or reuse the published
-model), then embed the whole catalog with it."""
+model), score the baseline embeddings (beside training, when the flow's stages may overlap), then
+embed the whole catalog with the model and gate it against them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from qarm_core import __version__
 from qarm_core.config import PipelineConfig
 from qarm_core.hashing import stable_hash
 from qarm_core.plots import plot_loss_curves
-from qarm_core.embed.stage import embed_stage, iter_embedding_batches, train_stage
-from qarm_core.schemas import embeddings_schema
+from qarm_core.embed.stage import baselines_stage, embed_stage, iter_embedding_batches, train_stage
+from qarm_core.schemas import SCHEMAS, embeddings_schema
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, run_stage
@@ -35,6 +36,12 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(p, target)
 
 
+def reuses_model(cfg: PipelineConfig, published: DatasetRecord | None) -> bool:
+    """Whether this run takes the ``published`` model as it is (``embed.reuse_model``, the daily
+    schedule, and a model is published) instead of training one."""
+    return cfg.embed.reuse_model and published is not None
+
+
 @task(name="train-embedding-model", **TASK_DEFAULTS)
 def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa: DatasetRecord,
           items: DatasetRecord) -> dict[str, DatasetRecord]:
@@ -47,7 +54,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
     log = get_run_logger()
     with tracking.stage_run(cfg, parent_run_id, "train") as run:
         published = storage.published("model")
-        if cfg.embed.reuse_model and published is not None:
+        if reuses_model(cfg, published):
             run.params({"reuse_model": True, "model": published.path})
             run.metrics({"reused": 1.0, "reused_published": 1.0})
             log.info("train: reusing the published model %s", published.path)
@@ -99,6 +106,43 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
     return records
 
 
+@task(name="embed-baselines", **TASK_DEFAULTS)
+def baselines(cfg: PipelineConfig, parent_run_id: str, items: DatasetRecord, train_events: DatasetRecord,
+              valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
+    """Stage ``baseline_scores`` (model, metric, value): the embed gate's baselines
+    (``embed.baselines``: the base model, MiniLM) embedded and scored on the validation period's
+    co-occurrence. It needs no trained model, so the flow runs it beside training when its stages
+    may overlap (``executor.overlap_stages``). Returns {} when the run reuses the published model
+    (the baselines were compared when it was trained) or no baseline is configured."""
+    storage = Storage(cfg.home)
+    if reuses_model(cfg, storage.published("model")) or not cfg.embed.baselines:
+        get_run_logger().info("baselines: not needed (%s)", "the published model is reused"
+                              if cfg.embed.baselines else "embed.baselines is empty")
+        return {}
+    key_inputs = {"items": items.fingerprint, "train_events": train_events.fingerprint,
+                  "valid_events": valid_events.fingerprint, "positive_rule": cfg.events.model_dump(mode="json"),
+                  "embed": cfg.embed.model_dump(mode="json", include={"model", "infer", "baselines", "eval_k"})}
+    run_dir = storage.run_dir("baselines", stable_hash(key_inputs))
+
+    def produce():
+        with shard_runner(cfg) as shards:
+            table, report = baselines_stage(read_dataset(items), cfg.embed, run_dir,
+                                            read_dataset(train_events, columns=["item_id"]),
+                                            read_dataset(valid_events), cfg.events.positive_min_rating, shards)
+        report["notes"]["executor"] = cfg.executor.kind
+        return {"baseline_scores": table}, report
+
+    k = cfg.embed.eval_k
+    records, _ = run_stage(cfg, parent_run_id, StageSpec(
+        name="baselines", outputs={"baseline_scores": SCHEMAS["baseline_scores"]}, produce=produce,
+        key_inputs=key_inputs, params={"embed.baselines": ",".join(cfg.embed.baselines)},
+        summary=lambda recs, rep: "baselines: validation recall@{} {}".format(k, ", ".join(
+            f"{m}={rep[f'valid.{m}.recall_at_{k}']:.3f}" for m in cfg.embed.baselines
+            if f"valid.{m}.recall_at_{k}" in rep) or rep.get("notes", {}).get("eval", "n/a"))))
+    shutil.rmtree(run_dir, ignore_errors=True)   # the baselines' embedding parts: their scores are staged
+    return records
+
+
 def _embed_summary(k: int):
     def summary(records: dict[str, DatasetRecord], report: dict) -> str:
         recall = ", ".join(f"{m}={report[f'valid.{m}.recall_at_{k}']:.3f}"
@@ -112,14 +156,16 @@ def _embed_summary(k: int):
 
 @task(name="embed-catalog", **TASK_DEFAULTS)
 def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: DatasetRecord,
-          train_events: DatasetRecord, valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
+          train_events: DatasetRecord, valid_events: DatasetRecord,
+          baseline_scores: DatasetRecord | None = None) -> dict[str, DatasetRecord]:
     """Stage ``embeddings`` (item_id, vector, model_version), one row per catalog item.
 
     The new model, the published one (when it differs) and the configured baselines are evaluated
     on the validation period's co-occurrence (recall@10/50, MRR to MLflow). The gate on the train
     -> embed edge (``qarm_core.embed.stage.choose_model``) publishes the new model only if it beats
     the published one; otherwise the published model and its embeddings are kept, the reason is
-    logged, and the flow goes on. Returns ``embeddings`` and the ``model`` that made them.
+    logged, and the flow goes on. ``baseline_scores``: the ``baselines`` task's output (else the
+    baselines are embedded and scored here). Returns ``embeddings`` and the ``model`` that made them.
     """
     storage = Storage(cfg.home)
     schema = embeddings_schema(cfg.embed.model.dim)
@@ -131,7 +177,8 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     # model is: the gate compares against it.
     spec_inputs = {"model": model.fingerprint, "items": items.fingerprint, "train_events": train_events.fingerprint,
                    "valid_events": valid_events.fingerprint, "rival": rival.fingerprint if rival else None,
-                   "positive_rule": cfg.events.model_dump(mode="json"), "embed": cfg.embed.model_dump(mode="json")}
+                   "positive_rule": cfg.events.model_dump(mode="json"), "embed": cfg.embed.model_dump(mode="json"),
+                   "baselines": baseline_scores.fingerprint if baseline_scores is not None else None}
     run_dir = storage.run_dir("embed", stable_hash(spec_inputs))
 
     def produce():
@@ -142,7 +189,8 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
                                       train_events=read_dataset(train_events, columns=["item_id"]),
                                       valid_events=read_dataset(valid_events),
                                       min_rating=cfg.events.positive_min_rating,
-                                      published_model=rival.path if rival else None, shards=shards)
+                                      published_model=rival.path if rival else None, shards=shards,
+                                      baselines=read_dataset(baseline_scores) if baseline_scores else None)
         report.setdefault("notes", {})["executor"] = cfg.executor.kind
         return {"embeddings": iter_embedding_batches(rec.path, schema.schema)}, report
 

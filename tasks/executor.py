@@ -82,6 +82,25 @@ def _local_cluster_kwargs(ex: ExecutorConfig) -> dict[str, Any]:
             "env": env}
 
 
+class Finished:
+    """A task already run in the flow's thread, with the interface of the PrefectFuture it stands for."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def start(cfg: PipelineConfig, stage_task: Any, *args: Any) -> Any:
+    """Run ``stage_task(*args)`` beside what the flow does next when its stages may overlap
+    (``executor.stages_overlap``: a PrefectFuture, submitted to the flow's task runner), else now,
+    before returning (a ``Finished``). Either way ``.result()`` gives its return value."""
+    if cfg.executor.stages_overlap:
+        return stage_task.submit(*args)
+    return Finished(stage_task(*args))
+
+
 # The address of the local cluster the running flow started (``flow_cluster``), which its stages share.
 _FLOW_CLUSTER: dict[str, str] = {}
 

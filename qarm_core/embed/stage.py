@@ -1,6 +1,8 @@
-"""Stages 3-4 as the flow calls them: ``train_stage`` (fine-tune, resumable) and ``embed_stage``
-(embed the catalog with the fine-tuned model, and the baselines for comparison, evaluate all of them
-on the validation period's co-occurrence, and keep the published model unless the new one beats it)."""
+"""Stages 3-4 as the flow calls them: ``train_stage`` (fine-tune, resumable), ``baselines_stage``
+(embed the catalog with the baseline models and score them on the validation period's
+co-occurrence; it needs no trained model, so the flow may run it beside training) and
+``embed_stage`` (embed the catalog with the fine-tuned model, score it the same way, and keep the
+published model unless the new one beats it)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,83 @@ def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: 
 EVAL_KS = (10, 50)
 
 
+def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_events: pa.Table | None,
+                     min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table | None, str]:
+    """The pairs every embedding is scored on: the validation period's co-occurring positives
+    (``cooccurrence_pairs``) among items of the training period that are in ``items``. Returns
+    ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on."""
+    from qarm_core.embed.evaluate import cooccurrence_pairs
+
+    if train_events is None or valid_events is None:
+        return None, "skipped: no validation events given"
+    pairs = cooccurrence_pairs(valid_events, train_events["item_id"].to_numpy(), min_rating)
+    pairs = pairs.filter(pa.compute.is_in(pairs["src_item"], items["item_id"])) if pairs.num_rows else pairs
+    pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
+    if pairs.num_rows == 0:
+        return None, "skipped: no co-occurring positives in the validation period among training items"
+    return pairs, ""
+
+
+def score_embeddings(paths: dict[str, str], pairs: pa.Table, eval_k: int) -> dict[str, float]:
+    """``valid.<model>.<metric>`` (recall_at_10/50 and at ``eval_k``, mrr) of each model's
+    embeddings folder in ``paths`` on ``pairs``."""
+    from qarm_core.embed.evaluate import recall_report
+    from qarm_core.quantize.io import read_embeddings
+
+    ks = tuple(sorted(set(EVAL_KS) | {eval_k}))
+    report: dict[str, float] = {}
+    for name, path in paths.items():
+        ids, x = read_embeddings(path)
+        report |= {f"valid.{name}.{key}": v for key, v in recall_report(ids, x, pairs, ks).items() if key != "queries"}
+    return report
+
+
+def embed_baselines(items: pa.Table, cfg: "EmbedStageConfig", run_dir: str | Path,
+                    shards: "ShardRunner | None" = None) -> dict[str, str]:
+    """Embed the catalog with each of ``cfg.baselines`` into ``run_dir/<baseline>`` (resumable
+    parts); returns their folders by name. "base" is the untrained three-segment model, "minilm"
+    the sentence embedder over the same text."""
+    run_dir = Path(run_dir)
+    paths: dict[str, str] = {}
+    for b in cfg.baselines:
+        if b == "base":
+            paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer, shards=shards).path
+        else:
+            paths[b] = embed_catalog_minilm(items, run_dir / "minilm", cfg.infer, shards=shards).path
+    return paths
+
+
+def baselines_stage(items: pa.Table, cfg: "EmbedStageConfig", run_dir: str | Path,
+                    train_events: pa.Table | None, valid_events: pa.Table | None,
+                    min_rating: float | None = POSITIVE_MIN_RATING,
+                    shards: "ShardRunner | None" = None) -> tuple[pa.Table, dict]:
+    """The baselines' side of the embed gate, which needs no trained model: embed the catalog with
+    ``cfg.baselines`` (``embed_baselines``) and score them on ``validation_pairs``. Returns the
+    ``baseline_scores`` table (model, metric, value: one row per ``valid.<model>.<metric>``; empty
+    when there is nothing to score on) and a report with the same figures and ``notes``.
+    ``embed_stage(..., baselines=table)`` takes the table instead of embedding the baselines itself."""
+    pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
+    report: dict = {"notes": {}}
+    if pairs is None:
+        report["notes"]["eval"] = why
+        scores: dict[str, float] = {}
+    else:
+        scores = score_embeddings(embed_baselines(items, cfg, run_dir, shards), pairs, cfg.eval_k)
+        report |= scores | {"eval.pairs": float(pairs.num_rows)}
+    report["notes"]["baselines"] = ",".join(cfg.baselines) or "none"
+    rows = [key.split(".", 2)[1:] + [value] for key, value in sorted(scores.items())]
+    table = pa.table({"model": pa.array([r[0] for r in rows], pa.string()),
+                      "metric": pa.array([r[1] for r in rows], pa.string()),
+                      "value": pa.array([r[2] for r in rows], pa.float64())})
+    return table, report
+
+
+def read_baseline_scores(table: pa.Table) -> dict[str, float]:
+    """``baselines_stage``'s table back as ``valid.<model>.<metric>`` -> value."""
+    return {f"valid.{m}.{k}": float(v) for m, k, v in
+            zip(table["model"].to_pylist(), table["metric"].to_pylist(), table["value"].to_pylist())}
+
+
 def choose_model(recall: dict[str, float], model_is_published: bool, has_published: bool, k: int = 10
                  ) -> tuple[str, bool, str]:
     """The gate on the train -> embed edge: which model's embeddings to publish.
@@ -72,14 +151,15 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
                 model_is_published: bool = False, train_events: pa.Table | None = None,
                 valid_events: pa.Table | None = None, min_rating: float | None = POSITIVE_MIN_RATING,
                 published_model: str | Path | None = None,
-                shards: "ShardRunner | None" = None) -> tuple[EmbedRecord, dict]:
+                shards: "ShardRunner | None" = None, baselines: pa.Table | None = None) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
     parts), and, unless the model is the published one (``model_is_published``: the baselines were
     compared when it was trained), with each of ``cfg.baselines`` into ``run_dir/<baseline>``;
-    evaluate each on the validation period's co-occurrence (``cooccurrence_pairs`` of
-    ``valid_events`` among the items of ``train_events``: recall@10/50, MRR), and choose what to
-    publish (``choose_model``).
+    evaluate each on the validation period's co-occurrence (``validation_pairs``: recall@10/50,
+    MRR), and choose what to publish (``choose_model``).
 
+    ``baselines``: the table of ``baselines_stage`` when the caller ran it already (the flow runs it
+    beside training); its scores are used and no baseline is embedded here.
     ``previous``: the published embeddings folder. An item embedded there by the same model
     version from the same text keeps its vector, so a daily run with the published model encodes
     only new and changed items. ``published_model``: the published model folder when it differs
@@ -92,9 +172,6 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     ``encoded``, ``carried_over``, per model ``valid.<model>.recall_at_<k>`` and ``valid.<model>.mrr``,
     ``gate.passed``, and ``notes`` (``model_choice``, ``embed.gate``, model version, dtype).
     """
-    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
-    from qarm_core.quantize.io import read_embeddings
-
     run_dir = Path(run_dir)
     tuned = cfg.model.model_copy(update={"model": str(model_dir)})
     rec = embed_catalog(items, run_dir / "finetuned", tuned, cfg.infer, progress, previous=previous, shards=shards)
@@ -110,30 +187,23 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
         records["published"] = embed_catalog(items, run_dir / "published", old, cfg.infer, progress,
                                              previous=previous, shards=shards)
         paths["published"] = records["published"].path
-    for b in cfg.baselines if not model_is_published else ():
-        if b == "base":
-            paths[b] = embed_catalog(items, run_dir / "base", cfg.model, cfg.infer, shards=shards).path
-        else:
-            paths[b] = embed_catalog_minilm(items, run_dir / "minilm", cfg.infer).path
-    if cfg.baselines and model_is_published:
-        notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
-    pairs = None
-    if train_events is not None and valid_events is not None:
-        pairs = cooccurrence_pairs(valid_events, train_events["item_id"].to_numpy(), min_rating)
-        pairs = pairs.filter(pa.compute.is_in(pairs["src_item"], items["item_id"])) if pairs.num_rows else pairs
-        pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
-    recall: dict[str, float] = {}
-    if pairs is None or pairs.num_rows == 0:
-        notes["eval"] = ("skipped: no validation events given" if pairs is None else
-                         "skipped: no co-occurring positives in the validation period among training items")
+    pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
+    if baselines is not None:
+        notes["baselines"] = "scored beside training (baselines_stage)"
+    elif model_is_published:
+        if cfg.baselines:
+            notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
+    elif pairs is not None:
+        paths |= embed_baselines(items, cfg, run_dir, shards)
+    if pairs is None:
+        notes["eval"] = why
     else:
-        ks = tuple(sorted(set(EVAL_KS) | {cfg.eval_k}))
-        for name, path in paths.items():
-            ids, x = read_embeddings(path)
-            m = recall_report(ids, x, pairs, ks)
-            report |= {f"valid.{name}.{key}": v for key, v in m.items() if key != "queries"}
-            recall[name] = m[f"recall_at_{cfg.eval_k}"]
+        report |= score_embeddings(paths, pairs, cfg.eval_k)
+        if baselines is not None:
+            report |= read_baseline_scores(baselines)
         report["eval.pairs"] = float(pairs.num_rows)
+    recall = {key.split(".")[1]: v for key, v in report.items()
+              if key.startswith("valid.") and key.endswith(f".recall_at_{cfg.eval_k}")}
     choice, passed, reason = choose_model(recall, model_is_published=model_is_published,
                                           has_published=published_model is not None, k=cfg.eval_k)
     report["gate.passed"] = float(passed)

@@ -40,7 +40,9 @@ class LocalLM:
     source item) run that context once and reuse its key/value cache.
     """
 
-    def __init__(self, cfg: LocalModelConfig | None = None, model_id: str | None = None):
+    def __init__(self, cfg: LocalModelConfig | None = None, model_id: str | None = None, weights: bool = True):
+        """``weights=False``: the tokenizer, numeric type and identity only, for a driver whose
+        calls run on workers' replicas (``qarm_core.lm.sharded``); it cannot score or generate."""
         self.cfg = cfg or LocalModelConfig()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,13 +52,14 @@ class LocalLM:
             raise BackendError(f"{path} is not a Hugging Face model folder (no config.json)")
         from qarm_core.devices import resolve_device, resolve_dtype
 
-        if self.cfg.num_threads:
+        if self.cfg.num_threads and weights:
             torch.set_num_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device, "judge", "local.device")
         self.dtype_choice = resolve_dtype(self.cfg.dtype, self.device, "judge", "local.dtype")
         self.dtype = self.dtype_choice.torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().to(self.device) \
+            if weights else None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         name = self.cfg.model_path and Path(self.cfg.model_path).name or SMOLLM2_NAME

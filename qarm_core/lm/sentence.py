@@ -25,7 +25,7 @@ class SentenceEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval().to(device)
         self.batch_size = batch_size
-        self.model_id = model_id or ("minilm-l6-v2" if model_path is None else Path(model_path).name)
+        self.model_id = model_id or sentence_model_id(model_path)
 
     @keep_freed_memory()
     def embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
@@ -44,6 +44,11 @@ class SentenceEmbedder:
                 out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu().numpy())
                 advance(progress, len(out[-1]))
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+
+
+def sentence_model_id(model_path: str | Path | None = None) -> str:
+    """The id ``SentenceEmbedder`` gives the model of ``model_path`` (None: the default MiniLM)."""
+    return "minilm-l6-v2" if model_path is None else Path(model_path).name
 
 
 def minilm_signature(model_path: str | Path | None = None) -> dict:

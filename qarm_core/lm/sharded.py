@@ -134,7 +134,8 @@ class ShardedLM:
 
 
 def local_backend(cfg: LocalModelConfig, shards: ShardRunner | None = None, name: str = "llm") -> ShardedLM:
-    """The configured local model, loaded here, its calls sharded (``ShardedLM``)."""
+    """The configured local model, its calls sharded (``ShardedLM``). Its weights are loaded here
+    only when the shards run here: a remote runner's workers hold their own replicas."""
     from qarm_core.lm.local import LocalLM
 
-    return ShardedLM(LocalLM(cfg), cfg, shards, name)
+    return ShardedLM(LocalLM(cfg, weights=not (shards is not None and shards.remote)), cfg, shards, name)

@@ -98,7 +98,7 @@ def test_flow_run_tracks_config_hardware_and_one_run_per_stage(refreshed):
     assert parent[0]["params"]["config.ingest.synth.users"] == "60"
     assert "native bf16: " in parent[0]["tags"]["qarm.hardware"]      # CPU model and flags beside every run
     assert set(children) == {"ingest", "gate-ingest-items", "gate-ingest-interactions", "split", "mine",
-                             "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "train",
+                             "gate-mine-pairs", "judge", "gate-judge-judgments", "qa", "gate-qa-qa", "baselines", "train",
                              "embed", "gate-embed-embeddings", "quantize", "gate-quantize-codes", "publish"}
     assert all(r["status"] == "FINISHED" for r in children.values())
     assert children["ingest"]["metrics"]["rows.interactions"] == 800.0
@@ -274,7 +274,7 @@ def test_rerun_reuses_staged_outputs_and_keeps_sids(refreshed):
     out, out2, st = refreshed["out"], refreshed["out2"], refreshed["storage"]
     assert st.current().snapshot_id == out2["snapshot_id"] != out["snapshot_id"]
     runs = tracking.runs_of(refreshed["cfg"])
-    for stage in ("ingest", "split", "mine", "judge", "qa", "train", "embed"):
+    for stage in ("ingest", "split", "mine", "judge", "qa", "baselines", "train", "embed"):
         assert sorted(r["metrics"]["reused"] for r in runs if r["name"] == stage) == [0.0, 1.0]
     # the rerun warm-starts the quantizer from the published codebook: same SIDs
     hows = sorted(r["tags"]["qarm.quantize.how"] for r in runs if r["name"] == "quantize")
@@ -573,3 +573,20 @@ def test_a_refresh_on_two_dask_workers_into_an_s3_home_publishes_what_the_local_
     assert len({t.name for t in llm if t.name.startswith("judge-score-")}) >= 4    # ~290 pairs / 64
     assert any(t.name.startswith("qa-generate-") for t in llm)
     assert all(t.state.type.value == "COMPLETED" for t in llm)
+    # both baselines shard too (3 parts each, like the fine-tuned model's), and ran beside training
+    assert {t.name for t in task_runs if t.name.startswith(("embed-base-", "embed-minilm-"))} == \
+        {f"embed-{b}-{k:05d}" for b in ("base", "minilm") for k in range(3)}
+    base, train = _task_run(task_runs, "embed-baselines"), _task_run(task_runs, "train-embedding-model")
+    assert base.start_time < train.end_time and train.start_time < base.end_time, (base, train)
+    # the single-process run ran them one after the other: the baselines first
+    local_parent = next(r for r in tracking.runs_of(refreshed["cfg"]) if r["run_id"] == refreshed["out"]["mlflow_run_id"])
+    with get_client(sync_client=True) as client:
+        local_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[local_parent["tags"]["prefect.flow_run_id"]])), limit=200)
+    assert _task_run(local_runs, "embed-baselines").end_time <= _task_run(local_runs, "train-embedding-model").start_time
+
+
+def _task_run(task_runs, task_name: str):
+    """The one task run of ``task_name`` (a task run is named ``<task>-<3 characters>``)."""
+    (got,) = [t for t in task_runs if t.name.rsplit("-", 1)[0] == task_name]
+    return got

@@ -386,6 +386,63 @@ def test_the_embed_gate_keeps_the_published_model_unless_the_new_one_is_better()
     assert "not gated" in choose_model({}, False, True)[2]
 
 
+def _periods(items):
+    """(train, valid) events over the tiny catalog: users whose consecutive positives pair items of
+    one genre in the validation period (items of genre g are ids g+1, g+5, ...)."""
+    ids = np.sort(items["item_id"].to_numpy())
+    train = pa.table({"user_id": np.arange(len(ids)), "item_id": ids, "ts": np.zeros(len(ids), np.int64),
+                      "rating": np.full(len(ids), 5.0)})
+    users, got = [], []
+    for u, start in enumerate(ids[:12]):
+        users += [100 + u] * 3
+        got += [int(start), int(start) + 4, int(start) + 8]
+    valid = pa.table({"user_id": users, "item_id": got, "ts": np.tile([1, 2, 3], 12).astype(np.int64),
+                      "rating": np.full(len(got), 5.0)})
+    return train, valid
+
+
+def test_baselines_scored_beside_training_are_what_the_embed_stage_scores(tiny_lm_path, tiny_catalog, tmp_path):
+    """``baselines_stage`` (which the flow runs beside training) gives the embed stage the same
+    baseline scores, and so the same gate verdict, as embedding the baselines inside it; given its
+    table, the embed stage embeds no baseline."""
+    from qarm_core.embed.config import EmbedStageConfig
+    from qarm_core.embed.stage import baselines_stage, embed_stage, read_baseline_scores
+
+    items, _, _ = tiny_catalog
+    train, valid = _periods(items)
+    cfg = EmbedStageConfig(model=_cfg(tiny_lm_path), infer=EmbedConfig(batch_size=8, dtype="float32"))
+    assert cfg.baselines == ["base", "minilm"]
+    _, inline = embed_stage(items, tiny_lm_path, cfg, tmp_path / "inline", train_events=train, valid_events=valid)
+    table, report = baselines_stage(items, cfg, tmp_path / "baselines", train, valid)
+    assert sorted(zip(table["model"].to_pylist(), table["metric"].to_pylist())) == \
+        sorted((m, k) for m in ("base", "minilm") for k in ("mrr", "recall_at_10", "recall_at_50"))
+    expected = {k: v for k, v in inline.items() if k.startswith(("valid.base.", "valid.minilm."))}
+    assert read_baseline_scores(table) == expected == {k: v for k, v in report.items() if k.startswith("valid.")}
+    # a real signal, not a constant: MiniLM finds same-genre neighbours better than chance (3 in 23)
+    assert expected["valid.minilm.recall_at_10"] > 10 / 23
+    _, given = embed_stage(items, tiny_lm_path, cfg, tmp_path / "given", train_events=train, valid_events=valid,
+                           baselines=table)
+    assert {k: v for k, v in given.items() if k.startswith("valid.")} == \
+        {k: v for k, v in inline.items() if k.startswith("valid.")}
+    assert given["notes"]["embed.gate"] == inline["notes"]["embed.gate"]
+    assert sorted(p.name for p in (tmp_path / "given").iterdir()) == ["finetuned"]
+    assert sorted(p.name for p in (tmp_path / "inline").iterdir()) == ["base", "finetuned", "minilm"]
+
+
+def test_baselines_without_validation_events_score_nothing_and_say_why(tiny_lm_path, tiny_catalog, tmp_path):
+    from qarm_core.embed.config import EmbedStageConfig
+    from qarm_core.embed.stage import baselines_stage
+
+    items, _, _ = tiny_catalog
+    train, valid = _periods(items)
+    cfg = EmbedStageConfig(model=_cfg(tiny_lm_path))
+    table, report = baselines_stage(items, cfg, tmp_path / "b", train, None)
+    assert table.num_rows == 0 and report["notes"]["eval"] == "skipped: no validation events given"
+    table, report = baselines_stage(items, cfg, tmp_path / "b", train, valid.filter(pa.compute.less(valid["ts"], 2)))
+    assert table.num_rows == 0 and "no co-occurring positives" in report["notes"]["eval"]
+    assert not (tmp_path / "b").exists()            # nothing to score on: nothing embedded
+
+
 def test_evaluate_embeddings_file(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.evaluate import evaluate_embeddings, retrieval_metrics

@@ -69,6 +69,27 @@ def test_sharded_embedding_writes_what_the_local_run_writes(tiny_lm_path, tiny_c
     np.testing.assert_array_equal(read_embeddings(again.path)[1], x_l)
 
 
+def test_sharded_minilm_writes_what_the_local_run_writes(tiny_catalog, tmp_path):
+    """The MiniLM baseline shards like the LLM: one job per part, a worker's own replica, the same files."""
+    from qarm_core.embed.embed import embed_catalog_minilm
+    from qarm_core.quantize.io import read_embeddings
+
+    items, _, _ = tiny_catalog
+    ecfg = EmbedConfig(batch_size=4, chunk_rows=10)
+    local = embed_catalog_minilm(items, tmp_path / "local", ecfg)
+    shards = ShuffledShards(repeat=(0,))
+    sharded = embed_catalog_minilm(items, tmp_path / "minilm", ecfg, shards=shards)
+    assert shards.labels == ["embed-minilm"]
+    assert (sharded.rows, sharded.parts, sharded.parts_written, sharded.model_version, sharded.dim) == \
+        (local.rows, 3, 3, local.model_version, 384)
+    ids_l, x_l = read_embeddings(local.path)
+    ids_s, x_s = read_embeddings(sharded.path)
+    np.testing.assert_array_equal(ids_s, ids_l)
+    np.testing.assert_array_equal(x_s, x_l)                       # bit for bit
+    with pytest.raises(DataError, match="stage=embed.*does not exist"):
+        embed_catalog_minilm(items, tmp_path / "x", ecfg, model_path=str(tmp_path / "nope"), shards=shards)
+
+
 def test_a_missing_shard_commits_nothing(tiny_lm_path, tiny_catalog, tmp_path):
     """A runner that loses a shard without raising: the run fails naming the stage and the part."""
     from qarm_core.embed.embed import embed_catalog
@@ -87,7 +108,12 @@ def test_executor_config_is_strict():
 
     assert PipelineConfig().executor.kind == "local"
     assert PipelineConfig.model_validate({"executor": {"kind": "dask", "workers": 3}}).executor.workers == 3
-    for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}):
+    # independent stages overlap only where their work leaves this process (the Dask cluster)
+    overlap = {(kind, flag): PipelineConfig.model_validate({"executor": {"kind": kind, "overlap_stages": flag}}
+                                                           ).executor.stages_overlap
+               for kind in ("local", "dask") for flag in (True, False)}
+    assert overlap == {("local", True): False, ("local", False): False, ("dask", True): True, ("dask", False): False}
+    for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}, {"overlap_stages": "yes"}):
         with pytest.raises(ValidationError):
             PipelineConfig.model_validate({"executor": bad})
 
@@ -123,5 +149,10 @@ def test_sharded_lm_on_workers_computes_what_it_computes_here(tiny_lm_path):
     assert there.generate(prompts, 4) == here.generate(prompts, 4)
     assert shards.labels == ["judge-score", "judge-generate"]
     assert there.model_id == here.model_id and there.dtype_choice == here.dtype_choice
+    # a driver whose shards run on workers loads no weights, and computes the same
+    driver = local_backend(cfg, ShuffledShards(), name="judge")
+    assert driver.inner.model is None and here.inner.model is not None
+    assert all(np.array_equal(x, y) for x, y in zip(a, driver.continuation_logprobs(ctxs, conts, prefix="Related items. ")))
+    assert driver.chat_prompt("Hi.") == here.chat_prompt("Hi.")
     with pytest.raises(ValueError, match="contexts but"):
         there.continuation_logprobs(ctxs, conts[:-1])
