@@ -32,7 +32,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 from qarm_core.errors import DataError
 
@@ -215,3 +215,22 @@ def numba_without_openmp() -> None:
     if numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = "workqueue"
 
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
+    """The CUDA devices this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (indices
+    or UUIDs): that variable's entries when it is set (up to the first invalid one, as CUDA reads
+    it: ``-1`` or empty hides every GPU), else one index per device torch sees ([] on a CPU host or
+    a CPU build of torch)."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        out = []
+        for entry in env["CUDA_VISIBLE_DEVICES"].split(","):
+            entry = entry.strip()
+            if not entry or entry.startswith("-"):
+                break
+            out.append(entry)
+        return out
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

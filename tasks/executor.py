@@ -13,7 +13,10 @@ cost ~10 s and ~1 GB to start on this 2-core CI box, a price paid by every test 
 Workers must see the same QARM_HOME (a shared filesystem) and report to a Prefect API: a local
 cluster started here is given this run's API address (the ephemeral server of a plain
 ``qarm refresh`` included); workers of an ``executor.address`` cluster need PREFECT_API_URL set to
-a Prefect server they can reach.
+a Prefect server they can reach. On a GPU host, a local cluster gives worker i the GPU i mod n
+alone (``local_cluster``): ``executor.workers`` = the GPU count is one model replica per GPU; the
+workers of an ``executor.address`` cluster are started one per GPU by whoever runs them (e.g.
+``CUDA_VISIBLE_DEVICES=3 dask worker --nworkers 1 --nthreads 1 ...``, or dask-cuda's ``dask cuda worker``).
 """
 
 from __future__ import annotations
@@ -106,6 +109,29 @@ _FLOW_CLUSTER: dict[str, str] = {}
 
 
 @contextlib.contextmanager
+def local_cluster(ex: ExecutorConfig, gpus: Sequence[str] | None = None) -> Iterator[tuple[Any, str]]:
+    """A local Dask cluster of ``ex.workers`` processes (``_local_cluster_kwargs``), stopped when
+    the block ends; yields ``(cluster, layout)``, ``layout`` a phrase for the log. Where this host
+    has GPUs (``devices.visible_gpus``; ``gpus`` names them instead), worker i sees GPU i mod n
+    alone (``tasks.dask_plugins.PinGPU``): with ``executor.workers`` equal to the GPU count, one
+    model replica per GPU."""
+    from distributed import Client, LocalCluster
+
+    from qarm_core.devices import visible_gpus
+
+    gpus = visible_gpus() if gpus is None else [str(g) for g in gpus]
+    with LocalCluster(**_local_cluster_kwargs(ex)) as cluster:
+        layout = f"{ex.workers} worker(s) x {ex.threads_per_worker} thread(s)"
+        if gpus:
+            from tasks.dask_plugins import PinGPU
+
+            with Client(cluster) as client:
+                client.register_plugin(PinGPU(gpus))
+            layout += ", worker i on GPU " + (gpus[0] if len(gpus) == 1 else f"[{', '.join(gpus)}][i mod {len(gpus)}]")
+        yield cluster, layout
+
+
+@contextlib.contextmanager
 def flow_cluster(cfg: PipelineConfig) -> Iterator[None]:
     """For a flow run with ``executor.kind: dask`` and no ``executor.address``: one local cluster
     for the whole run, shared by its sharded stages (workers start and load their models once, not
@@ -114,11 +140,9 @@ def flow_cluster(cfg: PipelineConfig) -> Iterator[None]:
     if ex.kind != "dask" or ex.address:
         yield
         return
-    from distributed import LocalCluster
-
-    with LocalCluster(**_local_cluster_kwargs(ex)) as cluster:
-        get_run_logger().info("executor: started a local Dask cluster of %d worker(s) at %s for this run",
-                              ex.workers, cluster.scheduler_address)
+    with local_cluster(ex) as (cluster, layout):
+        get_run_logger().info("executor: started a local Dask cluster (%s) at %s for this run", layout,
+                              cluster.scheduler_address)
         _FLOW_CLUSTER["address"] = cluster.scheduler_address
         try:
             yield
@@ -137,12 +161,12 @@ def shard_runner(cfg: PipelineConfig) -> Iterator[ShardRunner]:
         return
     from prefect_dask import DaskTaskRunner
 
-    address = ex.address or _FLOW_CLUSTER.get("address")
-    if address:
-        runner = DaskTaskRunner(address=address)
-    else:
-        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(ex))
-    with runner:
-        n = len(runner.client.scheduler_info()["workers"]) if address else ex.workers
-        get_run_logger().info("executor: dask, %d worker(s) at %s", n, address or "a local cluster started for this stage")
-        yield DaskShards(runner, ex, max(n, 1))
+    with contextlib.ExitStack() as stack:
+        address, where = ex.address or _FLOW_CLUSTER.get("address"), ""
+        if not address:
+            cluster, layout = stack.enter_context(local_cluster(ex))
+            address, where = cluster.scheduler_address, f" (a local cluster of {layout} started for this stage)"
+        with DaskTaskRunner(address=address) as runner:
+            n = len(runner.client.scheduler_info()["workers"])
+            get_run_logger().info("executor: dask, %d worker(s) at %s%s", n, address, where)
+            yield DaskShards(runner, ex, max(n, 1))

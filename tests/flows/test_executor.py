@@ -47,3 +47,21 @@ def test_a_lost_worker_s_shard_is_retried_not_duplicated(prefect_harness, tmp_pa
     assert sorted(p.name for p in tmp_path.glob("out-*")) == [f"out-{i}" for i in range(4)]
     assert all((tmp_path / f"out-{i}").read_text() == f"{i}\n" for i in range(4))
     assert not list(tmp_path.glob(".out-*"))
+
+
+def test_a_local_cluster_gives_each_worker_its_own_gpu(prefect_harness):
+    """One model replica per GPU: worker i of a local cluster the run starts sees GPU i mod n alone
+    (CUDA_VISIBLE_DEVICES, set as the worker starts, before any shard initialises CUDA). This host
+    has no GPU, so the test names two."""
+    from distributed import Client
+
+    from qarm_core.executor import ExecutorConfig
+    from tasks.executor import local_cluster
+
+    ex = ExecutorConfig(kind="dask", workers=3)
+    with local_cluster(ex, gpus=["0", "1"]) as (cluster, layout), Client(cluster) as client:
+        seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")          # os.getenv runs in each worker
+        names = {addr: w["name"] for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    assert {names[addr]: gpu for addr, gpu in seen.items()} == {0: "0", 1: "1", 2: "0"}
+    assert layout == "3 worker(s) x 1 thread(s), worker i on GPU [0, 1][i mod 2]"
+    # without GPUs (this host: every other Dask test here) no worker is pinned

@@ -143,3 +143,13 @@ def test_swing_then_torch_leaves_torch_on_its_own_openmp_runtime():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["layer"] == "workqueue"
     assert all("/torch/" in g for g in got["gomp"]), got["gomp"]
+
+
+def test_visible_gpus_reads_cuda_visible_devices_as_cuda_does():
+    from qarm_core.devices import visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": " 1 , GPU-8a1b "}) == ["1", "GPU-8a1b"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}) == ["0"]          # CUDA stops at an invalid entry
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == [] == visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"})
+    assert visible_gpus({}) == []                                          # unset: torch's count (a CPU build: none)

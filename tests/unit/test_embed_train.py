@@ -260,11 +260,6 @@ def _two_process(tiny_lm_path, tiny_catalog, tmp_path, launcher: str, deepspeed:
 
 
 @pytest.mark.slow
-def test_two_processes_torchrun(tiny_lm_path, tiny_catalog, tmp_path):
-    _two_process(tiny_lm_path, tiny_catalog, tmp_path, "torchrun")
-
-
-@pytest.mark.slow
 def test_two_processes_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
     """Plain torch over gloo (gradients all-reduced by hand), 2 processes x 4 pairs."""
     import torch
@@ -627,8 +622,16 @@ def test_two_nodes_equal_one_node_and_one_process(tiny_lm_path, tiny_catalog, tm
     items, judgments, qa = tiny_catalog
     base = dict(batch_size=8, max_steps=3, checkpoint_every=3, dtype="float32", qa_weight=0.0, num_threads=1,
                 lr=3e-3, warmup_steps=0, seed=3)
+    # (0) torchrun, 2 processes, DeepSpeed ZeRO-2: the optimizer state partitioned in two, every step
+    # reported back to the driver (the 2-process bf16 path: test_two_processes_deepspeed_launcher)
+    seen: list[dict] = []
     one_node = train_embedding_model(items, judgments, qa, tmp_path / "one_node", _mcfg(tiny_lm_path),
-                                     TrainConfig(**base, launcher="torchrun", nproc=2, master_port=free_port()))
+                                     TrainConfig(**base, launcher="torchrun", nproc=2, master_port=free_port()),
+                                     progress=seen.append)
+    assert (one_node.world_size, one_node.steps, one_node.deepspeed, one_node.zero_stage) == (2, 3, True, 2)
+    assert [s["step"] for s in seen] == [1, 2, 3]
+    assert len(list((tmp_path / "one_node" / "checkpoints" / "step-00000003").glob("*optim_states.pt"))) == 2
+    assert (Path(one_node.model_dir) / "projection.safetensors").exists()
     port, recs, errors = free_port(), {}, []
 
     def node(rank: int) -> None:

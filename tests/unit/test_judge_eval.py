@@ -90,7 +90,10 @@ def _subset(eval_sets, n):
 def test_default_judge_carries_signal(ml100k, eval_sets, default_scorer):
     from qarm_core.judge.evaluate import scorer_auc
 
-    res = scorer_auc(_subset(eval_sets, 45), ml100k[1], default_scorer)
+    # 30 related + 30 unrelated pairs per set (idle AVX2 EPYC, 1 thread: cooc 0.858, genre 0.933 in 64 s;
+    # 45 + 45 took 95 s): enough to tell a judge with signal from a coin (SE of an AUC near 0.85 on
+    # 60 pairs ~0.05), at two thirds of the suite's time
+    res = scorer_auc(_subset(eval_sets, 30), ml100k[1], default_scorer)
     assert res["cooc"] >= 0.75 and res["genre"] >= 0.75, res
 
 
@@ -98,8 +101,11 @@ def test_default_judge_carries_signal(ml100k, eval_sets, default_scorer):
 def test_injected_titles_do_not_flip_verdicts(ml100k, eval_sets, default_scorer):
     from qarm_core.judge.evaluate import injection_flip_rate
 
-    res = injection_flip_rate(_subset(eval_sets, 8), ml100k[1], default_scorer)
-    assert res["n_decisions"] == 3 * 2 * 2 * 32
+    # 16 pairs (4 related + 4 unrelated per set) x 3 injections x 2 positions x 2 keep rules = 192
+    # decisions (idle AVX2 EPYC, 1 thread, ~65 s; 32 pairs took 2x as long): reject_to_keep 0.016
+    # against 0.031 for the harmless edit, mean shift -4.1 against -1.7
+    res = injection_flip_rate(_subset(eval_sets, 4), ml100k[1], default_scorer)
+    assert res["n_decisions"] == 3 * 2 * 2 * 16
     # The attacker's goal (a rejected pair becomes kept) is no more frequent than after a harmless
     # title edit, and injected text lowers scores on average rather than raising them. (Flips in
     # the other direction happen: a spammy title makes its item look less related.)
