@@ -216,7 +216,6 @@ def numba_without_openmp() -> None:
         numba.config.THREADING_LAYER = "workqueue"
 
 
-
 def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     """The CUDA devices this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (indices
     or UUIDs): that variable's entries when it is set (up to the first invalid one, as CUDA reads

@@ -164,8 +164,8 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     on the validation period's co-occurrence (recall@10/50, MRR to MLflow). The gate on the train
     -> embed edge (``qarm_core.embed.stage.choose_model``) publishes the new model only if it beats
     the published one; otherwise the published model and its embeddings are kept, the reason is
-    logged, and the flow goes on. ``baseline_scores``: the ``baselines`` task's output (else the
-    baselines are embedded and scored here). Returns ``embeddings`` and the ``model`` that made them.
+    logged, and the flow goes on. ``baseline_scores``: the ``baselines`` task's output (None: no
+    baseline is compared). Returns ``embeddings`` and the ``model`` that made them.
     """
     storage = Storage(cfg.home)
     schema = embeddings_schema(cfg.embed.model.dim)

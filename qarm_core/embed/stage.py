@@ -153,13 +153,12 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
                 published_model: str | Path | None = None,
                 shards: "ShardRunner | None" = None, baselines: pa.Table | None = None) -> tuple[EmbedRecord, dict]:
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
-    parts), and, unless the model is the published one (``model_is_published``: the baselines were
-    compared when it was trained), with each of ``cfg.baselines`` into ``run_dir/<baseline>``;
-    evaluate each on the validation period's co-occurrence (``validation_pairs``: recall@10/50,
-    MRR), and choose what to publish (``choose_model``).
+    parts), evaluate it on the validation period's co-occurrence (``validation_pairs``:
+    recall@10/50, MRR) beside the baselines' scores, and choose what to publish (``choose_model``).
 
-    ``baselines``: the table of ``baselines_stage`` when the caller ran it already (the flow runs it
-    beside training); its scores are used and no baseline is embedded here.
+    ``baselines``: the table of ``baselines_stage`` (the flow runs it beside training; it is skipped
+    when the model is the published one, compared when it was trained). Without it a new model is
+    compared with the published one only, and on a first run not gated.
     ``previous``: the published embeddings folder. An item embedded there by the same model
     version from the same text keeps its vector, so a daily run with the published model encodes
     only new and changed items. ``published_model``: the published model folder when it differs
@@ -188,13 +187,8 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
                                              previous=previous, shards=shards)
         paths["published"] = records["published"].path
     pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
-    if baselines is not None:
-        notes["baselines"] = "scored beside training (baselines_stage)"
-    elif model_is_published:
-        if cfg.baselines:
-            notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
-    elif pairs is not None:
-        paths |= embed_baselines(items, cfg, run_dir, shards)
+    if baselines is None and model_is_published and cfg.baselines:
+        notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
     if pairs is None:
         notes["eval"] = why
     else:

@@ -401,32 +401,45 @@ def _periods(items):
     return train, valid
 
 
-def test_baselines_scored_beside_training_are_what_the_embed_stage_scores(tiny_lm_path, tiny_catalog, tmp_path):
-    """``baselines_stage`` (which the flow runs beside training) gives the embed stage the same
-    baseline scores, and so the same gate verdict, as embedding the baselines inside it; given its
-    table, the embed stage embeds no baseline."""
+def test_baselines_scored_beside_training_are_what_the_embed_stage_gates_on(tiny_lm_path, tiny_catalog, tmp_path):
+    """``baselines_stage`` (which the flow runs beside training) scores each baseline's catalog
+    embedding on the validation period's co-occurrence exactly as recall_report scores it by hand;
+    the embed stage takes those scores for its gate (the base model is the reference of a first run)
+    and embeds no baseline itself."""
     from qarm_core.embed.config import EmbedStageConfig
+    from qarm_core.embed.embed import embed_catalog, embed_catalog_minilm
+    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
     from qarm_core.embed.stage import baselines_stage, embed_stage, read_baseline_scores
+    from qarm_core.events import POSITIVE_MIN_RATING
+    from qarm_core.quantize.io import read_embeddings
 
     items, _, _ = tiny_catalog
     train, valid = _periods(items)
     cfg = EmbedStageConfig(model=_cfg(tiny_lm_path), infer=EmbedConfig(batch_size=8, dtype="float32"))
     assert cfg.baselines == ["base", "minilm"]
-    _, inline = embed_stage(items, tiny_lm_path, cfg, tmp_path / "inline", train_events=train, valid_events=valid)
     table, report = baselines_stage(items, cfg, tmp_path / "baselines", train, valid)
     assert sorted(zip(table["model"].to_pylist(), table["metric"].to_pylist())) == \
         sorted((m, k) for m in ("base", "minilm") for k in ("mrr", "recall_at_10", "recall_at_50"))
-    expected = {k: v for k, v in inline.items() if k.startswith(("valid.base.", "valid.minilm."))}
-    assert read_baseline_scores(table) == expected == {k: v for k, v in report.items() if k.startswith("valid.")}
+    # by hand: each baseline embedded on its own, scored on the consecutive positives of validation
+    pairs = cooccurrence_pairs(valid, train["item_id"].to_numpy(), POSITIVE_MIN_RATING)
+    by_hand = {}
+    for name, rec in (("base", embed_catalog(items, tmp_path / "base", cfg.model, cfg.infer)),
+                      ("minilm", embed_catalog_minilm(items, tmp_path / "minilm", cfg.infer))):
+        got = recall_report(*read_embeddings(rec.path), pairs, (10, 50))
+        by_hand |= {f"valid.{name}.{k}": v for k, v in got.items() if k != "queries"}
+    assert read_baseline_scores(table) == by_hand == {k: v for k, v in report.items() if k.startswith("valid.")}
     # a real signal, not a constant: MiniLM finds same-genre neighbours better than chance (3 in 23)
-    assert expected["valid.minilm.recall_at_10"] > 10 / 23
+    assert by_hand["valid.minilm.recall_at_10"] > 10 / 23
     _, given = embed_stage(items, tiny_lm_path, cfg, tmp_path / "given", train_events=train, valid_events=valid,
                            baselines=table)
-    assert {k: v for k, v in given.items() if k.startswith("valid.")} == \
-        {k: v for k, v in inline.items() if k.startswith("valid.")}
-    assert given["notes"]["embed.gate"] == inline["notes"]["embed.gate"]
+    assert {k: v for k, v in given.items() if k.startswith(("valid.base.", "valid.minilm."))} == by_hand
+    assert f"> base {by_hand['valid.base.recall_at_10']:.4f}" in given["notes"]["embed.gate"] or \
+        f"<= base {by_hand['valid.base.recall_at_10']:.4f}" in given["notes"]["embed.gate"]
     assert sorted(p.name for p in (tmp_path / "given").iterdir()) == ["finetuned"]
-    assert sorted(p.name for p in (tmp_path / "inline").iterdir()) == ["base", "finetuned", "minilm"]
+    # without the baselines' scores a first run has no reference: scored, not gated
+    _, alone = embed_stage(items, tiny_lm_path, cfg, tmp_path / "alone", train_events=train, valid_events=valid)
+    assert not any(k.startswith(("valid.base.", "valid.minilm.")) for k in alone)
+    assert "not gated" in alone["notes"]["embed.gate"]
 
 
 def test_baselines_without_validation_events_score_nothing_and_say_why(tiny_lm_path, tiny_catalog, tmp_path):
