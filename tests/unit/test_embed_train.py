@@ -84,6 +84,10 @@ def test_deepspeed_zero2_single_process(tiny_lm_path, tiny_catalog, tmp_path):
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg)
     assert rec.deepspeed and rec.zero_stage == 2 and rec.dtype == "bfloat16" and rec.steps == 6 and rec.world_size == 1
     assert np.isfinite(rec.final_loss) and rec.tokens_per_s > 0
+    # alone on the host: DeepSpeed's shared-memory allreduce (a JIT-compiled op) was not built
+    from deepspeed.comm import comm as ds_comm
+
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
     ck = tmp_path / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step-00000006"
     assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000003", "step-00000006"]
@@ -196,6 +200,15 @@ def test_lora_option(tiny_lm_path, tiny_catalog, tmp_path):
     torch.testing.assert_close(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])
     loaded = load_model(EmbedModelConfig(model=rec.model_dir, dim=16, max_qa_tokens=24))
     assert loaded.fine_tuned
+
+
+def test_local_world_size_from_either_launcher():
+    from qarm_core.embed.train.distributed import local_world_size
+
+    assert local_world_size({}) == 1
+    assert local_world_size({"LOCAL_WORLD_SIZE": "2"}) == 2      # torchrun
+    assert local_world_size({"LOCAL_SIZE": "4"}) == 4            # the deepspeed launcher
+    assert local_world_size({"LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "2"}) == 1   # one process per node
 
 
 def test_launch_commands(tmp_path):

@@ -80,6 +80,23 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def local_world_size(env: dict | None = None) -> int:
+    """How many ranks run on this host: torchrun's ``LOCAL_WORLD_SIZE``, the ``deepspeed``
+    launcher's ``LOCAL_SIZE``; 1 when neither is set (alone, or one process per node)."""
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Tell DeepSpeed not to build its shared-memory allreduce op: it only serves ranks that share
+    a host, and on a fresh machine its JIT compile costs about a minute of every first run."""
+    import deepspeed.ops
+
+    # DeepSpeed probes the compatible ops once per process and keeps the dict, so the edit holds
+    # for the ``init_distributed`` below (deepspeed/ops/__init__.py).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def free_port() -> int:
     import socket
 
@@ -109,6 +126,8 @@ def init_process_group(world: int, use_deepspeed: bool, backend: str) -> str:
     if use_deepspeed:
         import deepspeed
 
+        if local_world_size() == 1:
+            _skip_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=world > 1, **kw)
     else:
         dist.init_process_group(backend, **kw)
