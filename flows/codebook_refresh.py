@@ -1,5 +1,6 @@
 """The ``codebook-refresh`` flow: ingest -> gate -> split by time -> gate -> mine pairs (train period) -> gate -> judge -> gate -> QA -> gate ->
 train (or reuse the published model) | score the baselines -> embed -> gate -> quantize -> gate -> publish.
+With ``qa.items: all``, QA needs no verdicts: judge | QA.
 
 Stages joined by ``|`` do not depend on each other: with ``executor.stages_overlap`` they run at
 the same time (``tasks.executor.start``), otherwise one after the other."""
@@ -56,10 +57,12 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
         records |= split(cfg, run_id, records["interactions"])
         records |= mine(cfg, run_id, records["train_events"], records["items"])
         gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
+        # QA of every item (qa.items: all) needs no verdicts: it may run beside the judge
+        asked = None if cfg.qa.needs_judgments else start(cfg, qa, cfg, run_id, None, records["items"])
         records |= judge(cfg, run_id, records["pairs"], records["items"], records["train_events"],
                          records["valid_events"])
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
-        records |= qa(cfg, run_id, records["judgments"], records["items"])
+        records |= asked.result() if asked else qa(cfg, run_id, records["judgments"], records["items"])
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
         # the baselines of the train -> embed gate need no trained model: they may run beside training
         scored = start(cfg, baselines, cfg, run_id, records["items"], records["train_events"],

@@ -96,6 +96,9 @@ class PipelineConfig(Strict):
         })
         tracking = self.tracking.model_copy(update={"tracking_uri": tracking_uri,
                                                    "artifact_location": artifacts})
+        if self.executor.scratch == "object_store" and not is_remote_home(home):
+            raise ConfigError(f"executor.scratch: object_store needs an s3:// home, but the home is {home} "
+                              "(a folder: its workers must share it; use scratch: shared or auto)")
         return self.model_copy(update={"home": str(home), "ingest": ingest, "tracking": tracking})
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,11 +14,14 @@ layer (``tasks/executor.py``: Prefect's DaskTaskRunner, one task run per shard, 
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence, TypeVar
 
 from pydantic import Field
 
 from qarm_core.base import Strict
+
+if TYPE_CHECKING:
+    from qarm_core.scratch import ObjectScratch
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -43,6 +46,23 @@ class ExecutorConfig(Strict):
     # the stages would share this process's cores (no gain) and its torch state (thread count,
     # global random generator) with an in-process training run.
     overlap_stages: bool = True
+    # Where a sharded stage's jobs find their files (the catalog, a model that lives in the home,
+    # their outputs): "shared" = the driver's own paths (workers on this host or on a shared
+    # filesystem); "object_store" = keys of the s3:// home's store, fetched by each worker
+    # (qarm_core.scratch), for workers that share no filesystem with the driver; "auto" = the store
+    # for a remote cluster (``address``) with an s3:// home, else shared.
+    scratch: Literal["auto", "shared", "object_store"] = "auto"
+    # Environment variables of the workers of a local cluster that a run starts (e.g. their own
+    # QARM_LOCAL_ROOT or HF_HOME); the workers of ``address`` get theirs from whoever started them.
+    worker_env: dict[str, str] = Field(default_factory=dict)
+
+    def scratch_on_store(self, home: str) -> bool:
+        """Whether shard jobs pass their files through the home's object store (``scratch``)."""
+        from qarm_core.storage import is_remote_home
+
+        if self.scratch == "auto":
+            return self.kind == "dask" and bool(self.address) and is_remote_home(home)
+        return self.kind == "dask" and self.scratch == "object_store"
 
     @property
     def stages_overlap(self) -> bool:
@@ -56,6 +76,7 @@ class ShardRunner(Protocol):
     workers: int
     threads: int | None           # CPU threads of one worker's model (None: the process's setting)
     remote: bool                  # jobs run in other processes (so they carry paths and config, not objects)
+    scratch: "ObjectScratch | None"   # jobs reach their files through the store (else the driver's paths)
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]: ...
 
@@ -66,6 +87,7 @@ class LocalShards:
     workers = 1
     threads = None
     remote = False
+    scratch = None
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
         return [fn(job) for job in jobs]

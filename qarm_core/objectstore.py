@@ -242,6 +242,60 @@ class ObjectHome:
         cond = {"IfMatch": if_match} if if_match is not None else {}
         self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key(rel), **cond)
 
+    # ------------------------------------------------------------ plain files (shard scratch)
+    def upload_folder(self, folder: str | os.PathLike, rel: str) -> int:
+        """Copy every file under ``folder`` to ``rel/<its relative path>``; returns how many."""
+        src = Path(folder)
+        files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        self._transfer([(self.fs._put_file, str(src / f), self.path(f"{rel}/{f}"), f) for f in files])
+        return len(files)
+
+    def upload_file(self, path: str | os.PathLike, rel: str) -> None:
+        """Store the file ``path`` as ``rel`` (one PUT: the object is whole or absent)."""
+        self._transfer([(self.fs._put_file, str(path), self.path(rel), rel)])
+
+    def download(self, rel: str, target: str | os.PathLike, folder: bool) -> Path:
+        """A local copy of the object ``rel`` (``folder=False``) or of every object under ``rel/``:
+        downloaded to a temporary name beside ``target`` and renamed into place, so ``target`` is
+        complete or absent. Raises StorageError if there is nothing at ``rel``."""
+        dest = Path(target)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{_HOST}_{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        base = self.path(rel) + ("/" if folder else "")
+        try:
+            if folder:
+                rels = sorted(p[len(base):] for p, info in self.fs.find(base, detail=True).items()
+                              if info.get("type") != "directory" and p.startswith(base))
+                if not rels:
+                    raise StorageError(f"[stage=scratch, dataset={rel}] nothing under {self.url}/{rel}/")
+                for d in {(tmp / r).parent for r in rels}:
+                    d.mkdir(parents=True, exist_ok=True)
+                self._transfer([(self.fs._get_file, base + r, str(tmp / r), r) for r in rels])
+            else:
+                try:
+                    self._transfer([(self.fs._get_file, base, str(tmp), rel)])
+                except FileNotFoundError:
+                    raise StorageError(f"[stage=scratch, dataset={rel}] {self.url}/{rel} does not exist") from None
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.exists():
+                    raise
+                # another process of this host fetched the same object first: its copy is as good
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists():
+                tmp.unlink()
+        return dest
+
+    def delete_prefix(self, rel: str) -> None:
+        """Delete every object under ``rel/`` (nothing if there is none)."""
+        base = self.path(rel) + "/"
+        keys = [p for p, info in self.fs.find(base, detail=True).items() if info.get("type") != "directory"]
+        if keys:
+            self.fs.rm(keys)
+
     # ------------------------------------------------------------ CURRENT
     def _read_current(self, stage: str = "read") -> tuple[str | None, str | None]:
         """(snapshot id CURRENT names, CURRENT's ETag), (None, None) before the first publish."""

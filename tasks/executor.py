@@ -10,7 +10,9 @@ pure Python that starts a 2-worker local cluster in ~3 s and runs the same on a 
 (``dask scheduler`` / ``dask worker``), Kubernetes or Slurm; Ray's raylet, GCS and object store
 cost ~10 s and ~1 GB to start on this 2-core CI box, a price paid by every test of this path.
 
-Workers must see the same QARM_HOME (a shared filesystem) and report to a Prefect API: a local
+Workers must see the same QARM_HOME (a shared filesystem), or, with an s3:// home and
+``executor.scratch`` on the store (the default for a remote cluster), only its object store
+(``qarm_core.scratch``); and they report to a Prefect API: a local
 cluster started here is given this run's API address (the ephemeral server of a plain
 ``qarm refresh`` included); workers of an ``executor.address`` cluster need PREFECT_API_URL set to
 a Prefect server they can reach. On a GPU host, a local cluster gives worker i the GPU i mod n
@@ -30,6 +32,7 @@ from prefect import get_run_logger, task
 from qarm_core.config import PipelineConfig
 from qarm_core.executor import ExecutorConfig, LocalShards, ShardRunner
 from qarm_core.progress import Progress
+from qarm_core.scratch import SCRATCH, ObjectScratch
 from tasks.common import TASK_DEFAULTS, route_core_logs
 
 J = TypeVar("J")
@@ -47,8 +50,8 @@ def run_shard(fn: Callable[[Any], Any], job: Any, label: str, index: int) -> Any
 class DaskShards:
     """A stage's shards as Prefect task runs on a Dask cluster (``executor.kind: dask``)."""
 
-    def __init__(self, runner: Any, cfg: ExecutorConfig, workers: int):
-        self.runner, self.cfg, self.workers = runner, cfg, workers
+    def __init__(self, runner: Any, cfg: ExecutorConfig, workers: int, scratch: ObjectScratch | None = None):
+        self.runner, self.cfg, self.workers, self.scratch = runner, cfg, workers, scratch
         self.threads = cfg.threads_per_worker
         self.remote = True
 
@@ -77,7 +80,8 @@ def _api_url() -> str | None:
 def _local_cluster_kwargs(ex: ExecutorConfig) -> dict[str, Any]:
     """A local cluster of ``ex.workers`` processes, one task at a time each, whose models use
     ``ex.threads_per_worker`` threads and whose task runs report to this run's Prefect API."""
-    env = {"OMP_NUM_THREADS": str(ex.threads_per_worker), "MKL_NUM_THREADS": str(ex.threads_per_worker)}
+    env = {"OMP_NUM_THREADS": str(ex.threads_per_worker), "MKL_NUM_THREADS": str(ex.threads_per_worker),
+           **ex.worker_env}
     url = os.environ.get("PREFECT_API_URL") or _api_url()
     if url:
         env["PREFECT_API_URL"] = url
@@ -166,7 +170,9 @@ def shard_runner(cfg: PipelineConfig) -> Iterator[ShardRunner]:
         if not address:
             cluster, layout = stack.enter_context(local_cluster(ex))
             address, where = cluster.scheduler_address, f" (a local cluster of {layout} started for this stage)"
+        scratch = ObjectScratch(cfg.home) if ex.scratch_on_store(cfg.home) else None
         with DaskTaskRunner(address=address) as runner:
             n = len(runner.client.scheduler_info()["workers"])
-            get_run_logger().info("executor: dask, %d worker(s) at %s%s", n, address, where)
-            yield DaskShards(runner, ex, max(n, 1))
+            get_run_logger().info("executor: dask, %d worker(s) at %s%s; shard files %s", n, address, where,
+                                  f"through the store ({cfg.home}/{SCRATCH})" if scratch else "on a shared filesystem")
+            yield DaskShards(runner, ex, max(n, 1), scratch)

@@ -85,16 +85,21 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
 
 
 @task(name="qa-pairs", **TASK_DEFAULTS)
-def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, items: DatasetRecord
+def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None, items: DatasetRecord
        ) -> dict[str, DatasetRecord]:
     """Stage ``qa``: K question/answer pairs per item (of the kept pairs, or all, by ``qa.items``);
-    items answered in the published snapshot by the same model and prompt are copied."""
+    items answered in the published snapshot by the same model and prompt are copied.
+    ``judgments``: the judge's verdicts, None when QA needs none (``qa.needs_judgments``)."""
     storage = Storage(cfg.home)
     previous, prev_rec = published_table(storage, "qa")
+    if cfg.qa.needs_judgments and judgments is None:
+        raise ValueError("stage qa: qa.items=kept_pairs needs the judge's verdicts (judgments)")
+    verdicts = judgments if cfg.qa.needs_judgments else None     # nor is the cache keyed by them
 
     def produce():
         catalog = read_dataset(items)
-        ids = qa_item_ids(read_dataset(judgments, columns=["src_item", "dst_item", "keep"]), catalog, cfg.qa.items)
+        kept = read_dataset(verdicts, columns=["src_item", "dst_item", "keep"]) if verdicts else None
+        ids = qa_item_ids(kept, catalog, cfg.qa.items)
         with shard_runner(cfg) as shards:
             table, report = qa_stage(catalog, cfg.qa, ids, previous=previous, shards=shards)
         report.setdefault("notes", {})["executor"] = cfg.executor.kind
@@ -102,7 +107,7 @@ def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, items:
 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="qa", outputs={"qa": SCHEMAS["qa"]}, produce=produce,
-        key_inputs={"judgments": judgments.fingerprint, "items": items.fingerprint,
+        key_inputs={"judgments": verdicts.fingerprint if verdicts else None, "items": items.fingerprint,
                     "qa": cfg.qa.model_dump(mode="json")},
         params={"qa": cfg.qa.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none"},
         summary=lambda recs, rep: (f"qa: {recs['qa'].rows:,} rows for {rep.get('items', 0):,.0f} items "

@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,9 @@ from qarm_core.errors import DataError
 from qarm_core.executor import ShardRunner
 from qarm_core.hashing import text_hash
 from qarm_core.progress import Progress
+
+if TYPE_CHECKING:
+    from qarm_core.scratch import ObjectScratch
 
 STAGE = "embed"
 META = "_embed_meta.json"
@@ -409,7 +412,9 @@ def minilm_identity(model_path: str | None = None) -> tuple[str, int]:
 @dataclass(frozen=True)
 class EmbedPartJob:
     """One shard of a catalog embedding run: part ``part`` of the id-sorted catalog, as a worker
-    needs it (paths and plain config, nothing in memory)."""
+    needs it (paths and plain config, nothing in memory). With ``scratch`` (the home URL of
+    ``qarm_core.scratch.ObjectScratch``), ``items_path``, ``out_dir``, ``previous`` and ``model_key``
+    are keys of that home's store, not paths: the worker shares no filesystem with the driver."""
 
     part: int
     out_dir: str
@@ -418,6 +423,8 @@ class EmbedPartJob:
     cfg: dict                     # EmbedConfig
     previous: str | None = None   # published embeddings folder (vectors to carry over)
     embedder: str = "llm"         # "llm" (LLMEmbedder) | "minilm" (MiniLMEmbedder)
+    scratch: str | None = None    # the home URL whose store carries this job's files
+    model_key: str | None = None  # with scratch: the key of the model folder (one that lives in the home)
 
 
 @functools.lru_cache(maxsize=3)
@@ -439,6 +446,8 @@ def _worker_previous(path: str) -> PreviousEmbeddings:
 def embed_part(job: EmbedPartJob) -> PartResult:
     """Run one shard (on whichever worker): embed and write its part. Deterministic: the part's
     ids, the batch size and the model fix every batch, so any worker writes the same part."""
+    if job.scratch is not None:
+        return _embed_part_through_store(job)
     emb = _worker_embedder(job.embedder, job.items_path, json.dumps(job.model_cfg, sort_keys=True),
                            json.dumps(job.cfg, sort_keys=True))
     ids = emb.texts.ids[_rows(job.part, emb.cfg.chunk_rows)]
@@ -447,6 +456,39 @@ def embed_part(job: EmbedPartJob) -> PartResult:
                      emb.texts.hashes(ids), _worker_previous(job.previous) if job.previous else None, prog)
     prog.finish()
     return res
+
+
+def _embed_part_through_store(job: EmbedPartJob) -> PartResult:
+    """``embed_part`` on a worker that sees only the store: fetch the job's inputs into this host's
+    local root (once), write the part there, hand it back under its part's key."""
+    from qarm_core.scratch import ObjectScratch
+
+    scratch = ObjectScratch(job.scratch)
+    model_cfg = dict(job.model_cfg)
+    if job.model_key is not None:
+        model_cfg["model"] = str(scratch.fetch(job.model_key, folder=True))
+    local = dataclasses.replace(
+        job, scratch=None, model_key=None, model_cfg=model_cfg, out_dir=str(scratch.output_dir(job.out_dir)),
+        items_path=str(scratch.fetch(job.items_path, folder=False)),
+        previous=str(scratch.fetch(job.previous, folder=True)) if job.previous else None)
+    res = embed_part(local)
+    scratch.hand_back(_part_file(Path(local.out_dir), job.part), f"{job.out_dir}/{_part_file(Path(), job.part)}")
+    return res
+
+
+def _share_inputs(scratch: "ObjectScratch", out: Path, items_path: Path, model_cfg: dict,
+                  previous: str | None) -> dict:
+    """Upload what the jobs of ``out``'s run read to the store; returns the jobs' fields that name
+    store keys (``EmbedPartJob``)."""
+    key = scratch.key_for(out)
+    fields = {"scratch": scratch.home_url, "out_dir": f"{key}/parts",
+              "items_path": scratch.share_file(items_path, f"{key}/{items_path.name}")}
+    model = model_cfg.get("model") or model_cfg.get("model_path")
+    if model and Path(model).is_dir() and scratch.in_home(model):   # a model installed on every host is not copied
+        fields["model_key"] = scratch.share_folder(model, f"{key}/model")
+    if previous is not None:
+        fields["previous"] = scratch.published_key(previous) or scratch.share_folder(previous, f"{key}/previous")
+    return fields
 
 
 def _embed_sharded(items: pa.Table, out_dir: str | Path, embedder: str, model_cfg: dict, identity: tuple[str, int],
@@ -464,9 +506,18 @@ def _embed_sharded(items: pa.Table, out_dir: str | Path, embedder: str, model_cf
         tmp = out / f"._items.parquet.tmp{os.getpid()}"
         pq.write_table(items.sort_by("item_id"), tmp)
         tmp.rename(items_path)
-    jobs = [EmbedPartJob(k, str(out), str(items_path), model_cfg, cfg.model_dump(mode="json"), previous, embedder)
-            for k in todo]
-    results = shards.run(embed_part, jobs, label=f"embed-{out.name}")
+    job = EmbedPartJob(0, str(out), str(items_path), model_cfg, cfg.model_dump(mode="json"), previous, embedder)
+    scratch = getattr(shards, "scratch", None)
+    if scratch is not None and todo:
+        job = dataclasses.replace(job, **_share_inputs(scratch, out, items_path, model_cfg, previous))
+    try:
+        results = shards.run(embed_part, [dataclasses.replace(job, part=k) for k in todo], label=f"embed-{out.name}")
+        if scratch is not None:
+            for k in todo:
+                scratch.collect(f"{job.out_dir}/{_part_file(Path(), k)}", _part_file(out, k))
+    finally:
+        if scratch is not None and todo:
+            scratch.clear(scratch.key_for(out))
     if progress and results:
         encode_s = sum(r.encode_s for r in results)
         progress({"part": len(results), "parts": len(results), "rows_done": len(ids), "rows": len(ids),

@@ -97,3 +97,9 @@ class QAConfig(Strict):
     max_answer_chars: int = Field(200, ge=1)
     # 64 prompts decode together: on 2 CPU cores 1.2-1.45x the items/s of 32 (float32), and 128 gave no more.
     batch_size: int = Field(64, ge=1)
+
+    @property
+    def needs_judgments(self) -> bool:
+        """Whether QA waits for the judge: its items are those of kept pairs, which only the
+        judge's verdicts name (``items: all`` asks about every item and may run beside the judge)."""
+        return self.items == "kept_pairs"

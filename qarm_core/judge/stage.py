@@ -280,13 +280,15 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     return JudgeTables(out, eval_table, neutral), report
 
 
-def qa_item_ids(judgments: pa.Table, items: pa.Table, mode: str) -> list[int]:
+def qa_item_ids(judgments: pa.Table | None, items: pa.Table, mode: str) -> list[int]:
     """Which items get QA: ``"kept_pairs"``, the items of kept judged pairs (the ones training
-    reads); ``"all"``, the whole catalog. Sorted, distinct."""
+    reads); ``"all"``, the whole catalog (``judgments`` unused, may be None). Sorted, distinct."""
     if mode == "all":
         return sorted(set(items["item_id"].to_pylist()))
     if mode != "kept_pairs":
         raise ValueError(f"unknown QA item selection {mode!r}")
+    if judgments is None:
+        raise ValueError("QA of the kept pairs' items needs the judge's verdicts")
     kept = judgments.filter(pc.fill_null(judgments["keep"], False))
     return sorted(set(kept["src_item"].to_pylist()) | set(kept["dst_item"].to_pylist()))
 

@@ -523,7 +523,8 @@ def test_a_refresh_on_two_dask_workers_into_an_s3_home_publishes_what_the_local_
         refreshed, tmp_path, tmp_path_factory, monkeypatch):
     """executor.kind=dask (a 2-worker local cluster started for the run, each shard a Prefect task
     run) and QARM_HOME on an S3 server (moto's, on 127.0.0.1; snapshots and CURRENT there, the
-    working folders in QARM_LOCAL_ROOT): every published dataset, downloaded again from the store,
+    working folders in QARM_LOCAL_ROOT; the shards' files through the store, into the workers'
+    own local root): every published dataset, downloaded again from the store,
     is bit for bit the single-process run's, except the judge's float scores, which may differ in
     the last bits: the workers' models run on 1 thread, the local one on 2, and a matmul's sums are split differently (bit for bit with equal threads,
     tests/unit/test_executor.py); its keep verdicts, and so all that is trained on them, are equal."""
@@ -537,8 +538,17 @@ def test_a_refresh_on_two_dask_workers_into_an_s3_home_publishes_what_the_local_
     with moto_s3_server() as server:
         home = use_s3_server(monkeypatch, server, tmp_path_factory)          # s3://<bucket>/<prefix>
         monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "local"))
-        out = codebook_refresh(TINY, {"home": home, "executor.kind": "dask", "executor.workers": 2})
+        # the workers pass their files through the store (as on hosts without a shared filesystem)
+        # into local roots of their own
+        workers_root = tmp_path / "workers"
+        out = codebook_refresh(TINY, {"home": home, "executor.kind": "dask", "executor.workers": 2,
+                                      "executor.scratch": "object_store",
+                                      "executor.worker_env": {LOCAL_ROOT_ENV: str(workers_root)}})
         st = Storage(home)
+        from qarm_core.scratch import SCRATCH
+
+        assert len(list(workers_root.rglob("cache/scratch/*/model/config.json"))) == 1   # the model, fetched once
+        assert not st.remote.fs.find(st.remote.path(SCRATCH))           # the scratch prefix is cleared
         assert st.remote.current() == out["snapshot_id"] and st.list_snapshots() == [out["snapshot_id"]]
         assert st.home.is_relative_to(tmp_path / "local") and not (st.home / "CURRENT").exists()
         assert sorted(st.remote.manifest(out["snapshot_id"])["datasets"]) == sorted(out["rows"])
@@ -590,3 +600,25 @@ def _task_run(task_runs, task_name: str):
     """The one task run of ``task_name`` (a task run is named ``<task>-<3 characters>``)."""
     (got,) = [t for t in task_runs if t.name.rsplit("-", 1)[0] == task_name]
     return got
+
+
+@pytest.mark.slow
+def test_qa_of_every_item_runs_beside_the_judge_on_a_dask_cluster(prefect_harness, tmp_path):
+    """qa.items=all needs no verdicts: on a Dask executor the flow submits QA before the judge and
+    the two stages' task runs overlap; QA then covers the whole catalog."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    home = tmp_path / "home"
+    out = codebook_refresh(TINY, {"home": str(home), "executor.kind": "dask", "executor.workers": 2,
+                                  "qa.items": "all"})
+    snap = Storage(home).snapshot(out["snapshot_id"])
+    catalog = read_dataset(snap.record("items"), columns=["item_id"])["item_id"].to_pylist()
+    asked = read_dataset(snap.record("qa"), columns=["item_id"])["item_id"].to_pylist()
+    assert set(asked) == set(catalog)
+    parent = next(r for r in tracking.runs_of(_cfg(home)) if r["run_id"] == out["mlflow_run_id"])
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[parent["tags"]["prefect.flow_run_id"]])), limit=200)
+    qa_run, judge_run = _task_run(task_runs, "qa-pairs"), _task_run(task_runs, "judge-pairs")
+    assert qa_run.start_time < judge_run.end_time and judge_run.start_time < qa_run.end_time, (qa_run, judge_run)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qarm_core.embed.config import EmbedConfig, EmbedModelConfig
-from qarm_core.errors import DataError
+from qarm_core.errors import ConfigError, DataError
 
 
 class ShuffledShards:
@@ -101,7 +101,77 @@ def test_a_missing_shard_commits_nothing(tiny_lm_path, tiny_catalog, tmp_path):
         embed_catalog(items, tmp_path / "e", mcfg, ecfg, shards=ShuffledShards(drop=(1,)))
 
 
-def test_executor_config_is_strict():
+class HostWithoutTheDriversFiles(ShuffledShards):
+    """Jobs as on a worker of another host: the driver's local root is moved away while they run
+    (a job that named one of its paths would fail), and the worker has a local root of its own."""
+
+    def __init__(self, scratch, driver_root, worker_root, monkeypatch):
+        super().__init__(repeat=(0,))
+        self.scratch, self.driver_root, self.worker_root, self.mp = scratch, driver_root, worker_root, monkeypatch
+
+    def run(self, fn, jobs, label):
+        from qarm_core.storage import LOCAL_ROOT_ENV
+
+        away = self.driver_root.with_name(self.driver_root.name + "-away")
+        self.driver_root.rename(away)
+        self.mp.setenv(LOCAL_ROOT_ENV, str(self.worker_root))
+        try:
+            return super().run(fn, jobs, label)
+        finally:
+            self.mp.setenv(LOCAL_ROOT_ENV, str(self.driver_root.parent))
+            away.rename(self.driver_root)
+
+
+def test_shards_that_see_only_the_object_store_write_what_the_local_run_writes(
+        tiny_lm_path, tiny_catalog, tmp_path, tmp_path_factory, monkeypatch):
+    """executor.scratch=object_store: the jobs name keys of the s3:// home's store, never the
+    driver's paths. A fine-tuned model that lives in the home, the catalog and the published
+    embeddings reach the worker through the store (fetched once into its own local root), its parts
+    come back through it, the result is bit for bit the local run's, and the scratch prefix is
+    deleted afterwards. (moto's S3 server on 127.0.0.1.)"""
+    import shutil
+
+    from qarm_core.embed.embed import embed_catalog
+    from qarm_core.executor import LocalShards
+    from qarm_core.quantize.io import read_embeddings
+    from qarm_core.scratch import SCRATCH, ObjectScratch
+    from qarm_core.storage import LOCAL_ROOT_ENV, Storage, artifact_record
+    from tests.support.s3 import moto_s3_server, use_s3_server
+
+    items, _, _ = tiny_catalog
+    ecfg = EmbedConfig(batch_size=4, chunk_rows=7, base_pooling="emb", dtype="float32")
+    with moto_s3_server() as server:
+        home = use_s3_server(monkeypatch, server, tmp_path_factory)
+        monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "driver"))
+        st = Storage(home).ensure()
+        model = st.staging_dir / "train" / "model"              # a model only the driver's host holds
+        shutil.copytree(tiny_lm_path, model)
+        mcfg = EmbedModelConfig(model=str(model), dim=16, max_item_tokens=24, max_qa_tokens=24)
+        local = embed_catalog(items, tmp_path / "local", mcfg, ecfg, shards=LocalShards())
+        scratch = ObjectScratch(home)
+        shards = HostWithoutTheDriversFiles(scratch, st.home, tmp_path / "worker", monkeypatch)
+        out = st.work_dir / "embed" / "finetuned"
+        sharded = embed_catalog(items, out, mcfg, ecfg, shards=shards)
+        np.testing.assert_array_equal(read_embeddings(sharded.path)[1], read_embeddings(local.path)[1])
+        assert (sharded.parts, sharded.parts_written, sharded.encoded) == (4, 4, 24)
+        assert _parts(out) == [f"part-{k:05d}.parquet" for k in range(4)]
+        copies = list((tmp_path / "worker").rglob("config.json"))
+        assert len(copies) == 1, copies                            # the model, fetched once by the worker
+        assert not st.remote.fs.find(st.remote.path(SCRATCH))      # scratch cleared
+
+        # carried over from the published embeddings, which the worker reads through the snapshot
+        snap = st.publish({"embeddings": artifact_record("embeddings", out, 1)})
+        again = embed_catalog(items, st.work_dir / "embed" / "again", mcfg, ecfg, shards=shards,
+                              previous=snap.record("embeddings").path)
+        assert (again.encoded, again.carried_over) == (0, 24)
+        np.testing.assert_array_equal(read_embeddings(again.path)[1], read_embeddings(local.path)[1])
+        assert sorted(p.name for p in (tmp_path / "worker").glob(f"*/snapshots/{snap.snapshot_id}/*")) == \
+            ["embeddings", "manifest.json"]                        # the worker fetched the snapshot
+        assert not st.remote.fs.find(st.remote.path(SCRATCH))
+
+
+def test_executor_config_is_strict(tmp_path, monkeypatch):
+    monkeypatch.delenv("QARM_HOME", raising=False)
     from pydantic import ValidationError
 
     from qarm_core.config import PipelineConfig
@@ -113,9 +183,22 @@ def test_executor_config_is_strict():
                                                            ).executor.stages_overlap
                for kind in ("local", "dask") for flag in (True, False)}
     assert overlap == {("local", True): False, ("local", False): False, ("dask", True): True, ("dask", False): False}
-    for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}, {"overlap_stages": "yes"}):
+    for bad in ({"kind": "ray"}, {"workers": 0}, {"nodes": 2}, {"workers": "2"}, {"overlap_stages": "yes"},
+                {"scratch": "nfs"}, {"worker_env": {"A": 1}}):
         with pytest.raises(ValidationError):
             PipelineConfig.model_validate({"executor": bad})
+    # shard files through the store: by default for a remote cluster with an s3:// home, never on a folder home
+    on_store = {(scratch, address, home): PipelineConfig.model_validate(
+                    {"executor": {"kind": "dask", "scratch": scratch, "address": address}}
+                ).executor.scratch_on_store(home)
+                for scratch in ("auto", "shared", "object_store") for address in ("", "tcp://h:8786")
+                for home in ("s3://b/p", "/srv/home")}
+    assert {k for k, v in on_store.items() if v} == {
+        ("auto", "tcp://h:8786", "s3://b/p"), ("object_store", "", "s3://b/p"), ("object_store", "tcp://h:8786", "s3://b/p"),
+        ("object_store", "", "/srv/home"), ("object_store", "tcp://h:8786", "/srv/home")}
+    with pytest.raises(ConfigError, match="executor.scratch: object_store needs an s3:// home"):
+        PipelineConfig.model_validate({"home": str(tmp_path), "executor": {"kind": "dask", "scratch": "object_store"}}
+                                      ).resolved()
 
 
 def test_shard_bounds_keep_a_context_s_requests_together():

@@ -127,9 +127,12 @@ def test_qa_items_and_stage(backend, data):
     j = pa.table({"src_item": pa.array([1, 2, 3], pa.int64()), "dst_item": pa.array([4, 5, 6], pa.int64()),
                   "keep": [True, False, None]})
     assert qa_item_ids(j, items, "kept_pairs") == [1, 4]
-    assert qa_item_ids(j, items, "all") == list(range(30))
+    assert qa_item_ids(j, items, "all") == qa_item_ids(None, items, "all") == list(range(30))
     with pytest.raises(ValueError, match="unknown QA item selection"):
         qa_item_ids(j, items, "some")
+    with pytest.raises(ValueError, match="needs the judge's verdicts"):
+        qa_item_ids(None, items, "kept_pairs")
+    assert QAConfig().needs_judgments and not QAConfig(items="all").needs_judgments
     cfg = QAConfig(k=2, max_new_tokens=6)
     qa, rep = qa_stage(items, cfg, [1, 4], backend=backend)
     assert qa.schema == QA.schema and set(qa["item_id"].to_pylist()) == {1, 4} and qa.num_rows == 4
