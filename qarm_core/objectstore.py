@@ -254,10 +254,12 @@ class ObjectHome:
         """Store the file ``path`` as ``rel`` (one PUT: the object is whole or absent)."""
         self._transfer([(self.fs._put_file, str(path), self.path(rel), rel)])
 
-    def download(self, rel: str, target: str | os.PathLike, folder: bool) -> Path:
+    def download(self, rel: str, target: str | os.PathLike, folder: bool,
+                 check: Callable[[Path], None] | None = None) -> Path:
         """A local copy of the object ``rel`` (``folder=False``) or of every object under ``rel/``:
-        downloaded to a temporary name beside ``target`` and renamed into place, so ``target`` is
-        complete or absent. Raises StorageError if there is nothing at ``rel``."""
+        downloaded to a temporary name beside ``target``, passed to ``check`` (which raises to
+        refuse it) and renamed into place, so ``target`` is complete (and checked) or absent.
+        Raises StorageError if there is nothing at ``rel``."""
         dest = Path(target)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.tmp-{_HOST}_{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -276,6 +278,8 @@ class ObjectHome:
                     self._transfer([(self.fs._get_file, base, str(tmp), rel)])
                 except FileNotFoundError:
                     raise StorageError(f"[stage=scratch, dataset={rel}] {self.url}/{rel} does not exist") from None
+            if check is not None:
+                check(tmp)
             try:
                 os.rename(tmp, dest)
             except OSError:
@@ -289,12 +293,16 @@ class ObjectHome:
                 tmp.unlink()
         return dest
 
-    def delete_prefix(self, rel: str) -> None:
-        """Delete every object under ``rel/`` (nothing if there is none)."""
+    def delete_prefix(self, rel: str, older_than_s: float | None = None) -> int:
+        """Delete every object under ``rel/`` (only those last written more than ``older_than_s``
+        seconds ago, when given); returns how many."""
         base = self.path(rel) + "/"
-        keys = [p for p, info in self.fs.find(base, detail=True).items() if info.get("type") != "directory"]
+        cutoff = None if older_than_s is None else time.time() - older_than_s
+        keys = [p for p, info in self.fs.find(base, detail=True).items() if info.get("type") != "directory"
+                and (cutoff is None or _modified(info) < cutoff)]
         if keys:
             self.fs.rm(keys)
+        return len(keys)
 
     # ------------------------------------------------------------ CURRENT
     def _read_current(self, stage: str = "read") -> tuple[str | None, str | None]:
@@ -343,10 +351,7 @@ class ObjectHome:
             entry = found.setdefault(sid, {"keys": [], "complete": False, "newest": 0.0})
             entry["keys"].append(rest)
             entry["complete"] |= rest == MANIFEST
-            modified = info.get("LastModified")
-            # An object of unknown age counts as new: prune must never delete what it cannot date.
-            stamp = modified.timestamp() if isinstance(modified, datetime) else time.time()
-            entry["newest"] = max(entry["newest"], stamp)
+            entry["newest"] = max(entry["newest"], _modified(info))
         return found
 
     def list_snapshots(self) -> list[str]:
@@ -571,6 +576,13 @@ class ObjectHome:
         if rest:
             self.fs.rm(rest)
         return sorted(doomed)
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """An object's LastModified (epoch s) from a listing; an object of unknown age counts as new
+    (now): what prunes and sweeps must never delete what they cannot date."""
+    modified = info.get("LastModified")
+    return modified.timestamp() if isinstance(modified, datetime) else time.time()
 
 
 async def _gather_or_cancel(coros: list[Awaitable[None]]) -> None:

@@ -9,19 +9,23 @@ names keys of the home's store instead, under ``work/scratch/<the stage's folder
   model folder that lives in the home (a fine-tuned model in staging; an installed model, e.g. the
   SmolLM2 asset, is installed on every worker too and is not copied); published datasets are named
   by their snapshot key (``snapshots/<id>/<dataset>``), which the store already holds;
-* a worker downloads what its job names into its own local root, once per worker process
-  (``fetch``; later jobs find the copy), writes its output there and uploads it under a key fixed
-  by its shard (``hand_back``), so a retried shard overwrites the same object with the same bytes;
+* a worker downloads what its job names into its own local root, once per host (``fetch``; later
+  jobs find the copy; a snapshot's dataset alone, checked against the snapshot's manifest), writes
+  its output there and uploads it under a key fixed by its shard (``hand_back``), so a retried shard
+  overwrites the same object with the same bytes;
 * the driver downloads the outputs into its output folder, checks them as it checks local ones,
-  and deletes the stage's scratch prefix (``collect``, ``clear``).
+  and deletes the stage's scratch prefix once it has them all (``collect``, ``clear``). A failed or
+  killed run leaves its prefix; a rerun with the same inputs uses it again (same keys, same bytes)
+  and ``sweep`` (run at publish) deletes scratch objects older than ``storage.work_ttl_hours``.
 
 Objects are written whole or not at all (one PUT each), and a job starts only after the driver's
 uploads returned, so a worker never reads half an input. A worker's copies are kept in
-``<its local root>/cache/scratch`` and removed once a day old.
+``<its local root>/cache/scratch`` and removed once unused for a day.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -67,7 +71,11 @@ class ObjectScratch:
     # ------------------------------------------------------------ driver side
     def key_for(self, folder: str | os.PathLike) -> str:
         """The scratch prefix of a stage's output folder (a folder under this host's local root)."""
-        rel = Path(folder).resolve().relative_to(self.storage.home)
+        try:
+            rel = Path(folder).resolve().relative_to(self.storage.home)
+        except ValueError:
+            raise ValueError(f"shard scratch: output folder {folder} is not under the home's local root "
+                             f"{self.storage.home}") from None
         return f"{SCRATCH}/{rel.as_posix()}"
 
     def share_file(self, path: str | os.PathLike, key: str) -> str:
@@ -91,13 +99,22 @@ class ObjectScratch:
         """Whether ``path`` lives in this host's local root (so other hosts cannot see it)."""
         return Path(path).resolve().is_relative_to(self.storage.home)
 
-    def collect(self, key: str, target: str | os.PathLike) -> Path:
-        """Download the output ``key`` to ``target`` (complete or absent)."""
-        return self.store.download(key, target, folder=False)
+    def collect(self, key: str, target: str | os.PathLike) -> bool:
+        """Download the output ``key`` to ``target`` (complete or absent); False if no worker
+        handed it back (the caller reports what is missing)."""
+        if not self.store.fs.exists(self.store.path(key)):
+            return False
+        self.store.download(key, target, folder=False)
+        return True
 
     def clear(self, key: str) -> None:
         """Delete the scratch prefix ``key`` and everything under it."""
         self.store.delete_prefix(key)
+
+    def sweep(self, older_than_s: float) -> int:
+        """Delete scratch objects last written more than ``older_than_s`` ago: what runs that died
+        or failed left (a finished stage deletes its own prefix). Returns how many."""
+        return self.store.delete_prefix(SCRATCH, older_than_s=older_than_s)
 
     # ------------------------------------------------------------ worker side
     @property
@@ -105,20 +122,26 @@ class ObjectScratch:
         return self.storage.cache_dir("scratch")
 
     def fetch(self, key: str, folder: bool) -> Path:
-        """This host's copy of the object (or folder of objects) ``key``, downloaded once; a
-        snapshot's dataset is read through the snapshot (fetched whole, verified, kept)."""
+        """This host's copy of the object (or folder of objects) ``key``, downloaded once (later
+        calls find it). A snapshot's dataset (``snapshots/<id>/<dataset>``) is downloaded alone and
+        checked against the snapshot's manifest (its fingerprint)."""
+        target = self.copies_dir / hashlib.sha256(key.encode()).hexdigest()[:16] / Path(key).name
+        if target.exists():
+            os.utime(target.parent)          # in use: the sweep of old copies leaves it
+            return target
+        self._remove_old_copies()
+        check = None
         if key.startswith("snapshots/"):
             sid, dataset = key.split("/")[1:3]
-            return Path(self.storage.snapshot(sid).path) / dataset
-        target = self.copies_dir / hashlib.sha256(key.encode()).hexdigest()[:16] / Path(key).name
-        if not target.exists():
-            self._remove_old_copies()
-            self.store.download(key, target, folder=folder)
+            check = functools.partial(_check_dataset, self.store.manifest(sid), sid, dataset)
+            folder = True
+        self.store.download(key, target, folder=folder, check=check)
         return target
 
     def output_dir(self, key: str) -> Path:
-        """A local folder where a worker writes outputs before handing them back."""
-        out = self.copies_dir / "out" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        """A local folder of this process where it writes outputs before handing them back (one per
+        process: a part that two processes of one host run at once never shares a file)."""
+        out = self.copies_dir / "out" / hashlib.sha256(key.encode()).hexdigest()[:16] / str(os.getpid())
         out.mkdir(parents=True, exist_ok=True)
         return out
 
@@ -128,9 +151,33 @@ class ObjectScratch:
         Path(path).unlink()
 
     def _remove_old_copies(self) -> None:
+        """Remove copies not used for ``KEEP_COPIES_S`` (another process of this host may be
+        removing them too, or have just used one: both are fine)."""
         cutoff = time.time() - KEEP_COPIES_S
-        if not self.copies_dir.is_dir():
+        try:
+            entries = list(self.copies_dir.iterdir())
+        except FileNotFoundError:
             return
-        for p in self.copies_dir.iterdir():
-            if p.name != "out" and p.stat().st_mtime < cutoff:
-                shutil.rmtree(p, ignore_errors=True)
+        for p in entries:
+            try:
+                if p.name != "out" and p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+
+def _check_dataset(manifest: dict, snapshot_id: str, dataset: str, folder: Path) -> None:
+    """Refuse a downloaded snapshot dataset whose files do not match the manifest's fingerprint."""
+    from qarm_core.errors import StorageError
+    from qarm_core.storage import hash_files
+
+    try:
+        entry = manifest["datasets"][dataset]
+    except KeyError:
+        raise StorageError(f"[stage=scratch, dataset={dataset}] snapshot {snapshot_id} has no dataset "
+                           f"{dataset!r}") from None
+    files = [folder / f for f in entry.get("files", ())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or hash_files(files) != entry["fingerprint"]:
+        raise StorageError(f"[stage=scratch, dataset={dataset}] the downloaded files of snapshot {snapshot_id} "
+                           f"do not match its manifest (missing: {missing[:3]})")

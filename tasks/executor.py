@@ -62,9 +62,15 @@ class DaskShards:
         futures = [self.runner.submit(shard, {"fn": fn, "job": job, "label": label, "index": i})
                    for i, job in enumerate(jobs)]
         prog = Progress("executor", f"{label}: shards on {self.workers} Dask worker(s)", len(futures), "shards")
-        for f in as_completed(futures):
-            f.result()                       # the first failed shard (after its retries) fails the stage
-            prog.advance(1)
+        try:
+            for f in as_completed(futures):
+                f.result()                   # the first failed shard (after its retries) fails the stage
+                prog.advance(1)
+        except BaseException:
+            for f in futures:                # the stage has failed: its queued shards need not run
+                with contextlib.suppress(Exception):
+                    f.wrapped_future.cancel()
+            raise
         prog.finish()
         return [f.result() for f in futures]
 

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from qarm_core.config import PipelineConfig
+from qarm_core.scratch import ObjectScratch
 from qarm_core.storage import DatasetRecord, Snapshot, Storage
 from qarm_core.summary import refresh_summary_markdown
 from tasks import tracking
@@ -29,9 +30,12 @@ def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetR
         kept = {str(r.path) for r in records.values()}
         pruned_work = storage.prune_work(cfg.storage.work_ttl_hours,
                                          keep={str(p) for p in _stage_roots(kept)})
+        # shard scratch on the store that failed or killed runs left (qarm_core.scratch)
+        swept = ObjectScratch(cfg.home).sweep(cfg.storage.work_ttl_hours * 3600) if storage.remote else 0
         run.params({"snapshot_id": snap.snapshot_id})
         run.metrics({f"rows.{n}": r.rows for n, r in records.items()} |
-                    {"snapshots_kept": len(storage.list_snapshots()), "work_pruned": pruned_work})
+                    {"snapshots_kept": len(storage.list_snapshots()), "work_pruned": pruned_work,
+                     "scratch_swept": swept})
         run.json(snap.manifest, "manifest.json")
         get_run_logger().info("published snapshot %s at %s", snap.snapshot_id, snap.path)
     return snap

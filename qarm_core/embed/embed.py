@@ -425,6 +425,7 @@ class EmbedPartJob:
     embedder: str = "llm"         # "llm" (LLMEmbedder) | "minilm" (MiniLMEmbedder)
     scratch: str | None = None    # the home URL whose store carries this job's files
     model_key: str | None = None  # with scratch: the key of the model folder (one that lives in the home)
+    model_version: str | None = None   # what the driver expects the worker's model to be
 
 
 @functools.lru_cache(maxsize=3)
@@ -450,6 +451,10 @@ def embed_part(job: EmbedPartJob) -> PartResult:
         return _embed_part_through_store(job)
     emb = _worker_embedder(job.embedder, job.items_path, json.dumps(job.model_cfg, sort_keys=True),
                            json.dumps(job.cfg, sort_keys=True))
+    if job.model_version is not None and emb.model_version != job.model_version:
+        raise DataError(STAGE, "embeddings", f"part {job.part}: the worker's model is {emb.model_version}, the "
+                                             f"driver expected {job.model_version} (another model or version "
+                                             f"installed on {socket.gethostname()}?)")
     ids = emb.texts.ids[_rows(job.part, emb.cfg.chunk_rows)]
     prog = Progress(STAGE, f"embedding part {job.part} ({emb.model_version})", len(ids), "items")
     res = write_part(job.out_dir, job.part, ids, emb.embed_ids, emb.model_version, emb.dim,
@@ -466,7 +471,7 @@ def _embed_part_through_store(job: EmbedPartJob) -> PartResult:
     scratch = ObjectScratch(job.scratch)
     model_cfg = dict(job.model_cfg)
     if job.model_key is not None:
-        model_cfg["model"] = str(scratch.fetch(job.model_key, folder=True))
+        model_cfg[_model_field(model_cfg)] = str(scratch.fetch(job.model_key, folder=True))
     local = dataclasses.replace(
         job, scratch=None, model_key=None, model_cfg=model_cfg, out_dir=str(scratch.output_dir(job.out_dir)),
         items_path=str(scratch.fetch(job.items_path, folder=False)),
@@ -476,6 +481,12 @@ def _embed_part_through_store(job: EmbedPartJob) -> PartResult:
     return res
 
 
+def _model_field(model_cfg: dict) -> str:
+    """The key of a job's ``model_cfg`` that names the model: ``model`` (EmbedModelConfig) or
+    ``model_path`` (MiniLMEmbedder)."""
+    return "model_path" if "model_path" in model_cfg else "model"
+
+
 def _share_inputs(scratch: "ObjectScratch", out: Path, items_path: Path, model_cfg: dict,
                   previous: str | None) -> dict:
     """Upload what the jobs of ``out``'s run read to the store; returns the jobs' fields that name
@@ -483,9 +494,10 @@ def _share_inputs(scratch: "ObjectScratch", out: Path, items_path: Path, model_c
     key = scratch.key_for(out)
     fields = {"scratch": scratch.home_url, "out_dir": f"{key}/parts",
               "items_path": scratch.share_file(items_path, f"{key}/{items_path.name}")}
-    model = model_cfg.get("model") or model_cfg.get("model_path")
+    model = model_cfg.get(_model_field(model_cfg))
     if model and Path(model).is_dir() and scratch.in_home(model):   # a model installed on every host is not copied
-        fields["model_key"] = scratch.share_folder(model, f"{key}/model")
+        # under its own folder name: a base model's version is named after it
+        fields["model_key"] = scratch.share_folder(model, f"{key}/model/{Path(model).name}")
     if previous is not None:
         fields["previous"] = scratch.published_key(previous) or scratch.share_folder(previous, f"{key}/previous")
     return fields
@@ -506,17 +518,19 @@ def _embed_sharded(items: pa.Table, out_dir: str | Path, embedder: str, model_cf
         tmp = out / f"._items.parquet.tmp{os.getpid()}"
         pq.write_table(items.sort_by("item_id"), tmp)
         tmp.rename(items_path)
-    job = EmbedPartJob(0, str(out), str(items_path), model_cfg, cfg.model_dump(mode="json"), previous, embedder)
+    job = EmbedPartJob(0, str(out), str(items_path), model_cfg, cfg.model_dump(mode="json"), previous, embedder,
+                       model_version=version)
     scratch = getattr(shards, "scratch", None)
     if scratch is not None and todo:
         job = dataclasses.replace(job, **_share_inputs(scratch, out, items_path, model_cfg, previous))
-    try:
-        results = shards.run(embed_part, [dataclasses.replace(job, part=k) for k in todo], label=f"embed-{out.name}")
-        if scratch is not None:
-            for k in todo:
-                scratch.collect(f"{job.out_dir}/{_part_file(Path(), k)}", _part_file(out, k))
-    finally:
-        if scratch is not None and todo:
+    results = shards.run(embed_part, [dataclasses.replace(job, part=k) for k in todo], label=f"embed-{out.name}")
+    if scratch is not None:
+        # parts no worker handed back stay missing: _embed_record below refuses the run, naming them
+        for k in todo:
+            scratch.collect(f"{job.out_dir}/{_part_file(Path(), k)}", _part_file(out, k))
+        # only once every part is here: a failed run leaves its prefix to its rerun (same keys,
+        # same bytes) or to the sweep at publish (ObjectScratch.sweep)
+        if all(part_complete(out, k, len(ids[_rows(k, cfg.chunk_rows)])) for k in todo):
             scratch.clear(scratch.key_for(out))
     if progress and results:
         encode_s = sum(r.encode_s for r in results)

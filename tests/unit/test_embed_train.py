@@ -85,8 +85,10 @@ def test_deepspeed_zero2_single_process(tiny_lm_path, tiny_catalog, tmp_path):
     assert rec.deepspeed and rec.zero_stage == 2 and rec.dtype == "bfloat16" and rec.steps == 6 and rec.world_size == 1
     assert np.isfinite(rec.final_loss) and rec.tokens_per_s > 0
     # alone on the host: DeepSpeed's shared-memory allreduce (a JIT-compiled op) was not built
+    import deepspeed.ops
     from deepspeed.comm import comm as ds_comm
 
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
     ck = tmp_path / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step-00000006"

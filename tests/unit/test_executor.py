@@ -105,8 +105,8 @@ class HostWithoutTheDriversFiles(ShuffledShards):
     """Jobs as on a worker of another host: the driver's local root is moved away while they run
     (a job that named one of its paths would fail), and the worker has a local root of its own."""
 
-    def __init__(self, scratch, driver_root, worker_root, monkeypatch):
-        super().__init__(repeat=(0,))
+    def __init__(self, scratch, driver_root, worker_root, monkeypatch, drop=()):
+        super().__init__(repeat=(0,), drop=drop)
         self.scratch, self.driver_root, self.worker_root, self.mp = scratch, driver_root, worker_root, monkeypatch
 
     def run(self, fn, jobs, label):
@@ -125,11 +125,15 @@ class HostWithoutTheDriversFiles(ShuffledShards):
 def test_shards_that_see_only_the_object_store_write_what_the_local_run_writes(
         tiny_lm_path, tiny_catalog, tmp_path, tmp_path_factory, monkeypatch):
     """executor.scratch=object_store: the jobs name keys of the s3:// home's store, never the
-    driver's paths. A fine-tuned model that lives in the home, the catalog and the published
-    embeddings reach the worker through the store (fetched once into its own local root), its parts
-    come back through it, the result is bit for bit the local run's, and the scratch prefix is
-    deleted afterwards. (moto's S3 server on 127.0.0.1.)"""
+    driver's paths. A model that lives in the home, the catalog and the published embeddings reach
+    the worker through the store (fetched once into its own local root; of the snapshot, only the
+    dataset, checked against the manifest), its parts come back through it, the result is bit for
+    bit the local run's (vectors and model version), and the scratch prefix is deleted once every
+    part is back. A run that lost a part fails naming it and leaves its prefix, which its rerun
+    reuses and clears, or the sweep deletes. (moto's S3 server on 127.0.0.1.)"""
     import shutil
+
+    import pyarrow.parquet as pq
 
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.executor import LocalShards
@@ -144,30 +148,51 @@ def test_shards_that_see_only_the_object_store_write_what_the_local_run_writes(
         home = use_s3_server(monkeypatch, server, tmp_path_factory)
         monkeypatch.setenv(LOCAL_ROOT_ENV, str(tmp_path / "driver"))
         st = Storage(home).ensure()
-        model = st.staging_dir / "train" / "model"              # a model only the driver's host holds
+        # a model only the driver's host holds; its version is named after its folder
+        model = st.staging_dir / "train" / "tiny-llama"
         shutil.copytree(tiny_lm_path, model)
         mcfg = EmbedModelConfig(model=str(model), dim=16, max_item_tokens=24, max_qa_tokens=24)
         local = embed_catalog(items, tmp_path / "local", mcfg, ecfg, shards=LocalShards())
         scratch = ObjectScratch(home)
-        shards = HostWithoutTheDriversFiles(scratch, st.home, tmp_path / "worker", monkeypatch)
+        worker = tmp_path / "worker"
+        shards = HostWithoutTheDriversFiles(scratch, st.home, worker, monkeypatch)
         out = st.work_dir / "embed" / "finetuned"
         sharded = embed_catalog(items, out, mcfg, ecfg, shards=shards)
         np.testing.assert_array_equal(read_embeddings(sharded.path)[1], read_embeddings(local.path)[1])
         assert (sharded.parts, sharded.parts_written, sharded.encoded) == (4, 4, 24)
         assert _parts(out) == [f"part-{k:05d}.parquet" for k in range(4)]
-        copies = list((tmp_path / "worker").rglob("config.json"))
-        assert len(copies) == 1, copies                            # the model, fetched once by the worker
+        versions = {v for p in out.glob("part-*.parquet") for v in pq.read_table(p)["model_version"].to_pylist()}
+        assert versions == {local.model_version} and "tiny-llama" in local.model_version
+        copies = list(worker.rglob("config.json"))
+        assert len(copies) == 1 and copies[0].parent.name == "tiny-llama", copies   # fetched once
         assert not st.remote.fs.find(st.remote.path(SCRATCH))      # scratch cleared
 
-        # carried over from the published embeddings, which the worker reads through the snapshot
-        snap = st.publish({"embeddings": artifact_record("embeddings", out, 1)})
+        # carried over from the published embeddings: the worker fetches that dataset alone
+        snap = st.publish({"embeddings": artifact_record("embeddings", out, 1),
+                           "model": artifact_record("model", model, 1)})
         again = embed_catalog(items, st.work_dir / "embed" / "again", mcfg, ecfg, shards=shards,
                               previous=snap.record("embeddings").path)
         assert (again.encoded, again.carried_over) == (0, 24)
         np.testing.assert_array_equal(read_embeddings(again.path)[1], read_embeddings(local.path)[1])
-        assert sorted(p.name for p in (tmp_path / "worker").glob(f"*/snapshots/{snap.snapshot_id}/*")) == \
-            ["embeddings", "manifest.json"]                        # the worker fetched the snapshot
+        assert not list(worker.glob("*/snapshots/*"))              # not the whole snapshot
+        assert len(list(worker.rglob("config.json"))) == 2         # inputs are keyed by the run's output folder
+        assert len(list(worker.rglob("embeddings/part-*.parquet"))) == 4
         assert not st.remote.fs.find(st.remote.path(SCRATCH))
+
+        # a shard lost without an error: the run fails naming the part and leaves its prefix
+        lossy = HostWithoutTheDriversFiles(scratch, st.home, worker, monkeypatch, drop=(1,))
+        with pytest.raises(DataError, match=r"stage=embed.*1 of 4 part\(s\) missing.*part 1"):
+            embed_catalog(items, st.work_dir / "embed" / "lossy", mcfg, ecfg, shards=lossy)
+        left = st.remote.fs.find(st.remote.path(SCRATCH))
+        assert left and scratch.sweep(3600) == 0                   # younger than the sweep's age: kept
+        # its rerun runs the missing part alone and clears the prefix
+        rerun = embed_catalog(items, st.work_dir / "embed" / "lossy", mcfg, ecfg, shards=shards)
+        assert (rerun.parts_written, rerun.parts_skipped) == (1, 3)
+        assert not st.remote.fs.find(st.remote.path(SCRATCH))
+        # a failed run whose inputs never come again: the sweep deletes what it left
+        with pytest.raises(DataError, match="missing"):
+            embed_catalog(items.slice(0, 20), st.work_dir / "embed" / "gone", mcfg, ecfg, shards=lossy)
+        assert scratch.sweep(0) > 0 and not st.remote.fs.find(st.remote.path(SCRATCH))
 
 
 def test_executor_config_is_strict(tmp_path, monkeypatch):

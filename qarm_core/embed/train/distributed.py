@@ -81,8 +81,9 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def local_world_size(env: dict | None = None) -> int:
-    """How many ranks run on this host: torchrun's ``LOCAL_WORLD_SIZE``, the ``deepspeed``
-    launcher's ``LOCAL_SIZE``; 1 when neither is set (alone, or one process per node)."""
+    """How many ranks run on this host as the launchers this project starts say: torchrun's
+    ``LOCAL_WORLD_SIZE``, the ``deepspeed`` launcher's ``LOCAL_SIZE``; 1 when neither is set
+    (alone, one process per node, or a launcher that sets neither, e.g. mpirun)."""
     env = os.environ if env is None else env
     return int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
 
