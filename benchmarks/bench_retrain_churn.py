@@ -11,9 +11,10 @@ also fits the codebook cold (k-means++ from scratch) and matches it to the old c
 Churn = share of the published items whose SID changed; prefix churn = whose (c1, c2) changed. The
 issue's goal: <= 20% on the retrain day with the lineage mapping.
 
-How far the retrain moved the items, in the simulation's terms: the new vectors are rotated onto the
-old ones (orthogonal Procrustes, so a change of basis costs nothing) and the residual's RMS length is
-divided by the RMS distance of the old vectors to their level-1 cell's mean (``movement``). The same
+How far the retrain moved the items, in the simulation's terms: both spaces are centred and scaled,
+the new vectors are rotated onto the old ones (orthogonal Procrustes: a change of basis, a shift or a
+uniform scaling moves no item relative to the others) and the residual's RMS length is divided by the
+RMS distance of the old vectors to their level-1 cell's mean (``movement``). The same
 statistic on the simulation's world for its sigmas (``--sim-sigmas``) places the real retrain on the
 simulation's axis.
 
@@ -21,7 +22,8 @@ Caveat printed with the table: the retrain here sees the same pairs as the publi
 day of data), so it moves items less than a weekly retrain on a week of new pairs would.
 
     python benchmarks/bench_retrain_churn.py                  # ./qarm_home, 40 steps (~10 min on 2 cores)
-    python benchmarks/bench_retrain_churn.py --steps 10
+    python benchmarks/bench_retrain_churn.py --steps 10 --set embed.train.lr=1e-5
+    python benchmarks/bench_retrain_churn.py --set embed.train.stability_weight=10
 """
 
 from __future__ import annotations
@@ -42,18 +44,26 @@ from benchmarks.harness import machine, table  # noqa: E402
 
 
 def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray) -> float:
-    """How far ``new`` ``(n, d_new)`` moved items from ``old`` ``(n, d)`` (rows = the same items), up
-    to a rotation: RMS of ``new @ R - old`` (R: the orthogonal Procrustes map, padded when the widths
-    differ) over the RMS distance of ``old`` rows to the mean of their cell (``cells`` ``(n,)``)."""
-    if new.shape[1] != old.shape[1]:
-        raise ValueError(f"widths differ: {new.shape[1]} vs {old.shape[1]}")
-    u, _, vt = np.linalg.svd(new.T.astype(np.float64) @ old.astype(np.float64))
-    resid = new @ (u @ vt) - old
-    means = np.zeros_like(old, dtype=np.float64)
+    """How far ``new`` ``(n, d)`` moved items from ``old`` ``(n, d)`` (rows = the same items), up to
+    what k-means does not see: each space is centred and scaled to unit RMS deviation (a shift or a
+    uniform scaling moves no item relative to the others), then ``new`` is rotated onto ``old``
+    (orthogonal Procrustes). Returns the residual's RMS length over the RMS distance of the old rows
+    to the mean of their cell (``cells`` ``(n,)``)."""
+    if new.shape != old.shape:
+        raise ValueError(f"shapes differ: {new.shape} vs {old.shape}")
+
+    def standard(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.mean(0)
+        return x / np.sqrt((x ** 2).sum(1).mean())
+
+    a, b = standard(old), standard(new)
+    u, _, vt = np.linalg.svd(b.T @ a)
+    resid = b @ (u @ vt) - a
+    means = np.zeros_like(a)
     for c in np.unique(cells):
         m = cells == c
-        means[m] = old[m].mean(0)
-    spread = np.sqrt(((old - means) ** 2).sum(1).mean())
+        means[m] = a[m].mean(0)
+    spread = np.sqrt(((a - means) ** 2).sum(1).mean())
     return float(np.sqrt((resid ** 2).sum(1).mean()) / spread)
 
 
@@ -73,6 +83,19 @@ def sim_movement(sigmas: list[float], items: int, levels: tuple[int, ...], seed:
     return {s: movement(x0, world.retrained(s, seed), cells) for s in sigmas}
 
 
+def _value(text: str):
+    """A --set value: YAML, with numbers such as 1e-5 (a string to YAML 1.1) read as numbers."""
+    import yaml
+
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "ml100k.yaml"))
@@ -80,18 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="retrain steps (default: the config's max_steps)")
     ap.add_argument("--sim-sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.3, 0.6])
     ap.add_argument("--sim-items", type=int, default=50_000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the retrain, e.g. embed.train.lr=1e-5 (repeatable)")
     args = ap.parse_args(argv)
+    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     from qarm_core.config import load_config
     from qarm_core.embed.embed import embed_catalog
-    from qarm_core.embed.stage import train_stage
+    from qarm_core.embed.stage import score_embeddings, train_stage, validation_pairs
     from qarm_core.quantize.io import read_embeddings
     from qarm_core.quantize.lineage import align_to_previous
     from qarm_core.quantize.quantizer import load_codebook, quantize_embeddings
     from qarm_core.quantize.stage import quantize_stage
     from qarm_core.storage import Storage, read_dataset
 
-    cfg = load_config(args.config, {"home": args.home} if args.home else None).resolved()
+    cfg = load_config(args.config, ({"home": args.home} if args.home else {}) | overrides).resolved()
     snap = Storage(cfg.home).current()
     if snap is None:
         raise SystemExit(f"bench_retrain_churn: no published snapshot in {cfg.home}; run `make run` first")
@@ -106,12 +132,19 @@ def main(argv: list[str] | None = None) -> int:
                                                    "anneal_steps": min(cfg.embed.train.anneal_steps, steps)})
     with tempfile.TemporaryDirectory(prefix="retrain-churn-") as tmp:
         t0 = time.perf_counter()
+        # as the train task does: the published embeddings anchor the stability term when it is weighted
+        reference = read_dataset(snap.record("embeddings"), columns=["item_id", "vector"]) \
+            if train_cfg.stability_weight else None
         rec = train_stage(items, judgments, qa, cfg.embed.model_copy(update={"model": model_cfg, "train": train_cfg}),
-                          Path(tmp) / "train")
+                          Path(tmp) / "train", reference=reference)
         train_s = time.perf_counter() - t0
         emb = embed_catalog(items, Path(tmp) / "emb", model_cfg.model_copy(update={"model": rec.model_dir}),
                             cfg.embed.infer)
         ids1, x1 = read_embeddings(emb.path)
+        pairs, why = validation_pairs(items, read_dataset(snap.record("train_events")),
+                                      read_dataset(snap.record("valid_events")), cfg.events.positive_min_rating)
+        recall = score_embeddings({"published": snap.record("embeddings").path, "retrained": emb.path}, pairs,
+                                  cfg.embed.eval_k) if pairs is not None else {}
     if not np.array_equal(ids0, ids1):
         raise SystemExit("bench_retrain_churn: the new embeddings cover other items than the published ones")
     params = cfg.quantize.params()
@@ -125,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     sims = sim_movement(args.sim_sigmas, args.sim_items, (128, 32))
 
     print(f"retrain: {rec.steps} steps from the published model {book0.model_version} in {train_s:.0f} s "
-          f"({rec.tokens_per_s:.0f} tokens/s, {rec.dtype}); new model {rec.model_version}; quantize: {how}")
+          f"({rec.tokens_per_s:.0f} tokens/s, {rec.dtype}); overrides {overrides or 'none'}; new model "
+          f"{rec.model_version}; quantize: {how}")
+    k = cfg.embed.eval_k
+    print("validation recall@%d: published %s, retrained %s" % (
+        k, *(f"{recall[f'valid.{m}.recall_at_{k}']:.4f}" if recall else why for m in ("published", "retrained"))))
     print(table(["what", "SID churn", "(c1, c2) churn"], [
         ["lineage (the stage: cells carried by their items, matched)", f"{m['churn']:.4f}",
          f"{m['lineage.prefix_churn']:.4f}"],

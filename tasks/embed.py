@@ -63,9 +63,12 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
         start = published if cfg.embed.train.init_from == "published" and published is not None else None
         embed_cfg = cfg.embed if start is None else \
             cfg.embed.model_copy(update={"model": cfg.embed.model.model_copy(update={"model": start.path})})
+        # continuing the published model: its embeddings anchor the stability term (if weighted)
+        anchor = storage.published("embeddings") if start is not None and cfg.embed.train.stability_weight else None
         key = stable_hash({"judgments": judgments.fingerprint, "qa": qa.fingerprint, "items": items.fingerprint,
                            "model": cfg.embed.model.model_dump(mode="json"),
                            "start": start.fingerprint if start is not None else "base",
+                           **({"reference": anchor.fingerprint} if anchor is not None else {}),
                            # node_rank differs between the nodes of one multi-node run, which must
                            # all train into the same (shared) run folder
                            "train": cfg.embed.train.model_dump(mode="json", exclude={"node_rank"}),
@@ -78,8 +81,9 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
             run.metrics({k: v for k, v in p.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
         def write_model(folder: Path) -> None:
+            reference = read_dataset(anchor, columns=["item_id", "vector"]) if anchor is not None else None
             rec = train_stage(read_dataset(items), read_dataset(judgments), read_dataset(qa), embed_cfg,
-                              run_dir, progress)
+                              run_dir, progress, reference)
             report.update({k: float(v) for k, v in rec.to_dict().items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),

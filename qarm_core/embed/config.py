@@ -44,6 +44,11 @@ class TrainConfig(Strict):
     temperature: float = Field(0.05, gt=0)
     contrastive_weight: float = Field(1.0, ge=0)
     qa_weight: float = Field(0.1, ge=0)
+    # Continued fine-tuning (the weekly retrain): weight of a penalty on how far each trained item's
+    # embedding moves from its published vector (mean squared distance of unit rows), so that the
+    # retrain refines the space instead of reshuffling it and the SIDs built on it survive. 0: off.
+    # It applies only when the run is given reference vectors (tasks: the published embeddings).
+    stability_weight: float = Field(0.0, ge=0)
     # QA segment on the positive side too (doubles the QA tokens per pair, costs ~30% more time).
     qa_on_positive: bool = False
     lr: float = Field(1e-4, gt=0)

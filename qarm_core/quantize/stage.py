@@ -18,6 +18,11 @@ from qarm_core.quantize.quantizer import (
 Mode = Literal["refit", "warm_start", "frozen"]
 
 
+# How a new embedding model's codebook was made when the previous codes could guide it (the end of
+# ``quantize_stage``'s ``how``): the churn of such a run is the retrain day's (gates.CodesGate).
+CARRIED_OVER = "cells carried over by their items and matched to the previous codes"
+
+
 def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, mode: Mode = "warm_start",
                    previous: Codebook | None = None, previous_codes: pa.Table | None = None,
                    dataset: str = "embeddings", model_version: str = ""
@@ -49,7 +54,7 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
             book, codes, report = align_to_previous(dataclasses.replace(book, model_version=model_version), codes,
                                                     previous_codes)
             metrics = {k: v for k, v in metrics.items() if k not in ("churn", "churn_items")} | report
-            return book, codes, metrics, how + "; cells carried over by their items and matched to the previous codes"
+            return book, codes, metrics, f"{how}; {CARRIED_OVER}"
         book, codes, metrics = quantize_embeddings(x, item_ids, params, inplace=True, dataset=dataset)
         return dataclasses.replace(book, model_version=model_version), codes, metrics, how
     usable = previous is not None and previous.dim == x.shape[1] \

@@ -171,12 +171,20 @@ def test_a_new_model_is_published_only_if_it_beats_the_published_one(prefect_har
     home = tmp_path / "home"
     first = codebook_refresh(TINY, {"home": str(home)})
     model0 = Storage(home).current().record("model")
-    # the weekly retrain: continue from the published model
+    # the weekly retrain: continue from the published model, held near its embeddings (stability term)
     second = codebook_refresh(TINY, {"home": str(home), "embed.train.max_steps": 6,
-                                     "embed.train.init_from": "published"})
+                                     "embed.train.init_from": "published", "embed.train.stability_weight": 1.0})
     runs = tracking.runs_of(_cfg(home))
     train = next(r for r in runs if r["name"] == "train" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
     assert train["params"]["started_from"] == model0.path
+    assert "stability" in train["metrics"]            # the published embeddings anchored the run
+    # the continued model is named after the base model it descends from, and says where it started
+    from qarm_core.embed.model import read_meta
+
+    meta0 = read_meta(model0.path)
+    meta1 = read_meta(Storage(home).stage_dir("train", train["params"]["key"]) / "model")
+    assert meta1["base_model"] == meta0["base_model"] and meta1["started_from"] == meta0["model_version"]
+    assert meta1["model_version"].split(":")[1] == meta0["model_version"].split(":")[1] != "model"
     embed = next(r for r in runs if r["name"] == "embed" and r["tags"]["mlflow.parentRunId"] == second["mlflow_run_id"])
     m = embed["metrics"]
     new_wins = m["valid.finetuned.recall_at_10"] > m["valid.published.recall_at_10"]

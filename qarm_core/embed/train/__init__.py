@@ -66,14 +66,16 @@ __all__ = ["DEEPSPEED_CONFIG_DIR", "STAGE", "TrainRecord", "build_launch_command
 
 def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir: str | Path,
                           model_cfg: EmbedModelConfig | None = None, train_cfg: TrainConfig | None = None,
-                          progress: ProgressFn | None = None) -> TrainRecord:
+                          progress: ProgressFn | None = None, reference: pa.Table | None = None) -> TrainRecord:
     """Fine-tune the three-segment model on judged pairs (+ QA) and write it to ``out_dir/model``.
 
     ``items``: the items table (item_id, title, year?, tags?); ``judgments``: pairs with
     src_item/dst_item (and ``keep``: only kept rows train; without it every row is a positive);
     ``qa``: the QA table or None. Resumes from ``out_dir/checkpoints`` when a run with the same
     fingerprint was interrupted; returns the stored record without training when the run is
-    already complete. ``progress`` gets one dict per step (rank 0 only).
+    already complete. ``progress`` gets one dict per step (rank 0 only). ``reference``: (item_id,
+    vector) rows, e.g. the published embeddings, that ``train_cfg.stability_weight`` keeps the
+    trained items' embeddings near (continued fine-tuning that keeps the SIDs).
     """
     model_cfg = model_cfg or EmbedModelConfig()
     cfg = train_cfg or TrainConfig()
@@ -90,9 +92,9 @@ def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | N
             progress(info)
 
     if cfg.launcher != "none":
-        job = write_job(items, judgments, qa, out_dir, model_cfg, cfg)
+        job = write_job(items, judgments, qa, out_dir, model_cfg, cfg, reference)
         rec = run_launched(job, cfg, relay)
     else:
-        rec = train_in_process(items, judgments, qa, Path(out_dir), model_cfg, cfg, relay)
+        rec = train_in_process(items, judgments, qa, Path(out_dir), model_cfg, cfg, relay, reference)
     prog.finish()
     return dataclasses.replace(rec, dtype_reason=choice.reason)

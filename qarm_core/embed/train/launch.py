@@ -73,14 +73,14 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_job(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir: str | Path,
-              model_cfg: EmbedModelConfig, cfg: TrainConfig) -> Path:
+              model_cfg: EmbedModelConfig, cfg: TrainConfig, reference: pa.Table | None = None) -> Path:
     """Write the inputs (Parquet) and configs (JSON) of a run to ``out_dir/job`` (and the DeepSpeed
     hostfile of a multi-node run); returns job.json. Safe to run on every node at once."""
     import pyarrow.parquet as pq
 
     job_dir = Path(out_dir) / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
-    tables = {"items": items, "judgments": judgments, "qa": qa}
+    tables = {"items": items, "judgments": judgments, "qa": qa, "reference": reference}
     for name, table in tables.items():
         if table is not None:
             _write_atomic(job_dir / f"{name}.parquet", lambda f, t=table: pq.write_table(t, f))
@@ -89,6 +89,7 @@ def write_job(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir
     job = {"out_dir": str(Path(out_dir).resolve()), "items": str(job_dir / "items.parquet"),
            "judgments": str(job_dir / "judgments.parquet"),
            "qa": str(job_dir / "qa.parquet") if qa is not None else None,
+           "reference": str(job_dir / "reference.parquet") if reference is not None else None,
            "model_config": model_cfg.model_dump(), "train_config": cfg.model_dump()}
     f = job_dir / "job.json"
     _write_atomic(f, lambda t: t.write_text(json.dumps(job, indent=2)))
@@ -106,7 +107,8 @@ def run_job(job_file: str | Path) -> None:
     items = pq.read_table(job["items"])
     judgments = pq.read_table(job["judgments"])
     qa = pq.read_table(job["qa"]) if job.get("qa") else None
-    train_in_process(items, judgments, qa, Path(job["out_dir"]), model_cfg, cfg, None)
+    reference = pq.read_table(job["reference"]) if job.get("reference") else None
+    train_in_process(items, judgments, qa, Path(job["out_dir"]), model_cfg, cfg, None, reference)
 
 
 def build_launch_command(job_file: str | Path, cfg: TrainConfig, python: str | None = None,

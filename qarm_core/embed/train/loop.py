@@ -93,6 +93,8 @@ class Session:
     anchors: np.ndarray           # (n_pairs,) dense indices of the training pairs' anchors
     positives: np.ndarray         # (n_pairs,)
     enc: dict                     # item id -> encoded item (tokens of the item and QA segments)
+    reference: Any                # (m, dim) float32 reference vectors of the stability term, or None
+    reference_rows: dict          # item id -> its row of ``reference``
     fingerprint: str
     rank: int
     world: int
@@ -129,10 +131,36 @@ def _optimizer(model: Any, cfg: TrainConfig, world: int) -> tuple[Any, Any, Any]
     return engine, opt, engine
 
 
+def reference_vectors(reference: pa.Table | None, cfg: TrainConfig, model_cfg: EmbedModelConfig
+                      ) -> tuple[Any, dict, str]:
+    """The stability term's reference: ``(vectors (m, dim) float32 tensor, item id -> row, digest)``
+    from a table (item_id, vector) such as the published embeddings; ``(None, {}, "")`` when the
+    term is off (``stability_weight`` 0) or there is no table."""
+    import torch
+
+    if reference is None or cfg.stability_weight == 0:
+        return None, {}, ""
+    missing = [c for c in ("item_id", "vector") if c not in reference.column_names]
+    if missing:
+        raise DataError(STAGE, "reference", f"the stability term's reference lacks columns {missing}; "
+                                            f"has {reference.column_names}")
+    ids = reference["item_id"].to_numpy().astype(np.int64)
+    x = np.asarray(reference["vector"].to_pylist(), dtype=np.float32).reshape(len(ids), -1)
+    if x.shape[1] != model_cfg.dim:
+        raise DataError(STAGE, "reference", f"reference vectors are {x.shape[1]}-d; the model embeds in "
+                                            f"{model_cfg.dim} (embed.model.dim)")
+    if len(np.unique(ids)) != len(ids) or not np.isfinite(x).all():
+        raise DataError(STAGE, "reference", "reference vectors must be finite, one row per item id")
+    return (torch.from_numpy(x), {int(i): r for r, i in enumerate(ids)},
+            hashlib.sha256(ids.tobytes() + x.tobytes()).hexdigest())
+
+
 def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
-                  model_cfg: EmbedModelConfig, cfg: TrainConfig) -> Session | TrainRecord:
+                  model_cfg: EmbedModelConfig, cfg: TrainConfig, reference: pa.Table | None = None
+                  ) -> Session | TrainRecord:
     """Load the model, encode the inputs, build the optimizer (or engine) and resume from this run's
-    newest checkpoint; the stored record instead when this run is already complete."""
+    newest checkpoint; the stored record instead when this run is already complete. ``reference``:
+    (item_id, vector) rows the stability term keeps embeddings near (``stability_weight``)."""
     import torch
 
     from qarm_core.embed.model import load_model
@@ -148,6 +176,9 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
         backend = init_process_group(world, cfg.use_deepspeed, process_group_backend(cfg))
     loaded = load_model(model_cfg, STAGE, torch.float32)
     anchors, positives, enc, data_digest = encode_inputs(items, judgments, qa, model_cfg, cfg, loaded.tokenizer)
+    ref, ref_rows, ref_digest = reference_vectors(reference, cfg, model_cfg)
+    if ref_digest:
+        data_digest = digest([data_digest, ref_digest])
     fp = run_fingerprint(model_cfg, cfg, data_digest, world)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +220,8 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     return Session(cfg=cfg, model_cfg=model_cfg, loaded=loaded, engine=engine, opt=opt, fwd=fwd,
                    device=engine.device if engine is not None else next(model.parameters()).device,
                    trainable=[p for p in model.parameters() if p.requires_grad], autocast=autocast, bf16=bf16,
-                   anchors=anchors, positives=positives, enc=enc, fingerprint=fp, rank=rank, world=world,
+                   anchors=anchors, positives=positives, enc=enc, reference=ref, reference_rows=ref_rows,
+                   fingerprint=fp, rank=rank, world=world,
                    backend=backend, out=out, start=start)
 
 
@@ -219,14 +251,31 @@ def contrastive(s: Session, ea: Any, ep: Any, a_ids: Any, p_ids: Any) -> tuple[A
     return global_info_nce(gather(ea), gather(ep), s.cfg.temperature, gather(a_ids), gather(p_ids), s.world)
 
 
+def stability(s: Session, ea: Any, ep: Any, a_ids: Any, p_ids: Any) -> Any:
+    """The stability term of this rank's rows: mean over the rows whose item has a reference vector
+    of the squared distance between the embedding (unit) and it; None when the term is off. Averaged
+    over ranks by the gradient averaging (each rank's rows are an equal share of the batch)."""
+    import torch
+
+    if s.reference is None:
+        return None
+    e = torch.cat([ea, ep]).float()
+    rows = torch.tensor([s.reference_rows.get(int(i), -1) for i in torch.cat([a_ids, p_ids]).tolist()])
+    have = rows >= 0
+    if not bool(have.any()):
+        return e.sum() * 0.0
+    ref = s.reference[rows[have]].to(e.device)
+    return ((e[have.to(e.device)] - ref) ** 2).sum(1).mean()
+
+
 def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list, p_enc: list, a_ids: Any,
-                        p_ids: Any, scale: float, n_ans: float) -> tuple[float, float, float]:
+                        p_ids: Any, scale: float, n_ans: float) -> tuple[float, float, float, float]:
     """One step's backward with a gradient cache over chunks of ``grad_cache_chunk`` rows: (1) the
     embeddings of every chunk without activations (EMB never sees QA, so the QA segment is left out);
     (2) the contrastive loss over the global batch (other ranks' embeddings gathered as constants)
     and its gradient w.r.t. this rank's embeddings; (3) per chunk, the forward again with
     activations and backward of emb . grad + the chunk's share of the QA loss. Equal to the
-    full-batch step (tested). Returns (loss, nce, qa), unscaled."""
+    full-batch step (tested). Returns (loss, nce, qa, stability), unscaled."""
     import torch
 
     cfg, chunk = s.cfg, s.cfg.grad_cache_chunk
@@ -238,7 +287,9 @@ def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list,
     ea.requires_grad_(True)          # leaves (local_batch, dim): the gradient wanted is w.r.t. these rows
     ep.requires_grad_(True)
     objective, nce = contrastive(s, ea, ep, a_ids, p_ids)
-    ga, gp = torch.autograd.grad(cfg.contrastive_weight * objective, [ea, ep])
+    stab = stability(s, ea, ep, a_ids, p_ids)
+    total = cfg.contrastive_weight * objective + (cfg.stability_weight * stab if stab is not None else 0.0)
+    ga, gp = torch.autograd.grad(total, [ea, ep])
     qa_sum = 0.0
     for batches, grads in ((ba, ga), (bp, gp)):
         at = 0
@@ -251,13 +302,14 @@ def gradient_cache_step(s: Session, ba: list[dict], bp: list[dict], a_enc: list,
             qa_sum += o["qa_loss_sum"].item()
             at += n
     qa_l = qa_sum / max(n_ans, 1.0)
-    return cfg.contrastive_weight * nce.item() + cfg.qa_weight * qa_l, nce.item(), qa_l
+    st = stab.item() if stab is not None else 0.0
+    return cfg.contrastive_weight * nce.item() + cfg.qa_weight * qa_l + cfg.stability_weight * st, nce.item(), qa_l, st
 
 
 def train_step(s: Session, a_enc: list, p_enc: list, a_ids: Any, p_ids: Any,
-               scale: float) -> tuple[float, float, float, int]:
+               scale: float) -> tuple[float, float, float, float, int]:
     """One optimizer step's forward/backward on this process's slice of the batch:
-    (loss, nce, qa, real tokens), unscaled. The contrastive loss is over the global batch
+    (loss, nce, qa, stability, real tokens), unscaled. The contrastive loss is over the global batch
     (``contrastive``); the QA loss is this slice's own (gradient averaging over ranks is right
     for it: the objective is the mean of the ranks' QA losses)."""
     from qarm_core.embed import data as D
@@ -279,8 +331,11 @@ def train_step(s: Session, a_enc: list, p_enc: list, a_ids: Any, p_ids: Any,
         qa_l = qa_loss(oa["qa_loss_sum"] + op["qa_loss_sum"], n_ans)
         loss = cfg.contrastive_weight * nce + cfg.qa_weight * qa_l               # reported
         objective = cfg.contrastive_weight * objective + cfg.qa_weight * qa_l    # backwarded (= loss alone)
+        stab = stability(s, oa["emb"], op["emb"], a_ids, p_ids)
+        if stab is not None:
+            loss, objective = loss + cfg.stability_weight * stab, objective + cfg.stability_weight * stab
     _backward(s, objective)
-    return loss.item(), nce.item(), qa_l.item(), n_tok
+    return loss.item(), nce.item(), qa_l.item(), stab.item() if stab is not None else 0.0, n_tok
 
 
 def _optimizer_step(s: Session) -> float:
@@ -331,19 +386,20 @@ def run_steps(s: Session, progress: ProgressFn | None) -> tuple[int, list[tuple[
                 g["lr"] = g.get("base_lr", cfg.lr) * lr_factor(step, cfg.warmup_steps)
             if s.engine is None:
                 s.opt.zero_grad(set_to_none=True)
-            loss, nce, qa_l, n_tok = train_step(s, [s.enc[int(i)] for i in a], [s.enc[int(i)] for i in p],
-                                                torch.from_numpy(a), torch.from_numpy(p), scale)
+            loss, nce, qa_l, stab, n_tok = train_step(s, [s.enc[int(i)] for i in a], [s.enc[int(i)] for i in p],
+                                                      torch.from_numpy(a), torch.from_numpy(p), scale)
             grad_norm = _optimizer_step(s)
             step += 1
-            # one collective for the step's numbers: (world, 4) rows of (loss, nce, qa, tokens)
-            per_rank = np.array(gather_floats([loss, nce, qa_l, float(n_tok)], world))
-            loss, nce, qa_l = (float(v) for v in per_rank[:, :3].mean(axis=0))
-            tokens += int(per_rank[:, 3].sum())
+            # one collective for the step's numbers: (world, 5) rows of (loss, nce, qa, stability, tokens)
+            per_rank = np.array(gather_floats([loss, nce, qa_l, stab, float(n_tok)], world))
+            loss, nce, qa_l, stab = (float(v) for v in per_rank[:, :4].mean(axis=0))
+            tokens += int(per_rank[:, 4].sum())
             losses.append((loss, nce, qa_l))
             dt = time.perf_counter() - t0
             # nce_spread: max - min of the ranks' nce; every rank computes the same global loss, so
             # anything but 0 means the gathered batches disagree
             info = {"step": step, "max_steps": cfg.max_steps, "loss": loss, "nce": nce, "qa": qa_l,
+                    **({"stability": stab} if s.reference is not None else {}),
                     "nce_spread": float(np.ptp(per_rank[:, 1])), "grad_norm": grad_norm,
                     "qa_item_scale": scale, "tokens": tokens, "seconds": round(dt, 3),
                     "tokens_per_s": tokens / dt if dt > 0 else 0.0}
@@ -373,19 +429,24 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
     the module's own weights."""
     import torch
 
-    from qarm_core.embed.model import save_model
+    from qarm_core.embed.model import read_meta, save_model
 
     cfg, model = s.cfg, s.model
     if cfg.lora_rank:
         model.lm = model.lm.merge_and_unload()
-    version = f"qarm-emb:{Path(s.loaded.source).name}:{s.fingerprint[:12]}:s{step}"
+    # a continued fine-tune (the weekly retrain) is named after the base model it descends from,
+    # not after the folder it started in (a snapshot's "model")
+    start = read_meta(Path(s.loaded.source)) if s.loaded.fine_tuned else None
+    base_model = (start or {}).get("base_model") or s.loaded.source
+    version = f"qarm-emb:{Path(base_model).name}:{s.fingerprint[:12]}:s{step}"
     model_dir = s.out / "model"
     if s.rank == 0:
         sd = fp32_state_from_checkpoint(s.ckpt_root, model) if s.engine is not None and not cfg.lora_rank else None
         if sd is None:
             sd = {k: v.float() for k, v in model.state_dict().items()}
         meta = {"n_emb_tokens": s.model_cfg.n_emb_tokens, "dim": s.model_cfg.dim, "model_version": version,
-                "base_model": s.loaded.source, "fingerprint": s.fingerprint, "steps": step,
+                "base_model": base_model, "started_from": s.loaded.model_version if start else None,
+                "fingerprint": s.fingerprint, "steps": step,
                 "model_config": s.model_cfg.model_dump(), "train_config": cfg.model_dump()}
         lm_dtype = next(model.lm.parameters()).dtype
         model.lm.to(torch.float32)      # save_pretrained writes the module's dtype into config.json
@@ -415,12 +476,13 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
 
 @keep_freed_memory()
 def train_in_process(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out: Path,
-                     model_cfg: EmbedModelConfig, cfg: TrainConfig, progress: ProgressFn | None) -> TrainRecord:
+                     model_cfg: EmbedModelConfig, cfg: TrainConfig, progress: ProgressFn | None,
+                     reference: pa.Table | None = None) -> TrainRecord:
     """Train in this process (one rank of a launched run, or alone) into ``out``; resumes from the
     run's newest checkpoint, returns the stored record when the run is already complete."""
     if cfg.dtype == "auto":  # a job written by hand (or by an older version) for a launched worker
         cfg = cfg.model_copy(update={"dtype": training_dtype(cfg).name})
-    session = start_session(items, judgments, qa, out, model_cfg, cfg)
+    session = start_session(items, judgments, qa, out, model_cfg, cfg, reference)
     if isinstance(session, TrainRecord):
         return session
     step, losses, tokens, seconds = run_steps(session, progress)
