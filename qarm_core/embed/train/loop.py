@@ -131,11 +131,12 @@ def _optimizer(model: Any, cfg: TrainConfig, world: int) -> tuple[Any, Any, Any]
     return engine, opt, engine
 
 
-def reference_vectors(reference: pa.Table | None, cfg: TrainConfig, model_cfg: EmbedModelConfig
-                      ) -> tuple[Any, dict, str]:
+def reference_vectors(reference: pa.Table | None, cfg: TrainConfig, model_cfg: EmbedModelConfig,
+                      trained: Any = None) -> tuple[Any, dict, str]:
     """The stability term's reference: ``(vectors (m, dim) float32 tensor, item id -> row, digest)``
-    from a table (item_id, vector) such as the published embeddings; ``(None, {}, "")`` when the
-    term is off (``stability_weight`` 0) or there is no table."""
+    from a table (item_id, vector) such as the published embeddings, restricted to the ``trained``
+    item ids when given; ``(None, {}, "")`` when the term is off (``stability_weight`` 0) or there
+    is no table."""
     import torch
 
     if reference is None or cfg.stability_weight == 0:
@@ -144,8 +145,13 @@ def reference_vectors(reference: pa.Table | None, cfg: TrainConfig, model_cfg: E
     if missing:
         raise DataError(STAGE, "reference", f"the stability term's reference lacks columns {missing}; "
                                             f"has {reference.column_names}")
+    if trained is not None:      # only the items a step can see: not a 10M-row table in memory
+        import pyarrow.compute as pc
+
+        reference = reference.filter(pc.is_in(reference["item_id"], pa.array(sorted(trained), pa.int64())))
     ids = reference["item_id"].to_numpy().astype(np.int64)
-    x = np.asarray(reference["vector"].to_pylist(), dtype=np.float32).reshape(len(ids), -1)
+    flat = reference["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    x = flat.astype(np.float32, copy=False).reshape(len(ids), -1) if len(ids) else np.zeros((0, model_cfg.dim), np.float32)
     if x.shape[1] != model_cfg.dim:
         raise DataError(STAGE, "reference", f"reference vectors are {x.shape[1]}-d; the model embeds in "
                                             f"{model_cfg.dim} (embed.model.dim)")
@@ -176,7 +182,7 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
         backend = init_process_group(world, cfg.use_deepspeed, process_group_backend(cfg))
     loaded = load_model(model_cfg, STAGE, torch.float32)
     anchors, positives, enc, data_digest = encode_inputs(items, judgments, qa, model_cfg, cfg, loaded.tokenizer)
-    ref, ref_rows, ref_digest = reference_vectors(reference, cfg, model_cfg)
+    ref, ref_rows, ref_digest = reference_vectors(reference, cfg, model_cfg, enc.keys())
     if ref_digest:
         data_digest = digest([data_digest, ref_digest])
     fp = run_fingerprint(model_cfg, cfg, data_digest, world)
