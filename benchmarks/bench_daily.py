@@ -82,7 +82,7 @@ def write_config(out: Path, day: int, tiny_lm: str) -> Path:
         "ingest": {"source": "files", "files": {"interactions": str(out / f"day{day}" / "interactions"),
                                                  "items": str(out / f"day{day}" / "items")}},
         "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},
-        "mine": {"sources": ["swing", "u2i"], "swing": {"top_k": 5},
+        "mine": {"sources": ["swing", "u2i"], "swing": {"top_k": 5, "keep_published_depth": 2},
                  "u2i": {"epochs": 1, "top_m": 2, "max_train_samples": 1_000_000}},
         "judge": {"local": lm, "prompt_version": "pmi-generic-v1", "embed_weight": 0.0, "tag_weight": 0.0},
         "qa": {"local": lm, "k": 1, "batch_size": 256},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -19,6 +20,12 @@ class SwingConfig(Strict):
     min_user_items: int = Field(2, ge=1)
     max_user_items: int = Field(1000, ge=1)       # users with more events are dropped (crawlers, shared accounts)
     top_k: int = Field(100, ge=1)
+    # Stable neighbour lists (None: each refresh keeps its top_k afresh). A pair the published
+    # snapshot mined stays while it ranks within keep_published_depth x top_k of its source item's
+    # neighbours today, in place of a newcomer to the top_k: a day's small score changes then do
+    # not swap near-tied neighbours, so the judge scores fewer new pairs and training sees steadier
+    # pairs. Mining then scores that many neighbours per item (the candidates).
+    keep_published_depth: float | None = Field(None, ge=1.0, allow_inf_nan=False)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -27,6 +34,11 @@ class SwingConfig(Strict):
             raise ValueError(f"swing: need min_user_items ({self.min_user_items}) <= "
                              f"max_user_items ({self.max_user_items})")
         return self
+
+    @property
+    def candidates_k(self) -> int:
+        """Neighbours scored per source item: ``top_k``, or ``ceil(keep_published_depth * top_k)``."""
+        return self.top_k if self.keep_published_depth is None else math.ceil(self.keep_published_depth * self.top_k)
 
 
 class TwoTowerConfig(Strict):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qarm_core.pairs.config import MineConfig
 from qarm_core.duck import parquet_source
@@ -28,10 +29,20 @@ def load_interactions(con: duckdb.DuckDBPyConnection, interactions: DatasetRecor
 
 
 def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
-               min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, float]]:
+               min_rating: float | None = POSITIVE_MIN_RATING, published: pa.Table | None = None
+               ) -> tuple[pa.Table, dict[str, float]]:
+    """``mine_candidates`` then ``select_pairs``: the pairs of one refresh and their report."""
+    candidates, report = mine_candidates(interactions, items, cfg, min_rating)
+    table, selected = select_pairs(candidates, published, cfg)
+    return table, report | selected
+
+
+def mine_candidates(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
+                    min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, float]]:
     """All configured miners' pairs in one PAIRS table, plus a report of counts, timings and the
     two-tower's recall@k against popularity. Both miners learn from the positive events
-    (``qarm_core.events``: rating >= ``min_rating``, else label 1; None: every event)."""
+    (``qarm_core.events``: rating >= ``min_rating``, else label 1; None: every event). Swing keeps
+    ``swing.candidates_k`` neighbours per item, of which ``select_pairs`` keeps ``top_k``."""
     from qarm_core.pairs.swing import mine_swing_pairs
 
     if interactions.num_rows == 0:
@@ -47,7 +58,7 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
             if not keep.any():
                 raise DataError(STAGE, "interactions", f"no events pass min_rating={min_rating}")
             table = mine_swing_pairs(interactions["user_id"].to_numpy()[keep],
-                                     interactions["item_id"].to_numpy()[keep], cfg.swing)
+                                     interactions["item_id"].to_numpy()[keep], cfg.swing, k=cfg.swing.candidates_k)
             report["swing.events"] = float(keep.sum())
         else:
             from qarm_core.pairs.two_tower import mine_u2i_pairs
@@ -61,3 +72,28 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
         log.info("mine: %s pairs from %s in %.1f s", f"{table.num_rows:,}", source, report[f"{source}.seconds"])
         tables.append(table)
     return pa.concat_tables(tables).cast(PAIRS.schema), report
+
+
+def select_pairs(candidates: pa.Table, published: pa.Table | None, cfg: MineConfig
+                 ) -> tuple[pa.Table, dict[str, float]]:
+    """The refresh's pairs from ``mine_candidates``' table: each item's Swing ``top_k``, keeping the
+    pairs of ``published`` (the published snapshot's pairs, or None) that rank within
+    ``swing.candidates_k`` (``keep_published_depth`` x ``top_k``) (``swing.keep_published_neighbours``); other sources as mined.
+    Report: ``swing.pairs`` and, with ``published``, ``swing.kept_published`` / ``swing.new``."""
+    from qarm_core.pairs.swing import PAIRS_SOURCE, keep_published_neighbours
+
+    if "swing" not in cfg.sources:
+        return candidates, {}
+    is_swing = pc.equal(candidates["source"], PAIRS_SOURCE)
+    previous = None
+    if published is not None and cfg.swing.keep_published_depth is not None:
+        previous = published.filter(pc.equal(published["source"], PAIRS_SOURCE)).select(["src_item", "dst_item"])
+    mined = candidates.filter(is_swing)
+    swing, rep = keep_published_neighbours(mined, previous, cfg.swing.top_k)
+    report = {"swing.pairs": float(swing.num_rows), "swing.candidates": float(mined.num_rows)}
+    if previous is not None:
+        report |= {f"swing.{k}": v for k, v in rep.items()}
+    others = candidates.filter(pc.invert(is_swing))
+    # the miners' order: sources as configured, each sorted as its miner sorts it
+    parts = [swing if s == "swing" else others.filter(pc.equal(others["source"], s)) for s in cfg.sources]
+    return pa.concat_tables(parts).cast(PAIRS.schema), report

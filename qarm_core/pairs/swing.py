@@ -163,28 +163,36 @@ def _kernel():
 _KERNEL = None
 
 
-def swing_scores(inputs: SwingInputs, params: SwingConfig, n_chunks: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(src, dst, score) arrays in original item ids, ``top_k`` rows per source item at most."""
+def swing_scores(inputs: SwingInputs, params: SwingConfig, n_chunks: int = 64, k: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, score) arrays in original item ids, ``k`` rows per source item at most
+    (default ``params.top_k``), sorted by (src, score desc, neighbour popularity desc, dst)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
+    k = params.top_k if k is None else k
     n_items = len(inputs.item_ids)
     if n_items == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
     dst, score, n = _KERNEL(inputs.item_ptr, inputs.item_users, inputs.user_ptr, inputs.user_items,
-                            inputs.weights, float(params.alpha2), int(params.top_k),
-                            int(min(n_chunks, n_items)))
-    valid = np.arange(params.top_k)[None, :] < n[:, None]
+                            inputs.weights, float(params.alpha2), int(k), int(min(n_chunks, n_items)))
+    valid = np.arange(k)[None, :] < n[:, None]
     src = inputs.item_ids[np.broadcast_to(np.arange(n_items)[:, None], dst.shape)[valid]]
-    dst, score = inputs.item_ids[dst[valid]], score[valid]
-    order = np.lexsort((dst, -score, src))
+    dense_dst, score = dst[valid], score[valid]
+    dst = inputs.item_ids[dense_dst]
+    # ties in the kernel's order (the more popular neighbour first), so that the first k of a
+    # deeper list are the k the kernel keeps (SwingConfig.keep_published_depth)
+    order = np.lexsort((dense_dst, -score, src))
     return src[order], dst[order], score[order]
 
 
-def mine_swing_pairs(user_id: np.ndarray, item_id: np.ndarray, params: SwingConfig | None = None) -> pa.Table:
-    """Swing pairs from interaction arrays ``(n_events,)``: one row per directed top-k neighbour.
+def mine_swing_pairs(user_id: np.ndarray, item_id: np.ndarray, params: SwingConfig | None = None,
+                     k: int | None = None) -> pa.Table:
+    """Swing pairs from interaction arrays ``(n_events,)``: one row per directed neighbour, the ``k``
+    best of each source item (default ``params.top_k``).
 
-    Returns a table ``src_item, dst_item, score, source`` sorted by (src_item, score desc, dst_item).
+    Returns a table ``src_item, dst_item, score, source`` sorted by (src_item, score desc), ties by
+    the neighbour's popularity (its users after filtering), then dst_item.
     """
     import time
 
@@ -194,7 +202,7 @@ def mine_swing_pairs(user_id: np.ndarray, item_id: np.ndarray, params: SwingConf
     log.info("swing: inputs ready in %.1f s (%s events); scoring user pairs per item (one compiled pass, "
              "no progress until it ends)", time.perf_counter() - t0, f"{len(user_id):,}")
     t1 = time.perf_counter()
-    src, dst, score = swing_scores(inputs, params)
+    src, dst, score = swing_scores(inputs, params, k=k)
     log.info("swing: %s pairs in %.1f s", f"{len(src):,}", time.perf_counter() - t1)
     return pairs_table(src, dst, score, PAIRS_SOURCE)
 
@@ -206,3 +214,50 @@ def pairs_table(src: np.ndarray, dst: np.ndarray, score: np.ndarray, source: str
                      "score": pa.array(score, pa.float64()),
                      "source": pa.array(np.full(len(src), source, dtype=object), pa.string())},
                     schema=PAIRS.schema)
+
+
+def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, top_k: int
+                              ) -> tuple[pa.Table, dict[str, float]]:
+    """Each source item's ``top_k`` neighbours from ``candidates`` (one source's rows, sorted by
+    best first, as ``mine_swing_pairs`` returns them), preferring the pairs
+    ``published`` holds: a published pair among an item's candidates is kept and the newcomers fill
+    the places left, best first. The candidates' depth is the rank within which a published pair
+    survives (``SwingConfig.keep_published_depth``). Scores are today's; the output has the
+    candidates' order. Selecting again with the output as ``published`` returns it unchanged.
+
+    Report: ``kept_published`` (published pairs kept outside today's top_k), ``new`` (pairs not in
+    ``published``), ``published`` (its pairs of this source).
+    """
+    src = candidates["src_item"].to_numpy()
+    dst = candidates["dst_item"].to_numpy()
+    n = len(src)
+    rank = _rank_in_group(src)          # the candidates are sorted: one item's rows are adjacent
+    was = _in_pairs(src, dst, published) if published is not None and published.num_rows else np.zeros(n, bool)
+    # within an item: published rows first, then by rank; the first top_k survive
+    order = np.lexsort((rank, ~was, src))
+    keep = np.zeros(n, bool)
+    keep[order[_rank_in_group(src[order]) < top_k]] = True
+    report = {"kept_published": float((keep & was & (rank >= top_k)).sum()),
+              "new": float((keep & ~was).sum()),
+              "published": float(published.num_rows if published is not None else 0)}
+    return candidates.filter(pa.array(keep)), report
+
+
+def _rank_in_group(groups: np.ndarray) -> np.ndarray:
+    """Position of each row within its run of equal values of ``groups`` ``(n,)`` (runs adjacent)."""
+    n = len(groups)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+
+
+def _in_pairs(src: np.ndarray, dst: np.ndarray, pairs: pa.Table) -> np.ndarray:
+    """Whether each (src[i], dst[i]) is a row of ``pairs`` ``(src_item, dst_item)``."""
+    ids, inv = np.unique(np.concatenate([src, dst, pairs["src_item"].to_numpy(), pairs["dst_item"].to_numpy()]),
+                         return_inverse=True)
+    n, m = len(src), pairs.num_rows
+    # dense indices below len(ids) <= 2 * (n + m): their product fits int64 for any catalog
+    key = inv[:n] * len(ids) + inv[n:2 * n]
+    pkey = inv[2 * n:2 * n + m] * len(ids) + inv[2 * n + m:]
+    return np.isin(key, pkey)

@@ -302,8 +302,9 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     not judged yesterday are scored (the evaluation comes from yesterday's scores), only items
     without QA get new QA, the published model is reused and no unchanged item is embedded again."""
     home = tmp_path / "home"
-    first = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 5})
-    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10, "embed.reuse_model": True})
+    sticky = {"mine.swing.keep_published_depth": 2.0}      # the ML-100K config's stable neighbour lists
+    first = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 5} | sticky)
+    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10, "embed.reuse_model": True} | sticky)
     assert second["rows"]["pairs"] > first["rows"]["pairs"]
     runs = tracking.runs_of(_cfg(home))
 
@@ -311,6 +312,9 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
         return next(r["metrics"] for r in runs if r["name"] == stage
                     and r["tags"]["mlflow.parentRunId"] == flow["mlflow_run_id"])
 
+    # every pair published yesterday is still among today's top 10 of the same log
+    assert "swing.new" not in of("mine", first) and of("mine", second)["swing.kept_published"] == 0
+    assert of("mine", second)["swing.new"] == second["rows"]["pairs"] - first["rows"]["pairs"]
     day1, day2 = of("judge", first), of("judge", second)
     assert day1["pairs.cached"] == 0 and day1["pairs.scored"] == first["rows"]["pairs"]
     assert day2["pairs.cached"] == first["rows"]["pairs"]

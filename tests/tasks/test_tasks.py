@@ -140,3 +140,36 @@ def test_a_stop_noticed_after_a_run_failed_is_named_on_it(tiny_cfg):
     assert {r["tags"]["qarm.error"] for r in runs} == \
         {"stopped by SIGTERM: ImportError: numba._devicearray failed to import"}
     assert {r["status"] for r in runs} == {"FAILED"}
+
+
+def test_mine_keeps_published_neighbours_and_reuses_its_candidates(prefect_harness, tiny_cfg, parent, tmp_path):
+    """With ``mine.swing.keep_published_depth`` the published pairs are an input of the mine stage:
+    a grown log keeps published neighbours that still rank within the depth, and a rerun against
+    its own published pairs mines nothing again (the candidates are reused) and writes the same pairs."""
+    from qarm_core.schemas import INTERACTIONS
+    from qarm_core.storage import write_parquet_dataset
+    from qarm_core.synth import GrowthSpec, SynthSpec, iter_growth_interactions, iter_synthetic_interactions
+    from tasks.mine import mine
+
+    cfg = tiny_cfg.model_copy(update={"mine": tiny_cfg.mine.model_copy(update={
+        "sources": ["swing"], "swing": tiny_cfg.mine.swing.model_copy(update={"top_k": 5, "keep_published_depth": 2.0})})})
+    items = ingest(cfg, parent)["items"]
+    spec = SynthSpec(users=300, items=400, interactions=12_000, seed=1)
+    day0 = list(iter_synthetic_interactions(spec))
+    grown = day0 + list(iter_growth_interactions(GrowthSpec(spec, day=1, new_items=4, new_interactions=1_200)))
+    ev0, ev1 = (write_parquet_dataset(tmp_path / name, iter(b), INTERACTIONS) for name, b in (("d0", day0), ("d1", grown)))
+
+    st = Storage(cfg.home)
+    first = mine(cfg, parent, ev0, items)["pairs"]
+    st.publish({"pairs": first})
+    second = mine(cfg, parent, ev1, items)["pairs"]
+    st.publish({"pairs": second})
+    third = mine(cfg, parent, ev1, items)["pairs"]
+    assert third.fingerprint == second.fingerprint != first.fingerprint
+    m = [r["metrics"] for r in reversed(_stage_runs(cfg, "mine"))]           # newest first: reversed
+    assert [x["reused"] for x in m] == [0.0, 0.0, 0.0]             # the published pairs changed each time
+    assert [x["candidates_reused"] for x in m] == [0.0, 0.0, 1.0]  # the log did not, the third time
+    assert "swing.kept_published" not in m[0] and m[1]["swing.kept_published"] > 0 and m[1]["swing.new"] > 0
+    assert m[2]["swing.new"] == 0 and m[2]["swing.kept_published"] == m[1]["swing.kept_published"]
+    assert m[1]["swing.new"] == len({*zip(*(read_dataset(second)[c].to_pylist() for c in ("src_item", "dst_item")))}
+                                    - {*zip(*(read_dataset(first)[c].to_pylist() for c in ("src_item", "dst_item")))})

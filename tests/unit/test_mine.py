@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from qarm_core.config import parse_config
@@ -72,3 +73,75 @@ def test_miner_settings_are_checked_when_the_config_loads():
         parse_config({"mine": {"swing": {"min_user_items": 5, "max_user_items": 2}}})
     with pytest.raises(ConfigError, match="batch_size"):
         parse_config({"mine": {"u2i": {"batch_size": 1}}})
+
+
+# ------------------------------------------------------------------ stable neighbour lists
+def _grown_logs(seed=3):
+    """A synthetic log (day 0) and the same log with 10% more events and 1% more items (day 1)."""
+    from qarm_core.synth import GrowthSpec, iter_growth_interactions
+
+    spec = SynthSpec(users=300, items=400, interactions=12_000, seed=seed)
+    day0 = pa.Table.from_batches(list(iter_synthetic_interactions(spec)))
+    grow = GrowthSpec(spec, day=1, new_items=4, new_interactions=1_200)
+    return day0, pa.concat_tables([day0, pa.Table.from_batches(list(iter_growth_interactions(grow)))])
+
+
+def _keys(t):
+    return set(zip(t["src_item"].to_pylist(), t["dst_item"].to_pylist()))
+
+
+def _swing(top_k, depth=None):
+    return parse_config({"mine": {"swing": {"top_k": top_k, "keep_published_depth": depth}}}).mine
+
+
+def test_without_a_published_snapshot_deeper_candidates_give_the_plain_top_k():
+    day0, _ = _grown_logs()
+    plain, _ = mine_pairs(day0, None, _swing(5))
+    deep, report = mine_pairs(day0, None, _swing(5, 2.4))
+    assert deep.equals(plain) and report["swing.pairs"] == plain.num_rows < report["swing.candidates"]
+    assert "swing.kept_published" not in report        # nothing published: nothing to keep
+
+
+def test_published_neighbours_stay_while_they_rank_within_the_depth():
+    from qarm_core.pairs.swing import keep_published_neighbours
+
+    cand = pa.table({"src_item": [1] * 6 + [2] * 3, "dst_item": [10, 11, 12, 13, 14, 15, 20, 21, 22],
+                     "score": [9.0, 8, 7, 6, 5, 4, 3, 2, 1], "source": ["swing"] * 9}, schema=PAIRS.schema)
+    # item 1 published 13 (rank 3: kept) and 99 (no longer a candidate: dropped); item 2 published 22
+    published = pa.table({"src_item": [1, 1, 2], "dst_item": [13, 99, 22]})
+    got, rep = keep_published_neighbours(cand, published, top_k=2)
+    assert list(zip(got["src_item"].to_pylist(), got["dst_item"].to_pylist())) == [(1, 10), (1, 13), (2, 20), (2, 22)]
+    assert got["score"].to_pylist() == [9.0, 6.0, 3.0, 1.0]          # today's scores, candidates' order
+    assert rep == {"kept_published": 2.0, "new": 2.0, "published": 3.0}
+    # selecting again against its own output changes nothing
+    again, rep2 = keep_published_neighbours(cand, got.select(["src_item", "dst_item"]), top_k=2)
+    assert again.equals(got) and rep2["new"] == 0
+    # more published neighbours than places (top_k lowered): the best-ranked of them
+    many = pa.table({"src_item": [1, 1, 1], "dst_item": [15, 13, 12]})
+    got3, _ = keep_published_neighbours(cand, many, top_k=2)
+    assert got3.filter(pc.equal(got3["src_item"], 1))["dst_item"].to_pylist() == [12, 13]
+
+
+def test_stable_lists_judge_fewer_new_pairs_on_a_grown_log():
+    """Day 1 (10% more events) against day 0's published pairs: keeping published neighbours within
+    the top 2 x 5 leaves fewer pairs the judge has not seen, every item still has at most top_k, and
+    u2i rows pass through untouched."""
+    day0, day1 = _grown_logs()
+    published, _ = mine_pairs(day0, None, _swing(5, 2))
+    fresh, _ = mine_pairs(day1, None, _swing(5, 2))
+    sticky, report = mine_pairs(day1, None, _swing(5, 2), published=published)
+    new_fresh, new_sticky = len(_keys(fresh) - _keys(published)), len(_keys(sticky) - _keys(published))
+    assert report["swing.new"] == new_sticky < new_fresh and report["swing.kept_published"] > 0
+    assert new_fresh - new_sticky == report["swing.kept_published"]    # each kept pair displaced a newcomer
+    per_item = np.unique(sticky["src_item"].to_numpy(), return_counts=True)[1]
+    assert per_item.max() == 5 and sticky.num_rows == fresh.num_rows
+    # the stickiness is off without keep_published_depth: the published pairs are ignored
+    off, rep_off = mine_pairs(day1, None, _swing(5), published=published)
+    assert off.equals(fresh) and "swing.kept_published" not in rep_off
+
+
+def test_keep_published_depth_is_at_least_one_top_k():
+    assert parse_config({"mine": {"swing": {"top_k": 5, "keep_published_depth": 2.5}}}).mine.swing.candidates_k == 13
+    assert parse_config({"mine": {"swing": {"top_k": 5}}}).mine.swing.candidates_k == 5
+    with pytest.raises(ConfigError, match="keep_published_depth"):
+        parse_config({"mine": {"swing": {"top_k": 5, "keep_published_depth": 0.5}}})
