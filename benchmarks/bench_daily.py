@@ -129,6 +129,10 @@ def phase_refresh(config: str) -> dict:
         if name == "judge":
             units["judge.pairs.cached"] = r["metrics"].get("pairs.cached", 0.0)
             units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
+        if name == "mine":
+            for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "u2i.pairs"):
+                if k in r["metrics"]:
+                    units[f"mine.{k}"] = r["metrics"][k]
         if name == "embed":
             units["embed.carried_over"] = r["metrics"].get("carried_over", 0.0)
         if name == "train" and r["metrics"].get("reused_published"):
@@ -257,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\njudge pairs cached on day 1: {d1['units'].get('judge.pairs.cached', 0):,.0f} of "
           f"{d1['units'].get('judge.pairs', 0):,.0f}; embeddings carried over: "
           f"{d1['units'].get('embed.carried_over', 0):,.0f}")
+    if "mine.swing.new" in d1["units"]:
+        u = d1["units"]
+        print(f"day 1 pairs: Swing {u['mine.swing.pairs']:,.0f} ({u['mine.swing.new']:,.0f} not published on day 0; "
+              f"{u['mine.swing.new_if_fresh']:,.0f} without mine.swing.keep_published_depth, "
+              f"{u['mine.swing.kept_published']:,.0f} published pairs kept), u2i {u.get('mine.u2i.pairs', 0):,.0f}")
     other0 = t0s - sum(d0["stage_seconds"].get(s, 0.0) for s in UNITS)
     other1 = t1s - sum(d1["stage_seconds"].get(s, 0.0) for s in UNITS)
     day0_h, day1_h = (other0 + proj[0]) / 3600, (other1 + proj[1]) / 3600

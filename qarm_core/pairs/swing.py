@@ -226,7 +226,8 @@ def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, 
     candidates' order. Selecting again with the output as ``published`` returns it unchanged.
 
     Report: ``kept_published`` (published pairs kept outside today's top_k), ``new`` (pairs not in
-    ``published``), ``published`` (its pairs of this source).
+    ``published``), ``new_if_fresh`` (pairs of today's plain top_k not in ``published``: what ``new``
+    would be without keeping), ``published`` (its pairs of this source).
     """
     src = candidates["src_item"].to_numpy()
     dst = candidates["dst_item"].to_numpy()
@@ -239,6 +240,7 @@ def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, 
     keep[order[_rank_in_group(src[order]) < top_k]] = True
     report = {"kept_published": float((keep & was & (rank >= top_k)).sum()),
               "new": float((keep & ~was).sum()),
+              "new_if_fresh": float(((rank < top_k) & ~was).sum()),
               "published": float(published.num_rows if published is not None else 0)}
     return candidates.filter(pa.array(keep)), report
 
