@@ -526,17 +526,8 @@ class ObjectHome:
 
     @staticmethod
     def _verify(snapshot_id: str, folder: Path, manifest: dict) -> None:
-        from qarm_core.storage import hash_files  # here: storage imports pyarrow
-
         for name, d in sorted((manifest.get("datasets") or {}).items()):
-            files = [folder / name / f for f in d.get("files", ())]
-            absent = [str(p.relative_to(folder)) for p in files if not p.is_file()]
-            if absent:
-                raise StorageError(f"[stage=fetch, dataset={name}] snapshot {snapshot_id} lacks {absent[:3]} "
-                                   "that its manifest lists")
-            if "fingerprint" in d and hash_files(files) != d["fingerprint"]:
-                raise StorageError(f"[stage=fetch, dataset={name}] the downloaded files of snapshot {snapshot_id} "
-                                   f"do not match the manifest's fingerprint {d['fingerprint']}")
+            check_downloaded_dataset("fetch", snapshot_id, name, d, folder / name)
 
     @staticmethod
     def _remove_dead_downloads(cache: Path, snapshot_id: str) -> None:
@@ -752,3 +743,18 @@ class ObjectLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def check_downloaded_dataset(stage: str, snapshot_id: str, dataset: str, entry: dict, folder: Path) -> None:
+    """Refuse a downloaded dataset of a snapshot (``folder`` holds its files) when a file its
+    manifest ``entry`` lists is absent or the files do not hash to the entry's fingerprint."""
+    from qarm_core.storage import hash_files  # here: storage imports pyarrow
+
+    files = [folder / f for f in entry.get("files", ())]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise StorageError(f"[stage={stage}, dataset={dataset}] snapshot {snapshot_id} lacks {absent[:3]} "
+                           "that its manifest lists")
+    if "fingerprint" in entry and hash_files(files) != entry["fingerprint"]:
+        raise StorageError(f"[stage={stage}, dataset={dataset}] the downloaded files of snapshot {snapshot_id} "
+                           f"do not match the manifest's fingerprint {entry['fingerprint']}")

@@ -167,17 +167,14 @@ class ObjectScratch:
 
 
 def _check_dataset(manifest: dict, snapshot_id: str, dataset: str, folder: Path) -> None:
-    """Refuse a downloaded snapshot dataset whose files do not match the manifest's fingerprint."""
+    """Refuse a downloaded snapshot dataset that its manifest does not name or whose files do not
+    match the manifest's fingerprint."""
     from qarm_core.errors import StorageError
-    from qarm_core.storage import hash_files
+    from qarm_core.objectstore import check_downloaded_dataset
 
     try:
         entry = manifest["datasets"][dataset]
     except KeyError:
         raise StorageError(f"[stage=scratch, dataset={dataset}] snapshot {snapshot_id} has no dataset "
                            f"{dataset!r}") from None
-    files = [folder / f for f in entry.get("files", ())]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing or hash_files(files) != entry["fingerprint"]:
-        raise StorageError(f"[stage=scratch, dataset={dataset}] the downloaded files of snapshot {snapshot_id} "
-                           f"do not match its manifest (missing: {missing[:3]})")
+    check_downloaded_dataset("scratch", snapshot_id, dataset, entry, folder)

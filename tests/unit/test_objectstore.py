@@ -467,3 +467,27 @@ def test_storage_on_an_s3_home_publishes_reads_and_prunes_through_the_store(home
     other = Storage(home_url)
     assert other.home != st.home and other.current().snapshot_id == second.snapshot_id
     assert read_dataset(other.published("items")).equals(table)
+
+
+def test_a_downloaded_dataset_is_checked_against_its_manifest_entry(tmp_path):
+    """One check for a fetched snapshot and a worker's scratch copy of one of its datasets: every
+    file the entry lists present, and their hash the entry's fingerprint."""
+    from qarm_core.objectstore import check_downloaded_dataset
+    from qarm_core.scratch import _check_dataset
+    from qarm_core.storage import hash_files
+
+    folder = tmp_path / "items"
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"one")
+    (folder / "part-1.parquet").write_bytes(b"two")
+    entry = {"files": ["part-0.parquet", "part-1.parquet"], "fingerprint": hash_files(sorted(folder.iterdir()))}
+    check_downloaded_dataset("fetch", "s1", "items", entry, folder)
+    _check_dataset({"datasets": {"items": entry}}, "s1", "items", folder)
+    with pytest.raises(StorageError, match=r"\[stage=scratch, dataset=codes\] snapshot s1 has no dataset"):
+        _check_dataset({"datasets": {"items": entry}}, "s1", "codes", folder)
+    (folder / "part-1.parquet").write_bytes(b"tw0")
+    with pytest.raises(StorageError, match=r"\[stage=scratch, dataset=items\].*do not match.*fingerprint"):
+        _check_dataset({"datasets": {"items": entry}}, "s1", "items", folder)
+    (folder / "part-1.parquet").unlink()
+    with pytest.raises(StorageError, match=r"\[stage=fetch, dataset=items\] snapshot s1 lacks \['part-1.parquet'\]"):
+        check_downloaded_dataset("fetch", "s1", "items", entry, folder)
