@@ -36,7 +36,7 @@ run: install                       ## codebook-refresh on ML-100K (downloads the
 TEST_WORKERS ?= 2
 
 test: install                      ## the whole suite, slow tests included
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

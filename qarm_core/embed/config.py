@@ -158,3 +158,8 @@ class EmbedStageConfig(Strict):
     # Also embed the catalog with these and evaluate them on the held-out pairs (logged, not published).
     baselines: list[Literal["base", "minilm"]] = Field(default_factory=lambda: ["base", "minilm"])
     eval_k: int = Field(10, ge=1)
+    # Score the published model again on a day that reuses it (embed.reuse_model). Off: the gate has
+    # nothing to decide then, and the score costs a search of the whole catalog per validation query
+    # (90 of the 92 s of a 200k-item daily embed stage, growing with catalog x queries); `qarm
+    # evaluate` scores the published snapshot when asked.
+    eval_reused_model: bool = False

@@ -157,6 +157,7 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     """Embed every item with the model in ``model_dir`` into ``run_dir/finetuned`` (resumable
     parts), evaluate it on the validation period's co-occurrence (``validation_pairs``:
     recall@10/50, MRR) beside the baselines' scores, and choose what to publish (``choose_model``).
+    The published model (``model_is_published``) is scored only with ``cfg.eval_reused_model``.
 
     ``baselines``: the table of ``baselines_stage`` (the flow runs it beside training; it is skipped
     when the model is the published one, compared when it was trained). Without it a new model is
@@ -188,7 +189,11 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
         records["published"] = embed_catalog(items, run_dir / "published", old, cfg.infer, progress,
                                              previous=previous, shards=shards)
         paths["published"] = records["published"].path
-    pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
+    if model_is_published and not cfg.eval_reused_model:
+        pairs, why = None, ("not scored: the model is the published one, scored when it was trained "
+                            "(embed.eval_reused_model: true scores it on every run; qarm evaluate scores it)")
+    else:
+        pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
     if baselines is None and model_is_published and cfg.baselines:
         notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
     if pairs is None:

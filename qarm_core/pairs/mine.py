@@ -77,9 +77,10 @@ def mine_candidates(interactions: pa.Table, items: pa.Table | None, cfg: MineCon
 def select_pairs(candidates: pa.Table, published: pa.Table | None, cfg: MineConfig
                  ) -> tuple[pa.Table, dict[str, float]]:
     """The refresh's pairs from ``mine_candidates``' table: each item's Swing ``top_k``, keeping the
-    pairs of ``published`` (the published snapshot's pairs, or None) that rank within
-    ``swing.candidates_k`` (``keep_published_depth`` x ``top_k``) (``swing.keep_published_neighbours``); other sources as mined.
-    Report: ``swing.pairs`` and, with ``published``, ``swing.kept_published`` / ``swing.new``."""
+    pairs of ``published`` (the published snapshot's pairs, or None) that are among its
+    ``swing.candidates_k`` (``swing.keep_published_neighbours``); other sources as mined. Report:
+    ``swing.pairs``, ``swing.candidates`` and, with ``published`` and ``keep_published_depth``,
+    ``swing.kept_published`` / ``swing.new`` / ``swing.new_if_fresh`` / ``swing.published``."""
     from qarm_core.pairs.swing import PAIRS_SOURCE, keep_published_neighbours
 
     if "swing" not in cfg.sources:

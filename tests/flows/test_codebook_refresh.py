@@ -328,6 +328,7 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     e1, e2 = of("embed", first), of("embed", second)
     assert (e1["encoded"], e1["carried_over"]) == (40, 0) and (e2["encoded"], e2["carried_over"]) == (0, 40)
     assert "valid.base.recall_at_10" in e1 and "valid.base.recall_at_10" not in e2   # baselines: only for a new model
+    assert "valid.finetuned.recall_at_10" in e1 and "valid.finetuned.recall_at_10" not in e2   # so is the model
     # the same model and embeddings: the warm-started codebook moves no SID, and the churn gate ran
     q2 = of("quantize", second)
     assert q2["churn"] == 0.0 and q2["churn_items"] == 40 and q2["fsq.refit"] == 0.0

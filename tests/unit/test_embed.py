@@ -442,6 +442,28 @@ def test_baselines_scored_beside_training_are_what_the_embed_stage_gates_on(tiny
     assert "not gated" in alone["notes"]["embed.gate"]
 
 
+def test_the_published_model_is_scored_again_only_when_asked(tiny_lm_path, tiny_catalog, tmp_path):
+    """A day that reuses the published model has no choice to make: it is not scored (a search of
+    the catalog per validation query) unless ``eval_reused_model``; then it scores as a new model does."""
+    from qarm_core.embed.config import EmbedStageConfig
+    from qarm_core.embed.stage import embed_stage
+
+    items, _, _ = tiny_catalog
+    train, valid = _periods(items)
+    cfg = EmbedStageConfig(model=_cfg(tiny_lm_path), infer=EmbedConfig(batch_size=8, dtype="float32"), baselines=[])
+    _, new = embed_stage(items, tiny_lm_path, cfg, tmp_path / "new", train_events=train, valid_events=valid)
+    _, reused = embed_stage(items, tiny_lm_path, cfg, tmp_path / "reused", train_events=train, valid_events=valid,
+                            model_is_published=True)
+    assert "valid.finetuned.recall_at_10" in new and not any(k.startswith("valid.") for k in reused)
+    assert "eval.pairs" not in reused and "eval_reused_model" in reused["notes"]["eval"]
+    assert reused["gate.passed"] == 1.0 and reused["notes"]["model_choice"] == "finetuned"
+    asked = cfg.model_copy(update={"eval_reused_model": True})
+    _, scored = embed_stage(items, tiny_lm_path, asked, tmp_path / "asked", train_events=train, valid_events=valid,
+                            model_is_published=True)
+    assert {k: v for k, v in scored.items() if k.startswith("valid.")} == \
+        {k: v for k, v in new.items() if k.startswith("valid.")}
+
+
 def test_baselines_without_validation_events_score_nothing_and_say_why(tiny_lm_path, tiny_catalog, tmp_path):
     from qarm_core.embed.config import EmbedStageConfig
     from qarm_core.embed.stage import baselines_stage

@@ -114,6 +114,8 @@ def test_killed_run_resumes_to_the_same_state(tiny_lm_path, tiny_catalog, tmp_pa
     with pytest.raises(Killed):        # dies after step 5: the last checkpoint is step 3
         train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm_path), cfg, progress=_kill_at(5))
     assert not (tmp_path / "cut" / "model").exists()
+    if deepspeed:       # a kill while DeepSpeed wrote `latest` (it writes it in place) leaves it empty
+        (tmp_path / "cut" / "checkpoints" / "latest").write_text("")
     resumed = train_embedding_model(items, judgments, qa, tmp_path / "cut", _mcfg(tiny_lm_path), cfg)
     assert resumed.resumed_from_step == 3 and resumed.steps == 6
     assert resumed.fingerprint == full.fingerprint
@@ -299,6 +301,7 @@ def test_sigkilled_process_resumes(tiny_lm_path, tiny_catalog, tmp_path):
     import time
 
     from qarm_core.embed.train import train_embedding_model, write_job
+    from qarm_core.embed.train.checkpoint import deepspeed_resume_tag
 
     items, judgments, qa = tiny_catalog
     cfg = TrainConfig(use_deepspeed=True, batch_size=8, max_steps=60, checkpoint_every=5)
@@ -315,7 +318,8 @@ def test_sigkilled_process_resumes(tiny_lm_path, tiny_catalog, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "train_record.json").exists()
-    done = int(latest.read_text().strip().split("-")[1])
+    # `latest` may be empty: the kill can land while DeepSpeed writes it
+    done = int(deepspeed_resume_tag(tmp_path / "checkpoints").split("-")[1])
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path),
                                 cfg)
     assert rec.resumed_from_step >= done and rec.steps == 60
@@ -734,3 +738,21 @@ def test_stability_term_keeps_a_continued_model_near_its_reference(tiny_lm_path,
                               TrainConfig(**base, max_steps=1, stability_weight=1.0),
                               reference=pa.table({"item_id": ref_ids,
                                                   "vector": pa.array(list(ref_x[:, :8]), pa.list_(pa.float32()))}))
+
+
+def test_the_deepspeed_resume_tag_survives_an_empty_latest_file(tmp_path):
+    """``latest`` names the checkpoint; empty, or naming a folder without its model states, the
+    newest complete ``step-*`` folder is taken (a half-written newer folder is not)."""
+    from qarm_core.embed.train.checkpoint import DEEPSPEED_MODEL_STATES, deepspeed_resume_tag
+
+    assert deepspeed_resume_tag(tmp_path) is None
+    for step in (3, 6):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / DEEPSPEED_MODEL_STATES).write_bytes(b"x")
+    (tmp_path / "step-00000009").mkdir()                  # killed while its files were written
+    (tmp_path / "latest").write_text("step-00000003\n")
+    assert deepspeed_resume_tag(tmp_path) == "step-00000003"
+    (tmp_path / "latest").write_text("")
+    assert deepspeed_resume_tag(tmp_path) == "step-00000006"
+    (tmp_path / "latest").write_text("step-00000009")
+    assert deepspeed_resume_tag(tmp_path) == "step-00000006"

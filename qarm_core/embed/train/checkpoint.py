@@ -124,6 +124,24 @@ def load_plain(root: Path, model: Any, opt: Any) -> dict | None:
     return json.loads((d / "client_state.json").read_text())
 
 
+# The file of a DeepSpeed checkpoint folder that its engine writes for every rank (the module and the
+# client state); the ZeRO optimizer partitions are beside it.
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def deepspeed_resume_tag(root: Path) -> str | None:
+    """The DeepSpeed checkpoint under ``root`` to resume from: the tag ``latest`` names, or, when
+    ``latest`` is empty or names no folder, the newest ``step-*`` folder holding its model states;
+    None when there is none. DeepSpeed writes ``latest`` in place after the tag's files, so a kill
+    at that moment leaves it empty beside a complete checkpoint (seen in a SIGKILL test)."""
+    latest = root / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if tag and (root / tag / DEEPSPEED_MODEL_STATES).is_file():
+        return tag
+    complete = sorted(p.name for p in root.glob("step-*") if (p / DEEPSPEED_MODEL_STATES).is_file())
+    return complete[-1] if complete else None
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     tags = sorted(p for p in root.glob("step-*") if p.is_dir())
     for p in tags[:-keep]:

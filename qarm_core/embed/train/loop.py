@@ -16,8 +16,8 @@ import pyarrow as pa
 
 from qarm_core.allocator import keep_freed_memory
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
-from qarm_core.embed.train.checkpoint import (digest, fp32_state_from_checkpoint, load_plain, no_pickle_code,
-                                             run_fingerprint, save_checkpoint)
+from qarm_core.embed.train.checkpoint import (deepspeed_resume_tag, digest, fp32_state_from_checkpoint, load_plain,
+                                             no_pickle_code, run_fingerprint, save_checkpoint)
 from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, gather_floats,
                                                gather_with_local_grad, init_process_group, process_group_backend,
                                                training_dtype)
@@ -213,9 +213,10 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     engine, opt, fwd = _optimizer(model, cfg, world)
     start = 0
     if engine is not None:
-        if (ckpt_root / "latest").exists():
+        tag = deepspeed_resume_tag(ckpt_root)
+        if tag is not None:
             with no_pickle_code(ckpt_root):
-                _, client = engine.load_checkpoint(str(ckpt_root))
+                _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
             start = int(client["step"])
     else:
         client = load_plain(ckpt_root, model, opt)
