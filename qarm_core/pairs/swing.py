@@ -218,8 +218,8 @@ def pairs_table(src: np.ndarray, dst: np.ndarray, score: np.ndarray, source: str
 
 def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, top_k: int
                               ) -> tuple[pa.Table, dict[str, float]]:
-    """Each source item's ``top_k`` neighbours from ``candidates`` (one source's rows, sorted by
-    best first, as ``mine_swing_pairs`` returns them), preferring the pairs
+    """Each source item's ``top_k`` neighbours from ``candidates`` (one source's rows, each item's
+    rows adjacent and best first, as ``mine_swing_pairs`` returns them), preferring the pairs
     ``published`` holds: a published pair among an item's candidates is kept and the newcomers fill
     the places left, best first. The candidates' depth is the rank within which a published pair
     survives (``SwingConfig.keep_published_depth``). Scores are today's; the output has the
