@@ -9,7 +9,7 @@ from qarm_core.duck import connect
 from qarm_core.pairs.mine import load_interactions, mine_candidates, select_pairs
 from qarm_core.schemas import PAIRS
 from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
-from tasks.common import BATCH_ROWS, TASK_DEFAULTS, StageSpec, is_timing, published_table, run_stage, stage_key
+from tasks.common import BATCH_ROWS, TASK_DEFAULTS, StageSpec, is_timing, run_stage, stage_key
 
 # The candidates' cache folder (work/<this>/<key>): mined once per input, selected against each
 # published snapshot (swing.keep_published_depth).
@@ -28,7 +28,8 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
     mined_from = {"events": events.fingerprint, "items": items.fingerprint,
                   "positive_rule": cfg.events.model_dump(mode="json"), "mine": cfg.mine.model_dump(mode="json")}
     sticky = cfg.mine.swing.keep_published_depth is not None and "swing" in cfg.mine.sources
-    published, published_rec = published_table(storage, "pairs") if sticky else (None, None)
+    # only the record here (its fingerprint is in the key); the table is read if the stage runs
+    published_rec = storage.published_cache("pairs") if sticky else None
 
     def mined():
         con = connect(cfg.duckdb, storage.duckdb_temp_dir)
@@ -59,6 +60,7 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
             # reused candidates: the miners' figures hold, their timings are not this run's
             report = {k: v for k, v in stored.items() if not (reused and is_timing(k))}
             report["candidates_reused"] = float(reused)
+        published = read_dataset(published_rec) if published_rec is not None else None
         table, selected = select_pairs(candidates, published, cfg.mine)
         return {"pairs": table}, report | selected
 
