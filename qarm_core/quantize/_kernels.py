@@ -1,5 +1,6 @@
 """numba kernels of the quantizer: the row-wise parts of a k-means pass that BLAS cannot do
-(argmin over a GEMM block, centroid sums) and per-cell collision resolution.
+(argmin over a GEMM block, centroid sums), per-cell collision resolution (with the counting sort
+that groups rows by cell) and the SID strings' Arrow buffers.
 
 Imported lazily (numba's import costs ~0.5 s) and compiled once, cached on disk by numba.
 Every reduction runs over a fixed partition of rows (``N_PARTS`` parts, independent of the thread
@@ -76,9 +77,55 @@ def subtract(x, labels, c):
 
 
 @njit(cache=True, nogil=True)
-def _moves(z, digits, lo_b, hi_b, levels, n_alt, out_code, out_cost, cost_tmp, delta_tmp):
-    """Packed codes of one row's next-best FSQ cells, cheapest first (ties: move order), as in
-    ``fsq.alternatives``; returns how many are valid (<= n_alt)."""
+def _n_digits(v):
+    d = 1
+    while v >= 10:
+        v //= 10
+        d += 1
+    return d
+
+
+@njit(cache=True, nogil=True)
+def _put_int(data, at, v, width):
+    for t in range(width - 1, -1, -1):
+        data[at + t] = 48 + v % 10
+        v //= 10
+    return at + width
+
+
+@njit(cache=True, nogil=True)
+def sid_utf8(c1, c2, c3, suffix):
+    """The Arrow string buffers of ``"c1-c2-c3"`` (``"-suffix"`` appended where suffix > 0) for
+    non-negative codes ``(n,)``: (offsets ``(n + 1,)`` int64, utf8 bytes). Two passes (lengths,
+    then digits) where Arrow's cast-and-join took 2.6 s at 10M items."""
+    n = c1.shape[0]
+    offsets = np.empty(n + 1, np.int64)
+    offsets[0] = 0
+    for i in range(n):
+        w = _n_digits(c1[i]) + _n_digits(c2[i]) + _n_digits(c3[i]) + 2
+        if suffix[i] > 0:
+            w += _n_digits(suffix[i]) + 1
+        offsets[i + 1] = offsets[i] + w
+    data = np.empty(offsets[n], np.uint8)
+    for i in range(n):
+        at = _put_int(data, offsets[i], c1[i], _n_digits(c1[i]))
+        data[at] = 45                                   # "-"
+        at = _put_int(data, at + 1, c2[i], _n_digits(c2[i]))
+        data[at] = 45
+        at = _put_int(data, at + 1, c3[i], _n_digits(c3[i]))
+        if suffix[i] > 0:
+            data[at] = 45
+            _put_int(data, at + 1, suffix[i], _n_digits(suffix[i]))
+    return offsets, data
+
+
+@njit(cache=True, nogil=True)
+def _move_table(z, digits, lo_b, hi_b, levels, single_cost, single_delta, cost_tmp, delta_tmp):
+    """One row's candidate moves to other FSQ cells, unsorted: a move shifts one coordinate, or two
+    distinct ones, by one bin, and costs how far the coordinate lies from the boundary it crosses
+    (inf: no such bin). Fills ``cost_tmp`` / ``delta_tmp`` (packed-code offsets) and returns (the
+    row's packed code, the number of moves). Every buffer is the caller's: a 10M-item snapshot
+    calls this for millions of rows."""
     f = z.shape[0]
     base = 0
     w = 1
@@ -86,13 +133,12 @@ def _moves(z, digits, lo_b, hi_b, levels, n_alt, out_code, out_cost, cost_tmp, d
         base += digits[j] * w
         w *= levels
     n_single = 2 * f
-    single_cost = np.empty(n_single, np.float32)   # float32 like the reference: same tie order
-    single_delta = np.empty(n_single, np.int64)
     w = 1
     for j in range(f):
         dj = digits[j]
-        single_cost[j] = z[j] - lo_b[j, dj] if dj > 0 else np.inf
-        single_cost[f + j] = hi_b[j, dj] - z[j] if dj < levels - 1 else np.inf
+        # float32 like the reference: the same tie order
+        single_cost[j] = z[j] - lo_b[j, dj] if dj > 0 else np.float32(np.inf)
+        single_cost[f + j] = hi_b[j, dj] - z[j] if dj < levels - 1 else np.float32(np.inf)
         single_delta[j] = -w
         single_delta[f + j] = w
         w *= levels
@@ -103,23 +149,29 @@ def _moves(z, digits, lo_b, hi_b, levels, n_alt, out_code, out_cost, cost_tmp, d
         nm += 1
     for a in range(n_single):
         for b in range(a + 1, n_single):
-            if a % f != b % f:
+            if b != a + f:              # two distinct coordinates (a % f != b % f, without a division)
                 cost_tmp[nm] = single_cost[a] + single_cost[b]
                 delta_tmp[nm] = single_delta[a] + single_delta[b]
                 nm += 1
-    order = np.argsort(cost_tmp[:nm], kind="mergesort")
-    nv = 0
-    for q in range(min(n_alt, nm)):
-        o = order[q]
-        if np.isfinite(cost_tmp[o]):
-            out_code[q] = base + delta_tmp[o]
-            out_cost[q] = cost_tmp[o]
-        else:
-            out_code[q] = -1
-        nv += 1
-    for q in range(nv, n_alt):
+    return base, nm
+
+
+@njit(cache=True, nogil=True)
+def _order_moves(base, nm, n_alt, cost_tmp, delta_tmp, rank_tmp, out_code):
+    """``out_code`` ``(n_alt,)``: the packed codes of the cheapest moves of ``_move_table``, cheapest
+    first, ties in move order (as ``fsq.alternatives``' stable argsort), -1 for none."""
+    for q in range(nm):                 # stable insertion sort of a few dozen moves, inf last
+        t = q
+        while t > 0 and cost_tmp[rank_tmp[t - 1]] > cost_tmp[q]:
+            rank_tmp[t] = rank_tmp[t - 1]
+            t -= 1
+        rank_tmp[t] = q
+    for q in range(n_alt):
         out_code[q] = -1
-    return min(n_alt, nm)
+        if q < nm:
+            o = rank_tmp[q]
+            if np.isfinite(cost_tmp[o]):
+                out_code[q] = base + delta_tmp[o]
 
 
 @njit(cache=True, nogil=True)
@@ -149,19 +201,41 @@ def _insert(sorted_arr, n, v):
     return n + 1
 
 
+@njit(cache=True, nogil=True)
+def group_by_cell(cells, n_cells):
+    """Counting sort: (cell_ptr ``(n_cells + 1,)``, order ``(m,)``) with ``order`` the positions of
+    ``cells`` ``(m,)`` (values in [0, n_cells)) grouped by cell, in position order within a cell.
+    O(m + n_cells), where a comparison sort of 10M keys took seconds."""
+    m = cells.shape[0]
+    cell_ptr = np.zeros(n_cells + 1, np.int64)
+    for i in range(m):
+        cell_ptr[cells[i] + 1] += 1
+    for c in range(n_cells):
+        cell_ptr[c + 1] += cell_ptr[c]
+    fill = cell_ptr[:-1].copy()
+    order = np.empty(m, np.int64)
+    for i in range(m):
+        c = cells[i]
+        order[fill[c]] = i
+        fill[c] += 1
+    return cell_ptr, order
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def resolve_cells(cell_ptr, order, c3, is_outside, z, digits, lo_b, hi_b, levels, n_alt,
+def resolve_cells(cell_ptr, order, c3, priority, is_outside, z, digits, lo_b, hi_b, levels, code_space, n_alt,
                   new_c3, suffix, moved):
     """Collision resolution, one (c1, c2) cell at a time (cells are independent: a move changes c3
     only).
 
-    ``order`` lists rows grouped by cell and, within a cell, by (raw c3, priority, row);
-    ``cell_ptr`` delimits the cells in it. Rows with ``is_outside`` set hold their c3 as a fixed,
-    already-occupied code (e.g. SIDs carried over from the last snapshot) and take no part
-    otherwise. Of the other rows, the first holder of each free raw code keeps it; every later
-    holder is a mover. In round r every still-pending mover, in order, takes its r-th alternative
-    cell if that code is free (codes taken earlier in the round count as taken); movers left after
-    n_alt rounds get a dedup suffix numbered within their code. Equals the vectorised reference
+    ``order`` lists rows grouped by cell (``cell_ptr`` delimits the cells), in row order within a
+    cell; each cell is sorted here by (c3, ``priority``, row). Rows with ``is_outside`` set hold
+    their c3 as a fixed, already-occupied code (e.g. SIDs carried over from the last snapshot)
+    and take no part otherwise. Of the other rows, the first holder of each free raw code keeps
+    it; every later holder is a mover. In round r every still-pending mover, in order, takes its
+    r-th alternative cell if that code is free (codes taken earlier in the round count as taken);
+    movers left after n_alt rounds get a dedup suffix numbered within their code. A cell whose
+    ``code_space`` codes are all taken has nowhere to move to: its movers go straight to the
+    suffixes (on a dense 10M-item snapshot most cells are full). Equals the vectorised reference
     ``sid.resolve_collisions`` row for row.
     """
     n_cells = cell_ptr.shape[0] - 1
@@ -173,28 +247,42 @@ def resolve_cells(cell_ptr, order, c3, is_outside, z, digits, lo_b, hi_b, levels
         size = hi - lo
         if size == 0:
             continue
-        cap = 2 * size + 1                  # distinct raw codes + one code per mover at most
-        occ = np.empty(cap, np.int64)
+        # (c3, priority, row): two stable passes over the cell's rows, which arrive in row order
+        rows = order[lo:hi].copy()
+        rows = rows[np.argsort(priority[rows], kind="mergesort")]
+        rows = rows[np.argsort(c3[rows], kind="mergesort")]
+        # Taken codes: a bitmap over the code space where it is small (an O(1) test; a 10M-item
+        # snapshot makes ~300M tests), else a sorted array searched by bisection.
+        use_map = code_space <= 65536
+        taken = np.zeros(code_space if use_map else 1, np.bool_)
+        occ = np.empty(1 if use_map else 2 * size + 1, np.int64)   # distinct raw codes + one per mover
         n_occ = 0
+        n_free_taken = 0                    # taken codes of the space (a held code may lie outside it)
         # codes held from outside, then every raw code of the rest
         outside = np.empty(size, np.int64)
         n_out = 0
-        for q in range(lo, hi):
-            r = order[q]
+        for q in range(size):
+            r = rows[q]
             if is_outside[r]:
                 outside[n_out] = c3[r]
                 n_out += 1
         outside = np.sort(outside[:n_out])
-        for q in range(lo, hi):
-            v = c3[order[q]]
-            if _find(occ, n_occ, v) < 0:
+        for q in range(size):
+            v = c3[rows[q]]
+            if use_map:
+                if 0 <= v < code_space and not taken[v]:
+                    taken[v] = True
+                    n_free_taken += 1
+            elif _find(occ, n_occ, v) < 0:
                 n_occ = _insert(occ, n_occ, v)
+                if 0 <= v < code_space:
+                    n_free_taken += 1
         movers = np.empty(size, np.int64)
         n_mov = 0
         prev = np.int64(-1)
         first = True
-        for q in range(lo, hi):
-            r = order[q]
+        for q in range(size):
+            r = rows[q]
             if is_outside[r]:
                 continue
             v = c3[r]
@@ -207,24 +295,54 @@ def resolve_cells(cell_ptr, order, c3, is_outside, z, digits, lo_b, hi_b, levels
             prev = v
         if n_mov == 0:
             continue
-        alt = np.empty((n_mov, n_alt), np.int64)
-        out_cost = np.empty(n_alt, np.float32)
-        cost_tmp = np.empty(n_moves, np.float32)
-        delta_tmp = np.empty(n_moves, np.int64)
-        for m in range(n_mov):
-            r = movers[m]
-            _moves(z[r], digits[r], lo_b, hi_b, levels, n_alt, alt[m], out_cost, cost_tmp, delta_tmp)
         pending = np.ones(n_mov, np.bool_)
         n_pending = n_mov
-        for rnd in range(n_alt):
-            if n_pending == 0:
-                break
+        if n_free_taken < code_space:
+            # A mover none of whose moves is free now never moves (taken codes stay taken): it goes
+            # to the suffixes without ranking its moves or taking part in the rounds. On a dense
+            # snapshot that is most movers.
+            alt = np.empty((n_mov, n_alt), np.int64)
+            live = np.empty(n_mov, np.int64)
+            n_live = 0
+            single_cost = np.empty(2 * f, np.float32)
+            single_delta = np.empty(2 * f, np.int64)
+            cost_tmp = np.empty(n_moves, np.float32)
+            delta_tmp = np.empty(n_moves, np.int64)
+            rank_tmp = np.empty(n_moves, np.int64)
             for m in range(n_mov):
-                if not pending[m]:
-                    continue
-                cand = alt[m, rnd]
-                if cand >= 0 and _find(occ, n_occ, cand) < 0:
-                    n_occ = _insert(occ, n_occ, cand)
+                r = movers[m]
+                base, nm = _move_table(z[r], digits[r], lo_b, hi_b, levels, single_cost, single_delta,
+                                       cost_tmp, delta_tmp)
+                free = False
+                for q in range(nm):
+                    if np.isfinite(cost_tmp[q]):
+                        v = base + delta_tmp[q]
+                        if (not taken[v]) if use_map else _find(occ, n_occ, v) < 0:
+                            free = True
+                            break
+                if free:
+                    _order_moves(base, nm, n_alt, cost_tmp, delta_tmp, rank_tmp, alt[n_live])
+                    live[n_live] = m
+                    n_live += 1
+            for rnd in range(n_alt):
+                if n_pending == 0 or n_free_taken >= code_space:
+                    break
+                for li in range(n_live):
+                    m = live[li]
+                    if not pending[m]:
+                        continue
+                    cand = alt[li, rnd]         # a code of the space, or -1
+                    if cand < 0:
+                        continue
+                    if use_map:
+                        if taken[cand]:
+                            continue
+                        taken[cand] = True
+                    elif _find(occ, n_occ, cand) >= 0:
+                        continue
+                    else:
+                        n_occ = _insert(occ, n_occ, cand)
+                    n_free_taken += 1
                     r = movers[m]
                     new_c3[r] = cand
                     moved[r] = True

@@ -157,12 +157,12 @@ def assign(x: np.ndarray, centroids: np.ndarray, with_dist: bool = True) -> tupl
     return labels, sq_dist(x, c, labels) if with_dist else None
 
 
-def sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``(n,)`` float32: ||x_i - centroids[labels_i]||^2, accumulated in float64."""
+def sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``(n,)``: ||x_i - centroids[labels_i]||^2, accumulated in float64, returned as ``dtype``."""
     out = np.empty(len(x), np.float64)
     _k().sq_dist_to(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int32),
                     np.ascontiguousarray(centroids, dtype=np.float32), out)
-    return out.astype(np.float32)
+    return out if dtype is np.float64 else out.astype(dtype)
 
 
 def lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int = 10, tol: float = 1e-4,

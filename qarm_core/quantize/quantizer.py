@@ -201,8 +201,12 @@ def _code_metrics(residual: np.ndarray, centroids: list[np.ndarray], fsq: F.FSQC
 
     def original(rows: "np.ndarray | slice") -> np.ndarray:
         # The input vectors, rebuilt from the residual buffer (x may have been consumed in place).
-        out = residual[rows] + centroids[0][c1[rows]]
-        out += centroids[1][c2[rows]]
+        # HR@k asks for the rows of one (c1, c2) cell at a time: one centroid row each, broadcast,
+        # instead of gathering it per row (same sums, same rounding).
+        a, b = c1[rows], c2[rows]
+        one_cell = len(a) > 0 and bool((a == a[0]).all() and (b == b[0]).all())
+        out = residual[rows] + (centroids[0][a[0]] if one_cell else centroids[0][a])   # a new array
+        out += centroids[1][b[0]] if one_cell else centroids[1][b]
         return out
 
     def decoded(rows: np.ndarray) -> np.ndarray:

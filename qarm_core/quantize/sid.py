@@ -6,7 +6,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 
 def sid_keys(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k2: int, c3_space: int) -> np.ndarray:
@@ -82,13 +81,27 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray,
     return new_c3, suffix, moved | (suffix > 0)
 
 
-def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarray) -> pa.Array:
-    """``"c1-c2-c3"``, with ``"-k"`` appended where a dedup suffix k > 0 was needed (Arrow-built:
-    no Python string per item)."""
-    parts = [pc.cast(pa.array(a), pa.string()) for a in (c1, c2, c3)]
-    base = pc.binary_join_element_wise(*parts, "-")
-    with_suffix = pc.binary_join_element_wise(base, pc.cast(pa.array(suffix), pa.string()), "-")
-    return pc.if_else(pa.array(suffix > 0), with_suffix, base)
+def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarray,
+                max_chunk_bytes: int = 2 ** 31 - 1) -> "pa.Array | pa.ChunkedArray":
+    """``"c1-c2-c3"``, with ``"-k"`` appended where a dedup suffix k > 0 was needed (built as Arrow
+    buffers by a compiled kernel: no Python string per item). A string array's offsets are int32,
+    so text beyond ``max_chunk_bytes`` comes back as a chunked array of arrays that stay below."""
+    cols = [np.ascontiguousarray(a, np.int64) for a in (c1, c2, c3, suffix)]
+    if len(cols[0]) and min(int(a.min()) for a in cols) < 0:
+        raise ValueError("sid_strings: codes and suffixes must be non-negative")
+    from qarm_core.quantize.kmeans import _k
+
+    offsets, data = _k().sid_utf8(*cols)
+    n, limit = len(offsets) - 1, max_chunk_bytes
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(max(bounds[-1] + 1, int(np.searchsorted(offsets, offsets[bounds[-1]] + limit, "right")) - 1))
+    chunks = [pa.StringArray.from_buffers(hi - lo, pa.py_buffer((offsets[lo:hi + 1] - offsets[lo]).astype(np.int32)),
+                                          pa.py_buffer(data[offsets[lo]:offsets[hi]]))
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if len(chunks) == 1:
+        return chunks[0]
+    return pa.chunked_array(chunks, pa.string()) if chunks else pa.array([], pa.string())
 
 
 def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, priority: np.ndarray,
@@ -112,18 +125,24 @@ def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, pr
     _kernels = _k()
     n = len(keys)
     rows = np.flatnonzero(participate | outside)
-    # Rows grouped by SID key (so by cell, then c3), then by priority, then by row (lexsort is stable).
-    order = rows[np.lexsort((priority[rows], keys[rows]))]
-    cell = keys[order] // c3_space
-    cell_ptr = np.r_[0, np.flatnonzero(cell[1:] != cell[:-1]) + 1, len(order)].astype(np.int64)
-    del cell
+    # Rows grouped by (c1, c2) cell with a counting sort; the kernel orders each cell by (c3,
+    # priority, row): a global lexsort of a 10M-item snapshot took 4.5 s of the stage.
+    cell = keys[rows] // c3_space
+    n_cells = int(cell.max()) + 1 if len(cell) else 0
+    if n_cells > 4 * len(cell) + 1024:          # a sparse cell space: number the cells in use
+        _, cell = np.unique(cell, return_inverse=True)
+        n_cells = int(cell.max()) + 1
+    cell_ptr, pos = _kernels.group_by_cell(cell, n_cells)
+    order = rows[pos]
+    del cell, pos
     f = z.shape[1]
     lo_b = np.concatenate([np.full((f, 1), -np.inf, np.float32), boundaries], 1).astype(np.float32)
     hi_b = np.concatenate([boundaries, np.full((f, 1), np.inf, np.float32)], 1).astype(np.float32)
     new_c3 = c3.astype(np.int64, copy=True)
     suffix = np.zeros(n, np.int64)
     moved = np.zeros(n, bool)
-    _kernels.resolve_cells(cell_ptr, order, new_c3, np.ascontiguousarray(outside), np.ascontiguousarray(z, np.float32),
-                           np.ascontiguousarray(digits, np.int32), lo_b, hi_b, int(levels), int(n_alt),
-                           new_c3, suffix, moved)
+    _kernels.resolve_cells(cell_ptr, order, new_c3, np.ascontiguousarray(priority),
+                           np.ascontiguousarray(outside), np.ascontiguousarray(z, np.float32),
+                           np.ascontiguousarray(digits, np.int32), lo_b, hi_b, int(levels), int(c3_space),
+                           int(n_alt), new_c3, suffix, moved)
     return new_c3, suffix, moved | (suffix > 0)

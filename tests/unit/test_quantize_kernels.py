@@ -10,7 +10,7 @@ from qarm_core.quantize import fsq as F
 from qarm_core.quantize import kmeans as K
 from qarm_core.quantize.metrics import decode_hit_rates, hit_rates
 from qarm_core.quantize.quantizer import QuantizerParams, assign_semantic_ids, quantize_embeddings
-from qarm_core.quantize.sid import resolve_collisions, resolve_collisions_cells, sid_keys
+from qarm_core.quantize.sid import resolve_collisions, resolve_collisions_cells, sid_keys, sid_strings
 
 P = QuantizerParams(levels=(16, 8), fsq_dims=3, fsq_levels=4, niter=10, hr_sample=10_000, decode_hr_sample=200)
 
@@ -22,8 +22,12 @@ def _emb(n=3000, dim=24, seed=0, clusters=40):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.arange(n, dtype=np.int64) * 7 + 1
 
 
-@pytest.mark.parametrize("seed,n_alt,kept_share", [(0, 32, 0.0), (1, 5, 0.3), (2, 3, 0.5)])
-def test_resolve_cells_equals_reference(seed, n_alt, kept_share):
+@pytest.mark.parametrize("seed,n_alt,kept_share,c1_stride", [(0, 32, 0.0, 1), (1, 5, 0.3, 1), (2, 3, 0.5, 1),
+                                                             (3, 32, 0.2, 1_000_003)])
+def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride):
+    """Row for row equal to the vectorised reference: dense cells (some with every FSQ code taken,
+    whose movers go straight to suffixes), sparse ones, carried-over codes, and (c1_stride) a cell
+    space far larger than the rows, which the kernel numbers compactly first."""
     rng = np.random.default_rng(seed)
     n, f, L, k2 = 6000, 3, 4, 5
     r = rng.standard_normal((n, 10)).astype(np.float32)
@@ -31,7 +35,9 @@ def test_resolve_cells_equals_reference(seed, n_alt, kept_share):
     z = F.project(fsq, r)
     d = F.digits_of(fsq, z)
     c3 = F.pack(d, L)
-    c1, c2 = rng.integers(0, 6, n), rng.integers(0, k2, n)
+    c1, c2 = rng.integers(0, 6, n) * c1_stride, rng.integers(0, k2, n)
+    c1[:1500] = 0                                                # cell (0, c2): every code held
+    assert len(np.unique(c3[(c1 == 0) & (c2 == 0)])) == fsq.code_space
     keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
     priority = ((z - fsq.centers[np.arange(f)[None, :], d]) ** 2).sum(1)
     kept = rng.random(n) < kept_share
@@ -163,3 +169,24 @@ def test_frozen_encode_rejects_wrong_dim_and_nan():
     with pytest.raises(DataError, match=r"NaN/inf, e.g. item ids \[22\]"):
         assign_semantic_ids(bad, ids, cb)
     assert assign_semantic_ids(x[:3], ids[:3], cb)[0].num_rows == 3     # fewer items than K is fine frozen
+
+
+def test_sid_strings_equal_arrow_formatting_and_split_into_chunks():
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    c1, c2, c3 = rng.integers(0, 300, n), rng.integers(0, 10 ** 6, n), rng.integers(0, 2 ** 40, n)
+    suffix = np.where(rng.random(n) < 0.3, rng.integers(1, 10 ** 5, n), 0)
+    c1[:2], c2[:2], c3[:2] = 0, 0, 0
+    base = pc.binary_join_element_wise(*[pc.cast(pa.array(a), pa.string()) for a in (c1, c2, c3)], "-")
+    expected = pc.if_else(pa.array(suffix > 0),
+                          pc.binary_join_element_wise(base, pc.cast(pa.array(suffix), pa.string()), "-"), base)
+    got = sid_strings(c1, c2, c3, suffix)
+    assert got.type == pa.string() and got.equals(expected)
+    chunked = sid_strings(c1, c2, c3, suffix, max_chunk_bytes=1000)      # ~130 chunks of <= 1000 bytes
+    assert chunked.num_chunks > 50 and all(c.buffers()[2].size <= 1000 for c in chunked.chunks)
+    assert chunked.combine_chunks().equals(expected)
+    assert len(sid_strings(c1[:0], c2[:0], c3[:0], suffix[:0])) == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        sid_strings(c1 - 1, c2, c3, suffix)
