@@ -359,29 +359,38 @@ def ingest_ml100k(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -
     _guard(_run_ingest, config, {"ingest.source": "ml100k", **_parse_sets(set_)})
 
 
+STAGE_SYNTH = "synth"
+
+
 @app.command()
-def synth(out: Path = typer.Option(..., help="Output folder: gets interactions/ and items/ Parquet folders."),
+def synth(out: Path = typer.Option(..., help="Output folder (created): gets interactions/ and items/ Parquet folders."),
           users: int = typer.Option(100_000, min=1), items: int = typer.Option(1_000_000, min=1),
           interactions: int = typer.Option(10_000_000, min=1), seed: int = typer.Option(0),
-          zipf_exponent: float = typer.Option(1.1, min=0.01)) -> None:
+          zipf_exponent: float = typer.Option(1.1, min=0.01),
+          overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
     """Write a deterministic synthetic log (Zipf popularity, template item text), streamed to Parquet."""
-    from qarm_core.schemas import INTERACTIONS, ITEMS
-    from qarm_core.storage import write_parquet_dataset
-    from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
+    def run() -> None:
+        from qarm_core.schemas import INTERACTIONS, ITEMS
+        from qarm_core.storage import staged_output, write_parquet_dataset
+        from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
 
-    spec = SynthSpec(users=users, items=items, interactions=interactions, seed=seed, zipf_exponent=zipf_exponent)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("items", "interactions"):
-        if (out / name).exists():
-            console.print(f"[red]error:[/] {out / name} exists; choose an empty --out")
-            raise typer.Exit(2)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        for name, schema, gen, total in (("items", ITEMS, iter_synthetic_items, items),
-                                         ("interactions", INTERACTIONS, iter_synthetic_interactions, interactions)):
-            bar = progress.add_task(name, total=total)
-            rec = write_parquet_dataset(out / name, _advancing(gen(spec), progress, bar), schema)
-            console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {rec.path}")
+        spec = SynthSpec(users=users, items=items, interactions=interactions, seed=seed, zipf_exponent=zipf_exponent)
+        written = []
+        # --out is the output folder: written in a new temporary folder beside it and renamed into
+        # place when both datasets are complete (a failed or stopped run leaves no half a log), and
+        # nothing but an earlier qarm output is ever replaced
+        with staged_output(out, "folder", overwrite, STAGE_SYNTH) as tmp, \
+                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TimeElapsedColumn(), console=console) as progress:
+            for name, schema, gen, total in (("items", ITEMS, iter_synthetic_items, items),
+                                             ("interactions", INTERACTIONS, iter_synthetic_interactions,
+                                              interactions)):
+                bar = progress.add_task(name, total=total)
+                rec = write_parquet_dataset(tmp / name, _advancing(gen(spec), progress, bar), schema)
+                written.append((name, rec))
+        for name, rec in written:
+            console.print(f"{name}: {rec.rows:,} rows in {len(rec.files)} file(s) at {out / name}")
+    _guard(run)
 
 
 STAGE_PAIRS_SWING = "pairs-swing"

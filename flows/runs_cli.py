@@ -10,7 +10,7 @@ from rich.table import Table
 
 from flows.options import ConfigOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
-from qarm_core.config import load_config
+from qarm_core.config import load_config, redact_uri, scrub_credentials
 from qarm_core.summary import format_metric
 
 app = typer.Typer(help="Past runs, from MLflow.", no_args_is_help=True)
@@ -36,10 +36,12 @@ def compare(run_ids: Optional[list[str]] = typer.Argument(None, help="MLflow run
     try:
         runs = tracking.headline_runs(cfg, run_ids or None, last)
     except mlflow.exceptions.MlflowException as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        console.print(f"[bold red]error:[/] {scrub_credentials(exc.message, cfg.tracking.tracking_uri)}",
+                      highlight=False)
         raise typer.Exit(2) from None
     if not runs:
-        console.print(f"no codebook-refresh runs in experiment {cfg.tracking.experiment!r} at {cfg.tracking.tracking_uri}")
+        console.print(f"no codebook-refresh runs in experiment {cfg.tracking.experiment!r} "
+                      f"at {redact_uri(cfg.tracking.tracking_uri)}")
         raise typer.Exit(1)
     table = Table(title=f"{len(runs)} refresh run(s), newest first" if not run_ids else "refresh runs")
     table.add_column("metric", no_wrap=True)

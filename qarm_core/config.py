@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_serializer, field_validator
 
 from qarm_core.events import EventsConfig
 from qarm_core.base import DuckDBConfig, Strict
@@ -31,7 +31,50 @@ from qarm_core.split import SplitConfig
 from qarm_core.storage import StorageConfig, is_remote_home, local_root
 
 
+def _uri_parts(uri: str) -> tuple[str, str, str, str]:
+    """(``scheme://``, user info, host[:port], the rest) of ``uri``, cut as text; a URI without
+    ``://`` (a path, ``databricks``) has no authority: ("", "", "", uri)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return "", "", "", uri
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, _, host = rest[:end].rpartition("@")
+    return scheme + sep, userinfo, host, rest[end:]
+
+
+def uri_userinfo(uri: str) -> str:
+    """The ``user:password`` of ``uri`` (empty when it has none)."""
+    return _uri_parts(uri)[1]
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` as it may be logged, printed or written: without user info (``user:password@``), query
+    or fragment (``?token=...``); returned unchanged when it has none of them. Unlike
+    ``qarm_core.lm.http.redact_url`` it edits the text rather than rebuilding it from its parts, so
+    that a URI with nothing to hide stays byte for byte as given (``sqlite:////abs/mlflow.db`` keeps
+    its four slashes, ``http://[::1]:5000`` its brackets) and the config's fingerprint does not move."""
+    prefix, _, host, tail = _uri_parts(uri)
+    for mark in "?#":
+        tail = tail.split(mark, 1)[0]
+    return prefix + host + tail
+
+
+def scrub_credentials(text: str, uri: str | None) -> str:
+    """``text`` (an error message, say) without the user info of ``uri`` wherever it appears:
+    MLflow's own messages quote the tracking URI it was given ("API request to http://... failed")."""
+    userinfo = uri_userinfo(uri) if uri else ""
+    return text.replace(userinfo + "@", "") if userinfo else text
+
+
+TRACKING_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                           "in the environment")
+
+
 class TrackingConfig(Strict):
+    """Where MLflow records runs. The config is logged to MLflow, written as resolved.yaml and
+    printed, so its URIs carry no credentials: a config that gives some is refused, and one that
+    comes from MLFLOW_TRACKING_URI is kept for MLflow but serialised without them (``redact_uri``)."""
+
     # Default: sqlite:///<home>/mlflow.db; MLFLOW_TRACKING_URI in the environment wins over both.
     tracking_uri: str | None = None
     experiment: str = "qarm-codebook-refresh"
@@ -43,6 +86,22 @@ class TrackingConfig(Strict):
     # Log the refresh's plots (codes per level, judge scores per source, training loss) on its
     # parent run: 1-4 s a refresh on 2 cores, which the test suite's many tiny refreshes skip.
     plots: bool = True
+
+    @field_validator("tracking_uri", "ui_url")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or not uri_userinfo(v):
+            return v
+        if info.field_name == "ui_url":
+            raise ValueError("the URL carries credentials (user:password@), and qarm prints it in every run's "
+                             "link; give it without them")
+        raise ValueError(f"the URI carries credentials (user:password@), which would be logged to MLflow and "
+                         f"printed; give it without them and set {TRACKING_CREDENTIAL_ENV} (a database store's "
+                         "URI may be given whole in MLFLOW_TRACKING_URI: qarm only ever shows it redacted)")
+
+    @field_serializer("tracking_uri", "ui_url", "artifact_location", when_used="json-unless-none")
+    def _without_credentials(self, v: str) -> str:
+        return redact_uri(v)
 
 
 class FlowConfig(Strict):
@@ -102,6 +161,9 @@ class PipelineConfig(Strict):
         return self.model_copy(update={"home": str(home), "ingest": ingest, "tracking": tracking})
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, as it is logged to MLflow, written (resolved.yaml, the snapshot
+        manifest) and printed: its URIs without credentials (``TrackingConfig``), so not a way to
+        hand the live config on."""
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:

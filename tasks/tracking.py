@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from qarm_core.config import PipelineConfig, dump_config
+from qarm_core.config import PipelineConfig, dump_config, redact_uri
 from qarm_core.errors import STOPPED_BY, stop_signal_name
 from qarm_core.gates import GateResult
 
@@ -301,8 +301,8 @@ def run_link(cfg: PipelineConfig, run_id: str) -> str:
     """The MLflow UI's address of a run (``tracking.ui_url``, else the tracking URI if it is a
     server, else ``make mlflow-ui``'s http://127.0.0.1:5000)."""
     client = _client(cfg)
-    base = cfg.tracking.ui_url or (cfg.tracking.tracking_uri if str(cfg.tracking.tracking_uri).startswith("http")
-                                   else "http://127.0.0.1:5000")
+    uri = str(cfg.tracking.tracking_uri)
+    base = cfg.tracking.ui_url or (redact_uri(uri) if uri.startswith("http") else "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 

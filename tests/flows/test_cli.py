@@ -14,15 +14,89 @@ from tests.support.paths import TINY
 runner = CliRunner()
 
 
-def test_synth_writes_parquet_and_refuses_to_overwrite(tmp_path):
-    args = ["synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "15",
-            "--interactions", "300", "--seed", "1"]
-    res = runner.invoke(app, args)
+SYNTH_TINY = ["synth", "--users", "5", "--items", "20", "--interactions", "200"]
+
+
+def test_synth_writes_the_out_folder_as_one_qarm_output(tmp_path):
+    from qarm_core.storage import is_qarm_output
+
+    out = tmp_path / "new" / "s"                      # the parent is created too, as before
+    res = runner.invoke(app, SYNTH_TINY + ["--out", str(out), "--seed", "1"])
     assert res.exit_code == 0, res.output
-    t = pq.read_table(tmp_path / "s" / "interactions")
-    assert t.num_rows == 300 and pq.read_table(tmp_path / "s" / "items").num_rows == 15
-    again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "exists" in again.output
+    assert pq.read_table(out / "interactions").num_rows == 200 and pq.read_table(out / "items").num_rows == 20
+    users = pq.read_table(out / "interactions")["user_id"].to_numpy()
+    assert users.min() >= 0 and users.max() < 5
+    assert is_qarm_output(out) and sorted(p.name for p in out.iterdir()) == [".qarm-output.json", "interactions",
+                                                                              "items"]
+    assert not [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]   # no staging leftovers
+
+
+def test_synth_refuses_an_existing_out_and_replaces_only_an_earlier_qarm_output(tmp_path):
+    out = tmp_path / "s"
+    assert runner.invoke(app, SYNTH_TINY + ["--out", str(out), "--seed", "1"]).exit_code == 0
+    first = pq.read_table(out / "interactions")
+    again = runner.invoke(app, SYNTH_TINY + ["--out", str(out), "--seed", "2"])
+    text = " ".join(again.output.split())
+    assert again.exit_code == 2 and text.startswith("error: [stage=synth, dataset=out]"), again.output
+    assert "pass --overwrite" in text and "Traceback" not in again.output
+    assert pq.read_table(out / "interactions").equals(first)                  # untouched
+    res = runner.invoke(app, SYNTH_TINY + ["--out", str(out), "--seed", "2", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    second = pq.read_table(out / "interactions")
+    assert second.num_rows == 200 and not second.equals(first)
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_synth_never_deletes_a_folder_that_is_not_a_qarm_output(tmp_path):
+    mine = tmp_path / "data"
+    (mine / "items").mkdir(parents=True)              # looks like a log, but qarm did not write it
+    (mine / "items" / "keep.parquet").write_bytes(b"years of work")
+    (mine / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me too")
+    for out, flags, why in ((mine, [], "is not a qarm output"), (mine, ["--overwrite"], "is not a qarm output"),
+                            (a_file, ["--overwrite"], "is a file")):
+        res = runner.invoke(app, SYNTH_TINY + ["--out", str(out), *flags])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "[stage=synth, dataset=out]" in text and why in text, res.output
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["items", "items/keep.parquet",
+                                                                               "notes.txt"]
+    assert (mine / "items" / "keep.parquet").read_bytes() == b"years of work"
+    assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_stopped_synth_leaves_no_half_written_output(tmp_path):
+    """SIGINT (Ctrl-C) while `qarm synth` writes: exit 130, --out absent, the staging folder removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.paths import REPO
+
+    out = tmp_path / "s"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-c", "from flows.cli import app; app()", "synth", "--out", str(out),
+           "--users", "1000", "--items", "1000", "--interactions", "50000000"]      # ~10 s if not stopped
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while not list(tmp_path.glob(".s.tmp-*/out/interactions/part-*")) and proc.poll() is None \
+                and time.monotonic() - t0 < 120:
+            time.sleep(0.1)                               # half-way: items done, interactions being written
+        assert proc.poll() is None, proc.stdout.read()
+        os.kill(proc.pid, signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "stopped by SIGINT" in " ".join(text.split()), text[-3000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_ingest_own_files_then_status_then_refresh_from_them(prefect_harness, tmp_path):
@@ -70,6 +144,25 @@ def test_config_errors_exit_2(tmp_path):
     assert ok.exit_code == 0 and '"source": "synth"' in ok.output
     missing = runner.invoke(app, ["ingest"])
     assert missing.exit_code != 0
+
+
+def test_a_tracking_password_from_the_environment_never_reaches_the_terminal(tmp_path):
+    """MLFLOW_TRACKING_URI with user:password@: `qarm config` shows it redacted, and `qarm runs
+    compare` against a server that is not there says so without the password MLflow's error quotes."""
+    import socket
+
+    with socket.socket() as s:                      # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MLFLOW_TRACKING_URI": f"http://alice:s3cr3t@127.0.0.1:{port}/base", "QARM_HOME": str(tmp_path / "h"),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    shown = runner.invoke(app, ["config", "--config", TINY], env=env)
+    assert shown.exit_code == 0 and f"tracking_uri: http://127.0.0.1:{port}/base" in shown.output, shown.output
+    res = runner.invoke(app, ["runs", "compare", "--config", TINY], env=env)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and text.startswith("error:") and f"127.0.0.1:{port}/base" in text, res.output
+    for out in (shown.output, res.output):
+        assert "s3cr3t" not in out and "alice" not in out
 
 
 def test_pairs_swing_cli(tmp_path):

@@ -193,3 +193,69 @@ def test_unknown_key_with_no_close_match_gets_no_suggestion(tmp_path):
     assert text.startswith(f"[stage=config, dataset={p}] 2 problems:")
     assert f"  - judge.qwertyuiop: unknown key in {p}\n" in text + "\n"
     assert "  - --set zzzzzz: unknown key" in text and "did you mean" not in text
+
+
+# ---------------------------------------------------------------- tracking URIs never carry a password out
+SECRET_URI = "http://alice:s3cr3t@mlflow.example:5000/base"
+
+
+def test_a_tracking_uri_with_credentials_in_the_config_is_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"tracking:\n  tracking_uri: {SECRET_URI}\n")
+    for load in (lambda: load_config(p), lambda: load_config(REPO / "configs" / "tiny.yaml",
+                                                                {"tracking.tracking_uri": SECRET_URI})):
+        with pytest.raises(ConfigError) as exc:
+            load()
+        msg = str(exc.value)
+        assert "tracking.tracking_uri" in msg and "carries credentials" in msg, msg
+        assert "MLFLOW_TRACKING_USERNAME" in msg and "MLFLOW_TRACKING_PASSWORD" in msg
+        assert "s3cr3t" not in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"tracking\.ui_url: .*carries credentials") as exc:
+        parse_config({"tracking": {"ui_url": "https://bob:hunter2@ui.example"}})
+    assert "hunter2" not in str(exc.value)
+    # the same URIs without credentials are fine, a query or token-free path included
+    ok = parse_config({"tracking": {"tracking_uri": "http://mlflow.example:5000/base", "ui_url": "https://ui.example"}})
+    assert ok.tracking.tracking_uri == "http://mlflow.example:5000/base"
+
+
+def test_a_tracking_uri_with_credentials_from_the_environment_is_used_but_never_written(monkeypatch, tmp_path):
+    """MLFLOW_TRACKING_URI wins over the config and keeps its credentials for MLflow; what is logged
+    to MLflow as params (``to_dict``), written as resolved.yaml (``dump_config``), into the snapshot
+    manifest and printed by ``qarm config`` is the URI without them."""
+    import json
+
+    monkeypatch.setenv("QARM_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URI + "?token=t0k3n")
+    cfg = load_config(REPO / "configs" / "tiny.yaml").resolved()
+    assert cfg.tracking.tracking_uri == SECRET_URI + "?token=t0k3n"            # what MLflow connects with
+    assert cfg.to_dict()["tracking"]["tracking_uri"] == "http://mlflow.example:5000/base"
+    for text in (json.dumps(cfg.to_dict()), dump_config(cfg)):
+        assert "s3cr3t" not in text and "alice" not in text and "t0k3n" not in text
+    assert "tracking_uri: http://mlflow.example:5000/base\n" in dump_config(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URI.replace("s3cr3t", "other"))
+    assert load_config(REPO / "configs" / "tiny.yaml").resolved().fingerprint() == cfg.fingerprint()
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////abs/qarm_home/mlflow.db", "sqlite:///rel/mlflow.db", "file:///tmp/mlruns",
+                                 "./mlruns", "databricks", "databricks://Profile", "http://[::1]:5000",
+                                 "https://MLflow.Example:8443/a/b", "postgresql://db.example:5432/mlflow"])
+def test_redact_uri_leaves_a_uri_without_credentials_as_given(uri):
+    from qarm_core.config import redact_uri
+
+    assert redact_uri(uri) == uri
+    assert parse_config({"tracking": {"tracking_uri": uri}}).to_dict()["tracking"]["tracking_uri"] == uri
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://alice:s3cr3t@host:5000", "http://host:5000"),
+    ("https://alice:s3cr3t@[::1]:5000/x/y?token=z#f", "https://[::1]:5000/x/y"),
+    ("postgresql://alice:p@ss@db.example/mlflow", "postgresql://db.example/mlflow"),     # '@' in the password
+    ("http://token@host", "http://host"),
+])
+def test_redact_uri_removes_user_info_query_and_fragment(uri, shown):
+    from qarm_core.config import redact_uri, scrub_credentials
+
+    assert redact_uri(uri) == shown
+    said = f"API request to {uri.split('?')[0]}/api/2.0/mlflow/runs/get failed"
+    assert "alice" not in scrub_credentials(said, uri) and "token@" not in scrub_credentials(said, uri)
+    assert scrub_credentials(said, "sqlite:///x.db") == said
