@@ -55,6 +55,22 @@ def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride):
     assert ref[2].sum() > 100                                     # the case exercises moves and suffixes
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 11, 256])
+def test_argmin_kernel_takes_the_lowest_index_on_ties(k):
+    """The kernel sweeps four centroids at a time: every K (remainders too) must give numpy's
+    argmin, first index on ties, and the same minimum and error."""
+    rng = np.random.default_rng(k)
+    gt = np.round(rng.standard_normal((k, 999)) * 2).astype(np.float32) / 2     # many exact ties
+    cn = np.round(rng.random(k) * 2).astype(np.float32) / 2
+    xn = rng.random(999).astype(np.float32) + 4
+    labels, best = np.empty(999, np.int32), np.empty(999, np.float32)
+    err = K._k().argmin_cols(gt, cn, xn, labels, best)
+    full = gt + cn[:, None]
+    assert (full == full.min(0)).sum(0).max() > 1                    # ties present
+    assert np.array_equal(labels, full.argmin(0)) and np.array_equal(best, full.min(0))
+    assert err == pytest.approx(np.maximum(xn.astype(np.float64) + full.min(0), 0).sum(), rel=1e-12)
+
+
 def test_gemm_assignment_matches_brute_force_and_ignores_thread_count():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50_000, 32)).astype(np.float32)
