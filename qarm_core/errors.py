@@ -34,13 +34,14 @@ class GateError(DataError):
 
     def __init__(self, stage: str, dataset: str, failures: list[dict]):
         self.failures = failures
-        lines = []
+        parts = []
         for f in failures:
             sample = f.get("sample")
-            sample_txt = f"; e.g. {sample}" if sample else ""
-            lines.append(f"  - {f['expectation']}{_kwargs_txt(f.get('kwargs'))}: "
+            sample_txt = f", e.g. {sample}" if sample else ""
+            parts.append(f"{f['expectation']}{_kwargs_txt(f.get('kwargs'))}: "
                          f"{f.get('unexpected_count', '?')} unexpected{sample_txt}")
-        problem = f"gate failed, {len(failures)} expectation(s) not met:\n" + "\n".join(lines)
+        # One line (the CLI prints it as its one error line): the failures joined by " | "
+        problem = f"gate failed, {len(failures)} expectation(s) not met: " + " | ".join(parts)
         super().__init__(stage, dataset, problem)
 
 

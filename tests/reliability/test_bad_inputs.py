@@ -138,6 +138,9 @@ def _check(res, fragment: str, stage: str, dataset: str | None, out: Path) -> No
     assert fragment in text, res.output
     if fragment is not USAGE:
         assert f"error: [stage={stage}, dataset=" in text      # after any progress lines
+        # the stage, dataset and rule on one line (rich prints it unwrapped)
+        line = [ln for ln in res.output.splitlines() if "error: [stage=" in ln]
+        assert len(line) == 1 and fragment in " ".join(line[0].split()), res.output
         if dataset is not None:
             assert f"[stage={stage}, dataset={dataset}]" in text or "dataset=codebook]" in text
     assert not out.exists()

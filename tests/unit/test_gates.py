@@ -59,6 +59,7 @@ def test_null_ids_fail_with_offending_rows(tmp_path):
     msg = str(ei.value)
     assert msg.startswith("[stage=ingest, dataset=interactions] gate failed")
     assert "expect_column_values_to_not_be_null(column='user_id')" in msg and "'ts': 11" in msg
+    assert "\n" not in msg                        # one line: the CLI's one error line
 
 
 def test_duplicate_keys(tmp_path):
