@@ -41,8 +41,9 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     route_core_logs()
     cfg = load_config(config_path, overrides).resolved()
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
-    # One refresh at a time per home; every stage learns from the snapshot current now (the parent),
-    # and publish refuses if CURRENT moved meanwhile.
+    # One refresh at a time per home; every stage reads the snapshot current now (the parent, pinned:
+    # what CURRENT names later does not change what a stage reads), and publish refuses if CURRENT
+    # moved meanwhile.
     name = tracking.run_name("codebook-refresh", cfg.name, overrides, prefect_deployment.name)
     with exclusive_home(cfg, "codebook-refresh") as lease, \
             tracking.flow_run(cfg, "codebook-refresh", name=name, source=ENTRYPOINT,
@@ -50,32 +51,32 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
             flow_cluster(cfg):      # executor.kind=dask: one local cluster for the run's sharded stages
         adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
         parent = current_snapshot_id(cfg)
-        records = ingest.with_options(**retry)(cfg, run_id)
+        records = ingest.with_options(**retry)(cfg, run_id, parent)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
         # Every stage below learns from the training period only (qarm_core.split).
         records |= split(cfg, run_id, records["interactions"])
-        records |= mine(cfg, run_id, records["train_events"], records["items"])
+        records |= mine(cfg, run_id, records["train_events"], records["items"], parent)
         gate(cfg, run_id, "mine", records["pairs"], catalog=records["items"])
         # QA of every item (qa.items: all) needs no verdicts: it may run beside the judge
-        asked = None if cfg.qa.needs_judgments else start(cfg, qa, cfg, run_id, None, records["items"])
+        asked = None if cfg.qa.needs_judgments else start(cfg, qa, cfg, run_id, None, records["items"], parent)
         records |= judge(cfg, run_id, records["pairs"], records["items"], records["train_events"],
-                         records["valid_events"])
+                         records["valid_events"], parent)
         gate(cfg, run_id, "judge", records["judgments"], catalog=records["items"], pairs=records["pairs"])
-        records |= asked.result() if asked else qa(cfg, run_id, records["judgments"], records["items"])
+        records |= asked.result() if asked else qa(cfg, run_id, records["judgments"], records["items"], parent)
         gate(cfg, run_id, "qa", records["qa"], catalog=records["items"])
         # the baselines of the train -> embed gate need no trained model: they may run beside training
         scored = start(cfg, baselines, cfg, run_id, records["items"], records["train_events"],
-                       records["valid_events"])
-        records |= train(cfg, run_id, records["judgments"], records["qa"], records["items"])
+                       records["valid_events"], parent)
+        records |= train(cfg, run_id, records["judgments"], records["qa"], records["items"], parent)
         baseline_scores = scored.result().get("baseline_scores")
         # the gate: the new model is published only if it beats the published one on validation
         # recall; otherwise embed returns the published model and its embeddings
         records |= embed(cfg, run_id, records["model"], records["items"], records["train_events"],
-                         records["valid_events"], baseline_scores)
+                         records["valid_events"], baseline_scores, parent)
         gate(cfg, run_id, "embed", records["embeddings"], catalog=records["items"],
              expect={"dim": cfg.embed.model.dim})
-        records |= quantize(cfg, run_id, records["embeddings"])
+        records |= quantize(cfg, run_id, records["embeddings"], parent)
         gate(cfg, run_id, "quantize", records["codes"], catalog=records["items"],
              expect={"code_sizes": cfg.quantize.code_sizes})
         lease.check()

@@ -58,7 +58,7 @@ def ingest(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None =
                               tags=tracking.prefect_tags(config_path)) as run_id:
         adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
         parent = current_snapshot_id(cfg)
-        records = ingest_task.with_options(**retry)(cfg, run_id)
+        records = ingest_task.with_options(**retry)(cfg, run_id, parent)
         gate(cfg, run_id, "ingest", records["items"])
         gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
         carried = carry_over(cfg, parent)

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from qarm_core.base import Strict
 from qarm_core.errors import DataError
 from qarm_core.schemas import INTERACTIONS, ITEMS, DatasetSchema, schema_for
+from qarm_core.storage import CURRENT_AT_READ
 
 
 class ML100KSource(Strict):
@@ -323,14 +324,16 @@ def _input_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
-def resolve_source(cfg: IngestConfig, home: str | Path | None = None) -> tuple[str, dict[str, BatchesFn]]:
+def resolve_source(cfg: IngestConfig, home: str | Path | None = None,
+                   snapshot_id: str | None = CURRENT_AT_READ) -> tuple[str, dict[str, BatchesFn]]:
     """(fingerprint of the source content, {dataset: batches function}) for the configured source;
     reading a dataset logs its progress (rows read, rate). ``home``: the QARM_HOME whose published
-    snapshot the ``published`` source reads.
+    snapshot the ``published`` source reads: ``snapshot_id`` (a refresh's parent), else the one
+    CURRENT names (``CURRENT_AT_READ``).
 
     The fingerprint changes whenever the input data would: it keys the ingest stage's rerun cache.
     """
-    fp, fns = _published_source(home) if cfg.source == "published" else _resolve_source(cfg)
+    fp, fns = _published_source(home, snapshot_id) if cfg.source == "published" else _resolve_source(cfg)
     if cfg.truncate_description_chars is not None:
         from qarm_core.hashing import stable_hash
 
@@ -356,15 +359,16 @@ def _counting(name: str, fn: BatchesFn) -> BatchesFn:
     return lambda: counted(fn(), STAGE, f"reading {name}")
 
 
-def _published_source(home: str | Path | None) -> tuple[str, dict[str, BatchesFn]]:
-    """The interactions and items of the snapshot CURRENT names under ``home``; their fingerprint is
-    the datasets' content hashes. A DataError names what is missing."""
+def _published_source(home: str | Path | None, snapshot_id: str | None) -> tuple[str, dict[str, BatchesFn]]:
+    """The interactions and items of snapshot ``snapshot_id`` under ``home`` (``CURRENT_AT_READ``: the
+    one CURRENT names); their fingerprint is the datasets' content hashes. A DataError names what is
+    missing."""
     from qarm_core.hashing import stable_hash
     from qarm_core.storage import Storage
 
     if home is None:
         raise ValueError("ingest.source 'published' needs the home to read from")
-    snap = Storage(home).current()
+    snap = Storage(home).as_of(snapshot_id).base()
     if snap is None:
         raise DataError(STAGE, "interactions", f"ingest.source is 'published' but nothing is published under "
                                                f"{home}: run qarm ingest first")

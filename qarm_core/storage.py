@@ -20,6 +20,7 @@ published snapshot and the pointer to it untouched.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -53,6 +54,9 @@ class StorageConfig(Strict):
 MANIFEST = "manifest.json"
 STAGE_DONE = "_SUCCESS.json"
 CURRENT = "CURRENT"
+# A stage's ``parent`` when it is called on its own (a test, a one-off call): the snapshot CURRENT
+# names when the stage reads. A refresh passes the snapshot it started from instead (``Storage.as_of``).
+CURRENT_AT_READ = "current-at-read"
 ROWS_PER_FILE = 5_000_000
 
 
@@ -255,6 +259,17 @@ class Storage:
         self.url = str(home).rstrip("/") if is_remote_home(home) else None
         self.home = local_root(home)
         self._remote = None
+        self._as_of: tuple[str | None] | None = None     # (pinned snapshot id,), or None: CURRENT
+
+    def as_of(self, snapshot_id: str | None) -> "Storage":
+        """This home as a run sees it: ``published`` answers from snapshot ``snapshot_id`` (None: the
+        home had none when the run started) whatever CURRENT names later, so that every stage of a
+        refresh learns from the snapshot chosen at its start. ``CURRENT_AT_READ``: this storage itself."""
+        if snapshot_id == CURRENT_AT_READ:
+            return self
+        view = copy.copy(self)
+        view._as_of = (snapshot_id,)
+        return view
 
     @property
     def remote(self):
@@ -376,9 +391,15 @@ class Storage:
             raise StorageError(f"{self.current_file} is unreadable: {exc}") from None
         return self.snapshot(sid)
 
+    def base(self) -> Snapshot | None:
+        """The snapshot a run reads from: the one pinned by ``as_of``, else the one CURRENT names."""
+        if self._as_of is None:
+            return self.current()
+        return None if self._as_of[0] is None else self.snapshot(self._as_of[0])
+
     def published(self, dataset: str) -> DatasetRecord | None:
-        """The current snapshot's ``dataset`` (a later stage's cache), or None if there is none yet."""
-        snap = self.current()
+        """The ``base`` snapshot's ``dataset`` (a later stage's cache), or None if there is none yet."""
+        snap = self.base()
         if snap is None or dataset not in snap.manifest.get("datasets", {}):
             return None
         return snap.record(dataset)

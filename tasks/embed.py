@@ -16,7 +16,7 @@ from qarm_core.hashing import stable_hash
 from qarm_core.plots import plot_loss_curves
 from qarm_core.embed.stage import baselines_stage, embed_stage, iter_embedding_batches, train_stage
 from qarm_core.schemas import SCHEMAS, embeddings_schema
-from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, run_stage
 from tasks.executor import shard_runner
@@ -44,13 +44,14 @@ def reuses_model(cfg: PipelineConfig, published: DatasetRecord | None) -> bool:
 
 @task(name="train-embedding-model", **TASK_DEFAULTS)
 def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa: DatasetRecord,
-          items: DatasetRecord) -> dict[str, DatasetRecord]:
+          items: DatasetRecord, parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``model``: the fine-tuned model folder (safetensors + tokenizer + projection).
 
     With ``embed.reuse_model`` the published model is taken as it is (the daily schedule), unless
     there is none yet. A run killed mid-training resumes from its last checkpoint on the rerun.
+    ``parent``: the snapshot whose model is reused or continued.
     """
-    storage = Storage(cfg.home)
+    storage = Storage(cfg.home).as_of(parent)
     log = get_run_logger()
     with tracking.stage_run(cfg, parent_run_id, "train") as run:
         published = storage.published("model")
@@ -112,13 +113,13 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
 
 @task(name="embed-baselines", **TASK_DEFAULTS)
 def baselines(cfg: PipelineConfig, parent_run_id: str, items: DatasetRecord, train_events: DatasetRecord,
-              valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
+              valid_events: DatasetRecord, parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``baseline_scores`` (model, metric, value): the embed gate's baselines
     (``embed.baselines``: the base model, MiniLM) embedded and scored on the validation period's
     co-occurrence. It needs no trained model, so the flow runs it beside training when its stages
     may overlap (``executor.overlap_stages``). Returns {} when the run reuses the published model
     (the baselines were compared when it was trained) or no baseline is configured."""
-    storage = Storage(cfg.home)
+    storage = Storage(cfg.home).as_of(parent)
     if reuses_model(cfg, storage.published("model")) or not cfg.embed.baselines:
         get_run_logger().info("baselines: not needed (%s)", "the published model is reused"
                               if cfg.embed.baselines else "embed.baselines is empty")
@@ -161,7 +162,8 @@ def _embed_summary(k: int):
 @task(name="embed-catalog", **TASK_DEFAULTS)
 def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: DatasetRecord,
           train_events: DatasetRecord, valid_events: DatasetRecord,
-          baseline_scores: DatasetRecord | None = None) -> dict[str, DatasetRecord]:
+          baseline_scores: DatasetRecord | None = None,
+          parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``embeddings`` (item_id, vector, model_version), one row per catalog item.
 
     The new model, the published one (when it differs) and the configured baselines are evaluated
@@ -169,9 +171,10 @@ def embed(cfg: PipelineConfig, parent_run_id: str, model: DatasetRecord, items: 
     -> embed edge (``qarm_core.embed.stage.choose_model``) publishes the new model only if it beats
     the published one; otherwise the published model and its embeddings are kept, the reason is
     logged, and the flow goes on. ``baseline_scores``: the ``baselines`` task's output (None: no
-    baseline is compared). Returns ``embeddings`` and the ``model`` that made them.
+    baseline is compared); ``parent``: the snapshot whose model and embeddings are the rival and
+    the cache. Returns ``embeddings`` and the ``model`` that made them.
     """
-    storage = Storage(cfg.home)
+    storage = Storage(cfg.home).as_of(parent)
     schema = embeddings_schema(cfg.embed.model.dim)
     previous, published_model = storage.published("embeddings"), storage.published("model")
     model_is_published = published_model is not None and published_model.fingerprint == model.fingerprint

@@ -10,7 +10,7 @@ from prefect import task
 from qarm_core.config import PipelineConfig
 from qarm_core.ingest import resolve_source
 from qarm_core.schemas import SCHEMAS
-from qarm_core.storage import DatasetRecord, Storage
+from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage
 from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 DATASETS = ("interactions", "items")
@@ -22,13 +22,14 @@ def _lazy(fn: Callable[[], Iterable[pa.RecordBatch]]) -> Iterator[pa.RecordBatch
 
 
 @task(name="ingest", **TASK_DEFAULTS)
-def ingest(cfg: PipelineConfig, parent_run_id: str) -> dict[str, DatasetRecord]:
-    """Stage the source as ``interactions`` and ``items``; reuses a staged copy of the same input."""
+def ingest(cfg: PipelineConfig, parent_run_id: str, parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
+    """Stage the source as ``interactions`` and ``items``; reuses a staged copy of the same input.
+    ``parent``: the snapshot the ``published`` source reads (a refresh's, chosen at its start)."""
     Storage(cfg.home).ensure()
     source: dict = {}
 
     def key_inputs() -> dict:
-        source["fingerprint"], source["batches"] = resolve_source(cfg.ingest, cfg.home)
+        source["fingerprint"], source["batches"] = resolve_source(cfg.ingest, cfg.home, parent)
         return {"source": source["fingerprint"], "ingest": cfg.ingest.source}
 
     def after(run, records, report) -> None:

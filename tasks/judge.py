@@ -9,7 +9,7 @@ from qarm_core.gates import judge_quality_gate
 from qarm_core.judge.stage import JudgeTables, judge_stage, qa_item_ids, qa_stage
 from qarm_core.plots import plot_judge_scores
 from qarm_core.schemas import SCHEMAS
-from qarm_core.storage import DatasetRecord, Storage, read_dataset
+from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, published_table, run_stage
 from tasks.executor import shard_runner
@@ -39,7 +39,8 @@ def _judge_summary(records: dict[str, DatasetRecord], report: dict) -> str:
 
 @task(name="judge-pairs", **TASK_DEFAULTS)
 def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: DatasetRecord,
-          events: DatasetRecord, valid_events: DatasetRecord) -> dict[str, DatasetRecord]:
+          events: DatasetRecord, valid_events: DatasetRecord,
+          parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``judgments``: one per mined pair, with score, keep verdict and (sampled) reasoning;
     ``judge_eval``: the scored evaluation pairs; ``judge_neutral``: each item's neutral pass.
 
@@ -47,9 +48,10 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
     same model and prompt, on the same text, are not run again. The judge's AUC on evaluation sets
     drawn from ``events`` (the training period's) is logged and, when ``judge.eval.min_auc`` is set, gates the run.
     Calibrated keep rules choose their thresholds on ``valid_events`` (the validation period's
-    co-occurrence), so each source's rejection rate is measured.
+    co-occurrence), so each source's rejection rate is measured. ``parent``: the snapshot whose
+    caches are read (a refresh's, chosen at its start).
     """
-    storage = Storage(cfg.home)
+    storage = Storage(cfg.home).as_of(parent)
     prev_rec = storage.published("judgments")
 
     def produce():
@@ -85,12 +87,13 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
 
 
 @task(name="qa-pairs", **TASK_DEFAULTS)
-def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None, items: DatasetRecord
-       ) -> dict[str, DatasetRecord]:
+def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None, items: DatasetRecord,
+       parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``qa``: K question/answer pairs per item (of the kept pairs, or all, by ``qa.items``);
     items answered in the published snapshot by the same model and prompt are copied.
-    ``judgments``: the judge's verdicts, None when QA needs none (``qa.needs_judgments``)."""
-    storage = Storage(cfg.home)
+    ``judgments``: the judge's verdicts, None when QA needs none (``qa.needs_judgments``);
+    ``parent``: the snapshot whose QA is reused."""
+    storage = Storage(cfg.home).as_of(parent)
     previous, prev_rec = published_table(storage, "qa")
     if cfg.qa.needs_judgments and judgments is None:
         raise ValueError("stage qa: qa.items=kept_pairs needs the judge's verdicts (judgments)")

@@ -8,7 +8,7 @@ from qarm_core.config import PipelineConfig
 from qarm_core.duck import connect
 from qarm_core.pairs.mine import load_interactions, mine_candidates, select_pairs
 from qarm_core.schemas import PAIRS
-from qarm_core.storage import DatasetRecord, Storage, read_dataset, write_stage_outputs
+from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks.common import BATCH_ROWS, TASK_DEFAULTS, StageSpec, is_timing, run_stage, stage_key
 
 # The candidates' cache folder (work/<this>/<key>): mined once per input, selected against each
@@ -18,13 +18,13 @@ CANDIDATES_STAGE = "mine-candidates"
 
 @task(name="mine-pairs", **TASK_DEFAULTS)
 def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
-         items: DatasetRecord) -> dict[str, DatasetRecord]:
+         items: DatasetRecord, parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``pairs`` (src_item, dst_item, score, source) from ``events`` (the split's
     ``train_events``); reused when inputs and config match. With ``mine.swing.keep_published_depth``
     the published snapshot's pairs are an input too: the mined candidates (depth x top_k per item)
     are kept apart (reused when only the published pairs changed) and each item keeps its published
-    neighbours that are still among them."""
-    storage = Storage(cfg.home)
+    neighbours that are still among them (those of ``parent``, the snapshot the refresh started from)."""
+    storage = Storage(cfg.home).as_of(parent)
     mined_from = {"events": events.fingerprint, "items": items.fingerprint,
                   "positive_rule": cfg.events.model_dump(mode="json"), "mine": cfg.mine.model_dump(mode="json")}
     sticky = cfg.mine.swing.keep_published_depth is not None and "swing" in cfg.mine.sources

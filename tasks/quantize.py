@@ -13,19 +13,21 @@ from qarm_core.quantize.io import read_embeddings, read_model_version
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
 from qarm_core.quantize.stage import quantize_stage
 from qarm_core.schemas import CODES
-from qarm_core.storage import DatasetRecord, Storage, read_dataset
+from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, run_stage
 
 
 @task(name="quantize", **TASK_DEFAULTS)
-def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord) -> dict[str, DatasetRecord]:
+def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
+             parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stages ``codes`` (item_id, c1, c2, c3, sid, resolved) and ``codebook`` (.npy + JSON).
 
     ``quantize.mode`` picks refit, warm start from the published codebook, or frozen encoding;
     metrics (collision, EdgeNum, HR@k, utilisation, MSE, churn) go to MLflow and ``metrics.json``.
+    ``parent``: the snapshot whose codebook and codes a warm start continues.
     """
-    storage = Storage(cfg.home)
+    storage = Storage(cfg.home).as_of(parent)
     prev_book_rec, prev_codes_rec = storage.published("codebook"), storage.published_cache("codes")
     use_prev = cfg.quantize.mode != "refit" and prev_book_rec is not None
     report: dict = {}

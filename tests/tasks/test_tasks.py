@@ -110,7 +110,8 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
     gate(tiny_cfg, parent, "quantize", first["codes"], expect={"code_sizes": (4, 4, 9)})
     Storage(tiny_cfg.home).publish(first)
     # the next day, slightly moved embeddings: warm start from the published codebook, little churn
-    second = quantize(tiny_cfg, parent, _embeddings_record(tmp_path, ids, noise=0.01))
+    moved = _embeddings_record(tmp_path, ids, noise=0.01)
+    second = quantize(tiny_cfg, parent, moved)
     runs = {r["tags"]["qarm.quantize.previous"]: r for r in _stage_runs(tiny_cfg, "quantize")}
     assert runs["none"]["tags"]["qarm.quantize.how"] == "refit: no published codebook"
     [warm] = [r for k, r in runs.items() if k != "none"]
@@ -120,6 +121,11 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
     raw = np.stack([codes[c].to_numpy() for c in ("c1", "c2", "c3_raw")], axis=1)
     _, inv, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     assert warm["metrics"]["raw.collision_rate"] == pytest.approx(float((counts[inv.ravel()] > 1).mean()))
+    # pinned to the snapshot a refresh started from (here: none yet), a stage reads no codebook
+    # whatever CURRENT names by the time it runs
+    quantize(tiny_cfg, parent, moved, None)
+    hows = [r["tags"]["qarm.quantize.how"] for r in _stage_runs(tiny_cfg, "quantize")]
+    assert hows.count("refit: no published codebook") == 2 and hows.count("warm_start") == 1
 
 
 def test_a_stop_noticed_after_a_run_failed_is_named_on_it(tiny_cfg):

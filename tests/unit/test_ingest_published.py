@@ -63,3 +63,22 @@ def test_published_is_a_valid_source_value():
     from qarm_core.config import parse_config
 
     assert parse_config({"ingest": {"source": "published"}}).ingest.source == "published"
+
+
+def test_a_refresh_reads_the_snapshot_it_started_from(tmp_path):
+    """A refresh pins the snapshot current at its start: what CURRENT names later (another
+    publish) does not change what its stages read; None: nothing was published then."""
+    from qarm_core.storage import CURRENT_AT_READ
+
+    home = tmp_path / "home"
+    _publish(home, "a", _tables())
+    started_from = Storage(home).current().snapshot_id
+    _publish(home, "c", _tables(n_items=6))
+    assert _read(resolve_source(PUBLISHED, home, started_from)[1])["items"].num_rows == 5
+    assert _read(resolve_source(PUBLISHED, home, CURRENT_AT_READ)[1])["items"].num_rows == 6
+    with pytest.raises(DataError, match="nothing is published"):
+        resolve_source(PUBLISHED, home, None)
+    pinned, live = Storage(home).as_of(started_from), Storage(home)
+    assert pinned.published("items").rows == 5 and live.published("items").rows == 6
+    assert pinned.base().snapshot_id == started_from != live.base().snapshot_id
+    assert Storage(home).as_of(None).published("items") is None and live.as_of(CURRENT_AT_READ) is live
