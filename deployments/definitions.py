@@ -55,8 +55,14 @@ COMPLETED = "prefect.flow-run.Completed"
 # docker/Dockerfile (repository at /app in it); needs the prefect-docker package on the worker.
 WORK_POOLS: dict[str, dict[str, Any]] = {
     "process": {"name": "qarm"},
-    "docker": {"name": "qarm-docker", "job_variables": {"image": "qarm:cpu", "image_pull_policy": "Never",
-                                                        "env": {"QARM_REPO": "/app"}}},
+    # A docker-type pool (a Prefect docker worker, prefect-docker installed beside it): each flow run
+    # in its own qarm:cpu container on docker/compose.yaml's network and QARM_HOME volume, with the
+    # addresses the compose worker has (x-worker-env there), so its runs reach the same stack.
+    "docker": {"name": "qarm-docker", "job_variables": {
+        "image": "qarm:cpu", "image_pull_policy": "Never", "networks": ["qarm"],
+        "volumes": ["qarm-home:/app/qarm_home"],
+        "env": {"QARM_REPO": "/app", "QARM_HOME": "/app/qarm_home", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                "PREFECT_API_URL": "http://prefect-server:4200/api"}}},
 }
 
 

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
@@ -218,21 +219,23 @@ def _timed(handle: StageRun) -> Iterator[StageRun]:
 
 
 @functools.lru_cache(maxsize=1)
-def source_tags() -> dict[str, str]:
-    """MLflow's source tags for runs of this checkout: the git commit (``mlflow.source.git.commit``,
-    what the runs table's Source/Version columns show) and whether the tree had local changes;
-    empty outside a git checkout."""
+def source_tags(repo: Path | None = None) -> dict[str, str]:
+    """MLflow's source tags for runs of this checkout (``repo``: the repository root): the git
+    commit (``mlflow.source.git.commit``, what the runs table's Source/Version columns show) and
+    whether the tree had local changes. Outside a git checkout (a container image: .git stays out of
+    its build context) the commit the image was built from, ``QARM_GIT_COMMIT``, if given; else empty."""
+    import os
     import subprocess
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[1] if repo is None else Path(repo)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return {}
+        built_from = os.environ.get("QARM_GIT_COMMIT", "").strip()
+        return {"mlflow.source.git.commit": built_from, "qarm.git.dirty": "unknown"} if built_from else {}
     return {"mlflow.source.git.commit": commit, "qarm.git.dirty": str(bool(dirty)).lower()}
 
 
@@ -363,7 +366,6 @@ def log_plot(handle: StageRun, plot, *args, name: str, folder: str = "plots", **
     """Draw ``plot(*args, path, **kwargs)`` (a ``qarm_core.plots`` function) into a temporary PNG
     called ``name`` and log it under ``folder`` of the run."""
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         log_file(handle, plot(*args, Path(tmp) / name, **kwargs), folder)

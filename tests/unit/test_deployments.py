@@ -86,7 +86,17 @@ def test_the_docker_pool_is_an_option_of_the_same_file():
     assert data["definitions"]["work_pools"]["docker"]["job_variables"]["image"] == "qarm:cpu"
     docker = _yaml_deployments(prefect_yaml_text(pool="docker"))
     assert {d["work_pool"]["name"] for d in docker} == {"qarm-docker"}
-    assert all(d["work_pool"]["job_variables"]["env"] == {"QARM_REPO": "/app"} for d in docker)
+    # each flow run's container joins docker/compose.yaml's stack: its network, its QARM_HOME volume
+    # and the addresses its worker has
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    worker = compose["services"]["worker"]
+    job = docker[0]["work_pool"]["job_variables"]
+    assert all(d["work_pool"]["job_variables"] == job for d in docker)
+    assert job["networks"] == [compose["networks"]["default"]["name"]]
+    home_volume = next(v for v in worker["volumes"] if v.endswith(":/app/qarm_home"))
+    assert job["volumes"] == [f"{compose['volumes'][home_volume.split(':')[0]]['name']}:/app/qarm_home"]
+    for key in ("QARM_REPO", "QARM_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        assert job["env"][key] == worker["environment"][key], key
     # the same deployments otherwise
     strip = [{k: v for k, v in d.items() if k != "work_pool"} for d in _yaml_deployments()]
     assert strip == [{k: v for k, v in d.items() if k != "work_pool"} for d in docker]

@@ -569,3 +569,27 @@ def test_entrypoint_parses_and_deploys_prefect_yaml():
     assert subprocess.run(["bash", "-n", str(ENTRYPOINT)], capture_output=True).returncode == 0
     assert "prefect --no-prompt deploy --all --prefect-file" in text and "deployments/prefect.yaml" in text
     assert PREFECT_YAML.is_file()
+
+
+@pytest.mark.parametrize("flavor", sorted(DOCKERFILES))
+def test_images_carry_the_commit_they_were_built_from(texts, flavor, tmp_path, monkeypatch):
+    """.git stays out of the build context, so an image is told its commit (a build arg that
+    compose fills from QARM_GIT_COMMIT) and MLflow's Source column reads it from the environment."""
+    from tasks.tracking import source_tags
+
+    lines = texts[flavor].splitlines()
+    arg = lines.index('ARG QARM_GIT_COMMIT=""')
+    assert lines[arg + 1] == "ENV QARM_GIT_COMMIT=${QARM_GIT_COMMIT}"
+    assert arg > next(i for i, ln in enumerate(lines) if ln.startswith("FROM "))   # in the build stage
+    services = load_yaml(texts["compose"])["services"]
+    dockerfile = f"docker/{DOCKERFILES[flavor].name}"
+    built = [s for s in services.values() if s.get("build", {}).get("dockerfile") == dockerfile]
+    assert built and all(s["build"]["args"]["QARM_GIT_COMMIT"] == "${QARM_GIT_COMMIT:-}" for s in built)
+    # in a container: no git checkout, the commit from the environment (read once per process:
+    # the cache is bypassed here)
+    source_tags = source_tags.__wrapped__
+    monkeypatch.setenv("QARM_GIT_COMMIT", "0123abcd")
+    assert source_tags(tmp_path) == {"mlflow.source.git.commit": "0123abcd", "qarm.git.dirty": "unknown"}
+    monkeypatch.delenv("QARM_GIT_COMMIT")
+    assert source_tags(tmp_path) == {}
+    assert len(source_tags()["mlflow.source.git.commit"]) == 40          # this checkout: git itself
