@@ -148,11 +148,21 @@ def plot_report(sections: dict, folder: str | Path) -> dict[str, Path]:
     out = {}
     if sections.get("ranking"):
         rows = sections["ranking"]
-        fig, ax = plt.subplots(figsize=(7, 3.4))
+        diffs = [r for r in rows if r.get("vs_ref")]
+        fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(12 if diffs else 7, 3.6), squeeze=False)
+        ax = axes[0][0]
         vals = [r["auc_mean"] for r in rows]
-        _bar(ax, [r["model"] for r in rows], vals, [r["auc_std"] for r in rows],
-             "test AUC, mean ± std over seeds (CIs of the differences: report.md)")
+        _bar(ax, [r["model"] for r in rows], vals, [r["auc_std"] for r in rows], "test AUC, mean ± std over seeds")
         ax.set_ylim(min(vals) - 0.02, max(vals) + 0.02)
+        if diffs:
+            # each model's test AUC minus the reference's (the best baseline on validation), with the
+            # paired bootstrap's 95% CI: a bar whose interval crosses 0 is no measured difference
+            ref = next((r["model"] for r in rows if not r.get("vs_ref")), "reference")
+            d = np.array([r["vs_ref"]["diff"] for r in diffs])
+            err = np.array([[r["vs_ref"]["diff"] - r["vs_ref"]["lo"] for r in diffs],
+                            [r["vs_ref"]["hi"] - r["vs_ref"]["diff"] for r in diffs]])
+            _bar(axes[0][1], [r["model"] for r in diffs], d, err, f"test AUC - {ref}'s, 95% paired bootstrap CI")
+            axes[0][1].axhline(0.0, color="black", linewidth=0.8)
         fig.tight_layout()
         out["ranking"] = folder / "ranking_auc.png"
         fig.savefig(out["ranking"], dpi=90)

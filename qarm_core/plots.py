@@ -42,13 +42,15 @@ def collision_by_level(levels: Sequence[np.ndarray]) -> list[float]:
 
 def plot_codes(codes: pa.Table, code_sizes: Sequence[int], path: str | Path,
                raw_collision: float | None = None) -> Path:
-    """One PNG, three panels: items per code of each level (sorted, with the share of codes used),
-    items per (c1, c2) cell (the k-means leaves the FSQ level splits), and the collision share by
+    """One PNG, four panels: items per code of each level (sorted, with the share of codes used),
+    items per (c1, c2) cell (the k-means leaves the FSQ level splits), items per SID as quantised
+    (c1, c2, c3_raw: what resolution then spreads; EdgeNum is its mean), and the collision share by
     level. ``codes`` are the published codes, after collision resolution (its c3 is unique within a
-    cell), so the full SID's raw collision (before resolution) comes in as ``raw_collision``."""
+    cell), so the full SID's raw collision (before resolution) comes in as ``raw_collision``; without
+    a ``c3_raw`` column the third panel shows the published (c1, c2, c3)."""
     plt = _pyplot()
     levels = code_levels(codes)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for i, (lv, size) in enumerate(zip(levels, code_sizes)):
         counts = np.sort(np.bincount(lv, minlength=int(size)))[::-1]
         used = (counts > 0).mean()
@@ -60,13 +62,19 @@ def plot_codes(codes: pa.Table, code_sizes: Sequence[int], path: str | Path,
     axes[1].hist(per_cell, bins=np.arange(1, int(per_cell.max()) + 2) - 0.5)
     axes[1].set(xlabel="items in a (c1, c2) cell", ylabel="cells",
                 title=f"items per (c1, c2) cell ({len(per_cell):,} of {code_sizes[0] * code_sizes[1]:,} cells used)")
+    raw = "c3_raw" in codes.column_names
+    c3 = codes["c3_raw"].to_numpy().astype(np.int64) if raw else levels[2]
+    _, per_sid = np.unique(np.stack([levels[0], levels[1], c3], axis=1), axis=0, return_counts=True)
+    axes[2].hist(per_sid, bins=np.arange(1, int(per_sid.max()) + 2) - 0.5, log=True)
+    axes[2].set(xlabel="items holding one SID" + (" (as quantised)" if raw else ""), ylabel="SIDs (log)",
+                title=f"items per SID: EdgeNum {len(levels[0]) / max(len(per_sid), 1):.2f}, max {int(per_sid.max())}")
     coll = collision_by_level(levels)
     names = ["c1", "c1, c2"] + (["c1..c3 raw"] if raw_collision is not None else []) + ["c1..c3 published"]
     values = coll[:2] + ([raw_collision] if raw_collision is not None else []) + coll[2:]
-    axes[2].bar(names, values)
+    axes[3].bar(names, values)
     for x, v in enumerate(values):
-        axes[2].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    axes[2].set(ylim=(0, 1.05), ylabel="share of items", title="collision by level (prefix shared)")
+        axes[3].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    axes[3].set(ylim=(0, 1.05), ylabel="share of items", title="collision by level (prefix shared)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)

@@ -29,6 +29,27 @@ def test_plots_write_pngs(tmp_path):
              plot_loss_curves({"loss": [(1, 2.0), (2, 1.5)], "qa": []}, tmp_path / "loss.png")]
     for p in paths:
         assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
+    with_raw = codes.append_column("c3_raw", pa.array(rng.integers(0, 4, 300)))
+    assert _png_size(plot_codes(with_raw, (8, 8, 16), tmp_path / "codes_raw.png"))[0] == 20 * 90   # 4 panels
+
+
+def _png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels from the PNG's IHDR chunk."""
+    import struct
+
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_the_ranking_plot_shows_each_difference_with_its_confidence_interval(tmp_path):
+    """Beside the AUC (mean +- std over seeds), each model's AUC difference to the reference with
+    its paired bootstrap CI; without differences (one model) the AUC panel alone."""
+    from qarm_core.evaluation import plot_report
+
+    rows = [{"model": "din", "auc_mean": 0.70, "auc_std": 0.01, "vs_ref": None},
+            {"model": "ours", "auc_mean": 0.71, "auc_std": 0.01, "vs_ref": {"diff": 0.01, "lo": -0.002, "hi": 0.02}}]
+    two = plot_report({"ranking": rows}, tmp_path / "a")["ranking"]
+    one = plot_report({"ranking": rows[:1]}, tmp_path / "b")["ranking"]
+    assert _png_size(two)[0] == 12 * 90 and _png_size(one)[0] == 7 * 90
 
 
 def test_summary_lists_metrics_gates_decisions_and_rows():
