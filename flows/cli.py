@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from flows.options import ConfigOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
@@ -25,8 +26,35 @@ from qarm_core.config import PipelineConfig, dump_config, load_config
 from qarm_core.errors import STOPPED_BY, QarmError, Stopped, stop_signal_name
 from qarm_core.gates import InteractionGate
 
+# click's UsageError as typer raises it (typer bundles its own click): the parent of BadParameter,
+# MissingParameter, NoSuchOption and "no such command".
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The ``qarm`` group: a refused option (bad value, out of range, missing, unknown) is one
+    ``error: [stage=<command>, dataset=<option>]`` line and exit 2, like every other bad input,
+    instead of click's boxed usage text."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USAGE_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":      # a group called bare: its help, as before
+                raise
+            path = (exc.ctx.command_path if exc.ctx is not None else ctx.command_path).split()[1:]
+            param = getattr(exc, "param", None)
+            names = getattr(param, "opts", None) or ([param.name] if getattr(param, "name", None) else []) or \
+                ([exc.option_name] if getattr(exc, "option_name", None) else [])
+            where = f"[stage={'-'.join(path) or 'qarm'}, dataset={'/'.join(names) or 'command line'}]"
+            message = " ".join(exc.format_message().split())
+            console.print(f"[bold red]error:[/] {escape(where)} {escape(message)} "
+                          f"({escape(' '.join(['qarm', *path, '--help']))})", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(help="qarm: QARM V2 item embeddings, Semantic IDs and ranking, as a Prefect DAG.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineUsageErrors)
 ingest_app = typer.Typer()      # its help: the ingest_files callback's
 app.add_typer(ingest_app, name="ingest")
 pairs_app = typer.Typer(help="Mine item pairs outside the flow (writes a Parquet file).", no_args_is_help=True)

@@ -19,7 +19,7 @@ RNG = np.random.default_rng(0)
 GOOD = RNG.standard_normal((300, 8)).astype(np.float32)
 LOG = dict(user_id=pa.array([1, 1, 2, 2, 3, 3], pa.int64()), item_id=pa.array([1, 2, 1, 2, 1, 2], pa.int64()),
            ts=pa.array([1, 2, 3, 4, 5, 6], pa.int64()), rating=pa.array([5.0] * 6, pa.float32()))
-USAGE = "Invalid value"     # typer/click's own refusal of an option (exit 2)
+USAGE = "Invalid value"     # a refused option (typer/click's rule, on qarm's one error line; exit 2)
 
 
 def _vectors(x: np.ndarray) -> pa.Array:
@@ -136,13 +136,13 @@ def _check(res, fragment: str, stage: str, dataset: str | None, out: Path) -> No
     assert res.exit_code == 2, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)   # no traceback
     assert fragment in text, res.output
-    if fragment is not USAGE:
-        assert f"error: [stage={stage}, dataset=" in text      # after any progress lines
-        # the stage, dataset and rule on one line (rich prints it unwrapped)
-        line = [ln for ln in res.output.splitlines() if "error: [stage=" in ln]
-        assert len(line) == 1 and fragment in " ".join(line[0].split()), res.output
-        if dataset is not None:
-            assert f"[stage={stage}, dataset={dataset}]" in text or "dataset=codebook]" in text
+    # every refusal, a refused option too: stage, dataset (for an option: the option) and rule on
+    # one line (rich prints it unwrapped), after any progress lines
+    assert f"error: [stage={stage}, dataset=" in text
+    line = [ln for ln in res.output.splitlines() if "error: [stage=" in ln]
+    assert len(line) == 1 and fragment in " ".join(line[0].split()), res.output
+    if fragment is not USAGE and dataset is not None:
+        assert f"[stage={stage}, dataset={dataset}]" in text or "dataset=codebook]" in text
     assert not out.exists()
 
 
