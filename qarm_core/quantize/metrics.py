@@ -7,12 +7,18 @@ from typing import Callable
 import numpy as np
 
 
+def _small_key_space(keys: np.ndarray) -> bool:
+    """Whether ``keys`` ``(n,)`` are non-negative integers below max(4n, 2^20): then a table over the
+    key space (bincount, lookup) costs one pass where sorting 10M keys took seconds."""
+    n = len(keys)
+    return bool(n and keys.dtype.kind in "iu" and int(keys.min()) >= 0 and int(keys.max()) < max(4 * n, 1 << 20))
+
+
 def _key_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(count of each used key ``(used,)``, each row's key count ``(n,)``) for keys ``(n,)``.
-    Non-negative keys of a small space (every SID key of a default codebook: 2^24) are counted
-    with one bincount; others by sorting (np.unique), which took 1.3-2 s per call at 10M rows."""
-    n = len(keys)
-    if n and keys.dtype.kind in "iu" and int(keys.min()) >= 0 and int(keys.max()) < max(4 * n, 1 << 20):
+    Keys of a small space (every SID key of a default codebook: 2^24) are counted with one
+    bincount; others by sorting (np.unique), which took 1.3-2 s per call at 10M rows."""
+    if _small_key_space(keys):
         counts = np.bincount(keys)
         return counts[counts > 0], counts[keys]
     _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
@@ -36,8 +42,7 @@ def _rows_in(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(rows ``(m,)`` of ``keys`` ``(n,)`` whose key is in the sorted unique ``wanted``, the index
     of that key in ``wanted`` ``(m,)``). A lookup table over a small non-negative key space (one
     pass), else a binary search per row."""
-    n = len(keys)
-    if n and keys.dtype.kind in "iu" and int(keys.min()) >= 0 and int(keys.max()) < max(4 * n, 1 << 20):
+    if _small_key_space(keys):
         lut = np.full(int(keys.max()) + 1, -1, np.int64)
         inside = wanted[wanted <= keys.max()]
         lut[inside] = np.arange(len(inside))
@@ -83,15 +88,18 @@ def hit_rates(x: "np.ndarray | Callable[[np.ndarray], np.ndarray]", keys: np.nda
         members = members_sorted[m_ptr[g]:m_ptr[g + 1]]
         if len(members) > max_group:
             members = members[np.sort(rng.choice(len(members), max_group, replace=False))]
-        qi = q_order[q_ptr[g]:q_ptr[g + 1]]                                # positions in q
-        rows = q[qi]
         v = x(members) if callable(x) else x[members]                      # (members, dim)
-        qv = x(rows) if callable(x) else x[rows]                           # (queries, dim)
-        # The queries' own scores come out of the same product as the members' (appended rows),
-        # so an exact duplicate ties bit for bit and counts against the item.
-        sims = np.einsum("sd,qd->sq", np.concatenate([v, qv]), qv)          # (members + queries, queries)
-        own = sims[len(members) + np.arange(len(rows)), np.arange(len(rows))][None, :]
-        ranks[qi] = 1 + ((sims[:len(members)] >= own) & (members[:, None] != rows[None, :])).sum(0)
+        step = max(1, 262_144 // len(members))      # queries per product: bounded (members, queries) temporaries
+        group_q = q_order[q_ptr[g]:q_ptr[g + 1]]                           # positions in q
+        for lo in range(0, len(group_q), step):
+            qi = group_q[lo:lo + step]
+            rows = q[qi]
+            qv = x(rows) if callable(x) else x[rows]                       # (queries, dim)
+            # The queries' own scores come out of the same product as the members' (appended
+            # rows), so an exact duplicate ties bit for bit and counts against the item.
+            sims = np.einsum("sd,qd->sq", np.concatenate([v, qv]), qv)      # (members + queries, queries)
+            own = sims[len(members) + np.arange(len(rows)), np.arange(len(rows))][None, :]
+            ranks[qi] = 1 + ((sims[:len(members)] >= own) & (members[:, None] != rows[None, :])).sum(0)
     return {f"hr@{k}": float((ranks <= k).mean()) for k in ks}
 
 

@@ -206,3 +206,18 @@ def test_sid_strings_equal_arrow_formatting_and_split_into_chunks():
     assert len(sid_strings(c1[:0], c2[:0], c3[:0], suffix[:0])) == 0
     with pytest.raises(ValueError, match="non-negative"):
         sid_strings(c1 - 1, c2, c3, suffix)
+
+
+def test_hit_rates_on_one_big_group_equal_brute_force_in_batches():
+    """Every item under one key (a degenerate code): the queries are scored in batches against the
+    whole group, and the ranks equal a brute-force count (ties against the item)."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((3000, 6)) * rng.uniform(0.5, 1.5, (3000, 1))).astype(np.float32)
+    x[1] = x[0]                                                   # an exact duplicate: both miss at 1
+    keys = np.zeros(3000, np.int64)
+    s = np.einsum("id,jd->ij", x, x)
+    own = np.diag(s)[:, None]
+    ranks = 1 + ((s >= own) & ~np.eye(3000, dtype=bool)).sum(1)
+    got = hit_rates(x, keys, ks=(1, 5, 50), max_group=4096)
+    assert got == {f"hr@{k}": float((ranks <= k).mean()) for k in (1, 5, 50)}
+    assert ranks[0] > 1 and ranks[1] > 1 and 0 < got["hr@1"] < 1
