@@ -23,7 +23,7 @@ from flows.options import parse_sets as _parse_sets
 from flows.rank_cli import app as rank_app
 from flows.runs_cli import app as runs_app
 from qarm_core.config import PipelineConfig, dump_config, load_config
-from qarm_core.errors import STOPPED_BY, QarmError, Stopped, stop_signal_name
+from qarm_core.errors import STOPPED_BY, QarmError, Stopped, forget_stops, note_stop, stop_requested, stop_signal_name
 from qarm_core.gates import InteractionGate
 
 # click's UsageError as typer raises it (typer bundles its own click): the parent of BadParameter,
@@ -259,8 +259,10 @@ def _stop_on_signals():
         if got:
             os._exit(128 + signum)
         got.append(signum)
+        note_stop(signum)
         raise Stopped(signum)
 
+    forget_stops()
     sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
@@ -304,8 +306,9 @@ def _guard(fn, *args) -> None:
             fn(*args)
     except BaseException as exc:
         # A stop may surface as another error raised while Prefect handled the signal (see
-        # stop_signal_name); it is still a stop: exit 130, no traceback.
-        sig = stop_signal_name(exc)
+        # stop_signal_name), or as one without a link to it (DuckDB's "Query interrupted"); it is
+        # still a stop: exit 130, no traceback.
+        sig = stop_signal_name(exc) or stop_requested()
         if sig is not None:
             _name_the_stop(sig)
             console.print(f"[bold red]{STOPPED_BY}{escape(sig)}[/]: the run was ended cleanly; rerun to resume "

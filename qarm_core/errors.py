@@ -66,6 +66,29 @@ class Stopped(KeyboardInterrupt):
         super().__init__(f"{STOPPED_BY}{signal_mod.Signals(signal).name}")
 
 
+# Signals that asked this process to stop, in order. A stop can reach code that turns it into
+# another error without a link back (DuckDB raises RuntimeError("Query interrupted") for a signal
+# that lands during a query), so the command and the retry rule also ask here.
+_STOPS: list[int] = []
+
+
+def note_stop(signum: int) -> None:
+    """Record that signal ``signum`` asked this process to stop."""
+    _STOPS.append(signum)
+
+
+def forget_stops() -> None:
+    """A new command starts: no stop asked yet."""
+    _STOPS.clear()
+
+
+def stop_requested() -> str | None:
+    """The name of the first signal that asked this process to stop, or None."""
+    import signal as signal_mod
+
+    return signal_mod.Signals(_STOPS[0]).name if _STOPS else None
+
+
 def stop_signal_name(exc: BaseException | None) -> str | None:
     """The name of the signal that stopped a run, if ``exc`` or an exception it was raised from or
     while handling carries an int ``signal`` (``Stopped``, Prefect's ``TerminationSignal``). Why the

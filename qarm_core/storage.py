@@ -383,13 +383,26 @@ class Storage:
         if self.remote is not None:
             sid = self.remote.current()
             return None if sid is None else self.snapshot(sid)
-        if not self.current_file.exists():
-            return None
+        # A concurrent publish may prune the snapshot CURRENT named between reading CURRENT and
+        # reading that snapshot's manifest: then CURRENT names a newer one, which is read instead.
+        for _ in range(20):
+            sid = self._current_id()
+            if sid is None:
+                return None
+            try:
+                return self.snapshot(sid)
+            except (StorageError, FileNotFoundError):
+                if self._current_id() == sid:
+                    raise
+        raise StorageError(f"{self.current_file} kept moving to pruned snapshots")
+
+    def _current_id(self) -> str | None:
         try:
-            sid = json.loads(self.current_file.read_text())["snapshot_id"]
+            return json.loads(self.current_file.read_text())["snapshot_id"]
+        except FileNotFoundError:
+            return None
         except (ValueError, KeyError) as exc:
             raise StorageError(f"{self.current_file} is unreadable: {exc}") from None
-        return self.snapshot(sid)
 
     def base(self) -> Snapshot | None:
         """The snapshot a run reads from: the one pinned by ``as_of``, else the one CURRENT names."""
@@ -460,7 +473,7 @@ class Storage:
         published under that key with the same dataset fingerprints, it is returned as it is.
         """
         self.ensure()
-        cur = self.current()
+        cur = self.current() if publish_key is not None else None
         if publish_key is not None and cur is not None \
                 and cur.manifest.get("publish_key") == publish_key \
                 and {n: d["fingerprint"] for n, d in cur.manifest["datasets"].items()} \

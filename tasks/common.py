@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig
-from qarm_core.errors import QarmError
+from qarm_core.errors import QarmError, stop_requested
 from qarm_core.hashing import stable_hash
 from qarm_core.schemas import DatasetSchema
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
     """Retry transient failures (IO, network) but never bad input or bad config: those fail alike
-    on every attempt, and retrying them only delays the error the operator needs to see."""
+    on every attempt, and retrying them only delays the error the operator needs to see. Nor after
+    a stop signal, whatever error it became (a query DuckDB was running fails "interrupted")."""
+    if stop_requested() is not None:
+        return False
     try:
         state.result()
     except QarmError:

@@ -36,6 +36,7 @@ LONGEST_FILES = (
     "tests/stack/test_stack.py",
     "tests/flows/test_rank_train.py",
     "tests/reliability/test_bad_inputs.py",
+    "tests/reliability/test_renamed_items.py",
     "tests/unit/test_quantize_quality.py",
     "tests/flows/test_cli.py",
     "tests/flows/test_served_deployment.py",

@@ -367,11 +367,33 @@ def test_a_stop_that_prefect_turns_into_another_error_still_exits_130():
     assert code.value.exit_code == 2
 
 
+# What the Prefect client reads back of a flow run, in a process of its own: its ephemeral API on the
+# PREFECT_HOME of the refresh that ran it (whose own API server stopped with it).
+READ_FLOW_RUN = """
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    state = client.read_flow_run(sys.argv[1]).state
+print(json.dumps({"type": state.type.value, "name": state.name, "message": state.message}))
+"""
+
+
+@pytest.fixture(scope="module")
+def stopped_prefect_home(tmp_path_factory):
+    """One PREFECT_HOME (so one ephemeral API database) for the stopped refreshes of this module: read
+    back after they end, and migrated once."""
+    return tmp_path_factory.mktemp("prefect_home")
+
+
 @pytest.mark.slow
-def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
-    """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
-    ephemeral Prefect API server included), the MLflow runs FAILED with the signal named, the lease
-    released (so the next refresh can start: test_codebook_refresh covers a takeover)."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path, stopped_prefect_home,
+                                                                                signame):
+    """SIGTERM, or SIGINT (`kill -INT`), to `qarm refresh` mid-run: exit 130 within seconds, no process
+    of its group left (the ephemeral Prefect API server included), the MLflow runs FAILED with the
+    signal named, the Prefect flow run ended (Crashed), the lease released (so the next refresh can
+    start: test_codebook_refresh covers a takeover)."""
+    import json
     import os
     import signal
     import subprocess
@@ -386,18 +408,23 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
 
     home = tmp_path / "home"
     env = {**os.environ, "QARM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": ""}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": "", "PREFECT_HOME": str(stopped_prefect_home)}
     cmd = [sys.executable, "-c", "from flows.cli import app; app()", "refresh", "--config", str(TINY)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    t0 = time.monotonic()
-    while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
-        time.sleep(0.2)                                   # mid-run: ingest done, the split stage started
-    assert proc.poll() is None, proc.stdout.read()
-    t_stop = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "stopped by SIGTERM" in " ".join(out.split()), out[-3000:]
+    try:
+        t0 = time.monotonic()
+        while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.2)                               # mid-run: ingest done, the split stage started
+        assert proc.poll() is None, proc.stdout.read()
+        t_stop = time.monotonic()
+        os.kill(proc.pid, getattr(signal, signame))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:                           # a hung stop fails the test, leaving nothing behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and f"stopped by {signame}" in " ".join(out.split()), out[-3000:]
     assert time.monotonic() - t_stop < 30
     deadline = time.monotonic() + 10                      # the server's atexit stop may take a moment
     while live_group_members(proc.pid) and time.monotonic() < deadline:
@@ -409,7 +436,14 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     parents = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh"]
     assert parents and all(r["status"] == "FAILED" for r in parents)
     errors = [(r["name"], r["status"], r["tags"].get("qarm.error")) for r in runs]
-    assert any("SIGTERM" in (e or "") for _, _, e in errors), errors
+    assert any(signame in (e or "") for _, _, e in errors), errors
+    # the Prefect flow run, read back through the client from the API database the refresh used
+    [flow_run_id] = {r["tags"]["prefect.flow_run_id"] for r in parents}
+    read = subprocess.run([sys.executable, "-c", READ_FLOW_RUN, flow_run_id], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert read.returncode == 0, read.stdout[-2000:] + read.stderr[-2000:]
+    state = json.loads(read.stdout.strip().splitlines()[-1])
+    assert state["type"] in ("CRASHED", "CANCELLED", "FAILED"), state
 
 
 # ---------------------------------------------------------------- qarm ingest: the ingest flow only; errors in one line
@@ -521,3 +555,43 @@ def test_an_unknown_set_key_is_blamed_on_set_with_the_nearest_key(tmp_path):
     res = runner.invoke(app, ["config", "--config", str(cfg)])
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and f"ingest.synth.userz: unknown key in {cfg}; did you mean ingest.synth.users?" in text
+
+
+def test_a_stop_that_duckdb_turns_into_query_interrupted_is_still_a_stop():
+    """DuckDB turns a signal that lands during a query into RuntimeError("Query interrupted"), with no
+    link to it: the command still ends as a stop (exit 130), and the task retry rule does not rerun
+    the stage it failed (which let a SIGINT'd refresh carry on and exit 0)."""
+    import os
+    import signal
+    import threading
+
+    import duckdb
+    import typer
+
+    from flows.cli import _guard
+    from qarm_core.errors import forget_stops, stop_requested
+    from tasks.common import retry_unless_bad_input
+
+    class Failed:
+        def result(self):
+            raise RuntimeError("Query interrupted")
+
+    seen = []
+
+    def long_query():
+        try:
+            duckdb.sql("select sum(a * b) from range(3000000000) t(a), (select 1 b)").fetchall()
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    assert retry_unless_bad_input(None, None, Failed()) is True          # no stop yet: a transient error
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with pytest.raises(typer.Exit) as ei:
+            _guard(long_query)
+        assert ei.value.exit_code == 130 and stop_requested() == "SIGTERM"
+        assert retry_unless_bad_input(None, None, Failed()) is False
+    finally:
+        forget_stops()
+    assert seen and stop_requested() is None
