@@ -378,22 +378,11 @@ print(json.dumps({"type": state.type.value, "name": state.name, "message": state
 """
 
 
-@pytest.fixture(scope="module")
-def stopped_prefect_home(tmp_path_factory):
-    """One PREFECT_HOME (so one ephemeral API database) for the stopped refreshes of this module: read
-    back after they end, and migrated once."""
-    return tmp_path_factory.mktemp("prefect_home")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_a_stop_signal_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path, stopped_prefect_home,
-                                                                                signame):
-    """SIGTERM, or SIGINT (`kill -INT`), to `qarm refresh` mid-run: exit 130 within seconds, no process
-    of its group left (the ephemeral Prefect API server included), the MLflow runs FAILED with the
-    signal named, the Prefect flow run ended (Crashed), the lease released (so the next refresh can
-    start: test_codebook_refresh covers a takeover)."""
-    import json
+def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
+    """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
+    ephemeral Prefect API server included), the MLflow runs FAILED with the signal named, the lease
+    released (so the next refresh can start: test_codebook_refresh covers a takeover)."""
     import os
     import signal
     import subprocess
@@ -408,23 +397,18 @@ def test_a_stop_signal_ends_a_refresh_within_seconds_and_leaves_nothing_running(
 
     home = tmp_path / "home"
     env = {**os.environ, "QARM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": "", "PREFECT_HOME": str(stopped_prefect_home)}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": ""}
     cmd = [sys.executable, "-c", "from flows.cli import app; app()", "refresh", "--config", str(TINY)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        t0 = time.monotonic()
-        while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
-            time.sleep(0.2)                               # mid-run: ingest done, the split stage started
-        assert proc.poll() is None, proc.stdout.read()
-        t_stop = time.monotonic()
-        os.kill(proc.pid, getattr(signal, signame))
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:                           # a hung stop fails the test, leaving nothing behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130 and f"stopped by {signame}" in " ".join(out.split()), out[-3000:]
+    t0 = time.monotonic()
+    while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
+        time.sleep(0.2)                                   # mid-run: ingest done, the split stage started
+    assert proc.poll() is None, proc.stdout.read()
+    t_stop = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in " ".join(out.split()), out[-3000:]
     assert time.monotonic() - t_stop < 30
     deadline = time.monotonic() + 10                      # the server's atexit stop may take a moment
     while live_group_members(proc.pid) and time.monotonic() < deadline:
@@ -436,17 +420,11 @@ def test_a_stop_signal_ends_a_refresh_within_seconds_and_leaves_nothing_running(
     parents = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh"]
     assert parents and all(r["status"] == "FAILED" for r in parents)
     errors = [(r["name"], r["status"], r["tags"].get("qarm.error")) for r in runs]
-    assert any(signame in (e or "") for _, _, e in errors), errors
-    # the Prefect flow run, read back through the client from the API database the refresh used
-    [flow_run_id] = {r["tags"]["prefect.flow_run_id"] for r in parents}
-    read = subprocess.run([sys.executable, "-c", READ_FLOW_RUN, flow_run_id], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=120)
-    assert read.returncode == 0, read.stdout[-2000:] + read.stderr[-2000:]
-    state = json.loads(read.stdout.strip().splitlines()[-1])
-    assert state["type"] in ("CRASHED", "CANCELLED", "FAILED"), state
+    assert any("SIGTERM" in (e or "") for _, _, e in errors), errors
 
 
 # ---------------------------------------------------------------- qarm ingest: the ingest flow only; errors in one line
+
 @pytest.fixture(scope="module")
 def ingested(prefect_harness, tmp_path_factory):
     """A home where `qarm ingest` published a small synthetic log once: (home, the synth folder)."""
