@@ -82,6 +82,14 @@ def forget_stops() -> None:
     _STOPS.clear()
 
 
+def raise_if_stopped() -> None:
+    """Raise ``Stopped`` if a signal asked this process to stop: a stage boundary's check, for a
+    signal whose exception was swallowed where it landed (seen: inside Prefect's event service, after
+    which a SIGTERM'd refresh ran on and published)."""
+    if _STOPS:
+        raise Stopped(_STOPS[0])
+
+
 def stop_requested() -> str | None:
     """The name of the first signal that asked this process to stop, or None."""
     import signal as signal_mod

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from qarm_core.config import PipelineConfig
+from qarm_core.errors import raise_if_stopped
 from qarm_core.scratch import ObjectScratch
 from qarm_core.storage import DatasetRecord, Snapshot, Storage
 from qarm_core.summary import refresh_summary_markdown
@@ -19,7 +20,9 @@ from tasks.common import TASK_DEFAULTS
 def publish(cfg: PipelineConfig, parent_run_id: str, records: dict[str, DatasetRecord],
             parent_snapshot: str | None | bool = False) -> Snapshot:
     """Publish ``records``; ``parent_snapshot``: the snapshot id the run started from (None: none),
-    which CURRENT must still name (``Storage.publish``'s ``expect_parent``)."""
+    which CURRENT must still name (``Storage.publish``'s ``expect_parent``). Nothing is published
+    once a stop signal arrived, even one whose exception was swallowed where it landed."""
+    raise_if_stopped()
     storage = Storage(cfg.home)
     with tracking.stage_run(cfg, parent_run_id, "publish") as run:
         snap = storage.publish(records, meta={"mlflow_run_id": parent_run_id, "config": cfg.to_dict(),

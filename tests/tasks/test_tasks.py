@@ -179,3 +179,23 @@ def test_mine_keeps_published_neighbours_and_reuses_its_candidates(prefect_harne
     assert m[2]["swing.new"] == 0 and m[2]["swing.kept_published"] == m[1]["swing.kept_published"]
     assert m[1]["swing.new"] == len({*zip(*(read_dataset(second)[c].to_pylist() for c in ("src_item", "dst_item")))}
                                     - {*zip(*(read_dataset(first)[c].to_pylist() for c in ("src_item", "dst_item")))})
+
+
+def test_nothing_is_published_or_started_after_a_stop_signal(prefect_harness, tiny_cfg, parent):
+    """A stop whose exception was swallowed where it landed (seen inside Prefect's event service: the
+    SIGTERM'd refresh ran on and published) still stops the run at the next stage or publish."""
+    import signal
+
+    from qarm_core.errors import Stopped, forget_stops, note_stop
+
+    recs = ingest(tiny_cfg, parent)
+    note_stop(signal.SIGTERM)
+    try:
+        with pytest.raises(Stopped):
+            publish(tiny_cfg, parent, recs)
+        with pytest.raises(Stopped):
+            ingest(tiny_cfg, parent)
+    finally:
+        forget_stops()
+    assert Storage(tiny_cfg.home).current() is None
+    assert publish(tiny_cfg, parent, recs).snapshot_id == Storage(tiny_cfg.home).current().snapshot_id
