@@ -49,8 +49,8 @@ def uri_userinfo(uri: str) -> str:
 
 def redact_uri(uri: str) -> str:
     """``uri`` as it may be logged, printed or written: without user info (``user:password@``), query
-    or fragment (``?token=...``); returned unchanged when it has none of them. Unlike
-    ``qarm_core.lm.http.redact_url`` it edits the text rather than rebuilding it from its parts, so
+    or fragment (``?token=...``); returned unchanged when it has none of them (the judge's HTTP URLs
+    use it too). It edits the text rather than rebuilding it from its parts, so
     that a URI with nothing to hide stays byte for byte as given (``sqlite:////abs/mlflow.db`` keeps
     its four slashes, ``http://[::1]:5000`` its brackets) and the config's fingerprint does not move."""
     prefix, _, host, tail = _uri_parts(uri)

@@ -31,14 +31,11 @@ _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 def redact_url(url: str) -> str:
-    """``url`` without user info, query or fragment (what may be printed or logged)."""
-    try:
-        u = urllib.parse.urlsplit(url)
-        host = u.hostname or ""
-        netloc = host + (f":{u.port}" if u.port else "")
-    except ValueError:
-        return "<unparseable URL>"
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
+    """``url`` without user info, query or fragment (what may be printed or logged): the one
+    redactor, ``qarm_core.config.redact_uri``."""
+    from qarm_core.config import redact_uri
+
+    return redact_uri(url)
 
 
 class HttpLM:

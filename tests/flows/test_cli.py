@@ -367,17 +367,6 @@ def test_a_stop_that_prefect_turns_into_another_error_still_exits_130():
     assert code.value.exit_code == 2
 
 
-# What the Prefect client reads back of a flow run, in a process of its own: its ephemeral API on the
-# PREFECT_HOME of the refresh that ran it (whose own API server stopped with it).
-READ_FLOW_RUN = """
-import json, sys
-from prefect.client.orchestration import get_client
-with get_client(sync_client=True) as client:
-    state = client.read_flow_run(sys.argv[1]).state
-print(json.dumps({"type": state.type.value, "name": state.name, "message": state.message}))
-"""
-
-
 @pytest.mark.slow
 def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
     """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
