@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from flows.options import ConfigOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
+from flows.prefect_api import local_prefect_api
 from flows.rank_cli import app as rank_app
 from flows.runs_cli import app as runs_app
 from qarm_core.config import PipelineConfig, dump_config, load_config
@@ -199,7 +200,7 @@ def _run_refresh(config: str, overrides: dict[str, Any]) -> None:
     from tasks.common import exclusive_home
 
     # the lease first: a busy home is refused here with one line (the flow takes the same lease)
-    with _run_log(cfg.home, "refresh"), exclusive_home(cfg, "codebook-refresh"):
+    with _run_log(cfg.home, "refresh"), exclusive_home(cfg, "codebook-refresh"), local_prefect_api():
         summary = codebook_refresh(config_path=config, overrides=overrides or None)
     _print_published("codebook-refresh: published", summary["rows"], {})
     Console().print(f"snapshot  {summary['snapshot_id']}\npath      {summary['snapshot_path']}\n"
@@ -211,7 +212,7 @@ def _run_ingest(config: str, overrides: dict[str, Any]) -> None:
     from flows.ingest import FLOW, ingest
     from tasks.common import exclusive_home
 
-    with _run_log(cfg.home, "ingest"), exclusive_home(cfg, FLOW):
+    with _run_log(cfg.home, "ingest"), exclusive_home(cfg, FLOW), local_prefect_api():
         summary = ingest(config_path=config, overrides=overrides or None)
     _print_published("ingest: published (inputs only)", summary["rows"], summary["carried"])
     carried = f" (carried from {summary['carried_from']})" if summary["carried_from"] else ""
@@ -245,6 +246,23 @@ def _show_core_logs() -> None:
         core.propagate = False
 
 
+def _stack_dump_on_sigusr1() -> bool:
+    """`kill -USR1 <pid>` prints every thread's stack to stderr: what a command that seems stuck is
+    doing. False where there is no SIGUSR1 or no stderr file descriptor to write to (in-process runs)."""
+    import faulthandler
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return False
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+            return True
+        except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation: no fileno
+            continue
+    return False
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
     """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, so that the run unwinds within
@@ -265,11 +283,16 @@ def _stop_on_signals():
     forget_stops()
     sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     old = {s: signal.signal(s, handler) for s in sigs}
+    dump_stacks = _stack_dump_on_sigusr1()
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if dump_stacks:
+            import faulthandler
+
+            faulthandler.unregister(signal.SIGUSR1)
 
 
 # Compiled extensions the refresh's stages import on first use. Imported before the stop handlers
@@ -351,7 +374,7 @@ def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         from flows.evaluate import evaluate as evaluate_flow
 
         command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
-        with _run_log(cfg.home, "evaluate"):
+        with _run_log(cfg.home, "evaluate"), local_prefect_api():
             out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
                                      out_dir=str(out) if out else None, command=command, overwrite=overwrite)
         Console().print(Path(out_info["report"]).read_text())

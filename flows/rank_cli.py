@@ -15,6 +15,7 @@ from rich.table import Table
 
 from flows.options import ConfigOpt
 from flows.options import parse_sets as _parse_sets
+from flows.prefect_api import local_prefect_api
 from qarm_core.config import load_config
 from qarm_core.errors import QarmError
 from qarm_core.rank.config import ALL_MODELS
@@ -52,8 +53,9 @@ def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embed
         load_config(config, overrides)          # fail fast on a bad config, before Prefect starts
         from flows.rank_train import rank_train
 
-        out = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
-                         codes_path=codes)
+        with local_prefect_api():
+            out = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
+                             codes_path=codes)
     except QarmError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None

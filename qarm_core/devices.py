@@ -28,11 +28,12 @@ an older CPU) puts on the instruction sets torch may use: ``ATEN_CPU_CAPABILITY`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Iterator, Literal, Mapping
 
 from qarm_core.errors import DataError
 
@@ -214,6 +215,35 @@ def numba_without_openmp() -> None:
 
     if numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = "workqueue"
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int, faiss_too: bool = False) -> Iterator[None]:
+    """Run the block with ``n`` CPU threads for torch (OpenMP and MKL) and, with ``faiss_too``, for
+    faiss; the caller's counts come back after it, restored through ``torch.set_num_threads``.
+
+    Why through torch: faiss and torch share one OpenMP runtime, and ``torch.get_num_threads()``
+    reads OpenMP's count while MKL (torch's float32 matmuls) keeps its own. A faiss search limited
+    to 1 thread, with a torch block nested in it, restored OpenMP to 2 but left MKL at 1: every later
+    matmul of the process ran on one core while torch reported 2 threads (a refresh's judge, after
+    the two-tower's recall check, ran 1.7x slower: 7.7 vs 13.0 pairs/s on the same shard).
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    faiss_prev = None
+    if faiss_too:
+        import faiss
+
+        faiss_prev = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if faiss_prev is not None:
+            faiss.omp_set_num_threads(faiss_prev)
+        torch.set_num_threads(prev)
 
 
 def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:

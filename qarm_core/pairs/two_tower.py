@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.devices import cpu_threads
 from qarm_core.errors import DataError
 from qarm_core.events import POSITIVE_MIN_RATING, positive_mask
 from qarm_core.pairs.config import TwoTowerConfig
@@ -466,11 +467,9 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
     # after exclusion; users go in order of their seen counts, so each chunk's depth fits all.
     index = faiss.IndexFlatIP(model.params.dim)
     index.add(model.item_embeddings())
-    # faiss and torch share one OpenMP runtime here: omp_set_num_threads is process-wide, so the
-    # caller's thread count is restored, or every later torch stage would run on one thread.
-    prev_threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(model.params.num_threads)
-    try:
+    # the block's thread limit covers faiss and the torch user tower inside it, and both counts
+    # come back after it (devices.cpu_threads: restoring OpenMP alone left MKL on one thread)
+    with cpu_threads(model.params.num_threads, faiss_too=True):
         by_seen = np.argsort(pos - split.user_start[split.seq_user[pos]], kind="stable")
         tt_hit = np.zeros(len(pos), bool)
         for s in range(0, len(pos), chunk):
@@ -483,8 +482,6 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
             unseen = ~np.isin(np.arange(len(idx))[:, None] * n_items + got, seen_key) & (got >= 0)
             top = unseen & (np.cumsum(unseen, axis=1) <= k)
             tt_hit[idx] = (top & (got == target[idx, None])).any(axis=1)
-    finally:
-        faiss.omp_set_num_threads(prev_threads)
     n = len(pos)
 
     def half(hits: np.ndarray) -> float:

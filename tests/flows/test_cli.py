@@ -1,5 +1,7 @@
 """The qarm command line, in-process, against the test harness's Prefect API."""
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -367,16 +369,64 @@ def test_a_stop_that_prefect_turns_into_another_error_still_exits_130():
     assert code.value.exit_code == 2
 
 
+def _children(pid: int) -> list[int]:
+    """Pids of the running processes whose parent is ``pid`` (from /proc)."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()       # state, ppid, ...
+            if fields[0] != "Z" and int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _prefect_flow_run_state(flow_run_id: str) -> str | None:
+    """The state type Prefect's database holds for a flow run of a `qarm` subprocess started with this
+    process's environment (read-only, from its SQLite file). The settings are built from the
+    environment and profile, as the subprocess builds them, not taken from this process's settings
+    context (the test harness's own database while a harness is active)."""
+    import sqlite3
+
+    from prefect.settings import Settings
+
+    url = Settings().server.database.connection_url
+    url = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url)
+    db = url.split(":///", 1)[1]
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        row = con.execute("select state_type from flow_run where id = ?", (flow_run_id,)).fetchone()
+    return row[0] if row else None
+
+
 @pytest.mark.slow
-def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path):
-    """SIGTERM to `qarm refresh` mid-run: exit 130 within seconds, no process of its group left (the
-    ephemeral Prefect API server included), the MLflow runs FAILED with the signal named, the lease
+@pytest.mark.parametrize("stop", ["SIGTERM to the CLI", "Ctrl-C: SIGINT to its process group"])
+def test_a_stop_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path, stop):
+    """SIGTERM to `qarm refresh` mid-run, or a terminal's Ctrl-C (SIGINT to the whole foreground process
+    group): exit 130 within seconds, no process left (the local Prefect API server included: it runs in a
+    session of its own, so a Ctrl-C does not stop it before the refresh has recorded the stop), the
+    MLflow runs FAILED with the signal named, the Prefect flow run no longer RUNNING, the lease
     released (so the next refresh can start: test_codebook_refresh covers a takeover)."""
     import os
     import signal
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
     from qarm_core.config import load_config
     from qarm_core.embed.train.launch import live_group_members
@@ -384,6 +434,7 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     from tasks import tracking
     from tests.support.paths import REPO
 
+    sig = signal.SIGINT if stop.startswith("Ctrl-C") else signal.SIGTERM
     home = tmp_path / "home"
     env = {**os.environ, "QARM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": ""}
@@ -394,22 +445,134 @@ def test_sigterm_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pa
     while not (home / "work" / "split").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
         time.sleep(0.2)                                   # mid-run: ingest done, the split stage started
     assert proc.poll() is None, proc.stdout.read()
+    servers = [k for k in _children(proc.pid)
+               if "flows.prefect_api" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(servers) == 1 and os.getsid(servers[0]) != os.getsid(proc.pid)    # its own session
     t_stop = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "stopped by SIGTERM" in " ".join(out.split()), out[-3000:]
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)                          # what the terminal does on Ctrl-C
+    else:
+        os.kill(proc.pid, sig)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:                     # stuck: its threads' stacks (faulthandler) for the report
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(3)
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"no exit 90 s after {stop}; its threads:\n{out[-12000:]}")
+    name = signal.Signals(sig).name
+    assert proc.returncode == 130 and f"stopped by {name}" in " ".join(out.split()), out[-3000:]
     assert time.monotonic() - t_stop < 30
-    deadline = time.monotonic() + 10                      # the server's atexit stop may take a moment
-    while live_group_members(proc.pid) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while (live_group_members(proc.pid) or _alive(servers[0])) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert live_group_members(proc.pid) == []
+    assert live_group_members(proc.pid) == [] and not _alive(servers[0])
     assert not (home / LEASE_FILE).exists() and not (home / "CURRENT").exists()
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     runs = tracking.runs_of(cfg)
     parents = [r for r in runs if r["tags"].get("qarm.flow") == "codebook-refresh"]
     assert parents and all(r["status"] == "FAILED" for r in parents)
     errors = [(r["name"], r["status"], r["tags"].get("qarm.error")) for r in runs]
-    assert any("SIGTERM" in (e or "") for _, _, e in errors), errors
+    assert any(name in (e or "") for _, _, e in errors), errors
+    flow_run_id = parents[0]["tags"].get("prefect.flow_run_id")
+    assert flow_run_id
+    assert _prefect_flow_run_state(flow_run_id) in ("CRASHED", "CANCELLED", "FAILED")
+
+
+def test_a_killed_cli_takes_its_prefect_api_server_with_it(tmp_path):
+    """SIGKILL gives the CLI no chance to stop the server it started: the server still exits (the
+    kernel's parent-death signal), so no orphan keeps a port and the Prefect database open."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.paths import REPO
+
+    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    code = ("import os, sys, time\nfrom flows.prefect_api import local_prefect_api\n"
+            "with local_prefect_api() as url:\n    print(url, flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api"), url
+        import httpx
+
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        servers = _children(proc.pid)
+        assert len(servers) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(servers[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigusr1_prints_the_stacks_of_a_running_command_and_sigterm_still_stops_it():
+    """`kill -USR1 <pid>` shows what a command that seems stuck is doing (every thread's stack, on
+    stderr), and does not end it; a SIGTERM after it still stops it with exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.paths import REPO
+
+    code = ("import time\nfrom flows.cli import _guard\n"
+            "def waiting_for_work():\n    print('ready', flush=True)\n    time.sleep(120)\n"
+            "try:\n    _guard(waiting_for_work)\nexcept Exception as exc:          # typer.Exit outside typer\n"
+            "    raise SystemExit(getattr(exc, 'exit_code', 1))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        assert proc.poll() is None                        # still running
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "waiting_for_work" in err and "Current thread" in err, err[-3000:]
+
+
+def test_the_prefect_api_url_is_used_as_given_or_set_for_the_block_only():
+    """With PREFECT_API_URL set nothing is started; without it the started server's URL is the API of
+    the block (and of the processes it starts), and unset again after it. In a subprocess: the settings
+    are process-global."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO
+
+    code = ("import os, subprocess, httpx\nfrom flows.prefect_api import local_prefect_api, configured_api_url\n"
+            "with local_prefect_api() as url:\n"
+            "    kids = subprocess.run(['pgrep', '-P', str(os.getpid())], capture_output=True, text=True).stdout.split()\n"
+            "    ok = httpx.get(f'{url}/health', timeout=10).status_code == 200 if url.endswith('/api') and "
+            "':1/' not in url else None\n"
+            "    print(url, configured_api_url() == url == os.environ['PREFECT_API_URL'], len(kids), ok)\n"
+            "print(configured_api_url(), os.environ.get('PREFECT_API_URL'))\n")
+    base = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    given = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**base, "PREFECT_API_URL": "http://127.0.0.1:1/api"})
+    assert given.stdout.split("\n")[:2] == ["http://127.0.0.1:1/api True 0 None",
+                                            "http://127.0.0.1:1/api http://127.0.0.1:1/api"], given.stderr[-2000:]
+    own = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**base, "PREFECT_API_URL": ""})
+    inside, after = own.stdout.split("\n")[:2]
+    url, same, kids, healthy = inside.split()
+    assert url.startswith("http://127.0.0.1:") and (same, kids, healthy) == ("True", "1", "True"), own.stderr[-2000:]
+    assert after == "None None"
 
 
 # ---------------------------------------------------------------- qarm ingest: the ingest flow only; errors in one line

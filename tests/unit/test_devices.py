@@ -153,3 +153,28 @@ def test_visible_gpus_reads_cuda_visible_devices_as_cuda_does():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}) == ["0"]          # CUDA stops at an invalid entry
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == [] == visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"})
     assert visible_gpus({}) == []                                          # unset: torch's count (a CPU build: none)
+
+
+def test_cpu_threads_restores_openmp_and_mkl_after_a_nested_torch_block():
+    """The two-tower's pattern: a faiss thread limit with a torch block nested in it that restores
+    "the caller's" count as it reads it (the limit). After the outer block both OpenMP and MKL are
+    back at the caller's count (restoring OpenMP through faiss alone left MKL at 1)."""
+    import faiss
+    import torch
+
+    from qarm_core.devices import cpu_threads
+    from tests.support.torch_threads import mkl_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_threads(1, faiss_too=True):
+            inner = torch.get_num_threads()
+            torch.set_num_threads(1)
+            torch.set_num_threads(inner)
+            assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+            assert mkl_threads() in (None, 1)
+        assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
+        assert mkl_threads() in (None, 2)
+    finally:
+        torch.set_num_threads(before)
