@@ -246,6 +246,28 @@ def cpu_threads(n: int, faiss_too: bool = False) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
+def mkl_threads() -> int | None:
+    """MKL's thread count (torch's float32 matmuls on the CPU), as torch reports it; None without MKL.
+    ``torch.get_num_threads()`` reads OpenMP's count, which can differ (see ``cpu_threads``)."""
+    import re
+
+    import torch
+
+    m = re.search(r"mkl_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info())
+    return int(m.group(1)) if m else None
+
+
+def thread_note() -> str:
+    """torch's CPU threads for a stage's notes, e.g. ``"2 (MKL 2)"``; a stage whose MKL count fell
+    below torch's says so, since its matmuls then use fewer cores than torch reports."""
+    import torch
+
+    n, mkl = torch.get_num_threads(), mkl_threads()
+    if mkl is None:
+        return str(n)
+    return f"{n} (MKL {mkl}{': fewer than torch, matmuls on fewer cores' if mkl < n else ''})"
+
+
 def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     """The CUDA devices this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (indices
     or UUIDs): that variable's entries when it is set (up to the first invalid one, as CUDA reads

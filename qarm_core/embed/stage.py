@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
+from qarm_core.devices import thread_note
 from qarm_core.embed.embed import EmbedRecord, embed_catalog, embed_catalog_minilm
 from qarm_core.embed.train import TrainRecord, train_embedding_model
 from qarm_core.events import POSITIVE_MIN_RATING
@@ -181,7 +182,8 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
     report: dict = {"items_per_s": rec.items_per_s, "seconds": rec.seconds, "dim": float(rec.dim),
                     "workers": float(rec.workers),
                     "encoded": float(rec.encoded), "carried_over": float(rec.carried_over)}
-    notes = {"model_version": rec.model_version, "dtype": rec.dtype, "dtype_reason": rec.dtype_reason}
+    notes = {"model_version": rec.model_version, "dtype": rec.dtype, "dtype_reason": rec.dtype_reason,
+             "threads": thread_note()}
     records = {"finetuned": rec}
     paths = {"finetuned": rec.path}
     if published_model is not None:

@@ -31,9 +31,12 @@ if TYPE_CHECKING:
 
 
 def _dtype_notes(backend: object) -> dict[str, str]:
-    """The numeric type a local backend runs in, and why (an HTTP backend has none to report)."""
+    """The numeric type a local backend runs in, why, and on how many CPU threads (an HTTP backend
+    has none to report)."""
+    from qarm_core.devices import thread_note
+
     choice = getattr(backend, "dtype_choice", None)
-    return {} if choice is None else {"dtype": choice.name, "dtype_reason": choice.reason}
+    return {} if choice is None else {"dtype": choice.name, "dtype_reason": choice.reason, "threads": thread_note()}
 
 
 def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfig) -> tuple[pa.Table | None, str | None]:

@@ -143,6 +143,9 @@ def test_models_run_in_the_configured_or_hardware_chosen_type(refreshed):
     auto = choose_dtype("auto", "cpu").name
     assert children["train"]["tags"]["qarm.dtype"] == children["embed"]["tags"]["qarm.dtype"] == auto
     assert children["embed"]["tags"]["qarm.dtype_reason"].startswith("auto:")
+    # each LLM stage records its CPU threads (MKL's beside torch's: their mismatch once halved them)
+    for stage in ("judge", "qa", "embed"):
+        assert "fewer" not in children[stage]["tags"]["qarm.threads"]
 
 
 def test_qa_covers_the_items_of_kept_pairs(refreshed):

@@ -162,8 +162,7 @@ def test_cpu_threads_restores_openmp_and_mkl_after_a_nested_torch_block():
     import faiss
     import torch
 
-    from qarm_core.devices import cpu_threads
-    from tests.support.torch_threads import mkl_threads
+    from qarm_core.devices import cpu_threads, mkl_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -176,5 +175,30 @@ def test_cpu_threads_restores_openmp_and_mkl_after_a_nested_torch_block():
             assert mkl_threads() in (None, 1)
         assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
         assert mkl_threads() in (None, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_note_says_when_mkl_runs_on_fewer_threads_than_torch_reports():
+    """The state the two-tower's recall check used to leave (OpenMP restored through faiss, MKL not):
+    torch says 2, MKL 1. A stage's notes say so; with both at 2 they say that."""
+    import faiss
+    import torch
+
+    from qarm_core.devices import mkl_threads, thread_note
+
+    if mkl_threads() is None:
+        pytest.skip("this torch build has no MKL")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert thread_note() == "2 (MKL 2)"
+        faiss.omp_set_num_threads(1)
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(2)
+        if torch.get_num_threads() != 2:
+            pytest.skip("faiss and torch do not share one OpenMP runtime in this build")
+        assert mkl_threads() == 1
+        assert thread_note() == "2 (MKL 1: fewer than torch, matmuls on fewer cores)"
     finally:
         torch.set_num_threads(before)

@@ -2,13 +2,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from qarm_core.devices import mkl_threads
 from qarm_core.errors import DataError
 from qarm_core.pairs.config import TwoTowerConfig
 from qarm_core.pairs.two_tower import (evaluate_recall, histories, mine_u2i_pairs,
                                        time_split, train_two_tower, u2i_pairs)
 from qarm_core.schemas import PAIRS
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
-from tests.support.torch_threads import mkl_threads
 
 SMALL = TwoTowerConfig(dim=16, hidden=32, text_buckets=1024, epochs=2, batch_size=64, history_len=8,
                        top_m=3, window_events=2)
