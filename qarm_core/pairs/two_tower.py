@@ -271,17 +271,12 @@ def _build_towers(n_items: int, params: TwoTowerConfig):
 
 @contextlib.contextmanager
 def _torch_env(params: TwoTowerConfig) -> Iterator[None]:
-    """Seeded, fixed-thread torch; the caller's global RNG state and thread count are restored."""
+    """Seeded, fixed-thread torch; the caller's global RNG state and thread counts are restored."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(params.num_threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(params.seed)
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(params.num_threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        yield
 
 
 class TwoTowerModel:

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from qarm_core.devices import cpu_threads
 from qarm_core.errors import DataError
 from qarm_core.progress import Progress
 from qarm_core.rank.config import RankConfig
@@ -83,18 +84,16 @@ def _torch_state(threads: int, seed: int) -> Iterator[None]:
     """``threads`` torch threads, denormals flushed and the global RNG seeded for the block; the
     caller's thread count, RNG state and denormal mode come back after it (an unrestored
     ``set_num_threads(1)`` made every later torch stage of the process run on one thread)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
     # Adam's second moments of rarely touched embedding rows decay into denormals, which the CPU
     # handles ~100x slower; flushing them to zero changes nothing measurable.
-    torch.set_flush_denormal(True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(prev)
+    with cpu_threads(threads):
+        torch.set_flush_denormal(True)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                yield
+        finally:
+            torch.set_flush_denormal(False)
 
 
 def _train(name: str, data: RankData, cfg: RankConfig, seed: int, seed_index: int, lr: float,
