@@ -176,20 +176,24 @@ def _drain_prefect_workers(timeout_s: float = DRAIN_WAIT_S) -> None:
 
 # ---------------------------------------------------------------- the server process
 def _die_with_parent(parent: int) -> None:
-    """Exit when ``parent`` does: SIGTERM from the kernel on Linux, a 1-second watch elsewhere."""
+    """Exit when ``parent`` does: SIGTERM from the kernel on Linux, a 1-second watch where that is
+    not available."""
+    armed = False
     if sys.platform.startswith("linux"):
         import ctypes
 
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+    if os.getppid() != parent:            # the parent died before the signal was armed
+        sys.exit(0)
+    if armed:
+        return
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if os.getppid() != parent:            # the parent died before the watch began
-        sys.exit(0)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 

@@ -386,16 +386,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    from pathlib import Path
-
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
 def _prefect_flow_run_state(flow_run_id: str) -> str | None:
     """The state type Prefect's database holds for a flow run of a `qarm` subprocess started with this
     process's environment (read-only, from its SQLite file). The settings are built from the
@@ -465,9 +455,9 @@ def test_a_stop_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pat
     assert proc.returncode == 130 and f"stopped by {name}" in " ".join(out.split()), out[-3000:]
     assert time.monotonic() - t_stop < 30
     deadline = time.monotonic() + 10
-    while (live_group_members(proc.pid) or _alive(servers[0])) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert live_group_members(proc.pid) == [] and not _alive(servers[0])
+    while (live_group_members(proc.pid) or live_group_members(servers[0])) and time.monotonic() < deadline:
+        time.sleep(0.2)                                   # the server leads its own session, so its own group
+    assert live_group_members(proc.pid) == [] and live_group_members(servers[0]) == []
     assert not (home / LEASE_FILE).exists() and not (home / "CURRENT").exists()
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     runs = tracking.runs_of(cfg)
@@ -489,6 +479,7 @@ def test_a_killed_cli_takes_its_prefect_api_server_with_it(tmp_path):
     import sys
     import time
 
+    from qarm_core.embed.train.launch import live_group_members
     from tests.support.paths import REPO
 
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -506,9 +497,9 @@ def test_a_killed_cli_takes_its_prefect_api_server_with_it(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while _alive(servers[0]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(servers[0])
+        while live_group_members(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)                               # the server leads its own session, so its own group
+        assert live_group_members(servers[0]) == []
     finally:
         if proc.poll() is None:
             proc.kill()
