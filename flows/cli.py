@@ -360,6 +360,29 @@ def refresh(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None
     _guard(_run_refresh, config, _parse_sets(set_))
 
 
+@app.command("train-node")
+def train_node(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+               node_rank: Optional[int] = typer.Option(None, "--node-rank", min=1,
+                                                       help="This node's rank, 1..nnodes-1 (default: embed.train.node_rank)."),
+               once: bool = typer.Option(False, "--once", help="Exit after one training run instead of waiting for the next."),
+               wait_s: Optional[float] = typer.Option(None, "--wait-s", min=0.0,
+                                                      help="Give up after waiting this long for a job (default: no limit).")
+               ) -> None:
+    """Join multi-node training as node 1..N-1: wait until node 0's refresh posts its training job
+    (embed.train.nnodes > 1, the home on storage every node mounts at the same path), start this
+    node's launcher for it, and wait for the next. Node 0 alone embeds, quantizes and publishes."""
+    def serve() -> None:
+        from qarm_core.embed.train.nodes import run_training_node
+        from qarm_core.storage import Storage
+
+        cfg = _checked_config(config, _parse_sets(set_))
+        _show_core_logs()
+        with _run_log(cfg.home, "train-node"):
+            run_training_node(Storage(cfg.home).train_nodes_board,
+                              node_rank if node_rank is not None else cfg.embed.train.node_rank, once, wait_s)
+    _guard(serve)
+
+
 @app.command()
 def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              rank: bool = typer.Option(True, "--rank/--no-rank", help="Also train and compare the ranking models."),

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
+from qarm_core.embed.train.nodes import check_refresh_node
 from tasks import tracking
 from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
@@ -40,6 +41,7 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     """
     route_core_logs()
     cfg = load_config(config_path, overrides).resolved()
+    check_refresh_node(cfg.embed.train)     # one node publishes; the others run `qarm train-node`
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
     # One refresh at a time per home; every stage reads the snapshot current now (the parent, pinned:
     # what CURRENT names later does not change what a stage reads), and publish refuses if CURRENT

@@ -313,6 +313,12 @@ class Storage:
     def duckdb_temp_dir(self) -> Path:
         return self.home / "tmp" / "duckdb"
 
+    @property
+    def train_nodes_board(self) -> Path:
+        """Where node 0 of a multi-node training run posts its job for the other nodes' ``qarm
+        train-node`` (``embed.train.nodes``); like the run folders, on storage every node mounts."""
+        return self.home / "nodes" / "train"
+
     def report_dir(self, snapshot_id: str) -> Path:
         """Where ``qarm evaluate`` writes report.md and its plots for a snapshot."""
         return self.home / "reports" / snapshot_id

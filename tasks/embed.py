@@ -84,7 +84,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
         def write_model(folder: Path) -> None:
             reference = read_dataset(anchor, columns=["item_id", "vector"]) if anchor is not None else None
             rec = train_stage(read_dataset(items), read_dataset(judgments), read_dataset(qa), embed_cfg,
-                              run_dir, progress, reference)
+                              run_dir, progress, reference, storage.train_nodes_board)
             report.update({k: float(v) for k, v in rec.to_dict().items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),

@@ -35,11 +35,12 @@ def iter_embedding_batches(path: str | Path, schema: pa.Schema, batch_rows: int 
 
 def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: "EmbedStageConfig",
                 run_dir: str | Path, progress: ProgressFn | None = None,
-                reference: pa.Table | None = None) -> TrainRecord:
+                reference: pa.Table | None = None, board: str | Path | None = None) -> TrainRecord:
     """Fine-tune on the kept judged pairs (minus the held-out share) and the QA pairs into
     ``run_dir/model``; a run killed mid-way resumes from ``run_dir/checkpoints``. ``reference``: the
-    published embeddings when continuing the published model (``train.stability_weight``)."""
-    return train_embedding_model(items, judgments, qa, run_dir, cfg.model, cfg.train, progress, reference)
+    published embeddings when continuing the published model (``train.stability_weight``).
+    ``board``: where a multi-node run's job is posted for the other nodes (``qarm train-node``)."""
+    return train_embedding_model(items, judgments, qa, run_dir, cfg.model, cfg.train, progress, reference, board)
 
 
 EVAL_KS = (10, 50)

@@ -17,6 +17,8 @@ runner = CliRunner()
      "or equal to 1 (qarm pairs swing --help)"),
     (["rank", "compare", "--no-such-option"], "error: [stage=rank-compare, dataset=--no-such-option] "
                                               "No such option: --no-such-option (qarm rank compare --help)"),
+    (["train-node", "--node-rank", "0"], "error: [stage=train-node, dataset=--node-rank] Invalid value for "
+                                         "'--node-rank': Input should be greater than or equal to 1 (qarm train-node --help)"),
     (["no-such-command"], "error: [stage=qarm, dataset=command line] No such command 'no-such-command'. "
                           "(qarm --help)"),
 ])

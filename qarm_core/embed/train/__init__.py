@@ -30,7 +30,8 @@ DeepSpeed moves the module to each rank's GPU and batches follow it; the process
 there, gloo on CPUs (``distributed.process_group_backend``, recorded in ``TrainRecord.backend``).
 The plain-torch path (``use_deepspeed=False``) is the CPU fallback and keeps the model on the CPU.
 Several nodes: ``nnodes``, ``node_rank`` and ``master_addr`` (default ``$MASTER_ADDR``), one launch
-per node (``launch.build_launch_command``); the world is ``nnodes * nproc`` processes.
+per node (``launch.build_launch_command``); the world is ``nnodes * nproc`` processes. In a
+refresh, node 0 posts the job on a board and the other nodes join it (``nodes``).
 
 Every step's batch is a function of (seed, step) (``data.batch_pair_indices``) and nothing in the
 model is random (no dropout), so a run killed after checkpoint k and resumed reaches the same
@@ -41,11 +42,13 @@ that the averaged update equals the single-process one (``losses.global_info_nce
 
 Modules: ``distributed`` (device, numeric type, DeepSpeed config, process group, gathers), ``checkpoint`` (run
 fingerprint, checkpoint IO), ``loop`` (session, step, loop, export), ``launch`` (jobs, launcher
-command, relayed progress), ``record`` (``TrainRecord``).
+command, relayed progress), ``nodes`` (node 0 posts a multi-node job, the other nodes'
+``qarm train-node`` joins it), ``record`` (``TrainRecord``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -56,6 +59,7 @@ from qarm_core.embed.train.checkpoint import run_fingerprint
 from qarm_core.embed.train.distributed import DEEPSPEED_CONFIG_DIR, deepspeed_config, training_dtype
 from qarm_core.embed.train.launch import build_launch_command, launch_env, run_job, run_launched, write_job
 from qarm_core.embed.train.loop import train_in_process
+from qarm_core.embed.train.nodes import announced
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
 from qarm_core.progress import Progress
 
@@ -66,7 +70,8 @@ __all__ = ["DEEPSPEED_CONFIG_DIR", "STAGE", "TrainRecord", "build_launch_command
 
 def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out_dir: str | Path,
                           model_cfg: EmbedModelConfig | None = None, train_cfg: TrainConfig | None = None,
-                          progress: ProgressFn | None = None, reference: pa.Table | None = None) -> TrainRecord:
+                          progress: ProgressFn | None = None, reference: pa.Table | None = None,
+                          board: str | Path | None = None) -> TrainRecord:
     """Fine-tune the three-segment model on judged pairs (+ QA) and write it to ``out_dir/model``.
 
     ``items``: the items table (item_id, title, year?, tags?); ``judgments``: pairs with
@@ -75,7 +80,9 @@ def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | N
     fingerprint was interrupted; returns the stored record without training when the run is
     already complete. ``progress`` gets one dict per step (rank 0 only). ``reference``: (item_id,
     vector) rows, e.g. the published embeddings, that ``train_cfg.stability_weight`` keeps the
-    trained items' embeddings near (continued fine-tuning that keeps the SIDs).
+    trained items' embeddings near (continued fine-tuning that keeps the SIDs). ``board``: where
+    node 0 of a multi-node run posts the job for the other nodes' ``qarm train-node``
+    (``nodes.announced``); without it every node must call this function itself.
     """
     model_cfg = model_cfg or EmbedModelConfig()
     cfg = train_cfg or TrainConfig()
@@ -93,7 +100,9 @@ def train_embedding_model(items: pa.Table, judgments: pa.Table, qa: pa.Table | N
 
     if cfg.launcher != "none":
         job = write_job(items, judgments, qa, out_dir, model_cfg, cfg, reference)
-        rec = run_launched(job, cfg, relay)
+        posted = board is not None and cfg.nnodes > 1 and cfg.node_rank == 0
+        with announced(board, job, cfg) if posted else contextlib.nullcontext():
+            rec = run_launched(job, cfg, relay)
     else:
         rec = train_in_process(items, judgments, qa, Path(out_dir), model_cfg, cfg, relay, reference)
     prog.finish()

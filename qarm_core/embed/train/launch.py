@@ -210,9 +210,12 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: floa
 
 
 def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None = None,
-                 timeout_s: float | None = None) -> TrainRecord:
+                 timeout_s: float | None = None, abort: Callable[[], str | None] | None = None,
+                 read_record: bool = True) -> TrainRecord | None:
     """Start the multi-process run of ``job_file``, relay progress from its train_log.jsonl, wait,
-    and return the record rank 0 wrote. A failed launch raises RuntimeError with the output tail."""
+    and return the record rank 0 wrote (None with ``read_record=False``: a node other than node 0
+    may finish before rank 0 has written it). A failed launch raises RuntimeError with the output
+    tail; so does ``abort()`` returning a reason (checked every second), after stopping the run."""
     job = json.loads(Path(job_file).read_text())
     out = Path(job["out_dir"])
     log = out / "train_log.jsonl"
@@ -244,10 +247,16 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
                     _stop_group(proc)
                     raise RuntimeError(f"training launch timed out after {timeout_s}s; see {out_log}")
+                why = abort() if abort is not None else None
+                if why:
+                    _stop_group(proc)
+                    raise RuntimeError(f"training launch stopped: {why}; see {out_log}")
         except BaseException:
             _stop_group(proc)
             raise
     if rc != 0:
         tail = out_log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training launch {' '.join(cmd)} failed with exit code {rc}:\n{tail}")
+    if not read_record:
+        return None
     return TrainRecord(**json.loads((out / "train_record.json").read_text()))

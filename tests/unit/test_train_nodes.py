@@ -1,0 +1,173 @@
+"""The board through which node 0 of a multi-node training run posts its job and the other nodes
+(``qarm train-node``) find and join it (``qarm_core.embed.train.nodes``). The two-node run through a
+real refresh: tests/flows/test_codebook_refresh.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qarm_core.embed.config import TrainConfig
+from qarm_core.embed.train import launch, nodes
+from qarm_core.errors import DataError
+
+TWO_NODES = TrainConfig(batch_size=4, launcher="torchrun", nproc=1, nnodes=2, master_addr="127.0.0.1")
+
+
+def _job(tmp_path: Path, cfg: TrainConfig = TWO_NODES) -> Path:
+    """A job.json as ``launch.write_job`` writes it, enough for a joining node (out_dir, config)."""
+    out = tmp_path / "run"
+    (out / "job").mkdir(parents=True)
+    job = out / "job" / "job.json"
+    job.write_text(json.dumps({"out_dir": str(out), "train_config": cfg.model_dump()}))
+    return job
+
+
+def _wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_posting_beats_while_its_launch_runs_and_is_withdrawn_after(tmp_path):
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05) as posting:
+        first = nodes._read(board)
+        assert first is not None and first.id == posting.id and first.job == str(job.resolve())
+        assert (first.nnodes, first.nproc) == (2, 1)
+        _wait_until(lambda: nodes._read(board).beat >= first.beat + 3)
+    assert not (board / nodes.POSTING).exists()
+
+
+def test_a_newer_posting_is_neither_overwritten_nor_withdrawn_by_the_older(tmp_path):
+    """Node 0's refresh retried: the second launch's posting replaces the first; the first's
+    heartbeat and its end leave it alone."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    older = nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05)
+    newer = nodes.announced(board, job, TWO_NODES, heartbeat_s=10.0)   # beats too slowly to show here
+    older.__enter__()
+    second = newer.__enter__()
+    time.sleep(0.3)                                     # several of the older's heartbeats
+    assert nodes._read(board) == second                 # not overwritten (beat 0: the newer's own)
+    older.__exit__(None, None, None)
+    assert nodes._read(board) == second                 # not withdrawn
+    newer.__exit__(None, None, None)
+    assert nodes._read(board) is None
+
+
+def test_only_a_beating_posting_not_yet_run_is_joined(tmp_path):
+    board = tmp_path / "board"
+    board.mkdir()
+    # a posting left by a killed node 0: its counter never moves
+    dead = {"id": "dead", "job": str(_job(tmp_path)), "nnodes": 2, "nproc": 1, "host": "h", "beat": 7}
+    (board / nodes.POSTING).write_text(json.dumps(dead))
+    t0 = time.monotonic()
+    assert nodes.wait_for_posting(board, set(), timeout_s=0.6, poll_s=0.05, stale_s=5.0) is None
+    assert time.monotonic() - t0 >= 0.6
+    with nodes.announced(board, tmp_path / "run" / "job" / "job.json", TWO_NODES, heartbeat_s=0.05) as posting:
+        found = nodes.wait_for_posting(board, set(), timeout_s=5.0, poll_s=0.02)
+        assert found is not None and found.id == posting.id
+        # a job this node already ran is not joined again
+        assert nodes.wait_for_posting(board, {posting.id}, timeout_s=0.4, poll_s=0.02) is None
+
+
+def test_a_posting_whose_heartbeat_stops_goes_stale():
+    live = nodes.Liveness(Path("/nonexistent-board"), stale_s=0.2)
+    assert live.look() == (None, False) and not live.stale()
+    time.sleep(0.3)
+    assert live.stale()
+
+
+def test_a_rank_outside_the_posted_world_or_node_0_is_refused(tmp_path):
+    board = tmp_path / "board"
+    with nodes.announced(board, _job(tmp_path), TWO_NODES, heartbeat_s=0.05) as posting:
+        for rank in (0, 2):
+            with pytest.raises(DataError, match=rf"node_rank {rank} does not fit the posted job of 2 nodes"):
+                nodes.join_posted_job(board, posting, rank)
+    with pytest.raises(DataError, match=r"stage=train, dataset=config.*runs on nodes 1..nnodes-1"):
+        nodes.run_training_node(board, 0)
+    with pytest.raises(DataError, match=r"dataset=config.*a refresh runs on node 0 only"):
+        nodes.check_refresh_node(TWO_NODES.model_copy(update={"node_rank": 1}))
+    nodes.check_refresh_node(TWO_NODES)
+
+
+def test_a_posted_job_this_node_cannot_read_is_named(tmp_path):
+    board = tmp_path / "board"
+    with nodes.announced(board, tmp_path / "elsewhere" / "job.json", TWO_NODES, heartbeat_s=0.05) as posting:
+        with pytest.raises(DataError, match=r"dataset=job.*not readable on this node.*same path"):
+            nodes.join_posted_job(board, posting, 1)
+
+
+def test_a_joined_launch_is_stopped_when_node_0_stops_beating(tmp_path, monkeypatch):
+    """Node 0 killed mid-run: its posting stays but no longer beats. The joined node stops its
+    launcher's whole process group instead of waiting on a dead rendezvous."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    # the launcher and a worker of its group: a process that would run for a minute
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: sleeper)
+    posting = nodes.Posting(id="run-1", job=str(job), nnodes=2, nproc=1, host="node0", beat=0)
+    killed = threading.Event()
+
+    def node0_beats_then_dies() -> None:     # beats for a second; the posting stays on the board
+        for beat in range(20):
+            (board / nodes.POSTING).write_text(json.dumps({**posting.__dict__, "beat": beat}))
+            time.sleep(0.05)
+        killed.set()
+
+    board.mkdir()
+    (board / nodes.POSTING).write_text(json.dumps(posting.__dict__))
+    threading.Thread(target=node0_beats_then_dies, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"node 0 \(.*\) stopped beating 1 s ago"):
+        nodes.join_posted_job(board, posting, 1, stale_s=1.0)
+    assert killed.is_set() and time.monotonic() - t0 < 15
+    assert (tmp_path / "run" / "launch.node1.log").exists()
+    assert nodes._read(board) is not None               # the killed node 0's posting is left as it was
+
+
+def test_a_finished_launch_on_a_joined_node_returns_without_the_record(tmp_path, monkeypatch):
+    """The joined node's launcher may end before rank 0 (node 0) writes train_record.json: a clean
+    exit is enough; progress relayed from the shared train_log.jsonl."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: [sys.executable, "-c", "pass"])
+    with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05) as posting:
+        seconds = nodes.join_posted_job(board, posting, 1)
+        assert nodes._joined_marker(board, posting.id, 1).exists()     # node 0 sees who joined
+    assert 0 < seconds < 30 and not (tmp_path / "run" / "train_record.json").exists()
+    assert not list(board.iterdir())                                    # posting and markers withdrawn
+
+
+def test_node_0_names_the_nodes_that_have_not_joined(tmp_path):
+    """Node 0's launcher waits at the rendezvous for every node: one that never runs `qarm
+    train-node` would leave the refresh silent until the launcher's timeout."""
+    board = tmp_path / "board"
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(nodes.__name__)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)     # setLevel: it clears the logger's cached isEnabledFor answers
+    try:
+        three = TWO_NODES.model_copy(update={"nnodes": 3})
+        with nodes.announced(board, _job(tmp_path, three), three, heartbeat_s=0.05, warn_after_s=0.3) as posting:
+            nodes._joined_marker(board, posting.id, 1).write_text("{}")     # node 1 joined, node 2 did not
+            _wait_until(lambda: any("have not joined" in m for m in seen))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert any("posted the job for nodes 1..2" in m for m in seen)
+    warnings = [m for m in seen if "have not joined" in m]
+    assert len(warnings) == 1 and warnings[0].startswith("train: node(s) 2 have not joined after")
