@@ -29,6 +29,7 @@ day of data), so it moves items less than a weekly retrain on a week of new pair
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -41,6 +42,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import machine, table  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray) -> float:
@@ -103,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="retrain steps (default: the config's max_steps)")
     ap.add_argument("--sim-sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.3, 0.6])
     ap.add_argument("--sim-items", type=int, default=50_000)
+    ap.add_argument("--stickiness", type=_floats, default=None,
+                    help="quantize.stickiness values to try on the retrain day, e.g. 0.05,0.5,1 (default: the config's)")
+    ap.add_argument("--fsq-margin", type=_floats, default=None,
+                    help="quantize.fsq_margin values to try on the retrain day, e.g. 0.5,1,2 (default: the config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the retrain, e.g. embed.train.lr=1e-5 (repeatable)")
     args = ap.parse_args(argv)
@@ -150,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     params = cfg.quantize.params()
     _, _, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
                                   model_version=emb.model_version)
+    # the retrain day's trade: how much an item's old cell may be farther than its nearest (stickiness)
+    # and how far outside its old FSQ bin it may lie (fsq_margin) before its SID moves, against what
+    # the SIDs then decode to
+    trade = []
+    for stick in args.stickiness or [params.stickiness]:
+        for margin in args.fsq_margin or [params.fsq_margin]:
+            q = params.model_copy(update={"stickiness": stick, "fsq_margin": margin})
+            _, _, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
+                                         model_version=emb.model_version)
+            trade.append([stick, margin, f"{mq['churn']:.4f}", f"{mq['lineage.prefix_churn']:.4f}",
+                          f"{mq['raw.decode_hr@1']:.4f}", f"{mq['raw.decode_hr@10']:.4f}",
+                          f"{mq['raw.collision_rate']:.4f}"])
     cold_book, cold_codes, _ = quantize_embeddings(x1.copy(), ids1, params)
     _, _, cold = align_to_previous(cold_book, cold_codes, codes0)
     order = np.argsort(codes0["item_id"].to_numpy())
@@ -169,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}"],
         ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}"],
     ]))
+    published = json.loads((Path(snap.record("codebook").path) / "metrics.json").read_text())
+    print(f"\nthe retrain day's quantize with other settings ({len(ids1):,} items; the published codes: decode "
+          f"HR@1 {published['raw.decode_hr@1']:.4f}, raw collision {published['raw.collision_rate']:.4f}):")
+    print(table(["stickiness", "fsq_margin", "SID churn", "(c1, c2) churn", "decode HR@1", "decode HR@10",
+                 "raw collision"], trade))
     print(f"\nmovement of the real retrain (Procrustes residual / level-1 cell spread, {len(ids0):,} items): "
           f"{moved:.3f}")
     print(table(["simulation sigma", "movement (same statistic, 128 x 32 cells, "

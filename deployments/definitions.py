@@ -6,7 +6,7 @@ another still gets its own deployments):
 * ``codebook-refresh/daily-<name>``: 03:00 UTC, the published model reused and the codebook
   warm-started from the published one (stable SIDs);
 * ``codebook-refresh/weekly-retrain-<name>``: Sunday 04:00 UTC, the embedding model fine-tuned again
-  from the published one;
+  from the published one, with the config's ``flow.retrain_overrides`` (e.g. its training budget);
 * ``rank-train/rank-train-<name>``: no schedule; an automation (a deployment trigger) runs it after each
   Completed run of the two refresh deployments, with that run's ``config_path`` and ``overrides``.
 
@@ -18,7 +18,8 @@ run of the same home are kept apart by the refresh's lease (``flow.on_busy``).
     python deployments/definitions.py --check          # exit 1 if prefect.yaml is not what this generates
     python deployments/definitions.py --config configs/tiny.yaml --pool docker   # print another one
 
-Imports neither the flows nor Prefect: ``serve.py`` turns these specs into Prefect objects.
+Imports neither the flows nor Prefect (only the config, to read and check the retrain's overrides):
+``serve.py`` turns these specs into Prefect objects.
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ class Deployment:
     triggers: list[dict[str, Any]] = field(default_factory=list)
 
 
+def retrain_overrides(config_path: str | Path) -> dict[str, Any]:
+    """The weekly retrain's overrides: continue from the published model (``RETRAIN_OVERRIDES``),
+    plus the config's own ``flow.retrain_overrides`` (ML-100K: the training budget its embed-budget
+    curve chose). Checked by loading the config with them: a bad key fails when the deployments are
+    built, not on Sunday."""
+    from qarm_core.config import load_config
+
+    path = Path(config_path)
+    path = path if path.is_absolute() else REPO / path
+    overrides = {**RETRAIN_OVERRIDES, **load_config(path).flow.retrain_overrides}
+    load_config(path, overrides)
+    return overrides
+
+
 def config_name(config_path: str | Path) -> str:
     """``configs/ml100k.yaml`` -> ``ml100k``."""
     return Path(config_path).stem
@@ -130,7 +145,7 @@ def deployments(config_path: str | Path = DEFAULT_CONFIG, daily_cron: str = DAIL
                          "latest judged pairs and QA, continuing from the published model; the embed gate "
                          "publishes it only if it beats the published one on validation, and the codebook "
                          "is refitted for the new model with its cells renumbered onto the old SIDs."),
-            parameters={"config_path": config_path, "overrides": dict(RETRAIN_OVERRIDES)},
+            parameters={"config_path": config_path, "overrides": retrain_overrides(config_path)},
             tags=["qarm", REFRESH_FLOW, "retrain", tag]),
         Deployment(
             name=rank, flow_name=RANK_FLOW, entrypoint=RANK_ENTRYPOINT, cron=None,

@@ -113,6 +113,10 @@ class FlowConfig(Strict):
     on_busy: Literal["fail", "wait"] = "fail"
     busy_wait_s: float = Field(3600.0, ge=0.0)
     lease_ttl_s: float = Field(120.0, ge=5.0)
+    # What the weekly-retrain deployment sets on top of this config besides continuing the published
+    # model (deployments/definitions.py): dotted keys as --set takes them, e.g. a training budget
+    # larger than a daily refresh's. Checked against the config when the deployments are built.
+    retrain_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class PipelineConfig(Strict):

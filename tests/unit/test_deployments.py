@@ -32,10 +32,17 @@ def test_the_committed_prefect_yaml_is_what_the_definition_generates():
     assert definitions.main(["--check"]) == 0
 
 
-@pytest.mark.parametrize("config, name", [("configs/ml100k.yaml", "ml100k"), ("configs/tiny.yaml", "tiny"),
-                                          # extends ml100k.yaml (whose `name:` it inherits): its own names
-                                          ("configs/ml100k-gpu.yaml", "ml100k-gpu")])
-def test_names_tags_and_parameters_come_from_the_config(config, name):
+# the weekly retrain's own overrides (flow.retrain_overrides) on top of continuing the published model:
+# ML-100K's training budget from its embed-budget curve; the GPU profile keeps its own step count
+RETRAIN = {"embed.train.init_from": "published"}
+CPU_BUDGET = {"embed.train.max_steps": 600, "embed.train.max_seconds": None}
+
+
+@pytest.mark.parametrize("config, name, retrain", [
+    ("configs/ml100k.yaml", "ml100k", RETRAIN | CPU_BUDGET), ("configs/tiny.yaml", "tiny", RETRAIN),
+    # extends ml100k.yaml (whose `name:` it inherits): its own names; its retrain overrides merged into ml100k's
+    ("configs/ml100k-gpu.yaml", "ml100k-gpu", RETRAIN | CPU_BUDGET | {"embed.train.max_steps": 300})])
+def test_names_tags_and_parameters_come_from_the_config(config, name, retrain):
     daily, weekly, rank = deployments(config)
     assert (daily.name, weekly.name, rank.name) == (f"daily-{name}", f"weekly-retrain-{name}", f"rank-train-{name}")
     assert (daily.flow_name, weekly.flow_name, rank.flow_name) == ("codebook-refresh", "codebook-refresh", "rank-train")
@@ -44,12 +51,22 @@ def test_names_tags_and_parameters_come_from_the_config(config, name):
     assert rank.tags == ["qarm", "rank-train", f"config:{name}"]
     assert all(d.parameters["config_path"] == config for d in (daily, weekly, rank))
     assert daily.parameters["overrides"] == {"embed.reuse_model": True, "quantize.mode": "warm_start"}
-    assert weekly.parameters["overrides"] == {"embed.train.init_from": "published"}
+    assert weekly.parameters["overrides"] == retrain
     assert (daily.cron, weekly.cron, rank.cron) == ("0 3 * * *", "0 4 * * 0", None)
     assert all(d.description for d in (daily, weekly, rank))
     # another config's prefect.yaml names its deployments after it
     other = _yaml_deployments(prefect_yaml_text(config))
     assert [d["name"] for d in other] == [daily.name, weekly.name, rank.name]
+
+
+def test_a_bad_retrain_override_fails_when_the_deployments_are_built(tmp_path):
+    from qarm_core.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: " + str(REPO / "configs" / "tiny.yaml") + "\n"
+                   "flow:\n  retrain_overrides:\n    embed.train.max_stepz: 600\n")
+    with pytest.raises(ConfigError, match="max_stepz"):
+        deployments(bad)
 
 
 def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
