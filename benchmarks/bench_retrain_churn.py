@@ -166,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     for stick in args.stickiness or [params.stickiness]:
         for margin in args.fsq_margin or [params.fsq_margin]:
             q = params.model_copy(update={"stickiness": stick, "fsq_margin": margin})
-            _, _, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
-                                         model_version=emb.model_version)
+            book_q, codes_q, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
+                                                    model_version=emb.model_version)
+            # the next daily run (same model, same vectors, the config's own settings): does it keep
+            # what the retrain day kept, or move the held items then?
+            _, _, m_next, _ = quantize_stage(x1.copy(), ids1, params, "warm_start", book_q, codes_q,
+                                             model_version=emb.model_version)
             trade.append([stick, margin, f"{mq['churn']:.4f}", f"{mq['lineage.prefix_churn']:.4f}",
                           f"{mq['raw.decode_hr@1']:.4f}", f"{mq['raw.decode_hr@10']:.4f}",
-                          f"{mq['raw.collision_rate']:.4f}"])
+                          f"{mq['raw.collision_rate']:.4f}", f"{m_next['churn']:.4f}"])
     cold_book, cold_codes, _ = quantize_embeddings(x1.copy(), ids1, params)
     _, _, cold = align_to_previous(cold_book, cold_codes, codes0)
     order = np.argsort(codes0["item_id"].to_numpy())
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe retrain day's quantize with other settings ({len(ids1):,} items; the published codes: decode "
           f"HR@1 {published['raw.decode_hr@1']:.4f}, raw collision {published['raw.collision_rate']:.4f}):")
     print(table(["stickiness", "fsq_margin", "SID churn", "(c1, c2) churn", "decode HR@1", "decode HR@10",
-                 "raw collision"], trade))
+                 "raw collision", f"next daily run's churn (stickiness {params.stickiness:g})"], trade))
     print(f"\nmovement of the real retrain (Procrustes residual / level-1 cell spread, {len(ids0):,} items): "
           f"{moved:.3f}")
     print(table(["simulation sigma", "movement (same statistic, 128 x 32 cells, "
