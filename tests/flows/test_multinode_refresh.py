@@ -51,7 +51,12 @@ def test_node_1_joins_the_training_of_node_0s_refresh_and_only_node_0_publishes(
                                             "embed.train.master_port": free_port()})
         out, _ = node1.communicate(timeout=120)
     finally:
-        node1.kill()
+        if node1.poll() is None:        # SIGTERM: the CLI stops its launcher's process group too
+            node1.terminate()
+            try:
+                node1.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                node1.kill()
     assert node1.returncode == 0, out
     said = " ".join(out.split())                # rich wraps the terminal's lines
     assert "joining" in said and "as node 1 of 2" in said and "training steps done: 4 steps" in said, out
