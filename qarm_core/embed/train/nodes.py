@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -32,10 +33,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qarm_core.embed.config import TrainConfig
-from qarm_core.embed.train.launch import _write_atomic, run_launched
+from qarm_core.embed.train.launch import run_launched
 from qarm_core.embed.train.record import STAGE
 from qarm_core.errors import DataError
 from qarm_core.progress import Progress
+from qarm_core.storage import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 POSTING = "posting.json"
 HEARTBEAT_S = 2.0       # how often node 0 advances the counter while its launch runs
@@ -73,9 +77,6 @@ def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbe
     runs (node 0's launch); withdraw it after, unless another launch has replaced it. Nodes that
     have not joined after ``warn_after_s`` are named in a warning, then once a minute: node 0's
     launcher waits for them at the rendezvous, and a node without ``qarm train-node`` never comes."""
-    import logging
-
-    log = logging.getLogger(__name__)
     board = Path(board)
     board.mkdir(parents=True, exist_ok=True)
     posting = Posting(id=uuid.uuid4().hex, job=str(Path(job_file).resolve()), nnodes=cfg.nnodes, nproc=cfg.nproc,
@@ -84,8 +85,7 @@ def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbe
     others = range(1, cfg.nnodes)
 
     def post(beat: int) -> None:
-        data = json.dumps({**posting.__dict__, "beat": beat, "pid": os.getpid()})
-        _write_atomic(board / POSTING, lambda f: f.write_text(data))
+        write_json_atomic(board / POSTING, {**posting.__dict__, "beat": beat, "pid": os.getpid()})
 
     def beat() -> None:
         n, t0, warned = 0, time.monotonic(), float("-inf")
@@ -184,8 +184,8 @@ def join_posted_job(board: str | Path, posting: Posting, node_rank: int, stale_s
         raise DataError(STAGE, "config", f"node_rank {node_rank} does not fit the posted job of {cfg.nnodes} nodes "
                                          f"(node 0 runs the refresh; the others are 1..{cfg.nnodes - 1})")
     cfg = cfg.model_copy(update={"node_rank": node_rank})
-    _write_atomic(_joined_marker(Path(board), posting.id, node_rank),
-                  lambda f: f.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()})))
+    write_json_atomic(_joined_marker(Path(board), posting.id, node_rank),
+                      {"host": socket.gethostname(), "pid": os.getpid()})
     live = Liveness(board, stale_s)
     live.look()
 
@@ -224,9 +224,6 @@ def run_training_node(board: str | Path, node_rank: int, once: bool = False, wai
     one). Returns the number of runs joined. A run that fails on this node is logged and not
     joined again (its node 0 reposts it when its refresh retries); with ``once`` it is raised as a
     DataError. ``wait_s``: the longest wait for a posting (None: no limit), then a DataError."""
-    import logging
-
-    log = logging.getLogger(__name__)
     if node_rank < 1:
         raise DataError(STAGE, "config", f"node_rank {node_rank}: `qarm train-node` runs on nodes 1..nnodes-1 "
                                          "(node 0 runs the refresh); give --node-rank or embed.train.node_rank")
