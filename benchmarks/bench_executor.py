@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--items", type=int, default=800)
     ap.add_argument("--pairs", type=int, default=320)
     ap.add_argument("--shards", type=int, default=8, help="shards per stage (parts of the catalog, runs of pairs)")
-    ap.add_argument("--gpu-items-per-s", type=float, default=10_000.0,
-                    help="ASSUMED catalog-embedding rate of one GPU for the projection (not measured here)")
+    # one H200, benchmarks/gpu_smoke.sh 2026-12-04 (SmolLM2-135M, batch 512, bf16; README "GPU hosts")
+    ap.add_argument("--gpu-items-per-s", type=float, default=6_513.0,
+                    help="catalog-embedding rate of one GPU for the projection (default: measured on one H200 "
+                         "by benchmarks/gpu_smoke.sh; a GPU host's own figure replaces it)")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     gpu_rate = args.gpu_items_per_s * args.gpus * eff
     print(f"\nProjection, catalog embedding of {CATALOG:,} items:")
     print(f"- this box, 2 workers: {CATALOG:,} / {rate2:.1f} items/s = {CATALOG / rate2 / 3600:.1f} h (measured rate)")
-    print(f"- {args.gpus} GPUs at an ASSUMED {args.gpu_items_per_s:,.0f} items/s each (not measured: no GPU here; "
-          f"run this benchmark on a GPU host to replace it), scaling efficiency {eff:.2f} (measured here, 2 vs 1 "
+    print(f"- {args.gpus} GPUs at {args.gpu_items_per_s:,.0f} items/s each (--gpu-items-per-s: measured by "
+          f"gpu_smoke.sh on one GPU, not in this run; 8 GPUs never measured), scaling efficiency {eff:.2f} (measured here, 2 vs 1 "
           f"worker): {CATALOG:,} / ({args.gpu_items_per_s:,.0f} x {args.gpus} x {eff:.2f}) = "
           f"{CATALOG / gpu_rate / 60:.1f} min")
     out = {name: {k: v for k, v in r.items() if k not in ("vectors", "pmi")} for name, r in res.items()}

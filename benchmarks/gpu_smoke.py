@@ -271,6 +271,12 @@ def count_params(model_dir: str | Path) -> int:
     return total
 
 
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def torch_device_name(device: str) -> str:
     import torch
 
@@ -285,6 +291,7 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
     from qarm_core.embed.config import TrainConfig
     from qarm_core.embed.data import template_qa
     from qarm_core.embed.train import train_embedding_model
+    from qarm_core.embed.train.distributed import training_device
 
     t_sec = time.perf_counter()
     # one GPU's share of the profile's global batch (world = nnodes * nproc where the config has nodes)
@@ -316,7 +323,7 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
     tokens, secs, steady = steady_rate(steps)
     tok_s = tokens / secs if secs > 0 else float("nan")
     n_params = count_params(rec.model_dir)
-    train_dev = "cuda" if (cfg.use_deepspeed and device.startswith("cuda")) else "cpu"
+    train_dev = training_device(cfg)
     achieved = train_flops(n_params, tok_s)
     sheet = datasheet_peak(torch_device_name(train_dev), rec.dtype) if train_dev == "cuda" else None
     measured = matmul_peak(train_dev, rec.dtype, sizes.matmul_n)
@@ -397,6 +404,9 @@ def run_kmeans(sizes: Sizes, budget_s: float, log: Callable[[str], None]) -> lis
     cut = f"; time guard cut passes from {sizes.kmeans_niter}" if niter < sizes.kmeans_niter else ""
     secs = time.perf_counter() - t_sec
     note = f"fit_kmeans_faiss (quantize's cold fit, no subsampling); 1-pass probe {probe:.2f} s untimed{cut}"
+    if not gpus and cuda_visible():
+        note += ("; torch sees a GPU but faiss does not: install faiss-gpu (the `gpu` extra; 1.15.1 requires "
+                 "CUDA 12's runtime and cuBLAS)")
     return [Row("faiss k-means time", dt, "s", dev, "float32", size, secs, note),
             Row("faiss k-means rate", kmeans_flops(n, k, d, niter) / dt / 1e9, "GFLOP/s", dev, "float32", size, secs,
                 "2*n*K*dim*iters / time")]

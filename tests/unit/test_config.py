@@ -124,6 +124,18 @@ def test_gpu_profile_differs_from_ml100k_only_where_it_says():
     assert gpu.quantize == cpu.quantize and gpu.gates == cpu.gates and gpu.ingest == cpu.ingest
 
 
+def test_the_gpu_profiles_one_gpu_settings_validate():
+    """The profile's comment and the README give one GPU as launcher none + nproc 1: the whole 512-pair
+    batch in one process, with no gradient cache (measured on an H200); nproc 1 with the profile's
+    launcher is refused, as the comment says."""
+    one = load_config(REPO / "configs" / "ml100k-gpu.yaml",
+                      {"embed.train.launcher": "none", "embed.train.nproc": 1})
+    assert one.embed.train.world_size == 1 and one.embed.train.batch_size == 512
+    assert one.embed.train.grad_cache_chunk == 0
+    with pytest.raises(ConfigError, match="needs nnodes \\* nproc >= 2"):
+        load_config(REPO / "configs" / "ml100k-gpu.yaml", {"embed.train.nproc": 1})
+
+
 def test_the_positive_event_rule_is_configured_once():
     """One threshold decides what a positive event is for mining, the judge's calibration, the
     embedding gate, the evaluation and the ranking labels: no stage config carries its own."""

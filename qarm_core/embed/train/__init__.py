@@ -25,10 +25,11 @@ Output folder::
 
 GPU hosts: ``launcher="deepspeed"`` (or torchrun) with ``nproc`` = GPUs per node, ``dtype=auto`` (bf16),
 ``zero_stage=2`` (3 for models that do not fit one GPU), ``attn_implementation="sdpa"``, a larger
-``batch_size`` (e.g. 256+) with ``grad_cache_chunk`` sized to GPU memory, ``freeze_layers=0``;
-DeepSpeed moves the module to each rank's GPU and batches follow it; the process group is NCCL
-there, gloo on CPUs (``distributed.process_group_backend``, recorded in ``TrainRecord.backend``).
-The plain-torch path (``use_deepspeed=False``) is the CPU fallback and keeps the model on the CPU.
+``batch_size`` (e.g. 256+; ``grad_cache_chunk`` only when a GPU's share of the batch does not fit:
+it recomputes every forward), ``freeze_layers=0``; the module goes to each rank's GPU (DeepSpeed
+moves it; the plain-torch path, ``use_deepspeed=False``, too) and batches follow it; the process
+group is NCCL there, gloo on CPUs (``distributed.process_group_backend``, recorded in
+``TrainRecord.backend``).
 Several nodes: ``nnodes``, ``node_rank`` and ``master_addr`` (default ``$MASTER_ADDR``), one launch
 per node (``launch.build_launch_command``); the world is ``nnodes * nproc`` processes. In a
 refresh, node 0 posts the job on a board and the other nodes join it (``nodes``).

@@ -24,11 +24,13 @@ BUILTIN_ZERO = {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
 
 
 def training_device(cfg: TrainConfig) -> str:
-    """"cuda" or "cpu": where a training run computes. DeepSpeed takes the GPU when torch sees one
-    (it moves the module to the rank's GPU); the plain-torch path stays on the CPU."""
+    """"cuda" or "cpu": where a training run computes: the GPU whenever torch sees one, on both
+    paths (DeepSpeed moves the module to the rank's GPU itself; the plain-torch path moves it in
+    ``loop.start_session``). Measured on an H200 before the plain-torch path followed: it trained
+    on the host's CPU at 1,805 tokens/s against 19,177 with DeepSpeed on the GPU."""
     import torch
 
-    return "cuda" if cfg.use_deepspeed and torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def training_dtype(cfg: TrainConfig) -> "DTypeChoice":

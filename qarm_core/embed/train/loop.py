@@ -20,7 +20,7 @@ from qarm_core.embed.train.checkpoint import (deepspeed_resume_tag, digest, fp32
                                              no_pickle_code, run_fingerprint, save_checkpoint)
 from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, gather_floats,
                                                gather_with_local_grad, init_process_group, process_group_backend,
-                                               training_dtype)
+                                               training_device, training_dtype)
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
 from qarm_core.errors import DataError
 
@@ -210,6 +210,9 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     if cfg.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    device = training_device(cfg)
+    if device == "cuda" and not cfg.use_deepspeed:      # DeepSpeed moves the module itself
+        model.to(torch.device("cuda", dist_env()[2]))    # before the optimizer: its state follows the params
     engine, opt, fwd = _optimizer(model, cfg, world)
     start = 0
     if engine is not None:
@@ -222,8 +225,8 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
         client = load_plain(ckpt_root, model, opt)
         start = int(client["step"]) if client else 0
     bf16 = training_dtype(cfg).bf16
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and not cfg.use_deepspeed
-                else torch.autocast("cpu", enabled=False))
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if bf16 and not cfg.use_deepspeed
+                else torch.autocast(device, enabled=False))
     return Session(cfg=cfg, model_cfg=model_cfg, loaded=loaded, engine=engine, opt=opt, fwd=fwd,
                    device=engine.device if engine is not None else next(model.parameters()).device,
                    trainable=[p for p in model.parameters() if p.requires_grad], autocast=autocast, bf16=bf16,
