@@ -30,15 +30,20 @@ CodesOpt = typer.Option(None, "--codes", help="Codes Parquet (default: the publi
 
 
 def print_table(table: list[dict], title: str) -> None:
-    from qarm_core.rank.compare import TABLE_HEADERS, format_table
+    from qarm_core.rank.compare import TABLE_HEADERS, format_table, history_table
 
-    t = Table(title=title)
-    for i, h in enumerate(TABLE_HEADERS):
-        t.add_column(h, justify="left" if i == 0 else "right")
-    for row in format_table(table):
-        t.add_row(*row)
-    # wide enough for every column even where stdout is not a terminal (rich then assumes 80)
-    Console(width=max(Console().width, 170)).print(t)
+    def show(heads: list[str], rows: list[list[str]], name: str) -> None:
+        t = Table(title=name)
+        for i, h in enumerate(heads):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            t.add_row(*row)
+        # wide enough for every column even where stdout is not a terminal (rich then assumes 80)
+        Console(width=max(Console().width, 170)).print(t)
+
+    show(TABLE_HEADERS, format_table(table), title)
+    if any(r.get("by_history") for r in table):
+        show(*history_table(table), "test users with and without events before the test period")
 
 
 def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embeddings: str | None,

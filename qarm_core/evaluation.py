@@ -236,10 +236,13 @@ def render_report(sections: dict, meta: dict, plots: dict[str, Path] | None = No
                             f"{r['decode_hr@10_mean']:.4f} ± {r['decode_hr@10_std']:.4f}"]
                            for r in sections["quantizer"]]), ""]
     if sections.get("ranking"):
-        from qarm_core.rank.compare import TABLE_HEADERS, format_table
+        from qarm_core.rank.compare import TABLE_HEADERS, format_table, history_table
 
         out += ["## Ranking: settings chosen on validation, test reported (mean ± std over seeds)", "",
                 _md_table(TABLE_HEADERS, format_table(sections["ranking"])), ""]
+        if any(r.get("by_history") for r in sections["ranking"]):
+            out += ["### Test users with and without events before the test period", "",
+                    _md_table(*history_table(sections["ranking"])), ""]
     for name, p in plots.items():
         out += [f"![{name}]({Path(p).name})", ""]
     return "\n".join(out)

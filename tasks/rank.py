@@ -204,7 +204,9 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
     handle.metrics({f"{row['model']}.auc": row["auc_mean"] for row in table}
                    | {f"{row['model']}.gauc": row["gauc_mean"] for row in table}
                    | {f"{row['model']}.auc_vs_ref.{k}": row["vs_ref"][k] for row in table if row.get("vs_ref")
-                      for k in ("diff", "lo", "hi")})
+                      for k in ("diff", "lo", "hi")}
+                   | {f"{row['model']}.auc.{g}": v["auc_mean"] for row in table
+                      for g, v in (row.get("by_history") or {}).items()})
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
     if refresh_run_id:

@@ -82,13 +82,14 @@ def weighted_auc(group: np.ndarray, n_groups: int, labels: np.ndarray, w: np.nda
 
 
 def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunResult], n_boot: int = 1000,
-                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+                     seed: int = 0, level: float = 0.95, subset: np.ndarray | None = None) -> dict[str, float]:
     """The test AUC difference ``a - b`` averaged over seeds, and its bootstrap confidence interval.
 
     Paired: seed ``i`` of both models scored the same test rows (same negatives). Each replicate
     resamples test users with replacement (a user's samples move together, as GAUC groups them) and
-    recomputes both AUCs on the same resample for every seed. Returns ``diff``, ``lo``, ``hi``, ``p_le_0``
-    (the share of replicates with a difference <= 0).
+    recomputes both AUCs on the same resample for every seed. ``subset``: a boolean mask over the
+    rows of ``data`` (``history_groups``); only the test rows it marks count. Returns ``diff``, ``lo``,
+    ``hi``, ``p_le_0`` (the share of replicates with a difference <= 0).
     """
     if len(runs_a) != len(runs_b):
         raise ValueError("paired bootstrap needs the same seeds for both models")
@@ -97,11 +98,12 @@ def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunRe
     for ra, rb in zip(runs_a, runs_b):
         if not np.array_equal(ra.test_rows, rb.test_rows):
             raise ValueError(f"seed {ra.seed}: the two models were scored on different test rows")
-        rows = ra.test_rows
+        keep = np.ones(len(ra.test_rows), bool) if subset is None else subset[ra.test_rows]
+        rows = ra.test_rows[keep]
         users, user_of_row = np.unique(data.user_id[rows], return_inverse=True)
         y = data.label[rows].astype(np.float64)
-        ga, na = weighted_auc_groups(ra.test_logits)
-        gb, nb = weighted_auc_groups(rb.test_logits)
+        ga, na = weighted_auc_groups(ra.test_logits[keep])
+        gb, nb = weighted_auc_groups(rb.test_logits[keep])
         per_seed.append((user_of_row, len(users), y, ga, na, gb, nb))
     point = float(np.mean([weighted_auc(ga, na, y, np.ones_like(y)) - weighted_auc(gb, nb, y, np.ones_like(y))
                            for _, _, y, ga, na, gb, nb in per_seed]))
@@ -135,17 +137,60 @@ def summarize(result: ModelResult) -> dict:
     return row
 
 
+HISTORY_GROUPS = ("with_history", "without_history")
+
+
+def history_groups(data: RankData) -> dict[str, np.ndarray]:
+    """Boolean masks over the rows of ``data``, by whether the row's user has any event before the
+    test period (the smallest ``pos`` of the user's real test-period events is the number of events
+    before that period): ``with_history`` (a long-sequence model has a past to search) and
+    ``without_history`` (under the global time split such a user's history holds test-period events
+    only). Rows of users with no test-period event fall in neither."""
+    real = (data.split == "test") & (data.neg_set < 0)
+    users, pos = data.user_id[real], data.pos[real]
+    if not len(users):
+        none = np.zeros(len(data.user_id), bool)
+        return {g: none for g in HISTORY_GROUPS}
+    order = np.lexsort((pos, users))
+    uniq, first = np.unique(users[order], return_index=True)
+    before = pos[order][first]                                    # (n_test_users,) events before the test period
+    return {"with_history": np.isin(data.user_id, uniq[before > 0]),
+            "without_history": np.isin(data.user_id, uniq[before == 0])}
+
+
+def _auc_on(run: RunResult, data: RankData, subset: np.ndarray) -> float:
+    keep = subset[run.test_rows]
+    g, n = weighted_auc_groups(run.test_logits[keep])
+    y = data.label[run.test_rows[keep]].astype(np.float64)
+    return weighted_auc(g, n, y, np.ones_like(y))
+
+
 def add_differences(data: RankData, results: list[ModelResult], table: list[dict], n_boot: int = 1000
                     ) -> str | None:
     """Step 4: fill ``vs_ref`` (diff, lo, hi in AUC) of every row against the best baseline on
-    validation; returns that baseline's name (None without a baseline)."""
+    validation, and ``by_history`` (per ``history_groups`` group: users, samples, test AUC mean/std
+    over the seeds, ``vs_ref`` on that group's users alone); returns the reference's name (None
+    without a baseline)."""
     baselines = [r for r in results if r.baseline]
     if not baselines:
         return None
     ref = max(baselines, key=lambda r: r.valid_auc_by_lr[r.lr])
+    groups = history_groups(data)
     for res, row in zip(results, table):
         row["vs_ref"] = None if res is ref else paired_bootstrap(data, res.runs, ref.runs, n_boot=n_boot)
         row["reference"] = ref.name
+        row["by_history"] = {}
+        for name, mask in groups.items():
+            rows = res.runs[0].test_rows[mask[res.runs[0].test_rows]]
+            y = data.label[rows]
+            if not (y > 0).any() or not (y == 0).any():       # no AUC without both classes
+                continue
+            aucs = np.array([_auc_on(r, data, mask) for r in res.runs])
+            row["by_history"][name] = {
+                "users": int(len(np.unique(data.user_id[rows]))), "samples": int(len(rows)),
+                "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+                "vs_ref": None if res is ref else paired_bootstrap(data, res.runs, ref.runs, n_boot=n_boot,
+                                                                   subset=mask)}
     return ref.name
 
 
@@ -172,9 +217,7 @@ def format_table(table: list[dict]) -> list[list[str]]:
     """Rows of strings (see ``TABLE_HEADERS``); AUC differences in points (x100) with their CI."""
     out = []
     for r in table:
-        v = r.get("vs_ref")
-        delta = "reference" if v is None and r.get("reference") == r["model"] else (
-            "" if v is None else f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]")
+        delta = _delta(r.get("vs_ref"), r.get("reference") == r["model"])
         out.append([r["model"], r["kind"], f"{r['lr']:g}", f"{r['valid_auc_mean']:.4f}",
                     f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f}",
                     f"{r['logloss_mean']:.4f} ± {r['logloss_std']:.4f}", delta])
@@ -183,6 +226,34 @@ def format_table(table: list[dict]) -> list[list[str]]:
 
 TABLE_HEADERS = ["model", "kind", "lr (valid)", "valid AUC", "test AUC", "test GAUC", "test logloss",
                  "ΔAUC vs best baseline, pts [95% CI]"]
+
+
+def _delta(v: dict | None, is_ref: bool) -> str:
+    if v is None:
+        return "reference" if is_ref else ""
+    return f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]"
+
+
+def history_table(table: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of strings): each model's test AUC and difference to the reference on the users
+    with events before the test period and on those without (``add_differences``' ``by_history``);
+    the headers carry each group's users and samples (seed 0's negatives)."""
+    first = next((r["by_history"] for r in table if r.get("by_history")), {})
+    heads = ["model"]
+    for g in HISTORY_GROUPS:
+        label = g.replace("_", " ")
+        n = first.get(g)
+        size = f" ({n['users']} users, {n['samples']:,} samples)" if n else ""
+        heads += [f"test AUC, {label}{size}", f"ΔAUC pts [95% CI], {label}"]
+    rows = []
+    for r in table:
+        cells = [r["model"]]
+        for g in HISTORY_GROUPS:
+            v = (r.get("by_history") or {}).get(g)
+            cells += (["n/a", ""] if v is None else
+                      [f"{v['auc_mean']:.4f} ± {v['auc_std']:.4f}", _delta(v["vs_ref"], r.get("reference") == r["model"])])
+        rows.append(cells)
+    return heads, rows
 
 
 def plot_curves(curves: dict[str, list[list[dict]]], path: str | Path,

@@ -71,6 +71,11 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     for row in out["table"]:
         assert row["seeds"] == 2 and row["lr"] in (3e-3, 1e-2) and set(row["valid_auc_by_lr"]) == {"0.003", "0.01"}
         assert (row["vs_ref"] is None) == (row["model"] == row["reference"])
+        # per test-user group; a group lacking a class has no AUC and is left out
+        assert set(row["by_history"]) <= {"with_history", "without_history"}
+        for g in row["by_history"].values():
+            assert g["users"] > 0 and 0.0 <= g["auc_mean"] <= 1.0
+            assert (g["vs_ref"] is None) == (row["model"] == row["reference"])
     assert out["inputs"]["embeddings"].startswith("snapshot:") and out["samples"]["test.samples"] > 0
     runs = tracking.runs_of(cfg)
     children = {r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}

@@ -7,13 +7,14 @@ import torch
 
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
-from qarm_core.rank.compare import compare, paired_bootstrap, plot_curves, weighted_auc, weighted_auc_groups
+from qarm_core.rank.compare import (ModelResult, add_differences, compare, history_groups, history_table,
+                                    paired_bootstrap, plot_curves, weighted_auc, weighted_auc_groups)
 from qarm_core.rank.metrics import auc as plain_auc
 from qarm_core.rank.data import build_index, categories, prepare
 from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
 from qarm_core.rank.models import MODEL_SPECS, ItemTables, RankModel, TargetAttention, masked_softmax
 from qarm_core.rank.samples import build_samples
-from qarm_core.rank.train import evaluate_rows, predict, train_model
+from qarm_core.rank.train import RunResult, evaluate_rows, predict, train_model
 from tests.support.data import DUCK, rank_config, tiny_codes, tiny_cutoffs, tiny_embeddings, tiny_log
 
 
@@ -230,6 +231,58 @@ def test_weighted_auc_and_paired_bootstrap():
         other = Run(0, noise.test_logits)
         other.test_rows = np.arange(1, 401)
         paired_bootstrap(Data, [good], [other], n_boot=5)
+
+
+class _HistoryData:
+    """The fields ``history_groups`` and the bootstrap read: 40 users with 10 test rows each (5 real
+    events, 5 negatives beside them); users 0-19 have 3 events before the test period, 20-39 none;
+    one more user has training rows only."""
+
+    def __init__(self, rng):
+        self.user_id = np.concatenate([np.repeat(np.arange(40), 10), [40, 40]])
+        self.split = np.array(["test"] * 400 + ["train"] * 2, dtype=object)
+        real = np.tile([True] * 5 + [False] * 5, 40)
+        self.neg_set = np.concatenate([np.where(real, -1, 0), [-1, -1]]).astype(np.int16)
+        first = np.where(np.arange(40) < 20, 3, 0)                    # events before the test period
+        step = np.tile(np.concatenate([np.arange(5), np.arange(5)]), 40)
+        self.pos = np.concatenate([np.repeat(first, 10) + step, [0, 1]])
+        self.label = np.concatenate([rng.integers(0, 2, 400), [1, 1]]).astype(np.float32)
+
+
+def test_history_groups_split_test_users_by_events_before_the_test_period():
+    data = _HistoryData(np.random.default_rng(0))
+    g = history_groups(data)
+    assert g["with_history"][:400].tolist() == [True] * 200 + [False] * 200
+    assert g["without_history"][:400].tolist() == [False] * 200 + [True] * 200
+    # the user with training rows only has no test-period event: in neither group
+    assert not g["with_history"][400:].any() and not g["without_history"][400:].any()
+
+
+def test_by_history_finds_a_gain_confined_to_users_with_history():
+    """A model that ranks well only for users with a past beats the reference there (CI above 0)
+    and not on the others; the overall difference mixes both."""
+    rng = np.random.default_rng(1)
+    data = _HistoryData(rng)
+    rows, y = np.arange(400), data.label[:400]
+    warm = np.arange(400) < 200
+
+    def runs(logits_of_seed):
+        return [RunResult(model="m", seed=i, metrics={"auc": 0.5}, test_rows=rows, test_logits=logits_of_seed(i))
+                for i in range(3)]
+
+    ref = ModelResult("ref", 0.01, {0.01: 0.70}, runs(lambda i: rng.standard_normal(400)), baseline=True)
+    ours = ModelResult("ours", 0.01, {0.01: 0.69},
+                       runs(lambda i: np.where(warm, 2 * y, 0) + rng.standard_normal(400)), baseline=False)
+    table = [{"model": "ref"}, {"model": "ours"}]
+    assert add_differences(data, [ref, ours], table, n_boot=200) == "ref"
+    w, c = table[1]["by_history"]["with_history"], table[1]["by_history"]["without_history"]
+    assert (w["users"], w["samples"], c["users"], c["samples"]) == (20, 200, 20, 200)
+    assert w["auc_mean"] > 0.75 and w["vs_ref"]["lo"] > 0.1
+    assert abs(c["auc_mean"] - 0.5) < 0.1 and c["vs_ref"]["lo"] < 0 < c["vs_ref"]["hi"]
+    assert table[0]["by_history"]["with_history"]["vs_ref"] is None
+    heads, cells = history_table(table)
+    assert heads[1] == "test AUC, with history (20 users, 200 samples)"
+    assert cells[0][2] == "reference" and cells[1][2].startswith("+")
 
 
 def test_items_without_codes_or_embeddings(tmp_path):

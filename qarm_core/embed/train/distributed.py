@@ -126,6 +126,10 @@ def init_process_group(world: int, use_deepspeed: bool, backend: str) -> str:
 
         # NCCL collectives run on the current GPU: each rank on its own before the first barrier
         torch.cuda.set_device(dist_env()[2])
+        if world > 1 and not use_deepspeed:
+            # bound to the rank's GPU, NCCL need not guess it from the global rank (torch warns that a
+            # guess can hang where ranks and GPUs are not numbered alike); DeepSpeed binds it itself
+            kw["device_id"] = torch.device("cuda", dist_env()[2])
     if use_deepspeed:
         import deepspeed
 
