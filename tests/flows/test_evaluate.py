@@ -45,6 +45,10 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
     text = Path(out["report"]).read_text()
     for heading in ("## Embeddings", "## Judge", "## Quantizer", "## Ranking"):
         assert heading in text
+    # the ranking's test users by events before the test period: in the tiny log every test user has
+    # some, so the other group has no AUC and is left out
+    assert all(set(r["by_history"]) == {"with_history"} for r in s["ranking"])
+    assert "### Test users with and without events before the test period" in text
     assert (tmp_path / "report" / "ranking_auc.png").read_bytes()[:4] == b"\x89PNG"
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     children = {r["name"] for r in tracking.runs_of(cfg) if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}
