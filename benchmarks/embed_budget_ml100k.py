@@ -98,12 +98,26 @@ def _baselines(cfg, data: dict, work: Path) -> dict:
     return {"base": read_embeddings(base.path), "minilm": read_embeddings(minilm.path)}
 
 
+def _resumed_max_steps(run_dir: Path) -> int:
+    """The ``max_steps`` an earlier curve's run was started with (its fingerprint holds it), read from
+    the last line of its training log."""
+    log = run_dir / "train_log.jsonl"
+    if not log.exists():
+        raise SystemExit(f"--continue-from {run_dir}: no train_log.jsonl there (not a run folder of this benchmark)")
+    return int(json.loads(log.read_text().strip().splitlines()[-1])["max_steps"])
+
+
 def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, work: Path,
-                   on_row=lambda row: None, reference: tuple | None = None) -> list[dict]:
-    """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at step 0) score the model in
-    memory. Returns one row per evaluation: step, training seconds so far, scores (each also handed
-    to ``on_row`` as it is measured), and with ``reference`` (item_ids, vectors: MiniLM) the test
-    recall@10 difference to it with its paired bootstrap 95% interval."""
+                   on_row=lambda row: None, reference: tuple | None = None,
+                   continue_from: Path | None = None) -> list[dict]:
+    """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at the first step) score the
+    model in memory. Returns one row per evaluation: step, training seconds so far, scores (each also
+    handed to ``on_row`` as it is measured), and with ``reference`` (item_ids, vectors: MiniLM) the test
+    recall@10 difference to it with its paired bootstrap 95% interval. ``continue_from``: an earlier
+    curve's run folder (same config, seed, learning rate and snapshot: the run's fingerprint checks it)
+    whose newest checkpoint the curve continues from; the learning rate does not depend on
+    ``max_steps`` (warm-up only), so this equals one longer run, and the first row re-measures the
+    earlier run's last one. Training seconds then count this invocation's steps only."""
     import numpy as np
 
     from qarm_core.embed.embed import encode_with_model
@@ -114,11 +128,17 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     tcfg = cfg.embed.train.model_copy(update={"lr": lr, "max_steps": max_steps, "max_seconds": None,
                                               "checkpoint_every": max_steps})
     tcfg = tcfg.model_copy(update={"dtype": training_dtype(tcfg).name})
-    run_dir = Path(tempfile.mkdtemp(prefix=f"lr{lr:g}-", dir=work))     # a fresh run: never resumed
-    session = start_session(data["items"], data["judgments"], data["qa"], run_dir, cfg.embed.model, tcfg)
+    if continue_from is None:
+        run_dir, first_cfg = Path(tempfile.mkdtemp(prefix=f"lr{lr:g}-", dir=work)), tcfg   # a fresh run
+    else:
+        run_dir, first_cfg = continue_from, tcfg.model_copy(update={"max_steps": _resumed_max_steps(continue_from)})
+    session = start_session(data["items"], data["judgments"], data["qa"], run_dir, cfg.embed.model, first_cfg)
+    if continue_from is not None and session.start == 0:
+        raise SystemExit(f"--continue-from {continue_from}: no checkpoint to continue from")
+    print(f"lr {lr:g}: run folder {run_dir}, from step {session.start}", flush=True)
     ids = np.sort(data["items"]["item_id"].to_numpy().astype(np.int64))
     texts = item_texts(data["items"], cfg.embed.model, ids.tolist())
-    rows, train_s, step = [], 0.0, 0
+    rows, train_s, step = [], 0.0, session.start
     while True:
         session.model.eval()
         with session.autocast:
@@ -158,6 +178,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None,
                     help="embed.train.seed, which orders the training pairs (default: the config's)")
     ap.add_argument("--out", help="write the rows as JSON here too")
+    ap.add_argument("--continue-from", type=Path,
+                    help="continue an earlier curve from the newest checkpoint of its run folder (printed at its "
+                         "start; one learning rate in --lrs, the same seed and config)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "qarm_embed_budget"),
                     help="scratch folder (the baselines' embeddings are reused from here)")
     args = ap.parse_args()
@@ -176,8 +199,12 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"rows": rows, "baselines": base, "hardware": hardware_summary()},
                                                  indent=2))
 
-    for lr in (float(v) for v in args.lrs.split(",")):
-        learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"])
+    lrs = [float(v) for v in args.lrs.split(",")]
+    if args.continue_from is not None and len(lrs) != 1:
+        raise SystemExit("--continue-from continues one run: give one learning rate in --lrs")
+    for lr in lrs:
+        learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
+                       continue_from=args.continue_from)
     best = max(rows, key=lambda r: (r["valid.recall_at_10"], -r["step"]))
     print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; {hardware_summary()}")
     print(table(["lr", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR",

@@ -271,12 +271,6 @@ def count_params(model_dir: str | Path) -> int:
     return total
 
 
-def cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def torch_device_name(device: str) -> str:
     import torch
 
@@ -379,6 +373,8 @@ def run_embedding(model_cfg, profile_infer, sizes: Sizes, device: str, budget_s:
 def run_kmeans(sizes: Sizes, budget_s: float, log: Callable[[str], None]) -> list[Row]:
     """faiss k-means seconds and FLOP/s (two rows) through ``fit_kmeans_faiss``; a 1-pass probe
     sizes the pass count so that the timed fit stays within ``budget_s``."""
+    import torch  # before faiss: one OpenMP runtime, torch's
+
     import faiss
     import numpy as np
 
@@ -404,7 +400,7 @@ def run_kmeans(sizes: Sizes, budget_s: float, log: Callable[[str], None]) -> lis
     cut = f"; time guard cut passes from {sizes.kmeans_niter}" if niter < sizes.kmeans_niter else ""
     secs = time.perf_counter() - t_sec
     note = f"fit_kmeans_faiss (quantize's cold fit, no subsampling); 1-pass probe {probe:.2f} s untimed{cut}"
-    if not gpus and cuda_visible():
+    if not gpus and torch.cuda.is_available():
         note += ("; torch sees a GPU but faiss does not: install faiss-gpu (the `gpu` extra; 1.15.1 requires "
                  "CUDA 12's runtime and cuBLAS)")
     return [Row("faiss k-means time", dt, "s", dev, "float32", size, secs, note),

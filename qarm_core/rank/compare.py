@@ -81,6 +81,15 @@ def weighted_auc(group: np.ndarray, n_groups: int, labels: np.ndarray, w: np.nda
     return float((wp * (below + 0.5 * wn)).sum() / den) if den > 0 else float("nan")
 
 
+def seed_test_auc(run: RunResult, data: RankData, subset: np.ndarray | None = None) -> float:
+    """Test AUC of one seed's run on the test rows ``subset`` (a boolean mask over the rows of
+    ``data``) marks; all its test rows without it."""
+    keep = np.ones(len(run.test_rows), bool) if subset is None else subset[run.test_rows]
+    g, n = weighted_auc_groups(run.test_logits[keep])
+    y = data.label[run.test_rows[keep]].astype(np.float64)
+    return weighted_auc(g, n, y, np.ones_like(y))
+
+
 def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunResult], n_boot: int = 1000,
                      seed: int = 0, level: float = 0.95, subset: np.ndarray | None = None) -> dict[str, float]:
     """The test AUC difference ``a - b`` averaged over seeds, and its bootstrap confidence interval.
@@ -105,8 +114,8 @@ def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunRe
         ga, na = weighted_auc_groups(ra.test_logits[keep])
         gb, nb = weighted_auc_groups(rb.test_logits[keep])
         per_seed.append((user_of_row, len(users), y, ga, na, gb, nb))
-    point = float(np.mean([weighted_auc(ga, na, y, np.ones_like(y)) - weighted_auc(gb, nb, y, np.ones_like(y))
-                           for _, _, y, ga, na, gb, nb in per_seed]))
+    point = float(np.mean([seed_test_auc(ra, data, subset) - seed_test_auc(rb, data, subset)
+                           for ra, rb in zip(runs_a, runs_b)]))
     diffs = np.empty(n_boot)
     for b in range(n_boot):
         d = []
@@ -158,13 +167,6 @@ def history_groups(data: RankData) -> dict[str, np.ndarray]:
             "without_history": np.isin(data.user_id, uniq[before == 0])}
 
 
-def _auc_on(run: RunResult, data: RankData, subset: np.ndarray) -> float:
-    keep = subset[run.test_rows]
-    g, n = weighted_auc_groups(run.test_logits[keep])
-    y = data.label[run.test_rows[keep]].astype(np.float64)
-    return weighted_auc(g, n, y, np.ones_like(y))
-
-
 def add_differences(data: RankData, results: list[ModelResult], table: list[dict], n_boot: int = 1000
                     ) -> str | None:
     """Step 4: fill ``vs_ref`` (diff, lo, hi in AUC) of every row against the best baseline on
@@ -185,7 +187,7 @@ def add_differences(data: RankData, results: list[ModelResult], table: list[dict
             y = data.label[rows]
             if not (y > 0).any() or not (y == 0).any():       # no AUC without both classes
                 continue
-            aucs = np.array([_auc_on(r, data, mask) for r in res.runs])
+            aucs = np.array([seed_test_auc(r, data, mask) for r in res.runs])
             row["by_history"][name] = {
                 "users": int(len(np.unique(data.user_id[rows]))), "samples": int(len(rows)),
                 "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
