@@ -11,6 +11,7 @@ of other rows are printed for the curve's shape only, not to choose).
 
     python benchmarks/embed_budget_ml100k.py --home QARM_HOME [--max-steps 400] [--eval-every 50]
         [--lrs 1e-4,3e-4] [--seed 1] [--config configs/ml100k.yaml] [--out results.json]
+        [--continue-from RUN_FOLDER [RUN_FOLDER ...]]
 
 Needs a published snapshot of ``qarm refresh --config configs/ml100k.yaml`` under ``--home``.
 Training seconds exclude the evaluation passes.
@@ -64,17 +65,22 @@ def _scores(vectors: dict, data: dict, min_rating: float | None) -> dict:
     return out
 
 
-def recall_difference_ci(a: tuple, b: tuple, data: dict, min_rating: float | None, k: int = 10,
+def recall_difference_ci(a: "tuple | list[tuple]", b: tuple, data: dict, min_rating: float | None, k: int = 10,
                          n_boot: int = 2000, seed: int = 0) -> dict:
     """Test recall@k of embeddings ``a`` minus ``b`` (each (item_ids, vectors)) on the same test
     pairs, with a 95% paired bootstrap interval over the pairs (a pair's two queries resampled
-    together). Returns {"diff", "lo", "hi", "pairs"}."""
+    together). ``a`` may be a list: runs of one recipe with other training seeds, whose hits are
+    averaged per pair (the recipe's mean model against ``b``, as the ranking comparison averages its
+    seeds). Returns {"diff", "lo", "hi", "pairs"}."""
     import numpy as np
 
     from qarm_core.embed.data import positive_pairs
     from qarm_core.embed.evaluate import cooccurrence_pairs, ranks_of_positives
 
-    common = np.intersect1d(a[0], b[0])
+    runs = a if isinstance(a, list) else [a]
+    common = b[0]
+    for ids, _ in runs:
+        common = np.intersect1d(common, ids)
     pairs = cooccurrence_pairs(data["events"]["test"], np.intersect1d(data["train_items"], common), min_rating)
     src, dst = positive_pairs(pairs, common, "embed", dataset="test_pairs")
 
@@ -82,7 +88,7 @@ def recall_difference_ci(a: tuple, b: tuple, data: dict, min_rating: float | Non
         r = ranks_of_positives(ids, x, np.concatenate([src, dst]), np.concatenate([dst, src]))
         return (r[:len(src)] <= k).astype(np.float64) + (r[len(src):] <= k)
 
-    d = hits(*a) - hits(*b)
+    d = np.mean([hits(*r) for r in runs], axis=0) - hits(*b)
     rng = np.random.default_rng(seed)
     boot = np.array([d[rng.integers(0, len(d), len(d))].mean() / 2 for _ in range(n_boot)])
     lo, hi = np.quantile(boot, [0.025, 0.975])
@@ -98,18 +104,26 @@ def _baselines(cfg, data: dict, work: Path) -> dict:
     return {"base": read_embeddings(base.path), "minilm": read_embeddings(minilm.path)}
 
 
-def _resumed_max_steps(run_dir: Path) -> int:
-    """The ``max_steps`` an earlier curve's run was started with (its fingerprint holds it), read from
-    the last line of its training log."""
+RUN_FILE = "curve_run.json"      # in a run folder: what its training fingerprint was started with
+
+
+def run_settings(run_dir: Path) -> dict:
+    """An earlier curve's run folder: {"start_max_steps", "seed", "lr"} as its fingerprint holds them
+    (``RUN_FILE``). Folders from before that file: ``start_max_steps`` from the last line of the
+    training log (right for a run that one invocation trained to its end), seed and lr unknown (None)."""
+    f = run_dir / RUN_FILE
+    if f.exists():
+        return json.loads(f.read_text())
     log = run_dir / "train_log.jsonl"
     if not log.exists():
         raise SystemExit(f"--continue-from {run_dir}: no train_log.jsonl there (not a run folder of this benchmark)")
-    return int(json.loads(log.read_text().strip().splitlines()[-1])["max_steps"])
+    return {"start_max_steps": int(json.loads(log.read_text().strip().splitlines()[-1])["max_steps"]),
+            "seed": None, "lr": None}
 
 
 def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, work: Path,
                    on_row=lambda row: None, reference: tuple | None = None,
-                   continue_from: Path | None = None) -> list[dict]:
+                   continue_from: Path | None = None, on_vectors=lambda step, ids, x: None) -> list[dict]:
     """Train with ``lr`` to ``max_steps``; every ``eval_every`` steps (and at the first step) score the
     model in memory. Returns one row per evaluation: step, training seconds so far, scores (each also
     handed to ``on_row`` as it is measured), and with ``reference`` (item_ids, vectors: MiniLM) the test
@@ -117,7 +131,8 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     curve's run folder (same config, seed, learning rate and snapshot: the run's fingerprint checks it)
     whose newest checkpoint the curve continues from; the learning rate does not depend on
     ``max_steps`` (warm-up only), so this equals one longer run, and the first row re-measures the
-    earlier run's last one. Training seconds then count this invocation's steps only."""
+    earlier run's last one. Training seconds then count this invocation's steps only. ``on_vectors``
+    gets (step, item_ids ``(n,)``, embeddings ``(n, dim)``) of every evaluation."""
     import numpy as np
 
     from qarm_core.embed.embed import encode_with_model
@@ -131,10 +146,13 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     if continue_from is None:
         run_dir, first_cfg = Path(tempfile.mkdtemp(prefix=f"lr{lr:g}-", dir=work)), tcfg   # a fresh run
     else:
-        run_dir, first_cfg = continue_from, tcfg.model_copy(update={"max_steps": _resumed_max_steps(continue_from)})
+        start_max = run_settings(continue_from)["start_max_steps"]
+        run_dir, first_cfg = continue_from, tcfg.model_copy(update={"max_steps": start_max})
     session = start_session(data["items"], data["judgments"], data["qa"], run_dir, cfg.embed.model, first_cfg)
     if continue_from is not None and session.start == 0:
         raise SystemExit(f"--continue-from {continue_from}: no checkpoint to continue from")
+    # the fingerprint matched (start_session checks it): record what it was started with
+    (run_dir / RUN_FILE).write_text(json.dumps({"start_max_steps": first_cfg.max_steps, "seed": tcfg.seed, "lr": lr}))
     print(f"lr {lr:g}: run folder {run_dir}, from step {session.start}", flush=True)
     ids = np.sort(data["items"]["item_id"].to_numpy().astype(np.int64))
     texts = item_texts(data["items"], cfg.embed.model, ids.tolist())
@@ -146,7 +164,8 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
                                   str(session.device))
         session.model.train()
         sc = _scores({"fine-tuned": (ids, x)}, data, cfg.events.positive_min_rating)["fine-tuned"]
-        rows.append({"lr": lr, "step": step, "train_seconds": round(train_s, 1), **{
+        on_vectors(step, ids, x)
+        rows.append({"lr": lr, "seed": tcfg.seed, "step": step, "train_seconds": round(train_s, 1), **{
             f"{p}.{k}": v for p, d in sc.items() for k, v in d.items()}})
         if reference is not None:
             ci = recall_difference_ci((ids, x), reference, data, cfg.events.positive_min_rating)
@@ -165,6 +184,18 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
         train_s += time.perf_counter() - t0
 
 
+def choose(rows: list[dict]) -> tuple[tuple[float, int], dict[tuple[float, int], float]]:
+    """The (lr, step) with the highest validation recall@10 averaged over the runs (seeds) that
+    measured it, among the (lr, step) that every seed measured (ties: fewer steps), and that mean
+    for each such (lr, step). One run: its best row."""
+    seeds = {r["seed"] for r in rows}
+    by: dict[tuple[float, int], dict[int, float]] = {}
+    for r in rows:
+        by.setdefault((r["lr"], r["step"]), {})[r["seed"]] = r["valid.recall_at_10"]
+    means = {key: sum(v.values()) / len(v) for key, v in by.items() if set(v) == seeds}
+    return max(means, key=lambda key: (means[key], -key[1])), means
+
+
 def main() -> None:
     from qarm_core.config import load_config
     from qarm_core.devices import hardware_summary
@@ -178,13 +209,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None,
                     help="embed.train.seed, which orders the training pairs (default: the config's)")
     ap.add_argument("--out", help="write the rows as JSON here too")
-    ap.add_argument("--continue-from", type=Path,
-                    help="continue an earlier curve from the newest checkpoint of its run folder (printed at its "
-                         "start; one learning rate in --lrs, the same seed and config)")
+    ap.add_argument("--continue-from", type=Path, nargs="+", default=[],
+                    help="continue earlier curves from the newest checkpoint of their run folders (printed at "
+                         "their start; each folder records its seed and learning rate, else --seed and one --lrs "
+                         "apply), each to --max-steps; with several folders (seeds of one recipe) the step is "
+                         "chosen on their mean validation recall and the test difference to MiniLM is also "
+                         "given for their mean")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "qarm_embed_budget"),
                     help="scratch folder (the baselines' embeddings are reused from here)")
     args = ap.parse_args()
-    cfg = load_config(args.config, {"home": args.home} | ({"embed.train.seed": args.seed} if args.seed is not None else {}))
+
+    def config(seed: int | None):
+        return load_config(args.config, {"home": args.home} | ({"embed.train.seed": seed} if seed is not None else {}))
+
+    cfg = config(args.seed)
     print(f"# {machine()}", flush=True)
     data = _published_inputs(cfg)
     work = Path(args.work)
@@ -192,6 +230,7 @@ def main() -> None:
     vectors = _baselines(cfg, data, work)
     base = _scores(vectors, data, cfg.events.positive_min_rating)
     rows: list[dict] = []
+    models: dict[tuple[float, int, int], tuple] = {}       # (lr, step, seed) -> (item_ids, vectors)
 
     def keep(row: dict) -> None:    # written as measured: a stopped run keeps its curve so far
         rows.append(row)
@@ -200,29 +239,45 @@ def main() -> None:
                                                  indent=2))
 
     lrs = [float(v) for v in args.lrs.split(",")]
-    if args.continue_from is not None and len(lrs) != 1:
-        raise SystemExit("--continue-from continues one run: give one learning rate in --lrs")
-    for lr in lrs:
-        learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
-                       continue_from=args.continue_from)
-    best = max(rows, key=lambda r: (r["valid.recall_at_10"], -r["step"]))
+    if args.continue_from:
+        for run_dir in args.continue_from:
+            st = run_settings(run_dir)
+            if st["lr"] is None and len(lrs) != 1:
+                raise SystemExit(f"--continue-from {run_dir}: the folder does not record its learning rate; give one in --lrs")
+            lr = st["lr"] if st["lr"] is not None else lrs[0]
+            run_cfg = config(st["seed"] if st["seed"] is not None else args.seed)
+            learning_curve(run_cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
+                           continue_from=run_dir,
+                           on_vectors=lambda step, ids, x, lr=lr, s=run_cfg.embed.train.seed: models.__setitem__(
+                               (lr, step, s), (ids, x)))
+    else:
+        for lr in lrs:
+            learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
+                           on_vectors=lambda step, ids, x, lr=lr: models.__setitem__(
+                               (lr, step, cfg.embed.train.seed), (ids, x)))
+    (lr_best, step_best), means = choose(rows)
+    seeds = sorted({r["seed"] for r in rows})
     print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; {hardware_summary()}")
-    print(table(["lr", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR",
-                 "test R@10 - MiniLM [95% CI]"],
-                [[f"{r['lr']:g}", r["step"], r["train_seconds"], *(f"{r[f'{p}.{k}']:.4f}" for p in ("valid", "test")
-                                                                    for k in ("recall_at_10", "recall_at_50", "mrr")),
+    print(table(["lr", "seed", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50",
+                 "test MRR", "test R@10 - MiniLM [95% CI]"],
+                [[f"{r['lr']:g}", r["seed"], r["step"], r["train_seconds"],
+                  *(f"{r[f'{p}.{k}']:.4f}" for p in ("valid", "test") for k in ("recall_at_10", "recall_at_50", "mrr")),
                   f"{r['test.r10_minus_ref']:+.4f} [{r['test.r10_minus_ref_lo']:+.4f}, {r['test.r10_minus_ref_hi']:+.4f}]"]
                  for r in rows]))
     print(table(["baseline", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50", "test MRR"],
                 [[m, *(f"{d[p][k]:.4f}" for p in ("valid", "test") for k in ("recall_at_10", "recall_at_50", "mrr"))]
                  for m, d in base.items()]))
     m = base["minilm"]
-    print(f"\nchosen on validation: lr {best['lr']:g}, step {best['step']} ({best['train_seconds']} s of training): "
-          f"test recall@10 {best['test.recall_at_10']:.4f} vs MiniLM {m['test']['recall_at_10']:.4f} "
-          f"and base {base['base']['test']['recall_at_10']:.4f}; "
-          f"beats both: {best['test.recall_at_10'] > max(m['test']['recall_at_10'], base['base']['test']['recall_at_10'])}; "
-          f"difference to MiniLM {best['test.r10_minus_ref']:+.4f}, 95% paired bootstrap CI "
-          f"[{best['test.r10_minus_ref_lo']:+.4f}, {best['test.r10_minus_ref_hi']:+.4f}]")
+    chosen = [r for r in rows if r["lr"] == lr_best and r["step"] == step_best]
+    test_mean = sum(r["test.recall_at_10"] for r in chosen) / len(chosen)
+    ci = recall_difference_ci([models[(lr_best, step_best, s)] for s in seeds], vectors["minilm"], data,
+                              cfg.events.positive_min_rating)
+    over = f"mean over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    print(f"\nchosen on validation ({over}: recall@10 {means[(lr_best, step_best)]:.4f}): lr {lr_best:g}, step "
+          f"{step_best}: test recall@10 {test_mean:.4f} ({over}) vs MiniLM {m['test']['recall_at_10']:.4f} and base "
+          f"{base['base']['test']['recall_at_10']:.4f}; beats both: "
+          f"{test_mean > max(m['test']['recall_at_10'], base['base']['test']['recall_at_10'])}; difference to MiniLM "
+          f"{ci['diff']:+.4f}, 95% paired bootstrap CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}] ({ci['pairs']:,} test pairs)")
 
 
 if __name__ == "__main__":

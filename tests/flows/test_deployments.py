@@ -25,7 +25,7 @@ def test_prefect_yaml_entrypoint_loads_the_flow():
     weekly_cfg = load_config(REPO / weekly["parameters"]["config_path"], weekly["parameters"]["overrides"])
     assert not weekly_cfg.embed.reuse_model and weekly_cfg.embed.train.init_from == "published"
     # the weekly retrain trains with the budget the embed-budget curve chose, not the refresh's 40 steps / 360 s
-    assert (weekly_cfg.embed.train.max_steps, weekly_cfg.embed.train.max_seconds) == (600, None)
+    assert (weekly_cfg.embed.train.max_steps, weekly_cfg.embed.train.max_seconds) == (1200, None)
 
 
 def test_serve_builds_a_cron_deployment():
@@ -42,5 +42,5 @@ def test_serve_builds_a_cron_deployment():
     retrain = mod.build_retrain()
     assert retrain.name == "weekly-retrain-ml100k"
     # continue the published model, with ML-100K's retrain budget (configs/ml100k.yaml, flow.retrain_overrides)
-    assert retrain.parameters["overrides"] == {"embed.train.init_from": "published", "embed.train.max_steps": 600,
+    assert retrain.parameters["overrides"] == {"embed.train.init_from": "published", "embed.train.max_steps": 1200,
                                                "embed.train.max_seconds": None}
