@@ -88,3 +88,43 @@ def compare(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddi
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(ALL_MODELS)}")
     _run(config, set_, models, embeddings, codes, "rank-train: lr and epoch chosen on validation; test mean ± std over seeds")
+
+
+@app.command()
+def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each comparison (the rank/ artifact "
+                                             "of a `qarm rank compare` run in MLflow)."),
+         reference: Optional[str] = typer.Option(None, "--reference", help="Reference model (default: the "
+                                                 "first comparison's, the best baseline on validation)."),
+         n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap replicates.")) -> None:
+    """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
+    pipeline seeds) into one paired bootstrap against the reference."""
+    import numpy as np
+
+    from qarm_core.rank.compare import load_comparison_scores, pool_comparisons
+
+    sets = []
+    for path in scores:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                sets.append(load_comparison_scores(z))
+        except (OSError, KeyError, ValueError) as exc:
+            err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset={path}] not a comparison's test "
+                                                     f"scores: {exc}"), highlight=False)
+            raise typer.Exit(2) from None
+    try:
+        ref, rows = pool_comparisons(sets, reference, n_boot=n_boot)
+    except ValueError as exc:
+        err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False)
+        raise typer.Exit(2) from None
+    t = Table(title=f"{len(sets)} comparisons pooled: test AUC over every run, difference to {ref} in one paired "
+                    "bootstrap over test users")
+    for i, h in enumerate(["model", "runs", "test AUC", "ΔAUC vs reference, pts [95% CI]", "P(Δ <= 0)",
+                           "Δ per comparison, pts"]):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        v = r["vs_ref"]
+        t.add_row(r["model"], str(r["runs"]), f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}",
+                  "reference" if v is None else f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]",
+                  "" if v is None else f"{v['p_le_0']:.3f}",
+                  "" if r["per_set"] is None else " / ".join(f"{100 * d:+.2f}" for d in r["per_set"]))
+    Console(width=max(Console().width, 170)).print(t)

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
@@ -18,7 +19,7 @@ from prefect import get_run_logger, task
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
 from qarm_core.evaluation import plot_report
-from qarm_core.rank.compare import add_differences, plot_curves, summarize, tune_and_test
+from qarm_core.rank.compare import add_differences, comparison_score_arrays, plot_curves, summarize, tune_and_test
 from qarm_core.rank.data import RankData, build_index
 from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
                                    fallback_key)
@@ -209,6 +210,11 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
                       for g, v in (row.get("by_history") or {}).items()})
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_file(handle, plot_curves(curves, Path(tmp) / "curves_all.png"), "curves")
+        # every chosen run's test scores, so that comparisons of other snapshots on the same samples
+        # can be pooled later without training again (`qarm rank pool`)
+        scores = Path(tmp) / "test_scores.npz"
+        np.savez_compressed(scores, **comparison_score_arrays(data, [r["result"] for r in results], ref))
+        tracking.log_file(handle, scores, "rank")
     if refresh_run_id:
         try:
             refresh = tracking.run_handle(cfg, refresh_run_id)

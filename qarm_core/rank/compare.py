@@ -196,6 +196,100 @@ def add_differences(data: RankData, results: list[ModelResult], table: list[dict
     return ref.name
 
 
+@dataclass
+class ComparisonScores:
+    """What one comparison scored on test, enough to pool comparisons later (``pool_comparisons``):
+    ``user_id`` and ``label`` ``(n_rows,)`` indexed by the sample rows of the comparison's RankData
+    (-1 / 0 where no test row), each model's chosen runs (their ``test_rows`` and ``test_logits``)
+    and the comparison's reference."""
+    user_id: np.ndarray
+    label: np.ndarray
+    runs: dict[str, list[RunResult]]
+    reference: str | None
+
+
+def comparison_score_arrays(data: RankData, results: list[ModelResult], reference: str | None) -> dict[str, np.ndarray]:
+    """``results``' test scores as named arrays (``np.savez``; ``load_comparison_scores`` reads them back):
+    the test rows' users and labels, and per model its learning rate and each seed's test rows and logits."""
+    rows = np.unique(np.concatenate([r.test_rows for res in results for r in res.runs]))
+    out = {"rows": rows, "user_id": data.user_id[rows].astype(np.int64), "label": data.label[rows].astype(np.float32),
+           "models": np.array([res.name for res in results]), "reference": np.array([reference or ""])}
+    for res in results:
+        out[f"{res.name}.lr"] = np.array([res.lr])
+        out[f"{res.name}.seeds"] = np.array([r.seed for r in res.runs], np.int64)
+        for r in res.runs:
+            out[f"{res.name}.seed{r.seed}.rows"] = r.test_rows.astype(np.int64)
+            out[f"{res.name}.seed{r.seed}.logits"] = r.test_logits.astype(np.float32)
+    return out
+
+
+def load_comparison_scores(arrays) -> ComparisonScores:
+    """The inverse of ``comparison_score_arrays`` (a dict or an opened ``.npz``)."""
+    rows = np.asarray(arrays["rows"])
+    n = int(rows.max()) + 1 if len(rows) else 0
+    user_id, label = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    user_id[rows], label[rows] = arrays["user_id"], arrays["label"]
+    runs = {}
+    for name in (str(m) for m in arrays["models"]):
+        lr = float(arrays[f"{name}.lr"][0])
+        runs[name] = [RunResult(model=name, seed=int(s), metrics={}, lr=lr,
+                                test_rows=np.asarray(arrays[f"{name}.seed{s}.rows"]),
+                                test_logits=np.asarray(arrays[f"{name}.seed{s}.logits"]))
+                      for s in arrays[f"{name}.seeds"]]
+    ref = str(arrays["reference"][0]) or None
+    return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref)
+
+
+def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None, n_boot: int = 1000,
+                     seed: int = 0) -> tuple[str, list[dict]]:
+    """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
+    pipeline seeds): every model's runs of every comparison against the reference's runs of the same
+    comparison and seed, in one paired bootstrap (``paired_bootstrap``: the difference averaged over
+    all of them), so that the interval carries the pipeline's own variation too. ``reference``: the
+    first comparison's unless given; it and a model must be in every comparison to be pooled.
+    Returns (reference, one row per pooled model: model, runs, test AUC mean/std over the runs,
+    ``vs_ref`` (None for the reference) and ``per_set`` (the difference within each comparison)).
+    Raises ValueError when the comparisons' test rows disagree on users or labels (other samples)."""
+    if not sets:
+        raise ValueError("nothing to pool")
+    ref = reference or sets[0].reference
+    if not ref or any(ref not in t.runs for t in sets):
+        raise ValueError(f"reference {ref!r} is not in every comparison")
+    n = max(len(t.user_id) for t in sets)
+    user_id, label = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    for i, t in enumerate(sets):
+        rows = np.flatnonzero(t.user_id >= 0)
+        known = user_id[rows] >= 0
+        if (user_id[rows][known] != t.user_id[rows][known]).any() or (label[rows][known] != t.label[rows][known]).any():
+            raise ValueError(f"comparison {i + 1} scored other ranking samples than the ones before it (users or "
+                             "labels of the same rows differ): only comparisons on the same samples pool")
+        user_id[rows], label[rows] = t.user_id[rows], t.label[rows]
+    pooled = _Scored(user_id=user_id, label=label)
+    models = [m for m in sets[0].runs if all(m in t.runs for t in sets)]
+    ref_runs = [r for t in sets for r in t.runs[ref]]
+    out = []
+    for m in models:
+        runs = [r for t in sets for r in t.runs[m]]
+        if len(runs) != len(ref_runs):
+            raise ValueError(f"{m}: {len(runs)} runs against the reference's {len(ref_runs)} (other seeds)")
+        aucs = np.array([seed_test_auc(r, pooled) for r in runs])
+        row = {"model": m, "runs": len(runs), "auc_mean": float(aucs.mean()),
+               "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0, "vs_ref": None, "per_set": None}
+        if m != ref:
+            row["vs_ref"] = paired_bootstrap(pooled, runs, ref_runs, n_boot=n_boot, seed=seed)
+            row["per_set"] = [float(np.mean([seed_test_auc(a, pooled) - seed_test_auc(b, pooled)
+                                             for a, b in zip(t.runs[m], t.runs[ref])])) for t in sets]
+        out.append(row)
+    return ref, out
+
+
+@dataclass
+class _Scored:
+    """The part of a RankData that scoring on test reads (``seed_test_auc``, ``paired_bootstrap``)."""
+    user_id: np.ndarray
+    label: np.ndarray
+
+
 def compare(data: RankData, cfg: RankConfig, models: list[str] | None = None,
             on_model: Callable[[ModelResult, dict], None] | None = None,
             on_epoch: Callable[[str, float, int, dict], None] | None = None, n_boot: int = 1000) -> Comparison:

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.rank_train import rank_train
+from qarm_core.rank.compare import load_comparison_scores, pool_comparisons
 from qarm_core.rank.config import ALL_MODELS
 from qarm_core.config import load_config
 from qarm_core.errors import DataError, GateError
@@ -101,6 +102,29 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     assert {r["model"]: (r["auc_mean"], r["gauc_mean"]) for r in out["table"]} == \
         {m: (refresh[f"rank.{m}.auc"], refresh[f"rank.{m}.gauc"]) for m in models}
     assert [a.path for a in client.list_artifacts(refresh_run, "plots")] == ["plots/ranking_auc.png"]
+    # every chosen run's test scores: pooling this comparison alone gives back its own differences,
+    # and `qarm rank pool` reads the artifact (twice: the same comparison pools with itself)
+    npz = client.download_artifacts(out["mlflow_run_id"], "rank/test_scores.npz", str(tmp_path))
+    with np.load(npz, allow_pickle=False) as z:
+        scores = load_comparison_scores(z)
+    assert list(scores.runs) == models and scores.reference == out["table"][0]["reference"]
+    ref, pooled = pool_comparisons([scores], n_boot=1000)
+    for row, p in zip(out["table"], pooled):
+        assert p["model"] == row["model"] and p["runs"] == 2
+        assert p["auc_mean"] == pytest.approx(row["auc_mean"], abs=1e-6)
+        if row["vs_ref"] is not None:
+            assert p["vs_ref"]["diff"] == pytest.approx(row["vs_ref"]["diff"], abs=1e-6)
+    from typer.testing import CliRunner
+
+    from flows.rank_cli import app
+
+    res = CliRunner().invoke(app, ["pool", npz, npz, "--n-boot", "200"])
+    assert res.exit_code == 0, res.output
+    assert "2 comparisons pooled" in res.output and "reference" in res.output
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    res = CliRunner().invoke(app, ["pool", str(bad)])
+    assert res.exit_code == 2 and f"dataset={bad}" in res.output and "not a comparison's test scores" in res.output
 
     # a rerun reuses the staged samples
     again = rank_train(TINY, {"home": str(home), **RANK}, models=["din"])

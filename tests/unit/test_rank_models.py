@@ -7,8 +7,9 @@ import torch
 
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
-from qarm_core.rank.compare import (ModelResult, add_differences, compare, history_groups, history_table,
-                                    paired_bootstrap, plot_curves, weighted_auc, weighted_auc_groups)
+from qarm_core.rank.compare import (ModelResult, add_differences, compare, comparison_score_arrays, history_groups,
+                                    history_table, load_comparison_scores, paired_bootstrap, plot_curves,
+                                    pool_comparisons, weighted_auc, weighted_auc_groups)
 from qarm_core.rank.metrics import auc as plain_auc
 from qarm_core.rank.data import build_index, categories, prepare
 from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
@@ -347,3 +348,57 @@ def test_frozen_embedding_option_adds_projected_vectors(tmp_path):
         prepare(build_samples(*tiny_log()[:1], build_index(*tiny_log()), cfg.samples, DUCK, tmp_path / "d",
                               tiny_cutoffs(tiny_log()[0])),
                 build_index(*tiny_log()), cfg, codes=tiny_codes(), models=["ours_sid"])
+
+
+def _comparison(rng, data, gain: float, seeds=(0, 1, 2)) -> list:
+    """A reference with noise scores and a model whose scores carry ``gain`` x label (a planted
+    signal), scored on the 400 test rows of ``data``."""
+    rows, y = np.arange(400), data.label[:400]
+
+    def runs(name, logits_of_seed):
+        return [RunResult(model=name, seed=i, metrics={"auc": 0.5}, lr=0.01, test_rows=rows,
+                          test_logits=logits_of_seed(i)) for i in seeds]
+
+    return [ModelResult("ref", 0.01, {0.01: 0.70}, runs("ref", lambda i: rng.standard_normal(400)), baseline=True),
+            ModelResult("ours", 0.01, {0.01: 0.69}, runs("ours", lambda i: gain * y + rng.standard_normal(400)),
+                        baseline=False)]
+
+
+def test_comparison_scores_round_trip_through_npz_and_pool_across_comparisons(tmp_path):
+    """A comparison's test scores survive np.savez and load to the same differences; two comparisons
+    (e.g. two pipeline seeds) on the same samples pool into one bootstrap over all six runs: a small
+    gain present in both is clearer pooled than in either alone, and the per-comparison differences
+    are each comparison's own."""
+    rng = np.random.default_rng(3)
+    data = _HistoryData(rng)
+    first, second = _comparison(rng, data, 0.35), _comparison(rng, data, 0.35)
+    path = tmp_path / "s.npz"
+    np.savez_compressed(path, **comparison_score_arrays(data, first, "ref"))
+    with np.load(path, allow_pickle=False) as z:
+        loaded = load_comparison_scores(z)
+    assert loaded.reference == "ref" and [r.seed for r in loaded.runs["ours"]] == [0, 1, 2]
+    assert np.array_equal(loaded.runs["ours"][1].test_logits, first[1].runs[1].test_logits.astype(np.float32))
+    alone = paired_bootstrap(data, first[1].runs, first[0].runs, n_boot=300)
+    ref, rows = pool_comparisons([loaded], n_boot=300)
+    assert ref == "ref" and rows[1]["vs_ref"]["diff"] == pytest.approx(alone["diff"], abs=1e-6)
+    other = load_comparison_scores(comparison_score_arrays(data, second, "ref"))
+    ref, rows = pool_comparisons([loaded, other], n_boot=300)
+    ours = rows[1]
+    assert ours["runs"] == 6 and rows[0]["vs_ref"] is None and rows[0]["per_set"] is None
+    assert ours["per_set"][0] == pytest.approx(alone["diff"], abs=1e-6)
+    assert ours["vs_ref"]["diff"] == pytest.approx(np.mean(ours["per_set"]), abs=1e-6)
+    assert ours["vs_ref"]["lo"] > 0 and ours["vs_ref"]["hi"] - ours["vs_ref"]["lo"] < alone["hi"] - alone["lo"]
+
+
+def test_pool_refuses_other_samples_and_a_missing_reference():
+    rng = np.random.default_rng(4)
+    data = _HistoryData(rng)
+    a = load_comparison_scores(comparison_score_arrays(data, _comparison(rng, data, 1.0), "ref"))
+    flipped = _HistoryData(np.random.default_rng(5))                       # other labels on the same rows
+    b = load_comparison_scores(comparison_score_arrays(flipped, _comparison(rng, flipped, 1.0), "ref"))
+    with pytest.raises(ValueError, match="other ranking samples"):
+        pool_comparisons([a, b])
+    with pytest.raises(ValueError, match="reference 'din' is not in every comparison"):
+        pool_comparisons([a], reference="din")
+    with pytest.raises(ValueError, match="nothing to pool"):
+        pool_comparisons([])
