@@ -95,7 +95,10 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
                                              "of a `qarm rank compare` run in MLflow)."),
          reference: Optional[str] = typer.Option(None, "--reference", help="Reference model (default: the "
                                                  "first comparison's, the best baseline on validation)."),
-         n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap replicates.")) -> None:
+         n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap replicates."),
+         resample_runs: bool = typer.Option(True, "--resample-runs/--fixed-runs",
+                                            help="Resample the runs too (the interval carries the variation "
+                                                 "between seeds and snapshots), or only the test users.")) -> None:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
     pipeline seeds) into one paired bootstrap against the reference."""
     import numpy as np
@@ -112,12 +115,13 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
                                                      f"scores: {exc}"), highlight=False)
             raise typer.Exit(2) from None
     try:
-        ref, rows = pool_comparisons(sets, reference, n_boot=n_boot)
+        ref, rows = pool_comparisons(sets, reference, n_boot=n_boot, resample_runs=resample_runs)
     except ValueError as exc:
         err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False)
         raise typer.Exit(2) from None
+    over = "runs and test users" if resample_runs else "test users (these runs' models)"
     t = Table(title=f"{len(sets)} comparisons pooled: test AUC over every run, difference to {ref} in one paired "
-                    "bootstrap over test users")
+                    f"bootstrap over {over}")
     for i, h in enumerate(["model", "runs", "test AUC", "ΔAUC vs reference, pts [95% CI]", "P(Δ <= 0)",
                            "Δ per comparison, pts"]):
         t.add_column(h, justify="left" if i == 0 else "right")

@@ -91,14 +91,19 @@ def seed_test_auc(run: RunResult, data: RankData, subset: np.ndarray | None = No
 
 
 def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunResult], n_boot: int = 1000,
-                     seed: int = 0, level: float = 0.95, subset: np.ndarray | None = None) -> dict[str, float]:
+                     seed: int = 0, level: float = 0.95, subset: np.ndarray | None = None,
+                     resample_runs: bool = False) -> dict[str, float]:
     """The test AUC difference ``a - b`` averaged over seeds, and its bootstrap confidence interval.
 
     Paired: seed ``i`` of both models scored the same test rows (same negatives). Each replicate
-    resamples test users with replacement (a user's samples move together, as GAUC groups them) and
-    recomputes both AUCs on the same resample for every seed. ``subset``: a boolean mask over the
-    rows of ``data`` (``history_groups``); only the test rows it marks count. Returns ``diff``, ``lo``,
-    ``hi``, ``p_le_0`` (the share of replicates with a difference <= 0).
+    resamples test users with replacement (a user's samples move together, as GAUC groups them), ONE
+    draw of users for all seeds (the seeds score the same test users: resampling them independently
+    per seed would treat them as independent samples and shrink the interval as seeds are added), and
+    recomputes both AUCs of every seed on it. The interval is then over test users, for these seeds'
+    models; with ``resample_runs`` each replicate also draws the (a, b) pairs of runs with replacement
+    (a two-level bootstrap), so that the variation between runs (seeds, pipeline seeds) widens it too.
+    ``subset``: a boolean mask over the rows of ``data`` (``history_groups``); only the test rows it
+    marks count. Returns ``diff``, ``lo``, ``hi``, ``p_le_0`` (the share of replicates with a difference <= 0).
     """
     if len(runs_a) != len(runs_b):
         raise ValueError("paired bootstrap needs the same seeds for both models")
@@ -109,20 +114,20 @@ def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunRe
             raise ValueError(f"seed {ra.seed}: the two models were scored on different test rows")
         keep = np.ones(len(ra.test_rows), bool) if subset is None else subset[ra.test_rows]
         rows = ra.test_rows[keep]
-        users, user_of_row = np.unique(data.user_id[rows], return_inverse=True)
         y = data.label[rows].astype(np.float64)
         ga, na = weighted_auc_groups(ra.test_logits[keep])
         gb, nb = weighted_auc_groups(rb.test_logits[keep])
-        per_seed.append((user_of_row, len(users), y, ga, na, gb, nb))
+        per_seed.append((data.user_id[rows], y, ga, na, gb, nb))
+    users = np.unique(np.concatenate([p[0] for p in per_seed])) if per_seed else np.zeros(0, np.int64)
+    per_seed = [(np.searchsorted(users, u), *rest) for u, *rest in per_seed]       # rows -> position in users
     point = float(np.mean([seed_test_auc(ra, data, subset) - seed_test_auc(rb, data, subset)
                            for ra, rb in zip(runs_a, runs_b)]))
     diffs = np.empty(n_boot)
     for b in range(n_boot):
-        d = []
-        for user_of_row, n_users, y, ga, na, gb, nb in per_seed:
-            w = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users))[user_of_row].astype(np.float64)
-            d.append(weighted_auc(ga, na, y, w) - weighted_auc(gb, nb, y, w))
-        diffs[b] = np.mean(d)
+        counts = rng.multinomial(len(users), np.full(len(users), 1.0 / len(users))).astype(np.float64)
+        picked = rng.integers(0, len(per_seed), len(per_seed)) if resample_runs else range(len(per_seed))
+        diffs[b] = np.mean([weighted_auc(ga, na, y, counts[user_of_row]) - weighted_auc(gb, nb, y, counts[user_of_row])
+                            for user_of_row, y, ga, na, gb, nb in (per_seed[i] for i in picked)])
     alpha = (1 - level) / 2
     lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
     return {"diff": point, "lo": float(lo), "hi": float(hi), "p_le_0": float((diffs <= 0).mean())}
@@ -241,11 +246,12 @@ def load_comparison_scores(arrays) -> ComparisonScores:
 
 
 def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None, n_boot: int = 1000,
-                     seed: int = 0) -> tuple[str, list[dict]]:
+                     seed: int = 0, resample_runs: bool = True) -> tuple[str, list[dict]]:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
     pipeline seeds): every model's runs of every comparison against the reference's runs of the same
     comparison and seed, in one paired bootstrap (``paired_bootstrap``: the difference averaged over
-    all of them), so that the interval carries the pipeline's own variation too. ``reference``: the
+    all of them); with ``resample_runs`` (default) the runs are resampled too, so that the interval
+    carries the variation between runs and pipeline seeds, not only over test users. ``reference``: the
     first comparison's unless given; it and a model must be in every comparison to be pooled.
     Returns (reference, one row per pooled model: model, runs, test AUC mean/std over the runs,
     ``vs_ref`` (None for the reference) and ``per_set`` (the difference within each comparison)).
@@ -276,7 +282,8 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
         row = {"model": m, "runs": len(runs), "auc_mean": float(aucs.mean()),
                "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0, "vs_ref": None, "per_set": None}
         if m != ref:
-            row["vs_ref"] = paired_bootstrap(pooled, runs, ref_runs, n_boot=n_boot, seed=seed)
+            row["vs_ref"] = paired_bootstrap(pooled, runs, ref_runs, n_boot=n_boot, seed=seed,
+                                             resample_runs=resample_runs)
             row["per_set"] = [float(np.mean([seed_test_auc(a, pooled) - seed_test_auc(b, pooled)
                                              for a, b in zip(t.runs[m], t.runs[ref])])) for t in sets]
         out.append(row)

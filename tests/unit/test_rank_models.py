@@ -271,9 +271,13 @@ def test_by_history_finds_a_gain_confined_to_users_with_history():
         return [RunResult(model="m", seed=i, metrics={"auc": 0.5}, test_rows=rows, test_logits=logits_of_seed(i))
                 for i in range(3)]
 
-    ref = ModelResult("ref", 0.01, {0.01: 0.70}, runs(lambda i: rng.standard_normal(400)), baseline=True)
+    # the same model noise as the reference's plus a little of its own: the bootstrap over test users
+    # measures user sampling, not differences between independently initialised models
+    ref_noise = [rng.standard_normal(400) for _ in range(3)]
+    ref = ModelResult("ref", 0.01, {0.01: 0.70}, runs(lambda i: ref_noise[i]), baseline=True)
     ours = ModelResult("ours", 0.01, {0.01: 0.69},
-                       runs(lambda i: np.where(warm, 2 * y, 0) + rng.standard_normal(400)), baseline=False)
+                       runs(lambda i: ref_noise[i] + np.where(warm, 2 * y, 0) + 0.2 * rng.standard_normal(400)),
+                       baseline=False)
     table = [{"model": "ref"}, {"model": "ours"}]
     assert add_differences(data, [ref, ours], table, n_boot=200) == "ref"
     w, c = table[1]["by_history"]["with_history"], table[1]["by_history"]["without_history"]
@@ -367,8 +371,8 @@ def _comparison(rng, data, gain: float, seeds=(0, 1, 2)) -> list:
 def test_comparison_scores_round_trip_through_npz_and_pool_across_comparisons(tmp_path):
     """A comparison's test scores survive np.savez and load to the same differences; two comparisons
     (e.g. two pipeline seeds) on the same samples pool into one bootstrap over all six runs: a small
-    gain present in both is clearer pooled than in either alone, and the per-comparison differences
-    are each comparison's own."""
+    gain present in both stays above 0 pooled with the runs resampled, and the per-comparison
+    differences are each comparison's own."""
     rng = np.random.default_rng(3)
     data = _HistoryData(rng)
     first, second = _comparison(rng, data, 0.35), _comparison(rng, data, 0.35)
@@ -387,7 +391,24 @@ def test_comparison_scores_round_trip_through_npz_and_pool_across_comparisons(tm
     assert ours["runs"] == 6 and rows[0]["vs_ref"] is None and rows[0]["per_set"] is None
     assert ours["per_set"][0] == pytest.approx(alone["diff"], abs=1e-6)
     assert ours["vs_ref"]["diff"] == pytest.approx(np.mean(ours["per_set"]), abs=1e-6)
-    assert ours["vs_ref"]["lo"] > 0 and ours["vs_ref"]["hi"] - ours["vs_ref"]["lo"] < alone["hi"] - alone["lo"]
+    assert ours["vs_ref"]["lo"] > 0
+    # the runs resampled too (default) widen the interval over the one for these six runs' models
+    _, fixed = pool_comparisons([loaded, other], n_boot=300, resample_runs=False)
+    assert fixed[1]["vs_ref"]["diff"] == ours["vs_ref"]["diff"]
+    assert ours["vs_ref"]["hi"] - ours["vs_ref"]["lo"] > fixed[1]["vs_ref"]["hi"] - fixed[1]["vs_ref"]["lo"]
+
+
+def test_paired_bootstrap_draws_one_resample_of_users_for_all_seeds():
+    """The seeds score the same test users: three copies of one seed's runs give exactly that seed's
+    interval (independent draws per seed would have narrowed it by about sqrt(3))."""
+    rng = np.random.default_rng(6)
+    data = _HistoryData(rng)
+    rows, y = np.arange(400), data.label[:400]
+    a = RunResult(model="a", seed=0, metrics={}, test_rows=rows, test_logits=0.3 * y + rng.standard_normal(400))
+    b = RunResult(model="b", seed=0, metrics={}, test_rows=rows, test_logits=rng.standard_normal(400))
+    one = paired_bootstrap(data, [a], [b], n_boot=300)
+    assert paired_bootstrap(data, [a, a, a], [b, b, b], n_boot=300) == one
+    assert one["lo"] < one["diff"] < one["hi"]
 
 
 def test_pool_refuses_other_samples_and_a_missing_reference():
