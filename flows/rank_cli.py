@@ -112,12 +112,14 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
                 sets.append(load_comparison_scores(z))
         except (OSError, KeyError, ValueError) as exc:
             err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset={path}] not a comparison's test "
-                                                     f"scores: {exc}"), highlight=False)
+                                                     f"scores: {exc}".replace("\n", " ")),
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     try:
         ref, rows = pool_comparisons(sets, reference, n_boot=n_boot, resample_runs=resample_runs)
     except ValueError as exc:
-        err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False)
+        err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(2) from None
     over = "runs and test users" if resample_runs else "test users (these runs' models)"
     t = Table(title=f"{len(sets)} comparisons pooled: test AUC over every run, difference to {ref} in one paired "
