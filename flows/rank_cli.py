@@ -103,7 +103,7 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
     pipeline seeds) into one paired bootstrap against the reference."""
     import numpy as np
 
-    from qarm_core.rank.compare import load_comparison_scores, pool_comparisons
+    from qarm_core.rank.compare import POOL_HEADERS, load_comparison_scores, pool_comparisons, pool_table
 
     sets = []
     for path in scores:
@@ -124,13 +124,8 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
     over = "runs and test users" if resample_runs else "test users (these runs' models)"
     t = Table(title=f"{len(sets)} comparisons pooled: test AUC over every run, difference to {ref} in one paired "
                     f"bootstrap over {over}")
-    for i, h in enumerate(["model", "runs", "test AUC", "ΔAUC vs reference, pts [95% CI]", "P(Δ <= 0)",
-                           "Δ per comparison, pts"]):
+    for i, h in enumerate(POOL_HEADERS):
         t.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        v = r["vs_ref"]
-        t.add_row(r["model"], str(r["runs"]), f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}",
-                  "reference" if v is None else f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]",
-                  "" if v is None else f"{v['p_le_0']:.3f}",
-                  "" if r["per_set"] is None else " / ".join(f"{100 * d:+.2f}" for d in r["per_set"]))
+    for cells in pool_table(rows):
+        t.add_row(*cells)
     Console(width=max(Console().width, 170)).print(t)

@@ -120,8 +120,8 @@ def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunRe
         per_seed.append((data.user_id[rows], y, ga, na, gb, nb))
     users = np.unique(np.concatenate([p[0] for p in per_seed])) if per_seed else np.zeros(0, np.int64)
     per_seed = [(np.searchsorted(users, u), *rest) for u, *rest in per_seed]       # rows -> position in users
-    point = float(np.mean([seed_test_auc(ra, data, subset) - seed_test_auc(rb, data, subset)
-                           for ra, rb in zip(runs_a, runs_b)]))
+    point = float(np.mean([weighted_auc(ga, na, y, np.ones_like(y)) - weighted_auc(gb, nb, y, np.ones_like(y))
+                           for _, y, ga, na, gb, nb in per_seed]))
     diffs = np.empty(n_boot)
     for b in range(n_boot):
         counts = rng.multinomial(len(users), np.full(len(users), 1.0 / len(users))).astype(np.float64)
@@ -270,31 +270,25 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
             raise ValueError(f"comparison {i + 1} scored other ranking samples than the ones before it (users or "
                              "labels of the same rows differ): only comparisons on the same samples pool")
         user_id[rows], label[rows] = t.user_id[rows], t.label[rows]
-    pooled = _Scored(user_id=user_id, label=label)
+    pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref)   # what scoring reads
     models = [m for m in sets[0].runs if all(m in t.runs for t in sets)]
+    # (comparison, run) -> test AUC, per model: each run scored once
+    aucs = {m: [[seed_test_auc(r, pooled) for r in t.runs[m]] for t in sets] for m in models}
     ref_runs = [r for t in sets for r in t.runs[ref]]
     out = []
     for m in models:
         runs = [r for t in sets for r in t.runs[m]]
         if len(runs) != len(ref_runs):
             raise ValueError(f"{m}: {len(runs)} runs against the reference's {len(ref_runs)} (other seeds)")
-        aucs = np.array([seed_test_auc(r, pooled) for r in runs])
-        row = {"model": m, "runs": len(runs), "auc_mean": float(aucs.mean()),
-               "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0, "vs_ref": None, "per_set": None}
+        flat = np.array([a for per in aucs[m] for a in per])
+        row = {"model": m, "runs": len(runs), "auc_mean": float(flat.mean()),
+               "auc_std": float(flat.std(ddof=1)) if len(flat) > 1 else 0.0, "vs_ref": None, "per_set": None}
         if m != ref:
             row["vs_ref"] = paired_bootstrap(pooled, runs, ref_runs, n_boot=n_boot, seed=seed,
                                              resample_runs=resample_runs)
-            row["per_set"] = [float(np.mean([seed_test_auc(a, pooled) - seed_test_auc(b, pooled)
-                                             for a, b in zip(t.runs[m], t.runs[ref])])) for t in sets]
+            row["per_set"] = [float(np.mean(np.subtract(a, b))) for a, b in zip(aucs[m], aucs[ref])]
         out.append(row)
     return ref, out
-
-
-@dataclass
-class _Scored:
-    """The part of a RankData that scoring on test reads (``seed_test_auc``, ``paired_bootstrap``)."""
-    user_id: np.ndarray
-    label: np.ndarray
 
 
 def compare(data: RankData, cfg: RankConfig, models: list[str] | None = None,
@@ -335,6 +329,16 @@ def _delta(v: dict | None, is_ref: bool) -> str:
     if v is None:
         return "reference" if is_ref else ""
     return f"{100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]"
+
+
+POOL_HEADERS = ["model", "runs", "test AUC", "ΔAUC vs reference, pts [95% CI]", "P(Δ <= 0)", "Δ per comparison, pts"]
+
+
+def pool_table(rows: list[dict]) -> list[list[str]]:
+    """Cells of ``pool_comparisons``' rows under ``POOL_HEADERS``."""
+    return [[r["model"], str(r["runs"]), f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}",
+             _delta(r["vs_ref"], r["vs_ref"] is None), "" if r["vs_ref"] is None else f"{r['vs_ref']['p_le_0']:.3f}",
+             "" if r["per_set"] is None else " / ".join(f"{100 * d:+.2f}" for d in r["per_set"])] for r in rows]
 
 
 def history_table(table: list[dict]) -> tuple[list[str], list[list[str]]]:
