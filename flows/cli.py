@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
-from flows.options import ConfigOpt, SetOpt
+from flows.options import ConfigOpt, PoolOpt, SetOpt
 from flows.options import parse_sets as _parse_sets
 from flows.prefect_api import local_prefect_api
 from flows.rank_cli import app as rank_app
@@ -388,18 +388,23 @@ def evaluate(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              rank: bool = typer.Option(True, "--rank/--no-rank", help="Also train and compare the ranking models."),
              out: Optional[Path] = typer.Option(None, help="Folder for report.md and the PNGs "
                                                           "(default: <home>/reports/<snapshot>)."),
-             overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output.")) -> None:
+             overwrite: bool = typer.Option(False, help="Replace --out if it is an earlier qarm output."),
+             pool_with: Optional[list[str]] = PoolOpt) -> None:
     """Evaluate the published snapshot on its validation and test periods: embeddings, judge,
     quantizer, ranking; writes report.md + PNGs and logs them to one MLflow run."""
     def run() -> None:
         overrides = _parse_sets(set_)
         cfg = _checked_config(config, overrides)
+        from flows.evaluate import check_pool_with
         from flows.evaluate import evaluate as evaluate_flow
+
+        check_pool_with(pool_with, rank)
 
         command = " ".join(["qarm evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "qarm evaluate"
         with _run_log(cfg.home, "evaluate"), local_prefect_api():
             out_info = evaluate_flow(config_path=config, overrides=overrides or None, rank=rank,
-                                     out_dir=str(out) if out else None, command=command, overwrite=overwrite)
+                                     out_dir=str(out) if out else None, command=command, overwrite=overwrite,
+                                     pool_with=pool_with or None)
         Console().print(Path(out_info["report"]).read_text())
         Console().print(f"report    {out_info['report']}\nmlflow    run {out_info['mlflow_run_id']}")
     _guard(run)

@@ -12,6 +12,9 @@ import yaml
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml")
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config YAML.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set ingest.synth.users=100 (repeatable).")
+PoolOpt = typer.Option(None, "--pool-with", help="An earlier comparison's rank/test_scores.npz on the same samples "
+                       "(e.g. another pipeline seed's snapshot), pooled with this one in one bootstrap over runs and "
+                       "test users (repeatable; read before any training).")
 
 
 def parse_sets(sets: Optional[list[str]]) -> dict[str, Any]:

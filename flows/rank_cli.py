@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.options import ConfigOpt
+from flows.options import ConfigOpt, PoolOpt
 from flows.options import parse_sets as _parse_sets
 from flows.prefect_api import local_prefect_api
 from qarm_core.config import load_config
@@ -46,8 +46,30 @@ def print_table(table: list[dict], title: str) -> None:
         show(*history_table(table), "test users with and without events before the test period")
 
 
+def print_pooled(rows: list[dict], reference: str, comparisons: int, resample_runs: bool = True) -> None:
+    """The table of ``pool_comparisons``' rows (``qarm rank pool``, ``--pool-with``)."""
+    from qarm_core.rank.compare import POOL_HEADERS, pool_table
+
+    over = "runs and test users" if resample_runs else "test users (these runs' models)"
+    t = Table(title=f"{comparisons} comparisons pooled: test AUC over every run, difference to {reference} in one "
+                    f"paired bootstrap over {over}")
+    for i, h in enumerate(POOL_HEADERS):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for cells in pool_table(rows):
+        t.add_row(*cells)
+    Console(width=max(Console().width, 170)).print(t)
+
+
+def print_pool_result(pooled: dict) -> None:
+    """``rank_pool``'s result: the pooled table, or why nothing was pooled."""
+    if pooled["error"]:
+        err.print("[bold yellow]not pooled:[/] " + escape(pooled["error"]), highlight=False, soft_wrap=True)
+    else:
+        print_pooled(pooled["rows"], pooled["reference"], pooled["comparisons"])
+
+
 def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embeddings: str | None,
-         codes: str | None, title: str) -> None:
+         codes: str | None, title: str, pool_with: list[str] | None = None) -> None:
     for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                  "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         os.environ.setdefault(k, v)
@@ -55,16 +77,21 @@ def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embed
     if models:
         overrides["rank.models"] = models
     try:
-        load_config(config, overrides)          # fail fast on a bad config, before Prefect starts
+        load_config(config, overrides)          # fail fast on a bad config or pool file, before Prefect starts
         from flows.rank_train import rank_train
+        from tasks.rank import read_pool_files
+
+        read_pool_files(pool_with or [])
 
         with local_prefect_api():
             out = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
-                             codes_path=codes)
+                             codes_path=codes, pool_with=pool_with or None)
     except QarmError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     print_table(out["table"], title)
+    if "pooled" in out:
+        print_pool_result(out["pooled"])
     Console().print(f"inputs    {out['inputs']}\nmlflow    run {out['mlflow_run_id']}")
 
 
@@ -82,12 +109,14 @@ def train(model: str = typer.Option(..., "--model", "-m", help=f"One of {', '.jo
 def compare(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddings: Optional[str] = EmbOpt,
             codes: Optional[str] = CodesOpt,
             models: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Models to compare "
-                                                       "(repeatable; default: rank.models).")) -> None:
+                                                       "(repeatable; default: rank.models)."),
+            pool_with: Optional[list[str]] = PoolOpt) -> None:
     """Train every model with the same data, budget and seeds; print the comparison table."""
     bad = [m for m in models or [] if m not in ALL_MODELS]
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(ALL_MODELS)}")
-    _run(config, set_, models, embeddings, codes, "rank-train: lr and epoch chosen on validation; test mean ± std over seeds")
+    _run(config, set_, models, embeddings, codes, "rank-train: lr and epoch chosen on validation; test mean ± std over seeds",
+         pool_with)
 
 
 @app.command()
@@ -101,19 +130,15 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
                                                  "between seeds and snapshots), or only the test users.")) -> None:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
     pipeline seeds) into one paired bootstrap against the reference."""
-    import numpy as np
-
-    from qarm_core.rank.compare import POOL_HEADERS, load_comparison_scores, pool_comparisons, pool_table
+    from qarm_core.rank.compare import pool_comparisons, read_comparison_scores
 
     sets = []
     for path in scores:
         try:
-            with np.load(path, allow_pickle=False) as z:
-                sets.append(load_comparison_scores(z))
-        except (OSError, KeyError, ValueError) as exc:
-            err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset={path}] not a comparison's test "
-                                                     f"scores: {exc}".replace("\n", " ")),
-                      highlight=False, soft_wrap=True)
+            sets.append(read_comparison_scores(path))
+        except ValueError as exc:
+            err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset={path}] {exc}"), highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2) from None
     try:
         ref, rows = pool_comparisons(sets, reference, n_boot=n_boot, resample_runs=resample_runs)
@@ -121,11 +146,4 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
         err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False,
                   soft_wrap=True)
         raise typer.Exit(2) from None
-    over = "runs and test users" if resample_runs else "test users (these runs' models)"
-    t = Table(title=f"{len(sets)} comparisons pooled: test AUC over every run, difference to {ref} in one paired "
-                    f"bootstrap over {over}")
-    for i, h in enumerate(POOL_HEADERS):
-        t.add_column(h, justify="left" if i == 0 else "right")
-    for cells in pool_table(rows):
-        t.add_row(*cells)
-    Console(width=max(Console().width, 170)).print(t)
+    print_pooled(rows, ref, len(sets), resample_runs)

@@ -13,7 +13,8 @@ report; ``render_report`` turns the sections into ``report.md``. The ``evaluate`
 * **quantizer**: raw collision and decode HR@1/HR@10 of residual k-means alone against residual
   k-means + FSQ at equal code space, over seeds, on the published embeddings;
 * **ranking**: the ``rank.compare`` table (validation-chosen settings, test AUC/GAUC, paired
-  bootstrap CI against the best baseline), rendered here.
+  bootstrap CI against the best baseline), rendered here; with ``--pool-with``, also the comparison
+  pooled with earlier ones on the same samples (``rank.compare.pool_comparisons``).
 """
 
 from __future__ import annotations
@@ -243,6 +244,14 @@ def render_report(sections: dict, meta: dict, plots: dict[str, Path] | None = No
         if any(r.get("by_history") for r in sections["ranking"]):
             out += ["### Test users with and without events before the test period", "",
                     _md_table(*history_table(sections["ranking"])), ""]
+    if sections.get("ranking_pooled"):
+        from qarm_core.rank.compare import POOL_HEADERS, pool_table
+
+        p = sections["ranking_pooled"]
+        out += [f"## Ranking, pooled: {p['comparisons']} comparisons on the same samples", "",
+                "One paired bootstrap over the runs of every comparison and the test users, against "
+                f"`{p['reference']}`. Comparisons: " + "; ".join(f"`{src}`" for src in p["sources"]) + ".", ""]
+        out += [f"Not pooled: {p['error']}", ""] if p.get("error") else [_md_table(POOL_HEADERS, pool_table(p["rows"])), ""]
     for name, p in plots.items():
         out += [f"![{name}]({Path(p).name})", ""]
     return "\n".join(out)

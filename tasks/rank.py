@@ -19,7 +19,9 @@ from prefect import get_run_logger, task
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
 from qarm_core.evaluation import plot_report
-from qarm_core.rank.compare import add_differences, comparison_score_arrays, plot_curves, summarize, tune_and_test
+from qarm_core.rank.compare import (ComparisonScores, add_differences, comparison_score_arrays, load_comparison_scores,
+                                    other_samples, plot_curves, pool_comparisons, read_comparison_scores, summarize,
+                                    tune_and_test)
 from qarm_core.rank.data import RankData, build_index
 from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
                                    fallback_key)
@@ -192,13 +194,15 @@ def rank_train_model(cfg: PipelineConfig, parent_run_id: str, data: RankData, mo
 
 @task(name="rank-compare", **TASK_DEFAULTS)
 def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, results: list[dict],
-                 refresh_run_id: str | None = None) -> list[dict]:
+                 refresh_run_id: str | None = None) -> tuple[list[dict], ComparisonScores]:
     """The comparison table with each model's test AUC difference to the best baseline on validation
     (paired bootstrap CI), and every model's curves in one PNG, on the flow's run. ``refresh_run_id``:
     the MLflow run of the refresh that published the inputs, which gets ``rank.<model>.auc``/``.gauc``
-    and the AUC plot (so refreshes compare on ranking too)."""
+    and the AUC plot (so refreshes compare on ranking too). Returns the table and the chosen runs'
+    test scores (logged as ``rank/test_scores.npz``, what ``rank_pool`` pools)."""
     table = [r["row"] for r in results]
     ref = add_differences(data, [r["result"] for r in results], table)
+    arrays = comparison_score_arrays(data, [r["result"] for r in results], ref)
     curves = {r["row"]["model"]: r["curves"] for r in results}
     handle = tracking.run_handle(cfg, parent_run_id)
     handle.json({"table": table, "reference": ref}, "rank/comparison.json")
@@ -213,7 +217,7 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
         # every chosen run's test scores, so that comparisons of other snapshots on the same samples
         # can be pooled later without training again (`qarm rank pool`)
         scores = Path(tmp) / "test_scores.npz"
-        np.savez_compressed(scores, **comparison_score_arrays(data, [r["result"] for r in results], ref))
+        np.savez_compressed(scores, **arrays)
         tracking.log_file(handle, scores, "rank")
     if refresh_run_id:
         try:
@@ -225,4 +229,53 @@ def rank_compare(cfg: PipelineConfig, parent_run_id: str, data: RankData, result
                     tracking.log_file(refresh, plot_report({"ranking": table}, tmp)["ranking"], "plots")
         except Exception as exc:        # e.g. the refresh's run lives in another tracking store
             get_run_logger().warning("could not add the ranking metrics to refresh run %s: %s", refresh_run_id, exc)
-    return table
+    return table, load_comparison_scores(arrays)
+
+
+def read_pool_files(paths: list[str], stage: str = STAGE) -> list[ComparisonScores]:
+    """The earlier comparisons' ``test_scores.npz`` to pool with this one, read before any work: a
+    DataError names the file that cannot be read."""
+    out = []
+    for path in paths:
+        try:
+            out.append(read_comparison_scores(path))
+        except ValueError as exc:
+            raise DataError(stage, str(path), f"--pool-with: {exc}") from None
+    return out
+
+
+def check_pool_samples(data: RankData, pool: list[ComparisonScores], paths: list[str], stage: str = STAGE) -> None:
+    """Refuse, before any model trains, comparisons measured on other ranking samples than ``data``'s
+    (another config, data set or split): only comparisons on the same samples pool."""
+    for scores, path in zip(pool, paths):
+        if other_samples(data.user_id, data.label, scores):
+            raise DataError(stage, str(path), "--pool-with: that comparison scored other ranking samples than this "
+                                              "one (users or labels of its test rows differ: another data set, "
+                                              "split or rank.samples config); only comparisons on the same "
+                                              "samples pool")
+
+
+@task(name="rank-pool", **TASK_DEFAULTS)
+def rank_pool(cfg: PipelineConfig, parent_run_id: str, own: ComparisonScores, pool: list[ComparisonScores],
+              paths: list[str], n_boot: int = 1000) -> dict:
+    """This comparison pooled with earlier ones on the same samples (``pool_comparisons``, runs and
+    test users resampled, against this comparison's reference), logged as ``rank/pooled.json`` and
+    ``pooled.<model>.auc_vs_ref.*`` metrics. Returns {reference, rows, sources, comparisons, error}:
+    a model missing from an earlier comparison is left out of the pool; when the reference is, the
+    pool is not made and ``error`` says why (this run's own comparison stands, so it is a warning)."""
+    sources = ["this run", *map(str, paths)]
+    try:
+        ref, rows = pool_comparisons([own, *pool], own.reference, n_boot=n_boot)
+    except ValueError as exc:
+        get_run_logger().warning("rank pool: not pooled: %s", exc)
+        return {"reference": own.reference, "rows": [], "sources": sources, "comparisons": len(sources),
+                "error": str(exc)}
+    out = {"reference": ref, "rows": rows, "sources": sources, "comparisons": len(sources), "error": None}
+    handle = tracking.run_handle(cfg, parent_run_id)
+    handle.json(out, "rank/pooled.json")
+    handle.metrics({f"pooled.{r['model']}.auc_vs_ref.{k}": r["vs_ref"][k] for r in rows if r["vs_ref"]
+                    for k in ("diff", "lo", "hi")} | {f"pooled.{r['model']}.auc": r["auc_mean"] for r in rows})
+    get_run_logger().info("rank pool: %d comparisons, %s", len(sources),
+                          [(r["model"], None if r["vs_ref"] is None else round(100 * r["vs_ref"]["diff"], 2))
+                           for r in rows])
+    return out

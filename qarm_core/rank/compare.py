@@ -245,6 +245,28 @@ def load_comparison_scores(arrays) -> ComparisonScores:
     return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref)
 
 
+def read_comparison_scores(path: str | Path) -> ComparisonScores:
+    """A comparison's ``test_scores.npz`` (the ``rank/`` artifact of every comparison). Raises
+    ValueError, saying so, when ``path`` cannot be read or is not such a file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return load_comparison_scores(z)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"not a comparison's test scores: {exc}".replace("\n", " ")) from None
+
+
+def other_samples(user_id: np.ndarray, label: np.ndarray, scores: ComparisonScores) -> bool:
+    """Whether ``scores`` were measured on other ranking samples than the rows ``user_id``/``label``
+    describe (a user id < 0: a row not known yet, which agrees with anything): some row they share
+    differs in its user or label, or ``scores`` hold rows beyond them."""
+    rows = np.flatnonzero(scores.user_id >= 0)
+    if len(rows) and rows[-1] >= len(user_id):
+        return True
+    known = user_id[rows] >= 0
+    return bool((user_id[rows][known] != scores.user_id[rows][known]).any()
+                or (label[rows][known] != scores.label[rows][known]).any())
+
+
 def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None, n_boot: int = 1000,
                      seed: int = 0, resample_runs: bool = True) -> tuple[str, list[dict]]:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
@@ -264,11 +286,10 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
     n = max(len(t.user_id) for t in sets)
     user_id, label = np.full(n, -1, np.int64), np.zeros(n, np.float32)
     for i, t in enumerate(sets):
-        rows = np.flatnonzero(t.user_id >= 0)
-        known = user_id[rows] >= 0
-        if (user_id[rows][known] != t.user_id[rows][known]).any() or (label[rows][known] != t.label[rows][known]).any():
+        if other_samples(user_id, label, t):
             raise ValueError(f"comparison {i + 1} scored other ranking samples than the ones before it (users or "
                              "labels of the same rows differ): only comparisons on the same samples pool")
+        rows = np.flatnonzero(t.user_id >= 0)
         user_id[rows], label[rows] = t.user_id[rows], t.label[rows]
     pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref)   # what scoring reads
     models = [m for m in sets[0].runs if all(m in t.runs for t in sets)]

@@ -716,3 +716,20 @@ def test_a_stop_that_duckdb_turns_into_query_interrupted_is_still_a_stop():
     finally:
         forget_stops()
     assert seen and stop_requested() is None
+
+
+def test_pool_with_is_refused_before_prefect_starts(tmp_path):
+    """``--pool-with`` names a file that is not a comparison's scores, or comes without the ranking
+    section: one error line, exit 2, before a flow (or Prefect's API server) starts."""
+    from flows.rank_cli import app as rank_app
+
+    missing = tmp_path / "missing.npz"
+    home = tmp_path / "home"
+    for command, args, stage in ((app, ["evaluate", "--pool-with", str(missing)], "evaluate"),
+                                 (app, ["evaluate", "--no-rank", "--pool-with", str(missing)], "evaluate"),
+                                 (rank_app, ["compare", "-m", "din", "--pool-with", str(missing)], "rank")):
+        res = runner.invoke(command, [*args, "--config", TINY, "--set", f"home={home}"])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        dataset = "pool_with" if "--no-rank" in args else str(missing)
+        assert f"error: [stage={stage}, dataset={dataset}] --pool-with" in res.output
+    assert not home.exists()                                # nothing ran, nothing was written

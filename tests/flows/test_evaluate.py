@@ -4,9 +4,11 @@ run, report.md with its plots; a clear error without a snapshot."""
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from flows.codebook_refresh import codebook_refresh
 from flows.evaluate import evaluate
+from flows.rank_train import rank_train
 from qarm_core.config import load_config
 from qarm_core.errors import DataError
 from qarm_core.storage import Storage, read_dataset
@@ -26,7 +28,17 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
     with pytest.raises(DataError, match=r"\[stage=evaluate, dataset=snapshot\].*qarm refresh"):
         evaluate(TINY, {"home": str(home)}, rank=False)
     codebook_refresh(TINY, {"home": str(home)})
-    out = evaluate(TINY, {"home": str(home), **RANK}, out_dir=str(tmp_path / "report"))
+    # an earlier comparison of the baselines (one lr) on the same samples, to pool with; refused
+    # without the ranking section, and an unreadable file before any work
+    earlier = rank_train(TINY, {"home": str(home), **RANK, "rank.train.lr_grid": [1e-2]},
+                         models=["din", "din_tags", "sim_hard"])
+    npz = MlflowClient(load_config(TINY, {"home": str(home)}).resolved().tracking.tracking_uri).download_artifacts(
+        earlier["mlflow_run_id"], "rank/test_scores.npz", str(tmp_path))
+    with pytest.raises(DataError, match=r"\[stage=evaluate, dataset=pool_with\].*drop --no-rank"):
+        evaluate(TINY, {"home": str(home)}, rank=False, pool_with=[npz])
+    with pytest.raises(DataError, match=r"\[stage=evaluate, dataset=.*nothing.npz\] --pool-with: not a comparison"):
+        evaluate(TINY, {"home": str(home), **RANK}, pool_with=[str(tmp_path / "nothing.npz")])
+    out = evaluate(TINY, {"home": str(home), **RANK}, out_dir=str(tmp_path / "report"), pool_with=[npz])
     s = out["sections"]
     # embeddings: the published model and both baselines answer the same pairs in both periods
     periods = {r["period"] for r in s["embeddings"]}
@@ -49,6 +61,13 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
     # some, so the other group has no AUC and is left out
     assert all(set(r["by_history"]) == {"with_history"} for r in s["ranking"])
     assert "### Test users with and without events before the test period" in text
+    # pooled with the earlier comparison: the models of both, against this run's reference
+    pooled = s["ranking_pooled"]
+    ref = s["ranking"][0]["reference"]
+    assert pooled["error"] is None and pooled["reference"] == ref and pooled["sources"] == ["this run", npz]
+    assert [r["model"] for r in pooled["rows"]] == ["din", "din_tags", "sim_hard"]
+    assert all(r["runs"] == 4 and (r["vs_ref"] is None) == (r["model"] == ref) for r in pooled["rows"])
+    assert "## Ranking, pooled: 2 comparisons on the same samples" in text
     assert (tmp_path / "report" / "ranking_auc.png").read_bytes()[:4] == b"\x89PNG"
     cfg = load_config(TINY, {"home": str(home)}).resolved()
     children = {r["name"] for r in tracking.runs_of(cfg) if r["tags"].get("mlflow.parentRunId") == out["mlflow_run_id"]}

@@ -127,11 +127,35 @@ def test_rank_train_flow_logs_one_run_per_model(prefect_harness, tmp_path):
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1            # one line, however long
     assert f"dataset={bad}]" in res.output and "not a comparison's test scores" in res.output
 
-    # a rerun reuses the staged samples
-    again = rank_train(TINY, {"home": str(home), **RANK}, models=["din"])
+    # --pool-with: a file that is not a comparison's scores, or scores of other samples (labels
+    # flipped), is refused before any model trains
+    def din_runs() -> int:
+        return sum(r["name"] == "rank-din" for r in tracking.runs_of(cfg))
+
+    with pytest.raises(DataError, match=rf"\[stage=rank, dataset={bad}\] --pool-with: not a comparison's test scores"):
+        rank_train(TINY, {"home": str(home), **RANK}, models=["din"], pool_with=[str(bad)])
+    with np.load(npz, allow_pickle=False) as z:
+        arrays = dict(z)
+    arrays["label"] = 1 - arrays["label"]
+    flipped = tmp_path / "flipped.npz"
+    np.savez(flipped, **arrays)
+    before = din_runs()
+    with pytest.raises(DataError, match=rf"\[stage=rank, dataset={flipped}\] --pool-with: .*other ranking samples"):
+        rank_train(TINY, {"home": str(home), **RANK}, models=["din"], pool_with=[str(flipped)])
+    assert din_runs() == before
+    # a rerun reuses the staged samples; pooled with the first comparison: DIN's runs of both
+    again = rank_train(TINY, {"home": str(home), **RANK}, models=["din"], pool_with=[npz])
     assert [r["model"] for r in again["table"]] == ["din"]
     reused = sorted(r["metrics"]["reused"] for r in tracking.runs_of(cfg) if r["name"] == "rank-samples")
-    assert reused == [0.0, 1.0]
+    assert reused == [0.0, 1.0, 1.0]
+    pooled = again["pooled"]
+    assert pooled["error"] is None and pooled["comparisons"] == 2 and pooled["sources"] == ["this run", npz]
+    assert [(r["model"], r["runs"], r["vs_ref"]) for r in pooled["rows"]] == [("din", 4, None)]
+    first_din = next(r for r in out["table"] if r["model"] == "din")
+    # the mean over both comparisons' runs
+    assert pooled["rows"][0]["auc_mean"] == pytest.approx((first_din["auc_mean"] + again["table"][0]["auc_mean"]) / 2,
+                                                          abs=1e-6)
+    assert client.get_run(again["mlflow_run_id"]).data.metrics["pooled.din.auc"] == pooled["rows"][0]["auc_mean"]
 
 
 def test_rank_train_needs_item_inputs_or_explicit_paths(prefect_harness, tmp_path):

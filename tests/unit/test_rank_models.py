@@ -8,8 +8,9 @@ import torch
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
 from qarm_core.rank.compare import (ModelResult, add_differences, compare, comparison_score_arrays, history_groups,
-                                    history_table, load_comparison_scores, paired_bootstrap, plot_curves,
-                                    pool_comparisons, weighted_auc, weighted_auc_groups)
+                                    history_table, load_comparison_scores, other_samples, paired_bootstrap,
+                                    plot_curves, pool_comparisons, read_comparison_scores, weighted_auc,
+                                    weighted_auc_groups)
 from qarm_core.rank.metrics import auc as plain_auc
 from qarm_core.rank.data import build_index, categories, prepare
 from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
@@ -378,8 +379,7 @@ def test_comparison_scores_round_trip_through_npz_and_pool_across_comparisons(tm
     first, second = _comparison(rng, data, 0.35), _comparison(rng, data, 0.35)
     path = tmp_path / "s.npz"
     np.savez_compressed(path, **comparison_score_arrays(data, first, "ref"))
-    with np.load(path, allow_pickle=False) as z:
-        loaded = load_comparison_scores(z)
+    loaded = read_comparison_scores(path)
     assert loaded.reference == "ref" and [r.seed for r in loaded.runs["ours"]] == [0, 1, 2]
     assert np.array_equal(loaded.runs["ours"][1].test_logits, first[1].runs[1].test_logits.astype(np.float32))
     alone = paired_bootstrap(data, first[1].runs, first[0].runs, n_boot=300)
@@ -419,7 +419,21 @@ def test_pool_refuses_other_samples_and_a_missing_reference():
     b = load_comparison_scores(comparison_score_arrays(flipped, _comparison(rng, flipped, 1.0), "ref"))
     with pytest.raises(ValueError, match="other ranking samples"):
         pool_comparisons([a, b])
+    # the check `--pool-with` runs before training: against the samples themselves
+    assert not other_samples(data.user_id, data.label, a) and other_samples(flipped.user_id, flipped.label, a)
+    assert other_samples(data.user_id[:100], data.label[:100], a)           # rows the samples do not have
     with pytest.raises(ValueError, match="reference 'din' is not in every comparison"):
         pool_comparisons([a], reference="din")
     with pytest.raises(ValueError, match="nothing to pool"):
         pool_comparisons([])
+
+
+def test_read_comparison_scores_says_what_is_wrong(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    for path in (bad, tmp_path / "missing.npz"):
+        with pytest.raises(ValueError, match="not a comparison's test scores"):
+            read_comparison_scores(path)
+    np.savez(tmp_path / "other.npz", x=np.arange(3))                        # an npz, but not of a comparison
+    with pytest.raises(ValueError, match="not a comparison's test scores.*rows"):
+        read_comparison_scores(tmp_path / "other.npz")

@@ -52,6 +52,23 @@ def test_the_ranking_plot_shows_each_difference_with_its_confidence_interval(tmp
     assert _png_size(two)[0] == 12 * 90 and _png_size(one)[0] == 7 * 90
 
 
+def test_the_evaluation_report_shows_a_pooled_ranking_or_why_there_is_none():
+    from qarm_core.evaluation import render_report
+
+    rows = [{"model": "din", "runs": 6, "auc_mean": 0.79, "auc_std": 0.002, "vs_ref": None, "per_set": None},
+            {"model": "ours_sid", "runs": 6, "auc_mean": 0.792, "auc_std": 0.003,
+             "vs_ref": {"diff": 0.002, "lo": -0.0026, "hi": 0.0078, "p_le_0": 0.21}, "per_set": [0.0015, 0.0026]}]
+    pooled = {"reference": "din", "rows": rows, "sources": ["this run", "/a/test_scores.npz"], "comparisons": 2,
+              "error": None}
+    text = render_report({"ranking_pooled": pooled}, {"snapshot_id": "s"})
+    assert "## Ranking, pooled: 2 comparisons on the same samples" in text
+    assert "`this run`; `/a/test_scores.npz`" in text and "against `din`" in text
+    assert "| ours_sid | 6 | 0.7920 ± 0.0030 | +0.20 [-0.26, +0.78] | 0.210 | +0.15 / +0.26 |" in text
+    text = render_report({"ranking_pooled": {**pooled, "rows": [], "error": "reference 'din' is not in every "
+                                                                          "comparison"}}, {"snapshot_id": "s"})
+    assert "Not pooled: reference 'din' is not in every comparison" in text and "| ours_sid |" not in text
+
+
 def test_summary_lists_metrics_gates_decisions_and_rows():
     text = refresh_summary_markdown("snap-1", {"items": 40, "codes": 40}, {"quantize.raw.collision_rate": 0.125},
                                     {"ingest/items": True, "quantize/codes": False}, {"quantize: quantize.how": "a|b"},
