@@ -29,21 +29,29 @@ EmbOpt = typer.Option(None, "--embeddings", help="Embeddings Parquet (default: t
 CodesOpt = typer.Option(None, "--codes", help="Codes Parquet (default: the published snapshot's).")
 
 
+def _show(heads: list[str], rows: list[list[str]], name: str) -> None:
+    t = Table(title=name)
+    for i, h in enumerate(heads):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*row)
+    # wide enough for every column even where stdout is not a terminal (rich then assumes 80)
+    Console(width=max(Console().width, 170)).print(t)
+
+
+def _show_history(rows: list[dict], title: str) -> None:
+    """The table of ``by_history`` (the comparison's rows or the pooled ones), if any row has one."""
+    from qarm_core.rank.compare import history_table
+
+    if any(r.get("by_history") for r in rows):
+        _show(*history_table(rows), title)
+
+
 def print_table(table: list[dict], title: str) -> None:
-    from qarm_core.rank.compare import TABLE_HEADERS, format_table, history_table
+    from qarm_core.rank.compare import TABLE_HEADERS, format_table
 
-    def show(heads: list[str], rows: list[list[str]], name: str) -> None:
-        t = Table(title=name)
-        for i, h in enumerate(heads):
-            t.add_column(h, justify="left" if i == 0 else "right")
-        for row in rows:
-            t.add_row(*row)
-        # wide enough for every column even where stdout is not a terminal (rich then assumes 80)
-        Console(width=max(Console().width, 170)).print(t)
-
-    show(TABLE_HEADERS, format_table(table), title)
-    if any(r.get("by_history") for r in table):
-        show(*history_table(table), "test users with and without events before the test period")
+    _show(TABLE_HEADERS, format_table(table), title)
+    _show_history(table, "test users with and without events before the test period")
 
 
 def print_pooled(rows: list[dict], reference: str, comparisons: int, resample_runs: bool = True) -> None:
@@ -51,13 +59,9 @@ def print_pooled(rows: list[dict], reference: str, comparisons: int, resample_ru
     from qarm_core.rank.compare import POOL_HEADERS, pool_table
 
     over = "runs and test users" if resample_runs else "test users (these runs' models)"
-    t = Table(title=f"{comparisons} comparisons pooled: test AUC over every run, difference to {reference} in one "
-                    f"paired bootstrap over {over}")
-    for i, h in enumerate(POOL_HEADERS):
-        t.add_column(h, justify="left" if i == 0 else "right")
-    for cells in pool_table(rows):
-        t.add_row(*cells)
-    Console(width=max(Console().width, 170)).print(t)
+    _show(POOL_HEADERS, pool_table(rows), f"{comparisons} comparisons pooled: test AUC over every run, difference to "
+                                          f"{reference} in one paired bootstrap over {over}")
+    _show_history(rows, "pooled: test users with and without events before the test period")
 
 
 def print_pool_result(pooled: dict) -> None:

@@ -245,13 +245,16 @@ def render_report(sections: dict, meta: dict, plots: dict[str, Path] | None = No
             out += ["### Test users with and without events before the test period", "",
                     _md_table(*history_table(sections["ranking"])), ""]
     if sections.get("ranking_pooled"):
-        from qarm_core.rank.compare import POOL_HEADERS, pool_table
+        from qarm_core.rank.compare import POOL_HEADERS, history_table, pool_table
 
         p = sections["ranking_pooled"]
         out += [f"## Ranking, pooled: {p['comparisons']} comparisons on the same samples", "",
                 "One paired bootstrap over the runs of every comparison and the test users, against "
                 f"`{p['reference']}`. Comparisons: " + "; ".join(f"`{src}`" for src in p["sources"]) + ".", ""]
         out += [f"Not pooled: {p['error']}", ""] if p.get("error") else [_md_table(POOL_HEADERS, pool_table(p["rows"])), ""]
+        if any(r.get("by_history") for r in p["rows"]):
+            out += ["### Pooled: test users with and without events before the test period", "",
+                    _md_table(*history_table(p["rows"])), ""]
     for name, p in plots.items():
         out += [f"![{name}]({Path(p).name})", ""]
     return "\n".join(out)

@@ -274,7 +274,9 @@ def rank_pool(cfg: PipelineConfig, parent_run_id: str, own: ComparisonScores, po
     handle = tracking.run_handle(cfg, parent_run_id)
     handle.json(out, "rank/pooled.json")
     handle.metrics({f"pooled.{r['model']}.auc_vs_ref.{k}": r["vs_ref"][k] for r in rows if r["vs_ref"]
-                    for k in ("diff", "lo", "hi")} | {f"pooled.{r['model']}.auc": r["auc_mean"] for r in rows})
+                    for k in ("diff", "lo", "hi")} | {f"pooled.{r['model']}.auc": r["auc_mean"] for r in rows}
+                   | {f"pooled.{r['model']}.{g}.auc_vs_ref.{k}": v["vs_ref"][k] for r in rows
+                      for g, v in r["by_history"].items() if v["vs_ref"] for k in ("diff", "lo", "hi")})
     get_run_logger().info("rank pool: %d comparisons, %s", len(sources),
                           [(r["model"], None if r["vs_ref"] is None else round(100 * r["vs_ref"]["diff"], 2))
                            for r in rows])

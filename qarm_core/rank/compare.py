@@ -186,19 +186,29 @@ def add_differences(data: RankData, results: list[ModelResult], table: list[dict
     for res, row in zip(results, table):
         row["vs_ref"] = None if res is ref else paired_bootstrap(data, res.runs, ref.runs, n_boot=n_boot)
         row["reference"] = ref.name
-        row["by_history"] = {}
-        for name, mask in groups.items():
-            rows = res.runs[0].test_rows[mask[res.runs[0].test_rows]]
-            y = data.label[rows]
-            if not (y > 0).any() or not (y == 0).any():       # no AUC without both classes
-                continue
-            aucs = np.array([seed_test_auc(r, data, mask) for r in res.runs])
-            row["by_history"][name] = {
-                "users": int(len(np.unique(data.user_id[rows]))), "samples": int(len(rows)),
-                "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
-                "vs_ref": None if res is ref else paired_bootstrap(data, res.runs, ref.runs, n_boot=n_boot,
-                                                                   subset=mask)}
+        row["by_history"] = by_group(data, groups, res.runs, None if res is ref else ref.runs, n_boot)
     return ref.name
+
+
+def by_group(data: "RankData | ComparisonScores", groups: dict[str, np.ndarray], runs: list[RunResult],
+             ref_runs: list[RunResult] | None, n_boot: int = 1000, **boot) -> dict[str, dict]:
+    """Per group of ``groups`` (boolean masks over the rows, ``history_groups``): the users and
+    samples of the first run's test rows in it, the runs' test AUC mean/std there, and ``vs_ref``, the
+    paired bootstrap against ``ref_runs`` on that group's users alone (None for the reference itself;
+    ``boot``: more ``paired_bootstrap`` options). A group whose rows lack a class has no AUC and is
+    left out."""
+    out = {}
+    for name, mask in groups.items():
+        rows = runs[0].test_rows[mask[runs[0].test_rows]]
+        y = data.label[rows]
+        if not (y > 0).any() or not (y == 0).any():
+            continue
+        aucs = np.array([seed_test_auc(r, data, mask) for r in runs])
+        out[name] = {"users": int(len(np.unique(data.user_id[rows]))), "samples": int(len(rows)),
+                     "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+                     "vs_ref": None if ref_runs is None else paired_bootstrap(data, runs, ref_runs, n_boot=n_boot,
+                                                                              subset=mask, **boot)}
+    return out
 
 
 @dataclass
@@ -206,19 +216,24 @@ class ComparisonScores:
     """What one comparison scored on test, enough to pool comparisons later (``pool_comparisons``):
     ``user_id`` and ``label`` ``(n_rows,)`` indexed by the sample rows of the comparison's RankData
     (-1 / 0 where no test row), each model's chosen runs (their ``test_rows`` and ``test_logits``)
-    and the comparison's reference."""
+    and the comparison's reference; ``groups``: ``history_groups``' masks over the same rows (empty in
+    files of comparisons before 2026-12-05)."""
     user_id: np.ndarray
     label: np.ndarray
     runs: dict[str, list[RunResult]]
     reference: str | None
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def comparison_score_arrays(data: RankData, results: list[ModelResult], reference: str | None) -> dict[str, np.ndarray]:
     """``results``' test scores as named arrays (``np.savez``; ``load_comparison_scores`` reads them back):
-    the test rows' users and labels, and per model its learning rate and each seed's test rows and logits."""
+    the test rows' users, labels and ``history_groups``, and per model its learning rate and each seed's
+    test rows and logits."""
     rows = np.unique(np.concatenate([r.test_rows for res in results for r in res.runs]))
+    groups = history_groups(data)
     out = {"rows": rows, "user_id": data.user_id[rows].astype(np.int64), "label": data.label[rows].astype(np.float32),
-           "models": np.array([res.name for res in results]), "reference": np.array([reference or ""])}
+           "models": np.array([res.name for res in results]), "reference": np.array([reference or ""]),
+           "groups": np.array(list(groups))} | {f"group.{g}": m[rows] for g, m in groups.items()}
     for res in results:
         out[f"{res.name}.lr"] = np.array([res.lr])
         out[f"{res.name}.seeds"] = np.array([r.seed for r in res.runs], np.int64)
@@ -242,7 +257,11 @@ def load_comparison_scores(arrays) -> ComparisonScores:
                                 test_logits=np.asarray(arrays[f"{name}.seed{s}.logits"]))
                       for s in arrays[f"{name}.seeds"]]
     ref = str(arrays["reference"][0]) or None
-    return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref)
+    groups = {}
+    for g in (str(g) for g in (arrays["groups"] if "groups" in arrays else [])):
+        groups[g] = np.zeros(n, bool)
+        groups[g][rows] = arrays[f"group.{g}"]
+    return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref, groups=groups)
 
 
 def read_comparison_scores(path: str | Path) -> ComparisonScores:
@@ -275,8 +294,9 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
     all of them); with ``resample_runs`` (default) the runs are resampled too, so that the interval
     carries the variation between runs and pipeline seeds, not only over test users. ``reference``: the
     first comparison's unless given; it and a model must be in every comparison to be pooled.
-    Returns (reference, one row per pooled model: model, runs, test AUC mean/std over the runs,
-    ``vs_ref`` (None for the reference) and ``per_set`` (the difference within each comparison)).
+    Returns (reference, one row per pooled model: model, reference, runs, test AUC mean/std over the
+    runs, ``vs_ref`` (None for the reference), ``per_set`` (the difference within each comparison) and
+    ``by_history`` (``by_group`` over the groups a comparison recorded, with the same bootstrap)).
     Raises ValueError when the comparisons' test rows disagree on users or labels (other samples)."""
     if not sets:
         raise ValueError("nothing to pool")
@@ -291,7 +311,10 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
                              "labels of the same rows differ): only comparisons on the same samples pool")
         rows = np.flatnonzero(t.user_id >= 0)
         user_id[rows], label[rows] = t.user_id[rows], t.label[rows]
-    pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref)   # what scoring reads
+    # the groups of whichever comparison recorded them (the samples are the same; older files have none)
+    groups = next((t.groups for t in sets if t.groups), {})
+    groups = {g: np.pad(m, (0, n - len(m))) for g, m in groups.items()}
+    pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref, groups=groups)   # what scoring reads
     models = [m for m in sets[0].runs if all(m in t.runs for t in sets)]
     # (comparison, run) -> test AUC, per model: each run scored once
     aucs = {m: [[seed_test_auc(r, pooled) for r in t.runs[m]] for t in sets] for m in models}
@@ -302,12 +325,14 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
         if len(runs) != len(ref_runs):
             raise ValueError(f"{m}: {len(runs)} runs against the reference's {len(ref_runs)} (other seeds)")
         flat = np.array([a for per in aucs[m] for a in per])
-        row = {"model": m, "runs": len(runs), "auc_mean": float(flat.mean()),
+        row = {"model": m, "reference": ref, "runs": len(runs), "auc_mean": float(flat.mean()),
                "auc_std": float(flat.std(ddof=1)) if len(flat) > 1 else 0.0, "vs_ref": None, "per_set": None}
         if m != ref:
             row["vs_ref"] = paired_bootstrap(pooled, runs, ref_runs, n_boot=n_boot, seed=seed,
                                              resample_runs=resample_runs)
             row["per_set"] = [float(np.mean(np.subtract(a, b))) for a, b in zip(aucs[m], aucs[ref])]
+        row["by_history"] = by_group(pooled, groups, runs, None if m == ref else ref_runs, n_boot, seed=seed,
+                                     resample_runs=resample_runs)
         out.append(row)
     return ref, out
 

@@ -67,6 +67,7 @@ def test_evaluate_reports_every_section_in_one_run(prefect_harness, tmp_path):
     assert pooled["error"] is None and pooled["reference"] == ref and pooled["sources"] == ["this run", npz]
     assert [r["model"] for r in pooled["rows"]] == ["din", "din_tags", "sim_hard"]
     assert all(r["runs"] == 4 and (r["vs_ref"] is None) == (r["model"] == ref) for r in pooled["rows"])
+    assert all(set(r["by_history"]) == {"with_history"} for r in pooled["rows"])        # as the comparison's
     assert "## Ranking, pooled: 2 comparisons on the same samples" in text
     assert (tmp_path / "report" / "ranking_auc.png").read_bytes()[:4] == b"\x89PNG"
     cfg = load_config(TINY, {"home": str(home)}).resolved()

@@ -398,6 +398,41 @@ def test_comparison_scores_round_trip_through_npz_and_pool_across_comparisons(tm
     assert ours["vs_ref"]["hi"] - ours["vs_ref"]["lo"] > fixed[1]["vs_ref"]["hi"] - fixed[1]["vs_ref"]["lo"]
 
 
+def test_pooled_comparisons_split_test_users_by_history_as_one_comparison_does(tmp_path):
+    """The history groups travel in the scores file; pooling one comparison gives its own per-group
+    table (``add_differences``' ``by_history``); a file without groups (before they were recorded)
+    pools without them, and with one that has them, by that one's."""
+    rng = np.random.default_rng(8)
+    data = _HistoryData(rng)
+    results = _comparison(rng, data, 0.5)
+    table = [{"model": r.name} for r in results]
+    assert add_differences(data, results, table, n_boot=200) == "ref"
+    path = tmp_path / "s.npz"
+    np.savez(path, **comparison_score_arrays(data, results, "ref"))
+    loaded = read_comparison_scores(path)
+    groups = history_groups(data)
+    assert {g: m.tolist() for g, m in loaded.groups.items()} == {g: m[:400].tolist() for g, m in groups.items()}
+    _, rows = pool_comparisons([loaded], n_boot=200, resample_runs=False)
+    for row, pooled in zip(table, rows):
+        assert pooled["by_history"].keys() == row["by_history"].keys() == {"with_history", "without_history"}
+        for g, v in row["by_history"].items():
+            p = pooled["by_history"][g]
+            assert (p["users"], p["samples"]) == (v["users"], v["samples"]) == (20, 200)
+            assert p["auc_mean"] == pytest.approx(v["auc_mean"], abs=1e-6)
+            assert (p["vs_ref"] is None) == (v["vs_ref"] is None) == (row["model"] == "ref")
+            if v["vs_ref"]:
+                assert p["vs_ref"] == pytest.approx(v["vs_ref"], abs=1e-6)
+    with np.load(path, allow_pickle=False) as z:
+        old = {k: z[k] for k in z.files if not k.startswith("group")}
+    old = load_comparison_scores(old)
+    assert old.groups == {}
+    assert all(r["by_history"] == {} for r in pool_comparisons([old], n_boot=200)[1])
+    _, both = pool_comparisons([old, loaded], n_boot=200)
+    assert both[1]["by_history"]["with_history"]["users"] == 20
+    heads, cells = history_table(both)
+    assert heads[1].startswith("test AUC, with history (20 users, 200 samples)") and cells[0][2] == "reference"
+
+
 def test_paired_bootstrap_draws_one_resample_of_users_for_all_seeds():
     """The seeds score the same test users: three copies of one seed's runs give exactly that seed's
     interval (independent draws per seed would have narrowed it by about sqrt(3))."""

@@ -64,6 +64,14 @@ def test_the_evaluation_report_shows_a_pooled_ranking_or_why_there_is_none():
     assert "## Ranking, pooled: 2 comparisons on the same samples" in text
     assert "`this run`; `/a/test_scores.npz`" in text and "against `din`" in text
     assert "| ours_sid | 6 | 0.7920 ± 0.0030 | +0.20 [-0.26, +0.78] | 0.210 | +0.15 / +0.26 |" in text
+    assert "### Pooled: test users" not in text                  # scores files without the groups
+    rows[1]["by_history"] = {"with_history": {"users": 90, "samples": 4439, "auc_mean": 0.78, "auc_std": 0.005,
+                                              "vs_ref": {"diff": 0.008, "lo": 0.001, "hi": 0.016}}}
+    rows[0].update(reference="din", by_history={"with_history": {"users": 90, "samples": 4439, "auc_mean": 0.772,
+                                                                 "auc_std": 0.003, "vs_ref": None}})
+    text = render_report({"ranking_pooled": pooled}, {"snapshot_id": "s"})
+    assert "### Pooled: test users with and without events before the test period" in text
+    assert "| ours_sid | 0.7800 ± 0.0050 | +0.80 [+0.10, +1.60] | n/a |  |" in text
     text = render_report({"ranking_pooled": {**pooled, "rows": [], "error": "reference 'din' is not in every "
                                                                           "comparison"}}, {"snapshot_id": "s"})
     assert "Not pooled: reference 'din' is not in every comparison" in text and "| ours_sid |" not in text
