@@ -16,8 +16,8 @@ from qarm_core.errors import DataError
 from qarm_core.storage import check_output
 from tasks import tracking
 from tasks.common import route_core_logs
-from tasks.rank import read_pool_files
 from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantizer, evaluation_inputs, write_report
+from tasks.rank import read_pool_files
 
 # MLflow's Source column for this flow's runs.
 ENTRYPOINT = "flows/evaluate.py:evaluate"
