@@ -54,13 +54,14 @@ def print_table(table: list[dict], title: str) -> None:
     _show_history(table, "test users with and without events before the test period")
 
 
-def print_pooled(rows: list[dict], reference: str, comparisons: int, resample_runs: bool = True) -> None:
-    """The table of ``pool_comparisons``' rows (``qarm rank pool``, ``--pool-with``)."""
+def print_pooled(rows: list[dict], reference: str, why: str, comparisons: int, resample_runs: bool = True) -> None:
+    """The table of ``pool_comparisons``' rows (``qarm rank pool``, ``--pool-with``); ``why``: how the
+    reference was chosen."""
     from qarm_core.rank.compare import POOL_HEADERS, pool_table
 
     over = "runs and test users" if resample_runs else "test users (these runs' models)"
     _show(POOL_HEADERS, pool_table(rows), f"{comparisons} comparisons pooled: test AUC over every run, difference to "
-                                          f"{reference} in one paired bootstrap over {over}")
+                                          f"{reference} ({why}) in one paired bootstrap over {over}")
     _show_history(rows, "pooled: test users with and without events before the test period")
 
 
@@ -69,7 +70,7 @@ def print_pool_result(pooled: dict) -> None:
     if pooled["error"]:
         err.print("[bold yellow]not pooled:[/] " + escape(pooled["error"]), highlight=False, soft_wrap=True)
     else:
-        print_pooled(pooled["rows"], pooled["reference"], pooled["comparisons"])
+        print_pooled(pooled["rows"], pooled["reference"], pooled["reference_rule"], pooled["comparisons"])
 
 
 def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embeddings: str | None,
@@ -119,22 +120,22 @@ def compare(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, embeddi
     bad = [m for m in models or [] if m not in ALL_MODELS]
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(ALL_MODELS)}")
-    _run(config, set_, models, embeddings, codes, "rank-train: lr and epoch chosen on validation; test mean ± std over seeds",
-         pool_with)
+    _run(config, set_, models, embeddings, codes,
+         "rank-train: lr and epoch chosen on validation; test mean ± std over seeds", pool_with)
 
 
 @app.command()
 def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each comparison (the rank/ artifact "
                                              "of a `qarm rank compare` run in MLflow)."),
          reference: Optional[str] = typer.Option(None, "--reference", help="Reference model (default: the "
-                                                 "first comparison's, the best baseline on validation)."),
+                                                 "best baseline by validation AUC averaged over the comparisons)."),
          n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap replicates."),
          resample_runs: bool = typer.Option(True, "--resample-runs/--fixed-runs",
                                             help="Resample the runs too (the interval carries the variation "
                                                  "between seeds and snapshots), or only the test users.")) -> None:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
     pipeline seeds) into one paired bootstrap against the reference."""
-    from qarm_core.rank.compare import pool_comparisons, read_comparison_scores
+    from qarm_core.rank.compare import pool_comparisons, pooled_reference, read_comparison_scores
 
     sets = []
     for path in scores:
@@ -145,9 +146,10 @@ def pool(scores: list[str] = typer.Argument(..., help="test_scores.npz of each c
                       soft_wrap=True)
             raise typer.Exit(2) from None
     try:
-        ref, rows = pool_comparisons(sets, reference, n_boot=n_boot, resample_runs=resample_runs)
+        ref, why = (reference, "given") if reference else pooled_reference(sets)
+        _, rows = pool_comparisons(sets, ref, n_boot=n_boot, resample_runs=resample_runs)
     except ValueError as exc:
         err.print("[bold red]error:[/] " + escape(f"[stage=rank, dataset=test_scores] {exc}"), highlight=False,
                   soft_wrap=True)
         raise typer.Exit(2) from None
-    print_pooled(rows, ref, len(sets), resample_runs)
+    print_pooled(rows, ref, why, len(sets), resample_runs)

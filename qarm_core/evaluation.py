@@ -250,8 +250,10 @@ def render_report(sections: dict, meta: dict, plots: dict[str, Path] | None = No
         p = sections["ranking_pooled"]
         out += [f"## Ranking, pooled: {p['comparisons']} comparisons on the same samples", "",
                 "One paired bootstrap over the runs of every comparison and the test users, against "
-                f"`{p['reference']}`. Comparisons: " + "; ".join(f"`{src}`" for src in p["sources"]) + ".", ""]
-        out += [f"Not pooled: {p['error']}", ""] if p.get("error") else [_md_table(POOL_HEADERS, pool_table(p["rows"])), ""]
+                f"`{p['reference']}` ({p.get('reference_rule') or 'none chosen'}). Comparisons: "
+                + "; ".join(f"`{src}`" for src in p["sources"]) + ".", ""]
+        out += ([f"Not pooled: {p['error']}", ""] if p.get("error")
+                else [_md_table(POOL_HEADERS, pool_table(p["rows"])), ""])
         if any(r.get("by_history") for r in p["rows"]):
             out += ["### Pooled: test users with and without events before the test period", "",
                     _md_table(*history_table(p["rows"])), ""]

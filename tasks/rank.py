@@ -20,8 +20,8 @@ from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
 from qarm_core.evaluation import plot_report
 from qarm_core.rank.compare import (ComparisonScores, add_differences, comparison_score_arrays, load_comparison_scores,
-                                    other_samples, plot_curves, pool_comparisons, read_comparison_scores, summarize,
-                                    tune_and_test)
+                                    other_samples, plot_curves, pool_comparisons, pooled_reference,
+                                    read_comparison_scores, summarize, tune_and_test)
 from qarm_core.rank.data import RankData, build_index
 from qarm_core.rank.inputs import (ITEM_INPUTS, ItemIndex, align_codes, choose_item_inputs, fallback_inputs,
                                    fallback_key)
@@ -259,18 +259,21 @@ def check_pool_samples(data: RankData, pool: list[ComparisonScores], paths: list
 def rank_pool(cfg: PipelineConfig, parent_run_id: str, own: ComparisonScores, pool: list[ComparisonScores],
               paths: list[str], n_boot: int = 1000) -> dict:
     """This comparison pooled with earlier ones on the same samples (``pool_comparisons``, runs and
-    test users resampled, against this comparison's reference), logged as ``rank/pooled.json`` and
-    ``pooled.<model>.auc_vs_ref.*`` metrics. Returns {reference, rows, sources, comparisons, error}:
-    a model missing from an earlier comparison is left out of the pool; when the reference is, the
-    pool is not made and ``error`` says why (this run's own comparison stands, so it is a warning)."""
+    test users resampled, against ``pooled_reference``: the best baseline by validation AUC averaged
+    over the comparisons), logged as ``rank/pooled.json`` and ``pooled.<model>.auc_vs_ref.*`` metrics.
+    Returns {reference, reference_rule, rows, sources, comparisons, error}: a model missing from an
+    earlier comparison is left out of the pool; when no reference can be chosen, the pool is not made
+    and ``error`` says why (this run's own comparison stands, so it is a warning)."""
     sources = ["this run", *map(str, paths)]
     try:
-        ref, rows = pool_comparisons([own, *pool], own.reference, n_boot=n_boot)
+        ref, why = pooled_reference([own, *pool])
+        _, rows = pool_comparisons([own, *pool], ref, n_boot=n_boot)
     except ValueError as exc:
         get_run_logger().warning("rank pool: not pooled: %s", exc)
-        return {"reference": own.reference, "rows": [], "sources": sources, "comparisons": len(sources),
-                "error": str(exc)}
-    out = {"reference": ref, "rows": rows, "sources": sources, "comparisons": len(sources), "error": None}
+        return {"reference": None, "reference_rule": None, "rows": [], "sources": sources,
+                "comparisons": len(sources), "error": str(exc)}
+    out = {"reference": ref, "reference_rule": why, "rows": rows, "sources": sources, "comparisons": len(sources),
+           "error": None}
     handle = tracking.run_handle(cfg, parent_run_id)
     handle.json(out, "rank/pooled.json")
     handle.metrics({f"pooled.{r['model']}.auc_vs_ref.{k}": r["vs_ref"][k] for r in rows if r["vs_ref"]

@@ -216,19 +216,22 @@ class ComparisonScores:
     """What one comparison scored on test, enough to pool comparisons later (``pool_comparisons``):
     ``user_id`` and ``label`` ``(n_rows,)`` indexed by the sample rows of the comparison's RankData
     (-1 / 0 where no test row), each model's chosen runs (their ``test_rows`` and ``test_logits``)
-    and the comparison's reference; ``groups``: ``history_groups``' masks over the same rows (empty in
-    files of comparisons before 2026-12-05)."""
+    and the comparison's reference; ``groups``: ``history_groups``' masks over the same rows;
+    ``valid_auc`` and ``baselines``, what chose the reference (the last three are empty in files of
+    comparisons before 2026-12-05)."""
     user_id: np.ndarray
     label: np.ndarray
     runs: dict[str, list[RunResult]]
     reference: str | None
     groups: dict[str, np.ndarray] = field(default_factory=dict)
+    valid_auc: dict[str, float] = field(default_factory=dict)   # model -> mean validation AUC at its lr
+    baselines: tuple[str, ...] = ()
 
 
 def comparison_score_arrays(data: RankData, results: list[ModelResult], reference: str | None) -> dict[str, np.ndarray]:
     """``results``' test scores as named arrays (``np.savez``; ``load_comparison_scores`` reads them back):
-    the test rows' users, labels and ``history_groups``, and per model its learning rate and each seed's
-    test rows and logits."""
+    the test rows' users, labels and ``history_groups``, and per model its learning rate, validation
+    AUC there, whether it is a baseline, and each seed's test rows and logits."""
     rows = np.unique(np.concatenate([r.test_rows for res in results for r in res.runs]))
     groups = history_groups(data)
     out = {"rows": rows, "user_id": data.user_id[rows].astype(np.int64), "label": data.label[rows].astype(np.float32),
@@ -236,6 +239,8 @@ def comparison_score_arrays(data: RankData, results: list[ModelResult], referenc
            "groups": np.array(list(groups))} | {f"group.{g}": m[rows] for g, m in groups.items()}
     for res in results:
         out[f"{res.name}.lr"] = np.array([res.lr])
+        out[f"{res.name}.valid_auc"] = np.array([res.valid_auc_by_lr[res.lr]])
+        out[f"{res.name}.baseline"] = np.array([res.baseline])
         out[f"{res.name}.seeds"] = np.array([r.seed for r in res.runs], np.int64)
         for r in res.runs:
             out[f"{res.name}.seed{r.seed}.rows"] = r.test_rows.astype(np.int64)
@@ -249,8 +254,9 @@ def load_comparison_scores(arrays) -> ComparisonScores:
     n = int(rows.max()) + 1 if len(rows) else 0
     user_id, label = np.full(n, -1, np.int64), np.zeros(n, np.float32)
     user_id[rows], label[rows] = arrays["user_id"], arrays["label"]
+    names = [str(m) for m in arrays["models"]]
     runs = {}
-    for name in (str(m) for m in arrays["models"]):
+    for name in names:
         lr = float(arrays[f"{name}.lr"][0])
         runs[name] = [RunResult(model=name, seed=int(s), metrics={}, lr=lr,
                                 test_rows=np.asarray(arrays[f"{name}.seed{s}.rows"]),
@@ -261,7 +267,10 @@ def load_comparison_scores(arrays) -> ComparisonScores:
     for g in (str(g) for g in (arrays["groups"] if "groups" in arrays else [])):
         groups[g] = np.zeros(n, bool)
         groups[g][rows] = arrays[f"group.{g}"]
-    return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref, groups=groups)
+    valid = {m: float(arrays[f"{m}.valid_auc"][0]) for m in names if f"{m}.valid_auc" in arrays}
+    baselines = tuple(m for m in names if f"{m}.baseline" in arrays and bool(arrays[f"{m}.baseline"][0]))
+    return ComparisonScores(user_id=user_id, label=label, runs=runs, reference=ref, groups=groups, valid_auc=valid,
+                            baselines=baselines)
 
 
 def read_comparison_scores(path: str | Path) -> ComparisonScores:
@@ -286,21 +295,43 @@ def other_samples(user_id: np.ndarray, label: np.ndarray, scores: ComparisonScor
                 or (label[rows][known] != scores.label[rows][known]).any())
 
 
+def pooled_reference(sets: list[ComparisonScores]) -> tuple[str, str]:
+    """The reference of pooled comparisons and why: the baseline of every comparison with the best
+    validation AUC averaged over them (the rule each comparison applies alone, over the pool: a
+    baseline that reads the pipeline's embeddings may win on one snapshot's validation and not on
+    another's); where a file records no validation AUCs (written before 2026-12-05), the reference
+    the comparisons agree on. Raises ValueError when there is none (name one instead)."""
+    common = [m for m in sets[0].runs if all(m in t.runs for t in sets)]
+    if all(t.valid_auc for t in sets):
+        cands = [m for m in common if all(m in t.baselines and m in t.valid_auc for t in sets)]
+        if not cands:
+            raise ValueError("no baseline is in every comparison: name the reference")
+        mean = {m: float(np.mean([t.valid_auc[m] for t in sets])) for m in cands}
+        best = max(cands, key=mean.get)
+        return best, (f"the best baseline by validation AUC averaged over the {len(sets)} comparisons "
+                      + ", ".join(f"{m} {mean[m]:.4f}" for m in cands))
+    refs = {t.reference for t in sets}
+    if len(refs) == 1 and None not in refs:
+        return refs.pop(), "the best baseline on validation of every comparison"
+    raise ValueError(f"the comparisons chose different references ({', '.join(sorted(map(str, refs)))}) and not "
+                     "every file records the validation AUCs to choose between them: name the reference")
+
+
 def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None, n_boot: int = 1000,
                      seed: int = 0, resample_runs: bool = True) -> tuple[str, list[dict]]:
     """Pool comparisons run on the same ranking samples with other inputs (e.g. snapshots of several
     pipeline seeds): every model's runs of every comparison against the reference's runs of the same
     comparison and seed, in one paired bootstrap (``paired_bootstrap``: the difference averaged over
     all of them); with ``resample_runs`` (default) the runs are resampled too, so that the interval
-    carries the variation between runs and pipeline seeds, not only over test users. ``reference``: the
-    first comparison's unless given; it and a model must be in every comparison to be pooled.
+    carries the variation between runs and pipeline seeds, not only over test users. ``reference``:
+    ``pooled_reference``'s unless given; it and a model must be in every comparison to be pooled.
     Returns (reference, one row per pooled model: model, reference, runs, test AUC mean/std over the
     runs, ``vs_ref`` (None for the reference), ``per_set`` (the difference within each comparison) and
     ``by_history`` (``by_group`` over the groups a comparison recorded, with the same bootstrap)).
     Raises ValueError when the comparisons' test rows disagree on users or labels (other samples)."""
     if not sets:
         raise ValueError("nothing to pool")
-    ref = reference or sets[0].reference
+    ref = reference or pooled_reference(sets)[0]
     if not ref or any(ref not in t.runs for t in sets):
         raise ValueError(f"reference {ref!r} is not in every comparison")
     n = max(len(t.user_id) for t in sets)
@@ -314,7 +345,7 @@ def pool_comparisons(sets: list[ComparisonScores], reference: str | None = None,
     # the groups of whichever comparison recorded them (the samples are the same; older files have none)
     groups = next((t.groups for t in sets if t.groups), {})
     groups = {g: np.pad(m, (0, n - len(m))) for g, m in groups.items()}
-    pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref, groups=groups)   # what scoring reads
+    pooled = ComparisonScores(user_id=user_id, label=label, runs={}, reference=ref, groups=groups)  # what scoring reads
     models = [m for m in sets[0].runs if all(m in t.runs for t in sets)]
     # (comparison, run) -> test AUC, per model: each run scored once
     aucs = {m: [[seed_test_auc(r, pooled) for r in t.runs[m]] for t in sets] for m in models}

@@ -7,10 +7,10 @@ import torch
 
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
-from qarm_core.rank.compare import (ModelResult, add_differences, compare, comparison_score_arrays, history_groups,
-                                    history_table, load_comparison_scores, other_samples, paired_bootstrap,
-                                    plot_curves, pool_comparisons, read_comparison_scores, weighted_auc,
-                                    weighted_auc_groups)
+from qarm_core.rank.compare import (ComparisonScores, ModelResult, add_differences, compare, comparison_score_arrays,
+                                    history_groups, history_table, load_comparison_scores, other_samples,
+                                    paired_bootstrap, plot_curves, pool_comparisons, pooled_reference,
+                                    read_comparison_scores, weighted_auc, weighted_auc_groups)
 from qarm_core.rank.metrics import auc as plain_auc
 from qarm_core.rank.data import build_index, categories, prepare
 from qarm_core.rank.inputs import ItemIndex, align_codes, align_embeddings, pca
@@ -431,6 +431,36 @@ def test_pooled_comparisons_split_test_users_by_history_as_one_comparison_does(t
     assert both[1]["by_history"]["with_history"]["users"] == 20
     heads, cells = history_table(both)
     assert heads[1].startswith("test AUC, with history (20 users, 200 samples)") and cells[0][2] == "reference"
+
+
+def test_the_pooled_reference_is_the_best_baseline_on_validation_averaged_over_the_comparisons():
+    """Two comparisons whose references differ (a baseline that reads the pipeline's embeddings won
+    validation on one snapshot only): the pool's reference is the baseline with the best mean
+    validation AUC, whatever each comparison chose; older files (no validation AUCs) pool only when
+    their references agree, or with one named."""
+    rng = np.random.default_rng(9)
+    data = _HistoryData(rng)
+
+    def comparison(valid_b: float, reference: str):
+        res = _comparison(rng, data, 0.5)
+        res.insert(1, ModelResult("b", 0.01, {0.01: valid_b}, res[0].runs, baseline=True))
+        return load_comparison_scores(comparison_score_arrays(data, res, reference))
+
+    first, second = comparison(0.69, "ref"), comparison(0.72, "b")           # "ref" is 0.70 in both
+    assert first.valid_auc == {"ref": 0.70, "b": 0.69, "ours": 0.69} and first.baselines == ("ref", "b")
+    ref, why = pooled_reference([first, second])
+    assert ref == "b" and why.startswith("the best baseline by validation AUC averaged over the 2 comparisons")
+    assert "ref 0.7000, b 0.7050" in why
+    assert pool_comparisons([first, second], n_boot=100)[0] == "b"
+    assert pooled_reference([first, comparison(0.60, "ref")])[0] == "ref"
+    old = [ComparisonScores(t.user_id, t.label, t.runs, t.reference) for t in (first, second)]   # no valid AUCs
+    with pytest.raises(ValueError, match=r"chose different references \(b, ref\).*name the reference"):
+        pool_comparisons(old, n_boot=100)
+    assert pool_comparisons(old, "ref", n_boot=100)[0] == "ref"
+    assert pooled_reference([old[0], old[0]]) == ("ref", "the best baseline on validation of every comparison")
+    with pytest.raises(ValueError, match="no baseline is in every comparison"):
+        pooled_reference([first, ComparisonScores(first.user_id, first.label, {"ours": first.runs["ours"]}, None,
+                                                  valid_auc={"ours": 0.7})])
 
 
 def test_paired_bootstrap_draws_one_resample_of_users_for_all_seeds():

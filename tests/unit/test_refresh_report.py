@@ -58,11 +58,13 @@ def test_the_evaluation_report_shows_a_pooled_ranking_or_why_there_is_none():
     rows = [{"model": "din", "runs": 6, "auc_mean": 0.79, "auc_std": 0.002, "vs_ref": None, "per_set": None},
             {"model": "ours_sid", "runs": 6, "auc_mean": 0.792, "auc_std": 0.003,
              "vs_ref": {"diff": 0.002, "lo": -0.0026, "hi": 0.0078, "p_le_0": 0.21}, "per_set": [0.0015, 0.0026]}]
-    pooled = {"reference": "din", "rows": rows, "sources": ["this run", "/a/test_scores.npz"], "comparisons": 2,
-              "error": None}
+    pooled = {"reference": "din", "reference_rule": "the best baseline by validation AUC averaged over the 2 "
+              "comparisons din 0.7870", "rows": rows, "sources": ["this run", "/a/test_scores.npz"],
+              "comparisons": 2, "error": None}
     text = render_report({"ranking_pooled": pooled}, {"snapshot_id": "s"})
     assert "## Ranking, pooled: 2 comparisons on the same samples" in text
-    assert "`this run`; `/a/test_scores.npz`" in text and "against `din`" in text
+    assert "against `din` (the best baseline by validation AUC averaged over the 2 comparisons din 0.7870)" in text
+    assert "`this run`; `/a/test_scores.npz`" in text
     assert "| ours_sid | 6 | 0.7920 ± 0.0030 | +0.20 [-0.26, +0.78] | 0.210 | +0.15 / +0.26 |" in text
     assert "### Pooled: test users" not in text                  # scores files without the groups
     rows[1]["by_history"] = {"with_history": {"users": 90, "samples": 4439, "auc_mean": 0.78, "auc_std": 0.005,
