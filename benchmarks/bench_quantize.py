@@ -2,15 +2,17 @@
 
 qarm (2 x 256 full-batch residual k-means + FSQ, assign all, resolve, metrics, codes -> Parquet;
 ``flows.bench_quantize.run_quantize_bench``, the same function as ``qarm bench quantize``)
-against its FLOP floor (multiply-adds of the k-means passes qarm ran, warm-up sample included, and
-of FSQ / the sgemm rate measured in this run) and two baselines at the same code space 256^3:
+against its FLOP floor (multiply-adds of the k-means passes qarm ran, warm-up sample included, of
+FSQ and of decode HR@k's catalog scans, which run at the stage's default sample as deployed / the
+sgemm rate measured in this run; the ratio without decode HR@k is printed too) and two baselines at the same code space 256^3:
 faiss ResidualQuantizer (3 x 8 bits, trained on a subsample whose k-means uses every training row,
 encodes all rows) and a mini-batch residual k-means in torch (3 x 256, Sculley-style per-centroid
 rates). Each phase runs in its own process (benchmarks/harness.py) so its peak RSS is its own;
 every figure printed is measured in this run. Goals checked (not asserted): qarm <= 10 minutes and
 <= 8 GiB peak RSS.
 
-    python benchmarks/bench_quantize.py [--n 10000000 --dim 128 --baseline-n 1000000 --skip-baselines]
+    python benchmarks/bench_quantize.py [--n 10000000 --dim 128 --baseline-n 1000000 --skip-baselines
+                                         --decode-hr-sample 1000]
 
 With --baseline-n below --n, the baselines run at that size and qarm runs a second time at it, so
 that every ratio compares runs on the same data.
@@ -66,10 +68,10 @@ def phase_sgemm(threads: int) -> dict:
 
 
 def phase_qarm(n: int, dim: int, levels: list[int], fsq_dims: int, fsq_levels: int, seed: int,
-               threads: int) -> dict:
+               threads: int, decode_hr_sample: int = 0) -> dict:
     from flows.bench_quantize import run_quantize_bench
 
-    return run_quantize_bench(n, dim, tuple(levels), fsq_dims, fsq_levels, seed)
+    return run_quantize_bench(n, dim, tuple(levels), fsq_dims, fsq_levels, seed, decode_hr_sample=decode_hr_sample)
 
 
 def phase_faiss_rq(n: int, dim: int, seed: int, threads: int, train: int, beam: int,
@@ -184,7 +186,13 @@ def main() -> None:
     ap.add_argument("--mb-steps", type=int, default=200, help="mini-batch steps per level (torch baseline)")
     ap.add_argument("--mb-batch", type=int, default=65536)
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--decode-hr-sample", type=int, default=None,
+                    help="decode HR@k queries (default: the quantize stage's own default; 0: off)")
     args = ap.parse_args()
+    if args.decode_hr_sample is None:
+        from qarm_core.quantize.config import QuantizerParams
+
+        args.decode_hr_sample = QuantizerParams().decode_hr_sample
     from benchmarks.harness import machine
 
     print(f"# {machine()}", flush=True)
@@ -199,7 +207,7 @@ def main() -> None:
 
     def qarm_at(rows: int) -> dict:
         return _phase("qarm", th, n=rows, dim=d, levels=levels, fsq_dims=args.fsq_dims,
-                      fsq_levels=args.fsq_levels, seed=args.seed)
+                      fsq_levels=args.fsq_levels, seed=args.seed, decode_hr_sample=args.decode_hr_sample)
 
     g = _phase("sgemm", th)
     loads["after sgemm"] = loadavg()
@@ -238,7 +246,11 @@ def main() -> None:
         its = ", ".join(f"L{r['level']}: {r['lloyd_iterations']}{'' if r['converged'] else ' (not converged)'}"
                         + (f" after {r['warmup_iterations']} on a {r['warmup_rows']:,}-row warm-up sample"
                            if "warmup_rows" in r else "") for r in qq["fit_report"])
-        st = ", ".join(f"{k} {v:.1f}" for k, v in qq["stage_seconds"].items())
+        ss = dict(qq["stage_seconds"])
+        dhr = ss.pop("decode_hr", None)
+        st = ", ".join(f"{k} {v:.1f}" + (f" (decode HR@k {dhr:.1f} of it, {qq['decode_hr_sample']:,} queries x 2 "
+                                          f"decodings, each scanning all rows)" if k == "metrics" and dhr else "")
+                       for k, v in ss.items())
         print(f"\nqarm n={rn:,}: seconds = quantize_embeddings {qq['quantize_seconds']:.1f} s ({st}) + Parquet zstd "
               f"write {qq['parquet_seconds']:.1f} s ({qq['parquet_mib']:.0f} MiB); generation "
               f"{qq['gen_seconds']:.1f} s excluded (peak RSS after generation {qq['gen_peak_rss_gib']:.2f} GiB)")
@@ -258,8 +270,16 @@ def main() -> None:
           f"search (200k x K=256): {g['faiss_search_gflops']:.1f} GFLOP/s")
     parts = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in macs.items())
     print(f"FLOP floor (n={n:,}): {total_macs / 1e9:,.0f} G multiply-adds ({parts}) x 2 / sgemm rate = {floor:.1f} s")
+    floor_km = 2.0 * (macs["kmeans_distances"] + macs["kmeans_other"]) / (g["gflops"] * 1e9)
     print(f"qarm measured / floor: {q['seconds'] / floor:.2f}x "
-          f"(k-means fit + assign part alone: {q['fit_seconds'] / floor:.2f}x)")
+          f"(k-means fit + assign alone: {q['fit_seconds']:.1f} s / its {floor_km:.1f} s = {q['fit_seconds'] / floor_km:.2f}x)")
+    dhr = q["stage_seconds"].get("decode_hr")
+    if dhr:
+        # the ratio as runs without decode HR@k reported it (its scans and their seconds left out)
+        floor_wo = 2.0 * (total_macs - macs["decode_hr"]) / (g["gflops"] * 1e9)
+        floor_dhr = 2.0 * macs["decode_hr"] / (g["gflops"] * 1e9)
+        print(f"without decode HR@k: {q['seconds'] - dhr:.1f} s / {floor_wo:.1f} s = {(q['seconds'] - dhr) / floor_wo:.2f}x; "
+              f"decode HR@k alone: {dhr:.1f} s / {floor_dhr:.1f} s = {dhr / floor_dhr:.2f}x")
     if not args.skip_baselines:
         sub = (f"a seeded {rq['train_rows']:,}-row subsample" if rq["train_rows"] < bn
                else f"all {bn:,} rows (--baseline-train >= n)")

@@ -83,7 +83,7 @@ class _nullcontext:
 
 
 def quantize_macs(n: int, d: int, levels: list[int] | tuple[int, ...], fsq_dims: int, fit_report: list[dict],
-                  fsq_sample: int) -> dict[str, float]:
+                  fsq_sample: int, decode_queries: int = 0) -> dict[str, float]:
     """Multiply-adds of qarm's fit and assignment.
 
     Per k-means level of K centroids (and likewise on the warm-up sample, if any), Lloyd runs
@@ -92,7 +92,8 @@ def quantize_macs(n: int, d: int, levels: list[int] | tuple[int, ...], fsq_dims:
     plus n*d for the centroid sums; the final labels come from the last accepted pass (no separate
     assignment). Then n*d to subtract the centroids and n*d for the level's exact MSE.
     FSQ: covariance s*d*d and projection s*d*f of its s = min(n, sample) fitting rows, then the
-    projection n*d*f of all rows and n*d for its exact MSE.
+    projection n*d*f of all rows and n*d for its exact MSE. Decode HR@k (``decode_queries``
+    decodings, each scanning the catalog): n*d per decoding (its sgemm).
     """
     macs = {"kmeans_distances": 0.0, "kmeans_other": 0.0, "fsq": 0.0}
     for k, rep in zip(levels, fit_report):
@@ -105,6 +106,8 @@ def quantize_macs(n: int, d: int, levels: list[int] | tuple[int, ...], fsq_dims:
             macs["kmeans_other"] += w * rep["warmup_rows"] * d
     s = min(n, fsq_sample)
     macs["fsq"] = s * d * d + s * d * fsq_dims + n * d * fsq_dims + n * d
+    if decode_queries:
+        macs["decode_hr"] = float(decode_queries) * n * d
     return macs
 
 
@@ -117,8 +120,9 @@ def run_quantize_bench(n: int = 10_000_000, dim: int = 128, levels: tuple[int, .
     (on a shared machine wall time / cpu time shows how much of the CPUs the run actually got).
 
     ``out``: folder for codes.parquet (default: a temporary folder, deleted). ``decode_hr_sample``:
-    queries for decode HR@k, each scanning all n items (n*dim multiply-adds per query), so off by
-    default at benchmark scale.
+    queries for decode HR@k, each scanning all n items once per decoder (n*dim multiply-adds per
+    scan); 0 here, the stage's default (``QuantizerParams.decode_hr_sample``) in
+    ``benchmarks/bench_quantize.py``, which reports the floor ratio with and without it.
     """
     import pyarrow.parquet as pq
 
@@ -159,4 +163,6 @@ def run_quantize_bench(n: int = 10_000_000, dim: int = 128, levels: tuple[int, .
             "suffixed_share": m["suffixed_share"],
             "fit_report": codebook.fit_report, "niter": params.niter, "polish_iter": params.polish_iter,
             "fsq_sample": min(n, fsq_sample), "peak_rss_gib": peak_rss_gib(),
-            "macs": quantize_macs(n, dim, levels, fsq_dims, codebook.fit_report, fsq_sample)}
+            "decode_hr_sample": decode_hr_sample,
+            "macs": quantize_macs(n, dim, levels, fsq_dims, codebook.fit_report, fsq_sample,
+                                  int(m.get("decode_hr.queries", 0)))}

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.arrays import intersect
+
 STAGE = "evaluate"
 
 # QARM V2's reported rejection rates (share of mined pairs the LLM judged to be noise).
@@ -40,10 +42,10 @@ def embedding_table(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], train_
 
     common = None
     for ids, _ in embeddings.values():
-        common = ids if common is None else np.intersect1d(common, ids)
+        common = ids if common is None else intersect(common, ids)
     rows = []
     for period, events in periods.items():
-        pairs = cooccurrence_pairs(events, np.intersect1d(np.asarray(train_items), common), min_rating)
+        pairs = cooccurrence_pairs(events, intersect(np.asarray(train_items), common), min_rating)
         for model, (ids, x) in embeddings.items():
             if pairs.num_rows == 0:
                 rows.append({"period": period, "model": model, "pairs": 0})

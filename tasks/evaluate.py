@@ -3,11 +3,11 @@ MLflow run per section under the evaluate flow's run, then report.md and its plo
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import DataError
 from qarm_core.evaluation import embedding_table, judge_ablation, judge_table, plot_report, quantizer_table, render_report
@@ -67,7 +67,7 @@ def evaluate_embeddings(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -
         embeddings["base"] = read_embeddings(embed_catalog(items, work / "base", cfg.embed.model, cfg.embed.infer).path)
     if "minilm" in cfg.embed.baselines:
         embeddings["minilm"] = read_embeddings(embed_catalog_minilm(items, work / "minilm", cfg.embed.infer).path)
-    train_items = np.unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())
+    train_items = sorted_unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())
     rows = embedding_table(embeddings, train_items, inputs["events"], cfg.events.positive_min_rating)
     with tracking.stage_run(cfg, parent_run_id, "evaluate-embeddings") as run:
         run.metrics(_flat([{**r, "key": f"{r['period']}.{r['model']}"} for r in rows], "key"))

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.arrays import difference, sorted_unique
 from qarm_core.embed.config import EmbedModelConfig
 from qarm_core.errors import DataError
 from qarm_core.lm.text import ItemTextFormat, render_item, sanitize
@@ -176,9 +177,9 @@ def positive_pairs(judgments: pa.Table, catalog_ids: Iterable[int] | np.ndarray,
         raise DataError(stage, dataset, "null item ids in pairs")
     src = t["src_item"].to_numpy().astype(np.int64)
     dst = t["dst_item"].to_numpy().astype(np.int64)
-    cat = np.unique(np.asarray(list(catalog_ids) if not isinstance(catalog_ids, np.ndarray) else catalog_ids,
+    cat = sorted_unique(np.asarray(list(catalog_ids) if not isinstance(catalog_ids, np.ndarray) else catalog_ids,
                                dtype=np.int64))
-    unknown = np.setdiff1d(np.concatenate([src, dst]), cat)
+    unknown = difference(np.concatenate([src, dst]), cat)
     if len(unknown):
         raise DataError(stage, dataset, f"{len(unknown)} item id(s) in pairs are not in the items table, "
                                         f"e.g. {unknown[:5].tolist()}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.events import positive_mask
 from qarm_core.judge.config import KeepRule, KeepRules
 from qarm_core.judge.judge import SOURCES, STAGE
@@ -41,7 +42,7 @@ def future_labels(pairs: pa.Table, events: pa.Table, min_rating: float | None) -
     if len(rows) == 0:
         return out
     n_items = len(liked)
-    keys = np.unique(user_d.astype(np.int64) * n_items + item_d)           # (user, item) likes, sorted
+    keys = sorted_unique(user_d.astype(np.int64) * n_items + item_d)           # (user, item) likes, sorted
     key_user, key_item = keys // n_items, keys % n_items
     by_item = np.lexsort((key_user, key_item))
     users_of = key_user[by_item]                                             # users grouped by item

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.hashing import keyed_hash, keyed_uniform
 
@@ -99,7 +100,7 @@ def _eval_pool(interactions: pa.Table, items: pa.Table, p: EvalSetParams) -> _Ev
         raise DataError(STAGE, "interactions", f"only {len(pool)} items have >= "
                                                f"{p.min_item_ratings} ratings; too few for evaluation")
     pool_set = set(pool)
-    uniq = np.unique(users)
+    uniq = sorted_unique(users)
     held = set(uniq[keyed_uniform(p.seed, 1, uniq) < p.holdout_users].tolist()) or {int(uniq[0])}
     baskets: dict[int, set[int]] = collections.defaultdict(set)
     for u, i, r in zip(users.tolist(), item_col.tolist(), rating.tolist()):

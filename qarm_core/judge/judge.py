@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
 from qarm_core.judge.prompts import JudgePrompt, judge_prompt
@@ -159,7 +160,7 @@ def apply_keep_rules(judgments: pa.Table, rules: KeepRules | None = None) -> pa.
     dst = judgments["dst_item"].to_numpy()
     source = np.asarray(judgments["source"].to_pylist(), dtype=object)
     keep = np.zeros(judgments.num_rows, dtype=bool)
-    for s in np.unique(source):
+    for s in sorted_unique(source):
         if s not in SOURCES:
             raise DataError(STAGE, "judgments", f"no keep rule for source {s!r}")
         m = source == s

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.events import POSITIVE_MIN_RATING
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
@@ -52,7 +53,7 @@ def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfi
     if "tags" not in items.column_names:
         return None, "the items carry no tags (the genre evaluation set needs them)"
     rated = interactions.filter(pc.is_valid(interactions["rating"]))
-    users = np.unique(rated["user_id"].to_numpy())
+    users = sorted_unique(rated["user_id"].to_numpy())
     if len(users) > cfg.max_users:
         # a hash, not a draw: a growing log keeps the users it had sampled (stable eval pairs)
         from qarm_core.hashing import keyed_hash

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.arrays import sorted_unique
 from qarm_core.hashing import splitmix64
 from qarm_core.pairs.config import SwingConfig
 
@@ -45,7 +46,7 @@ def prepare_swing_inputs(user_id: np.ndarray, item_id: np.ndarray, params: Swing
         raise ValueError("swing: user_id and item_id differ in length")
     u_ids, u = np.unique(np.asarray(user_id, dtype=np.int64), return_inverse=True)
     i_ids, i = np.unique(np.asarray(item_id, dtype=np.int64), return_inverse=True)
-    pair = np.unique(u.astype(np.int64) * len(i_ids) + i)         # distinct (user, item), sorted by user
+    pair = sorted_unique(u.astype(np.int64) * len(i_ids) + i)         # distinct (user, item), sorted by user
     u, i = pair // len(i_ids), pair % len(i_ids)
 
     n_per_user = np.bincount(u, minlength=len(u_ids))

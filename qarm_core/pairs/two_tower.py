@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qarm_core.arrays import count_distinct, sorted_unique
 from qarm_core.devices import cpu_threads
 from qarm_core.errors import DataError
 from qarm_core.events import POSITIVE_MIN_RATING, positive_mask
@@ -170,12 +171,12 @@ def time_split(interactions: Any, items: Any, params: TwoTowerConfig | None = No
     item_ids = raw_item_ids[item_order]
     dup = item_ids[1:][item_ids[1:] == item_ids[:-1]]
     if len(dup):
-        raise DataError(STAGE, "items", f"{len(np.unique(dup))} item_id(s) appear more than once, "
-                                        f"e.g. {np.unique(dup)[:5].tolist()}")
+        raise DataError(STAGE, "items", f"{count_distinct(dup)} item_id(s) appear more than once, "
+                                        f"e.g. {sorted_unique(dup)[:5].tolist()}")
     item_dense = np.minimum(np.searchsorted(item_ids, item), len(item_ids) - 1)
     unknown = item_ids[item_dense] != item
     if unknown.any():
-        missing = np.unique(item[unknown])
+        missing = sorted_unique(item[unknown])
         raise DataError(STAGE, "items", f"{len(missing)} item_id(s) of the interactions are not in "
                                         f"the items table, e.g. {missing[:5].tolist()}")
 
@@ -451,7 +452,7 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
     order = np.lexsort((np.arange(n_items), -split.item_count))
     rank = np.empty(n_items, np.int64)
     rank[order] = np.arange(n_items)
-    key = np.unique(row * n_items + seen)
+    key = sorted_unique(row * n_items + seen)
     row, seen = key // n_items, key % n_items
     ahead = np.bincount(row, weights=(rank[seen] < rank[target[row]]), minlength=len(pos))
     target_seen = np.zeros(len(pos), bool)
@@ -473,7 +474,7 @@ def evaluate_recall(model: TwoTowerModel, split: TwoTowerSplit, k: int = 50,
             c_row, c_seen = _excluded(split, pos[idx])
             depth = int(min(n_items, k + np.bincount(c_row, minlength=len(idx)).max()))
             _, got = index.search(model.user_embeddings(hist, mask), depth)        # (chunk, depth)
-            seen_key = np.unique(c_row * n_items + c_seen)
+            seen_key = sorted_unique(c_row * n_items + c_seen)
             unseen = ~np.isin(np.arange(len(idx))[:, None] * n_items + got, seen_key) & (got >= 0)
             top = unseen & (np.cumsum(unseen, axis=1) <= k)
             tt_hit[idx] = (top & (got == target[idx, None])).any(axis=1)

@@ -128,16 +128,16 @@ def with_cell_means(fsq: FSQCodebook, rows: np.ndarray) -> FSQCodebook:
 
     book = replace(fsq, cell_means=None)
     codes = pack(digits_of(book, project(book, rows)), book.levels)
-    sums = np.zeros((book.code_space, rows.shape[1]), np.float64)
-    order = np.argsort(codes, kind="stable")
-    sc = codes[order]
-    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if len(sc) else np.zeros(0, np.int64)
-    for lo in range(0, len(starts), 4096):
-        block = starts[lo:lo + 4096]
-        end = starts[lo + 4096] if lo + 4096 < len(starts) else len(sc)
-        seg = rows[order[block[0]:end]].astype(np.float64)
-        sums[sc[block]] = np.add.reduceat(seg, block - block[0], axis=0)
-    counts = np.bincount(codes, minlength=book.code_space)
+    # the k-means kernel's float64 sums per label, in row order: the sums the sorted reduceat
+    # gave, without its (rows, dim) float64 gather (2.2 of the FSQ fit's 4.4 s at 10M items)
+    from qarm_core.quantize.kmeans import _k
+
+    sums = np.zeros((1, book.code_space, rows.shape[1]), np.float64)
+    counts = np.zeros((1, book.code_space), np.int64)
+    rows_c = np.ascontiguousarray(rows, dtype=np.float64 if rows.dtype == np.float64 else np.float32)
+    for lo in range(0, len(rows_c), CHUNK):
+        _k().accumulate(rows_c[lo:lo + CHUNK], codes[lo:lo + CHUNK], sums, counts, 0)
+    sums, counts = sums[0], counts[0]
     table = decode(book, unpack(np.arange(book.code_space, dtype=np.int64), book.levels, book.dims))
     hit = counts > 0
     table[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+
+from qarm_core.arrays import has_duplicates
 
 
 def _small_key_space(keys: np.ndarray) -> bool:
@@ -105,7 +108,7 @@ def hit_rates(x: "np.ndarray | Callable[[np.ndarray], np.ndarray]", keys: np.nda
 
 def decode_hit_rates(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int,
                      decoders: "dict[str, Callable[[np.ndarray], np.ndarray]]", ks: tuple[int, ...] = (1, 10),
-                     sample: int | None = 1000, seed: int = 0, chunk: int = 16_384) -> dict[str, float]:
+                     sample: int | None = 1000, seed: int = 0, chunk: int | None = None) -> dict[str, float]:
     """Decode HR@k: decode the item's SID to a vector (the sum of its codewords) and search the
     whole catalog by squared L2 distance to it; a hit if the item is among the k nearest (ties
     count against it). An item can only be first if its SID is its own (holders of one SID share
@@ -115,6 +118,7 @@ def decode_hit_rates(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int,
     x ``(n, dim)`` or a function giving a block of rows for a slice; decoders: name -> a function
     giving the decoded vectors ``(m, dim)`` of items ``(m,)`` (several codes share one scan of the
     catalog). Returns ``{name}.decode_hr@{k}``. Cost: sample x n x dim multiply-adds per decoder (sgemm).
+    ``chunk``: catalog rows per block (default: about 4 MB of scores per thread).
     """
     rng = np.random.default_rng(seed)
     q = np.arange(n) if sample is None or n <= sample else np.sort(rng.choice(n, sample, replace=False))
@@ -124,21 +128,50 @@ def decode_hit_rates(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int,
     dq = np.concatenate([np.asarray(dec(q), np.float32) for dec in decoders.values()])    # (m * nq, dim)
     own = ((np.tile(xq, (len(decoders), 1)).astype(np.float64) - dq) ** 2).sum(1)          # to the item itself
     dqn = (dq.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    self_col = np.tile(q, len(decoders))
-    beaten = np.zeros(len(dq), np.int64)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        v = np.ascontiguousarray(x(slice(lo, hi)) if callable(x) else x[lo:hi], dtype=np.float32)
-        d = (v * v).sum(1)[None, :] - 2.0 * (dq @ v.T) + dqn[:, None]                     # (queries, rows)
-        better = d <= own[:, None].astype(np.float32)
-        inside = np.flatnonzero((self_col >= lo) & (self_col < hi))
-        better[inside, self_col[inside] - lo] = False                  # the item itself
-        beaten += better.sum(1)
+    self_col = np.tile(q, len(decoders)).astype(np.int64)
+    beaten = _scan_catalog(x, n, dq, dqn, own.astype(np.float32), self_col, chunk)
     out = {}
     for j, name in enumerate(decoders):
         b = beaten[j * nq:(j + 1) * nq]
         out |= {f"{name}.decode_hr@{k}": float((b + 1 <= k).mean()) if nq else 0.0 for k in ks}
     return out
+
+
+def _scan_catalog(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int, dq: np.ndarray, dqn: np.ndarray,
+                  own: np.ndarray, self_col: np.ndarray, chunk: int | None) -> np.ndarray:
+    """``(nq,)`` int64: for each decoding ``dq[i]`` ``(nq, dim)``, the catalog rows other than
+    ``self_col[i]`` at squared distance <= ``own[i]`` (float32, as ``count_closer`` computes it).
+    Blocks of rows go to one Python thread per CPU, each running a single-threaded sgemm and the
+    compiled count (both release the GIL), as a k-means pass does; the counts are integers, so
+    the result does not depend on the thread count."""
+    from threadpoolctl import threadpool_limits
+
+    from qarm_core.quantize.kmeans import _k, threads
+
+    kk = _k()
+    nq = len(dq)
+    rows = chunk or max(256, min(16_384, (1 << 20) // max(nq, 1)))
+    blocks = -(-n // rows)
+    t = max(1, min(threads(), blocks))
+    parts = np.zeros((t, nq), np.int64)
+
+    def work(owner: int) -> None:
+        gbuf = np.empty(nq * rows, np.float32)
+        for b in range(owner, blocks, t):
+            lo, hi = b * rows, min(n, (b + 1) * rows)
+            v = np.ascontiguousarray(x(slice(lo, hi)) if callable(x) else x[lo:hi], dtype=np.float32)
+            g = gbuf[:nq * (hi - lo)].reshape(nq, hi - lo)
+            np.matmul(dq, v.T, out=g)                                          # (queries, rows)
+            kk.count_closer(g, (v * v).sum(1), dqn, own, self_col, lo, parts[owner])
+
+    with threadpool_limits(1, user_api="blas"):
+        if t == 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(t) as pool:
+                for f in [pool.submit(work, o) for o in range(t)]:
+                    f.result()
+    return parts.sum(0)
 
 
 def level_usage(codes: np.ndarray, space: int) -> dict[str, float]:
@@ -152,8 +185,12 @@ def level_usage(codes: np.ndarray, space: int) -> dict[str, float]:
 
 
 def churn(prev_ids: np.ndarray, prev_sids: np.ndarray, ids: np.ndarray, sids: np.ndarray) -> dict[str, float]:
-    """Share of items present in both snapshots whose SID changed."""
-    common, a, b = np.intersect1d(prev_ids, ids, return_indices=True)
+    """Share of items present in both snapshots whose SID changed. Ids are unique within each
+    snapshot (checked: by one pass where they are sorted), which spares numpy's intersection two
+    uniques (3.2 -> 0.5 s on 10M sorted ids here)."""
+    if has_duplicates(prev_ids) or has_duplicates(ids):
+        raise ValueError("churn: item ids repeat within a snapshot")
+    common, a, b = np.intersect1d(prev_ids, ids, assume_unique=True, return_indices=True)
     if len(common) == 0:
         return {"churn": 0.0, "churn_items": 0.0}
     return {"churn": float((prev_sids[a] != sids[b]).mean()), "churn_items": float(len(common))}

@@ -7,6 +7,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.arrays import sorted_unique, union
+
 
 def sid_keys(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k2: int, c3_space: int) -> np.ndarray:
     """One int64 per (c1, c2, c3) triple (the caller checks k1*k2*c3_space < 2**63)."""
@@ -36,11 +38,11 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray,
     order = np.lexsort((np.arange(n), priority, keys))
     sorted_keys = keys[order]
     first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
-    outside = np.zeros(0, np.int64) if occupied is None else np.unique(occupied)
+    outside = np.zeros(0, np.int64) if occupied is None else sorted_unique(occupied)
     if len(outside):
         first &= ~np.isin(sorted_keys, outside)
     movers = order[~first]                       # every holder of a taken key but the first
-    occupied = np.union1d(np.unique(keys), outside)
+    occupied = union(keys, outside)
     moved = np.zeros(n, bool)
     pending = movers
     n_alt = alt_c3(movers[:1]).shape[1] if callable(alt_c3) else alt_c3.shape[1]
@@ -65,7 +67,7 @@ def resolve_collisions(keys: np.ndarray, priority: np.ndarray,
         new_c3[rows] = cand_c3[win]
         new_keys[rows] = cand[win]
         moved[rows] = True
-        occupied = np.union1d(occupied, cand[win])
+        occupied = union(occupied, cand[win])
         keep = np.ones(len(pending), bool)
         keep[win] = False
         pending = pending[keep]

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from qarm_core.arrays import count_distinct, union
 from qarm_core.rank.config import RankConfig
 from qarm_core.rank.data import RankData
 from qarm_core.rank.models import resolve_spec
@@ -118,7 +119,7 @@ def paired_bootstrap(data: RankData, runs_a: list[RunResult], runs_b: list[RunRe
         ga, na = weighted_auc_groups(ra.test_logits[keep])
         gb, nb = weighted_auc_groups(rb.test_logits[keep])
         per_seed.append((data.user_id[rows], y, ga, na, gb, nb))
-    users = np.unique(np.concatenate([p[0] for p in per_seed])) if per_seed else np.zeros(0, np.int64)
+    users = union(*[p[0] for p in per_seed]) if per_seed else np.zeros(0, np.int64)
     per_seed = [(np.searchsorted(users, u), *rest) for u, *rest in per_seed]       # rows -> position in users
     point = float(np.mean([weighted_auc(ga, na, y, np.ones_like(y)) - weighted_auc(gb, nb, y, np.ones_like(y))
                            for _, y, ga, na, gb, nb in per_seed]))
@@ -204,7 +205,7 @@ def by_group(data: "RankData | ComparisonScores", groups: dict[str, np.ndarray],
         if not (y > 0).any() or not (y == 0).any():
             continue
         aucs = np.array([seed_test_auc(r, data, mask) for r in runs])
-        out[name] = {"users": int(len(np.unique(data.user_id[rows]))), "samples": int(len(rows)),
+        out[name] = {"users": count_distinct(data.user_id[rows]), "samples": int(len(rows)),
                      "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
                      "vs_ref": None if ref_runs is None else paired_bootstrap(data, runs, ref_runs, n_boot=n_boot,
                                                                               subset=mask, **boot)}
@@ -232,7 +233,7 @@ def comparison_score_arrays(data: RankData, results: list[ModelResult], referenc
     """``results``' test scores as named arrays (``np.savez``; ``load_comparison_scores`` reads them back):
     the test rows' users, labels and ``history_groups``, and per model its learning rate, validation
     AUC there, whether it is a baseline, and each seed's test rows and logits."""
-    rows = np.unique(np.concatenate([r.test_rows for res in results for r in res.runs]))
+    rows = union(*[r.test_rows for res in results for r in res.runs])
     groups = history_groups(data)
     out = {"rows": rows, "user_id": data.user_id[rows].astype(np.int64), "label": data.label[rows].astype(np.float32),
            "models": np.array([res.name for res in results]), "reference": np.array([reference or ""]),

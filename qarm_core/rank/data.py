@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from qarm_core.arrays import has_duplicates, sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.rank import gsu as G
 from qarm_core.rank.config import RankConfig
@@ -91,9 +92,9 @@ def build_index(interactions: pa.Table | None, items: pa.Table | None) -> ItemIn
     every logged item must be in it (checked when samples are built)."""
     src = items if items is not None else interactions
     ids = src["item_id"].to_numpy()
-    if items is not None and len(np.unique(ids)) != len(ids):
+    if items is not None and has_duplicates(ids):
         raise DataError(STAGE, "items", "duplicate item ids in the catalog")
-    return ItemIndex(np.unique(ids).astype(np.int64))
+    return ItemIndex(sorted_unique(ids).astype(np.int64))
 
 
 def categories(index: ItemIndex, items: pa.Table | None, codes: np.ndarray | None, key: str) -> np.ndarray:

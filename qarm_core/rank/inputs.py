@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qarm_core.arrays import has_duplicates, sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.quantize.config import QuantizerParams
 
@@ -45,7 +46,7 @@ class ItemIndex:
         pos_c = np.minimum(pos, max(self.n - 1, 0))
         ok = (pos < self.n) & (self.item_ids[pos_c] == ids) if self.n else np.zeros(ids.shape, bool)
         if not ok.all():
-            bad = np.unique(ids[~ok])
+            bad = sorted_unique(ids[~ok])
             raise DataError(STAGE, dataset, f"{int((~ok).sum())} reference(s) to {len(bad)} unknown item id(s), "
                                             f"e.g. {bad[:5].tolist()}")
         return pos + 1
@@ -69,7 +70,7 @@ def align_embeddings(index: ItemIndex, item_ids: np.ndarray, vectors: np.ndarray
     indexed items that had no embedding (zero rows with ``missing="zero"``; else a DataError)."""
     if vectors.ndim != 2 or len(vectors) != len(item_ids):
         raise DataError(STAGE, "embeddings", f"{len(item_ids)} ids for vectors of shape {vectors.shape}")
-    if len(np.unique(item_ids)) != len(item_ids):
+    if has_duplicates(item_ids):
         raise DataError(STAGE, "embeddings", "duplicate item ids")
     if not np.isfinite(vectors).all():
         raise DataError(STAGE, "embeddings", "embeddings hold NaN/inf")
@@ -98,7 +99,7 @@ def align_codes(index: ItemIndex, codes: pa.Table, missing: str = "reserved") ->
             raise DataError(STAGE, "codes", f"codes need columns item_id, c1, c2, c3; missing {c!r}")
     ids = codes["item_id"].to_numpy().astype(np.int64)
     raw = np.stack([codes[c].to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
-    if len(np.unique(ids)) != len(ids):
+    if has_duplicates(ids):
         raise DataError(STAGE, "codes", "duplicate item ids")
     if (raw < 0).any():
         raise DataError(STAGE, "codes", f"negative codes for {int((raw < 0).any(1).sum())} item(s)")

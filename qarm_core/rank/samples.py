@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from qarm_core.arrays import count_distinct
 from qarm_core.base import DuckDBConfig
 from qarm_core.duck import connect
 from qarm_core.errors import DataError
@@ -198,7 +199,7 @@ def summarize(samples: pa.Table) -> dict:
         out[f"{s}.positives"] = int((label[m] == 1).sum())
         out[f"{s}.sampled_negatives"] = int(sampled[m].sum())
         out[f"{s}.empty_history"] = int((pos[m] == 0).sum())
-        out[f"{s}.users"] = int(len(np.unique(users[m])))
+        out[f"{s}.users"] = count_distinct(users[m])
     return out
 
 

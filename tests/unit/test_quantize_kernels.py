@@ -153,6 +153,33 @@ def test_hit_rates_sampled_equals_full_on_queries_and_decode_known_answers():
     assert r == {"t.decode_hr@1": 0.5, "t.decode_hr@2": 1.0}
 
 
+
+@pytest.mark.parametrize("chunk,threads", [(None, 2), (37, 2), (37, 1), (10_000, 2)])
+def test_decode_hit_rates_equal_the_numpy_expression(chunk, threads, monkeypatch):
+    """The compiled count over catalog blocks gives the counts of the float32 numpy expression it
+    replaced (ties included: coordinates on a 0.1 grid), for any block size and thread count."""
+    monkeypatch.setattr(K, "threads", lambda: threads)
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal((3000, 3)), 1).astype(np.float32)
+    noise = rng.standard_normal((3000, 3)).astype(np.float32) * 0.3
+    decoders = {"near": lambda r: x[r] + 0.1, "noisy": lambda r: x[r] + noise[r]}
+    ks = (1, 2, 5, 20, 100)
+    got = decode_hit_rates(lambda s: x[s], len(x), decoders, ks=ks, sample=400, chunk=chunk)
+
+    q = np.sort(np.random.default_rng(0).choice(len(x), 400, replace=False))
+    want = {}
+    for name, dec in decoders.items():
+        dq = dec(q).astype(np.float32)
+        own = ((x[q].astype(np.float64) - dq) ** 2).sum(1).astype(np.float32)
+        qn = (dq.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        d = (x * x).sum(1)[None, :] - 2.0 * (dq @ x.T) + qn[:, None]
+        better = d <= own[:, None]
+        better[np.arange(len(q)), q] = False
+        beaten = better.sum(1)
+        want |= {f"{name}.decode_hr@{k}": float((beaten + 1 <= k).mean()) for k in ks}
+    assert got == want
+    assert 0 < got["noisy.decode_hr@1"] < got["noisy.decode_hr@20"] < 1
+
 def test_reconstruction_mse_formula_equals_decoding():
     r = np.random.default_rng(0).standard_normal((5000, 12)).astype(np.float32) * np.arange(1, 13)
     f = F.fit_fsq(r, 3, 4)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from qarm_core.allocator import keep_freed_memory
+from qarm_core.arrays import has_duplicates, union
 from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.checkpoint import (deepspeed_resume_tag, digest, fp32_state_from_checkpoint, load_plain,
                                              no_pickle_code, run_fingerprint, save_checkpoint)
@@ -67,7 +68,7 @@ def encode_inputs(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, mod
     if cfg.max_train_pairs and len(anchors) > cfg.max_train_pairs:
         pick = np.sort(np.random.default_rng([cfg.seed, 7]).choice(len(anchors), cfg.max_train_pairs, replace=False))
         anchors, positives = anchors[pick], positives[pick]
-    used = np.unique(np.concatenate([anchors, positives]))
+    used = union(anchors, positives)
     texts = D.item_texts(items, model_cfg, used)
     qa_map = D.qa_by_item(qa, model_cfg.max_qa_pairs if model_cfg.max_qa_tokens else 0, STAGE)
     enc = D.encode_items(tokenizer, texts, qa_map, model_cfg)
@@ -155,7 +156,7 @@ def reference_vectors(reference: pa.Table | None, cfg: TrainConfig, model_cfg: E
     if x.shape[1] != model_cfg.dim:
         raise DataError(STAGE, "reference", f"reference vectors are {x.shape[1]}-d; the model embeds in "
                                             f"{model_cfg.dim} (embed.model.dim)")
-    if len(np.unique(ids)) != len(ids) or not np.isfinite(x).all():
+    if has_duplicates(ids) or not np.isfinite(x).all():
         raise DataError(STAGE, "reference", "reference vectors must be finite, one row per item id")
     return (torch.from_numpy(x), {int(i): r for r, i in enumerate(ids)},
             hashlib.sha256(ids.tobytes() + x.tobytes()).hexdigest())
