@@ -8,6 +8,8 @@ from typing import Callable
 import numpy as np
 
 from qarm_core.arrays import has_duplicates
+from qarm_core.progress import Progress, advance
+from qarm_core.quantize.kmeans import STAGE, _k, threads
 
 
 def _small_key_space(keys: np.ndarray) -> bool:
@@ -77,7 +79,6 @@ def hit_rates(x: "np.ndarray | Callable[[np.ndarray], np.ndarray]", keys: np.nda
     q = np.arange(n) if sample is None or n <= sample else np.sort(rng.choice(n, sample, replace=False))
     if not len(q):
         return {f"hr@{k}": 0.0 for k in ks}
-    from qarm_core.quantize.kmeans import _k
 
     group_keys, q_group = np.unique(keys[q], return_inverse=True)          # the queried groups
     member_rows, member_group = _rows_in(keys, group_keys)                 # rows of queried groups
@@ -129,7 +130,9 @@ def decode_hit_rates(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int,
     own = ((np.tile(xq, (len(decoders), 1)).astype(np.float64) - dq) ** 2).sum(1)          # to the item itself
     dqn = (dq.astype(np.float64) ** 2).sum(1).astype(np.float32)
     self_col = np.tile(q, len(decoders)).astype(np.int64)
-    beaten = _scan_catalog(x, n, dq, dqn, own.astype(np.float32), self_col, chunk)
+    # 10M items x 2,000 decodings: ~20 s, so progress lines (quiet: none for a short scan)
+    with Progress(STAGE, f"decode HR@k: {len(dq):,} decodings scanning the catalog", n, "rows", quiet=True) as prog:
+        beaten = _scan_catalog(x, n, dq, dqn, own.astype(np.float32), self_col, chunk, prog)
     out = {}
     for j, name in enumerate(decoders):
         b = beaten[j * nq:(j + 1) * nq]
@@ -138,15 +141,14 @@ def decode_hit_rates(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int,
 
 
 def _scan_catalog(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int, dq: np.ndarray, dqn: np.ndarray,
-                  own: np.ndarray, self_col: np.ndarray, chunk: int | None) -> np.ndarray:
+                  own: np.ndarray, self_col: np.ndarray, chunk: int | None, progress: Progress | None = None
+                  ) -> np.ndarray:
     """``(nq,)`` int64: for each decoding ``dq[i]`` ``(nq, dim)``, the catalog rows other than
     ``self_col[i]`` at squared distance <= ``own[i]`` (float32, as ``count_closer`` computes it).
     Blocks of rows go to one Python thread per CPU, each running a single-threaded sgemm and the
     compiled count (both release the GIL), as a k-means pass does; the counts are integers, so
     the result does not depend on the thread count."""
     from threadpoolctl import threadpool_limits
-
-    from qarm_core.quantize.kmeans import _k, threads
 
     kk = _k()
     nq = len(dq)
@@ -163,6 +165,7 @@ def _scan_catalog(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int, dq: n
             g = gbuf[:nq * (hi - lo)].reshape(nq, hi - lo)
             np.matmul(dq, v.T, out=g)                                          # (queries, rows)
             kk.count_closer(g, (v * v).sum(1), dqn, own, self_col, lo, parts[owner])
+            advance(progress, hi - lo)
 
     with threadpool_limits(1, user_api="blas"):
         if t == 1:

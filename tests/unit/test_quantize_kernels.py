@@ -158,7 +158,9 @@ def test_hit_rates_sampled_equals_full_on_queries_and_decode_known_answers():
 def test_decode_hit_rates_equal_the_numpy_expression(chunk, threads, monkeypatch):
     """The compiled count over catalog blocks gives the counts of the float32 numpy expression it
     replaced (ties included: coordinates on a 0.1 grid), for any block size and thread count."""
-    monkeypatch.setattr(K, "threads", lambda: threads)
+    import qarm_core.quantize.metrics as M
+
+    monkeypatch.setattr(M, "threads", lambda: threads)
     rng = np.random.default_rng(0)
     x = np.round(rng.standard_normal((3000, 3)), 1).astype(np.float32)
     noise = rng.standard_normal((3000, 3)).astype(np.float32) * 0.3
@@ -248,3 +250,19 @@ def test_hit_rates_on_one_big_group_equal_brute_force_in_batches():
     got = hit_rates(x, keys, ks=(1, 5, 50), max_group=4096)
     assert got == {f"hr@{k}": float((ranks <= k).mean()) for k in (1, 5, 50)}
     assert ranks[0] > 1 and ranks[1] > 1 and 0 < got["hr@1"] < 1
+
+
+def test_decode_hit_rates_scan_logs_progress_when_long(caplog, monkeypatch):
+    """The catalog scan (~20 s at 10M items) reports rows scanned; a short scan stays quiet."""
+    import logging
+
+    x = np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="qarm_core.progress"):
+        decode_hit_rates(x, len(x), {"a": lambda r: x[r]}, sample=50, chunk=100)
+    assert caplog.records == []
+    monkeypatch.setenv("QARM_PROGRESS_EVERY_S", "0")
+    with caplog.at_level(logging.INFO, logger="qarm_core.progress"):
+        decode_hit_rates(x, len(x), {"a": lambda r: x[r]}, sample=50, chunk=100)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(ln.startswith("quantize: decode HR@k: 50 decodings scanning the catalog") for ln in lines)
+    assert "2,000 rows" in lines[-1]
