@@ -315,3 +315,24 @@ def test_recall_on_a_sample_of_users(trained):
     assert a == b and a["n_users"] == m and a["n_users_held_out"] == full["n_users"]
     assert a["recall_two_tower_ci95"] > full["recall_two_tower_ci95"] > 0
     assert abs(a["recall_two_tower"] - full["recall_two_tower"]) <= a["recall_two_tower_ci95"]
+
+
+def test_lazy_adamw_step_moves_and_decays_only_the_rows_a_batch_touched():
+    """The id table's update: untouched rows keep their values bit for bit (lazy Adam); touched rows
+    get Adam's step and the decoupled decay lr * weight_decay of AdamW."""
+    import torch
+
+    from qarm_core.pairs.two_tower import _lazy_adamw_step
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 4, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = torch.optim.SparseAdam([emb.weight], lr=0.1)
+    # gradient 1 on every coordinate of rows 1 and 4, none elsewhere
+    emb(torch.tensor([1, 4])).sum().backward()
+    _lazy_adamw_step(opt, emb.weight, weight_decay=0.5)
+    after = emb.weight.detach()
+    untouched = [0, 2, 3, 5]
+    assert torch.equal(after[untouched], before[untouched])
+    # Adam's first step moves each coordinate by lr (gradient 1 everywhere), then the decay
+    assert torch.allclose(after[[1, 4]], (before[[1, 4]] - 0.1) * (1 - 0.1 * 0.5), atol=1e-6)
