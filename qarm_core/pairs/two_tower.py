@@ -363,7 +363,7 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerConfig | None = None,
         # The id table (n_items, hidden) is updated lazily: Adam on the rows a batch touched, their
         # weight decay applied then too. Dense AdamW read and wrote every row's weight, gradient and
         # two moments each step: at 1M items 0.19 s of backward (zero-filling the dense gradient) and
-        # 0.19 s of optimiser step per batch, 750 of 830 s of training, growing with the catalog.
+        # 0.19 s of optimiser step per batch (750 of 830 s of a profiled training), growing with the catalog.
         opt_ids = torch.optim.SparseAdam([towers.item_id.weight], lr=params.lr)
         tokens_all = torch.from_numpy(split.item_tokens)
         # logQ: the chance an item shows up as an in-batch negative is its share of the targets.
