@@ -142,8 +142,10 @@ def phase_refresh(config: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- SmolLM2 rates
 def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, embed_items: int = 384,
-                        train_steps: int = 4) -> dict:
-    """Seconds per unit of LLM work with the default model (SmolLM2-135M, auto dtype) on this machine."""
+                        train_steps: int = 4, dtype: str = "auto") -> dict:
+    """Seconds per unit of LLM work with the default model (SmolLM2-135M) on this machine, in
+    ``dtype`` (``auto``: chosen from the hardware; ``float32`` on a CPU with native bf16 stands in
+    for one without it)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -163,7 +165,7 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     rng = np.random.default_rng(0)
     src = rng.choice(ids, pairs // 4)
     p = pa.table({"src_item": pa.array(np.repeat(src, 4)), "dst_item": pa.array(rng.choice(ids, len(src) * 4))})
-    lm = LocalLM(LocalModelConfig())
+    lm = LocalLM(LocalModelConfig(dtype=dtype))
     lm_dtype = lm.dtype_choice.name
     t0 = time.perf_counter()
     pair_components(p, items, PairScorer(lm, judge_prompt("pmi-generic-v1")))
@@ -171,7 +173,7 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     t0 = time.perf_counter()
     generate_qa(items, lm, QAConfig(k=1, batch_size=32), item_ids=ids[:questions].tolist())
     qa_s = (time.perf_counter() - t0) / questions
-    emb = LLMEmbedder(items, EmbedModelConfig(), EmbedConfig())
+    emb = LLMEmbedder(items, EmbedModelConfig(), EmbedConfig(dtype=dtype))
     t0 = time.perf_counter()
     emb.embed_ids(ids[:embed_items].tolist())
     embed_s = (time.perf_counter() - t0) / embed_items
@@ -184,7 +186,7 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     seen: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         train_embedding_model(items, judged, None, d, EmbedModelConfig(),
-                              TrainConfig(batch_size=8, max_steps=train_steps, checkpoint_every=10**6),
+                              TrainConfig(batch_size=8, max_steps=train_steps, checkpoint_every=10**6, dtype=dtype),
                               progress=seen.append)
     train_s = (seen[-1]["seconds"] - seen[0]["seconds"]) / (len(seen) - 1)
     return {"judge": judge_s, "qa": qa_s, "embed": embed_s, "train": train_s, "dtype": lm_dtype,
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--llm-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="SmolLM2's numeric type for the projected LLM time (float32 on a bf16 CPU: the "
+                         "stand-in for a CPU without native bf16)")
     args = ap.parse_args(argv)
 
     from qarm_core.devices import hardware_summary
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          config=str(write_config(out, day, tiny)))
             print(f"# day {day}: {res[f'day{day}']['wall_seconds']:.0f} s wall; {loadavg()}", flush=True)
         res["smollm2"] = run_phase("benchmarks.bench_daily:phase_smollm2_rates",
-                                   items_dir=str(out / "day0" / "items"))
+                                   items_dir=str(out / "day0" / "items"), dtype=args.llm_dtype)
     finally:
         if not args.keep and args.out is None:
             shutil.rmtree(out, ignore_errors=True)
