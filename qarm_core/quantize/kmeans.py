@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -108,8 +109,6 @@ def _pass(x: np.ndarray, c: np.ndarray, labels: np.ndarray, xn: np.ndarray | Non
     centroid move), and the gathers cost more than the sgemm saved (200k rows: 14.0 s with, 13.9 s
     without).
     """
-    from threadpoolctl import threadpool_limits
-
     kk = _k()
     k, d = c.shape
     n = len(x)
@@ -137,14 +136,23 @@ def _pass(x: np.ndarray, c: np.ndarray, labels: np.ndarray, xn: np.ndarray | Non
             err[part] += kk.argmin_cols(g, cn, xn[lo:lo + m], labels[lo:lo + m], best[:m])
             kk.accumulate(xc, labels[lo:lo + m], s, cnt, part)
 
+    run_on_threads(work, t)
+    return s.sum(0), cnt.sum(0), float(err.sum())
+
+
+def run_on_threads(work: Callable[[int], None], n_threads: int) -> None:
+    """``work(owner)`` for each owner in 0..n_threads-1, each on its own Python thread with BLAS
+    limited to one thread: one single-threaded sgemm per core, and numba kernels (which release the
+    GIL) between them. An exception in any worker is raised here."""
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1, user_api="blas"):
-        if t == 1:
+        if n_threads == 1:
             work(0)
         else:
-            with ThreadPoolExecutor(t) as pool:
-                for f in [pool.submit(work, o) for o in range(t)]:
+            with ThreadPoolExecutor(n_threads) as pool:
+                for f in [pool.submit(work, o) for o in range(n_threads)]:
                     f.result()
-    return s.sum(0), cnt.sum(0), float(err.sum())
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, with_dist: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
 from qarm_core.arrays import has_duplicates
 from qarm_core.progress import Progress, advance
-from qarm_core.quantize.kmeans import STAGE, _k, threads
+from qarm_core.quantize.kmeans import STAGE, _k, run_on_threads, threads
 
 
 def _small_key_space(keys: np.ndarray) -> bool:
@@ -148,8 +147,6 @@ def _scan_catalog(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int, dq: n
     Blocks of rows go to one Python thread per CPU, each running a single-threaded sgemm and the
     compiled count (both release the GIL), as a k-means pass does; the counts are integers, so
     the result does not depend on the thread count."""
-    from threadpoolctl import threadpool_limits
-
     kk = _k()
     nq = len(dq)
     rows = chunk or max(256, min(16_384, (1 << 20) // max(nq, 1)))
@@ -167,13 +164,7 @@ def _scan_catalog(x: "np.ndarray | Callable[[slice], np.ndarray]", n: int, dq: n
             kk.count_closer(g, (v * v).sum(1), dqn, own, self_col, lo, parts[owner])
             advance(progress, hi - lo)
 
-    with threadpool_limits(1, user_api="blas"):
-        if t == 1:
-            work(0)
-        else:
-            with ThreadPoolExecutor(t) as pool:
-                for f in [pool.submit(work, o) for o in range(t)]:
-                    f.result()
+    run_on_threads(work, t)
     return parts.sum(0)
 
 
