@@ -248,8 +248,8 @@ def main() -> None:
                            if "warmup_rows" in r else "") for r in qq["fit_report"])
         ss = dict(qq["stage_seconds"])
         dhr = ss.pop("decode_hr", None)
-        st = ", ".join(f"{k} {v:.1f}" + (f" (decode HR@k {dhr:.1f} of it, {qq['decode_hr_sample']:,} queries x 2 "
-                                          f"decodings, each scanning all rows)" if k == "metrics" and dhr else "")
+        st = ", ".join(f"{k} {v:.1f}" + (f" (decode HR@k {dhr:.1f} of it, {qq['decode_hr_queries']:,} decodings, "
+                                          f"each scanning all rows)" if k == "metrics" and dhr else "")
                        for k, v in ss.items())
         print(f"\nqarm n={rn:,}: seconds = quantize_embeddings {qq['quantize_seconds']:.1f} s ({st}) + Parquet zstd "
               f"write {qq['parquet_seconds']:.1f} s ({qq['parquet_mib']:.0f} MiB); generation "

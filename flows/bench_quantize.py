@@ -163,6 +163,6 @@ def run_quantize_bench(n: int = 10_000_000, dim: int = 128, levels: tuple[int, .
             "suffixed_share": m["suffixed_share"],
             "fit_report": codebook.fit_report, "niter": params.niter, "polish_iter": params.polish_iter,
             "fsq_sample": min(n, fsq_sample), "peak_rss_gib": peak_rss_gib(),
-            "decode_hr_sample": decode_hr_sample,
+            "decode_hr_queries": int(m.get("decode_hr.queries", 0)),
             "macs": quantize_macs(n, dim, levels, fsq_dims, codebook.fit_report, fsq_sample,
                                   int(m.get("decode_hr.queries", 0)))}

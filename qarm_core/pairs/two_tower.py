@@ -409,7 +409,7 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerConfig | None = None,
                 opt_ids.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                _lazy_adamw_step(opt_ids, towers.item_id.weight, params.weight_decay)
+                _lazy_adamw_step(opt_ids, towers.item_id.weight, uniq_t, params.weight_decay)
                 for sch in scheds:
                     sch.step()
                 total += float(loss.detach()) * len(pos)
@@ -422,13 +422,13 @@ def train_two_tower(split: TwoTowerSplit, params: TwoTowerConfig | None = None,
     return TwoTowerModel(towers, split, params, train_seconds=time.perf_counter() - t0)
 
 
-def _lazy_adamw_step(opt, weight, weight_decay: float) -> None:
+def _lazy_adamw_step(opt, weight, rows, weight_decay: float) -> None:
     """``opt`` (``SparseAdam`` over ``weight`` ``(n_rows, h)``) steps on the rows its sparse gradient
-    holds; those rows then decay by ``lr * weight_decay``, as AdamW decays every row each step
-    (rows a batch does not touch keep their values: lazy Adam)."""
+    holds, ``rows`` ``(m,)`` (the batch's distinct items, known to the caller); those rows then decay
+    by ``lr * weight_decay``, as AdamW decays every row each step (rows a batch does not touch keep
+    their values: lazy Adam)."""
     import torch
 
-    rows = weight.grad.coalesce().indices()[0]
     opt.step()
     if weight_decay:
         with torch.no_grad():

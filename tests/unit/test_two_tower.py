@@ -330,7 +330,7 @@ def test_lazy_adamw_step_moves_and_decays_only_the_rows_a_batch_touched():
     opt = torch.optim.SparseAdam([emb.weight], lr=0.1)
     # gradient 1 on every coordinate of rows 1 and 4, none elsewhere
     emb(torch.tensor([1, 4])).sum().backward()
-    _lazy_adamw_step(opt, emb.weight, weight_decay=0.5)
+    _lazy_adamw_step(opt, emb.weight, torch.tensor([1, 4]), weight_decay=0.5)
     after = emb.weight.detach()
     untouched = [0, 2, 3, 5]
     assert torch.equal(after[untouched], before[untouched])
