@@ -104,6 +104,145 @@ def subtract(x, labels, c):
             x[i, t] -= c[a, t]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _rebuild(base, t0, l0, t1, l1, r, out):
+    """out[:] = (base[r] + t0[l0[r]]) + t1[l1[r]], float32, added in this order."""
+    a, b = l0[r], l1[r]
+    for t in range(out.shape[0]):
+        out[t] = (base[r, t] + t0[a, t]) + t1[b, t]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot8(u, v):
+    """float32 inner product in eight interleaved partial sums (a fixed order the compiler can run
+    as SIMD without fast-math); the same inputs give the same value wherever it is called."""
+    d = u.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    t = 0
+    while t + 7 < d:
+        s0 += u[t] * v[t]
+        s1 += u[t + 1] * v[t + 1]
+        s2 += u[t + 2] * v[t + 2]
+        s3 += u[t + 3] * v[t + 3]
+        s4 += u[t + 4] * v[t + 4]
+        s5 += u[t + 5] * v[t + 5]
+        s6 += u[t + 6] * v[t + 6]
+        s7 += u[t + 7] * v[t + 7]
+        t += 8
+    while t < d:
+        s0 += u[t] * v[t]
+        t += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def rank_in_groups(base, t0, l0, t1, l1, members, member_group, queries, q_ptr, ranks):
+    """HR@k's ranks. Item r's vector is (base[r] + t0[l0[r]]) + t1[l1[r]] (float32; zero tables
+    for plain rows), rebuilt here: no (rows, d) copy is made. ``members`` ``(m,)``: the catalog
+    rows of the queried groups in increasing order, ``member_group`` ``(m,)`` their group; group
+    g's queries are catalog rows ``queries[q_ptr[g]:q_ptr[g + 1]]``. ranks[i] (aligned with
+    ``queries``) = 1 + the number of members of its group other than its own row whose inner
+    product with the query is >= the query's with itself.
+
+    The members are swept in row order, in ``N_PARTS`` slices each counting into its own row of
+    counters: the queried groups of a sampled 10M-item snapshot hold most of its rows, and reading
+    them group by group (rows far apart) ran at a third of this speed. Every product is computed by
+    the same function, so an exact duplicate ties and counts against the item."""
+    d = base.shape[1]
+    nq = queries.shape[0]
+    qv = np.empty((nq, d), np.float32)
+    own = np.empty(nq, np.float32)
+    for i in prange(nq):
+        _rebuild(base, t0, l0, t1, l1, queries[i], qv[i])
+        own[i] = _dot8(qv[i], qv[i])
+    m = members.shape[0]
+    counts = np.zeros((N_PARTS, nq), np.int64)
+    for part in prange(N_PARTS):
+        v = np.empty(d, np.float32)
+        for j in range(part * m // N_PARTS, (part + 1) * m // N_PARTS):
+            r = members[j]
+            g = member_group[j]
+            _rebuild(base, t0, l0, t1, l1, r, v)
+            for i in range(q_ptr[g], q_ptr[g + 1]):
+                if r != queries[i] and _dot8(v, qv[i]) >= own[i]:
+                    counts[part, i] += 1
+    for i in prange(nq):
+        c = 0
+        for part in range(N_PARTS):
+            c += counts[part, i]
+        ranks[i] = 1 + c
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+def sq_dist_total(x, labels, c):
+    """sum_i ||x[i] - c[labels[i]]||^2 in float64 over rows of ``x`` ``(m, d)`` float32, rows in
+    ``N_PARTS`` fixed slices added in order. Each row's sum may be reassociated by the compiler
+    (SIMD: 5x faster than one running float64 sum, which the add latency bounded), so its last
+    bits may differ between CPUs of different vector widths; on one CPU the value is the same for
+    any thread count."""
+    m, d = x.shape
+    parts = np.zeros(N_PARTS, np.float64)
+    for part in prange(N_PARTS):
+        tot = 0.0
+        for i in range(part * m // N_PARTS, (part + 1) * m // N_PARTS):
+            a = labels[i]
+            s = 0.0
+            for t in range(d):
+                e = np.float64(x[i, t]) - np.float64(c[a, t])
+                s += e * e
+            tot += s
+        parts[part] = tot
+    total = 0.0
+    for part in range(N_PARTS):
+        total += parts[part]
+    return total
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def bin_digits(z, boundaries, out):
+    """out[i, j] = the number of ``boundaries[j]`` (sorted) <= z[i, j], as
+    ``np.searchsorted(boundaries[j], z[:, j], side="right")`` gives (NaN counts past every
+    boundary, as numpy sorts it last). ``z`` ``(n, dims)``, ``boundaries`` ``(dims, levels - 1)``."""
+    n, f = z.shape
+    nb = boundaries.shape[1]
+    for i in prange(n):
+        for j in range(f):
+            v = z[i, j]
+            lo, hi = 0, nb                  # first boundary > v, by bisection (NaN: none)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if v < boundaries[j, mid]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[i, j] = lo
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def take_rows(x, rows, out):
+    """out[i] = x[rows[i]] for ``x`` ``(n, d)``: numpy's fancy index on threads (a 500k-row sample
+    of a 10M x 128 array is bound by memory latency: 0.5 s on one thread)."""
+    d = x.shape[1]
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for t in range(d):
+            out[i, t] = x[r, t]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def cell_priority(z, digits, centers, out):
+    """out[i] = sum_j (z[i, j] - centers[j, digits[i, j]])^2 in float32, j in order: how far a row
+    lies from its FSQ cell's centre (``z`` ``(n, f)``, ``digits`` ``(n, f)``, ``centers``
+    ``(f, levels)``), as numpy's ``((z - centers[j, digits]) ** 2).sum(1)`` gives it."""
+    f = z.shape[1]
+    for i in prange(z.shape[0]):
+        s = np.float32(0.0)
+        for j in range(f):
+            e = z[i, j] - centers[j, digits[i, j]]
+            s += e * e
+        out[i] = s
+
+
 @njit(cache=True, nogil=True)
 def count_closer(g, vn, qn, own, self_col, lo, beaten):
     """Decode HR's scan of one block of catalog rows ``lo .. lo + m``: beaten[i] += the number of
@@ -143,21 +282,24 @@ def _put_int(data, at, v, width):
     return at + width
 
 
-@njit(cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def sid_utf8(c1, c2, c3, suffix):
     """The Arrow string buffers of ``"c1-c2-c3"`` (``"-suffix"`` appended where suffix > 0) for
-    non-negative codes ``(n,)``: (offsets ``(n + 1,)`` int64, utf8 bytes). Two passes (lengths,
-    then digits) where Arrow's cast-and-join took 2.6 s at 10M items."""
+    non-negative codes ``(n,)``: (offsets ``(n + 1,)`` int64, utf8 bytes). Lengths, then digits,
+    each pass on threads (rows are independent once the offsets are known), where Arrow's
+    cast-and-join took 2.6 s at 10M items."""
     n = c1.shape[0]
     offsets = np.empty(n + 1, np.int64)
     offsets[0] = 0
-    for i in range(n):
+    for i in prange(n):
         w = _n_digits(c1[i]) + _n_digits(c2[i]) + _n_digits(c3[i]) + 2
         if suffix[i] > 0:
             w += _n_digits(suffix[i]) + 1
-        offsets[i + 1] = offsets[i] + w
-    data = np.empty(offsets[n], np.uint8)
+        offsets[i + 1] = w
     for i in range(n):
+        offsets[i + 1] += offsets[i]
+    data = np.empty(offsets[n], np.uint8)
+    for i in prange(n):
         at = _put_int(data, offsets[i], c1[i], _n_digits(c1[i]))
         data[at] = 45                                   # "-"
         at = _put_int(data, at + 1, c2[i], _n_digits(c2[i]))
@@ -272,8 +414,8 @@ def group_by_cell(cells, n_cells):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def resolve_cells(cell_ptr, order, c3, priority, is_outside, z, digits, lo_b, hi_b, levels, code_space, n_alt,
-                  new_c3, suffix, moved):
+def resolve_cells(cell_ptr, order, c3, priority, pbits, is_outside, z, digits, lo_b, hi_b, levels, code_space,
+                  n_alt, new_c3, suffix, moved):
     """Collision resolution, one (c1, c2) cell at a time (cells are independent: a move changes c3
     only).
 
@@ -286,7 +428,8 @@ def resolve_cells(cell_ptr, order, c3, priority, is_outside, z, digits, lo_b, hi
     movers left after n_alt rounds get a dedup suffix numbered within their code. A cell whose
     ``code_space`` codes are all taken has nowhere to move to: its movers go straight to the
     suffixes (on a dense 10M-item snapshot most cells are full). Equals the vectorised reference
-    ``sid.resolve_collisions`` row for row.
+    ``sid.resolve_collisions`` row for row. ``pbits``: ``priority``'s float32 bits as uint32
+    (empty: priorities of another type, sorted in two passes).
     """
     n_cells = cell_ptr.shape[0] - 1
     f = z.shape[1]
@@ -297,10 +440,29 @@ def resolve_cells(cell_ptr, order, c3, priority, is_outside, z, digits, lo_b, hi
         size = hi - lo
         if size == 0:
             continue
-        # (c3, priority, row): two stable passes over the cell's rows, which arrive in row order
+        # (c3, priority, row): the cell's rows arrive in row order; one stable sort of one int64
+        # key (c3 above the priority's order-preserving bits) where every c3 fits in 31 bits and
+        # no priority is NaN, else two stable passes (priority, then c3)
         rows = order[lo:hi].copy()
-        rows = rows[np.argsort(priority[rows], kind="mergesort")]
-        rows = rows[np.argsort(c3[rows], kind="mergesort")]
+        packed = np.empty(size, np.int64)
+        fits = pbits.shape[0] > 0
+        for q in range(size if fits else 0):
+            r = rows[q]
+            v = c3[r]
+            p = priority[r]
+            if v < 0 or v >= 2147483648 or p != p:
+                fits = False
+                break
+            b = np.int64(pbits[r])
+            if b == 2147483648:             # -0.0 sorts with +0.0, as a float comparison has it
+                b = 0
+            b = (4294967295 - b) if b >= 2147483648 else (b + 2147483648)
+            packed[q] = (v << 32) | b
+        if fits:
+            rows = rows[np.argsort(packed, kind="mergesort")]
+        else:
+            rows = rows[np.argsort(priority[rows], kind="mergesort")]
+            rows = rows[np.argsort(c3[rows], kind="mergesort")]
         # Taken codes: a bitmap over the code space where it is small (an O(1) test; a 10M-item
         # snapshot makes ~300M tests), else a sorted array searched by bisection.
         use_map = code_space <= 65536

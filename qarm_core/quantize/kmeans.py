@@ -85,9 +85,34 @@ def threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def row_sqnorms(x: np.ndarray) -> np.ndarray:
-    """``(n,)`` float32 squared norms of the rows of ``x`` ``(n, dim)``."""
-    return np.einsum("ij,ij->i", x, x)
+def take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``x[rows]`` ``(len(rows), dim)`` for ``x`` ``(n, dim)``, gathered on a thread per core when
+    large (the warm-up and FSQ samples of a 10M-item snapshot: 0.5 s each on one thread)."""
+    if len(rows) * x.shape[1] < (1 << 22) or not x.flags.c_contiguous:
+        return x[rows]
+    out = np.empty((len(rows), x.shape[1]), x.dtype)
+    _k().take_rows(x, np.ascontiguousarray(rows, np.int64), out)
+    return out
+
+
+def row_sqnorms(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
+    """``(n,)`` float32 squared norms of the rows of ``x`` ``(n, dim)``: einsum over chunks of
+    ``TEMP_CHUNK`` rows on a thread per core (einsum releases the GIL; each row's sum does not
+    depend on the chunking, so the values equal one einsum over all rows). One thread took
+    0.43 s for 10M x 128 rows, six times per 10M-item stage; two threads 0.22 s."""
+    n = len(x)
+    t = max(1, min(n_threads or threads(), -(-n // TEMP_CHUNK)))
+    if t == 1:
+        return np.einsum("ij,ij->i", x, x)
+    out = np.empty(n, np.result_type(x.dtype, np.float32))
+
+    def work(owner: int) -> None:
+        for lo in range(owner * TEMP_CHUNK, n, t * TEMP_CHUNK):
+            part = x[lo:lo + TEMP_CHUNK]
+            np.einsum("ij,ij->i", part, part, out=out[lo:lo + TEMP_CHUNK])
+
+    run_on_threads(work, t)
+    return out
 
 
 def _pass(x: np.ndarray, c: np.ndarray, labels: np.ndarray, xn: np.ndarray | None = None,
@@ -249,7 +274,7 @@ def fit_level(residual: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, p
         max_iter = niter + polish_iter
         if 0 < warmup_rows < len(residual):
             rows = np.sort(np.random.default_rng([seed, 1]).choice(len(residual), warmup_rows, replace=False))
-            sample = residual[rows]
+            sample = take_rows(residual, rows)
             with Progress(STAGE, f"k={k} warm-up Lloyd passes over a sample of {warmup_rows:,} rows",
                           niter + 1, "passes") as prog:
                 init, _, _, w_iters, w_conv = lloyd(sample, init, max_iter=niter, tol=tol, progress=prog)

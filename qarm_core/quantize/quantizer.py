@@ -21,7 +21,7 @@ from qarm_core.arrays import has_duplicates
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
 from qarm_core.quantize.config import QuantizerParams
-from qarm_core.quantize.kmeans import assign, fit_level, row_sqnorms, sticky, subtract_centroids
+from qarm_core.quantize.kmeans import _k, assign, fit_level, row_sqnorms, sticky, subtract_centroids
 from qarm_core.quantize.metrics import churn, collision_metrics, decode_hit_rates, hit_rates, level_usage
 from qarm_core.quantize.sid import resolve_collisions_cells, sid_keys, sid_strings
 
@@ -63,12 +63,17 @@ def validate_embeddings(x: np.ndarray, item_ids: np.ndarray, dataset: str = "emb
     if has_duplicates(item_ids):
         raise DataError(STAGE, dataset, "duplicate item ids")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = np.zeros(len(x), bool)
-    zero = np.zeros(len(x), bool)
-    for lo in range(0, len(x), F.CHUNK):          # chunked: no (n, dim) bool temporary
-        part = x[lo:lo + F.CHUNK]
-        bad[lo:lo + F.CHUNK] = ~np.isfinite(part).all(1)
-        zero[lo:lo + F.CHUNK] = ~part.any(1)
+    # One threaded pass of squared norms flags the suspects (a non-finite norm: NaN/inf, or a value
+    # whose square overflows; a zero norm: all zeros, or squares that underflow), and only those
+    # rows are checked element by element: 0.2 s at 10M x 128 where two numpy passes took 1.5 s.
+    sq = row_sqnorms(x)
+    bad, zero = ~np.isfinite(sq), sq == 0
+    del sq
+    for flags, exact in ((bad, lambda rows: ~np.isfinite(rows).all(1)), (zero, lambda rows: ~rows.any(1))):
+        suspects = np.flatnonzero(flags)
+        for lo in range(0, len(suspects), F.CHUNK):
+            part = suspects[lo:lo + F.CHUNK]
+            flags[part] = exact(x[part])
     if bad.any():
         raise DataError(STAGE, dataset, f"{int(bad.sum())} embeddings hold NaN/inf, e.g. item ids "
                                         f"{item_ids[bad][:5].tolist()}")
@@ -165,9 +170,8 @@ def _resolve(c1: np.ndarray, c2: np.ndarray, new_c3: np.ndarray, suffix: np.ndar
     item nearest the centre keeps the raw code)."""
     n, k2 = len(c1), p.levels[1]
     priority = np.empty(n, np.float32)
-    for lo in range(0, n, F.CHUNK):
-        dz = z[lo:lo + F.CHUNK] - fsq.centers[np.arange(fsq.dims)[None, :], digits[lo:lo + F.CHUNK]]
-        priority[lo:lo + F.CHUNK] = (dz * dz).sum(1)
+    _k().cell_priority(np.ascontiguousarray(z, np.float32), np.ascontiguousarray(digits, np.int32),
+                       np.ascontiguousarray(fsq.centers, np.float32), priority)
     held_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)   # kept rows: their carried-over code
     r_c3, r_suffix, r_resolved = resolve_collisions_cells(
         held_keys, new_c3, fsq.code_space, priority, participate=~kept, outside=kept & (suffix == 0),
@@ -218,8 +222,12 @@ def _code_metrics(residual: np.ndarray, centroids: list[np.ndarray], fsq: F.FSQC
         return centroids[0][c1[rows]] + centroids[1][c2[rows]]
     # Final SIDs are unique per item when every collision was resolved, so HR@k is measured on the
     # raw codes (what decoding a SID would face) and on the k-means-only codes for comparison.
-    metrics |= {f"raw.{k}": v for k, v in hit_rates(original, raw_keys, sample=p.hr_sample, seed=p.seed).items()}
-    metrics |= {f"rkmeans.{k}": v for k, v in hit_rates(original, rk_keys, sample=p.hr_sample, seed=p.seed).items()}
+    # (the input vectors rebuilt in the kernel from the residual buffer and the centroids, as
+    # ``original`` does)
+    levels_added = ((centroids[0], c1), (centroids[1], c2))
+    for name, keys in (("raw", raw_keys), ("rkmeans", rk_keys)):
+        metrics |= {f"{name}.{k}": v for k, v in hit_rates(residual, keys, sample=p.hr_sample, seed=p.seed,
+                                                           add=levels_added).items()}
     if p.decode_hr_sample:
         t0, decoders = time.perf_counter(), {"raw": decoded, "rkmeans": decoded_rk}
         metrics |= decode_hit_rates(original, n, decoders, sample=p.decode_hr_sample, seed=p.seed)

@@ -11,8 +11,14 @@ from qarm_core.arrays import sorted_unique, union
 
 
 def sid_keys(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k2: int, c3_space: int) -> np.ndarray:
-    """One int64 per (c1, c2, c3) triple (the caller checks k1*k2*c3_space < 2**63)."""
-    return (c1.astype(np.int64) * k2 + c2.astype(np.int64)) * c3_space + c3.astype(np.int64)
+    """One int64 per (c1, c2, c3) triple (the caller checks k1*k2*c3_space < 2**63); computed in
+    place in one array (five int64 temporaries took 0.34 s a call at 10M rows)."""
+    out = np.array(c1, dtype=np.int64, copy=True)
+    out *= k2
+    out += c2
+    out *= c3_space
+    out += c3
+    return out
 
 
 def resolve_collisions(keys: np.ndarray, priority: np.ndarray,
@@ -98,7 +104,9 @@ def sid_strings(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, suffix: np.ndarr
     bounds = [0]
     while bounds[-1] < n:
         bounds.append(max(bounds[-1] + 1, int(np.searchsorted(offsets, offsets[bounds[-1]] + limit, "right")) - 1))
-    chunks = [pa.StringArray.from_buffers(hi - lo, pa.py_buffer((offsets[lo:hi + 1] - offsets[lo]).astype(np.int32)),
+    # (the first chunk's offsets start at 0: cast only, no shifted copy)
+    chunks = [pa.StringArray.from_buffers(hi - lo, pa.py_buffer((offsets[lo:hi + 1] - offsets[lo] if lo else
+                                                                 offsets[:hi + 1]).astype(np.int32)),
                                           pa.py_buffer(data[offsets[lo]:offsets[hi]]))
               for lo, hi in zip(bounds[:-1], bounds[1:])]
     if len(chunks) == 1:
@@ -126,16 +134,19 @@ def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, pr
 
     _kernels = _k()
     n = len(keys)
-    rows = np.flatnonzero(participate | outside)
+    taking_part = participate | outside
+    # (every row, as on a cold fit: no gathers through an index of all rows)
+    rows = None if taking_part.all() else np.flatnonzero(taking_part)
+    del taking_part
     # Rows grouped by (c1, c2) cell with a counting sort; the kernel orders each cell by (c3,
     # priority, row): a global lexsort of a 10M-item snapshot took 4.5 s of the stage.
-    cell = keys[rows] // c3_space
+    cell = keys // c3_space if rows is None else keys[rows] // c3_space
     n_cells = int(cell.max()) + 1 if len(cell) else 0
     if n_cells > 4 * len(cell) + 1024:          # a sparse cell space: number the cells in use
         _, cell = np.unique(cell, return_inverse=True)
         n_cells = int(cell.max()) + 1
     cell_ptr, pos = _kernels.group_by_cell(cell, n_cells)
-    order = rows[pos]
+    order = pos if rows is None else rows[pos]
     del cell, pos
     f = z.shape[1]
     lo_b = np.concatenate([np.full((f, 1), -np.inf, np.float32), boundaries], 1).astype(np.float32)
@@ -143,7 +154,10 @@ def resolve_collisions_cells(keys: np.ndarray, c3: np.ndarray, c3_space: int, pr
     new_c3 = c3.astype(np.int64, copy=True)
     suffix = np.zeros(n, np.int64)
     moved = np.zeros(n, bool)
-    _kernels.resolve_cells(cell_ptr, order, new_c3, np.ascontiguousarray(priority),
+    priority = np.ascontiguousarray(priority)
+    # float32 priorities sort inside one int64 key with their code (their bits, as uint32)
+    pbits = priority.view(np.uint32) if priority.dtype == np.float32 else np.zeros(0, np.uint32)
+    _kernels.resolve_cells(cell_ptr, order, new_c3, priority, pbits,
                            np.ascontiguousarray(outside), np.ascontiguousarray(z, np.float32),
                            np.ascontiguousarray(digits, np.int32), lo_b, hi_b, int(levels), int(c3_space),
                            int(n_alt), new_c3, suffix, moved)

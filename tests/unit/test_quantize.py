@@ -4,6 +4,7 @@ import pytest
 
 from qarm_core.errors import DataError
 from qarm_core.quantize import fsq as F
+from qarm_core.quantize import kmeans as K
 from qarm_core.quantize.metrics import churn, collision_metrics, hit_rates, level_usage
 from qarm_core.quantize.quantizer import (QuantizerParams, assign_semantic_ids, load_codebook,
                                           quantize_embeddings, save_codebook, validate_embeddings)
@@ -138,6 +139,30 @@ def test_fsq_bins_are_equal_frequency_and_pack_roundtrips():
     assert np.abs(f.components @ f.components.T - np.eye(3)).max() < 1e-5
 
 
+def test_fsq_digits_pack_and_mse_kernels_equal_numpy():
+    """The compiled bins equal numpy's searchsorted (values on a boundary, tied boundaries, NaN,
+    -inf/inf), Horner packing equals the weighted sum, and the cell-mean MSE equals a float64
+    numpy reference (rows in several chunks)."""
+    rng = np.random.default_rng(5)
+    bounds = np.array([[-1.0, 0.0, 0.0, 2.0], [-3.0, -2.0, 1.0, 5.0]], np.float32)
+    f = F.FSQCodebook(np.zeros(6, np.float32), np.eye(2, 6, dtype=np.float32), bounds, np.zeros((2, 5), np.float32))
+    z = rng.choice(np.array([-1.0, 0.0, 2.0, -2.0, 5.0, 0.5, np.nan, -np.inf, np.inf], np.float32), (500, 2))
+    z = np.concatenate([z, rng.standard_normal((500, 2)).astype(np.float32) * 3])
+    want = np.stack([np.searchsorted(bounds[j], z[:, j], side="right") for j in range(2)], 1)
+    assert np.array_equal(F.digits_of(f, z), want)
+    d = rng.integers(0, 7, (300, 5)).astype(np.int32)
+    assert np.array_equal(F.pack(d, 7), d.astype(np.int64) @ 7 ** np.arange(5, dtype=np.int64))
+    r = rng.standard_normal((F.CHUNK + 1001, 19)).astype(np.float32)
+    book = F.fit_fsq(r, 2, 3)
+    dig = F.digits_of(book, F.project(book, r))
+    ref = ((r.astype(np.float64) - book.cell_means[F.pack(dig, 3)].astype(np.float64)) ** 2).sum(1).mean()
+    assert F.reconstruction_mse(book, r, dig) == pytest.approx(ref, rel=1e-12)
+    # the fullest bin from the cell counts' marginals equals a bincount per coordinate
+    skew = np.concatenate([dig, np.zeros((len(dig) // 2, 2), np.int32)])
+    want = max(np.bincount(skew[:, j], minlength=3).max() for j in range(2)) / len(skew)
+    assert F.fullest_bin_share(book, skew) == want and want > 0.4
+
+
 def test_fsq_decodes_to_cell_means_and_the_sigmoid_form_is_its_rounding():
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((12, 10)).astype(np.float32) * 2
@@ -182,6 +207,39 @@ def test_bad_embeddings_rejected(mutate, match):
     bad = mutate(x)
     with pytest.raises(DataError, match=r"\[stage=quantize, dataset=embeddings\].*" + match.replace("(", r"\(")):
         validate_embeddings(bad, ids[:len(bad)], dim=24, min_items=16)
+
+
+def test_embeddings_with_extreme_but_valid_values_pass_and_bad_rows_are_named():
+    """The validation flags rows by their squared norm first: a finite value whose square overflows
+    float32, or tiny values whose squares underflow to 0, must not be reported as NaN/inf or zeros."""
+    x, ids = _emb(n=100)
+    x[3, 0], x[7] = 1e30, 1e-30
+    assert validate_embeddings(x, ids, dim=24, min_items=16) is not None
+    x[9, 4], x[11, 1] = np.inf, -np.inf
+    with pytest.raises(DataError, match=r"2 embeddings hold NaN/inf, e.g. item ids \[64, 78\]"):
+        validate_embeddings(x, ids, dim=24, min_items=16)
+
+
+def test_threaded_gather_and_cell_priority_equal_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50_000, 100)).astype(np.float32)
+    rows = np.sort(rng.choice(50_000, 45_000, replace=False))       # 4.5M values: the kernel's path
+    assert np.array_equal(K.take_rows(x, rows), x[rows])
+    assert np.array_equal(K.take_rows(x, rows[:10]), x[rows[:10]])  # small: numpy's
+    z = rng.standard_normal((1000, 3)).astype(np.float32)
+    digits = rng.integers(0, 4, (1000, 3)).astype(np.int32)
+    centers = rng.standard_normal((3, 4)).astype(np.float32)
+    got = np.empty(1000, np.float32)
+    K._k().cell_priority(z, digits, centers, got)
+    dz = z - centers[np.arange(3)[None, :], digits]
+    assert np.array_equal(got, (dz * dz).sum(1))
+
+
+def test_row_sqnorms_on_threads_equal_one_einsum():
+    x = np.random.default_rng(0).standard_normal((2 * 262_144 + 5, 8)).astype(np.float32)
+    one = np.einsum("ij,ij->i", x, x)
+    assert np.array_equal(K.row_sqnorms(x, n_threads=2), one)
+    assert np.array_equal(K.row_sqnorms(x, n_threads=1), one)
 
 
 def test_bad_params():

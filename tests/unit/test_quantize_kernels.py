@@ -22,12 +22,14 @@ def _emb(n=3000, dim=24, seed=0, clusters=40):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.arange(n, dtype=np.int64) * 7 + 1
 
 
-@pytest.mark.parametrize("seed,n_alt,kept_share,c1_stride", [(0, 32, 0.0, 1), (1, 5, 0.3, 1), (2, 3, 0.5, 1),
-                                                             (3, 32, 0.2, 1_000_003)])
-def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride):
+@pytest.mark.parametrize("seed,n_alt,kept_share,c1_stride,priority_kind", [
+    (0, 32, 0.0, 1, "distance"), (1, 5, 0.3, 1, "distance"), (2, 3, 0.5, 1, "distance"),
+    (3, 32, 0.2, 1_000_003, "distance"), (4, 32, 0.1, 1, "ties, signs, -0.0"), (5, 5, 0.3, 1, "float64")])
+def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride, priority_kind):
     """Row for row equal to the vectorised reference: dense cells (some with every FSQ code taken,
     whose movers go straight to suffixes), sparse ones, carried-over codes, and (c1_stride) a cell
-    space far larger than the rows, which the kernel numbers compactly first."""
+    space far larger than the rows, which the kernel numbers compactly first; priorities with ties,
+    both signs and signed zeros (one packed sort key) and float64 ones (two sorts)."""
     rng = np.random.default_rng(seed)
     n, f, L, k2 = 6000, 3, 4, 5
     r = rng.standard_normal((n, 10)).astype(np.float32)
@@ -40,6 +42,12 @@ def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride):
     assert len(np.unique(c3[(c1 == 0) & (c2 == 0)])) == fsq.code_space
     keys = sid_keys(c1, c2, c3, k2, fsq.code_space)
     priority = ((z - fsq.centers[np.arange(f)[None, :], d]) ** 2).sum(1)
+    if priority_kind == "ties, signs, -0.0":       # float32, sorted in one packed key
+        priority = (np.round(priority * 4) / 4 - 0.5).astype(np.float32)
+        priority[::7] = np.float32(-0.0)
+        priority[3::7] = np.float32(0.0)
+    elif priority_kind == "float64":               # two stable passes
+        priority = priority.astype(np.float64) + 1e-12 * np.arange(n)
     kept = rng.random(n) < kept_share
     held_c3 = np.where(kept, rng.integers(0, fsq.code_space, n), c3)
     held = sid_keys(c1, c2, held_c3, k2, fsq.code_space)
@@ -250,6 +258,47 @@ def test_hit_rates_on_one_big_group_equal_brute_force_in_batches():
     got = hit_rates(x, keys, ks=(1, 5, 50), max_group=4096)
     assert got == {f"hr@{k}": float((ranks <= k).mean()) for k in (1, 5, 50)}
     assert ranks[0] > 1 and ranks[1] > 1 and 0 < got["hr@1"] < 1
+
+
+@pytest.mark.parametrize("n_tables", [0, 1, 2])
+def test_hit_rates_equal_a_per_query_count(n_tables):
+    """Plain rows, or rows rebuilt from a base plus one or two label tables (the quantizer's
+    residual + centroids), on a sample of queries: each query's rank equals a plain count over its
+    group (duplicates tie against the item); groups of one rank first; big groups are sampled."""
+    rng = np.random.default_rng(4)
+    n, d = 4000, 12
+    base = (rng.standard_normal((n, d)) * rng.uniform(0.5, 1.5, (n, 1))).astype(np.float32)
+    tables = [(rng.standard_normal((7, d)).astype(np.float32), rng.integers(0, 7, n).astype(np.int32))
+              for _ in range(n_tables)]
+    x = base.copy()
+    for t, lab in tables:
+        x = x + t[lab]                                          # float32, in order, as the kernel
+    base[11], base[27] = base[10], base[26]
+    for t, lab in tables:
+        lab[11], lab[27] = lab[10], lab[26]
+    x[11], x[27] = x[10], x[26]                                 # exact duplicates
+    keys = rng.integers(0, 600, n) * 3
+    keys[[10, 11, 26, 27]] = [1, 1, 4, 4]                      # duplicates share a group
+    keys[:5] = 10_000 + np.arange(5)                            # groups of one
+    q = np.sort(np.random.default_rng(9).choice(n, 1500, replace=False))
+    ranks = []
+    for i in q:
+        g = np.flatnonzero(keys == keys[i])
+        s = x[g].astype(np.float64) @ x[i].astype(np.float64)
+        own = float(x[i].astype(np.float64) @ x[i].astype(np.float64))
+        ranks.append(1 + int(((s >= own) & (g != i)).sum()))
+    ranks = np.array(ranks)
+    want = {f"hr@{k}": float((ranks <= k).mean()) for k in (1, 2, 5)}
+    assert 0 < want["hr@1"] < 1
+    # the sample: the same seeded draw as hit_rates' (queries = rows of q)
+    assert hit_rates(base, keys, ks=(1, 2, 5), sample=1500, seed=9, add=tuple(tables)) == want
+    # one group over the whole catalog, sampled to 500 members: a rank counts sampled members only
+    one = hit_rates(base, np.zeros(n, np.int64), ks=(1, 50), sample=300, seed=1, max_group=500, add=tuple(tables))
+    full = hit_rates(base, np.zeros(n, np.int64), ks=(1, 50), sample=300, seed=1, max_group=n, add=tuple(tables))
+    assert 0 < one["hr@50"] and one["hr@50"] > full["hr@50"]
+    too_many = ((np.zeros((1, d), np.float32), np.zeros(n, np.int32)),) * 3
+    with pytest.raises(ValueError, match="at most two tables"):
+        hit_rates(base, keys, add=too_many)
 
 
 def test_decode_hit_rates_scan_logs_progress_when_long(caplog, monkeypatch):
