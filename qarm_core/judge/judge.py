@@ -40,6 +40,9 @@ STAGE = "judge"
 SOURCES = ("swing", "u2i")
 PAIR_KEY = ["src_item", "dst_item", "source"]
 CACHE_KEY = PAIR_KEY + ["text_hash"]          # what a cached judgment must match (with model and prompt)
+# What a score depends on (with model and prompt): the ordered pair's texts, not the miner that found
+# it; a pair mined by Swing yesterday and by the two-tower today is not scored again.
+SCORE_KEY = ["src_item", "dst_item", "text_hash"]
 KEEP_TAG, REJECT_TAG = "[keep] ", "[reject] "
 MAX_REASONING_CHARS = 400
 
@@ -108,24 +111,27 @@ def _conform_previous(previous: pa.Table | None) -> pa.Table:
 
 
 # ---------------------------------------------------------------- incremental refresh
-def pairs_to_score(previous: pa.Table | None, pairs: pa.Table, model_id: str, prompt_version: str) -> pa.Table:
+def pairs_to_score(previous: pa.Table | None, pairs: pa.Table, model_id: str, prompt_version: str,
+                   key: Sequence[str] = tuple(SCORE_KEY)) -> pa.Table:
     """The pairs (src_item, dst_item, source, text_hash), as ``keyed_pairs`` returns them, with no
     judgment in ``previous`` made by this ``model_id`` and ``prompt_version`` from the same item
-    texts. Pure: neither input is modified.
+    texts, under any source (``key``: ``SCORE_KEY``; ``CACHE_KEY`` asks for the same source too).
+    Pure: neither input is modified.
 
     Shapes: ``pairs`` n rows (distinct by ``PAIR_KEY``); result m <= n rows, in ``pairs`` order.
     """
     missing = [c for c in CACHE_KEY if c not in pairs.column_names]
     if missing:
         raise ValueError(f"pairs_to_score needs keyed pairs (judge.keyed_pairs); missing {missing}")
+    key = list(key)
     todo = pairs.select(CACHE_KEY)
     prev = _conform_previous(previous)
     done = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id),
-                               pc.equal(prev["prompt_version"], prompt_version))).select(CACHE_KEY)
+                               pc.equal(prev["prompt_version"], prompt_version))).select(key)
     if done.num_rows == 0 or todo.num_rows == 0:
         return todo
-    idx = pa.table({**{c: todo[c] for c in CACHE_KEY}, "_i": pa.array(np.arange(todo.num_rows))})
-    left = idx.join(done.group_by(CACHE_KEY, use_threads=False).aggregate([]), keys=CACHE_KEY,
+    idx = pa.table({**{c: todo[c] for c in key}, "_i": pa.array(np.arange(todo.num_rows))})
+    left = idx.join(done.group_by(key, use_threads=False).aggregate([]), keys=key,
                     join_type="left anti", use_threads=False)
     return todo.take(pa.array(np.sort(left["_i"].to_numpy()))) if left.num_rows else todo.slice(0, 0)
 
@@ -393,7 +399,8 @@ def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None
     """The JUDGMENTS table of ``pairs`` (one row per distinct (src_item, dst_item, source)).
 
     Pairs already judged in ``previous`` by the same model id and prompt version from the same item
-    texts keep their score (and reasoning); the others are scored now. Keep verdicts are recomputed
+    texts keep their score (and reasoning); a pair judged there under another source only takes its
+    score (not its reasoning); the others are scored now. Keep verdicts are recomputed
     over all current pairs. ``scorer`` defaults to ``make_scorer(cfg)`` (which loads the models).
     ``pairs`` may come keyed (``keyed_pairs`` of these ``items``): their text hashes are then used as given.
     """
@@ -409,12 +416,26 @@ def judge_pairs(pairs: pa.Table, items: pa.Table, cfg: JudgeConfig | None = None
     model_id, pv = scorer.model_id, cfg.prompt_version
     prev = _conform_previous(previous)
     prev = prev.filter(pc.and_(pc.equal(prev["model_id"], model_id), pc.equal(prev["prompt_version"], pv)))
-    if prev.num_rows:  # cached judgments of pairs still present with the same texts (first row per key)
-        prev = prev.join(pairs, keys=CACHE_KEY, join_type="left semi", use_threads=False)
-        prev = prev.group_by(PAIR_KEY, use_threads=False).aggregate(
+    if prev.num_rows:
+        # cached judgments of pairs still present with the same texts and source (first row per key)
+        same = prev.join(pairs, keys=CACHE_KEY, join_type="left semi", use_threads=False)
+        same = same.group_by(PAIR_KEY, use_threads=False).aggregate(
             [(c, "first") for c in JUDGMENTS.columns if c not in PAIR_KEY])
-        prev = prev.rename_columns([c.removesuffix("_first") for c in prev.column_names])
-        prev = prev.select(JUDGMENTS.columns).cast(JUDGMENTS.schema)
+        same = same.rename_columns([c.removesuffix("_first") for c in same.column_names])
+        same = same.select(JUDGMENTS.columns).cast(JUDGMENTS.schema)
+        # pairs judged before under another source only: their score carries over (it depends on the
+        # texts alone), not the reasoning, which add_reasoning writes where this run wants it
+        other = pairs.join(same.select(CACHE_KEY), keys=CACHE_KEY, join_type="left anti", use_threads=False)
+        donors = prev.group_by(SCORE_KEY, use_threads=False).aggregate([("score", "first")])
+        other = other.join(donors, keys=SCORE_KEY, join_type="inner", use_threads=False)
+        k = other.num_rows
+        other = pa.table({"src_item": other["src_item"], "dst_item": other["dst_item"], "source": other["source"],
+                          "model_id": pa.array([model_id] * k, pa.string()),
+                          "prompt_version": pa.array([pv] * k, pa.string()),
+                          "score": other["score_first"], "keep": pa.array([False] * k, pa.bool_()),
+                          "reasoning": pa.nulls(k, pa.string()), "text_hash": other["text_hash"]},
+                         schema=JUDGMENTS.schema)
+        prev = pa.concat_tables([same, other]) if k else same
     todo = pairs_to_score(prev, pairs, model_id, pv)
     scores = score_pairs(todo, items, scorer) if todo.num_rows else np.zeros(0)
     if not np.all(np.isfinite(scores)):

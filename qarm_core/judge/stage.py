@@ -21,8 +21,8 @@ from qarm_core.errors import DataError
 from qarm_core.events import POSITIVE_MIN_RATING
 from qarm_core.judge.config import JudgeConfig, JudgeEvalConfig, QAConfig
 from qarm_core.judge.calibrate import calibrate_keep_rules, future_labels
-from qarm_core.judge.judge import (SOURCES, add_reasoning, apply_keep_rules, judge_pairs, keyed_pairs, make_scorer,
-                                   pair_text_hashes, pairs_to_score)
+from qarm_core.judge.judge import (CACHE_KEY, SOURCES, add_reasoning, apply_keep_rules, judge_pairs, keyed_pairs,
+                                   make_scorer, pair_text_hashes, pairs_to_score)
 from qarm_core.schemas import JUDGE_EVAL, JUDGE_NEUTRAL, JUDGMENTS
 
 if TYPE_CHECKING:
@@ -214,7 +214,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     through the LLM together, in one batched pass (shared contexts, one neutral pass per distinct
     item not already known). ``shards``: where the LLM's shards run (``qarm_core.lm.sharded``;
     None: here).
-    Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached``, ``llm.pairs`` (pairs the
+    Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached`` (of which
+    ``pairs.cached.other_source``: judged before under the other source only), ``llm.pairs`` (pairs the
     LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` / ``neutral.computed``,
     ``score_s``, ``pairs_per_s`` (llm.pairs per second of that pass), per source
     ``<source>.pairs/.kept/.keep_rate/.rejection_rate`` and the calibration's
@@ -227,6 +228,9 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     scorer = scorer or make_scorer(cfg, shards=shards)
     keyed = keyed_pairs(pairs, items, scorer.prompt.item_format)     # validated, hashed once for the run
     todo = pairs_to_score(previous.judgments, keyed, scorer.model_id, cfg.prompt_version)
+    # of the cached pairs, those judged before under another source only (their score carries over)
+    other_source = pairs_to_score(previous.judgments, keyed, scorer.model_id, cfg.prompt_version,
+                                  key=CACHE_KEY).num_rows - todo.num_rows
     notes = {"model_id": scorer.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(scorer.backend)
     eval_pairs, why = (None, "skipped: no interactions given") if interactions is None else \
         draw_eval_pairs(interactions, items, cfg.eval)
@@ -260,7 +264,8 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     reasoning_s = time.perf_counter() - t1
     neutral = _neutral_table(texts, hashes, scorer)
     report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(todo.num_rows),
-                    "pairs.cached": float(out.num_rows - todo.num_rows), "llm.pairs": float(union.num_rows),
+                    "pairs.cached": float(out.num_rows - todo.num_rows),
+                    "pairs.cached.other_source": float(other_source), "llm.pairs": float(union.num_rows),
                     "neutral.cached": float(neutral_cached), "neutral.computed": float(neutral.num_rows - neutral_cached),
                     "score_s": score_s, "reasoning_s": reasoning_s,
                     "reasoning.rows": float(out.num_rows - out["reasoning"].null_count)}

@@ -12,7 +12,7 @@ from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
 from qarm_core.lm.config import LocalModelConfig
 from qarm_core.judge.judge import (
-    REJECT_TAG, PairScorer, apply_keep_rules, judge_pairs, pairs_to_score, reasoning_targets,
+    CACHE_KEY, REJECT_TAG, PairScorer, apply_keep_rules, judge_pairs, pairs_to_score, reasoning_targets,
     validate_pairs,
 )
 from qarm_core.judge.prompts import judge_prompt
@@ -121,10 +121,14 @@ def test_pairs_to_score_is_pure_and_keyed_by_model_prompt_and_text():
                     (2, 1, "swing"), (3, 4, "swing", "new-text")])
     prev_copy, pairs_copy = prev.to_pylist(), pairs.to_pylist()
     todo = pairs_to_score(prev, pairs, "m", "v1")
+    # (1, 5) was judged as a u2i pair: its score serves the swing pair too (it depends on the texts)
     assert todo.select(["src_item", "dst_item", "source"]).to_pylist() == [
         {"src_item": a, "dst_item": b, "source": s} for a, b, s in
-        [(1, 3, "swing"), (1, 4, "swing"), (1, 5, "swing"), (2, 1, "swing"), (3, 4, "swing")]]
+        [(1, 3, "swing"), (1, 4, "swing"), (2, 1, "swing"), (3, 4, "swing")]]
     assert todo["text_hash"].to_pylist()[-1] == "new-text"       # re-judged: its text changed
+    same_source = pairs_to_score(prev, pairs, "m", "v1", key=CACHE_KEY)
+    assert same_source.select(["src_item", "dst_item", "source"]).to_pylist()[2] == \
+        {"src_item": 1, "dst_item": 5, "source": "swing"}
     assert prev.to_pylist() == prev_copy and pairs.to_pylist() == pairs_copy
     assert pairs_to_score(None, pairs, "m", "v1").num_rows == 7
     assert pairs_to_score(prev, pairs.slice(0, 1), "m", "v1").num_rows == 0
@@ -235,6 +239,27 @@ def test_judge_pairs_schema_cache_and_reasoning(tiny_lm):
         if k not in touched:
             assert r["score"] == old[(*k, r["source"])]            # untouched pairs come from the cache
     assert 0 < backend.scored <= 2 * len(touched)                 # the renamed item's pairs (+ neutral passes)
+
+
+def test_a_pair_judged_under_another_source_keeps_its_score_without_the_llm(tiny_lm):
+    """Yesterday's u2i pair (4, 6) is today a swing pair: its score is the one published (the score
+    reads the two texts only) and the LLM does not run for it; the reverse pair (6, 4) is another
+    pair and is scored."""
+    items = _items()
+    backend = CountingBackend(tiny_lm)
+    cfg = JudgeConfig(embed_weight=0.0, reasoning="none")
+    day1 = _pairs([(1, 2, "swing"), (4, 6, "u2i"), (4, 1, "u2i")])
+    j1 = judge_pairs(day1, items, cfg, scorer=PairScorer(backend, judge_prompt(cfg.prompt_version)))
+    day2 = _pairs([(1, 2, "swing"), (4, 6, "swing"), (6, 4, "swing")])
+    backend.scored = 0
+    j2 = judge_pairs(day2, items, cfg, previous=j1, scorer=PairScorer(backend, judge_prompt(cfg.prompt_version)))
+    got = {(r["src_item"], r["dst_item"], r["source"]): r for r in j2.to_pylist()}
+    old = {(r["src_item"], r["dst_item"], r["source"]): r for r in j1.to_pylist()}
+    assert got[(4, 6, "swing")]["score"] == old[(4, 6, "u2i")]["score"]
+    assert backend.scored == 2                                     # (6, 4) and the neutral pass of item 4
+    fresh = judge_pairs(day2, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt(cfg.prompt_version)))
+    want = {(r["src_item"], r["dst_item"]): r["score"] for r in fresh.to_pylist()}
+    assert got[(4, 6, "swing")]["score"] == pytest.approx(want[(4, 6)], abs=1e-6)   # as if scored today
 
 
 def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):
