@@ -128,6 +128,7 @@ def phase_refresh(config: str) -> dict:
             units[name] = r["metrics"].get(metric, 0.0)
         if name == "judge":
             units["judge.pairs.cached"] = r["metrics"].get("pairs.cached", 0.0)
+            units["judge.pairs.cached.other_source"] = r["metrics"].get("pairs.cached.other_source", 0.0)
             units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
         if name == "mine":
             for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "u2i.pairs"):
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"measured here:\n")
     print(table(["work", "day 0", "day 1", "ratio", "SmolLM2 s/unit", "day 0 h", "day 1 h"], urows))
     print(f"\njudge pairs cached on day 1: {d1['units'].get('judge.pairs.cached', 0):,.0f} of "
-          f"{d1['units'].get('judge.pairs', 0):,.0f}; embeddings carried over: "
+          f"{d1['units'].get('judge.pairs', 0):,.0f} ({d1['units'].get('judge.pairs.cached.other_source', 0):,.0f} "
+          f"of them judged on day 0 under the other source only); embeddings carried over: "
           f"{d1['units'].get('embed.carried_over', 0):,.0f}")
     if "mine.swing.new" in d1["units"]:
         u = d1["units"]

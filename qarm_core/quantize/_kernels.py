@@ -233,7 +233,8 @@ def take_rows(x, rows, out):
 def cell_priority(z, digits, centers, out):
     """out[i] = sum_j (z[i, j] - centers[j, digits[i, j]])^2 in float32, j in order: how far a row
     lies from its FSQ cell's centre (``z`` ``(n, f)``, ``digits`` ``(n, f)``, ``centers``
-    ``(f, levels)``), as numpy's ``((z - centers[j, digits]) ** 2).sum(1)`` gives it."""
+    ``(f, levels)``), as numpy's ``((z - centers[j, digits]) ** 2).sum(1)`` gives it for f < 8
+    (numpy sums 8 terms or more pairwise: callers keep numpy there)."""
     f = z.shape[1]
     for i in prange(z.shape[0]):
         s = np.float32(0.0)

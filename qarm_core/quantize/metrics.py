@@ -81,6 +81,14 @@ def hit_rates(x: np.ndarray, keys: np.ndarray, ks: tuple[int, ...] = (1, 10), ma
     if len(add) > 2:
         raise ValueError(f"hit_rates adds at most two tables, got {len(add)}")
     n = len(keys)
+    if len(x) != n:
+        raise ValueError(f"hit_rates: {len(x)} rows for {n} keys")
+    for j, (table, labels) in enumerate(add):     # the kernel reads without bounds checks
+        if len(labels) != n or table.ndim != 2 or table.shape[1] != x.shape[1]:
+            raise ValueError(f"hit_rates: table {j} is {table.shape} with {len(labels)} labels, for {n} rows "
+                             f"of width {x.shape[1]}")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= len(table)):
+            raise ValueError(f"hit_rates: labels of table {j} outside 0..{len(table) - 1}")
     rng = np.random.default_rng(seed)
     q = np.arange(n) if sample is None or n <= sample else np.sort(rng.choice(n, sample, replace=False))
     if not len(q):

@@ -170,8 +170,13 @@ def _resolve(c1: np.ndarray, c2: np.ndarray, new_c3: np.ndarray, suffix: np.ndar
     item nearest the centre keeps the raw code)."""
     n, k2 = len(c1), p.levels[1]
     priority = np.empty(n, np.float32)
-    _k().cell_priority(np.ascontiguousarray(z, np.float32), np.ascontiguousarray(digits, np.int32),
-                       np.ascontiguousarray(fsq.centers, np.float32), priority)
+    if fsq.dims < 8:      # summed in order, as numpy does below 8 terms (pairwise from 8 on)
+        _k().cell_priority(np.ascontiguousarray(z, np.float32), np.ascontiguousarray(digits, np.int32),
+                           np.ascontiguousarray(fsq.centers, np.float32), priority)
+    else:
+        for lo in range(0, n, F.CHUNK):
+            dz = z[lo:lo + F.CHUNK] - fsq.centers[np.arange(fsq.dims)[None, :], digits[lo:lo + F.CHUNK]]
+            priority[lo:lo + F.CHUNK] = (dz * dz).sum(1)
     held_keys = sid_keys(c1, c2, new_c3, k2, fsq.code_space)   # kept rows: their carried-over code
     r_c3, r_suffix, r_resolved = resolve_collisions_cells(
         held_keys, new_c3, fsq.code_space, priority, participate=~kept, outside=kept & (suffix == 0),

@@ -320,8 +320,11 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     assert of("mine", second)["swing.new"] == second["rows"]["pairs"] - first["rows"]["pairs"]
     day1, day2 = of("judge", first), of("judge", second)
     assert day1["pairs.cached"] == 0 and day1["pairs.scored"] == first["rows"]["pairs"]
-    assert day2["pairs.cached"] == first["rows"]["pairs"]
-    assert day2["pairs.scored"] == second["rows"]["pairs"] - first["rows"]["pairs"]
+    # new pairs judged yesterday under the other source take that score without the LLM (counted below)
+    other = day2["pairs.cached.other_source"]
+    assert day1["pairs.cached.other_source"] == 0
+    assert day2["pairs.cached"] == first["rows"]["pairs"] + other
+    assert day2["pairs.scored"] == second["rows"]["pairs"] - first["rows"]["pairs"] - other
     # the evaluation set is the same on the same log: its scores come from the published snapshot
     assert day2["eval.pairs.cached"] == day2["eval.pairs"] == day1["eval.pairs"] > 0
     assert day2["llm.pairs"] == day2["pairs.scored"] and day2["auc.cooc"] == day1["auc.cooc"]
@@ -343,6 +346,12 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     key = ["src_item", "dst_item", "source"]
     joined = old.select(key + ["score"]).join(new.select(key + ["score"]), keys=key, right_suffix="_new")
     assert joined.num_rows == old.num_rows
+    old_rows = {(r["src_item"], r["dst_item"], r["source"]): r["score"] for r in old.to_pylist()}
+    switched = [r for r in new.to_pylist() if (r["src_item"], r["dst_item"], r["source"]) not in old_rows
+                and (r["src_item"], r["dst_item"], {"swing": "u2i", "u2i": "swing"}[r["source"]]) in old_rows]
+    assert len(switched) == other
+    assert all(r["score"] == old_rows[(r["src_item"], r["dst_item"], {"swing": "u2i", "u2i": "swing"}[r["source"]])]
+               for r in switched)
     assert joined["score"].to_pylist() == joined["score_new"].to_pylist()
 
 

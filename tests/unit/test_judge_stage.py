@@ -60,12 +60,17 @@ def test_judge_stage_report_and_cache(backend, data):
     assert "eval" not in rep["notes"] and rep["notes"]["prompt_version"] == CFG.prompt_version
     assert rep["notes"]["dtype"] == "float32" and rep["notes"]["dtype_reason"] == "set by local.dtype"
 
-    # next day: two new pairs; the old ones come from the cache with their scores and reasoning
-    extra = pa.table({"src_item": pa.array([0, 1], pa.int64()), "dst_item": pa.array([29, 28], pa.int64()),
-                      "source": ["swing", "swing"], "score_max": [1.0, 1.0]})
+    # next day: two new pairs, and a swing pair mined by the two-tower too; the old ones come from
+    # the cache with their scores and reasoning, the switched one with its score only
+    sw = [(a, b) for a, b, s in zip(pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist(),
+                                     pairs["source"].to_pylist()) if s == "swing"]
+    both = set(zip(pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist(), pairs["source"].to_pylist()))
+    a, b = next((a, b) for a, b in sw if (a, b, "u2i") not in both)
+    extra = pa.table({"src_item": pa.array([0, 1, a], pa.int64()), "dst_item": pa.array([29, 28, b], pa.int64()),
+                      "source": ["swing", "swing", "u2i"], "score_max": [1.0, 1.0, 1.0]})
     more = pa.concat_tables([pairs, extra.cast(pairs.schema)]).group_by(
         ["src_item", "dst_item", "source"]).aggregate([("score_max", "max")])
-    new_pairs = more.num_rows - pairs.num_rows
+    new_pairs = more.num_rows - pairs.num_rows - 1                    # the switched pair is not new
     fresh = PairScorer(backend, judge_prompt(CFG.prompt_version))    # a new process: nothing in memory
     tables2, rep2 = judge_stage(more, items, inter, CFG, previous=tables, scorer=fresh)
     out2, ev2 = tables2.judgments, tables2.judge_eval
@@ -73,7 +78,10 @@ def test_judge_stage_report_and_cache(backend, data):
     assert rep["neutral.cached"] == 0 and rep["neutral.computed"] == tables.judge_neutral.num_rows > 0
     new_b = set(more["dst_item"].to_pylist()) - set(tables.judge_neutral["item_id"].to_pylist())
     assert rep2["neutral.computed"] == len(new_b) and rep2["neutral.cached"] == tables.judge_neutral.num_rows
-    assert rep2["pairs.scored"] == new_pairs and rep2["pairs.cached"] == pairs.num_rows
+    assert rep2["pairs.scored"] == new_pairs and rep2["pairs.cached"] == pairs.num_rows + 1
+    assert rep2["pairs.cached.other_source"] == 1 and rep["pairs.cached.other_source"] == 0
+    switched = {(r["source"]): r["score"] for r in out2.to_pylist() if (r["src_item"], r["dst_item"]) == (a, b)}
+    assert switched["u2i"] == switched["swing"]
     # the evaluation came from the published scores: the LLM ran on the new pairs only
     assert rep2["eval.pairs.cached"] == rep2["eval.pairs"] and rep2["llm.pairs"] == new_pairs
     assert {k: rep2[k] for k in ("auc.cooc", "auc.genre")} == {k: rep[k] for k in ("auc.cooc", "auc.genre")}

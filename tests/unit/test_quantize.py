@@ -226,13 +226,14 @@ def test_threaded_gather_and_cell_priority_equal_numpy():
     rows = np.sort(rng.choice(50_000, 45_000, replace=False))       # 4.5M values: the kernel's path
     assert np.array_equal(K.take_rows(x, rows), x[rows])
     assert np.array_equal(K.take_rows(x, rows[:10]), x[rows[:10]])  # small: numpy's
-    z = rng.standard_normal((1000, 3)).astype(np.float32)
-    digits = rng.integers(0, 4, (1000, 3)).astype(np.int32)
-    centers = rng.standard_normal((3, 4)).astype(np.float32)
-    got = np.empty(1000, np.float32)
-    K._k().cell_priority(z, digits, centers, got)
-    dz = z - centers[np.arange(3)[None, :], digits]
-    assert np.array_equal(got, (dz * dz).sum(1))
+    for f in (1, 3, 7):                                  # below 8 terms numpy sums in order too
+        z = (rng.standard_normal((1000, f)) * 10 ** rng.uniform(-3, 3, (1000, f))).astype(np.float32)
+        digits = rng.integers(0, 4, (1000, f)).astype(np.int32)
+        centers = rng.standard_normal((f, 4)).astype(np.float32)
+        got = np.empty(1000, np.float32)
+        K._k().cell_priority(z, digits, centers, got)
+        dz = z - centers[np.arange(f)[None, :], digits]
+        assert np.array_equal(got, (dz * dz).sum(1))
 
 
 def test_row_sqnorms_on_threads_equal_one_einsum():

@@ -49,17 +49,22 @@ def test_resolve_cells_equals_reference(seed, n_alt, kept_share, c1_stride, prio
     elif priority_kind == "float64":               # two stable passes
         priority = priority.astype(np.float64) + 1e-12 * np.arange(n)
     kept = rng.random(n) < kept_share
+    # a third of the kept rows take no part at all (carried over with a suffix: neither resolved
+    # nor holding a code); with none kept, every row takes part (the kernel's no-gather path)
+    idle = kept & (rng.random(n) < 1 / 3)
+    held_out = kept & ~idle
     held_c3 = np.where(kept, rng.integers(0, fsq.code_space, n), c3)
     held = sid_keys(c1, c2, held_c3, k2, fsq.code_space)
     rest = np.flatnonzero(~kept)
     ref = resolve_collisions(keys[rest], priority[rest],
                              lambda rows: F.alternatives(fsq, z[rest][rows], d[rest][rows], n_alt),
-                             c3[rest], fsq.code_space, occupied=held[kept])
-    got = resolve_collisions_cells(held, held_c3, fsq.code_space, priority, ~kept, kept, z, d,
+                             c3[rest], fsq.code_space, occupied=held[held_out])
+    got = resolve_collisions_cells(held, held_c3, fsq.code_space, priority, ~kept, held_out, z, d,
                                    fsq.boundaries, L, n_alt)
     for a, b in zip(ref, got):
         assert np.array_equal(a, b[rest])
     assert np.array_equal(got[0][kept], held_c3[kept]) and not got[2][kept].any()
+    assert (idle.sum() > 100) == (kept_share > 0)
     assert ref[2].sum() > 100                                     # the case exercises moves and suffixes
 
 
@@ -299,6 +304,10 @@ def test_hit_rates_equal_a_per_query_count(n_tables):
     too_many = ((np.zeros((1, d), np.float32), np.zeros(n, np.int32)),) * 3
     with pytest.raises(ValueError, match="at most two tables"):
         hit_rates(base, keys, add=too_many)
+    with pytest.raises(ValueError, match="labels of table 0 outside 0..0"):
+        hit_rates(base, keys, add=((np.zeros((1, d), np.float32), np.ones(n, np.int32)),))
+    with pytest.raises(ValueError, match="with 3999 labels"):
+        hit_rates(base, keys, add=((np.zeros((1, d), np.float32), np.zeros(n - 1, np.int32)),))
 
 
 def test_decode_hit_rates_scan_logs_progress_when_long(caplog, monkeypatch):
