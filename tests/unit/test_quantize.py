@@ -150,6 +150,8 @@ def test_fsq_digits_pack_and_mse_kernels_equal_numpy():
     z = np.concatenate([z, rng.standard_normal((500, 2)).astype(np.float32) * 3])
     want = np.stack([np.searchsorted(bounds[j], z[:, j], side="right") for j in range(2)], 1)
     assert np.array_equal(F.digits_of(f, z), want)
+    with pytest.raises(ValueError, match="for an FSQ level of 2 dims"):
+        F.digits_of(f, z[:, :1])
     d = rng.integers(0, 7, (300, 5)).astype(np.int32)
     assert np.array_equal(F.pack(d, 7), d.astype(np.int64) @ 7 ** np.arange(5, dtype=np.int64))
     r = rng.standard_normal((F.CHUNK + 1001, 19)).astype(np.float32)
