@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,7 +25,8 @@ from flows.prefect_api import local_prefect_api
 from flows.rank_cli import app as rank_app
 from flows.runs_cli import app as runs_app
 from qarm_core.config import PipelineConfig, dump_config, load_config
-from qarm_core.errors import STOPPED_BY, QarmError, Stopped, forget_stops, note_stop, stop_requested, stop_signal_name
+from qarm_core.errors import (STOPPED_BY, QarmError, Stopped, forget_stops, note_stop, record_stop_signals,
+                              stop_requested, stop_signal_name)
 from qarm_core.gates import InteractionGate
 
 # click's UsageError as typer raises it (typer bundles its own click): the parent of BadParameter,
@@ -268,7 +270,8 @@ def _stop_on_signals():
     """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, so that the run unwinds within
     seconds: MLflow runs end FAILED with the signal in ``qarm.error``, Prefect marks its run crashed,
     the refresh lease is released and the ephemeral Prefect server stops (atexit). A second signal
-    exits at once."""
+    exits at once; a command still running ``QARM_STOP_GRACE_S`` seconds after the stop is ended hard
+    (``_exit_if_a_stop_hangs``)."""
     import signal
 
     got: list[int] = []
@@ -280,19 +283,66 @@ def _stop_on_signals():
         note_stop(signum)
         raise Stopped(signum)
 
+    grace_s = _stop_grace_s()
     forget_stops()
     sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     old = {s: signal.signal(s, handler) for s in sigs}
     dump_stacks = _stack_dump_on_sigusr1()
+    ended = threading.Event()
     try:
-        yield
+        # recorded even while another handler (Prefect's SIGTERM bridge in a flow run) has the signal
+        with record_stop_signals():
+            threading.Thread(target=_exit_if_a_stop_hangs, args=(ended, grace_s),
+                             name="qarm-stop-watchdog", daemon=True).start()
+            yield
     finally:
+        ended.set()
         for s, h in old.items():
             signal.signal(s, h)
         if dump_stacks:
             import faulthandler
 
             faulthandler.unregister(signal.SIGUSR1)
+
+
+STOP_GRACE_ENV = "QARM_STOP_GRACE_S"
+STOP_GRACE_S = 60.0
+
+
+def _stop_grace_s() -> float:
+    """How long a stopped command may take to unwind before it is ended hard (``QARM_STOP_GRACE_S``)."""
+    raw = os.environ.get(STOP_GRACE_ENV, "")
+    try:
+        grace = float(raw) if raw else STOP_GRACE_S
+    except ValueError:
+        raise QarmError(f"{STOP_GRACE_ENV}={raw!r}: not a number of seconds") from None
+    if not grace > 0:
+        raise QarmError(f"{STOP_GRACE_ENV}={raw!r}: must be > 0 seconds")
+    return grace
+
+
+def _exit_if_a_stop_hangs(ended: threading.Event, grace_s: float, poll_s: float = 0.5) -> None:
+    """The watchdog of a command: once a stop signal is recorded, the command has ``grace_s`` seconds
+    to unwind; past that it writes every thread's stack to stderr and exits 130 at once. Why: the
+    stop is an exception raised wherever the signal lands, and one that lands inside a library's
+    critical section (a lock taken, not yet in its ``try``) can leave the unwinding waiting forever
+    (seen once in CI: a SIGTERM'd refresh still inside its split task 90 s later). What the hard exit
+    leaves is what a SIGKILL leaves: the local Prefect API dies with its parent, and the next refresh
+    takes over the dead holder's lease and marks its MLflow run failed."""
+    while stop_requested() is None:
+        if ended.wait(poll_s):
+            return
+    if ended.wait(grace_s):
+        return
+    import faulthandler
+
+    # straight to file descriptor 2: the hung main thread may hold the locks of sys.stderr or the console
+    with contextlib.suppress(Exception):
+        os.write(2, f"\n{STOPPED_BY}{stop_requested()}: the run did not end within {grace_s:g} s of the stop "
+                    f"({STOP_GRACE_ENV}), ended hard; the next run takes over its lease. Its threads:\n"
+                 .encode())
+        faulthandler.dump_traceback(file=2, all_threads=True)
+    os._exit(130)
 
 
 # Compiled extensions the refresh's stages import on first use. Imported before the stop handlers

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 
 class QarmError(Exception):
     """Base class of every error qarm raises on purpose."""
@@ -70,22 +74,89 @@ class Stopped(KeyboardInterrupt):
 # another error without a link back (DuckDB raises RuntimeError("Query interrupted") for a signal
 # that lands during a query), so the command and the retry rule also ask here.
 _STOPS: list[int] = []
+# The read end of the pipe that ``record_stop_signals`` gives ``signal.set_wakeup_fd``; -1 when no
+# command records. Why not only the command's handler: while a flow runs, Prefect's engine swaps in
+# its own SIGTERM handler (``capture_sigterm``), whose ``TerminationSignal`` is lost where it lands
+# in a ``__del__`` or a weakref callback ("Exception ignored in ..."): seen when a SIGTERM'd refresh
+# ran on and published. The interpreter writes every handled signal's number to the wakeup fd in
+# its C handler, before and whatever the Python handler is, so the stop is recorded all the same.
+_WAKEUP_READ = -1
+# Held while the pipe is read or closed: a watchdog thread reads it too (flows.cli), and a closed
+# descriptor's number may be reused by the next file opened. Reentrant: a signal handler calling
+# ``note_stop`` may run in the main thread while it holds the lock.
+_WAKEUP_LOCK = threading.RLock()
+
+
+def _stop_signals() -> frozenset[int]:
+    import signal as signal_mod
+
+    return frozenset({signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP})
+
+
+def _drain_wakeup() -> None:
+    """Move the stop signals the wakeup pipe holds into ``_STOPS`` (other signals are dropped)."""
+    import os
+
+    if _WAKEUP_READ < 0:
+        return
+    stops = _stop_signals()
+    with _WAKEUP_LOCK:
+        while _WAKEUP_READ >= 0:
+            try:
+                data = os.read(_WAKEUP_READ, 512)
+            except OSError:                 # BlockingIOError: nothing more (the pipe is non-blocking)
+                return
+            for signum in data:
+                if signum in stops and signum not in _STOPS:
+                    _STOPS.append(signum)
+            if len(data) < 512:
+                return
+
+
+@contextlib.contextmanager
+def record_stop_signals() -> Iterator[None]:
+    """While the block runs (in the main thread), every SIGTERM, SIGINT or SIGHUP that reaches a
+    Python-level handler, ours or any library's, is recorded for ``raise_if_stopped`` and
+    ``stop_requested``, even where the exception that handler raises is swallowed. Restores the
+    previous wakeup fd on the way out."""
+    import os
+    import signal as signal_mod
+
+    global _WAKEUP_READ
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)       # set_wakeup_fd requires it: a full pipe drops bytes, never blocks
+    previous = signal_mod.set_wakeup_fd(write, warn_on_full_buffer=False)
+    outer, _WAKEUP_READ = _WAKEUP_READ, read
+    try:
+        yield
+    finally:
+        signal_mod.set_wakeup_fd(previous)
+        with _WAKEUP_LOCK:
+            _drain_wakeup()
+            _WAKEUP_READ = outer
+            os.close(read)
+            os.close(write)
 
 
 def note_stop(signum: int) -> None:
     """Record that signal ``signum`` asked this process to stop."""
-    _STOPS.append(signum)
+    _drain_wakeup()                     # keep the order in which the signals arrived
+    if signum not in _STOPS:
+        _STOPS.append(signum)
 
 
 def forget_stops() -> None:
     """A new command starts: no stop asked yet."""
+    _drain_wakeup()
     _STOPS.clear()
 
 
 def raise_if_stopped() -> None:
-    """Raise ``Stopped`` if a signal asked this process to stop: a stage boundary's check, for a
-    signal whose exception was swallowed where it landed (seen: inside Prefect's event service, after
-    which a SIGTERM'd refresh ran on and published)."""
+    """Raise ``Stopped`` if a signal asked this process to stop: a stage boundary's check, and each
+    progress tick's (``qarm_core.progress``), for a signal whose exception was swallowed where it
+    landed."""
+    _drain_wakeup()
     if _STOPS:
         raise Stopped(_STOPS[0])
 
@@ -94,6 +165,7 @@ def stop_requested() -> str | None:
     """The name of the first signal that asked this process to stop, or None."""
     import signal as signal_mod
 
+    _drain_wakeup()
     return signal_mod.Signals(_STOPS[0]).name if _STOPS else None
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from qarm_core.errors import raise_if_stopped
+
 T = TypeVar("T")
 
 log = logging.getLogger("qarm_core.progress")
@@ -101,6 +103,8 @@ class Progress:
         return ", ".join(parts)
 
     def advance(self, n: int = 1, **fields: object) -> None:
+        # a stop whose exception was lost where it landed still ends long work at its next tick
+        raise_if_stopped()
         with self._lock:
             self.done += n
             self.fields.update(fields)

@@ -404,6 +404,18 @@ def _prefect_flow_run_state(flow_run_id: str) -> str | None:
 
 
 @pytest.mark.slow
+def _main_thread_innermost(out: str, frames: int = 16) -> str:
+    """From a faulthandler dump of the CLI (``python -c``): the innermost frames of its main thread, the
+    block whose outermost frame is the ``-c`` module."""
+    import re
+
+    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", out)
+    main = [b for b in blocks if re.search(r'"<string>", line \d+ in <module>', b)]
+    if not main:
+        return ""
+    return "\n--- the main thread, innermost frames ---\n" + "\n".join(main[-1].splitlines()[:frames + 1])
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM to the CLI", "Ctrl-C: SIGINT to its process group"])
 def test_a_stop_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_path, stop):
     """SIGTERM to `qarm refresh` mid-run, or a terminal's Ctrl-C (SIGINT to the whole foreground process
@@ -427,7 +439,8 @@ def test_a_stop_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pat
     sig = signal.SIGINT if stop.startswith("Ctrl-C") else signal.SIGTERM
     home = tmp_path / "home"
     env = {**os.environ, "QARM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": ""}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": "",
+           "QARM_STOP_GRACE_S": "25"}                      # a hung unwinding ends hard, its stacks printed
     cmd = [sys.executable, "-c", "from flows.cli import app; app()", "refresh", "--config", str(TINY)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -450,7 +463,10 @@ def test_a_stop_ends_a_refresh_within_seconds_and_leaves_nothing_running(tmp_pat
         time.sleep(3)
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"no exit 90 s after {stop}; its threads:\n{out[-12000:]}")
+        pytest.fail(f"no exit 90 s after {stop}; its threads:\n{out[-12000:]}{_main_thread_innermost(out)}")
+    # the unwinding hung and the watchdog ended it: the main thread's innermost frames last, where a
+    # report that keeps only the tail of the output still shows them
+    assert "ended hard" not in out, f"{out[-8000:]}{_main_thread_innermost(out)}"
     name = signal.Signals(sig).name
     assert proc.returncode == 130 and f"stopped by {name}" in " ".join(out.split()), out[-3000:]
     assert time.monotonic() - t_stop < 30
@@ -733,3 +749,91 @@ def test_pool_with_is_refused_before_prefect_starts(tmp_path):
         dataset = "pool_with" if "--no-rank" in args else str(missing)
         assert f"error: [stage={stage}, dataset={dataset}] --pool-with" in res.output
     assert not home.exists()                                # nothing ran, nothing was written
+
+
+def test_a_sigterm_that_prefects_handler_loses_still_stops_the_command():
+    """While a flow runs, Prefect's engine owns SIGTERM (``capture_sigterm``) and raises its
+    TerminationSignal where the signal lands; in a ``__del__`` or a weakref callback that exception
+    is only printed (seen in a SIGTERM'd refresh, which ran on and published). The command still
+    records the stop: the next progress tick raises it, and the command exits 130."""
+    import os
+    import signal
+    import sys
+
+    import typer
+    from prefect.utilities.engine import capture_sigterm
+
+    from flows.cli import _guard
+    from qarm_core.errors import forget_stops, stop_requested
+    from qarm_core.progress import Progress
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)      # Prefect's handler runs here: its exception is lost
+
+    went_on, lost = [], []
+
+    def stage():
+        with capture_sigterm():                       # what the flow engine does around a flow run
+            assert signal.getsignal(signal.SIGTERM).__module__ == "prefect.utilities.engine"
+            Collected()
+            went_on.append("past the signal")
+            with Progress("test", "units", 3, emit=lambda line: None) as prog:
+                for _ in range(3):
+                    prog.advance()
+                    went_on.append("a unit")
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: lost.append(u.exc_type.__name__)
+    try:
+        with pytest.raises(typer.Exit) as ei:
+            _guard(stage)
+        assert ei.value.exit_code == 130 and stop_requested() == "SIGTERM"
+    finally:
+        sys.unraisablehook = hook
+        forget_stops()
+    assert lost == ["TerminationSignal"] and went_on == ["past the signal"]
+
+
+HUNG_AFTER_A_STOP = """
+import os, signal, threading
+import typer
+from flows.cli import _guard
+
+def stage_that_hangs_after_the_signal():
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)   # a library's handler: raises nothing
+    os.kill(os.getpid(), signal.SIGTERM)
+    held = threading.Lock()
+    held.acquire()
+    held.acquire()                                              # a lock nobody will release
+
+try:
+    _guard(stage_that_hangs_after_the_signal)
+except typer.Exit as exc:                                       # what the typer app does with it
+    raise SystemExit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize("grace", ["1", "bad"])
+def test_a_command_that_hangs_after_a_stop_is_ended_hard_after_the_grace(grace):
+    """A stop whose unwinding hangs (a library left waiting on a lock) does not hang the command: after
+    QARM_STOP_GRACE_S seconds it writes its threads' stacks and exits 130. A grace that is not a
+    number is refused before anything runs (exit 2, the variable named)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.paths import REPO
+
+    env = {**os.environ, "QARM_STOP_GRACE_S": grace}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", HUNG_AFTER_A_STOP], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    took = time.monotonic() - t0
+    if grace == "bad":
+        assert proc.returncode == 2 and "QARM_STOP_GRACE_S='bad'" in proc.stdout + proc.stderr
+        return
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "stopped by SIGTERM: the run did not end within 1 s" in proc.stderr
+    assert "stage_that_hangs_after_the_signal" in _main_thread_innermost(proc.stderr)  # the hung main thread
+    assert took < 60

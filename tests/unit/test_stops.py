@@ -1,0 +1,121 @@
+"""A stop signal is recorded whatever Python handler has it, and ends long work at its next tick."""
+
+import os
+import signal
+import sys
+
+import pytest
+
+from qarm_core.errors import Stopped, forget_stops, raise_if_stopped, record_stop_signals, stop_requested
+from qarm_core.progress import Progress
+
+
+@pytest.fixture
+def no_stops():
+    forget_stops()
+    yield
+    forget_stops()
+
+
+class Lost(Exception):
+    pass
+
+
+def raising(signum, frame):
+    raise Lost(signum)
+
+
+class Collected:
+    """An object whose ``__del__`` receives a SIGTERM: the handler runs inside it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def unraisable(monkeypatch):
+    """The exceptions the interpreter could only print ("Exception ignored in ...")."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    return seen
+
+
+@pytest.fixture
+def handler():
+    """Install a handler for a signal for the test, restore the old one after."""
+    installed = {}
+
+    def install(sig, fn):
+        installed.setdefault(sig, signal.signal(sig, fn))
+
+    yield install
+    for sig, old in installed.items():
+        signal.signal(sig, old)
+
+
+def test_a_sigterm_whose_exception_is_lost_in_a_del_is_recorded(no_stops, handler, unraisable):
+    """Prefect's SIGTERM bridge raises from its handler; landing in a ``__del__`` the exception is only
+    printed ("Exception ignored in"). The stop is recorded all the same, and raised at the next check."""
+    handler(signal.SIGTERM, raising)
+    with record_stop_signals():
+        Collected()
+        assert unraisable == [Lost]
+        assert stop_requested() == "SIGTERM"
+        with pytest.raises(Stopped) as ei:
+            raise_if_stopped()
+    assert ei.value.signal == signal.SIGTERM
+    assert stop_requested() == "SIGTERM"                  # still known after the block (the command's exit)
+
+
+def test_without_the_recorder_such_a_stop_is_lost(no_stops, handler, unraisable):
+    """The negative case: the same lost exception leaves no trace outside ``record_stop_signals``."""
+    handler(signal.SIGTERM, raising)
+    Collected()
+    assert unraisable == [Lost] and stop_requested() is None
+    raise_if_stopped()
+
+
+def test_other_signals_are_not_stops_and_the_order_is_kept(no_stops, handler):
+    seen = []
+    for sig in (signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):
+        handler(sig, lambda signum, frame: seen.append(signum))
+    with record_stop_signals():
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop_requested() is None                   # a handled signal, but not a stop
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop_requested() == "SIGHUP"               # the first stop names the run's end
+    assert seen == [signal.SIGUSR2, signal.SIGHUP, signal.SIGINT]
+
+
+def test_the_recorder_restores_the_previous_wakeup_fd(no_stops):
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    before = signal.set_wakeup_fd(w)
+    try:
+        with record_stop_signals():
+            ours = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(ours)
+            assert ours not in (w, -1)
+            with record_stop_signals():                   # nested: each restores what it found
+                assert signal.set_wakeup_fd(signal.set_wakeup_fd(-1)) not in (w, ours)
+            assert signal.set_wakeup_fd(ours) == ours
+        assert signal.set_wakeup_fd(w) == w
+    finally:
+        signal.set_wakeup_fd(before)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_recorded_stop_ends_long_work_at_its_next_progress_tick(no_stops, handler):
+    handler(signal.SIGTERM, lambda signum, frame: None)     # a handler that neither raises nor records
+    done = []
+    with record_stop_signals():
+        with pytest.raises(Stopped):
+            with Progress("test", "units", 10, emit=lambda line: None) as prog:
+                for i in range(10):
+                    if i == 3:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    prog.advance()
+                    done.append(i)
+    assert done == [0, 1, 2]
