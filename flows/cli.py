@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -25,8 +26,8 @@ from flows.prefect_api import local_prefect_api
 from flows.rank_cli import app as rank_app
 from flows.runs_cli import app as runs_app
 from qarm_core.config import PipelineConfig, dump_config, load_config
-from qarm_core.errors import (STOPPED_BY, QarmError, Stopped, forget_stops, note_stop, record_stop_signals,
-                              stop_requested, stop_signal_name)
+from qarm_core.errors import (STOPPED_BY, QarmError, Stopped, command_stop_handler, forget_stops, interruptible_at,
+                              note_stop, record_stop_signals, stop_requested, stop_signal_name)
 from qarm_core.gates import InteractionGate
 
 # click's UsageError as typer raises it (typer bundles its own click): the parent of BadParameter,
@@ -266,12 +267,13 @@ def _stack_dump_on_sigusr1() -> bool:
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
-    """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, so that the run unwinds within
-    seconds: MLflow runs end FAILED with the signal in ``qarm.error``, Prefect marks its run crashed,
+def _stop_on_signals(ended: threading.Event):
+    """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, at once where the signal lands in
+    our code or a compute library (``interruptible_at``), else at the next progress tick or stage
+    start, so that the run unwinds within seconds: MLflow runs end FAILED with the signal in ``qarm.error``, Prefect marks its run crashed,
     the refresh lease is released and the ephemeral Prefect server stops (atexit). A second signal
-    exits at once; a command still running ``QARM_STOP_GRACE_S`` seconds after the stop is ended hard
-    (``_exit_if_a_stop_hangs``)."""
+    exits at once; a command that has not set ``ended`` ``QARM_STOP_GRACE_S`` seconds after the stop
+    is ended hard (``_exit_if_a_stop_hangs``)."""
     import signal
 
     got: list[int] = []
@@ -281,22 +283,23 @@ def _stop_on_signals():
             os._exit(128 + signum)
         got.append(signum)
         note_stop(signum)
-        raise Stopped(signum)
+        if interruptible_at(frame):
+            raise Stopped(signum)
+        # else inside a library (a database transaction, an HTTP call, a lock): the next progress
+        # tick or stage start raises it (qarm_core.errors.raise_if_stopped)
 
     grace_s = _stop_grace_s()
     forget_stops()
     sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     old = {s: signal.signal(s, handler) for s in sigs}
     dump_stacks = _stack_dump_on_sigusr1()
-    ended = threading.Event()
     try:
         # recorded even while another handler (Prefect's SIGTERM bridge in a flow run) has the signal
-        with record_stop_signals():
+        with record_stop_signals(), command_stop_handler(handler):
             threading.Thread(target=_exit_if_a_stop_hangs, args=(ended, grace_s),
                              name="qarm-stop-watchdog", daemon=True).start()
             yield
     finally:
-        ended.set()
         for s, h in old.items():
             signal.signal(s, h)
         if dump_stacks:
@@ -316,8 +319,8 @@ def _stop_grace_s() -> float:
         grace = float(raw) if raw else STOP_GRACE_S
     except ValueError:
         raise QarmError(f"{STOP_GRACE_ENV}={raw!r}: not a number of seconds") from None
-    if not grace > 0:
-        raise QarmError(f"{STOP_GRACE_ENV}={raw!r}: must be > 0 seconds")
+    if not (grace > 0 and math.isfinite(grace)):
+        raise QarmError(f"{STOP_GRACE_ENV}={raw!r}: must be a finite number of seconds > 0")
     return grace
 
 
@@ -342,6 +345,10 @@ def _exit_if_a_stop_hangs(ended: threading.Event, grace_s: float, poll_s: float 
                     f"({STOP_GRACE_ENV}), ended hard; the next run takes over its lease. Its threads:\n"
                  .encode())
         faulthandler.dump_traceback(file=2, all_threads=True)
+    launch = sys.modules.get("qarm_core.embed.train.launch")
+    if launch is not None:              # training launches run in sessions of their own: not ended by ours
+        with contextlib.suppress(Exception):
+            launch.kill_live_groups()
     os._exit(130)
 
 
@@ -374,8 +381,9 @@ def _guard(fn, *args) -> None:
     """Run a command: a QarmError ends it with one ``error:`` line and exit status 2 (its traceback is
     in the run's log file, which the line names, or with ``--debug`` on the terminal), a stop with
     exit status 130; anything else is a bug and propagates with its traceback."""
+    ended = threading.Event()       # the watchdog's: the command, naming of the stop included, is over
     try:
-        with _stop_on_signals():
+        with _stop_on_signals(ended):
             fn(*args)
     except BaseException as exc:
         # A stop may surface as another error raised while Prefect handled the signal (see
@@ -399,6 +407,8 @@ def _guard(fn, *args) -> None:
         if where:
             console.print(where, highlight=False, soft_wrap=True)
         raise
+    finally:
+        ended.set()
 
 
 @app.command()

@@ -12,7 +12,7 @@ from prefect.runtime import deployment as prefect_deployment
 from flows.options import DEFAULT_CONFIG
 from flows.rank_train import rank_comparison
 from qarm_core.config import load_config
-from qarm_core.errors import DataError
+from qarm_core.errors import DataError, reclaim_stop_signals
 from qarm_core.storage import check_output
 from tasks import tracking
 from tasks.common import route_core_logs
@@ -44,6 +44,7 @@ def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None
     same ranking samples (e.g. other pipeline seeds' snapshots), pooled with this one into the
     report's "Ranking, pooled" section; read before any work."""
     route_core_logs()
+    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     cfg = load_config(config_path, overrides).resolved()
     if out_dir:
         check_output(Path(out_dir), "folder", overwrite, "evaluate")

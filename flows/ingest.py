@@ -26,7 +26,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
-from qarm_core.errors import ConfigError
+from qarm_core.errors import ConfigError, reclaim_stop_signals
 from tasks import tracking
 from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
 from tasks.gate import gate
@@ -47,6 +47,7 @@ def ingest(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None =
     of those carried over, and the snapshot they were carried from.
     """
     route_core_logs()
+    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     cfg = load_config(config_path, overrides).resolved()
     if cfg.ingest.source == "published":
         raise ConfigError("ingest.source 'published' reads what is already published: nothing new to ingest "

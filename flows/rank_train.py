@@ -15,6 +15,7 @@ from prefect.runtime import deployment as prefect_deployment
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
+from qarm_core.errors import reclaim_stop_signals
 from tasks import tracking
 from tasks.common import route_core_logs
 from tasks.rank import (check_pool_samples, rank_compare, rank_gate, rank_inputs, rank_pool, rank_prepare, rank_samples,
@@ -37,6 +38,7 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
     pipeline seeds' snapshots) also ``pooled``: every comparison in one paired bootstrap.
     """
     route_core_logs()
+    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     overrides = dict(overrides or {})
     if models:
         overrides["rank.models"] = list(models)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 class QarmError(Exception):
@@ -118,25 +118,93 @@ def record_stop_signals() -> Iterator[None]:
     """While the block runs (in the main thread), every SIGTERM, SIGINT or SIGHUP that reaches a
     Python-level handler, ours or any library's, is recorded for ``raise_if_stopped`` and
     ``stop_requested``, even where the exception that handler raises is swallowed. Restores the
-    previous wakeup fd on the way out."""
+    previous wakeup fd on the way out. The wakeup fd is one per process: code that sets its own in
+    the block (an asyncio loop's ``add_signal_handler`` in the main thread; nothing qarm runs does)
+    ends the recording until it puts ours back."""
     import os
     import signal as signal_mod
 
     global _WAKEUP_READ
     read, write = os.pipe()
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)       # set_wakeup_fd requires it: a full pipe drops bytes, never blocks
-    previous = signal_mod.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)   # set_wakeup_fd requires it: a full pipe drops bytes, never blocks
+        previous = signal_mod.set_wakeup_fd(write, warn_on_full_buffer=False)   # ValueError off the main thread
+    except BaseException:
+        os.close(read)
+        os.close(write)
+        raise
     outer, _WAKEUP_READ = _WAKEUP_READ, read
     try:
         yield
     finally:
-        signal_mod.set_wakeup_fd(previous)
+        current = signal_mod.set_wakeup_fd(previous)
+        if current != write:            # replaced meanwhile (an event loop's signal handlers): leave it
+            signal_mod.set_wakeup_fd(current)
         with _WAKEUP_LOCK:
             _drain_wakeup()
             _WAKEUP_READ = outer
             os.close(read)
             os.close(write)
+
+
+# Where a stop's exception may be raised at once: in our own code, reached from the frame the signal
+# landed in through frames of compute libraries only, which hold no lock or transaction across Python
+# frames. Anywhere else (a database driver or ORM, an HTTP client, logging, threading, Prefect's
+# engine) the exception could leave a transaction or lock held and the unwinding waiting on it: seen
+# in CI, a SIGINT'd refresh hung in SQLite's commit while ending its MLflow stage run. There the
+# handler only records the stop, and the next check raises it (a progress tick, a stage start).
+OUR_PACKAGES = frozenset({"qarm_core", "tasks", "flows", "tests", "benchmarks", "__main__"})
+COMPUTE_PACKAGES = frozenset({"numpy", "torch", "transformers", "tokenizers", "safetensors", "pyarrow", "duckdb",
+                              "numba", "faiss", "pandas", "scipy", "json", "re", "pathlib", "posixpath",
+                              "genericpath", "copy"})
+
+
+def interruptible_at(frame: Any) -> bool:
+    """Whether a stop's exception may be raised in ``frame`` (what a signal handler is given): walking
+    outward from it, our own code is reached through ``COMPUTE_PACKAGES`` frames only."""
+    while frame is not None:
+        top = str(frame.f_globals.get("__name__") or "").split(".", 1)[0]
+        if top in OUR_PACKAGES:
+            return True
+        if top not in COMPUTE_PACKAGES:
+            return False
+        frame = frame.f_back
+    return False
+
+
+# The stop handler of the running command (flows.cli), the innermost last.
+_COMMAND_HANDLERS: list[Callable[[int, Any], None]] = []
+
+
+@contextlib.contextmanager
+def command_stop_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """While the block runs, ``reclaim_stop_signals`` puts ``handler`` back where a library replaced it."""
+    _COMMAND_HANDLERS.append(handler)
+    try:
+        yield
+    finally:
+        _COMMAND_HANDLERS.remove(handler)
+
+
+def reclaim_stop_signals() -> bool:
+    """In a command's main thread: put its stop handler back on SIGTERM, SIGINT and SIGHUP where a
+    library replaced it. Prefect's flow engine installs its own SIGTERM handler for a flow run
+    (``capture_sigterm``), whose exception is raised wherever the signal lands; the command's raises
+    only where ``interruptible_at`` allows, and Prefect restores it when the flow run ends. Without a
+    command (a flow run a Prefect worker started) nothing changes: its cancellation needs Prefect's
+    handler. Returns whether a handler was put back."""
+    import signal as signal_mod
+
+    if not _COMMAND_HANDLERS or threading.current_thread() is not threading.main_thread():
+        return False
+    handler = _COMMAND_HANDLERS[-1]
+    changed = False
+    for signum in sorted(_stop_signals()):
+        if signal_mod.getsignal(signum) is not handler:
+            signal_mod.signal(signum, handler)
+            changed = True
+    return changed
 
 
 def note_stop(signum: int) -> None:

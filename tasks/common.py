@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig
-from qarm_core.errors import QarmError, raise_if_stopped, stop_requested
+from qarm_core.errors import QarmError, raise_if_stopped, reclaim_stop_signals, stop_requested
 from qarm_core.hashing import stable_hash
 from qarm_core.schemas import DatasetSchema
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
@@ -101,6 +101,7 @@ def run_stage(cfg: PipelineConfig, parent_run_id: str, spec: StageSpec) -> tuple
     params (with the key), numeric report entries, row counts, whether it was reused, the report's
     ``notes`` as ``qarm.*`` tags. Returns (records, report). A stage starts nothing once a stop
     signal arrived (``raise_if_stopped``)."""
+    reclaim_stop_signals()
     raise_if_stopped()
     storage = Storage(cfg.home)
     made: dict[str, Any] = {}

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qarm_core.lm.backend import BackendError
+from qarm_core.errors import raise_if_stopped
 from qarm_core.lm.config import HttpConfig
 from qarm_core.progress import Progress, advance
 
@@ -164,17 +165,24 @@ class HttpLM:
         """``[fn(c) for c in chunks]``, ``concurrency`` at a time, in order; ``progress`` advances
         by ``len(c)`` as each chunk's answer arrives."""
         def run(c):
+            raise_if_stopped()          # queued requests are not sent after a stop
             r = fn(c)
             advance(progress, len(c) if isinstance(c, list) else 1)
             return r
 
         if len(chunks) <= 1 or self.cfg.concurrency == 1:
             return [run(c) for c in chunks]
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
             # each request runs in a copy of the caller's context, so what it logs (progress)
             # still belongs to the caller's Prefect task run
             futures = [pool.submit(contextvars.copy_context().run, run, c) for c in chunks]
             return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)   # a failure or a stop: drop what is queued
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
                               prefix: str = "", progress: Progress | None = None) -> list[np.ndarray]:

@@ -204,3 +204,30 @@ def test_urls_with_secrets_are_refused_without_echoing_them(url, why):
     with pytest.raises(ConfigError, match=why) as err:
         parse_config({"judge": {"backend": "http", "http": {"url": url}}})
     assert "pw-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_stop_leaves_the_queued_requests_unsent(concurrency):
+    """Once a stop is recorded, no further request goes out; the requests in flight finish."""
+    import signal
+
+    from qarm_core.errors import Stopped, forget_stops, note_stop
+
+    http = HttpLM(HttpConfig(url="http://127.0.0.1:9", concurrency=concurrency), model_id="http:none")
+    sent = []
+
+    def request(chunk):
+        sent.append(chunk)
+        if chunk == 0:
+            note_stop(signal.SIGTERM)
+        else:
+            time.sleep(0.05)
+        return chunk
+
+    try:
+        with pytest.raises(Stopped):
+            http._map(request, list(range(20)))
+    finally:
+        forget_stops()
+    assert sent[0] == 0 and len(sent) <= concurrency
+    assert http._map(request, [1, 2, 3]) == [1, 2, 3]       # the next command's requests run

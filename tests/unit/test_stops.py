@@ -119,3 +119,40 @@ def test_a_recorded_stop_ends_long_work_at_its_next_progress_tick(no_stops, hand
                     prog.advance()
                     done.append(i)
     assert done == [0, 1, 2]
+
+
+def _frame_in(module: str, fn):
+    """Run ``fn(frame)`` from inside a function whose module is ``module`` (as a library's frame)."""
+    scope = {"__name__": module}
+    exec("import sys\ndef call(fn):\n    return fn(sys._getframe())\n", scope)
+    return scope["call"](fn)
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("sqlalchemy.engine.base", False),       # a transaction may be open
+    ("mlflow.store.tracking", False),
+    ("logging", False),                      # a handler's lock
+    ("threading", False),
+    ("prefect.task_engine", False),
+    ("numpy.core", True),                    # compute, then our code (this test module)
+    ("torch.nn.modules", True),
+    ("qarm_core.quantize", True),
+])
+def test_a_stop_is_raised_at_once_only_in_our_code_or_compute_libraries(module, expected):
+    from qarm_core.errors import interruptible_at
+
+    assert _frame_in(module, interruptible_at) is expected
+
+
+def test_library_frames_between_compute_and_our_code_defer_the_stop():
+    from qarm_core.errors import interruptible_at
+
+    # numpy called by sqlalchemy: the transaction is further out, still deferred
+    lib = {"__name__": "sqlalchemy.orm.fake"}
+    compute = {"__name__": "numpy.linalg.fake"}
+    exec("import sys\ndef inner(fn):\n    return fn(sys._getframe())\n", compute)
+    exec("def outer(fn):\n    return inner(fn)\n", lib)
+    lib["inner"] = compute["inner"]
+    assert lib["outer"](interruptible_at) is False
+    assert compute["inner"](interruptible_at) is True      # numpy called from here: our code next
+    assert interruptible_at(None) is False

@@ -171,3 +171,37 @@ def test_node_0_names_the_nodes_that_have_not_joined(tmp_path):
     assert any("posted the job for nodes 1..2" in m for m in seen)
     warnings = [m for m in seen if "have not joined" in m]
     assert len(warnings) == 1 and warnings[0].startswith("train: node(s) 2 have not joined after")
+
+
+def test_a_recorded_stop_ends_a_silent_launch_and_its_group(tmp_path, monkeypatch):
+    """A stop whose exception was lost (``qarm_core.errors``) ends a launch within a second or two,
+    also while the launch writes no log line (start-up, model loading): the whole process group is
+    stopped and the launch leaves the registry the CLI's watchdog kills from."""
+    import signal
+
+    from qarm_core.embed.train.launch import LIVE_GROUPS, live_group_members
+    from qarm_core.errors import Stopped, forget_stops, note_stop
+
+    job = _job(tmp_path, TrainConfig(launcher="torchrun", nproc=2, batch_size=8))
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: sleeper)
+    pgids = []
+
+    def stop_once_started() -> None:
+        deadline = time.monotonic() + 30
+        while not LIVE_GROUPS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pgids.extend(LIVE_GROUPS)
+        time.sleep(0.5)
+        note_stop(signal.SIGTERM)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Stopped):
+            launch.run_launched(job, TrainConfig(launcher="torchrun", nproc=2, batch_size=8), timeout_s=60)
+    finally:
+        forget_stops()
+    assert time.monotonic() - t0 < 20
+    assert len(pgids) == 1 and live_group_members(pgids[0]) == [] and not LIVE_GROUPS

@@ -23,7 +23,7 @@ from qarm_core.embed.config import EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.distributed import REPO
 from qarm_core.embed.train.loop import train_in_process
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
-from qarm_core.errors import DataError
+from qarm_core.errors import DataError, raise_if_stopped
 
 
 # Where node 0 is when neither the config nor the environment says: this host (one node).
@@ -179,6 +179,22 @@ def live_group_members(pgid: int) -> list[int]:
     return live
 
 
+# The process groups of the launches running in this process (their leaders' pids): what a command
+# ended hard (flows.cli's stop watchdog) kills first, since they run in sessions of their own.
+LIVE_GROUPS: set[int] = set()
+
+
+def kill_live_groups() -> None:
+    """SIGKILL every live launch's process group, at once (the hard end of a stopped command)."""
+    import signal
+
+    for pgid in list(LIVE_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: float = 5.0) -> None:
     """SIGTERM to the launcher's process group (launcher and workers); SIGKILL to whatever of the
     group is left after ``grace_s``; then wait (up to ``kill_wait_s``) until the killed processes
@@ -228,6 +244,7 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
         # its own process group: stopping the run stops the launcher's workers too, not just the launcher
         proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 start_new_session=True)
+        LIVE_GROUPS.add(proc.pid)
         try:
             while True:
                 try:
@@ -251,9 +268,12 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
                 if why:
                     _stop_group(proc)
                     raise RuntimeError(f"training launch stopped: {why}; see {out_log}")
+                raise_if_stopped()      # a stop whose exception was lost, also while no log line comes
         except BaseException:
             _stop_group(proc)
             raise
+        finally:
+            LIVE_GROUPS.discard(proc.pid)
     if rc != 0:
         tail = out_log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training launch {' '.join(cmd)} failed with exit code {rc}:\n{tail}")
