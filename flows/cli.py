@@ -279,14 +279,19 @@ def _stop_on_signals(ended: threading.Event):
     got: list[int] = []
 
     def handler(signum, frame):
-        if got:
+        if got:                         # a second signal: at once, the training launches' groups too
+            _kill_launches()
             os._exit(128 + signum)
         got.append(signum)
         note_stop(signum)
         if interruptible_at(frame):
             raise Stopped(signum)
         # else inside a library (a database transaction, an HTTP call, a lock): the next progress
-        # tick or stage start raises it (qarm_core.errors.raise_if_stopped)
+        # tick or stage start raises it (qarm_core.errors.raise_if_stopped). Said at once, so that
+        # a terminal's user does not take the pause for a lost Ctrl-C; fd 2: no lock to wait on.
+        with contextlib.suppress(OSError):
+            os.write(2, f"{STOPPED_BY}{signal.Signals(signum).name}: ending at the next safe point "
+                        "(a second signal ends it at once)\n".encode())
 
     grace_s = _stop_grace_s()
     forget_stops()
@@ -326,12 +331,13 @@ def _stop_grace_s() -> float:
 
 def _exit_if_a_stop_hangs(ended: threading.Event, grace_s: float, poll_s: float = 0.5) -> None:
     """The watchdog of a command: once a stop signal is recorded, the command has ``grace_s`` seconds
-    to unwind; past that it writes every thread's stack to stderr and exits 130 at once. Why: the
-    stop is an exception raised wherever the signal lands, and one that lands inside a library's
-    critical section (a lock taken, not yet in its ``try``) can leave the unwinding waiting forever
-    (seen once in CI: a SIGTERM'd refresh still inside its split task 90 s later). What the hard exit
-    leaves is what a SIGKILL leaves: the local Prefect API dies with its parent, and the next refresh
-    takes over the dead holder's lease and marks its MLflow run failed."""
+    to end; past that it writes every thread's stack to stderr, kills its training launches' groups
+    and exits 130 at once. Why: a stop's exception that lands inside a library's critical section
+    can leave the unwinding waiting forever (seen in CI before stops were raised only where
+    ``interruptible_at`` allows: a refresh waiting in SQLite's commit), and a stop that is only
+    recorded waits for a check that some wait may not reach. What the hard exit leaves is what a
+    SIGKILL leaves: the local Prefect API dies with its parent, and the next refresh takes over the
+    dead holder's lease and marks its MLflow run failed."""
     while stop_requested() is None:
         if ended.wait(poll_s):
             return
@@ -345,11 +351,17 @@ def _exit_if_a_stop_hangs(ended: threading.Event, grace_s: float, poll_s: float 
                     f"({STOP_GRACE_ENV}), ended hard; the next run takes over its lease. Its threads:\n"
                  .encode())
         faulthandler.dump_traceback(file=2, all_threads=True)
+    _kill_launches()
+    os._exit(130)
+
+
+def _kill_launches() -> None:
+    """SIGKILL the process groups of this process's training launches: they run in sessions of their
+    own, so a hard exit of ours would leave them training."""
     launch = sys.modules.get("qarm_core.embed.train.launch")
-    if launch is not None:              # training launches run in sessions of their own: not ended by ours
+    if launch is not None:
         with contextlib.suppress(Exception):
             launch.kill_live_groups()
-    os._exit(130)
 
 
 # Compiled extensions the refresh's stages import on first use. Imported before the stop handlers

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Iterator
 
-from qarm_core.errors import QarmError
+from qarm_core.errors import QarmError, raise_if_stopped
 
 # The environment Prefect gives its own ephemeral server (prefect.server.api.server.SubprocessASGIServer).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -121,6 +121,7 @@ def start_server(startup_timeout_s: float | None = None) -> tuple[subprocess.Pop
                                       "server")
             if _healthy(url, timeout_s=2.0):
                 return proc, url
+            raise_if_stopped()            # a stop landing in the health check's HTTP call is only recorded
             time.sleep(0.1)
     except BaseException:                 # a stop signal while waiting: the server goes too
         stop_server(proc)

@@ -162,11 +162,17 @@ COMPUTE_PACKAGES = frozenset({"numpy", "torch", "transformers", "tokenizers", "s
 
 def interruptible_at(frame: Any) -> bool:
     """Whether a stop's exception may be raised in ``frame`` (what a signal handler is given): walking
-    outward from it, our own code is reached through ``COMPUTE_PACKAGES`` frames only."""
+    outward from it, our own code is reached through ``COMPUTE_PACKAGES`` frames only, and that code
+    is not a logging handler or filter of ours (``logging`` calls it from wherever a record was
+    logged)."""
+    def package(f: Any) -> str:
+        return str(f.f_globals.get("__name__") or "").split(".", 1)[0]
+
     while frame is not None:
-        top = str(frame.f_globals.get("__name__") or "").split(".", 1)[0]
+        top = package(frame)
         if top in OUR_PACKAGES:
-            return True
+            # our logging handler or filter, called by whatever logged (a library mid-transaction too)
+            return frame.f_back is None or package(frame.f_back) != "logging"
         if top not in COMPUTE_PACKAGES:
             return False
         frame = frame.f_back

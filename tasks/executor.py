@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from prefect import get_run_logger, task
 
 from qarm_core.config import PipelineConfig
+from qarm_core.errors import raise_if_stopped
 from qarm_core.executor import ExecutorConfig, LocalShards, ShardRunner
 from qarm_core.progress import Progress
 from qarm_core.scratch import SCRATCH, ObjectScratch
@@ -56,14 +57,25 @@ class DaskShards:
         self.remote = True
 
     def run(self, fn: Callable[[J], R], jobs: Sequence[J], label: str) -> list[R]:
-        from prefect.futures import as_completed
+        import queue
 
         shard = run_shard.with_options(retries=self.cfg.shard_retries)
         futures = [self.runner.submit(shard, {"fn": fn, "job": job, "label": label, "index": i})
                    for i, job in enumerate(jobs)]
         prog = Progress("executor", f"{label}: shards on {self.workers} Dask worker(s)", len(futures), "shards")
+        finished: queue.SimpleQueue = queue.SimpleQueue()
         try:
-            for f in as_completed(futures):
+            for f in futures:
+                f.add_done_callback(finished.put)
+            for _ in futures:
+                # a second at a time: a stop signal is only recorded while this thread waits on a
+                # lock (qarm_core.errors.interruptible_at), and a shard may run for minutes
+                while True:
+                    try:
+                        f = finished.get(timeout=1.0)
+                        break
+                    except queue.Empty:
+                        raise_if_stopped()
                 f.result()                   # the first failed shard (after its retries) fails the stage
                 prog.advance(1)
         except BaseException:

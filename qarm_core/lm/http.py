@@ -133,6 +133,7 @@ class HttpLM:
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+            raise_if_stopped()                  # no new attempt after a stop
             with self._count_lock:
                 self.requests_sent += 1
             try:
@@ -165,7 +166,7 @@ class HttpLM:
         """``[fn(c) for c in chunks]``, ``concurrency`` at a time, in order; ``progress`` advances
         by ``len(c)`` as each chunk's answer arrives."""
         def run(c):
-            raise_if_stopped()          # queued requests are not sent after a stop
+            raise_if_stopped()          # queued requests are not sent after a stop (nor retried: _request)
             r = fn(c)
             advance(progress, len(c) if isinstance(c, list) else 1)
             return r

@@ -199,3 +199,45 @@ def test_nothing_is_published_or_started_after_a_stop_signal(prefect_harness, ti
         forget_stops()
     assert Storage(tiny_cfg.home).current() is None
     assert publish(tiny_cfg, parent, recs).snapshot_id == Storage(tiny_cfg.home).current().snapshot_id
+
+
+def test_a_stop_ends_the_wait_for_dask_shards_that_are_still_running():
+    """The stage's thread waits for its shards a second at a time, so a stop recorded while it waits
+    (a signal landing in a lock's wait is only recorded) ends the stage, and its queued shards are
+    cancelled, without waiting for a shard that may run for minutes."""
+    import concurrent.futures
+    import signal
+    import threading
+    import time
+
+    from qarm_core.errors import Stopped, forget_stops, note_stop
+    from qarm_core.executor import ExecutorConfig
+    from tasks.executor import DaskShards
+
+    class NeverDone:
+        """A shard's future as the runner returns it: running until cancelled."""
+
+        def __init__(self):
+            self.wrapped_future = concurrent.futures.Future()
+
+        def add_done_callback(self, fn):
+            self.wrapped_future.add_done_callback(lambda _: fn(self))
+
+    class Runner:
+        def __init__(self):
+            self.submitted: list[NeverDone] = []
+
+        def submit(self, task, parameters):
+            self.submitted.append(NeverDone())
+            return self.submitted[-1]
+
+    runner = Runner()
+    threading.Timer(0.5, note_stop, (signal.SIGTERM,)).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Stopped):
+            DaskShards(runner, ExecutorConfig(kind="dask"), 2).run(len, [[1], [2], [3]], "test")
+    finally:
+        forget_stops()
+    assert time.monotonic() - t0 < 5
+    assert len(runner.submitted) == 3 and all(f.wrapped_future.cancelled() for f in runner.submitted)

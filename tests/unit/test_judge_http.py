@@ -210,18 +210,21 @@ def test_urls_with_secrets_are_refused_without_echoing_them(url, why):
 def test_a_stop_leaves_the_queued_requests_unsent(concurrency):
     """Once a stop is recorded, no further request goes out; the requests in flight finish."""
     import signal
+    import threading
 
     from qarm_core.errors import Stopped, forget_stops, note_stop
 
     http = HttpLM(HttpConfig(url="http://127.0.0.1:9", concurrency=concurrency), model_id="http:none")
     sent = []
+    stopped = threading.Event()
 
     def request(chunk):
-        sent.append(chunk)
         if chunk == 0:
             note_stop(signal.SIGTERM)
+            stopped.set()
         else:
-            time.sleep(0.05)
+            stopped.wait(10)            # a request already in flight when the stop came
+        sent.append(chunk)
         return chunk
 
     try:
@@ -229,5 +232,26 @@ def test_a_stop_leaves_the_queued_requests_unsent(concurrency):
             http._map(request, list(range(20)))
     finally:
         forget_stops()
-    assert sent[0] == 0 and len(sent) <= concurrency
+    assert 0 in sent and set(sent) <= set(range(concurrency))
     assert http._map(request, [1, 2, 3]) == [1, 2, 3]       # the next command's requests run
+
+
+def test_a_stop_ends_the_retries_of_a_request(monkeypatch):
+    """A request that timed out is not tried again after a stop (each attempt may wait timeout_s)."""
+    import signal
+
+    from qarm_core.errors import Stopped, forget_stops, note_stop
+
+    http = HttpLM(HttpConfig(url="http://127.0.0.1:9", max_retries=3, backoff_s=0.0), model_id="http:none")
+
+    def times_out(method, path, data):
+        note_stop(signal.SIGTERM)       # the stop arrives while the first attempt waits
+        raise TimeoutError
+
+    monkeypatch.setattr(http, "_once", times_out)
+    try:
+        with pytest.raises(Stopped):
+            http._request("POST", "/v1/completions", {})
+    finally:
+        forget_stops()
+    assert http.requests_sent == 1

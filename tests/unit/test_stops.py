@@ -156,3 +156,13 @@ def test_library_frames_between_compute_and_our_code_defer_the_stop():
     assert lib["outer"](interruptible_at) is False
     assert compute["inner"](interruptible_at) is True      # numpy called from here: our code next
     assert interruptible_at(None) is False
+
+
+def test_our_logging_handler_called_by_a_library_defers_the_stop():
+    """Our logging handlers and filters run wherever a record was logged, a library's transaction too."""
+    from qarm_core.errors import interruptible_at
+
+    scope = {"__name__": "logging"}
+    exec("def handle(fn):\n    return fn()\n", scope)
+    assert scope["handle"](lambda: interruptible_at(sys._getframe())) is False
+    assert (lambda: interruptible_at(sys._getframe()))() is True

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 from qarm_core.embed.config import TrainConfig
 from qarm_core.embed.train.launch import run_launched
 from qarm_core.embed.train.record import STAGE
-from qarm_core.errors import DataError
+from qarm_core.errors import DataError, raise_if_stopped
 from qarm_core.progress import Progress
 from qarm_core.storage import write_json_atomic
 
@@ -164,6 +164,7 @@ def wait_for_posting(board: str | Path, done: set[str], timeout_s: float | None 
         if on_wait is not None and now - last_note >= note_every_s:
             last_note = now
             on_wait(now - t0)
+        raise_if_stopped()                  # a stop that landed outside the sleep (in logging) was recorded
         time.sleep(poll_s)
 
 
