@@ -27,7 +27,7 @@ from flows.rank_cli import app as rank_app
 from flows.runs_cli import app as runs_app
 from qarm_core.config import PipelineConfig, dump_config, load_config
 from qarm_core.errors import (STOPPED_BY, QarmError, Stopped, command_stop_handler, forget_stops, interruptible_at,
-                              note_stop, record_stop_signals, stop_requested, stop_signal_name)
+                              note_stop, record_stop_signals, stop_requested, stop_signal_name, stop_signals)
 from qarm_core.gates import InteractionGate
 
 # click's UsageError as typer raises it (typer bundles its own click): the parent of BadParameter,
@@ -269,9 +269,10 @@ def _stack_dump_on_sigusr1() -> bool:
 @contextlib.contextmanager
 def _stop_on_signals(ended: threading.Event):
     """Turn SIGTERM/SIGINT/SIGHUP into ``Stopped`` in the main thread, at once where the signal lands in
-    our code or a compute library (``interruptible_at``), else at the next progress tick or stage
-    start, so that the run unwinds within seconds: MLflow runs end FAILED with the signal in ``qarm.error``, Prefect marks its run crashed,
-    the refresh lease is released and the ephemeral Prefect server stops (atexit). A second signal
+    our code or a compute library (``interruptible_at``), else at the next check (``raise_if_stopped``),
+    so that the run unwinds within seconds: MLflow runs end FAILED with the signal in ``qarm.error``,
+    Prefect marks its run crashed, the refresh lease is released and the local Prefect API server
+    stops. A second signal
     exits at once; a command that has not set ``ended`` ``QARM_STOP_GRACE_S`` seconds after the stop
     is ended hard (``_exit_if_a_stop_hangs``)."""
     import signal
@@ -295,8 +296,7 @@ def _stop_on_signals(ended: threading.Event):
 
     grace_s = _stop_grace_s()
     forget_stops()
-    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-    old = {s: signal.signal(s, handler) for s in sigs}
+    old = {s: signal.signal(s, handler) for s in sorted(stop_signals())}
     dump_stacks = _stack_dump_on_sigusr1()
     try:
         # recorded even while another handler (Prefect's SIGTERM bridge in a flow run) has the signal

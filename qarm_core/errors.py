@@ -87,7 +87,8 @@ _WAKEUP_READ = -1
 _WAKEUP_LOCK = threading.RLock()
 
 
-def _stop_signals() -> frozenset[int]:
+def stop_signals() -> frozenset[int]:
+    """The signals that ask a command to stop: SIGTERM, SIGINT, SIGHUP."""
     import signal as signal_mod
 
     return frozenset({signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP})
@@ -99,7 +100,7 @@ def _drain_wakeup() -> None:
 
     if _WAKEUP_READ < 0:
         return
-    stops = _stop_signals()
+    stops = stop_signals()
     with _WAKEUP_LOCK:
         while _WAKEUP_READ >= 0:
             try:
@@ -206,7 +207,7 @@ def reclaim_stop_signals() -> bool:
         return False
     handler = _COMMAND_HANDLERS[-1]
     changed = False
-    for signum in sorted(_stop_signals()):
+    for signum in sorted(stop_signals()):
         if signal_mod.getsignal(signum) is not handler:
             signal_mod.signal(signum, handler)
             changed = True
