@@ -16,9 +16,8 @@ from prefect.runtime import flow_run as prefect_flow_run
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
 from qarm_core.embed.train.nodes import check_refresh_node
-from qarm_core.errors import reclaim_stop_signals
 from tasks import tracking
-from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
+from tasks.common import adopt_run, current_snapshot_id, exclusive_home, flow_stop_signals, route_core_logs
 from tasks.gate import gate
 from tasks.embed import baselines, embed, train
 from tasks.executor import flow_cluster, start
@@ -41,7 +40,6 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     rerun with a change). Returns a summary: snapshot id, row counts, MLflow parent run id.
     """
     route_core_logs()
-    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     cfg = load_config(config_path, overrides).resolved()
     check_refresh_node(cfg.embed.train)     # one node publishes; the others run `qarm train-node`
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
@@ -49,7 +47,7 @@ def codebook_refresh(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any
     # what CURRENT names later does not change what a stage reads), and publish refuses if CURRENT
     # moved meanwhile.
     name = tracking.run_name("codebook-refresh", cfg.name, overrides, prefect_deployment.name)
-    with exclusive_home(cfg, "codebook-refresh") as lease, \
+    with flow_stop_signals(), exclusive_home(cfg, "codebook-refresh") as lease, \
             tracking.flow_run(cfg, "codebook-refresh", name=name, source=ENTRYPOINT,
                               tags=tracking.prefect_tags(config_path)) as run_id, \
             flow_cluster(cfg):      # executor.kind=dask: one local cluster for the run's sharded stages

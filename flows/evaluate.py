@@ -12,10 +12,10 @@ from prefect.runtime import deployment as prefect_deployment
 from flows.options import DEFAULT_CONFIG
 from flows.rank_train import rank_comparison
 from qarm_core.config import load_config
-from qarm_core.errors import DataError, reclaim_stop_signals
+from qarm_core.errors import DataError
 from qarm_core.storage import check_output
 from tasks import tracking
-from tasks.common import route_core_logs
+from tasks.common import flow_stop_signals, route_core_logs
 from tasks.evaluate import evaluate_embeddings, evaluate_judge, evaluate_quantizer, evaluation_inputs, write_report
 from tasks.rank import read_pool_files
 
@@ -44,13 +44,13 @@ def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None
     same ranking samples (e.g. other pipeline seeds' snapshots), pooled with this one into the
     report's "Ranking, pooled" section; read before any work."""
     route_core_logs()
-    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     cfg = load_config(config_path, overrides).resolved()
     if out_dir:
         check_output(Path(out_dir), "folder", overwrite, "evaluate")
     check_pool_with(pool_with, rank)
-    with tracking.flow_run(cfg, "evaluate", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
-                           name=tracking.run_name("evaluate", cfg.name, overrides, prefect_deployment.name)) as run_id:
+    with flow_stop_signals(), \
+            tracking.flow_run(cfg, "evaluate", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                              name=tracking.run_name("evaluate", cfg.name, overrides, prefect_deployment.name)) as run_id:
         inputs = evaluation_inputs(cfg)
         sections: dict = {"embeddings": evaluate_embeddings(cfg, run_id, inputs)}
         sections["judge"], sections["judge_ablation"] = evaluate_judge(cfg, run_id, inputs)

@@ -26,9 +26,9 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
-from qarm_core.errors import ConfigError, reclaim_stop_signals
+from qarm_core.errors import ConfigError
 from tasks import tracking
-from tasks.common import adopt_run, current_snapshot_id, exclusive_home, route_core_logs
+from tasks.common import adopt_run, current_snapshot_id, exclusive_home, flow_stop_signals, route_core_logs
 from tasks.gate import gate
 from tasks.ingest import DATASETS, carry_over, ingest as ingest_task
 from tasks.publish import publish, summarize
@@ -47,14 +47,13 @@ def ingest(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None =
     of those carried over, and the snapshot they were carried from.
     """
     route_core_logs()
-    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     cfg = load_config(config_path, overrides).resolved()
     if cfg.ingest.source == "published":
         raise ConfigError("ingest.source 'published' reads what is already published: nothing new to ingest "
                           "(choose ml100k, files or synth)")
     retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
     name = tracking.run_name(FLOW, cfg.name, overrides, prefect_deployment.name)
-    with exclusive_home(cfg, FLOW) as lease, \
+    with flow_stop_signals(), exclusive_home(cfg, FLOW) as lease, \
             tracking.flow_run(cfg, FLOW, name=name, source=ENTRYPOINT,
                               tags=tracking.prefect_tags(config_path)) as run_id:
         adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))

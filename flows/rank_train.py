@@ -15,9 +15,8 @@ from prefect.runtime import deployment as prefect_deployment
 
 from flows.options import DEFAULT_CONFIG
 from qarm_core.config import load_config
-from qarm_core.errors import reclaim_stop_signals
 from tasks import tracking
-from tasks.common import route_core_logs
+from tasks.common import flow_stop_signals, route_core_logs
 from tasks.rank import (check_pool_samples, rank_compare, rank_gate, rank_inputs, rank_pool, rank_prepare, rank_samples,
                         rank_train_model, read_pool_files)
 
@@ -38,15 +37,15 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
     pipeline seeds' snapshots) also ``pooled``: every comparison in one paired bootstrap.
     """
     route_core_logs()
-    reclaim_stop_signals()      # a qarm command's stop handler, not Prefect's SIGTERM bridge
     overrides = dict(overrides or {})
     if models:
         overrides["rank.models"] = list(models)
     cfg = load_config(config_path, overrides).resolved()
     if cfg.rank.experiment:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": cfg.rank.experiment})})
-    with tracking.flow_run(cfg, "rank-train", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
-                           name=tracking.run_name("rank-train", cfg.name, overrides, prefect_deployment.name)) as run_id:
+    with flow_stop_signals(), \
+            tracking.flow_run(cfg, "rank-train", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                              name=tracking.run_name("rank-train", cfg.name, overrides, prefect_deployment.name)) as run_id:
         out = rank_comparison(cfg, run_id, embeddings_path, codes_path, pool_with)
     return {"mlflow_run_id": run_id, **out}
 

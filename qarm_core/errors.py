@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any, Callable, Iterator
 
@@ -85,8 +86,12 @@ _WAKEUP_READ = -1
 # descriptor's number may be reused by the next file opened. Reentrant: a signal handler calling
 # ``note_stop`` may run in the main thread while it holds the lock.
 _WAKEUP_LOCK = threading.RLock()
+# What ``raise_if_stopped`` raises for a recorded stop's signal number: ``Stopped``, or what the
+# innermost ``record_stop_signals`` was given (a served flow run: Prefect's TerminationSignal).
+_RAISE_AS: Callable[[int], BaseException] | None = None
 
 
+@functools.cache
 def stop_signals() -> frozenset[int]:
     """The signals that ask a command to stop: SIGTERM, SIGINT, SIGHUP."""
     import signal as signal_mod
@@ -115,17 +120,18 @@ def _drain_wakeup() -> None:
 
 
 @contextlib.contextmanager
-def record_stop_signals() -> Iterator[None]:
+def record_stop_signals(raise_as: Callable[[int], BaseException] | None = None) -> Iterator[None]:
     """While the block runs (in the main thread), every SIGTERM, SIGINT or SIGHUP that reaches a
     Python-level handler, ours or any library's, is recorded for ``raise_if_stopped`` and
-    ``stop_requested``, even where the exception that handler raises is swallowed. Restores the
-    previous wakeup fd on the way out. The wakeup fd is one per process: code that sets its own in
-    the block (an asyncio loop's ``add_signal_handler`` in the main thread; nothing qarm runs does)
-    ends the recording until it puts ours back."""
+    ``stop_requested``, even where the exception that handler raises is swallowed. ``raise_as``: what
+    ``raise_if_stopped`` raises in the block, given the signal's number (default ``Stopped``).
+    Restores the previous wakeup fd on the way out. The wakeup fd is one per process: code that sets
+    its own in the block (an asyncio loop's ``add_signal_handler`` in the main thread; nothing qarm
+    runs does) ends the recording until it puts ours back."""
     import os
     import signal as signal_mod
 
-    global _WAKEUP_READ
+    global _WAKEUP_READ, _RAISE_AS
     read, write = os.pipe()
     try:
         os.set_blocking(read, False)
@@ -136,6 +142,7 @@ def record_stop_signals() -> Iterator[None]:
         os.close(write)
         raise
     outer, _WAKEUP_READ = _WAKEUP_READ, read
+    outer_raise_as, _RAISE_AS = _RAISE_AS, raise_as
     try:
         yield
     finally:
@@ -145,8 +152,14 @@ def record_stop_signals() -> Iterator[None]:
         with _WAKEUP_LOCK:
             _drain_wakeup()
             _WAKEUP_READ = outer
+            _RAISE_AS = outer_raise_as
             os.close(read)
             os.close(write)
+
+
+def recording_stops() -> bool:
+    """Whether a ``record_stop_signals`` block is running."""
+    return _WAKEUP_READ >= 0
 
 
 # Where a stop's exception may be raised at once: in our own code, reached from the frame the signal
@@ -194,6 +207,12 @@ def command_stop_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
         _COMMAND_HANDLERS.remove(handler)
 
 
+def command_running() -> bool:
+    """Whether a command's stop handler is registered (``command_stop_handler``): a qarm CLI command
+    runs in this process, as opposed to a flow run a Prefect worker or ``serve`` started."""
+    return bool(_COMMAND_HANDLERS)
+
+
 def reclaim_stop_signals() -> bool:
     """In a command's main thread: put its stop handler back on SIGTERM, SIGINT and SIGHUP where a
     library replaced it. Prefect's flow engine installs its own SIGTERM handler for a flow run
@@ -228,12 +247,12 @@ def forget_stops() -> None:
 
 
 def raise_if_stopped() -> None:
-    """Raise ``Stopped`` if a signal asked this process to stop: a stage boundary's check, and each
-    progress tick's (``qarm_core.progress``), for a signal whose exception was swallowed where it
-    landed."""
+    """Raise ``Stopped`` (or the recording block's ``raise_as``) if a signal asked this process to
+    stop: a stage boundary's check, and each progress tick's (``qarm_core.progress``), for a signal
+    whose exception was swallowed where it landed."""
     _drain_wakeup()
     if _STOPS:
-        raise Stopped(_STOPS[0])
+        raise (_RAISE_AS or Stopped)(_STOPS[0])
 
 
 def stop_requested() -> str | None:

@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig
-from qarm_core.errors import QarmError, raise_if_stopped, reclaim_stop_signals, stop_requested
+from qarm_core.errors import (QarmError, Stopped, command_running, forget_stops, raise_if_stopped,
+                              reclaim_stop_signals, record_stop_signals, recording_stops, stop_requested)
 from qarm_core.hashing import stable_hash
 from qarm_core.schemas import DatasetSchema
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
@@ -82,6 +83,40 @@ class StageSpec:
     artifacts: Mapping[str, tuple[int, Callable[[Path, Mapping[str, Any]], None]]] = field(default_factory=dict)
     after: Callable[[tracking.StageRun, dict[str, DatasetRecord], dict], None] | None = None
     summary: Callable[[dict[str, DatasetRecord], dict], str] | None = None
+
+
+@contextlib.contextmanager
+def flow_stop_signals() -> Iterator[None]:
+    """Around a flow's body: who turns a stop signal into the run's end. Under a qarm command (``qarm
+    refresh`` and the like) the command's handler, put back where Prefect's engine replaced it
+    (``reclaim_stop_signals``). In a flow run a Prefect worker or ``serve`` started, Prefect's
+    SIGTERM bridge stays (it tells a UI cancel from a crash), and the stop signals are recorded as
+    well: a cancel whose TerminationSignal was lost where it landed (a ``__del__``, a weakref
+    callback: "Exception ignored in ...") still ends the run at the next progress tick or stage
+    start, raised as Prefect's TerminationSignal for SIGTERM, so that the engine's own handling
+    (Cancelled, or Crashed and the signal passed on) follows. Those stops are forgotten when the block
+    ends: no command reads them afterwards."""
+    import signal
+    import threading
+
+    if command_running():
+        reclaim_stop_signals()
+        yield
+        return
+    if recording_stops() or threading.current_thread() is not threading.main_thread():
+        yield                           # a subflow of a recorded run; or no signals off the main thread
+        return
+    from prefect.exceptions import TerminationSignal
+
+    def raise_as(signum: int) -> BaseException:
+        return TerminationSignal(signum) if signum == signal.SIGTERM else Stopped(signum)
+
+    forget_stops()
+    try:
+        with record_stop_signals(raise_as):
+            yield
+    finally:
+        forget_stops()
 
 
 def stage_key(spec: StageSpec) -> str:

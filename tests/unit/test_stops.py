@@ -75,6 +75,28 @@ def test_without_the_recorder_such_a_stop_is_lost(no_stops, handler, unraisable)
     raise_if_stopped()
 
 
+def test_the_recording_block_chooses_what_a_recorded_stop_raises(no_stops, handler, unraisable):
+    """A served flow run records with Prefect's exception (``raise_as``), so that Prefect's engine
+    handles a recovered stop as it handles its own; an inner block's choice holds inside it only."""
+    class EngineSignal(BaseException):
+        def __init__(self, signal):
+            self.signal = signal
+
+    handler(signal.SIGTERM, raising)
+    with record_stop_signals(EngineSignal):
+        Collected()
+        with pytest.raises(EngineSignal) as ei:
+            raise_if_stopped()
+        assert ei.value.signal == signal.SIGTERM
+        with record_stop_signals():
+            with pytest.raises(Stopped):
+                raise_if_stopped()
+        with pytest.raises(EngineSignal):
+            raise_if_stopped()
+    with pytest.raises(Stopped):                          # no block: the default
+        raise_if_stopped()
+
+
 def test_other_signals_are_not_stops_and_the_order_is_kept(no_stops, handler):
     seen = []
     for sig in (signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):
