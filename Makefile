@@ -38,8 +38,8 @@ TEST_WORKERS ?= 2
 test: install                      ## the whole suite, slow tests included
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test-fast: install
-	$(PY) -m pytest -m "not slow"
+test-fast: install                 ## the suite without the tests marked slow, on the same two workers
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 stack: install                     ## Postgres + Prefect and MLflow servers on it + a worker + Chromium (tests/stack)
 	QARM_STACK_REQUIRED=1 $(PY) -m pytest tests/stack -s

@@ -44,21 +44,21 @@ def evaluate(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None
     same ranking samples (e.g. other pipeline seeds' snapshots), pooled with this one into the
     report's "Ranking, pooled" section; read before any work."""
     route_core_logs()
-    cfg = load_config(config_path, overrides).resolved()
-    if out_dir:
-        check_output(Path(out_dir), "folder", overwrite, "evaluate")
-    check_pool_with(pool_with, rank)
-    with flow_stop_signals(), \
-            tracking.flow_run(cfg, "evaluate", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
-                              name=tracking.run_name("evaluate", cfg.name, overrides, prefect_deployment.name)) as run_id:
-        inputs = evaluation_inputs(cfg)
-        sections: dict = {"embeddings": evaluate_embeddings(cfg, run_id, inputs)}
-        sections["judge"], sections["judge_ablation"] = evaluate_judge(cfg, run_id, inputs)
-        sections["quantizer"] = evaluate_quantizer(cfg, run_id, inputs)
-        if rank:
-            ranking = rank_comparison(cfg, run_id, pool_with=pool_with)
-            sections["ranking"] = ranking["table"]
-            if "pooled" in ranking:
-                sections["ranking_pooled"] = ranking["pooled"]
-        report = write_report(cfg, run_id, inputs, sections, command, out_dir, overwrite)
-    return {"mlflow_run_id": run_id, "report": report, "snapshot_id": inputs["snapshot_id"], "sections": sections}
+    with flow_stop_signals():     # first: who ends the run on a stop signal (tasks.common)
+        cfg = load_config(config_path, overrides).resolved()
+        if out_dir:
+            check_output(Path(out_dir), "folder", overwrite, "evaluate")
+        check_pool_with(pool_with, rank)
+        with tracking.flow_run(cfg, "evaluate", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                               name=tracking.run_name("evaluate", cfg.name, overrides, prefect_deployment.name)) as run_id:
+            inputs = evaluation_inputs(cfg)
+            sections: dict = {"embeddings": evaluate_embeddings(cfg, run_id, inputs)}
+            sections["judge"], sections["judge_ablation"] = evaluate_judge(cfg, run_id, inputs)
+            sections["quantizer"] = evaluate_quantizer(cfg, run_id, inputs)
+            if rank:
+                ranking = rank_comparison(cfg, run_id, pool_with=pool_with)
+                sections["ranking"] = ranking["table"]
+                if "pooled" in ranking:
+                    sections["ranking_pooled"] = ranking["pooled"]
+            report = write_report(cfg, run_id, inputs, sections, command, out_dir, overwrite)
+        return {"mlflow_run_id": run_id, "report": report, "snapshot_id": inputs["snapshot_id"], "sections": sections}

@@ -47,24 +47,25 @@ def ingest(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None =
     of those carried over, and the snapshot they were carried from.
     """
     route_core_logs()
-    cfg = load_config(config_path, overrides).resolved()
-    if cfg.ingest.source == "published":
-        raise ConfigError("ingest.source 'published' reads what is already published: nothing new to ingest "
-                          "(choose ml100k, files or synth)")
-    retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
-    name = tracking.run_name(FLOW, cfg.name, overrides, prefect_deployment.name)
-    with flow_stop_signals(), exclusive_home(cfg, FLOW) as lease, \
-            tracking.flow_run(cfg, FLOW, name=name, source=ENTRYPOINT,
-                              tags=tracking.prefect_tags(config_path)) as run_id:
-        adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
-        parent = current_snapshot_id(cfg)
-        records = ingest_task.with_options(**retry)(cfg, run_id, parent)
-        gate(cfg, run_id, "ingest", records["items"])
-        gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
-        carried = carry_over(cfg, parent)
-        lease.check()
-        snapshot = publish.with_options(**retry)(cfg, run_id, {**carried, **records}, parent)
-        summarize(cfg, run_id, snapshot, title="ingest")
-    return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
-            "rows": {n: records[n].rows for n in DATASETS}, "carried": {n: r.rows for n, r in carried.items()},
-            "carried_from": parent if carried else None}
+    with flow_stop_signals():     # first: who ends the run on a stop signal (tasks.common)
+        cfg = load_config(config_path, overrides).resolved()
+        if cfg.ingest.source == "published":
+            raise ConfigError("ingest.source 'published' reads what is already published: nothing new to ingest "
+                              "(choose ml100k, files or synth)")
+        retry = dict(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_seconds)
+        name = tracking.run_name(FLOW, cfg.name, overrides, prefect_deployment.name)
+        with exclusive_home(cfg, FLOW) as lease, \
+                tracking.flow_run(cfg, FLOW, name=name, source=ENTRYPOINT,
+                                  tags=tracking.prefect_tags(config_path)) as run_id:
+            adopt_run(cfg, lease, run_id, str(prefect_flow_run.id or ""))
+            parent = current_snapshot_id(cfg)
+            records = ingest_task.with_options(**retry)(cfg, run_id, parent)
+            gate(cfg, run_id, "ingest", records["items"])
+            gate(cfg, run_id, "ingest", records["interactions"], catalog=records["items"])
+            carried = carry_over(cfg, parent)
+            lease.check()
+            snapshot = publish.with_options(**retry)(cfg, run_id, {**carried, **records}, parent)
+            summarize(cfg, run_id, snapshot, title="ingest")
+        return {"snapshot_id": snapshot.snapshot_id, "snapshot_path": snapshot.path, "mlflow_run_id": run_id,
+                "rows": {n: records[n].rows for n in DATASETS}, "carried": {n: r.rows for n, r in carried.items()},
+                "carried_from": parent if carried else None}

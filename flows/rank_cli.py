@@ -17,7 +17,6 @@ from flows.options import ConfigOpt, PoolOpt
 from flows.options import parse_sets as _parse_sets
 from flows.prefect_api import local_prefect_api
 from qarm_core.config import load_config
-from qarm_core.errors import QarmError
 from qarm_core.rank.config import ALL_MODELS
 
 app = typer.Typer(help="Ranking: GSU/ESU with Semantic IDs against DIN and SIM baselines (rank-train flow).",
@@ -78,22 +77,27 @@ def _run(config: str, sets: Optional[list[str]], models: list[str] | None, embed
     for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                  "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         os.environ.setdefault(k, v)
-    overrides = _parse_sets(sets)
-    if models:
-        overrides["rank.models"] = models
-    try:
+    from flows.cli import _guard        # lazily: flows.cli imports this module
+
+    done: dict = {}
+
+    def work() -> None:
+        overrides = _parse_sets(sets)
+        if models:
+            overrides["rank.models"] = models
         load_config(config, overrides)          # fail fast on a bad config or pool file, before Prefect starts
         from flows.rank_train import rank_train
         from tasks.rank import read_pool_files
 
         read_pool_files(pool_with or [])
-
         with local_prefect_api():
-            out = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
-                             codes_path=codes, pool_with=pool_with or None)
-    except QarmError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+            done["out"] = rank_train(config_path=config, overrides=overrides or None, embeddings_path=embeddings,
+                                     codes_path=codes, pool_with=pool_with or None)
+
+    # as every flow command: a QarmError is one error line and exit 2, a stop signal ends the run
+    # cleanly with exit 130 (the command's stop handler, not Prefect's SIGTERM bridge)
+    _guard(work)
+    out = done["out"]
     print_table(out["table"], title)
     if "pooled" in out:
         print_pool_result(out["pooled"])

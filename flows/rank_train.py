@@ -37,17 +37,17 @@ def rank_train(config_path: str = DEFAULT_CONFIG, overrides: dict[str, Any] | No
     pipeline seeds' snapshots) also ``pooled``: every comparison in one paired bootstrap.
     """
     route_core_logs()
-    overrides = dict(overrides or {})
-    if models:
-        overrides["rank.models"] = list(models)
-    cfg = load_config(config_path, overrides).resolved()
-    if cfg.rank.experiment:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": cfg.rank.experiment})})
-    with flow_stop_signals(), \
-            tracking.flow_run(cfg, "rank-train", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
-                              name=tracking.run_name("rank-train", cfg.name, overrides, prefect_deployment.name)) as run_id:
-        out = rank_comparison(cfg, run_id, embeddings_path, codes_path, pool_with)
-    return {"mlflow_run_id": run_id, **out}
+    with flow_stop_signals():     # first: who ends the run on a stop signal (tasks.common)
+        overrides = dict(overrides or {})
+        if models:
+            overrides["rank.models"] = list(models)
+        cfg = load_config(config_path, overrides).resolved()
+        if cfg.rank.experiment:
+            cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": cfg.rank.experiment})})
+        with tracking.flow_run(cfg, "rank-train", tags=tracking.prefect_tags(config_path), source=ENTRYPOINT,
+                               name=tracking.run_name("rank-train", cfg.name, overrides, prefect_deployment.name)) as run_id:
+            out = rank_comparison(cfg, run_id, embeddings_path, codes_path, pool_with)
+        return {"mlflow_run_id": run_id, **out}
 
 
 def rank_comparison(cfg: Any, run_id: str, embeddings_path: str | None = None, codes_path: str | None = None,

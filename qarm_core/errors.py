@@ -255,6 +255,12 @@ def raise_if_stopped() -> None:
         raise (_RAISE_AS or Stopped)(_STOPS[0])
 
 
+def recorded_stops() -> tuple[int, ...]:
+    """The numbers of the signals that asked this process to stop, in the order they came."""
+    _drain_wakeup()
+    return tuple(_STOPS)
+
+
 def stop_requested() -> str | None:
     """The name of the first signal that asked this process to stop, or None."""
     import signal as signal_mod

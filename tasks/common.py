@@ -15,7 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from qarm_core import __version__
 from qarm_core.config import PipelineConfig
 from qarm_core.errors import (QarmError, Stopped, command_running, forget_stops, raise_if_stopped,
-                              reclaim_stop_signals, record_stop_signals, recording_stops, stop_requested)
+                              reclaim_stop_signals, record_stop_signals, recorded_stops, recording_stops,
+                              stop_requested)
 from qarm_core.hashing import stable_hash
 from qarm_core.schemas import DatasetSchema
 from qarm_core.storage import DatasetRecord, Storage, write_stage_outputs
@@ -93,9 +94,11 @@ def flow_stop_signals() -> Iterator[None]:
     SIGTERM bridge stays (it tells a UI cancel from a crash), and the stop signals are recorded as
     well: a cancel whose TerminationSignal was lost where it landed (a ``__del__``, a weakref
     callback: "Exception ignored in ...") still ends the run at the next progress tick or stage
-    start, raised as Prefect's TerminationSignal for SIGTERM, so that the engine's own handling
-    (Cancelled, or Crashed and the signal passed on) follows. Those stops are forgotten when the block
-    ends: no command reads them afterwards."""
+    start, raised as Prefect's TerminationSignal when a SIGTERM came (else ``Stopped``), which the
+    engine handles as its own (Cancelled on a cancel, else Crashed and the signal passed on). A stop
+    that became another error on its way out (DuckDB's "Query interrupted") is raised as that stop.
+    A stop recorded after the body's last check does not undo a run that finished. The stops are
+    forgotten when the block ends: no command reads them afterwards."""
     import signal
     import threading
 
@@ -109,12 +112,19 @@ def flow_stop_signals() -> Iterator[None]:
     from prefect.exceptions import TerminationSignal
 
     def raise_as(signum: int) -> BaseException:
-        return TerminationSignal(signum) if signum == signal.SIGTERM else Stopped(signum)
+        # a SIGTERM is the runner's cancel (or a shutdown) whichever signal came first
+        return TerminationSignal(signal.SIGTERM) if signal.SIGTERM in recorded_stops() else Stopped(signum)
 
     forget_stops()
     try:
         with record_stop_signals(raise_as):
-            yield
+            try:
+                yield
+            except Exception as exc:
+                stops = recorded_stops()
+                if stops:
+                    raise raise_as(stops[0]) from exc
+                raise
     finally:
         forget_stops()
 

@@ -897,3 +897,31 @@ def test_a_stop_inside_a_library_waits_for_the_next_check_and_prefects_sigterm_h
     finally:
         forget_stops()
     assert done == []
+
+
+def test_a_rank_command_is_stopped_by_the_commands_handler(tmp_path, monkeypatch):
+    """`qarm rank compare` runs under the command's stop handler as the other flow commands do: a
+    SIGTERM during its flow run ends it with exit 130 and the "stopped by" line, not the process."""
+    import os
+    import signal
+
+    import flows.rank_cli
+    import flows.rank_train
+    from qarm_core.errors import forget_stops
+
+    went_on = []
+
+    def rank_train(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)        # lands in our code: raised at once
+        went_on.append("past the signal")
+        return {}
+
+    monkeypatch.setattr(flows.rank_train, "rank_train", rank_train)
+    monkeypatch.setattr(flows.rank_cli, "local_prefect_api", contextlib.nullcontext)
+    try:
+        res = CliRunner().invoke(flows.rank_cli.app, ["compare", "-m", "din", "--config", TINY,
+                                                      "--set", f"home={tmp_path / 'home'}"])
+    finally:
+        forget_stops()
+    assert res.exit_code == 130, res.output
+    assert "stopped by SIGTERM" in res.output and went_on == []
