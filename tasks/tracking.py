@@ -28,8 +28,57 @@ from qarm_core.gates import GateResult
 _MAX_PARAM_CHARS = 6000
 
 
-def _client(cfg: PipelineConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+def _client(cfg: PipelineConfig) -> "MlflowCalls":
+    return MlflowCalls(str(cfg.tracking.tracking_uri))
+
+
+class MlflowCalls:
+    """An ``MlflowClient`` for ``uri`` whose every call runs to its end on one thread of this
+    process (``_mlflow_thread``) while the caller waits for it. Why: a stop signal's exception
+    raised inside a store write (Prefect's TerminationSignal, in a flow run a worker or ``serve``
+    started, lands wherever the main thread is) leaves that write's SQLite transaction open, since
+    MLflow's session rolls back on ``Exception`` only; each MLflow write of the run's unwinding then
+    waited out SQLite's busy timeout on that lock (seen in CI: a UI-cancelled daily run was still
+    unwinding when the runner's grace ran out, and its lease stayed behind). On its own thread a
+    call completes whatever the main thread is interrupted by; the signal lands in the wait. Calls
+    are serialised in the order made, so a write that follows an interrupted one waits for it."""
+
+    def __init__(self, uri: str):
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(MlflowClient, name)       # AttributeError here for a name MlflowClient lacks
+        if not callable(method):
+            raise AttributeError(name)
+        uri = self._uri
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _mlflow_thread().submit(lambda: getattr(_thread_client(uri), name)(*args, **kwargs)).result()
+        return call
+
+
+_MLFLOW_THREAD: dict[int, Any] = {}
+# The MLflow thread's clients, by tracking URI (used on that thread only).
+_CLIENTS: dict[str, MlflowClient] = {}
+
+
+def _thread_client(uri: str) -> MlflowClient:
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+def _mlflow_thread() -> Any:
+    """This process's one MLflow thread (a new one after a fork: a forked child has no threads)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    pid = os.getpid()
+    if pid not in _MLFLOW_THREAD:
+        _MLFLOW_THREAD.clear()
+        _CLIENTS.clear()
+        _MLFLOW_THREAD[pid] = ThreadPoolExecutor(1, thread_name_prefix="qarm-mlflow")
+    return _MLFLOW_THREAD[pid]
 
 
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces); ours are model runs.
@@ -96,7 +145,7 @@ def metric_name(key: str) -> str:
 class StageRun:
     """Handle passed to a task for logging into its nested MLflow run."""
 
-    client: MlflowClient
+    client: "MlflowCalls"
     run_id: str
     stage: str = ""
     headline_to: str | None = None      # the parent run that gets this stage's ``HEADLINE`` metrics

@@ -1,0 +1,54 @@
+"""MLflow calls run to their end on one thread of their own: a stop signal lands in the caller's wait."""
+
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from tasks import tracking
+
+
+class Interrupted(BaseException):
+    """What a stop signal's handler raises (as Prefect's TerminationSignal does: not an Exception)."""
+
+
+def test_a_signal_during_a_waiting_mlflow_write_interrupts_the_caller_not_the_write(tiny_cfg):
+    """While the store is locked by another connection (another run's write), a write waits. A
+    signal then interrupts the caller at once, and the write itself completes once the lock is
+    free, leaving no transaction open: the next write goes through at once. (Made in the caller's
+    thread, the write held the interpreter inside SQLite until the lock was free, and an exception
+    raised inside it left its transaction open.)"""
+    cfg = tiny_cfg
+    client = tracking._client(cfg)
+    run_id = client.create_run(tracking.experiment_id(cfg), run_name="locked").info.run_id
+    db = str(cfg.tracking.tracking_uri).removeprefix("sqlite:///")
+
+    other = sqlite3.connect(db, timeout=0.1, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")                      # the write lock, held by "another run"
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: (_ for _ in ()).throw(Interrupted()))
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Interrupted):
+            client.set_tag(run_id, "written", "yes")      # waits for the lock
+        interrupted_after = time.monotonic() - t0
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)
+        time.sleep(0.5)
+        other.rollback()                                  # the lock is free again
+        other.close()
+    assert interrupted_after < 2.0, interrupted_after
+    t1 = time.monotonic()
+    client.set_terminated(run_id, "FAILED")              # after the interrupted write, in order
+    assert time.monotonic() - t1 < 5.0
+    run = client.get_run(run_id)
+    assert run.data.tags.get("written") == "yes" and run.info.status == "FAILED"
+
+
+def test_mlflow_calls_reject_what_the_client_does_not_have(tiny_cfg):
+    with pytest.raises(AttributeError):
+        tracking._client(tiny_cfg).no_such_method
