@@ -12,7 +12,9 @@ import functools
 import json
 import logging
 import re
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +31,7 @@ _MAX_PARAM_CHARS = 6000
 
 
 def _client(cfg: PipelineConfig) -> "MlflowCalls":
-    return MlflowCalls(str(cfg.tracking.tracking_uri))
+    return MlflowCalls(cfg.tracking.tracking_uri)
 
 
 class MlflowCalls:
@@ -43,7 +45,7 @@ class MlflowCalls:
     call completes whatever the main thread is interrupted by; the signal lands in the wait. Calls
     are serialised in the order made, so a write that follows an interrupted one waits for it."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str | None):
         self._uri = uri
 
     def __getattr__(self, name: str) -> Any:
@@ -53,32 +55,73 @@ class MlflowCalls:
         uri = self._uri
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return _mlflow_thread().submit(lambda: getattr(_thread_client(uri), name)(*args, **kwargs)).result()
+            done = _mlflow_thread().submit(lambda: getattr(_thread_client(uri), name)(*args, **kwargs))
+            try:
+                return done.result()
+            except BaseException:
+                if not done.done():     # the caller was interrupted: the call goes on; say if it fails
+                    done.add_done_callback(functools.partial(_warn_if_failed, name))
+                raise
         return call
 
 
-_MLFLOW_THREAD: dict[int, Any] = {}
-# The MLflow thread's clients, by tracking URI (used on that thread only).
-_CLIENTS: dict[str, MlflowClient] = {}
+def _warn_if_failed(name: str, done: Future) -> None:
+    if done.exception() is not None:
+        logging.getLogger(__name__).warning("MLflow %s, left running by an interrupted caller, failed: %s",
+                                            name, done.exception())
 
 
-def _thread_client(uri: str) -> MlflowClient:
+class _MlflowThread:
+    """One daemon thread running submitted calls in order. A daemon: a call left running by an
+    interrupted caller (a stop) must not hold the process at exit (a thread pool's worker is joined
+    at exit: minutes, against an unreachable tracking server); every call that matters has a caller
+    waiting for it."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="qarm-mlflow", daemon=True).start()
+
+    def submit(self, fn: Any) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:    # noqa: BLE001 -- handed to the caller
+                fut.set_exception(exc)
+
+
+_MLFLOW_THREAD: dict[int, _MlflowThread] = {}
+_MLFLOW_THREAD_LOCK = threading.Lock()
+# The MLflow thread's clients, by tracking URI (used on that thread only; MLflow caches the stores).
+_CLIENTS: dict[str | None, MlflowClient] = {}
+
+
+def _thread_client(uri: str | None) -> MlflowClient:
     if uri not in _CLIENTS:
         _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
     return _CLIENTS[uri]
 
 
-def _mlflow_thread() -> Any:
+def _mlflow_thread() -> _MlflowThread:
     """This process's one MLflow thread (a new one after a fork: a forked child has no threads)."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     pid = os.getpid()
-    if pid not in _MLFLOW_THREAD:
-        _MLFLOW_THREAD.clear()
-        _CLIENTS.clear()
-        _MLFLOW_THREAD[pid] = ThreadPoolExecutor(1, thread_name_prefix="qarm-mlflow")
-    return _MLFLOW_THREAD[pid]
+    with _MLFLOW_THREAD_LOCK:
+        if pid not in _MLFLOW_THREAD:
+            _MLFLOW_THREAD.clear()
+            _CLIENTS.clear()
+            _MLFLOW_THREAD[pid] = _MlflowThread()
+        return _MLFLOW_THREAD[pid]
 
 
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces); ours are model runs.
