@@ -53,3 +53,41 @@ def test_a_signal_during_a_waiting_mlflow_write_interrupts_the_caller_not_the_wr
 def test_mlflow_calls_reject_what_the_client_does_not_have(tiny_cfg):
     with pytest.raises(AttributeError):
         tracking._client(tiny_cfg).no_such_method
+
+
+LEFT_RUNNING = """
+import signal, sqlite3, sys, threading, time
+from qarm_core.config import load_config
+from tasks import tracking
+
+cfg = load_config(sys.argv[1], {"home": sys.argv[2]}).resolved()
+client = tracking._client(cfg)
+run_id = client.create_run(tracking.experiment_id(cfg), run_name="left").info.run_id
+other = sqlite3.connect(str(cfg.tracking.tracking_uri).removeprefix("sqlite:///"), timeout=0.1)
+other.execute("BEGIN IMMEDIATE")                  # held until this process ends
+def stop(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGUSR1, stop)
+threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)).start()
+try:
+    client.set_tag(run_id, "left", "running")     # waits for the lock; the caller is interrupted
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_call_left_running_by_an_interrupted_caller_does_not_hold_the_process_at_exit(tmp_path):
+    """The MLflow thread is a daemon: a process whose caller was interrupted while its write waited
+    on a locked store exits at once, not when SQLite gives up on the lock (20 s; a thread pool's
+    worker is joined at exit)."""
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO, TINY
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", LEFT_RUNNING, TINY, str(tmp_path / "home")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0 and "interrupted" in proc.stdout, proc.stdout + proc.stderr
+    assert took < 15.0, took
