@@ -265,8 +265,8 @@ def stop_requested() -> str | None:
     """The name of the first signal that asked this process to stop, or None."""
     import signal as signal_mod
 
-    _drain_wakeup()
-    return signal_mod.Signals(_STOPS[0]).name if _STOPS else None
+    stops = recorded_stops()
+    return signal_mod.Signals(stops[0]).name if stops else None
 
 
 def stop_signal_name(exc: BaseException | None) -> str | None:
