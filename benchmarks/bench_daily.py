@@ -13,7 +13,9 @@ at 1M items SmolLM2-135M would take about a day on 2 CPU cores, so the measured 
 pipeline's own cost, and the LLM work is counted in units (pairs scored, questions answered, items
 encoded, training steps). A last phase measures SmolLM2's rate per unit on this machine (auto dtype)
 and prints each day's LLM time projected from the units: that is the part of the ratio the tiny
-model cannot show.
+model cannot show. The judge's rate is measured per day on a sample of that day's own LLM pairs
+(whole source items), since a day whose new pairs share fewer contexts pays more per pair, and its
+neutral passes (one per new item B) are counted and timed apart.
 
     python benchmarks/bench_daily.py [--items 1000000 --interactions 10000000 --users 100000]
                                      [--item-growth 0.01 --interaction-growth 0.10] [--out DIR] [--keep]
@@ -31,6 +33,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -127,6 +133,7 @@ def phase_refresh(config: str) -> dict:
         if metric is not None:
             units[name] = r["metrics"].get(metric, 0.0)
         if name == "judge":
+            units["judge.neutral"] = r["metrics"].get("neutral.computed", 0.0)
             units["judge.pairs.cached"] = r["metrics"].get("pairs.cached", 0.0)
             units["judge.pairs.cached.other_source"] = r["metrics"].get("pairs.cached.other_source", 0.0)
             units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
@@ -138,15 +145,60 @@ def phase_refresh(config: str) -> dict:
             units["embed.carried_over"] = r["metrics"].get("carried_over", 0.0)
         if name == "train" and r["metrics"].get("reused_published"):
             units["train"] = 0.0
-    return {"wall_seconds_in_process": wall, "stage_seconds": seconds, "units": units, "rows": summary["rows"]}
+    return {"wall_seconds_in_process": wall, "stage_seconds": seconds, "units": units, "rows": summary["rows"],
+            "snapshot_path": str(summary["snapshot_path"])}
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2 rates
-def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, embed_items: int = 384,
-                        train_steps: int = 4, dtype: str = "auto") -> dict:
+def day_llm_pairs(snapshots: list[str]) -> list[pa.Table]:
+    """Each day's pairs that the judge ran through the LLM, ``(n, src_item, dst_item)``: day 0's
+    whole judgments (a fresh home), then each later day's judgments whose (src, dst, item text
+    hash) the day before had not judged (the rest came from its cache). ``snapshots``: the
+    published snapshot folders, one per day, in order."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    cols = ["src_item", "dst_item", "text_hash"]
+    days = [ds.dataset(Path(s) / "judgments").to_table(columns=cols) for s in snapshots]
+    out = [days[0].select(cols[:2])]
+    for before, today in zip(days, days[1:]):
+        seen = set(zip(*(before[c].to_pylist() for c in cols)))
+        new = [i for i, k in enumerate(zip(*(today[c].to_pylist() for c in cols))) if k not in seen]
+        out.append(today.take(pa.array(new, pa.int64())).select(cols[:2]))
+    return out
+
+
+def sample_by_source(pairs: pa.Table, target: int, seed: int = 0) -> pa.Table:
+    """Whole source items' pairs, source items in a seeded random order, until ``target`` pairs:
+    a sample that keeps the day's pairs per shared context (the judge runs one context per source
+    item), which a sample of single pairs would not."""
+    import numpy as np
+    import pyarrow as pa
+
+    src = pairs["src_item"].to_numpy()
+    order = np.argsort(src, kind="stable")
+    firsts = np.flatnonzero(np.r_[True, src[order][1:] != src[order][:-1]])
+    groups = np.split(order, firsts[1:])
+    pick: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(groups)):
+        pick.extend(groups[g].tolist())
+        if len(pick) >= target:
+            break
+    return pairs.take(pa.array(pick, pa.int64()))
+
+
+def phase_smollm2_rates(items_dir: str, snapshots: list[str], pairs: int = 240, neutral_items: int = 200,
+                        questions: int = 48, embed_items: int = 384, train_steps: int = 4,
+                        dtype: str = "auto") -> dict:
     """Seconds per unit of LLM work with the default model (SmolLM2-135M) on this machine, in
     ``dtype`` (``auto``: chosen from the hardware; ``float32`` on a CPU with native bf16 stands in
-    for one without it)."""
+    for one without it).
+
+    The judge's rate is measured per day on that day's own LLM pairs (``day_llm_pairs``, sampled
+    by ``sample_by_source``), because what a pair costs depends on how many pairs share its
+    context: the conditional pass is timed with every item B's neutral pass known, and the neutral
+    pass is timed on its own (the stage runs it once per new item B, counted as
+    ``neutral.computed``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -157,20 +209,40 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     from qarm_core.lm.local import LocalLM
     from qarm_core.lm.config import LocalModelConfig
     from qarm_core.judge.config import QAConfig
-    from qarm_core.judge.judge import PairScorer, pair_components
+    from qarm_core.judge.judge import PairScorer, pair_components, render_items
     from qarm_core.judge.prompts import judge_prompt
     from qarm_core.judge.qa import generate_qa
 
-    items = ds.dataset(items_dir).head(5_000)
+    catalog = ds.dataset(items_dir).to_table()
+    items = catalog.slice(0, 5_000)
     ids = items["item_id"].to_numpy()
-    rng = np.random.default_rng(0)
-    src = rng.choice(ids, pairs // 4)
-    p = pa.table({"src_item": pa.array(np.repeat(src, 4)), "dst_item": pa.array(rng.choice(ids, len(src) * 4))})
     lm = LocalLM(LocalModelConfig(dtype=dtype))
     lm_dtype = lm.dtype_choice.name
+    prompt = judge_prompt("pmi-generic-v1")
+
+    def conditional_seconds(p: pa.Table, model: LocalLM) -> float:
+        scorer = PairScorer(model, prompt)
+        texts = render_items(catalog, set(p["dst_item"].to_pylist()), prompt.item_format)
+        scorer.preload_neutral({scorer.continuation(t): 0.0 for t in texts.values()})
+        t0 = time.perf_counter()
+        pair_components(p, catalog, scorer)
+        return time.perf_counter() - t0
+
+    days = day_llm_pairs(snapshots)
+    conditional_seconds(sample_by_source(days[0], 16, seed=1), lm)     # warm-up: first calls pay one-off costs
+    judge_s, judge_sample = [], []
+    for d, day_pairs in enumerate(days):
+        p = sample_by_source(day_pairs, pairs, seed=d)
+        judge_s.append(conditional_seconds(p, lm) / p.num_rows)
+        judge_sample.append({"pairs": p.num_rows, "sources": len(set(p["src_item"].to_pylist())),
+                             "day_pairs": day_pairs.num_rows,
+                             "day_sources": len(set(day_pairs["src_item"].to_pylist()))})
+    scorer = PairScorer(lm, prompt)
+    texts = render_items(catalog, set(ids[:neutral_items].tolist()), prompt.item_format)
+    conts = [scorer.continuation(t) for t in texts.values()]
     t0 = time.perf_counter()
-    pair_components(p, items, PairScorer(lm, judge_prompt("pmi-generic-v1")))
-    judge_s = (time.perf_counter() - t0) / p.num_rows
+    lm.continuation_logprobs([prompt.neutral] * len(conts), conts, prefix=prompt.prefix)
+    neutral_s = (time.perf_counter() - t0) / len(conts)
     t0 = time.perf_counter()
     generate_qa(items, lm, QAConfig(k=1, batch_size=32), item_ids=ids[:questions].tolist())
     qa_s = (time.perf_counter() - t0) / questions
@@ -183,15 +255,17 @@ def phase_smollm2_rates(items_dir: str, pairs: int = 192, questions: int = 48, e
     from qarm_core.embed.config import TrainConfig
     from qarm_core.embed.train import train_embedding_model
 
-    judged = pa.table({"src_item": p["src_item"], "dst_item": p["dst_item"], "keep": pa.array([True] * p.num_rows)})
+    rng = np.random.default_rng(0)          # pairs of the catalog's first items (the step's cost, not its data)
+    judged = pa.table({"src_item": pa.array(rng.choice(ids, 192)), "dst_item": pa.array(rng.choice(ids, 192)),
+                       "keep": pa.array([True] * 192)})
     seen: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         train_embedding_model(items, judged, None, d, EmbedModelConfig(),
                               TrainConfig(batch_size=8, max_steps=train_steps, checkpoint_every=10**6, dtype=dtype),
                               progress=seen.append)
     train_s = (seen[-1]["seconds"] - seen[0]["seconds"]) / (len(seen) - 1)
-    return {"judge": judge_s, "qa": qa_s, "embed": embed_s, "train": train_s, "dtype": lm_dtype,
-            "cpu": cpu_info().summary()}
+    return {"judge": judge_s, "judge_sample": judge_sample, "neutral": neutral_s, "qa": qa_s, "embed": embed_s,
+            "train": train_s, "dtype": lm_dtype, "cpu": cpu_info().summary()}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -230,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
                                          config=str(write_config(out, day, tiny)))
             print(f"# day {day}: {res[f'day{day}']['wall_seconds']:.0f} s wall; {loadavg()}", flush=True)
         res["smollm2"] = run_phase("benchmarks.bench_daily:phase_smollm2_rates",
-                                   items_dir=str(out / "day0" / "items"), dtype=args.llm_dtype)
+                                   items_dir=str(out / "day1" / "items"),
+                                   snapshots=[res["day0"]["snapshot_path"], res["day1"]["snapshot_path"]],
+                                   dtype=args.llm_dtype)
     finally:
         if not args.keep and args.out is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -248,22 +324,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(["stage", "day 0", "day 1", "day 1 / day 0"], rows))
 
     rates = res["smollm2"]
-    step_s = rates["train"]
+    # (label, day-0 units, day-1 units, day-0 s/unit, day-1 s/unit); the judge's pairs at each day's rate
+    work = [("judge: pairs scored (context + continuation)", d0["units"].get("judge", 0.0),
+             d1["units"].get("judge", 0.0), rates["judge"][0], rates["judge"][1]),
+            ("judge: neutral passes (new items B)", d0["units"].get("judge.neutral", 0.0),
+             d1["units"].get("judge.neutral", 0.0), rates["neutral"], rates["neutral"])]
+    work += [(f"{stage}: {label}", d0["units"].get(stage, 0.0), d1["units"].get(stage, 0.0), rates[stage], rates[stage])
+             for stage, (_, label) in UNITS.items() if stage != "judge"]
     urows, proj = [], {0: 0.0, 1: 0.0}
-    for stage, (metric, label) in UNITS.items():
-        u0, u1 = d0["units"].get(stage, 0.0), d1["units"].get(stage, 0.0)
-        per = step_s if stage == "train" else rates.get(stage)
-        p0 = u0 * per if per is not None else None
-        p1 = u1 * per if per is not None else None
-        if p0 is not None:
-            proj[0] += p0
-            proj[1] += p1
-        urows.append([f"{stage}: {label}", f"{u0:,.0f}", f"{u1:,.0f}", f"{u1 / u0:.3f}" if u0 else "-",
-                      f"{per:.3f}" if per is not None else "not measured",
-                      f"{p0 / 3600:.2f}" if p0 is not None else "-", f"{p1 / 3600:.2f}" if p1 is not None else "-"])
+    for label, u0, u1, r0, r1 in work:
+        proj[0] += u0 * r0
+        proj[1] += u1 * r1
+        per = f"{r0:.3f}" if r0 == r1 else f"{r0:.3f} / {r1:.3f}"
+        urows.append([label, f"{u0:,.0f}", f"{u1:,.0f}", f"{u1 / u0:.3f}" if u0 else "-", per,
+                      f"{u0 * r0 / 3600:.2f}", f"{u1 * r1 / 3600:.2f}"])
     print(f"\nLLM work per day and its time projected with SmolLM2-135M ({rates['dtype']}) at the rates "
-          f"measured here:\n")
+          f"measured here (the judge's per day, on a sample of that day's own LLM pairs):\n")
     print(table(["work", "day 0", "day 1", "ratio", "SmolLM2 s/unit", "day 0 h", "day 1 h"], urows))
+    print("judge rate samples (whole source items): " + "; ".join(
+        f"day {d}: {x['pairs']} pairs of {x['sources']} source items (the day's LLM pairs: {x['day_pairs']:,} of "
+        f"{x['day_sources']:,}, {x['day_pairs'] / max(x['day_sources'], 1):.2f} per source item)"
+        for d, x in enumerate(rates["judge_sample"])))
     print(f"\njudge pairs cached on day 1: {d1['units'].get('judge.pairs.cached', 0):,.0f} of "
           f"{d1['units'].get('judge.pairs', 0):,.0f} ({d1['units'].get('judge.pairs.cached.other_source', 0):,.0f} "
           f"of them judged on day 0 under the other source only); embeddings carried over: "

@@ -196,6 +196,7 @@ class PairScorer:
         self.embedder = embedder if (embed_weight > 0 or tag_weight > 0) else None
         self.embed_weight, self.tag_weight = embed_weight, tag_weight
         self._neutral: dict[str, float] = {}
+        self.neutral_passes = 0     # neutral passes the LLM ran (one per distinct text B not known)
         self._emb: dict[str, np.ndarray] = {}
         self._pmi: dict[tuple[str, str], float] = {}
 
@@ -246,6 +247,7 @@ class PairScorer:
                     lps = self.backend.continuation_logprobs(neutral, new, prefix=pre, progress=prog)
                 for c, lp in zip(new, lps):
                     self._neutral[c] = float(np.sum(lp))
+                self.neutral_passes += len(new)
             for (a, b), c, lp in zip(todo, conts, cond):
                 self._pmi[(a, b)] = float(np.sum(lp)) - self._neutral[c]
         return np.array([self._pmi[(a, b)] for a, b in zip(src_texts, dst_texts)], dtype=np.float64)

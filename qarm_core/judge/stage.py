@@ -166,9 +166,9 @@ class JudgeTables:
 
 def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer",
                   previous: pa.Table | None) -> tuple[dict[int, str], dict[int, str], int]:
-    """({item: text}, {item: text hash}, how many were preloaded) for the items that may be scored
-    as B this run; neutral values of ``previous`` for the same LLM, prompt and text are handed to
-    ``scorer`` so their neutral pass is not run again."""
+    """({item: text}, {item: text hash}, how many of these items had their neutral value in
+    ``previous``) for the items that may be scored as B this run; neutral values of ``previous`` for
+    the same LLM, prompt and text are handed to ``scorer`` so their neutral pass is not run again."""
     from qarm_core.hashing import text_hash
     from qarm_core.lm.text import render_items
 
@@ -182,9 +182,9 @@ def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer"
         prev = previous.filter(pc.and_(pc.equal(previous["model_id"], scorer.backend.model_id),
                                        pc.equal(previous["prompt_version"], scorer.prompt.version)))
         known = dict(zip(prev["text_hash"].to_pylist(), prev["neutral"].to_pylist()))
-        hit = {scorer.continuation(texts[i]): known[h] for i, h in hashes.items() if h in known}
-        scorer.preload_neutral(hit)
-        loaded = len(hit)
+        hit = {i: known[h] for i, h in hashes.items() if h in known}
+        scorer.preload_neutral({scorer.continuation(texts[i]): v for i, v in hit.items()})
+        loaded = len(hit)     # items, not texts: items that share a text share one neutral pass
     return texts, hashes, loaded
 
 
@@ -216,7 +216,9 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     None: here).
     Report: ``pairs``, ``pairs.scored`` (new this run), ``pairs.cached`` (of which
     ``pairs.cached.other_source``: judged before under the other source only), ``llm.pairs`` (pairs the
-    LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` / ``neutral.computed``,
+    LLM ran this run: judged + evaluation, distinct), ``neutral.cached`` (items B whose neutral
+    value came from ``previous``) / ``neutral.computed`` (neutral passes the LLM ran: one per
+    distinct item text not known),
     ``score_s``, ``pairs_per_s`` (llm.pairs per second of that pass), per source
     ``<source>.pairs/.kept/.keep_rate/.rejection_rate`` and the calibration's
     ``<source>.valid.labelled/.related/.auc``, ``<source>.threshold``, ``reasoning.rows``, ``reasoning_s``, the evaluation's
@@ -241,6 +243,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     # where the LLM, the prompt and the item's text are unchanged.
     b_items = set(pairs["dst_item"].to_pylist()) | (set(eval_pairs["dst_item"].to_pylist()) if plan else set())
     texts, hashes, neutral_cached = _neutral_plan(items, b_items, scorer, previous.judge_neutral)
+    passes_before = scorer.neutral_passes
     # One LLM pass over the new judged pairs and the evaluation pairs not in the cache.
     t0 = time.perf_counter()
     union = todo.select(["src_item", "dst_item"])
@@ -266,7 +269,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(todo.num_rows),
                     "pairs.cached": float(out.num_rows - todo.num_rows),
                     "pairs.cached.other_source": float(other_source), "llm.pairs": float(union.num_rows),
-                    "neutral.cached": float(neutral_cached), "neutral.computed": float(neutral.num_rows - neutral_cached),
+                    "neutral.cached": float(neutral_cached), "neutral.computed": float(scorer.neutral_passes - passes_before),
                     "score_s": score_s, "reasoning_s": reasoning_s,
                     "reasoning.rows": float(out.num_rows - out["reasoning"].null_count)}
     if union.num_rows:

@@ -146,6 +146,10 @@ def test_config_errors_exit_2(tmp_path):
     assert ok.exit_code == 0 and '"source": "synth"' in ok.output
     missing = runner.invoke(app, ["ingest"])
     assert missing.exit_code != 0
+    # every command reads its config under the same guard: one error line, exit 2, no traceback
+    for cmd in (["runs", "compare"], ["rank", "compare"], ["status"]):
+        bad = runner.invoke(app, [*cmd, "--config", TINY, "--set", "gates.items.min_rowz=3"])
+        assert bad.exit_code == 2 and "gates.items.min_rowz: unknown key" in bad.output, (cmd, bad.output)
 
 
 def test_a_tracking_password_from_the_environment_never_reaches_the_terminal(tmp_path):

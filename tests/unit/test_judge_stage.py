@@ -96,6 +96,24 @@ def test_judge_stage_report_and_cache(backend, data):
     assert tables3.judge_eval.num_rows == 0 and tables3.judge_neutral.schema == JUDGE_NEUTRAL.schema
 
 
+def test_neutral_counts_passes_once_per_text_and_cached_items(backend, data):
+    """Items B that share one text share one neutral pass: ``neutral.computed`` counts the LLM's
+    passes (distinct texts), ``neutral.cached`` the items whose value the last run had."""
+    items, _, _ = data
+    rows = items.to_pylist()                         # items 1 and 2 become copies of item 0 but for their ids
+    rows[1:3] = [{**rows[0], "item_id": i} for i in (1, 2)]
+    twins = pa.Table.from_pylist(rows, schema=items.schema)
+    pairs = pa.table({"src_item": pa.array([5, 6, 7, 8], pa.int64()), "dst_item": pa.array([0, 1, 2, 9], pa.int64()),
+                      "source": ["swing"] * 4})
+    scorer = PairScorer(backend, judge_prompt(CFG.prompt_version))
+    tables, rep = judge_stage(pairs, twins, None, CFG, scorer=scorer)
+    assert rep["neutral.computed"] == 2 == scorer.neutral_passes and rep["neutral.cached"] == 0
+    assert tables.judge_neutral.num_rows == 4                        # one row per item B
+    fresh = PairScorer(backend, judge_prompt(CFG.prompt_version))
+    _, rep2 = judge_stage(pairs, twins, None, CFG, previous=tables, scorer=fresh)
+    assert rep2["neutral.computed"] == 0 == fresh.neutral_passes and rep2["neutral.cached"] == 4
+
+
 def test_evaluation_cache_follows_item_text(backend, data):
     """An evaluation pair whose item text changed is scored again; the others are not."""
     items, inter, _ = data
