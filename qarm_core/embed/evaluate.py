@@ -35,11 +35,14 @@ class RetrievalMetrics:
 
 
 def ranks_of_positives(item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, positives: np.ndarray,
-                       block: int = 1024) -> np.ndarray:
+                       block: int | None = None) -> np.ndarray:
     """Rank (float, 1 = best) of each positive among all catalog items for its query.
 
     item_ids (n,), vectors (n, d); queries, positives (q,) item ids present in ``item_ids``.
-    Scores are computed in blocks of ``block`` queries: memory (block, n) float32.
+    Scores are computed in blocks of ``block`` queries: memory (block, n) float32. None: up to 1024
+    queries and 2**28 scores (1 GiB) a block; at 1M items 256 queries a block ran 3.2x faster than
+    1024 (3.1 vs 10.0 s per 1,024 queries, 2-core Xeon): the (1024, 1M) block's 4 GiB of scores
+    were read from memory three times.
     """
     order = np.argsort(item_ids)
     sid = item_ids[order]
@@ -54,6 +57,7 @@ def ranks_of_positives(item_ids: np.ndarray, vectors: np.ndarray, queries: np.nd
 
     qi, pi = pos_of(queries, "query"), pos_of(positives, "positive")
     v = np.ascontiguousarray(vectors, dtype=np.float32)
+    block = block or max(16, min(1024, (1 << 28) // max(len(v), 1)))
     ranks = np.empty(len(qi), np.float64)
     for s in range(0, len(qi), block):
         q, p = qi[s:s + block], pi[s:s + block]
@@ -61,8 +65,8 @@ def ranks_of_positives(item_ids: np.ndarray, vectors: np.ndarray, queries: np.nd
         rows = np.arange(len(q))
         scores[rows, q] = -np.inf                                         # the query item itself
         target = scores[rows, p][:, None]
-        higher = (scores > target).sum(1)
-        equal = (scores == target).sum(1) - 1                             # minus the positive itself
+        higher = np.count_nonzero(scores > target, axis=1)                # (faster than a bool sum)
+        equal = np.count_nonzero(scores == target, axis=1) - 1            # minus the positive itself
         ranks[s:s + block] = 1 + higher + 0.5 * equal
     return ranks
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import pyarrow as pa
 
 from qarm_core.devices import thread_note
@@ -46,11 +47,19 @@ def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: 
 EVAL_KS = (10, 50)
 
 
+# The seed of the validation pairs' sample (``EmbedStageConfig.eval_max_pairs``).
+EVAL_SAMPLE_SEED = 20261205
+
+
 def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_events: pa.Table | None,
-                     min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table | None, str]:
+                     min_rating: float | None = POSITIVE_MIN_RATING, max_pairs: int | None = None
+                     ) -> tuple[pa.Table | None, str]:
     """The pairs every embedding is scored on: the validation period's co-occurring positives
-    (``cooccurrence_pairs``) among items of the training period that are in ``items``. Returns
-    ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on."""
+    (``cooccurrence_pairs``) among items of the training period that are in ``items``; with
+    ``max_pairs``, at most that many of them, chosen by a seeded hash of each pair (the same pairs
+    whatever their order, so the baselines' stage and the embed stage score on one sample). Returns
+    ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on; ``pairs`` carries
+    ``{"pairs_total": ...}`` in its schema metadata when it is a sample."""
     from qarm_core.embed.evaluate import cooccurrence_pairs
 
     if train_events is None or valid_events is None:
@@ -60,7 +69,20 @@ def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_event
     pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
     if pairs.num_rows == 0:
         return None, "skipped: no co-occurring positives in the validation period among training items"
+    if max_pairs is not None and pairs.num_rows > max_pairs:
+        from qarm_core.hashing import keyed_uniform
+
+        u = keyed_uniform(EVAL_SAMPLE_SEED, pairs["src_item"].to_numpy(), pairs["dst_item"].to_numpy())
+        total = pairs.num_rows
+        pairs = pairs.take(pa.array(np.sort(np.argsort(u, kind="stable")[:max_pairs])))
+        pairs = pairs.replace_schema_metadata({"pairs_total": str(total)})
     return pairs, ""
+
+
+def eval_pair_counts(pairs: pa.Table) -> dict[str, float]:
+    """``eval.pairs`` (scored on) and ``eval.pairs_total`` (before ``validation_pairs``' sample)."""
+    total = (pairs.schema.metadata or {}).get(b"pairs_total")
+    return {"eval.pairs": float(pairs.num_rows), "eval.pairs_total": float(total) if total else float(pairs.num_rows)}
 
 
 def score_embeddings(paths: dict[str, str], pairs: pa.Table, eval_k: int) -> dict[str, float]:
@@ -101,14 +123,14 @@ def baselines_stage(items: pa.Table, cfg: "EmbedStageConfig", run_dir: str | Pat
     ``baseline_scores`` table (model, metric, value: one row per ``valid.<model>.<metric>``; empty
     when there is nothing to score on) and a report with the same figures and ``notes``.
     ``embed_stage(..., baselines=table)`` takes the table instead of embedding the baselines itself."""
-    pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
+    pairs, why = validation_pairs(items, train_events, valid_events, min_rating, cfg.eval_max_pairs)
     report: dict = {"notes": {}}
     if pairs is None:
         report["notes"]["eval"] = why
         scores: dict[str, float] = {}
     else:
         scores = score_embeddings(embed_baselines(items, cfg, run_dir, shards), pairs, cfg.eval_k)
-        report |= scores | {"eval.pairs": float(pairs.num_rows)}
+        report |= scores | eval_pair_counts(pairs)
     report["notes"]["baselines"] = ",".join(cfg.baselines) or "none"
     rows = [key.split(".", 2)[1:] + [value] for key, value in sorted(scores.items())]
     table = pa.table({"model": pa.array([r[0] for r in rows], pa.string()),
@@ -196,7 +218,7 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
         pairs, why = None, ("not scored: the model is the published one, scored when it was trained "
                             "(embed.eval_reused_model: true scores it on every run; qarm evaluate scores it)")
     else:
-        pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
+        pairs, why = validation_pairs(items, train_events, valid_events, min_rating, cfg.eval_max_pairs)
     if baselines is None and model_is_published and cfg.baselines:
         notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
     if pairs is None:
@@ -205,7 +227,7 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
         report |= score_embeddings(paths, pairs, cfg.eval_k)
         if baselines is not None:
             report |= read_baseline_scores(baselines)
-        report["eval.pairs"] = float(pairs.num_rows)
+        report |= eval_pair_counts(pairs)
     recall = {key.split(".")[1]: v for key, v in report.items()
               if key.startswith("valid.") and key.endswith(f".recall_at_{cfg.eval_k}")}
     choice, passed, reason = choose_model(recall, model_is_published=model_is_published,

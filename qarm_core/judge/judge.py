@@ -28,7 +28,7 @@ from qarm_core.arrays import sorted_unique
 from qarm_core.errors import DataError
 from qarm_core.judge.config import JudgeConfig, KeepRule, KeepRules
 from qarm_core.judge.prompts import JudgePrompt, judge_prompt
-from qarm_core.lm.text import quote, render_items
+from qarm_core.lm.text import quote, render_items, render_texts_and_tags
 from qarm_core.schemas import JUDGMENTS
 
 if TYPE_CHECKING:
@@ -80,12 +80,19 @@ def validate_pairs(pairs: pa.Table, dataset: str = "pairs") -> pa.Table:
 def pair_text_hashes(pairs: pa.Table, items: pa.Table, item_format: str) -> list[str]:
     """Per row of (src_item, dst_item): a hash of exactly what the scorer reads (both items'
     rendered texts and tag lines), so a cached score is reused only for unchanged text."""
-    from qarm_core.hashing import stable_hash
+    import hashlib
+    import json
 
     src, dst = pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist()
-    texts = render_items(items, set(src) | set(dst), item_format)
-    tags = render_items(items, set(src) | set(dst), item_format, tags_only=True)
-    return [stable_hash([texts[a], texts[b], tags[a], tags[b]]) for a, b in zip(src, dst)]
+    texts, tags = render_texts_and_tags(items, set(src) | set(dst), item_format)
+    # qarm_core.hashing.stable_hash([text a, text b, tags a, tags b]) with each item's strings
+    # JSON-encoded once, not once per pair (tests/unit/test_judge.py checks the two agree): the
+    # hash is the key of every published judgment, so it must not change.
+    text_js = {i: json.dumps(t) for i, t in texts.items()}
+    tag_js = {i: json.dumps(t) for i, t in tags.items()}
+    blake = hashlib.blake2b
+    return [blake(f"[{text_js[a]},{text_js[b]},{tag_js[a]},{tag_js[b]}]".encode(), digest_size=10).hexdigest()
+            for a, b in zip(src, dst)]
 
 
 def keyed_pairs(pairs: pa.Table, items: pa.Table, item_format: str, dataset: str = "pairs") -> pa.Table:
@@ -315,10 +322,7 @@ def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer, what: 
     """``scorer.components`` of the n rows (src_item, dst_item) of ``pairs``, texts from ``items``."""
     src = pairs["src_item"].to_pylist()
     dst = pairs["dst_item"].to_pylist()
-    ids = set(src) | set(dst)
-    fmt = scorer.prompt.item_format
-    texts = render_items(items, ids, fmt)
-    tags = render_items(items, ids, fmt, tags_only=True)
+    texts, tags = render_texts_and_tags(items, set(src) | set(dst), scorer.prompt.item_format)
     return scorer.components([texts[i] for i in src], [texts[i] for i in dst],
                              [tags[i] for i in src], [tags[i] for i in dst], what)
 

@@ -99,25 +99,58 @@ def render_tags(row: Mapping[str, Any], fmt: ItemTextFormat | None = None) -> st
     return ", ".join(t for t in tags if t)
 
 
-def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat | None = None,
-                 dataset: str = "items", tags_only: bool = False, stage: str = "judge") -> dict[int, str]:
-    """``{item_id: text}`` (or ``{item_id: tags line}`` with ``tags_only``) for the wanted ids;
-    a wanted id absent from ``items`` is a DataError of ``stage``."""
+def _wanted_rows(items: pa.Table, item_ids: Iterable[int], dataset: str, stage: str) -> tuple[set[int], list[dict]]:
+    """The wanted ids and the rows of ``items`` that hold them, as dicts (only those rows become
+    Python objects: a day's few new items in a 1M-item catalog cost a vectorised filter, not 1M dicts)."""
+    import pyarrow.compute as pc
+
     if "item_id" not in items.column_names or "title" not in items.column_names:
         raise DataError(stage, dataset, "items table needs columns item_id and title, has "
                                         f"{items.column_names}")
     wanted = set(int(i) for i in item_ids)
     cols = [c for c in ("item_id", "title", "year", "tags", "description") if c in items.column_names]
-    out: dict[int, str] = {}
-    for row in items.select(cols).to_pylist():
+    table = items.select(cols)
+    if len(wanted) < table.num_rows:
+        try:
+            ids = pc.cast(table["item_id"], pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ids = None                          # not integer ids: no row matches, reported below
+        if ids is not None:
+            table = table.filter(pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.int64())))
+    return wanted, table.to_pylist()
+
+
+def render_items(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat | None = None,
+                 dataset: str = "items", tags_only: bool = False, stage: str = "judge") -> dict[int, str]:
+    """``{item_id: text}`` (or ``{item_id: tags line}`` with ``tags_only``) for the wanted ids;
+    a wanted id absent from ``items`` is a DataError of ``stage``."""
+    texts, tags = render_texts_and_tags(items, item_ids, fmt, dataset, stage, tags=tags_only, texts=not tags_only)
+    return tags if tags_only else texts
+
+
+def render_texts_and_tags(items: pa.Table, item_ids: Iterable[int], fmt: ItemTextFormat | None = None,
+                          dataset: str = "items", stage: str = "judge", texts: bool = True,
+                          tags: bool = True) -> tuple[dict[int, str], dict[int, str]]:
+    """``({item_id: text}, {item_id: tags line})`` for the wanted ids in one pass over ``items``
+    (either dict left empty when not asked for); a wanted id absent from ``items`` is a DataError of
+    ``stage``. The first row of an id that appears twice wins."""
+    wanted, rows = _wanted_rows(items, item_ids, dataset, stage)
+    text_of: dict[int, str] = {}
+    tags_of: dict[int, str] = {}
+    seen: set[int] = set()
+    for row in rows:
         iid = row["item_id"]
-        if iid in wanted and iid not in out:
-            out[iid] = render_tags(row, fmt) if tags_only else render_item(row, fmt)
-    missing = wanted - out.keys()
+        if iid in wanted and iid not in seen:
+            seen.add(iid)
+            if texts:
+                text_of[iid] = render_item(row, fmt)
+            if tags:
+                tags_of[iid] = render_tags(row, fmt)
+    missing = wanted - seen
     if missing:
         raise DataError(stage, dataset, f"{len(missing)} item(s) referenced by pairs are not in the "
                                         f"items table, e.g. {sorted(missing)[:5]}")
-    return out
+    return text_of, tags_of
 
 
 def quote(text: str) -> str:

@@ -372,6 +372,43 @@ def test_cooccurrence_pairs_are_consecutive_positives_among_training_items():
     assert r == {"recall_at_1": 0.75, "recall_at_2": 1.0, "mrr": pytest.approx((1 + 1 + 0.5 + 1) / 4), "queries": 4.0}
 
 
+def test_ranks_are_the_same_in_any_block_size():
+    from qarm_core.embed.evaluate import ranks_of_positives
+
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(500) + 1000
+    # small integers: every score is exact in any summation order, and ties happen
+    v = rng.integers(-3, 4, (500, 8)).astype(np.float32)
+    q, p = rng.choice(ids, 77), rng.choice(ids, 77)
+    want = ranks_of_positives(ids, v, q, p, block=1)
+    assert np.array_equal(ranks_of_positives(ids, v, q, p), want)
+    assert np.array_equal(ranks_of_positives(ids, v, q, p, block=10), want)
+
+
+def test_validation_pairs_sample_is_fixed_by_the_pairs_not_their_order():
+    """``embed.eval_max_pairs``: every model of a run (the baselines' stage runs apart) is scored on
+    the same sample, whatever order the events come in; without a cap, all pairs."""
+    from qarm_core.embed.stage import eval_pair_counts, validation_pairs
+
+    rng = np.random.default_rng(0)
+    n_items, n = 300, 4000
+    items = pa.table({"item_id": pa.array(np.arange(n_items), pa.int64()), "title": [f"t{i}" for i in range(n_items)]})
+    train = pa.table({"item_id": pa.array(np.arange(n_items), pa.int64())})
+    valid = pa.table({"user_id": pa.array(rng.integers(0, 40, n), pa.int64()),
+                      "item_id": pa.array(rng.integers(0, n_items, n), pa.int64()),
+                      "ts": pa.array(np.arange(n), pa.int64()), "rating": pa.array(np.full(n, 5.0))})
+    full, why = validation_pairs(items, train, valid, 4.0)
+    assert why == "" and full.num_rows > 500 and eval_pair_counts(full) == {
+        "eval.pairs": full.num_rows, "eval.pairs_total": full.num_rows}
+    assert validation_pairs(items, train, valid, 4.0, max_pairs=full.num_rows)[0].equals(full)
+    some, _ = validation_pairs(items, train, valid, 4.0, max_pairs=500)
+    shuffled, _ = validation_pairs(items, train, valid.take(pa.array(rng.permutation(n))), 4.0, max_pairs=500)
+    assert some.num_rows == 500 and some.to_pylist() == shuffled.to_pylist()
+    whole = set(map(tuple, full.to_pandas().to_numpy().tolist()))
+    assert set(map(tuple, some.to_pandas().to_numpy().tolist())) <= whole
+    assert eval_pair_counts(some) == {"eval.pairs": 500.0, "eval.pairs_total": float(full.num_rows)}
+
+
 def test_the_embed_gate_keeps_the_published_model_unless_the_new_one_is_better():
     from qarm_core.embed.stage import choose_model
 

@@ -16,7 +16,7 @@ from qarm_core.judge.judge import (
     validate_pairs,
 )
 from qarm_core.judge.prompts import judge_prompt
-from qarm_core.lm.text import quote, render_item, render_items, sanitize, uninvert
+from qarm_core.lm.text import quote, render_item, render_items, render_texts_and_tags, sanitize, uninvert
 from qarm_core.schemas import JUDGMENTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +83,37 @@ def test_injected_title_stays_inside_its_quotes():
 def test_render_items_missing_id_is_data_error():
     with pytest.raises(DataError, match="stage=judge"):
         render_items(_items(), [1, 99])
+    with pytest.raises(DataError, match="1 item"):            # a subset of the catalog: filtered first
+        render_texts_and_tags(_items(), [2, 99])
+    # ids of another integer type, and string ids (no row matches)
+    as_int32 = _items().set_column(0, "item_id", pa.array([1, 2, 3, 4, 5, 6], pa.int32()))
+    assert render_items(as_int32, [4]) == render_items(_items(), [4])
+    with pytest.raises(DataError, match="not in the items table"):
+        render_items(_items().set_column(0, "item_id", pa.array(list("123456"))), [4])
+
+
+def test_render_texts_and_tags_is_render_items_in_one_pass():
+    items = _items()
+    texts, tags = render_texts_and_tags(items, [5, 1, 6])
+    assert texts == render_items(items, [1, 5, 6]) and tags == render_items(items, [1, 5, 6], tags_only=True)
+    assert render_texts_and_tags(items, [3], tags=False) == (render_items(items, [3]), {})
+    twice = pa.concat_tables([items, items.slice(0, 1).set_column(1, "title", pa.array(["Other"]))])
+    assert render_items(twice, [1]) == render_items(items, [1])          # the first row of an id wins
+
+
+def test_pair_text_hashes_are_stable_hash_of_both_items_texts_and_tags():
+    """The pair hash keys every published judgment: computing it faster must not change it."""
+    from qarm_core.hashing import stable_hash
+    from qarm_core.judge.judge import pair_text_hashes
+
+    items = pa.concat_tables([_items(), pa.table({
+        "item_id": pa.array([7, 8], pa.int64()), "title": ['Amélie "Le fabuleux" \\ destin', "東京物語\ttab"],
+        "year": pa.array([2001, 1953], pa.int32()), "tags": [["Comédie"], []]})])
+    pairs = _pairs([(7, 8, "swing"), (8, 7, "u2i"), (1, 6, "swing"), (7, 1, "swing")])
+    texts, tags = render_texts_and_tags(items, range(1, 9))
+    want = [stable_hash([texts[a], texts[b], tags[a], tags[b]])
+            for a, b in zip(pairs["src_item"].to_pylist(), pairs["dst_item"].to_pylist())]
+    assert pair_text_hashes(pairs, items, None) == want and len(set(want)) == 4
 
 
 # ---------------------------------------------------------------- pairs, cache, keep
