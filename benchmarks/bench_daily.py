@@ -151,21 +151,20 @@ def phase_refresh(config: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- SmolLM2 rates
 def day_llm_pairs(snapshots: list[str]) -> list[pa.Table]:
-    """Each day's pairs that the judge ran through the LLM, ``(n, src_item, dst_item)``: day 0's
-    whole judgments (a fresh home), then each later day's judgments whose (src, dst, item text
-    hash) the day before had not judged (the rest came from its cache). ``snapshots``: the
-    published snapshot folders, one per day, in order."""
-    import pyarrow as pa
+    """Each day's distinct pairs ``(n, src_item, dst_item)`` that the judge ran through the LLM:
+    day 0's whole judgments (a fresh home), then each later day's judgments whose (src, dst, item
+    text hash) the day before had not judged (the rest came from its cache). A pair mined by both
+    sources is judged under each but scored once, so it counts once. ``snapshots``: the published
+    snapshot folders, one per day, in order."""
     import pyarrow.dataset as ds
 
     cols = ["src_item", "dst_item", "text_hash"]
     days = [ds.dataset(Path(s) / "judgments").to_table(columns=cols) for s in snapshots]
-    out = [days[0].select(cols[:2])]
-    for before, today in zip(days, days[1:]):
-        seen = set(zip(*(before[c].to_pylist() for c in cols)))
-        new = [i for i, k in enumerate(zip(*(today[c].to_pylist() for c in cols))) if k not in seen]
-        out.append(today.take(pa.array(new, pa.int64())).select(cols[:2]))
-    return out
+    new = [days[0]] + [today.join(before.group_by(cols, use_threads=False).aggregate([]), keys=cols,
+                                  join_type="left anti", use_threads=False)
+                       for before, today in zip(days, days[1:])]
+    return [t.group_by(cols[:2], use_threads=False).aggregate([]).sort_by([(c, "ascending") for c in cols[:2]])
+            for t in new]
 
 
 def sample_by_source(pairs: pa.Table, target: int, seed: int = 0) -> pa.Table:
@@ -233,7 +232,8 @@ def phase_smollm2_rates(items_dir: str, snapshots: list[str], pairs: int = 240, 
     judge_s, judge_sample = [], []
     for d, day_pairs in enumerate(days):
         p = sample_by_source(day_pairs, pairs, seed=d)
-        judge_s.append(conditional_seconds(p, lm) / p.num_rows)
+        # a day without new pairs has no rate to measure (and no pairs to project)
+        judge_s.append(conditional_seconds(p, lm) / p.num_rows if p.num_rows else 0.0)
         judge_sample.append({"pairs": p.num_rows, "sources": len(set(p["src_item"].to_pylist())),
                              "day_pairs": day_pairs.num_rows,
                              "day_sources": len(set(day_pairs["src_item"].to_pylist()))})

@@ -111,6 +111,20 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
     return records
 
 
+# What the baselines' scores depend on in cfg.embed (not training: they run beside it and are
+# reused by runs that train differently): their models, how the catalog is embedded, and which
+# validation pairs the recall is measured on.
+BASELINES_EMBED_FIELDS = frozenset({"model", "infer", "baselines", "eval_k", "eval_max_pairs"})
+
+
+def baselines_key_inputs(cfg: PipelineConfig, items: DatasetRecord, train_events: DatasetRecord,
+                         valid_events: DatasetRecord) -> dict:
+    """The cache key inputs of the baselines stage."""
+    return {"items": items.fingerprint, "train_events": train_events.fingerprint,
+            "valid_events": valid_events.fingerprint, "positive_rule": cfg.events.model_dump(mode="json"),
+            "embed": cfg.embed.model_dump(mode="json", include=set(BASELINES_EMBED_FIELDS))}
+
+
 @task(name="embed-baselines", **TASK_DEFAULTS)
 def baselines(cfg: PipelineConfig, parent_run_id: str, items: DatasetRecord, train_events: DatasetRecord,
               valid_events: DatasetRecord, parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
@@ -124,9 +138,7 @@ def baselines(cfg: PipelineConfig, parent_run_id: str, items: DatasetRecord, tra
         get_run_logger().info("baselines: not needed (%s)", "the published model is reused"
                               if cfg.embed.baselines else "embed.baselines is empty")
         return {}
-    key_inputs = {"items": items.fingerprint, "train_events": train_events.fingerprint,
-                  "valid_events": valid_events.fingerprint, "positive_rule": cfg.events.model_dump(mode="json"),
-                  "embed": cfg.embed.model_dump(mode="json", include={"model", "infer", "baselines", "eval_k"})}
+    key_inputs = baselines_key_inputs(cfg, items, train_events, valid_events)
     run_dir = storage.run_dir("baselines", stable_hash(key_inputs))
 
     def produce():

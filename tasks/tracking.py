@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from qarm_core.config import PipelineConfig, dump_config, redact_uri
-from qarm_core.errors import STOPPED_BY, stop_signal_name
+from qarm_core.errors import STOPPED_BY, raise_if_stopped, recorded_stops, stop_signal_name
 from qarm_core.gates import GateResult
 
 _MAX_PARAM_CHARS = 6000
@@ -32,6 +33,10 @@ _MAX_PARAM_CHARS = 6000
 
 def _client(cfg: PipelineConfig) -> "MlflowCalls":
     return MlflowCalls(cfg.tracking.tracking_uri)
+
+
+# How often a caller waiting for an MLflow call looks for a stop that came while it waited (s).
+STOP_POLL_S = 0.2
 
 
 class MlflowCalls:
@@ -55,9 +60,20 @@ class MlflowCalls:
         uri = self._uri
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            stops_before = len(recorded_stops())
             done = _mlflow_thread().submit(lambda: getattr(_thread_client(uri), name)(*args, **kwargs))
             try:
-                return done.result()
+                while True:
+                    try:
+                        return done.result(timeout=STOP_POLL_S)
+                    except FutureTimeout:
+                        # A qarm command's handler only records a stop that comes while its caller
+                        # waits in here (not an interruptible frame): raise it, or Ctrl-C against a
+                        # slow tracking server would wait out the request. A stop recorded before
+                        # the call (the unwinding's own writes: naming the stop, ending the run)
+                        # lets the call finish.
+                        if len(recorded_stops()) > stops_before:
+                            raise_if_stopped()
             except BaseException:
                 if not done.done():     # the caller was interrupted: the call goes on; say if it fails
                     done.add_done_callback(functools.partial(_warn_if_failed, name))

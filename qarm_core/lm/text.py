@@ -112,11 +112,11 @@ def _wanted_rows(items: pa.Table, item_ids: Iterable[int], dataset: str, stage: 
     table = items.select(cols)
     if len(wanted) < table.num_rows:
         try:
-            ids = pc.cast(table["item_id"], pa.int64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            ids = None                          # not integer ids: no row matches, reported below
-        if ids is not None:
-            table = table.filter(pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.int64())))
+            mask = pc.is_in(pc.cast(table["item_id"], pa.int64()), value_set=pa.array(sorted(wanted), pa.int64()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OverflowError):
+            mask = None                         # ids that are not int64: rows are matched one by one below
+        if mask is not None:
+            table = table.filter(mask)
     return wanted, table.to_pylist()
 
 

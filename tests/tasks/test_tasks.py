@@ -241,3 +241,22 @@ def test_a_stop_ends_the_wait_for_dask_shards_that_are_still_running():
         forget_stops()
     assert time.monotonic() - t0 < 5
     assert len(runner.submitted) == 3 and all(f.wrapped_future.cancelled() for f in runner.submitted)
+
+
+def test_the_baselines_are_scored_again_when_their_validation_pairs_change(tiny_cfg):
+    """The baselines stage's outputs are reused by key: a change of which validation pairs the gate
+    scores (embed.eval_max_pairs, eval_k) must give a new key, or the gate would compare the new
+    model's recall with baselines scored on other pairs; a training setting must not."""
+    from qarm_core.storage import DatasetRecord
+    from tasks.embed import baselines_key_inputs
+
+    recs = [DatasetRecord(name, f"/x/{name}", 1, 1, f"fp-{name}") for name in ("items", "train", "valid")]
+
+    def key(**embed):
+        cfg = tiny_cfg.model_copy(update={"embed": tiny_cfg.embed.model_copy(update=embed)})
+        return baselines_key_inputs(cfg, *recs)
+
+    assert key(eval_max_pairs=10) != key(eval_max_pairs=20) != key(eval_max_pairs=None)
+    assert key(eval_k=5) != key(eval_k=10)
+    train = tiny_cfg.embed.train.model_copy(update={"max_steps": tiny_cfg.embed.train.max_steps + 1})
+    assert key(train=train) == key()

@@ -50,6 +50,41 @@ def test_a_signal_during_a_waiting_mlflow_write_interrupts_the_caller_not_the_wr
     assert run.data.tags.get("written") == "yes" and run.info.status == "FAILED"
 
 
+def test_a_recorded_stop_during_a_waiting_mlflow_call_ends_the_wait(tiny_cfg):
+    """Under a qarm command a stop's handler only records the stop while the caller waits for an
+    MLflow call (the wait is not an interruptible frame): the wait notices it and raises it, the
+    call itself completes on its thread. A stop recorded before a call lets that call finish (the
+    unwinding's own writes). Without the check the caller waited until SQLite gave up (20 s)."""
+    from qarm_core.errors import Stopped, forget_stops, record_stop_signals
+
+    cfg = tiny_cfg
+    client = tracking._client(cfg)
+    run_id = client.create_run(tracking.experiment_id(cfg), run_name="locked").info.run_id
+    db = str(cfg.tracking.tracking_uri).removeprefix("sqlite:///")
+    other = sqlite3.connect(db, timeout=0.1, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    old = signal.signal(signal.SIGHUP, lambda signum, frame: None)     # records, raises nothing
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP))
+    try:
+        with record_stop_signals():
+            t0 = time.monotonic()
+            timer.start()
+            with pytest.raises(Stopped):
+                client.set_tag(run_id, "written", "yes")
+            stopped_after = time.monotonic() - t0
+            other.rollback()                                               # the lock is free again
+            client.set_terminated(run_id, "KILLED")                        # recorded before: finishes
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGHUP, old)
+        forget_stops()
+        other.close()
+    assert stopped_after < 2.0, stopped_after
+    run = client.get_run(run_id)
+    assert run.data.tags.get("written") == "yes" and run.info.status == "KILLED"
+
+
 def test_mlflow_calls_reject_what_the_client_does_not_have(tiny_cfg):
     with pytest.raises(AttributeError):
         tracking._client(tiny_cfg).no_such_method
