@@ -32,26 +32,34 @@ STAGE = "evaluate"
 PAPER_REJECTION = {"swing": "> 10%", "u2i": "> 70%"}
 
 
+def _pairs_cell(row: dict) -> str:
+    """The pairs scored, and of how many when they were a sample."""
+    total = row.get("pairs_total", row["pairs"])
+    return f"{row['pairs']:,} of {total:,} (sample)" if total > row["pairs"] else f"{row['pairs']:,}"
+
+
 def embedding_table(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], train_items: np.ndarray,
-                    periods: dict[str, pa.Table], min_rating: float | None, ks: tuple[int, ...] = (10, 50)
-                    ) -> list[dict]:
+                    periods: dict[str, pa.Table], min_rating: float | None, ks: tuple[int, ...] = (10, 50),
+                    max_pairs: int | None = None) -> list[dict]:
     """One row per (period, model): pairs, recall@k, MRR. ``embeddings``: model -> (item_ids (n,),
     vectors (n, d)); ``periods``: period name -> its events. Pairs are limited to items every model
-    embeds, so all models answer the same queries."""
-    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report
+    embeds, so all models answer the same queries; with ``max_pairs``, to that many of them per period
+    (``embed.evaluate.sample_pairs``; the row's ``pairs_total`` says how many there were)."""
+    from qarm_core.embed.evaluate import cooccurrence_pairs, recall_report, sample_pairs
 
     common = None
     for ids, _ in embeddings.values():
         common = ids if common is None else intersect(common, ids)
     rows = []
     for period, events in periods.items():
-        pairs = cooccurrence_pairs(events, intersect(np.asarray(train_items), common), min_rating)
+        pairs, total = sample_pairs(cooccurrence_pairs(events, intersect(np.asarray(train_items), common), min_rating),
+                                    max_pairs)
         for model, (ids, x) in embeddings.items():
             if pairs.num_rows == 0:
-                rows.append({"period": period, "model": model, "pairs": 0})
+                rows.append({"period": period, "model": model, "pairs": 0, "pairs_total": 0})
                 continue
             r = recall_report(ids, x, pairs, ks)
-            rows.append({"period": period, "model": model, "pairs": pairs.num_rows,
+            rows.append({"period": period, "model": model, "pairs": pairs.num_rows, "pairs_total": total,
                          **{k: v for k, v in r.items() if k != "queries"}})
     return rows
 
@@ -215,7 +223,7 @@ def render_report(sections: dict, meta: dict, plots: dict[str, Path] | None = No
     if sections.get("embeddings"):
         out += ["## Embeddings: future co-occurrence (consecutive positives of a user, among training items)", "",
                 _md_table(["period", "model", "pairs", "recall@10", "recall@50", "MRR"],
-                          [[r["period"], r["model"], r["pairs"], _f(r.get("recall_at_10")), _f(r.get("recall_at_50")),
+                          [[r["period"], r["model"], _pairs_cell(r), _f(r.get("recall_at_10")), _f(r.get("recall_at_50")),
                             _f(r.get("mrr"))] for r in sections["embeddings"]]), ""]
     if sections.get("judge"):
         out += ["## Judge: rejection rates and test-period AUC of the mined pairs", "",

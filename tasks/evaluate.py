@@ -68,7 +68,8 @@ def evaluate_embeddings(cfg: PipelineConfig, parent_run_id: str, inputs: dict) -
     if "minilm" in cfg.embed.baselines:
         embeddings["minilm"] = read_embeddings(embed_catalog_minilm(items, work / "minilm", cfg.embed.infer).path)
     train_items = sorted_unique(read_dataset(rec["train_events"], columns=["item_id"])["item_id"].to_numpy())
-    rows = embedding_table(embeddings, train_items, inputs["events"], cfg.events.positive_min_rating)
+    rows = embedding_table(embeddings, train_items, inputs["events"], cfg.events.positive_min_rating,
+                           max_pairs=cfg.embed.eval_max_pairs)
     with tracking.stage_run(cfg, parent_run_id, "evaluate-embeddings") as run:
         run.metrics(_flat([{**r, "key": f"{r['period']}.{r['model']}"} for r in rows], "key"))
         run.json(rows, "evaluation/embeddings.json")

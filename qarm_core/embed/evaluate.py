@@ -133,6 +133,26 @@ def cooccurrence_pairs(events: pa.Table, seen_items: np.ndarray, min_rating: flo
     return pa.table({"src_item": pa.array(uniq[:, 0]), "dst_item": pa.array(uniq[:, 1])})
 
 
+# The seed of the co-occurrence pairs' sample (``sample_pairs``).
+PAIR_SAMPLE_SEED = 20261205
+
+
+def sample_pairs(pairs: pa.Table, max_pairs: int | None) -> tuple[pa.Table, int]:
+    """At most ``max_pairs`` rows of ``pairs`` (src_item, dst_item), chosen by a seeded hash of each
+    pair, so the same pairs are chosen whatever their order and whichever stage asks; kept in their
+    order. None, or no more rows than that: ``pairs`` itself. Returns (the sample, rows before it).
+
+    Why a sample: each pair's two queries are ranked among the whole catalog (``ranks_of_positives``),
+    so the cost is pairs x catalog; 10,000 pairs measure a recall@10 near 0.1 to about +-0.004 (95% CI)."""
+    from qarm_core.hashing import keyed_uniform
+
+    total = pairs.num_rows
+    if max_pairs is None or total <= max_pairs:
+        return pairs, total
+    u = keyed_uniform(PAIR_SAMPLE_SEED, pairs["src_item"].to_numpy(), pairs["dst_item"].to_numpy())
+    return pairs.take(pa.array(np.sort(np.argsort(u, kind="stable")[:max_pairs]))), total
+
+
 def recall_report(item_ids: np.ndarray, vectors: np.ndarray, pairs: pa.Table, ks: tuple[int, ...] = (10, 50)
                   ) -> dict[str, float]:
     """``recall_at_<k>`` for each k and ``mrr`` of ``pairs`` (both directions), plus ``queries``."""

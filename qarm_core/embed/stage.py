@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import pyarrow as pa
 
 from qarm_core.devices import thread_note
@@ -47,20 +46,16 @@ def train_stage(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, cfg: 
 EVAL_KS = (10, 50)
 
 
-# The seed of the validation pairs' sample (``EmbedStageConfig.eval_max_pairs``).
-EVAL_SAMPLE_SEED = 20261205
-
-
 def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_events: pa.Table | None,
                      min_rating: float | None = POSITIVE_MIN_RATING, max_pairs: int | None = None
                      ) -> tuple[pa.Table | None, str]:
     """The pairs every embedding is scored on: the validation period's co-occurring positives
     (``cooccurrence_pairs``) among items of the training period that are in ``items``; with
-    ``max_pairs``, at most that many of them, chosen by a seeded hash of each pair (the same pairs
+    ``max_pairs``, at most that many of them (``embed.evaluate.sample_pairs``: the same pairs
     whatever their order, so the baselines' stage and the embed stage score on one sample). Returns
     ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on; ``pairs`` carries
     ``{"pairs_total": ...}`` in its schema metadata when it is a sample."""
-    from qarm_core.embed.evaluate import cooccurrence_pairs
+    from qarm_core.embed.evaluate import cooccurrence_pairs, sample_pairs
 
     if train_events is None or valid_events is None:
         return None, "skipped: no validation events given"
@@ -69,13 +64,9 @@ def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_event
     pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
     if pairs.num_rows == 0:
         return None, "skipped: no co-occurring positives in the validation period among training items"
-    if max_pairs is not None and pairs.num_rows > max_pairs:
-        from qarm_core.hashing import keyed_uniform
-
-        u = keyed_uniform(EVAL_SAMPLE_SEED, pairs["src_item"].to_numpy(), pairs["dst_item"].to_numpy())
-        total = pairs.num_rows
-        pairs = pairs.take(pa.array(np.sort(np.argsort(u, kind="stable")[:max_pairs])))
-        pairs = pairs.replace_schema_metadata({"pairs_total": str(total)})
+    sample, total = sample_pairs(pairs, max_pairs)
+    if total > sample.num_rows:
+        pairs = sample.replace_schema_metadata({"pairs_total": str(total)})
     return pairs, ""
 
 

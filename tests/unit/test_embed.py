@@ -409,6 +409,30 @@ def test_validation_pairs_sample_is_fixed_by_the_pairs_not_their_order():
     assert eval_pair_counts(some) == {"eval.pairs": 500.0, "eval.pairs_total": float(full.num_rows)}
 
 
+def test_qarm_evaluate_scores_the_same_sample_of_pairs_for_every_model():
+    """``qarm evaluate``'s embedding table: with ``max_pairs`` each period's pairs are the gate's
+    kind of sample (``sample_pairs``), the same for every model, and the report says of how many."""
+    from qarm_core.embed.evaluate import cooccurrence_pairs, sample_pairs
+    from qarm_core.evaluation import embedding_table, render_report
+
+    rng = np.random.default_rng(1)
+    n_items, n = 200, 3000
+    events = pa.table({"user_id": pa.array(rng.integers(0, 30, n), pa.int64()),
+                       "item_id": pa.array(rng.integers(0, n_items, n), pa.int64()),
+                       "ts": pa.array(np.arange(n), pa.int64()), "rating": pa.array(np.full(n, 5.0))})
+    ids = np.arange(n_items)
+    emb = {m: (ids, rng.standard_normal((n_items, 4)).astype(np.float32)) for m in ("a", "b")}
+    full = cooccurrence_pairs(events, ids, 4.0)
+    assert full.num_rows > 300
+    rows = embedding_table(emb, ids, {"test": events}, 4.0, max_pairs=300)
+    assert [(r["pairs"], r["pairs_total"]) for r in rows] == [(300, full.num_rows)] * 2
+    every = embedding_table(emb, ids, {"test": events}, 4.0)
+    assert [(r["pairs"], r["pairs_total"]) for r in every] == [(full.num_rows, full.num_rows)] * 2
+    assert sample_pairs(full, None) == (full, full.num_rows) and sample_pairs(full, 10**9)[0] is full
+    text = render_report({"embeddings": rows}, {"snapshot_id": "s"})
+    assert f"300 of {full.num_rows:,} (sample)" in text
+
+
 def test_the_embed_gate_keeps_the_published_model_unless_the_new_one_is_better():
     from qarm_core.embed.stage import choose_model
 
