@@ -163,9 +163,10 @@ class EmbedStageConfig(Strict):
     # that grows with catalog x queries (bench_daily, 50k items: the daily embed stage 8.0 -> 2.1 s
     # without it); `qarm evaluate` scores the published snapshot when asked.
     eval_reused_model: bool = False
-    # Score on at most this many validation pairs (None: all), a seeded sample fixed by the pairs
-    # themselves, so every model of a run is scored on the same ones. Each pair's two queries search
-    # the whole catalog: at 1M items the 238,586 pairs of bench_daily's validation period took ~25 min
-    # a model; 10,000 pairs (20,000 queries) take about a minute and measure a recall@10 near 0.1
-    # to +-0.004 (95% CI).
+    # Score on at most this many co-occurrence pairs (None: all), a seeded sample fixed by the pairs
+    # themselves (embed.evaluate.sample_pairs), so every model of a run is scored on the same ones;
+    # the gate's validation pairs, and each period of `qarm evaluate`. Each pair's two queries search
+    # the whole catalog: at 1M items the 238,586 pairs of bench_daily's validation period would take
+    # ~25 min a model (estimated from 3.1 s per 1,024 queries); 10,000 pairs (20,000 queries) take
+    # about a minute and measure a recall@10 near 0.1 to +-0.004 (95% CI).
     eval_max_pairs: int | None = Field(10_000, ge=1)
