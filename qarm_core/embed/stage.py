@@ -47,15 +47,12 @@ EVAL_KS = (10, 50)
 
 
 def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_events: pa.Table | None,
-                     min_rating: float | None = POSITIVE_MIN_RATING, max_pairs: int | None = None
-                     ) -> tuple[pa.Table | None, str]:
+                     min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table | None, str]:
     """The pairs every embedding is scored on: the validation period's co-occurring positives
-    (``cooccurrence_pairs``) among items of the training period that are in ``items``; with
-    ``max_pairs``, at most that many of them (``embed.evaluate.sample_pairs``: the same pairs
-    whatever their order, so the baselines' stage and the embed stage score on one sample). Returns
-    ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on; ``pairs`` carries
-    ``{"pairs_total": ...}`` in its schema metadata when it is a sample."""
-    from qarm_core.embed.evaluate import cooccurrence_pairs, sample_pairs
+    (``cooccurrence_pairs``) among items of the training period that are in ``items``. Returns
+    ``(pairs, "")``, or ``(None, why)`` when there is nothing to score on. The stages score on
+    ``sampled_validation_pairs`` of them."""
+    from qarm_core.embed.evaluate import cooccurrence_pairs
 
     if train_events is None or valid_events is None:
         return None, "skipped: no validation events given"
@@ -64,16 +61,17 @@ def validation_pairs(items: pa.Table, train_events: pa.Table | None, valid_event
     pairs = pairs.filter(pa.compute.is_in(pairs["dst_item"], items["item_id"])) if pairs.num_rows else pairs
     if pairs.num_rows == 0:
         return None, "skipped: no co-occurring positives in the validation period among training items"
-    sample, total = sample_pairs(pairs, max_pairs)
-    if total > sample.num_rows:
-        pairs = sample.replace_schema_metadata({"pairs_total": str(total)})
     return pairs, ""
 
 
-def eval_pair_counts(pairs: pa.Table) -> dict[str, float]:
-    """``eval.pairs`` (scored on) and ``eval.pairs_total`` (before ``validation_pairs``' sample)."""
-    total = (pairs.schema.metadata or {}).get(b"pairs_total")
-    return {"eval.pairs": float(pairs.num_rows), "eval.pairs_total": float(total) if total else float(pairs.num_rows)}
+def sampled_validation_pairs(pairs: pa.Table, max_pairs: int | None) -> tuple[pa.Table, dict[str, float]]:
+    """At most ``max_pairs`` of ``validation_pairs``' pairs (``embed.evaluate.sample_pairs``: the same
+    pairs whatever their order, so the baselines' stage and the embed stage score on one sample),
+    and the report's ``eval.pairs`` (scored on) and ``eval.pairs_total`` (before the sample)."""
+    from qarm_core.embed.evaluate import sample_pairs
+
+    sample, total = sample_pairs(pairs, max_pairs)
+    return sample, {"eval.pairs": float(sample.num_rows), "eval.pairs_total": float(total)}
 
 
 def score_embeddings(paths: dict[str, str], pairs: pa.Table, eval_k: int) -> dict[str, float]:
@@ -114,14 +112,15 @@ def baselines_stage(items: pa.Table, cfg: "EmbedStageConfig", run_dir: str | Pat
     ``baseline_scores`` table (model, metric, value: one row per ``valid.<model>.<metric>``; empty
     when there is nothing to score on) and a report with the same figures and ``notes``.
     ``embed_stage(..., baselines=table)`` takes the table instead of embedding the baselines itself."""
-    pairs, why = validation_pairs(items, train_events, valid_events, min_rating, cfg.eval_max_pairs)
+    pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
     report: dict = {"notes": {}}
     if pairs is None:
         report["notes"]["eval"] = why
         scores: dict[str, float] = {}
     else:
+        pairs, counts = sampled_validation_pairs(pairs, cfg.eval_max_pairs)
         scores = score_embeddings(embed_baselines(items, cfg, run_dir, shards), pairs, cfg.eval_k)
-        report |= scores | eval_pair_counts(pairs)
+        report |= scores | counts
     report["notes"]["baselines"] = ",".join(cfg.baselines) or "none"
     rows = [key.split(".", 2)[1:] + [value] for key, value in sorted(scores.items())]
     table = pa.table({"model": pa.array([r[0] for r in rows], pa.string()),
@@ -209,16 +208,16 @@ def embed_stage(items: pa.Table, model_dir: str | Path, cfg: "EmbedStageConfig",
         pairs, why = None, ("not scored: the model is the published one, scored when it was trained "
                             "(embed.eval_reused_model: true scores it on every run; qarm evaluate scores it)")
     else:
-        pairs, why = validation_pairs(items, train_events, valid_events, min_rating, cfg.eval_max_pairs)
+        pairs, why = validation_pairs(items, train_events, valid_events, min_rating)
     if baselines is None and model_is_published and cfg.baselines:
         notes["baselines"] = "not run: the model is the published one (they were compared when it was trained)"
     if pairs is None:
         notes["eval"] = why
     else:
-        report |= score_embeddings(paths, pairs, cfg.eval_k)
+        pairs, counts = sampled_validation_pairs(pairs, cfg.eval_max_pairs)
+        report |= score_embeddings(paths, pairs, cfg.eval_k) | counts
         if baselines is not None:
             report |= read_baseline_scores(baselines)
-        report |= eval_pair_counts(pairs)
     recall = {key.split(".")[1]: v for key, v in report.items()
               if key.startswith("valid.") and key.endswith(f".recall_at_{cfg.eval_k}")}
     choice, passed, reason = choose_model(recall, model_is_published=model_is_published,

@@ -388,7 +388,7 @@ def test_ranks_are_the_same_in_any_block_size():
 def test_validation_pairs_sample_is_fixed_by_the_pairs_not_their_order():
     """``embed.eval_max_pairs``: every model of a run (the baselines' stage runs apart) is scored on
     the same sample, whatever order the events come in; without a cap, all pairs."""
-    from qarm_core.embed.stage import eval_pair_counts, validation_pairs
+    from qarm_core.embed.stage import sampled_validation_pairs, validation_pairs
 
     rng = np.random.default_rng(0)
     n_items, n = 300, 4000
@@ -398,15 +398,16 @@ def test_validation_pairs_sample_is_fixed_by_the_pairs_not_their_order():
                       "item_id": pa.array(rng.integers(0, n_items, n), pa.int64()),
                       "ts": pa.array(np.arange(n), pa.int64()), "rating": pa.array(np.full(n, 5.0))})
     full, why = validation_pairs(items, train, valid, 4.0)
-    assert why == "" and full.num_rows > 500 and eval_pair_counts(full) == {
-        "eval.pairs": full.num_rows, "eval.pairs_total": full.num_rows}
-    assert validation_pairs(items, train, valid, 4.0, max_pairs=full.num_rows)[0].equals(full)
-    some, _ = validation_pairs(items, train, valid, 4.0, max_pairs=500)
-    shuffled, _ = validation_pairs(items, train, valid.take(pa.array(rng.permutation(n))), 4.0, max_pairs=500)
-    assert some.num_rows == 500 and some.to_pylist() == shuffled.to_pylist()
+    assert why == "" and full.num_rows > 500
+    every, counts = sampled_validation_pairs(full, None)
+    assert every.equals(full) and counts == {"eval.pairs": full.num_rows, "eval.pairs_total": full.num_rows}
+    assert sampled_validation_pairs(full, full.num_rows)[0].equals(full)
+    some, counts = sampled_validation_pairs(full, 500)
+    shuffled, _ = validation_pairs(items, train, valid.take(pa.array(rng.permutation(n))), 4.0)
+    assert some.num_rows == 500 and some.to_pylist() == sampled_validation_pairs(shuffled, 500)[0].to_pylist()
     whole = set(map(tuple, full.to_pandas().to_numpy().tolist()))
     assert set(map(tuple, some.to_pandas().to_numpy().tolist())) <= whole
-    assert eval_pair_counts(some) == {"eval.pairs": 500.0, "eval.pairs_total": float(full.num_rows)}
+    assert counts == {"eval.pairs": 500.0, "eval.pairs_total": float(full.num_rows)}
 
 
 def test_qarm_evaluate_scores_the_same_sample_of_pairs_for_every_model():
