@@ -18,6 +18,8 @@ from qarm_core.progress import Progress, advance
 # Continuation rows per forward pass of shared contexts, in batches: their rows are length-sorted
 # together, so a batch holds continuations of similar length.
 ROWS_PER_CONTEXT_PASS = 4
+# Prompts sharing fewer tokens than this beyond the common prefix are not worth a group's extra pass.
+MIN_GROUP_PREFIX = 4
 
 
 def _view_of(cache: Any) -> Any:
@@ -274,6 +276,11 @@ class LocalLM:
 
         * the prompts' longest common token prefix (the chat template and system turn) runs once
           and its key/value cache is shared by every row;
+        * prompts that share a longer prefix among themselves (the questions about one item: the
+          item's text comes before the question) form a group when at least
+          ``share_context_min`` do and the shared part is ``MIN_GROUP_PREFIX`` tokens or more: each
+          group's prefix runs once, several groups per forward pass, and its rows run only their
+          own tokens on its key/value cache;
         * each batch runs its rows' own tokens right-padded on that cache (padding slots masked,
           positions continuing each row), and the LM head runs only on each row's last position;
         * a row leaves the batch as soon as it emits a stop token, so short answers cost only the
@@ -283,49 +290,144 @@ class LocalLM:
 
         if not prompts:
             return []
-        dev = self.device
-        head = self.model.lm_head
         n_pre = min(len(x) for x in prompts) - 1          # every row keeps >= 1 token of its own
         for x in prompts[1:]:
-            k = 0
-            while k < n_pre and x[k] == prompts[0][k]:
-                k += 1
-            n_pre = k
+            n_pre = min(n_pre, _common_prefix(prompts[0], x))
         cache = self._prefix_cache(prompts[0][:n_pre]) if n_pre else None
-        stop, penalty = self._stop_ids(), self.cfg.repetition_penalty
         out: list[list[int]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for s in range(0, len(order), bs):
-            rows = order[s:s + bs]
+        groups = prefix_groups(prompts, n_pre, self.cfg.share_context_min, MIN_GROUP_PREFIX, bs)
+        alone = sorted((g[0] for p, g in groups if not p), key=lambda i: len(prompts[i]))
+        for s in range(0, len(alone), bs):
+            rows = alone[s:s + bs]
             hidden, past, att, lens = self._run_on_prefix([prompts[i][n_pre:] for i in rows], cache, n_pre)
-            h = hidden[torch.arange(len(rows), device=dev), lens - 1]      # (rows, H)
-            nxt_pos = n_pre + lens
-            seen = [set(prompts[i]) for i in rows] if penalty != 1.0 else []
-            alive = list(range(len(rows)))             # batch slot -> row of this batch
-            for step in range(max_new_tokens):
-                logits = head(h).float()
-                if penalty != 1.0:                      # as transformers' RepetitionPenaltyLogitsProcessor
-                    for j, r in enumerate(alive):
-                        idx = torch.tensor(sorted(seen[r]), device=dev)
-                        v = logits[j, idx]
-                        logits[j, idx] = torch.where(v < 0, v * penalty, v / penalty)
-                nxt = logits.argmax(-1).tolist()
-                keep = [j for j, t in enumerate(nxt) if t not in stop]
-                for j in keep:
-                    out[rows[alive[j]]].append(nxt[j])
-                    if seen:
-                        seen[alive[j]].add(nxt[j])
-                if not keep or step == max_new_tokens - 1:
-                    break
-                if len(keep) < len(alive):
-                    sel = torch.tensor(keep, device=dev)
-                    past.batch_select_indices(sel)
-                    att, nxt_pos = att[sel], nxt_pos[sel]
-                    alive = [alive[j] for j in keep]
-                att = torch.cat([att, torch.ones((len(alive), 1), dtype=att.dtype, device=dev)], 1)
-                res = self.model.model(input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
-                                       attention_mask=att, position_ids=nxt_pos[:, None], cache=past,
-                                       use_cache=True)
-                h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
+            h = hidden[torch.arange(len(rows), device=self.device), lens - 1]      # (rows, H)
+            self._decode(prompts, rows, h, past, att, n_pre + lens, max_new_tokens, out)
             advance(progress, len(rows))
+        shared = sorted(((p, g[s:s + bs]) for p, g in groups if p for s in range(0, len(g), bs)),
+                        key=lambda pg: (pg[0], len(pg[1])))
+        batch: list[tuple[int, list[int]]] = []
+        for pg in shared + [(0, [])]:
+            if batch and (not pg[1] or sum(len(g) for _, g in batch) + len(pg[1]) > bs):
+                rows = [i for _, g in batch for i in g]
+                h, past, att, nxt_pos = self._run_groups(prompts, batch, cache, n_pre)
+                self._decode(prompts, rows, h, past, att, nxt_pos, max_new_tokens, out)
+                advance(progress, len(rows))
+                batch = []
+            if pg[1]:
+                batch.append(pg)
         return out
+
+    def _run_groups(self, prompts: list[list[int]], batch: list[tuple[int, list[int]]], cache: Any,
+                    n_pre: int) -> tuple[Any, Any, Any, Any]:
+        """Prefill of grouped prompts: ``batch`` = [(p, row indices), ...], the rows of a group
+        sharing tokens ``n_pre:n_pre + p``. One forward runs the G group prefixes (right-padded, on
+        the common ``n_pre``-token cache), a second runs every row's remaining tokens on its own
+        group's cache. Returns (hidden state at each row's last token (rows, H), the rows' cache,
+        their attention mask over it, each row's next position (rows,))."""
+        import torch
+
+        dev = self.device
+        _, g_cache, g_att, g_lens = self._run_on_prefix([prompts[g[0]][n_pre:n_pre + p] for p, g in batch],
+                                                        cache, n_pre)
+        gi = torch.tensor([j for j, (_, g) in enumerate(batch) for _ in g], device=dev)
+        own = [prompts[i][n_pre + p:] for p, g in batch for i in g]
+        width = max(len(x) for x in own)
+        ids = torch.full((len(own), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(own), width), dtype=torch.long)
+        for r, x in enumerate(own):
+            ids[r, :len(x)] = torch.tensor(x)
+            att[r, :len(x)] = 1
+        lens = torch.tensor([len(x) for x in own], device=dev)
+        past = _view_of(g_cache)
+        past.batch_select_indices(gi)
+        att = torch.cat([g_att[gi], att.to(dev)], 1)
+        start = n_pre + g_lens[gi]
+        pos = start[:, None] + torch.arange(width, device=dev)[None]
+        res = self.model.model(input_ids=ids.to(dev), attention_mask=att, position_ids=pos, cache=past,
+                               use_cache=True)
+        h = res.last_hidden_state[torch.arange(len(own), device=dev), lens - 1]
+        return h, res.cache, att, start + lens
+
+    def _decode(self, prompts: list[list[int]], rows: list[int], h: Any, past: Any, att: Any, nxt_pos: Any,
+                max_new_tokens: int, out: list[list[int]]) -> None:
+        """Greedy steps for ``rows`` (prompt indices) from the hidden state of their last prompt
+        token ``h`` (rows, H), their cache ``past``, its attention mask ``att`` and their next
+        positions ``nxt_pos`` (rows,); appends each row's tokens to ``out[row]``."""
+        import torch
+
+        dev = self.device
+        head = self.model.lm_head
+        stop, penalty = self._stop_ids(), self.cfg.repetition_penalty
+        seen = [set(prompts[i]) for i in rows] if penalty != 1.0 else []
+        alive = list(range(len(rows)))             # batch slot -> row of this batch
+        for step in range(max_new_tokens):
+            logits = head(h).float()
+            if penalty != 1.0:                      # as transformers' RepetitionPenaltyLogitsProcessor
+                for j, r in enumerate(alive):
+                    idx = torch.tensor(sorted(seen[r]), device=dev)
+                    v = logits[j, idx]
+                    logits[j, idx] = torch.where(v < 0, v * penalty, v / penalty)
+            nxt = logits.argmax(-1).tolist()
+            keep = [j for j, t in enumerate(nxt) if t not in stop]
+            for j in keep:
+                out[rows[alive[j]]].append(nxt[j])
+                if seen:
+                    seen[alive[j]].add(nxt[j])
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=dev)
+                past.batch_select_indices(sel)
+                att, nxt_pos = att[sel], nxt_pos[sel]
+                alive = [alive[j] for j in keep]
+            att = torch.cat([att, torch.ones((len(alive), 1), dtype=att.dtype, device=dev)], 1)
+            res = self.model.model(input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
+                                   attention_mask=att, position_ids=nxt_pos[:, None], cache=past,
+                                   use_cache=True)
+            h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    k, n = 0, min(len(a), len(b))
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def prefix_groups(prompts: list[list[int]], n_pre: int, min_rows: int, min_tokens: int,
+                  max_rows: int | None = None) -> list[tuple[int, list[int]]]:
+    """Prompts (token lists, all sharing their first ``n_pre`` tokens) grouped by a longer shared
+    prefix: [(p, indices), ...], the prompts of a group sharing tokens ``n_pre:n_pre + p``, each
+    keeping at least one token of its own; p = 0 for a prompt alone. A group has ``min_rows`` to
+    ``max_rows`` prompts (``min_rows`` 0: no groups) and p >= ``min_tokens``.
+
+    In token order a group is a run of prompts, whose shared prefix is the shortest common prefix
+    of neighbours in it. Of all ways to cut the order into runs, the one that saves the most tokens
+    is taken (a group of m prompts saves (m - 1) p tokens, less ``min_tokens`` for its extra pass):
+    the questions about one item share the item's text (the longer prefix two of its questions
+    share, e.g. "What", or the shorter one of items whose titles begin alike, saves less)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i][n_pre:])
+    n = len(order)
+    cap = n if max_rows is None else max(1, max_rows)
+    own = [len(prompts[i]) - 1 - n_pre for i in order]                  # the most a row can share
+    lcp = [_common_prefix(prompts[order[j]], prompts[order[j + 1]]) - n_pre for j in range(n - 1)]
+    best = [0] * (n + 1)            # best[e]: tokens saved by the first e prompts of the order
+    cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)                     # (start of the last run, its p)
+    for e in range(1, n + 1):
+        best[e], cut[e] = best[e - 1], (e - 1, 0)
+        p = own[e - 1]
+        for s in range(e - 2, max(-1, e - 1 - cap), -1):                # the run order[s:e]
+            p = min(p, lcp[s], own[s])
+            if p < min_tokens:
+                break
+            gain = best[s] + (e - 1 - s) * p - min_tokens
+            if min_rows and e - s >= min_rows and gain > best[e]:
+                best[e], cut[e] = gain, (s, p)
+    out: list[tuple[int, list[int]]] = []
+    e = n
+    while e > 0:
+        s, p = cut[e]
+        out.append((p, order[s:e]) if p else (0, [order[e - 1]]))
+        e = s if p else e - 1
+    return out[::-1]

@@ -407,3 +407,53 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm):
         assert lm.greedy_token_ids(ids, 9, 3) == with_penalty
     assert lm.generate(prompts, 9, system="You answer briefly.") == [
         tok.decode(w, skip_special_tokens=True).strip() for w in with_penalty]
+
+
+def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
+    """Prompts sharing a longer prefix (questions about one item) run it once per group, several
+    groups per forward pass, and give transformers' greedy tokens: for groups split across
+    batches (batch 2, 3), several groups in one batch (batch 8), prompts alone beside them, and a
+    prompt that extends another."""
+    import torch
+
+    from qarm_core.lm.local import LocalLM, prefix_groups
+
+    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
+    tok, model = lm.tokenizer, lm.model
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    items = ['"Heat (1995), genres: Action, Crime"', '"Babe (1995), genres: Children\'s, Comedy"']
+    questions = ["In which year was it released?", "What genres does it belong to?", "Who would enjoy it?"]
+    prompts = [f"Item: {it}\nQuestion: {q}" for it in items for q in questions] + [
+        "Heat", "Q", f"Item: {items[0]}\nQuestion: {questions[0]} Answer briefly."]
+    ids = [tok(lm.chat_prompt(p, "You answer briefly."), add_special_tokens=False).input_ids for p in prompts]
+    n_pre = min(len(x) for x in ids) - 1
+    for x in ids[1:]:
+        n_pre = min(n_pre, next(k for k in range(len(x) + 1) if k == len(x) or x[k] != ids[0][k]))
+    groups = prefix_groups(ids, n_pre, 2, 4)
+    assert sorted(i for _, g in groups for i in g) == list(range(len(ids)))
+    grouped = [sorted(g) for p, g in groups if p]
+    assert [0, 1, 2, 8] in grouped and [3, 4, 5] in grouped        # each item's questions, the longer one too
+    for p, g in groups:
+        assert all(len(ids[i]) > n_pre + p for i in g)              # every row keeps a token of its own
+        if p:
+            assert len({tuple(ids[i][:n_pre + p]) for i in g}) == 1
+    assert all(not p and len(g) == 1 for p, g in prefix_groups(ids, n_pre, 0, 4))
+    assert all(not p for p, _ in prefix_groups(ids, n_pre, 5, 4))    # no group of 5 rows
+    assert all(not p for p, _ in prefix_groups(ids, n_pre, 2, 10_000))
+
+    want = []
+    for x in ids:
+        g = model.generate(torch.tensor([x]), attention_mask=torch.ones((1, len(x)), dtype=torch.long),
+                           max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(x):].tolist()
+        stop = model.generation_config.eos_token_id
+        want.append(g[:g.index(stop)] if stop in g else g)
+    assert len({tuple(w) for w in want}) == len(want)
+    with torch.inference_mode():
+        for bs in (2, 3, 8):
+            assert lm.greedy_token_ids(ids, 7, bs) == want
+        lm.cfg = lm.cfg.model_copy(update={"share_context_min": 0})   # no groups: the same tokens
+        assert lm.greedy_token_ids(ids, 7, 3) == want
