@@ -3,8 +3,8 @@
 Day 0 is a synthetic catalog and log (default 1M items, 10M interactions, 100k users) refreshed
 from scratch: mine, judge, QA, train, embed, quantize, publish. Day 1 adds 1% items and 10%
 interactions (``qarm_core.synth.GrowthSpec``: same users and item popularity, new items drawn
-more often than their share) and runs the daily deployment's mode: the published model is reused
-(``embed.reuse_model``), the published judgments, evaluation scores, QA and embeddings are the
+more often than their share) and runs the daily deployment's mode: the published models are reused
+(``embed.reuse_model``, ``mine.u2i.reuse_model``: the two towers mine untrained), the published judgments, evaluation scores, QA and embeddings are the
 caches, the codebook is warm-started. Each day is one ``codebook-refresh`` flow run in its own
 process; stage times are the MLflow stage runs' ``duration_s`` (gates counted with their stage).
 
@@ -89,7 +89,7 @@ def write_config(out: Path, day: int, tiny_lm: str) -> Path:
                                                  "items": str(out / f"day{day}" / "items")}},
         "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},
         "mine": {"sources": ["swing", "u2i"], "swing": {"top_k": 5, "keep_published_depth": 2},
-                 "u2i": {"epochs": 1, "top_m": 2, "max_train_samples": 1_000_000}},
+                 "u2i": {"epochs": 1, "top_m": 2, "max_train_samples": 1_000_000, "reuse_model": day > 0}},
         "judge": {"local": lm, "prompt_version": "pmi-generic-v1", "embed_weight": 0.0, "tag_weight": 0.0},
         "qa": {"local": lm, "k": 1, "batch_size": 256},
         "embed": {"model": {"model": tiny_lm}, "reuse_model": day > 0, "baselines": [],
@@ -138,7 +138,8 @@ def phase_refresh(config: str) -> dict:
             units["judge.pairs.cached.other_source"] = r["metrics"].get("pairs.cached.other_source", 0.0)
             units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
         if name == "mine":
-            for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "u2i.pairs"):
+            for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "u2i.pairs",
+                      "u2i.reused", "u2i.train_seconds", "u2i.items_unseen", "swing.seconds", "u2i.seconds"):
                 if k in r["metrics"]:
                     units[f"mine.{k}"] = r["metrics"][k]
         if name == "embed":
@@ -354,6 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"day 1 pairs: Swing {u['mine.swing.pairs']:,.0f} ({u['mine.swing.new']:,.0f} not published on day 0; "
               f"{u['mine.swing.new_if_fresh']:,.0f} without mine.swing.keep_published_depth, "
               f"{u['mine.swing.kept_published']:,.0f} published pairs kept), u2i {u.get('mine.u2i.pairs', 0):,.0f}")
+    for d, day in enumerate((d0, d1)):
+        u = day["units"]
+        if "mine.u2i.seconds" in u:
+            print(f"day {d} mining: Swing {u.get('mine.swing.seconds', 0):.1f} s, two-tower {u['mine.u2i.seconds']:.1f} s "
+                  + (f"(the published towers reused, {u.get('mine.u2i.items_unseen', 0):,.0f} items they never saw)"
+                     if u.get("mine.u2i.reused") else f"(trained: {u.get('mine.u2i.train_seconds', 0):.1f} s)"))
     other0 = t0s - sum(d0["stage_seconds"].get(s, 0.0) for s in UNITS)
     other1 = t1s - sum(d1["stage_seconds"].get(s, 0.0) for s in UNITS)
     day0_h, day1_h = (other0 + proj[0]) / 3600, (other1 + proj[1]) / 3600

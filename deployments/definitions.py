@@ -3,10 +3,10 @@
 For a config file ``configs/<name>.yaml`` (the name is the file's stem, so a config that ``extends:``
 another still gets its own deployments):
 
-* ``codebook-refresh/daily-<name>``: 03:00 UTC, the published model reused and the codebook
-  warm-started from the published one (stable SIDs);
+* ``codebook-refresh/daily-<name>``: 03:00 UTC, the published models reused (the embedding LLM and the
+  u2i miner's two towers) and the codebook warm-started from the published one (stable SIDs);
 * ``codebook-refresh/weekly-retrain-<name>``: Sunday 04:00 UTC, the embedding model fine-tuned again
-  from the published one, with the config's ``flow.retrain_overrides`` (e.g. its training budget);
+  from the published one (the two towers trained again), with the config's ``flow.retrain_overrides`` (e.g. its training budget);
 * ``rank-train/rank-train-<name>``: no schedule; an automation (a deployment trigger) runs it after each
   Completed run of the two refresh deployments, with that run's ``config_path`` and ``overrides``.
 
@@ -45,7 +45,7 @@ RANK_FLOW, RANK_ENTRYPOINT = "rank-train", "flows/rank_train.py:rank_train"
 DAILY_CRON = "0 3 * * *"
 WEEKLY_CRON = "0 4 * * 0"
 TIMEZONE = "UTC"
-DAILY_OVERRIDES = {"embed.reuse_model": True, "quantize.mode": "warm_start"}
+DAILY_OVERRIDES = {"embed.reuse_model": True, "mine.u2i.reuse_model": True, "quantize.mode": "warm_start"}
 RETRAIN_OVERRIDES = {"embed.train.init_from": "published"}   # continue from the published model
 # prefect.yaml's `concurrency_limit:` block; serve.py builds a ConcurrencyLimitConfig from it.
 CONCURRENCY = {"limit": 1, "collision_strategy": "ENQUEUE"}

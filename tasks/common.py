@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -129,10 +131,23 @@ def flow_stop_signals() -> Iterator[None]:
         forget_stops()
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dst``: a staged model costs no copy."""
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            target = dst / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
+
+
 def stage_key(spec: StageSpec) -> str:
     """The cache key of a stage's outputs: computed from what they depend on, never from literals."""
     inputs = spec.key_inputs() if callable(spec.key_inputs) else spec.key_inputs
-    return stable_hash({**inputs, "qarm": __version__, "schemas": {n: s.version for n, s in spec.outputs.items()}})
+    return stable_hash({**inputs, "qarm": __version__, "schemas": {n: s.version for n, s in spec.outputs.items()},
+                        **({"artifacts": {n: v for n, (v, _) in spec.artifacts.items()}} if spec.artifacts else {})})
 
 
 def is_timing(key: str) -> bool:

@@ -4,7 +4,6 @@ embed the whole catalog with the model and gate it against them."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -18,22 +17,10 @@ from qarm_core.embed.stage import baselines_stage, embed_stage, iter_embedding_b
 from qarm_core.schemas import SCHEMAS, embeddings_schema
 from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset, write_stage_outputs
 from tasks import tracking
-from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, run_stage
+from tasks.common import TASK_DEFAULTS, StageSpec, is_timing, link_tree, run_stage
 from tasks.executor import shard_runner
 
 MODEL_FORMAT = 1
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dst``: the staged model costs no copy."""
-    for p in sorted(src.rglob("*")):
-        if p.is_file():
-            target = dst / p.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(p, target)
-            except OSError:
-                shutil.copy2(p, target)
 
 
 def reuses_model(cfg: PipelineConfig, published: DatasetRecord | None) -> bool:
@@ -90,7 +77,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),
                                "zero_stage": str(rec.zero_stage), "dtype": rec.dtype,
                                "dtype_reason": rec.dtype_reason, "backend": rec.backend or "none"}
-            _link_tree(Path(rec.model_dir), folder)
+            link_tree(Path(rec.model_dir), folder)
 
         records, reused, report = write_stage_outputs(storage, "train", key, {}, report,
                                                       artifacts={"model": (MODEL_FORMAT, write_model)})

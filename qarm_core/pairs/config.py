@@ -72,6 +72,9 @@ class TwoTowerConfig(Strict):
     # exhaustive search of 100k users over 1M items was the longest part of mining at that scale,
     # and 20k users measure a recall to +-0.007 (95% CI). Reported with the sample size and CI.
     recall_max_users: int | None = Field(20_000, ge=1)
+    # Mine with the published towers instead of training (the daily schedule; the weekly retrain
+    # trains): towers trained under other settings (two_tower.MODEL_FIELDS), or none published, train.
+    reuse_model: bool = False
 
 
 class MineConfig(Strict):

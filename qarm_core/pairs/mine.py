@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
@@ -16,6 +17,9 @@ from qarm_core.errors import DataError
 from qarm_core.events import POSITIVE_MIN_RATING, positive_mask
 from qarm_core.schemas import PAIRS
 from qarm_core.storage import DatasetRecord
+
+if TYPE_CHECKING:
+    from qarm_core.pairs.two_tower import SavedTowers, TwoTowerModel
 
 STAGE = "mine"
 log = logging.getLogger(__name__)
@@ -32,21 +36,25 @@ def mine_pairs(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
                min_rating: float | None = POSITIVE_MIN_RATING, published: pa.Table | None = None
                ) -> tuple[pa.Table, dict[str, float]]:
     """``mine_candidates`` then ``select_pairs``: the pairs of one refresh and their report."""
-    candidates, report = mine_candidates(interactions, items, cfg, min_rating)
+    candidates, report, _ = mine_candidates(interactions, items, cfg, min_rating)
     table, selected = select_pairs(candidates, published, cfg)
     return table, report | selected
 
 
 def mine_candidates(interactions: pa.Table, items: pa.Table | None, cfg: MineConfig,
-                    min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, float]]:
-    """All configured miners' pairs in one PAIRS table, plus a report of counts, timings and the
-    two-tower's recall@k against popularity. Both miners learn from the positive events
-    (``qarm_core.events``: rating >= ``min_rating``, else label 1; None: every event). Swing keeps
-    ``swing.candidates_k`` neighbours per item, of which ``select_pairs`` keeps ``top_k``."""
+                    min_rating: float | None = POSITIVE_MIN_RATING, towers: "SavedTowers | None" = None
+                    ) -> tuple[pa.Table, dict[str, float], "TwoTowerModel | None"]:
+    """All configured miners' pairs in one PAIRS table, a report of counts, timings and the
+    two-tower's recall@k against popularity, and the two-tower model (None without the u2i miner).
+    Both miners learn from the positive events (``qarm_core.events``: rating >= ``min_rating``, else
+    label 1; None: every event). Swing keeps ``swing.candidates_k`` neighbours per item, of which
+    ``select_pairs`` keeps ``top_k``. ``towers``: published towers the u2i miner uses instead of
+    training when their settings allow (``two_tower.mine_u2i_pairs``)."""
     from qarm_core.pairs.swing import mine_swing_pairs
 
     if interactions.num_rows == 0:
         raise DataError(STAGE, "interactions", "no interactions to mine pairs from")
+    model = None
     tables: list[pa.Table] = []
     report: dict[str, float] = {"events": float(interactions.num_rows)}
     for source in cfg.sources:
@@ -65,13 +73,14 @@ def mine_candidates(interactions: pa.Table, items: pa.Table | None, cfg: MineCon
 
             if items is None:
                 raise DataError(STAGE, "items", "the u2i miner needs the items dataset")
-            table, rep = mine_u2i_pairs(interactions, items, cfg.u2i, k=cfg.u2i.recall_k, min_rating=min_rating)
+            table, rep, model = mine_u2i_pairs(interactions, items, cfg.u2i, k=cfg.u2i.recall_k,
+                                               min_rating=min_rating, published=towers)
             report |= {f"u2i.{k}": float(v) for k, v in rep.items() if isinstance(v, (int, float))}
         report[f"{source}.seconds"] = time.perf_counter() - t0
         report[f"{source}.pairs"] = float(table.num_rows)
         log.info("mine: %s pairs from %s in %.1f s", f"{table.num_rows:,}", source, report[f"{source}.seconds"])
         tables.append(table)
-    return pa.concat_tables(tables).cast(PAIRS.schema), report
+    return pa.concat_tables(tables).cast(PAIRS.schema), report, model
 
 
 def select_pairs(candidates: pa.Table, published: pa.Table | None, cfg: MineConfig

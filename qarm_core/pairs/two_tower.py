@@ -22,6 +22,12 @@ Evaluation: recall@k of the holdout item, retrieved with faiss ``IndexFlatIP`` f
 vector of the history before it, against the most popular training targets; both exclude the
 items the user has had before.
 
+Reuse. ``save_towers`` writes a trained model (weights, the item id of each id-embedding row, its
+settings) and ``reuse_towers`` puts it back on another day's split: the daily refresh mines with the
+published towers instead of training (``mine.u2i.reuse_model``, as the embedding LLM is reused daily and
+retrained weekly). Items the towers never saw get the mean of the trained id rows, so their vector
+comes from their title and tags. Towers trained under other settings are not reused (the model trains).
+
 U2I pairs. For each positive (user, target) in the latest window, which is each user's last
 ``window_events`` positive events (those with at least one earlier event), the user's history
 before the target (the same up to ``history_len`` events the user tower sees) is scored against
@@ -34,9 +40,12 @@ torch and faiss are imported inside the functions that need them, so importing t
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -56,6 +65,7 @@ if TYPE_CHECKING:
 
 STAGE = "mine"
 PAIRS_SOURCE = "u2i"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data: ids, text, time-ordered split
@@ -550,23 +560,124 @@ def u2i_pairs(model: TwoTowerModel, split: TwoTowerSplit, chunk: int = 4096) -> 
     return pairs_table(split.item_ids[src[keep]], split.item_ids[dst[keep]], sc[keep], PAIRS_SOURCE)
 
 
-def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
-                   k: int = 50, min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[pa.Table, dict[str, Any]]:
-    """Split, train, evaluate and mine: the 'u2i' pairs table and a report.
+# ---------------------------------------------------------------- saving and reusing the towers
+TOWERS_FORMAT = 1
+TOWERS_WEIGHTS, TOWERS_IDS, TOWERS_META = "towers.safetensors", "item_ids.npy", "towers.json"
+# The settings a model was trained under (its weights' shapes, the inputs it reads, how it learned):
+# published towers are reused only under the same values. The others (window_events, top_m, recall_*,
+# num_threads, reuse_model) only decide what is mined or measured with them.
+MODEL_FIELDS = ("dim", "hidden", "history_len", "recency_half_life", "text_buckets", "max_tokens", "temperature",
+                "logq_correction", "epochs", "batch_size", "lr", "weight_decay", "max_train_samples", "seed")
 
-    The report holds recall@k of the two-tower model and of popularity on the holdout (``None``
-    when no user has two positives), the training time and the sample/pair counts.
+
+@dataclass(frozen=True)
+class SavedTowers:
+    """Towers as ``save_towers`` wrote them: the weights by name (torch tensors), ``item_ids``
+    ``(n_items,)`` int64 sorted (the original id of each id-embedding row) and the settings (JSON)."""
+
+    state: dict
+    item_ids: np.ndarray
+    settings: dict
+
+
+def save_towers(model: TwoTowerModel, folder: str | Path) -> None:
+    """Write ``model`` into ``folder``: the weights (safetensors), the id of each id-embedding row
+    (``.npy``, no pickle) and the settings it was trained under (``MODEL_FIELDS``, JSON). The same
+    model gives the same bytes, whatever the mining settings it was used with."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({k: v.detach().contiguous() for k, v in model.towers.state_dict().items()}, str(folder / TOWERS_WEIGHTS))
+    np.save(folder / TOWERS_IDS, np.asarray(model.item_ids, np.int64), allow_pickle=False)
+    settings = model.params.model_dump(mode="json")
+    (folder / TOWERS_META).write_text(json.dumps({"format": TOWERS_FORMAT, "n_items": int(len(model.item_ids)),
+                                                  "params": {f: settings[f] for f in MODEL_FIELDS}},
+                                                 sort_keys=True, indent=1))
+
+
+def load_towers(folder: str | Path) -> SavedTowers:
+    """The towers ``save_towers`` wrote into ``folder``; a missing or inconsistent file is a
+    ``DataError`` of dataset ``two_tower``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / TOWERS_META).read_text())
+        state = load_file(str(folder / TOWERS_WEIGHTS))
+        item_ids = np.load(folder / TOWERS_IDS, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(STAGE, "two_tower", f"unreadable two-tower model at {folder}: {exc}") from None
+    if meta.get("format") != TOWERS_FORMAT:
+        raise DataError(STAGE, "two_tower", f"two-tower format {meta.get('format')} at {folder} is not {TOWERS_FORMAT}")
+    rows = state.get("item_id.weight")
+    if rows is None or rows.shape[0] != len(item_ids) or item_ids.ndim != 1 \
+            or (len(item_ids) > 1 and not (np.diff(item_ids) > 0).all()):
+        raise DataError(STAGE, "two_tower", f"two-tower model at {folder}: {len(item_ids)} item ids (sorted, "
+                                            f"distinct) do not match its id table {None if rows is None else tuple(rows.shape)}")
+    return SavedTowers(state=state, item_ids=item_ids.astype(np.int64), settings=meta.get("params", {}))
+
+
+def reuse_blocker(saved: SavedTowers, params: TwoTowerConfig) -> str | None:
+    """Why ``saved`` cannot stand in for training under ``params`` (None: it can): the settings of
+    ``MODEL_FIELDS`` that differ, with both values."""
+    now = params.model_dump(mode="json")
+    diff = [f"{f} {saved.settings.get(f)!r} -> {now[f]!r}" for f in MODEL_FIELDS if saved.settings.get(f) != now[f]]
+    return f"the published towers were trained with other settings ({', '.join(diff)})" if diff else None
+
+
+def reuse_towers(saved: SavedTowers, split: TwoTowerSplit, params: TwoTowerConfig) -> tuple[TwoTowerModel, int]:
+    """``saved`` on ``split``'s catalog, untrained: each item's id row is carried over by item id,
+    and an item the towers never saw gets the mean of the trained rows (its vector then comes from
+    its text). Returns the model and the number of such items. ``ValueError`` if ``reuse_blocker``
+    says the settings differ."""
+    import torch
+
+    why = reuse_blocker(saved, params)
+    if why is not None:
+        raise ValueError(why)
+    with _torch_env(params):
+        towers = _build_towers(split.n_items, params)
+    state = dict(saved.state)
+    old = state.pop("item_id.weight")
+    at = np.minimum(np.searchsorted(saved.item_ids, split.item_ids), max(len(saved.item_ids) - 1, 0))
+    known = (saved.item_ids[at] == split.item_ids) if len(saved.item_ids) else np.zeros(split.n_items, bool)
+    rows = old.mean(0, keepdim=True).expand(split.n_items, -1).clone()
+    known_t = torch.from_numpy(known)
+    rows[known_t] = old[torch.from_numpy(at[known])]
+    state["item_id.weight"] = rows
+    towers.load_state_dict(state)
+    towers.eval()
+    return TwoTowerModel(towers, split, params), int((~known).sum())
+
+
+def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
+                   k: int = 50, min_rating: float | None = POSITIVE_MIN_RATING, published: SavedTowers | None = None
+                   ) -> tuple[pa.Table, dict[str, Any], TwoTowerModel]:
+    """Split, train (or reuse ``published``), evaluate and mine: the 'u2i' pairs table, a report and
+    the model (for ``save_towers``).
+
+    ``published``: towers of an earlier run, used as they are when ``reuse_blocker`` finds nothing
+    against it (report ``reused`` 1 and ``items_unseen``, the items they never saw); else the model
+    trains (``reused`` 0). The report holds recall@k of the model and of popularity on the holdout
+    (``None`` when no user has two positives), the training time and the sample/pair counts.
     """
     params = params or TwoTowerConfig()
     split = time_split(interactions, items, params, min_rating)
-    model = train_two_tower(split, params)
+    blocker = "none published" if published is None else reuse_blocker(published, params)
     report: dict[str, Any] = {"n_items": split.n_items, "n_users_total": len(split.user_ids),
-                              "n_train_samples": int(len(split.train_pos)),
-                              "train_seconds": round(model.train_seconds, 2)}
+                              "n_train_samples": int(len(split.train_pos))}
+    if blocker is None:
+        model, unseen = reuse_towers(published, split, params)
+        report |= {"reused": 1, "items_unseen": unseen, "train_seconds": 0.0}
+    else:
+        if published is not None:
+            log.info("mine: training the two-tower model: %s", blocker)
+        model = train_two_tower(split, params)
+        report |= {"reused": 0, "train_seconds": round(model.train_seconds, 2)}
     if len(split.holdout_pos):
         report.update(evaluate_recall(model, split, k=k, max_users=params.recall_max_users))
     else:
         report.update({"recall_two_tower": None, "recall_popularity": None, "n_users": 0, "k": k})
     pairs = u2i_pairs(model, split)
     report["n_pairs"] = pairs.num_rows
-    return pairs, report
+    return pairs, report, model

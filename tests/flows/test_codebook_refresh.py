@@ -307,13 +307,22 @@ def test_daily_refresh_costs_follow_the_change(prefect_harness, tmp_path):
     home = tmp_path / "home"
     sticky = {"mine.swing.keep_published_depth": 2.0}      # the ML-100K config's stable neighbour lists
     first = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 5} | sticky)
-    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10, "embed.reuse_model": True} | sticky)
+    second = codebook_refresh(TINY, {"home": str(home), "mine.swing.top_k": 10, "embed.reuse_model": True,
+                                     "mine.u2i.reuse_model": True} | sticky)
     assert second["rows"]["pairs"] > first["rows"]["pairs"]
     runs = tracking.runs_of(_cfg(home))
 
     def of(stage: str, flow: dict) -> dict:
         return next(r["metrics"] for r in runs if r["name"] == stage
                     and r["tags"]["mlflow.parentRunId"] == flow["mlflow_run_id"])
+
+    # the u2i miner mines with the towers the first day trained and published, untrained
+    assert of("mine", first)["u2i.reused"] == 0 and of("mine", first)["u2i.train_seconds"] > 0
+    assert of("mine", second)["u2i.reused"] == 1 and of("mine", second)["u2i.items_unseen"] == 0
+    assert "u2i.train_seconds" not in of("mine", second) or of("mine", second)["u2i.train_seconds"] == 0
+    snaps = [Storage(home).snapshot(f["snapshot_id"]) for f in (first, second)]
+    towers = [s.record("two_tower") for s in snaps]
+    assert towers[0].fingerprint == towers[1].fingerprint       # same catalog: the same towers, byte for byte
 
     # every pair published yesterday is still among today's top 10 of the same log
     assert "swing.new" not in of("mine", first) and of("mine", second)["swing.kept_published"] == 0

@@ -21,9 +21,10 @@ def test_prefect_yaml_entrypoint_loads_the_flow():
     assert daily["schedules"][0]["cron"] == "0 3 * * *" and weekly["schedules"][0]["cron"] == "0 4 * * 0"
     # the daily run reuses the model and warm-starts the codebook; the overrides are valid config keys
     cfg = load_config(REPO / daily["parameters"]["config_path"], daily["parameters"]["overrides"])
-    assert cfg.embed.reuse_model and cfg.quantize.mode == "warm_start"
+    assert cfg.embed.reuse_model and cfg.mine.u2i.reuse_model and cfg.quantize.mode == "warm_start"
     weekly_cfg = load_config(REPO / weekly["parameters"]["config_path"], weekly["parameters"]["overrides"])
     assert not weekly_cfg.embed.reuse_model and weekly_cfg.embed.train.init_from == "published"
+    assert not weekly_cfg.mine.u2i.reuse_model             # the weekly retrain trains the two-tower too
     # the weekly retrain trains with the budget the embed-budget curve chose, not the refresh's 40 steps / 360 s
     assert (weekly_cfg.embed.train.max_steps, weekly_cfg.embed.train.max_seconds) == (1200, None)
 
@@ -38,7 +39,8 @@ def test_serve_builds_a_cron_deployment():
     assert dep.name == "daily-ml100k" and dep.flow_name == "codebook-refresh"
     assert dep.schedules[0].schedule.cron == "15 2 * * *"
     assert Path(dep.parameters["config_path"]).is_file()
-    assert dep.parameters["overrides"] == {"embed.reuse_model": True, "quantize.mode": "warm_start"}
+    assert dep.parameters["overrides"] == {"embed.reuse_model": True, "mine.u2i.reuse_model": True,
+                                          "quantize.mode": "warm_start"}
     retrain = mod.build_retrain()
     assert retrain.name == "weekly-retrain-ml100k"
     # continue the published model, with ML-100K's retrain budget (configs/ml100k.yaml, flow.retrain_overrides)

@@ -50,7 +50,8 @@ def test_names_tags_and_parameters_come_from_the_config(config, name, retrain):
     assert weekly.tags == ["qarm", "codebook-refresh", "retrain", f"config:{name}"]
     assert rank.tags == ["qarm", "rank-train", f"config:{name}"]
     assert all(d.parameters["config_path"] == config for d in (daily, weekly, rank))
-    assert daily.parameters["overrides"] == {"embed.reuse_model": True, "quantize.mode": "warm_start"}
+    assert daily.parameters["overrides"] == {"embed.reuse_model": True, "mine.u2i.reuse_model": True,
+                                             "quantize.mode": "warm_start"}
     assert weekly.parameters["overrides"] == retrain
     assert (daily.cron, weekly.cron, rank.cron) == ("0 3 * * *", "0 4 * * 0", None)
     assert all(d.description for d in (daily, weekly, rank))

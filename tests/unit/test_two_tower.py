@@ -5,8 +5,9 @@ import pytest
 from qarm_core.devices import mkl_threads
 from qarm_core.errors import DataError
 from qarm_core.pairs.config import TwoTowerConfig
-from qarm_core.pairs.two_tower import (evaluate_recall, histories, mine_u2i_pairs,
-                                       time_split, train_two_tower, u2i_pairs)
+from qarm_core.pairs.two_tower import (MODEL_FIELDS, evaluate_recall, histories, load_towers, mine_u2i_pairs,
+                                       reuse_blocker, reuse_towers, save_towers, time_split, train_two_tower,
+                                       u2i_pairs)
 from qarm_core.schemas import PAIRS
 from qarm_core.synth import SynthSpec, iter_synthetic_interactions, iter_synthetic_items
 
@@ -190,7 +191,7 @@ def test_mine_end_to_end_and_recall_report(synth):
     # OpenMP's count only: MKL's (torch's float32 matmuls) is checked too - it stayed at 1 while
     # torch said 2, and the judge after the miner ran 1.7x slower
     torch.set_num_threads(2)
-    pairs, report = mine_u2i_pairs(*synth, TwoTowerConfig(**{**SMALL.__dict__, "epochs": 1}), k=10)
+    pairs, report, _ = mine_u2i_pairs(*synth, TwoTowerConfig(**{**SMALL.__dict__, "epochs": 1}), k=10)
     assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
     assert mkl_threads() in (None, 2)
     assert report["n_pairs"] == pairs.num_rows > 0
@@ -336,3 +337,81 @@ def test_lazy_adamw_step_moves_and_decays_only_the_rows_a_batch_touched():
     assert torch.equal(after[untouched], before[untouched])
     # Adam's first step moves each coordinate by lr (gradient 1 everywhere), then the decay
     assert torch.allclose(after[[1, 4]], (before[[1, 4]] - 0.1) * (1 - 0.1 * 0.5), atol=1e-6)
+
+
+# ---------------------------------------------------------------- saved and reused towers
+def test_saved_towers_reused_on_the_same_split_give_the_same_vectors_and_pairs(trained, tmp_path):
+    split, model = trained
+    save_towers(model, tmp_path)
+    saved = load_towers(tmp_path)
+    again, unseen = reuse_towers(saved, split, SMALL)
+    assert unseen == 0
+    np.testing.assert_array_equal(again.item_embeddings(), model.item_embeddings())
+    assert u2i_pairs(again, split).equals(u2i_pairs(model, split))
+    other = tmp_path / "again"
+    other.mkdir()
+    save_towers(again, other)                                   # the same model, the same bytes
+    for f in ("towers.safetensors", "item_ids.npy", "towers.json"):
+        assert (other / f).read_bytes() == (tmp_path / f).read_bytes()
+
+
+def test_reused_towers_on_a_grown_catalog_keep_old_items_and_place_new_ones_by_text(synth, trained, tmp_path):
+    inter, items = synth
+    split, model = trained
+    save_towers(model, tmp_path)
+    old_ids = items["item_id"].to_numpy()
+    new_ids = np.arange(old_ids.max() + 1, old_ids.max() + 4)
+    # new items with the same title and tags as an old one: by their text alone their vectors agree
+    extra = items.take(pa.array([0, 0, 0]))
+    extra = extra.set_column(extra.schema.get_field_index("item_id"), "item_id", pa.array(new_ids, pa.int64()))
+    grown = pa.concat_tables([items, extra])
+    events = inter.take(pa.array([0, 0, 0]))
+    for name, values in (("item_id", new_ids), ("ts", inter["ts"].to_numpy().max() + 1 + np.arange(3))):
+        i = events.schema.get_field_index(name)
+        events = events.set_column(i, name, pa.array(values, events.schema.field(name).type))
+    day1 = pa.concat_tables([inter, events])
+    split1 = time_split(day1, grown, SMALL)
+    reused, unseen = reuse_towers(load_towers(tmp_path), split1, SMALL)
+    assert unseen == 3 and split1.n_items == split.n_items + 3
+    emb0, emb1 = model.item_embeddings(), reused.item_embeddings()
+    at = np.searchsorted(split1.item_ids, split.item_ids)
+    np.testing.assert_allclose(emb1[at], emb0, atol=1e-6)         # old items: the published vectors
+    new_rows = np.searchsorted(split1.item_ids, new_ids)
+    np.testing.assert_allclose(emb1[new_rows[1:]], np.repeat(emb1[new_rows[:1]], 2, 0), atol=1e-6)
+    assert not np.allclose(emb1[new_rows[0]], emb1[at[0]])      # the mean id row, not the old item's
+    pairs, report, used = mine_u2i_pairs(day1, grown, SMALL, k=10, published=load_towers(tmp_path))
+    assert report["reused"] == 1 and report["items_unseen"] == 3 and report["train_seconds"] == 0.0
+    np.testing.assert_allclose(used.item_embeddings(), emb1, atol=1e-6)
+    assert pairs.num_rows == report["n_pairs"] > 0
+
+
+def test_towers_trained_under_other_settings_are_not_reused(synth, trained, tmp_path):
+    split, model = trained
+    save_towers(model, tmp_path)
+    saved = load_towers(tmp_path)
+    assert reuse_blocker(saved, SMALL) is None
+    # mining and measuring settings do not block; a model setting does, and is named
+    assert reuse_blocker(saved, TwoTowerConfig(**{**SMALL.__dict__, "top_m": 1, "recall_k": 5, "reuse_model": True})) is None
+    for field, value in (("hidden", 48), ("lr", 1e-3), ("seed", 7), ("history_len", 4)):
+        assert field in MODEL_FIELDS
+        why = reuse_blocker(saved, TwoTowerConfig(**{**SMALL.__dict__, field: value}))
+        assert why is not None and field in why
+    with pytest.raises(ValueError, match="hidden"):
+        reuse_towers(saved, split, TwoTowerConfig(**{**SMALL.__dict__, "hidden": 48}))
+    other = TwoTowerConfig(**{**SMALL.__dict__, "epochs": 1})
+    _, report, _ = mine_u2i_pairs(*synth, other, k=10, published=saved)
+    assert report["reused"] == 0 and report["train_seconds"] > 0
+
+
+def test_an_unreadable_or_inconsistent_towers_folder_is_a_data_error(trained, tmp_path):
+    split, model = trained
+    with pytest.raises(DataError, match="two_tower"):
+        load_towers(tmp_path)                                       # empty folder
+    save_towers(model, tmp_path)
+    np.save(tmp_path / "item_ids.npy", split.item_ids[:-1], allow_pickle=False)
+    with pytest.raises(DataError, match="do not match its id table"):
+        load_towers(tmp_path)
+    save_towers(model, tmp_path)
+    (tmp_path / "towers.json").write_text('{"format": 99}')
+    with pytest.raises(DataError, match="format 99"):
+        load_towers(tmp_path)
