@@ -2,7 +2,7 @@
 
 What it publishes (an *inputs* snapshot): the new ``interactions`` and ``items``, and, carried over
 unchanged from the snapshot that was current (``tasks.ingest.CARRIED``), what the next refresh reuses: the judge
-and QA caches, the embedding model, the embeddings and the Semantic IDs (codebook and codes), so
+and QA caches, the embedding model, the u2i miner's towers, the embeddings and the Semantic IDs (codebook and codes), so
 that ingesting new data never resets the SIDs consumers hold nor the work a refresh can reuse. It
 holds no time split (``periods``, ``train_events``, ``valid_events``) nor mined ``pairs``: those
 belong to the log they were computed from. So rank-train and evaluate, which need the split, refuse

@@ -47,7 +47,8 @@ def ingest(cfg: PipelineConfig, parent_run_id: str, parent: str | None = CURRENT
 
 # What an inputs snapshot (the ingest flow's) carries over from the current one: the refresh's caches,
 # which stay valid for new data (each is keyed by item, pair, model or codebook, not by the log).
-CARRIED = ("judgments", "judge_eval", "judge_neutral", "qa", "model", "embeddings", "codes", "codebook")
+CARRIED = ("judgments", "judge_eval", "judge_neutral", "qa", "model", "two_tower", "embeddings", "codes",
+           "codebook")
 # The dataset whose absence marks a snapshot no refresh has split yet (an inputs snapshot).
 SPLIT_DATASET = "periods"
 

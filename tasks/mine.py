@@ -44,6 +44,8 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
     storage = Storage(cfg.home).as_of(parent)
     u2i = "u2i" in cfg.mine.sources
     towers_rec = storage.published_cache(TOWERS) if u2i and cfg.mine.u2i.reuse_model else None
+    if towers_rec is not None and towers_rec.schema_version != TOWERS_FORMAT:
+        towers_rec = None           # written by another qarm: the towers train, as with none published
     mined_from = {"events": events.fingerprint, "items": items.fingerprint,
                   "positive_rule": cfg.events.model_dump(mode="json"), "mine": cfg.mine.model_dump(mode="json"),
                   **({"towers": towers_rec.fingerprint} if towers_rec is not None else {})}
@@ -80,7 +82,8 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
                 storage, CANDIDATES_STAGE, stage_key(spec), {"candidates": (PAIRS, batches)}, fresh,
                 artifacts={n: (v, lambda folder, w=w: w(folder, made)) for n, (v, w) in artifacts.items()})
             candidates = made["table"] if "table" in made else read_dataset(recs["candidates"])
-            towers = made.get(TOWERS) or (Path(recs[TOWERS].path) if u2i else None)
+            # the candidates' copy of the towers (just written, or cached): linked, not written again
+            towers = Path(recs[TOWERS].path) if u2i else None
             # reused candidates: the miners' figures hold, their timings are not this run's
             report = {k: v for k, v in stored.items() if not (reused and is_timing(k))}
             report["candidates_reused"] = float(reused)

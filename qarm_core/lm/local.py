@@ -18,7 +18,8 @@ from qarm_core.progress import Progress, advance
 # Continuation rows per forward pass of shared contexts, in batches: their rows are length-sorted
 # together, so a batch holds continuations of similar length.
 ROWS_PER_CONTEXT_PASS = 4
-# Prompts sharing fewer tokens than this beyond the common prefix are not worth a group's extra pass.
+# What a group's extra forward pass is taken to cost, in prompt tokens: a group of prompts sharing a
+# prefix beyond the common one is formed only where it saves more tokens than this.
 MIN_GROUP_PREFIX = 4
 
 
@@ -277,8 +278,8 @@ class LocalLM:
         * the prompts' longest common token prefix (the chat template and system turn) runs once
           and its key/value cache is shared by every row;
         * prompts that share a longer prefix among themselves (the questions about one item: the
-          item's text comes before the question) form a group when at least
-          ``share_context_min`` do and the shared part is ``MIN_GROUP_PREFIX`` tokens or more: each
+          item's text comes before the question) form groups of ``share_context_min`` to ``bs``
+          prompts where that saves more than ``MIN_GROUP_PREFIX`` tokens (``prefix_groups``): each
           group's prefix runs once, several groups per forward pass, and its rows run only their
           own tokens on its key/value cache;
         * each batch runs its rows' own tokens right-padded on that cache (padding slots masked,
@@ -303,8 +304,7 @@ class LocalLM:
             h = hidden[torch.arange(len(rows), device=self.device), lens - 1]      # (rows, H)
             self._decode(prompts, rows, h, past, att, n_pre + lens, max_new_tokens, out)
             advance(progress, len(rows))
-        shared = sorted(((p, g[s:s + bs]) for p, g in groups if p for s in range(0, len(g), bs)),
-                        key=lambda pg: (pg[0], len(pg[1])))
+        shared = sorted(((p, g) for p, g in groups if p), key=lambda pg: (pg[0], len(pg[1])))   # each <= bs rows
         batch: list[tuple[int, list[int]]] = []
         for pg in shared + [(0, [])]:
             if batch and (not pg[1] or sum(len(g) for _, g in batch) + len(pg[1]) > bs):
@@ -404,7 +404,8 @@ def prefix_groups(prompts: list[list[int]], n_pre: int, min_rows: int, min_token
 
     In token order a group is a run of prompts, whose shared prefix is the shortest common prefix
     of neighbours in it. Of all ways to cut the order into runs, the one that saves the most tokens
-    is taken (a group of m prompts saves (m - 1) p tokens, less ``min_tokens`` for its extra pass):
+    is taken (a group of m prompts saves (m - 1) p tokens, less ``min_tokens`` for its extra pass, so
+    a group is formed only where that is more than 0):
     the questions about one item share the item's text (the longer prefix two of its questions
     share, e.g. "What", or the shorter one of items whose titles begin alike, saves less)."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i][n_pre:])

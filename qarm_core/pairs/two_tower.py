@@ -25,8 +25,9 @@ items the user has had before.
 Reuse. ``save_towers`` writes a trained model (weights, the item id of each id-embedding row, its
 settings) and ``reuse_towers`` puts it back on another day's split: the daily refresh mines with the
 published towers instead of training (``mine.u2i.reuse_model``, as the embedding LLM is reused daily and
-retrained weekly). Items the towers never saw get the mean of the trained id rows, so their vector
-comes from their title and tags. Towers trained under other settings are not reused (the model trains).
+retrained weekly). Items the towers never saw get the mean of their id rows, so their vector comes
+from their title and tags. Towers trained under other settings or another positive-event rule are not
+reused (the model trains).
 
 U2I pairs. For each positive (user, target) in the latest window, which is each user's last
 ``window_events`` positive events (those with at least one earlier event), the user's history
@@ -301,6 +302,9 @@ class TwoTowerModel:
         self.item_tokens = split.item_tokens
         self.params = params
         self.train_seconds = train_seconds
+        # the positive-event rule of its training samples (``events.positive_min_rating``), as
+        # ``mine_u2i_pairs`` trained or reused it; saved with the towers
+        self.min_rating: float | None = POSITIVE_MIN_RATING
         self._raw: np.ndarray | None = None
 
     def _item_raw(self, chunk: int = 65536) -> np.ndarray:
@@ -568,6 +572,8 @@ TOWERS_WEIGHTS, TOWERS_IDS, TOWERS_META = "towers.safetensors", "item_ids.npy", 
 # num_threads, reuse_model) only decide what is mined or measured with them.
 MODEL_FIELDS = ("dim", "hidden", "history_len", "recency_half_life", "text_buckets", "max_tokens", "temperature",
                 "logq_correction", "epochs", "batch_size", "lr", "weight_decay", "max_train_samples", "seed")
+# ... and which events were its positives (``events.positive_min_rating``), saved beside them.
+POSITIVE_RULE_FIELD = "positive_min_rating"
 
 
 @dataclass(frozen=True)
@@ -591,7 +597,8 @@ def save_towers(model: TwoTowerModel, folder: str | Path) -> None:
     np.save(folder / TOWERS_IDS, np.asarray(model.item_ids, np.int64), allow_pickle=False)
     settings = model.params.model_dump(mode="json")
     (folder / TOWERS_META).write_text(json.dumps({"format": TOWERS_FORMAT, "n_items": int(len(model.item_ids)),
-                                                  "params": {f: settings[f] for f in MODEL_FIELDS}},
+                                                  "params": {f: settings[f] for f in MODEL_FIELDS}
+                                                  | {POSITIVE_RULE_FIELD: model.min_rating}},
                                                  sort_keys=True, indent=1))
 
 
@@ -605,7 +612,9 @@ def load_towers(folder: str | Path) -> SavedTowers:
         meta = json.loads((folder / TOWERS_META).read_text())
         state = load_file(str(folder / TOWERS_WEIGHTS))
         item_ids = np.load(folder / TOWERS_IDS, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        if not isinstance(meta, dict) or not isinstance(meta.get("params", {}), dict):
+            raise ValueError(f"{TOWERS_META} is not an object with a params object")
+    except Exception as exc:        # safetensors' own error is no OSError/ValueError
         raise DataError(STAGE, "two_tower", f"unreadable two-tower model at {folder}: {exc}") from None
     if meta.get("format") != TOWERS_FORMAT:
         raise DataError(STAGE, "two_tower", f"two-tower format {meta.get('format')} at {folder} is not {TOWERS_FORMAT}")
@@ -617,22 +626,26 @@ def load_towers(folder: str | Path) -> SavedTowers:
     return SavedTowers(state=state, item_ids=item_ids.astype(np.int64), settings=meta.get("params", {}))
 
 
-def reuse_blocker(saved: SavedTowers, params: TwoTowerConfig) -> str | None:
-    """Why ``saved`` cannot stand in for training under ``params`` (None: it can): the settings of
-    ``MODEL_FIELDS`` that differ, with both values."""
-    now = params.model_dump(mode="json")
-    diff = [f"{f} {saved.settings.get(f)!r} -> {now[f]!r}" for f in MODEL_FIELDS if saved.settings.get(f) != now[f]]
+def reuse_blocker(saved: SavedTowers, params: TwoTowerConfig,
+                  min_rating: float | None = POSITIVE_MIN_RATING) -> str | None:
+    """Why ``saved`` cannot stand in for training under ``params`` and the positive-event rule
+    ``min_rating`` (None: it can): the settings of ``MODEL_FIELDS`` and the rule that differ, with
+    both values."""
+    now = params.model_dump(mode="json") | {POSITIVE_RULE_FIELD: min_rating}
+    diff = [f"{f} {saved.settings.get(f)!r} -> {now[f]!r}" for f in (*MODEL_FIELDS, POSITIVE_RULE_FIELD)
+            if saved.settings.get(f) != now[f]]
     return f"the published towers were trained with other settings ({', '.join(diff)})" if diff else None
 
 
-def reuse_towers(saved: SavedTowers, split: TwoTowerSplit, params: TwoTowerConfig) -> tuple[TwoTowerModel, int]:
+def reuse_towers(saved: SavedTowers, split: TwoTowerSplit, params: TwoTowerConfig,
+                 min_rating: float | None = POSITIVE_MIN_RATING) -> tuple[TwoTowerModel, int]:
     """``saved`` on ``split``'s catalog, untrained: each item's id row is carried over by item id,
-    and an item the towers never saw gets the mean of the trained rows (its vector then comes from
-    its text). Returns the model and the number of such items. ``ValueError`` if ``reuse_blocker``
-    says the settings differ."""
+    and an item the towers never saw gets the mean of their id rows (its vector then comes from its
+    text). Returns the model and the number of such items. ``ValueError`` if ``reuse_blocker`` says
+    the settings or the positive-event rule differ; ``DataError`` if the weights do not fit them."""
     import torch
 
-    why = reuse_blocker(saved, params)
+    why = reuse_blocker(saved, params, min_rating)
     if why is not None:
         raise ValueError(why)
     with _torch_env(params):
@@ -645,9 +658,14 @@ def reuse_towers(saved: SavedTowers, split: TwoTowerSplit, params: TwoTowerConfi
     known_t = torch.from_numpy(known)
     rows[known_t] = old[torch.from_numpy(at[known])]
     state["item_id.weight"] = rows
-    towers.load_state_dict(state)
+    try:
+        towers.load_state_dict(state)
+    except RuntimeError as exc:     # weights of other shapes than the settings say
+        raise DataError(STAGE, "two_tower", f"the published two-tower weights do not fit its settings: {exc}") from None
     towers.eval()
-    return TwoTowerModel(towers, split, params), int((~known).sum())
+    model = TwoTowerModel(towers, split, params)
+    model.min_rating = saved.settings.get(POSITIVE_RULE_FIELD)
+    return model, int((~known).sum())
 
 
 def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None = None,
@@ -663,16 +681,17 @@ def mine_u2i_pairs(interactions: Any, items: Any, params: TwoTowerConfig | None 
     """
     params = params or TwoTowerConfig()
     split = time_split(interactions, items, params, min_rating)
-    blocker = "none published" if published is None else reuse_blocker(published, params)
+    blocker = "none published" if published is None else reuse_blocker(published, params, min_rating)
     report: dict[str, Any] = {"n_items": split.n_items, "n_users_total": len(split.user_ids),
                               "n_train_samples": int(len(split.train_pos))}
     if blocker is None:
-        model, unseen = reuse_towers(published, split, params)
+        model, unseen = reuse_towers(published, split, params, min_rating)
         report |= {"reused": 1, "items_unseen": unseen, "train_seconds": 0.0}
     else:
         if published is not None:
             log.info("mine: training the two-tower model: %s", blocker)
         model = train_two_tower(split, params)
+        model.min_rating = min_rating
         report |= {"reused": 0, "train_seconds": round(model.train_seconds, 2)}
     if len(split.holdout_pos):
         report.update(evaluate_recall(model, split, k=k, max_users=params.recall_max_users))

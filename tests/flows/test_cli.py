@@ -128,6 +128,13 @@ def test_ingest_own_files_then_status_then_refresh_from_them(prefect_harness, tm
     assert {"periods", "codes", "codebook", "model"} <= set(full.manifest["datasets"])
     status = runner.invoke(app, ["status", "--config", TINY, "--set", f"home={home}"])
     assert status.exit_code == 0 and "inputs only" not in status.output
+    # new data ingested after that refresh: the inputs snapshot carries the refresh's caches and models
+    res = runner.invoke(app, ["ingest", "--interactions", str(tmp_path / "s" / "interactions"),
+                              "--items", str(tmp_path / "s" / "items"), "--config", TINY, "--set", f"home={home}"])
+    assert res.exit_code == 0, res.output
+    carried = Storage(home).current().manifest["datasets"]
+    for name in ("model", "two_tower", "codebook", "codes", "judgments", "qa"):
+        assert carried[name]["fingerprint"] == full.manifest["datasets"][name]["fingerprint"], name
 
 
 def test_bad_input_exits_2_with_clear_message(prefect_harness, tmp_path):

@@ -411,9 +411,9 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm):
 
 def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
     """Prompts sharing a longer prefix (questions about one item) run it once per group, several
-    groups per forward pass, and give transformers' greedy tokens: for groups split across
-    batches (batch 2, 3), several groups in one batch (batch 8), prompts alone beside them, and a
-    prompt that extends another."""
+    groups per forward pass, and give transformers' greedy tokens: with one item's questions cut
+    into several groups by the batch size (batch 2, 3), several groups in one batch (batch 8),
+    prompts alone beside them, and a prompt that extends another."""
     import torch
 
     from qarm_core.lm.local import LocalLM, prefix_groups
@@ -443,6 +443,7 @@ def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
             assert len({tuple(ids[i][:n_pre + p]) for i in g}) == 1
     assert all(not p and len(g) == 1 for p, g in prefix_groups(ids, n_pre, 0, 4))
     assert all(not p for p, _ in prefix_groups(ids, n_pre, 5, 4))    # no group of 5 rows
+    assert max(len(g) for _, g in prefix_groups(ids, n_pre, 2, 4, max_rows=2)) == 2
     assert all(not p for p, _ in prefix_groups(ids, n_pre, 2, 10_000))
 
     want = []

@@ -398,9 +398,14 @@ def test_towers_trained_under_other_settings_are_not_reused(synth, trained, tmp_
         assert why is not None and field in why
     with pytest.raises(ValueError, match="hidden"):
         reuse_towers(saved, split, TwoTowerConfig(**{**SMALL.__dict__, "hidden": 48}))
+    # towers whose positives were other events (another rating threshold) are not reused either
+    assert reuse_blocker(saved, SMALL, 4.0) is None
+    assert "positive_min_rating 4.0 -> 3.0" in reuse_blocker(saved, SMALL, 3.0)
     other = TwoTowerConfig(**{**SMALL.__dict__, "epochs": 1})
     _, report, _ = mine_u2i_pairs(*synth, other, k=10, published=saved)
     assert report["reused"] == 0 and report["train_seconds"] > 0
+    _, report, _ = mine_u2i_pairs(*synth, SMALL, k=10, published=saved, min_rating=3.0)
+    assert report["reused"] == 0
 
 
 def test_an_unreadable_or_inconsistent_towers_folder_is_a_data_error(trained, tmp_path):
@@ -414,4 +419,13 @@ def test_an_unreadable_or_inconsistent_towers_folder_is_a_data_error(trained, tm
     save_towers(model, tmp_path)
     (tmp_path / "towers.json").write_text('{"format": 99}')
     with pytest.raises(DataError, match="format 99"):
+        load_towers(tmp_path)
+    save_towers(model, tmp_path)
+    weights = tmp_path / "towers.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                # truncated: safetensors' own error
+    with pytest.raises(DataError, match="unreadable two-tower model"):
+        load_towers(tmp_path)
+    save_towers(model, tmp_path)
+    (tmp_path / "towers.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="unreadable two-tower model"):
         load_towers(tmp_path)
