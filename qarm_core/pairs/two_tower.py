@@ -578,12 +578,28 @@ POSITIVE_RULE_FIELD = "positive_min_rating"
 
 @dataclass(frozen=True)
 class SavedTowers:
-    """Towers as ``save_towers`` wrote them: the weights by name (torch tensors), ``item_ids``
-    ``(n_items,)`` int64 sorted (the original id of each id-embedding row) and the settings (JSON)."""
+    """Towers as ``save_towers`` wrote them into ``folder``: ``item_ids`` ``(n_items,)`` int64 sorted
+    (the original id of each id-embedding row) and the settings (JSON); the weights are read by
+    ``weights()`` only when the towers are reused, so a run that trains instead never loads them."""
 
-    state: dict
+    folder: Path
     item_ids: np.ndarray
     settings: dict
+
+    def weights(self) -> dict:
+        """The weights by name (torch tensors); an unreadable file, or an id table that does not
+        match ``item_ids``, is a ``DataError`` of dataset ``two_tower``."""
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(self.folder / TOWERS_WEIGHTS))
+        except Exception as exc:    # safetensors' own error is no OSError/ValueError
+            raise DataError(STAGE, "two_tower", f"unreadable two-tower weights at {self.folder}: {exc}") from None
+        rows = state.get("item_id.weight")
+        if rows is None or rows.shape[0] != len(self.item_ids):
+            raise DataError(STAGE, "two_tower", f"two-tower model at {self.folder}: {len(self.item_ids)} item ids do "
+                                                f"not match its id table {None if rows is None else tuple(rows.shape)}")
+        return state
 
 
 def save_towers(model: TwoTowerModel, folder: str | Path) -> None:
@@ -603,27 +619,24 @@ def save_towers(model: TwoTowerModel, folder: str | Path) -> None:
 
 
 def load_towers(folder: str | Path) -> SavedTowers:
-    """The towers ``save_towers`` wrote into ``folder``; a missing or inconsistent file is a
-    ``DataError`` of dataset ``two_tower``."""
-    from safetensors.torch import load_file
-
+    """The towers ``save_towers`` wrote into ``folder`` (settings and item ids; the weights on
+    demand); a missing or inconsistent file is a ``DataError`` of dataset ``two_tower``."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / TOWERS_META).read_text())
-        state = load_file(str(folder / TOWERS_WEIGHTS))
         item_ids = np.load(folder / TOWERS_IDS, allow_pickle=False)
         if not isinstance(meta, dict) or not isinstance(meta.get("params", {}), dict):
             raise ValueError(f"{TOWERS_META} is not an object with a params object")
-    except Exception as exc:        # safetensors' own error is no OSError/ValueError
+        if not (folder / TOWERS_WEIGHTS).is_file():
+            raise OSError(f"no {TOWERS_WEIGHTS}")
+    except (OSError, ValueError) as exc:
         raise DataError(STAGE, "two_tower", f"unreadable two-tower model at {folder}: {exc}") from None
     if meta.get("format") != TOWERS_FORMAT:
         raise DataError(STAGE, "two_tower", f"two-tower format {meta.get('format')} at {folder} is not {TOWERS_FORMAT}")
-    rows = state.get("item_id.weight")
-    if rows is None or rows.shape[0] != len(item_ids) or item_ids.ndim != 1 \
+    if item_ids.ndim != 1 or not np.issubdtype(item_ids.dtype, np.integer) \
             or (len(item_ids) > 1 and not (np.diff(item_ids) > 0).all()):
-        raise DataError(STAGE, "two_tower", f"two-tower model at {folder}: {len(item_ids)} item ids (sorted, "
-                                            f"distinct) do not match its id table {None if rows is None else tuple(rows.shape)}")
-    return SavedTowers(state=state, item_ids=item_ids.astype(np.int64), settings=meta.get("params", {}))
+        raise DataError(STAGE, "two_tower", f"two-tower model at {folder}: its item ids are not sorted, distinct integers")
+    return SavedTowers(folder=folder, item_ids=item_ids.astype(np.int64), settings=meta.get("params", {}))
 
 
 def reuse_blocker(saved: SavedTowers, params: TwoTowerConfig,
@@ -650,7 +663,7 @@ def reuse_towers(saved: SavedTowers, split: TwoTowerSplit, params: TwoTowerConfi
         raise ValueError(why)
     with _torch_env(params):
         towers = _build_towers(split.n_items, params)
-    state = dict(saved.state)
+    state = saved.weights()
     old = state.pop("item_id.weight")
     at = np.minimum(np.searchsorted(saved.item_ids, split.item_ids), max(len(saved.item_ids) - 1, 0))
     known = (saved.item_ids[at] == split.item_ids) if len(saved.item_ids) else np.zeros(split.n_items, bool)

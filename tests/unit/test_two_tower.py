@@ -408,24 +408,33 @@ def test_towers_trained_under_other_settings_are_not_reused(synth, trained, tmp_
     assert report["reused"] == 0
 
 
-def test_an_unreadable_or_inconsistent_towers_folder_is_a_data_error(trained, tmp_path):
+def test_an_unreadable_or_inconsistent_towers_folder_is_a_data_error(synth, trained, tmp_path):
     split, model = trained
     with pytest.raises(DataError, match="two_tower"):
         load_towers(tmp_path)                                       # empty folder
     save_towers(model, tmp_path)
+    np.save(tmp_path / "item_ids.npy", split.item_ids[::-1], allow_pickle=False)
+    with pytest.raises(DataError, match="not sorted, distinct"):
+        load_towers(tmp_path)
     np.save(tmp_path / "item_ids.npy", split.item_ids[:-1], allow_pickle=False)
     with pytest.raises(DataError, match="do not match its id table"):
-        load_towers(tmp_path)
+        reuse_towers(load_towers(tmp_path), split, SMALL)           # the weights are read on reuse only
     save_towers(model, tmp_path)
     (tmp_path / "towers.json").write_text('{"format": 99}')
     with pytest.raises(DataError, match="format 99"):
         load_towers(tmp_path)
     save_towers(model, tmp_path)
-    weights = tmp_path / "towers.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])                # truncated: safetensors' own error
-    with pytest.raises(DataError, match="unreadable two-tower model"):
-        load_towers(tmp_path)
-    save_towers(model, tmp_path)
     (tmp_path / "towers.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="unreadable two-tower model"):
         load_towers(tmp_path)
+    save_towers(model, tmp_path)
+    weights = tmp_path / "towers.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                # truncated: safetensors' own error
+    saved = load_towers(tmp_path)
+    with pytest.raises(DataError, match="unreadable two-tower weights"):
+        reuse_towers(saved, split, SMALL)
+    # towers that would not be reused (other settings) train: their unreadable weights are never read
+    _, report, _ = mine_u2i_pairs(*synth, TwoTowerConfig(**{**SMALL.__dict__, "epochs": 1}), k=10, published=saved)
+    assert report["reused"] == 0
+    with pytest.raises(DataError, match="unreadable two-tower weights"):
+        mine_u2i_pairs(*synth, SMALL, k=10, published=saved)
