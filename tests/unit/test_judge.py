@@ -416,7 +416,7 @@ def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
     prompts alone beside them, and a prompt that extends another."""
     import torch
 
-    from qarm_core.lm.local import LocalLM, prefix_groups
+    from qarm_core.lm.local import MIN_GROUP_PREFIX, LocalLM, prefix_groups
 
     lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
     tok, model = lm.tokenizer, lm.model
@@ -445,6 +445,8 @@ def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
     assert all(not p for p, _ in prefix_groups(ids, n_pre, 5, 4))    # no group of 5 rows
     assert max(len(g) for _, g in prefix_groups(ids, n_pre, 2, 4, max_rows=2)) == 2
     assert all(not p for p, _ in prefix_groups(ids, n_pre, 2, 10_000))
+    # what greedy_token_ids forms with its own threshold: the items' questions are grouped there too
+    assert [sorted(g) for p, g in prefix_groups(ids, n_pre, 2, MIN_GROUP_PREFIX) if p] == grouped
 
     want = []
     for x in ids:
