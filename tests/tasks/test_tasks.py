@@ -181,6 +181,35 @@ def test_mine_keeps_published_neighbours_and_reuses_its_candidates(prefect_harne
                                     - {*zip(*(read_dataset(first)[c].to_pylist() for c in ("src_item", "dst_item")))})
 
 
+def test_mine_reuses_the_published_towers_and_trains_when_they_are_of_another_format(prefect_harness, tiny_cfg, parent):
+    """``mine.u2i.reuse_model``: the mine stage writes its towers (``two_tower``); once published, the
+    next run mines with them untrained (the towers' fingerprint is an input: a new output, the same
+    towers); towers recorded in another format are not read: the stage runs as without published
+    towers (here the first run's output, reused) instead of failing."""
+    import dataclasses
+
+    from tasks.mine import TOWERS, mine
+
+    cfg = tiny_cfg.model_copy(update={"mine": tiny_cfg.mine.model_copy(update={
+        "sources": ["u2i"], "u2i": tiny_cfg.mine.u2i.model_copy(update={"reuse_model": True})})})
+    recs = ingest(cfg, parent)
+    st = Storage(cfg.home)
+    first = mine(cfg, parent, recs["interactions"], recs["items"])
+    assert set(first) == {"pairs", TOWERS}
+    st.publish({"pairs": first["pairs"], TOWERS: first[TOWERS]})
+    second = mine(cfg, parent, recs["interactions"], recs["items"])
+    assert second[TOWERS].fingerprint == first[TOWERS].fingerprint
+    assert read_dataset(second["pairs"]).equals(read_dataset(first["pairs"]))
+    st.publish({"pairs": second["pairs"], TOWERS: dataclasses.replace(second[TOWERS], schema_version=99)})
+    third = mine(cfg, parent, recs["interactions"], recs["items"])
+    m = [r["metrics"] for r in reversed(_stage_runs(cfg, "mine"))]           # newest first: reversed
+    assert [x["u2i.reused"] for x in m] == [0.0, 1.0, 0.0]
+    assert m[0]["u2i.train_seconds"] > 0 and m[1]["u2i.train_seconds"] == 0
+    # without towers it may use, the third run's inputs are the first run's: its output is reused
+    assert [x["reused"] for x in m] == [0.0, 0.0, 1.0]
+    assert third[TOWERS].fingerprint == first[TOWERS].fingerprint
+
+
 def test_nothing_is_published_or_started_after_a_stop_signal(prefect_harness, tiny_cfg, parent):
     """A stop whose exception was swallowed where it landed (seen inside Prefect's event service: the
     SIGTERM'd refresh ran on and published) still stops the run at the next stage or publish."""
