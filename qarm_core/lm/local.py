@@ -194,17 +194,7 @@ class LocalLM:
         for s in range(0, len(rows), bs):
             batch = rows[s:s + bs]
             gi = torch.tensor([g for g, _, _ in batch], device=dev)
-            w = max(len(x) for _, _, x in batch)
-            x_ids = torch.full((len(batch), w), self.tokenizer.pad_token_id, dtype=torch.long)
-            x_att = torch.zeros((len(batch), w), dtype=torch.long)
-            for r, (_, _, x) in enumerate(batch):
-                x_ids[r, :len(x)] = torch.tensor(x)
-                x_att[r, :len(x)] = 1
-            past = _view_of(ctx_cache)
-            past.batch_select_indices(gi)
-            pos = n_pre + lens[gi][:, None] + torch.arange(w, device=dev)[None]
-            hid = self.model.model(input_ids=x_ids.to(dev), attention_mask=torch.cat([ctx_att[gi], x_att.to(dev)], 1),
-                                   position_ids=pos, cache=past, use_cache=True).last_hidden_state
+            hid = self._run_on_groups([x for _, _, x in batch], gi, ctx_cache, ctx_att, lens, n_pre)[0]
             # token 0 of a continuation is predicted by its context's last state, token t by position t-1
             r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
             t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
@@ -334,13 +324,26 @@ class LocalLM:
                                                         cache, n_pre)
         gi = torch.tensor([j for j, (_, g) in enumerate(batch) for _ in g], device=dev)
         own = [prompts[i][n_pre + p:] for p, g in batch for i in g]
-        width = max(len(x) for x in own)
-        ids = torch.full((len(own), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(own), width), dtype=torch.long)
-        for r, x in enumerate(own):
+        hidden, past, att, nxt_pos = self._run_on_groups(own, gi, g_cache, g_att, g_lens, n_pre)
+        lens = torch.tensor([len(x) for x in own], device=dev)
+        return hidden[torch.arange(len(own), device=dev), lens - 1], past, att, nxt_pos
+
+    def _run_on_groups(self, seqs: list[list[int]], gi: Any, g_cache: Any, g_att: Any, g_lens: Any,
+                       n_pre: int) -> tuple[Any, Any, Any, Any]:
+        """One forward of ``seqs`` (right-padded), row r on the cache of group ``gi[r]``: ``g_cache``
+        holds the groups' tokens after the ``n_pre``-token prefix (right-padded, ``g_att`` their mask,
+        ``g_lens`` their lengths), so the padding slots are masked and positions continue each group.
+        Returns (hidden (rows, width, H), the rows' cache, its attention mask (rows, n_pre + group
+        width + width), each row's next position (rows,))."""
+        import torch
+
+        dev = self.device
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, x in enumerate(seqs):
             ids[r, :len(x)] = torch.tensor(x)
             att[r, :len(x)] = 1
-        lens = torch.tensor([len(x) for x in own], device=dev)
         past = _view_of(g_cache)
         past.batch_select_indices(gi)
         att = torch.cat([g_att[gi], att.to(dev)], 1)
@@ -348,8 +351,7 @@ class LocalLM:
         pos = start[:, None] + torch.arange(width, device=dev)[None]
         res = self.model.model(input_ids=ids.to(dev), attention_mask=att, position_ids=pos, cache=past,
                                use_cache=True)
-        h = res.last_hidden_state[torch.arange(len(own), device=dev), lens - 1]
-        return h, res.cache, att, start + lens
+        return res.last_hidden_state, res.cache, att, start + torch.tensor([len(x) for x in seqs], device=dev)
 
     def _decode(self, prompts: list[list[int]], rows: list[int], h: Any, past: Any, att: Any, nxt_pos: Any,
                 max_new_tokens: int, out: list[list[int]]) -> None:
