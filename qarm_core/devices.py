@@ -23,7 +23,9 @@ overrides the choice (the reason then says so).
 
 The CPU probe reads ``/proc/cpuinfo`` and honours the caps a user (or a benchmark standing in for
 an older CPU) puts on the instruction sets torch may use: ``ATEN_CPU_CAPABILITY`` below avx512 and
-``ONEDNN_MAX_CPU_ISA`` below ``AVX512_CORE_BF16`` both mean "no native bf16".
+``ONEDNN_MAX_CPU_ISA`` below ``AVX512_CORE_BF16`` both mean "no native bf16". The caps of the other
+libraries whose kernels a figure may depend on (MKL, numpy's OpenBLAS, numba, faiss) are printed with
+the CPU line too, and ``hardware_summary`` names the kernel set numpy's BLAS actually picked.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP1
                      "DEFAULT", "ALL")
 # Flags worth printing next to a measured figure: they decide the speed of float32 and bf16.
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+# Instruction-set caps of the other libraries a figure may run on, printed when set: MKL (torch's
+# float32 matmuls on CPU), numpy's OpenBLAS (the quantizer's sgemm), numba (its kernels), faiss.
+# They do not decide torch's bf16 (oneDNN does), so ``bf16_native`` reads only the two above.
+OTHER_CAP_VARS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "NUMBA_CPU_NAME", "FAISS_OPT_LEVEL")
 
 
 def resolve_device(name: str, stage: str, key: str = "device") -> str:
@@ -81,6 +87,7 @@ class CpuInfo:
     cores: int
     aten_cap: str | None = None      # ATEN_CPU_CAPABILITY, if set
     onednn_cap: str | None = None    # ONEDNN_MAX_CPU_ISA, if set
+    other_caps: tuple[tuple[str, str], ...] = ()   # (variable, value) of OTHER_CAP_VARS that are set
 
     @property
     def bf16_native(self) -> bool:
@@ -98,7 +105,7 @@ class CpuInfo:
         """One line for reports, e.g. ``AMD EPYC, 2 cores, avx2 fma avx512f avx512_bf16 (native bf16: yes)``."""
         shown = " ".join(f for f in REPORTED_FLAGS if f in self.flags) or "no AVX2"
         caps = [f"{k}={v}" for k, v in (("ATEN_CPU_CAPABILITY", self.aten_cap),
-                                        ("ONEDNN_MAX_CPU_ISA", self.onednn_cap)) if v]
+                                        ("ONEDNN_MAX_CPU_ISA", self.onednn_cap), *self.other_caps) if v]
         return (f"{self.model}, {self.cores} cores, {shown}"
                 f"{' [capped: ' + ', '.join(caps) + ']' if caps else ''}"
                 f" (native bf16: {'yes' if self.bf16_native else 'no'})")
@@ -116,7 +123,8 @@ def parse_cpuinfo(text: str, cores: int, env: dict[str, str] | None = None) -> C
         elif k == "flags" and not flags:
             flags = frozenset(v.split())
     return CpuInfo(model=model or platform.processor() or platform.machine(), flags=flags, cores=cores,
-                   aten_cap=env.get("ATEN_CPU_CAPABILITY") or None, onednn_cap=env.get("ONEDNN_MAX_CPU_ISA") or None)
+                   aten_cap=env.get("ATEN_CPU_CAPABILITY") or None, onednn_cap=env.get("ONEDNN_MAX_CPU_ISA") or None,
+                   other_caps=tuple((k, env[k]) for k in OTHER_CAP_VARS if env.get(k)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,7 +150,28 @@ def hardware_summary() -> str:
         line += f"; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)"
     except Exception:  # noqa: BLE001 -- a report line must not fail the run it describes
         pass
-    return line
+    blas = numpy_blas()
+    return line + (f"; numpy BLAS {blas}" if blas else "")
+
+
+def numpy_blas() -> str | None:
+    """numpy's BLAS and the kernel set it runs, e.g. ``openblas 0.3.29 (Haswell)``, as threadpoolctl
+    reports it: an ``OPENBLAS_CORETYPE`` cap shows here as the kernels actually chosen. None when
+    it cannot be read."""
+    try:
+        import importlib
+
+        from threadpoolctl import threadpool_info
+
+        importlib.import_module("numpy")        # loads numpy's BLAS, so that threadpoolctl sees it
+
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas" and "numpy" in str(lib.get("filepath", "")):
+                arch = lib.get("architecture")
+                return f"{lib.get('internal_api')} {lib.get('version')}" + (f" ({arch})" if arch else "")
+    except Exception:  # noqa: BLE001 -- a report line must not fail the run it describes
+        return None
+    return None
 
 
 # ---------------------------------------------------------------- the dtype decision

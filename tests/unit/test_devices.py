@@ -1,12 +1,17 @@
 """Device selection: auto follows what torch sees; asking for a GPU that is not there fails clearly."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from qarm_core.devices import resolve_device
 from qarm_core.errors import DataError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_auto_and_cpu():
@@ -78,6 +83,31 @@ def test_cpuinfo_probe_reads_flags_and_honours_isa_caps():
     assert parse_cpuinfo(text, 2, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).bf16_native
     assert not parse_cpuinfo("model name : Old CPU\nflags : sse2 avx2\n", 1, env={}).bf16_native
     assert "native bf16: no" in parse_cpuinfo("flags : avx2\n", 2, env={}).summary()
+
+
+def test_summary_names_every_library_cap_but_only_torchs_decide_bf16():
+    text = "model name : Xeon\nflags : avx2 fma avx512f amx_bf16\n"
+    env = {"OPENBLAS_CORETYPE": "Haswell", "NUMBA_CPU_NAME": "haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    info = parse_cpuinfo(text, 2, env=env)
+    assert "[capped: MKL_ENABLE_INSTRUCTIONS=AVX2, OPENBLAS_CORETYPE=Haswell, NUMBA_CPU_NAME=haswell]" in info.summary()
+    assert info.bf16_native          # these caps leave torch's oneDNN bf16 kernels alone
+    assert "capped" not in parse_cpuinfo(text, 2, env={}).summary()
+
+
+def test_numpy_blas_reports_the_kernels_a_cap_selects():
+    """A figure of the quantizer depends on the kernels numpy's BLAS runs: the report line must show
+    the set actually chosen, which ``OPENBLAS_CORETYPE`` changes (any AVX2 CPU runs Haswell's)."""
+    from qarm_core.devices import numpy_blas
+
+    here = numpy_blas()
+    if here is None or not here.startswith("openblas"):
+        pytest.skip(f"numpy's BLAS is not a readable OpenBLAS here: {here}")
+    if "avx2" not in cpu_info().flags:
+        pytest.skip("Haswell kernels need AVX2")
+    code = "from qarm_core.devices import hardware_summary; print(hardware_summary())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OPENBLAS_CORETYPE": "Haswell"}, cwd=REPO).stdout
+    assert "numpy BLAS openblas" in out and "(Haswell)" in out and "OPENBLAS_CORETYPE=Haswell" in out
 
 
 def test_choice_converts_to_torch():
