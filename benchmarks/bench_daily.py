@@ -18,7 +18,11 @@ model cannot show. The judge's rate is measured per day on a sample of that day'
 neutral passes (one per new item B) are counted and timed apart.
 
     python benchmarks/bench_daily.py [--items 1000000 --interactions 10000000 --users 100000]
-                                     [--item-growth 0.01 --interaction-growth 0.10] [--out DIR] [--keep]
+                                     [--item-growth 0.01 --interaction-growth 0.10] [--days 2]
+                                     [--out DIR] [--keep]
+
+``--days 3`` adds a day 2, grown from day 1 as day 1 from day 0 and run on day 1's caches: whether
+the daily cost stays where day 1 put it as the caches fill.
 
 Every figure printed comes from this run; the CPU model and flags are printed with them.
 """
@@ -52,8 +56,10 @@ UNITS = {"judge": ("llm.pairs", "pairs scored"), "qa": ("questions", "questions 
 
 # --------------------------------------------------------------------------------------------- data
 def phase_data(out: str, users: int, items: int, interactions: int, item_growth: float,
-               interaction_growth: float, seed: int) -> dict:
-    """Write day 0 and day 1 as Parquet folders (day 1 hard-links day 0's files and adds a part)."""
+               interaction_growth: float, seed: int, days: int = 2) -> dict:
+    """Write days ``0 .. days - 1`` as Parquet folders: day 0 the base log, each later day the day
+    before's files (hard links) plus that day's growth (``GrowthSpec.next_day``: new ids and events
+    after the day before's)."""
     from qarm_core.schemas import INTERACTIONS, ITEMS
     from qarm_core.storage import write_parquet_dataset
     from qarm_core.synth import (GrowthSpec, SynthSpec, iter_growth_interactions, iter_growth_items,
@@ -68,13 +74,16 @@ def phase_data(out: str, users: int, items: int, interactions: int, item_growth:
                                      ("interactions", INTERACTIONS, iter_synthetic_interactions,
                                       iter_growth_interactions)):
         d0 = write_parquet_dataset(root / "day0" / name, base(spec), schema)
-        extra = write_parquet_dataset(root / "growth" / name, grow(g), schema)
-        d1 = root / "day1" / name
-        d1.mkdir(parents=True)
-        for f in d0.files:
-            os.link(Path(d0.path) / f, d1 / f)
-        for i, f in enumerate(extra.files):
-            os.link(Path(extra.path) / f, d1 / f"part-day1-{i:05d}.parquet")
+        files = {f: Path(d0.path) / f for f in d0.files}          # name in a day's folder -> file
+        day = g
+        for d in range(1, days):
+            extra = write_parquet_dataset(root / f"growth{d}" / name, grow(day), schema)
+            files |= {f"part-day{d}-{i:05d}.parquet": Path(extra.path) / f for i, f in enumerate(extra.files)}
+            folder = root / f"day{d}" / name
+            folder.mkdir(parents=True)
+            for f, src in files.items():
+                os.link(src, folder / f)
+            day = day.next_day()
     return {"seconds": time.perf_counter() - t0, "new_items": g.new_items, "new_interactions": g.new_interactions}
 
 
@@ -277,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--item-growth", type=float, default=0.01)
     ap.add_argument("--interaction-growth", type=float, default=0.10)
+    ap.add_argument("--days", type=int, default=2,
+                    help="days to run, day 0 included (3: a day 2 grown from day 1 as day 1 from day 0, "
+                         "run on day 1's caches)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
@@ -285,91 +297,108 @@ def main(argv: list[str] | None = None) -> dict:
                     help="SmolLM2's numeric type for the projected LLM time (float32 on a bf16 CPU: the "
                          "stand-in for a CPU without native bf16)")
     args = ap.parse_args(argv)
+    if args.days < 2:
+        ap.error("--days: at least 2 (day 0 and a daily run)")
 
     from qarm_core.devices import hardware_summary
     from qarm_core.lm.tiny import make_tiny_causal_lm
 
     out = Path(args.out or tempfile.mkdtemp(prefix="qarm-bench-daily-"))
     out.mkdir(parents=True, exist_ok=True)
+    days = range(args.days)
     print(f"# bench_daily: {args.items:,} items, {args.interactions:,} interactions, {args.users:,} users; "
-          f"day 1 +{args.item_growth:.0%} items, +{args.interaction_growth:.0%} interactions")
+          f"each later day +{args.item_growth:.0%} items, +{args.interaction_growth:.0%} interactions; "
+          f"days 0-{args.days - 1}")
     print(f"# {hardware_summary()}; {loadavg()}", flush=True)
     res: dict = {"args": vars(args), "hardware": hardware_summary()}
     try:
         res["data"] = run_phase("benchmarks.bench_daily:phase_data", out=str(out), users=args.users,
                                 items=args.items, interactions=args.interactions, item_growth=args.item_growth,
-                                interaction_growth=args.interaction_growth, seed=args.seed)
+                                interaction_growth=args.interaction_growth, seed=args.seed, days=args.days)
         tiny = str(make_tiny_causal_lm(out / "tiny_lm"))
-        for day in (0, 1):
+        for day in days:
             res[f"day{day}"] = run_phase("benchmarks.bench_daily:phase_refresh",
                                          config=str(write_config(out, day, tiny)))
             print(f"# day {day}: {res[f'day{day}']['wall_seconds']:.0f} s wall; {loadavg()}", flush=True)
         res["smollm2"] = run_phase("benchmarks.bench_daily:phase_smollm2_rates",
-                                   items_dir=str(out / "day1" / "items"),
-                                   snapshots=[res["day0"]["snapshot_path"], res["day1"]["snapshot_path"]],
+                                   items_dir=str(out / f"day{args.days - 1}" / "items"),
+                                   snapshots=[res[f"day{d}"]["snapshot_path"] for d in days],
                                    dtype=args.llm_dtype)
     finally:
         if not args.keep and args.out is None:
             shutil.rmtree(out, ignore_errors=True)
+    report(res, args.days)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return res
 
-    d0, d1 = res["day0"], res["day1"]
+
+def report(res: dict, n_days: int) -> None:
+    """Print the measured and projected tables of a run's results (``main``'s ``res``)."""
+    days = list(range(n_days))
+    runs = [res[f"day{d}"] for d in days]
+    later = days[1:]
+    head = ["stage", *(f"day {d}" for d in days), *(f"day {d} / day 0" for d in later)]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.2f}" if a > 0 else "-"
+
     rows = []
     for s in STAGES:
-        a, b = d0["stage_seconds"].get(s, 0.0), d1["stage_seconds"].get(s, 0.0)
-        rows.append([s, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}" if a > 0 else "-"])
-    t0s, t1s = sum(d0["stage_seconds"].values()), sum(d1["stage_seconds"].values())
-    rows.append(["all stages", f"{t0s:.1f}", f"{t1s:.1f}", f"{t1s / t0s:.2f}"])
-    rows.append(["flow run, wall (process start included)", f"{d0['wall_seconds']:.1f}", f"{d1['wall_seconds']:.1f}",
-                 f"{d1['wall_seconds'] / d0['wall_seconds']:.2f}"])
+        v = [r["stage_seconds"].get(s, 0.0) for r in runs]
+        rows.append([s, *(f"{x:.1f}" for x in v), *(ratio(v[0], v[d]) for d in later)])
+    tot = [sum(r["stage_seconds"].values()) for r in runs]
+    rows.append(["all stages", *(f"{x:.1f}" for x in tot), *(ratio(tot[0], tot[d]) for d in later)])
+    wall = [r["wall_seconds"] for r in runs]
+    rows.append(["flow run, wall (process start included)", *(f"{x:.1f}" for x in wall),
+                 *(ratio(wall[0], wall[d]) for d in later)])
     print("\nMeasured, LLM stages on the tiny random llama (seconds):\n")
-    print(table(["stage", "day 0", "day 1", "day 1 / day 0"], rows))
+    print(table(head, rows))
 
     rates = res["smollm2"]
-    # (label, day-0 units, day-1 units, day-0 s/unit, day-1 s/unit); the judge's pairs at each day's rate
-    work = [("judge: pairs scored (context + continuation)", d0["units"].get("judge", 0.0),
-             d1["units"].get("judge", 0.0), rates["judge"][0], rates["judge"][1]),
-            ("judge: neutral passes (new items B)", d0["units"].get("judge.neutral", 0.0),
-             d1["units"].get("judge.neutral", 0.0), rates["neutral"], rates["neutral"])]
-    work += [(f"{stage}: {label}", d0["units"].get(stage, 0.0), d1["units"].get(stage, 0.0), rates[stage], rates[stage])
+    # (label, units per day, s/unit per day); the judge's pairs at each day's own rate
+    work = [("judge: pairs scored (context + continuation)", [r["units"].get("judge", 0.0) for r in runs],
+             rates["judge"]),
+            ("judge: neutral passes (new items B)", [r["units"].get("judge.neutral", 0.0) for r in runs],
+             [rates["neutral"]] * n_days)]
+    work += [(f"{stage}: {label}", [r["units"].get(stage, 0.0) for r in runs], [rates[stage]] * n_days)
              for stage, (_, label) in UNITS.items() if stage != "judge"]
-    urows, proj = [], {0: 0.0, 1: 0.0}
-    for label, u0, u1, r0, r1 in work:
-        proj[0] += u0 * r0
-        proj[1] += u1 * r1
-        per = f"{r0:.3f}" if r0 == r1 else f"{r0:.3f} / {r1:.3f}"
-        urows.append([label, f"{u0:,.0f}", f"{u1:,.0f}", f"{u1 / u0:.3f}" if u0 else "-", per,
-                      f"{u0 * r0 / 3600:.2f}", f"{u1 * r1 / 3600:.2f}"])
+    urows, proj = [], [0.0] * n_days
+    for label, units, per in work:
+        for d in days:
+            proj[d] += units[d] * per[d]
+        per_s = f"{per[0]:.3f}" if len(set(per)) == 1 else " / ".join(f"{x:.3f}" for x in per)
+        urows.append([label, *(f"{u:,.0f}" for u in units),
+                      *(f"{units[d] / units[0]:.3f}" if units[0] else "-" for d in later), per_s,
+                      *(f"{units[d] * per[d] / 3600:.2f}" for d in days)])
     print(f"\nLLM work per day and its time projected with SmolLM2-135M ({rates['dtype']}) at the rates "
           f"measured here (the judge's per day, on a sample of that day's own LLM pairs):\n")
-    print(table(["work", "day 0", "day 1", "ratio", "SmolLM2 s/unit", "day 0 h", "day 1 h"], urows))
+    print(table(["work", *(f"day {d}" for d in days), *(f"day {d} / day 0" for d in later), "SmolLM2 s/unit",
+                 *(f"day {d} h" for d in days)], urows))
     print("judge rate samples (whole source items): " + "; ".join(
         f"day {d}: {x['pairs']} pairs of {x['sources']} source items (the day's LLM pairs: {x['day_pairs']:,} of "
         f"{x['day_sources']:,}, {x['day_pairs'] / max(x['day_sources'], 1):.2f} per source item)"
         for d, x in enumerate(rates["judge_sample"])))
-    print(f"\njudge pairs cached on day 1: {d1['units'].get('judge.pairs.cached', 0):,.0f} of "
-          f"{d1['units'].get('judge.pairs', 0):,.0f} ({d1['units'].get('judge.pairs.cached.other_source', 0):,.0f} "
-          f"of them judged on day 0 under the other source only); embeddings carried over: "
-          f"{d1['units'].get('embed.carried_over', 0):,.0f}")
-    if "mine.swing.new" in d1["units"]:
-        u = d1["units"]
-        print(f"day 1 pairs: Swing {u['mine.swing.pairs']:,.0f} ({u['mine.swing.new']:,.0f} not published on day 0; "
-              f"{u['mine.swing.new_if_fresh']:,.0f} without mine.swing.keep_published_depth, "
-              f"{u['mine.swing.kept_published']:,.0f} published pairs kept), u2i {u.get('mine.u2i.pairs', 0):,.0f}")
-    for d, day in enumerate((d0, d1)):
-        u = day["units"]
+    for d in later:
+        u = runs[d]["units"]
+        print(f"\nday {d}: judge pairs cached {u.get('judge.pairs.cached', 0):,.0f} of {u.get('judge.pairs', 0):,.0f} "
+              f"({u.get('judge.pairs.cached.other_source', 0):,.0f} of them judged the day before under the other "
+              f"source only); embeddings carried over: {u.get('embed.carried_over', 0):,.0f}")
+        if "mine.swing.new" in u:
+            print(f"day {d} pairs: Swing {u['mine.swing.pairs']:,.0f} ({u['mine.swing.new']:,.0f} not published the day "
+                  f"before; {u['mine.swing.new_if_fresh']:,.0f} without mine.swing.keep_published_depth, "
+                  f"{u['mine.swing.kept_published']:,.0f} published pairs kept), u2i {u.get('mine.u2i.pairs', 0):,.0f}")
+    for d in days:
+        u = runs[d]["units"]
         if "mine.u2i.seconds" in u:
             print(f"day {d} mining: Swing {u.get('mine.swing.seconds', 0):.1f} s, two-tower {u['mine.u2i.seconds']:.1f} s "
                   + (f"(the published towers reused, {u.get('mine.u2i.items_unseen', 0):,.0f} items they never saw)"
                      if u.get("mine.u2i.reused") else f"(trained: {u.get('mine.u2i.train_seconds', 0):.1f} s)"))
-    other0 = t0s - sum(d0["stage_seconds"].get(s, 0.0) for s in UNITS)
-    other1 = t1s - sum(d1["stage_seconds"].get(s, 0.0) for s in UNITS)
-    day0_h, day1_h = (other0 + proj[0]) / 3600, (other1 + proj[1]) / 3600
-    print(f"projected end to end (non-LLM stages as measured + projected LLM time): day 0 {day0_h:.2f} h, "
-          f"day 1 {day1_h:.2f} h, day 1 / day 0 = {day1_h / day0_h:.3f}")
+    hours = [(tot[d] - sum(runs[d]["stage_seconds"].get(s, 0.0) for s in UNITS) + proj[d]) / 3600 for d in days]
+    print("projected end to end (non-LLM stages as measured + projected LLM time): "
+          + ", ".join(f"day {d} {h:.2f} h" for d, h in enumerate(hours)) + "; "
+          + ", ".join(f"day {d} / day 0 = {hours[d] / hours[0]:.3f}" for d in later))
     print(f"# {rates['cpu']}; {loadavg()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
-    return res
 
 
 if __name__ == "__main__":

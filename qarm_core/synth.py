@@ -8,7 +8,7 @@ the arguments (never on how the caller batches or writes it), and memory stays b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -115,7 +115,11 @@ def iter_synthetic_interactions(spec: SynthSpec) -> Iterator[pa.RecordBatch]:
 @dataclass(frozen=True)
 class GrowthSpec:
     """A later day of the log of ``base``: ``new_items`` items join the catalog (ids after the
-    last one) and ``new_interactions`` events follow the last event of day ``day - 1``."""
+    last one) and ``new_interactions`` events follow the last event of day ``day - 1``.
+
+    Days chain: ``prior_items`` is how many items the growth days before this one added (their
+    ids follow the base catalog's), so day 2 of a log grown by ``n`` items on day 1 has
+    ``prior_items=n`` and its new ids start after day 1's (``GrowthSpec.next_day``)."""
 
     base: SynthSpec
     day: int = 1
@@ -124,15 +128,28 @@ class GrowthSpec:
     # How much more likely a new item is drawn than its share of the catalog: new items are what
     # a day's traffic discovers.
     new_item_boost: float = 3.0
+    prior_items: int = 0
 
     def __post_init__(self) -> None:
-        if self.day < 1 or self.new_items < 0 or self.new_interactions < 0 or self.new_item_boost < 0:
-            raise ValueError("synth growth: day >= 1, new_items >= 0, new_interactions >= 0, boost >= 0")
+        if (self.day < 1 or self.new_items < 0 or self.new_interactions < 0 or self.new_item_boost < 0
+                or self.prior_items < 0):
+            raise ValueError("synth growth: day >= 1, new_items >= 0, new_interactions >= 0, boost >= 0, "
+                             "prior_items >= 0")
+
+    @property
+    def first_item(self) -> int:
+        """The id of this day's first new item."""
+        return self.base.items + self.prior_items
+
+    def next_day(self) -> "GrowthSpec":
+        """The following day, growing by as much as this one, its new ids after this day's."""
+        return replace(self, day=self.day + 1, prior_items=self.prior_items + self.new_items)
 
 
 def iter_growth_items(g: GrowthSpec) -> Iterator[pa.RecordBatch]:
-    """The day's new items only (ids ``base.items ..``); the older ones are ``iter_synthetic_items(g.base)``."""
-    first = g.base.items
+    """The day's new items only (ids ``g.first_item ..``); the older ones are ``iter_synthetic_items(g.base)``
+    and the earlier growth days'."""
+    first = g.first_item
     for start in range(0, g.new_items, BLOCK_ROWS):
         n = min(BLOCK_ROWS, g.new_items - start)
         yield _item_batch(g.base.seed, np.arange(first + start, first + start + n, dtype=np.int64),
@@ -141,22 +158,25 @@ def iter_growth_items(g: GrowthSpec) -> Iterator[pa.RecordBatch]:
 
 def iter_growth_interactions(g: GrowthSpec) -> Iterator[pa.RecordBatch]:
     """The day's new events: the same users and item popularity as the base log (a popular item
-    stays popular), new items drawn ``new_item_boost`` times their catalog share, timestamps after
-    the base log's last event (day ``d`` starts ``d`` spans after the base log began)."""
+    stays popular), the items of the growth days so far (this one's and ``prior_items``) drawn
+    ``new_item_boost`` times their catalog share, timestamps after the base log's last event (day ``d``
+    starts ``d`` spans after the base log began). Day 1 (no prior items) does not depend on later days."""
     b = g.base
     item_cdf = _zipf_cdf(b.items, b.zipf_exponent)
     user_cdf = _zipf_cdf(b.users, USER_ZIPF)
     item_ids = _rank_to_id(b.items, b.seed, 2)
     user_ids = _rank_to_id(b.users, b.seed, 3)
     span = max(90 * 86_400, b.interactions)
-    p_new = min(1.0, g.new_item_boost * g.new_items / max(b.items + g.new_items, 1)) if g.new_items else 0.0
+    # the items of every growth day so far, this one's included, are drawn as one "new" pool
+    grown = g.prior_items + g.new_items
+    p_new = min(1.0, g.new_item_boost * grown / max(g.first_item + g.new_items, 1)) if grown else 0.0
     t_start = T0 + g.day * span
     for start in range(0, g.new_interactions, BLOCK_ROWS):
         n = min(BLOCK_ROWS, g.new_interactions - start)
         rng = np.random.default_rng([b.seed, 6, g.day, start])
         items = item_ids[np.minimum(np.searchsorted(item_cdf, rng.random(n)), b.items - 1)]
         fresh = rng.random(n) < p_new
-        items[fresh] = b.items + rng.integers(0, max(g.new_items, 1), int(fresh.sum()))
+        items[fresh] = b.items + rng.integers(0, max(grown, 1), int(fresh.sum()))
         users = user_ids[np.minimum(np.searchsorted(user_cdf, rng.random(n)), b.users - 1)]
         rows = np.arange(start, start + n, dtype=np.int64)
         ts = t_start + (rows * span) // max(g.new_interactions, 1)

@@ -1,4 +1,5 @@
-"""bench_daily's sampling of each day's LLM pairs (the judge's rate is measured on them)."""
+"""bench_daily: its sampling of each day's LLM pairs (the judge's rate is measured on them), its chained
+days of data and its report."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,3 +37,41 @@ def test_the_sample_keeps_whole_source_items():
         assert s.to_pylist() == sample_by_source(pairs, 4, seed=seed).to_pylist()      # seeded
     assert sample_by_source(pairs, 100).num_rows == 10
     assert sample_by_source(pairs.slice(0, 0), 4).num_rows == 0
+
+
+def test_data_phase_chains_days_each_folder_holding_the_day_before(tmp_path):
+    """--days 3: day 2's folder is day 1's files plus day 2's growth, whose new ids follow day 1's."""
+    import pyarrow.dataset as ds
+
+    from benchmarks.bench_daily import phase_data
+
+    phase_data(str(tmp_path), users=30, items=100, interactions=1_000, item_growth=0.1,
+               interaction_growth=0.2, seed=0, days=3)
+    items = [ds.dataset(tmp_path / f"day{d}" / "items").to_table() for d in range(3)]
+    events = [ds.dataset(tmp_path / f"day{d}" / "interactions").to_table() for d in range(3)]
+    assert [t.num_rows for t in items] == [100, 110, 120]
+    assert [t.num_rows for t in events] == [1_000, 1_200, 1_400]
+    assert sorted(items[2]["item_id"].to_pylist()) == list(range(120))
+    # each day holds the day before's rows unchanged
+    for before, today in ((items[0], items[1]), (items[1], items[2]), (events[0], events[1]), (events[1], events[2])):
+        key = "item_id" if "title" in before.column_names else "ts"
+        assert set(before[key].to_pylist()) <= set(today[key].to_pylist())
+
+
+def test_report_gives_every_later_day_against_day_0(capsys):
+    from benchmarks.bench_daily import STAGES, report
+
+    def day(seconds: float, pairs: float) -> dict:
+        return {"stage_seconds": {s: seconds for s in STAGES}, "wall_seconds": seconds * len(STAGES),
+                "units": {"judge": pairs, "judge.neutral": 0.0, "qa": 0.0, "embed": 0.0, "train": 0.0}}
+
+    res = {"day0": day(10.0, 1_000), "day1": day(2.0, 100), "day2": day(1.0, 50),
+           "smollm2": {"judge": [0.1, 0.2, 0.4], "neutral": 0.0, "qa": 0.0, "embed": 0.0, "train": 0.0,
+                       "dtype": "float32", "cpu": "test CPU", "judge_sample": []}}
+    report(res, 3)
+    out = capsys.readouterr().out
+    all_stages = next(line for line in out.splitlines() if line.startswith("| all stages"))
+    assert [c.strip() for c in all_stages.strip("|").split("|")][1:] == ["90.0", "18.0", "9.0", "0.20", "0.10"]
+    # projected: the non-LLM stages as measured + each day's LLM units at that day's rate:
+    # day 0 = (90 - 4 LLM stages x 10) + 1,000 x 0.1 = 150; day 1 = 10 + 20 = 30; day 2 = 5 + 20 = 25
+    assert "day 1 / day 0 = 0.200, day 2 / day 0 = 0.167" in out

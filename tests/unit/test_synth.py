@@ -76,3 +76,24 @@ def test_growth_appends_a_day_without_touching_the_base():
     assert np.bincount(ids, minlength=220).argmax() in top_old
     with pytest.raises(ValueError, match="synth growth"):
         GrowthSpec(base, day=0)
+    with pytest.raises(ValueError, match="prior_items"):
+        GrowthSpec(base, day=2, prior_items=-1)
+
+
+def test_growth_days_chain_after_each_other():
+    """Day 2 of a grown log adds ids after day 1's and events after day 1's; day 1 is as it was."""
+    from qarm_core.synth import GrowthSpec, iter_growth_interactions, iter_growth_items
+
+    base = SynthSpec(users=100, items=200, interactions=3_000, seed=5)
+    day1 = GrowthSpec(base, day=1, new_items=20, new_interactions=600)
+    day2 = day1.next_day()
+    assert (day2.day, day2.prior_items, day2.first_item, day2.new_items) == (2, 20, 220, 20)
+    assert _table(iter_growth_items(day2))["item_id"].to_pylist() == list(range(220, 240))
+    ev1, ev2 = _table(iter_growth_interactions(day1)), _table(iter_growth_interactions(day2))
+    assert pc.min(ev2["ts"]).as_py() > pc.max(ev1["ts"]).as_py()
+    ids2 = ev2["item_id"].to_numpy()
+    assert ids2.max() < 240 and (ids2 >= 220).sum() > 0            # day 2's new items get traffic
+    assert ((ids2 >= 200) & (ids2 < 220)).any()                     # and day 1's still do
+    assert not ev1.equals(ev2)
+    # day 1 does not depend on whether a day 2 follows
+    assert ev1.equals(_table(iter_growth_interactions(GrowthSpec(base, day=1, new_items=20, new_interactions=600))))
