@@ -11,7 +11,7 @@ of other rows are printed for the curve's shape only, not to choose).
 
     python benchmarks/embed_budget_ml100k.py --home QARM_HOME [--max-steps 400] [--eval-every 50]
         [--lrs 1e-4,3e-4] [--seed 1] [--config configs/ml100k.yaml] [--out results.json]
-        [--continue-from RUN_FOLDER [RUN_FOLDER ...]]
+        [--continue-from RUN_FOLDER [RUN_FOLDER ...]] [--set embed.train.freeze_layers=20 ...]
 
 Needs a published snapshot of ``qarm refresh --config configs/ml100k.yaml`` under ``--home``.
 Training seconds exclude the evaluation passes.
@@ -156,7 +156,7 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     print(f"lr {lr:g}: run folder {run_dir}, from step {session.start}", flush=True)
     ids = np.sort(data["items"]["item_id"].to_numpy().astype(np.int64))
     texts = item_texts(data["items"], cfg.embed.model, ids.tolist())
-    rows, train_s, step = [], 0.0, session.start
+    rows, train_s, train_tokens, step = [], 0.0, 0, session.start
     while True:
         session.model.eval()
         with session.autocast:
@@ -165,7 +165,8 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
         session.model.train()
         sc = _scores({"fine-tuned": (ids, x)}, data, cfg.events.positive_min_rating)["fine-tuned"]
         on_vectors(step, ids, x)
-        rows.append({"lr": lr, "seed": tcfg.seed, "step": step, "train_seconds": round(train_s, 1), **{
+        rows.append({"lr": lr, "seed": tcfg.seed, "step": step, "train_seconds": round(train_s, 1),
+                     "train_tokens_per_s": round(train_tokens / train_s, 1) if train_s > 0 else None, **{
             f"{p}.{k}": v for p, d in sc.items() for k, v in d.items()}})
         if reference is not None:
             ci = recall_difference_ci((ids, x), reference, data, cfg.events.positive_min_rating)
@@ -180,8 +181,9 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
         session.cfg = tcfg.model_copy(update={"max_steps": min(step + eval_every, max_steps)})
         session.start = step
         t0 = time.perf_counter()
-        step, _, _, _ = run_steps(session, None)
+        step, _, tokens, _ = run_steps(session, None)
         train_s += time.perf_counter() - t0
+        train_tokens += tokens
 
 
 def choose(rows: list[dict]) -> tuple[tuple[float, int], dict[tuple[float, int], float]]:
@@ -198,6 +200,7 @@ def choose(rows: list[dict]) -> tuple[tuple[float, int], dict[tuple[float, int],
 
 def main() -> None:
     from qarm_core.config import load_config
+    from flows.options import parse_sets
     from qarm_core.devices import hardware_summary
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,12 +218,16 @@ def main() -> None:
                          "apply), each to --max-steps; with several folders (seeds of one recipe) the step is "
                          "chosen on their mean validation recall and the test difference to MiniLM is also "
                          "given for their mean")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every curve, e.g. embed.train.freeze_layers=20 (repeatable)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "qarm_embed_budget"),
                     help="scratch folder (the baselines' embeddings are reused from here)")
     args = ap.parse_args()
+    overrides = parse_sets(args.set)
 
     def config(seed: int | None):
-        return load_config(args.config, {"home": args.home} | ({"embed.train.seed": seed} if seed is not None else {}))
+        return load_config(args.config, {"home": args.home} | overrides
+                           | ({"embed.train.seed": seed} if seed is not None else {}))
 
     cfg = config(args.seed)
     print(f"# {machine()}", flush=True)
@@ -257,10 +264,11 @@ def main() -> None:
                                (lr, step, cfg.embed.train.seed), (ids, x)))
     (lr_best, step_best), means = choose(rows)
     seeds = sorted({r["seed"] for r in rows})
-    print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; {hardware_summary()}")
-    print(table(["lr", "seed", "step", "train s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50",
+    print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; overrides {overrides or 'none'}; "
+          f"{hardware_summary()}")
+    print(table(["lr", "seed", "step", "train s", "tokens/s", "valid R@10", "valid R@50", "valid MRR", "test R@10", "test R@50",
                  "test MRR", "test R@10 - MiniLM [95% CI]"],
-                [[f"{r['lr']:g}", r["seed"], r["step"], r["train_seconds"],
+                [[f"{r['lr']:g}", r["seed"], r["step"], r["train_seconds"], r.get("train_tokens_per_s") or "-",
                   *(f"{r[f'{p}.{k}']:.4f}" for p in ("valid", "test") for k in ("recall_at_10", "recall_at_50", "mrr")),
                   f"{r['test.r10_minus_ref']:+.4f} [{r['test.r10_minus_ref_lo']:+.4f}, {r['test.r10_minus_ref_hi']:+.4f}]"]
                  for r in rows]))
