@@ -22,7 +22,8 @@ TOWERS = "two_tower"        # the u2i miner's towers: an output of the stage, pu
 
 
 def _write_towers(folder: Path, made: Mapping[str, Any]) -> None:
-    """The towers the miner used: the model made in this run, or the folder of a cached one."""
+    """The towers the miner used: the model trained in this run, or the folder of towers it reused
+    (published or cached), linked."""
     towers = made[TOWERS]
     if isinstance(towers, Path):
         link_tree(towers, folder)
@@ -62,7 +63,11 @@ def mine(cfg: PipelineConfig, parent_run_id: str, events: DatasetRecord,
             con.close()
         catalog = read_dataset(items) if u2i else None
         saved = load_towers(towers_rec.path) if towers_rec is not None else None
-        return mine_candidates(log, catalog, cfg.mine, cfg.events.positive_min_rating, saved)
+        table, report, model = mine_candidates(log, catalog, cfg.mine, cfg.events.positive_min_rating, saved)
+        # Reused towers are published as they are (linked): saving the model would write today's id
+        # table, with every new item's mean row baked in, ~0.5 GB a day at 1M items, and the next
+        # day could no longer tell the items the towers were trained on from those they never saw.
+        return table, report, (Path(towers_rec.path) if report.get("u2i.reused") else model)
 
     def produce():
         if not sticky:

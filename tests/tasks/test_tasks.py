@@ -289,3 +289,36 @@ def test_the_baselines_are_scored_again_when_their_validation_pairs_change(tiny_
     assert key(eval_k=5) != key(eval_k=10)
     train = tiny_cfg.embed.train.model_copy(update={"max_steps": tiny_cfg.embed.train.max_steps + 1})
     assert key(train=train) == key()
+
+
+def test_reused_towers_are_published_as_they_are_on_a_growing_catalog(prefect_harness, tiny_cfg, parent, tmp_path):
+    """Daily runs on a catalog that grows each day publish the towers they reused unchanged (the
+    trained ones), so each day counts every item the training never saw: day 2 both growth days'."""
+    from pathlib import Path
+
+    from qarm_core.schemas import INTERACTIONS, ITEMS
+    from qarm_core.storage import write_parquet_dataset
+    from qarm_core.synth import (GrowthSpec, SynthSpec, iter_growth_interactions, iter_growth_items,
+                                 iter_synthetic_interactions, iter_synthetic_items)
+    from tasks.mine import TOWERS, mine
+
+    cfg = tiny_cfg.model_copy(update={"mine": tiny_cfg.mine.model_copy(update={
+        "sources": ["u2i"], "u2i": tiny_cfg.mine.u2i.model_copy(update={"reuse_model": True})})})
+    spec = SynthSpec(users=300, items=400, interactions=12_000, seed=1)
+    day1 = GrowthSpec(spec, day=1, new_items=4, new_interactions=1_200)
+    items, events = [list(iter_synthetic_items(spec))], [list(iter_synthetic_interactions(spec))]
+    for g in (day1, day1.next_day()):
+        items.append(items[-1] + list(iter_growth_items(g)))
+        events.append(events[-1] + list(iter_growth_interactions(g)))
+    recs = [(write_parquet_dataset(tmp_path / f"e{d}", iter(events[d]), INTERACTIONS),
+             write_parquet_dataset(tmp_path / f"i{d}", iter(items[d]), ITEMS)) for d in range(3)]
+    st = Storage(cfg.home)
+    out = []
+    for ev, it in recs:
+        out.append(mine(cfg, parent, ev, it))
+        st.publish({"pairs": out[-1]["pairs"], TOWERS: out[-1][TOWERS]})
+    m = [r["metrics"] for r in reversed(_stage_runs(cfg, "mine"))]           # newest first: reversed
+    assert [x["u2i.reused"] for x in m] == [0.0, 1.0, 1.0]
+    assert [x.get("u2i.items_unseen") for x in m[1:]] == [4.0, 8.0]
+    assert out[0][TOWERS].fingerprint == out[1][TOWERS].fingerprint == out[2][TOWERS].fingerprint
+    assert len(np.load(Path(out[2][TOWERS].path) / "item_ids.npy")) == 400
