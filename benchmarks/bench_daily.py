@@ -153,6 +153,8 @@ def phase_refresh(config: str) -> dict:
                     units[f"mine.{k}"] = r["metrics"][k]
         if name == "embed":
             units["embed.carried_over"] = r["metrics"].get("carried_over", 0.0)
+        if name == "qa":        # qa.when_model_reused: defer (a day that reuses the published model)
+            units["qa.deferred"] = r["metrics"].get("questions.deferred", 0.0)
         if name == "train" and r["metrics"].get("reused_published"):
             units["train"] = 0.0
     return {"wall_seconds_in_process": wall, "stage_seconds": seconds, "units": units, "rows": summary["rows"],
@@ -371,6 +373,11 @@ def report(res: dict, n_days: int) -> None:
         urows.append([label, *(f"{u:,.0f}" for u in units),
                       *(f"{units[d] / units[0]:.3f}" if units[0] else "-" for d in later), per_s,
                       *(f"{units[d] * per[d] / 3600:.2f}" for d in days)])
+    # deferred QA (qa.when_model_reused: defer): asked by the next run that trains, not on the day
+    deferred, qa0 = [r["units"].get("qa.deferred", 0.0) for r in runs], runs[0]["units"].get("qa", 0.0)
+    urows.append(["qa: questions deferred to the next run that trains (not in the day's time)",
+                  *(f"{u:,.0f}" for u in deferred), *(f"{deferred[d] / qa0:.3f}" if qa0 else "-" for d in later),
+                  f"{rates['qa']:.3f}", *(f"({deferred[d] * rates['qa'] / 3600:.2f})" for d in days)])
     print(f"\nLLM work per day and its time projected with SmolLM2-135M ({rates['dtype']}) at the rates "
           f"measured here (the judge's per day, on a sample of that day's own LLM pairs):\n")
     print(table(["work", *(f"day {d}" for d in days), *(f"day {d} / day 0" for d in later), "SmolLM2 s/unit",
@@ -398,6 +405,10 @@ def report(res: dict, n_days: int) -> None:
     print("projected end to end (non-LLM stages as measured + projected LLM time): "
           + ", ".join(f"day {d} {h:.2f} h" for d, h in enumerate(hours)) + "; "
           + ", ".join(f"day {d} / day 0 = {hours[d] / hours[0]:.3f}" for d in later))
+    if any(deferred):
+        print("the same with the deferred QA answered on the day (qa.when_model_reused: generate): "
+              + ", ".join(f"day {d} / day 0 = {(hours[d] + deferred[d] * rates['qa'] / 3600) / hours[0]:.3f}"
+                          for d in later))
     print(f"# {rates['cpu']}; {loadavg()}")
 
 

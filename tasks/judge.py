@@ -12,6 +12,7 @@ from qarm_core.schemas import SCHEMAS
 from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset
 from tasks import tracking
 from tasks.common import TASK_DEFAULTS, StageSpec, published_table, run_stage
+from tasks.embed import reuses_model
 from tasks.executor import shard_runner
 
 # The judge stage's datasets, in ``JudgeTables`` field order; each is also the next run's cache.
@@ -90,7 +91,10 @@ def judge(cfg: PipelineConfig, parent_run_id: str, pairs: DatasetRecord, items: 
 def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None, items: DatasetRecord,
        parent: str | None = CURRENT_AT_READ) -> dict[str, DatasetRecord]:
     """Stage ``qa``: K question/answer pairs per item (of the kept pairs, or all, by ``qa.items``);
-    items answered in the published snapshot by the same model and prompt are copied.
+    items answered in the published snapshot by the same model and prompt are copied. A run that
+    reuses the published model (it trains nothing, and only training reads QA) asks nothing new
+    with ``qa.when_model_reused: defer``: it publishes the rows still valid and counts the deferred
+    items, which the next run that trains answers.
     ``judgments``: the judge's verdicts, None when QA needs none (``qa.needs_judgments``);
     ``parent``: the snapshot whose QA is reused."""
     storage = Storage(cfg.home).as_of(parent)
@@ -98,22 +102,33 @@ def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None,
     if cfg.qa.needs_judgments and judgments is None:
         raise ValueError("stage qa: qa.items=kept_pairs needs the judge's verdicts (judgments)")
     verdicts = judgments if cfg.qa.needs_judgments else None     # nor is the cache keyed by them
+    # with no published QA the rows are written anyway: the snapshot always holds a QA table
+    defer = cfg.qa.when_model_reused == "defer" and prev_rec is not None \
+        and reuses_model(cfg, storage.published("model"))
 
     def produce():
         catalog = read_dataset(items)
         kept = read_dataset(verdicts, columns=["src_item", "dst_item", "keep"]) if verdicts else None
         ids = qa_item_ids(kept, catalog, cfg.qa.items)
         with shard_runner(cfg) as shards:
-            table, report = qa_stage(catalog, cfg.qa, ids, previous=previous, shards=shards)
+            table, report = qa_stage(catalog, cfg.qa, ids, previous=previous, shards=shards, defer=defer)
         report.setdefault("notes", {})["executor"] = cfg.executor.kind
         return {"qa": table}, report
 
     records, _ = run_stage(cfg, parent_run_id, StageSpec(
         name="qa", outputs={"qa": SCHEMAS["qa"]}, produce=produce,
+        # a deferring run's rows are those of the published QA still valid: that table is an input then
         key_inputs={"judgments": verdicts.fingerprint if verdicts else None, "items": items.fingerprint,
-                    "qa": cfg.qa.model_dump(mode="json")},
-        params={"qa": cfg.qa.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none"},
-        summary=lambda recs, rep: (f"qa: {recs['qa'].rows:,} rows for {rep.get('items', 0):,.0f} items "
-                                   f"({rep.get('items.generated', 0):,.0f} generated, LLM answers kept "
-                                   f"{rep.get('llm_answer_rate', float('nan')):.0%})")))
+                    "qa": cfg.qa.model_dump(mode="json"), "deferred_from": prev_rec.fingerprint if defer else None},
+        params={"qa": cfg.qa.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none",
+                "deferred": defer},
+        summary=_qa_summary))
     return records
+
+
+def _qa_summary(recs: dict[str, DatasetRecord], rep: dict) -> str:
+    line = f"qa: {recs['qa'].rows:,} rows for {rep.get('items', 0):,.0f} items ({rep.get('items.generated', 0):,.0f} generated"
+    if "items.deferred" in rep:
+        return line + (f", {rep['items.deferred']:,.0f} deferred to the next run that trains: the published model "
+                       f"is reused)")
+    return line + f", LLM answers kept {rep.get('llm_answer_rate', float('nan')):.0%})"

@@ -92,6 +92,12 @@ class QAConfig(Strict):
     prompt_version: str = "qa-v2"
     # Which items get QA: those of kept judged pairs (what the embedding model trains on), or all.
     items: Literal["kept_pairs", "all"] = "kept_pairs"
+    # A run that reuses the published embedding model (embed.reuse_model: the daily schedule) trains
+    # nothing, and only training reads QA. "defer": such a run asks no new questions; it publishes
+    # the QA rows still valid (same model, prompt and item fields) and counts the items it deferred,
+    # and the next run that trains (the weekly retrain) answers every item still lacking QA.
+    # "generate": answer them on the day, as a run that trains does.
+    when_model_reused: Literal["defer", "generate"] = "defer"
     k: int = Field(4, ge=1, le=16)                # QA pairs per item
     max_new_tokens: int = Field(24, ge=1)
     max_answer_chars: int = Field(200, ge=1)

@@ -111,6 +111,8 @@ class QAStats:
     questions: int = 0
     llm_answers_kept: int = 0
     fallbacks: int = 0
+    deferred_items: int = 0        # items lacking QA left to the next run that trains (``defer``)
+    deferred_questions: int = 0    # the questions they would have been asked
 
 
 QA_FIELDS = ("title", "year", "tags", "description")     # what questions and answers are made from
@@ -147,11 +149,14 @@ def items_to_generate(previous: pa.Table | None, hashes: dict[int, str], model_i
 
 def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = None,
                 previous: pa.Table | None = None, item_ids: Iterable[int] | None = None,
-                stats: QAStats | None = None) -> pa.Table:
+                stats: QAStats | None = None, defer: bool = False) -> pa.Table:
     """The QA table of ``item_ids`` (default: every item), at most ``cfg.k`` rows per item.
 
     Items already answered in ``previous`` by this model id + prompt version are copied, the others
     generated (greedy, ``cfg.batch_size`` prompts per batch, ``cfg.max_new_tokens`` new tokens).
+    ``defer``: the others are not generated but counted (``stats.deferred_items``,
+    ``deferred_questions``), so the table holds the copied rows only and ``backend`` only names the
+    model (a run that trains nothing: ``QAConfig.when_model_reused``).
     Shape: one row per (item, question); sorted by item_id, qa_index.
     """
     cfg = cfg or QAConfig()
@@ -174,6 +179,10 @@ def generate_qa(items: pa.Table, backend: "LMBackend", cfg: QAConfig | None = No
     for iid in todo:
         for q_index, t, q in questions_for(rows[iid], cfg.k):
             asks.append((iid, q_index, t, q, rows[iid]))
+    if defer:
+        st.deferred_items += len(todo)
+        st.deferred_questions += len(asks)
+        todo, asks = [], []
     prompts = [prompt.answer.format(item=quote(render_item(r, prompt.item_format)), question=q)
                for _, _, _, q, r in asks]
     answers: list[str] = []

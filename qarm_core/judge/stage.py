@@ -306,12 +306,19 @@ def qa_item_ids(judgments: pa.Table | None, items: pa.Table, mode: str) -> list[
 
 
 def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: pa.Table | None = None,
-             backend: "LMBackend | None" = None, shards: "ShardRunner | None" = None) -> tuple[pa.Table, dict]:
+             backend: "LMBackend | None" = None, shards: "ShardRunner | None" = None,
+             defer: bool = False) -> tuple[pa.Table, dict]:
     """QA rows (``schemas.QA``) for ``item_ids``; items answered in ``previous`` by the same model
-    and prompt are copied. Report: ``items``, ``items.generated``, ``questions``,
-    ``llm_answers_kept``, ``llm_answer_rate``, ``generate_s``, ``items_per_s``."""
+    and prompt are copied. ``defer``: the others are counted, not answered, and no weights are
+    loaded (``QAConfig.when_model_reused``). Report: ``items``, ``items.generated``, ``questions``,
+    ``items.deferred``, ``questions.deferred``, ``llm_answers_kept``, ``llm_answer_rate``,
+    ``generate_s``, ``items_per_s``."""
     from qarm_core.judge.qa import QAStats, generate_qa
 
+    if backend is None and defer and cfg.backend == "local":
+        from qarm_core.lm.local import LocalLM
+
+        backend = LocalLM(cfg.local, weights=False)     # only its model id is read: no weights loaded
     if backend is None:
         from qarm_core.lm.backend import make_backend
 
@@ -319,14 +326,18 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     ids = sorted({int(i) for i in item_ids})
     stats = QAStats()
     t0 = time.perf_counter()
-    table = generate_qa(items, backend, cfg, previous=previous, item_ids=ids, stats=stats)
+    table = generate_qa(items, backend, cfg, previous=previous, item_ids=ids, stats=stats, defer=defer)
     seconds = time.perf_counter() - t0
     report = {"items": float(len(ids)), "items.generated": float(stats.items),
               "questions": float(stats.questions), "llm_answers_kept": float(stats.llm_answers_kept),
               "fallbacks": float(stats.fallbacks), "generate_s": seconds,
-              "notes": {"model_id": backend.model_id, "prompt_version": cfg.prompt_version} | _dtype_notes(backend)}
+              "notes": {"model_id": backend.model_id, "prompt_version": cfg.prompt_version}
+                        | ({} if defer else _dtype_notes(backend))}    # a deferring run ran no model
+    if defer:
+        report |= {"items.deferred": float(stats.deferred_items), "questions.deferred": float(stats.deferred_questions)}
     if stats.questions:
         report["llm_answer_rate"] = stats.llm_answers_kept / stats.questions
     if stats.items:
         report["items_per_s"] = stats.items / max(seconds, 1e-9)
     return table, report
+

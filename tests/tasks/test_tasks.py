@@ -322,3 +322,43 @@ def test_reused_towers_are_published_as_they_are_on_a_growing_catalog(prefect_ha
     assert [x.get("u2i.items_unseen") for x in m[1:]] == [4.0, 8.0]
     assert out[0][TOWERS].fingerprint == out[1][TOWERS].fingerprint == out[2][TOWERS].fingerprint
     assert len(np.load(Path(out[2][TOWERS].path) / "item_ids.npy")) == 400
+
+
+def test_qa_defers_while_the_published_model_is_reused(prefect_harness, tiny_cfg, parent, tmp_path):
+    """A run that reuses the published model trains nothing, and only training reads QA: the QA task
+    asks nothing new, publishes yesterday's rows and counts the items it deferred; the next run that
+    trains answers exactly those (its output is not the deferring run's cached table), and
+    ``qa.when_model_reused: generate`` answers them on the day."""
+    from qarm_core.schemas import JUDGMENTS
+    from qarm_core.storage import DatasetRecord, write_parquet_dataset
+    from tasks.judge import qa
+
+    items = ingest(tiny_cfg, parent)["items"]
+
+    def verdicts(name: str, n_items: int):
+        src = np.arange(n_items - 1, dtype=np.int64)
+        t = pa.table({"src_item": src, "dst_item": src + 1, "source": ["swing"] * len(src), "model_id": ["m"] * len(src),
+                      "prompt_version": ["p"] * len(src), "score": np.ones(len(src)), "keep": [True] * len(src),
+                      "reasoning": pa.nulls(len(src), pa.string()), "text_hash": ["h"] * len(src)},
+                     schema=JUDGMENTS.schema)
+        return write_parquet_dataset(tmp_path / name, [t], JUDGMENTS)
+
+    first = qa(tiny_cfg, parent, verdicts("j1", 10), items)["qa"]       # no model published: answered
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"0")
+    model = DatasetRecord(dataset="model", path=str(tmp_path / "model"), rows=0, schema_version=1, fingerprint="m0")
+    st = Storage(tiny_cfg.home)
+    st.publish({"qa": first, "model": model})
+    daily = tiny_cfg.model_copy(update={"embed": tiny_cfg.embed.model_copy(update={"reuse_model": True})})
+    j2 = verdicts("j2", 15)
+    deferred = qa(daily, parent, j2, items)["qa"]
+    runs = [r for r in _stage_runs(tiny_cfg, "qa")]                     # newest first
+    assert runs[0]["metrics"]["items.deferred"] == 5 and runs[0]["metrics"]["questions.deferred"] == 10
+    assert runs[0]["metrics"]["items.generated"] == 0 and runs[0]["params"]["deferred"] == "True"
+    assert read_dataset(deferred).to_pylist() == read_dataset(first).to_pylist()
+    weekly = qa(tiny_cfg, parent, j2, items)["qa"]                     # trains: not the deferring run's cache
+    assert _stage_runs(tiny_cfg, "qa")[0]["metrics"]["items.generated"] == 5
+    assert set(read_dataset(weekly)["item_id"].to_pylist()) == set(range(15))
+    on_the_day = daily.model_copy(update={"qa": daily.qa.model_copy(update={"when_model_reused": "generate"})})
+    assert read_dataset(qa(on_the_day, parent, j2, items)["qa"]).to_pylist() == read_dataset(weekly).to_pylist()
+    assert "items.deferred" not in _stage_runs(tiny_cfg, "qa")[0]["metrics"]

@@ -75,3 +75,27 @@ def test_report_gives_every_later_day_against_day_0(capsys):
     # projected: the non-LLM stages as measured + each day's LLM units at that day's rate:
     # day 0 = (90 - 4 LLM stages x 10) + 1,000 x 0.1 = 150; day 1 = 10 + 20 = 30; day 2 = 5 + 20 = 25
     assert "day 1 / day 0 = 0.200, day 2 / day 0 = 0.167" in out
+
+
+def test_report_leaves_deferred_qa_out_of_the_day_and_says_what_it_would_cost(capsys):
+    """QA deferred by a daily run (``qa.when_model_reused: defer``) is asked by the next run that
+    trains: its questions are listed, not counted in the day's projection, and the ratio with them
+    answered on the day is printed beside it."""
+    from benchmarks.bench_daily import STAGES, report
+
+    def day(seconds: float, pairs: float, questions: float, deferred: float) -> dict:
+        return {"stage_seconds": {s: seconds for s in STAGES}, "wall_seconds": seconds * len(STAGES),
+                "units": {"judge": pairs, "judge.neutral": 0.0, "qa": questions, "qa.deferred": deferred,
+                          "embed": 0.0, "train": 0.0}}
+
+    res = {"day0": day(10.0, 1_000, 100, 0), "day1": day(2.0, 100, 0, 100),
+           "smollm2": {"judge": [0.1, 0.2], "neutral": 0.0, "qa": 0.5, "embed": 0.0, "train": 0.0,
+                       "dtype": "float32", "cpu": "test CPU", "judge_sample": []}}
+    report(res, 2)
+    out = capsys.readouterr().out
+    # day 0 = (90 - 40) + 1,000 x 0.1 + 100 x 0.5 = 200; day 1 = 10 + 100 x 0.2 = 30; with the 100
+    # deferred questions answered on the day: 30 + 50 = 80
+    assert "day 1 / day 0 = 0.150" in out
+    assert "answered on the day (qa.when_model_reused: generate): day 1 / day 0 = 0.400" in out
+    row = next(line for line in out.splitlines() if line.startswith("| qa: questions deferred"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["0", "100", "1.000", "0.500", "(0.00)", "(0.01)"]

@@ -167,3 +167,37 @@ def test_qa_items_and_stage(backend, data):
     qa2, rep2 = qa_stage(items, cfg, [1, 4, 7], previous=qa, backend=backend)
     assert rep2["items.generated"] == 1 and qa2.num_rows == 6
     assert qa2.filter(pc.is_in(qa2["item_id"], pa.array([1, 4], pa.int64()))).to_pylist() == qa.to_pylist()
+
+
+def test_qa_deferred_while_the_model_is_reused(backend, tiny_lm_path, data, monkeypatch):
+    """``defer`` (a run that trains nothing): the items lacking QA are counted, not answered, and no
+    weights are loaded; the rows still valid are published as they were, those of an item whose
+    fields changed are dropped; a run that does not defer then answers every item still lacking QA."""
+    items, _, _ = data
+    cfg = QAConfig(k=2, max_new_tokens=6, local=LocalModelConfig(model_path=str(tiny_lm_path), dtype="float32"))
+    qa, _ = qa_stage(items, cfg, [1, 4], backend=backend)
+    # item 4's title changes: its rows are no longer valid
+    titles = items["title"].to_pylist()
+    titles[4] = titles[4] + " (director's cut)"
+    changed = items.set_column(items.column_names.index("title"), "title", pa.array(titles))
+    from qarm_core.lm import local
+
+    monkeypatch.setattr(local.LocalLM, "generate", lambda *a, **k: pytest.fail("a deferring run generated"))
+    loads = []
+    real_init = local.LocalLM.__init__
+    monkeypatch.setattr(local.LocalLM, "__init__", lambda self, *a, **k: loads.append(k.get("weights", True))
+                        or real_init(self, *a, **k))
+    deferred, rep = qa_stage(changed, cfg, [1, 4, 7], previous=qa, defer=True)
+    assert loads == [False]                                       # the model's name only
+    assert deferred.to_pylist() == qa.filter(pc.equal(qa["item_id"], 1)).to_pylist()
+    assert rep["items.generated"] == rep["questions"] == 0 and "llm_answer_rate" not in rep
+    assert rep["items.deferred"] == 2 and rep["questions.deferred"] == 4 and "dtype" not in rep["notes"]
+    assert rep["notes"]["model_id"] == backend.model_id
+    monkeypatch.undo()
+    # the next run that trains: the deferred items are answered, item 1's rows copied
+    full, rep2 = qa_stage(changed, cfg, [1, 4, 7], previous=deferred, backend=backend)
+    assert rep2["items.generated"] == 2 and "items.deferred" not in rep2
+    assert sorted(set(full["item_id"].to_pylist())) == [1, 4, 7] and full.num_rows == 6
+    # nothing to defer: the same rows, zero deferred
+    again, rep3 = qa_stage(changed, cfg, [1, 4, 7], previous=full, backend=backend, defer=True)
+    assert again.to_pylist() == full.to_pylist() and rep3["items.deferred"] == 0
