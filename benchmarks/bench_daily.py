@@ -406,7 +406,10 @@ def report(res: dict, n_days: int) -> None:
           + ", ".join(f"day {d} {h:.2f} h" for d, h in enumerate(hours)) + "; "
           + ", ".join(f"day {d} / day 0 = {hours[d] / hours[0]:.3f}" for d in later))
     if any(deferred):
-        print("the same with the deferred QA answered on the day (qa.when_model_reused: generate): "
+        # day 1's count is what qa.when_model_reused: generate answers that day; a later day's count
+        # also holds the earlier days' deferred items still in kept pairs: more than generate would ask then
+        print("with the questions deferred so far answered on the day (day 1: what qa.when_model_reused: "
+              "generate asks; later days: more than it asks, their count also holds earlier days' items): "
               + ", ".join(f"day {d} / day 0 = {(hours[d] + deferred[d] * rates['qa'] / 3600) / hours[0]:.3f}"
                           for d in later))
     print(f"# {rates['cpu']}; {loadavg()}")

@@ -96,6 +96,7 @@ def test_report_leaves_deferred_qa_out_of_the_day_and_says_what_it_would_cost(ca
     # day 0 = (90 - 40) + 1,000 x 0.1 + 100 x 0.5 = 200; day 1 = 10 + 100 x 0.2 = 30; with the 100
     # deferred questions answered on the day: 30 + 50 = 80
     assert "day 1 / day 0 = 0.150" in out
-    assert "answered on the day (qa.when_model_reused: generate): day 1 / day 0 = 0.400" in out
+    assert "answered on the day (day 1: what qa.when_model_reused: generate asks; later days: more than it " \
+           "asks, their count also holds earlier days' items): day 1 / day 0 = 0.400" in out
     row = next(line for line in out.splitlines() if line.startswith("| qa: questions deferred"))
     assert [c.strip() for c in row.strip("|").split("|")][1:] == ["0", "100", "1.000", "0.500", "(0.00)", "(0.01)"]
