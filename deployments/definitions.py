@@ -134,7 +134,7 @@ def deployments(config_path: str | Path = DEFAULT_CONFIG, daily_cron: str = DAIL
     return [
         Deployment(
             name=daily, flow_name=REFRESH_FLOW, entrypoint=REFRESH_ENTRYPOINT, cron=daily_cron,
-            description=(f"Daily codebook refresh on {config_path}: new pairs judged, QA for new items, the "
+            description=(f"Daily codebook refresh on {config_path}: new pairs judged, QA deferred to the weekly run, the "
                          "catalog embedded with the published model, the codebook warm-started from the "
                          "published one (stable SIDs). One run at a time; a rerun waits for the running one."),
             parameters={"config_path": config_path, "overrides": dict(DAILY_OVERRIDES)},
@@ -142,7 +142,8 @@ def deployments(config_path: str | Path = DEFAULT_CONFIG, daily_cron: str = DAIL
         Deployment(
             name=weekly, flow_name=REFRESH_FLOW, entrypoint=REFRESH_ENTRYPOINT, cron=weekly_cron,
             description=(f"Weekly refresh on {config_path} that also fine-tunes the embedding model on the "
-                         "latest judged pairs and QA, continuing from the published model; the embed gate "
+                         "latest judged pairs and QA (answering the items the daily runs deferred), continuing from the "
+                         "published model; the embed gate "
                          "publishes it only if it beats the published one on validation, and the codebook "
                          "is refitted for the new model with its cells renumbered onto the old SIDs."),
             parameters={"config_path": config_path, "overrides": retrain_overrides(config_path)},
