@@ -314,15 +314,23 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     ``items.deferred``, ``questions.deferred``, ``llm_answers_kept``, ``llm_answer_rate``,
     ``generate_s``, ``items_per_s``."""
     from qarm_core.judge.qa import QAStats, generate_qa
+    from qarm_core.lm.backend import make_backend
 
+    named_only = False
     if backend is None and defer and cfg.backend == "local":
         from qarm_core.lm.local import LocalLM
 
-        backend = LocalLM(cfg.local, weights=False)     # only its model id is read: no weights loaded
+        backend, named_only = LocalLM(cfg.local, weights=False), True   # its model id only: no weights
     if backend is None:
-        from qarm_core.lm.backend import make_backend
-
         backend = make_backend(cfg.backend, cfg.local, cfg.http, shards, name="qa")
+    if defer and not _has_rows_of(previous, backend.model_id, cfg.prompt_version):
+        # the published QA is another model's or prompt's: none of it stays valid, and a deferring
+        # run would publish an empty table; answer now, as a run that trains would
+        defer, why = False, "answered now: the published QA is another model's or prompt's"
+        if named_only:
+            backend = make_backend(cfg.backend, cfg.local, cfg.http, shards, name="qa")
+    else:
+        why = None
     ids = sorted({int(i) for i in item_ids})
     stats = QAStats()
     t0 = time.perf_counter()
@@ -335,9 +343,19 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
                         | ({} if defer else _dtype_notes(backend))}    # a deferring run ran no model
     if defer:
         report |= {"items.deferred": float(stats.deferred_items), "questions.deferred": float(stats.deferred_questions)}
+    if why:
+        report["notes"]["deferral"] = why
     if stats.questions:
         report["llm_answer_rate"] = stats.llm_answers_kept / stats.questions
     if stats.items:
         report["items_per_s"] = stats.items / max(seconds, 1e-9)
     return table, report
 
+
+
+def _has_rows_of(previous: pa.Table | None, model_id: str, prompt_version: str) -> bool:
+    """Whether ``previous`` (a QA table) holds rows made by ``model_id`` with ``prompt_version``."""
+    if previous is None or previous.num_rows == 0:
+        return False
+    return bool(pc.any(pc.and_(pc.equal(previous["model_id"], model_id),
+                               pc.equal(previous["prompt_version"], prompt_version))).as_py())

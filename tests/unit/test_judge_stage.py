@@ -201,3 +201,14 @@ def test_qa_deferred_while_the_model_is_reused(backend, tiny_lm_path, data, monk
     # nothing to defer: the same rows, zero deferred
     again, rep3 = qa_stage(changed, cfg, [1, 4, 7], previous=full, backend=backend, defer=True)
     assert again.to_pylist() == full.to_pylist() and rep3["items.deferred"] == 0
+
+
+def test_qa_not_deferred_when_the_published_qa_is_another_prompts(backend, data):
+    """A deferring run whose published QA was made with another prompt (or model) would publish no
+    row at all: it answers now, and says why."""
+    items, _, _ = data
+    cfg = QAConfig(k=2, max_new_tokens=6)
+    old, _ = qa_stage(items, QAConfig(k=2, max_new_tokens=6, prompt_version="qa-v1"), [1, 4], backend=backend)
+    qa, rep = qa_stage(items, cfg, [1, 4], previous=old, backend=backend, defer=True)
+    assert rep["items.generated"] == 2 and "items.deferred" not in rep and qa.num_rows == 4
+    assert set(qa["prompt_version"].to_pylist()) == {"qa-v2"} and "another model's or prompt's" in rep["notes"]["deferral"]
