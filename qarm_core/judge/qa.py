@@ -125,13 +125,18 @@ def item_field_hash(row: dict) -> str:
     return stable_hash([row.get(c) for c in QA_FIELDS])
 
 
-def _reusable(previous: pa.Table, hashes: dict[int, str], model_id: str, prompt_version: str) -> pa.Table:
-    """Rows of ``previous`` made by this model and prompt from the item's current fields."""
+def made_with(previous: pa.Table, model_id: str, prompt_version: str) -> pa.Table:
+    """Rows of the QA table ``previous`` made by ``model_id`` with ``prompt_version``."""
     missing = [c for c in QA.columns if c not in previous.column_names]
     if missing:
         raise DataError(STAGE, "qa", f"previous QA table lacks columns {missing}")
-    m = pc.and_(pc.equal(previous["model_id"], model_id), pc.equal(previous["prompt_version"], prompt_version))
-    prev = previous.filter(m)
+    return previous.filter(pc.and_(pc.equal(previous["model_id"], model_id),
+                                   pc.equal(previous["prompt_version"], prompt_version)))
+
+
+def _reusable(previous: pa.Table, hashes: dict[int, str], model_id: str, prompt_version: str) -> pa.Table:
+    """Rows of ``previous`` made by this model and prompt from the item's current fields."""
+    prev = made_with(previous, model_id, prompt_version)
     ok = [hashes.get(i) == h for i, h in zip(prev["item_id"].to_pylist(), prev["text_hash"].to_pylist())]
     return prev.filter(pa.array(ok, pa.bool_()))
 

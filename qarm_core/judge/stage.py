@@ -313,7 +313,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     loaded (``QAConfig.when_model_reused``). Report: ``items``, ``items.generated``, ``questions``,
     ``items.deferred``, ``questions.deferred``, ``llm_answers_kept``, ``llm_answer_rate``,
     ``generate_s``, ``items_per_s``."""
-    from qarm_core.judge.qa import QAStats, generate_qa
+    from qarm_core.judge.qa import QAStats, generate_qa, made_with
     from qarm_core.lm.backend import make_backend
 
     named_only = False
@@ -323,7 +323,7 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
         backend, named_only = LocalLM(cfg.local, weights=False), True   # its model id only: no weights
     if backend is None:
         backend = make_backend(cfg.backend, cfg.local, cfg.http, shards, name="qa")
-    if defer and not _has_rows_of(previous, backend.model_id, cfg.prompt_version):
+    if defer and (previous is None or not made_with(previous, backend.model_id, cfg.prompt_version).num_rows):
         # the published QA is another model's or prompt's: none of it stays valid, and a deferring
         # run would publish an empty table; answer now, as a run that trains would
         defer, why = False, "answered now: the published QA is another model's or prompt's"
@@ -350,12 +350,3 @@ def qa_stage(items: pa.Table, cfg: QAConfig, item_ids: Iterable[int], previous: 
     if stats.items:
         report["items_per_s"] = stats.items / max(seconds, 1e-9)
     return table, report
-
-
-
-def _has_rows_of(previous: pa.Table | None, model_id: str, prompt_version: str) -> bool:
-    """Whether ``previous`` (a QA table) holds rows made by ``model_id`` with ``prompt_version``."""
-    if previous is None or previous.num_rows == 0:
-        return False
-    return bool(pc.any(pc.and_(pc.equal(previous["model_id"], model_id),
-                               pc.equal(previous["prompt_version"], prompt_version))).as_py())
