@@ -121,7 +121,7 @@ def qa(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord | None,
         key_inputs={"judgments": verdicts.fingerprint if verdicts else None, "items": items.fingerprint,
                     "qa": cfg.qa.model_dump(mode="json"), "deferred_from": prev_rec.fingerprint if defer else None},
         params={"qa": cfg.qa.model_dump(mode="json"), "previous": prev_rec.path if prev_rec else "none",
-                "deferred": defer},
+                "defer": defer},     # asked for: the stage answers anyway when no published row stays valid
         summary=_qa_summary))
     return records
 

@@ -354,7 +354,7 @@ def test_qa_defers_while_the_published_model_is_reused(prefect_harness, tiny_cfg
     deferred = qa(daily, parent, j2, items)["qa"]
     runs = [r for r in _stage_runs(tiny_cfg, "qa")]                     # newest first
     assert runs[0]["metrics"]["items.deferred"] == 5 and runs[0]["metrics"]["questions.deferred"] == 10
-    assert runs[0]["metrics"]["items.generated"] == 0 and runs[0]["params"]["deferred"] == "True"
+    assert runs[0]["metrics"]["items.generated"] == 0 and runs[0]["params"]["defer"] == "True"
     assert read_dataset(deferred).to_pylist() == read_dataset(first).to_pylist()
     weekly = qa(tiny_cfg, parent, j2, items)["qa"]                     # trains: not the deferring run's cache
     assert _stage_runs(tiny_cfg, "qa")[0]["metrics"]["items.generated"] == 5
