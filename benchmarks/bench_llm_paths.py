@@ -11,12 +11,17 @@ each new path against the one it replaced, on the same inputs, in one run.
   and qarm's decoder with each item's questions grouped (the item's text run once for its
   questions, ``share_context_min: 2``, the default) against it without groups (``0``, the previous
   path).
+* The shared prefix (the judge's few-shot examples; the QA prompts' chat template and system turn),
+  in both loops with their defaults otherwise: its keys and values copied into every row's cache
+  (``prefix_attention: copied``, the previous path) against read in place by every row
+  (``shared``, the default on a CPU; ``qarm_core/lm/prefix_attention.py``).
 
 Both paths run in the same process, one after the other, twice each in alternating order (the
 table shows the faster of the two runs of each); the load average is printed with the figures.
 
     python benchmarks/bench_llm_paths.py [--judge-sources 120] [--qa-items 96] [--dtype float32]
-                                         [--skip-judge] [--skip-transformers] [--json out.json]
+                                         [--skip-judge] [--skip-transformers] [--skip-grouping]
+                                         [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="float32 on a CPU with native bf16 stands in for one without")
     ap.add_argument("--skip-judge", action="store_true", help="QA paths only")
     ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers' generate (slow)")
+    ap.add_argument("--skip-grouping", action="store_true",
+                    help="leave out the grouping comparisons (the prefix attention's only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)
     inter, items = read_ml100k(fetch_recbole_wheel(REPO / ".cache" / "recbole"))
     lms = {m: LocalLM(LocalModelConfig(share_context_min=m, dtype=args.dtype)) for m in (0, 2)}
+    copied = LocalLM(LocalModelConfig(dtype=args.dtype, prefix_attention="copied"))
     load0 = os.getloadavg()[0]
     res: dict = {}
     table: list[tuple[str, str]] = []
@@ -114,23 +122,43 @@ def main(argv: list[str] | None = None) -> dict:
                              prompt.item_format)
         src = [texts[i] for i in pairs["src_item"].to_pylist()]
         dst = [texts[i] for i in pairs["dst_item"].to_pylist()]
-        scorers = {m: PairScorer(lm, prompt) for m, lm in lms.items()}
-        for sc in scorers.values():
-            sc.llm_pmi(src[:1] * len(set(dst)), sorted(set(dst)))    # neutral passes cached: pairs only below
-        (s_old, t_old), (s_new, t_new) = _best_of_two(lambda: scorers[0].llm_pmi(src, dst),
-                                                      lambda: scorers[2].llm_pmi(src, dst))
+        warm = PairScorer(lms[2], prompt)
+        warm.llm_pmi(src[:1] * len(set(dst)), sorted(set(dst)))
+        neutral = {warm.continuation(t): warm.neutral_of(t) for t in set(dst)}     # the same for every path
+
+        def pmi(lm) -> np.ndarray:
+            """The pairs' PMI by a new scorer (a scorer keeps what it computed: a second call on the
+            same one would cost nothing), neutral passes known: the pairs' forward passes only."""
+            sc = PairScorer(lm, prompt)
+            sc.preload_neutral(neutral)
+            return sc.llm_pmi(src, dst)
+
+        scorers = {m: (lambda lm=lm: pmi(lm)) for m, lm in lms.items()} | {"copied": lambda: pmi(copied)}
         n = len(src)
-        res |= {"judge_pairs": n, "judge_sources": len(pick), "judge_pairs_per_s_one_sequence_per_pair": n / t_old,
-                "judge_pairs_per_s_grouped": n / t_new, "judge_speedup": t_old / t_new,
-                "judge_max_abs_score_diff": float(np.max(np.abs(np.asarray(s_old) - np.asarray(s_new)))),
-                "judge_score_std": float(np.std(s_old))}
+        table.append(("judge: Swing pairs scored (source items x top_k)", f"{n:,} ({len(pick)} x <= {args.top_k})"))
+        res |= {"judge_pairs": n, "judge_sources": len(pick)}
+        if not args.skip_grouping:
+            (s_old, t_old), (s_new, t_new) = _best_of_two(scorers[0], scorers[2])
+            res |= {"judge_pairs_per_s_one_sequence_per_pair": n / t_old,
+                    "judge_pairs_per_s_grouped": n / t_new, "judge_speedup": t_old / t_new,
+                    "judge_max_abs_score_diff": float(np.max(np.abs(np.asarray(s_old) - np.asarray(s_new)))),
+                    "judge_score_std": float(np.std(s_old))}
+            table += [
+                ("judge pairs/s: one sequence per pair (previous)", f"{res['judge_pairs_per_s_one_sequence_per_pair']:.1f}"),
+                ("judge pairs/s: contexts shared and batched (default)", f"{res['judge_pairs_per_s_grouped']:.1f}"),
+                ("judge speed-up", f"{res['judge_speedup']:.2f}x"),
+                ("judge max |score difference| (score std)",
+                 f"{res['judge_max_abs_score_diff']:.3f} ({res['judge_score_std']:.2f})")]
+        # the prefix's keys copied per row vs read in place (both with shared contexts)
+        (s_cp, t_cp), (s_sh, t_sh) = _best_of_two(scorers["copied"], scorers[2])
+        res |= {"judge_pairs_per_s_prefix_copied": n / t_cp, "judge_pairs_per_s_prefix_shared": n / t_sh,
+                "judge_prefix_speedup": t_cp / t_sh,
+                "judge_prefix_max_abs_score_diff": float(np.max(np.abs(np.asarray(s_cp) - np.asarray(s_sh))))}
         table += [
-            ("judge: Swing pairs scored (source items x top_k)", f"{n:,} ({len(pick)} x <= {args.top_k})"),
-            ("judge pairs/s: one sequence per pair (previous)", f"{res['judge_pairs_per_s_one_sequence_per_pair']:.1f}"),
-            ("judge pairs/s: contexts shared and batched (default)", f"{res['judge_pairs_per_s_grouped']:.1f}"),
-            ("judge speed-up", f"{res['judge_speedup']:.2f}x"),
-            ("judge max |score difference| (score std)",
-             f"{res['judge_max_abs_score_diff']:.3f} ({res['judge_score_std']:.2f})")]
+            ("judge pairs/s: prefix keys copied per row (previous)", f"{res['judge_pairs_per_s_prefix_copied']:.1f}"),
+            ("judge pairs/s: prefix keys read in place (default)", f"{res['judge_pairs_per_s_prefix_shared']:.1f}"),
+            ("judge speed-up of the shared prefix", f"{res['judge_prefix_speedup']:.2f}x"),
+            ("judge max |score difference|, shared vs copied prefix", f"{res['judge_prefix_max_abs_score_diff']:.1e}")]
 
     qcfg = QAConfig()
     qp = qa_prompt(qcfg.prompt_version)
@@ -153,21 +181,33 @@ def main(argv: list[str] | None = None) -> dict:
             ("QA items/s: qarm greedy decoder, prompts alone", f"{res['qa_items_per_s_qarm']:.2f}"),
             ("QA speed-up", f"{res['qa_speedup']:.2f}x"),
             ("QA answers identical to transformers'", f"{res['qa_same_answer_share']:.1%}")]
-    (a_flat, q_flat), (a_grp, q_grp) = _best_of_two(
-        lambda: lm_flat.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system),
+    if not args.skip_grouping:
+        (a_flat, q_flat), (a_grp, q_grp) = _best_of_two(
+            lambda: lm_flat.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system),
+            lambda: lm.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system))
+        res |= {"qa_items_per_s_ungrouped": len(ids) / q_flat,
+                "qa_items_per_s_grouped": len(ids) / q_grp, "qa_group_speedup": q_flat / q_grp,
+                "qa_grouped_same_answer_share": float(np.mean([a == b for a, b in zip(a_flat, a_grp)]))}
+        table += [
+            ("QA items/s: qarm decoder, each prompt alone (previous)", f"{res['qa_items_per_s_ungrouped']:.2f}"),
+            ("QA items/s: qarm decoder, an item's questions grouped (default)", f"{res['qa_items_per_s_grouped']:.2f}"),
+            ("QA speed-up of grouping", f"{res['qa_group_speedup']:.2f}x"),
+            ("QA answers identical with and without groups", f"{res['qa_grouped_same_answer_share']:.1%}")]
+    (a_cp, q_cp), (a_sh, q_sh) = _best_of_two(
+        lambda: copied.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system),
         lambda: lm.generate(prompts, qcfg.max_new_tokens, batch_size=bs, system=qp.system))
-    res |= {"qa_prompts": len(prompts), "qa_items": len(ids), "qa_items_per_s_ungrouped": len(ids) / q_flat,
-            "qa_items_per_s_grouped": len(ids) / q_grp, "qa_group_speedup": q_flat / q_grp,
-            "qa_grouped_same_answer_share": float(np.mean([a == b for a, b in zip(a_flat, a_grp)])),
+    res |= {"qa_prompts": len(prompts), "qa_items": len(ids), "qa_items_per_s_prefix_copied": len(ids) / q_cp,
+            "qa_items_per_s_prefix_shared": len(ids) / q_sh, "qa_prefix_speedup": q_cp / q_sh,
+            "qa_prefix_same_answer_share": float(np.mean([a == b for a, b in zip(a_cp, a_sh)])),
             "loadavg_1m": (load0 + os.getloadavg()[0]) / 2, "batch_size": bs, "dtype": lm.dtype_choice.name,
             "threads": torch.get_num_threads()}
     from benchmarks.harness import machine
 
     table += [
-        ("QA items/s: qarm decoder, each prompt alone (previous)", f"{res['qa_items_per_s_ungrouped']:.2f}"),
-        ("QA items/s: qarm decoder, an item's questions grouped (default)", f"{res['qa_items_per_s_grouped']:.2f}"),
-        ("QA speed-up of grouping", f"{res['qa_group_speedup']:.2f}x"),
-        ("QA answers identical with and without groups", f"{res['qa_grouped_same_answer_share']:.1%}"),
+        ("QA items/s: prefix keys copied per row (previous)", f"{res['qa_items_per_s_prefix_copied']:.2f}"),
+        ("QA items/s: prefix keys read in place (default)", f"{res['qa_items_per_s_prefix_shared']:.2f}"),
+        ("QA speed-up of the shared prefix", f"{res['qa_prefix_speedup']:.2f}x"),
+        ("QA answers identical, shared vs copied prefix", f"{res['qa_prefix_same_answer_share']:.1%}"),
         ("model, dtype, batch, torch threads", f"SmolLM2-135M-Instruct, {res['dtype']}, {bs}, {res['threads']}"),
         ("load average (1 min) during the run", f"{res['loadavg_1m']:.2f}"),
         ("machine", machine()),

@@ -72,6 +72,11 @@ class LocalModelConfig(Strict):
     # Requests (pairs scored, prompts answered) per shard: the unit an executor worker takes
     # (qarm_core.lm.sharded). The local run cuts the same shards, so both compute the same numbers.
     shard_requests: int = Field(1024, ge=1)
+    # How rows attend over the prefix every request of a call shares (the judge's few-shot examples,
+    # the QA prompts' chat template and system turn). shared: its keys are read in place by every row
+    # (``qarm_core.lm.prefix_attention``; on a CPU, for Llama-style models, else copied); copied: each
+    # batch holds a copy per row. The judge on 2 CPU cores in float32: see README, stage 2.
+    prefix_attention: Literal["shared", "copied"] = "shared"
 
 
 class EmbedderConfig(Strict):

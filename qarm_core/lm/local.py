@@ -24,6 +24,8 @@ ROWS_PER_CONTEXT_PASS = 4
 # 57 such groups among 256 one-question prompts ran 5% slower than none, float32 capped to AVX2,
 # because splitting the prompts into grouped and lone ones leaves more part-filled batches to decode).
 MIN_GROUP_PREFIX = 12
+# Rows of LM-head output per block of the scorer's log-softmax (``LocalLM._token_logprobs``).
+LOGSOFTMAX_ROWS = 64
 
 
 def _view_of(cache: Any) -> Any:
@@ -36,6 +38,27 @@ def _view_of(cache: Any) -> Any:
     view = copy.copy(cache)
     view.layers = [copy.copy(layer) for layer in cache.layers]
     return view
+
+
+class _Prefix:
+    """The prefix every request of a call shares (few-shot examples; chat template and system
+    turn), ``n`` tokens, computed once. ``kv``: its (keys, values) per layer, read by every row
+    through ``prefix_attention`` (rows' caches hold only their own tokens); else ``cache``: a
+    key/value cache that each batch repeats per row (GPUs, models ``prefix_attention`` cannot serve)."""
+
+    def __init__(self, n: int, cache: Any, shared: bool):
+        self.n = n
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers] if shared else None
+        self.cache = None if shared else cache
+
+    def past_for(self, rows: int) -> tuple[Any, int]:
+        """(the past cache a batch of ``rows`` starts from, or None; how many of the prefix's
+        positions its attention mask must cover)."""
+        if self.kv is not None:
+            return None, 0
+        past = _view_of(self.cache)
+        past.batch_repeat_interleave(rows)
+        return past, self.n
 
 
 class LocalLM:
@@ -68,9 +91,32 @@ class LocalLM:
             if weights else None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.shared_prefix = bool(weights) and self._use_shared_prefix()
         name = self.cfg.model_path and Path(self.cfg.model_path).name or SMOLLM2_NAME
         self.model_id = model_id or f"local:{name}"
         self._lock = threading.Lock()
+
+    def _use_shared_prefix(self) -> bool:
+        """``prefix_attention: shared`` where it can run (a CPU, a model ``prefix_attention``
+        supports); the model's attention is then switched to it."""
+        from qarm_core.lm import prefix_attention
+
+        if self.cfg.prefix_attention != "shared" or self.device != "cpu" \
+                or not prefix_attention.supports(self.model):
+            return False
+        prefix_attention.register()
+        self.model.set_attn_implementation(prefix_attention.NAME)
+        return True
+
+    def _forward(self, prefix: "_Prefix | None", **kw: Any) -> Any:
+        """The model body's forward pass (``kw`` as ``model.model`` takes them), attending over the
+        shared prefix first where ``prefix`` is read in place."""
+        if prefix is not None and prefix.kv is not None:
+            from qarm_core.lm import prefix_attention
+
+            with prefix_attention.reading(prefix.kv):
+                return self.model.model(**kw)
+        return self.model.model(**kw)
 
     # -- scoring
     def _ids(self, text: str) -> list[int]:
@@ -110,10 +156,10 @@ class LocalLM:
         order = sorted(alone, key=lambda k: len(enc[k][0]) + len(enc[k][1]))
         bs = self.cfg.batch_size
         with self._lock, torch.inference_mode():
-            cache = self._prefix_cache(pre) if pre else None
+            prefix = self._prefix_cache(pre) if pre else None
             for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
-                for k, lp in zip(idx, self._score_batch([enc[k] for k in idx], cache, len(pre))):
+                for k, lp in zip(idx, self._score_batch([enc[k] for k in idx], prefix)):
                     out[k] = lp
                 advance(progress, len(idx))
             # contexts shared by several continuations (one source item, its candidates): each
@@ -128,7 +174,7 @@ class LocalLM:
                 if chunk and (not ks or len(chunk) + 1 > bs or sum(map(len, chunk)) + len(ks) > rows_cap):
                     for k, lp in self._score_groups([enc[g[0]][0] for g in chunk],
                                                     [[(k, enc[k][1]) for k in g] for g in chunk],
-                                                    cache, len(pre)).items():
+                                                    prefix).items():
                         out[k] = lp
                     advance(progress, sum(map(len, chunk)))
                     chunk = []
@@ -136,34 +182,36 @@ class LocalLM:
                     chunk.append(ks)
         return out  # type: ignore[return-value]
 
-    def _prefix_cache(self, pre: list[int]) -> Any:
+    def _prefix_cache(self, pre: list[int]) -> _Prefix:
         import torch
 
-        return self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).cache
+        cache = self.model.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True).cache
+        return _Prefix(len(pre), cache, self.shared_prefix)
 
-    def _run_on_prefix(self, seqs: list[list[int]], cache: Any, n_pre: int) -> tuple[Any, Any, Any, Any]:
-        """One forward of ``seqs`` right-padded on the ``n_pre``-token prefix cache (None: no
-        prefix), positions continuing the prefix. Returns (hidden (n, width, H), the extended
-        cache, the attention mask (n, n_pre + width) over it, lengths (n,)), all on the device."""
+    def _run_on_prefix(self, seqs: list[list[int]], prefix: _Prefix | None) -> tuple[Any, Any, Any, Any]:
+        """One forward of ``seqs`` right-padded after the prefix (None: none), positions continuing
+        it. Returns (hidden (n, width, H), the rows' cache, the attention mask (n, m + width) over
+        it, lengths (n,)), all on the device; m is the prefix's length where the rows' cache holds a
+        copy of it, else 0 (``_Prefix.past_for``)."""
 
         import torch
 
         dev = self.device
+        n_pre = prefix.n if prefix else 0
+        past, m = prefix.past_for(len(seqs)) if prefix else (None, 0)
         lens = torch.tensor([len(x) for x in seqs])
         width = int(lens.max())
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), n_pre + width), dtype=torch.long)
-        att[:, :n_pre] = 1
+        att = torch.zeros((len(seqs), m + width), dtype=torch.long)
+        att[:, :m] = 1
         for r, x in enumerate(seqs):
             ids[r, :len(x)] = torch.tensor(x)
-            att[r, n_pre:n_pre + len(x)] = 1
+            att[r, m:m + len(x)] = 1
         kw: dict[str, Any] = {"use_cache": True}
-        if cache is not None:
-            past = _view_of(cache)
-            past.batch_repeat_interleave(len(seqs))
+        if past is not None:
             kw["cache"] = past
         pos = (n_pre + torch.arange(width))[None].expand(len(seqs), -1)
-        res = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
+        res = self._forward(prefix, input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev), **kw)
         return res.last_hidden_state, res.cache, att.to(dev), lens.to(dev)
 
     def _token_logprobs(self, hidden: Any, targets: list[int]) -> np.ndarray:
@@ -171,11 +219,18 @@ class LocalLM:
         the LM head runs on these rows only."""
         import torch
 
-        logp = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
-        return logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].cpu().numpy().astype(np.float64)
+        logits = self.model.lm_head(hidden).float()                   # (n, vocab)
+        tgt = torch.tensor(targets, device=self.device)[:, None]
+        out = torch.empty(len(targets), dtype=torch.float32, device=self.device)
+        # the log-softmax in blocks of rows that stay in the CPU's cache: the same numbers, ~2x faster
+        # than over the whole (n, 49k) matrix at once (SmolLM2, float32 on 2 AVX2 cores)
+        for s in range(0, len(targets), LOGSOFTMAX_ROWS):
+            block = slice(s, s + LOGSOFTMAX_ROWS)
+            out[block] = torch.log_softmax(logits[block], dim=-1).gather(1, tgt[block])[:, 0]
+        return out.cpu().numpy().astype(np.float64)
 
-    def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]], cache: Any,
-                      n_pre: int) -> dict[int, np.ndarray]:
+    def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]],
+                      prefix: _Prefix | None) -> dict[int, np.ndarray]:
         """Log-probs of continuations grouped by context: ``conts[g]`` = [(request index, token
         ids), ...] all follow ``ctxs[g]``. One forward runs the G contexts (right-padded, on the
         prefix cache); then the continuations run in batches of ``batch_size``, each row on its
@@ -186,7 +241,7 @@ class LocalLM:
         import torch
 
         dev = self.device
-        hidden, ctx_cache, ctx_att, lens = self._run_on_prefix(ctxs, cache, n_pre)
+        hidden, ctx_cache, ctx_att, lens = self._run_on_prefix(ctxs, prefix)
         h_last = hidden[torch.arange(len(ctxs), device=dev), lens - 1]       # (G, H)
         rows = sorted(((g, k, x) for g, cs in enumerate(conts) for k, x in cs), key=lambda r: (len(r[2]), r[0], r[1]))
         out: dict[int, np.ndarray] = {}
@@ -194,12 +249,14 @@ class LocalLM:
         for s in range(0, len(rows), bs):
             batch = rows[s:s + bs]
             gi = torch.tensor([g for g, _, _ in batch], device=dev)
-            hid = self._run_on_groups([x for _, _, x in batch], gi, ctx_cache, ctx_att, lens, n_pre)[0]
-            # token 0 of a continuation is predicted by its context's last state, token t by position t-1
+            # token 0 of a continuation is predicted by its context's last state, token t by position
+            # t-1: a row runs all its tokens but the last, whose state predicts nothing
+            seqs = [x[:-1] for _, _, x in batch]
+            hid = self._run_on_groups(seqs, gi, ctx_cache, ctx_att, lens, prefix)[0] if max(map(len, seqs)) else None
             r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
             t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
-            picked = torch.cat([h_last[gi], hid[torch.tensor(r_idx, dtype=torch.long, device=dev),
-                                                torch.tensor(t_idx, dtype=torch.long, device=dev)]])
+            picked = h_last[gi] if hid is None else torch.cat([
+                h_last[gi], hid[torch.tensor(r_idx, dtype=torch.long, device=dev), torch.tensor(t_idx, dtype=torch.long, device=dev)]])
             tok_lp = self._token_logprobs(picked, [x[0] for _, _, x in batch] + [t for _, _, x in batch for t in x[1:]])
             first, rest, at = tok_lp[:len(batch)], tok_lp[len(batch):], 0
             for r, (_, k, x) in enumerate(batch):
@@ -207,31 +264,32 @@ class LocalLM:
                 at += len(x) - 1
         return out
 
-    def _score_batch(self, batch: list[tuple[list[int], list[int]]], cache: Any = None,
-                     n_prefix: int = 0) -> list[np.ndarray]:
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]], prefix: _Prefix | None = None) -> list[np.ndarray]:
 
         import torch
 
         pad = self.tokenizer.pad_token_id
-        width = max(len(a) + len(b) for a, b in batch)
+        n_prefix = prefix.n if prefix else 0
+        past, m = prefix.past_for(len(batch)) if prefix else (None, 0)
+        # a row runs its context and continuation but the continuation's last token, whose state
+        # predicts nothing
+        width = max(len(a) + len(b) - 1 for a, b in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        att = torch.zeros((len(batch), n_prefix + width), dtype=torch.long)
-        att[:, :n_prefix] = 1
+        att = torch.zeros((len(batch), m + width), dtype=torch.long)
+        att[:, :m] = 1
         rows, cols, targets = [], [], []
         for r, (a, b) in enumerate(batch):
-            seq = a + b
+            seq = a + b[:-1]
             ids[r, :len(seq)] = torch.tensor(seq)
-            att[r, n_prefix:n_prefix + len(seq)] = 1
+            att[r, m:m + len(seq)] = 1
             rows += [r] * len(b)
             cols += range(len(a) - 1, len(a) + len(b) - 1)   # position t predicts token t+1
             targets += b
-        kw: dict[str, Any] = {}
-        if cache is not None:
-            past = _view_of(cache)
-            past.batch_repeat_interleave(len(batch))
-            kw = {"cache": past, "use_cache": True}
+        kw: dict[str, Any] = {"cache": past, "use_cache": True} if past is not None else {}
         dev = self.device
-        hidden = self.model.model(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw).last_hidden_state
+        pos = (n_prefix + torch.arange(width))[None].expand(len(batch), -1)
+        hidden = self._forward(prefix, input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev),
+                               **kw).last_hidden_state
         picked = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]   # (sum cont tokens, H)
         tok_lp = self._token_logprobs(picked, targets)
         out, at = [], 0
@@ -287,30 +345,30 @@ class LocalLM:
         n_pre = min(len(x) for x in prompts) - 1          # every row keeps >= 1 token of its own
         for x in prompts[1:]:
             n_pre = min(n_pre, _common_prefix(prompts[0], x))
-        cache = self._prefix_cache(prompts[0][:n_pre]) if n_pre else None
+        prefix = self._prefix_cache(prompts[0][:n_pre]) if n_pre else None
         out: list[list[int]] = [[] for _ in prompts]
         groups = prefix_groups(prompts, n_pre, self.cfg.share_context_min, MIN_GROUP_PREFIX, bs)
         alone = sorted((g[0] for p, g in groups if not p), key=lambda i: len(prompts[i]))
         for s in range(0, len(alone), bs):
             rows = alone[s:s + bs]
-            hidden, past, att, lens = self._run_on_prefix([prompts[i][n_pre:] for i in rows], cache, n_pre)
+            hidden, past, att, lens = self._run_on_prefix([prompts[i][n_pre:] for i in rows], prefix)
             h = hidden[torch.arange(len(rows), device=self.device), lens - 1]      # (rows, H)
-            self._decode(prompts, rows, h, past, att, n_pre + lens, max_new_tokens, out)
+            self._decode(prompts, rows, h, past, att, n_pre + lens, max_new_tokens, out, prefix)
             advance(progress, len(rows))
         shared = sorted(((p, g) for p, g in groups if p), key=lambda pg: (pg[0], len(pg[1])))   # each <= bs rows
         batch: list[tuple[int, list[int]]] = []
         for pg in shared + [(0, [])]:
             if batch and (not pg[1] or sum(len(g) for _, g in batch) + len(pg[1]) > bs):
                 rows = [i for _, g in batch for i in g]
-                h, past, att, nxt_pos = self._run_groups(prompts, batch, cache, n_pre)
-                self._decode(prompts, rows, h, past, att, nxt_pos, max_new_tokens, out)
+                h, past, att, nxt_pos = self._run_groups(prompts, batch, prefix, n_pre)
+                self._decode(prompts, rows, h, past, att, nxt_pos, max_new_tokens, out, prefix)
                 advance(progress, len(rows))
                 batch = []
             if pg[1]:
                 batch.append(pg)
         return out
 
-    def _run_groups(self, prompts: list[list[int]], batch: list[tuple[int, list[int]]], cache: Any,
+    def _run_groups(self, prompts: list[list[int]], batch: list[tuple[int, list[int]]], prefix: _Prefix | None,
                     n_pre: int) -> tuple[Any, Any, Any, Any]:
         """Prefill of grouped prompts: ``batch`` = [(p, row indices), ...], the rows of a group
         sharing tokens ``n_pre:n_pre + p``. One forward runs the G group prefixes (right-padded, on
@@ -320,16 +378,15 @@ class LocalLM:
         import torch
 
         dev = self.device
-        _, g_cache, g_att, g_lens = self._run_on_prefix([prompts[g[0]][n_pre:n_pre + p] for p, g in batch],
-                                                        cache, n_pre)
+        _, g_cache, g_att, g_lens = self._run_on_prefix([prompts[g[0]][n_pre:n_pre + p] for p, g in batch], prefix)
         gi = torch.tensor([j for j, (_, g) in enumerate(batch) for _ in g], device=dev)
         own = [prompts[i][n_pre + p:] for p, g in batch for i in g]
-        hidden, past, att, nxt_pos = self._run_on_groups(own, gi, g_cache, g_att, g_lens, n_pre)
+        hidden, past, att, nxt_pos = self._run_on_groups(own, gi, g_cache, g_att, g_lens, prefix)
         lens = torch.tensor([len(x) for x in own], device=dev)
         return hidden[torch.arange(len(own), device=dev), lens - 1], past, att, nxt_pos
 
     def _run_on_groups(self, seqs: list[list[int]], gi: Any, g_cache: Any, g_att: Any, g_lens: Any,
-                       n_pre: int) -> tuple[Any, Any, Any, Any]:
+                       prefix: _Prefix | None) -> tuple[Any, Any, Any, Any]:
         """One forward of ``seqs`` (right-padded), row r on the cache of group ``gi[r]``: ``g_cache``
         holds the groups' tokens after the ``n_pre``-token prefix (right-padded, ``g_att`` their mask,
         ``g_lens`` their lengths), so the padding slots are masked and positions continue each group.
@@ -347,17 +404,17 @@ class LocalLM:
         past = _view_of(g_cache)
         past.batch_select_indices(gi)
         att = torch.cat([g_att[gi], att.to(dev)], 1)
-        start = n_pre + g_lens[gi]
+        start = (prefix.n if prefix else 0) + g_lens[gi]
         pos = start[:, None] + torch.arange(width, device=dev)[None]
-        res = self.model.model(input_ids=ids.to(dev), attention_mask=att, position_ids=pos, cache=past,
-                               use_cache=True)
+        res = self._forward(prefix, input_ids=ids.to(dev), attention_mask=att, position_ids=pos, cache=past,
+                            use_cache=True)
         return res.last_hidden_state, res.cache, att, start + torch.tensor([len(x) for x in seqs], device=dev)
 
     def _decode(self, prompts: list[list[int]], rows: list[int], h: Any, past: Any, att: Any, nxt_pos: Any,
-                max_new_tokens: int, out: list[list[int]]) -> None:
+                max_new_tokens: int, out: list[list[int]], prefix: _Prefix | None) -> None:
         """Greedy steps for ``rows`` (prompt indices) from the hidden state of their last prompt
-        token ``h`` (rows, H), their cache ``past``, its attention mask ``att`` and their next
-        positions ``nxt_pos`` (rows,); appends each row's tokens to ``out[row]``."""
+        token ``h`` (rows, H), their cache ``past`` (after ``prefix``), its attention mask ``att`` and
+        their next positions ``nxt_pos`` (rows,); appends each row's tokens to ``out[row]``."""
         import torch
 
         dev = self.device
@@ -386,9 +443,8 @@ class LocalLM:
                 att, nxt_pos = att[sel], nxt_pos[sel]
                 alive = [alive[j] for j in keep]
             att = torch.cat([att, torch.ones((len(alive), 1), dtype=att.dtype, device=dev)], 1)
-            res = self.model.model(input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
-                                   attention_mask=att, position_ids=nxt_pos[:, None], cache=past,
-                                   use_cache=True)
+            res = self._forward(prefix, input_ids=torch.tensor([nxt[j] for j in keep], device=dev)[:, None],
+                                attention_mask=att, position_ids=nxt_pos[:, None], cache=past, use_cache=True)
             h, past, nxt_pos = res.last_hidden_state[:, -1], res.cache, nxt_pos + 1
 
 

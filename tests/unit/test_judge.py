@@ -340,21 +340,27 @@ def test_empty_pairs_give_empty_judgments(tiny_lm):
     assert j.num_rows == 0 and j.schema == JUDGMENTS.schema
 
 
-def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm):
+@pytest.mark.parametrize("prefix_attention", ["shared", "copied"])
+def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm, prefix_attention):
     """Few-shot prefix cache and one-context-many-continuations reuse give the plain results,
     also when contexts of different lengths share one forward pass (batch 8) or a context's
-    continuations span several batches (batch 3)."""
+    continuations span several batches (batch 3); with the prefix's keys read in place by every row
+    (``prefix_attention: shared``) or copied per row."""
     from qarm_core.lm.local import LocalLM
 
     path = str(tiny_lm.cfg.model_path)
     plain = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=0))
     ctxs = (['A movie fan loved "Heat".'] * 5 + ["Q", 'A movie fan loved "Babe".', "Q"]
-            + ['A movie fan loved "Babe (1995), genres: Children\'s, Comedy, Drama".'] * 2)
+            + ['A movie fan loved "Babe (1995), genres: Children\'s, Comedy, Drama".'] * 2
+            + ['A movie fan loved "Heat".'] * 3 + ["Q"])
+    # the last four continuations are one token each (a batch of 3 of them runs no row token at all)
     conts = [' "Star Wars (1977)"', ' "x"', ' "Toy Story (1995), genres: Comedy"', " 1", " a b c", " yes",
-             ' "Heat"', " 19", ' "Fargo (1996)"', " z"]
+             ' "Heat"', " 19", ' "Fargo (1996)"', " z", "x", "y", " a", "1"]
     pre = "Star Wars (1977). Toy Story.\n"
     for bs in (3, 8):
-        share = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=bs, share_context_min=2))
+        share = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=bs, share_context_min=2,
+                                         prefix_attention=prefix_attention))
+        assert share.shared_prefix == (prefix_attention == "shared")
         for p in ("", pre):
             a, b = share.continuation_logprobs(ctxs, conts, prefix=p), plain.continuation_logprobs(ctxs, conts, prefix=p)
             for x, y in zip(a, b):
@@ -366,14 +372,18 @@ def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
-def test_greedy_generation_matches_transformers_generate(tiny_lm):
+@pytest.mark.parametrize("prefix_attention", ["shared", "copied"])
+def test_greedy_generation_matches_transformers_generate(tiny_lm, prefix_attention):
     """The shared-prefix, row-dropping greedy decoder gives transformers' greedy tokens, for rows
-    that stop early (a stop token), rows that run to the limit, and with a repetition penalty."""
+    that stop early (a stop token), rows that run to the limit, and with a repetition penalty;
+    with the prefix's keys read in place or copied per row."""
     import torch
 
     from qarm_core.lm.local import LocalLM
 
-    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
+    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32",
+                                  prefix_attention=prefix_attention))
+    assert lm.shared_prefix == (prefix_attention == "shared")
     tok, model = lm.tokenizer, lm.model
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():   # the tiny model's 0.02-std init emits one token forever: spread it out
@@ -409,16 +419,18 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm):
         tok.decode(w, skip_special_tokens=True).strip() for w in with_penalty]
 
 
-def test_grouped_prompts_decode_as_transformers_generate(tiny_lm):
+@pytest.mark.parametrize("prefix_attention", ["shared", "copied"])
+def test_grouped_prompts_decode_as_transformers_generate(tiny_lm, prefix_attention):
     """Prompts sharing a longer prefix (questions about one item) run it once per group, several
     groups per forward pass, and give transformers' greedy tokens: with one item's questions cut
     into several groups by the batch size (batch 2, 3), several groups in one batch (batch 8),
-    prompts alone beside them, and a prompt that extends another."""
+    prompts alone beside them, and a prompt that extends another (prefix read in place or copied)."""
     import torch
 
     from qarm_core.lm.local import MIN_GROUP_PREFIX, LocalLM, prefix_groups
 
-    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32"))
+    lm = LocalLM(LocalModelConfig(model_path=str(tiny_lm.cfg.model_path), dtype="float32",
+                                  prefix_attention=prefix_attention))
     tok, model = lm.tokenizer, lm.model
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
