@@ -140,8 +140,10 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
     from qarm_core.embed.train.distributed import training_dtype
     from qarm_core.embed.train.loop import run_steps, start_session
 
+    # a checkpoint at every evaluation: a curve stopped part-way (a session's end) continues from its
+    # last evaluation with ``--continue-from`` instead of from step 0
     tcfg = cfg.embed.train.model_copy(update={"lr": lr, "max_steps": max_steps, "max_seconds": None,
-                                              "checkpoint_every": max_steps})
+                                              "checkpoint_every": eval_every})
     tcfg = tcfg.model_copy(update={"dtype": training_dtype(tcfg).name})
     if continue_from is None:
         run_dir, first_cfg = Path(tempfile.mkdtemp(prefix=f"lr{lr:g}-", dir=work)), tcfg   # a fresh run
