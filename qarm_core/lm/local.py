@@ -61,6 +61,17 @@ class _Prefix:
         return past, self.n
 
 
+class _Context:
+    """Token rows that later rows continue (a judged source item's context): their hidden state at
+    each row's last token ``last`` (G, H), lengths ``lens`` (G,) and keys/values, either per layer
+    ``kv`` [(keys, values) (G, kv_heads, width, head_dim)] read by packed rows, or a key/value
+    ``cache`` with its attention mask ``att`` (G, m + width) for padded rows."""
+
+    def __init__(self, last: Any, lens: Any, kv: list[tuple[Any, Any]] | None = None, cache: Any = None,
+                 att: Any = None):
+        self.last, self.lens, self.kv, self.cache, self.att = last, lens, kv, cache, att
+
+
 class LocalLM:
     """A causal LM from an HF folder, run on CPU with transformers.
 
@@ -229,20 +240,78 @@ class LocalLM:
             out[block] = torch.log_softmax(logits[block], dim=-1).gather(1, tgt[block])[:, 0]
         return out.cpu().numpy().astype(np.float64)
 
+    def _run_rows(self, seqs: list[list[int]], prefix: _Prefix | None, context: _Context | None = None,
+                  group: Any = None, keep: bool = False) -> tuple[Any, _Context | None]:
+        """One forward of token rows after the prefix, row r after context ``group[r]`` of
+        ``context`` where one is given (positions continuing it). Packed where the prefix
+        attention runs (``shared_prefix``; ``_run_packed``), else right-padded on key/value caches.
+        Returns (the hidden states of every row's tokens, row after row (sum of lengths, H); with
+        ``keep``, the rows as a ``_Context`` for later rows)."""
+        import torch
+
+        dev = self.device
+        lens = torch.tensor([len(x) for x in seqs], device=dev)
+        if self.shared_prefix:
+            start = (prefix.n if prefix else 0) + (context.lens[group] if context is not None else 0)
+            hidden, kept = self._run_packed(seqs, start, prefix, context, group, keep)
+            if not keep:
+                return hidden, None
+            return hidden, _Context(hidden[lens.cumsum(0) - 1], lens, kv=[kept[i] for i in range(len(kept))])
+        if context is None:
+            hidden, cache, att, _ = self._run_on_prefix(seqs, prefix)
+        else:
+            hidden, cache, att, _ = self._run_on_groups(seqs, group, context.cache, context.att, context.lens, prefix)
+        r_idx = torch.arange(len(seqs), device=dev).repeat_interleave(lens)
+        t_idx = torch.arange(int(lens.sum()), device=dev) - (lens.cumsum(0) - lens).repeat_interleave(lens)
+        states = hidden[r_idx, t_idx]
+        return states, (_Context(hidden[torch.arange(len(seqs), device=dev), lens - 1], lens, cache=cache, att=att)
+                        if keep else None)
+
+    def _run_packed(self, seqs: list[list[int]], start: Any, prefix: _Prefix | None, context: _Context | None,
+                    group: Any, keep: bool) -> tuple[Any, dict[int, tuple[Any, Any]] | None]:
+        """``_run_rows`` packed: the rows concatenated into one sequence (batch 1), row r's token t at
+        position ``start[r] + t``, so the linear layers run no padding; ``prefix_attention`` unpacks
+        them for their own attention only (``prefix_attention.Packed``). Returns (hidden (T, H), the
+        rows' keys/values per layer as padded (R, kv_heads, width, head_dim) if ``keep``)."""
+        import torch
+
+        from qarm_core.lm import prefix_attention
+
+        dev = self.device
+        lens = torch.tensor([len(x) for x in seqs])
+        rows, width, total = len(seqs), int(lens.max()), int(lens.sum())
+        first = (lens.cumsum(0) - lens).repeat_interleave(lens)            # (T,) each token's row start
+        t = torch.arange(total) - first                                    # (T,) position within its row
+        slots = torch.arange(rows).repeat_interleave(lens) * width + t
+        ids = torch.tensor([tok for x in seqs for tok in x])[None]
+        pos = torch.as_tensor(start).cpu().reshape(-1).expand(rows).repeat_interleave(lens) + t
+        # the padded batch's mask over [context; own] keys, made once for every layer: causal over
+        # the row's own tokens, none of its padding; its context's tokens but their padding
+        own = torch.ones(width, width, dtype=torch.bool).tril()[None] & \
+            (torch.arange(width)[None, None] < lens[:, None, None])        # (R, width, width)
+        if context is not None:
+            c_ok = torch.arange(context.kv[0][0].shape[2]) < context.lens.cpu()[:, None]   # (G, Lc)
+            own = torch.cat([c_ok[group.cpu()][:, None].expand(-1, width, -1), own], 2)
+        mask = torch.zeros(own.shape, dtype=self.dtype).masked_fill_(~own, float("-inf"))[:, None]
+        packed = prefix_attention.Packed(slots.to(dev), rows, width, context.kv if context is not None else None,
+                                         group, {} if keep else None)
+        with prefix_attention.reading(prefix.kv if prefix is not None else None, packed):
+            hidden = self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos[None].to(dev),
+                                      use_cache=False).last_hidden_state[0]
+        return hidden, packed.kept
+
     def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]],
                       prefix: _Prefix | None) -> dict[int, np.ndarray]:
         """Log-probs of continuations grouped by context: ``conts[g]`` = [(request index, token
-        ids), ...] all follow ``ctxs[g]``. One forward runs the G contexts (right-padded, on the
-        prefix cache); then the continuations run in batches of ``batch_size``, each row on its
-        own context's key/value cache with the padding slots masked and positions continuing its
-        context, so the result equals scoring context + continuation in one sequence.
+        ids), ...] all follow ``ctxs[g]``. One forward runs the G contexts (on the prefix); then
+        the continuations run in batches of ``batch_size``, each row after its own context
+        (``_run_rows``), so the result equals scoring context + continuation in one sequence.
         Returns {request index: (len(tokens),) float64}."""
 
         import torch
 
         dev = self.device
-        hidden, ctx_cache, ctx_att, lens = self._run_on_prefix(ctxs, prefix)
-        h_last = hidden[torch.arange(len(ctxs), device=dev), lens - 1]       # (G, H)
+        _, ctx = self._run_rows(ctxs, prefix, keep=True)
         rows = sorted(((g, k, x) for g, cs in enumerate(conts) for k, x in cs), key=lambda r: (len(r[2]), r[0], r[1]))
         out: dict[int, np.ndarray] = {}
         bs = self.cfg.batch_size
@@ -251,12 +320,11 @@ class LocalLM:
             gi = torch.tensor([g for g, _, _ in batch], device=dev)
             # token 0 of a continuation is predicted by its context's last state, token t by position
             # t-1: a row runs all its tokens but the last, whose state predicts nothing
-            seqs = [x[:-1] for _, _, x in batch]
-            hid = self._run_on_groups(seqs, gi, ctx_cache, ctx_att, lens, prefix)[0] if max(map(len, seqs)) else None
-            r_idx = [r for r, (_, _, x) in enumerate(batch) for _ in range(len(x) - 1)]
-            t_idx = [t for _, _, x in batch for t in range(len(x) - 1)]
-            picked = h_last[gi] if hid is None else torch.cat([
-                h_last[gi], hid[torch.tensor(r_idx, dtype=torch.long, device=dev), torch.tensor(t_idx, dtype=torch.long, device=dev)]])
+            seqs = [x[:-1] for _, _, x in batch if len(x) > 1]
+            picked = ctx.last[gi]
+            if seqs:
+                ran = torch.tensor([g for g, _, x in batch if len(x) > 1], device=dev)
+                picked = torch.cat([picked, self._run_rows(seqs, prefix, ctx, ran)[0]])
             tok_lp = self._token_logprobs(picked, [x[0] for _, _, x in batch] + [t for _, _, x in batch for t in x[1:]])
             first, rest, at = tok_lp[:len(batch)], tok_lp[len(batch):], 0
             for r, (_, k, x) in enumerate(batch):
@@ -265,33 +333,18 @@ class LocalLM:
         return out
 
     def _score_batch(self, batch: list[tuple[list[int], list[int]]], prefix: _Prefix | None = None) -> list[np.ndarray]:
-
+        """Log-probs of (context, continuation) token lists, each run as one row (``_run_rows``):
+        its context and continuation but the continuation's last token, whose state predicts nothing.
+        Returns [(len(continuation),) float64, ...]."""
         import torch
 
-        pad = self.tokenizer.pad_token_id
-        n_prefix = prefix.n if prefix else 0
-        past, m = prefix.past_for(len(batch)) if prefix else (None, 0)
-        # a row runs its context and continuation but the continuation's last token, whose state
-        # predicts nothing
-        width = max(len(a) + len(b) - 1 for a, b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        att = torch.zeros((len(batch), m + width), dtype=torch.long)
-        att[:, :m] = 1
-        rows, cols, targets = [], [], []
-        for r, (a, b) in enumerate(batch):
-            seq = a + b[:-1]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            att[r, m:m + len(seq)] = 1
-            rows += [r] * len(b)
-            cols += range(len(a) - 1, len(a) + len(b) - 1)   # position t predicts token t+1
+        states, _ = self._run_rows([a + b[:-1] for a, b in batch], prefix)
+        picked, targets, at = [], [], 0
+        for a, b in batch:
+            picked += range(at + len(a) - 1, at + len(a) + len(b) - 1)   # position t predicts token t+1
             targets += b
-        kw: dict[str, Any] = {"cache": past, "use_cache": True} if past is not None else {}
-        dev = self.device
-        pos = (n_prefix + torch.arange(width))[None].expand(len(batch), -1)
-        hidden = self._forward(prefix, input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev),
-                               **kw).last_hidden_state
-        picked = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]   # (sum cont tokens, H)
-        tok_lp = self._token_logprobs(picked, targets)
+            at += len(a) + len(b) - 1
+        tok_lp = self._token_logprobs(states[torch.tensor(picked, device=self.device)], targets)
         out, at = [], 0
         for _, b in batch:
             out.append(tok_lp[at:at + len(b)].astype(np.float64))

@@ -18,30 +18,71 @@ softmax over [prefix; own] = (w_p * out_p + w_o * out_o) / (w_p + w_o), w = exp(
 the result equals attention over the concatenated keys up to float rounding (tested against the
 copying path and a plain forward). Only for CPU tensors (the kernel returns its log-sum-exp there)
 and Llama-style attention modules (``layer_idx``, grouped key/value heads); ``LocalLM`` checks that.
+
+Rows may also run **packed** (``Packed``): the batch's rows concatenated into one sequence without
+padding, so the linear layers (~80% of the judge's time) run no padding tokens (candidates of 12-33
+tokens right-padded to their batch's longest were ~12% of those rows). Only the attention of a row's
+own part unpacks them into a padded (rows, heads, width, dim) batch, beside its context's keys.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 NAME = "qarm_shared_prefix"
 
-# The prefix's (keys, values) per layer, each (1, kv_heads, n_prefix, head_dim), while a forward
-# pass of ``LocalLM`` runs on it; None: plain attention (the function falls back to transformers'
-# SDPA, so the model stays usable outside these calls).
-_PREFIX: contextvars.ContextVar[Sequence[tuple[Any, Any]] | None] = contextvars.ContextVar(NAME, default=None)
+
+@dataclass
+class Packed:
+    """R rows of a forward pass packed into one sequence of T tokens (batch 1, no padding).
+
+    ``slots`` (T,) long: the packed token of row r at its position t sits at ``r * width + t`` of
+    the padded (R, width) batch its attention unpacks into. ``context``: per layer, the (keys,
+    values) (G, kv_heads, Lc, head_dim) of G contexts that row r continues (``group`` (R,) long:
+    which one), read before the row's own keys; the forward's 4D attention mask (R, 1, width,
+    Lc + width) covers [context; own] keys. ``kept``: a dict that collects each layer's own
+    (keys, values) as the padded (R, kv_heads, width, head_dim), for rows that later rows continue.
+    """
+    slots: Any
+    rows: int
+    width: int
+    context: Sequence[tuple[Any, Any]] | None = None
+    group: Any = None
+    kept: dict[int, tuple[Any, Any]] | None = None
+
+    def padded(self, x: Any) -> Any:
+        """(1, heads, T, d) packed -> (R, heads, width, d), zeros in the padding slots."""
+        heads, d = x.shape[1], x.shape[3]
+        flat = x.new_zeros(self.rows * self.width, heads, d)
+        flat.index_copy_(0, self.slots, x[0].transpose(0, 1))
+        return flat.view(self.rows, self.width, heads, d).transpose(1, 2)
+
+    def packed(self, x: Any) -> Any:
+        """(R, heads, width, ...) padded -> (1, heads, T, ...) packed."""
+        heads = x.shape[1]
+        flat = x.transpose(1, 2).reshape(self.rows * self.width, heads, *x.shape[3:])
+        return flat.index_select(0, self.slots).transpose(0, 1)[None]
+
+
+# While a forward pass of ``LocalLM`` runs: the prefix's (keys, values) per layer, each
+# (1, kv_heads, n_prefix, head_dim), or None; and the rows' packing, or None. No state: plain
+# attention (the function falls back to transformers' SDPA, so the model stays usable outside).
+_STATE: contextvars.ContextVar[tuple[Sequence[tuple[Any, Any]] | None, Packed | None] | None] = \
+    contextvars.ContextVar(NAME, default=None)
 
 
 @contextlib.contextmanager
-def reading(prefix_kv: Sequence[tuple[Any, Any]]) -> Iterator[None]:
-    """Forward passes inside attend over ``prefix_kv`` first (one (keys, values) pair per layer)."""
-    token = _PREFIX.set(prefix_kv)
+def reading(prefix_kv: Sequence[tuple[Any, Any]] | None, packed: Packed | None = None) -> Iterator[None]:
+    """Forward passes inside attend over ``prefix_kv`` first (one (keys, values) pair per layer;
+    None: no prefix), their rows packed as ``packed`` says (None: a padded batch)."""
+    token = _STATE.set((prefix_kv, packed))
     try:
         yield
     finally:
-        _PREFIX.reset(token)
+        _STATE.reset(token)
 
 
 def register() -> None:
@@ -76,16 +117,43 @@ def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, atten
                             dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
     """The attention of one layer: ``query`` (B, H, q, d); ``key``/``value`` (B, kv_heads, k, d), the
     rows' own cached and new tokens; ``attention_mask`` over those k keys (bool or additive,
-    (B, 1, q, k), or None). Returns (output (B, q, H, d), None) as transformers' SDPA does."""
+    (B, 1, q, k), or None). Packed rows (``Packed``): B = 1 and q = k = T, and the mask is the padded
+    batch's over [context; own] keys. Returns (output (B, q, H, d), None) as transformers' SDPA does."""
     import torch
 
-    prefix = _PREFIX.get()
-    if prefix is None:
+    state = _STATE.get()
+    if state is None or (state[0] is None and state[1] is None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    prefix, packed = state
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # the rows' own part (the kernel reads grouped key/value heads itself)
+    if packed is not None:
+        k_own, v_own = packed.padded(key), packed.padded(value)
+        if packed.kept is not None:
+            packed.kept[module.layer_idx] = (k_own, v_own)
+        if packed.context is not None:
+            kc, vc = packed.context[module.layer_idx]
+            k_own = torch.cat([kc.index_select(0, packed.group), k_own], 2)
+            v_own = torch.cat([vc.index_select(0, packed.group), v_own], 2)
+        out_o, lse_o = flash(packed.padded(query), k_own, v_own, 0.0, False,
+                             attn_mask=_additive(attention_mask, query.dtype), scale=scaling)
+        out_o, lse_o = packed.packed(out_o), packed.packed(lse_o)
+    else:
+        mask = _additive(attention_mask, query.dtype)
+        q, k_len = query.shape[2], key.shape[2]
+        causal = False
+        if mask is None and q > 1:
+            if k_len == q:
+                causal = True
+            else:                                   # queries are the last q of k positions
+                allowed = torch.ones(q, k_len, dtype=torch.bool, device=query.device).tril(k_len - q)
+                mask = _additive(allowed[None, None], query.dtype)
+        out_o, lse_o = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    if prefix is None:
+        return out_o.transpose(1, 2).contiguous(), None
     kp, vp = prefix[module.layer_idx]
     b, h, q, d = query.shape
     kvh = kp.shape[1]
@@ -96,17 +164,6 @@ def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, atten
     out_p, lse_p = flash(q_pre, kp, vp, 0.0, False, scale=scaling)
     out_p = out_p.reshape(kvh, b, g, q, d).permute(1, 0, 2, 3, 4).reshape(b, h, q, d)
     lse_p = lse_p.reshape(kvh, b, g, q).permute(1, 0, 2, 3).reshape(b, h, q)
-    # the rows' own part (the kernel reads grouped key/value heads itself)
-    mask = _additive(attention_mask, query.dtype)
-    k_len = key.shape[2]
-    causal = False
-    if mask is None and q > 1:
-        if k_len == q:
-            causal = True
-        else:                                   # queries are the last q of k positions
-            allowed = torch.ones(q, k_len, dtype=torch.bool, device=query.device).tril(k_len - q)
-            mask = _additive(allowed[None, None], query.dtype)
-    out_o, lse_o = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
     lse_p, lse_o = lse_p.float(), lse_o.float()
     top = torch.maximum(lse_p, lse_o)
     w_p, w_o = torch.exp(lse_p - top)[..., None], torch.exp(lse_o - top)[..., None]

@@ -345,11 +345,13 @@ def test_shared_prefix_and_shared_context_paths_are_exact(tiny_lm, prefix_attent
     """Few-shot prefix cache and one-context-many-continuations reuse give the plain results,
     also when contexts of different lengths share one forward pass (batch 8) or a context's
     continuations span several batches (batch 3); with the prefix's keys read in place by every row
-    (``prefix_attention: shared``) or copied per row."""
+    and the rows packed without padding (``prefix_attention: shared``) or copied per row into a
+    padded batch. The reference scores each request alone, padded, on a copied prefix."""
     from qarm_core.lm.local import LocalLM
 
     path = str(tiny_lm.cfg.model_path)
-    plain = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=0))
+    plain = LocalLM(LocalModelConfig(model_path=path, dtype="float32", batch_size=3, share_context_min=0,
+                                     prefix_attention="copied"))
     ctxs = (['A movie fan loved "Heat".'] * 5 + ["Q", 'A movie fan loved "Babe".', "Q"]
             + ['A movie fan loved "Babe (1995), genres: Children\'s, Comedy, Drama".'] * 2
             + ['A movie fan loved "Heat".'] * 3 + ["Q"])

@@ -78,3 +78,44 @@ def test_supports_only_sdpa_models_with_addressable_layers(tiny_lm):
     assert lm.shared_prefix and pa_mod.supports(lm.model)
     lm.model.set_attn_implementation("eager")       # another attention: the prefix is copied instead
     assert not pa_mod.supports(lm.model)
+
+
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_packed_rows_attend_as_each_row_alone(with_prefix):
+    """Rows packed into one sequence (``Packed``): each row's queries see the prefix, its own
+    context's valid keys and its own earlier tokens, as when the row runs alone; ``kept`` holds the
+    layer's own keys/values as the padded batch."""
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    h, kvh, d, lc = 6, 2, 8, 5
+    lens, group, c_lens = [3, 1, 4], [1, 0, 1], [5, 2]
+    rows, width, total = len(lens), max(lens), sum(lens)
+    query, key, value = r(1, h, total, d), r(1, kvh, total, d), r(1, kvh, total, d)
+    kp, vp = r(1, kvh, 4, d), r(1, kvh, 4, d)
+    kc, vc = r(2, kvh, lc, d), r(2, kvh, lc, d)
+    slots, allowed = [], torch.zeros(rows, 1, width, lc + width, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        slots += [i * width + t for t in range(n)]
+        allowed[i, 0, :, :c_lens[group[i]]] = True
+        allowed[i, 0, :, lc:] = torch.ones(width, width, dtype=torch.bool).tril() & (torch.arange(width) < n)
+    packed = pa_mod.Packed(torch.tensor(slots), rows, width, [(kc, vc)], torch.tensor(group), kept={})
+    module = types.SimpleNamespace(layer_idx=0)
+    with pa_mod.reading([(kp, vp)] if with_prefix else None, packed):
+        got, _ = pa_mod.shared_prefix_attention(module, query, key, value, pa_mod._additive(allowed, torch.float32),
+                                                scaling=0.3)
+    assert got.shape == (1, total, h, d)
+    empty = (kp[:, :, :0], vp[:, :, :0])
+    at = 0
+    for i, n in enumerate(lens):
+        g, own = group[i], slice(at, at + n)
+        keys = torch.cat([kc[g:g + 1, :, :c_lens[g]], key[:, :, own]], 2)
+        values = torch.cat([vc[g:g + 1, :, :c_lens[g]], value[:, :, own]], 2)
+        ok = torch.cat([torch.ones(n, c_lens[g], dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], 1)
+        want = _reference(query[:, :, own], *((kp, vp) if with_prefix else empty), keys, values, ok[None, None], 0.3)
+        torch.testing.assert_close(got[:, own].double(), want, atol=1e-5, rtol=1e-5)
+        k_kept = packed.kept[0][0]
+        torch.testing.assert_close(k_kept[i, :, :n], key[0, :, own])
+        assert not k_kept[i, :, n:].any()           # padding slots hold zeros
+        at += n
+    # packing is the inverse of unpacking on the rows' tokens
+    torch.testing.assert_close(packed.packed(packed.padded(query)), query)
