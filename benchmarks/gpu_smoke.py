@@ -285,7 +285,7 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
     from qarm_core.embed.config import TrainConfig
     from qarm_core.embed.data import template_qa
     from qarm_core.embed.train import train_embedding_model
-    from qarm_core.embed.train.distributed import training_device
+    from qarm_core.embed.train.distributed import training_device, uses_deepspeed
 
     t_sec = time.perf_counter()
     # one GPU's share of the profile's global batch (world = nnodes * nproc where the config has nodes)
@@ -308,7 +308,7 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
     qa = template_qa(items, model_cfg.max_qa_pairs)
     steps: list[dict] = []
     log(f"train: {sizes.train_steps} steps of {batch} pairs (grad cache {chunk or 'off'}), "
-        f"{'DeepSpeed ZeRO-' + str(cfg.zero_stage) if cfg.use_deepspeed else 'plain torch'}, guard {budget_s:.0f} s")
+        f"{'DeepSpeed ZeRO-' + str(cfg.zero_stage) if uses_deepspeed(cfg, 1) else 'plain torch'}, guard {budget_s:.0f} s")
     # a folder of its own: a finished run in the same folder would be returned, not repeated
     out = work / f"train-{os.getpid()}-{time.time_ns()}"
     rec = train_embedding_model(items, pairs, qa, out, model_cfg, cfg, progress=steps.append)

@@ -31,10 +31,12 @@ class EmbedModelConfig(Strict):
     # strips angle brackets.
     include_tags: bool = True
     # Attention implementation for the custom 4-D mask: both honour an additive float mask in
-    # transformers 5 (tested in tests/unit/test_embed.py). eager is the default on CPU: training
-    # SmolLM2 with the custom bf16 mask ran 336 tok/s eager vs 263 tok/s sdpa here
-    # (benchmarks/bench_embed.py --attn, load 1.3-1.5). Use sdpa on GPUs.
-    attn_implementation: Literal["sdpa", "eager"] = "eager"
+    # transformers 5 (tested in tests/unit/test_embed.py). eager on CPU: training SmolLM2 with the
+    # custom bf16 mask ran 336 tok/s eager vs 263 tok/s sdpa here (benchmarks/bench_embed.py
+    # --attn, load 1.3-1.5). auto: eager, with a batch's rows packed into one sequence (no padding
+    # through the linear layers) when training in float32 on a CPU (``ThreeSegmentLM.packs``);
+    # packed: packed whenever on a CPU. Use sdpa on GPUs.
+    attn_implementation: Literal["auto", "packed", "sdpa", "eager"] = "auto"
     seed: int = 0                          # init of the projection (and of the new token rows)
 
 
@@ -72,7 +74,12 @@ class TrainConfig(Strict):
     grad_cache_chunk: int = Field(0, ge=0)
     lora_rank: int = Field(0, ge=0)        # > 0: LoRA adapters (needs the peft package) instead of full fine-tuning
     lora_alpha: float = Field(16.0, gt=0)
-    use_deepspeed: bool = True
+    # auto: DeepSpeed where it partitions or places something (more than one process, a GPU),
+    # plain torch for one process on a CPU: there ZeRO-2 only copies gradients and
+    # weights through its flat buffers, ~25% of a step (SmolLM2, 2-core Xeon: plain torch 152-156
+    # vs 117-118 tokens/s in float32 capped to AVX2, 243-252 vs 182-193 in bf16; the same losses
+    # in float32)
+    use_deepspeed: bool | Literal["auto"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 2    # ignored without DeepSpeed
     # configs/deepspeed/zero{stage}.json under the repo when None; batch size, lr, bf16 and the
     # optimizer are always filled in from this config.

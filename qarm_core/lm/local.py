@@ -279,12 +279,11 @@ class LocalLM:
 
         dev = self.device
         lens = torch.tensor([len(x) for x in seqs])
-        rows, width, total = len(seqs), int(lens.max()), int(lens.sum())
-        first = (lens.cumsum(0) - lens).repeat_interleave(lens)            # (T,) each token's row start
-        t = torch.arange(total) - first                                    # (T,) position within its row
-        slots = torch.arange(rows).repeat_interleave(lens) * width + t
-        ids = torch.tensor([tok for x in seqs for tok in x])[None]
-        pos = torch.as_tensor(start).cpu().reshape(-1).expand(rows).repeat_interleave(lens) + t
+        rows, width = len(seqs), int(lens.max())
+        ids = torch.full((rows, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x)
+        pos = torch.as_tensor(start).cpu().reshape(-1, 1) + torch.arange(width)[None]
         # the padded batch's mask over [context; own] keys, made once for every layer: causal over
         # the row's own tokens, none of its padding; its context's tokens but their padding
         own = torch.ones(width, width, dtype=torch.bool).tril()[None] & \
@@ -293,11 +292,9 @@ class LocalLM:
             c_ok = torch.arange(context.kv[0][0].shape[2]) < context.lens.cpu()[:, None]   # (G, Lc)
             own = torch.cat([c_ok[group.cpu()][:, None].expand(-1, width, -1), own], 2)
         mask = torch.zeros(own.shape, dtype=self.dtype).masked_fill_(~own, float("-inf"))[:, None]
-        packed = prefix_attention.Packed(slots.to(dev), rows, width, context.kv if context is not None else None,
-                                         group, {} if keep else None)
-        with prefix_attention.reading(prefix.kv if prefix is not None else None, packed):
-            hidden = self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos[None].to(dev),
-                                      use_cache=False).last_hidden_state[0]
+        hidden, packed = prefix_attention.forward_packed(
+            self.model.model, ids.to(dev), pos.expand(rows, -1).to(dev), lens, mask.to(dev),
+            prefix.kv if prefix is not None else None, context.kv if context is not None else None, group, keep)
         return hidden, packed.kept
 
     def _score_groups(self, ctxs: list[list[int]], conts: list[list[tuple[int, list[int]]]],

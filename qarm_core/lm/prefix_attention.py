@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 NAME = "qarm_shared_prefix"
+# The same function with eager attention outside packed calls (the embedding model's padded
+# batches: eager was the faster one there, see ``EmbedModelConfig.attn_implementation``).
+NAME_EAGER = "qarm_packed_rows"
 
 
 @dataclass
@@ -66,6 +69,33 @@ class Packed:
         flat = x.transpose(1, 2).reshape(self.rows * self.width, heads, *x.shape[3:])
         return flat.index_select(0, self.slots).transpose(0, 1)[None]
 
+    def rows_padded(self, hidden: Any) -> Any:
+        """Hidden states (T, H) of the packed tokens -> (R, width, H), zeros in the padding slots
+        (differentiable: training runs its rows packed too)."""
+        flat = hidden.new_zeros(self.rows * self.width, hidden.shape[-1])
+        return flat.index_copy(0, self.slots, hidden).view(self.rows, self.width, -1)
+
+
+def forward_packed(body: Any, input_ids: Any, position_ids: Any, lengths: Any, attention_mask: Any,
+                   prefix_kv: Sequence[tuple[Any, Any]] | None = None, context: Sequence[tuple[Any, Any]] | None = None,
+                   group: Any = None, keep: bool = False) -> tuple[Any, Packed]:
+    """``body`` (a transformers base model, e.g. ``LlamaModel``, whose attention is ``NAME``) over R
+    right-padded rows ``input_ids`` and ``position_ids`` (R, width) of ``lengths`` (R,) real tokens,
+    run packed into one sequence; ``attention_mask``: the padded batch's additive or boolean 4D
+    mask (R, 1, width, Lc + width) over [context; own] keys (``Packed``); ``prefix_kv``: a shared
+    prefix read first. Returns (hidden (T, H) of the rows' tokens, row after row; the ``Packed``,
+    whose ``kept`` holds each layer's keys/values where ``keep``)."""
+    import torch
+
+    rows, width = input_ids.shape
+    real = torch.arange(width, device=input_ids.device)[None] < lengths.to(input_ids.device)[:, None]
+    slots = real.reshape(-1).nonzero()[:, 0]                 # r * width + t, row after row
+    packed = Packed(slots, rows, width, context, group, {} if keep else None)
+    with reading(prefix_kv, packed):
+        out = body(input_ids=input_ids.reshape(-1)[slots][None], attention_mask=attention_mask,
+                   position_ids=position_ids.reshape(-1)[slots][None], use_cache=False)
+    return out.last_hidden_state[0], packed
+
 
 # While a forward pass of ``LocalLM`` runs: the prefix's (keys, values) per layer, each
 # (1, kv_heads, n_prefix, head_dim), or None; and the rows' packing, or None. No state: plain
@@ -86,49 +116,70 @@ def reading(prefix_kv: Sequence[tuple[Any, Any]] | None, packed: Packed | None =
 
 
 def register() -> None:
-    """Make ``NAME`` a transformers attention implementation (idempotent), with SDPA's masks."""
+    """Make ``NAME`` (SDPA outside this module's calls, with SDPA's masks) and ``NAME_EAGER`` (eager
+    outside them, eager's masks) transformers attention implementations (idempotent)."""
+    import functools
+
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(NAME, shared_prefix_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionInterface.register(NAME_EAGER, functools.partial(shared_prefix_attention, fallback="eager"))
+    AttentionMaskInterface.register(NAME_EAGER, eager_mask)
+
+
+def addressable(model: Any) -> bool:
+    """Whether ``model``'s attention modules are ones this function can address: one per layer,
+    each with ``layer_idx`` and ``num_key_value_groups`` (Llama, Qwen2, Mistral...)."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
+            and hasattr(m, "q_proj")]
+    return len(mods) == getattr(getattr(model, "config", None), "num_hidden_layers", -1)
 
 
 def supports(model: Any) -> bool:
-    """Whether ``model`` runs its attention through SDPA in modules this function can address:
-    one per layer, each with ``layer_idx`` and ``num_key_value_groups`` (Llama, Qwen2, Mistral...)."""
+    """Whether ``model`` runs its attention through SDPA in modules this function can address."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
-            and hasattr(m, "q_proj")]
-    return len(mods) == getattr(cfg, "num_hidden_layers", -1)
+    return getattr(cfg, "_attn_implementation", None) in ("sdpa", NAME) and addressable(model)
 
 
 def _additive(mask: Any, dtype: Any) -> Any:
     import torch
 
-    if mask is None or mask.dtype != torch.bool:
+    if mask is None:
         return mask
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                            dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+                            dropout: float = 0.0, scaling: float | None = None, fallback: str = "sdpa",
+                            **kwargs: Any) -> tuple[Any, None]:
     """The attention of one layer: ``query`` (B, H, q, d); ``key``/``value`` (B, kv_heads, k, d), the
     rows' own cached and new tokens; ``attention_mask`` over those k keys (bool or additive,
     (B, 1, q, k), or None). Packed rows (``Packed``): B = 1 and q = k = T, and the mask is the padded
-    batch's over [context; own] keys. Returns (output (B, q, H, d), None) as transformers' SDPA does."""
+    batch's over [context; own] keys. Returns (output (B, q, H, d), None) as transformers' SDPA does.
+    Outside ``reading``: transformers' ``fallback`` attention ("sdpa" or "eager")."""
     import torch
 
     state = _STATE.get()
     if state is None or (state[0] is None and state[1] is None):
+        if fallback == "eager":
+            from transformers.models.llama.modeling_llama import eager_attention_forward
+
+            return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     prefix, packed = state
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if torch.is_autocast_enabled("cpu"):
+        # the kernel is not on autocast's list: run it in autocast's type, as SDPA would be run
+        low = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(low), key.to(low), value.to(low)
     # the rows' own part (the kernel reads grouped key/value heads itself)
     if packed is not None:
         k_own, v_own = packed.padded(key), packed.padded(value)
@@ -140,7 +191,7 @@ def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, atten
             v_own = torch.cat([vc.index_select(0, packed.group), v_own], 2)
         out_o, lse_o = flash(packed.padded(query), k_own, v_own, 0.0, False,
                              attn_mask=_additive(attention_mask, query.dtype), scale=scaling)
-        out_o, lse_o = packed.packed(out_o), packed.packed(lse_o)
+        out_o, lse_o = packed.packed(out_o), packed.packed(lse_o) if prefix is not None else None
     else:
         mask = _additive(attention_mask, query.dtype)
         q, k_len = query.shape[2], key.shape[2]

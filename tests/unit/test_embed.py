@@ -61,15 +61,17 @@ def _batch(loaded, item, qa, answer_flags=None):
                    loaded.tokenizer.pad_token_id, with_qa=True)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["auto", "packed", "sdpa", "eager"])
 def test_qa_tokens_do_not_change_the_embedding(tiny_lm_path, impl):
     import torch
 
     from qarm_core.embed.data import EncodedItem, collate
     from qarm_core.embed.model import load_model
+    from qarm_core.lm.prefix_attention import NAME_EAGER
 
     loaded = load_model(_cfg(tiny_lm_path, attn_implementation=impl))
-    assert loaded.model.lm.config._attn_implementation == impl
+    assert loaded.model.lm.config._attn_implementation == (NAME_EAGER if impl in ("auto", "packed") else impl)
+    assert loaded.model.packing == {"auto": "auto", "packed": "always"}.get(impl)
     item = [11, 12, 13, 14, 15]
     with torch.no_grad():
         embs = [loaded.model(**_batch(loaded, item, qa), qa_item_scale=s)["emb"]
@@ -85,7 +87,67 @@ def test_qa_tokens_do_not_change_the_embedding(tiny_lm_path, impl):
     assert float(embs[0].norm()) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_auto_packs_float32_training_on_a_cpu_only(tiny_lm_path):
+    """``attn_implementation: auto`` packs a training forward in float32; not inference, not bf16
+    (autocast or bf16 weights), not under gradient checkpointing; ``packed`` packs inference too;
+    eager never."""
+    import torch
+
+    from qarm_core.embed.model import load_model
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    auto = load_model(_cfg(tiny_lm_path, attn_implementation="auto")).model
+    assert auto.packs(ids)
+    with torch.no_grad():
+        assert not auto.packs(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not auto.packs(ids)
+    always = load_model(_cfg(tiny_lm_path, attn_implementation="packed")).model
+    with torch.no_grad():
+        assert always.packs(ids)
+    assert not load_model(_cfg(tiny_lm_path, attn_implementation="eager")).model.packs(ids)
+    assert not load_model(_cfg(tiny_lm_path, attn_implementation="auto"), dtype=torch.bfloat16).model.packs(ids)
+    auto.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not auto.packs(ids)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.0])
+def test_packed_rows_give_the_padded_batch_and_its_gradients(tiny_lm_path, scale):
+    """Rows of different lengths run packed (no padding through the linear layers) give the
+    embeddings, the QA loss and the gradients of the padded batch (eager attention), also under
+    gradient checkpointing (which runs padded)."""
+    import torch
+
+    from qarm_core.embed.data import EncodedItem, collate
+    from qarm_core.embed.model import load_model
+
+    items = [EncodedItem((11, 12, 13), (20, 21, 22, 23, 24), (False, True, True, True, True)),
+             EncodedItem((14, 15, 16, 17, 18, 19), (25, 26), (False, True)),
+             EncodedItem((30,), (), ()),
+             EncodedItem((31, 32, 33, 34), (40, 41, 42), (False, False, True))]
+
+    def run(impl, checkpointing=False):
+        loaded = load_model(_cfg(tiny_lm_path, attn_implementation=impl))
+        model = loaded.model.train()
+        if checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = collate(items, loaded.emb_token_ids, loaded.tokenizer.pad_token_id, with_qa=True)
+        out = model(**batch, qa_item_scale=scale)
+        (out["emb"].square().sum() + out["qa_loss_sum"]).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out["emb"].detach(), out["qa_loss_sum"].detach(), grads
+
+    emb, qa, grads = run("eager")
+    for impl, ckpt in (("packed", False), ("packed", True)):
+        emb_p, qa_p, grads_p = run(impl, ckpt)
+        torch.testing.assert_close(emb_p, emb, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(qa_p, qa, rtol=1e-4, atol=1e-4)
+        assert grads_p.keys() == grads.keys() and len(grads) > 10
+        for n in grads:
+            torch.testing.assert_close(grads_p[n], grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("impl", ["packed", "sdpa", "eager"])
 def test_after_annealing_item_reaches_qa_only_through_emb(tiny_lm_path, impl):
     """Run item A, record every decoder layer's output at the EMB positions; run item B (same
     length) with those EMB states patched in. With QA->item attention annealed to zero, B's QA

@@ -685,7 +685,9 @@ def test_two_nodes_equal_one_node_and_one_process(tiny_lm_path, tiny_catalog, tm
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
-    alone = train_embedding_model(items, judgments, qa, tmp_path / "alone", _mcfg(tiny_lm_path), TrainConfig(**base))
+    # one process on DeepSpeed too (``use_deepspeed: auto`` would take plain torch there)
+    alone = train_embedding_model(items, judgments, qa, tmp_path / "alone", _mcfg(tiny_lm_path),
+                                  TrainConfig(**base, use_deepspeed=True))
     single = _log(tmp_path / "alone")
     assert alone.world_size == 1 and len(single) == 3
     # measured: equal to ~2e-7 relative (losses, norms) and 1.1e-6 absolute (weights); the ranks'
@@ -756,3 +758,21 @@ def test_the_deepspeed_resume_tag_survives_an_empty_latest_file(tmp_path):
     assert deepspeed_resume_tag(tmp_path) == "step-00000006"
     (tmp_path / "latest").write_text("step-00000009")
     assert deepspeed_resume_tag(tmp_path) == "step-00000006"
+
+
+def test_deepspeed_auto_is_plain_torch_for_one_cpu_process_only():
+    """``use_deepspeed: auto``: plain torch for one process on a CPU, DeepSpeed for more processes
+    (any launcher); true/false as given; anything else refused."""
+    from pydantic import ValidationError
+
+    from qarm_core.embed.train.distributed import uses_deepspeed
+
+    auto = TrainConfig()
+    assert auto.use_deepspeed == "auto"
+    assert not uses_deepspeed(auto, 1)                 # this machine has no GPU
+    assert uses_deepspeed(auto, 2)
+    assert uses_deepspeed(TrainConfig(launcher="deepspeed", nproc=2), 2)
+    assert uses_deepspeed(TrainConfig(use_deepspeed=True), 1)
+    assert not uses_deepspeed(TrainConfig(use_deepspeed=False), 2)
+    with pytest.raises(ValidationError):
+        TrainConfig(use_deepspeed="yes")

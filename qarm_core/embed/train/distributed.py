@@ -40,6 +40,15 @@ def training_dtype(cfg: TrainConfig) -> "DTypeChoice":
     return resolve_dtype(cfg.dtype, training_device(cfg), STAGE, "embed.train.dtype")
 
 
+def uses_deepspeed(cfg: TrainConfig, world: int) -> bool:
+    """``cfg.use_deepspeed`` resolved for a run of ``world`` processes: "auto" is DeepSpeed for more
+    than one process (any launcher) or on a GPU, and plain torch for one process on a CPU (there
+    ZeRO partitions nothing; its flat-buffer copies cost ~25% of a step)."""
+    if cfg.use_deepspeed != "auto":
+        return bool(cfg.use_deepspeed)
+    return world > 1 or training_device(cfg) == "cuda"
+
+
 def process_group_backend(cfg: TrainConfig) -> str:
     """The process group's backend: "nccl" when the run computes on CUDA (gradients and the
     gathered embeddings are GPU tensors, which gloo reduces through host copies, if at all),

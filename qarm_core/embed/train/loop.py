@@ -21,7 +21,7 @@ from qarm_core.embed.train.checkpoint import (deepspeed_resume_tag, digest, fp32
                                              no_pickle_code, run_fingerprint, save_checkpoint)
 from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, gather_floats,
                                                gather_with_local_grad, init_process_group, process_group_backend,
-                                               training_device, training_dtype)
+                                               training_device, training_dtype, uses_deepspeed)
 from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
 from qarm_core.errors import DataError
 
@@ -173,6 +173,7 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
     from qarm_core.embed.model import load_model
 
     rank, world, _ = dist_env()
+    cfg = cfg.model_copy(update={"use_deepspeed": uses_deepspeed(cfg, world)})
     if world > 1 and world != cfg.world_size:
         raise DataError(STAGE, "config", f"launched with WORLD_SIZE={world} but embed.train.nnodes * nproc = "
                                          f"{cfg.nnodes} * {cfg.nproc} = {cfg.world_size}")
