@@ -2,7 +2,7 @@
 
 Phases, each in its own process so that each gets its own peak RSS:
 
-* ``train``: fine-tune SmolLM2-135M (DeepSpeed ZeRO-2, dtype auto, plus float32 where auto is bf16) for ``--steps`` steps on
+* ``train``: fine-tune SmolLM2-135M (as qarm trains: `--deepspeed auto`, `--attn auto`; dtype auto, plus float32 where auto is bf16) for ``--steps`` steps on
   Swing pairs (ratings >= 4) with template QA; training tokens/s (wall, after the first step) and
   tokens per 2 CPU-seconds (what the 2 cores would do uncontended), s/step, peak RSS, system CPU
   time. Run twice: as qarm runs it, and with ``QARM_KEEP_FREED_MEMORY=0`` (glibc's default
@@ -19,7 +19,7 @@ Wall-clock rates depend on what else runs on the machine: every row carries the 
 average measured around it.
 
     python benchmarks/bench_embed.py [--steps 6] [--batch-size 16] [--freeze-layers 0] [--attn eager]
-                                     [--no-deepspeed] [--eval --budget-s 480] [--json out.json]
+                                     [--deepspeed auto|on|off] [--eval --budget-s 480] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _ml100k(holdout: float, seed: int = 0):
 def _train_cfg(args, **over):
     from qarm_core.embed.config import TrainConfig
 
-    kw = dict(batch_size=args.batch_size, max_steps=args.steps, use_deepspeed=not args.no_deepspeed,
+    kw = dict(batch_size=args.batch_size, max_steps=args.steps, use_deepspeed={"auto": "auto", "on": True, "off": False}[args.deepspeed],
               zero_stage=args.zero_stage, dtype=args.dtype, freeze_layers=args.freeze_layers,
               checkpoint_every=10**6, lr=args.lr, proj_lr=args.proj_lr, anneal_steps=args.anneal_steps,
               warmup_steps=min(5, args.steps), num_threads=2)
@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--freeze-layers", type=int, default=0)
-    ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
-    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--attn", choices=["auto", "packed", "eager", "sdpa"], default="auto",
+                    help="embed.model.attn_implementation (auto: packed rows for float32 training on a CPU)")
+    ap.add_argument("--deepspeed", choices=["auto", "on", "off"], default="auto",
+                    help="embed.train.use_deepspeed (auto: plain torch for one process on a CPU)")
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="training dtype; with auto resolving to bf16, a float32 run is added (the path a CPU "
