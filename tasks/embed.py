@@ -76,7 +76,8 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             report["notes"] = {"model_version": rec.model_version, "deepspeed": str(rec.deepspeed),
                                "zero_stage": str(rec.zero_stage), "dtype": rec.dtype,
-                               "dtype_reason": rec.dtype_reason, "backend": rec.backend or "none"}
+                               "dtype_reason": rec.dtype_reason, "backend": rec.backend or "none",
+                               "rows": rec.rows or "none"}
             link_tree(Path(rec.model_dir), folder)
 
         records, reused, report = write_stage_outputs(storage, "train", key, {}, report,

@@ -103,6 +103,7 @@ class ThreeSegmentLM(nn.Module):
         self.n_emb_tokens = n_emb_tokens
         self.proj = nn.Linear(lm.config.hidden_size, dim)
         self.packing = packing if packing and self._use_packed_attention() else None
+        self.last_rows = ""          # "packed" or "padded": how the last ``hidden`` call ran its rows
 
     def _use_packed_attention(self) -> bool:
         """Switch the causal LM's attention to ``prefix_attention``'s (eager outside packed calls)
@@ -159,7 +160,8 @@ class ThreeSegmentLM(nn.Module):
         bias = build_attention_bias(segment, qa_item_scale, self._bias_dtype())
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         lm = self._causal_lm()
-        if self.packs(input_ids):
+        self.last_rows = "packed" if self.packs(input_ids) else "padded"
+        if self.last_rows == "packed":
             from qarm_core.lm.prefix_attention import forward_packed
 
             h, packed = forward_packed(lm.model, input_ids, pos, (segment != SEG_PAD).sum(1), bias)

@@ -33,11 +33,14 @@ if TYPE_CHECKING:
 
 def _dtype_notes(backend: object) -> dict[str, str]:
     """The numeric type a local backend runs in, why, and on how many CPU threads (an HTTP backend
-    has none to report)."""
+    has none to report); for a local model in this process, how its rows run (``LocalLM``)."""
     from qarm_core.devices import thread_note
 
     choice = getattr(backend, "dtype_choice", None)
-    return {} if choice is None else {"dtype": choice.name, "dtype_reason": choice.reason, "threads": thread_note()}
+    notes = {} if choice is None else {"dtype": choice.name, "dtype_reason": choice.reason, "threads": thread_note()}
+    if getattr(backend, "model", None) is not None and hasattr(backend, "shared_prefix"):
+        notes["rows"] = "packed, prefix read in place" if backend.shared_prefix else "padded, prefix copied per row"
+    return notes
 
 
 def draw_eval_pairs(interactions: pa.Table, items: pa.Table, cfg: JudgeEvalConfig) -> tuple[pa.Table | None, str | None]:

@@ -57,6 +57,7 @@ def test_loss_falls_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
     assert [s["step"] for s in seen] == list(range(1, 41))
     assert seen[0]["qa_item_scale"] == 1.0 and seen[-1]["qa_item_scale"] == 0.0
     assert rec.steps == 40 and not rec.deepspeed and rec.train_pairs == 60
+    assert rec.rows == "packed"                     # float32 on a CPU (attn_implementation: auto)
     assert rec.loss_last < 0.8 * rec.loss_first, (rec.loss_first, rec.loss_last)
     first_qa = np.mean([s["qa"] for s in seen[:5]])
     last_qa = np.mean([s["qa"] for s in seen[-5:]])
@@ -83,6 +84,7 @@ def test_deepspeed_zero2_single_process(tiny_lm_path, tiny_catalog, tmp_path):
                       anneal_steps=3, checkpoint_every=3)
     rec = train_embedding_model(items, judgments, qa, tmp_path, _mcfg(tiny_lm_path), cfg)
     assert rec.deepspeed and rec.zero_stage == 2 and rec.dtype == "bfloat16" and rec.steps == 6 and rec.world_size == 1
+    assert rec.rows == "padded"                     # bf16: auto packs float32 training only
     assert np.isfinite(rec.final_loss) and rec.tokens_per_s > 0
     # alone on the host: DeepSpeed's shared-memory allreduce (a JIT-compiled op) was not built
     import deepspeed.ops

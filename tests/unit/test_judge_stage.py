@@ -59,6 +59,7 @@ def test_judge_stage_report_and_cache(backend, data):
     assert {"auc.cooc", "auc.genre"} <= rep.keys() and rep["eval.pairs.cached"] == 0
     assert "eval" not in rep["notes"] and rep["notes"]["prompt_version"] == CFG.prompt_version
     assert rep["notes"]["dtype"] == "float32" and rep["notes"]["dtype_reason"] == "set by local.dtype"
+    assert rep["notes"]["rows"] == "packed, prefix read in place"        # a Llama-style model on a CPU
 
     # next day: two new pairs, and a swing pair mined by the two-tower too; the old ones come from
     # the cache with their scores and reasoning, the switched one with its score only

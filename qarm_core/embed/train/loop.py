@@ -475,7 +475,8 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
         final_loss=losses[-1][0] if losses else nan, final_nce=losses[-1][1] if losses else nan,
         final_qa=losses[-1][2] if losses else nan,
         loss_first=float(np.mean([x[0] for x in first])) if first else nan,
-        loss_last=float(np.mean([x[0] for x in last])) if last else nan, backend=s.backend)
+        loss_last=float(np.mean([x[0] for x in last])) if last else nan, backend=s.backend,
+        rows=s.loaded.model.last_rows)
     if s.rank == 0:
         tmp = s.out / "train_record.json.tmp"
         tmp.write_text(json.dumps(record.to_dict(), indent=2))

@@ -35,6 +35,7 @@ class TrainRecord:
     reused: bool = False          # True: the model was already complete; nothing was trained
     dtype_reason: str = ""        # why that dtype (``devices.DTypeChoice.reason``)
     backend: str = ""             # process-group backend (gloo on CPUs, nccl on GPUs); "" without a group
+    rows: str = ""                # how the last training step ran its rows: "packed" or "padded" (``ThreeSegmentLM.packs``)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
