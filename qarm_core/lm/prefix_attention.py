@@ -189,7 +189,8 @@ def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, atten
             kc, vc = packed.context[module.layer_idx]
             k_own = torch.cat([kc.index_select(0, packed.group), k_own], 2)
             v_own = torch.cat([vc.index_select(0, packed.group), v_own], 2)
-        out_o, lse_o = flash(packed.padded(query), k_own, v_own, 0.0, False,
+        # dropout as the model's own attention would apply it (0 outside training, and SmolLM2's)
+        out_o, lse_o = flash(packed.padded(query), k_own, v_own, dropout, False,
                              attn_mask=_additive(attention_mask, query.dtype), scale=scaling)
         out_o, lse_o = packed.packed(out_o), packed.packed(lse_o) if prefix is not None else None
     else:
