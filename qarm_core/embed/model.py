@@ -95,9 +95,10 @@ class ThreeSegmentLM(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, dim: int, n_emb_tokens: int, packing: str | None = None):
-        """``packing``: "auto" runs a batch's rows packed into one sequence when training in float32
-        on a CPU, "always" whenever on a CPU, None never (``packs``); it needs an eager model whose
-        attention modules ``prefix_attention`` can address (else None)."""
+        """``packing`` (``EmbedModelConfig.attn_implementation``'s words): "auto" runs a batch's rows
+        packed into one sequence when training in float32 on a CPU, "packed" whenever on a CPU, None
+        never (``packs``); it needs an eager model whose attention modules ``prefix_attention`` can
+        address (else None)."""
         super().__init__()
         self.lm = lm
         self.n_emb_tokens = n_emb_tokens
@@ -135,7 +136,7 @@ class ThreeSegmentLM(nn.Module):
             checkpointing = getattr(lm, "is_gradient_checkpointing", False)
         if checkpointing:
             return False
-        if self.packing == "always":
+        if self.packing == "packed":
             return True
         return torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") \
             and self.proj.weight.dtype == torch.float32
@@ -255,8 +256,8 @@ def attention_of(cfg: EmbedModelConfig) -> str:
 
 
 def packing_of(cfg: EmbedModelConfig) -> str | None:
-    """``ThreeSegmentLM``'s ``packing`` for ``cfg``."""
-    return {"auto": "auto", "packed": "always"}.get(cfg.attn_implementation)
+    """``ThreeSegmentLM``'s ``packing`` for ``cfg``: its ``attn_implementation`` where that packs."""
+    return cfg.attn_implementation if cfg.attn_implementation in ("auto", "packed") else None
 
 
 def load_model(cfg: EmbedModelConfig, stage: str = "embed", dtype: torch.dtype = torch.float32) -> LoadedModel:
