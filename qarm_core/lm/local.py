@@ -250,10 +250,11 @@ class LocalLM:
         import torch
 
         dev = self.device
-        lens = torch.tensor([len(x) for x in seqs], device=dev)
+        lens_cpu = torch.tensor([len(x) for x in seqs])      # the packed path builds its mask on the CPU
+        lens = lens_cpu.to(dev)
         if self.shared_prefix:
             start = (prefix.n if prefix else 0) + (context.lens[group] if context is not None else 0)
-            hidden, kept = self._run_packed(seqs, start, prefix, context, group, keep)
+            hidden, kept = self._run_packed(seqs, lens_cpu, start, prefix, context, group, keep)
             if not keep:
                 return hidden, None
             return hidden, _Context(hidden[lens.cumsum(0) - 1], lens, kv=[kept[i] for i in range(len(kept))])
@@ -267,10 +268,11 @@ class LocalLM:
         return states, (_Context(hidden[torch.arange(len(seqs), device=dev), lens - 1], lens, cache=cache, att=att)
                         if keep else None)
 
-    def _run_packed(self, seqs: list[list[int]], start: Any, prefix: _Prefix | None, context: _Context | None,
-                    group: Any, keep: bool) -> tuple[Any, dict[int, tuple[Any, Any]] | None]:
+    def _run_packed(self, seqs: list[list[int]], lens: Any, start: Any, prefix: _Prefix | None,
+                    context: _Context | None, group: Any, keep: bool) -> tuple[Any, dict[int, tuple[Any, Any]] | None]:
         """``_run_rows`` packed: the rows concatenated into one sequence (batch 1), row r's token t at
-        position ``start[r] + t``, so the linear layers run no padding; ``prefix_attention`` unpacks
+        position ``start[r] + t`` (``lens`` (R,): the rows' lengths, on the CPU, where the mask is
+        built), so the linear layers run no padding; ``prefix_attention`` unpacks
         them for their own attention only (``prefix_attention.Packed``). Returns (hidden (T, H), the
         rows' keys/values per layer as padded (R, kv_heads, width, head_dim) if ``keep``)."""
         import torch
@@ -278,7 +280,6 @@ class LocalLM:
         from qarm_core.lm import prefix_attention
 
         dev = self.device
-        lens = torch.tensor([len(x) for x in seqs])
         rows, width = len(seqs), int(lens.max())
         ids = torch.full((rows, width), self.tokenizer.pad_token_id, dtype=torch.long)
         for r, x in enumerate(seqs):
