@@ -12,6 +12,7 @@ of other rows are printed for the curve's shape only, not to choose).
     python benchmarks/embed_budget_ml100k.py --home QARM_HOME [--max-steps 400] [--eval-every 50]
         [--lrs 1e-4,3e-4] [--seed 1] [--config configs/ml100k.yaml] [--out results.json]
         [--continue-from RUN_FOLDER [RUN_FOLDER ...]] [--set embed.train.freeze_layers=20 ...]
+        [--save-vectors DIR]
 
 Needs a published snapshot of ``qarm refresh --config configs/ml100k.yaml`` under ``--home``.
 Training seconds exclude the evaluation passes.
@@ -65,30 +66,30 @@ def _scores(vectors: dict, data: dict, min_rating: float | None) -> dict:
     return out
 
 
-def recall_difference_ci(a: "tuple | list[tuple]", b: tuple, data: dict, min_rating: float | None, k: int = 10,
-                         n_boot: int = 2000, seed: int = 0) -> dict:
-    """Test recall@k of embeddings ``a`` minus ``b`` (each (item_ids, vectors)) on the same test
-    pairs, with a 95% paired bootstrap interval over the pairs (a pair's two queries resampled
-    together). ``a`` may be a list: runs of one recipe with other training seeds, whose hits are
-    averaged per pair (the recipe's mean model against ``b``, as the ranking comparison averages its
+def recall_difference_ci(a: "tuple | list[tuple]", b: "tuple | list[tuple]", data: dict, min_rating: float | None,
+                         k: int = 10, n_boot: int = 2000, seed: int = 0, period: str = "test") -> dict:
+    """Recall@k of embeddings ``a`` minus ``b`` (each (item_ids, vectors)) on the same pairs of
+    ``period`` (test), with a 95% paired bootstrap interval over the pairs (a pair's two queries
+    resampled together). Either side may be a list: runs of one recipe with other training seeds,
+    whose hits are averaged per pair (the recipe's mean model, as the ranking comparison averages its
     seeds). Returns {"diff", "lo", "hi", "pairs"}."""
     import numpy as np
 
     from qarm_core.embed.data import positive_pairs
     from qarm_core.embed.evaluate import cooccurrence_pairs, ranks_of_positives
 
-    runs = a if isinstance(a, list) else [a]
-    common = b[0]
-    for ids, _ in runs:
+    runs_a, runs_b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    common = runs_b[0][0]
+    for ids, _ in runs_a + runs_b:
         common = np.intersect1d(common, ids)
-    pairs = cooccurrence_pairs(data["events"]["test"], np.intersect1d(data["train_items"], common), min_rating)
-    src, dst = positive_pairs(pairs, common, "embed", dataset="test_pairs")
+    pairs = cooccurrence_pairs(data["events"][period], np.intersect1d(data["train_items"], common), min_rating)
+    src, dst = positive_pairs(pairs, common, "embed", dataset=f"{period}_pairs")
 
     def hits(ids, x):            # (n_pairs,) hits of the two directions of each pair, summed
         r = ranks_of_positives(ids, x, np.concatenate([src, dst]), np.concatenate([dst, src]))
         return (r[:len(src)] <= k).astype(np.float64) + (r[len(src):] <= k)
 
-    d = np.mean([hits(*r) for r in runs], axis=0) - hits(*b)
+    d = np.mean([hits(*r) for r in runs_a], axis=0) - np.mean([hits(*r) for r in runs_b], axis=0)
     rng = np.random.default_rng(seed)
     boot = np.array([d[rng.integers(0, len(d), len(d))].mean() / 2 for _ in range(n_boot)])
     lo, hi = np.quantile(boot, [0.025, 0.975])
@@ -188,6 +189,19 @@ def learning_curve(cfg, data: dict, lr: float, max_steps: int, eval_every: int, 
         train_tokens += tokens
 
 
+def save_vectors(folder: Path, lr: float, seed: int, step: int, ids, x) -> Path:
+    """One evaluated model's catalog embeddings (item_ids ``(n,)``, vectors ``(n, dim)``) as
+    ``folder/lr{lr}-seed{seed}-step{step}.npz`` (written whole, then renamed)."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"lr{lr:g}-seed{seed}-step{step}.npz"
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, item_ids=np.asarray(ids), vectors=np.asarray(x, dtype=np.float32))
+    tmp.replace(path)
+    return path
+
+
 def choose(rows: list[dict]) -> tuple[tuple[float, int], dict[tuple[float, int], float]]:
     """The (lr, step) with the highest validation recall@10 averaged over the runs (seeds) that
     measured it, among the (lr, step) that every seed measured (ties: fewer steps), and that mean
@@ -222,6 +236,9 @@ def main() -> None:
                          "given for their mean")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every curve, e.g. embed.train.freeze_layers=20 (repeatable)")
+    ap.add_argument("--save-vectors", type=Path, default=None, metavar="DIR",
+                    help="write every evaluated model's catalog embeddings to DIR as lr{lr}-seed{seed}-step{step}.npz "
+                         "(item_ids, vectors), for benchmarks/compare_recipes.py")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "qarm_embed_budget"),
                     help="scratch folder (the baselines' embeddings are reused from here)")
     args = ap.parse_args()
@@ -247,6 +264,11 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"rows": rows, "baselines": base, "hardware": hardware_summary()},
                                                  indent=2))
 
+    def remember(lr: float, step: int, seed: int, ids, x) -> None:
+        models[(lr, step, seed)] = (ids, x)
+        if args.save_vectors is not None:
+            save_vectors(args.save_vectors, lr, seed, step, ids, x)
+
     lrs = [float(v) for v in args.lrs.split(",")]
     if args.continue_from:
         for run_dir in args.continue_from:
@@ -257,13 +279,12 @@ def main() -> None:
             run_cfg = config(st["seed"] if st["seed"] is not None else args.seed)
             learning_curve(run_cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
                            continue_from=run_dir,
-                           on_vectors=lambda step, ids, x, lr=lr, s=run_cfg.embed.train.seed: models.__setitem__(
-                               (lr, step, s), (ids, x)))
+                           on_vectors=lambda step, ids, x, lr=lr, s=run_cfg.embed.train.seed: remember(
+                               lr, step, s, ids, x))
     else:
         for lr in lrs:
             learning_curve(cfg, data, lr, args.max_steps, args.eval_every, work, keep, reference=vectors["minilm"],
-                           on_vectors=lambda step, ids, x, lr=lr: models.__setitem__(
-                               (lr, step, cfg.embed.train.seed), (ids, x)))
+                           on_vectors=lambda step, ids, x, lr=lr: remember(lr, step, cfg.embed.train.seed, ids, x))
     (lr_best, step_best), means = choose(rows)
     seeds = sorted({r["seed"] for r in rows})
     print(f"\nsnapshot {data['snapshot']}; batch {cfg.embed.train.batch_size} pairs; overrides {overrides or 'none'}; "
