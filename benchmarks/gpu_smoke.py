@@ -44,8 +44,10 @@ the others still run), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -132,9 +134,12 @@ def datasheet_peak(device_name: str, dtype: str) -> tuple[float, str] | None:
     return None
 
 
-def train_flops(n_params: int, tokens: float) -> float:
-    """Model FLOPs of training on ``tokens`` tokens: 6 N T (2 forward + 4 backward per parameter)."""
-    return 6.0 * n_params * tokens
+def train_flops(n_params: int, tokens: float, n_frozen_blocks: int = 0, n_frozen_embed: int = 0) -> float:
+    """Model FLOPs of training on ``tokens`` tokens: 6 N T (2 forward + 4 backward per parameter),
+    less what a frozen lower stack does not run (``embed.train.freeze_layers``): a frozen block's
+    parameters run forward only (2, no backward: nothing below them needs a gradient); the frozen
+    token embedding, tied to the LM head, still runs the head's forward and its input gradient (4)."""
+    return (6.0 * n_params - 4.0 * n_frozen_blocks - 2.0 * n_frozen_embed) * tokens
 
 
 def kmeans_flops(n: int, k: int, dim: int, iters: int) -> float:
@@ -258,17 +263,24 @@ def matmul_peak(device: str, dtype_name: str, n: int, reps: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
-def count_params(model_dir: str | Path) -> int:
-    """Parameters stored in a model folder's safetensors files (read from the headers; tied
-    weights are stored once, so counted once)."""
+def count_params(model_dir: str | Path, freeze_layers: int = 0) -> tuple[int, int, int]:
+    """(all, in the lowest ``freeze_layers`` blocks, in the token embedding) parameters stored in a
+    model folder's safetensors files (read from the headers; tied weights are stored once, so counted
+    once); the last two are 0 when ``freeze_layers`` is 0 (nothing frozen)."""
     from safetensors import safe_open
 
-    total = 0
+    total = blocks = embed = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
+                n = math.prod(st.get_slice(k).get_shape())
+                total += n
+                layer = re.search(r"(?:^|\.)layers\.(\d+)\.", k)
+                if freeze_layers and layer and int(layer.group(1)) < freeze_layers:
+                    blocks += n
+                elif freeze_layers and "embed_tokens" in k:
+                    embed += n
+    return total, blocks, embed
 
 
 def torch_device_name(device: str) -> str:
@@ -316,15 +328,16 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
         raise RuntimeError(f"the training run reported no step (reused: {rec.reused}, steps: {rec.steps})")
     tokens, secs, steady = steady_rate(steps)
     tok_s = tokens / secs if secs > 0 else float("nan")
-    n_params = count_params(rec.model_dir)
+    n_params, n_frozen_blocks, n_frozen_embed = count_params(rec.model_dir, cfg.freeze_layers)
     train_dev = training_device(cfg)
-    achieved = train_flops(n_params, tok_s)
+    achieved = train_flops(n_params, tok_s, n_frozen_blocks, n_frozen_embed)
     sheet = datasheet_peak(torch_device_name(train_dev), rec.dtype) if train_dev == "cuda" else None
     measured = matmul_peak(train_dev, rec.dtype, sizes.matmul_n)
     peak, peak_note = sheet if sheet else (measured, f"peak measured here: best {sizes.matmul_n}^3 {rec.dtype} matmul")
     per_step = tokens / max(1, len(steps) - 1) if steady else tokens
     size = (f"{len(steps)} step{'s' if len(steps) != 1 else ''} x {batch} pairs, ~{per_step:,.0f} tok/step, "
-            f"N={n_params / 1e6:.3g}M" + (f", grad cache {chunk}" if chunk else ""))
+            f"N={n_params / 1e6:.3g}M" + (f", grad cache {chunk}" if chunk else "")
+            + (f", lowest {cfg.freeze_layers} blocks frozen" if cfg.freeze_layers else ""))
     engine = f"DeepSpeed ZeRO-{rec.zero_stage}" if rec.deepspeed else "plain torch"
     warm = "steps 2.." if steady else "step 1 only (warm-up included)"
     if len(steps) < sizes.train_steps:
@@ -334,7 +347,9 @@ def run_training(model_cfg, profile_train, sizes: Sizes, device: str, budget_s: 
         Row("training tokens/s", tok_s, "tokens/s", train_dev, rec.dtype, size, secs_total,
             f"{engine}; real tokens, {warm}; {rec.dtype_reason}"),
         Row("training MFU", 100.0 * achieved / peak, "% of peak", train_dev, rec.dtype, size, secs_total,
-            f"6*N*tokens/s = {achieved / 1e9:,.1f} GFLOP/s over {peak_note}"
+            (f"6*N*tokens/s = {achieved / 1e9:,.1f} GFLOP/s" if not cfg.freeze_layers else
+             f"(6*N - 4*N_frozen_blocks - 2*N_embedding)*tokens/s = {achieved / 1e9:,.1f} GFLOP/s")
+            + f" over {peak_note}"
             + (f" ({peak / 1e9:,.0f} GFLOP/s)" if not sheet else f"; matmul measured {measured / 1e12:,.0f} TFLOP/s")),
     ]
 
@@ -591,6 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"model: SmolLM2-135M-Instruct at {model_src} (ready in {time.perf_counter() - t0:.1f} s)", flush=True)
     else:
         print(f"model: {model_src} (--tiny-model)", flush=True)
+    train_profile = profile.embed.train
+    if args.tiny_model:
+        # the CPU profile freezes 20 of SmolLM2's 30 blocks; a tiny model keeps its top block trainable
+        n_layers = json.loads((Path(args.tiny_model) / "config.json").read_text()).get("num_hidden_layers", 0)
+        if train_profile.freeze_layers >= n_layers > 0:
+            print(f"model: the tiny model has {n_layers} blocks: freeze_layers {train_profile.freeze_layers} "
+                  f"of the profile -> {n_layers - 1}", flush=True)
+            train_profile = train_profile.model_copy(update={"freeze_layers": n_layers - 1})
     model_cfg = EmbedModelConfig.model_validate({**profile.embed.model.model_dump(), "model": model_src})
     local_cfg = LocalModelConfig.model_validate({**profile.judge.local.model_dump(), "model_path": model_src,
                                                  "device": device})
@@ -598,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qarm-gpu-smoke-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         runs: dict[str, Callable[[float], list[Row]]] = {
-            "train": lambda g: run_training(model_cfg, profile.embed.train, sizes, device, g, work, log),
+            "train": lambda g: run_training(model_cfg, train_profile, sizes, device, g, work, log),
             "embed": lambda g: run_embedding(model_cfg, profile.embed.infer, sizes, device, g, log),
             "kmeans": lambda g: run_kmeans(sizes, g, log),
             "judge": lambda g: run_judge(local_cfg, profile.judge.prompt_version, sizes, top_k, g, log),
@@ -623,8 +646,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntotal {total:.1f} s (budget {sizes.budget_s:.0f} s); {machine().rsplit('; ', 1)[-1]}", flush=True)
     failed = [r.figure for r in rows if r.note.startswith("FAILED")]
     if args.json:
-        import json
-
         Path(args.json).write_text(json.dumps({
             "size": size_name, "device": device, "profile": str(profile_path), "machine": machine(),
             "versions": _versions(), "total_seconds": total, "budget_s": sizes.budget_s,

@@ -121,6 +121,8 @@ def test_gpu_profile_differs_from_ml100k_only_where_it_says():
     gpu, cpu = load_config(REPO / "configs" / "ml100k-gpu.yaml"), load_config(REPO / "configs" / "ml100k.yaml")
     assert gpu.embed.train.launcher == "deepspeed" and gpu.embed.train.nproc == 8
     assert gpu.embed.infer.device == "cuda" and cpu.embed.infer.device == "auto"
+    # the CPU profile freezes the lowest 20 of SmolLM2's 30 blocks; the GPU profile trains them all
+    assert cpu.embed.train.freeze_layers == 20 and gpu.embed.train.freeze_layers == 0
     assert gpu.quantize == cpu.quantize and gpu.gates == cpu.gates and gpu.ingest == cpu.ingest
 
 

@@ -46,6 +46,10 @@ def test_smoke_size_prints_one_table_with_the_four_figures(tmp_path):
     assert [ln.split("|")[1].strip() for ln in table[1:]] == [
         "training tokens/s", "training MFU", "catalog embedding", "faiss k-means time", "faiss k-means rate", "judge"]
     assert any(ln.startswith("machine: ") and "native bf16" in ln for ln in lines)
+    # the CPU profile freezes 20 blocks; the 2-block tiny model trains its top one and says so
+    assert "freeze_layers 20 of the profile -> 1" in r.stdout
+    assert "lowest 1 blocks frozen" in rows["training MFU"]["sizes"]
+    assert "N_frozen_blocks" in rows["training MFU"]["note"]
     assert any(ln.startswith("versions: ") and "faiss" in ln for ln in lines)
 
 
@@ -96,6 +100,8 @@ def test_pure_helpers():
     assert g.datasheet_peak("NVIDIA H100 80GB HBM3", "float32") is None
     assert g.datasheet_peak("Some Future GPU", "bfloat16") is None
     assert g.train_flops(100, 10) == 6000
+    # 40 of 100 parameters in frozen blocks (forward only: 2), 20 in the frozen tied embedding (4)
+    assert g.train_flops(100, 10, n_frozen_blocks=40, n_frozen_embed=20) == (600 - 160 - 40) * 10
     assert g.kmeans_flops(1_000_000, 8192, 128, 20) == 2 * 1_000_000 * 8192 * 128 * 20
     steps = [{"tokens": 100, "seconds": 5.0}, {"tokens": 300, "seconds": 6.0}, {"tokens": 500, "seconds": 7.0}]
     assert g.steady_rate(steps) == (400.0, 2.0, True)
@@ -110,3 +116,24 @@ def test_pure_helpers():
     late = g.section_guard(100.0, 60.0, "kmeans", ["kmeans", "judge"])
     assert abs(late - (100.0 - 60.0 - 100.0 * g.RESERVE_SHARE) * 0.12 / 0.35) < 1e-9
     assert g.section_guard(100.0, 500.0, "judge", ["judge"]) == g.MIN_GUARD_S
+
+
+def test_count_params_splits_off_the_frozen_blocks_and_embedding():
+    """On the tiny model's real safetensors: the lowest block's and the token embedding's parameters
+    are counted apart when frozen, and all three add up to no more than the total."""
+    from benchmarks import gpu_smoke as g
+    from safetensors import safe_open
+
+    folder = build_tiny_lm()
+    total, none_b, none_e = g.count_params(folder)
+    assert total > 0 and none_b == none_e == 0
+    t1, blocks, embed = g.count_params(folder, freeze_layers=1)
+    sizes = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            sizes |= {k: math.prod(st.get_slice(k).get_shape()) for k in st.keys()}
+    assert t1 == total == sum(sizes.values())
+    assert blocks == sum(n for k, n in sizes.items() if ".layers.0." in k) > 0
+    assert embed == sum(n for k, n in sizes.items() if "embed_tokens" in k) > 0
+    _, two_blocks, _ = g.count_params(folder, freeze_layers=2)
+    assert two_blocks > blocks
