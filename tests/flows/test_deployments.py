@@ -26,7 +26,7 @@ def test_prefect_yaml_entrypoint_loads_the_flow():
     assert not weekly_cfg.embed.reuse_model and weekly_cfg.embed.train.init_from == "published"
     assert not weekly_cfg.mine.u2i.reuse_model             # the weekly retrain trains the two-tower too
     # the weekly retrain trains with the budget the embed-budget curve chose, not the refresh's 40 steps / 360 s
-    assert (weekly_cfg.embed.train.max_steps, weekly_cfg.embed.train.max_seconds) == (1200, None)
+    assert (weekly_cfg.embed.train.max_steps, weekly_cfg.embed.train.max_seconds) == (800, None)
 
 
 def test_serve_builds_a_cron_deployment():
@@ -44,5 +44,5 @@ def test_serve_builds_a_cron_deployment():
     retrain = mod.build_retrain()
     assert retrain.name == "weekly-retrain-ml100k"
     # continue the published model, with ML-100K's retrain budget (configs/ml100k.yaml, flow.retrain_overrides)
-    assert retrain.parameters["overrides"] == {"embed.train.init_from": "published", "embed.train.max_steps": 1200,
+    assert retrain.parameters["overrides"] == {"embed.train.init_from": "published", "embed.train.max_steps": 800,
                                                "embed.train.max_seconds": None}

@@ -35,7 +35,7 @@ def test_the_committed_prefect_yaml_is_what_the_definition_generates():
 # the weekly retrain's own overrides (flow.retrain_overrides) on top of continuing the published model:
 # ML-100K's training budget from its embed-budget curve; the GPU profile keeps its own step count
 RETRAIN = {"embed.train.init_from": "published"}
-CPU_BUDGET = {"embed.train.max_steps": 1200, "embed.train.max_seconds": None}
+CPU_BUDGET = {"embed.train.max_steps": 800, "embed.train.max_seconds": None}
 
 
 @pytest.mark.parametrize("config, name, retrain", [
