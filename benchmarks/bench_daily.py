@@ -87,13 +87,14 @@ def phase_data(out: str, users: int, items: int, interactions: int, item_growth:
     return {"seconds": time.perf_counter() - t0, "new_items": g.new_items, "new_interactions": g.new_interactions}
 
 
-def write_config(out: Path, day: int, tiny_lm: str) -> Path:
-    """The benchmark's pipeline config for ``day`` (YAML under ``out``)."""
+def write_config(out: Path, day: int, tiny_lm: str, n_days: int) -> Path:
+    """The benchmark's pipeline config for ``day`` of ``n_days`` (YAML under ``out``). Every day's
+    snapshot is retained: the SmolLM2 phase reads each day's judgments after the last day ran."""
     import yaml
 
     lm = {"model_path": tiny_lm, "batch_size": 256}
     cfg = {
-        "name": "bench-daily", "home": str(out / "home"),
+        "name": "bench-daily", "home": str(out / "home"), "storage": {"retention": max(5, n_days)},
         "ingest": {"source": "files", "files": {"interactions": str(out / f"day{day}" / "interactions"),
                                                  "items": str(out / f"day{day}" / "items")}},
         "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},
@@ -320,12 +321,16 @@ def main(argv: list[str] | None = None) -> dict:
         tiny = str(make_tiny_causal_lm(out / "tiny_lm"))
         for day in days:
             res[f"day{day}"] = run_phase("benchmarks.bench_daily:phase_refresh",
-                                         config=str(write_config(out, day, tiny)))
+                                         config=str(write_config(out, day, tiny, args.days)))
             print(f"# day {day}: {res[f'day{day}']['wall_seconds']:.0f} s wall; {loadavg()}", flush=True)
         res["smollm2"] = run_phase("benchmarks.bench_daily:phase_smollm2_rates",
                                    items_dir=str(out / f"day{args.days - 1}" / "items"),
                                    snapshots=[res[f"day{d}"]["snapshot_path"] for d in days],
                                    dtype=args.llm_dtype)
+    except BaseException:
+        if args.json:           # what was measured before the failure is kept
+            Path(args.json).write_text(json.dumps(res | {"failed": True}, indent=2, default=str))
+        raise
     finally:
         if not args.keep and args.out is None:
             shutil.rmtree(out, ignore_errors=True)

@@ -100,3 +100,15 @@ def test_report_leaves_deferred_qa_out_of_the_day_and_says_what_it_would_cost(ca
            "asks, their count also holds earlier days' items): day 1 / day 0 = 0.400" in out
     row = next(line for line in out.splitlines() if line.startswith("| qa: questions deferred"))
     assert [c.strip() for c in row.strip("|").split("|")][1:] == ["0", "100", "1.000", "0.500", "(0.00)", "(0.01)"]
+
+
+def test_every_days_config_retains_every_days_snapshot(tmp_path):
+    """The SmolLM2 phase reads each day's judgments after the last day: with more days than the
+    default retention (5), day 0's snapshot must still be there (a 7-day run lost it on 2026-12-06)."""
+    from benchmarks.bench_daily import write_config
+    from qarm_core.config import load_config
+
+    for n_days in (2, 7, 12):
+        cfgs = [load_config(write_config(tmp_path, d, str(tmp_path / "tiny_lm"), n_days)) for d in range(n_days)]
+        assert all(c.storage.retention >= n_days for c in cfgs)
+        assert [c.embed.reuse_model for c in cfgs] == [False] + [True] * (n_days - 1)
