@@ -94,7 +94,7 @@ def write_config(out: Path, day: int, tiny_lm: str, n_days: int) -> Path:
 
     lm = {"model_path": tiny_lm, "batch_size": 256}
     cfg = {
-        "name": "bench-daily", "home": str(out / "home"), "storage": {"retention": max(5, n_days)},
+        "name": "bench-daily", "home": str(out / "home"), "storage": {"retention": n_days},
         "ingest": {"source": "files", "files": {"interactions": str(out / f"day{day}" / "interactions"),
                                                  "items": str(out / f"day{day}" / "items")}},
         "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},

@@ -120,7 +120,7 @@ def test_pure_helpers():
 
 def test_count_params_splits_off_the_frozen_blocks_and_embedding():
     """On the tiny model's real safetensors: the lowest block's and the token embedding's parameters
-    are counted apart when frozen, and all three add up to no more than the total."""
+    are counted apart when frozen (exactly the tensors of block 0 and of the embedding), the total unchanged."""
     from benchmarks import gpu_smoke as g
     from safetensors import safe_open
 
