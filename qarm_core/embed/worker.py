@@ -3,12 +3,14 @@
     python -m qarm_core.embed.worker JOB_JSON [--local_rank=N]
 
 Reads the job written by ``train.write_job``, trains (rank/world from the launcher's environment)
-and exits 0; rank 0 writes ``train_record.json`` next to the model.
+and exits 0; rank 0 writes ``train_record.json`` next to the model, every rank marks itself done
+(``launch.mark_rank_done``) before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,8 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args(argv)
 
-    import os
+    import faulthandler
 
+    # a crash in native code (gloo, oneDNN, a C++ terminate) prints every thread's Python stack to
+    # stderr, which the launcher's log keeps: it names the line the rank was on
+    faulthandler.enable(all_threads=True)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from qarm_core.embed.train import run_job
@@ -32,5 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Flush and leave without the interpreter's teardown: the work is done and written, and the
+    teardown of native thread pools and communication libraries (gloo, OpenMP) only adds a place
+    to crash (a rank once aborted late in a finished CI run; where exactly was not found)."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

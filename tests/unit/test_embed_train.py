@@ -288,6 +288,67 @@ def test_two_processes_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
+# Loaded by every process of a launch through PYTHONPATH: rank 1 aborts (SIGABRT, as a C++
+# terminate does) where the worker destroys its process group, i.e. after its work; with
+# FORGET_DONE it first removes the mark it wrote, as a rank that died before the end would have none.
+_ABORT_AT_TEARDOWN = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch.distributed as dist
+
+    def _abort():
+        if {forget_done}:
+            from qarm_core.embed.train.record import rank_done_file
+            rank_done_file({out!r}, 1).unlink()
+        os.abort()
+
+    dist.destroy_process_group = _abort
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marked_done", [True, False])
+def test_rank_aborting_after_its_work_keeps_the_run(tiny_lm_path, tiny_catalog, tmp_path, monkeypatch, caplog,
+                                                    marked_done):
+    """A rank killed by SIGABRT after the run's last barrier (model and record written, the rank
+    marked done) leaves a complete run: the launch returns its record with a warning. The same
+    crash from a rank whose mark is missing fails the launch."""
+    import logging
+
+    from qarm_core.embed.train import train_embedding_model
+    from qarm_core.embed.train.launch import node_ranks
+    from qarm_core.embed.train.record import rank_done_file
+
+    site = tmp_path / "site"
+    site.mkdir()
+    out = tmp_path / "run"
+    (site / "sitecustomize.py").write_text(_ABORT_AT_TEARDOWN.format(forget_done=not marked_done, out=str(out)))
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    items, judgments, qa = tiny_catalog
+    cfg = TrainConfig(launcher="torchrun", nproc=2, batch_size=8, max_steps=2, checkpoint_every=2,
+                      use_deepspeed=False, dtype="float32", master_port=29500 + (os.getpid() % 500) + 31)
+    caplog.set_level(logging.WARNING, logger="qarm_core")
+    if not marked_done:
+        with pytest.raises(RuntimeError, match="failed with exit code"):
+            train_embedding_model(items, judgments, qa, out, _mcfg(tiny_lm_path), cfg)
+        assert rank_done_file(out, 0).is_file() and not rank_done_file(out, 1).is_file()
+        return
+    rec = train_embedding_model(items, judgments, qa, out, _mcfg(tiny_lm_path), cfg)
+    assert rec.steps == 2 and rec.world_size == 2
+    assert all(rank_done_file(out, r).is_file() for r in node_ranks(cfg))
+    assert "a crash on the way out, the run is kept" in caplog.text
+    log = (out / "launch.log").read_text()
+    assert "Fatal Python error: Aborted" in log and "in _abort" in log     # the worker's faulthandler
+
+
+def test_node_ranks_follow_node_rank():
+    """Both launchers number ranks node by node: node 1 of 2-process nodes starts ranks 2 and 3."""
+    from qarm_core.embed.train.launch import node_ranks
+
+    assert list(node_ranks(TrainConfig(launcher="torchrun", nproc=2, nnodes=2, node_rank=1))) == [2, 3]
+    assert list(node_ranks(TrainConfig(launcher="torchrun", nproc=3, batch_size=6))) == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_two_processes_deepspeed_launcher(tiny_lm_path, tiny_catalog, tmp_path):
     """Also the gradient cache across processes (chunks of 2 of each rank's 4 pairs; bf16

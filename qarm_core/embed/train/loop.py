@@ -22,7 +22,7 @@ from qarm_core.embed.train.checkpoint import (deepspeed_resume_tag, digest, fp32
 from qarm_core.embed.train.distributed import (all_sum, barrier, deepspeed_config, dist_env, gather_floats,
                                                gather_with_local_grad, init_process_group, process_group_backend,
                                                training_device, training_dtype, uses_deepspeed)
-from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord
+from qarm_core.embed.train.record import STAGE, ProgressFn, TrainRecord, mark_rank_done
 from qarm_core.errors import DataError
 
 
@@ -481,6 +481,7 @@ def export_model(s: Session, step: int, losses: list[tuple[float, float, float]]
         tmp = s.out / "train_record.json.tmp"
         tmp.write_text(json.dumps(record.to_dict(), indent=2))
         tmp.rename(s.out / "train_record.json")
+    mark_rank_done(s.out, s.rank)
     # no rank exits before the model and the record are written: on another node, the launch that
     # started a rank reads the record (from the shared run folder) as soon as its ranks are done
     barrier(s.world)
@@ -496,7 +497,8 @@ def train_in_process(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, 
     if cfg.dtype == "auto":  # a job written by hand (or by an older version) for a launched worker
         cfg = cfg.model_copy(update={"dtype": training_dtype(cfg).name})
     session = start_session(items, judgments, qa, out, model_cfg, cfg, reference)
-    if isinstance(session, TrainRecord):
+    if isinstance(session, TrainRecord):     # the run is complete already, so is this rank's work
+        mark_rank_done(out, dist_env()[0])
         return session
     step, losses, tokens, seconds = run_steps(session, progress)
     return export_model(session, step, losses, tokens, seconds)

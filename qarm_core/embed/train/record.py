@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 STAGE = "train"
@@ -40,3 +43,18 @@ class TrainRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rank_done_file(out_dir: str | Path, rank: int) -> Path:
+    """The file rank ``rank`` of a run into ``out_dir`` writes once its work is done."""
+    return Path(out_dir) / "ranks_done" / f"rank-{rank:05d}"
+
+
+def mark_rank_done(out_dir: str | Path, rank: int) -> None:
+    """Mark rank ``rank``'s work done: its steps and its part of the last checkpoint finished, and on
+    rank 0 the model and ``train_record.json`` written. Written before the run's last barrier, so a
+    rank that dies after it (the launcher then stops the others) cannot keep another's mark from
+    being written; the launcher clears its ranks' marks before it starts them."""
+    f = rank_done_file(out_dir, rank)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(f"{os.getpid()} {time.time():.3f}\n")
