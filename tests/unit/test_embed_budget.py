@@ -111,3 +111,22 @@ def test_saved_vectors_are_read_back_per_recipe_and_step(tmp_path):
     save_vectors(tmp_path, 3e-4, 2, 1200, ids, x)             # another learning rate is another recipe
     with pytest.raises(SystemExit, match="several learning rates"):
         recipe_runs(tmp_path, 1200)
+
+
+def test_compare_recipes_takes_a_folder_at_its_own_step_or_a_baseline_as_b():
+    from benchmarks.compare_recipes import parse_args
+
+    common = ["--home", "H", "--a", "A", "--step", "800"]
+    same = parse_args(common + ["--b", "B"])
+    assert same.step_b == 800 and same.label_b == "B" and same.baseline is None
+    later = parse_args(common + ["--b", "A", "--step-b", "1200", "--label-a", "f800", "--label-b", "f1200"])
+    assert (later.step, later.step_b, later.label_b) == (800, 1200, "f1200")
+    base = parse_args(common + ["--baseline", "minilm"])
+    assert base.b is None and base.label_b == "minilm"
+    for bad in (common,                                          # no B
+                common + ["--b", "B", "--baseline", "base"],     # two Bs
+                common + ["--baseline", "base", "--step-b", "1200"],  # a baseline has no step
+                common + ["--b", "B", "--label-b", "A"],         # both sides labelled A
+                common + ["--baseline", "e5"]):                  # not a baseline of the pipeline
+        with pytest.raises(SystemExit):
+            parse_args(bad)
