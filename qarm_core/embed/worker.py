@@ -4,7 +4,7 @@
 
 Reads the job written by ``train.write_job``, trains (rank/world from the launcher's environment)
 and exits 0; rank 0 writes ``train_record.json`` next to the model, every rank marks itself done
-(``launch.mark_rank_done``) before it exits.
+(``record.mark_rank_done``) before it exits.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ def test_two_processes_plain_torch(tiny_lm_path, tiny_catalog, tmp_path):
 
 # Loaded by every process of a launch through PYTHONPATH: rank 1 aborts (SIGABRT, as a C++
 # terminate does) where the worker destroys its process group, i.e. after its work; with
-# FORGET_DONE it first removes the mark it wrote, as a rank that died before the end would have none.
+# forget_done it first removes the mark it wrote, as a rank that died before the end would have none.
 _ABORT_AT_TEARDOWN = """
 import os
 if os.environ.get("RANK") == "1":
