@@ -234,12 +234,10 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: floa
     proc.wait()
 
 
-def finished_before_exit(out: Path, cfg: TrainConfig, read_record: bool = True) -> bool:
+def finished_before_exit(out: Path, cfg: TrainConfig) -> bool:
     """Whether every rank this node launched into ``out`` marked its work done (``mark_rank_done``:
-    its steps and checkpoints finished, and rank 0's model and record written), and, where the
-    record is to be read, ``train_record.json`` is there."""
-    marked = all(rank_done_file(out, r).is_file() for r in node_ranks(cfg))
-    return marked and (not read_record or (out / "train_record.json").is_file())
+    its steps and checkpoints finished; rank 0 marks after writing the model and the record)."""
+    return all(rank_done_file(out, r).is_file() for r in node_ranks(cfg))
 
 
 def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None = None,
@@ -295,7 +293,7 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
             LIVE_GROUPS.discard(proc.pid)
     if rc != 0:
         tail = out_log.read_text(errors="replace")[-3000:]
-        if not finished_before_exit(out, cfg, read_record):
+        if not finished_before_exit(out, cfg):
             raise RuntimeError(f"training launch {' '.join(cmd)} failed with exit code {rc}:\n{tail}")
         # Seen once in CI (2 gloo ranks, 2 loaded cores): a rank aborted late in a run with a C++
         # "terminate called without an active exception", cause not found. After every rank's mark
