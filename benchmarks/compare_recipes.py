@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {args.label_a: recipe_runs(args.a, args.step)}
     if args.baseline:
         work = args.work or Path(args.home) / "benchmarks" / "compare_recipes"
-        runs[args.label_b] = {0: _baselines(cfg, data, work)[args.baseline]}   # one model, no seeds
+        runs[args.label_b] = {0: _baselines(cfg, data, work, (args.baseline,))[args.baseline]}   # one model, no seeds
     else:
         runs[args.label_b] = recipe_runs(args.b, args.step_b)
     rows = []

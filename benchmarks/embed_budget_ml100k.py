@@ -96,13 +96,15 @@ def recall_difference_ci(a: "tuple | list[tuple]", b: "tuple | list[tuple]", dat
     return {"diff": float(d.mean() / 2), "lo": float(lo), "hi": float(hi), "pairs": int(len(d))}
 
 
-def _baselines(cfg, data: dict, work: Path) -> dict:
+def _baselines(cfg, data: dict, work: Path, names: tuple[str, ...] = ("base", "minilm")) -> dict:
+    """{name: (item_ids, vectors)} of the baselines ``names`` (the base LLM, MiniLM), each embedded
+    into ``work/<name>`` (resumable: a finished catalog is read back, not embedded again)."""
     from qarm_core.embed.embed import embed_catalog, embed_catalog_minilm
     from qarm_core.quantize.io import read_embeddings
 
-    base = embed_catalog(data["items"], work / "base", cfg.embed.model, cfg.embed.infer)
-    minilm = embed_catalog_minilm(data["items"], work / "minilm", cfg.embed.infer)
-    return {"base": read_embeddings(base.path), "minilm": read_embeddings(minilm.path)}
+    embed = {"base": lambda: embed_catalog(data["items"], work / "base", cfg.embed.model, cfg.embed.infer),
+             "minilm": lambda: embed_catalog_minilm(data["items"], work / "minilm", cfg.embed.infer)}
+    return {name: read_embeddings(embed[name]().path) for name in names}
 
 
 RUN_FILE = "curve_run.json"      # in a run folder: what its training fingerprint was started with

@@ -4,10 +4,13 @@ recall difference and the saved models that compare_recipes.py reads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from benchmarks.embed_budget_ml100k import RUN_FILE, choose, run_settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _row(seed: int, step: int, valid: float, lr: float = 1e-4) -> dict:
@@ -130,3 +133,21 @@ def test_compare_recipes_takes_a_folder_at_its_own_step_or_a_baseline_as_b():
                 common + ["--baseline", "e5"]):                  # not a baseline of the pipeline
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_baselines_embeds_only_the_ones_asked_for(tiny_catalog, tmp_path):
+    """compare_recipes' --baseline minilm embeds MiniLM, not the base LLM as well; asked again,
+    the finished catalog is read back (the same vectors)."""
+    import numpy as np
+
+    from benchmarks.embed_budget_ml100k import _baselines
+    from qarm_core.config import load_config
+
+    cfg = load_config(REPO / "configs" / "ml100k.yaml", {"home": str(tmp_path / "home")})
+    items, _, _ = tiny_catalog
+    got = _baselines(cfg, {"items": items}, tmp_path / "work", ("minilm",))
+    assert list(got) == ["minilm"] and not (tmp_path / "work" / "base").exists()
+    ids, x = got["minilm"]
+    assert x.shape == (items.num_rows, 384) and sorted(ids.tolist()) == sorted(items["item_id"].to_pylist())
+    again = _baselines(cfg, {"items": items}, tmp_path / "work", ("minilm",))["minilm"]
+    np.testing.assert_array_equal(again[1], x)
