@@ -341,6 +341,31 @@ def test_rank_aborting_after_its_work_keeps_the_run(tiny_lm_path, tiny_catalog, 
     assert "Fatal Python error: Aborted" in log and "in _abort" in log     # the worker's faulthandler
 
 
+def test_log_relay_keeps_reading_after_the_run_folder_is_renamed(tmp_path):
+    """A joining node's relay of rank 0's log: lines from ``start`` on, a partial line held back
+    until its end is written, and the lines written before node 0 renamed the run folder (its
+    stage publishing it) still read after the rename."""
+    from qarm_core.embed.train.launch import LogRelay
+
+    run = tmp_path / "x.run"
+    run.mkdir()
+    log = run / "train_log.jsonl"
+    relay = LogRelay(log, start=0)
+    assert relay.poll() == []                                  # no log yet
+    with open(log, "w") as w:
+        w.write('{"step": 1}\n{"step": 2}\n{"st')
+        w.flush()
+        assert relay.poll() == [{"step": 1}, {"step": 2}]      # the partial third line waits
+        w.write('ep": 3}\n{"step": 4}\n')
+    run.rename(tmp_path / "x")                                  # published before the last read
+    assert relay.poll() == [{"step": 3}, {"step": 4}]
+    assert relay.poll() == []
+    relay.close()
+    later = LogRelay(tmp_path / "x" / "train_log.jsonl", start=len('{"step": 1}\n'))
+    assert [i["step"] for i in later.poll()] == [2, 3, 4]      # a resumed run's earlier lines skipped
+    later.close()
+
+
 def test_node_ranks_follow_node_rank():
     """Both launchers number ranks node by node: node 1 of 2-process nodes starts ranks 2 and 3."""
     from qarm_core.embed.train.launch import node_ranks

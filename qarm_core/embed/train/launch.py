@@ -240,6 +240,34 @@ def finished_before_exit(out: Path, cfg: TrainConfig) -> bool:
     return all(rank_done_file(out, r).is_file() for r in node_ranks(cfg))
 
 
+class LogRelay:
+    """The lines added to a JSON-lines log since byte ``start``, read through one handle opened as
+    soon as the file exists: on a node other than 0 the run folder can be renamed (node 0's stage
+    publishes it) the moment training ends, before the last read; an open file survives that (seen
+    once in CI: a joining node relayed none of the run's steps). A partial last line waits."""
+
+    def __init__(self, path: Path, start: int = 0):
+        self.path, self.start = path, start
+        self._f = None
+        self._pending = b""
+
+    def poll(self) -> list[dict]:
+        if self._f is None:
+            try:
+                self._f = open(self.path, "rb")
+            except FileNotFoundError:
+                return []
+            self._f.seek(self.start)
+        self._pending += self._f.read()
+        done = self._pending.rfind(b"\n") + 1
+        lines, self._pending = self._pending[:done].splitlines(), self._pending[done:]
+        return [json.loads(line) for line in lines]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None = None,
                  timeout_s: float | None = None, abort: Callable[[], str | None] | None = None,
                  read_record: bool = True) -> TrainRecord | None:
@@ -262,20 +290,16 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
         proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 start_new_session=True)
         LIVE_GROUPS.add(proc.pid)
+        relay = LogRelay(log, seen) if progress else None
         try:
             while True:
                 try:
-                    rc = proc.wait(timeout=1.0)
+                    rc = proc.wait(timeout=0.25)
                 except subprocess.TimeoutExpired:
                     rc = None
-                if progress and log.exists() and log.stat().st_size > seen:
-                    with open(log, "rb") as f:
-                        f.seek(seen)
-                        chunk = f.read()
-                    done = chunk.rfind(b"\n") + 1
-                    seen += done
-                    for line in chunk[:done].splitlines():
-                        progress(json.loads(line))
+                if relay is not None:
+                    for info in relay.poll():
+                        progress(info)
                 if rc is not None:
                     break
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
@@ -291,6 +315,8 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
             raise
         finally:
             LIVE_GROUPS.discard(proc.pid)
+            if relay is not None:
+                relay.close()
     if rc != 0:
         tail = out_log.read_text(errors="replace")[-3000:]
         if not finished_before_exit(out, cfg):
