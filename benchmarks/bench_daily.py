@@ -148,7 +148,7 @@ def phase_refresh(config: str) -> dict:
             units["judge.pairs.cached.other_source"] = r["metrics"].get("pairs.cached.other_source", 0.0)
             units["judge.pairs"] = r["metrics"].get("pairs", 0.0)
         if name == "mine":
-            for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "u2i.pairs",
+            for k in ("swing.pairs", "swing.new", "swing.new_if_fresh", "swing.kept_published", "swing.dropped", "u2i.pairs",
                       "u2i.reused", "u2i.train_seconds", "u2i.items_unseen", "swing.seconds", "u2i.seconds"):
                 if k in r["metrics"]:
                     units[f"mine.{k}"] = r["metrics"][k]
@@ -399,7 +399,9 @@ def report(res: dict, n_days: int) -> None:
         if "mine.swing.new" in u:
             print(f"day {d} pairs: Swing {u['mine.swing.pairs']:,.0f} ({u['mine.swing.new']:,.0f} not published the day "
                   f"before; {u['mine.swing.new_if_fresh']:,.0f} without mine.swing.keep_published_depth, "
-                  f"{u['mine.swing.kept_published']:,.0f} published pairs kept), u2i {u.get('mine.u2i.pairs', 0):,.0f}")
+                  f"{u['mine.swing.kept_published']:,.0f} published pairs kept outside today's top_k, "
+                  f"{u.get('mine.swing.dropped', float('nan')):,.0f} published pairs dropped), "
+                  f"u2i {u.get('mine.u2i.pairs', 0):,.0f}")
     for d in days:
         u = runs[d]["units"]
         if "mine.u2i.seconds" in u:

@@ -228,7 +228,9 @@ def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, 
 
     Report: ``kept_published`` (published pairs kept outside today's top_k), ``new`` (pairs not in
     ``published``), ``new_if_fresh`` (pairs of today's plain top_k not in ``published``: what ``new``
-    would be without keeping), ``published`` (its pairs of this source).
+    would be without keeping), ``published`` (its pairs of this source), ``dropped`` (published pairs
+    not among today's: fallen out of the depth, or their item gone), so that today's pairs number
+    ``published - dropped + new``: ``new`` is the table's growth plus what replaced ``dropped``.
     """
     src = candidates["src_item"].to_numpy()
     dst = candidates["dst_item"].to_numpy()
@@ -243,6 +245,7 @@ def keep_published_neighbours(candidates: pa.Table, published: pa.Table | None, 
               "new": float((keep & ~was).sum()),
               "new_if_fresh": float(((rank < top_k) & ~was).sum()),
               "published": float(published.num_rows if published is not None else 0)}
+    report["dropped"] = report["published"] - float((keep & was).sum())
     return candidates.filter(pa.array(keep)), report
 
 

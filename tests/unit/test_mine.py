@@ -112,7 +112,8 @@ def test_published_neighbours_stay_while_they_rank_within_the_depth():
     got, rep = keep_published_neighbours(cand, published, top_k=2)
     assert list(zip(got["src_item"].to_pylist(), got["dst_item"].to_pylist())) == [(1, 10), (1, 13), (2, 20), (2, 22)]
     assert got["score"].to_pylist() == [9.0, 6.0, 3.0, 1.0]          # today's scores, candidates' order
-    assert rep == {"kept_published": 2.0, "new": 2.0, "new_if_fresh": 4.0, "published": 3.0}
+    assert rep == {"kept_published": 2.0, "new": 2.0, "new_if_fresh": 4.0, "published": 3.0, "dropped": 1.0}
+    assert got.num_rows == rep["published"] - rep["dropped"] + rep["new"]
     # selecting again against its own output changes nothing
     again, rep2 = keep_published_neighbours(cand, got.select(["src_item", "dst_item"]), top_k=2)
     assert again.equals(got) and rep2["new"] == 0
@@ -134,6 +135,7 @@ def test_stable_lists_judge_fewer_new_pairs_on_a_grown_log():
     assert report["swing.new"] == new_sticky < new_fresh == report["swing.new_if_fresh"]
     assert report["swing.kept_published"] > 0
     assert new_fresh - new_sticky == report["swing.kept_published"]    # each kept pair displaced a newcomer
+    assert report["swing.dropped"] == len(_keys(published) - _keys(sticky)) > 0
     per_item = np.unique(sticky["src_item"].to_numpy(), return_counts=True)[1]
     assert per_item.max() == 5 and sticky.num_rows == fresh.num_rows
     # the stickiness is off without keep_published_depth: the published pairs are ignored

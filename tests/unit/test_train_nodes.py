@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -137,8 +138,8 @@ def test_a_joined_launch_is_stopped_when_node_0_stops_beating(tmp_path, monkeypa
 
 
 def test_a_finished_launch_on_a_joined_node_returns_without_the_record(tmp_path, monkeypatch):
-    """The joined node's launcher may end before rank 0 (node 0) writes train_record.json: a clean
-    exit is enough; progress relayed from the shared train_log.jsonl."""
+    """A joined node does not read train_record.json (node 0 publishes): a clean exit is enough,
+    and the board is left empty (posting, joined and left markers withdrawn)."""
     board = tmp_path / "board"
     job = _job(tmp_path)
     monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: [sys.executable, "-c", "pass"])
@@ -162,7 +163,8 @@ def test_node_0_names_the_nodes_that_have_not_joined(tmp_path):
     logger.setLevel(logging.INFO)     # setLevel: it clears the logger's cached isEnabledFor answers
     try:
         three = TWO_NODES.model_copy(update={"nnodes": 3})
-        with nodes.announced(board, _job(tmp_path, three), three, heartbeat_s=0.05, warn_after_s=0.3) as posting:
+        with nodes.announced(board, _job(tmp_path, three), three, heartbeat_s=0.05, warn_after_s=0.3,
+                            leave_wait_s=0) as posting:
             nodes._joined_marker(board, posting.id, 1).write_text("{}")     # node 1 joined, node 2 did not
             _wait_until(lambda: any("have not joined" in m for m in seen))
     finally:
@@ -205,3 +207,188 @@ def test_a_recorded_stop_ends_a_silent_launch_and_its_group(tmp_path, monkeypatc
         forget_stops()
     assert time.monotonic() - t0 < 20
     assert len(pgids) == 1 and live_group_members(pgids[0]) == [] and not LIVE_GROUPS
+
+
+def _fake_launcher(out: Path, lines: int = 0, marks: tuple[int, ...] = (), remove_out: bool = False,
+                   sleep_s: float = 0.0, code: int = 0) -> list[str]:
+    """argv of a launcher stand-in: appends ``lines`` steps to rank 0's train_log.jsonl, marks
+    ``marks`` done, optionally removes the run folder (node 0 staged the model), sleeps, exits ``code``."""
+    script = f"""
+import json, pathlib, shutil, time
+out = pathlib.Path({str(out)!r})
+with open(out / "train_log.jsonl", "a") as f:
+    for step in range(1, {lines} + 1):
+        f.write(json.dumps({{"step": step, "loss": 1.0 / step}}) + "\\n")
+for r in {list(marks)!r}:
+    (out / "ranks_done").mkdir(exist_ok=True)
+    (out / "ranks_done" / f"rank-{{r:05d}}").write_text("x")
+if {remove_out!r}:
+    shutil.rmtree(out)
+time.sleep({sleep_s})
+raise SystemExit({code})
+"""
+    return [sys.executable, "-c", script]
+
+
+NODE1 = TWO_NODES.model_copy(update={"node_rank": 1})
+
+
+def test_a_joined_node_keeps_a_run_only_when_rank_0_finished_too(tmp_path, monkeypatch):
+    """Node 1's ranks mark their work done before the run's last barrier; if rank 0 then fails to
+    write the model, node 1's launcher exits non-zero with every mark of its own present: without
+    rank 0's mark that is a failed run, with it a crash on the way out."""
+    job = _job(tmp_path)
+    out = tmp_path / "run"
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, marks=(1,), code=1))
+    with pytest.raises(RuntimeError, match="failed with exit code 1"):
+        launch.run_launched(job, NODE1, read_record=False)
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, marks=(0, 1), code=1))
+    assert launch.run_launched(job, NODE1, read_record=False) is None
+    # node 1's own marks are cleared before its launch: rank 0's mark alone is not enough
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, code=1))
+    with pytest.raises(RuntimeError, match="failed with exit code 1"):
+        launch.run_launched(job, NODE1, read_record=False)
+
+
+def test_a_joined_node_whose_run_folder_was_removed_under_it_relays_its_steps_and_returns(tmp_path, monkeypatch):
+    """Node 0 staged the model and removed the run folder while node 1's launcher was still on its
+    way out (and crashed there): node 1 relays every step through its open handle and returns
+    instead of failing on the missing launch log and marks."""
+    job = _job(tmp_path)
+    out = tmp_path / "run"
+    monkeypatch.setattr(launch, "build_launch_command",
+                        lambda *a, **k: _fake_launcher(out, lines=3, marks=(0, 1), sleep_s=0.6, code=1))
+    steps: list[int] = []
+
+    def progress(info: dict) -> None:
+        steps.append(int(info["step"]))
+        if len(steps) == 3:             # node 0 removes the folder now, the launcher still running
+            shutil.rmtree(out)
+
+    assert launch.run_launched(job, NODE1, progress, read_record=False) is None
+    assert steps == [1, 2, 3] and not out.exists()
+    # on node 0 (which reads the record) a missing folder is still a failure
+    _job(tmp_path)
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, remove_out=True, code=1))
+    with pytest.raises((RuntimeError, FileNotFoundError)):
+        launch.run_launched(job, TWO_NODES)
+
+
+def test_an_aborted_launch_whose_ranks_had_finished_is_kept(tmp_path, monkeypatch):
+    """Node 0 withdrew its posting (its launch ended) while node 1's launcher lingered on its way
+    out: every mark is there, so the abort stops the lingering group and keeps the run."""
+    job = _job(tmp_path)
+    out = tmp_path / "run"
+    monkeypatch.setattr(launch, "build_launch_command",
+                        lambda *a, **k: _fake_launcher(out, lines=2, marks=(0, 1), sleep_s=60))
+    calls = {"n": 0}
+
+    def abort() -> str | None:
+        calls["n"] += 1
+        return "node 0 stopped beating" if calls["n"] > 4 else None
+
+    t0 = time.monotonic()
+    assert launch.run_launched(job, NODE1, lambda info: None, abort=abort, read_record=False) is None
+    assert time.monotonic() - t0 < 20
+    # without the marks the same abort fails the launch
+    monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, sleep_s=60))
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="training launch stopped: node 0 stopped beating"):
+        launch.run_launched(job, NODE1, abort=abort, read_record=False)
+
+
+def test_node_0_keeps_beating_until_the_joined_nodes_have_left(tmp_path):
+    """Node 0's stage removes the shared run folder once its launch ended and the model is staged;
+    a joined node may still be reading its marks, launch log and rank 0's last steps there. Node 0
+    waits for every node that joined to leave (its heartbeat goes on meanwhile), at most
+    ``leave_wait_s``; after a failed launch it does not wait."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    beats: list[int] = []
+    with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05, leave_wait_s=30) as posting:
+        nodes._joined_marker(board, posting.id, 1).write_text("{}")
+
+        def node1_leaves_later() -> None:
+            time.sleep(0.6)
+            beats.append(nodes._read(board).beat)
+            time.sleep(0.3)
+            beats.append(nodes._read(board).beat)
+            nodes._left_marker(board, posting.id, 1).write_text("{}")
+
+        leaver = threading.Thread(target=node1_leaves_later, daemon=True)
+        leaver.start()
+        t0 = time.monotonic()
+    waited = time.monotonic() - t0
+    leaver.join()
+    assert 0.8 < waited < 10 and beats[1] > beats[0]          # it waited, and beat while waiting
+    assert not list(board.iterdir())                            # posting and both markers withdrawn
+    # a joined node that never leaves: bounded wait, named in a warning
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger(nodes.__name__).addHandler(handler)
+    try:
+        t0 = time.monotonic()
+        with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05, leave_wait_s=0.3) as posting:
+            nodes._joined_marker(board, posting.id, 1).write_text("{}")
+        assert 0.3 <= time.monotonic() - t0 < 5
+        # a failed launch: no wait
+        t0 = time.monotonic()
+        with pytest.raises(ValueError):
+            with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05, leave_wait_s=30) as posting:
+                nodes._joined_marker(board, posting.id, 1).write_text("{}")
+                raise ValueError("node 0's launch failed")
+        assert time.monotonic() - t0 < 5
+    finally:
+        logging.getLogger(nodes.__name__).removeHandler(handler)
+    assert any("node(s) 1 joined the run but had not left" in m for m in seen)
+    assert not list(board.iterdir())
+
+
+def test_a_joined_node_relays_rank_0_steps_and_marks_leaving(tmp_path, monkeypatch):
+    """``join_posted_job`` shows rank 0's steps from the shared log and, when its launcher has
+    ended (here with a failure), leaves the marker node 0 waits for."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    out = tmp_path / "run"
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    progress_log = logging.getLogger("qarm_core.progress")
+    progress_log.addHandler(handler)
+    old_level = progress_log.level
+    progress_log.setLevel(logging.INFO)
+    try:
+        monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, lines=4))
+        with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05, leave_wait_s=30) as posting:
+            nodes.join_posted_job(board, posting, 1)
+            assert nodes._left_marker(board, posting.id, 1).exists()
+        monkeypatch.setattr(launch, "build_launch_command", lambda *a, **k: _fake_launcher(out, code=3))
+        with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05, leave_wait_s=30) as posting:
+            with pytest.raises(RuntimeError, match="exit code 3"):
+                nodes.join_posted_job(board, posting, 1)
+            assert nodes._left_marker(board, posting.id, 1).exists()
+    finally:
+        progress_log.removeHandler(handler)
+        progress_log.setLevel(old_level)
+    assert any(m.startswith("train: node 1: training steps done: 4 steps") and "loss 0.25" in m for m in shown), shown
+
+
+def test_the_heartbeat_survives_a_storage_error(tmp_path, monkeypatch):
+    """One failed write of the posting (NFS, a full disk for a moment) must not end the heartbeat:
+    the joined nodes would stop a healthy run once it went stale."""
+    board = tmp_path / "board"
+    job = _job(tmp_path)
+    real = nodes.write_json_atomic
+    failed = {"n": 0}
+
+    def flaky(path, obj):
+        if obj.get("beat") == 2 and not failed["n"]:
+            failed["n"] += 1
+            raise OSError("Stale file handle")
+        real(path, obj)
+
+    monkeypatch.setattr(nodes, "write_json_atomic", flaky)
+    with nodes.announced(board, job, TWO_NODES, heartbeat_s=0.05):
+        _wait_until(lambda: nodes._read(board).beat >= 5)
+    assert failed["n"] == 1

@@ -236,15 +236,20 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: floa
 
 def finished_before_exit(out: Path, cfg: TrainConfig) -> bool:
     """Whether every rank this node launched into ``out`` marked its work done (``mark_rank_done``:
-    its steps and checkpoints finished; rank 0 marks after writing the model and the record)."""
-    return all(rank_done_file(out, r).is_file() for r in node_ranks(cfg))
+    its steps and checkpoints finished), and so did rank 0, which marks after writing the model and
+    the record: on a node other than 0 the local ranks mark before the last barrier, and a rank 0
+    that failed to write the model must not leave them a finished run. Rank 0's mark cannot be a
+    stale one: node 0 clears it before its launch, and no rank marks before the rendezvous."""
+    return all(rank_done_file(out, r).is_file() for r in {0, *node_ranks(cfg)})
 
 
 class LogRelay:
     """The lines added to a JSON-lines log since byte ``start``, read through one handle opened as
-    soon as the file exists: on a node other than 0 the run folder can be renamed (node 0's stage
-    publishes it) the moment training ends, before the last read; an open file survives that (seen
-    once in CI: a joining node relayed none of the run's steps). A partial last line waits."""
+    soon as the file exists: an open file survives its folder being removed (node 0's stage removes
+    the run folder once the model is staged; it waits for the joined nodes to leave since, but a
+    node that outlives that wait still reads its handle). Seen once in CI before both: a joining
+    node relayed none of the run's steps. A partial last line waits; a read that fails (a stale
+    handle on NFS) relays nothing this time: the lines only show progress."""
 
     def __init__(self, path: Path, start: int = 0):
         self.path, self.start = path, start
@@ -258,7 +263,10 @@ class LogRelay:
             except FileNotFoundError:
                 return []
             self._f.seek(self.start)
-        self._pending += self._f.read()
+        try:
+            self._pending += self._f.read()
+        except OSError:
+            return []
         done = self._pending.rfind(b"\n") + 1
         lines, self._pending = self._pending[:done].splitlines(), self._pending[done:]
         return [json.loads(line) for line in lines]
@@ -272,9 +280,10 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
                  timeout_s: float | None = None, abort: Callable[[], str | None] | None = None,
                  read_record: bool = True) -> TrainRecord | None:
     """Start the multi-process run of ``job_file``, relay progress from its train_log.jsonl, wait,
-    and return the record rank 0 wrote (None with ``read_record=False``: a node other than node 0
-    may finish before rank 0 has written it). A failed launch raises RuntimeError with the output
-    tail; so does ``abort()`` returning a reason (checked every second), after stopping the run."""
+    and return the record rank 0 wrote (None with ``read_record=False``: a node other than node 0,
+    which does not publish). A launch that exits non-zero, times out or is aborted after every rank
+    of this node and rank 0 marked their work done (``finished_before_exit``) is kept, with a warning. A failed launch raises RuntimeError with the output
+    tail; so does ``abort()`` returning a reason (checked every 0.25 s), after stopping the run."""
     job = json.loads(Path(job_file).read_text())
     out = Path(job["out_dir"])
     log = out / "train_log.jsonl"
@@ -302,13 +311,17 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
                         progress(info)
                 if rc is not None:
                     break
-                if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                    _stop_group(proc)
-                    raise RuntimeError(f"training launch timed out after {timeout_s}s; see {out_log}")
-                why = abort() if abort is not None else None
+                timed_out = timeout_s is not None and time.perf_counter() - t0 > timeout_s
+                why = abort() if abort is not None and not timed_out else None
+                why = f"timed out after {timeout_s}s" if timed_out else f"stopped: {why}" if why else None
                 if why:
                     _stop_group(proc)
-                    raise RuntimeError(f"training launch stopped: {why}; see {out_log}")
+                    if finished_before_exit(out, cfg):  # the work was done; only the exit lingered
+                        logger.warning("training launch %s after every rank had finished its work: the run "
+                                       "is kept; see %s", why, out_log)
+                        rc = 0
+                        break
+                    raise RuntimeError(f"training launch {why}; see {out_log}")
                 raise_if_stopped()      # a stop whose exception was lost, also while no log line comes
         except BaseException:
             _stop_group(proc)
@@ -318,7 +331,17 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
             if relay is not None:
                 relay.close()
     if rc != 0:
-        tail = out_log.read_text(errors="replace")[-3000:]
+        try:
+            tail = out_log.read_text(errors="replace")[-3000:]
+        except OSError as exc:          # the run folder went away with the log in it
+            tail = f"(launch log unreadable: {exc})"
+        if not read_record and not out.exists():
+            # node 0 removes the run folder only once it has staged the model (after waiting for
+            # the joined nodes to leave, at most nodes.LEAVE_WAIT_S): the run succeeded there
+            logger.warning("training launch (node %d) exited with code %s after node 0 had staged the run's "
+                           "model and removed its folder: a crash on the way out, not counted as a failure",
+                           cfg.node_rank, rc)
+            return None
         if not finished_before_exit(out, cfg):
             raise RuntimeError(f"training launch {' '.join(cmd)} failed with exit code {rc}:\n{tail}")
         # Seen once in CI (2 gloo ranks, 2 loaded cores): a rank aborted late in a run with a C++

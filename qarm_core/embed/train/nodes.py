@@ -15,7 +15,10 @@ that leaves a posting whose counter no longer moves, which no node joins, and a 
 stops its launcher when the counter stops (its processes would otherwise wait on a dead
 rendezvous for the launcher's timeout). A joining node leaves a marker (``joined.<id>.<rank>``), and
 node 0 names in a warning the nodes that have not joined after ``JOIN_WARN_S``: its launcher waits
-for them at the rendezvous.
+for them at the rendezvous. When its launcher has ended, a joined node leaves a second marker
+(``left.<id>.<rank>``); node 0, its own launch done, keeps beating until every node that joined has
+left (at most ``LEAVE_WAIT_S``), because its stage deletes the shared run folder once the model is
+staged, and a joined node still reads its marks, its launch log and rank 0's last steps there.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ POSTING = "posting.json"
 HEARTBEAT_S = 2.0       # how often node 0 advances the counter while its launch runs
 STALE_S = 30.0          # a counter unchanged this long (by the reader's clock): node 0 is gone
 JOIN_WARN_S = 60.0      # node 0 names the nodes that have not joined its launch after this long
+LEAVE_WAIT_S = 60.0     # node 0's longest wait, after a launch that succeeded, for joined nodes to leave
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,31 @@ def _joined_marker(board: Path, posting_id: str, node_rank: int) -> Path:
     return board / f"joined.{posting_id}.{node_rank}"
 
 
+def _left_marker(board: Path, posting_id: str, node_rank: int) -> Path:
+    return board / f"left.{posting_id}.{node_rank}"
+
+
+def _wait_for_leavers(board: Path, posting_id: str, others: range, wait_s: float, poll_s: float = 0.1) -> list[int]:
+    """Wait up to ``wait_s`` until every node of ``others`` that joined ``posting_id`` has left;
+    returns the nodes still in it (their launchers did not end in time)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        inside = [r for r in others if _joined_marker(board, posting_id, r).exists()
+                  and not _left_marker(board, posting_id, r).exists()]
+        if not inside or time.monotonic() >= deadline:
+            return inside
+        time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbeat_s: float = HEARTBEAT_S,
-              warn_after_s: float = JOIN_WARN_S) -> Iterator[Posting]:
+              warn_after_s: float = JOIN_WARN_S, leave_wait_s: float = LEAVE_WAIT_S) -> Iterator[Posting]:
     """Post ``job_file`` on ``board`` for the other nodes and keep its heartbeat while the block
     runs (node 0's launch); withdraw it after, unless another launch has replaced it. Nodes that
     have not joined after ``warn_after_s`` are named in a warning, then once a minute: node 0's
-    launcher waits for them at the rendezvous, and a node without ``qarm train-node`` never comes."""
+    launcher waits for them at the rendezvous, and a node without ``qarm train-node`` never comes.
+    After a block that succeeded, the heartbeat goes on until every node that joined has left (at
+    most ``leave_wait_s``, then a warning): the caller deletes the run folder they still read."""
     board = Path(board)
     board.mkdir(parents=True, exist_ok=True)
     posting = Posting(id=uuid.uuid4().hex, job=str(Path(job_file).resolve()), nnodes=cfg.nnodes, nproc=cfg.nproc,
@@ -91,10 +113,16 @@ def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbe
         n, t0, warned = 0, time.monotonic(), float("-inf")
         while not stop.wait(heartbeat_s):
             n += 1
-            current = _read(board)
-            if current is not None and current.id != posting.id:
-                return                                  # replaced by a newer launch
-            post(n)
+            try:
+                current = _read(board)
+                if current is not None and current.id != posting.id:
+                    return                                  # replaced by a newer launch
+                post(n)
+            except OSError as exc:
+                # a storage hiccup (NFS, a full disk for a moment) must not end the heartbeat: the
+                # joined nodes would stop a healthy run after STALE_S; the next beat tries again
+                log.warning("train: could not advance the posting's heartbeat on %s: %s", board, exc)
+                continue
             now = time.monotonic()
             if now - t0 >= warn_after_s and now - warned >= max(warn_after_s, 60.0):
                 missing = [r for r in others if not _joined_marker(board, posting.id, r).exists()]
@@ -109,9 +137,16 @@ def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbe
              cfg.nnodes - 1, board)
     thread = threading.Thread(target=beat, name="qarm-train-posting", daemon=True)
     thread.start()
+    ok = False
     try:
         yield posting
+        ok = True
     finally:
+        if ok:
+            inside = _wait_for_leavers(board, posting.id, others, leave_wait_s)
+            if inside:
+                log.warning("train: node(s) %s joined the run but had not left %.0f s after node 0's launch "
+                            "ended; the run folder is released anyway", ", ".join(map(str, inside)), leave_wait_s)
         stop.set()
         thread.join()
         current = _read(board)
@@ -119,6 +154,7 @@ def announced(board: str | Path, job_file: str | Path, cfg: TrainConfig, heartbe
             (board / POSTING).unlink(missing_ok=True)
         for r in others:
             _joined_marker(board, posting.id, r).unlink(missing_ok=True)
+            _left_marker(board, posting.id, r).unlink(missing_ok=True)
 
 
 class Liveness:
@@ -205,7 +241,14 @@ def join_posted_job(board: str | Path, posting: Posting, node_rank: int, stale_s
         prog.advance(int(info["step"]) - prog.done, loss=round(float(info["loss"]), 4))
 
     t0 = time.perf_counter()
-    run_launched(job_file, cfg, relay, timeout_s=timeout_s, abort=node0_gone, read_record=False)
+    try:
+        run_launched(job_file, cfg, relay, timeout_s=timeout_s, abort=node0_gone, read_record=False)
+    finally:
+        # node 0 deletes the shared run folder once it staged the model: it waits for this marker
+        try:
+            write_json_atomic(_left_marker(Path(board), posting.id, node_rank), {"host": socket.gethostname()})
+        except OSError as exc:          # node 0 then waits LEAVE_WAIT_S; the run's own outcome stands
+            log.warning("train-node %d: could not mark leaving the run on %s: %s", node_rank, board, exc)
     prog.finish()
     return time.perf_counter() - t0
 
@@ -242,7 +285,7 @@ def run_training_node(board: str | Path, node_rank: int, once: bool = False, wai
         done.add(posting.id)
         try:
             seconds = join_posted_job(board, posting, node_rank, stale_s)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:     # OSError: the shared storage failed under the run
             if once:
                 raise DataError(STAGE, "launch", f"node {node_rank}'s part of {posting.job} failed: {exc}") from exc
             log.error("train-node %d: the run failed on this node: %s", node_rank, exc)
