@@ -24,6 +24,11 @@ day of data), so it moves items less than a weekly retrain on a week of new pair
     python benchmarks/bench_retrain_churn.py                  # ./qarm_home, 40 steps (~10 min on 2 cores)
     python benchmarks/bench_retrain_churn.py --steps 10 --set embed.train.lr=1e-5
     python benchmarks/bench_retrain_churn.py --set embed.train.stability_weight=10
+
+The stage's two ways of following a new model are both run: ``quantize.lineage: reproject`` (the
+default: the new vectors mapped onto the published codebook's space by least squares) and ``carry``
+(the cells carried over by their items). "Movement" is also given after that affine map instead of
+the rotation alone: the part of the change a linear map cannot take out.
 """
 
 from __future__ import annotations
@@ -48,12 +53,13 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
-def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray) -> float:
+def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray, rotate: bool = True) -> float:
     """How far ``new`` ``(n, d)`` moved items from ``old`` ``(n, d)`` (rows = the same items), up to
     what k-means does not see: each space is centred and scaled to unit RMS deviation (a shift or a
     uniform scaling moves no item relative to the others), then ``new`` is rotated onto ``old``
     (orthogonal Procrustes). Returns the residual's RMS length over the RMS distance of the old rows
-    to the mean of their cell (``cells`` ``(n,)``)."""
+    to the mean of their cell (``cells`` ``(n,)``). ``rotate=False``: no rotation (``new`` already
+    in ``old``'s coordinates)."""
     if new.shape != old.shape:
         raise ValueError(f"shapes differ: {new.shape} vs {old.shape}")
 
@@ -62,8 +68,10 @@ def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray) -> float:
         return x / np.sqrt((x ** 2).sum(1).mean())
 
     a, b = standard(old), standard(new)
-    u, _, vt = np.linalg.svd(b.T @ a)
-    resid = b @ (u @ vt) - a
+    if rotate:
+        u, _, vt = np.linalg.svd(b.T @ a)
+        b = b @ (u @ vt)
+    resid = b - a
     means = np.zeros_like(a)
     for c in np.unique(cells):
         m = cells == c
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.stage import score_embeddings, train_stage, validation_pairs
     from qarm_core.quantize.io import read_embeddings
-    from qarm_core.quantize.lineage import align_to_previous
+    from qarm_core.quantize.lineage import align_to_previous, apply_input_map, fit_input_map
     from qarm_core.quantize.quantizer import load_codebook, quantize_embeddings
     from qarm_core.quantize.stage import quantize_stage
     from qarm_core.storage import Storage, read_dataset
@@ -154,11 +162,20 @@ def main(argv: list[str] | None = None) -> int:
                                       read_dataset(snap.record("valid_events")), cfg.events.positive_min_rating)
         recall = score_embeddings({"published": snap.record("embeddings").path, "retrained": emb.path}, pairs,
                                   cfg.embed.eval_k) if pairs is not None else {}
+
     if not np.array_equal(ids0, ids1):
         raise SystemExit("bench_retrain_churn: the new embeddings cover other items than the published ones")
     params = cfg.quantize.params()
+
+    def published_vectors() -> tuple[np.ndarray, np.ndarray]:      # what the task passes: the published embeddings
+        return ids0, x0
+
     _, _, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
-                                  model_version=emb.model_version)
+                                  model_version=emb.model_version, previous_vectors=published_vectors)
+    other = "carry" if params.lineage == "reproject" else "reproject"
+    _, _, m_other, how_other = quantize_stage(x1.copy(), ids1, params.model_copy(update={"lineage": other}),
+                                              "warm_start", book0, codes0, model_version=emb.model_version,
+                                              previous_vectors=published_vectors)
     # the retrain day's trade: how much an item's old cell may be farther than its nearest (stickiness)
     # and how far outside its old FSQ bin it may lie (fsq_margin) before its SID moves, against what
     # the SIDs then decode to
@@ -167,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         for margin in args.fsq_margin or [params.fsq_margin]:
             q = params.model_copy(update={"stickiness": stick, "fsq_margin": margin})
             book_q, codes_q, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
-                                                    model_version=emb.model_version)
+                                                    model_version=emb.model_version,
+                                                    previous_vectors=published_vectors)
             # the next daily run (same model, same vectors, the config's own settings): does it keep
             # what the retrain day kept, or move the held items then?
             _, _, m_next, _ = quantize_stage(x1.copy(), ids1, params, "warm_start", book_q, codes_q,
@@ -180,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     order = np.argsort(codes0["item_id"].to_numpy())
     cells = codes0["c1"].to_numpy()[order][np.searchsorted(codes0["item_id"].to_numpy()[order], ids0)]
     moved = movement(x0, x1, cells)
+    moved_affine = movement(x0, apply_input_map(x1, fit_input_map(x1, x0)[0]), cells, rotate=False)
     sims = sim_movement(args.sim_sigmas, args.sim_items, (128, 32))
 
     print(f"retrain: {rec.steps} steps from the published model {book0.model_version} in {train_s:.0f} s "
@@ -188,11 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     k = cfg.embed.eval_k
     print("validation recall@%d: published %s, retrained %s" % (
         k, *(f"{recall[f'valid.{m}.recall_at_{k}']:.4f}" if recall else why for m in ("published", "retrained"))))
-    print(table(["what", "SID churn", "(c1, c2) churn"], [
-        ["lineage (the stage: cells carried by their items, matched)", f"{m['churn']:.4f}",
-         f"{m['lineage.prefix_churn']:.4f}"],
-        ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}"],
-        ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}"],
+    names = {"reproject": "lineage: re-projected onto the published space, refitted",
+             "carry": "lineage: cells carried over by their items, refitted, matched"}
+    print(f"the stage ({params.lineage}): {how}\nthe other way ({other}): {how_other}")
+    print(table(["what", "SID churn", "(c1, c2) churn", "decode HR@1", "raw collision"], [
+        [f"{names[params.lineage]} (the stage's)", f"{m['churn']:.4f}", f"{m['lineage.prefix_churn']:.4f}",
+         f"{m['raw.decode_hr@1']:.4f}", f"{m['raw.collision_rate']:.4f}"],
+        [names[other], f"{m_other['churn']:.4f}", f"{m_other['lineage.prefix_churn']:.4f}",
+         f"{m_other['raw.decode_hr@1']:.4f}", f"{m_other['raw.collision_rate']:.4f}"],
+        ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}", "", ""],
+        ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}",
+         "", ""],
     ]))
     published = json.loads((Path(snap.record("codebook").path) / "metrics.json").read_text())
     print(f"\nthe retrain day's quantize with other settings ({len(ids1):,} items; the published codes: decode "
@@ -200,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["stickiness", "fsq_margin", "SID churn", "(c1, c2) churn", "decode HR@1", "decode HR@10",
                  "raw collision", f"next daily run's churn (stickiness {params.stickiness:g})"], trade))
     print(f"\nmovement of the real retrain (Procrustes residual / level-1 cell spread, {len(ids0):,} items): "
-          f"{moved:.3f}")
+          f"{moved:.3f}; after the affine map of least squares instead: {moved_affine:.3f}")
     print(table(["simulation sigma", "movement (same statistic, 128 x 32 cells, "
                  f"{args.sim_items:,} items)"], [[s, f"{v:.3f}"] for s, v in sims.items()]))
     print("\ncaveat: the retrain saw the published model's own pairs and QA (no new day of data), so it moves "

@@ -11,8 +11,11 @@ codebook with the published codes (``quantize.mode: warm_start``, the default), 
 ``quantize_stage`` as the flow calls it. On ``--retrain-day`` a retrained model embeds every item
 again: the new space is a random rotation of the old one (nothing of the old coordinates carries
 over) plus per-item noise of scale ``sigma`` relative to the spread inside a cluster (how far the
-retrain moves items with respect to one another); the stage carries yesterday's cells into the new space by their items, refits from there and
-matches labels to yesterday's codes (``quantize_stage``); for comparison the day also runs a cold
+retrain moves items with respect to one another); the stage maps the new vectors onto the published
+codebook's space by least squares, the day before's vectors being the published embeddings
+(``quantize.lineage: reproject``, the default), or carries yesterday's cells into the new space by
+their items, refits from there and matches labels to yesterday's codes (``--param lineage=carry``);
+for comparison the day also runs a cold
 refit (k-means++ from scratch), as is and matched to yesterday's codes afterwards by item overlap
 (``lineage.align_to_previous``, the lineage of the previous session). ``--sigmas`` runs the retrain day once per value:
 the noise is an assumption of the simulation, so the table shows churn as a function of it.
@@ -91,7 +94,7 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
 
     from qarm_core.quantize.lineage import align_to_previous
     from qarm_core.quantize.quantizer import QuantizerParams, quantize_embeddings
-    from qarm_core.quantize.stage import quantize_stage
+    from qarm_core.quantize.stage import CARRIED_OVER, REPROJECTED, quantize_stage
 
     params = QuantizerParams(levels=tuple(args.levels), fsq_dims=args.fsq_dims, fsq_levels=args.fsq_levels,
                              niter=args.niter, seed=args.seed, hr_sample=2000, decode_hr_sample=2000,
@@ -99,7 +102,7 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
     world = World(args.clusters, args.dim, args.seed)
     world.add_items(args.items)
     rows: list[dict] = []
-    book = codes = None
+    book = codes = published = None
     for day in range(args.days + 1):
         if day > 0:
             world.shift(args.drift)
@@ -110,12 +113,15 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
             t0 = time.perf_counter()
             x = world.retrained(sigma, args.seed) if retrain else world.x.copy()
             x_again = x.copy() if retrain else None          # quantize_stage uses x as its residual buffer
+            x_published = x.copy() if not retrain else None  # what the embed stage would publish today
             new_book, new_codes, m, how = quantize_stage(
                 x, ids, params, "warm_start", previous=book, previous_codes=codes,
-                model_version="model-1" if retrain else "model-0")
+                model_version="model-1" if retrain else "model-0",
+                previous_vectors=(lambda p=published: p) if published is not None else None)
             row = {"day": day, "items": len(ids), "new_items": len(ids) - (0 if codes is None else codes.num_rows),
                    "model": "retrained" if retrain else "same", "sigma": sigma,
-                   "how": how.split(":")[0] if how.startswith("refit") else how,
+                   "how": ("re-projected" if how.endswith(REPROJECTED) else "carried over" if how.endswith(CARRIED_OVER)
+                           else how.split(":")[0] if how.startswith("refit") else how),
                    "fsq_refit": m.get("fsq.refit", 0.0), "churn": m.get("churn"),
                    "prefix_churn": m.get("lineage.prefix_churn"),
                    "raw_collision": m.get("raw.collision_rate"), "hr1": m.get("raw.decode_hr@1"),
@@ -138,7 +144,7 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
             progress(f"day {day}{'' if sigma is None else f' (retrain, sigma {sigma})'}: {how.split(';')[0]}, "
                      f"churn {row['churn'] if row['churn'] is not None else '-'}, {row['seconds']:.1f} s")
         if not retrain:
-            book, codes = new_book, new_codes
+            book, codes, published = new_book, new_codes, (ids, x_published)
     return rows
 
 
@@ -233,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     daily = [r["churn"] for r in rows if r["model"] == "same" and r["churn"] is not None]
     print(f"same-model days: churn max {max(daily):.4f}, mean {np.mean(daily):.4f} (goal <= 0.01)")
     for r in (r for r in rows if r["model"] == "retrained"):
-        print(f"retrain day, sigma {r['sigma']}: churn {r['churn']:.4f} with the lineage (cells carried by their "
-              f"items, matched), {r['cold_matched_churn']:.4f} for a cold refit matched afterwards, "
+        print(f"retrain day, sigma {r['sigma']}: churn {r['churn']:.4f} with the lineage ({r['how']}), "
+              f"{r['cold_matched_churn']:.4f} for a cold refit matched afterwards, "
               f"{r['cold_churn']:.4f} unmatched (goal <= 0.20); prefix {r['prefix_churn']:.4f} / "
               f"{r['cold_matched_prefix_churn']:.4f} / {r['cold_prefix_churn']:.4f}")
     png = args.png or args.home / "reports" / "sid_stability.png"

@@ -86,10 +86,11 @@ class CodesGate(RowBounds):
     # The same bound for a daily run whose FSQ level was refitted (quantize.fsq_refit_drift): a refit
     # moves items between FSQ cells by design, so it has its own bound. None: reported only.
     max_fsq_refit_churn: float | None = Field(None, ge=0.0, le=1.0)
-    # The bound on a new embedding model's run (the weekly retrain: cells carried over by their items
-    # and matched to the old SIDs): fail the refresh, so the old model and codes stay published,
-    # rather than renumber more than this share of the items. None: reported only (a real ML-100K
-    # retrain moved 17-97% of the SIDs depending on its learning rate: README "Stable SIDs, measured").
+    # The bound on a new embedding model's run (the weekly retrain: its vectors re-projected onto the
+    # published codebook's space, or its cells carried over and matched to the old SIDs): fail the
+    # refresh, so the old model and codes stay published, rather than renumber more than this share
+    # of the items. None: reported only (real ML-100K retrains moved 17-97% of the SIDs with the cells
+    # carried over, 32-95% re-projected: README "Stable SIDs, measured", "Re-projecting a retrained model").
     max_retrain_churn: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -507,10 +508,10 @@ def churn_gate(stage: str, metrics: dict[str, float], how: str, g: "CodesGate") 
     ``warm_start`` or ``frozen``: the published model's codebook, see ``quantize_stage``), the share
     of previously coded items whose SID changed must stay within ``g.max_daily_churn``, or within
     ``g.max_fsq_refit_churn`` when the run refitted its FSQ level; on a new embedding model's run
-    whose cells were carried over from the previous codes (``how`` ends with ``CARRIED_OVER``: the
+    guided by the previous codes (``how`` ends with ``CARRIED_OVER`` or ``REPROJECTED``: the
     retrain day), within ``g.max_retrain_churn``. Other runs (a first fit, an asked-for refit) pass
     with nothing to check: their churn is reported only."""
-    from qarm_core.quantize.stage import CARRIED_OVER
+    from qarm_core.quantize.stage import NEW_MODEL_RUNS
 
     n = int(metrics.get("churn_items", 0))
     if "churn" not in metrics:
@@ -518,7 +519,7 @@ def churn_gate(stage: str, metrics: dict[str, float], how: str, g: "CodesGate") 
     fsq_refit = metrics.get("fsq.refit", 0.0) > 0
     if how in ("warm_start", "frozen"):
         bound, run = (g.max_fsq_refit_churn, "fsq refit") if fsq_refit else (g.max_daily_churn, "daily")
-    elif how.endswith(CARRIED_OVER):
+    elif how.endswith(NEW_MODEL_RUNS):
         bound, run = g.max_retrain_churn, "new model"
     else:
         return GateResult(stage, "codes", n, [])

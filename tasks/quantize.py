@@ -11,7 +11,7 @@ from qarm_core.gates import churn_gate
 from qarm_core.plots import plot_codes
 from qarm_core.quantize.io import read_embeddings, read_model_version
 from qarm_core.quantize.quantizer import CODEBOOK_FORMAT, load_codebook, save_codebook
-from qarm_core.quantize.stage import quantize_stage
+from qarm_core.quantize.stage import CARRIED_OVER, REPROJECTED, quantize_stage
 from qarm_core.schemas import CODES
 from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset
 from tasks import tracking
@@ -29,6 +29,8 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
     """
     storage = Storage(cfg.home).as_of(parent)
     prev_book_rec, prev_codes_rec = storage.published("codebook"), storage.published_cache("codes")
+    # what the published codebook quantized: a new model's vectors are re-projected onto it
+    prev_emb_rec = storage.published("embeddings")
     use_prev = cfg.quantize.mode != "refit" and prev_book_rec is not None
     report: dict = {}
 
@@ -38,11 +40,15 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
         prev = load_codebook(prev_book_rec.path) if use_prev else None
         prev_codes = read_dataset(prev_codes_rec) if use_prev and prev_codes_rec else None
         book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes,
-                                                   model_version=version)
+                                                   model_version=version, previous_vectors=(
+                                                       (lambda: read_embeddings(prev_emb_rec.path))
+                                                       if use_prev and prev_emb_rec is not None else None))
         lineage = (f"{prev.model_version or 'unknown'} -> {version}" if prev is not None else f"new: {version}")
         # what the fit started from, after the stage decided (a published codebook may be set aside)
         started = ("none" if prev is None else prev_book_rec.path if how in ("warm_start", "frozen")
-                   else f"{prev_book_rec.path} (its cells carried over, then refitted)" if "carried over" in how
+                   else f"{prev_book_rec.path} (its cells carried over, then refitted)" if how.endswith(CARRIED_OVER)
+                   else f"{prev_book_rec.path} (the new vectors re-projected onto it, then refitted)"
+                   if how.endswith(REPROJECTED)
                    else "none")
         report.update({k: float(v) for k, v in metrics.items()},
                       notes={"quantize.how": how, "codebook.lineage": lineage, "quantize.previous": started})
@@ -70,7 +76,8 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
         artifacts={"codebook": (CODEBOOK_FORMAT, write_codebook)},
         key_inputs={"embeddings": embeddings.fingerprint, "quantize": cfg.quantize.model_dump(mode="json"),
                     "previous": prev_book_rec.fingerprint if use_prev else None,
-                    "previous_codes": prev_codes_rec.fingerprint if use_prev and prev_codes_rec else None},
+                    "previous_codes": prev_codes_rec.fingerprint if use_prev and prev_codes_rec else None,
+                    "previous_embeddings": prev_emb_rec.fingerprint if use_prev and prev_emb_rec else None},
         params={"quantize": cfg.quantize.model_dump(mode="json")},
         after=log_metrics_and_gate_churn,
         summary=lambda recs, rep: (

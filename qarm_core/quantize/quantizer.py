@@ -43,6 +43,10 @@ class Codebook:
     # the fullest FSQ bin's share of the items the bins were fitted on (0: not recorded, read as
     # 1/levels): the baseline of the FSQ refit policy
     fsq_fit_bin_share: float = 0.0
+    # (input width + 1, dim): the affine map that takes ``model_version``'s embeddings into the space the
+    # centroids live in (``lineage.apply_input_map``), set when a new model's vectors were
+    # re-projected onto the previous codebook's space; None: the embeddings are used as they are
+    input_map: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -426,6 +430,8 @@ def save_codebook(codebook: Codebook, folder: str | Path) -> None:
     for name in ("mean", "components", "boundaries", "centers", "cell_means"):
         if getattr(codebook.fsq, name) is not None:
             np.save(folder / f"fsq_{name}.npy", getattr(codebook.fsq, name), allow_pickle=False)
+    if codebook.input_map is not None:
+        np.save(folder / "input_map.npy", codebook.input_map, allow_pickle=False)
     meta = {"format": CODEBOOK_FORMAT, "params": codebook.params.model_dump(mode="json"),
             "dim": codebook.dim, "fit_report": codebook.fit_report, "model_version": codebook.model_version,
             "fsq_fit_bin_share": codebook.fsq_fit_bin_share}
@@ -446,5 +452,9 @@ def load_codebook(folder: str | Path) -> Codebook:
                           for n in ("mean", "components", "boundaries", "centers")),
                         cell_means=np.load(folder / "fsq_cell_means.npy", allow_pickle=False)
                         if (folder / "fsq_cell_means.npy").is_file() else None)
+    input_map = np.load(folder / "input_map.npy", allow_pickle=False) if (folder / "input_map.npy").is_file() else None
+    if input_map is not None and (input_map.ndim != 2 or input_map.shape[0] < 2 or input_map.shape[1] != meta["dim"]):
+        raise DataError(STAGE, "codebook", f"input_map at {folder} has shape {input_map.shape}, expected "
+                                           f"(input width + 1, {meta['dim']})")
     return Codebook(books, fsq, params, meta.get("fit_report", []), meta.get("model_version", ""),
-                    float(meta.get("fsq_fit_bin_share", 0.0)))
+                    float(meta.get("fsq_fit_bin_share", 0.0)), input_map)

@@ -128,6 +128,45 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
     assert hows.count("refit: no published codebook") == 2 and hows.count("warm_start") == 1
 
 
+def test_quantize_reprojects_a_new_models_vectors_onto_the_published_codebook(prefect_harness, tiny_cfg, parent,
+                                                                             tmp_path):
+    """The weekly retrain's quantize: embeddings of another model than the published codebook's. The
+    task hands the stage the published embeddings, the new vectors are mapped onto their space, and
+    the codebook keeps the map; the next day's run on that model applies it (warm start, no churn)."""
+    from qarm_core.quantize.io import embeddings_batch
+    from qarm_core.quantize.quantizer import load_codebook
+    from qarm_core.quantize.stage import REPROJECTED
+    from qarm_core.schemas import embeddings_schema
+    from qarm_core.storage import write_parquet_dataset
+    from tasks.quantize import quantize
+
+    ids = np.arange(60)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8))[ids % 6] + 0.3 * rng.normal(size=(60, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x @ (np.eye(8) + 0.3 * rng.normal(size=(8, 8)))          # another model: a linear change of space
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+
+    def record(name: str, v: np.ndarray, version: str):
+        return write_parquet_dataset(tmp_path / name, iter([embeddings_batch(ids, v, version)]), embeddings_schema(8))
+
+    emb_a = record("a", x, "model-A")
+    first = quantize(tiny_cfg, parent, emb_a)
+    Storage(tiny_cfg.home).publish({**first, "embeddings": emb_a})
+    emb_b = record("b", y, "model-B")
+    second = quantize(tiny_cfg, parent, emb_b)
+    [run] = [r for r in _stage_runs(tiny_cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-A -> model-B"]
+    assert run["tags"]["qarm.quantize.how"].endswith(REPROJECTED)
+    assert run["tags"]["qarm.quantize.previous"].endswith("(the new vectors re-projected onto it, then refitted)")
+    assert run["metrics"]["lineage.reproject_items"] == 60 and "lineage.prefix_churn" in run["metrics"]
+    book = load_codebook(second["codebook"].path)
+    assert book.model_version == "model-B" and book.input_map is not None
+    Storage(tiny_cfg.home).publish({**second, "embeddings": emb_b})
+    quantize(tiny_cfg, parent, emb_b)                             # the next daily run, same model
+    [daily] = [r for r in _stage_runs(tiny_cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-B -> model-B"]
+    assert daily["tags"]["qarm.quantize.how"] == "warm_start" and daily["metrics"]["churn"] == 0.0
+
+
 def test_a_stop_noticed_after_a_run_failed_is_named_on_it(tiny_cfg):
     """A signal turned into another error by an extension's C code (an ImportError without the
     signal in its chain): the run records that error; once the command learns it was stopped,

@@ -303,17 +303,20 @@ def test_churn_gate_bounds_daily_runs_only():
     assert churn_gate("quantize", daily | {"churn": 0.2, "fsq.refit": 1.0}, "warm_start", g).success
     assert not churn_gate("quantize", daily | {"churn": 0.4, "fsq.refit": 1.0}, "warm_start", g).success
     # a new model's fit, an asked-for refit, a first fit: reported, not gated by default
-    from qarm_core.quantize.stage import CARRIED_OVER
+    from qarm_core.quantize.stage import CARRIED_OVER, REPROJECTED
 
     retrain = f"refit: the published codebook was fitted on embeddings of model a; {CARRIED_OVER}"
+    reprojected = f"refit: the published codebook was fitted on embeddings of model a; {REPROJECTED}"
     for how in ("refit", "refit: no published codebook", "refit: the published codebook was fitted on embeddings of model a",
-                retrain):
+                retrain, reprojected):
         assert churn_gate("quantize", daily | {"churn": 0.9}, how, g).checks == []
     # the retrain day's own bound, when set: only for a new model whose cells were carried over
     bounded = CodesGate(max_retrain_churn=0.2)
     assert churn_gate("quantize", daily | {"churn": 0.15}, retrain, bounded).success
     failed = churn_gate("quantize", daily | {"churn": 0.9}, retrain, bounded)
     assert not failed.success and failed.failures[0].kwargs["run"] == "new model"
+    assert churn_gate("quantize", daily | {"churn": 0.15}, reprojected, bounded).success
+    assert churn_gate("quantize", daily | {"churn": 0.9}, reprojected, bounded).failures[0].kwargs["run"] == "new model"
     assert churn_gate("quantize", daily | {"churn": 0.9}, "refit: no published codebook", bounded).checks == []
     assert churn_gate("quantize", {"fsq.refit": 0.0}, "warm_start", g).checks == []      # nothing published before
     assert churn_gate("quantize", daily | {"churn": 0.9}, "warm_start", CodesGate(max_daily_churn=None)).checks == []

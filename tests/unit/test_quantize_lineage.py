@@ -100,3 +100,141 @@ def test_the_daily_run_after_a_retrain_keeps_the_retrain_days_sids():
     _, codes_c, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", book_b, codes_b, model_version="B")
     assert how == "warm_start" and monday["churn"] == 0.0
     assert codes_c["sid"].to_pylist() == codes_b["sid"].to_pylist()
+
+
+def _distorted(x: np.ndarray, noise: float = 0.0, seed: int = 7) -> np.ndarray:
+    """The same items as a retrained model embeds them: a linear change of coordinates that is not a
+    rotation (axes stretched 0.7-1.4x and sheared), plus ``noise`` per coordinate, unit length."""
+    rng = np.random.default_rng(seed)
+    q1, _ = np.linalg.qr(rng.standard_normal((x.shape[1], x.shape[1])))
+    q2, _ = np.linalg.qr(rng.standard_normal((x.shape[1], x.shape[1])))
+    a = q1 @ np.diag(np.geomspace(0.7, 1.4, x.shape[1])) @ q2
+    y = x @ a + noise * rng.standard_normal(x.shape)
+    return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_reprojection_takes_out_a_linear_change_of_space_and_the_codebook_keeps_its_map(tmp_path):
+    """A retrain that mostly changed the coordinates (stretch and shear, a little noise): mapping the
+    new vectors onto the published space by least squares keeps nearly every SID, where carrying the
+    cells over renumbers most of them. The map is saved with the codebook and applied by every later
+    run on that model: the daily warm start and a frozen encoding keep the retrain day's SIDs."""
+    from qarm_core.quantize.stage import CARRIED_OVER, REPROJECTED
+
+    x, ids = _emb()
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    y = _distorted(x, noise=0.01)
+    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+                                             previous_vectors=lambda: (ids, x))
+    assert how.endswith(REPROJECTED) and book_b.model_version == "B"
+    assert book_b.input_map is not None and book_b.input_map.shape == (x.shape[1] + 1, x.shape[1])
+    assert m["lineage.reproject_items"] == len(ids) and m["lineage.reproject_rmse"] < 0.1
+    carry = P.model_copy(update={"lineage": "carry"})
+    _, _, carried, how_c = quantize_stage(y.copy(), ids, carry, "warm_start", book_a, codes_a, model_version="B",
+                                          previous_vectors=lambda: (ids, x))
+    assert how_c.endswith(CARRIED_OVER)
+    # measured: SID churn 0.07 vs 0.85 carried over, (c1, c2) churn 0.05 vs 0.33
+    assert m["churn"] < 0.15 and carried["churn"] > 0.5
+    assert m["lineage.prefix_churn"] < carried["lineage.prefix_churn"]
+    save_codebook(book_b, tmp_path / "cb")
+    loaded = load_codebook(tmp_path / "cb")
+    np.testing.assert_array_equal(loaded.input_map, book_b.input_map)
+    # the next daily run on the same model and vectors: nothing moves, the map carries on
+    book_c, codes_c, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", loaded, codes_b, model_version="B")
+    assert how == "warm_start" and monday["churn"] == 0.0 and book_c.input_map is not None
+    frozen, _, _, how = quantize_stage(y.copy(), ids, P, "frozen", loaded, codes_b, model_version="B")
+    assert how == "frozen"
+    _, codes_f, _, _ = quantize_stage(y.copy(), ids, P, "frozen", loaded, codes_b, model_version="B")
+    assert codes_f["sid"].to_pylist() == codes_b["sid"].to_pylist()
+    # without the map the same codebook would encode the model's raw vectors elsewhere
+    raw, _ = assign_semantic_ids(y.copy(), ids, loaded, previous_codes=codes_b)
+    assert (raw["sid"].to_numpy(zero_copy_only=False) != codes_b["sid"].to_numpy(zero_copy_only=False)).mean() > 0.3
+    # an asked-for refit starts a fresh space: no map
+    fresh, _, _, how = quantize_stage(y.copy(), ids, P, "refit", loaded, codes_b, model_version="B")
+    assert how == "refit" and fresh.input_map is None
+    save_codebook(fresh, tmp_path / "fresh")
+    assert load_codebook(tmp_path / "fresh").input_map is None and not (tmp_path / "fresh" / "input_map.npy").exists()
+
+
+def test_a_second_retrain_is_mapped_onto_the_codebooks_space_through_the_first_map():
+    """Model C retrained from B: the published embeddings are B's own vectors, which the codebook
+    quantized through B's map; C's map targets them as mapped, so the SIDs stay."""
+    from qarm_core.quantize.stage import REPROJECTED
+
+    x, ids = _emb()
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    y = _distorted(x, noise=0.005, seed=7)
+    book_b, codes_b, _, _ = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+                                           previous_vectors=lambda: (ids, x))
+    z = _distorted(y, noise=0.005, seed=8)
+    _, codes_c, m, how = quantize_stage(z.copy(), ids, P, "warm_start", book_b, codes_b, model_version="C",
+                                        previous_vectors=lambda: (ids, y))
+    assert how.endswith(REPROJECTED) and m["churn"] < 0.25          # measured 0.16 (two changes of space)
+    # had C's map targeted B's raw vectors (the first map forgotten), the SIDs would have moved (1.00)
+    unmapped = type(book_b)(**{**book_b.__dict__, "input_map": None})
+    _, _, wrong, _ = quantize_stage(z.copy(), ids, P, "warm_start", unmapped, codes_b, model_version="C",
+                                    previous_vectors=lambda: (ids, y))
+    assert wrong["churn"] > m["churn"] + 0.5
+
+
+def test_reprojection_falls_back_to_carrying_the_cells_and_says_why():
+    from qarm_core.quantize.stage import CARRIED_OVER
+
+    x, ids = _emb(n=600)
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    y = _distorted(x, noise=0.01)
+    cases = {"no previous embeddings": None,
+             "too few to fit a map": lambda: (ids[:50], x[:50]),
+             "have dim 12, its codebook 24": lambda: (ids, x[:, :12])}      # not what the codebook quantized
+    for why, vectors in cases.items():
+        _, _, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+                                      previous_vectors=vectors)
+        assert why in how and how.endswith(CARRIED_OVER) and "lineage.c1_kept" in m, how
+    other_fsq = P.model_copy(update={"fsq_levels": 3})
+    _, _, _, how = quantize_stage(y.copy(), ids, other_fsq, "warm_start", book_a, codes_a, model_version="B",
+                                  previous_vectors=lambda: (ids, x))
+    assert "another FSQ form" in how and how.endswith(CARRIED_OVER)
+
+
+def test_the_input_map_undoes_an_affine_change_and_reports_what_it_cannot(tmp_path):
+    import dataclasses
+
+    from qarm_core.errors import DataError
+    from qarm_core.quantize.lineage import apply_input_map, fit_input_map
+
+    rng = np.random.default_rng(3)
+    x, _ = _emb(n=500, dim=12)
+    a = rng.standard_normal((12, 12))               # invertible (almost surely), not orthogonal
+    new = (x @ a + rng.standard_normal(12)).astype(np.float32)
+    w, rmse = fit_input_map(new, x, ridge=1e-9)
+    assert w.shape == (13, 12) and rmse < 1e-4
+    back = apply_input_map(new, w)
+    assert back.dtype == np.float32 and np.allclose(np.linalg.norm(back, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(back, x, atol=1e-4)
+    assert np.array_equal(apply_input_map(new, None), new)
+    # noise no linear map explains stays in the residual
+    _, noisy_rmse = fit_input_map(new + rng.standard_normal(new.shape).astype(np.float32), x)
+    assert noisy_rmse > 0.1
+    # a stored map of another width is refused when the codebook is loaded
+    book, _, _, _ = quantize_stage(x.copy(), np.arange(500), P, "refit", model_version="A")
+    save_codebook(dataclasses.replace(book, input_map=np.zeros((5, 4))), tmp_path / "cb")
+    with pytest.raises(DataError, match=r"input_map .* has shape \(5, 4\), expected \(input width \+ 1, 12\)"):
+        load_codebook(tmp_path / "cb")
+
+
+def test_a_new_model_of_another_width_is_re_projected_too(tmp_path):
+    """The retrained model embeds in 16 dimensions where the codebook's space has 24: the map goes
+    from one width to the other, and the same model's next run takes its 16-wide vectors."""
+    from qarm_core.quantize.stage import REPROJECTED
+
+    x, ids = _emb()
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    rng = np.random.default_rng(11)
+    y = x @ rng.standard_normal((24, 16))
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+                                             previous_vectors=lambda: (ids, x))
+    assert how.endswith(REPROJECTED) and book_b.input_map.shape == (17, 24) and book_b.dim == 24
+    save_codebook(book_b, tmp_path / "cb")
+    _, _, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", load_codebook(tmp_path / "cb"), codes_b,
+                                       model_version="B")
+    assert how == "warm_start" and monday["churn"] == 0.0
