@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from qarm_core.config import load_config
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.stage import score_embeddings, train_stage, validation_pairs
-    from qarm_core.quantize.io import read_embeddings
+    from qarm_core.quantize.io import read_embeddings, read_model_version
     from qarm_core.quantize.lineage import align_to_previous, apply_input_map, fit_input_map
     from qarm_core.quantize.quantizer import load_codebook, quantize_embeddings
     from qarm_core.quantize.stage import quantize_stage
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_retrain_churn: the new embeddings cover other items than the published ones")
     params = cfg.quantize.params()
 
-    def published_vectors() -> tuple[np.ndarray, np.ndarray]:      # what the task passes: the published embeddings
-        return ids0, x0
+    def published_vectors() -> tuple[np.ndarray, np.ndarray, str]:  # what the task passes: the published embeddings
+        return ids0, x0, read_model_version(snap.record("embeddings").path)
 
     _, _, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
                                   model_version=emb.model_version, previous_vectors=published_vectors)

@@ -127,7 +127,8 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
                    "raw_collision": m.get("raw.collision_rate"), "hr1": m.get("raw.decode_hr@1"),
                    "seconds": time.perf_counter() - t0}
             if retrain:      # what the stage did before lineage carried cells over: a cold refit, matched after
-                cold_book, cold_codes, _ = quantize_embeddings(x.copy(), ids, params)
+                # on the day's vectors as embedded (the stage has used x as its buffer: residuals by now)
+                cold_book, cold_codes, _ = quantize_embeddings(x_again.copy(), ids, params)
                 _, _, cold = align_to_previous(cold_book, cold_codes, codes)
                 row |= {"cold_churn": cold["lineage.churn_unaligned"], "cold_prefix_churn": cold["lineage.prefix_churn_unaligned"],
                         "cold_matched_churn": cold["churn"], "cold_matched_prefix_churn": cold["lineage.prefix_churn"]}
@@ -144,7 +145,7 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
             progress(f"day {day}{'' if sigma is None else f' (retrain, sigma {sigma})'}: {how.split(';')[0]}, "
                      f"churn {row['churn'] if row['churn'] is not None else '-'}, {row['seconds']:.1f} s")
         if not retrain:
-            book, codes, published = new_book, new_codes, (ids, x_published)
+            book, codes, published = new_book, new_codes, (ids, x_published, "model-0")
     return rows
 
 

@@ -47,7 +47,8 @@ class QuantizerParams(Strict):
     # that model's vectors from then on) and refits from the previous codebook to convergence;
     # ``carry`` carries the cells into the new space by their items, refits and matches the labels.
     # reproject renumbered fewer SIDs on each of three real ML-100K retrains (README "Re-projecting a
-    # retrained model"); carry is what a model of another width falls back to.
+    # retrained model"); the stage carries the cells over where it cannot re-project (no published
+    # embeddings of the codebook's model, another FSQ form, too few shared items for the map).
     lineage: Literal["reproject", "carry"] = "reproject"
     reproject_sample: int = Field(100_000, ge=1)
     warmup_sample: int = Field(500_000, ge=0)       # cold fit: Lloyd on min(this, n/4) sampled rows first (0: off)

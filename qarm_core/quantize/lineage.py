@@ -11,15 +11,16 @@ the two spaces are not comparable. The FSQ level is a fixed function of the leve
 not renumbered. Renumbering is a bijection of cell labels, so collisions, resolution suffixes and
 decoding are unchanged; only the labels (and the centroid rows, reordered to match) move.
 
-Re-projection (``fit_input_map`` / ``apply_input_map``), the default for a new model of the same
-width: much of what a continued fine-tune changes is a linear distortion of the space (on a real
+Re-projection (``fit_input_map`` / ``apply_input_map``), the default for a new model: much of what a continued fine-tune changes is a linear distortion of the space (on a real
 ML-100K retrain, the residual after an affine map was 0.17 of a level-1 cell's spread where a rotation
 alone left 1.9), which moves every item across cell borders without changing which items are close.
 An affine map fitted by least squares from the new vectors to the ones the previous codebook
 quantized, over the items both models embedded, takes the new vectors into the codebook's space;
 the codebook is then refitted there as on a daily run, and keeps the map for that model's vectors.
-The map is invertible in general, so the SIDs still describe the new model's geometry; only its
-arbitrary change of coordinates is taken out.
+Where the new model is not wider than the codebook's space the map is invertible in general, so the
+SIDs describe the new model's vectors up to that change of coordinates (and the row normalisation
+after it: the code metrics are measured on the mapped vectors, not on the native ones that GSU
+reads); a wider new model is quantized through a projection onto the codebook's width until a refit.
 """
 
 from __future__ import annotations
@@ -39,15 +40,18 @@ from qarm_core.quantize.sid import sid_strings
 MAP_RIDGE = 1e-3
 
 
-def apply_input_map(x: np.ndarray, input_map: np.ndarray | None) -> np.ndarray:
+def apply_input_map(x: np.ndarray, input_map: np.ndarray | None, inplace: bool = False) -> np.ndarray:
     """``x`` ``(n, d_in)`` through the affine ``input_map`` ``(d_in + 1, d)`` (last row: the
     offset), rows normalised to unit length as embeddings are; ``x`` itself (as float32) without a
-    map. Returns float32 ``(n, d)``, computed in row chunks."""
+    map. Returns float32 ``(n, d)``, computed in row chunks; with ``inplace`` and d == d_in, written
+    back into ``x`` (no second copy of a 10M-row catalog). Refuses a map of another input width."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if input_map is None:
         return x
+    if input_map.shape[0] != x.shape[1] + 1:
+        raise ValueError(f"the input map takes {input_map.shape[0] - 1}-wide vectors, these are {x.shape[1]} wide")
     w, b = input_map[:-1].astype(np.float32), input_map[-1].astype(np.float32)
-    out = np.empty((len(x), w.shape[1]), np.float32)
+    out = x if inplace and w.shape[1] == x.shape[1] else np.empty((len(x), w.shape[1]), np.float32)
     for lo in range(0, len(x), 262_144):
         part = x[lo:lo + 262_144] @ w + b
         norms = np.sqrt(np.einsum("ij,ij->i", part, part))

