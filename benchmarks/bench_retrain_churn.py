@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_retrain_churn: the new embeddings cover other items than the published ones")
     params = cfg.quantize.params()
 
-    def published_vectors() -> tuple[np.ndarray, np.ndarray, str]:  # what the task passes: the published embeddings
-        return ids0, x0, read_model_version(snap.record("embeddings").path)
+    def published_vectors(want: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:  # as the task reads them
+        return (*read_embeddings(snap.record("embeddings").path, only=want),
+                read_model_version(snap.record("embeddings").path))
 
     _, _, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
                                   model_version=emb.model_version, previous_vectors=published_vectors)

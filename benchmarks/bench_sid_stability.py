@@ -117,7 +117,7 @@ def simulate(args: argparse.Namespace, progress=print) -> list[dict]:
             new_book, new_codes, m, how = quantize_stage(
                 x, ids, params, "warm_start", previous=book, previous_codes=codes,
                 model_version="model-1" if retrain else "model-0",
-                previous_vectors=(lambda p=published: p) if published is not None else None)
+                previous_vectors=(lambda want, p=published: p) if published is not None else None)
             row = {"day": day, "items": len(ids), "new_items": len(ids) - (0 if codes is None else codes.num_rows),
                    "model": "retrained" if retrain else "same", "sigma": sigma,
                    "how": ("re-projected" if how.endswith(REPROJECTED) else "carried over" if how.endswith(CARRIED_OVER)

@@ -62,3 +62,13 @@ def difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The sorted distinct values of ``a`` not in ``b``: ``np.setdiff1d(a, b)``."""
     ua = sorted_unique(a)
     return ua[~np.isin(ua, sorted_unique(b), assume_unique=True)]
+
+
+def member_of(a: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``(len(a),)`` bool: whether each element of ``a`` is in ``values`` (``np.isin``, by sorting)."""
+    v = sorted_unique(values)
+    a = np.asarray(a)
+    pos = np.searchsorted(v, a)
+    found = pos < len(v)
+    found[found] = v[pos[found]] == a[found]
+    return found

@@ -41,8 +41,8 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
         prev_codes = read_dataset(prev_codes_rec) if use_prev and prev_codes_rec else None
         book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes,
                                                    model_version=version, previous_vectors=(
-                                                       (lambda: (*read_embeddings(prev_emb_rec.path),
-                                                                 read_model_version(prev_emb_rec.path)))
+                                                       (lambda want: (*read_embeddings(prev_emb_rec.path, only=want),
+                                                                      read_model_version(prev_emb_rec.path)))
                                                        if use_prev and prev_emb_rec is not None else None))
         lineage = (f"{prev.model_version or 'unknown'} -> {version}" if prev is not None else f"new: {version}")
         # what the fit started from, after the stage decided (a published codebook may be set aside)

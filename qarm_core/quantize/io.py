@@ -34,8 +34,10 @@ def embeddings_batch(item_ids: np.ndarray, x: np.ndarray, model_version: str | l
                                       schema=embeddings_schema(x.shape[1]))
 
 
-def read_embeddings(path: str | Path, dataset: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
-    """(item_ids ``(n,)`` int64, vectors ``(n, dim)`` float32) from a Parquet file or folder."""
+def read_embeddings(path: str | Path, dataset: str = "embeddings", only: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(item_ids ``(n,)`` int64, vectors ``(n, dim)`` float32) from a Parquet file or folder; with
+    ``only``, just the rows of those item ids (read file by file: at most one file's vectors more)."""
     p = Path(path)
     if not p.exists():
         raise DataError(STAGE, dataset, f"embeddings not found: {p}")
@@ -46,6 +48,10 @@ def read_embeddings(path: str | Path, dataset: str = "embeddings") -> tuple[np.n
     for f in files:
         try:
             t = pq.read_table(f, columns=["item_id", "vector"])
+            if only is not None and t.num_rows and pa.types.is_integer(t["item_id"].type):
+                from qarm_core.arrays import member_of
+
+                t = t.filter(pa.array(member_of(t["item_id"].to_numpy(), np.asarray(only))))
         except (pa.ArrowException, OSError, KeyError) as exc:
             raise DataError(STAGE, dataset, f"unreadable embeddings file {f} (needs columns item_id, "
                                             f"vector): {exc}") from None

@@ -28,7 +28,7 @@ NEW_MODEL_RUNS = (CARRIED_OVER, REPROJECTED)
 def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, mode: Mode = "warm_start",
                    previous: Codebook | None = None, previous_codes: pa.Table | None = None,
                    dataset: str = "embeddings", model_version: str = "",
-                   previous_vectors: Callable[[], tuple[np.ndarray, np.ndarray, str]] | None = None
+                   previous_vectors: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, str]] | None = None
                    ) -> tuple[Codebook, pa.Table, dict[str, float], str]:
     """Codes for ``x`` ``(n_items, dim)``; returns (codebook, codes, metrics, how).
 
@@ -46,8 +46,10 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
     next daily run on the same vectors keeps the codes), and the labels are then matched to the previous
     codes by item overlap (``lineage.align_to_previous``), with ``lineage.*`` and churn in the
     metrics; without them it fits from scratch. With ``params.lineage == "reproject"`` (the default)
-    and ``previous_vectors()`` giving (item ids, vectors, model version) of the embeddings the
-    previous codebook was fitted on (the published ones), ``x`` is first mapped onto that codebook's space instead
+    and ``previous_vectors(ids)`` giving (item ids, vectors, model version) of the embeddings the
+    previous codebook was fitted on (the published ones; at least the rows of ``ids``, a seeded sample
+    of this run's items, so that a 10M-item catalog is not read whole), ``x`` is first mapped onto that
+    codebook's space instead
     (``lineage.fit_input_map`` over up to ``reproject_sample`` shared items) and refitted from the
     previous codebook to convergence; the codebook keeps the map (``Codebook.input_map``), which
     every later run on the same model applies to its vectors.
@@ -111,7 +113,7 @@ def quantize_stage(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams,
 
 def _reproject(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, previous: Codebook,
                previous_codes: pa.Table, dataset: str, model_version: str,
-               previous_vectors: Callable[[], tuple[np.ndarray, np.ndarray, str]] | None
+               previous_vectors: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, str]] | None
                ) -> tuple[Codebook, pa.Table, dict[str, float]] | str:
     """The new model's run by re-projection (see ``quantize_stage``): (codebook, codes, metrics), or
     why it could not be done (the caller carries the cells over instead)."""
@@ -122,7 +124,10 @@ def _reproject(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, pre
     if (previous.params.fsq_dims, previous.params.fsq_levels) != (params.fsq_dims, params.fsq_levels):
         return "another FSQ form than the previous codebook's: cells carried over instead"
     x = validate_embeddings(x, item_ids, dataset, min_items=max(params.levels))
-    prev_ids, prev_x, prev_version = previous_vectors()
+    item_ids = np.asarray(item_ids)
+    want = item_ids if len(item_ids) <= params.reproject_sample else \
+        np.sort(np.random.default_rng([params.seed, 2]).choice(item_ids, params.reproject_sample, replace=False))
+    prev_ids, prev_x, prev_version = previous_vectors(want)
     if prev_version != previous.model_version:
         return (f"the published embeddings come from model {prev_version or 'unknown'}, the codebook from "
                 f"{previous.model_version or 'unknown'}: cells carried over instead")
@@ -130,15 +135,12 @@ def _reproject(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, pre
     if prev_x.shape[1] != takes:
         return (f"the previous embeddings have dim {prev_x.shape[1]}, its codebook takes {takes}: cells carried "
                 "over instead")
-    shared = intersect(np.asarray(item_ids), np.asarray(prev_ids))
-    if len(shared) > params.reproject_sample:
-        shared = np.sort(np.random.default_rng([params.seed, 2]).choice(shared, params.reproject_sample,
-                                                                        replace=False))
+    shared = intersect(want, np.asarray(prev_ids))      # the sample's items the published model embedded
     if len(shared) < 4 * (x.shape[1] + 1):       # a few rows per coefficient of each output coordinate
         return (f"{len(shared)} items in both models' embeddings (quantize.reproject_sample "
                 f"{params.reproject_sample}), too few to fit a map: cells carried over instead")
     order, prev_order = np.argsort(item_ids, kind="stable"), np.argsort(prev_ids, kind="stable")
-    at_new = order[np.searchsorted(np.asarray(item_ids)[order], shared)]
+    at_new = order[np.searchsorted(item_ids[order], shared)]
     at_old = prev_order[np.searchsorted(np.asarray(prev_ids)[prev_order], shared)]
     # only the sampled rows of the published vectors, through the codebook's own map: what it quantized
     target = apply_input_map(prev_x[at_old], previous.input_map)

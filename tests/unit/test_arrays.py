@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qarm_core.arrays import count_distinct, difference, has_duplicates, intersect, sorted_unique, union
+from qarm_core.arrays import count_distinct, difference, has_duplicates, intersect, member_of, sorted_unique, union
 
 
 @pytest.mark.parametrize("a", [
@@ -48,6 +48,9 @@ def test_union_intersect_difference_equal_numpy():
     np.testing.assert_array_equal(difference(a, b), np.setdiff1d(a, b))
     np.testing.assert_array_equal(difference(a, a), np.zeros(0, a.dtype))
     assert len(intersect(a, np.zeros(0, np.int64))) == 0
+    np.testing.assert_array_equal(member_of(a, b), np.isin(a, b))
+    np.testing.assert_array_equal(member_of(c, a), np.isin(c, a))
+    assert not member_of(a, np.zeros(0, np.int64)).any() and member_of(np.zeros(0, np.int64), a).shape == (0,)
 
 
 # ------------------------------------------------------------------ the rule: no hashing set ops

@@ -124,13 +124,13 @@ def test_reprojection_takes_out_a_linear_change_of_space_and_the_codebook_keeps_
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.01)
     book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                             previous_vectors=lambda: (ids, x, "A"))
+                                             previous_vectors=lambda want: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.model_version == "B"
     assert book_b.input_map is not None and book_b.input_map.shape == (x.shape[1] + 1, x.shape[1])
     assert m["lineage.reproject_items"] == len(ids) and m["lineage.reproject_rmse"] < 0.1
     carry = P.model_copy(update={"lineage": "carry"})
     _, _, carried, how_c = quantize_stage(y.copy(), ids, carry, "warm_start", book_a, codes_a, model_version="B",
-                                          previous_vectors=lambda: (ids, x, "A"))
+                                          previous_vectors=lambda want: (ids, x, "A"))
     assert how_c.endswith(CARRIED_OVER)
     # measured: SID churn 0.07 vs 0.85 carried over, (c1, c2) churn 0.05 vs 0.33
     assert m["churn"] < 0.15 and carried["churn"] > 0.5
@@ -162,15 +162,15 @@ def test_a_second_retrain_is_mapped_onto_the_codebooks_space_through_the_first_m
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.005, seed=7)
     book_b, codes_b, _, _ = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                           previous_vectors=lambda: (ids, x, "A"))
+                                           previous_vectors=lambda want: (ids, x, "A"))
     z = _distorted(y, noise=0.005, seed=8)
     _, codes_c, m, how = quantize_stage(z.copy(), ids, P, "warm_start", book_b, codes_b, model_version="C",
-                                        previous_vectors=lambda: (ids, y, "B"))
+                                        previous_vectors=lambda want: (ids, y, "B"))
     assert how.endswith(REPROJECTED) and m["churn"] < 0.25          # measured 0.16 (two changes of space)
     # had C's map targeted B's raw vectors (the first map forgotten), the SIDs would have moved (1.00)
     unmapped = type(book_b)(**{**book_b.__dict__, "input_map": None})
     _, _, wrong, _ = quantize_stage(z.copy(), ids, P, "warm_start", unmapped, codes_b, model_version="C",
-                                    previous_vectors=lambda: (ids, y, "B"))
+                                    previous_vectors=lambda want: (ids, y, "B"))
     assert wrong["churn"] > m["churn"] + 0.5
 
 
@@ -181,9 +181,9 @@ def test_reprojection_falls_back_to_carrying_the_cells_and_says_why():
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.01)
     cases = {"no previous embeddings": None,
-             "too few to fit a map": lambda: (ids[:50], x[:50], "A"),
-             "have dim 12, its codebook takes 24": lambda: (ids, x[:, :12], "A"),  # not what it quantized
-             "the published embeddings come from model Z, the codebook from A": lambda: (ids, x, "Z")}
+             "too few to fit a map": lambda want: (ids[:50], x[:50], "A"),
+             "have dim 12, its codebook takes 24": lambda want: (ids, x[:, :12], "A"),  # not what it quantized
+             "the published embeddings come from model Z, the codebook from A": lambda want: (ids, x, "Z")}
     for why, vectors in cases.items():
         _, _, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
                                       previous_vectors=vectors)
@@ -191,11 +191,11 @@ def test_reprojection_falls_back_to_carrying_the_cells_and_says_why():
     # a sample set below what the map's fit needs (4 rows per coefficient: 100 at 24 wide)
     small = P.model_copy(update={"reproject_sample": 80})
     _, _, _, how = quantize_stage(y.copy(), ids, small, "warm_start", book_a, codes_a, model_version="B",
-                                  previous_vectors=lambda: (ids, x, "A"))
+                                  previous_vectors=lambda want: (ids, x, "A"))
     assert "80 items in both models' embeddings (quantize.reproject_sample 80), too few" in how
     other_fsq = P.model_copy(update={"fsq_levels": 3})
     _, _, _, how = quantize_stage(y.copy(), ids, other_fsq, "warm_start", book_a, codes_a, model_version="B",
-                                  previous_vectors=lambda: (ids, x, "A"))
+                                  previous_vectors=lambda want: (ids, x, "A"))
     assert "another FSQ form" in how and how.endswith(CARRIED_OVER)
 
 
@@ -240,9 +240,44 @@ def test_a_new_model_of_another_width_is_re_projected_too(tmp_path):
     y = x @ rng.standard_normal((24, 16))
     y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
     book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
-                                             previous_vectors=lambda: (ids, x, "A"))
+                                             previous_vectors=lambda want: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.input_map.shape == (17, 24) and book_b.dim == 24
     save_codebook(book_b, tmp_path / "cb")
     _, _, monday, how = quantize_stage(y.copy(), ids, P, "warm_start", load_codebook(tmp_path / "cb"), codes_b,
                                        model_version="B")
     assert how == "warm_start" and monday["churn"] == 0.0
+
+
+def test_the_stage_reads_only_a_sample_of_the_published_embeddings(tmp_path):
+    """At 10M items the published embeddings are 5 GB: the stage asks its loader for a seeded sample
+    of ``reproject_sample`` of today's items, and the task's loader reads only those rows."""
+    from qarm_core.quantize.io import embeddings_batch, read_embeddings
+    from qarm_core.quantize.stage import REPROJECTED
+    from qarm_core.schemas import embeddings_schema
+    from qarm_core.storage import write_parquet_dataset
+
+    x, ids = _emb()
+    book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
+    published = write_parquet_dataset(tmp_path / "emb", iter([embeddings_batch(ids[i:i + 700], x[i:i + 700], "A")
+                                                              for i in range(0, len(ids), 700)]),
+                                      embeddings_schema(x.shape[1]), rows_per_file=700)
+    asked = []
+
+    def loader(want):
+        asked.append(len(want))
+        got_ids, got_x = read_embeddings(published.path, only=want)
+        assert set(got_ids.tolist()) == set(want.tolist()) and len(got_ids) == len(want)
+        return got_ids, got_x, "A"
+
+    y = _distorted(x, noise=0.01)
+    sampled = P.model_copy(update={"reproject_sample": 300})
+    _, _, m, how = quantize_stage(y.copy(), ids, sampled, "warm_start", book_a, codes_a, model_version="B",
+                                  previous_vectors=loader)
+    assert how.endswith(REPROJECTED) and asked == [300] and m["lineage.reproject_items"] == 300
+    # the same rows as reading everything and picking them
+    all_ids, all_x = read_embeddings(published.path)
+    some = np.sort(ids[::7])
+    got_ids, got_x = read_embeddings(published.path, only=some)
+    pick = np.searchsorted(all_ids, got_ids)
+    np.testing.assert_array_equal(got_x, all_x[pick])
+    assert sorted(got_ids.tolist()) == some.tolist()
