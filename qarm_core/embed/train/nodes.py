@@ -87,6 +87,7 @@ def _wait_for_leavers(board: Path, posting_id: str, others: range, wait_s: float
                   and not _left_marker(board, posting_id, r).exists()]
         if not inside or time.monotonic() >= deadline:
             return inside
+        raise_if_stopped()              # a stop recorded while waiting ends the wait, as in a launch
         time.sleep(poll_s)
 
 
