@@ -25,9 +25,9 @@ day of data), so it moves items less than a weekly retrain on a week of new pair
     python benchmarks/bench_retrain_churn.py --steps 10 --set embed.train.lr=1e-5
     python benchmarks/bench_retrain_churn.py --set embed.train.stability_weight=10
 
-The stage's two ways of following a new model are both run: ``quantize.lineage: reproject`` (the
-default: the new vectors mapped onto the published codebook's space by least squares) and ``carry``
-(the cells carried over by their items). "Movement" is also given after that affine map instead of
+The stage's two ways of following a new model are both run: ``quantize.lineage: carry`` (the
+default: the cells carried over by their items) and ``reproject`` (the new vectors mapped onto the
+published codebook's space by least squares). "Movement" is also given after that affine map instead of
 the rotation alone: the part of the change a linear map cannot take out.
 """
 

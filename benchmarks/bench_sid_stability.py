@@ -11,10 +11,10 @@ codebook with the published codes (``quantize.mode: warm_start``, the default), 
 ``quantize_stage`` as the flow calls it. On ``--retrain-day`` a retrained model embeds every item
 again: the new space is a random rotation of the old one (nothing of the old coordinates carries
 over) plus per-item noise of scale ``sigma`` relative to the spread inside a cluster (how far the
-retrain moves items with respect to one another); the stage maps the new vectors onto the published
-codebook's space by least squares, the day before's vectors being the published embeddings
-(``quantize.lineage: reproject``, the default), or carries yesterday's cells into the new space by
-their items, refits from there and matches labels to yesterday's codes (``--param lineage=carry``);
+retrain moves items with respect to one another); the stage carries yesterday's cells into the new
+space by their items, refits from there and matches labels to yesterday's codes (``quantize.lineage:
+carry``, the default), or with ``--param lineage=reproject`` maps the new vectors onto the published
+codebook's space by least squares, the day before's vectors being the published embeddings;
 for comparison the day also runs a cold
 refit (k-means++ from scratch), as is and matched to yesterday's codes afterwards by item overlap
 (``lineage.align_to_previous``, the lineage of the previous session). ``--sigmas`` runs the retrain day once per value:

@@ -145,8 +145,7 @@ def deployments(config_path: str | Path = DEFAULT_CONFIG, daily_cron: str = DAIL
                          "latest judged pairs and QA (answering the items the daily runs deferred), continuing from the "
                          "published model; the embed gate "
                          "publishes it only if it beats the published one on validation, and the codebook "
-                         "is refitted for the new model on its vectors re-projected onto the published codebook's space (SIDs "
-                         "kept where the items did not move)."),
+                         "is refitted for the new model with its cells renumbered onto the old SIDs."),
             parameters={"config_path": config_path, "overrides": retrain_overrides(config_path)},
             tags=["qarm", REFRESH_FLOW, "retrain", tag]),
         Deployment(

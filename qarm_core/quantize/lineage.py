@@ -11,12 +11,14 @@ the two spaces are not comparable. The FSQ level is a fixed function of the leve
 not renumbered. Renumbering is a bijection of cell labels, so collisions, resolution suffixes and
 decoding are unchanged; only the labels (and the centroid rows, reordered to match) move.
 
-Re-projection (``fit_input_map`` / ``apply_input_map``), the default for a new model: much of what a continued fine-tune changes is a linear distortion of the space (on a real
-ML-100K retrain, the residual after an affine map was 0.17 of a level-1 cell's spread where a rotation
-alone left 1.9), which moves every item across cell borders without changing which items are close.
+Re-projection (``fit_input_map`` / ``apply_input_map``; ``quantize.lineage: reproject``, an option):
+part of what a continued fine-tune changes is a linear distortion of the space (on a gentle real
+ML-100K retrain the residual after an affine map was 0.17 of a level-1 cell's spread where a rotation
+alone left 1.9; 1.1 where it left 3.4 after the weekly budget of 800 steps), which moves items across
+cell borders without changing which items are close.
 An affine map fitted by least squares from the new vectors to the ones the previous codebook
 quantized, over the items both models embedded, takes the new vectors into the codebook's space;
-the codebook is then refitted there as on a daily run, and keeps the map for that model's vectors.
+the codebook is then refitted there from the previous one, and keeps the map for that model's vectors.
 Where the new model is not wider than the codebook's space the map is invertible in general, so the
 SIDs describe the new model's vectors up to that change of coordinates (and the row normalisation
 after it: the code metrics are measured on the mapped vectors, not on the native ones that GSU

@@ -130,9 +130,10 @@ def test_quantize_refits_then_warm_starts_from_the_published_codebook(prefect_ha
 
 def test_quantize_reprojects_a_new_models_vectors_onto_the_published_codebook(prefect_harness, tiny_cfg, parent,
                                                                              tmp_path):
-    """The weekly retrain's quantize: embeddings of another model than the published codebook's. The
-    task hands the stage the published embeddings, the new vectors are mapped onto their space, and
-    the codebook keeps the map; the next day's run on that model applies it (warm start, no churn)."""
+    """The weekly retrain's quantize with ``quantize.lineage: reproject``: embeddings of another model
+    than the published codebook's. The task hands the stage the published embeddings, the new vectors
+    are mapped onto their space, and the codebook keeps the map; the next day's run on that model
+    applies it (warm start, no churn)."""
     from qarm_core.quantize.io import embeddings_batch
     from qarm_core.quantize.quantizer import load_codebook
     from qarm_core.quantize.stage import REPROJECTED
@@ -140,6 +141,7 @@ def test_quantize_reprojects_a_new_models_vectors_onto_the_published_codebook(pr
     from qarm_core.storage import write_parquet_dataset
     from tasks.quantize import quantize
 
+    cfg = tiny_cfg.model_copy(update={"quantize": tiny_cfg.quantize.model_copy(update={"lineage": "reproject"})})
     ids = np.arange(60)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 8))[ids % 6] + 0.3 * rng.normal(size=(60, 8))
@@ -151,19 +153,19 @@ def test_quantize_reprojects_a_new_models_vectors_onto_the_published_codebook(pr
         return write_parquet_dataset(tmp_path / name, iter([embeddings_batch(ids, v, version)]), embeddings_schema(8))
 
     emb_a = record("a", x, "model-A")
-    first = quantize(tiny_cfg, parent, emb_a)
-    Storage(tiny_cfg.home).publish({**first, "embeddings": emb_a})
+    first = quantize(cfg, parent, emb_a)
+    Storage(cfg.home).publish({**first, "embeddings": emb_a})
     emb_b = record("b", y, "model-B")
-    second = quantize(tiny_cfg, parent, emb_b)
-    [run] = [r for r in _stage_runs(tiny_cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-A -> model-B"]
+    second = quantize(cfg, parent, emb_b)
+    [run] = [r for r in _stage_runs(cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-A -> model-B"]
     assert run["tags"]["qarm.quantize.how"].endswith(REPROJECTED)
     assert run["tags"]["qarm.quantize.previous"].endswith("(the new vectors re-projected onto it, then refitted)")
     assert run["metrics"]["lineage.reproject_items"] == 60 and "lineage.prefix_churn" in run["metrics"]
     book = load_codebook(second["codebook"].path)
     assert book.model_version == "model-B" and book.input_map is not None
-    Storage(tiny_cfg.home).publish({**second, "embeddings": emb_b})
-    quantize(tiny_cfg, parent, emb_b)                             # the next daily run, same model
-    [daily] = [r for r in _stage_runs(tiny_cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-B -> model-B"]
+    Storage(cfg.home).publish({**second, "embeddings": emb_b})
+    quantize(cfg, parent, emb_b)                             # the next daily run, same model
+    [daily] = [r for r in _stage_runs(cfg, "quantize") if r["tags"]["qarm.codebook.lineage"] == "model-B -> model-B"]
     assert daily["tags"]["qarm.quantize.how"] == "warm_start" and daily["metrics"]["churn"] == 0.0
 
 

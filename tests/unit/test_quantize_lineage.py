@@ -102,6 +102,9 @@ def test_the_daily_run_after_a_retrain_keeps_the_retrain_days_sids():
     assert codes_c["sid"].to_pylist() == codes_b["sid"].to_pylist()
 
 
+R = P.model_copy(update={"lineage": "reproject"})     # the other way of following a new model
+
+
 def _distorted(x: np.ndarray, noise: float = 0.0, seed: int = 7) -> np.ndarray:
     """The same items as a retrained model embeds them: a linear change of coordinates that is not a
     rotation (axes stretched 0.7-1.4x and sheared), plus ``noise`` per coordinate, unit length."""
@@ -123,13 +126,12 @@ def test_reprojection_takes_out_a_linear_change_of_space_and_the_codebook_keeps_
     x, ids = _emb()
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.01)
-    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, R, "warm_start", book_a, codes_a, model_version="B",
                                              previous_vectors=lambda want: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.model_version == "B"
     assert book_b.input_map is not None and book_b.input_map.shape == (x.shape[1] + 1, x.shape[1])
     assert m["lineage.reproject_items"] == len(ids) and m["lineage.reproject_rmse"] < 0.1
-    carry = P.model_copy(update={"lineage": "carry"})
-    _, _, carried, how_c = quantize_stage(y.copy(), ids, carry, "warm_start", book_a, codes_a, model_version="B",
+    _, _, carried, how_c = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
                                           previous_vectors=lambda want: (ids, x, "A"))
     assert how_c.endswith(CARRIED_OVER)
     # measured: SID churn 0.07 vs 0.85 carried over, (c1, c2) churn 0.05 vs 0.33
@@ -161,15 +163,15 @@ def test_a_second_retrain_is_mapped_onto_the_codebooks_space_through_the_first_m
     x, ids = _emb()
     book_a, codes_a, _, _ = quantize_stage(x.copy(), ids, P, "refit", model_version="A")
     y = _distorted(x, noise=0.005, seed=7)
-    book_b, codes_b, _, _ = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+    book_b, codes_b, _, _ = quantize_stage(y.copy(), ids, R, "warm_start", book_a, codes_a, model_version="B",
                                            previous_vectors=lambda want: (ids, x, "A"))
     z = _distorted(y, noise=0.005, seed=8)
-    _, codes_c, m, how = quantize_stage(z.copy(), ids, P, "warm_start", book_b, codes_b, model_version="C",
+    _, codes_c, m, how = quantize_stage(z.copy(), ids, R, "warm_start", book_b, codes_b, model_version="C",
                                         previous_vectors=lambda want: (ids, y, "B"))
     assert how.endswith(REPROJECTED) and m["churn"] < 0.25          # measured 0.16 (two changes of space)
     # had C's map targeted B's raw vectors (the first map forgotten), the SIDs would have moved (1.00)
     unmapped = type(book_b)(**{**book_b.__dict__, "input_map": None})
-    _, _, wrong, _ = quantize_stage(z.copy(), ids, P, "warm_start", unmapped, codes_b, model_version="C",
+    _, _, wrong, _ = quantize_stage(z.copy(), ids, R, "warm_start", unmapped, codes_b, model_version="C",
                                     previous_vectors=lambda want: (ids, y, "B"))
     assert wrong["churn"] > m["churn"] + 0.5
 
@@ -185,15 +187,15 @@ def test_reprojection_falls_back_to_carrying_the_cells_and_says_why():
              "have dim 12, its codebook takes 24": lambda want: (ids, x[:, :12], "A"),  # not what it quantized
              "the published embeddings come from model Z, the codebook from A": lambda want: (ids, x, "Z")}
     for why, vectors in cases.items():
-        _, _, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+        _, _, m, how = quantize_stage(y.copy(), ids, R, "warm_start", book_a, codes_a, model_version="B",
                                       previous_vectors=vectors)
         assert why in how and how.endswith(CARRIED_OVER) and "lineage.c1_kept" in m, how
     # a sample set below what the map's fit needs (4 rows per coefficient: 100 at 24 wide)
-    small = P.model_copy(update={"reproject_sample": 80})
+    small = R.model_copy(update={"reproject_sample": 80})
     _, _, _, how = quantize_stage(y.copy(), ids, small, "warm_start", book_a, codes_a, model_version="B",
                                   previous_vectors=lambda want: (ids, x, "A"))
     assert "80 items in both models' embeddings (quantize.reproject_sample 80), too few" in how
-    other_fsq = P.model_copy(update={"fsq_levels": 3})
+    other_fsq = R.model_copy(update={"fsq_levels": 3})
     _, _, _, how = quantize_stage(y.copy(), ids, other_fsq, "warm_start", book_a, codes_a, model_version="B",
                                   previous_vectors=lambda want: (ids, x, "A"))
     assert "another FSQ form" in how and how.endswith(CARRIED_OVER)
@@ -239,7 +241,7 @@ def test_a_new_model_of_another_width_is_re_projected_too(tmp_path):
     rng = np.random.default_rng(11)
     y = x @ rng.standard_normal((24, 16))
     y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
-    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, P, "warm_start", book_a, codes_a, model_version="B",
+    book_b, codes_b, m, how = quantize_stage(y.copy(), ids, R, "warm_start", book_a, codes_a, model_version="B",
                                              previous_vectors=lambda want: (ids, x, "A"))
     assert how.endswith(REPROJECTED) and book_b.input_map.shape == (17, 24) and book_b.dim == 24
     save_codebook(book_b, tmp_path / "cb")
@@ -270,7 +272,7 @@ def test_the_stage_reads_only_a_sample_of_the_published_embeddings(tmp_path):
         return got_ids, got_x, "A"
 
     y = _distorted(x, noise=0.01)
-    sampled = P.model_copy(update={"reproject_sample": 300})
+    sampled = R.model_copy(update={"reproject_sample": 300})
     _, _, m, how = quantize_stage(y.copy(), ids, sampled, "warm_start", book_a, codes_a, model_version="B",
                                   previous_vectors=loader)
     assert how.endswith(REPROJECTED) and asked == [300] and m["lineage.reproject_items"] == 300
