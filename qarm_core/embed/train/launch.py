@@ -282,8 +282,9 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
     """Start the multi-process run of ``job_file``, relay progress from its train_log.jsonl, wait,
     and return the record rank 0 wrote (None with ``read_record=False``: a node other than node 0,
     which does not publish). A launch that exits non-zero, times out or is aborted after every rank
-    of this node and rank 0 marked their work done (``finished_before_exit``) is kept, with a warning. A failed launch raises RuntimeError with the output
-    tail; so does ``abort()`` returning a reason (checked every 0.25 s), after stopping the run."""
+    of this node and rank 0 marked their work done (``finished_before_exit``) is kept, with a
+    warning. A failed launch raises RuntimeError with the output tail; so does ``abort()`` returning
+    a reason (checked every 0.25 s), after stopping the run."""
     job = json.loads(Path(job_file).read_text())
     out = Path(job["out_dir"])
     log = out / "train_log.jsonl"
