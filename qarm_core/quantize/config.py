@@ -45,7 +45,7 @@ class QuantizerParams(Strict):
     # into the new space by their items, refits and matches the labels; ``reproject`` maps its vectors
     # onto the previous codebook's space (affine least squares over up to ``reproject_sample`` items
     # both models embedded; the map is kept in the codebook and applied to that model's vectors from
-    # then on) and refits from the previous codebook to convergence. On four real ML-100K retrains
+    # then on) and refits from the previous codebook to convergence. On five real ML-100K retrains
     # reproject renumbered fewer SIDs (0.32-0.95 vs 0.87-1.00), but on the one that learned (800 steps,
     # the weekly budget) it kept 5% more SIDs at decode HR@1 0.65 vs 0.86 carried over, so carry stays
     # the default (README "Re-projecting a retrained model").
