@@ -39,11 +39,12 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
         version = read_model_version(embeddings.path)
         prev = load_codebook(prev_book_rec.path) if use_prev else None
         prev_codes = read_dataset(prev_codes_rec) if use_prev and prev_codes_rec else None
+        def published_vectors(want):    # (ids, vectors, model version) of the published rows of ``want``
+            return *read_embeddings(prev_emb_rec.path, only=want), read_model_version(prev_emb_rec.path)
+
         book, codes, metrics, how = quantize_stage(x, ids, cfg.quantize.params(), cfg.quantize.mode, prev, prev_codes,
-                                                   model_version=version, previous_vectors=(
-                                                       (lambda want: (*read_embeddings(prev_emb_rec.path, only=want),
-                                                                      read_model_version(prev_emb_rec.path)))
-                                                       if use_prev and prev_emb_rec is not None else None))
+                                                   model_version=version, previous_vectors=published_vectors
+                                                   if use_prev and prev_emb_rec is not None else None)
         lineage = (f"{prev.model_version or 'unknown'} -> {version}" if prev is not None else f"new: {version}")
         # what the fit started from, after the stage decided (a published codebook may be set aside)
         started = ("none" if prev is None else prev_book_rec.path if how in ("warm_start", "frozen")
@@ -78,7 +79,9 @@ def quantize(cfg: PipelineConfig, parent_run_id: str, embeddings: DatasetRecord,
         key_inputs={"embeddings": embeddings.fingerprint, "quantize": cfg.quantize.model_dump(mode="json"),
                     "previous": prev_book_rec.fingerprint if use_prev else None,
                     "previous_codes": prev_codes_rec.fingerprint if use_prev and prev_codes_rec else None,
-                    "previous_embeddings": prev_emb_rec.fingerprint if use_prev and prev_emb_rec else None},
+                    # read only to re-project a new model's vectors (quantize.lineage: reproject)
+                    "previous_embeddings": prev_emb_rec.fingerprint
+                    if use_prev and prev_emb_rec and cfg.quantize.lineage == "reproject" else None},
         params={"quantize": cfg.quantize.model_dump(mode="json")},
         after=log_metrics_and_gate_churn,
         summary=lambda recs, rep: (

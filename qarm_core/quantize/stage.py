@@ -117,16 +117,16 @@ def _reproject(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, pre
                ) -> tuple[Codebook, pa.Table, dict[str, float]] | str:
     """The new model's run by re-projection (see ``quantize_stage``): (codebook, codes, metrics), or
     why it could not be done (the caller carries the cells over instead)."""
-    from qarm_core.arrays import intersect
-
     if previous_vectors is None:
         return "no previous embeddings to re-project onto: cells carried over instead"
     if (previous.params.fsq_dims, previous.params.fsq_levels) != (params.fsq_dims, params.fsq_levels):
         return "another FSQ form than the previous codebook's: cells carried over instead"
     x = validate_embeddings(x, item_ids, dataset, min_items=max(params.levels))
     item_ids = np.asarray(item_ids)
-    want = item_ids if len(item_ids) <= params.reproject_sample else \
-        np.sort(np.random.default_rng([params.seed, 2]).choice(item_ids, params.reproject_sample, replace=False))
+    # rows of x to fit on (sorted positions): all of them, or a seeded sample
+    rows = np.arange(len(item_ids)) if len(item_ids) <= params.reproject_sample else \
+        np.sort(np.random.default_rng([params.seed, 2]).choice(len(item_ids), params.reproject_sample, replace=False))
+    want = item_ids[rows]
     prev_ids, prev_x, prev_version = previous_vectors(want)
     if prev_version != previous.model_version:
         return (f"the published embeddings come from model {prev_version or 'unknown'}, the codebook from "
@@ -135,13 +135,13 @@ def _reproject(x: np.ndarray, item_ids: np.ndarray, params: QuantizerParams, pre
     if prev_x.shape[1] != takes:
         return (f"the previous embeddings have dim {prev_x.shape[1]}, its codebook takes {takes}: cells carried "
                 "over instead")
-    shared = intersect(want, np.asarray(prev_ids))      # the sample's items the published model embedded
+    # the sample's items the published model embedded (ids are unique on both sides: checked above for
+    # x, by the embeddings gate for the published ones), with their rows on both sides
+    shared, at_want, at_old = np.intersect1d(want, np.asarray(prev_ids), assume_unique=True, return_indices=True)
     if len(shared) < 4 * (x.shape[1] + 1):       # a few rows per coefficient of each output coordinate
         return (f"{len(shared)} items in both models' embeddings (quantize.reproject_sample "
                 f"{params.reproject_sample}), too few to fit a map: cells carried over instead")
-    order, prev_order = np.argsort(item_ids, kind="stable"), np.argsort(prev_ids, kind="stable")
-    at_new = order[np.searchsorted(item_ids[order], shared)]
-    at_old = prev_order[np.searchsorted(np.asarray(prev_ids)[prev_order], shared)]
+    at_new = rows[at_want]
     # only the sampled rows of the published vectors, through the codebook's own map: what it quantized
     target = apply_input_map(prev_x[at_old], previous.input_map)
     del prev_x
