@@ -58,8 +58,10 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
                            "start": start.fingerprint if start is not None else "base",
                            **({"reference": anchor.fingerprint} if anchor is not None else {}),
                            # node_rank differs between the nodes of one multi-node run, which must
-                           # all train into the same (shared) run folder
-                           "train": cfg.embed.train.model_dump(mode="json", exclude={"node_rank"}),
+                           # all train into the same (shared) run folder; how long a collective may
+                           # wait changes no result
+                           "train": cfg.embed.train.model_dump(mode="json",
+                                                               exclude={"node_rank", "collective_timeout_s"}),
                            "qarm": __version__})
         run_dir = storage.run_dir("train", key)
         report: dict = {}

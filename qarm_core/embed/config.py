@@ -101,6 +101,12 @@ class TrainConfig(Strict):
     master_port: int = Field(29511, ge=1024, le=65535)
     # extra launcher arguments, appended after the ones built from the settings above
     launcher_args: list[str] = Field(default_factory=list)
+    # How long a rank waits inside one collective (a barrier, the loss gather, the gradient
+    # all-reduce) before it fails with an error: a peer that hangs or a network that splits
+    # fails the run after this instead of never. Rank 0 writes the model while the others wait at
+    # the last barrier, so it must exceed that write. Torch's own default for gloo (30 min) on
+    # every path; DeepSpeed's would be 10 min.
+    collective_timeout_s: float = Field(1800.0, gt=0)
     num_threads: int | None = Field(None, ge=1)   # torch threads per process
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)
     max_train_pairs: int | None = Field(None, ge=1)       # sample of the kept pairs used (seeded)

@@ -864,3 +864,62 @@ def test_deepspeed_auto_is_plain_torch_for_one_cpu_process_only():
     assert not uses_deepspeed(TrainConfig(use_deepspeed=False), 2)
     with pytest.raises(ValidationError):
         TrainConfig(use_deepspeed="yes")
+
+
+_HUNG_PEER = """
+import os, sys, time
+from qarm_core.embed.train.distributed import init_process_group
+init_process_group(2, {deepspeed}, "gloo", timeout_s=3.0)
+import torch, torch.distributed as dist
+if int(os.environ["RANK"]) == 1:
+    time.sleep(25)          # alive, but never enters the collective: a hung peer
+    sys.exit(0)
+t0 = time.perf_counter()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as exc:
+    print("RAISED", round(time.perf_counter() - t0, 1), type(exc).__name__, str(exc)[:200], flush=True)
+    sys.exit(3)
+print("RETURNED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("deepspeed", [False, True])
+def test_a_collective_waiting_on_a_hung_peer_fails_after_the_timeout(deepspeed):
+    """Two real gloo ranks on two one-process "nodes": rank 1 never enters the all-reduce, and rank
+    0's fails after the configured timeout (3 s) instead of torch's 30 minutes, on the plain and
+    the DeepSpeed path."""
+    import subprocess
+
+    from qarm_core.embed.train.distributed import free_port
+
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        # two one-process "nodes" (DeepSpeed builds no shared-memory op for ranks alone on a host)
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", _HUNG_PEER.format(deepspeed=deepspeed)], cwd=str(REPO),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        out0, _ = procs[0].communicate(timeout=20)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 3, out0[-2000:]
+    line = next(x for x in out0.splitlines() if x.startswith("RAISED"))
+    waited = float(line.split()[1])
+    assert 2.5 <= waited < 15, line
+
+
+def test_the_collective_timeout_changes_no_fingerprint():
+    """How long a collective may wait is not part of a run's identity: a run resumes and a
+    published model stays reused whatever it is set to."""
+    from qarm_core.embed.train import run_fingerprint
+
+    a = run_fingerprint(EmbedModelConfig(), TrainConfig(), "d", 2)
+    assert a == run_fingerprint(EmbedModelConfig(), TrainConfig(collective_timeout_s=30), "d", 2)
+    assert a != run_fingerprint(EmbedModelConfig(), TrainConfig(seed=1), "d", 2)
+    with pytest.raises(ValueError):
+        TrainConfig(collective_timeout_s=0)

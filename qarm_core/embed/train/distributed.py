@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qarm_core.embed.config import TrainConfig
 from qarm_core.embed.train.record import STAGE
@@ -117,17 +117,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(world: int, use_deepspeed: bool, backend: str) -> str:
+def init_process_group(world: int, use_deepspeed: bool, backend: str, timeout_s: float) -> str:
     """The process group over ``backend`` (``process_group_backend``); returns the backend of the
-    group in use (an existing group's own). DeepSpeed needs a group even alone: a single-process
-    run gets a group of one on a free local port (DeepSpeed would otherwise try MPI discovery)."""
+    group in use (an existing group's own). A collective that waits longer than ``timeout_s`` for
+    a peer raises (``TrainConfig.collective_timeout_s``). DeepSpeed needs a group even alone: a
+    single-process run gets a group of one on a free local port (DeepSpeed would otherwise try MPI
+    discovery)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return str(dist.get_backend())
     # alone: a group of one over a free local port, passed explicitly rather than through
     # os.environ (child processes started later must not inherit a port that is taken)
-    kw = {} if world > 1 else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+    kw: dict[str, Any] = {} if world > 1 else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
+                                               "world_size": 1}
+    kw["timeout"] = timedelta(seconds=timeout_s)
     if world == 1:
         os.environ.setdefault("LOCAL_RANK", "0")     # DeepSpeed's engine asserts it is set
     if backend == "nccl":

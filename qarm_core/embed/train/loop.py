@@ -181,7 +181,8 @@ def start_session(items: pa.Table, judgments: pa.Table, qa: pa.Table | None, out
         torch.set_num_threads(cfg.num_threads)
     backend = ""
     if world > 1 or cfg.use_deepspeed:
-        backend = init_process_group(world, cfg.use_deepspeed, process_group_backend(cfg))
+        backend = init_process_group(world, cfg.use_deepspeed, process_group_backend(cfg),
+                                     cfg.collective_timeout_s)
     loaded = load_model(model_cfg, STAGE, torch.float32)
     anchors, positives, enc, data_digest = encode_inputs(items, judgments, qa, model_cfg, cfg, loaded.tokenizer)
     ref, ref_rows, ref_digest = reference_vectors(reference, cfg, model_cfg, enc.keys())
