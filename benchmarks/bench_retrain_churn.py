@@ -24,6 +24,14 @@ day of data), so it moves items less than a weekly retrain on a week of new pair
     python benchmarks/bench_retrain_churn.py                  # ./qarm_home, 40 steps (~10 min on 2 cores)
     python benchmarks/bench_retrain_churn.py --steps 10 --set embed.train.lr=1e-5
     python benchmarks/bench_retrain_churn.py --set embed.train.stability_weight=10
+    python benchmarks/bench_retrain_churn.py --steps 800 --save-vectors /tmp/vecs.npz   # the weekly budget
+
+Every set of codes is also scored in the retrained model's own space (``fidelity``: the share of the
+new vectors' variance left inside level-1 cells, and how many of an item's 10 nearest items share its
+c1), since decode HR@1 is measured in each lineage's own space (native vectors when carried, mapped
+ones when re-projected, the old model's for the published codes) and so does not compare them.
+``--save-vectors`` keeps a retrain's vectors, ``--load-vectors`` sweeps settings on them without
+training again.
 
 The stage's two ways of following a new model are both run: ``quantize.lineage: carry`` (the
 default: the cells carried over by their items) and ``reproject`` (the new vectors mapped onto the
@@ -39,8 +47,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -80,6 +92,35 @@ def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray, rotate: bool =
     return float(np.sqrt((resid ** 2).sum(1).mean()) / spread)
 
 
+def fidelity(x: np.ndarray, item_ids: np.ndarray, codes: "pa.Table", k: int = 10) -> dict[str, float]:
+    """How well a CODES table's cells describe the space of ``x`` ``(n, d)`` (rows: ``item_ids``
+    ``(n,)``, every one in ``codes``), whatever space the codes were fitted in: the share of the
+    rows' total variance left inside level-1 cells (``within_c1``) and inside (c1, c2) cells
+    (``within_c12``), and the share of each row's ``k`` nearest rows by inner product that hold its
+    c1 (``knn_c1``) and its (c1, c2) (``knn_c12``). Lower spread and higher sharing: SIDs that group
+    the items this space puts together. O(n^2) memory for the neighbours: a benchmark's catalog."""
+    order = np.argsort(codes["item_id"].to_numpy())
+    at = order[np.minimum(np.searchsorted(codes["item_id"].to_numpy()[order], item_ids), len(order) - 1)]
+    if not np.array_equal(codes["item_id"].to_numpy()[at], item_ids):
+        raise ValueError("fidelity: some items have no code")
+    c1 = codes["c1"].to_numpy()[at].astype(np.int64)
+    c12 = c1 * (int(codes["c2"].to_numpy().max(initial=0)) + 1) + codes["c2"].to_numpy()[at].astype(np.int64)
+    x = x.astype(np.float64)
+    total = ((x - x.mean(0)) ** 2).sum()
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    out = {}
+    for name, cell in (("c1", c1), ("c12", c12)):
+        _, inv = np.unique(cell, return_inverse=True)
+        sums = np.zeros((inv.max(initial=-1) + 1, x.shape[1]))
+        np.add.at(sums, inv, x)
+        means = sums / np.bincount(inv)[:, None]
+        out[f"within_{name}"] = float(((x - means[inv]) ** 2).sum() / total)
+        out[f"knn_{name}"] = float((cell[near] == cell[:, None]).mean())
+    return out
+
+
 def sim_movement(sigmas: list[float], items: int, levels: tuple[int, ...], seed: int = 0) -> dict[float, float]:
     """``movement`` on bench_sid_stability's world (its defaults: 512 clusters, 64-d) for each sigma,
     with the cells of a codebook fitted as on its day 0."""
@@ -109,41 +150,16 @@ def _value(text: str):
     return v
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "ml100k.yaml"))
-    ap.add_argument("--home", default=None, help="QARM_HOME with a published snapshot (default: the config's)")
-    ap.add_argument("--steps", type=int, default=None, help="retrain steps (default: the config's max_steps)")
-    ap.add_argument("--sim-sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.3, 0.6])
-    ap.add_argument("--sim-items", type=int, default=50_000)
-    ap.add_argument("--stickiness", type=_floats, default=None,
-                    help="quantize.stickiness values to try on the retrain day, e.g. 0.05,0.5,1 (default: the config's)")
-    ap.add_argument("--fsq-margin", type=_floats, default=None,
-                    help="quantize.fsq_margin values to try on the retrain day, e.g. 0.5,1,2 (default: the config's)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for the retrain, e.g. embed.train.lr=1e-5 (repeatable)")
-    args = ap.parse_args(argv)
-    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-
-    from qarm_core.config import load_config
+def _retrain(snap, cfg, steps: int, overrides: dict) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """What the weekly deployment does: continue the published model for ``steps`` steps on the
+    snapshot's judged pairs and QA, embed the catalog with it. Returns (item ids (n,), vectors
+    (n, dim), the new model version, a summary of the retrain and both models' validation recall)."""
     from qarm_core.embed.embed import embed_catalog
     from qarm_core.embed.stage import score_embeddings, train_stage, validation_pairs
-    from qarm_core.quantize.io import read_embeddings, read_model_version
-    from qarm_core.quantize.lineage import align_to_previous, apply_input_map, fit_input_map
-    from qarm_core.quantize.quantizer import load_codebook, quantize_embeddings
-    from qarm_core.quantize.stage import quantize_stage
-    from qarm_core.storage import Storage, read_dataset
+    from qarm_core.quantize.io import read_embeddings
+    from qarm_core.storage import read_dataset
 
-    cfg = load_config(args.config, ({"home": args.home} if args.home else {}) | overrides).resolved()
-    snap = Storage(cfg.home).current()
-    if snap is None:
-        raise SystemExit(f"bench_retrain_churn: no published snapshot in {cfg.home}; run `make run` first")
-    print(f"# {machine()}", flush=True)
     items, judgments, qa = (read_dataset(snap.record(n)) for n in ("items", "judgments", "qa"))
-    book0 = load_codebook(snap.record("codebook").path)
-    codes0 = read_dataset(snap.record("codes"))
-    ids0, x0 = read_embeddings(snap.record("embeddings").path)
-    steps = args.steps or cfg.embed.train.max_steps
     model_cfg = cfg.embed.model.model_copy(update={"model": snap.record("model").path})
     train_cfg = cfg.embed.train.model_copy(update={"max_steps": steps, "max_seconds": None,
                                                    "anneal_steps": min(cfg.embed.train.anneal_steps, steps)})
@@ -162,69 +178,138 @@ def main(argv: list[str] | None = None) -> int:
                                       read_dataset(snap.record("valid_events")), cfg.events.positive_min_rating)
         recall = score_embeddings({"published": snap.record("embeddings").path, "retrained": emb.path}, pairs,
                                   cfg.embed.eval_k) if pairs is not None else {}
+    k = cfg.embed.eval_k
+    summary = (f"retrain: {rec.steps} steps from the published model in {train_s:.0f} s ({rec.tokens_per_s:.0f} "
+               f"tokens/s, {rec.dtype}); overrides {overrides or 'none'}; new model {rec.model_version}\n"
+               "validation recall@%d: published %s, retrained %s" % (
+                   k, *(f"{recall[f'valid.{m}.recall_at_{k}']:.4f}" if recall else why
+                        for m in ("published", "retrained"))))
+    return ids1, x1, emb.model_version, summary
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "ml100k.yaml"))
+    ap.add_argument("--home", default=None, help="QARM_HOME with a published snapshot (default: the config's)")
+    ap.add_argument("--steps", type=int, default=None, help="retrain steps (default: the config's max_steps)")
+    ap.add_argument("--sim-sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.3, 0.6])
+    ap.add_argument("--sim-items", type=int, default=50_000)
+    ap.add_argument("--stickiness", type=_floats, default=None,
+                    help="quantize.stickiness values to try on the retrain day, e.g. 0.05,0.5,1 (default: the config's)")
+    ap.add_argument("--fsq-margin", type=_floats, default=None,
+                    help="quantize.fsq_margin values to try on the retrain day, e.g. 0.5,1,2 (default: the config's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the retrain, e.g. embed.train.lr=1e-5 (repeatable)")
+    ap.add_argument("--lineages", type=lambda v: v.split(","), default=["carry", "reproject"],
+                    help="quantize.lineage values of the settings sweep (default: both)")
+    ap.add_argument("--load-vectors", default=None, metavar="NPZ",
+                    help="skip the retrain: read its vectors from an earlier run's --save-vectors file")
+    ap.add_argument("--save-vectors", default=None, metavar="NPZ",
+                    help="also write the item ids, the published and the retrained vectors there (for --load-vectors)")
+    args = ap.parse_args(argv)
+    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+
+    from qarm_core.config import load_config
+    from qarm_core.quantize.io import read_embeddings, read_model_version
+    from qarm_core.quantize.lineage import align_to_previous, apply_input_map, fit_input_map
+    from qarm_core.quantize.quantizer import load_codebook, quantize_embeddings
+    from qarm_core.quantize.stage import quantize_stage
+    from qarm_core.storage import Storage, read_dataset
+
+    cfg = load_config(args.config, ({"home": args.home} if args.home else {}) | overrides).resolved()
+    snap = Storage(cfg.home).current()
+    if snap is None:
+        raise SystemExit(f"bench_retrain_churn: no published snapshot in {cfg.home}; run `make run` first")
+    print(f"# {machine()}", flush=True)
+    book0 = load_codebook(snap.record("codebook").path)
+    codes0 = read_dataset(snap.record("codes"))
+    ids0, x0 = read_embeddings(snap.record("embeddings").path)
+    steps = args.steps or cfg.embed.train.max_steps
+    if args.load_vectors:
+        saved = np.load(args.load_vectors)
+        ids1, x1, new_version = saved["ids"], saved["new"], str(saved["model_version"])
+        summary = f"{saved['summary']}\n(the retrained vectors read from {args.load_vectors})"
+        if not np.array_equal(saved["old"], x0):
+            raise SystemExit(f"bench_retrain_churn: {args.load_vectors} holds another snapshot's published vectors")
+    else:
+        ids1, x1, new_version, summary = _retrain(snap, cfg, steps, overrides)
     if not np.array_equal(ids0, ids1):
         raise SystemExit("bench_retrain_churn: the new embeddings cover other items than the published ones")
+    if args.save_vectors:
+        np.savez(args.save_vectors, ids=ids0, old=x0, new=x1, model_version=new_version, summary=summary)
     params = cfg.quantize.params()
 
     def published_vectors(want: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:  # as the task reads them
         return (*read_embeddings(snap.record("embeddings").path, only=want),
                 read_model_version(snap.record("embeddings").path))
 
-    _, _, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
-                                  model_version=emb.model_version, previous_vectors=published_vectors)
+    _, codes_a, m, how = quantize_stage(x1.copy(), ids1, params, "warm_start", book0, codes0,
+                                        model_version=new_version, previous_vectors=published_vectors)
     other = "carry" if params.lineage == "reproject" else "reproject"
-    _, _, m_other, how_other = quantize_stage(x1.copy(), ids1, params.model_copy(update={"lineage": other}),
-                                              "warm_start", book0, codes0, model_version=emb.model_version,
+    _, codes_b, m_other, how_other = quantize_stage(x1.copy(), ids1, params.model_copy(update={"lineage": other}),
+                                              "warm_start", book0, codes0, model_version=new_version,
                                               previous_vectors=published_vectors)
     # the retrain day's trade: how much an item's old cell may be farther than its nearest (stickiness)
     # and how far outside its old FSQ bin it may lie (fsq_margin) before its SID moves, against what
     # the SIDs then decode to
     trade = []
-    for stick in args.stickiness or [params.stickiness]:
-        for margin in args.fsq_margin or [params.fsq_margin]:
-            q = params.model_copy(update={"stickiness": stick, "fsq_margin": margin})
-            book_q, codes_q, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
-                                                    model_version=emb.model_version,
-                                                    previous_vectors=published_vectors)
-            # the next daily run (same model, same vectors, the config's own settings): does it keep
-            # what the retrain day kept, or move the held items then?
-            _, _, m_next, _ = quantize_stage(x1.copy(), ids1, params, "warm_start", book_q, codes_q,
-                                             model_version=emb.model_version)
-            trade.append([stick, margin, f"{mq['churn']:.4f}", f"{mq['lineage.prefix_churn']:.4f}",
-                          f"{mq['raw.decode_hr@1']:.4f}", f"{mq['raw.decode_hr@10']:.4f}",
-                          f"{mq['raw.collision_rate']:.4f}", f"{m_next['churn']:.4f}"])
+    for lineage in args.lineages:
+        for stick in args.stickiness or [params.stickiness]:
+            for margin in args.fsq_margin or [params.fsq_margin]:
+                q = params.model_copy(update={"lineage": lineage, "stickiness": stick, "fsq_margin": margin})
+                book_q, codes_q, mq, _ = quantize_stage(x1.copy(), ids1, q, "warm_start", book0, codes0,
+                                                        model_version=new_version,
+                                                        previous_vectors=published_vectors)
+                # the next daily run (same model, same vectors, the config's own settings): does it
+                # keep what the retrain day kept, or move the held items then?
+                _, _, m_next, _ = quantize_stage(x1.copy(), ids1, params, "warm_start", book_q, codes_q,
+                                                 model_version=new_version)
+                f = fidelity(x1, ids1, codes_q)
+                trade.append([lineage, stick, margin, f"{mq['churn']:.4f}", f"{mq['lineage.prefix_churn']:.4f}",
+                              f"{f['within_c1']:.3f}", f"{f['knn_c1']:.3f}", f"{mq['raw.decode_hr@1']:.4f}",
+                              f"{mq['raw.collision_rate']:.4f}", f"{m_next['churn']:.4f}"])
     cold_book, cold_codes, _ = quantize_embeddings(x1.copy(), ids1, params)
-    _, _, cold = align_to_previous(cold_book, cold_codes, codes0)
+    _, cold_aligned, cold = align_to_previous(cold_book, cold_codes, codes0)
+    book_codes = (codes_a, codes_b)
     order = np.argsort(codes0["item_id"].to_numpy())
     cells = codes0["c1"].to_numpy()[order][np.searchsorted(codes0["item_id"].to_numpy()[order], ids0)]
     moved = movement(x0, x1, cells)
     moved_affine = movement(x0, apply_input_map(x1, fit_input_map(x1, x0)[0]), cells, rotate=False)
     sims = sim_movement(args.sim_sigmas, args.sim_items, (128, 32))
 
-    print(f"retrain: {rec.steps} steps from the published model {book0.model_version} in {train_s:.0f} s "
-          f"({rec.tokens_per_s:.0f} tokens/s, {rec.dtype}); overrides {overrides or 'none'}; new model "
-          f"{rec.model_version}; quantize: {how}")
-    k = cfg.embed.eval_k
-    print("validation recall@%d: published %s, retrained %s" % (
-        k, *(f"{recall[f'valid.{m}.recall_at_{k}']:.4f}" if recall else why for m in ("published", "retrained"))))
+    print(summary)
+    print(f"quantize: {how}")
     names = {"reproject": "lineage: re-projected onto the published space, refitted",
              "carry": "lineage: cells carried over by their items, refitted, matched"}
     print(f"the stage ({params.lineage}): {how}\nthe other way ({other}): {how_other}")
-    print(table(["what", "SID churn", "(c1, c2) churn", "decode HR@1", "raw collision"], [
-        [f"{names[params.lineage]} (the stage's)", f"{m['churn']:.4f}", f"{m['lineage.prefix_churn']:.4f}",
-         f"{m['raw.decode_hr@1']:.4f}", f"{m['raw.collision_rate']:.4f}"],
-        [names[other], f"{m_other['churn']:.4f}", f"{m_other['lineage.prefix_churn']:.4f}",
-         f"{m_other['raw.decode_hr@1']:.4f}", f"{m_other['raw.collision_rate']:.4f}"],
-        ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}", "", ""],
-        ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}",
-         "", ""],
-    ]))
     published = json.loads((Path(snap.record("codebook").path) / "metrics.json").read_text())
-    print(f"\nthe retrain day's quantize with other settings ({len(ids1):,} items; the published codes: decode "
-          f"HR@1 {published['raw.decode_hr@1']:.4f}, raw collision {published['raw.collision_rate']:.4f}):")
-    print(table(["stickiness", "fsq_margin", "SID churn", "(c1, c2) churn", "decode HR@1", "decode HR@10",
-                 "raw collision", f"next daily run's churn (stickiness {params.stickiness:g})"], trade))
+
+    def described(codes) -> list[str]:
+        f = fidelity(x1, ids1, codes)
+        return [f"{f['within_c1']:.3f}", f"{f['knn_c1']:.3f}"]
+
+    here = "in the retrained model's space: within-c1 spread / 10-NN sharing c1"
+    print(table(["what", "SID churn", "(c1, c2) churn", *here.split(": ")[1].split(" / "), "decode HR@1 (own space)",
+                 "raw collision"], [
+        [f"{names[params.lineage]} (the stage's)", f"{m['churn']:.4f}", f"{m['lineage.prefix_churn']:.4f}",
+         *described(book_codes[0]), f"{m['raw.decode_hr@1']:.4f}", f"{m['raw.collision_rate']:.4f}"],
+        [names[other], f"{m_other['churn']:.4f}", f"{m_other['lineage.prefix_churn']:.4f}",
+         *described(book_codes[1]), f"{m_other['raw.decode_hr@1']:.4f}", f"{m_other['raw.collision_rate']:.4f}"],
+        ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}",
+         *described(cold_aligned), "", ""],
+        ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}",
+         "", "", "", ""],
+        ["the published codes kept as they are", "0", "0", *described(codes0),
+         f"{published['raw.decode_hr@1']:.4f} (old space)", f"{published['raw.collision_rate']:.4f}"],
+    ]))
+    print(f"({here}: the share of the retrained vectors' variance left inside level-1 cells, and of each item's "
+          "10 nearest items by inner product that hold its c1; the same measure for every row, whatever space its "
+          "codes were fitted in. Decode HR@1 is measured in each row's own space: the native vectors when carried, "
+          "the mapped ones when re-projected, the old model's for the published codes.)")
+    print(f"\nthe retrain day's quantize with other settings ({len(ids1):,} items):")
+    print(table(["lineage", "stickiness", "fsq_margin", "SID churn", "(c1, c2) churn", "within-c1 spread",
+                 "10-NN sharing c1", "decode HR@1 (own space)", "raw collision",
+                 f"next daily run's churn (stickiness {params.stickiness:g})"], trade))
     print(f"\nmovement of the real retrain (Procrustes residual / level-1 cell spread, {len(ids0):,} items): "
           f"{moved:.3f}; after the affine map of least squares instead: {moved_affine:.3f}")
     print(table(["simulation sigma", "movement (same statistic, 128 x 32 cells, "
