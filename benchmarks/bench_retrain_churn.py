@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-vectors", default=None, metavar="NPZ",
                     help="also write the item ids, the published and the retrained vectors there (for --load-vectors)")
     args = ap.parse_args(argv)
+    if args.load_vectors and (args.steps or any(kv.startswith("embed.") for kv in args.set)):
+        ap.error("--steps and --set embed.* change the retrain, which --load-vectors does not run")
+    if bad := sorted(set(args.lineages) - {"carry", "reproject"}):
+        ap.error(f"--lineages: unknown {bad}; known: carry, reproject")
     overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     from qarm_core.config import load_config
@@ -278,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     sims = sim_movement(args.sim_sigmas, args.sim_items, (128, 32))
 
     print(summary)
-    print(f"quantize: {how}")
     names = {"reproject": "lineage: re-projected onto the published space, refitted",
              "carry": "lineage: cells carried over by their items, refitted, matched"}
     print(f"the stage ({params.lineage}): {how}\nthe other way ({other}): {how_other}")

@@ -101,11 +101,14 @@ class TrainConfig(Strict):
     master_port: int = Field(29511, ge=1024, le=65535)
     # extra launcher arguments, appended after the ones built from the settings above
     launcher_args: list[str] = Field(default_factory=list)
-    # How long a rank waits inside one collective (a barrier, the loss gather, the gradient
-    # all-reduce) before it fails with an error: a peer that hangs or a network that splits
-    # fails the run after this instead of never. Rank 0 writes the model while the others wait at
-    # the last barrier, so it must exceed that write. Torch's own default for gloo (30 min) on
-    # every path; DeepSpeed's would be 10 min.
+    # How long a rank waits inside one collective (the process group's start-up, a barrier, the
+    # loss gather, DeepSpeed's gradient reduction) before the run fails: a peer that hangs or a
+    # network that splits fails it after this, not after torch's default for the backend. It must
+    # exceed the longest work one rank does while the others wait: loading the model before the
+    # first barrier, a checkpoint's save and pruning on shared storage, rank 0's model write
+    # before the last barrier. On gloo the waiting rank raises; under NCCL torch's watchdog
+    # aborts the process. 30 min (torch's gloo default) on every path and backend: NCCL's own
+    # default and DeepSpeed's are 10 min, and $DEEPSPEED_TIMEOUT is not read.
     collective_timeout_s: float = Field(1800.0, gt=0)
     num_threads: int | None = Field(None, ge=1)   # torch threads per process
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # pairs held out of training (for evaluation)

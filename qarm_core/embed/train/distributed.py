@@ -151,9 +151,26 @@ def init_process_group(world: int, use_deepspeed: bool, backend: str, timeout_s:
         if local_world_size() == 1:
             _skip_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=world > 1, **kw)
+        _clone_world_group_with_timeout(kw["timeout"])
     else:
         dist.init_process_group(backend, **kw)
     return str(dist.get_backend())
+
+
+def _clone_world_group_with_timeout(timeout: Any) -> None:
+    """DeepSpeed's engine reduces gradients and gathers parameters on its own clone of the world
+    group (``deepspeed.utils.groups._clone_world_group``), which it creates without a timeout, so
+    torch's default for the backend would apply there (30 min gloo, 10 min NCCL), not ours: the
+    clone is made here first, with ``timeout``. Every rank calls this (creating a group is itself
+    a collective)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if not hasattr(groups, "_WORLD_GROUP"):
+        raise RuntimeError("this DeepSpeed keeps no _WORLD_GROUP: embed.train.collective_timeout_s cannot reach "
+                           "its engine's collectives (qarm_core.embed.train.distributed)")
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def _collective_device() -> str:
