@@ -936,3 +936,25 @@ def test_the_collective_timeout_changes_no_fingerprint():
     assert a != run_fingerprint(EmbedModelConfig(), TrainConfig(seed=1), "d", 2)
     with pytest.raises(ValueError):
         TrainConfig(collective_timeout_s=0)
+
+
+def test_a_lock_left_by_a_killed_op_build_is_removed_before_a_launch(tmp_path, caplog):
+    """torch waits forever on the lock file of an extension build that was killed (DeepSpeed's
+    shared-memory op compiles on a CPU host's first multi-process run): a lock older than
+    STALE_BUILD_LOCK_S is removed before a launch, a fresh one (a build under way) is kept, in the
+    extension root the workers will use and in torch's per-build folders under it."""
+    from qarm_core.embed.train.launch import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    now = 1_000_000.0
+    old_a, old_b, fresh = (tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "op" / "lock",
+                           tmp_path / "other_op" / "lock")
+    for lock, age in ((old_a, STALE_BUILD_LOCK_S + 60), (old_b, 3 * STALE_BUILD_LOCK_S), (fresh, 30)):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (now - age, now - age))
+    with caplog.at_level("WARNING"):
+        removed = clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path)}, now=now)
+    assert sorted(removed) == sorted([old_a, old_b])
+    assert fresh.exists() and not old_a.exists() and not old_b.exists()
+    assert "did not finish" in caplog.text
+    assert clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "none")}, now=now) == []

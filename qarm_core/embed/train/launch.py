@@ -164,6 +164,38 @@ def launch_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+# A JIT build of a DeepSpeed op (the shared-memory allreduce of ranks on one CPU host, ~1 min on its
+# first run) holds a lock file while it compiles; a build killed meanwhile leaves the file, and torch
+# then waits on it forever, silently, in every later launch on that host (seen here after a killed
+# test). A lock older than this is taken for such a leftover.
+STALE_BUILD_LOCK_S = 900.0
+
+
+def clear_stale_build_locks(env: Mapping[str, str], max_age_s: float = STALE_BUILD_LOCK_S,
+                            now: float | None = None) -> list[Path]:
+    """Remove the ``lock`` files older than ``max_age_s`` that killed builds left in torch's
+    extension root as launched workers see it (``TORCH_EXTENSIONS_DIR`` of ``env``, else torch's
+    default root and its per-build folders); returns the paths removed, each logged."""
+    root = env.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    now = time.time() if now is None else now
+    removed = []
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
+        try:
+            age = now - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                logger.warning("removed %s, left %.0f min ago by a build that did not finish (a build holds "
+                               "it for about a minute; the launch would have waited on it forever)", lock, age / 60)
+        except FileNotFoundError:      # a build finished meanwhile
+            continue
+    return removed
+
+
 def live_group_members(pgid: int) -> list[int]:
     """Pids of the processes of group ``pgid`` that still run (zombies excluded: a worker whose
     launcher died waits for init to reap it). Without /proc: the group's existence, by signal 0."""
@@ -294,10 +326,12 @@ def run_launched(job_file: Path, cfg: TrainConfig, progress: ProgressFn | None =
     out_log = out / ("launch.log" if cfg.nnodes == 1 else f"launch.node{cfg.node_rank}.log")
     for rank in node_ranks(cfg):        # this launch's ranks mark themselves done afresh
         rank_done_file(out, rank).unlink(missing_ok=True)
+    env = launch_env(cfg)
+    clear_stale_build_locks(env)
     t0 = time.perf_counter()
     with open(out_log, "wb") as lf:
         # its own process group: stopping the run stops the launcher's workers too, not just the launcher
-        proc = subprocess.Popen(cmd, env=launch_env(cfg), stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO),
+        proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 start_new_session=True)
         LIVE_GROUPS.add(proc.pid)
         relay = LogRelay(log, seen) if progress else None
