@@ -938,23 +938,40 @@ def test_the_collective_timeout_changes_no_fingerprint():
         TrainConfig(collective_timeout_s=0)
 
 
-def test_a_lock_left_by_a_killed_op_build_is_removed_before_a_launch(tmp_path, caplog):
+def test_a_lock_left_by_a_killed_op_build_is_removed_before_a_launch(tmp_path, caplog, monkeypatch):
     """torch waits forever on the lock file of an extension build that was killed (DeepSpeed's
-    shared-memory op compiles on a CPU host's first multi-process run): a lock older than
-    STALE_BUILD_LOCK_S is removed before a launch, a fresh one (a build under way) is kept, in the
-    extension root the workers will use and in torch's per-build folders under it."""
+    shared-memory op compiles on a CPU host's first multi-process run): such a lock, older than
+    STALE_BUILD_LOCK_S and open in no process, is removed before a launch; a fresh one, or an old
+    one a process holds open (a long build under way), is kept. In TORCH_EXTENSIONS_DIR and, when
+    that is unset, in torch's default root's per-build folder."""
+    import torch.utils.cpp_extension as cpp
+
     from qarm_core.embed.train.launch import STALE_BUILD_LOCK_S, clear_stale_build_locks
 
     now = 1_000_000.0
-    old_a, old_b, fresh = (tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "op" / "lock",
-                           tmp_path / "other_op" / "lock")
-    for lock, age in ((old_a, STALE_BUILD_LOCK_S + 60), (old_b, 3 * STALE_BUILD_LOCK_S), (fresh, 30)):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-        os.utime(lock, (now - age, now - age))
-    with caplog.at_level("WARNING"):
-        removed = clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path)}, now=now)
-    assert sorted(removed) == sorted([old_a, old_b])
-    assert fresh.exists() and not old_a.exists() and not old_b.exists()
-    assert "did not finish" in caplog.text
+
+    def locks(root, *ages):
+        made = []
+        for i, age in enumerate(ages):
+            lock = root / f"op{i}" / "lock"
+            lock.parent.mkdir(parents=True)
+            lock.touch()
+            os.utime(lock, (now - age, now - age))
+            made.append(lock)
+        return made
+
+    old, fresh, held = locks(tmp_path / "set", STALE_BUILD_LOCK_S + 60, 30, 3 * STALE_BUILD_LOCK_S)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        with caplog.at_level("WARNING"):
+            assert clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "set")}, now=now) == [old]
+        assert fresh.exists() and held.exists() and not old.exists()
+        assert "did not finish" in caplog.text
+    finally:
+        os.close(fd)
+    assert clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "set")}, now=now) == [held]
+    # unset: torch's default root, whose builds sit in a folder per Python and accelerator
+    monkeypatch.setattr(cpp, "get_default_build_root", lambda: str(tmp_path / "default"))
+    (in_build_folder,) = locks(tmp_path / "default" / "py311_cpu", 2 * STALE_BUILD_LOCK_S)
+    assert clear_stale_build_locks({}, now=now) == [in_build_folder]
     assert clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "none")}, now=now) == []

@@ -165,35 +165,67 @@ def launch_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 # A JIT build of a DeepSpeed op (the shared-memory allreduce of ranks on one CPU host, ~1 min on its
-# first run) holds a lock file while it compiles; a build killed meanwhile leaves the file, and torch
-# then waits on it forever, silently, in every later launch on that host (seen here after a killed
-# test). A lock older than this is taken for such a leftover.
+# first run) holds a lock file open while it compiles; a build killed meanwhile leaves the file, and
+# torch then waits on it forever, silently, in every later launch on that host (seen here after a
+# killed test). A lock older than this that no process on this host holds open is such a leftover.
 STALE_BUILD_LOCK_S = 900.0
+
+
+def _held_open(paths: list[Path]) -> set[Path]:
+    """Those of ``paths`` that a process of this host has open (read from /proc; every path counts
+    as held where /proc cannot be read, so nothing is removed on a guess)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return set(paths)
+    wanted = {str(p.resolve()): p for p in paths}
+    held: set[Path] = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:             # a process that ended, or another user's
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:         # closed meanwhile
+                continue
+            if target in wanted:
+                held.add(wanted[target])
+    return held
 
 
 def clear_stale_build_locks(env: Mapping[str, str], max_age_s: float = STALE_BUILD_LOCK_S,
                             now: float | None = None) -> list[Path]:
-    """Remove the ``lock`` files older than ``max_age_s`` that killed builds left in torch's
-    extension root as launched workers see it (``TORCH_EXTENSIONS_DIR`` of ``env``, else torch's
-    default root and its per-build folders); returns the paths removed, each logged."""
+    """Remove the ``lock`` files that killed builds left in torch's extension root as launched
+    workers see it (``TORCH_EXTENSIONS_DIR`` of ``env``, else torch's default root and its
+    per-build folders): older than ``max_age_s`` and open in no process of this host (a build
+    holds its lock open until it ends). Returns the paths removed, each logged; a lock that
+    cannot be read or removed is logged and left (the launch goes on as it would have)."""
     root = env.get("TORCH_EXTENSIONS_DIR")
     if not root:
         from torch.utils.cpp_extension import get_default_build_root
 
         root = get_default_build_root()
     now = time.time() if now is None else now
-    removed = []
+    age: dict[Path, float] = {}
     for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
         try:
-            age = now - lock.stat().st_mtime
-            if age > max_age_s:
-                lock.unlink()
-                removed.append(lock)
-                logger.warning("removed %s, left %.0f min ago by a build that did not finish (a build holds "
-                               "it for about a minute; the launch would have waited on it forever)", lock, age / 60)
-        except FileNotFoundError:      # a build finished meanwhile
+            if now - lock.stat().st_mtime > max_age_s:
+                age[lock] = now - lock.stat().st_mtime
+        except OSError:             # gone meanwhile (a build finished), or unreadable
             continue
-    return removed
+    removed = []
+    for lock in (set(age) - _held_open(list(age))) if age else ():
+        try:
+            lock.unlink()
+        except OSError as exc:
+            logger.warning("could not remove %s, which looks left by a build that did not finish (a launch "
+                           "that builds that op waits on it): %s", lock, exc)
+            continue
+        removed.append(lock)
+        logger.warning("removed %s, left by a build that did not finish (open in no process, %.0f min old; a "
+                       "launch would have waited on it forever)", lock, age[lock] / 60)
+    return sorted(removed)
 
 
 def live_group_members(pgid: int) -> list[int]:
