@@ -92,26 +92,33 @@ def movement(old: np.ndarray, new: np.ndarray, cells: np.ndarray, rotate: bool =
     return float(np.sqrt((resid ** 2).sum(1).mean()) / spread)
 
 
-def fidelity(x: np.ndarray, item_ids: np.ndarray, codes: "pa.Table", k: int = 10) -> dict[str, float]:
+def nearest(x: np.ndarray, k: int = 10) -> np.ndarray:
+    """``(n, k)``: each row's ``k`` nearest other rows of ``x`` ``(n, d)`` by inner product (ties by
+    index). O(n^2) memory: a benchmark's catalog."""
+    sim = x.astype(np.float64) @ x.astype(np.float64).T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def fidelity(x: np.ndarray, item_ids: np.ndarray, codes: "pa.Table", near: np.ndarray) -> dict[str, float]:
     """How well a CODES table's cells describe the space of ``x`` ``(n, d)`` (rows: ``item_ids``
     ``(n,)``, every one in ``codes``), whatever space the codes were fitted in: the share of the
     rows' total variance left inside level-1 cells (``within_c1``) and inside (c1, c2) cells
-    (``within_c12``), and the share of each row's ``k`` nearest rows by inner product that hold its
-    c1 (``knn_c1``) and its (c1, c2) (``knn_c12``). Lower spread and higher sharing: SIDs that group
-    the items this space puts together. O(n^2) memory for the neighbours: a benchmark's catalog."""
-    order = np.argsort(codes["item_id"].to_numpy())
-    at = order[np.minimum(np.searchsorted(codes["item_id"].to_numpy()[order], item_ids), len(order) - 1)]
-    if not np.array_equal(codes["item_id"].to_numpy()[at], item_ids):
-        raise ValueError("fidelity: some items have no code")
-    c1 = codes["c1"].to_numpy()[at].astype(np.int64)
-    c12 = c1 * (int(codes["c2"].to_numpy().max(initial=0)) + 1) + codes["c2"].to_numpy()[at].astype(np.int64)
+    (``within_c12``), and the share of each row's nearest rows ``near`` ``(n, k)`` (``nearest(x)``,
+    computed once for every set of codes) that hold its c1 (``knn_c1``) and its (c1, c2)
+    (``knn_c12``). Lower spread and higher sharing: SIDs that group the items this space puts
+    together."""
+    shared, at_x, at_codes = np.intersect1d(item_ids, codes["item_id"].to_numpy(), assume_unique=True,
+                                            return_indices=True)
+    if len(shared) != len(item_ids):
+        raise ValueError(f"fidelity: {len(item_ids) - len(shared)} items have no code")
+    c1, c2 = np.empty(len(item_ids), np.int64), np.empty(len(item_ids), np.int64)
+    c1[at_x] = codes["c1"].to_numpy()[at_codes]
+    c2[at_x] = codes["c2"].to_numpy()[at_codes]
     x = x.astype(np.float64)
     total = ((x - x.mean(0)) ** 2).sum()
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    near = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     out = {}
-    for name, cell in (("c1", c1), ("c12", c12)):
+    for name, cell in (("c1", c1), ("c12", c1 * (int(c2.max(initial=0)) + 1) + c2)):
         _, inv = np.unique(cell, return_inverse=True)
         sums = np.zeros((inv.max(initial=-1) + 1, x.shape[1]))
         np.add.at(sums, inv, x)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_vectors:
         saved = np.load(args.load_vectors)
         ids1, x1, new_version = saved["ids"], saved["new"], str(saved["model_version"])
-        summary = f"{saved['summary']}\n(the retrained vectors read from {args.load_vectors})"
+        summary = str(saved["summary"])
         if not np.array_equal(saved["old"], x0):
             raise SystemExit(f"bench_retrain_churn: {args.load_vectors} holds another snapshot's published vectors")
     else:
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     # the retrain day's trade: how much an item's old cell may be farther than its nearest (stickiness)
     # and how far outside its old FSQ bin it may lie (fsq_margin) before its SID moves, against what
     # the SIDs then decode to
+    near = nearest(x1)
     trade = []
     for lineage in args.lineages:
         for stick in args.stickiness or [params.stickiness]:
@@ -268,36 +276,34 @@ def main(argv: list[str] | None = None) -> int:
                 # keep what the retrain day kept, or move the held items then?
                 _, _, m_next, _ = quantize_stage(x1.copy(), ids1, params, "warm_start", book_q, codes_q,
                                                  model_version=new_version)
-                f = fidelity(x1, ids1, codes_q)
+                f = fidelity(x1, ids1, codes_q, near)
                 trade.append([lineage, stick, margin, f"{mq['churn']:.4f}", f"{mq['lineage.prefix_churn']:.4f}",
                               f"{f['within_c1']:.3f}", f"{f['knn_c1']:.3f}", f"{mq['raw.decode_hr@1']:.4f}",
                               f"{mq['raw.collision_rate']:.4f}", f"{m_next['churn']:.4f}"])
     cold_book, cold_codes, _ = quantize_embeddings(x1.copy(), ids1, params)
     _, cold_aligned, cold = align_to_previous(cold_book, cold_codes, codes0)
-    book_codes = (codes_a, codes_b)
     order = np.argsort(codes0["item_id"].to_numpy())
     cells = codes0["c1"].to_numpy()[order][np.searchsorted(codes0["item_id"].to_numpy()[order], ids0)]
     moved = movement(x0, x1, cells)
     moved_affine = movement(x0, apply_input_map(x1, fit_input_map(x1, x0)[0]), cells, rotate=False)
     sims = sim_movement(args.sim_sigmas, args.sim_items, (128, 32))
 
-    print(summary)
+    print(summary + (f"\n(the retrained vectors read from {args.load_vectors})" if args.load_vectors else ""))
     names = {"reproject": "lineage: re-projected onto the published space, refitted",
              "carry": "lineage: cells carried over by their items, refitted, matched"}
     print(f"the stage ({params.lineage}): {how}\nthe other way ({other}): {how_other}")
     published = json.loads((Path(snap.record("codebook").path) / "metrics.json").read_text())
 
     def described(codes) -> list[str]:
-        f = fidelity(x1, ids1, codes)
+        f = fidelity(x1, ids1, codes, near)
         return [f"{f['within_c1']:.3f}", f"{f['knn_c1']:.3f}"]
 
-    here = "in the retrained model's space: within-c1 spread / 10-NN sharing c1"
-    print(table(["what", "SID churn", "(c1, c2) churn", *here.split(": ")[1].split(" / "), "decode HR@1 (own space)",
-                 "raw collision"], [
+    print(table(["what", "SID churn", "(c1, c2) churn", "within-c1 spread", "10-NN sharing c1",
+                 "decode HR@1 (own space)", "raw collision"], [
         [f"{names[params.lineage]} (the stage's)", f"{m['churn']:.4f}", f"{m['lineage.prefix_churn']:.4f}",
-         *described(book_codes[0]), f"{m['raw.decode_hr@1']:.4f}", f"{m['raw.collision_rate']:.4f}"],
+         *described(codes_a), f"{m['raw.decode_hr@1']:.4f}", f"{m['raw.collision_rate']:.4f}"],
         [names[other], f"{m_other['churn']:.4f}", f"{m_other['lineage.prefix_churn']:.4f}",
-         *described(book_codes[1]), f"{m_other['raw.decode_hr@1']:.4f}", f"{m_other['raw.collision_rate']:.4f}"],
+         *described(codes_b), f"{m_other['raw.decode_hr@1']:.4f}", f"{m_other['raw.collision_rate']:.4f}"],
         ["cold refit, matched afterwards", f"{cold['churn']:.4f}", f"{cold['lineage.prefix_churn']:.4f}",
          *described(cold_aligned), "", ""],
         ["cold refit, as is", f"{cold['lineage.churn_unaligned']:.4f}", f"{cold['lineage.prefix_churn_unaligned']:.4f}",
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         ["the published codes kept as they are", "0", "0", *described(codes0),
          f"{published['raw.decode_hr@1']:.4f} (old space)", f"{published['raw.collision_rate']:.4f}"],
     ]))
-    print(f"({here}: the share of the retrained vectors' variance left inside level-1 cells, and of each item's "
+    print("(within-c1 spread / 10-NN sharing c1, in the retrained model's space: the share of the retrained vectors' variance left inside level-1 cells, and of each item's "
           "10 nearest items by inner product that hold its c1; the same measure for every row, whatever space its "
           "codes were fitted in. Decode HR@1 is measured in each row's own space: the native vectors when carried, "
           "the mapped ones when re-projected, the old model's for the published codes.)")

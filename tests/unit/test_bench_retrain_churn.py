@@ -29,7 +29,7 @@ def test_fidelity_scores_cells_in_the_space_given_whatever_order_the_codes_come_
     import pyarrow as pa
     import pytest
 
-    from benchmarks.bench_retrain_churn import fidelity
+    from benchmarks.bench_retrain_churn import fidelity, nearest
 
     rng = np.random.default_rng(1)
     centres = _unit(rng.normal(size=(8, 16)))
@@ -41,14 +41,16 @@ def test_fidelity_scores_cells_in_the_space_given_whatever_order_the_codes_come_
         order = rng.permutation(400)                 # the table's rows in another order than x's
         return pa.table({"item_id": ids[order], "c1": c1[order].astype(np.int32), "c2": c2[order].astype(np.int32)})
 
-    right = fidelity(x, ids, codes(truth, np.zeros(400)))
-    shuffled = fidelity(x, ids, codes(rng.permutation(truth), np.zeros(400)))
+    near = nearest(x)
+    assert near.shape == (400, 10) and not (near == np.arange(400)[:, None]).any()   # never the row itself
+    right = fidelity(x, ids, codes(truth, np.zeros(400)), near)
+    shuffled = fidelity(x, ids, codes(rng.permutation(truth), np.zeros(400)), near)
     assert right["within_c1"] < 0.05 and right["knn_c1"] > 0.95
     assert shuffled["within_c1"] > 0.9 and shuffled["knn_c1"] < 0.3
     # (c1, c2) cells split each true cell in two: nothing is lost at level 1, and the spread
     # inside the finer cells cannot exceed the coarser ones'
-    halves = fidelity(x, ids, codes(truth, np.arange(400) % 2))
+    halves = fidelity(x, ids, codes(truth, np.arange(400) % 2), near)
     assert halves["within_c1"] == pytest.approx(right["within_c1"])
     assert halves["within_c12"] <= halves["within_c1"] and halves["knn_c12"] < right["knn_c12"]
     with pytest.raises(ValueError, match="no code"):
-        fidelity(x, ids + 1, codes(truth, np.zeros(400)))
+        fidelity(x, ids + 1, codes(truth, np.zeros(400)), near)
