@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import loadavg, run_phase, table  # noqa: E402
 
+JUDGE_PROMPT = "pmi-generic-v1"          # synthetic products: the domain-neutral judge prompt
 STAGES = ("ingest", "mine", "judge", "qa", "baselines", "train", "embed", "quantize", "publish")
 # the units of LLM work each stage reports (MLflow metric of its stage run)
 UNITS = {"judge": ("llm.pairs", "pairs scored"), "qa": ("questions", "questions answered"),
@@ -100,7 +101,7 @@ def write_config(out: Path, day: int, tiny_lm: str, n_days: int) -> Path:
         "duckdb": {"memory_limit": "8GB", "max_temp_directory_size": "40GB", "threads": 2},
         "mine": {"sources": ["swing", "u2i"], "swing": {"top_k": 5, "keep_published_depth": 2},
                  "u2i": {"epochs": 1, "top_m": 2, "max_train_samples": 1_000_000, "reuse_model": day > 0}},
-        "judge": {"local": lm, "prompt_version": "pmi-generic-v1", "embed_weight": 0.0, "tag_weight": 0.0},
+        "judge": {"local": lm, "prompt_version": JUDGE_PROMPT, "embed_weight": 0.0, "tag_weight": 0.0},
         "qa": {"local": lm, "k": 1, "batch_size": 256},
         "embed": {"model": {"model": tiny_lm}, "reuse_model": day > 0, "baselines": [],
                   "train": {"batch_size": 8, "max_steps": 40, "use_deepspeed": False, "holdout_fraction": 0.0},
@@ -230,11 +231,11 @@ def phase_smollm2_rates(items_dir: str, snapshots: list[str], pairs: int = 240, 
     ids = items["item_id"].to_numpy()
     lm = LocalLM(LocalModelConfig(dtype=dtype))
     lm_dtype = lm.dtype_choice.name
-    prompt = judge_prompt("pmi-generic-v1")
+    prompt = judge_prompt(JUDGE_PROMPT)
 
     def conditional_seconds(p: pa.Table, model: LocalLM) -> float:
         scorer = PairScorer(model, prompt)
-        texts = render_items(catalog, set(p["dst_item"].to_pylist()), prompt.item_format)
+        texts = render_items(catalog, set(p["dst_item"].to_pylist()), prompt.scored_format)
         scorer.preload_neutral({scorer.continuation(t): 0.0 for t in texts.values()})
         t0 = time.perf_counter()
         pair_components(p, catalog, scorer)
@@ -251,7 +252,7 @@ def phase_smollm2_rates(items_dir: str, snapshots: list[str], pairs: int = 240, 
                              "day_pairs": day_pairs.num_rows,
                              "day_sources": len(set(day_pairs["src_item"].to_pylist()))})
     scorer = PairScorer(lm, prompt)
-    texts = render_items(catalog, set(ids[:neutral_items].tolist()), prompt.item_format)
+    texts = render_items(catalog, set(ids[:neutral_items].tolist()), prompt.scored_format)
     conts = [scorer.continuation(t) for t in texts.values()]
     t0 = time.perf_counter()
     lm.continuation_logprobs([prompt.neutral] * len(conts), conts, prefix=prompt.prefix)

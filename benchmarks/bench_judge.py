@@ -6,7 +6,8 @@ alone on both eval sets (co-occurrence, genre), the prompt-injection flip rate, 
 Wall-clock rates depend on what else runs on the machine: the table also gives the load average
 and the rate per CPU-second of this process (x2 for the 2 cores).
 
-    python benchmarks/bench_judge.py [--n-per-class 150] [--flip-pairs 100] [--qa-items 16] [--json out.json]
+    python benchmarks/bench_judge.py [--prompt-version pmi-fs-v2] [--n-per-class 150] [--flip-pairs 100]
+                                     [--qa-items 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _timed(fn):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt-version", default=None, help="judge prompt (default: the config's)")
     ap.add_argument("--n-per-class", type=int, default=150)
     ap.add_argument("--flip-pairs", type=int, default=100, help="eval pairs per set used for the flip rate")
     ap.add_argument("--qa-items", type=int, default=16)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     from qarm_core.lm.text import render_items
 
     torch.set_num_threads(2)
-    cfg = JudgeConfig()
+    cfg = JudgeConfig() if args.prompt_version is None else JudgeConfig(prompt_version=args.prompt_version)
     local = LocalModelConfig(**{**cfg.local.model_dump(), "model_path": args.model_path, "cache_dir": args.cache_dir})
     inter, items = read_ml100k(fetch_recbole_wheel(REPO / ".cache" / "recbole"))
     sets = build_eval_sets(inter, items, EvalSetParams(n_per_class=args.n_per_class))
@@ -91,14 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     _, w1, c1 = _timed(lambda: score_pairs(pairs, items, sc))          # pairs + neutral + embeddings
     _, w2, c2 = _timed(lambda: score_pairs(pairs, items, PairScorer(lm, prompt)))  # LLM only, cold
     sc_warm = PairScorer(lm, prompt)
-    sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(d_ids.tolist()), prompt.item_format).values()]))
+    sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(d_ids.tolist()), prompt.scored_format).values()]))
     _, w3, c3 = _timed(lambda: score_pairs(pairs, items, sc_warm))      # neutral passes cached
     # swing-like: 32 source items x 16 candidates each (each context runs once for its 16 pairs)
     g_src = np.repeat(rng.choice(ids, 32, replace=False), 16)
     g_dst = rng.choice(ids, len(g_src))
     g_dst = np.where(g_dst == g_src, (g_dst % len(ids)) + 1, g_dst)
     gpairs = pa.table({"src_item": pa.array(g_src, pa.int64()), "dst_item": pa.array(g_dst, pa.int64())})
-    sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(g_dst.tolist()), prompt.item_format).values()]))
+    sc_warm.llm_pmi(*zip(*[("x", t) for t in render_items(items, set(g_dst.tolist()), prompt.scored_format).values()]))
     _, w4, c4 = _timed(lambda: score_pairs(gpairs, items, sc_warm))
     res.update({"pairs_per_s_default_cold": n / w1, "pairs_per_s_llm_cold": n / w2,
                 "pairs_per_s_llm_neutral_cached": n / w3, "pairs_per_s_llm_grouped_neutral_cached": len(g_src) / w4,

@@ -15,13 +15,15 @@ each new path against the one it replaced, on the same inputs, in one run.
   in both loops with their defaults otherwise: its keys and values copied into every row's cache
   (``prefix_attention: copied``, the previous path) against read in place by every row
   (``shared``, the default on a CPU; ``qarm_core/lm/prefix_attention.py``).
+* The judge's prompt: ``--previous-prompt`` (``pmi-fs-v1``, B scored with its genres) against the
+  default (``pmi-fs-v2``, B scored by title and year) on the same pairs, with the B tokens a pair runs.
 
 Both paths run in the same process, one after the other, twice each in alternating order (the
 table shows the faster of the two runs of each); the load average is printed with the figures.
 
     python benchmarks/bench_llm_paths.py [--judge-sources 120] [--qa-items 96] [--dtype float32]
                                          [--skip-judge] [--skip-transformers] [--skip-grouping]
-                                         [--json out.json]
+                                         [--previous-prompt pmi-fs-v1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers' generate (slow)")
     ap.add_argument("--skip-grouping", action="store_true",
                     help="leave out the grouping comparisons (the prefix attention's only)")
+    ap.add_argument("--previous-prompt", default="pmi-fs-v1",
+                    help="judge prompt timed against the default on the same pairs (the default itself: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -117,24 +121,46 @@ def main(argv: list[str] | None = None) -> dict:
         srcs = np.unique(pairs["src_item"].to_numpy())
         pick = np.random.default_rng(0).choice(srcs, min(args.judge_sources, len(srcs)), replace=False)
         pairs = pairs.filter(pc.is_in(pairs["src_item"], pa.array(pick)))
-        prompt = judge_prompt(JudgeConfig().prompt_version)
-        texts = render_items(items, set(pairs["src_item"].to_pylist()) | set(pairs["dst_item"].to_pylist()),
-                             prompt.item_format)
-        src = [texts[i] for i in pairs["src_item"].to_pylist()]
-        dst = [texts[i] for i in pairs["dst_item"].to_pylist()]
-        warm = PairScorer(lms[2], prompt)
-        warm.llm_pmi(src[:1] * len(set(dst)), sorted(set(dst)))
-        neutral = {warm.continuation(t): warm.neutral_of(t) for t in set(dst)}     # the same for every path
+        def judge_inputs(version: str):
+            """(A texts, B texts as scored, neutral values) of the pairs under prompt ``version``."""
+            prompt = judge_prompt(version)
+            texts = render_items(items, set(pairs["src_item"].to_pylist()), prompt.item_format)
+            b_texts = render_items(items, set(pairs["dst_item"].to_pylist()), prompt.scored_format)   # B as scored
+            src = [texts[i] for i in pairs["src_item"].to_pylist()]
+            dst = [b_texts[i] for i in pairs["dst_item"].to_pylist()]
+            warm = PairScorer(lms[2], prompt)
+            warm.llm_pmi(src[:1] * len(set(dst)), sorted(set(dst)))
+            neutral = {warm.continuation(t): warm.neutral_of(t) for t in set(dst)}     # the same for every path
+            return prompt, src, dst, neutral
 
-        def pmi(lm) -> np.ndarray:
+        def pmi(lm, version: str = JudgeConfig().prompt_version) -> np.ndarray:
             """The pairs' PMI by a new scorer (a scorer keeps what it computed: a second call on the
             same one would cost nothing), neutral passes known: the pairs' forward passes only."""
+            prompt, src, dst, neutral = inputs[version]
             sc = PairScorer(lm, prompt)
             sc.preload_neutral(neutral)
             return sc.llm_pmi(src, dst)
 
+        inputs = {v: judge_inputs(v) for v in {JudgeConfig().prompt_version, args.previous_prompt}}
         scorers = {m: (lambda lm=lm: pmi(lm)) for m, lm in lms.items()} | {"copied": lambda: pmi(copied)}
-        n = len(src)
+        n = len(pairs)
+        if args.previous_prompt != JudgeConfig().prompt_version:
+            # the default prompt scores B by title and year, the previous one with its genres too
+            tokens = {v: float(np.mean([len(lms[2].tokenizer(PairScorer(lms[2], inputs[v][0]).continuation(b),
+                                                              add_special_tokens=False)["input_ids"])
+                                        for b in inputs[v][2]])) for v in inputs}
+            (_, t_prev), (_, t_cur) = _best_of_two(lambda: pmi(lms[2], args.previous_prompt), scorers[2])
+            res |= {"judge_prompt_previous": args.previous_prompt, "judge_prompt": JudgeConfig().prompt_version,
+                    "judge_b_tokens_previous": tokens[args.previous_prompt],
+                    "judge_b_tokens": tokens[JudgeConfig().prompt_version],
+                    "judge_pairs_per_s_previous_prompt": n / t_prev, "judge_pairs_per_s_prompt": n / t_cur,
+                    "judge_prompt_speedup": t_prev / t_cur}
+            table += [
+                (f"judge B tokens a pair: {args.previous_prompt} (previous) / {JudgeConfig().prompt_version} (default)",
+                 f"{res['judge_b_tokens_previous']:.1f} / {res['judge_b_tokens']:.1f}"),
+                (f"judge pairs/s: prompt {args.previous_prompt} (previous)", f"{res['judge_pairs_per_s_previous_prompt']:.1f}"),
+                (f"judge pairs/s: prompt {JudgeConfig().prompt_version} (default)", f"{res['judge_pairs_per_s_prompt']:.1f}"),
+                ("judge speed-up of the prompt", f"{res['judge_prompt_speedup']:.2f}x")]
         table.append(("judge: Swing pairs scored (source items x top_k)", f"{n:,} ({len(pick)} x <= {args.top_k})"))
         res |= {"judge_pairs": n, "judge_sources": len(pick)}
         if not args.skip_grouping:

@@ -441,9 +441,10 @@ def run_judge(local_cfg, prompt_version: str, sizes: Sizes, top_k: int, budget_s
     n_src = max(top_k + 1, -(-sizes.judge_pairs // top_k))
     items = synthetic_items(n_src, seed=2)
     texts = render_items(items, range(n_src), prompt.item_format)
+    b_texts = render_items(items, range(n_src), prompt.scored_format)     # B as the LLM scores it
     src, dst = neighbour_pairs(n_src, top_k, seed=2)
     src, dst = src[:sizes.judge_pairs], dst[:sizes.judge_pairs]
-    a_txt, b_txt = [texts[int(i)] for i in src], [texts[int(i)] for i in dst]
+    a_txt, b_txt = [texts[int(i)] for i in src], [b_texts[int(i)] for i in dst]
     per = top_k
     PairScorer(lm, prompt).llm_pmi(a_txt[:per], b_txt[:per])      # warm-up on a throwaway scorer
     scorer = PairScorer(lm, prompt)

@@ -226,7 +226,8 @@ class PairScorer:
         self._neutral.update(values)
 
     def neutral_of(self, text: str) -> float | None:
-        """The neutral log-likelihood of item text ``text`` if this scorer has it."""
+        """The neutral log-likelihood of item B's text ``text`` (in the prompt's ``scored_format``)
+        if this scorer has it."""
         return self._neutral.get(self.continuation(text))
 
     @property
@@ -236,7 +237,8 @@ class PairScorer:
         return self.backend.model_id + (f"+{self.embedder.model_id}" if self.embedder is not None else "")
 
     def llm_pmi(self, src_texts: Sequence[str], dst_texts: Sequence[str], what: str = "pairs") -> np.ndarray:
-        """(n,) PMI scores: sum log P(B | context(A)) - sum log P(B | neutral). Pairs already
+        """(n,) PMI scores: sum log P(B | context(A)) - sum log P(B | neutral); ``dst_texts`` are
+        the B texts as scored (the prompt's ``scored_format``; ``pair_components`` renders them). Pairs already
         scored by this object are not run again; progress is logged as ``judge: scoring <what>``."""
         from qarm_core.progress import Progress
 
@@ -271,14 +273,16 @@ class PairScorer:
 
     def components(self, src_texts: Sequence[str], dst_texts: Sequence[str],
                    src_tags: Sequence[str] | None = None, dst_tags: Sequence[str] | None = None,
-                   what: str = "pairs") -> dict[str, np.ndarray]:
+                   what: str = "pairs", dst_scored: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The score's terms, each of shape (n,): ``pmi`` and, with an embedder, ``cos`` and
-        ``tag_cos`` (the text cosine where either item has no tags or no tags are given)."""
-        if len(src_texts) != len(dst_texts):
-            raise ValueError("src_texts and dst_texts differ in length")
+        ``tag_cos`` (the text cosine where either item has no tags or no tags are given).
+        ``dst_scored``: B's texts in the prompt's ``scored_format``, which the LLM scores (None:
+        ``dst_texts``, for prompts that score B as rendered)."""
+        if len(src_texts) != len(dst_texts) or (dst_scored is not None and len(dst_scored) != len(dst_texts)):
+            raise ValueError("src_texts, dst_texts and dst_scored differ in length")
         if not len(src_texts):
             return {"pmi": np.zeros(0), "cos": np.zeros(0), "tag_cos": np.zeros(0)}
-        out = {"pmi": self.llm_pmi(src_texts, dst_texts, what)}
+        out = {"pmi": self.llm_pmi(src_texts, dst_texts if dst_scored is None else dst_scored, what)}
         if self.embedder is not None:
             cos = self.cosine(src_texts, dst_texts)
             tcos = cos.copy()
@@ -323,8 +327,12 @@ def pair_components(pairs: pa.Table, items: pa.Table, scorer: PairScorer, what: 
     src = pairs["src_item"].to_pylist()
     dst = pairs["dst_item"].to_pylist()
     texts, tags = render_texts_and_tags(items, set(src) | set(dst), scorer.prompt.item_format)
+    scored = None
+    if scorer.prompt.scored_format != scorer.prompt.item_format:
+        b_texts = render_items(items, set(dst), scorer.prompt.scored_format)
+        scored = [b_texts[i] for i in dst]
     return scorer.components([texts[i] for i in src], [texts[i] for i in dst],
-                             [tags[i] for i in src], [tags[i] for i in dst], what)
+                             [tags[i] for i in src], [tags[i] for i in dst], what, scored)
 
 
 def score_pairs(pairs: pa.Table, items: pa.Table, scorer: PairScorer) -> np.ndarray:

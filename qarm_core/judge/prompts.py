@@ -9,14 +9,17 @@ Judge scoring is a conditional-likelihood (PMI) score, one forward pass per pair
     score_llm(A, B) = sum_t log P(B_t | context(A), B_<t) - sum_t log P(B_t | neutral, B_<t)
 
 The neutral pass depends on B alone and is computed once per item. Item text always sits inside
-double quotes (``text.quote``) after ``text.sanitize`` removed quotes and markup from it.
+double quotes (``text.quote``) after ``text.sanitize`` removed quotes and markup from it. Item A is
+rendered with ``item_format``; item B, the scored continuation, with ``scored_format``, which may
+leave fields out: every token of B is one more position of the LLM per pair, while A's context runs
+once for all of its candidates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qarm_core.lm.text import ItemTextFormat, quote
+from qarm_core.lm.text import ItemTextFormat, quote, render_item
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,13 @@ class JudgePrompt:
     prefix: str = ""
     verdict_keep: str = "would also enjoy"
     verdict_reject: str = "would probably not enjoy"
+    # Item B's text in the scored continuation (and its neutral pass); None: ``item_format``.
+    continuation_format: ItemTextFormat | None = None
+
+    @property
+    def scored_format(self) -> ItemTextFormat:
+        """How item B is rendered where the LLM scores it."""
+        return self.continuation_format or self.item_format
 
 
 @dataclass(frozen=True)
@@ -52,25 +62,47 @@ _REASONING_SYSTEM = "You explain movie recommendations briefly and factually."
 _GENERIC_REASONING = "A customer who loved {A} {verdict} {B}. Explain why in one short sentence."
 _GENERIC_REASONING_SYSTEM = "You explain product recommendations briefly and factually."
 
-def fewshot_prefix(context: str, examples: tuple[tuple[str, str], ...]) -> str:
-    """``context`` filled with each example's A, followed by its B, one example a line."""
-    return "".join(f"{context.format(A=quote(a))} {quote(b)}.\n" for a, b in examples)
+def fewshot_prefix(context: str, examples: tuple[tuple[dict, dict], ...], a_format: ItemTextFormat,
+                   b_format: ItemTextFormat) -> str:
+    """``context`` filled with each example's A (an item row rendered with ``a_format``), followed by
+    its B (rendered with ``b_format``, as the scored continuation will be), one example a line."""
+    return "".join(f"{context.format(A=quote(render_item(a, a_format)))} {quote(render_item(b, b_format))}.\n"
+                   for a, b in examples)
+
+
+def _film(title: str, year: int, *genres: str) -> dict:
+    return {"title": title, "year": year, "tags": list(genres)}
 
 
 _MOVIE_CONTEXT = "A movie fan loved {A}. Another movie this fan loved:"
 # Few-shot examples: films released after ML-100K's last year (1998), so that no example names an
 # evaluation item.
 _MOVIE_EXAMPLES = (
-    ("The Lord of the Rings: The Fellowship of the Ring (2001), genres: Adventure, Fantasy",
-     "The Lord of the Rings: The Two Towers (2002), genres: Adventure, Fantasy"),
-    ("Finding Nemo (2003), genres: Animation, Children's, Comedy",
-     "Shrek (2001), genres: Animation, Children's, Comedy"),
-    ("The Notebook (2004), genres: Drama, Romance", "Pride & Prejudice (2005), genres: Drama, Romance"),
+    (_film("The Lord of the Rings: The Fellowship of the Ring", 2001, "Adventure", "Fantasy"),
+     _film("The Lord of the Rings: The Two Towers", 2002, "Adventure", "Fantasy")),
+    (_film("Finding Nemo", 2003, "Animation", "Children's", "Comedy"),
+     _film("Shrek", 2001, "Animation", "Children's", "Comedy")),
+    (_film("The Notebook", 2004, "Drama", "Romance"), _film("Pride & Prejudice", 2005, "Drama", "Romance")),
 )
+# B scored as its title and year: its genre line cost ~8 of its ~18 scored tokens (ML-100K), and the
+# judge's genre signal comes from the MiniLM tag term, not from the LLM scoring B's genres (README,
+# stage 2: "Scoring B without its genres").
+_TITLE_AND_YEAR = ItemTextFormat(include_tags=False)
 
 JUDGE_PROMPTS: dict[str, JudgePrompt] = {
-    # Movies (ML-100K), the default: 3 few-shot examples (their key/value cache is computed once).
-    # Measured on the ML-100K eval sets: see benchmarks/bench_judge.py.
+    # Movies (ML-100K), the default: 3 few-shot examples (their key/value cache is computed once);
+    # B scored without its genres. Measured on the ML-100K eval sets: see benchmarks/bench_judge.py.
+    "pmi-fs-v2": JudgePrompt(
+        version="pmi-fs-v2",
+        item_format=ItemTextFormat(),
+        context=_MOVIE_CONTEXT,
+        neutral="A movie fan loved a movie. Another movie this fan loved:",
+        reasoning=_REASONING,
+        reasoning_system=_REASONING_SYSTEM,
+        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), _TITLE_AND_YEAR),
+        continuation_format=_TITLE_AND_YEAR,
+    ),
+    # Movies, B scored with its genres (the default until 2026-12-06).
     "pmi-fs-v1": JudgePrompt(
         version="pmi-fs-v1",
         item_format=ItemTextFormat(),
@@ -78,7 +110,7 @@ JUDGE_PROMPTS: dict[str, JudgePrompt] = {
         neutral="A movie fan loved a movie. Another movie this fan loved:",
         reasoning=_REASONING,
         reasoning_system=_REASONING_SYSTEM,
-        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES),
+        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), ItemTextFormat()),
     ),
     # Movies, zero-shot.
     "pmi-v1": JudgePrompt(
@@ -89,7 +121,8 @@ JUDGE_PROMPTS: dict[str, JudgePrompt] = {
         reasoning=_REASONING,
         reasoning_system=_REASONING_SYSTEM,
     ),
-    # Any catalogue (products, videos...): same scorer, domain-neutral wording.
+    # Any catalogue (products, videos...): same scorer, domain-neutral wording. B is scored with its
+    # categories: without them this zero-shot prompt judged worse on ML-100K (README, stage 2).
     "pmi-generic-v1": JudgePrompt(
         version="pmi-generic-v1",
         item_format=ItemTextFormat(tags_label="categories"),

@@ -175,7 +175,7 @@ def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer"
     from qarm_core.hashing import text_hash
     from qarm_core.lm.text import render_items
 
-    texts = render_items(items, set(item_ids), scorer.prompt.item_format)
+    texts = render_items(items, set(item_ids), scorer.prompt.scored_format)     # B as the LLM scores it
     hashes = {i: text_hash(scorer.continuation(t)) for i, t in texts.items()}
     loaded = 0
     if previous is not None and previous.num_rows:

@@ -326,11 +326,36 @@ def test_hybrid_score_with_minilm(tiny_lm):
     cos = hybrid.cosine([texts[4]] * 3, [texts[1], texts[5], texts[6]])
     tcos = hybrid.cosine([tags[4]] * 2, [tags[1], tags[5]])
     assert cos[1] > cos[0] and tcos[1] > tcos[0]  # Star Wars is closer to Empire Strikes Back than to Toy Story
-    base = llm_only.llm_pmi([texts[4]] * 3, [texts[1], texts[5], texts[6]])
+    # the LLM scores B as the prompt renders its continuation (the default: title and year only)
+    scored = render_items(items, [1, 5, 6], prompt.scored_format)
+    assert scored[5] == "The Empire Strikes Back (1980)" and texts[5].startswith(scored[5] + ", genres: ")
+    base = llm_only.llm_pmi([texts[4]] * 3, [scored[1], scored[5], scored[6]])
+    assert llm_only.llm_pmi([texts[4]], [texts[5]])[0] != pytest.approx(base[1], abs=1e-3)
     got = {r["dst_item"]: r["score"] for r in j.to_pylist()}
     assert got[1] == pytest.approx(base[0] + 40 * cos[0] + 20 * tcos[0], abs=1e-5)
     assert got[5] == pytest.approx(base[1] + 40 * cos[1] + 20 * tcos[1], abs=1e-5)
     assert got[6] == pytest.approx(base[2] + 60 * cos[2], abs=1e-5)      # no tags: text cosine stands in
+
+
+def test_the_movie_prompts_render_b_as_their_version_says():
+    """``pmi-fs-v1`` is immutable (cached judgments carry its name): its few-shot text is pinned
+    here. ``pmi-fs-v2`` scores B by title and year, in its examples as in every pair."""
+    v1, v2 = judge_prompt("pmi-fs-v1"), judge_prompt("pmi-fs-v2")
+    assert v1.prefix == (
+        'A movie fan loved "The Lord of the Rings: The Fellowship of the Ring (2001), genres: Adventure, Fantasy". '
+        'Another movie this fan loved: "The Lord of the Rings: The Two Towers (2002), genres: Adventure, Fantasy".\n'
+        'A movie fan loved "Finding Nemo (2003), genres: Animation, Children\'s, Comedy". '
+        'Another movie this fan loved: "Shrek (2001), genres: Animation, Children\'s, Comedy".\n'
+        'A movie fan loved "The Notebook (2004), genres: Drama, Romance". '
+        'Another movie this fan loved: "Pride & Prejudice (2005), genres: Drama, Romance".\n')
+    assert v1.scored_format == v1.item_format
+    assert v2.prefix == v1.prefix.replace(', genres: Adventure, Fantasy".\n', '".\n').replace(
+        ', genres: Animation, Children\'s, Comedy".\n', '".\n').replace(', genres: Drama, Romance".\n', '".\n')
+    assert v2.prefix.count("genres") == 3 and v2.item_format == v1.item_format
+    row = {"title": "Usual Suspects, The", "year": 1995, "tags": ["Crime"]}
+    assert render_item(row, v2.scored_format) == "The Usual Suspects (1995)"
+    assert render_item(row, v2.item_format) == "The Usual Suspects (1995), genres: Crime"
+    assert JudgeConfig().prompt_version == "pmi-fs-v2"
 
 
 def test_empty_pairs_give_empty_judgments(tiny_lm):

@@ -115,6 +115,31 @@ def test_neutral_counts_passes_once_per_text_and_cached_items(backend, data):
     assert rep2["neutral.computed"] == 0 == fresh.neutral_passes and rep2["neutral.cached"] == 4
 
 
+@pytest.mark.parametrize("version", ["pmi-fs-v2", "pmi-fs-v1"])
+def test_an_item_whose_tags_change_is_judged_again_and_its_neutral_pass_follows_the_scored_text(
+        backend, data, version):
+    """``pmi-fs-v2`` scores B without its tags: new tags on an item B re-judge its pairs (the pair
+    key hashes every field the judge reads) but reuse its neutral pass, whose text did not change;
+    ``pmi-fs-v1`` scores the tags, so the neutral pass runs again. Scores equal a fresh judgment."""
+    items, _, _ = data
+    cfg = CFG.model_copy(update={"prompt_version": version, "reasoning": "none"})
+    pairs = pa.table({"src_item": pa.array([5, 6, 7], pa.int64()), "dst_item": pa.array([0, 0, 9], pa.int64()),
+                      "source": ["swing"] * 3})
+    tables, rep = judge_stage(pairs, items, None, cfg, scorer=PairScorer(backend, judge_prompt(version)))
+    assert rep["neutral.computed"] == 2
+    tags = [["Retagged"] if i == 0 else t for i, t in zip(items["item_id"].to_pylist(), items["tags"].to_pylist())]
+    retagged = items.set_column(items.column_names.index("tags"), "tags", pa.array(tags, items.schema.field("tags").type))
+    again, rep2 = judge_stage(pairs, retagged, None, cfg, previous=tables,
+                              scorer=PairScorer(backend, judge_prompt(version)))
+    assert rep2["pairs.scored"] == 2 and rep2["pairs.cached"] == 1
+    assert (rep2["neutral.cached"], rep2["neutral.computed"]) == ((2, 0) if version == "pmi-fs-v2" else (1, 1))
+    scratch, _ = judge_stage(pairs, retagged, None, cfg, scorer=PairScorer(backend, judge_prompt(version)))
+    assert again.judgments["score"].to_pylist() == pytest.approx(scratch.judgments["score"].to_pylist(), abs=1e-9)
+    before = dict(zip(tables.judgments["src_item"].to_pylist(), tables.judgments["score"].to_pylist()))
+    after = dict(zip(again.judgments["src_item"].to_pylist(), again.judgments["score"].to_pylist()))
+    assert (after[5] == pytest.approx(before[5], abs=1e-9)) == (version == "pmi-fs-v2")   # A's text is unchanged
+
+
 def test_evaluation_cache_follows_item_text(backend, data):
     """An evaluation pair whose item text changed is scored again; the others are not."""
     items, inter, _ = data
