@@ -17,7 +17,7 @@ once for all of its candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qarm_core.lm.text import ItemTextFormat, quote, render_item
 
@@ -84,43 +84,31 @@ _MOVIE_EXAMPLES = (
      _film("Shrek", 2001, "Animation", "Children's", "Comedy")),
     (_film("The Notebook", 2004, "Drama", "Romance"), _film("Pride & Prejudice", 2005, "Drama", "Romance")),
 )
-# B scored as its title and year: its genre line cost ~8 of its ~18 scored tokens (ML-100K), and the
+# B scored as its title and year: its genre line cost ~8 of its ~19 scored tokens (ML-100K), and the
 # judge's genre signal comes from the MiniLM tag term, not from the LLM scoring B's genres (README,
-# stage 2: "Scoring B without its genres").
+# stage 2: "Scoring B by title and year").
 _TITLE_AND_YEAR = ItemTextFormat(include_tags=False)
+# Movies, 3 few-shot examples (their key/value cache is computed once), B scored with its genres: the
+# default until 2026-12-06.
+_MOVIES_FEWSHOT_V1 = JudgePrompt(
+    version="pmi-fs-v1",
+    item_format=ItemTextFormat(),
+    context=_MOVIE_CONTEXT,
+    neutral="A movie fan loved a movie. Another movie this fan loved:",
+    reasoning=_REASONING,
+    reasoning_system=_REASONING_SYSTEM,
+    prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), ItemTextFormat()),
+)
 
 JUDGE_PROMPTS: dict[str, JudgePrompt] = {
-    # Movies (ML-100K), the default: 3 few-shot examples (their key/value cache is computed once);
-    # B scored without its genres. Measured on the ML-100K eval sets: see benchmarks/bench_judge.py.
-    "pmi-fs-v2": JudgePrompt(
-        version="pmi-fs-v2",
-        item_format=ItemTextFormat(),
-        context=_MOVIE_CONTEXT,
-        neutral="A movie fan loved a movie. Another movie this fan loved:",
-        reasoning=_REASONING,
-        reasoning_system=_REASONING_SYSTEM,
-        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), _TITLE_AND_YEAR),
-        continuation_format=_TITLE_AND_YEAR,
-    ),
-    # Movies, B scored with its genres (the default until 2026-12-06).
-    "pmi-fs-v1": JudgePrompt(
-        version="pmi-fs-v1",
-        item_format=ItemTextFormat(),
-        context=_MOVIE_CONTEXT,
-        neutral="A movie fan loved a movie. Another movie this fan loved:",
-        reasoning=_REASONING,
-        reasoning_system=_REASONING_SYSTEM,
-        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), ItemTextFormat()),
-    ),
+    # Movies (ML-100K), the default: as v1, B scored by title and year, in the examples too. Measured on
+    # the ML-100K eval sets: see benchmarks/bench_judge.py.
+    "pmi-fs-v2": replace(
+        _MOVIES_FEWSHOT_V1, version="pmi-fs-v2", continuation_format=_TITLE_AND_YEAR,
+        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), _TITLE_AND_YEAR)),
+    "pmi-fs-v1": _MOVIES_FEWSHOT_V1,
     # Movies, zero-shot.
-    "pmi-v1": JudgePrompt(
-        version="pmi-v1",
-        item_format=ItemTextFormat(),
-        context=_MOVIE_CONTEXT,
-        neutral="A movie fan loved a movie. Another movie this fan loved:",
-        reasoning=_REASONING,
-        reasoning_system=_REASONING_SYSTEM,
-    ),
+    "pmi-v1": replace(_MOVIES_FEWSHOT_V1, version="pmi-v1", prefix=""),
     # Any catalogue (products, videos...): same scorer, domain-neutral wording. B is scored with its
     # categories: without them this zero-shot prompt judged worse on ML-100K (README, stage 2).
     "pmi-generic-v1": JudgePrompt(
