@@ -63,7 +63,7 @@ class JudgeConfig(Strict):
     local: LocalModelConfig = LocalModelConfig()
     http: HttpConfig = HttpConfig()
     # Names a prompt family in ``prompts.PROMPTS``; part of the judgment cache key.
-    prompt_version: str = "pmi-fs-v2"
+    prompt_version: str = "pmi-generic-fs-v1"
     # Judge score = PMI(LLM) + embed_weight * cos(MiniLM(item texts)) + tag_weight * cos(MiniLM(tags)).
     # The weights roughly equalise the three terms' spreads, measured without labels on the 1,800
     # ML-100K eval pairs of seeds 0-2: std(PMI)/std(cos) = 35, std(PMI)/std(tag cos) = 19.

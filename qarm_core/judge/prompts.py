@@ -70,19 +70,19 @@ def fewshot_prefix(context: str, examples: tuple[tuple[dict, dict], ...], a_form
                    for a, b in examples)
 
 
-def _film(title: str, year: int, *genres: str) -> dict:
-    return {"title": title, "year": year, "tags": list(genres)}
+def _item_row(title: str, year: int, *tags: str) -> dict:
+    return {"title": title, "year": year, "tags": list(tags)}
 
 
 _MOVIE_CONTEXT = "A movie fan loved {A}. Another movie this fan loved:"
 # Few-shot examples: films released after ML-100K's last year (1998), so that no example names an
 # evaluation item.
 _MOVIE_EXAMPLES = (
-    (_film("The Lord of the Rings: The Fellowship of the Ring", 2001, "Adventure", "Fantasy"),
-     _film("The Lord of the Rings: The Two Towers", 2002, "Adventure", "Fantasy")),
-    (_film("Finding Nemo", 2003, "Animation", "Children's", "Comedy"),
-     _film("Shrek", 2001, "Animation", "Children's", "Comedy")),
-    (_film("The Notebook", 2004, "Drama", "Romance"), _film("Pride & Prejudice", 2005, "Drama", "Romance")),
+    (_item_row("The Lord of the Rings: The Fellowship of the Ring", 2001, "Adventure", "Fantasy"),
+     _item_row("The Lord of the Rings: The Two Towers", 2002, "Adventure", "Fantasy")),
+    (_item_row("Finding Nemo", 2003, "Animation", "Children's", "Comedy"),
+     _item_row("Shrek", 2001, "Animation", "Children's", "Comedy")),
+    (_item_row("The Notebook", 2004, "Drama", "Romance"), _item_row("Pride & Prejudice", 2005, "Drama", "Romance")),
 )
 # B scored as its title and year: its genre line cost ~8 of its ~19 scored tokens (ML-100K), and the
 # judge's genre signal comes from the MiniLM tag term, not from the LLM scoring B's genres (README,
@@ -100,27 +100,43 @@ _MOVIES_FEWSHOT_V1 = JudgePrompt(
     prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), ItemTextFormat()),
 )
 
+_PRODUCT_CONTEXT = "A customer loved {A}. Another item this customer loved:"
+_PRODUCT_EXAMPLES = (
+    (_item_row("Trail Running Shoes", 2021, "Sports", "Footwear"), _item_row("Hydration Vest", 2020, "Sports", "Outdoors")),
+    (_item_row("Espresso Machine", 2019, "Kitchen", "Appliances"), _item_row("Milk Frother", 2019, "Kitchen", "Appliances")),
+    (_item_row("Watercolor Paint Set", 2022, "Arts", "Crafts"), _item_row("Sketchbook", 2021, "Arts", "Stationery")),
+)
+_CATEGORIES = ItemTextFormat(tags_label="categories")
+_CATEGORIES_TITLE_AND_YEAR = ItemTextFormat(tags_label="categories", include_tags=False)
+# Any catalogue (products, videos...): same scorer, domain-neutral wording, zero-shot. B is scored with
+# its categories: without them this prompt judged worse on ML-100K (README, stage 2).
+_GENERIC_V1 = JudgePrompt(
+    version="pmi-generic-v1",
+    item_format=_CATEGORIES,
+    context=_PRODUCT_CONTEXT,
+    neutral="A customer loved an item. Another item this customer loved:",
+    reasoning=_GENERIC_REASONING,
+    reasoning_system=_GENERIC_REASONING_SYSTEM,
+    verdict_keep="would also like",
+    verdict_reject="would probably not like",
+)
+
 JUDGE_PROMPTS: dict[str, JudgePrompt] = {
-    # Movies (ML-100K), the default: as v1, B scored by title and year, in the examples too. Measured on
-    # the ML-100K eval sets: see benchmarks/bench_judge.py.
+    # Movies: as v1, B scored by title and year, in the examples too (the default for part of
+    # 2026-12-06). Measured on the ML-100K eval sets: see benchmarks/bench_judge.py.
     "pmi-fs-v2": replace(
         _MOVIES_FEWSHOT_V1, version="pmi-fs-v2", continuation_format=_TITLE_AND_YEAR,
         prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), _TITLE_AND_YEAR)),
     "pmi-fs-v1": _MOVIES_FEWSHOT_V1,
     # Movies, zero-shot.
     "pmi-v1": replace(_MOVIES_FEWSHOT_V1, version="pmi-v1", prefix=""),
-    # Any catalogue (products, videos...): same scorer, domain-neutral wording. B is scored with its
-    # categories: without them this zero-shot prompt judged worse on ML-100K (README, stage 2).
-    "pmi-generic-v1": JudgePrompt(
-        version="pmi-generic-v1",
-        item_format=ItemTextFormat(tags_label="categories"),
-        context="A customer loved {A}. Another item this customer loved:",
-        neutral="A customer loved an item. Another item this customer loved:",
-        reasoning=_GENERIC_REASONING,
-        reasoning_system=_GENERIC_REASONING_SYSTEM,
-        verdict_keep="would also like",
-        verdict_reject="would probably not like",
-    ),
+    # Any catalogue, the default: domain-neutral wording, 3 few-shot examples of products, B scored by
+    # title and year. Chosen over pmi-fs-v2 on ML-100K by a rule set before its run, on held-out eval
+    # seeds; also better on the test period (README, stage 2: "A domain-neutral prompt with examples").
+    "pmi-generic-fs-v1": replace(
+        _GENERIC_V1, version="pmi-generic-fs-v1", continuation_format=_CATEGORIES_TITLE_AND_YEAR,
+        prefix=fewshot_prefix(_PRODUCT_CONTEXT, _PRODUCT_EXAMPLES, _CATEGORIES, _CATEGORIES_TITLE_AND_YEAR)),
+    "pmi-generic-v1": _GENERIC_V1,
 }
 
 QA_PROMPTS: dict[str, QAPrompt] = {

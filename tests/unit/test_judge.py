@@ -320,7 +320,7 @@ def test_hybrid_score_with_minilm(tiny_lm):
     hybrid = PairScorer(tiny_lm, prompt, emb, cfg.embed_weight, cfg.tag_weight)
     j = judge_pairs(pairs, items, cfg, scorer=hybrid)
     assert j["model_id"][0].as_py() == f"{tiny_lm.model_id}+minilm-l6-v2*40+tags*20"
-    texts = render_items(items, [1, 4, 5, 6])
+    texts = render_items(items, [1, 4, 5, 6], prompt.item_format)
     tags = render_items(items, [1, 4, 5, 6], tags_only=True)
     assert tags[4] == "Sci-Fi" and tags[6] == ""
     cos = hybrid.cosine([texts[4]] * 3, [texts[1], texts[5], texts[6]])
@@ -328,7 +328,7 @@ def test_hybrid_score_with_minilm(tiny_lm):
     assert cos[1] > cos[0] and tcos[1] > tcos[0]  # Star Wars is closer to Empire Strikes Back than to Toy Story
     # the LLM scores B as the prompt renders its continuation (the default: title and year only)
     scored = render_items(items, [1, 5, 6], prompt.scored_format)
-    assert scored[5] == "The Empire Strikes Back (1980)" and texts[5].startswith(scored[5] + ", genres: ")
+    assert scored[5] == "The Empire Strikes Back (1980)" and texts[5].startswith(scored[5] + ", categories: ")
     base = llm_only.llm_pmi([texts[4]] * 3, [scored[1], scored[5], scored[6]])
     assert llm_only.llm_pmi([texts[4]], [texts[5]])[0] != pytest.approx(base[1], abs=1e-3)
     got = {r["dst_item"]: r["score"] for r in j.to_pylist()}
@@ -355,7 +355,22 @@ def test_the_movie_prompts_render_b_as_their_version_says():
     row = {"title": "Usual Suspects, The", "year": 1995, "tags": ["Crime"]}
     assert render_item(row, v2.scored_format) == "The Usual Suspects (1995)"
     assert render_item(row, v2.item_format) == "The Usual Suspects (1995), genres: Crime"
-    assert JudgeConfig().prompt_version == "pmi-fs-v2"
+
+
+def test_the_default_prompt_is_domain_neutral_with_product_examples_and_b_by_title_and_year():
+    p = judge_prompt(JudgeConfig().prompt_version)
+    assert p.version == "pmi-generic-fs-v1" and p.context == judge_prompt("pmi-generic-v1").context
+    assert p.prefix == (
+        'A customer loved "Trail Running Shoes (2021), categories: Sports, Footwear". '
+        'Another item this customer loved: "Hydration Vest (2020)".\n'
+        'A customer loved "Espresso Machine (2019), categories: Kitchen, Appliances". '
+        'Another item this customer loved: "Milk Frother (2019)".\n'
+        'A customer loved "Watercolor Paint Set (2022), categories: Arts, Crafts". '
+        'Another item this customer loved: "Sketchbook (2021)".\n')
+    row = {"title": "Usual Suspects, The", "year": 1995, "tags": ["Crime"]}
+    assert render_item(row, p.scored_format) == "The Usual Suspects (1995)"
+    assert render_item(row, p.item_format) == "The Usual Suspects (1995), categories: Crime"
+    assert judge_prompt("pmi-generic-v1").scored_format == judge_prompt("pmi-generic-v1").item_format
 
 
 def test_empty_pairs_give_empty_judgments(tiny_lm):
