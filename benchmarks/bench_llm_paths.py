@@ -16,7 +16,7 @@ each new path against the one it replaced, on the same inputs, in one run.
   (``prefix_attention: copied``, the previous path) against read in place by every row
   (``shared``, the default on a CPU; ``qarm_core/lm/prefix_attention.py``).
 * The judge's prompt: ``--previous-prompt`` (``pmi-fs-v1``, B scored with its genres) against the
-  default (``pmi-fs-v2``, B scored by title and year) on the same pairs, with the B tokens a pair runs.
+  default (B scored by title and year) on the same pairs, with the B tokens a pair runs.
 
 Both paths run in the same process, one after the other, twice each in alternating order (the
 table shows the faster of the two runs of each); the load average is printed with the figures.
