@@ -146,9 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
         n = len(pairs)
         if args.previous_prompt != JudgeConfig().prompt_version:
             # the default prompt scores B by title and year, the previous one with its genres too
-            tokens = {v: float(np.mean([len(lms[2].tokenizer(PairScorer(lms[2], inputs[v][0]).continuation(b),
-                                                              add_special_tokens=False)["input_ids"])
-                                        for b in inputs[v][2]])) for v in inputs}
+            def b_tokens(version: str) -> float:
+                """Mean tokens of B a pair runs under ``version`` (its continuation, as scored)."""
+                prompt, _, dst, _ = inputs[version]
+                cont = PairScorer(lms[2], prompt).continuation
+                return float(np.mean([len(lms[2].tokenizer(cont(b), add_special_tokens=False)["input_ids"])
+                                      for b in dst]))
+
+            tokens = {v: b_tokens(v) for v in inputs}
             (_, t_prev), (_, t_cur) = _best_of_two(lambda: pmi(lms[2], args.previous_prompt), scorers[2])
             res |= {"judge_prompt_previous": args.previous_prompt, "judge_prompt": JudgeConfig().prompt_version,
                     "judge_b_tokens_previous": tokens[args.previous_prompt],
