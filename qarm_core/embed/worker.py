@@ -4,7 +4,7 @@
 
 Reads the job written by ``train.write_job``, trains (rank/world from the launcher's environment)
 and exits 0; rank 0 writes ``train_record.json`` next to the model, every rank marks itself done
-(``record.mark_rank_done``) before it exits.
+(``record.mark_rank_done``) before it exits. A rank that fails prints its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -49,5 +49,23 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """``main``, then ``exit_now`` whatever happened: 0 when it trained, argparse's code for a bad
+    command line, 1 after printing the traceback when it raised (a collective that timed out, a
+    missing job file). A failed rank must also skip the teardown: gloo's threads, still joinable
+    after a timed-out collective, made the interpreter abort (SIGABRT, "terminate called without an
+    active exception") after the real error was printed, so the exit code varied from run to run."""
+    import traceback
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    exit_now(main())
+    run_and_exit()

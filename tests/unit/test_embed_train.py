@@ -871,6 +871,7 @@ import os, sys, time
 from pathlib import Path
 import torch, torch.distributed as dist
 from qarm_core.embed.train.distributed import init_process_group
+from qarm_core.embed.worker import exit_now
 if {deepspeed}:
     import deepspeed
     from deepspeed.utils import groups
@@ -891,7 +892,8 @@ try:
     dist.all_reduce(torch.ones(1), group=group)
 except Exception as exc:
     print("RAISED", round(time.perf_counter() - t0, 1), type(exc).__name__, str(exc)[:200], flush=True)
-    sys.exit(3)
+    # as the worker leaves: without the teardown, which can abort on gloo's timed-out threads
+    exit_now(3)
 print("RETURNED", flush=True)
 """
 
@@ -924,6 +926,21 @@ def test_a_collective_waiting_on_a_hung_peer_fails_after_the_timeout(deepspeed, 
     line = next(x for x in out0.splitlines() if x.startswith("RAISED"))
     waited = float(line.split()[1])
     assert 2.5 <= waited < 30, line
+
+
+def test_a_failed_worker_prints_its_error_and_exits_1(tmp_path):
+    """A rank whose training raises leaves with 1 after its traceback (not whatever the
+    interpreter's teardown does next); a bad command line keeps argparse's 2."""
+    import subprocess
+
+    missing = tmp_path / "no_such_job.json"
+    run = subprocess.run([sys.executable, "-m", "qarm_core.embed.worker", str(missing)], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "FileNotFoundError" in run.stderr and "no_such_job.json" in run.stderr
+    bad = subprocess.run([sys.executable, "-m", "qarm_core.embed.worker"], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def test_the_collective_timeout_changes_no_fingerprint():
