@@ -13,6 +13,7 @@ from qarm_core import __version__
 from qarm_core.config import PipelineConfig
 from qarm_core.hashing import stable_hash
 from qarm_core.plots import plot_loss_curves
+from qarm_core.embed.config import RUN_NEUTRAL_TRAIN_FIELDS
 from qarm_core.embed.stage import baselines_stage, embed_stage, iter_embedding_batches, train_stage
 from qarm_core.schemas import SCHEMAS, embeddings_schema
 from qarm_core.storage import CURRENT_AT_READ, DatasetRecord, Storage, read_dataset, write_stage_outputs
@@ -57,11 +58,8 @@ def train(cfg: PipelineConfig, parent_run_id: str, judgments: DatasetRecord, qa:
                            "model": cfg.embed.model.model_dump(mode="json"),
                            "start": start.fingerprint if start is not None else "base",
                            **({"reference": anchor.fingerprint} if anchor is not None else {}),
-                           # node_rank differs between the nodes of one multi-node run, which must
-                           # all train into the same (shared) run folder; how long a collective may
-                           # wait changes no result
-                           "train": cfg.embed.train.model_dump(mode="json",
-                                                               exclude={"node_rank", "collective_timeout_s"}),
+                           # the nodes of one run share its run folder (see RUN_NEUTRAL_TRAIN_FIELDS)
+                           "train": cfg.embed.train.model_dump(mode="json", exclude=set(RUN_NEUTRAL_TRAIN_FIELDS)),
                            "qarm": __version__})
         run_dir = storage.run_dir("train", key)
         report: dict = {}

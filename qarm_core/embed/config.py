@@ -40,6 +40,13 @@ class EmbedModelConfig(Strict):
     seed: int = 0                          # init of the projection (and of the new token rows)
 
 
+# TrainConfig fields that change no result and must not tell the ranks of one run apart: the
+# nodes of a multi-node run differ in node_rank and train into one shared run folder, and how long a
+# collective may wait changes nothing it computes. Written once: the run's fingerprint
+# (``train.checkpoint.run_fingerprint``) and the train task's cache key both leave them out.
+RUN_NEUTRAL_TRAIN_FIELDS = frozenset({"node_rank", "collective_timeout_s"})
+
+
 class TrainConfig(Strict):
     """Fine-tuning of the three-segment model (contrastive + QA next-token loss)."""
 

@@ -81,6 +81,26 @@ def accumulate(x, labels, sums, counts, part):
             sums[part, a, t] += x[i, t]
 
 
+@njit(cache=True, nogil=True)
+def accumulate_moves(x, labels, previous, sums, counts, part):
+    """Move the rows of ``x`` ``(m, d)`` whose label changed from ``previous[i]`` to ``labels[i]``:
+    subtract each from its old centroid's float64 sum ``sums[part]`` ``(K, d)`` and add it to its
+    new one (counts likewise). Rows whose label stayed are not read: late in a fit a few percent
+    of rows move, so a pass's sums cost that share of ``accumulate``. Same fixed part order."""
+    m, d = x.shape
+    for i in range(m):
+        a = labels[i]
+        b = previous[i]
+        if a == b:
+            continue
+        counts[part, a] += 1
+        counts[part, b] -= 1
+        for t in range(d):
+            v = np.float64(x[i, t])
+            sums[part, a, t] += v
+            sums[part, b, t] -= v
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def sq_dist_to(x, labels, c, out):
     """out[i] = ||x[i] - c[labels[i]]||^2 (float32 rows, float64 accumulation)."""

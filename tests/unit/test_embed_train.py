@@ -951,6 +951,13 @@ def test_the_collective_timeout_changes_no_fingerprint():
     a = run_fingerprint(EmbedModelConfig(), TrainConfig(), "d", 2)
     assert a == run_fingerprint(EmbedModelConfig(), TrainConfig(collective_timeout_s=30), "d", 2)
     assert a != run_fingerprint(EmbedModelConfig(), TrainConfig(seed=1), "d", 2)
+    # the one list both the fingerprint and the train task's cache key leave out
+    from qarm_core.embed.config import RUN_NEUTRAL_TRAIN_FIELDS
+
+    assert RUN_NEUTRAL_TRAIN_FIELDS <= set(TrainConfig.model_fields)
+    two = TrainConfig(nnodes=2, launcher="torchrun")
+    assert run_fingerprint(EmbedModelConfig(), two, "d", 2) == \
+        run_fingerprint(EmbedModelConfig(), TrainConfig(nnodes=2, launcher="torchrun", node_rank=1, collective_timeout_s=5), "d", 2)
     with pytest.raises(ValueError):
         TrainConfig(collective_timeout_s=0)
 

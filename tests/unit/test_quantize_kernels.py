@@ -105,6 +105,35 @@ def test_gemm_assignment_matches_brute_force_and_ignores_thread_count():
     assert np.allclose(runs[0][0][0], np.stack([x[labels == j].sum(0, dtype=np.float64) for j in range(64)]))
 
 
+def test_sums_updated_by_the_rows_that_moved_equal_a_fresh_summation():
+    """A pass told the previous labels and their sums adds only the rows that changed centroid:
+    same labels and error as a full pass, counts exact, sums equal to float64 rounding; the same
+    bits for any thread count. Assignment alone returns no sums."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40_000, 24)).astype(np.float32)
+    c0 = x[rng.choice(len(x), 32, replace=False)].copy()
+    lab0 = np.empty(len(x), np.int32)
+    s0, cnt0, _ = K._pass(x, c0, lab0)
+    c1 = (s0 / np.maximum(cnt0, 1)[:, None]).astype(np.float32)        # one Lloyd update
+    full_lab = np.empty(len(x), np.int32)
+    s_full, cnt_full, err_full = K._pass(x, c1, full_lab)
+    moved = full_lab != lab0
+    assert 0.01 < moved.mean() < 0.9                                   # some rows move, not all
+    runs = []
+    for t in (1, 2, 3):
+        lab = np.empty(len(x), np.int32)
+        runs.append((K._pass(x, c1, lab, n_threads=t, moved_from=(lab0, s0, cnt0)), lab))
+    (s, cnt, err), lab = runs[0]
+    assert np.array_equal(lab, full_lab) and err == err_full and np.array_equal(cnt, cnt_full)
+    assert np.allclose(s, s_full, rtol=1e-12, atol=1e-9) and not np.array_equal(s, s0)
+    for (s_t, cnt_t, err_t), lab_t in runs[1:]:
+        assert np.array_equal(s_t, s) and np.array_equal(cnt_t, cnt) and err_t == err and np.array_equal(lab_t, lab)
+    # the inputs are left as they were (lloyd keeps them for a rejected update)
+    assert np.array_equal(s0, K._pass(x, c0, np.empty(len(x), np.int32))[0])
+    lab_only = np.empty(len(x), np.int32)
+    assert K._pass(x, c1, lab_only, with_sums=False)[:2] == (None, None) and np.array_equal(lab_only, full_lab)
+
+
 def test_lloyd_fixed_point_and_hungarian_match():
     x, _ = _emb(n=4000)
     c, labels, mse, it, converged = K.lloyd(x, K.init_centroids(x, 16, 0), max_iter=100)

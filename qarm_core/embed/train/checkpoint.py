@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from qarm_core.embed.config import EmbedModelConfig, TrainConfig
+from qarm_core.embed.config import RUN_NEUTRAL_TRAIN_FIELDS, EmbedModelConfig, TrainConfig
 from qarm_core.embed.train.distributed import barrier
 from qarm_core.embed.train.record import STAGE
 from qarm_core.errors import DataError
@@ -74,8 +74,8 @@ def run_fingerprint(model_cfg: EmbedModelConfig, cfg: TrainConfig, data_digest: 
     time budget, thread count, nor where the processes run: the ranks of one run on different
     nodes differ in node_rank and must agree on the fingerprint; the world size is in it)."""
     t = cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "max_seconds", "num_threads",
-                                "launcher", "launcher_args", "master_port", "master_addr", "nnodes", "node_rank",
-                                "collective_timeout_s"})
+                                "launcher", "launcher_args", "master_port", "master_addr", "nnodes"}
+                       | RUN_NEUTRAL_TRAIN_FIELDS)
     ident = {"model": model_cfg.model_dump(), "train": t, "data": data_digest, "world": world_size}
     if world_size > 1:
         # multi-process runs contrast against the global batch since in-batch negatives were
