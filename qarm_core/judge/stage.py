@@ -168,16 +168,18 @@ class JudgeTables:
 
 
 def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer",
-                  previous: pa.Table | None) -> tuple[dict[int, str], dict[int, str], int]:
+                  previous: pa.Table | None) -> tuple[dict[int, str], dict[int, str], int, pa.Table]:
     """({item: text}, {item: text hash}, how many of these items had their neutral value in
-    ``previous``) for the items that may be scored as B this run; neutral values of ``previous`` for
-    the same LLM, prompt and text are handed to ``scorer`` so their neutral pass is not run again."""
+    ``previous``, ``previous``'s rows for this LLM and prompt) for the items that may be scored as B
+    this run; neutral values of ``previous`` for the same LLM, prompt and text are handed to
+    ``scorer`` so their neutral pass is not run again."""
     from qarm_core.hashing import text_hash
     from qarm_core.lm.text import render_items
 
     texts = render_items(items, set(item_ids), scorer.prompt.scored_format)     # B as the LLM scores it
     hashes = {i: text_hash(scorer.continuation(t)) for i, t in texts.items()}
     loaded = 0
+    prev = JUDGE_NEUTRAL.schema.empty_table()
     if previous is not None and previous.num_rows:
         missing = [c for c in JUDGE_NEUTRAL.columns if c not in previous.column_names]
         if missing:
@@ -188,18 +190,31 @@ def _neutral_plan(items: pa.Table, item_ids: Iterable[int], scorer: "PairScorer"
         hit = {i: known[h] for i, h in hashes.items() if h in known}
         scorer.preload_neutral({scorer.continuation(texts[i]): v for i, v in hit.items()})
         loaded = len(hit)     # items, not texts: items that share a text share one neutral pass
-    return texts, hashes, loaded
+    return texts, hashes, loaded, prev.select(JUDGE_NEUTRAL.columns)
 
 
-def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairScorer") -> pa.Table:
+def _neutral_table(texts: dict[int, str], hashes: dict[int, str], scorer: "PairScorer",
+                   carried: pa.Table, catalog_ids: pa.Array) -> pa.Table:
+    """One row per item: this run's items B (their value under today's text), then the rows of
+    ``carried`` (the last run's, same LLM and prompt) for the other items still in the catalog.
+    Carrying them keeps the cache the whole catalog's, not the day's: an item that is B on one
+    day, not the next, and B again on a third is not passed again (in ``bench_daily.py``'s week,
+    ~28-34k neutral passes a day against 10k new items). Bounded by the catalog: rows of removed
+    items are dropped, and a row whose item's text changed since is never matched (it is looked up
+    by text hash) and is replaced when the item is next B."""
     rows = sorted((i, hashes[i], v) for i, t in texts.items() if (v := scorer.neutral_of(t)) is not None)
     n = len(rows)
-    return pa.table({"item_id": pa.array([r[0] for r in rows], pa.int64()),
-                     "text_hash": pa.array([r[1] for r in rows], pa.string()),
-                     "neutral": pa.array([r[2] for r in rows], pa.float64()),
-                     "model_id": pa.array([scorer.backend.model_id] * n, pa.string()),
-                     "prompt_version": pa.array([scorer.prompt.version] * n, pa.string())},
-                    schema=JUDGE_NEUTRAL.schema)
+    today = pa.table({"item_id": pa.array([r[0] for r in rows], pa.int64()),
+                      "text_hash": pa.array([r[1] for r in rows], pa.string()),
+                      "neutral": pa.array([r[2] for r in rows], pa.float64()),
+                      "model_id": pa.array([scorer.backend.model_id] * n, pa.string()),
+                      "prompt_version": pa.array([scorer.prompt.version] * n, pa.string())},
+                     schema=JUDGE_NEUTRAL.schema)
+    if not carried.num_rows:
+        return today
+    others = carried.filter(pc.and_(pc.invert(pc.is_in(carried["item_id"], value_set=today["item_id"])),
+                                    pc.is_in(carried["item_id"], value_set=catalog_ids)))
+    return pa.concat_tables([today, others.cast(JUDGE_NEUTRAL.schema)]).sort_by("item_id")
 
 
 def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None, cfg: JudgeConfig,
@@ -245,7 +260,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     # Every item that can be scored as B this run: its neutral pass is taken from the last run
     # where the LLM, the prompt and the item's text are unchanged.
     b_items = set(pairs["dst_item"].to_pylist()) | (set(eval_pairs["dst_item"].to_pylist()) if plan else set())
-    texts, hashes, neutral_cached = _neutral_plan(items, b_items, scorer, previous.judge_neutral)
+    texts, hashes, neutral_cached, neutral_known = _neutral_plan(items, b_items, scorer, previous.judge_neutral)
     passes_before = scorer.neutral_passes
     # One LLM pass over the new judged pairs and the evaluation pairs not in the cache.
     t0 = time.perf_counter()
@@ -268,7 +283,7 @@ def judge_stage(pairs: pa.Table, items: pa.Table, interactions: pa.Table | None,
     t1 = time.perf_counter()
     out = add_reasoning(out, items, scorer.backend, cfg)
     reasoning_s = time.perf_counter() - t1
-    neutral = _neutral_table(texts, hashes, scorer)
+    neutral = _neutral_table(texts, hashes, scorer, neutral_known, items["item_id"])
     report: dict = {"pairs": float(out.num_rows), "pairs.scored": float(todo.num_rows),
                     "pairs.cached": float(out.num_rows - todo.num_rows),
                     "pairs.cached.other_source": float(other_source), "llm.pairs": float(union.num_rows),

@@ -115,6 +115,39 @@ def test_neutral_counts_passes_once_per_text_and_cached_items(backend, data):
     assert rep2["neutral.computed"] == 0 == fresh.neutral_passes and rep2["neutral.cached"] == 4
 
 
+def test_an_item_absent_for_a_day_keeps_its_neutral_pass_until_it_is_b_again(backend, data):
+    """The neutral table carries the last run's rows for items that are not B today (same LLM and
+    prompt): an item B on day 1, not on day 2 and B again on day 3 is not passed again. Rows of
+    items gone from the catalog are dropped; one row per item."""
+    items, _, _ = data
+
+    def day(dst: list[int], catalog: pa.Table = items, previous=None):
+        pairs = pa.table({"src_item": pa.array([5] * len(dst), pa.int64()), "dst_item": pa.array(dst, pa.int64()),
+                          "source": ["swing"] * len(dst)})
+        return judge_stage(pairs, catalog, None, CFG, previous=previous,
+                           scorer=PairScorer(backend, judge_prompt(CFG.prompt_version)))
+
+    t1, r1 = day([0, 9])
+    t2, r2 = day([3], previous=t1)
+    assert (r2["neutral.computed"], r2["neutral.cached"]) == (1, 0)
+    assert sorted(t2.judge_neutral["item_id"].to_pylist()) == [0, 3, 9]
+    t3, r3 = day([0, 9], previous=t2)
+    assert (r3["neutral.computed"], r3["neutral.cached"]) == (0, 2)
+    # the values carried are the ones computed: a day 3 judged from scratch scores the same
+    scratch, _ = day([0, 9])
+    assert t3.judgments["score"].to_pylist() == pytest.approx(scratch.judgments["score"].to_pylist(), abs=1e-9)
+    # item 9 leaves the catalog: its row goes with it
+    fewer = items.filter(pc.not_equal(items["item_id"], 9))
+    t4, _ = day([3], catalog=fewer, previous=t3)
+    assert sorted(t4.judge_neutral["item_id"].to_pylist()) == [0, 3]
+    # another prompt's rows are not carried
+    other = CFG.model_copy(update={"prompt_version": "pmi-fs-v1" if CFG.prompt_version != "pmi-fs-v1" else "pmi-fs-v2"})
+    pairs = pa.table({"src_item": pa.array([5], pa.int64()), "dst_item": pa.array([3], pa.int64()), "source": ["swing"]})
+    t5, _ = judge_stage(pairs, items, None, other, previous=t3,
+                        scorer=PairScorer(backend, judge_prompt(other.prompt_version)))
+    assert t5.judge_neutral["item_id"].to_pylist() == [3]
+
+
 @pytest.mark.parametrize("version", ["pmi-fs-v2", "pmi-fs-v1"])
 def test_an_item_whose_tags_change_is_judged_again_and_its_neutral_pass_follows_the_scored_text(
         backend, data, version):
