@@ -62,12 +62,14 @@ _REASONING_SYSTEM = "You explain movie recommendations briefly and factually."
 _GENERIC_REASONING = "A customer who loved {A} {verdict} {B}. Explain why in one short sentence."
 _GENERIC_REASONING_SYSTEM = "You explain product recommendations briefly and factually."
 
-def fewshot_prefix(context: str, examples: tuple[tuple[dict, dict], ...], a_format: ItemTextFormat,
-                   b_format: ItemTextFormat) -> str:
-    """``context`` filled with each example's A (an item row rendered with ``a_format``), followed by
-    its B (rendered with ``b_format``, as the scored continuation will be), one example a line."""
-    return "".join(f"{context.format(A=quote(render_item(a, a_format)))} {quote(render_item(b, b_format))}.\n"
-                   for a, b in examples)
+def with_examples(prompt: JudgePrompt, examples: tuple[tuple[dict, dict], ...]) -> JudgePrompt:
+    """``prompt`` with a few-shot prefix: its context filled with each example's A (an item row
+    rendered with the prompt's ``item_format``), followed by its B (rendered with its
+    ``scored_format``, as the scored continuation will be), one example a line. Derived from the
+    prompt's own formats, so the examples cannot disagree with how the prompt renders items."""
+    prefix = "".join(f"{prompt.context.format(A=quote(render_item(a, prompt.item_format)))} "
+                     f"{quote(render_item(b, prompt.scored_format))}.\n" for a, b in examples)
+    return replace(prompt, prefix=prefix)
 
 
 def _item_row(title: str, year: int, *tags: str) -> dict:
@@ -90,15 +92,14 @@ _MOVIE_EXAMPLES = (
 _TITLE_AND_YEAR = ItemTextFormat(include_tags=False)
 # Movies, 3 few-shot examples (their key/value cache is computed once), B scored with its genres: the
 # default until 2026-12-06.
-_MOVIES_FEWSHOT_V1 = JudgePrompt(
+_MOVIES_FEWSHOT_V1 = with_examples(JudgePrompt(
     version="pmi-fs-v1",
     item_format=ItemTextFormat(),
     context=_MOVIE_CONTEXT,
     neutral="A movie fan loved a movie. Another movie this fan loved:",
     reasoning=_REASONING,
     reasoning_system=_REASONING_SYSTEM,
-    prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), ItemTextFormat()),
-)
+), _MOVIE_EXAMPLES)
 
 _PRODUCT_CONTEXT = "A customer loved {A}. Another item this customer loved:"
 _PRODUCT_EXAMPLES = (
@@ -124,18 +125,17 @@ _GENERIC_V1 = JudgePrompt(
 JUDGE_PROMPTS: dict[str, JudgePrompt] = {
     # Movies: as v1, B scored by title and year, in the examples too (the default for part of
     # 2026-12-06). Measured on the ML-100K eval sets: see benchmarks/bench_judge.py.
-    "pmi-fs-v2": replace(
-        _MOVIES_FEWSHOT_V1, version="pmi-fs-v2", continuation_format=_TITLE_AND_YEAR,
-        prefix=fewshot_prefix(_MOVIE_CONTEXT, _MOVIE_EXAMPLES, ItemTextFormat(), _TITLE_AND_YEAR)),
+    "pmi-fs-v2": with_examples(
+        replace(_MOVIES_FEWSHOT_V1, version="pmi-fs-v2", continuation_format=_TITLE_AND_YEAR), _MOVIE_EXAMPLES),
     "pmi-fs-v1": _MOVIES_FEWSHOT_V1,
     # Movies, zero-shot.
     "pmi-v1": replace(_MOVIES_FEWSHOT_V1, version="pmi-v1", prefix=""),
     # Any catalogue, the default: domain-neutral wording, 3 few-shot examples of products, B scored by
     # title and year. Chosen over pmi-fs-v2 on ML-100K by a rule set before its run, on held-out eval
     # seeds; also better on the test period (README, stage 2: "A domain-neutral prompt with examples").
-    "pmi-generic-fs-v1": replace(
-        _GENERIC_V1, version="pmi-generic-fs-v1", continuation_format=_CATEGORIES_TITLE_AND_YEAR,
-        prefix=fewshot_prefix(_PRODUCT_CONTEXT, _PRODUCT_EXAMPLES, _CATEGORIES, _CATEGORIES_TITLE_AND_YEAR)),
+    "pmi-generic-fs-v1": with_examples(
+        replace(_GENERIC_V1, version="pmi-generic-fs-v1", continuation_format=_CATEGORIES_TITLE_AND_YEAR),
+        _PRODUCT_EXAMPLES),
     "pmi-generic-v1": _GENERIC_V1,
 }
 
