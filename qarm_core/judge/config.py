@@ -78,7 +78,9 @@ class JudgeConfig(Strict):
     reasoning: Literal["none", "sample", "rejected"] = "sample"
     reasoning_sample: int = Field(32, ge=0)       # 'sample': how many pairs; 'rejected': at most this many
     reasoning_max_tokens: int = Field(48, ge=1)
-    reasoning_batch_size: int = Field(8, ge=1)
+    # The default sample in one batch: 32 prompts decoded together took 8.9 s against 16.2 s in
+    # batches of 8 (float32, 2 cores capped to AVX2), the same texts.
+    reasoning_batch_size: int = Field(32, ge=1)
     seed: int = 0
     eval: JudgeEvalConfig = JudgeEvalConfig()
 
