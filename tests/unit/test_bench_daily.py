@@ -75,6 +75,8 @@ def test_report_gives_every_later_day_against_day_0(capsys):
     # projected: the non-LLM stages as measured + each day's LLM units at that day's rate:
     # day 0 = (90 - 4 LLM stages x 10) + 1,000 x 0.1 = 150; day 1 = 10 + 20 = 30; day 2 = 5 + 20 = 25
     assert "day 1 / day 0 = 0.200, day 2 / day 0 = 0.167" in out
+    # the bound adds the 4 LLM stages' measured seconds back: day 0 190, day 1 38, day 2 29
+    assert "(tiny LM included) added: day 1 / day 0 = 0.200, day 2 / day 0 = 0.153" in out
 
 
 def test_report_leaves_deferred_qa_out_of_the_day_and_says_what_it_would_cost(capsys):
