@@ -216,7 +216,7 @@ def phase_smollm2_rates(items_dir: str, snapshots: list[str], pairs: int = 960, 
     ``pairs``: the judge's sample a day. Which source items a sample holds moves the rate more than
     timing does: on session 24's week, one 240-pair sample timed twice differed by <= 3%, two 960-pair
     samples of other seeds by up to 6%, and the 240-pair rates moved the projected day ratios by up
-    to 0.008 (README, "The week again"); 960 pairs cost ~30 s a day of SmolLM2."""
+    to 0.008 (README, "The judge's rate on larger samples"); 960 pairs cost ~30 s a day of SmolLM2."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.dataset as ds
