@@ -18,6 +18,7 @@ from qarm_core.judge.judge import (
 from qarm_core.judge.prompts import judge_prompt
 from qarm_core.lm.text import quote, render_item, render_items, render_texts_and_tags, sanitize, uninvert
 from qarm_core.schemas import JUDGMENTS
+from tests.support.tolerances import LOGPROB_ATOL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -266,7 +267,9 @@ def test_judge_pairs_schema_cache_and_reasoning(tiny_lm):
     want = {(r["src_item"], r["dst_item"]): r["score"] for r in fresh.to_pylist()}
     for r in j3.to_pylist():
         k = (r["src_item"], r["dst_item"])
-        assert r["score"] == pytest.approx(want[k], abs=1e-6)     # nothing stale: as if judged from scratch
+        assert r["score"] == pytest.approx(want[k], abs=LOGPROB_ATOL)     # nothing stale: as if judged from scratch
+        if k in touched:                                           # and a stale score would have been caught
+            assert abs(want[k] - old[(*k, r["source"])]) > 100 * LOGPROB_ATOL
         if k not in touched:
             assert r["score"] == old[(*k, r["source"])]            # untouched pairs come from the cache
     assert 0 < backend.scored <= 2 * len(touched)                 # the renamed item's pairs (+ neutral passes)
@@ -290,7 +293,7 @@ def test_a_pair_judged_under_another_source_keeps_its_score_without_the_llm(tiny
     assert backend.scored == 2                                     # (6, 4) and the neutral pass of item 4
     fresh = judge_pairs(day2, items, cfg, scorer=PairScorer(tiny_lm, judge_prompt(cfg.prompt_version)))
     want = {(r["src_item"], r["dst_item"]): r["score"] for r in fresh.to_pylist()}
-    assert got[(4, 6, "swing")]["score"] == pytest.approx(want[(4, 6)], abs=1e-6)   # as if scored today
+    assert got[(4, 6, "swing")]["score"] == pytest.approx(want[(4, 6)], abs=LOGPROB_ATOL)   # as if scored today
 
 
 def test_scores_are_batch_invariant_and_bf16_close(tiny_lm, tmp_path):
