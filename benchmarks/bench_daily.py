@@ -414,14 +414,15 @@ def report(res: dict, n_days: int) -> None:
             print(f"day {d} mining: Swing {u.get('mine.swing.seconds', 0):.1f} s, two-tower {u['mine.u2i.seconds']:.1f} s "
                   + (f"(the published towers reused, {u.get('mine.u2i.items_unseen', 0):,.0f} items they never saw)"
                      if u.get("mine.u2i.reused") else f"(trained: {u.get('mine.u2i.train_seconds', 0):.1f} s)"))
-    hours = [(tot[d] - sum(runs[d]["stage_seconds"].get(s, 0.0) for s in UNITS) + proj[d]) / 3600 for d in days]
+    llm_measured = [sum(runs[d]["stage_seconds"].get(s, 0.0) for s in UNITS) for d in days]   # tiny LM included
+    hours = [(tot[d] - llm_measured[d] + proj[d]) / 3600 for d in days]
     print("projected end to end (non-LLM stages as measured + projected LLM time): "
           + ", ".join(f"day {d} {h:.2f} h" for d, h in enumerate(hours)) + "; "
           + ", ".join(f"day {d} / day 0 = {hours[d] / hours[0]:.3f}" for d in later))
     # The LLM stages count as their SmolLM2 time alone; their own work beside the LLM (keying, I/O,
     # carrying embeddings over) is in their measured time, with the tiny LM's: adding all of it bounds
     # what the projection leaves out.
-    upper = [h + sum(runs[d]["stage_seconds"].get(s, 0.0) for s in UNITS) / 3600 for d, h in enumerate(hours)]
+    upper = [h + llm_measured[d] / 3600 for d, h in enumerate(hours)]
     print("upper bound, the LLM stages' measured time (tiny LM included) added: "
           + ", ".join(f"day {d} / day 0 = {upper[d] / upper[0]:.3f}" for d in later))
     if any(deferred):
